@@ -1,0 +1,348 @@
+// pybind11 bindings: check and translate NumPy arrays into the core's argument structs, release the
+// GIL, call the core. No numerics here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/blas.h"
+#include "fusedrnn/recurrence.h"
+
+namespace py = pybind11;
+using fusedrnn::CellKind;
+using Index = std::int64_t;
+
+namespace {
+
+CellKind parse_cell(const std::string& name) {
+  if (name == "rnn_tanh") return CellKind::kRnnTanh;
+  if (name == "rnn_relu") return CellKind::kRnnRelu;
+  if (name == "gru") return CellKind::kGru;
+  if (name == "lstm") return CellKind::kLstm;
+  throw py::value_error("cell: expected 'rnn_tanh', 'rnn_relu', 'gru' or 'lstm', got '" + name + "'");
+}
+
+std::string shape_str(const std::vector<Index>& dims) {
+  std::ostringstream s;
+  s << '(';
+  for (std::size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << (dims.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::vector<Index> shape_of(const py::array& a) {
+  return std::vector<Index>(a.shape(), a.shape() + a.ndim());
+}
+
+// Row stride (in elements) of an array whose last dimension is contiguous and whose rows are evenly
+// spaced without overlap, so the core can walk it as (rows, width) with a stride; -1 if it is not.
+template <typename T>
+Index row_stride(const py::array& arr) {
+  const Index item = static_cast<Index>(sizeof(T));
+  const int nd = static_cast<int>(arr.ndim());
+  const Index width = arr.shape(nd - 1);
+  if (width > 1 && arr.strides(nd - 1) != item) return -1;
+  if (nd == 1) return width;
+  const Index stride = arr.strides(nd - 2);
+  if (stride % item != 0 || stride / item < width) return -1;
+  for (int d = nd - 3; d >= 0; --d)
+    if (arr.shape(d) > 1 && arr.strides(d) != arr.strides(d + 1) * arr.shape(d + 1)) return -1;
+  return stride / item;
+}
+
+template <typename T>
+void check_dtype_and_shape(const py::array& arr, const char* name, const std::vector<Index>& shape) {
+  if (!arr.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(arr.dtype())));
+  if (shape_of(arr) != shape)
+    throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " +
+                          shape_str(shape_of(arr)));
+}
+
+py::array require_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + ": expected a NumPy array, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// An output array the core writes into (possibly a column slice of a wider one). Returns its row stride.
+template <typename T>
+Index checked_output(const py::array& arr, const char* name, const std::vector<Index>& shape) {
+  check_dtype_and_shape<T>(arr, name, shape);
+  if (!arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+  const Index ld = row_stride<T>(arr);
+  if (ld < 0) throw py::value_error(std::string(name) + ": needs a contiguous last dimension and evenly spaced rows");
+  return ld;
+}
+
+template <typename T>
+using Arr = py::array_t<T, py::array::c_style>;
+
+// The array behind `obj`, checked for dtype and shape, C-contiguous (copied if it was not).
+template <typename T>
+Arr<T> checked_input(const py::handle& obj, const char* name, const std::vector<Index>& shape) {
+  auto arr = require_array(obj, name);
+  check_dtype_and_shape<T>(arr, name, shape);
+  return Arr<T>::ensure(arr);
+}
+
+template <typename T>
+const T* data_or_null(const py::object& a) {
+  return a.is_none() ? nullptr : py::cast<Arr<T>>(a).data();
+}
+
+// Everything forward keeps for backward: the recorded states, the saved gate values, and references to
+// the input, weights and lengths it ran with.
+struct Tape {
+  CellKind cell;
+  bool reverse;
+  Index steps, batch, input, hidden;
+  py::array x, w_ih, w_hh;
+  py::object b_ih, b_hh, lengths;  // None when absent
+  py::array hs;
+  py::object cs, saved;            // None when the cell has none
+};
+
+template <typename T>
+py::object optional_input(const py::object& obj, const char* name, const std::vector<Index>& shape) {
+  if (obj.is_none()) return py::none();
+  return checked_input<T>(obj, name, shape);
+}
+
+py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
+  if (obj.is_none()) return py::none();
+  if (!py::isinstance<py::array>(obj) ||
+      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<Index>()))
+    throw py::type_error("lengths: expected a NumPy int64 array");
+  auto arr = Arr<Index>::ensure(obj);
+  if (shape_of(arr) != std::vector<Index>{batch})
+    throw py::value_error("lengths: expected shape " + shape_str({batch}) + ", got " +
+                          shape_str(shape_of(arr)));
+  for (Index b = 0; b < batch; ++b)
+    if (arr.data()[b] < 1 || arr.data()[b] > steps)
+      throw py::value_error("lengths: each length must be in [1, " + std::to_string(steps) +
+                            "], got " + std::to_string(arr.data()[b]) + " at index " +
+                            std::to_string(b));
+  return std::move(arr);
+}
+
+template <typename T>
+py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
+                        const py::object& w_hh_obj, const py::object& b_ih_obj,
+                        const py::object& b_hh_obj, const py::object& h0_obj,
+                        const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
+                        bool training, const py::object& out_obj) {
+  if (x_obj.ndim() != 3)
+    throw py::value_error("x: expected a 3-D array (T, B, input_size), got " +
+                          std::to_string(x_obj.ndim()) + "-D");
+  const Index steps = x_obj.shape(0), batch = x_obj.shape(1), input = x_obj.shape(2);
+  if (steps < 1) throw py::value_error("x: expected at least one time step, got shape " +
+                                       shape_str(shape_of(x_obj)));
+  if (batch < 1) throw py::value_error("x: empty batch, got shape " + shape_str(shape_of(x_obj)));
+  if (input < 1) throw py::value_error("x: input_size must be >= 1, got shape " +
+                                       shape_str(shape_of(x_obj)));
+  if (!py::isinstance<py::array>(w_hh_obj) || py::reinterpret_borrow<py::array>(w_hh_obj).ndim() != 2)
+    throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size)");
+  const int gates = fusedrnn::gate_count(cell);
+  const Index hidden = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
+  if (hidden < 1) throw py::value_error("weight_hh: hidden_size must be >= 1");
+  const Index gh = gates * hidden;
+  const bool has_c = fusedrnn::has_cell_state(cell);
+
+  auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
+  auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
+  auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, hidden});
+  py::object b_ih = optional_input<T>(b_ih_obj, "bias_ih", {gh});
+  py::object b_hh = optional_input<T>(b_hh_obj, "bias_hh", {gh});
+  if (b_ih.is_none() != b_hh.is_none())
+    throw py::value_error("bias_ih, bias_hh: pass both or neither");
+  py::object h0 = optional_input<T>(h0_obj, "h0", {batch, hidden});
+  if (!has_c && !c0_obj.is_none()) throw py::value_error("c0: only an LSTM has a cell state");
+  py::object c0 = optional_input<T>(c0_obj, "c0", {batch, hidden});
+  py::object lengths = checked_lengths(lengths_obj, steps, batch);
+
+  py::array out = out_obj.is_none() ? py::array(Arr<T>({steps, batch, hidden}))
+                                    : py::reinterpret_borrow<py::array>(out_obj);
+  const Index ldy = checked_output<T>(out, "out", {steps, batch, hidden});
+
+  const Index slots = training ? steps + 1 : 2;
+  const int saved_per_unit = fusedrnn::saved_per_unit(cell);
+  Arr<T> hs({slots, batch, hidden});
+  py::object cs = has_c ? py::object(Arr<T>({slots, batch, hidden})) : py::none();
+  py::object saved = saved_per_unit == 0 ? py::none()
+                     : training ? py::object(Arr<T>({steps, batch, saved_per_unit * hidden}))
+                                : py::object(Arr<T>({batch, saved_per_unit * hidden}));
+  Arr<T> h_n({batch, hidden});
+  py::object c_n = has_c ? py::object(Arr<T>({batch, hidden})) : py::none();
+
+  fusedrnn::LayerForwardArgs<T> args;
+  args.cell = cell;
+  args.shape = {steps, batch, input, hidden,
+                lengths.is_none() ? nullptr : py::cast<Arr<Index>>(lengths).data(), reverse};
+  args.weights = {w_ih.data(), w_hh.data(), data_or_null<T>(b_ih), data_or_null<T>(b_hh)};
+  args.x = x.data();
+  args.h0 = data_or_null<T>(h0);
+  args.c0 = data_or_null<T>(c0);
+  args.y = static_cast<T*>(out.mutable_data());
+  args.ldy = ldy;
+  args.h_n = h_n.mutable_data();
+  args.c_n = has_c ? py::cast<Arr<T>>(c_n).mutable_data() : nullptr;
+  args.tape = {hs.mutable_data(), has_c ? py::cast<Arr<T>>(cs).mutable_data() : nullptr,
+               saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training};
+  {
+    py::gil_scoped_release release;
+    fusedrnn::layer_forward<T>(args);
+  }
+  py::object tape = py::none();
+  if (training)
+    tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, x, w_ih, w_hh, b_ih, b_hh,
+                         lengths, hs, cs, saved});
+  return py::make_tuple(out, h_n, c_n, tape);
+}
+
+py::tuple layer_forward(const std::string& cell_name, const py::object& x, const py::object& weight_ih,
+                        const py::object& weight_hh, const py::object& bias_ih,
+                        const py::object& bias_hh, const py::object& h0, const py::object& c0,
+                        const py::object& lengths, bool reverse, bool training,
+                        const py::object& out) {
+  const CellKind cell = parse_cell(cell_name);
+  auto xa = require_array(x, "x");
+  if (xa.dtype().is(py::dtype::of<float>()))
+    return forward_typed<float>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+                                reverse, training, out);
+  if (xa.dtype().is(py::dtype::of<double>()))
+    return forward_typed<double>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+                                 reverse, training, out);
+  throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
+}
+
+template <typename T>
+py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
+                         const py::object& dc_n_obj, const py::object& dx_obj,
+                         const py::object& grad_w_ih, const py::object& grad_w_hh,
+                         const py::object& grad_b_ih, const py::object& grad_b_hh) {
+  const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
+  const Index gh = fusedrnn::gate_count(tape.cell) * hidden;
+  const bool has_c = fusedrnn::has_cell_state(tape.cell);
+  const bool has_bias = !tape.b_ih.is_none();
+
+  fusedrnn::LayerBackwardArgs<T> args;
+  args.cell = tape.cell;
+  args.shape = {steps, batch, input, hidden,
+                tape.lengths.is_none() ? nullptr : py::cast<Arr<Index>>(tape.lengths).data(),
+                tape.reverse};
+  args.weights = {py::cast<Arr<T>>(tape.w_ih).data(), py::cast<Arr<T>>(tape.w_hh).data(),
+                  data_or_null<T>(tape.b_ih), data_or_null<T>(tape.b_hh)};
+  args.x = py::cast<Arr<T>>(tape.x).data();
+  args.tape = {static_cast<T*>(tape.hs.request().ptr),
+               has_c ? static_cast<T*>(py::cast<py::array>(tape.cs).request().ptr) : nullptr,
+               tape.saved.is_none() ? nullptr
+                                    : static_cast<T*>(py::cast<py::array>(tape.saved).request().ptr),
+               true};
+
+  // dy is read with a row stride, so a column slice of a wider gradient needs no copy.
+  py::array dy;
+  if (!dy_obj.is_none()) {
+    dy = require_array(dy_obj, "dy");
+    check_dtype_and_shape<T>(dy, "dy", {steps, batch, hidden});
+    Index ld = row_stride<T>(dy);
+    if (ld < 0) {
+      dy = Arr<T>::ensure(dy);
+      ld = hidden;
+    }
+    args.dy = static_cast<const T*>(dy.data());
+    args.lddy = ld;
+  }
+  auto dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, hidden});
+  if (!has_c && !dc_n_obj.is_none()) throw py::value_error("dc_n: only an LSTM has a cell state");
+  auto dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden});
+  args.dh_n = data_or_null<T>(dh_n);
+  args.dc_n = data_or_null<T>(dc_n);
+
+  auto out_ptr = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> T* {
+    if (obj.is_none()) return nullptr;
+    auto arr = require_array(obj, name);
+    const Index ld = checked_output<T>(arr, name, shape);
+    if (ld != shape.back() && shape.size() > 1)
+      throw py::value_error(std::string(name) + ": must be C-contiguous");
+    return static_cast<T*>(arr.mutable_data());
+  };
+  args.dx = out_ptr(dx_obj, "dx", {steps, batch, input});
+  args.dw_ih = out_ptr(grad_w_ih, "grad_weight_ih", {gh, input});
+  args.dw_hh = out_ptr(grad_w_hh, "grad_weight_hh", {gh, hidden});
+  if (!args.dw_ih || !args.dw_hh)
+    throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
+  args.db_ih = has_bias ? out_ptr(grad_b_ih, "grad_bias_ih", {gh}) : nullptr;
+  args.db_hh = has_bias ? out_ptr(grad_b_hh, "grad_bias_hh", {gh}) : nullptr;
+  if (has_bias && (!args.db_ih || !args.db_hh))
+    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
+
+  Arr<T> dh0({batch, hidden});
+  py::object dc0 = has_c ? py::object(Arr<T>({batch, hidden})) : py::none();
+  args.dh0 = dh0.mutable_data();
+  args.dc0 = has_c ? py::cast<Arr<T>>(dc0).mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    fusedrnn::layer_backward<T>(args);
+  }
+  return py::make_tuple(dh0, dc0);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedrnn native core: fused recurrent layers (one layer, one direction per call)";
+
+  py::class_<Tape>(m, "Tape", "What a training-mode layer_forward keeps for layer_backward.")
+      .def_property_readonly("cell", [](const Tape& t) {
+        switch (t.cell) {
+          case CellKind::kRnnTanh: return "rnn_tanh";
+          case CellKind::kRnnRelu: return "rnn_relu";
+          case CellKind::kGru: return "gru";
+          default: return "lstm";
+        }
+      })
+      .def_property_readonly("reverse", [](const Tape& t) { return t.reverse; })
+      .def_property_readonly("has_bias", [](const Tape& t) { return !t.b_ih.is_none(); })
+      .def_property_readonly("dtype", [](const Tape& t) { return t.x.dtype(); })
+      .def_property_readonly("shape", [](const Tape& t) {
+        return py::make_tuple(t.steps, t.batch, t.input, t.hidden);
+      })
+      .def_property_readonly("nbytes", [](const Tape& t) {
+        Index n = t.hs.nbytes();
+        if (!t.cs.is_none()) n += py::cast<py::array>(t.cs).nbytes();
+        if (!t.saved.is_none()) n += py::cast<py::array>(t.saved).nbytes();
+        return n;
+      }, "Bytes of state recorded for backward (beyond the input and weights it references).");
+
+  m.def("layer_forward", &layer_forward, py::arg("cell"), py::arg("x"), py::arg("weight_ih"),
+        py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
+        py::arg("lengths"), py::arg("reverse"), py::arg("training"), py::arg("out"),
+        "Runs one direction of one layer. Returns (y, h_n, c_n, tape).");
+
+  m.def("layer_backward",
+        [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
+           const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
+           const py::object& gb_ih, const py::object& gb_hh) {
+          if (tape.x.dtype().is(py::dtype::of<float>()))
+            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh);
+          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh);
+        },
+        py::arg("tape"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
+        py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
+        py::arg("grad_bias_hh"),
+        "Backpropagates one layer direction through time. Accumulates into dx and the gradient "
+        "buffers; returns (dh0, dc0).");
+
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
+    fusedrnn::blas::set_num_threads(n);
+  }, py::arg("n"));
+  m.def("get_num_threads", &fusedrnn::blas::num_threads);
+  m.def("blas_config", &fusedrnn::blas::config);
+}

@@ -1,0 +1,46 @@
+#include "fusedrnn/blas.h"
+
+#include <cblas.h>
+
+#include <limits>
+#include <stdexcept>
+
+namespace fusedrnn::blas {
+namespace {
+
+// scipy-openblas32 takes 32-bit sizes; refuse (never truncate) a dimension past that.
+blasint checked(std::int64_t v) {
+  if (v < 0 || v > std::numeric_limits<blasint>::max())
+    throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
+  return static_cast<blasint>(v);
+}
+
+CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
+
+}  // namespace
+
+template <>
+void gemm<float>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                 float alpha, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
+                 float beta, float* c, std::int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  scipy_cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
+                    a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
+}
+
+template <>
+void gemm<double>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                  double alpha, const double* a, std::int64_t lda, const double* b, std::int64_t ldb,
+                  double beta, double* c, std::int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  scipy_cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
+                    a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
+}
+
+void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
+
+int num_threads() { return scipy_openblas_get_num_threads(); }
+
+std::string config() { return scipy_openblas_get_config(); }
+
+}  // namespace fusedrnn::blas

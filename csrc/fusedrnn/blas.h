@@ -1,0 +1,20 @@
+// The BLAS the core uses: row-major GEMM for float and double, and the thread count of the one thread
+// pool that runs all native compute (OpenBLAS's; the recurrence's pointwise passes run on the caller).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fusedrnn::blas {
+
+// C (m x n, row stride ldc) = alpha * op(A) * op(B) + beta * C, all row-major.
+// op(A) is m x k (A is k x m when trans_a), op(B) is k x n (B is n x k when trans_b).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha,
+          const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
+
+void set_num_threads(int n);
+int num_threads();
+std::string config();  // the BLAS build string, for diagnostics
+
+}  // namespace fusedrnn::blas

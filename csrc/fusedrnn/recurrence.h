@@ -1,0 +1,101 @@
+// One direction of one recurrent layer over a whole sequence, forward and backward (BPTT).
+//
+// Shapes: T steps, B batch rows, I input features, H hidden units, G gate blocks (cells.h), S values
+// saved per unit for backward (Cell::kSaved). All buffers are row-major with unit stride in the last
+// dimension; the caller owns every buffer and the core allocates only its own scratch (outside the
+// time loop). Nothing here aliases unless stated.
+//
+// Structure (see DESIGN): the input projection of all T steps is one GEMM before the loop; each step is
+// one recurrent GEMM for all gates plus one fused pointwise pass; backward keeps only the recurrence in
+// the loop and computes dx, dW_ih, dW_hh and the bias gradients as large GEMMs / reductions after it.
+//
+// Variable lengths: row b is valid at time t when t < lengths[b]. At an invalid step the state is
+// carried unchanged and the output row is zero, so the forward direction ends at the row's own last
+// step and the reverse direction starts there. Backward treats invalid steps as identities.
+//
+// State slots: the hidden (and cell) states live in `hs` / `cs` with T+1 slots of (B, H). The forward
+// direction reads slot t and writes slot t+1 at time t; the reverse direction reads t+1 and writes t.
+// So slot 0 (forward) or slot T (reverse) holds the initial state, and for both directions the T slots
+// read as "previous state" are contiguous, which lets dW_hh be a single GEMM. Without training only two
+// slots are kept and used alternately.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedrnn {
+
+enum class CellKind { kRnnTanh, kRnnRelu, kGru, kLstm };
+
+int gate_count(CellKind cell);          // G
+int saved_per_unit(CellKind cell);      // S
+bool has_cell_state(CellKind cell);     // LSTM
+bool split_recurrent_grad(CellKind cell);  // GRU: dhg != dxg, backward needs a second (T, B, G*H) buffer
+
+template <typename T>
+struct LayerWeights {
+  const T* w_ih = nullptr;  // (G*H, I)
+  const T* w_hh = nullptr;  // (G*H, H)
+  const T* b_ih = nullptr;  // (G*H) or null (no bias)
+  const T* b_hh = nullptr;  // (G*H) or null
+};
+
+struct LayerShape {
+  std::int64_t steps = 0, batch = 0, input = 0, hidden = 0;  // T, B, I, H
+  const std::int64_t* lengths = nullptr;  // (B), each in [0, T]; null: every row has T steps
+  bool reverse = false;
+};
+
+// What forward keeps for backward. Training: hs, cs (T+1, B, H) and saved (T, B, S*H).
+// Inference: hs, cs (2, B, H) and saved (B, S*H) as scratch. cs is null for cells without a cell state,
+// saved is null when S == 0.
+template <typename T>
+struct LayerTape {
+  T* hs = nullptr;
+  T* cs = nullptr;
+  T* saved = nullptr;
+  bool training = false;
+};
+
+template <typename T>
+struct LayerForwardArgs {
+  CellKind cell = CellKind::kLstm;
+  LayerShape shape;
+  LayerWeights<T> weights;
+  const T* x = nullptr;   // (T, B, I)
+  const T* h0 = nullptr;  // (B, H) or null (zeros)
+  const T* c0 = nullptr;  // (B, H) or null (zeros); LSTM only
+  T* y = nullptr;         // (T, B, ldy): this direction's H columns of the layer output
+  std::int64_t ldy = 0;   // row stride of y, >= H (2H when both directions share one output)
+  T* h_n = nullptr;       // (B, H) final hidden state
+  T* c_n = nullptr;       // (B, H) final cell state; LSTM only
+  LayerTape<T> tape;
+};
+
+template <typename T>
+struct LayerBackwardArgs {
+  CellKind cell = CellKind::kLstm;
+  LayerShape shape;
+  LayerWeights<T> weights;
+  const T* x = nullptr;     // (T, B, I), the forward input
+  LayerTape<T> tape;        // as forward filled it, with training = true
+  const T* dy = nullptr;    // (T, B, lddy) gradient of y, or null
+  std::int64_t lddy = 0;
+  const T* dh_n = nullptr;  // (B, H) or null
+  const T* dc_n = nullptr;  // (B, H) or null; LSTM only
+  // Outputs. Accumulated (+=): dx and the weight and bias gradients. Written: dh0, dc0.
+  T* dx = nullptr;          // (T, B, I) or null
+  T* dh0 = nullptr;         // (B, H) or null
+  T* dc0 = nullptr;         // (B, H) or null; LSTM only
+  T* dw_ih = nullptr;       // (G*H, I)
+  T* dw_hh = nullptr;       // (G*H, H)
+  T* db_ih = nullptr;       // (G*H) or null
+  T* db_hh = nullptr;       // (G*H) or null
+};
+
+template <typename T>
+void layer_forward(const LayerForwardArgs<T>& args);
+
+template <typename T>
+void layer_backward(const LayerBackwardArgs<T>& args);
+
+}  // namespace fusedrnn

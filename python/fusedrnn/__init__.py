@@ -1,0 +1,29 @@
+"""fusedrnn: fused LSTM, GRU and RNN forward and backward kernels with a NumPy API.
+
+Modules (weights named and shaped exactly as torch.nn's)::
+
+    lstm = fusedrnn.LSTM(64, 128, num_layers=2, bidirectional=True)
+    y, (h_n, c_n) = lstm(x, lengths=lengths)
+    dx, (dh0, dc0) = lstm.backward(dy)
+    lstm.grads["weight_hh_l1_reverse"]
+
+``fusedrnn.functional`` runs one layer in one direction with explicit weights.
+"""
+
+from . import _core, functional
+from .modules import GRU, LSTM, RNN, RNNBase
+
+__version__ = "0.1.0"
+__all__ = ["LSTM", "GRU", "RNN", "RNNBase", "functional", "set_num_threads", "get_num_threads"]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of native threads all fusedrnn compute uses (the BLAS pool)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of native threads fusedrnn compute uses."""
+    return _core.get_num_threads()

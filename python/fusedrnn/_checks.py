@@ -1,0 +1,72 @@
+"""Argument checks shared by the functional layer and the modules. Each raises TypeError/ValueError
+naming the argument, what it got and what it needs."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def float_dtype(name: str, dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype!r}") from err
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64, got {dt}")
+    return dt
+
+
+def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """`value` as an ndarray of exactly `dtype` (never silently cast) with one of the given ranks."""
+    arr = np.asarray(value)
+    if arr.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
+    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    if arr.ndim not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name}: expected a {want} array, got shape {arr.shape}")
+    return arr
+
+
+def shape(name: str, arr: np.ndarray, expected: tuple[int, ...]) -> None:
+    if arr.shape != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {arr.shape}")
+
+
+def finite(name: str, arr: np.ndarray) -> None:
+    # min and max propagate NaN and expose +-inf: two vectorised passes, no temporary array.
+    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def lengths(value, steps: int, batch: int) -> np.ndarray | None:
+    """Sequence lengths as int64 (B,), each in [1, T]; None when absent or all equal to T."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.shape[0] != batch:
+        raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("lengths: contains NaN or infinite values")
+        if not np.all(arr == np.round(arr)):
+            raise ValueError("lengths: expected whole numbers")
+    elif arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 1 or arr.max() > steps):
+        bad = int(np.flatnonzero((arr < 1) | (arr > steps))[0])
+        raise ValueError(f"lengths: each length must be in [1, {steps}] (T), got {arr[bad]} at index {bad}")
+    out = arr.astype(np.int64)
+    return None if np.all(out == steps) else out

@@ -1,0 +1,84 @@
+"""One recurrent layer in one direction, with explicit weights: the layer below the modules, for
+people who manage their own parameters.
+
+Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); bias_ih, bias_hh (G*H,); h0, c0 (B, H);
+with G = 1 (RNN), 3 (GRU), 4 (LSTM) and gates in torch.nn's order (i, f, g, o and r, z, n).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _checks, _core
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+class LayerOutput(NamedTuple):
+    y: np.ndarray            # (T, B, H)
+    h_n: np.ndarray          # (B, H)
+    c_n: np.ndarray | None   # (B, H) for LSTM, else None
+    tape: _core.Tape | None  # what backward needs; None when training=False
+
+
+class LayerGrads(NamedTuple):
+    dx: np.ndarray
+    dh0: np.ndarray
+    dc0: np.ndarray | None
+    weight_ih: np.ndarray
+    weight_hh: np.ndarray
+    bias_ih: np.ndarray | None
+    bias_hh: np.ndarray | None
+
+
+def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
+                  lengths=None, reverse: bool = False, training: bool = True, out=None) -> LayerOutput:
+    """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
+    outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
+    `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array."""
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
+    lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
+    y, h_n, c_n, tape = _core.layer_forward(cell, x, _as_array(weight_ih), _as_array(weight_hh),
+                                            _as_optional(bias_ih), _as_optional(bias_hh),
+                                            _as_optional(h0), _as_optional(c0), lens, bool(reverse),
+                                            bool(training), out)
+    return LayerOutput(y, h_n, c_n, tape)
+
+
+def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
+    """Backpropagation through time for one `layer_forward(..., training=True)`.
+
+    dy (T, B, H), dh_n and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the arrays
+    in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh) are accumulated
+    into when given, and created as zeros otherwise."""
+    if not isinstance(tape, _core.Tape):
+        raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
+                        f"{type(tape).__name__}")
+    steps, batch, inp, hidden = tape.shape
+    dtype = tape.dtype
+    gh = GATES[tape.cell] * hidden
+    if dx is None:
+        dx = np.zeros((steps, batch, inp), dtype)
+    if grads is None:
+        has_bias = tape.has_bias
+        grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, hidden), dtype),
+                           np.zeros(gh, dtype) if has_bias else None,
+                           np.zeros(gh, dtype) if has_bias else None)
+    dh0, dc0 = _core.layer_backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx,
+                                    grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh)
+    return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh)
+
+
+def _as_array(value):
+    return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def _as_optional(value):
+    return None if value is None else _as_array(value)

@@ -1,0 +1,348 @@
+"""LSTM, GRU and RNN modules with torch.nn's constructor, parameter names and shapes, on NumPy arrays."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from . import _checks
+from .functional import GATES, layer_backward, layer_forward
+
+
+class _Context:
+    """What a training-mode forward keeps for backward."""
+
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, hx_given):
+        self.tapes = tapes                    # tapes[layer][direction]
+        self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
+        self.batch_first = batch_first
+        self.unbatched = unbatched
+        self.input_shape = input_shape        # (T, B, I), sequence-major
+        self.hx_given = hx_given
+
+
+class RNNBase:
+    """Shared machinery of LSTM, GRU and RNN: parameters, state dicts, forward over layers and
+    directions, backward, gradient accumulation. Subclasses fix the cell."""
+
+    _has_cell_state = False
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, *, dtype=np.float32, seed: int | None = None):
+        self.cell = cell
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.num_layers = _checks.positive_int("num_layers", num_layers)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout: expected a float in [0, 1], got {type(dropout).__name__}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+        self.dropout = float(dropout)
+        self.dtype = _checks.float_dtype("dtype", dtype)
+        self.training = True
+        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        self._dropout_rng = np.random.default_rng(dropout_seq)
+        self._params: OrderedDict[str, np.ndarray] = OrderedDict()
+        init_rng = np.random.default_rng(init_seq)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, shape in self._parameter_shapes():
+            self._params[name] = init_rng.uniform(-bound, bound, shape).astype(self.dtype)
+        self.grads: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.input_grads: dict[str, np.ndarray] = {}
+        self.zero_grad()
+        self._ctx: _Context | None = None
+
+    # ---- parameters -------------------------------------------------------------------------------
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _parameter_shapes(self):
+        gh = GATES[self.cell] * self.hidden_size
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+            for suffix in self._direction_suffixes():
+                yield f"weight_ih_l{layer}{suffix}", (gh, layer_input)
+                yield f"weight_hh_l{layer}{suffix}", (gh, self.hidden_size)
+                if self.bias:
+                    yield f"bias_ih_l{layer}{suffix}", (gh,)
+                    yield f"bias_hh_l{layer}{suffix}", (gh,)
+
+    def _direction_suffixes(self):
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def _layer_weights(self, source, layer: int, direction: int):
+        suffix = self._direction_suffixes()[direction]
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        return [source.get(f"{n}_l{layer}{suffix}") for n in names]
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(self._params.items())
+
+    def parameters(self) -> list[np.ndarray]:
+        return list(self._params.values())
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def state_dict(self) -> OrderedDict:
+        """A copy of every parameter, keyed exactly as torch.nn names them."""
+        return OrderedDict((k, v.copy()) for k, v in self._params.items())
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Loads parameters in place from a mapping of name -> array-like (a torch state_dict works as
+        is). Shapes must match; values are cast to the module's dtype and must be finite."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        missing = [k for k in self._params if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in self._params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        loaded = {}
+        for name, current in self._params.items():
+            if name not in state_dict:
+                continue
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
+                value = value.detach().cpu()
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
+            _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
+            arr = arr.astype(self.dtype)
+            _checks.finite(f"state_dict[{name!r}]", arr)
+            loaded[name] = arr
+        for name, arr in loaded.items():  # all checked before any is written
+            np.copyto(self._params[name], arr)
+
+    def zero_grad(self) -> None:
+        """Resets the accumulated gradients of the parameters, the input and the initial states."""
+        self.grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+        self.input_grads = {}
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.num_layers != 1:
+            extra += f", num_layers={self.num_layers}"
+        if not self.bias:
+            extra += ", bias=False"
+        if self.batch_first:
+            extra += ", batch_first=True"
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
+        if self.bidirectional:
+            extra += ", bidirectional=True"
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
+
+    # ---- forward / backward -----------------------------------------------------------------------
+
+    def __call__(self, x, hx=None, lengths=None):
+        return self.forward(x, hx, lengths=lengths)
+
+    def _state_shape(self, batch: int | None) -> tuple[int, ...]:
+        lead = self.num_layers * self.num_directions
+        return (lead, self.hidden_size) if batch is None else (lead, batch, self.hidden_size)
+
+    def _split_hx(self, hx):
+        """(h0, c0) from the user's hx: a tuple for LSTM, one array otherwise."""
+        if not self._has_cell_state:
+            return hx, None
+        if hx is None:
+            return None, None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("hx: expected a tuple (h0, c0) for an LSTM")
+        return hx[0], hx[1]
+
+    def _checked_state(self, name, value, batch, unbatched):
+        if value is None:
+            return None
+        arr = _checks.array(name, value, self.dtype, 2 if unbatched else 3)
+        _checks.shape(name, arr, self._state_shape(None if unbatched else batch))
+        _checks.finite(name, arr)
+        return arr if not unbatched else arr[:, None, :]
+
+    def forward(self, x, hx=None, *, lengths=None):
+        """x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched (T, input_size).
+        Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y has num_directions*hidden_size features."""
+        x = _checks.array("x", x, self.dtype, (2, 3))
+        unbatched = x.ndim == 2
+        if unbatched:
+            x = x[:, None, :]
+        elif self.batch_first:
+            x = x.transpose(1, 0, 2)
+        steps, batch, features = x.shape
+        if steps == 0 or batch == 0:
+            raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {x.shape}")
+        if features != self.input_size:
+            raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, got {features}")
+        _checks.finite("x", x)
+        h0_in, c0_in = self._split_hx(hx)
+        h0 = self._checked_state("h0" if self._has_cell_state else "hx", h0_in, batch, unbatched)
+        c0 = self._checked_state("c0", c0_in, batch, unbatched)
+        if unbatched and lengths is not None:
+            raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
+        lens = _checks.lengths(lengths, steps, batch)
+
+        hidden, dirs = self.hidden_size, self.num_directions
+        h_n = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
+        c_n = np.empty_like(h_n) if self._has_cell_state else None
+        training = self.training
+        tapes, masks = [], []
+        layer_input = np.ascontiguousarray(x)
+        for layer in range(self.num_layers):
+            y = np.empty((steps, batch, dirs * hidden), self.dtype)
+            layer_tapes = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                w_ih, w_hh, b_ih, b_hh = self._layer_weights(self._params, layer, d)
+                out = layer_forward(self.cell, layer_input, w_ih, w_hh, b_ih, b_hh,
+                                    None if h0 is None else h0[k], None if c0 is None else c0[k],
+                                    lengths=lens, reverse=d == 1, training=training,
+                                    out=y[:, :, d * hidden:(d + 1) * hidden])
+                h_n[k] = out.h_n
+                if c_n is not None:
+                    c_n[k] = out.c_n
+                layer_tapes.append(out.tape)
+            tapes.append(layer_tapes)
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                mask = self._dropout_mask(y.shape)
+                masks.append(mask)
+                y = y * mask
+            else:
+                masks.append(None)
+            layer_input = y
+
+        self._ctx = (_Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
+                              h0 is not None) if training else None)
+        y = layer_input
+        if unbatched:
+            y, h_n = y[:, 0, :], h_n[:, 0, :]
+            c_n = None if c_n is None else c_n[:, 0, :]
+        elif self.batch_first:
+            y = y.transpose(1, 0, 2)
+        return (y, (h_n, c_n)) if self._has_cell_state else (y, h_n)
+
+    def _dropout_mask(self, shape) -> np.ndarray:
+        keep = self._dropout_rng.random(shape) >= self.dropout
+        scale = 0.0 if self.dropout >= 1.0 else 1.0 / (1.0 - self.dropout)
+        return (keep * scale).astype(self.dtype)
+
+    def backward(self, dy=None, dhx=None):
+        """Backpropagates through the last training-mode forward. dy has y's shape; dhx is dh_n, or
+        (dh_n, dc_n) for LSTM, in h_n's shape (None: zero). Accumulates parameter gradients into
+        `grads` and input/initial-state gradients into `input_grads`; returns this call's
+        (dx, dh0) or, for LSTM, (dx, (dh0, dc0))."""
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
+                               "module in train() mode before each backward")
+        steps, batch, features = ctx.input_shape
+        hidden, dirs = self.hidden_size, self.num_directions
+        unbatched = ctx.unbatched
+
+        if dy is not None:
+            dy = _checks.array("dy", dy, self.dtype, 2 if unbatched else 3)
+            want = (steps, dirs * hidden) if unbatched else (
+                (batch, steps, dirs * hidden) if ctx.batch_first else (steps, batch, dirs * hidden))
+            _checks.shape("dy", dy, want)
+            _checks.finite("dy", dy)
+            dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
+        dh_in, dc_in = self._split_hx(dhx)
+        dh_n = self._checked_state("dh_n", dh_in, batch, unbatched)
+        dc_n = self._checked_state("dc_n", dc_in, batch, unbatched)
+        self._ctx = None  # the tapes are consumed, as torch frees its graph
+
+        dh0 = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
+        dc0 = np.empty_like(dh0) if self._has_cell_state else None
+        grad_out = dy
+        for layer in reversed(range(self.num_layers)):
+            layer_in = features if layer == 0 else dirs * hidden
+            dx = np.zeros((steps, batch, layer_in), self.dtype)
+            for d in range(dirs):
+                k = layer * dirs + d
+                g_ih, g_hh, gb_ih, gb_hh = self._layer_weights(self.grads, layer, d)
+                grads = _GradBuffers(g_ih, g_hh, gb_ih, gb_hh)
+                res = layer_backward(ctx.tapes[layer][d],
+                                     None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
+                                     None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
+                                     dx=dx, grads=grads)
+                dh0[k] = res.dh0
+                if dc0 is not None:
+                    dc0[k] = res.dc0
+            if layer > 0 and ctx.dropout_masks[layer - 1] is not None:
+                dx *= ctx.dropout_masks[layer - 1]
+            grad_out = dx
+
+        dx = grad_out
+        if unbatched:
+            dx, dh0 = dx[:, 0, :], dh0[:, 0, :]
+            dc0 = None if dc0 is None else dc0[:, 0, :]
+        elif ctx.batch_first:
+            dx = dx.transpose(1, 0, 2)
+        self._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
+        return (dx, (dh0, dc0)) if self._has_cell_state else (dx, dh0)
+
+    def _accumulate_input_grads(self, **grads) -> None:
+        # Accumulated like the parameters' while the shapes stay the same; a new shape starts afresh.
+        for name, g in grads.items():
+            if g is None:
+                continue
+            prev = self.input_grads.get(name)
+            self.input_grads[name] = g.copy() if prev is None or prev.shape != g.shape else prev + g
+
+
+class _GradBuffers:
+    __slots__ = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh):
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = weight_ih, weight_hh, bias_ih, bias_hh
+
+
+class LSTM(RNNBase):
+    """Long short-term memory layers, as torch.nn.LSTM (no proj_size)."""
+
+    _has_cell_state = True
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, *, dtype=np.float32, seed=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype=dtype, seed=seed)
+
+
+class GRU(RNNBase):
+    """Gated recurrent unit layers, as torch.nn.GRU."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, *, dtype=np.float32, seed=None):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, dtype=dtype, seed=seed)
+
+
+class RNN(RNNBase):
+    """Elman RNN layers with tanh or relu, as torch.nn.RNN (same positional order: nonlinearity 4th)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, dtype=dtype, seed=seed)
