@@ -78,7 +78,6 @@ FUSEDRNN_ISA_CLONES void forward_pointwise(Index batch, Index hidden, const Inde
     }
     const T* xr = gx + b * gh_width;
     const T* hr = gh + b * gh_width;
-#pragma omp simd
     for (Index j = 0; j < hidden; ++j) {
       T xg[G], hg[G], sv[S];
       for (int k = 0; k < G; ++k) {
@@ -122,7 +121,6 @@ FUSEDRNN_ISA_CLONES void backward_pointwise(Index batch, Index hidden, const Ind
       continue;
     }
     const T* dyr = dy + b * lddy;
-#pragma omp simd
     for (Index j = 0; j < hidden; ++j) {
       T sv[S], dxg[G], dhg[G];
       if constexpr (Cell::kSaved > 0)

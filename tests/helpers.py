@@ -1,0 +1,68 @@
+"""Small helpers shared by the tests: building modules and random weights, comparing with tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fusedrnn
+
+CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def has_cell_state(cell: str) -> bool:
+    return cell == "lstm"
+
+
+def make_module(cell, input_size, hidden_size, **kwargs):
+    """fusedrnn.LSTM / GRU / RNN(nonlinearity=...) for a cell name of the functional API."""
+    if cell == "lstm":
+        return fusedrnn.LSTM(input_size, hidden_size, **kwargs)
+    if cell == "gru":
+        return fusedrnn.GRU(input_size, hidden_size, **kwargs)
+    return fusedrnn.RNN(input_size, hidden_size, nonlinearity=cell[len("rnn_"):], **kwargs)
+
+
+def random_layer(rng, cell, input_size, hidden_size, *, bias=True, dtype=np.float64, scale=0.6):
+    """Random weights of one layer direction, big enough that every gate leaves its linear range."""
+    gh = GATES[cell] * hidden_size
+    w = {
+        "weight_ih": rng.uniform(-scale, scale, (gh, input_size)),
+        "weight_hh": rng.uniform(-scale, scale, (gh, hidden_size)),
+        "bias_ih": rng.uniform(-scale, scale, gh) if bias else None,
+        "bias_hh": rng.uniform(-scale, scale, gh) if bias else None,
+    }
+    return {k: None if v is None else v.astype(dtype) for k, v in w.items()}
+
+
+def random_lengths(rng, steps, batch):
+    """Distinct-ish lengths in [1, T], unsorted, always including 1 and T when the batch allows."""
+    lengths = rng.integers(1, steps + 1, batch)
+    lengths[0] = 1
+    if batch > 1:
+        lengths[-1] = steps
+    return rng.permutation(lengths)
+
+
+def tolerances(dtype, expected):
+    """(rtol, atol) for comparing with an independent implementation in `dtype`.
+
+    float64: both sides round to ~1e-16 per operation over a few dozen dependent operations, so 1e-10
+    relative leaves four orders of margin; the tiny atol covers entries that are exactly or nearly zero.
+    float32: eps is 6e-8 and the kernels' float activations are accurate to ~2e-7 relative; after a few
+    steps of recurrence that is a few 1e-7 on typical entries, hence 1e-5 relative. An entry that is a
+    sum of cancelling terms keeps the absolute error of the terms, not a relative one, so atol is scaled
+    to the array's largest magnitude."""
+    scale = float(np.max(np.abs(expected))) if np.size(expected) else 0.0
+    if np.dtype(dtype) == np.float64:
+        return 1e-10, 1e-13 * max(scale, 1.0)
+    return 1e-5, 1e-5 * max(scale, 1e-3)
+
+
+def assert_close(actual, expected, dtype, name=""):
+    assert actual is not None and expected is not None, name
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    rtol, atol = tolerances(dtype, expected)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)

@@ -1,0 +1,251 @@
+"""A plain NumPy float64 reference of one recurrent layer in one direction, forward and backward.
+
+Written for reading, not speed: an explicit loop over time, one small function per cell and step, and a
+hand-written backpropagation through time (no autodiff). Weights and gate order follow torch.nn:
+
+    RNN   h' = act(W_ih x + b_ih + W_hh h + b_hh)                     act = tanh or relu
+    LSTM  gates i, f, g, o:  c' = f*c + i*g,  h' = o*tanh(c')
+    GRU   gates r, z, n:     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)),  h' = (1-z)*n + z*h
+
+Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); biases (G*H,); h0, c0 (B, H).
+
+Variable lengths: row b takes part in step t only when t < lengths[b]. At any other step its state is
+carried unchanged and its output is zero, so a forward layer ends at the row's last step and a reverse
+layer (which walks t = T-1 .. 0) starts there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+def sigmoid(a):
+    # The tanh form never overflows, unlike 1 / (1 + exp(-a)).
+    return 0.5 * (1.0 + np.tanh(0.5 * a))
+
+
+# ---- one step of each cell ----------------------------------------------------------------------------
+# forward(xg, hg, h, c) -> (h_new, c_new, saved); xg = W_ih x + b_ih and hg = W_hh h + b_hh, (B, G*H).
+# backward(saved, h, c, dh_new, dc_new) -> (dxg, dhg, dh_direct, dc): gradients of xg and hg, the part of
+# dh that bypasses W_hh, and the gradient of the previous cell state.
+
+
+def _split(a, gates):
+    return np.split(a, gates, axis=1)
+
+
+def rnn_forward(act, xg, hg, h, c):
+    a = xg + hg
+    h_new = np.tanh(a) if act == "tanh" else np.maximum(a, 0.0)
+    return h_new, None, {"a": a, "h_new": h_new}
+
+
+def rnn_backward(act, saved, h, c, dh_new, dc_new):
+    if act == "tanh":
+        da = dh_new * (1.0 - saved["h_new"] ** 2)
+    else:
+        da = dh_new * (saved["a"] > 0.0)
+    return da, da, np.zeros_like(h), None
+
+
+def lstm_forward(xg, hg, h, c):
+    ai, af, ag, ao = _split(xg + hg, 4)
+    i, f, g, o = sigmoid(ai), sigmoid(af), np.tanh(ag), sigmoid(ao)
+    c_new = f * c + i * g
+    tanh_c = np.tanh(c_new)
+    h_new = o * tanh_c
+    return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
+
+
+def lstm_backward(saved, h, c, dh_new, dc_new):
+    i, f, g, o, tanh_c = (saved[k] for k in ("i", "f", "g", "o", "tanh_c"))
+    do = dh_new * tanh_c
+    dc_total = dc_new + dh_new * o * (1.0 - tanh_c**2)
+    di = dc_total * g
+    df = dc_total * c
+    dg = dc_total * i
+    dc = dc_total * f
+    da = np.concatenate([di * i * (1 - i), df * f * (1 - f), dg * (1 - g**2), do * o * (1 - o)], axis=1)
+    return da, da, np.zeros_like(h), dc
+
+
+def gru_forward(xg, hg, h, c):
+    xr, xz, xn = _split(xg, 3)
+    hr, hz, hn = _split(hg, 3)
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = np.tanh(xn + r * hn)
+    h_new = (1.0 - z) * n + z * h
+    return h_new, None, {"r": r, "z": z, "n": n, "hn": hn}
+
+
+def gru_backward(saved, h, c, dh_new, dc_new):
+    r, z, n, hn = (saved[k] for k in ("r", "z", "n", "hn"))
+    dn = dh_new * (1.0 - z)
+    dz = dh_new * (h - n)
+    dh_direct = dh_new * z
+    dan = dn * (1.0 - n**2)          # gradient of n's pre-activation
+    dr = dan * hn
+    dar = dr * r * (1.0 - r)
+    daz = dz * z * (1.0 - z)
+    dxg = np.concatenate([dar, daz, dan], axis=1)
+    dhg = np.concatenate([dar, daz, dan * r], axis=1)  # only the recurrent part of n is scaled by r
+    return dxg, dhg, dh_direct, None
+
+
+def _cell_functions(cell):
+    if cell == "lstm":
+        return lstm_forward, lstm_backward
+    if cell == "gru":
+        return gru_forward, gru_backward
+    act = {"rnn_tanh": "tanh", "rnn_relu": "relu"}[cell]
+    return ((lambda *a: rnn_forward(act, *a)), (lambda *a: rnn_backward(act, *a)))
+
+
+# ---- a layer over a sequence ------------------------------------------------------------------------
+
+
+@dataclass
+class Cache:
+    """What the reference forward keeps for its backward."""
+
+    cell: str
+    reverse: bool
+    x: np.ndarray
+    weight_ih: np.ndarray
+    weight_hh: np.ndarray
+    has_bias: bool
+    valid: np.ndarray                           # (T, B) bool, t < lengths[b]
+    steps: list = field(default_factory=list)   # per time index t: (h_prev, c_prev, saved)
+
+
+def time_order(steps, reverse):
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
+            lengths=None, reverse=False):
+    """Returns (y (T, B, H), h_n, c_n or None, cache)."""
+    x = np.asarray(x, np.float64)
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    gh = GATES[cell] * hidden
+    b_ih = np.zeros(gh) if bias_ih is None else np.asarray(bias_ih, np.float64)
+    b_hh = np.zeros(gh) if bias_hh is None else np.asarray(bias_hh, np.float64)
+    lens = np.full(batch, steps) if lengths is None else np.asarray(lengths)
+    valid = np.arange(steps)[:, None] < lens[None, :]
+
+    step_forward, _ = _cell_functions(cell)
+    h = np.zeros((batch, hidden)) if h0 is None else np.array(h0, np.float64)
+    c = np.zeros((batch, hidden)) if c0 is None else np.array(c0, np.float64)
+    y = np.zeros((steps, batch, hidden))
+    cache = Cache(cell, reverse, x, np.asarray(weight_ih, np.float64), np.asarray(weight_hh, np.float64),
+                  bias_ih is not None, valid, [None] * steps)
+    for t in time_order(steps, reverse):
+        xg = x[t] @ cache.weight_ih.T + b_ih
+        hg = h @ cache.weight_hh.T + b_hh
+        h_new, c_new, saved = step_forward(xg, hg, h, c)
+        cache.steps[t] = (h, c, saved)
+        keep = valid[t][:, None]
+        y[t] = np.where(keep, h_new, 0.0)
+        h = np.where(keep, h_new, h)
+        if cell == "lstm":
+            c = np.where(keep, c_new, c)
+    return y, h, (c if cell == "lstm" else None), cache
+
+
+def backward(cache, dy=None, dh_n=None, dc_n=None):
+    """Backpropagation through time. Returns a dict with dx, dh0, dc0 (LSTM, else None), weight_ih,
+    weight_hh, bias_ih and bias_hh (None without biases)."""
+    x, w_ih, w_hh = cache.x, cache.weight_ih, cache.weight_hh
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    _, step_backward = _cell_functions(cache.cell)
+    dy = np.zeros((steps, batch, hidden)) if dy is None else np.asarray(dy, np.float64)
+    dh = np.zeros((batch, hidden)) if dh_n is None else np.array(dh_n, np.float64)
+    dc = np.zeros((batch, hidden)) if dc_n is None else np.array(dc_n, np.float64)
+
+    dx = np.zeros_like(x)
+    dw_ih, dw_hh = np.zeros_like(w_ih), np.zeros_like(w_hh)
+    db_ih, db_hh = np.zeros(w_ih.shape[0]), np.zeros(w_hh.shape[0])
+    # Walk time in the opposite order to forward.
+    for t in reversed(list(time_order(steps, cache.reverse))):
+        h_prev, c_prev, saved = cache.steps[t]
+        keep = cache.valid[t][:, None]
+        dh_new = dh + np.where(keep, dy[t], 0.0)   # a padded step's output is a constant zero
+        dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dh_new, dc)
+        dxg, dhg = dxg * keep, dhg * keep             # a padded step has no gate gradients
+        dx[t] = dxg @ w_ih
+        dw_ih += dxg.T @ x[t]
+        dw_hh += dhg.T @ h_prev
+        db_ih += dxg.sum(axis=0)
+        db_hh += dhg.sum(axis=0)
+        # A padded step passes the state (and its gradient) through unchanged.
+        dh = np.where(keep, dh_direct + dhg @ w_hh, dh)
+        if cache.cell == "lstm":
+            dc = np.where(keep, dc_prev, dc)
+    return {
+        "dx": dx,
+        "dh0": dh,
+        "dc0": dc if cache.cell == "lstm" else None,
+        "weight_ih": dw_ih,
+        "weight_hh": dw_hh,
+        "bias_ih": db_ih if cache.has_bias else None,
+        "bias_hh": db_hh if cache.has_bias else None,
+    }
+
+
+# ---- layers and directions stacked as the modules stack them (no dropout) ----------------------------
+
+
+def _layer_params(params, layer, suffix):
+    get = lambda n: params.get(f"{n}_l{layer}{suffix}")  # noqa: E731
+    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+
+def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectional=False, lengths=None):
+    """Sequence-major x (T, B, I), params keyed as torch.nn names them, h0/c0 (L*D, B, H).
+    Returns (y (T, B, D*H), h_n, c_n or None, caches)."""
+    suffixes = ("", "_reverse") if bidirectional else ("",)
+    layer_input = np.asarray(x, np.float64)
+    h_n, c_n, caches = [], [], []
+    for layer in range(num_layers):
+        outputs = []
+        for d, suffix in enumerate(suffixes):
+            k = layer * len(suffixes) + d
+            y, h, c, cache = forward(cell, layer_input, *_layer_params(params, layer, suffix),
+                                     None if h0 is None else h0[k], None if c0 is None else c0[k],
+                                     lengths=lengths, reverse=d == 1)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+            caches.append(cache)
+        layer_input = np.concatenate(outputs, axis=2)
+    return layer_input, np.stack(h_n), (np.stack(c_n) if cell == "lstm" else None), caches
+
+
+def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidirectional=False):
+    """Backward of stack_forward. Returns (dx, dh0, dc0 or None, grads keyed by parameter name)."""
+    suffixes = ("", "_reverse") if bidirectional else ("",)
+    dirs = len(suffixes)
+    cell = caches[0].cell
+    hidden = caches[0].weight_hh.shape[1]
+    grads, dh0, dc0 = {}, [None] * len(caches), [None] * len(caches)
+    grad_out = dy
+    for layer in reversed(range(num_layers)):
+        dx = 0.0
+        for d, suffix in enumerate(suffixes):
+            k = layer * dirs + d
+            g = backward(caches[k], None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
+                         None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k])
+            dx = dx + g["dx"]
+            dh0[k], dc0[k] = g["dh0"], g["dc0"]
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if g[name] is not None:
+                    grads[f"{name}_l{layer}{suffix}"] = g[name]
+        grad_out = dx
+    return grad_out, np.stack(dh0), (np.stack(dc0) if cell == "lstm" else None), grads

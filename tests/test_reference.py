@@ -1,0 +1,213 @@
+"""The fused kernels (one layer, one direction) against the plain float64 reference in reference.py, and
+float64 finite-difference checks of every gradient the kernels return."""
+
+import numpy as np
+import pytest
+
+import reference
+from fusedrnn import functional as F
+from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
+
+T, B, I, H = 5, 4, 3, 6
+LENGTHS = np.array([5, 1, 3, 2])  # unsorted, with a full row and a one-step row
+
+REF_TOL = dict(rtol=1e-12, atol=1e-13)
+
+
+def _inputs(rng, cell, bias, with_state, batch=B, steps=T, inp=I, hidden=H):
+    w = random_layer(rng, cell, inp, hidden, bias=bias)
+    x = rng.standard_normal((steps, batch, inp))
+    h0 = rng.standard_normal((batch, hidden)) if with_state else None
+    c0 = rng.standard_normal((batch, hidden)) if with_state and has_cell_state(cell) else None
+    return w, x, h0, c0
+
+
+def _upstream(rng, cell, steps=T, batch=B, hidden=H):
+    # One shared random upstream gradient for every output the layer has.
+    dy = rng.standard_normal((steps, batch, hidden))
+    dh_n = rng.standard_normal((batch, hidden))
+    dc_n = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
+    return dy, dh_n, dc_n
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "h0"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_kernel_matches_reference(rng, cell, reverse, lengths, bias, with_state):
+    w, x, h0, c0 = _inputs(rng, cell, bias, with_state)
+    out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], h0, c0,
+                          lengths=lengths, reverse=reverse)
+    y, h_n, c_n, cache = reference.forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"],
+                                           w["bias_hh"], h0, c0, lengths=lengths, reverse=reverse)
+    np.testing.assert_allclose(out.y, y, **REF_TOL)
+    np.testing.assert_allclose(out.h_n, h_n, **REF_TOL)
+    if has_cell_state(cell):
+        np.testing.assert_allclose(out.c_n, c_n, **REF_TOL)
+    else:
+        assert out.c_n is None
+
+    dy, dh_n, dc_n = _upstream(rng, cell)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    want = reference.backward(cache, dy, dh_n, dc_n)
+    for name in ("dx", "dh0", "dc0") + PARAM_NAMES:
+        if want[name] is None:
+            assert getattr(got, name) is None, name
+        else:
+            np.testing.assert_allclose(getattr(got, name), want[name], err_msg=name, **REF_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_padded_steps_are_zero_and_final_state_is_the_rows_own(rng, cell, reverse):
+    # A row of length L must give exactly what the same row alone, cut to L steps, gives.
+    w, x, h0, c0 = _inputs(rng, cell, True, True)
+    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=LENGTHS, reverse=reverse)
+    for b, length in enumerate(LENGTHS):
+        alone = F.layer_forward(cell, x[:length, b:b + 1], *w.values(), h0[b:b + 1],
+                                None if c0 is None else c0[b:b + 1], reverse=reverse)
+        np.testing.assert_allclose(out.y[:length, b], alone.y[:, 0], **REF_TOL)
+        assert np.all(out.y[length:, b] == 0.0)
+        np.testing.assert_allclose(out.h_n[b], alone.h_n[0], **REF_TOL)
+        if has_cell_state(cell):
+            np.testing.assert_allclose(out.c_n[b], alone.c_n[0], **REF_TOL)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("which", ["dy_only", "dh_only", "dc_only", "none"])
+def test_missing_upstream_gradients_count_as_zero(rng, cell, which):
+    if which == "dc_only" and not has_cell_state(cell):
+        which = "none"
+    w, x, h0, c0 = _inputs(rng, cell, True, True)
+    dy, dh_n, dc_n = _upstream(rng, cell)
+    dy = dy if which == "dy_only" else None
+    dh_n = dh_n if which == "dh_only" else None
+    dc_n = dc_n if which == "dc_only" else None
+    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=LENGTHS)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    _, _, _, cache = reference.forward(cell, x, *w.values(), h0, c0, lengths=LENGTHS)
+    want = reference.backward(cache, dy, dh_n, dc_n)
+    for name in ("dx", "dh0") + PARAM_NAMES:
+        np.testing.assert_allclose(getattr(got, name), want[name], err_msg=name, **REF_TOL)
+    if which == "none":
+        assert not np.any(got.dx) and not np.any(got.weight_hh) and not np.any(got.dh0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_accumulates_into_given_buffers(rng, cell):
+    # dx and the gradient buffers are added to, never overwritten; dh0/dc0 are this call's.
+    w, x, h0, c0 = _inputs(rng, cell, True, True)
+    dy, dh_n, dc_n = _upstream(rng, cell)
+    out = F.layer_forward(cell, x, *w.values(), h0, c0)
+    once = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    start = {name: rng.standard_normal(np.shape(getattr(once, name))) for name in ("dx",) + PARAM_NAMES}
+    buffers = F.LayerGrads(None, None, None, *(start[n].copy() for n in PARAM_NAMES))
+    dx = start["dx"].copy()
+    acc = F.layer_backward(out.tape, dy, dh_n, dc_n, dx=dx, grads=buffers)
+    assert acc.dx is dx and acc.weight_ih is buffers.weight_ih
+    for name in ("dx",) + PARAM_NAMES:
+        np.testing.assert_allclose(getattr(acc, name), start[name] + getattr(once, name), err_msg=name,
+                                   **REF_TOL)
+    np.testing.assert_array_equal(acc.dh0, once.dh0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_float32_kernel_close_to_float64_reference(rng, cell, reverse):
+    w, x, h0, c0 = _inputs(rng, cell, True, True)
+    f32 = lambda a: None if a is None else a.astype(np.float32)  # noqa: E731
+    out = F.layer_forward(cell, f32(x), *(f32(v) for v in w.values()), f32(h0), f32(c0), lengths=LENGTHS,
+                          reverse=reverse)
+    assert out.y.dtype == np.float32 and out.h_n.dtype == np.float32
+    # The reference runs on the float32-rounded values, so only the kernels' arithmetic differs.
+    args = [None if a is None else a.astype(np.float32).astype(np.float64)
+            for a in (x, *w.values(), h0, c0)]
+    y, h_n, _, cache = reference.forward(cell, *args, lengths=LENGTHS, reverse=reverse)
+    dy, dh_n, dc_n = (None if a is None else a.astype(np.float32) for a in _upstream(rng, cell))
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    want = reference.backward(cache, dy, dh_n, dc_n)
+    pairs = [(out.y, y), (out.h_n, h_n)] + [(getattr(got, n), want[n]) for n in ("dx", "dh0") + PARAM_NAMES]
+    for got_arr, want_arr in pairs:
+        assert got_arr.dtype == np.float32
+        np.testing.assert_allclose(got_arr, want_arr, rtol=1e-5, atol=1e-5 * np.abs(want_arr).max())
+
+
+# ---- finite differences -------------------------------------------------------------------------------
+
+FD_EPS = 1e-6
+# Central differences are exact to O(eps^2 * f''') ~ 1e-12; the loss is O(10), so rounding in the two
+# evaluations contributes ~1e-15 * 10 / 1e-6 = 1e-8 absolute.
+FD_TOL = dict(rtol=1e-6, atol=1e-7)
+
+
+def _loss(cell, arrays, lengths, reverse, upstream):
+    out = F.layer_forward(cell, arrays["x"], arrays["weight_ih"], arrays["weight_hh"], arrays["bias_ih"],
+                          arrays["bias_hh"], arrays["h0"], arrays.get("c0"), lengths=lengths,
+                          reverse=reverse, training=False)
+    dy, dh_n, dc_n = upstream
+    loss = np.sum(out.y * dy) + np.sum(out.h_n * dh_n)
+    return loss + (np.sum(out.c_n * dc_n) if dc_n is not None else 0.0)
+
+
+def _numerical_gradient(f, arr, indices):
+    grad = np.zeros(len(indices))
+    for n, idx in enumerate(indices):
+        saved = arr[idx]
+        arr[idx] = saved + FD_EPS
+        up = f()
+        arr[idx] = saved - FD_EPS
+        down = f()
+        arr[idx] = saved
+        grad[n] = (up - down) / (2 * FD_EPS)
+    return grad
+
+
+@pytest.mark.parametrize("lengths", [None, np.array([4, 2, 1])], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_finite_differences_every_entry(rng, cell, reverse, lengths):
+    # Small enough to check every entry of every parameter, the input and the initial states.
+    steps, batch, inp, hidden = 4, 3, 3, 3
+    w, x, h0, c0 = _inputs(rng, cell, True, True, batch=batch, steps=steps, inp=inp, hidden=hidden)
+    arrays = dict(w, x=x, h0=h0)
+    if has_cell_state(cell):
+        arrays["c0"] = c0
+    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden)
+
+    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=lengths, reverse=reverse)
+    got = F.layer_backward(out.tape, *upstream)
+    analytic = {"x": got.dx, "h0": got.dh0, "c0": got.dc0, **{n: getattr(got, n) for n in PARAM_NAMES}}
+
+    f = lambda: _loss(cell, arrays, lengths, reverse, upstream)  # noqa: E731
+    for name, arr in arrays.items():
+        indices = list(np.ndindex(arr.shape))
+        numeric = _numerical_gradient(f, arr, indices)
+        np.testing.assert_allclose(analytic[name][tuple(np.array(indices).T)], numeric, err_msg=name,
+                                   **FD_TOL)
+    if lengths is not None:
+        # Padded steps do not reach the loss, so their inputs get exactly zero gradient.
+        for b, length in enumerate(lengths):
+            assert np.all(got.dx[length:, b] == 0.0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_finite_differences_larger_layer_sampled(rng, cell):
+    # A longer sequence and wider layer with no bias; a random subset of entries per array.
+    steps, batch, inp, hidden = 9, 5, 7, 10
+    w, x, h0, c0 = _inputs(rng, cell, False, True, batch=batch, steps=steps, inp=inp, hidden=hidden)
+    arrays = {k: v for k, v in dict(w, x=x, h0=h0, c0=c0).items() if v is not None}
+    lengths = random_lengths(rng, steps, batch)
+    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden)
+    out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], None, None, h0, c0, lengths=lengths,
+                          reverse=True)
+    got = F.layer_backward(out.tape, *upstream)
+    assert got.bias_ih is None and got.bias_hh is None
+    analytic = {"x": got.dx, "h0": got.dh0, "c0": got.dc0, "weight_ih": got.weight_ih,
+                "weight_hh": got.weight_hh}
+    f = lambda: _loss(cell, dict(arrays, bias_ih=None, bias_hh=None), lengths, True, upstream)  # noqa: E731
+    for name, arr in arrays.items():
+        flat = rng.choice(arr.size, size=min(arr.size, 25), replace=False)
+        indices = [np.unravel_index(i, arr.shape) for i in flat]
+        numeric = _numerical_gradient(f, arr, indices)
+        np.testing.assert_allclose([analytic[name][i] for i in indices], numeric, err_msg=name, **FD_TOL)
