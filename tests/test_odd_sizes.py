@@ -25,7 +25,7 @@ def _lengths(steps, batch):
     return np.maximum(1, steps - np.arange(batch) % steps)
 
 
-def _check_layer(cell, x, w, h0, c0, lengths, reverse, dy, dh_n, dc_n, *, ref_args=None):
+def _check_layer(cell, x, w, h0, c0, lengths, reverse, dy, dh_n, dc_n):
     """Runs the kernel on the given (possibly strided) arrays and the reference on contiguous copies."""
     out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], h0, c0,
                           lengths=lengths, reverse=reverse)
@@ -101,7 +101,9 @@ def test_layer_non_contiguous_everything(rng, cell, kind):
     steps, batch, inp, hidden = 5, 3, 4, 6
     gh = {"lstm": 4, "gru": 3}.get(cell, 1) * hidden
     s = lambda *shape: _strided(rng, shape, kind)  # noqa: E731
-    w = {"weight_ih": s(gh, inp) * 0.6, "weight_hh": s(gh, hidden) * 0.6, "bias_ih": s(gh), "bias_hh": s(gh)}
+    w = {"weight_ih": s(gh, inp), "weight_hh": s(gh, hidden), "bias_ih": s(gh), "bias_hh": s(gh)}
+    w["weight_ih"] *= 0.6  # in place: the views keep their strides
+    w["weight_hh"] *= 0.6
     x, h0 = s(steps, batch, inp), s(batch, hidden)
     c0 = s(batch, hidden) if has_cell_state(cell) else None
     dy, dh_n = s(steps, batch, hidden), s(batch, hidden)
@@ -109,7 +111,7 @@ def test_layer_non_contiguous_everything(rng, cell, kind):
     lengths = np.array([[5, 0], [2, 0], [4, 0]])[:, 0]  # an int64 view with a stride
     assert not x.flags.c_contiguous and not w["weight_ih"].flags.c_contiguous
     x_before = x.copy()
-    _check_layer(cell, x, w, h0, c0, lengths, kind == "reversed", dy, dh_n, dc_n)
+    _check_layer(cell, x, w, h0, c0, lengths, kind in ("reversed", "transposed"), dy, dh_n, dc_n)
     np.testing.assert_array_equal(x, x_before)  # inputs are never written
 
 
@@ -125,12 +127,76 @@ def test_layer_dy_column_slice_of_wider_gradient(rng, cell):
         _check_layer(cell, x, w, None, None, None, False, dy, None, None)
 
 
+def _unaligned(rng, shape, dtype):
+    """A random array whose data pointer is NOT a multiple of its itemsize (a view at a 1-byte offset)."""
+    n = int(np.prod(shape))
+    buf = np.zeros(n * np.dtype(dtype).itemsize + 1, np.uint8)
+    arr = np.frombuffer(buf.data, dtype=dtype, count=n, offset=1).reshape(shape)
+    arr[...] = 0.6 * rng.standard_normal(shape)
+    return arr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_unaligned_arrays(rng, cell, dtype):
+    steps, batch, inp, hidden = 6, 5, 9, 17
+    gh = {"lstm": 4, "gru": 3}.get(cell, 1) * hidden
+    u = lambda *shape: _unaligned(rng, shape, dtype)  # noqa: E731
+    w = {"weight_ih": u(gh, inp), "weight_hh": u(gh, hidden), "bias_ih": u(gh), "bias_hh": u(gh)}
+    x, h0, dy, dh_n = u(steps, batch, inp), u(batch, hidden), u(steps, batch, hidden), u(batch, hidden)
+    c0, dc_n = (u(batch, hidden), u(batch, hidden)) if has_cell_state(cell) else (None, None)
+    assert not x.flags.aligned and not w["weight_hh"].flags.aligned and not dy.flags.aligned
+    if dtype == np.float64:
+        _check_layer(cell, x, w, h0, c0, _lengths(steps, batch), True, dy, dh_n, dc_n)
+        return
+    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=_lengths(steps, batch), reverse=True)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    as64 = lambda a: None if a is None else np.array(a, np.float64)  # noqa: E731
+    y, _, _, cache = reference.forward(cell, as64(x), *(as64(v) for v in w.values()), as64(h0), as64(c0),
+                                       lengths=_lengths(steps, batch), reverse=True)
+    want = reference.backward(cache, as64(dy), as64(dh_n), as64(dc_n))
+    for a, b in [(out.y, y), (got.dx, want["dx"]), (got.weight_hh, want["weight_hh"])]:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_unaligned_input(rng, cell):
+    m = make_module(cell, 9, 7, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
+    x = _unaligned(rng, (6, 5, 9), np.float64)
+    y, _ = m(x)
+    want, _, _, _ = reference.stack_forward(cell, m.state_dict(), np.array(x), num_layers=2, bidirectional=True)
+    np.testing.assert_allclose(y, want, **TOL)
+    dx, _ = m.backward(_unaligned(rng, y.shape, np.float64))
+    assert np.all(np.isfinite(dx)) and np.any(dx)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_read_only_and_broadcast_inputs(rng, cell):
+    # Inputs are only read: read-only arrays and zero-stride broadcasts are valid everywhere.
+    steps, batch, inp, hidden = 5, 3, 4, 6
+    w = random_layer(rng, cell, inp, hidden)
+    for v in w.values():
+        v.flags.writeable = False
+    x = np.broadcast_to(rng.standard_normal((1, batch, inp)), (steps, batch, inp))
+    h0 = np.broadcast_to(rng.standard_normal(hidden), (batch, hidden))
+    c0 = np.broadcast_to(rng.standard_normal(hidden), (batch, hidden)) if has_cell_state(cell) else None
+    dy = np.broadcast_to(rng.standard_normal((steps, 1, hidden)), (steps, batch, hidden))
+    dh_n = np.broadcast_to(rng.standard_normal((batch, 1)), (batch, hidden))
+    dc_n = np.broadcast_to(rng.standard_normal(hidden), (batch, hidden)) if has_cell_state(cell) else None
+    assert not x.flags.writeable and x.strides[0] == 0
+    _check_layer(cell, x, w, h0, c0, np.array([5, 2, 4]), False, dy, dh_n, dc_n)
+    m = make_module(cell, inp, hidden, dtype=np.float64, seed=0)
+    y, _ = m(x)
+    want, _, _, _ = reference.stack_forward(cell, m.state_dict(), np.array(x))
+    np.testing.assert_allclose(y, want, **TOL)
+
+
 # ---- module-level layouts --------------------------------------------------------------------------------
 
 
-def _module_case(rng, cell, steps, batch, inp, hidden, *, num_layers=2, bidirectional=True):
+def _module_case(rng, cell, inp, hidden, *, batch_first=False, num_layers=2, bidirectional=True):
     m = make_module(cell, inp, hidden, num_layers=num_layers, bidirectional=bidirectional,
-                    dtype=np.float64, seed=int(rng.integers(2**31)))
+                    batch_first=batch_first, dtype=np.float64, seed=int(rng.integers(2**31)))
     lead = num_layers * (2 if bidirectional else 1)
     return m, lead
 
@@ -169,8 +235,7 @@ def _assert_module_matches(got, want, grads_got, grads_want, cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_module_batch_first(rng, cell, shape):
     steps, batch, inp, hidden = shape
-    m, lead = _module_case(rng, cell, steps, batch, inp, hidden)
-    m.batch_first = True
+    m, lead = _module_case(rng, cell, inp, hidden, batch_first=True)
     x = rng.standard_normal((batch, steps, inp))
     h0 = rng.standard_normal((lead, batch, hidden))
     c0 = rng.standard_normal((lead, batch, hidden)) if has_cell_state(cell) else None
@@ -191,8 +256,7 @@ def test_module_batch_first(rng, cell, shape):
 def test_module_unbatched(rng, cell, batch_first):
     # A 2-D (T, input_size) input is one sequence whatever batch_first says, as in torch.nn.
     steps, inp, hidden = 5, 3, 4
-    m, lead = _module_case(rng, cell, steps, 1, inp, hidden)
-    m.batch_first = batch_first
+    m, lead = _module_case(rng, cell, inp, hidden, batch_first=batch_first)
     x = rng.standard_normal((steps, inp))
     h0 = rng.standard_normal((lead, hidden))
     c0 = rng.standard_normal((lead, hidden)) if has_cell_state(cell) else None
@@ -215,8 +279,7 @@ def test_module_unbatched(rng, cell, batch_first):
 @pytest.mark.parametrize("cell", CELLS)
 def test_module_non_contiguous_inputs(rng, cell, kind, batch_first):
     steps, batch, inp, hidden = 4, 3, 5, 3
-    m, lead = _module_case(rng, cell, steps, batch, inp, hidden)
-    m.batch_first = batch_first
+    m, lead = _module_case(rng, cell, inp, hidden, batch_first=batch_first)
     s = lambda *shape: _strided(rng, shape, kind)  # noqa: E731
     x = s(batch, steps, inp) if batch_first else s(steps, batch, inp)
     h0 = s(lead, batch, hidden)
@@ -224,7 +287,7 @@ def test_module_non_contiguous_inputs(rng, cell, kind, batch_first):
     dy = s(batch, steps, 2 * hidden) if batch_first else s(steps, batch, 2 * hidden)
     dh_n = s(lead, batch, hidden)
     dc_n = s(lead, batch, hidden) if has_cell_state(cell) else None
-    lengths = np.array([3, 4, 1, 0, 0, 0])[::2]
+    lengths = np.array([3, 0, 4, 0, 1, 0])[::2]  # a strided view
     got = _call(m, cell, x, h0, c0, lengths, dy, dh_n, dc_n)
     seq = (lambda a: a.transpose(1, 0, 2)) if batch_first else (lambda a: a)
     y, h_n, c_n, dx, dh0, dc0, grads = _reference_module(m, cell, seq(x), h0, c0, lengths, seq(dy), dh_n,

@@ -211,3 +211,70 @@ def test_finite_differences_larger_layer_sampled(rng, cell):
         indices = [np.unravel_index(i, arr.shape) for i in flat]
         numeric = _numerical_gradient(f, arr, indices)
         np.testing.assert_allclose([analytic[name][i] for i in indices], numeric, err_msg=name, **FD_TOL)
+
+
+# ---- float activations ----------------------------------------------------------------------------------
+# float32 kernels use their own polynomial exp/sigmoid/tanh; these read them out through one-unit layers.
+
+ACTIVATION_GRID = np.concatenate([
+    np.linspace(-60, 60, 4001),
+    np.linspace(-0.7, 0.7, 1401),                   # around the switch between tanh's two forms (0.625)
+    np.geomspace(1e-30, 1e-3, 50), -np.geomspace(1e-30, 1e-3, 50),
+    [0.0, 0.625, -0.625, np.nextafter(0.625, 0), 88.0, -87.0, 89.0, -88.0],
+]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_accuracy_over_the_whole_range(dtype):
+    x = ACTIVATION_GRID.astype(dtype).reshape(1, -1, 1)
+    out = F.layer_forward("rnn_tanh", x, np.ones((1, 1), dtype), np.zeros((1, 1), dtype), training=False)
+    want = np.tanh(ACTIVATION_GRID.astype(np.float64))
+    rtol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(out.y[0, :, 0], want, rtol=rtol, atol=0)
+    assert np.all(np.abs(out.y) <= 1.0)
+    np.testing.assert_array_equal(np.sign(out.y[0, :, 0]), np.sign(want))  # odd, including at tiny |x|
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_accuracy_over_the_whole_range(dtype):
+    # LSTM with one unit, c0 = 0: i = sigmoid(x), g = tanh(big) = 1, so c_n = i * g = sigmoid(x).
+    pre = ACTIVATION_GRID[np.abs(ACTIVATION_GRID) <= 60]
+    x = pre.astype(dtype).reshape(1, -1, 1)
+    w_ih = np.array([[1.0], [0.0], [0.0], [0.0]], dtype)
+    bias = np.array([0.0, 0.0, 50.0, 0.0], dtype)
+    out = F.layer_forward("lstm", x, w_ih, np.zeros((4, 1), dtype), bias, np.zeros(4, dtype), training=False)
+    p = pre.astype(np.float64)
+    want = np.where(p >= 0, 1.0 / (1.0 + np.exp(-np.abs(p))), np.exp(-np.abs(p)) / (1.0 + np.exp(-np.abs(p))))
+    rtol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(out.c_n[:, 0], want, rtol=rtol, atol=0)
+    assert np.all((out.c_n >= 0) & (out.c_n <= 1))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_saturated_gates_match_reference(rng, cell):
+    # Pre-activations in the tens: every activation in its flat tails, where exp clamps.
+    w = random_layer(rng, cell, I, H, scale=4.0, dtype=np.float32)
+    x = (20 * rng.standard_normal((T, B, I))).astype(np.float32)
+    out = F.layer_forward(cell, x, *w.values(), lengths=LENGTHS)
+    y, h_n, _, cache = reference.forward(cell, x, *(v.astype(np.float64) for v in w.values()), lengths=LENGTHS)
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    got = F.layer_backward(out.tape, dy)
+    want = reference.backward(cache, dy)
+    assert np.all(np.isfinite(out.y)) and np.all(np.isfinite(got.weight_hh))
+    pairs = [(out.y, y), (out.h_n, h_n)] + [(getattr(got, n), want[n]) for n in ("dx", "dh0") + PARAM_NAMES]
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_input_propagates_to_its_own_row_only(rng, cell, dtype):
+    # With the finiteness check off, a NaN must still show, never turn into a number.
+    w = random_layer(rng, cell, I, H, dtype=dtype)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    x[2, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        F.layer_forward(cell, x, *w.values())
+    out = F.layer_forward(cell, x, *w.values(), check_finite=False)
+    assert np.all(np.isnan(out.y[2:, 1])) and np.all(np.isnan(out.h_n[1]))
+    assert np.all(np.isfinite(out.y[:2])) and np.all(np.isfinite(np.delete(out.y, 1, axis=1)))

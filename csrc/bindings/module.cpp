@@ -36,20 +36,30 @@ std::vector<Index> shape_of(const py::array& a) {
   return std::vector<Index>(a.shape(), a.shape() + a.ndim());
 }
 
-// Row stride (in elements) of an array whose last dimension is contiguous and whose rows are evenly
-// spaced without overlap, so the core can walk it as (rows, width) with a stride; -1 if it is not.
+// Row stride (in elements) of an array whose last dimension is contiguous and whose rows (all leading
+// indices, flattened in C order) are evenly spaced without overlap, so the core can walk it as
+// (rows, width) with one stride; -1 if it is not. Axes of length 1 may carry any stride.
 template <typename T>
 Index row_stride(const py::array& arr) {
   const Index item = static_cast<Index>(sizeof(T));
   const int nd = static_cast<int>(arr.ndim());
   const Index width = arr.shape(nd - 1);
   if (width > 1 && arr.strides(nd - 1) != item) return -1;
-  if (nd == 1) return width;
-  const Index stride = arr.strides(nd - 2);
-  if (stride % item != 0 || stride / item < width) return -1;
-  for (int d = nd - 3; d >= 0; --d)
-    if (arr.shape(d) > 1 && arr.strides(d) != arr.strides(d + 1) * arr.shape(d + 1)) return -1;
-  return stride / item;
+  Index ld = -1;      // row stride, fixed by the innermost leading axis longer than 1
+  Index rows_in = 1;  // rows spanned by one step of the axis being checked
+  for (int d = nd - 2; d >= 0; --d) {
+    if (arr.shape(d) > 1) {
+      if (ld < 0) {
+        if (arr.strides(d) % item != 0) return -1;
+        ld = arr.strides(d) / item / rows_in;
+        if (ld * rows_in * item != arr.strides(d) || ld < width) return -1;
+      } else if (arr.strides(d) != ld * rows_in * item) {
+        return -1;
+      }
+    }
+    rows_in *= arr.shape(d);
+  }
+  return ld < 0 ? width : ld;
 }
 
 template <typename T>

@@ -10,18 +10,24 @@ Modules (weights named and shaped exactly as torch.nn's)::
 ``fusedrnn.functional`` runs one layer in one direction with explicit weights.
 """
 
+import numbers
+
 from . import _core, functional
 from .modules import GRU, LSTM, RNN, RNNBase
 
 __version__ = "0.1.0"
+_MAX_THREADS = 1024
+
 __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "functional", "set_num_threads", "get_num_threads"]
 
 
 def set_num_threads(n: int) -> None:
     """Sets the number of native threads all fusedrnn compute uses (the BLAS pool)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    if not 1 <= n <= _MAX_THREADS:
+        raise ValueError(f"n: expected a thread count in [1, {_MAX_THREADS}], got {n}")
+    _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

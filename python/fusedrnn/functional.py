@@ -35,16 +35,25 @@ class LayerGrads(NamedTuple):
 
 
 def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
-                  lengths=None, reverse: bool = False, training: bool = True, out=None) -> LayerOutput:
+                  lengths=None, reverse: bool = False, training: bool = True, out=None,
+                  check_finite: bool = True) -> LayerOutput:
     """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
     outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
-    `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array."""
+    `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array.
+    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False.
+
+    The tape references x and the weights rather than copying them: change neither in place before
+    layer_backward."""
     if cell not in CELLS:
         raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
+    if check_finite:
+        for name, value in (("x", x), ("h0", h0), ("c0", c0)):
+            if value is not None:
+                _checks.finite(name, np.asarray(value))
     y, h_n, c_n, tape = _core.layer_forward(cell, x, _as_array(weight_ih), _as_array(weight_hh),
                                             _as_optional(bias_ih), _as_optional(bias_hh),
                                             _as_optional(h0), _as_optional(c0), lens, bool(reverse),

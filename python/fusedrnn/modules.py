@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from typing import Iterator
 
@@ -40,7 +41,7 @@ class RNNBase:
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise TypeError(f"dropout: expected a float in [0, 1], got {type(dropout).__name__}")
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
@@ -120,7 +121,8 @@ class RNNBase:
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
-            arr = arr.astype(self.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected next
+                arr = arr.astype(self.dtype)
             _checks.finite(f"state_dict[{name!r}]", arr)
             loaded[name] = arr
         for name, arr in loaded.items():  # all checked before any is written
@@ -161,14 +163,14 @@ class RNNBase:
         lead = self.num_layers * self.num_directions
         return (lead, self.hidden_size) if batch is None else (lead, batch, self.hidden_size)
 
-    def _split_hx(self, hx):
-        """(h0, c0) from the user's hx: a tuple for LSTM, one array otherwise."""
+    def _split_hx(self, hx, name: str = "hx", parts: str = "(h0, c0)"):
+        """(h, c) from a user's state argument: a pair for LSTM, one array otherwise."""
         if not self._has_cell_state:
             return hx, None
         if hx is None:
             return None, None
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("hx: expected a tuple (h0, c0) for an LSTM")
+            raise TypeError(f"{name}: expected a tuple {parts} for an LSTM")
         return hx[0], hx[1]
 
     def _checked_state(self, name, value, batch, unbatched):
@@ -215,7 +217,7 @@ class RNNBase:
                 w_ih, w_hh, b_ih, b_hh = self._layer_weights(self._params, layer, d)
                 out = layer_forward(self.cell, layer_input, w_ih, w_hh, b_ih, b_hh,
                                     None if h0 is None else h0[k], None if c0 is None else c0[k],
-                                    lengths=lens, reverse=d == 1, training=training,
+                                    lengths=lens, reverse=d == 1, training=training, check_finite=False,
                                     out=y[:, :, d * hidden:(d + 1) * hidden])
                 h_n[k] = out.h_n
                 if c_n is not None:
@@ -265,7 +267,7 @@ class RNNBase:
             _checks.shape("dy", dy, want)
             _checks.finite("dy", dy)
             dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
-        dh_in, dc_in = self._split_hx(dhx)
+        dh_in, dc_in = self._split_hx(dhx, "dhx", "(dh_n, dc_n)")
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched)
         self._ctx = None  # the tapes are consumed, as torch frees its graph

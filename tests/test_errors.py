@@ -1,0 +1,537 @@
+"""Every public entry point rejects bad input with ValueError/TypeError (RuntimeError for a backward with
+nothing to backpropagate through) whose message starts with the name of the offending argument."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import functional as F
+from helpers import CELLS, make_module
+
+T, B, I, H = 4, 3, 5, 2
+
+
+def f32(*shape, fill=0.5):
+    return np.full(shape, fill, np.float32)
+
+
+# ---- modules: forward -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=CELLS)
+def cell(request):
+    return request.param
+
+
+@pytest.fixture
+def module(cell):
+    return make_module(cell, I, H, num_layers=2, seed=0)
+
+
+def _hx(cell, h0, c0=None):
+    return (h0, f32(2, B, H) if c0 is None else c0) if cell == "lstm" else h0
+
+
+BAD_X = [
+    (f32(T, B, I, 1), ValueError, r"^x: expected a 2-D or 3-D array"),
+    (f32(I), ValueError, r"^x: expected a 2-D or 3-D array"),
+    (np.float32(1.0), ValueError, r"^x: "),
+    (np.zeros((T, B, I), np.float64), TypeError, r"^x: expected dtype float32, got float64"),
+    (np.zeros((T, B, I), np.int32), TypeError, r"^x: expected dtype float32"),
+    (np.zeros((T, B, I), np.float16), TypeError, r"^x: expected dtype float32"),
+    ("not an array", TypeError, r"^x: "),
+    (None, TypeError, r"^x: "),
+    ({"x": 1}, TypeError, r"^x: "),
+    ([[[0.5] * I] * B] * T, TypeError, r"^x: "),  # a list converts to float64, never silently cast
+    (f32(T, 0, I), ValueError, r"^x: empty input"),
+    (f32(0, B, I), ValueError, r"^x: empty input"),
+    (f32(T, B, I + 1), ValueError, r"^x: expected input_size 5 .* got 6"),
+    (f32(T, I + 1), ValueError, r"^x: expected input_size 5"),
+]
+
+
+@pytest.mark.parametrize("x, exc, match", BAD_X,
+                         ids=["4d", "1d", "0d", "float64", "int32", "float16", "str", "None", "dict", "list",
+                              "B0", "T0", "wrong_I", "unbatched_wrong_I"])
+def test_forward_rejects_bad_x(module, x, exc, match):
+    with pytest.raises(exc, match=match):
+        module(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_forward_rejects_non_finite_x(module, bad):
+    x = f32(T, B, I)
+    x[2, 1, 3] = bad
+    with pytest.raises(ValueError, match=r"^x: contains NaN or infinite"):
+        module(x)
+
+
+def test_forward_rejects_bad_x_batch_first(cell):
+    m = make_module(cell, I, H, batch_first=True)
+    with pytest.raises(ValueError, match=r"^x: expected input_size"):
+        m(f32(B, T, I + 2))
+    with pytest.raises(ValueError, match=r"^x: empty input"):
+        m(f32(0, T, I))
+
+
+def test_forward_rejects_bad_hidden_state(module, cell):
+    name = "h0" if cell == "lstm" else "hx"
+    cases = [
+        (f32(2, B, H + 1), ValueError, rf"^{name}: expected shape \(2, 3, 2\), got \(2, 3, 3\)"),
+        (f32(1, B, H), ValueError, rf"^{name}: expected shape \(2, 3, 2\)"),   # num_layers*dirs rows
+        (f32(2, B + 1, H), ValueError, rf"^{name}: expected shape"),          # batch mismatch
+        (f32(B, H), ValueError, rf"^{name}: expected a 3-D array"),           # unbatched state, batched x
+        (np.zeros((2, B, H)), TypeError, rf"^{name}: expected dtype float32, got float64"),
+        ("junk", TypeError, rf"^{name}: expected dtype float32"),
+        (f32(2, B, H, fill=np.nan), ValueError, rf"^{name}: contains NaN"),
+        (f32(2, B, H, fill=np.inf), ValueError, rf"^{name}: contains NaN"),
+    ]
+    for h0, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            module(f32(T, B, I), _hx(cell, h0))
+
+
+def test_forward_rejects_bad_cell_state():
+    m = fusedrnn.LSTM(I, H, num_layers=2)
+    good = f32(2, B, H)
+    for c0, exc, match in [(f32(2, B, H + 1), ValueError, r"^c0: expected shape"),
+                           (np.zeros((2, B, H)), TypeError, r"^c0: expected dtype float32"),
+                           (f32(2, B, H, fill=np.nan), ValueError, r"^c0: contains NaN")]:
+        with pytest.raises(exc, match=match):
+            m(f32(T, B, I), (good, c0))
+
+
+@pytest.mark.parametrize("hx", [f32(2, B, H), (f32(2, B, H),), (f32(2, B, H),) * 3, "hx"],
+                         ids=["array", "1-tuple", "3-tuple", "str"])
+def test_lstm_hx_must_be_a_pair(hx):
+    m = fusedrnn.LSTM(I, H, num_layers=2)
+    with pytest.raises(TypeError, match=r"^hx: expected a tuple \(h0, c0\)"):
+        m(f32(T, B, I), hx)
+
+
+def test_unbatched_input_needs_unbatched_state(module, cell):
+    name = "h0" if cell == "lstm" else "hx"
+    with pytest.raises(ValueError, match=rf"^{name}: expected a 2-D array"):
+        module(f32(T, I), _hx(cell, f32(2, 1, H), f32(2, 1, H)))
+
+
+BAD_LENGTHS = [
+    ([0, 2, 3], ValueError, r"^lengths: each length must be in \[1, 4\] \(T\), got 0 at index 0"),
+    ([1, 5, 3], ValueError, r"^lengths: each length must be in \[1, 4\] \(T\), got 5 at index 1"),
+    ([1, 2, -1], ValueError, r"^lengths: each length must be in \[1, 4\].* index 2"),
+    ([1, 2], ValueError, r"^lengths: expected shape \(3,\)"),
+    ([1, 2, 3, 4], ValueError, r"^lengths: expected shape \(3,\)"),
+    ([[1, 2, 3]], ValueError, r"^lengths: expected shape \(3,\)"),
+    (3, ValueError, r"^lengths: expected shape \(3,\)"),
+    ([1.0, np.nan, 2.0], ValueError, r"^lengths: contains NaN"),
+    ([1.0, np.inf, 2.0], ValueError, r"^lengths: contains NaN or infinite"),
+    ([1.5, 2.0, 3.0], ValueError, r"^lengths: expected whole numbers"),
+    (["a", "b", "c"], TypeError, r"^lengths: expected integers"),
+    (np.array([1, 2, 3], dtype=np.uint64) * np.uint64(2**62), ValueError, r"^lengths: each length"),
+]
+
+
+@pytest.mark.parametrize("lengths, exc, match", BAD_LENGTHS,
+                         ids=["zero", "above_T", "negative", "short", "long", "2d", "scalar", "nan", "inf",
+                              "fraction", "str", "huge_uint"])
+def test_forward_rejects_bad_lengths(module, lengths, exc, match):
+    with pytest.raises(exc, match=match):
+        module(f32(T, B, I), lengths=lengths)
+
+
+def test_whole_float_lengths_are_accepted(module):
+    # Float lengths that are whole numbers mean the same as the integers.
+    y_int, _ = module(f32(T, B, I, fill=0.3), lengths=[4, 1, 2])
+    y_float, _ = module(f32(T, B, I, fill=0.3), lengths=np.array([4.0, 1.0, 2.0]))
+    np.testing.assert_array_equal(y_int, y_float)
+    assert np.all(y_int[1:, 1] == 0) and np.any(y_int[1, 0] != 0)
+
+
+def test_lengths_rejected_for_unbatched_input(module):
+    with pytest.raises(ValueError, match=r"^lengths: not meaningful for an unbatched"):
+        module(f32(T, I), lengths=[T])
+
+
+# ---- modules: backward ----------------------------------------------------------------------------------
+
+
+def test_backward_without_forward_raises(module):
+    with pytest.raises(RuntimeError, match=r"^backward: no training-mode forward"):
+        module.backward(f32(T, B, 2 * H))
+
+
+def test_backward_after_eval_forward_raises(module):
+    module.eval()
+    module(f32(T, B, I))
+    with pytest.raises(RuntimeError, match=r"^backward: "):
+        module.backward(f32(T, B, H))
+
+
+def test_eval_forward_discards_an_earlier_training_tape(module):
+    module(f32(T, B, I))
+    module.eval()
+    module(f32(T, B, I))
+    with pytest.raises(RuntimeError, match=r"^backward: "):
+        module.backward(f32(T, B, H))
+
+
+def test_backward_consumes_the_forward(module):
+    module(f32(T, B, I))
+    module.backward(f32(T, B, H))
+    with pytest.raises(RuntimeError, match=r"^backward: "):
+        module.backward(f32(T, B, H))
+
+
+def _dh(cell, dh_n, dc_n=None):
+    return (dh_n, f32(2, B, H) if dc_n is None else dc_n) if cell == "lstm" else dh_n
+
+
+@pytest.mark.parametrize("dy, exc, match", [
+    (f32(T, B, H, 1), ValueError, r"^dy: expected a 3-D array"),
+    (f32(T, H), ValueError, r"^dy: expected a 3-D array"),
+    (f32(T, B, H + 1), ValueError, r"^dy: expected shape \(4, 3, 2\), got \(4, 3, 3\)"),
+    (f32(T + 1, B, H), ValueError, r"^dy: expected shape \(4, 3, 2\)"),
+    (f32(B, T, H), ValueError, r"^dy: expected shape \(4, 3, 2\)"),  # batch_first layout, module is not
+    (np.zeros((T, B, H)), TypeError, r"^dy: expected dtype float32, got float64"),
+    ("dy", TypeError, r"^dy: expected dtype float32"),
+    (f32(T, B, H, fill=np.nan), ValueError, r"^dy: contains NaN"),
+], ids=["4d", "2d", "wrong_H", "wrong_T", "transposed", "float64", "str", "nan"])
+def test_backward_rejects_bad_dy(module, dy, exc, match):
+    module(f32(T, B, I))
+    with pytest.raises(exc, match=match):
+        module.backward(dy)
+
+
+@pytest.mark.parametrize("dh_n, exc, match", [
+    (f32(2, B, H + 1), ValueError, r"^dh_n: expected shape \(2, 3, 2\)"),
+    (f32(B, H), ValueError, r"^dh_n: expected a 3-D array"),
+    (np.zeros((2, B, H)), TypeError, r"^dh_n: expected dtype float32"),
+    (f32(2, B, H, fill=np.nan), ValueError, r"^dh_n: contains NaN"),
+], ids=["shape", "rank", "dtype", "nan"])
+def test_backward_rejects_bad_dh_n(module, cell, dh_n, exc, match):
+    module(f32(T, B, I))
+    with pytest.raises(exc, match=match):
+        module.backward(None, _dh(cell, dh_n))
+
+
+def test_backward_rejects_bad_dc_n():
+    m = fusedrnn.LSTM(I, H, num_layers=2)
+    for dc_n, exc, match in [(f32(2, B, H + 1), ValueError, r"^dc_n: expected shape"),
+                             (np.zeros((2, B, H)), TypeError, r"^dc_n: expected dtype float32"),
+                             (f32(2, B, H, fill=np.inf), ValueError, r"^dc_n: contains NaN")]:
+        m(f32(T, B, I))
+        with pytest.raises(exc, match=match):
+            m.backward(None, (f32(2, B, H), dc_n))
+
+
+def test_lstm_backward_dhx_must_be_a_pair():
+    # The argument is `dhx`; the error must name it, not the forward's `hx`.
+    m = fusedrnn.LSTM(I, H, num_layers=2)
+    m(f32(T, B, I))
+    with pytest.raises(TypeError, match=r"^dhx: "):
+        m.backward(None, f32(2, B, H))
+
+
+def test_failed_backward_keeps_the_tape(module, cell):
+    # A backward rejected for a bad argument must not consume the forward: the corrected call works.
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal((T, B, H)).astype(np.float32)
+    module(x)
+    with pytest.raises(ValueError, match=r"^dy: "):
+        module.backward(dy[:, :, :1])
+    dx, _ = module.backward(dy)
+    grads = {k: v.copy() for k, v in module.grads.items()}
+    module.zero_grad()
+    module(x)
+    dx_fresh, _ = module.backward(dy)
+    np.testing.assert_array_equal(dx, dx_fresh)
+    for k, v in module.grads.items():
+        np.testing.assert_array_equal(grads[k], v)
+    assert np.any(dx != 0)
+
+
+# ---- constructors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(hidden_size=0), ValueError, r"^hidden_size: expected an int >= 1, got 0"),
+    (dict(hidden_size=-4), ValueError, r"^hidden_size: "),
+    (dict(hidden_size=2.5), TypeError, r"^hidden_size: expected an int, got float"),
+    (dict(hidden_size=True), TypeError, r"^hidden_size: expected an int, got bool"),
+    (dict(hidden_size="8"), TypeError, r"^hidden_size: "),
+    (dict(input_size=0), ValueError, r"^input_size: expected an int >= 1"),
+    (dict(input_size=None), TypeError, r"^input_size: "),
+    (dict(num_layers=0), ValueError, r"^num_layers: expected an int >= 1"),
+    (dict(num_layers=1.0), TypeError, r"^num_layers: "),
+    (dict(dropout=1.5), ValueError, r"^dropout: expected a probability in \[0, 1\], got 1.5"),
+    (dict(dropout=-0.1), ValueError, r"^dropout: "),
+    (dict(dropout=float("nan")), ValueError, r"^dropout: "),
+    (dict(dropout="0.5"), TypeError, r"^dropout: "),
+    (dict(dtype=np.int32), TypeError, r"^dtype: expected float32 or float64, got int32"),
+    (dict(dtype=np.float16), TypeError, r"^dtype: expected float32 or float64"),
+    (dict(dtype=np.complex64), TypeError, r"^dtype: expected float32 or float64"),
+    (dict(dtype="not a dtype"), TypeError, r"^dtype: expected float32 or float64"),
+], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
+def test_constructor_rejects_bad_arguments(cell, kwargs, exc, match):
+    args = dict(input_size=3, hidden_size=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        make_module(cell, args.pop("input_size"), args.pop("hidden_size"), **args)
+
+
+@pytest.mark.parametrize("nonlinearity", ["sigmoid", "Tanh", None])
+def test_rnn_rejects_unknown_nonlinearity(nonlinearity):
+    with pytest.raises(ValueError, match=r"^nonlinearity: expected 'tanh' or 'relu'"):
+        fusedrnn.RNN(3, 4, 1, nonlinearity)
+
+
+# ---- load_state_dict -----------------------------------------------------------------------------------
+
+
+def _assert_params_equal(m, snapshot):
+    for name, value in m.state_dict().items():
+        np.testing.assert_array_equal(value, snapshot[name], err_msg=name)
+
+
+def test_load_state_dict_rejects_missing_and_unexpected_keys(module):
+    before = module.state_dict()
+    sd = module.state_dict()
+    sd.pop("weight_hh_l1")
+    with pytest.raises(ValueError, match=r"^state_dict: missing keys \['weight_hh_l1'\]"):
+        module.load_state_dict(sd)
+    sd = module.state_dict()
+    sd["weight_hh_l2"] = sd["weight_hh_l1"]
+    with pytest.raises(ValueError, match=r"^state_dict: .*unexpected keys \['weight_hh_l2'\]"):
+        module.load_state_dict(sd)
+    _assert_params_equal(module, before)
+
+
+def test_load_state_dict_non_strict_loads_what_matches(module):
+    new = {k: v + 1 for k, v in module.state_dict().items()}
+    before = module.state_dict()
+    partial = {"weight_ih_l0": new["weight_ih_l0"], "something_else": np.zeros(3)}
+    module.load_state_dict(partial, strict=False)
+    np.testing.assert_array_equal(module.weight_ih_l0, new["weight_ih_l0"])
+    np.testing.assert_array_equal(module.weight_hh_l0, before["weight_hh_l0"])
+
+
+@pytest.mark.parametrize("name", ["weight_ih_l0", "weight_hh_l1", "bias_hh_l1"])
+def test_load_state_dict_rejects_wrong_shape(module, name):
+    sd = module.state_dict()
+    sd[name] = np.zeros(sd[name].shape + (1,), np.float32)
+    with pytest.raises(ValueError, match=rf"^state_dict\['{name}'\]: expected shape"):
+        module.load_state_dict(sd)
+    sd[name] = sd[name].T
+    with pytest.raises(ValueError, match=rf"^state_dict\['{name}'\]: expected shape"):
+        module.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_load_state_dict_rejects_non_finite(module, bad):
+    sd = module.state_dict()
+    sd["weight_hh_l0"][1, 1] = bad
+    with pytest.raises(ValueError, match=r"^state_dict\['weight_hh_l0'\]: contains NaN"):
+        module.load_state_dict(sd)
+
+
+def test_load_state_dict_rejects_values_beyond_the_dtype_range():
+    # 1e39 has no float32 value. It must be refused like any non-finite value, naming the key, and
+    # without a NumPy overflow warning escaping first (warnings are errors here, as in strict test runs).
+    module = fusedrnn.LSTM(I, H, num_layers=2)
+    sd = {k: v.astype(np.float64) for k, v in module.state_dict().items()}
+    sd["weight_ih_l1"][0, 0] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"^state_dict\['weight_ih_l1'\]: contains NaN or infinite"):
+            module.load_state_dict(sd)
+
+
+def test_load_state_dict_rejects_non_numeric(module):
+    sd = module.state_dict()
+    sd["bias_ih_l0"] = np.array(["a"] * sd["bias_ih_l0"].size)
+    with pytest.raises(TypeError, match=r"^state_dict\['bias_ih_l0'\]: expected a real numeric array"):
+        module.load_state_dict(sd)
+    with pytest.raises(TypeError, match=r"^state_dict: expected a mapping"):
+        module.load_state_dict([("weight_ih_l0", np.zeros(3))])
+
+
+def test_failed_load_state_dict_leaves_parameters_unchanged(module):
+    # Every value is checked before any is written: a bad LAST entry must not leave the earlier ones loaded.
+    before = module.state_dict()
+    for corrupt in ("shape", "nan", "dtype"):
+        sd = {k: v + 1.0 for k, v in module.state_dict().items()}
+        last = list(sd)[-1]
+        if corrupt == "shape":
+            sd[last] = np.zeros(3)
+        elif corrupt == "nan":
+            sd[last][0] = np.nan
+        else:
+            sd[last] = np.array(["x"] * sd[last].size)
+        with pytest.raises((ValueError, TypeError), match=rf"^state_dict\['{last}'\]"):
+            module.load_state_dict(sd)
+        _assert_params_equal(module, before)
+
+
+def test_state_dict_is_a_copy(module):
+    sd = module.state_dict()
+    sd["weight_ih_l0"][...] = 7.0
+    assert not np.any(module.weight_ih_l0 == 7.0)
+
+
+# ---- functional ----------------------------------------------------------------------------------------
+
+
+def _layer_args(cell, dtype=np.float64):
+    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.uniform(-0.5, 0.5, s).astype(dtype)  # noqa: E731
+    return dict(x=r(T, B, I), weight_ih=r(g * H, I), weight_hh=r(g * H, H), bias_ih=r(g * H),
+                bias_hh=r(g * H), h0=r(B, H), c0=r(B, H) if cell == "lstm" else None)
+
+
+def _forward(cell, **overrides):
+    args = _layer_args(cell)
+    args.update(overrides)
+    return F.layer_forward(cell, args.pop("x"), args.pop("weight_ih"), args.pop("weight_hh"),
+                           args.pop("bias_ih"), args.pop("bias_hh"), args.pop("h0"), args.pop("c0"), **args)
+
+
+def test_functional_valid_arguments_run(cell):
+    # The baseline every case below breaks in exactly one place.
+    out = _forward(cell)
+    assert out.y.shape == (T, B, H) and np.all(np.isfinite(out.y)) and np.any(out.y != 0)
+
+
+def test_functional_rejects_unknown_cell():
+    args = _layer_args("lstm")
+    with pytest.raises(ValueError, match=r"^cell: expected one of"):
+        F.layer_forward("LSTM", args["x"], args["weight_ih"], args["weight_hh"])
+
+
+def test_functional_rejects_bad_x(cell):
+    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    cases = [
+        (dict(x=np.zeros((T, B))), ValueError, r"^x: expected a 3-D array"),
+        (dict(x=np.zeros((T, B, I, 1))), ValueError, r"^x: expected a 3-D array"),
+        (dict(x="abc"), ValueError, r"^x: expected a 3-D array"),
+        (dict(x=np.zeros((T, B, I), np.int64)), TypeError, r"^x: expected dtype float32 or float64"),
+        (dict(x=np.zeros((T, B, I), np.float16)), TypeError, r"^x: expected dtype float32 or float64"),
+        (dict(x=np.zeros((0, B, I)), lengths=None), ValueError, r"^x: expected at least one time step"),
+        (dict(x=np.zeros((T, 0, I)), h0=None, c0=None), ValueError, r"^x: empty batch"),
+        (dict(x=np.zeros((T, B, 0)), weight_ih=np.zeros((g * H, 0))), ValueError, r"^x: input_size"),
+        (dict(x=np.zeros((T, B, I + 1))), ValueError, r"^weight_ih: expected shape"),  # I from x
+    ]
+    for overrides, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, **overrides)
+
+
+def test_functional_rejects_bad_weights(cell):
+    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    a = _layer_args(cell)
+    cases = [
+        (dict(weight_ih=a["weight_ih"][:-1]), ValueError, rf"^weight_ih: expected shape \({g * H}, {I}\)"),
+        (dict(weight_ih=a["weight_ih"].T), ValueError, r"^weight_ih: expected shape"),
+        (dict(weight_ih=a["weight_ih"].astype(np.float32)), TypeError,
+         r"^weight_ih: expected dtype float64, got float32"),
+        (dict(weight_hh=a["weight_hh"][:, 0]), ValueError, r"^weight_hh: expected a 2-D array"),
+        (dict(weight_hh=None), ValueError, r"^weight_hh: expected a 2-D array"),
+        (dict(weight_hh=a["weight_hh"][:-1]), ValueError, rf"^weight_hh: expected shape \({g * H}, {H}\)"),
+        (dict(weight_hh=np.zeros((g * H, 0))), ValueError, r"^weight_hh: hidden_size must be >= 1"),
+        (dict(weight_hh=a["weight_hh"].astype(np.float32)), TypeError, r"^weight_hh: expected dtype float64"),
+        (dict(bias_ih=a["bias_ih"][:-1]), ValueError, rf"^bias_ih: expected shape \({g * H},\)"),
+        (dict(bias_hh=a["bias_hh"][None]), ValueError, r"^bias_hh: expected shape"),
+        (dict(bias_hh=a["bias_hh"].astype(np.float32)), TypeError, r"^bias_hh: expected dtype float64"),
+        (dict(bias_hh=None), ValueError, r"^bias_ih, bias_hh: pass both or neither"),
+        (dict(bias_ih=None), ValueError, r"^bias_ih, bias_hh: pass both or neither"),
+    ]
+    for overrides, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, **overrides)
+
+
+def test_functional_rejects_bad_states(cell):
+    cases = [
+        (dict(h0=np.zeros((B, H + 1))), ValueError, r"^h0: expected shape \(3, 2\), got \(3, 3\)"),
+        (dict(h0=np.zeros((1, B, H))), ValueError, r"^h0: expected shape"),
+        (dict(h0=np.zeros((B, H), np.float32)), TypeError, r"^h0: expected dtype float64"),
+    ]
+    if cell == "lstm":
+        cases += [(dict(c0=np.zeros((B + 1, H))), ValueError, r"^c0: expected shape"),
+                  (dict(c0=np.zeros((B, H), np.float32)), TypeError, r"^c0: expected dtype float64")]
+    else:
+        cases += [(dict(c0=np.zeros((B, H))), ValueError, r"^c0: only an LSTM has a cell state")]
+    for overrides, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, **overrides)
+
+
+@pytest.mark.parametrize("lengths, exc, match", BAD_LENGTHS,
+                         ids=["zero", "above_T", "negative", "short", "long", "2d", "scalar", "nan", "inf",
+                              "fraction", "str", "huge_uint"])
+def test_functional_rejects_bad_lengths(cell, lengths, exc, match):
+    with pytest.raises(exc, match=match):
+        _forward(cell, lengths=lengths)
+
+
+def test_functional_rejects_bad_out(cell):
+    cases = [
+        (np.zeros((T, B, H + 1)), ValueError, r"^out: expected shape \(4, 3, 2\)"),
+        (np.zeros((T, B, H), np.float32), TypeError, r"^out: expected dtype float64"),
+        (np.zeros((T, B, 2 * H))[:, :, ::2], ValueError, r"^out: needs a contiguous last dimension"),
+        (np.zeros((T, B, H))[::-1], ValueError, r"^out: needs a contiguous last dimension"),
+    ]
+    read_only = np.zeros((T, B, H))
+    read_only.flags.writeable = False
+    cases.append((read_only, ValueError, r"^out: array is read-only"))
+    for out, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, out=out)
+
+
+def _tape(cell):
+    return _forward(cell).tape
+
+
+def test_functional_backward_rejects_bad_tape(cell):
+    with pytest.raises(TypeError, match=r"^tape: expected the tape returned by layer_forward"):
+        F.layer_backward("tape")
+    eval_tape = _forward(cell, training=False).tape
+    assert eval_tape is None
+    with pytest.raises(TypeError, match=r"^tape: "):
+        F.layer_backward(eval_tape)
+
+
+def test_functional_backward_rejects_bad_gradients(cell):
+    tape = _tape(cell)
+    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    cases = [
+        (dict(dy=np.zeros((T, B, H + 1))), ValueError, r"^dy: expected shape \(4, 3, 2\)"),
+        (dict(dy=np.zeros((T, B, H), np.float32)), TypeError, r"^dy: expected dtype float64"),
+        (dict(dy="dy"), TypeError, r"^dy: expected dtype float64"),
+        (dict(dh_n=np.zeros((B, H + 1))), ValueError, r"^dh_n: expected shape \(3, 2\)"),
+        (dict(dh_n=np.zeros((B, H), np.float32)), TypeError, r"^dh_n: expected dtype float64"),
+        (dict(dx=np.zeros((T, B, I + 1))), ValueError, r"^dx: expected shape \(4, 3, 5\)"),
+        (dict(dx=np.zeros((T, B, I), np.float32)), TypeError, r"^dx: expected dtype float64"),
+        (dict(dx=np.zeros((T, B, 2 * I))[:, :, :I]), ValueError, r"^dx: must be C-contiguous"),
+        (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I + 1)), np.zeros((g * H, H)),
+                                 np.zeros(g * H), np.zeros(g * H))),
+         ValueError, r"^grad_weight_ih: expected shape"),
+        (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H), np.float32),
+                                 np.zeros(g * H), np.zeros(g * H))),
+         TypeError, r"^grad_weight_hh: expected dtype float64"),
+        (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), None, None)),
+         ValueError, r"^grad_bias_ih, grad_bias_hh: "),
+        (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)),
+                                 np.zeros(2 * g * H)[::2], np.zeros(g * H))),
+         ValueError, r"^grad_bias_ih: needs a contiguous last dimension"),
+    ]
+    if cell == "lstm":
+        cases.append((dict(dc_n=np.zeros((B + 1, H))), ValueError, r"^dc_n: expected shape"))
+    else:
+        cases.append((dict(dc_n=np.zeros((B, H))), ValueError, r"^dc_n: only an LSTM has a cell state"))
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            F.layer_backward(tape, **kwargs)
