@@ -16,13 +16,12 @@ from .functional import GATES, layer_backward, layer_forward
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, hx_given):
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape):
         self.tapes = tapes                    # tapes[layer][direction]
         self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
         self.batch_first = batch_first
         self.unbatched = unbatched
         self.input_shape = input_shape        # (T, B, I), sequence-major
-        self.hx_given = hx_given
 
 
 class RNNBase:
@@ -232,8 +231,7 @@ class RNNBase:
                 masks.append(None)
             layer_input = y
 
-        self._ctx = (_Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
-                              h0 is not None) if training else None)
+        self._ctx = (_Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features)) if training else None)
         y = layer_input
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
