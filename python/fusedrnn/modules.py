@@ -231,7 +231,9 @@ class RNNBase:
                 masks.append(None)
             layer_input = y
 
-        self._ctx = (_Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features)) if training else None)
+        self._ctx = None
+        if training:
+            self._ctx = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features))
         y = layer_input
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
