@@ -8,7 +8,7 @@ import pytest
 
 import fusedrnn
 from fusedrnn import functional as F
-from helpers import CELLS, make_module
+from helpers import CELLS, GATES, make_module
 
 T, B, I, H = 4, 3, 5, 2
 
@@ -384,7 +384,7 @@ def test_state_dict_is_a_copy(module):
 
 
 def _layer_args(cell, dtype=np.float64):
-    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    g = GATES[cell]
     rng = np.random.default_rng(0)
     r = lambda *s: rng.uniform(-0.5, 0.5, s).astype(dtype)  # noqa: E731
     return dict(x=r(T, B, I), weight_ih=r(g * H, I), weight_hh=r(g * H, H), bias_ih=r(g * H),
@@ -411,7 +411,7 @@ def test_functional_rejects_unknown_cell():
 
 
 def test_functional_rejects_bad_x(cell):
-    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    g = GATES[cell]
     cases = [
         (dict(x=np.zeros((T, B))), ValueError, r"^x: expected a 3-D array"),
         (dict(x=np.zeros((T, B, I, 1))), ValueError, r"^x: expected a 3-D array"),
@@ -429,7 +429,7 @@ def test_functional_rejects_bad_x(cell):
 
 
 def test_functional_rejects_bad_weights(cell):
-    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    g = GATES[cell]
     a = _layer_args(cell)
     cases = [
         (dict(weight_ih=a["weight_ih"][:-1]), ValueError, rf"^weight_ih: expected shape \({g * H}, {I}\)"),
@@ -506,7 +506,7 @@ def test_functional_backward_rejects_bad_tape(cell):
 
 def test_functional_backward_rejects_bad_gradients(cell):
     tape = _tape(cell)
-    g = {"lstm": 4, "gru": 3}.get(cell, 1)
+    g = GATES[cell]
     cases = [
         (dict(dy=np.zeros((T, B, H + 1))), ValueError, r"^dy: expected shape \(4, 3, 2\)"),
         (dict(dy=np.zeros((T, B, H), np.float32)), TypeError, r"^dy: expected dtype float64"),

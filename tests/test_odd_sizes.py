@@ -6,7 +6,7 @@ import pytest
 
 import reference
 from fusedrnn import functional as F
-from helpers import CELLS, PARAM_NAMES, has_cell_state, make_module, random_layer
+from helpers import CELLS, GATES, PARAM_NAMES, has_cell_state, make_module, random_layer
 
 TOL = dict(rtol=1e-12, atol=1e-13)
 
@@ -99,7 +99,7 @@ def _strided(rng, shape, kind):
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_non_contiguous_everything(rng, cell, kind):
     steps, batch, inp, hidden = 5, 3, 4, 6
-    gh = {"lstm": 4, "gru": 3}.get(cell, 1) * hidden
+    gh = GATES[cell] * hidden
     s = lambda *shape: _strided(rng, shape, kind)  # noqa: E731
     w = {"weight_ih": s(gh, inp), "weight_hh": s(gh, hidden), "bias_ih": s(gh), "bias_hh": s(gh)}
     w["weight_ih"] *= 0.6  # in place: the views keep their strides
@@ -140,7 +140,7 @@ def _unaligned(rng, shape, dtype):
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_unaligned_arrays(rng, cell, dtype):
     steps, batch, inp, hidden = 6, 5, 9, 17
-    gh = {"lstm": 4, "gru": 3}.get(cell, 1) * hidden
+    gh = GATES[cell] * hidden
     u = lambda *shape: _unaligned(rng, shape, dtype)  # noqa: E731
     w = {"weight_ih": u(gh, inp), "weight_hh": u(gh, hidden), "bias_ih": u(gh), "bias_hh": u(gh)}
     x, h0, dy, dh_n = u(steps, batch, inp), u(batch, hidden), u(steps, batch, hidden), u(batch, hidden)
