@@ -12,8 +12,12 @@ Modules (weights named and shaped exactly as torch.nn's)::
 
 import numbers
 
-from . import _core, functional
-from .modules import GRU, LSTM, RNN, RNNBase
+from . import _blas_loader
+
+_blas_loader.preload()
+
+from . import _core, functional  # noqa: E402  (needs the BLAS library loaded first)
+from .modules import GRU, LSTM, RNN, RNNBase  # noqa: E402
 
 __version__ = "0.1.0"
 _MAX_THREADS = 1024
