@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-# The tests import their shared reference and helpers as top-level modules.
+# The tests import their shared helpers as a top-level module.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import fusedrnn
-from reference import GATES  # noqa: F401  (re-exported: one gate table for the tests)
+from fusedrnn.functional import GATES  # noqa: F401  (re-exported: one gate table for the tests)
 
 CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

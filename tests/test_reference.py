@@ -4,8 +4,8 @@ float64 finite-difference checks of every gradient the kernels return."""
 import numpy as np
 import pytest
 
-import reference
 from fusedrnn import functional as F
+from fusedrnn import reference
 from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
 
 T, B, I, H = 5, 4, 3, 6

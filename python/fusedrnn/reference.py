@@ -1,10 +1,12 @@
-"""A plain NumPy float64 reference of one recurrent layer in one direction, forward and backward.
+"""A plain NumPy float64 reference of one recurrent layer in one direction, forward and backward: the
+oracle the tests compare the fused kernels with, and the "numpy" peer of the benchmark.
 
 Written for reading, not speed: an explicit loop over time, one small function per cell and step, and a
 hand-written backpropagation through time (no autodiff). Weights and gate order follow torch.nn:
 
     RNN   h' = act(W_ih x + b_ih + W_hh h + b_hh)                     act = tanh or relu
     LSTM  gates i, f, g, o:  c' = f*c + i*g,  h' = o*tanh(c')
+          with cell_clip: c' = clip(f*c + i*g, -cell_clip, cell_clip), no gradient through a clamped entry
     GRU   gates r, z, n:     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)),  h' = (1-z)*n + z*h
 
 Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); biases (G*H,); h0, c0 (B, H).
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+from .functional import GATES
 
 
 def sigmoid(a):
@@ -52,19 +54,22 @@ def rnn_backward(act, saved, h, c, dh_new, dc_new):
     return da, da, np.zeros_like(h), None
 
 
-def lstm_forward(xg, hg, h, c):
+def lstm_forward(xg, hg, h, c, cell_clip=None):
     ai, af, ag, ao = _split(xg + hg, 4)
     i, f, g, o = sigmoid(ai), sigmoid(af), np.tanh(ag), sigmoid(ao)
-    c_new = f * c + i * g
+    c_raw = f * c + i * g
+    # Like torch.clamp, an entry exactly at the bound still passes its gradient.
+    passes = np.ones_like(c_raw) if cell_clip is None else (np.abs(c_raw) <= cell_clip).astype(np.float64)
+    c_new = c_raw if cell_clip is None else np.clip(c_raw, -cell_clip, cell_clip)
     tanh_c = np.tanh(c_new)
     h_new = o * tanh_c
-    return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
+    return h_new, c_new, {"i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c, "passes": passes}
 
 
 def lstm_backward(saved, h, c, dh_new, dc_new):
     i, f, g, o, tanh_c = (saved[k] for k in ("i", "f", "g", "o", "tanh_c"))
     do = dh_new * tanh_c
-    dc_total = dc_new + dh_new * o * (1.0 - tanh_c**2)
+    dc_total = (dc_new + dh_new * o * (1.0 - tanh_c**2)) * saved["passes"]
     di = dc_total * g
     df = dc_total * c
     dg = dc_total * i
@@ -97,9 +102,9 @@ def gru_backward(saved, h, c, dh_new, dc_new):
     return dxg, dhg, dh_direct, None
 
 
-def _cell_functions(cell):
+def _cell_functions(cell, cell_clip=None):
     if cell == "lstm":
-        return lstm_forward, lstm_backward
+        return (lambda *a: lstm_forward(*a, cell_clip=cell_clip)), lstm_backward
     if cell == "gru":
         return gru_forward, gru_backward
     act = {"rnn_tanh": "tanh", "rnn_relu": "relu"}[cell]
@@ -128,7 +133,7 @@ def time_order(steps, reverse):
 
 
 def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
-            lengths=None, reverse=False):
+            lengths=None, reverse=False, cell_clip=None):
     """Returns (y (T, B, H), h_n, c_n or None, cache)."""
     x = np.asarray(x, np.float64)
     steps, batch, _ = x.shape
@@ -139,7 +144,7 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
     lens = np.full(batch, steps) if lengths is None else np.asarray(lengths)
     valid = np.arange(steps)[:, None] < lens[None, :]
 
-    step_forward, _ = _cell_functions(cell)
+    step_forward, _ = _cell_functions(cell, cell_clip)
     h = np.zeros((batch, hidden)) if h0 is None else np.array(h0, np.float64)
     c = np.zeros((batch, hidden)) if c0 is None else np.array(c0, np.float64)
     y = np.zeros((steps, batch, hidden))
@@ -160,7 +165,8 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
 
 def backward(cache, dy=None, dh_n=None, dc_n=None):
     """Backpropagation through time. Returns a dict with dx, dh0, dc0 (LSTM, else None), weight_ih,
-    weight_hh, bias_ih and bias_hh (None without biases)."""
+    weight_hh, bias_ih and bias_hh (None without biases), and dh_norm (T,): the L2 norm over (B, H) of
+    the whole gradient reaching the hidden state of step t (its output's plus the later steps')."""
     x, w_ih, w_hh = cache.x, cache.weight_ih, cache.weight_hh
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
@@ -172,11 +178,13 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
     dx = np.zeros_like(x)
     dw_ih, dw_hh = np.zeros_like(w_ih), np.zeros_like(w_hh)
     db_ih, db_hh = np.zeros(w_ih.shape[0]), np.zeros(w_hh.shape[0])
+    dh_norm = np.zeros(steps)
     # Walk time in the opposite order to forward.
     for t in reversed(list(time_order(steps, cache.reverse))):
         h_prev, c_prev, saved = cache.steps[t]
         keep = cache.valid[t][:, None]
         dh_new = dh + np.where(keep, dy[t], 0.0)   # a padded step's output is a constant zero
+        dh_norm[t] = np.linalg.norm(dh_new)
         dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dh_new, dc)
         dxg, dhg = dxg * keep, dhg * keep             # a padded step has no gate gradients
         dx[t] = dxg @ w_ih
@@ -196,6 +204,7 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
         "weight_hh": dw_hh,
         "bias_ih": db_ih if cache.has_bias else None,
         "bias_hh": db_hh if cache.has_bias else None,
+        "dh_norm": dh_norm,
     }
 
 
@@ -207,7 +216,8 @@ def _layer_params(params, layer, suffix):
     return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
 
 
-def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectional=False, lengths=None):
+def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectional=False, lengths=None,
+                  cell_clip=None):
     """Sequence-major x (T, B, I), params keyed as torch.nn names them, h0/c0 (L*D, B, H).
     Returns (y (T, B, D*H), h_n, c_n or None, caches)."""
     suffixes = ("", "_reverse") if bidirectional else ("",)
@@ -219,7 +229,7 @@ def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectio
             k = layer * len(suffixes) + d
             y, h, c, cache = forward(cell, layer_input, *_layer_params(params, layer, suffix),
                                      None if h0 is None else h0[k], None if c0 is None else c0[k],
-                                     lengths=lengths, reverse=d == 1)
+                                     lengths=lengths, reverse=d == 1, cell_clip=cell_clip)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -229,12 +239,13 @@ def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectio
 
 
 def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidirectional=False):
-    """Backward of stack_forward. Returns (dx, dh0, dc0 or None, grads keyed by parameter name)."""
+    """Backward of stack_forward. Returns (dx, dh0, dc0 or None, grads keyed by parameter name, dh_norm
+    (L*D, T))."""
     suffixes = ("", "_reverse") if bidirectional else ("",)
     dirs = len(suffixes)
     cell = caches[0].cell
     hidden = caches[0].weight_hh.shape[1]
-    grads, dh0, dc0 = {}, [None] * len(caches), [None] * len(caches)
+    grads, dh0, dc0, dh_norm = {}, [None] * len(caches), [None] * len(caches), [None] * len(caches)
     grad_out = dy
     for layer in reversed(range(num_layers)):
         dx = 0.0
@@ -243,9 +254,9 @@ def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidir
             g = backward(caches[k], None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
                          None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k])
             dx = dx + g["dx"]
-            dh0[k], dc0[k] = g["dh0"], g["dc0"]
+            dh0[k], dc0[k], dh_norm[k] = g["dh0"], g["dc0"], g["dh_norm"]
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 if g[name] is not None:
                     grads[f"{name}_l{layer}{suffix}"] = g[name]
         grad_out = dx
-    return grad_out, np.stack(dh0), (np.stack(dc0) if cell == "lstm" else None), grads
+    return grad_out, np.stack(dh0), (np.stack(dc0) if cell == "lstm" else None), grads, np.stack(dh_norm)
