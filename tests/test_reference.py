@@ -6,7 +6,7 @@ import pytest
 
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
+from helpers import CELLS, PARAM_NAMES, has_cell_state, numerical_gradient, random_layer, random_lengths
 
 T, B, I, H = 5, 4, 3, 6
 LENGTHS = np.array([5, 1, 3, 2])  # unsorted, with a full row and a one-step row
@@ -135,7 +135,6 @@ def test_float32_kernel_close_to_float64_reference(rng, cell, reverse):
 
 # ---- finite differences -------------------------------------------------------------------------------
 
-FD_EPS = 1e-6
 # Central differences are exact to O(eps^2 * f''') ~ 1e-12; the loss is O(10), so rounding in the two
 # evaluations contributes ~1e-15 * 10 / 1e-6 = 1e-8 absolute.
 FD_TOL = dict(rtol=1e-6, atol=1e-7)
@@ -148,19 +147,6 @@ def _loss(cell, arrays, lengths, reverse, upstream):
     dy, dh_n, dc_n = upstream
     loss = np.sum(out.y * dy) + np.sum(out.h_n * dh_n)
     return loss + (np.sum(out.c_n * dc_n) if dc_n is not None else 0.0)
-
-
-def _numerical_gradient(f, arr, indices):
-    grad = np.zeros(len(indices))
-    for n, idx in enumerate(indices):
-        saved = arr[idx]
-        arr[idx] = saved + FD_EPS
-        up = f()
-        arr[idx] = saved - FD_EPS
-        down = f()
-        arr[idx] = saved
-        grad[n] = (up - down) / (2 * FD_EPS)
-    return grad
 
 
 @pytest.mark.parametrize("lengths", [None, np.array([4, 2, 1])], ids=["full", "lengths"])
@@ -182,7 +168,7 @@ def test_finite_differences_every_entry(rng, cell, reverse, lengths):
     f = lambda: _loss(cell, arrays, lengths, reverse, upstream)  # noqa: E731
     for name, arr in arrays.items():
         indices = list(np.ndindex(arr.shape))
-        numeric = _numerical_gradient(f, arr, indices)
+        numeric = numerical_gradient(f, arr, indices)
         np.testing.assert_allclose(analytic[name][tuple(np.array(indices).T)], numeric, err_msg=name,
                                    **FD_TOL)
     if lengths is not None:
@@ -209,7 +195,7 @@ def test_finite_differences_larger_layer_sampled(rng, cell):
     for name, arr in arrays.items():
         flat = rng.choice(arr.size, size=min(arr.size, 25), replace=False)
         indices = [np.unravel_index(i, arr.shape) for i in flat]
-        numeric = _numerical_gradient(f, arr, indices)
+        numeric = numerical_gradient(f, arr, indices)
         np.testing.assert_allclose([analytic[name][i] for i in indices], numeric, err_msg=name, **FD_TOL)
 
 

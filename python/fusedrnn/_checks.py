@@ -70,3 +70,15 @@ def lengths(value, steps: int, batch: int) -> np.ndarray | None:
         raise ValueError(f"lengths: each length must be in [1, {steps}] (T), got {arr[bad]} at index {bad}")
     out = arr.astype(np.int64)
     return None if np.all(out == steps) else out
+
+
+def named_arrays(name: str, value) -> list:
+    """[(key, array)] from a mapping name -> array, a list or tuple of arrays, or one array (key 0)."""
+    if isinstance(value, np.ndarray):
+        return [(0, value)]
+    if hasattr(value, "keys"):
+        return [(k, value[k]) for k in value.keys()]
+    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__"):
+        return list(enumerate(value))
+    raise TypeError(f"{name}: expected an array, a list of arrays or a mapping of name -> array, got "
+                    f"{type(value).__name__}")

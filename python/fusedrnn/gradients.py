@@ -1,0 +1,150 @@
+"""Gradient clipping with torch.nn.utils' semantics, a report of non-finite gradients (to skip a step
+rather than write NaN into the weights), and a diagnosis of how the gradient flows back through time.
+
+`grads` everywhere is a module's `grads` mapping, any mapping name -> array, a list of arrays or one
+array; the arrays are changed in place.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from . import _checks
+from ._optional import require
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
+
+
+def _grad_arrays(grads) -> list:
+    named = _checks.named_arrays("grads", grads)
+    for key, g in named:
+        if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
+            raise TypeError(f"grads[{key!r}]: expected a float ndarray (changed in place), got {type(g).__name__}")
+    return named
+
+
+def nonfinite_grads(grads) -> list:
+    """The keys (names, or positions in a list) of the gradients holding NaN or infinity; [] if none."""
+    return [key for key, g in _grad_arrays(grads) if g.size and not np.isfinite(g).all()]
+
+
+def _norm_type(norm_type) -> float:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or not norm_type > 0:
+        raise ValueError(f"norm_type: expected a positive number or inf, got {norm_type!r}")
+    return float(norm_type)
+
+
+def _vector_norm(values: np.ndarray, p: float) -> float:
+    a = np.abs(values.astype(np.float64, copy=False)).ravel()
+    if a.size == 0:
+        return 0.0
+    if p == math.inf:
+        return float(a.max())
+    if p == 2.0:
+        return float(np.sqrt(np.dot(a, a)))
+    return float(np.sum(a**p) ** (1.0 / p))
+
+
+def grad_norm(grads, norm_type: float = 2.0) -> float:
+    """The norm of all gradients taken together as one vector (the norm of the per-array norms)."""
+    p = _norm_type(norm_type)
+    named = _grad_arrays(grads)
+    return _vector_norm(np.array([_vector_norm(g, p) for _, g in named]), p)
+
+
+def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
+    """Scales all gradients in place so their total norm is at most `max_norm`, as
+    torch.nn.utils.clip_grad_norm_: the total norm is that of all gradients as one vector
+    (norm_type 2 by default, or any p > 0, or inf for the largest magnitude); each is multiplied by
+    min(1, max_norm / (total + 1e-6)). Returns the total norm before clipping.
+
+    A NaN or infinite total raises RuntimeError naming the gradients at fault when error_if_nonfinite;
+    otherwise the gradients are scaled as torch scales them (NaN spreads, an infinite total zeroes the
+    finite entries): check `math.isfinite(total)` or `nonfinite_grads` and skip that step."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
+        raise ValueError(f"max_norm: expected a number >= 0, got {max_norm!r}")
+    total = grad_norm(grads, norm_type)
+    named = _grad_arrays(grads)
+    if not math.isfinite(total) and error_if_nonfinite:
+        raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; non-finite gradients in "
+                           f"{nonfinite_grads(grads)}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coef = min(float(max_norm) / (total + CLIP_EPS), 1.0) if not math.isnan(total) else math.nan
+        if coef < 1.0 or math.isnan(coef):
+            for _, g in named:
+                g *= g.dtype.type(coef)
+    return total
+
+
+def clip_grad_value(grads, clip_value: float) -> None:
+    """Clamps every gradient entry into [-clip_value, clip_value] in place (NaN stays NaN), as
+    torch.nn.utils.clip_grad_value_."""
+    if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real) or not clip_value >= 0:
+        raise ValueError(f"clip_value: expected a number >= 0, got {clip_value!r}")
+    for _, g in _grad_arrays(grads):
+        np.clip(g, -clip_value, clip_value, out=g)
+
+
+# ---- gradient flow through time ------------------------------------------------------------------------
+
+
+class GradientFlow(NamedTuple):
+    verdict: str             # "vanishing", "exploding" or "healthy"
+    factor_per_step: float   # fitted |dL/dh| ratio for one step back along the recurrence (< 1: decays)
+    span: float              # fitted ratio between the far end's norm and the near end's
+    norms: np.ndarray        # the profile diagnosed, (T,)
+
+
+def diagnose_gradient_flow(norms, *, reverse: bool = False, vanishing_below: float = 1e-3,
+                           exploding_above: float = 1e3) -> GradientFlow:
+    """Reads a profile of ||dL/dh_t|| (a module's `hidden_grad_norms[k]` after backward) whose gradient
+    enters at the end of the recurrence, e.g. a loss on the last step only (the first step for a
+    reverse direction, `reverse=True`).
+
+    A least-squares line through log ||dL/dh_t|| gives the factor by which the norm changes per step
+    back in time, and `span` = factor ** (T - 1) what reaches the far end. span below
+    `vanishing_below` is "vanishing", above `exploding_above` "exploding", else "healthy". A norm that
+    is exactly zero before the far end (underflow, dead units) counts as vanishing."""
+    arr = np.asarray(norms, np.float64)
+    if arr.ndim != 1 or arr.size < 2:
+        raise ValueError(f"norms: expected a 1-D profile of at least 2 steps, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError("norms: expected finite norms >= 0 (an overflow already means exploding "
+                         "gradients; lower the scale to measure it)")
+    if not 0 < vanishing_below < 1 < exploding_above:
+        raise ValueError(f"vanishing_below, exploding_above: expected 0 < vanishing_below < 1 < "
+                         f"exploding_above, got {vanishing_below}, {exploding_above}")
+    back = arr if reverse else arr[::-1]    # back[j]: j steps back from where the gradient enters
+    if back[0] == 0:
+        raise ValueError("norms: the gradient where it enters is zero; nothing flows to diagnose")
+    zeros = np.flatnonzero(back == 0)
+    reach = back[:zeros[0]] if zeros.size else back   # the fit stops where the gradient hit zero
+    factor = float(np.exp(np.polyfit(np.arange(reach.size), np.log(reach), 1)[0])) if reach.size >= 2 else 0.0
+    span = factor ** (arr.size - 1)
+    if zeros.size or span < vanishing_below:
+        verdict = "vanishing"
+    else:
+        verdict = "exploding" if span > exploding_above else "healthy"
+    return GradientFlow(verdict, factor, span, arr)
+
+
+def plot_gradient_flow(profiles: Mapping[str, np.ndarray], path=None, *, title: str | None = None):
+    """A figure of ||dL/dh_t|| against t on a log scale, one line per labelled profile; saved to `path`
+    when given. Needs matplotlib (the `plot` extra)."""
+    fig = require("matplotlib.figure", "plot").Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for label, norms in profiles.items():
+        arr = np.asarray(norms, np.float64)
+        ax.semilogy(np.arange(arr.size), np.where(arr > 0, arr, np.nan), label=label)
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("||dL/dh_t||")
+    ax.set_title(title or "Gradient reaching each step's hidden state")
+    ax.legend()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+

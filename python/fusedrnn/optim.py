@@ -1,0 +1,142 @@
+"""Optimisers that update NumPy parameters in place with torch.optim's update rules.
+
+An optimiser takes a module (anything with `named_parameters()` and a `grads` mapping, like
+`fusedrnn.LSTM`), a mapping name -> array, or a list of arrays. `step()` reads a module's `grads`;
+otherwise `step(grads)` takes gradients in the same order (a list) or with the same names (a mapping).
+The state (momentum, moments) is kept in float64 and the result cast to each parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _checks
+
+
+def _hyper(name: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not (low < value if low_open else low <= value) or not value < high:
+        interval = f"{'(' if low_open else '['}{low}, {high})"
+        raise ValueError(f"{name}: expected a value in {interval}, got {value}")
+    return value
+
+
+class Optimizer:
+    """The shared part: parameter bookkeeping and gradient lookup. Subclasses define `_update`."""
+
+    def __init__(self, params, lr: float):
+        self._module = params if hasattr(params, "named_parameters") and hasattr(params, "grads") else None
+        if self._module is not None:
+            named = list(self._module.named_parameters())
+        else:
+            named = _checks.named_arrays("params", params)
+        if not named:
+            raise ValueError("params: expected at least one parameter, got none")
+        for name, p in named:
+            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+                raise TypeError(f"params[{name!r}]: expected a float ndarray (updated in place), got "
+                                f"{type(p).__name__}")
+            if not p.flags.writeable:
+                raise ValueError(f"params[{name!r}]: the array is read-only and cannot be updated in place")
+        self._named = named
+        self.lr = _hyper("lr", lr)
+        self.state: list[dict] = [{} for _ in named]
+        self.steps = 0
+
+    def _gradients(self, grads) -> list[np.ndarray]:
+        if grads is None:
+            if self._module is None:
+                raise TypeError("grads: expected the gradients (these parameters are not a module's)")
+            grads = self._module.grads
+        if hasattr(grads, "keys"):
+            missing = [n for n, _ in self._named if n not in grads]
+            if missing:
+                raise ValueError(f"grads: no gradient for {missing}")
+            listed = [(n, grads[n]) for n, _ in self._named]
+        else:
+            listed = _checks.named_arrays("grads", grads)
+            if len(listed) != len(self._named):
+                raise ValueError(f"grads: expected {len(self._named)} gradients (one per parameter), got "
+                                 f"{len(listed)}")
+            listed = [(pn, g) for (pn, _), (_, g) in zip(self._named, listed)]
+        out = []
+        for (name, p), (_, g) in zip(self._named, listed):
+            g = np.asarray(g)
+            _checks.shape(f"grads[{name!r}]", g, p.shape)
+            out.append(g)
+        return out
+
+    def step(self, grads=None) -> None:
+        """Updates every parameter in place from its gradient."""
+        gradients = self._gradients(grads)
+        self.steps += 1
+        for (_, p), g, state in zip(self._named, gradients, self.state):
+            p[...] = self._update(p.astype(np.float64), g.astype(np.float64), state)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum and L2 weight
+    decay, as torch.optim.SGD:
+
+        g = grad + weight_decay * p
+        b = g (first step), else momentum * b + (1 - dampening) * g
+        g = g + momentum * b (nesterov) or b (momentum > 0)
+        p = p - lr * g
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        super().__init__(params, lr)
+        self.momentum = _hyper("momentum", momentum)
+        self.dampening = _hyper("dampening", dampening)
+        self.weight_decay = _hyper("weight_decay", weight_decay)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+
+    def _update(self, p, g, state):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            buf = g.copy() if buf is None else self.momentum * buf + (1.0 - self.dampening) * g
+            state["momentum_buffer"] = buf
+            g = g + self.momentum * buf if self.nesterov else buf
+        return p - self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam (optionally AMSGrad, with L2 weight decay added to the gradient), as torch.optim.Adam:
+
+        g = grad + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2   (v_max = max(v_max, v))
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False):
+        super().__init__(params, lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_hyper("betas[0]", betas[0], high=1.0), _hyper("betas[1]", betas[1], high=1.0))
+        self.eps = _hyper("eps", eps)
+        self.weight_decay = _hyper("weight_decay", weight_decay)
+        self.amsgrad = bool(amsgrad)
+
+    def _update(self, p, g, state):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        m = beta1 * state.get("exp_avg", 0.0) + (1.0 - beta1) * g
+        v = beta2 * state.get("exp_avg_sq", 0.0) + (1.0 - beta2) * g * g
+        state["exp_avg"], state["exp_avg_sq"] = m, v
+        if self.amsgrad:
+            v = state["max_exp_avg_sq"] = np.maximum(state.get("max_exp_avg_sq", 0.0), v)
+        t = self.steps
+        denom = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
+        return p - self.lr / (1.0 - beta1**t) * m / denom

@@ -1,0 +1,122 @@
+"""Gradient clipping against torch.nn.utils, the non-finite report, and the gradient-flow verdicts on
+profiles whose answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fusedrnn import gradients as G
+
+
+def _grads(rng, dtype=np.float64, scale=1.0):
+    return {"a": (scale * rng.standard_normal((4, 3))).astype(dtype), "b": (scale * rng.standard_normal(5)).astype(dtype)}
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf], ids=["l2", "l1", "l3", "inf"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "untouched"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grad_norm_matches_torch(rng, norm_type, max_norm, dtype):
+    torch = pytest.importorskip("torch")
+    grads = _grads(rng, dtype)
+    tparams = []
+    for g in grads.values():
+        t = torch.zeros(g.shape, dtype=torch.float64 if dtype == np.float64 else torch.float32, requires_grad=True)
+        t.grad = torch.from_numpy(g.copy())
+        tparams.append(t)
+    before = {k: v.copy() for k, v in grads.items()}
+    total = G.clip_grad_norm(grads, max_norm, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(tparams, max_norm, norm_type)
+    rtol = 1e-6 if dtype == np.float32 else 1e-13
+    assert total == pytest.approx(want.item(), rel=rtol)
+    for g, t in zip(grads.values(), tparams):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=rtol, atol=0)
+    if max_norm > total:
+        for k in grads:
+            np.testing.assert_array_equal(grads[k], before[k])
+    else:
+        assert G.grad_norm(grads, norm_type) == pytest.approx(max_norm, rel=1e-5)
+
+
+def test_clip_grad_norm_by_hand():
+    g = [np.array([3.0, 4.0]), np.array([[0.0]])]
+    assert G.clip_grad_norm(g, 1.0) == 5.0
+    np.testing.assert_allclose(g[0], [3.0 / (5 + 1e-6), 4.0 / (5 + 1e-6)], rtol=1e-15)
+    single = np.array([-2.0, 1.0])
+    assert G.clip_grad_norm(single, 1.0, norm_type=math.inf) == 2.0
+    np.testing.assert_allclose(single, [-1.0, 0.5], rtol=1e-6)
+
+
+def test_nonfinite_gradients_are_reported_and_can_raise(rng):
+    grads = _grads(rng)
+    assert G.nonfinite_grads(grads) == []
+    grads["b"][2] = np.nan
+    assert G.nonfinite_grads(grads) == ["b"]
+    assert G.nonfinite_grads(list(grads.values())) == [1]
+    with pytest.raises(RuntimeError, match=r"grads: the total 2.0-norm is nan; non-finite gradients in \['b'\]"):
+        G.clip_grad_norm(grads, 1.0, error_if_nonfinite=True)
+    # Without the error torch's arithmetic runs on (NaN spreads); the returned norm says to skip.
+    assert math.isnan(G.clip_grad_norm(grads, 1.0))
+    assert np.all(np.isnan(grads["a"]))
+    inf_grads = {"a": np.array([np.inf, 1.0])}
+    assert G.clip_grad_norm(inf_grads, 1.0) == math.inf
+    assert np.isnan(inf_grads["a"][0]) and inf_grads["a"][1] == 0.0  # as torch: multiplied by 0
+
+
+def test_clip_grad_value(rng):
+    torch = pytest.importorskip("torch")
+    grads = _grads(rng, scale=3.0)
+    t = torch.tensor(grads["a"].copy())
+    G.clip_grad_value(grads, 0.7)
+    assert np.abs(grads["a"]).max() == 0.7 and np.abs(grads["b"]).max() <= 0.7
+    np.testing.assert_array_equal(grads["a"], torch.clamp(t, -0.7, 0.7).numpy())
+
+
+def test_clipping_errors():
+    with pytest.raises(ValueError, match="max_norm: expected a number >= 0"):
+        G.clip_grad_norm([np.zeros(2)], -1.0)
+    with pytest.raises(ValueError, match="norm_type: expected a positive number or inf"):
+        G.clip_grad_norm([np.zeros(2)], 1.0, norm_type=0)
+    with pytest.raises(ValueError, match="clip_value: expected a number >= 0"):
+        G.clip_grad_value([np.zeros(2)], float("nan"))
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float ndarray"):
+        G.clip_grad_norm([[1.0, 2.0]], 1.0)
+    with pytest.raises(TypeError, match="grads: expected an array, a list of arrays or a mapping"):
+        G.clip_grad_norm(3.0, 1.0)
+
+
+# ---- gradient-flow verdicts on synthetic profiles ---------------------------------------------------
+
+
+@pytest.mark.parametrize("factor, verdict", [(0.7, "vanishing"), (1.0, "healthy"), (0.98, "healthy"),
+                                             (1.3, "exploding")])
+def test_gradient_flow_reads_the_decay_rate(rng, factor, verdict):
+    steps = 40
+    back = factor ** np.arange(steps) * np.exp(0.05 * rng.standard_normal(steps))  # noisy geometric decay
+    flow = G.diagnose_gradient_flow(back[::-1])  # time order: the gradient enters at the last step
+    assert flow.verdict == verdict
+    assert flow.factor_per_step == pytest.approx(factor, rel=0.01)
+    assert flow.span == pytest.approx(flow.factor_per_step ** (steps - 1))
+    assert G.diagnose_gradient_flow(back, reverse=True).factor_per_step == flow.factor_per_step
+
+
+def test_gradient_flow_zeros_mean_vanishing_and_errors():
+    flow = G.diagnose_gradient_flow([0.0, 0.0, 1e-2, 0.1, 1.0])
+    assert flow.verdict == "vanishing" and flow.factor_per_step == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="norms: the gradient where it enters is zero"):
+        G.diagnose_gradient_flow([1.0, 0.0])
+    with pytest.raises(ValueError, match="norms: expected finite norms"):
+        G.diagnose_gradient_flow([np.inf, 1.0])
+    with pytest.raises(ValueError, match="norms: expected a 1-D profile of at least 2 steps"):
+        G.diagnose_gradient_flow([1.0])
+    with pytest.raises(ValueError, match="vanishing_below, exploding_above"):
+        G.diagnose_gradient_flow([1.0, 1.0], vanishing_below=2.0)
+
+
+def test_plot_gradient_flow_writes_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "flow.png"
+    fig = G.plot_gradient_flow({"a": 0.5 ** np.arange(10.0)[::-1], "b": np.ones(10)}, path)
+    assert path.stat().st_size > 1000
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["a", "b"]

@@ -1,0 +1,114 @@
+"""Optimisers: the same gradients give torch.optim's parameters step by step; module use; errors."""
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import optim
+
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1),
+]
+ADAM_CASES = [
+    dict(lr=1e-2),
+    dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+    dict(lr=1e-2, amsgrad=True),
+]
+
+
+def _against_torch(rng, ours_cls, torch_cls, kwargs, dtype=np.float64, steps=6):
+    torch = pytest.importorskip("torch")
+    shapes = [(4, 3), (5,), (2, 2, 2)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    tparams = [torch.tensor(p.copy(), requires_grad=True) for p in params]
+    ours, theirs = ours_cls(params, **kwargs), torch_cls(tparams, **kwargs)
+    for _ in range(steps):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        ours.step(grads)
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.from_numpy(g.copy())
+        theirs.step()
+    return params, [tp.detach().numpy() for tp in tparams]
+
+
+@pytest.mark.parametrize("kwargs", SGD_CASES, ids=lambda k: ",".join(k))
+def test_sgd_matches_torch(rng, kwargs):
+    ours, theirs = _against_torch(rng, optim.SGD, pytest.importorskip("torch").optim.SGD, kwargs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs", ADAM_CASES, ids=lambda k: ",".join(k))
+def test_adam_matches_torch(rng, kwargs):
+    ours, theirs = _against_torch(rng, optim.Adam, pytest.importorskip("torch").optim.Adam, kwargs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_adam_float32_matches_torch(rng):
+    ours, theirs = _against_torch(rng, optim.Adam, pytest.importorskip("torch").optim.Adam, dict(lr=1e-2),
+                                  dtype=np.float32)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_first_steps_by_hand():
+    # SGD with momentum: b1 = g1, p -= lr*b1; b2 = m*b1 + g2. Adam's first step moves each entry by lr.
+    p = np.array([1.0, -2.0])
+    sgd = optim.SGD([p], lr=0.5, momentum=0.9)
+    sgd.step([np.array([1.0, 2.0])])
+    np.testing.assert_allclose(p, [0.5, -3.0])
+    sgd.step([np.array([1.0, 0.0])])
+    np.testing.assert_allclose(p, [0.5 - 0.5 * 1.9, -3.0 - 0.5 * 1.8])
+    q = np.array([1.0, -2.0])
+    optim.Adam({"q": q}, lr=0.1).step({"q": np.array([3.0, -1e-3])})
+    np.testing.assert_allclose(q, [0.9, -1.9], rtol=1e-4)
+
+
+def test_optimiser_drives_a_module_from_its_grads(rng):
+    # An LSTM fitted to another one's outputs: Adam reading the module's grads lowers the loss.
+    lstm = fusedrnn.LSTM(2, 3, dtype=np.float64, seed=0)
+    x = rng.standard_normal((6, 4, 2))
+    target, _ = fusedrnn.LSTM(2, 3, dtype=np.float64, seed=1).eval()(x)
+    opt = optim.Adam(lstm, lr=0.05)
+    first = None
+    for _ in range(40):
+        lstm.zero_grad()
+        y, _ = lstm(x)
+        loss, dy = fusedrnn.losses.mse_loss(y, target)
+        first = loss if first is None else first
+        lstm.backward(dy)
+        opt.step()
+    assert loss < 0.2 * first
+    assert opt.steps == 40 and set(lstm.state_dict()) == {n for n, _ in lstm.named_parameters()}
+
+
+def test_optimiser_errors():
+    p = np.zeros(3)
+    with pytest.raises(ValueError, match=r"lr: expected a value in \[0.0, inf\)"):
+        optim.SGD([p], lr=-1)
+    with pytest.raises(ValueError, match="nesterov: Nesterov momentum needs momentum > 0"):
+        optim.SGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"betas\[1\]: expected a value in \[0.0, 1.0\)"):
+        optim.Adam([p], betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match=r"params\[0\]: expected a float ndarray"):
+        optim.SGD([[1.0, 2.0]], lr=0.1)
+    with pytest.raises(ValueError, match="params: expected at least one parameter"):
+        optim.SGD([], lr=0.1)
+    frozen = np.zeros(2)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\]: the array is read-only"):
+        optim.SGD([frozen], lr=0.1)
+    opt = optim.SGD({"a": p}, lr=0.1)
+    with pytest.raises(TypeError, match="grads: expected the gradients"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"grads: no gradient for \['a'\]"):
+        opt.step({"b": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"grads\['a'\]: expected shape \(3,\), got \(2,\)"):
+        opt.step([np.zeros(2)])
+    with pytest.raises(ValueError, match=r"grads: expected 1 gradients \(one per parameter\), got 2"):
+        opt.step([np.zeros(3), np.zeros(3)])
