@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-import fusedrnn
-from fusedrnn.functional import GATES  # noqa: F401  (re-exported: one gate table for the tests)
+from fusedrnn.functional import CELLS, GATES  # noqa: F401  (re-exported: one cell and gate table)
+from fusedrnn.modules import make_module  # noqa: F401  (re-exported)
 
-CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def has_cell_state(cell: str) -> bool:
     return cell == "lstm"
-
-
-def make_module(cell, input_size, hidden_size, **kwargs):
-    """fusedrnn.LSTM / GRU / RNN(nonlinearity=...) for a cell name of the functional API."""
-    if cell == "lstm":
-        return fusedrnn.LSTM(input_size, hidden_size, **kwargs)
-    if cell == "gru":
-        return fusedrnn.GRU(input_size, hidden_size, **kwargs)
-    return fusedrnn.RNN(input_size, hidden_size, nonlinearity=cell[len("rnn_"):], **kwargs)
 
 
 def random_layer(rng, cell, input_size, hidden_size, *, bias=True, dtype=np.float64, scale=0.6):

@@ -348,3 +348,14 @@ class RNN(RNNBase):
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype=dtype, seed=seed)
+
+
+def make_module(cell: str, input_size: int, hidden_size: int, **kwargs) -> RNNBase:
+    """The module for a functional cell name: "lstm", "gru", "rnn_tanh" or "rnn_relu"."""
+    if cell == "lstm":
+        return LSTM(input_size, hidden_size, **kwargs)
+    if cell == "gru":
+        return GRU(input_size, hidden_size, **kwargs)
+    if cell in ("rnn_tanh", "rnn_relu"):
+        return RNN(input_size, hidden_size, nonlinearity=cell[len("rnn_"):], **kwargs)
+    raise ValueError(f"cell: expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got {cell!r}")

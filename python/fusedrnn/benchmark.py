@@ -1,0 +1,315 @@
+"""The microbenchmark harness: fusedrnn against its peers on the same shapes, weights and inputs, in one
+process, alternating round by round so drift on a shared machine hits all alike.
+
+Each case times inference (forward) and/or training (forward + backward). A row reports, per peer, the
+median over rounds of the per-round median time, the spread (max - min of the round medians, as % of
+the median), GFLOP/s from the standard count (forward 2*T*B*(I+H)*G*H, training 3x that), and the ratio
+peer time / fusedrnn time (> 1: fusedrnn is faster).
+
+Peers are pluggable: `register_peer(name, factory, requires=...)` where the factory builds, for one
+case, the two callables to time (see `Runners`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from .datasets import deepbench_shapes
+from .functional import CELLS, GATES
+
+MODES = ("inference", "training")
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str                       # "lstm", "gru", "rnn_tanh" or "rnn_relu"
+    steps: int                      # T
+    batch: int                      # B
+    input_size: int                 # I
+    hidden: int                     # H
+    modes: tuple = MODES
+
+    def flops(self, mode: str) -> float:
+        forward = 2.0 * self.steps * self.batch * (self.input_size + self.hidden) * GATES[self.cell] * self.hidden
+        return forward * (3.0 if mode == "training" else 1.0)
+
+
+class Runners(NamedTuple):
+    """What a peer times for one case: `infer()` runs the forward pass, `train()` forward + backward."""
+    infer: Callable[[], None]
+    train: Callable[[], None]
+
+
+class Problem(NamedTuple):
+    """The shared inputs of one case: every peer gets the same weights (torch.nn names) and data."""
+    case: Case
+    state_dict: dict                # name -> float32 array
+    x: np.ndarray                   # (T, B, I) float32
+    dy: np.ndarray                  # (T, B, H) float32
+
+
+@dataclass
+class Peer:
+    name: str
+    factory: Callable[[Problem], Runners]
+    requires: str | None = None                       # a module that must be importable
+    set_threads: Callable[[int], None] | None = None  # called once before timing
+    version: Callable[[], str] | None = None
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+
+PEERS: dict[str, Peer] = {}
+
+
+def register_peer(name: str, factory: Callable[[Problem], Runners], *, requires: str | None = None,
+                  set_threads: Callable[[int], None] | None = None,
+                  version: Callable[[], str] | None = None) -> None:
+    """Adds a peer (replacing one of the same name)."""
+    PEERS[name] = Peer(name, factory, requires, set_threads, version)
+
+
+def available_peers() -> list[str]:
+    return [name for name, peer in PEERS.items() if peer.available()]
+
+
+# ---- the built-in peers -----------------------------------------------------------------------------
+
+
+def _fusedrnn_runners(problem: Problem) -> Runners:
+    from .modules import make_module
+
+    c = problem.case
+    m = make_module(c.cell, c.input_size, c.hidden)
+    m.load_state_dict(problem.state_dict)
+
+    def infer():
+        m.eval()
+        m(problem.x)
+
+    def train():
+        m.train()
+        m(problem.x)
+        m.backward(problem.dy)
+
+    return Runners(infer, train)
+
+
+def _numpy_runners(problem: Problem) -> Runners:
+    from . import reference
+
+    c = problem.case
+    w = [problem.state_dict.get(f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def infer():
+        reference.forward(c.cell, problem.x, *w)
+
+    def train():
+        *_, cache = reference.forward(c.cell, problem.x, *w)
+        reference.backward(cache, problem.dy)
+
+    return Runners(infer, train)
+
+
+def _torch_runners(problem: Problem) -> Runners:
+    import torch
+
+    c = problem.case
+    if c.cell == "lstm":
+        m = torch.nn.LSTM(c.input_size, c.hidden)
+    elif c.cell == "gru":
+        m = torch.nn.GRU(c.input_size, c.hidden)
+    else:
+        m = torch.nn.RNN(c.input_size, c.hidden, nonlinearity=c.cell[len("rnn_"):])
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
+    x, dy = torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
+
+    def infer():
+        with torch.no_grad():
+            m(x)
+
+    def train():
+        y, _ = m(x.detach().requires_grad_())
+        y.backward(dy)
+
+    return Runners(infer, train)
+
+
+def _set_fusedrnn_threads(n: int) -> None:
+    from . import set_num_threads
+    set_num_threads(n)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+def _fusedrnn_version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+register_peer("fusedrnn", _fusedrnn_runners, set_threads=_set_fusedrnn_threads, version=_fusedrnn_version)
+# The plain float64 reference: a loop over time in NumPy, for scale (it computes in float64).
+register_peer("numpy", _numpy_runners, version=lambda: np.__version__)
+register_peer("torch", _torch_runners, requires="torch", set_threads=_set_torch_threads, version=_torch_version)
+
+
+# ---- cases ----------------------------------------------------------------------------------------------
+
+DEFAULT_SHAPES = [(100, 32, 256, 256), (200, 1, 128, 128)]  # T, B, I, H
+DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
+
+
+def cases_for(cells: Sequence[str], shapes: Sequence[tuple], modes: Sequence[str] = MODES) -> list[Case]:
+    """Every cell at every (T, B, I, H) shape, shape by shape."""
+    for cell in cells:
+        if cell not in CELLS:
+            raise ValueError(f"cells: expected names from {CELLS}, got {cell!r}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes: expected names from {MODES}, got {mode!r}")
+    return [Case(cell, *shape, modes=tuple(modes)) for shape in shapes for cell in cells]
+
+
+def named_cases(name: str) -> list[Case]:
+    """"default" (the cells and shapes of the README's table) or a DeepBench set: "training_set" (timed
+    training), "inference_server_set" or "inference_device_set" (timed inference)."""
+    if name == "default":
+        return cases_for(DEFAULT_CELLS, DEFAULT_SHAPES)
+    rows = [s for s in deepbench_shapes() if s.set == name]
+    if not rows:
+        sets = sorted({s.set for s in deepbench_shapes()})
+        raise ValueError(f"set: expected 'default' or one of {sets}, got {name!r}")
+    mode = ("training",) if name.startswith("training") else ("inference",)
+    return [Case(s.cell, s.timesteps, s.batch, s.hidden, s.hidden, modes=mode) for s in rows]
+
+
+def make_problem(case: Case, seed: int = 0) -> Problem:
+    from .modules import make_module
+
+    rng = np.random.default_rng(seed)
+    weights = make_module(case.cell, case.input_size, case.hidden, seed=seed).state_dict()
+    x = rng.standard_normal((case.steps, case.batch, case.input_size), dtype=np.float32)
+    dy = rng.standard_normal((case.steps, case.batch, case.hidden), dtype=np.float32)
+    return Problem(case, weights, x, dy)
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+
+
+def time_call(fn: Callable[[], None], repeats: int) -> float:
+    """The median of `repeats` timed calls, in seconds."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int = 10,
+             on_round: Callable[[], None] | None = None) -> list[dict]:
+    """Times one case on every peer; one row per mode."""
+    problem = make_problem(case)
+    fns = {}
+    for name in peers:
+        runners = PEERS[name].factory(problem)
+        for mode in case.modes:
+            fns[(name, mode)] = runners.infer if mode == "inference" else runners.train
+    for fn in fns.values():  # warm-up: first-call allocation, thread start-up
+        fn()
+        fn()
+    samples = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            samples[key].append(time_call(fn, repeats))
+        if on_round is not None:
+            on_round()
+    rows = []
+    for mode in case.modes:
+        row = {"cell": case.cell.upper(), "T": case.steps, "B": case.batch, "I": case.input_size,
+               "H": case.hidden, "mode": mode}
+        for name in peers:
+            r = samples[(name, mode)]
+            med = statistics.median(r)
+            row[f"{name}_ms"] = med * 1e3
+            row[f"{name}_spread_pct"] = (max(r) - min(r)) / med * 100
+            row[f"{name}_gflops"] = case.flops(mode) / med / 1e9
+        for name in peers:
+            if name != "fusedrnn" and "fusedrnn" in peers:
+                row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["fusedrnn_ms"]
+        rows.append(row)
+    return rows
+
+
+def check_peers(peers: Sequence[str]) -> list[str]:
+    for name in peers:
+        if name not in PEERS:
+            raise ValueError(f"peers: unknown peer {name!r}; known: {sorted(PEERS)}")
+        if not PEERS[name].available():
+            raise ValueError(f"peers: {name!r} is not installed (needs the {PEERS[name].requires} package)")
+    return list(peers)
+
+
+def set_threads(peers: Sequence[str], threads: int) -> None:
+    for name in peers:
+        if PEERS[name].set_threads is not None:
+            PEERS[name].set_threads(threads)
+
+
+def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> dict:
+    meta = {"threads": threads, "rounds": rounds, "repeats": repeats,
+            "machine": platform.processor() or platform.machine()}
+    for name in peers:
+        if PEERS[name].version is not None:
+            meta[name] = PEERS[name].version()
+    return meta
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+
+
+class Table:
+    """Formats rows as a fixed-width table, one line per row as it arrives (header first)."""
+
+    def __init__(self, peers: Sequence[str], show_input_size: bool):
+        self.peers = list(peers)
+        self.show_input_size = show_input_size
+
+    def header(self) -> str:
+        head = f"{'cell':9}{'T':>5}{'B':>4}" + (f"{'I':>5}" if self.show_input_size else "") + f"{'H':>5} {'mode':10}"
+        for name in self.peers:
+            head += f"{name + ' ms':>12}{'spread':>8}{'GF/s':>7}"
+            if name != "fusedrnn" and "fusedrnn" in self.peers:
+                head += f"{'speedup':>9}"
+        return head
+
+    def line(self, row: dict) -> str:
+        text = (f"{row['cell']:9}{row['T']:>5}{row['B']:>4}" + (f"{row['I']:>5}" if self.show_input_size else "")
+                + f"{row['H']:>5} {row['mode']:10}")
+        for name in self.peers:
+            text += f"{row[f'{name}_ms']:>12.3f}{row[f'{name}_spread_pct']:>7.0f}%{row[f'{name}_gflops']:>7.1f}"
+            if f"speedup_vs_{name}" in row:
+                text += f"{row[f'speedup_vs_{name}']:>8.2f}x"
+        return text
