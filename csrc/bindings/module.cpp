@@ -7,7 +7,12 @@
 #include <string>
 #include <vector>
 
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
 #include "fusedrnn/blas.h"
+#include "fusedrnn/kernels.h"
 #include "fusedrnn/recurrence.h"
 
 namespace py = pybind11;
@@ -116,7 +121,19 @@ struct Tape {
   py::object b_ih, b_hh, lengths;  // None when absent
   py::array hs;
   py::object cs, saved;            // None when the cell has none
+  double cell_clip;                // +inf: none
 };
+
+double checked_cell_clip(const py::object& obj, CellKind cell) {
+  if (obj.is_none()) return std::numeric_limits<double>::infinity();
+  if (cell != CellKind::kLstm) throw py::value_error("cell_clip: only an LSTM has a cell state to clip");
+  if (!py::isinstance<py::float_>(obj) && !py::isinstance<py::int_>(obj))
+    throw py::type_error("cell_clip: expected a number, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const double v = obj.cast<double>();
+  if (!(v > 0.0)) throw py::value_error("cell_clip: expected a positive number, got " + std::string(py::str(obj)));
+  return v;
+}
 
 template <typename T>
 py::object optional_input(const py::object& obj, const char* name, const std::vector<Index>& shape) {
@@ -146,7 +163,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
                         const py::object& w_hh_obj, const py::object& b_ih_obj,
                         const py::object& b_hh_obj, const py::object& h0_obj,
                         const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
-                        bool training, const py::object& out_obj) {
+                        bool training, const py::object& out_obj, double cell_clip) {
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected a 3-D array (T, B, input_size), got " +
                           std::to_string(x_obj.ndim()) + "-D");
@@ -204,6 +221,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   args.c_n = has_c ? py::cast<Arr<T>>(c_n).mutable_data() : nullptr;
   args.tape = {hs.mutable_data(), has_c ? py::cast<Arr<T>>(cs).mutable_data() : nullptr,
                saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training};
+  args.cell_clip = static_cast<T>(cell_clip);
   {
     py::gil_scoped_release release;
     fusedrnn::layer_forward<T>(args);
@@ -211,7 +229,7 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   py::object tape = py::none();
   if (training)
     tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, x, w_ih, w_hh, b_ih, b_hh,
-                         lengths, hs, cs, saved});
+                         lengths, hs, cs, saved, cell_clip});
   return py::make_tuple(out, h_n, c_n, tape);
 }
 
@@ -219,15 +237,16 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
                         const py::object& weight_hh, const py::object& bias_ih,
                         const py::object& bias_hh, const py::object& h0, const py::object& c0,
                         const py::object& lengths, bool reverse, bool training,
-                        const py::object& out) {
+                        const py::object& out, const py::object& cell_clip_obj) {
   const CellKind cell = parse_cell(cell_name);
+  const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
   auto xa = require_array(x, "x");
   if (xa.dtype().is(py::dtype::of<float>()))
     return forward_typed<float>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
-                                reverse, training, out);
+                                reverse, training, out, cell_clip);
   if (xa.dtype().is(py::dtype::of<double>()))
     return forward_typed<double>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
-                                 reverse, training, out);
+                                 reverse, training, out, cell_clip);
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
@@ -249,6 +268,7 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   args.weights = {py::cast<Arr<T>>(tape.w_ih).data(), py::cast<Arr<T>>(tape.w_hh).data(),
                   data_or_null<T>(tape.b_ih), data_or_null<T>(tape.b_hh)};
   args.x = py::cast<Arr<T>>(tape.x).data();
+  args.cell_clip = static_cast<T>(tape.cell_clip);
   args.tape = {static_cast<T*>(tape.hs.request().ptr),
                has_c ? static_cast<T*>(py::cast<py::array>(tape.cs).request().ptr) : nullptr,
                tape.saved.is_none() ? nullptr
@@ -296,11 +316,13 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   py::object dc0 = has_c ? py::object(Arr<T>({batch, hidden})) : py::none();
   args.dh0 = dh0.mutable_data();
   args.dc0 = has_c ? py::cast<Arr<T>>(dc0).mutable_data() : nullptr;
+  py::array_t<double> dh_norm(steps);
+  args.dh_norm = dh_norm.mutable_data();
   {
     py::gil_scoped_release release;
     fusedrnn::layer_backward<T>(args);
   }
-  return py::make_tuple(dh0, dc0);
+  return py::make_tuple(dh0, dc0, dh_norm);
 }
 
 }  // namespace
@@ -333,6 +355,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("layer_forward", &layer_forward, py::arg("cell"), py::arg("x"), py::arg("weight_ih"),
         py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("reverse"), py::arg("training"), py::arg("out"),
+        py::arg("cell_clip") = py::none(),
         "Runs one direction of one layer. Returns (y, h_n, c_n, tape).");
 
   m.def("layer_backward",
@@ -347,12 +370,26 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
         py::arg("grad_bias_hh"),
         "Backpropagates one layer direction through time. Accumulates into dx and the gradient "
-        "buffers; returns (dh0, dc0).");
+        "buffers; returns (dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
-    fusedrnn::blas::set_num_threads(n);
-  }, py::arg("n"));
-  m.def("get_num_threads", &fusedrnn::blas::num_threads);
+    fusedrnn::set_team_size(n);
+  }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
+  m.def("get_num_threads", &fusedrnn::team_size);
+  m.def("layer_threads", &fusedrnn::layer_threads, py::arg("batch"), py::arg("hidden"),
+        "Threads a layer of this batch and hidden size runs on.");
   m.def("blas_config", &fusedrnn::blas::config);
+  m.def("simd_level", [] { return std::string(fusedrnn::active_kernels().name); },
+        "The SIMD level the recurrence kernels run at.");
+  m.def("set_simd_level", [](const std::string& name) {
+    try {
+      fusedrnn::set_simd_level(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("level"));
+  m.def("simd_levels_supported", &fusedrnn::supported_simd_levels,
+        "Levels compiled in that this CPU can run, lowest first.");
+  m.def("simd_levels_compiled", &fusedrnn::compiled_simd_levels);
 }

@@ -14,6 +14,9 @@
 // returns the gradients of the gate pre-activations: `dxg` (for W_ih, b_ih and x) and `dhg` (for W_hh,
 // b_hh and h). They are equal except for GRU's n gate. `dh_prev` is the part of the previous hidden
 // state's gradient that bypasses W_hh (GRU's z*dh); the caller adds dhg @ W_hh to it.
+//
+// `cell_clip` bounds LSTM's cell state to [-cell_clip, cell_clip] after each update (infinity: no
+// bound); the gradient through a clamped element is zero. Other cells ignore it.
 #pragma once
 
 #include <cmath>
@@ -115,13 +118,16 @@ struct LstmCell {
   static constexpr bool kSplitRecurrentGrad = false;
 
   template <typename T>
-  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T c_prev, T* saved, T& h,
-                                  T& c) {
+  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T c_prev, T cell_clip,
+                                  T* saved, T& h, T& c) {
     const T i = sigmoid(xg[0] + hg[0]);
     const T f = sigmoid(xg[1] + hg[1]);
     const T g = tanh_(xg[2] + hg[2]);
     const T o = sigmoid(xg[3] + hg[3]);
-    c = f * c_prev + i * g;
+    const T c_raw = f * c_prev + i * g;
+    // Written so a NaN fails both tests and propagates.
+    const T c_low = c_raw < -cell_clip ? -cell_clip : c_raw;
+    c = c_low > cell_clip ? cell_clip : c_low;
     h = o * tanh_(c);
     saved[0] = i;
     saved[1] = f;
@@ -130,11 +136,13 @@ struct LstmCell {
   }
 
   template <typename T>
-  static FUSEDRNN_HD void backward(const T* saved, T /*h_prev*/, T c_prev, T /*h*/, T c, T dh, T dc,
-                                   T* dxg, T* dhg, T& dh_prev, T& dc_prev) {
+  static FUSEDRNN_HD void backward(const T* saved, T /*h_prev*/, T c_prev, T /*h*/, T c, T cell_clip,
+                                   T dh, T dc, T* dxg, T* dhg, T& dh_prev, T& dc_prev) {
     const T i = saved[0], f = saved[1], g = saved[2], o = saved[3];
     const T tanh_c = tanh_(c);
-    const T dc_total = dc + dh * o * (T(1) - tanh_c * tanh_c);
+    // c is stored clamped, so |c| == cell_clip marks an element the clamp held (zero gradient).
+    const T dc_clamped = dc + dh * o * (T(1) - tanh_c * tanh_c);
+    const T dc_total = std::fabs(c) >= cell_clip ? T(0) : dc_clamped;
     dxg[0] = dc_total * g * i * (T(1) - i);
     dxg[1] = dc_total * c_prev * f * (T(1) - f);
     dxg[2] = dc_total * i * (T(1) - g * g);
@@ -152,8 +160,8 @@ struct GruCell {
   static constexpr bool kSplitRecurrentGrad = true;
 
   template <typename T>
-  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T h_prev, T /*c_prev*/, T* saved, T& h,
-                                  T& /*c*/) {
+  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T h_prev, T /*c_prev*/, T /*cell_clip*/,
+                                  T* saved, T& h, T& /*c*/) {
     const T r = sigmoid(xg[0] + hg[0]);
     const T z = sigmoid(xg[1] + hg[1]);
     const T n = tanh_(xg[2] + r * hg[2]);
@@ -165,8 +173,9 @@ struct GruCell {
   }
 
   template <typename T>
-  static FUSEDRNN_HD void backward(const T* saved, T h_prev, T /*c_prev*/, T /*h*/, T /*c*/, T dh,
-                                   T /*dc*/, T* dxg, T* dhg, T& dh_prev, T& dc_prev) {
+  static FUSEDRNN_HD void backward(const T* saved, T h_prev, T /*c_prev*/, T /*h*/, T /*c*/,
+                                   T /*cell_clip*/, T dh, T /*dc*/, T* dxg, T* dhg, T& dh_prev,
+                                   T& dc_prev) {
     const T r = saved[0], z = saved[1], n = saved[2], hn = saved[3];
     const T dn = dh * (T(1) - z) * (T(1) - n * n);
     const T dr = dn * hn * r * (T(1) - r);
@@ -190,15 +199,16 @@ struct RnnCell {
   static constexpr bool kSplitRecurrentGrad = false;
 
   template <typename T>
-  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T /*c_prev*/, T* /*saved*/,
-                                  T& h, T& /*c*/) {
+  static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T /*c_prev*/,
+                                  T /*cell_clip*/, T* /*saved*/, T& h, T& /*c*/) {
     const T pre = xg[0] + hg[0];
     h = kAct == Nonlinearity::kTanh ? tanh_(pre) : relu(pre);
   }
 
   template <typename T>
-  static FUSEDRNN_HD void backward(const T* /*saved*/, T /*h_prev*/, T /*c_prev*/, T h, T /*c*/, T dh,
-                                   T /*dc*/, T* dxg, T* dhg, T& dh_prev, T& dc_prev) {
+  static FUSEDRNN_HD void backward(const T* /*saved*/, T /*h_prev*/, T /*c_prev*/, T h, T /*c*/,
+                                   T /*cell_clip*/, T dh, T /*dc*/, T* dxg, T* dhg, T& dh_prev,
+                                   T& dc_prev) {
     const T slope = kAct == Nonlinearity::kTanh ? T(1) - h * h : (h > T(0) ? T(1) : T(0));
     dxg[0] = dhg[0] = dh * slope;
     dh_prev = T(0);

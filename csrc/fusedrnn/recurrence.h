@@ -8,6 +8,8 @@
 // Structure (see DESIGN): the input projection of all T steps is one GEMM before the loop; each step is
 // one recurrent GEMM for all gates plus one fused pointwise pass; backward keeps only the recurrence in
 // the loop and computes dx, dW_ih, dW_hh and the bias gradients as large GEMMs / reductions after it.
+// A call runs as one job on the thread team (threads.h): the large GEMMs are split across its ranks,
+// each calling single-threaded BLAS, and the time loop is weight-stationary (kernels.h).
 //
 // Variable lengths: row b is valid at time t when t < lengths[b]. At an invalid step the state is
 // carried unchanged and the output row is zero, so the forward direction ends at the row's own last
@@ -21,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 namespace fusedrnn {
 
@@ -69,6 +72,7 @@ struct LayerForwardArgs {
   T* h_n = nullptr;       // (B, H) final hidden state
   T* c_n = nullptr;       // (B, H) final cell state; LSTM only
   LayerTape<T> tape;
+  T cell_clip = std::numeric_limits<T>::infinity();  // LSTM: bound on |c| (cells.h)
 };
 
 template <typename T>
@@ -90,7 +94,14 @@ struct LayerBackwardArgs {
   T* dw_hh = nullptr;       // (G*H, H)
   T* db_ih = nullptr;       // (G*H) or null
   T* db_hh = nullptr;       // (G*H) or null
+  double* dh_norm = nullptr;  // (T) or null: L2 norm over (B, H) of dL/dh_t (valid rows), time order
+  T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
 };
+
+// The thread team's size (all native compute), and the threads it uses for a layer of this size.
+int team_size();
+void set_team_size(int threads);
+int layer_threads(std::int64_t batch, std::int64_t hidden);
 
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& args);

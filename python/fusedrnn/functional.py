@@ -32,15 +32,18 @@ class LayerGrads(NamedTuple):
     weight_hh: np.ndarray
     bias_ih: np.ndarray | None
     bias_hh: np.ndarray | None
+    dh_norm: np.ndarray | None = None  # (T,) float64: norm over (B, H) of dL/dh_t at each step, time order
 
 
 def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
                   lengths=None, reverse: bool = False, training: bool = True, out=None,
-                  check_finite: bool = True) -> LayerOutput:
+                  check_finite: bool = True, cell_clip: float | None = None) -> LayerOutput:
     """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
     outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
     `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array.
-    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False.
+    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False. `cell_clip` (LSTM only)
+    bounds the cell state to [-cell_clip, cell_clip] after every update; the gradient through a
+    clamped element is zero.
 
     The tape references x and the weights rather than copying them: change neither in place before
     layer_backward."""
@@ -57,7 +60,7 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     y, h_n, c_n, tape = _core.layer_forward(cell, x, _as_array(weight_ih), _as_array(weight_hh),
                                             _as_optional(bias_ih), _as_optional(bias_hh),
                                             _as_optional(h0), _as_optional(c0), lens, bool(reverse),
-                                            bool(training), out)
+                                            bool(training), out, cell_clip)
     return LayerOutput(y, h_n, c_n, tape)
 
 
@@ -66,7 +69,9 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 
     dy (T, B, H), dh_n and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the arrays
     in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh) are accumulated
-    into when given, and created as zeros otherwise."""
+    into when given, and created as zeros otherwise. The result's dh_norm[t] is the L2 norm over the
+    valid rows and hidden units of the total gradient reaching h_t (dy_t plus what flows back from
+    later steps): the gradient-flow profile of this direction."""
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
@@ -79,10 +84,11 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
         has_bias = tape.has_bias
         grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, hidden), dtype),
                            np.zeros(gh, dtype) if has_bias else None,
-                           np.zeros(gh, dtype) if has_bias else None)
-    dh0, dc0 = _core.layer_backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx,
+                           np.zeros(gh, dtype) if has_bias else None, None)
+    dh0, dc0, dh_norm = _core.layer_backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx,
                                     grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh)
-    return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh)
+    return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
+                      dh_norm)
 
 
 def _as_array(value):

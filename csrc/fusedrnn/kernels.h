@@ -1,0 +1,134 @@
+// The per-thread recurrence kernels (weight-stationary) and their runtime dispatch by SIMD level.
+//
+// Each rank of the thread team owns a fixed range of hidden units [unit_start[r], unit_start[r+1]) and
+// all gate rows of those units. Forward, it packs its rows of W_hh once per call into panels that stay
+// in its own cache, and per step computes its gates as one small GEMM (all batch rows x its gate
+// columns) fused with the pointwise cell update of its units; a barrier per step publishes the new
+// hidden state. Backward, it packs its units' columns of W_hh, runs the pointwise backward of its units,
+// meets the others at a barrier, and computes its units' slice of dh @ W_hh.
+//
+// kernels_isa.cpp holds that code once; the build compiles it per SIMD level (AVX-512, AVX2, generic)
+// into its own namespace, and kernel_table() picks one at run time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/cells.h"
+#include "fusedrnn/recurrence.h"
+#include "fusedrnn/threads.h"
+
+namespace fusedrnn {
+
+using Index = std::int64_t;
+
+// Calls f(Cell{}) for the cell type behind `kind`.
+template <typename F>
+void with_cell(CellKind kind, F&& f) {
+  switch (kind) {
+    case CellKind::kRnnTanh: return f(RnnCell<Nonlinearity::kTanh>{});
+    case CellKind::kRnnRelu: return f(RnnCell<Nonlinearity::kRelu>{});
+    case CellKind::kGru: return f(GruCell{});
+    case CellKind::kLstm: return f(LstmCell{});
+  }
+}
+
+// Where a step's states live: slot s of (slots, B, H); inference keeps two slots used alternately.
+template <typename T>
+struct StateSlots {
+  T* base = nullptr;
+  Index stride = 0;  // B*H
+  bool training = false;
+  T* at(Index slot) const { return base ? base + (training ? slot : (slot & 1)) * stride : nullptr; }
+};
+
+// Slot of the state read (previous) and written (next) at time t; see "State slots" in recurrence.h.
+inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
+inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
+
+// Per-rank scratch, allocated by the caller before the job (jobs never allocate): packed weight panels
+// and a (B, padded columns) tile for the step GEMM's output.
+template <typename T>
+struct RankScratch {
+  T* packed = nullptr;
+  T* tile = nullptr;
+};
+
+template <typename T>
+struct ForwardPlan {
+  CellKind cell = CellKind::kLstm;
+  Index steps = 0, batch = 0, hidden = 0;
+  const Index* lengths = nullptr;  // (B) or null
+  bool reverse = false;
+  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T + b_ih for every step
+  const T* w_hh = nullptr;         // (G*H, H)
+  const T* b_hh = nullptr;         // (G*H), never null (zeros without bias)
+  T cell_clip = T(0);              // +inf: none
+  const T* h0 = nullptr;           // (B, H) or null
+  const T* c0 = nullptr;           // (B, H) or null
+  StateSlots<T> hs, cs;            // cs.base null without a cell state
+  T* saved = nullptr;              // (T, B, S*H) training, (B, S*H) inference; null when S == 0
+  T* y = nullptr;                  // (T, B, ldy)
+  Index ldy = 0;
+  T* h_n = nullptr;                // (B, H)
+  T* c_n = nullptr;                // (B, H) or null
+  const Index* unit_start = nullptr;  // (ranks + 1)
+  const RankScratch<T>* scratch = nullptr;  // (ranks)
+};
+
+template <typename T>
+struct BackwardPlan {
+  CellKind cell = CellKind::kLstm;
+  Index steps = 0, batch = 0, hidden = 0;
+  const Index* lengths = nullptr;
+  bool reverse = false;
+  const T* w_hh = nullptr;         // (G*H, H)
+  T cell_clip = T(0);
+  StateSlots<T> hs, cs;            // as forward recorded them (training)
+  const T* saved = nullptr;        // (T, B, S*H) or null
+  const T* dy = nullptr;           // (T, B, lddy), never null: without dy, one (H) row of zeros, lddy 0
+  Index lddy = 0;
+  const T* dh_n = nullptr;         // (B, H) or null
+  const T* dc_n = nullptr;         // (B, H) or null
+  T* dgx = nullptr;                // (T, B, G*H) gate gradients for W_ih, b_ih and x
+  T* dgh = nullptr;                // (T, B, G*H) for W_hh and b_hh; == dgx unless the cell splits them
+  T* dh = nullptr;                 // (2, B, H) running hidden-state gradient, two buffers
+  T* dc = nullptr;                 // (B, H) running cell-state gradient, or null
+  T* dh0 = nullptr;                // (B, H) or null
+  T* dc0 = nullptr;                // (B, H) or null
+  double* dh_norm_partial = nullptr;  // (T, ranks): each rank's sum of squares of dL/dh_t
+  int ranks = 1;
+  const Index* unit_start = nullptr;
+  const RankScratch<T>* scratch = nullptr;
+};
+
+template <typename T>
+struct RecurrenceKernels {
+  int panel_width;  // columns per packed weight panel; scratch sizes depend on it
+  void (*forward)(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier);
+  void (*backward)(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier);
+};
+
+struct KernelTable {
+  const char* name;
+  RecurrenceKernels<float> f32;
+  RecurrenceKernels<double> f64;
+};
+
+// SIMD levels, lowest first. Only levels compiled in and supported by this CPU can be selected.
+std::vector<std::string> supported_simd_levels();
+std::vector<std::string> compiled_simd_levels();
+// The level in use: the best supported one, or FUSEDRNN_SIMD from the environment if that names a
+// supported level. set_simd_level throws std::invalid_argument for a level this machine cannot run.
+const KernelTable& active_kernels();
+void set_simd_level(const std::string& name);
+
+template <typename T>
+const RecurrenceKernels<T>& kernels_for(const KernelTable& table);
+template <>
+inline const RecurrenceKernels<float>& kernels_for<float>(const KernelTable& t) { return t.f32; }
+template <>
+inline const RecurrenceKernels<double>& kernels_for<double>(const KernelTable& t) { return t.f64; }
+
+}  // namespace fusedrnn

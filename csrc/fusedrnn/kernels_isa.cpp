@@ -1,0 +1,349 @@
+// The weight-stationary recurrence (see kernels.h), written once and compiled per SIMD level: the build
+// defines FUSEDRNN_ISA (the namespace, e.g. isa_avx512), FUSEDRNN_ISA_NAME and FUSEDRNN_VECTOR_BYTES,
+// and passes the matching -march. GCC vector extensions give one source for every vector width; the
+// pointwise loops rely on the compiler vectorising cells.h's branch-free activations.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "fusedrnn/cells.h"
+#include "fusedrnn/kernels.h"
+
+#if !defined(FUSEDRNN_ISA) || !defined(FUSEDRNN_VECTOR_BYTES) || !defined(FUSEDRNN_ISA_NAME)
+#error "kernels_isa.cpp is compiled once per SIMD level with FUSEDRNN_ISA, FUSEDRNN_ISA_NAME and FUSEDRNN_VECTOR_BYTES"
+#endif
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA {
+namespace {
+
+template <typename T>
+struct Simd {
+  typedef T Vec __attribute__((vector_size(FUSEDRNN_VECTOR_BYTES)));
+  static constexpr int kLanes = FUSEDRNN_VECTOR_BYTES / sizeof(T);
+  static constexpr int kPanel = 2 * kLanes;  // columns per packed panel: two vectors
+
+  static Vec load(const T* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(T* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+};
+
+// c[r][0..kPanel) = sum_k a[r*lda + k] * panel[k][0..kPanel) for r < MR. KS independent accumulator
+// sets split the k loop, so few rows still keep enough FMAs in flight to hide their latency; the sets
+// are summed in a fixed order (deterministic).
+template <typename T, int MR, int KS>
+inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T* __restrict panel,
+                         T* __restrict c, Index ldc) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  constexpr int L = S::kLanes;
+  Vec acc[KS][MR][2];
+  for (int s = 0; s < KS; ++s)
+    for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = Vec{};
+  Index k = 0;
+  for (; k + KS <= depth; k += KS) {
+    for (int s = 0; s < KS; ++s) {
+      const Vec b0 = S::load(panel + (k + s) * S::kPanel);
+      const Vec b1 = S::load(panel + (k + s) * S::kPanel + L);
+      for (int r = 0; r < MR; ++r) {
+        const T av = a[r * lda + k + s];
+        acc[s][r][0] += av * b0;
+        acc[s][r][1] += av * b1;
+      }
+    }
+  }
+  for (; k < depth; ++k) {
+    const Vec b0 = S::load(panel + k * S::kPanel);
+    const Vec b1 = S::load(panel + k * S::kPanel + L);
+    for (int r = 0; r < MR; ++r) {
+      const T av = a[r * lda + k];
+      acc[0][r][0] += av * b0;
+      acc[0][r][1] += av * b1;
+    }
+  }
+  for (int s = 1; s < KS; ++s)
+    for (int r = 0; r < MR; ++r) {
+      acc[0][r][0] += acc[s][r][0];
+      acc[0][r][1] += acc[s][r][1];
+    }
+  for (int r = 0; r < MR; ++r) {
+    S::store(c + r * ldc, acc[0][r][0]);
+    S::store(c + r * ldc + L, acc[0][r][1]);
+  }
+}
+
+// c (rows, panels*kPanel) = a (rows, depth) @ packed, where packed holds `panels` panels of
+// (depth, kPanel). Each panel is reused across all row blocks while it is in L1/L2.
+template <typename T>
+void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
+                Index ldc) {
+  constexpr int P = Simd<T>::kPanel;
+  for (Index p = 0; p < panels; ++p) {
+    const T* pp = packed + p * depth * P;
+    T* cp = c + p * P;
+    Index r = 0;
+    for (; r + 6 <= rows; r += 6) panel_kernel<T, 6, 1>(depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
+    const T* ar = a + r * lda;
+    T* cr = cp + r * ldc;
+    switch (rows - r) {
+      case 5: panel_kernel<T, 5, 1>(depth, ar, lda, pp, cr, ldc); break;
+      case 4: panel_kernel<T, 4, 1>(depth, ar, lda, pp, cr, ldc); break;
+      case 3: panel_kernel<T, 3, 2>(depth, ar, lda, pp, cr, ldc); break;
+      case 2: panel_kernel<T, 2, 2>(depth, ar, lda, pp, cr, ldc); break;
+      case 1: panel_kernel<T, 1, 4>(depth, ar, lda, pp, cr, ldc); break;
+      default: break;
+    }
+  }
+}
+
+template <typename T>
+Index panel_count(Index columns) {
+  return (columns + Simd<T>::kPanel - 1) / Simd<T>::kPanel;
+}
+
+// packed[p][k][c] = value(k, p*kPanel + c) for columns < `columns`, zero in the padding.
+template <typename T, typename Value>
+void pack_panels(Index depth, Index columns, T* packed, Value value) {
+  constexpr int P = Simd<T>::kPanel;
+  const Index panels = panel_count<T>(columns);
+  for (Index p = 0; p < panels; ++p)
+    for (Index c = 0; c < P; ++c) {
+      const Index n = p * P + c;
+      T* dst = packed + p * depth * P + c;
+      if (n < columns)
+        for (Index k = 0; k < depth; ++k) dst[k * P] = value(k, n);
+      else
+        for (Index k = 0; k < depth; ++k) dst[k * P] = T(0);
+    }
+}
+
+inline bool step_valid(const Index* lengths, Index b, Index t) { return !lengths || t < lengths[b]; }
+
+template <typename T>
+void copy_or_zero(T* dst, const T* src, Index n) {
+  if (src)
+    std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(T));
+  else
+    std::fill(dst, dst + n, T(0));
+}
+
+// Copies (or zeroes) units [u0, u0+units) of every row of a (B, H) state.
+template <typename T>
+void copy_units(T* dst, const T* src, Index batch, Index hidden, Index u0, Index units) {
+  for (Index b = 0; b < batch; ++b) copy_or_zero(dst + b * hidden + u0, src ? src + b * hidden + u0 : nullptr, units);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+
+// Pointwise update of units [u0, u0+units) for every row at time t. `tile` holds this rank's step GEMM
+// output: row b, gate k, unit j at tile[b*ldt + k*units + j].
+template <typename Cell, typename T>
+void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, const T* __restrict tile,
+                   Index ldt, const T* __restrict h_prev, const T* __restrict c_prev,
+                   T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
+  constexpr int G = Cell::kGates;
+  constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
+  const Index H = pl.hidden, gh_width = G * H;
+  const T* gx_t = pl.gx + t * pl.batch * gh_width;
+  const T* __restrict b_hh = pl.b_hh;
+  const T clip = pl.cell_clip;
+  for (Index b = 0; b < pl.batch; ++b) {
+    const Index row = b * H + u0;
+    T* __restrict yr = pl.y + (t * pl.batch + b) * pl.ldy + u0;
+    if (!step_valid(pl.lengths, b, t)) {
+      std::copy(h_prev + row, h_prev + row + units, h_next + row);
+      if constexpr (Cell::kHasCellState) std::copy(c_prev + row, c_prev + row + units, c_next + row);
+      std::fill(yr, yr + units, T(0));
+      continue;
+    }
+    const T* __restrict xr = gx_t + b * gh_width + u0;
+    const T* __restrict tr = tile + b * ldt;
+    for (Index j = 0; j < units; ++j) {
+      T xg[G], hg[G], sv[S];
+      for (int k = 0; k < G; ++k) {
+        xg[k] = xr[k * H + j];
+        hg[k] = tr[k * units + j] + b_hh[k * H + u0 + j];
+      }
+      T h, c = T(0), cp = T(0);
+      if constexpr (Cell::kHasCellState) cp = c_prev[row + j];
+      Cell::forward(xg, hg, h_prev[row + j], cp, clip, sv, h, c);
+      if constexpr (Cell::kSaved > 0)
+        for (int k = 0; k < Cell::kSaved; ++k) saved[(b * Cell::kSaved + k) * H + u0 + j] = sv[k];
+      if constexpr (Cell::kHasCellState) c_next[row + j] = c;
+      h_next[row + j] = h;
+      yr[j] = h;
+    }
+  }
+}
+
+template <typename Cell, typename T>
+void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
+  constexpr int G = Cell::kGates;
+  const Index H = pl.hidden, B = pl.batch;
+  const Index u0 = pl.unit_start[rank], units = pl.unit_start[rank + 1] - u0;
+  const Index columns = G * units, panels = panel_count<T>(columns);
+  const Index ldt = panels * Simd<T>::kPanel;
+  const RankScratch<T>& scratch = pl.scratch[rank];
+  const Index first = pl.reverse ? pl.steps : 0;
+  if (units > 0) {
+    // Column n of this rank's gates is gate n / units of unit u0 + n % units: row
+    // (n / units) * H + u0 + n % units of W_hh, read along k.
+    pack_panels<T>(H, columns, scratch.packed, [&](Index k, Index n) {
+      return pl.w_hh[((n / units) * H + u0 + n % units) * H + k];
+    });
+    copy_units(pl.hs.at(first), pl.h0, B, H, u0, units);
+    if constexpr (Cell::kHasCellState) copy_units(pl.cs.at(first), pl.c0, B, H, u0, units);
+  }
+  barrier.wait();  // the input projection and every rank's initial state are in place
+
+  const Index saved_step = B * Cell::kSaved * H;
+  for (Index i = 0; i < pl.steps; ++i) {
+    const Index t = pl.reverse ? pl.steps - 1 - i : i;
+    if (units > 0) {
+      const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
+      panel_gemm<T>(B, H, panels, h_prev, H, scratch.packed, scratch.tile, ldt);
+      T* saved = pl.saved ? pl.saved + (pl.hs.training ? t * saved_step : 0) : nullptr;
+      forward_units<Cell, T>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev_slot(pl.reverse, t)),
+                             pl.hs.at(next_slot(pl.reverse, t)), pl.cs.at(next_slot(pl.reverse, t)),
+                             saved);
+    }
+    barrier.wait();  // every unit of h_t is written before any rank reads it
+  }
+  if (units > 0) {
+    const Index last = pl.reverse ? 0 : pl.steps;
+    copy_units(pl.h_n, pl.hs.at(last), B, H, u0, units);
+    if constexpr (Cell::kHasCellState) copy_units(pl.c_n, pl.cs.at(last), B, H, u0, units);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+
+// Pointwise backward of units [u0, u0+units) at time t: gate gradients into dgx/dgh, the part of
+// dh_{t-1} that bypasses W_hh into dh_prev, dc in place. An invalid step passes dh and dc through.
+// Returns the sum of squares of the total gradient reaching h_t over the valid rows.
+template <typename Cell, typename T>
+double backward_units(const BackwardPlan<T>& pl, Index t, Index u0, Index units,
+                      const T* __restrict saved, const T* __restrict h_prev,
+                      const T* __restrict c_prev, const T* __restrict h_next,
+                      const T* __restrict c_next, const T* __restrict dh, T* __restrict dh_prev) {
+  constexpr int G = Cell::kGates;
+  constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
+  const Index H = pl.hidden, gh_width = G * H;
+  T* __restrict dgx_t = pl.dgx + t * pl.batch * gh_width;
+  T* __restrict dgh_t = pl.dgh + t * pl.batch * gh_width;
+  T* __restrict dc = pl.dc;
+  const T clip = pl.cell_clip;
+  double norm_sq = 0.0;
+  for (Index b = 0; b < pl.batch; ++b) {
+    const Index row = b * H + u0;
+    T* dgx_r = dgx_t + b * gh_width + u0;
+    T* dgh_r = dgh_t + b * gh_width + u0;
+    if (!step_valid(pl.lengths, b, t)) {
+      for (int k = 0; k < G; ++k) {
+        std::fill(dgx_r + k * H, dgx_r + k * H + units, T(0));
+        if constexpr (Cell::kSplitRecurrentGrad) std::fill(dgh_r + k * H, dgh_r + k * H + units, T(0));
+      }
+      std::copy(dh + row, dh + row + units, dh_prev + row);
+      continue;
+    }
+    const T* __restrict dyr = pl.dy + (t * pl.batch + b) * pl.lddy + u0;
+    T row_sq = T(0);
+    for (Index j = 0; j < units; ++j) {
+      T sv[S], dxg[G], dhg[G];
+      if constexpr (Cell::kSaved > 0)
+        for (int k = 0; k < Cell::kSaved; ++k) sv[k] = saved[(b * Cell::kSaved + k) * H + u0 + j];
+      T cp = T(0), cn = T(0), dcn = T(0);
+      if constexpr (Cell::kHasCellState) {
+        cp = c_prev[row + j];
+        cn = c_next[row + j];
+        dcn = dc[row + j];
+      }
+      const T dh_total = dh[row + j] + dyr[j];
+      row_sq += dh_total * dh_total;
+      T dhp, dcp;
+      Cell::backward(sv, h_prev[row + j], cp, h_next[row + j], cn, clip, dh_total, dcn, dxg, dhg, dhp,
+                     dcp);
+      for (int k = 0; k < G; ++k) dgx_r[k * H + j] = dxg[k];
+      if constexpr (Cell::kSplitRecurrentGrad)
+        for (int k = 0; k < G; ++k) dgh_r[k * H + j] = dhg[k];
+      dh_prev[row + j] = dhp;
+      if constexpr (Cell::kHasCellState) dc[row + j] = dcp;
+    }
+    norm_sq += static_cast<double>(row_sq);
+  }
+  return norm_sq;
+}
+
+template <typename Cell, typename T>
+void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
+  constexpr int G = Cell::kGates;
+  const Index H = pl.hidden, B = pl.batch, gh_width = G * H;
+  const Index u0 = pl.unit_start[rank], units = pl.unit_start[rank + 1] - u0;
+  const Index panels = panel_count<T>(units);
+  const Index ldt = panels * Simd<T>::kPanel;
+  const RankScratch<T>& scratch = pl.scratch[rank];
+  const Index state = B * H;
+  T* dh = pl.dh;
+  T* dh_other = pl.dh + state;
+  if (units > 0) {
+    // Column n of this rank's slice is column u0 + n of W_hh, read along its G*H rows.
+    pack_panels<T>(gh_width, units, scratch.packed,
+                   [&](Index k, Index n) { return pl.w_hh[k * H + u0 + n]; });
+    copy_units(dh, pl.dh_n, B, H, u0, units);
+    if constexpr (Cell::kHasCellState) copy_units(pl.dc, pl.dc_n, B, H, u0, units);
+  }
+  const Index saved_step = B * Cell::kSaved * H;
+  for (Index i = 0; i < pl.steps; ++i) {
+    const Index t = pl.reverse ? i : pl.steps - 1 - i;
+    const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
+    double norm_sq = 0.0;
+    if (units > 0)
+      norm_sq = backward_units<Cell, T>(pl, t, u0, units, pl.saved ? pl.saved + t * saved_step : nullptr,
+                                        pl.hs.at(prev), pl.cs.at(prev), pl.hs.at(next), pl.cs.at(next),
+                                        dh, dh_other);
+    pl.dh_norm_partial[t * pl.ranks + rank] = norm_sq;
+    barrier.wait();  // every rank's gate gradients of step t are written
+    if (units > 0) {
+      const T* dgh_t = pl.dgh + t * B * gh_width;
+      panel_gemm<T>(B, gh_width, panels, dgh_t, gh_width, scratch.packed, scratch.tile, ldt);
+      for (Index b = 0; b < B; ++b) {
+        T* __restrict out = dh_other + b * H + u0;
+        const T* __restrict add = scratch.tile + b * ldt;
+        for (Index j = 0; j < units; ++j) out[j] += add[j];
+      }
+    }
+    std::swap(dh, dh_other);
+  }
+  if (units > 0) {
+    if (pl.dh0) copy_units(pl.dh0, dh, B, H, u0, units);
+    if constexpr (Cell::kHasCellState)
+      if (pl.dc0) copy_units(pl.dc0, pl.dc, B, H, u0, units);
+  }
+}
+
+template <typename T>
+void forward_entry(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
+  with_cell(plan.cell, [&](auto cell) { forward_rank<decltype(cell), T>(plan, rank, barrier); });
+}
+
+template <typename T>
+void backward_entry(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
+  with_cell(plan.cell, [&](auto cell) { backward_rank<decltype(cell), T>(plan, rank, barrier); });
+}
+
+}  // namespace
+
+extern const KernelTable kTable;
+const KernelTable kTable = {
+    FUSEDRNN_ISA_NAME,
+    {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>},
+    {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>},
+};
+
+}  // namespace FUSEDRNN_ISA
+}  // namespace fusedrnn

@@ -1,0 +1,151 @@
+#include "fusedrnn/threads.h"
+
+#include <chrono>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
+namespace fusedrnn {
+namespace {
+
+// How long an idle worker spins before sleeping: long enough to cover the Python-side gap between the
+// layer calls of one model step, short enough not to burn a core when the user does something else.
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(100);
+
+// Flush denormals to zero (FTZ) and treat denormal inputs as zero (DAZ) for the lifetime of the guard:
+// denormal arithmetic costs ~100x on x86, and a decaying state drifts into that range.
+class FlushDenormals {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+}  // namespace
+
+ThreadTeam& ThreadTeam::instance() {
+  static ThreadTeam team;
+  return team;
+}
+
+ThreadTeam::ThreadTeam() {
+  set_size(default_thread_count());
+#if defined(__linux__)
+  pthread_atfork(nullptr, nullptr, &ThreadTeam::after_fork_in_child);
+#endif
+}
+
+// A forked child has the parent's ThreadTeam object but none of its worker threads. The std::thread
+// handles are parked where nothing joins or destroys them, and fresh workers start on the next run().
+void ThreadTeam::after_fork_in_child() {
+  ThreadTeam& team = instance();
+  new std::vector<std::thread>(std::move(team.workers_));  // deliberately never freed
+  team.workers_.clear();
+  team.workers_lost_ = true;
+}
+
+ThreadTeam::~ThreadTeam() { stop_workers(); }
+
+void ThreadTeam::set_size(int threads) {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (threads < 1) threads = 1;
+  if (threads == size_ && static_cast<int>(workers_.size()) == threads - 1) return;
+  stop_workers();
+  start_workers(threads);
+  size_ = threads;
+}
+
+void ThreadTeam::start_workers(int threads) {
+  stopping_.store(false);
+  // The generation is read here, not in the new thread: a job posted before the thread first runs
+  // must still count as new to it.
+  const std::uint64_t seen = generation_.load();
+  for (int rank = 1; rank < threads; ++rank)
+    workers_.emplace_back([this, rank, seen] { worker_loop(rank, seen); });
+}
+
+void ThreadTeam::stop_workers() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_.store(true);
+    generation_.fetch_add(1);
+  }
+  wake_.notify_all();
+  for (auto& w : workers_) w.join();
+  workers_.clear();
+}
+
+void ThreadTeam::run(int threads, const Job& job) {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (workers_lost_) {
+    workers_lost_ = false;
+    start_workers(size_);
+  }
+  if (threads > size_) threads = size_;
+  if (threads < 1) threads = 1;
+  barrier_.reset(threads);
+  if (threads == 1) {
+    FlushDenormals ftz;
+    job(0);
+    return;
+  }
+  job_ = &job;
+  job_threads_ = threads;
+  pending_.store(threads - 1, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  wake_.notify_all();
+  {
+    FlushDenormals ftz;
+    job(0);
+  }
+  while (pending_.load(std::memory_order_acquire) != 0) FUSEDRNN_CPU_RELAX();
+  job_ = nullptr;
+}
+
+void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
+  for (;;) {
+    // Spin for a while, then sleep until the generation moves.
+    const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+    std::uint64_t now_gen = generation_.load(std::memory_order_acquire);
+    for (int i = 0; now_gen == seen; ++i) {
+      FUSEDRNN_CPU_RELAX();
+      if ((i & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      }
+      now_gen = generation_.load(std::memory_order_acquire);
+    }
+    seen = now_gen;
+    if (stopping_.load()) return;
+    if (rank < job_threads_) {
+      {
+        FlushDenormals ftz;
+        (*job_)(rank);
+      }
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+}
+
+int default_thread_count() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+}  // namespace fusedrnn

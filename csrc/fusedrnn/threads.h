@@ -1,0 +1,104 @@
+// The one native thread team all fusedrnn compute runs on.
+//
+// A layer call is one job: the calling thread is rank 0 and the team's workers are ranks 1..n-1. Inside
+// a job the ranks meet at a spin barrier (one per time step in the recurrence). Workers spin briefly
+// after a job, so back-to-back calls (layers, directions) start without a wake-up, then sleep on a
+// condition variable; BLAS runs single-threaded inside jobs, so no second pool ever spins beside this
+// one. Every rank runs its part with denormals flushed (FTZ/DAZ) and restores the caller's mode after.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#define FUSEDRNN_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define FUSEDRNN_CPU_RELAX() asm volatile("yield")
+#else
+#define FUSEDRNN_CPU_RELAX() ((void)0)
+#endif
+
+namespace fusedrnn {
+
+// Sense-reversing barrier for the ranks of one job; counter and phase on separate cache lines.
+class SpinBarrier {
+ public:
+  static constexpr int kSpinsBeforeYield = 1 << 14;  // ~0.1-1 ms of pause instructions
+  void reset(int parties) {
+    parties_ = parties;
+    arrived_.store(0, std::memory_order_relaxed);
+  }
+  void wait() {
+    if (parties_ <= 1) return;
+    const int phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      return;
+    }
+    // Spin first (a step's barrier normally releases within microseconds), then yield: when the
+    // machine is oversubscribed the rank being waited for may need this core to finish.
+    for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+      if (spins < kSpinsBeforeYield)
+        FUSEDRNN_CPU_RELAX();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+ private:
+  int parties_ = 1;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<int> phase_{0};
+};
+
+class ThreadTeam {
+ public:
+  using Job = std::function<void(int rank)>;
+
+  static ThreadTeam& instance();
+  ~ThreadTeam();
+
+  // Team size: threads a job may use (the caller included). Changing it joins or starts workers.
+  void set_size(int threads);
+  int size() const { return size_; }
+
+  // Runs job(rank) for rank in [0, threads) with threads <= size(); returns when every rank is done.
+  // Jobs must not throw: allocate and check before calling run.
+  void run(int threads, const Job& job);
+
+  // The barrier of the running job's ranks.
+  SpinBarrier& barrier() { return barrier_; }
+
+ private:
+  ThreadTeam();
+  void start_workers(int threads);
+  void stop_workers();
+  void worker_loop(int rank, std::uint64_t seen);
+  static void after_fork_in_child();
+
+  int size_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;  // guards generation_ changes for sleeping workers and serialises run()
+  std::mutex run_mutex_;
+  std::condition_variable wake_;
+  std::atomic<std::uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stopping_{false};
+  const Job* job_ = nullptr;
+  int job_threads_ = 0;
+  SpinBarrier barrier_;
+  bool workers_lost_ = false;  // a fork copied the team but not its threads
+};
+
+// The thread count fusedrnn uses by default: the CPUs this process may run on.
+int default_thread_count();
+
+}  // namespace fusedrnn
