@@ -4,6 +4,8 @@ import sys
 import numpy as np
 import pytest
 
+import fusedrnn
+
 # The tests import their shared helpers as a top-level module.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,3 +15,13 @@ def rng(request):
     # A generator seeded from the test's id: every test is reproducible on its own, whatever runs first.
     seed = np.frombuffer(request.node.nodeid.encode(), np.uint8).astype(np.uint64)
     return np.random.default_rng(seed.tolist())
+
+
+@pytest.fixture(params=fusedrnn.build_info()["simd_supported"])
+def simd_level(request):
+    """Runs a test once per SIMD level of the kernels this machine supports (the portable fallback
+    included), restoring the level in use afterwards."""
+    previous = fusedrnn.build_info()["simd"]
+    fusedrnn.set_simd_level(request.param)
+    yield request.param
+    fusedrnn.set_simd_level(previous)

@@ -13,6 +13,9 @@ LENGTHS = np.array([5, 1, 3, 2])  # unsorted, with a full row and a one-step row
 
 REF_TOL = dict(rtol=1e-12, atol=1e-13)
 
+# Every test here runs on each SIMD level of the kernels this machine supports.
+pytestmark = pytest.mark.usefixtures("simd_level")
+
 
 def _inputs(rng, cell, bias, with_state, batch=B, steps=T, inp=I, hidden=H):
     w = random_layer(rng, cell, inp, hidden, bias=bias)

@@ -13,6 +13,9 @@ from helpers import CELLS, assert_close, has_cell_state, make_module  # noqa: E4
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
+# Every test here runs on each SIMD level of the kernels this machine supports.
+pytestmark = pytest.mark.usefixtures("simd_level")
+
 
 def torch_module(cell, input_size, hidden_size, dtype, seed, **kwargs):
     torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 // GIL, call the core. No numerics here.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <sstream>
 #include <string>

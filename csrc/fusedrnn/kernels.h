@@ -61,9 +61,10 @@ struct ForwardPlan {
   Index steps = 0, batch = 0, hidden = 0;
   const Index* lengths = nullptr;  // (B) or null
   bool reverse = false;
-  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T + b_ih for every step
+  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T for every step (the bias is added per step)
   const T* w_hh = nullptr;         // (G*H, H)
-  const T* b_hh = nullptr;         // (G*H), never null (zeros without bias)
+  const T* b_ih = nullptr;         // (G*H), never null (zeros without bias)
+  const T* b_hh = nullptr;         // (G*H), never null
   T cell_clip = T(0);              // +inf: none
   const T* h0 = nullptr;           // (B, H) or null
   const T* c0 = nullptr;           // (B, H) or null

@@ -13,6 +13,16 @@
 #error "kernels_isa.cpp is compiled once per SIMD level with FUSEDRNN_ISA, FUSEDRNN_ISA_NAME and FUSEDRNN_VECTOR_BYTES"
 #endif
 
+// The units of a pointwise pass are independent, but the compiler cannot prove that a gate's saved
+// values (offset by k*H) never overlap another's and gives up on runtime alias checks; say so.
+#if defined(__clang__)
+#define FUSEDRNN_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FUSEDRNN_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#else
+#define FUSEDRNN_INDEPENDENT_ITERATIONS
+#endif
+
 namespace fusedrnn {
 namespace FUSEDRNN_ISA {
 namespace {
@@ -149,6 +159,7 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
   constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
   const Index H = pl.hidden, gh_width = G * H;
   const T* gx_t = pl.gx + t * pl.batch * gh_width;
+  const T* __restrict b_ih = pl.b_ih;
   const T* __restrict b_hh = pl.b_hh;
   const T clip = pl.cell_clip;
   for (Index b = 0; b < pl.batch; ++b) {
@@ -162,10 +173,11 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
     }
     const T* __restrict xr = gx_t + b * gh_width + u0;
     const T* __restrict tr = tile + b * ldt;
+    FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
       T xg[G], hg[G], sv[S];
       for (int k = 0; k < G; ++k) {
-        xg[k] = xr[k * H + j];
+        xg[k] = xr[k * H + j] + b_ih[k * H + u0 + j];
         hg[k] = tr[k * units + j] + b_hh[k * H + u0 + j];
       }
       T h, c = T(0), cp = T(0);
@@ -253,6 +265,7 @@ double backward_units(const BackwardPlan<T>& pl, Index t, Index u0, Index units,
     }
     const T* __restrict dyr = pl.dy + (t * pl.batch + b) * pl.lddy + u0;
     T row_sq = T(0);
+    FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
       T sv[S], dxg[G], dhg[G];
       if constexpr (Cell::kSaved > 0)

@@ -162,7 +162,7 @@ void layer_forward(const LayerForwardArgs<T>& a) {
       rank_scratch<T>(units, kern.panel_width, hidden, batch, true, gates);
 
   std::vector<T> zero_bias;
-  if (!a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
+  if (!a.weights.b_ih || !a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
   T* gx = scratch<T>(ScratchSlot::kGatesX, rows * gh_width);
 
   ForwardPlan<T> plan;
@@ -174,6 +174,7 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   plan.reverse = s.reverse;
   plan.gx = gx;
   plan.w_hh = a.weights.w_hh;
+  plan.b_ih = a.weights.b_ih ? a.weights.b_ih : zero_bias.data();
   plan.b_hh = a.weights.b_hh ? a.weights.b_hh : zero_bias.data();
   plan.cell_clip = a.cell_clip;
   plan.h0 = a.h0;
@@ -190,12 +191,10 @@ void layer_forward(const LayerForwardArgs<T>& a) {
 
   ThreadTeam& tm = team();
   tm.run(ranks, [&](int rank) {
-    // Input projection of this rank's rows of all steps: gx = x W_ih^T + b_ih.
+    // Input projection of this rank's rows of all steps: gx = x W_ih^T.
     const auto [r0, r1] = share(rows, ranks, rank);
-    if (a.weights.b_ih)
-      for (Index r = r0; r < r1; ++r) std::copy(a.weights.b_ih, a.weights.b_ih + gh_width, gx + r * gh_width);
     blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), a.x + r0 * input, input, a.weights.w_ih,
-                  input, a.weights.b_ih ? T(1) : T(0), gx + r0 * gh_width, gh_width);
+                  input, T(0), gx + r0 * gh_width, gh_width);
     kern.forward(plan, rank, tm.barrier());
   });
 }

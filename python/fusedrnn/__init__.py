@@ -24,18 +24,19 @@ from . import _core, functional  # noqa: E402  (needs the BLAS library loaded fi
 from . import bptt, gradients, losses, optim, reference, sequences  # noqa: E402
 from .bptt import truncated_bptt  # noqa: E402
 from .gradients import clip_grad_norm, clip_grad_value  # noqa: E402
-from .modules import GRU, LSTM, RNN, RNNBase  # noqa: E402
+from .modules import GRU, LSTM, RNN, Linear, RNNBase  # noqa: E402
 
 __version__ = "0.1.0"
 _MAX_THREADS = 1024
 
-__all__ = ["LSTM", "GRU", "RNN", "RNNBase", "functional", "set_num_threads", "get_num_threads", "bptt",
-           "gradients", "losses", "optim", "reference", "sequences", "truncated_bptt", "clip_grad_norm",
-           "clip_grad_value"]
+__all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_threads", "get_num_threads",
+           "build_info", "set_simd_level", "bptt", "gradients", "losses", "optim", "reference", "sequences",
+           "truncated_bptt", "clip_grad_norm", "clip_grad_value"]
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of native threads all fusedrnn compute uses (the BLAS pool)."""
+    """Sets the number of native threads all fusedrnn compute uses (its one thread team; BLAS runs
+    single-threaded inside it). Small layers use fewer: see build_info()."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
     if not 1 <= n <= _MAX_THREADS:
@@ -46,3 +47,26 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """The number of native threads fusedrnn compute uses."""
     return _core.get_num_threads()
+
+
+def set_simd_level(level: str) -> None:
+    """Selects the SIMD level of the recurrence kernels: one of build_info()["simd_supported"]
+    ("generic", "avx2", "avx512" on x86-64). The default is the best this CPU supports; the
+    FUSEDRNN_SIMD environment variable, read at import, can name a lower one."""
+    if not isinstance(level, str):
+        raise TypeError(f"level: expected a str, got {type(level).__name__}")
+    _core.set_simd_level(level)
+
+
+def build_info() -> dict:
+    """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
+    supported/compiled, CUDA (not compiled in this build), the BLAS, and the thread team size."""
+    return {
+        "version": __version__,
+        "simd": _core.simd_level(),
+        "simd_supported": list(_core.simd_levels_supported()),
+        "simd_compiled": list(_core.simd_levels_compiled()),
+        "cuda": False,
+        "blas": _core.blas_config(),
+        "num_threads": _core.get_num_threads(),
+    }

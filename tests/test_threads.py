@@ -1,0 +1,96 @@
+"""The thread team: every team size and SIMD level gives the reference's answer on sizes that split the
+hidden units unevenly across ranks and leave partial row blocks and weight panels; repeats are
+bit-identical; small layers run on fewer threads."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import functional as F
+from fusedrnn import reference
+from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
+
+
+@pytest.fixture
+def team_size(request):
+    previous = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(request.param)
+    yield request.param
+    fusedrnn.set_num_threads(previous)
+
+
+# (T, B, I, H): B=13 is two full 6-row blocks and a 1-row remainder; H=129 and H=40 split unevenly and
+# leave partial panels; H=70 with 3 ranks gives one rank 16 units.
+SHAPES = [(4, 13, 5, 129), (6, 3, 7, 40), (3, 8, 4, 70)]
+
+
+@pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B3-H40", "B8-H70"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_team_size_matches_reference(rng, simd_level, team_size, cell, shape):
+    steps, batch, inp, hidden = shape
+    w = random_layer(rng, cell, inp, hidden, scale=0.3)
+    x = rng.standard_normal((steps, batch, inp))
+    h0 = rng.standard_normal((batch, hidden))
+    c0 = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
+    lengths = random_lengths(rng, steps, batch)
+    for reverse in (False, True):
+        out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=lengths, reverse=reverse)
+        y, h_n, c_n, cache = reference.forward(cell, x, *w.values(), h0, c0, lengths=lengths,
+                                               reverse=reverse)
+        np.testing.assert_allclose(out.y, y, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(out.h_n, h_n, rtol=1e-12, atol=1e-13)
+        dy = rng.standard_normal((steps, batch, hidden))
+        got = F.layer_backward(out.tape, dy)
+        want = reference.backward(cache, dy, None, None)
+        for name in ("dx", "dh0") + PARAM_NAMES:
+            np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-11, atol=1e-12,
+                                       err_msg=name)
+
+
+@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_repeats_are_bit_identical(rng, team_size, cell):
+    w = random_layer(rng, cell, 9, 129, dtype=np.float32)
+    x = rng.standard_normal((7, 10, 9)).astype(np.float32)
+    dy = rng.standard_normal((7, 10, 129)).astype(np.float32)
+    runs = []
+    for _ in range(3):
+        out = F.layer_forward(cell, x, *w.values())
+        runs.append((out.y, F.layer_backward(out.tape, dy)))
+    for y, grads in runs[1:]:
+        assert np.array_equal(y, runs[0][0])
+        for name in ("dx", "dh0") + PARAM_NAMES:
+            assert np.array_equal(getattr(grads, name), getattr(runs[0][1], name)), name
+
+
+@pytest.mark.parametrize("team_size", [2], indirect=True)
+def test_small_layers_use_fewer_threads(team_size):
+    from fusedrnn import _core
+
+    assert _core.layer_threads(8, 4) == 1
+    assert _core.layer_threads(8, 256) == 2
+    assert fusedrnn.build_info()["num_threads"] == 2
+
+
+def test_simd_level_choice_is_checked():
+    info = fusedrnn.build_info()
+    assert info["simd"] in info["simd_supported"]
+    assert set(info["simd_supported"]) <= set(info["simd_compiled"])
+    assert info["simd_supported"][0] == "generic"
+    with pytest.raises(ValueError, match=r"^level: 'sse9' is not supported here"):
+        fusedrnn.set_simd_level("sse9")
+    with pytest.raises(TypeError, match=r"^level: expected a str"):
+        fusedrnn.set_simd_level(2)
+    assert fusedrnn.build_info()["simd"] == info["simd"]
+
+
+def test_simd_environment_variable_forces_a_level():
+    code = "import fusedrnn; print(fusedrnn.build_info()['simd'])"
+    env = dict(os.environ, FUSEDRNN_SIMD="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "generic"
