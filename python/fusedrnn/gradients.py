@@ -45,7 +45,8 @@ def _vector_norm(values: np.ndarray, p: float) -> float:
     if p == math.inf:
         return float(a.max())
     if p == 2.0:
-        return float(np.sqrt(np.dot(a, a)))
+        # Not np.dot: a BLAS call here wakes NumPy's BLAS threads, which then fight the kernels' for cores.
+        return float(np.sqrt(np.sum(np.square(a))))
     return float(np.sum(a**p) ** (1.0 / p))
 
 

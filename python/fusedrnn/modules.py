@@ -24,7 +24,35 @@ class _Context:
         self.input_shape = input_shape        # (T, B, I), sequence-major
 
 
-class RNNBase:
+class _Module:
+    """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
+    alike, and a training flag."""
+
+    _params: OrderedDict
+
+    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(self._params.items())
+
+    def parameters(self) -> list[np.ndarray]:
+        return list(self._params.values())
+
+    def state_dict(self) -> OrderedDict:
+        """A copy of every parameter, keyed exactly as torch.nn names them."""
+        return OrderedDict((k, v.copy()) for k, v in self._params.items())
+
+    def zero_grad(self) -> None:
+        """Resets the accumulated parameter gradients."""
+        self.grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class RNNBase(_Module):
     """Shared machinery of LSTM, GRU and RNN: parameters, state dicts, forward over layers and
     directions, backward, gradient accumulation. Subclasses fix the cell."""
 
@@ -32,7 +60,8 @@ class RNNBase:
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, *, dtype=np.float32, seed: int | None = None):
+                 bidirectional: bool = False, *, dtype=np.float32, seed: int | None = None,
+                 cell_clip: float | None = None):
         self.cell = cell
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
@@ -46,6 +75,15 @@ class RNNBase:
             raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
         self.dropout = float(dropout)
         self.dtype = _checks.float_dtype("dtype", dtype)
+        if cell_clip is not None:
+            if isinstance(cell_clip, bool) or not isinstance(cell_clip, numbers.Real):
+                raise TypeError(f"cell_clip: expected a positive float or None, got {type(cell_clip).__name__}")
+            if not 0 < cell_clip < math.inf:
+                raise ValueError(f"cell_clip: expected a positive finite bound, got {cell_clip}")
+            cell_clip = float(cell_clip)
+        self.cell_clip = cell_clip
+        # ||dL/dh_t|| of each layer direction (L*D, T), in time order, from the last backward.
+        self.hidden_grad_norms: np.ndarray | None = None
         self.training = True
         init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
         self._dropout_rng = np.random.default_rng(dropout_seq)
@@ -84,21 +122,11 @@ class RNNBase:
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         return [source.get(f"{n}_l{layer}{suffix}") for n in names]
 
-    def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
-        return iter(self._params.items())
-
-    def parameters(self) -> list[np.ndarray]:
-        return list(self._params.values())
-
     def __getattr__(self, name):
         params = self.__dict__.get("_params")
         if params is not None and name in params:
             return params[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
-    def state_dict(self) -> OrderedDict:
-        """A copy of every parameter, keyed exactly as torch.nn names them."""
-        return OrderedDict((k, v.copy()) for k, v in self._params.items())
 
     def load_state_dict(self, state_dict, strict: bool = True) -> None:
         """Loads parameters in place from a mapping of name -> array-like (a torch state_dict works as
@@ -129,15 +157,8 @@ class RNNBase:
 
     def zero_grad(self) -> None:
         """Resets the accumulated gradients of the parameters, the input and the initial states."""
-        self.grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+        super().zero_grad()
         self.input_grads = {}
-
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def __repr__(self) -> str:
         extra = ""
@@ -151,6 +172,8 @@ class RNNBase:
             extra += f", dropout={self.dropout}"
         if self.bidirectional:
             extra += ", bidirectional=True"
+        if self.cell_clip is not None:
+            extra += f", cell_clip={self.cell_clip}"
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
 
     # ---- forward / backward -----------------------------------------------------------------------
@@ -217,7 +240,7 @@ class RNNBase:
                 out = layer_forward(self.cell, layer_input, w_ih, w_hh, b_ih, b_hh,
                                     None if h0 is None else h0[k], None if c0 is None else c0[k],
                                     lengths=lens, reverse=d == 1, training=training, check_finite=False,
-                                    out=y[:, :, d * hidden:(d + 1) * hidden])
+                                    out=y[:, :, d * hidden:(d + 1) * hidden], cell_clip=self.cell_clip)
                 h_n[k] = out.h_n
                 if c_n is not None:
                     c_n[k] = out.c_n
@@ -274,6 +297,7 @@ class RNNBase:
 
         dh0 = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
         dc0 = np.empty_like(dh0) if self._has_cell_state else None
+        dh_norms = np.empty((self.num_layers * dirs, steps))
         grad_out = dy
         for layer in reversed(range(self.num_layers)):
             layer_in = features if layer == 0 else dirs * hidden
@@ -287,6 +311,7 @@ class RNNBase:
                                      None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
                                      dx=dx, grads=grads)
                 dh0[k] = res.dh0
+                dh_norms[k] = res.dh_norm
                 if dc0 is not None:
                     dc0[k] = res.dc0
             if layer > 0 and ctx.dropout_masks[layer - 1] is not None:
@@ -294,6 +319,7 @@ class RNNBase:
             grad_out = dx
 
         dx = grad_out
+        self.hidden_grad_norms = dh_norms
         if unbatched:
             dx, dh0 = dx[:, 0, :], dh0[:, 0, :]
             dc0 = None if dc0 is None else dc0[:, 0, :]
@@ -319,14 +345,15 @@ class _GradBuffers:
 
 
 class LSTM(RNNBase):
-    """Long short-term memory layers, as torch.nn.LSTM (no proj_size)."""
+    """Long short-term memory layers, as torch.nn.LSTM (no proj_size). `cell_clip` bounds the cell state
+    to [-cell_clip, cell_clip] after every update (no gradient flows through a clamped entry)."""
 
     _has_cell_state = True
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, *, dtype=np.float32, seed=None):
+                 bidirectional=False, *, dtype=np.float32, seed=None, cell_clip=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dtype=dtype, seed=seed)
+                         bidirectional, dtype=dtype, seed=seed, cell_clip=cell_clip)
 
 
 class GRU(RNNBase):
@@ -359,3 +386,48 @@ def make_module(cell: str, input_size: int, hidden_size: int, **kwargs) -> RNNBa
     if cell in ("rnn_tanh", "rnn_relu"):
         return RNN(input_size, hidden_size, nonlinearity=cell[len("rnn_"):], **kwargs)
     raise ValueError(f"cell: expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got {cell!r}")
+
+
+class Linear(_Module):
+    """A dense layer y = x W^T + b over the last axis (any leading axes), as torch.nn.Linear: the readout
+    on top of a recurrent module. Same interface as the recurrent modules: `named_parameters()`,
+    `grads` (accumulated until `zero_grad()`), `backward(dy)` returning dx, `state_dict()`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
+                 seed: int | None = None):
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.out_features = _checks.positive_int("out_features", out_features)
+        self.dtype = _checks.float_dtype("dtype", dtype)
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.in_features)   # torch.nn.Linear's default initialisation range
+        self._params: OrderedDict[str, np.ndarray] = OrderedDict(
+            weight=rng.uniform(-bound, bound, (self.out_features, self.in_features)).astype(self.dtype))
+        if bias:
+            self._params["bias"] = rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
+        self.training = True
+        self._x: np.ndarray | None = None
+        self.zero_grad()
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x) -> np.ndarray:
+        x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
+        self._x = x if self.training else None
+        y = x @ self._params["weight"].T
+        return y + self._params["bias"] if "bias" in self._params else y
+
+    def backward(self, dy) -> np.ndarray:
+        """Adds the parameter gradients to `grads` and returns dL/dx."""
+        if self._x is None:
+            raise RuntimeError("backward: no training-mode forward to backpropagate through")
+        x, self._x = self._x, None
+        dy = _checks.array("dy", dy, self.dtype, x.ndim)
+        _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
+        flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+        self.grads["weight"] += flat_dy.T @ flat_x
+        if "bias" in self.grads:
+            self.grads["bias"] += flat_dy.sum(axis=0)
+        return dy @ self._params["weight"]

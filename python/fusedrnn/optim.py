@@ -1,8 +1,9 @@
 """Optimisers that update NumPy parameters in place with torch.optim's update rules.
 
 An optimiser takes a module (anything with `named_parameters()` and a `grads` mapping, like
-`fusedrnn.LSTM`), a mapping name -> array, or a list of arrays. `step()` reads a module's `grads`;
-otherwise `step(grads)` takes gradients in the same order (a list) or with the same names (a mapping).
+`fusedrnn.LSTM` or `fusedrnn.Linear`), a list of modules, a mapping name -> array, or a list of arrays.
+`step()` reads the modules' `grads`; for arrays, `step(grads)` takes gradients in the same order (a
+list) or with the same names (a mapping).
 The state (momentum, moments) is kept in float64 and the result cast to each parameter's dtype.
 """
 
@@ -26,13 +27,27 @@ def _hyper(name: str, value, *, low: float = 0.0, high: float = math.inf, low_op
     return value
 
 
+def _is_module(value) -> bool:
+    return hasattr(value, "named_parameters") and hasattr(value, "grads")
+
+
+def _modules(params) -> list | None:
+    """The modules whose parameters these are, or None for plain arrays."""
+    if _is_module(params):
+        return [params]
+    if isinstance(params, (list, tuple)) and params and all(_is_module(p) for p in params):
+        return list(params)
+    return None
+
+
 class Optimizer:
     """The shared part: parameter bookkeeping and gradient lookup. Subclasses define `_update`."""
 
     def __init__(self, params, lr: float):
-        self._module = params if hasattr(params, "named_parameters") and hasattr(params, "grads") else None
-        if self._module is not None:
-            named = list(self._module.named_parameters())
+        self._modules = _modules(params)
+        if self._modules is not None:
+            named = [(f"{i}.{n}" if len(self._modules) > 1 else n, p)
+                     for i, m in enumerate(self._modules) for n, p in m.named_parameters()]
         else:
             named = _checks.named_arrays("params", params)
         if not named:
@@ -50,9 +65,9 @@ class Optimizer:
 
     def _gradients(self, grads) -> list[np.ndarray]:
         if grads is None:
-            if self._module is None:
+            if self._modules is None:
                 raise TypeError("grads: expected the gradients (these parameters are not a module's)")
-            grads = self._module.grads
+            grads = [g for m in self._modules for g in m.grads.values()]
         if hasattr(grads, "keys"):
             missing = [n for n, _ in self._named if n not in grads]
             if missing:

@@ -165,8 +165,9 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
 
 def backward(cache, dy=None, dh_n=None, dc_n=None):
     """Backpropagation through time. Returns a dict with dx, dh0, dc0 (LSTM, else None), weight_ih,
-    weight_hh, bias_ih and bias_hh (None without biases), and dh_norm (T,): the L2 norm over (B, H) of
-    the whole gradient reaching the hidden state of step t (its output's plus the later steps')."""
+    weight_hh, bias_ih and bias_hh (None without biases), and dh_norm (T,): the L2 norm over the rows
+    that take part in step t and all hidden units of the whole gradient reaching the hidden state of
+    step t (its output's plus the later steps')."""
     x, w_ih, w_hh = cache.x, cache.weight_ih, cache.weight_hh
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
@@ -184,7 +185,7 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
         h_prev, c_prev, saved = cache.steps[t]
         keep = cache.valid[t][:, None]
         dh_new = dh + np.where(keep, dy[t], 0.0)   # a padded step's output is a constant zero
-        dh_norm[t] = np.linalg.norm(dh_new)
+        dh_norm[t] = np.linalg.norm(dh_new * keep)
         dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dh_new, dc)
         dxg, dhg = dxg * keep, dhg * keep             # a padded step has no gate gradients
         dx[t] = dxg @ w_ih
