@@ -1,0 +1,184 @@
+"""LSTM cell-state clipping (forward against the clamping reference, gradients by finite differences away
+from the bound), the per-step gradient norms the backward pass reports, the gradient-flow verdicts on
+networks whose answer is known, and the Linear readout."""
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import functional as F
+from fusedrnn import reference
+from fusedrnn.gradients import diagnose_gradient_flow
+from helpers import CELLS, has_cell_state, make_module, numerical_gradient, random_layer, random_lengths
+
+TOL64 = dict(rtol=1e-12, atol=1e-13)
+CLIP = 0.9
+
+
+def _clip_setup(rng, steps=6, batch=3, inp=2, hidden=4):
+    # Large weights so that many cell entries pass the bound and many stay inside it.
+    w = random_layer(rng, "lstm", inp, hidden, scale=1.5)
+    x = rng.standard_normal((steps, batch, inp))
+    h0, c0 = rng.standard_normal((batch, hidden)), rng.standard_normal((batch, hidden))
+    return w, x, h0, c0
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [None, np.array([6, 2, 4])], ids=["full", "lengths"])
+def test_cell_clip_forward_and_backward_match_the_reference(rng, reverse, lengths):
+    w, x, h0, c0 = _clip_setup(rng)
+    out = F.layer_forward("lstm", x, *w.values(), h0, c0, lengths=lengths, reverse=reverse, cell_clip=CLIP)
+    y, h_n, c_n, cache = reference.forward("lstm", x, *w.values(), h0, c0, lengths=lengths, reverse=reverse,
+                                           cell_clip=CLIP)
+    np.testing.assert_allclose(out.y, y, **TOL64)
+    np.testing.assert_allclose(out.h_n, h_n, **TOL64)
+    np.testing.assert_allclose(out.c_n, c_n, **TOL64)
+    assert np.abs(out.c_n).max() <= CLIP
+    unclipped = F.layer_forward("lstm", x, *w.values(), h0, c0, lengths=lengths, reverse=reverse)
+    assert np.abs(unclipped.c_n).max() > CLIP  # the bound is active in this test
+    dy, dh_n, dc_n = rng.standard_normal(y.shape), rng.standard_normal(h_n.shape), rng.standard_normal(c_n.shape)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    want = reference.backward(cache, dy, dh_n, dc_n)
+    for name in ("dx", "dh0", "dc0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "dh_norm"):
+        np.testing.assert_allclose(getattr(got, name), want[name], err_msg=name, **TOL64)
+
+
+def test_cell_clip_gradients_by_finite_differences(rng):
+    w, x, h0, c0 = _clip_setup(rng)
+    arrays = dict(w, x=x, h0=h0, c0=c0)
+    dy = rng.standard_normal((6, 3, 4))
+
+    def loss():
+        out = F.layer_forward("lstm", arrays["x"], arrays["weight_ih"], arrays["weight_hh"], arrays["bias_ih"],
+                              arrays["bias_hh"], arrays["h0"], arrays["c0"], training=False, cell_clip=CLIP)
+        return np.sum(out.y * dy)
+
+    out = F.layer_forward("lstm", x, *w.values(), h0, c0, cell_clip=CLIP)
+    got = F.layer_backward(out.tape, dy)
+    analytic = dict(x=got.dx, h0=got.dh0, c0=got.dc0, weight_ih=got.weight_ih, weight_hh=got.weight_hh,
+                    bias_ih=got.bias_ih, bias_hh=got.bias_hh)
+    # Away from the bound: no unclamped cell value f*c + i*g lies within 1e-4 of +-CLIP, where the
+    # 1e-6 nudges could carry it across; some lie beyond it, so clamped entries are checked too.
+    _, _, _, cache = reference.forward("lstm", x, *w.values(), h0, c0, cell_clip=CLIP)
+    raw = np.stack([s["f"] * c_prev + s["i"] * s["g"] for _, c_prev, s in cache.steps])
+    assert np.abs(np.abs(raw) - CLIP).min() > 1e-4 and np.mean(np.abs(raw) > CLIP) > 0.1
+    for name, arr in arrays.items():
+        indices = list(np.ndindex(arr.shape))
+        numeric = numerical_gradient(loss, arr, indices)
+        np.testing.assert_allclose(analytic[name][tuple(np.array(indices).T)], numeric, rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_module_cell_clip(rng):
+    m = fusedrnn.LSTM(3, 4, num_layers=2, dtype=np.float64, seed=0, cell_clip=0.05)
+    x = 3 * rng.standard_normal((7, 2, 3))
+    y, (h_n, c_n) = m(x)
+    want, _, want_c, _ = reference.stack_forward("lstm", m.state_dict(), x, num_layers=2, cell_clip=0.05)
+    np.testing.assert_allclose(y, want, **TOL64)
+    np.testing.assert_allclose(c_n, want_c, **TOL64)
+    assert np.abs(c_n).max() == pytest.approx(0.05)
+    assert "cell_clip=0.05" in repr(m)
+    with pytest.raises(ValueError, match="cell_clip: expected a positive finite bound"):
+        fusedrnn.LSTM(3, 4, cell_clip=0.0)
+    with pytest.raises(TypeError, match="cell_clip: expected a positive float or None"):
+        fusedrnn.LSTM(3, 4, cell_clip="1")
+    with pytest.raises(TypeError):
+        fusedrnn.GRU(3, 4, cell_clip=1.0)  # only an LSTM has a cell state
+
+
+# ---- per-step gradient norms --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_reports_hidden_grad_norms_per_layer_and_direction(rng, cell):
+    m = make_module(cell, 3, 4, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
+    x = rng.standard_normal((6, 3, 3))
+    lengths = random_lengths(rng, 6, 3)
+    y, _ = m(x, lengths=lengths)
+    dy = rng.standard_normal(y.shape)
+    assert m.hidden_grad_norms is None
+    m.backward(dy)
+    _, _, _, caches = reference.stack_forward(cell, m.state_dict(), x, num_layers=2, bidirectional=True,
+                                              lengths=lengths)
+    *_, want = reference.stack_backward(caches, dy, num_layers=2, bidirectional=True)
+    assert m.hidden_grad_norms.shape == (4, 6) and m.hidden_grad_norms.dtype == np.float64
+    np.testing.assert_allclose(m.hidden_grad_norms, want, rtol=1e-12, atol=1e-14)
+
+
+def _loss_at_last_step(m, x):
+    """Backward from a loss on the last step's output only; the forward direction's profile."""
+    y, _ = m(x)
+    dy = np.zeros_like(y)
+    dy[-1] = 1.0
+    m.backward(dy)
+    return diagnose_gradient_flow(m.hidden_grad_norms[0])
+
+
+def test_gradient_flow_verdicts_on_known_networks(rng):
+    steps, hidden = 60, 16
+    x = rng.standard_normal((steps, 4, 8))
+    # Small recurrent weights and tanh: each step multiplies the gradient by well under one.
+    rnn = fusedrnn.RNN(8, hidden, dtype=np.float64, seed=0)
+    rnn.weight_hh_l0[...] *= 0.3
+    flow = _loss_at_last_step(rnn, x)
+    assert flow.verdict == "vanishing" and flow.factor_per_step < 0.6
+    # The same length through an LSTM whose forget gates are held open: the cell carries it.
+    lstm = fusedrnn.LSTM(8, hidden, dtype=np.float64, seed=0)
+    lstm.bias_hh_l0[hidden:2 * hidden] = 6.0  # forget gate bias (gates i, f, g, o)
+    lstm.weight_hh_l0[...] *= 0.3
+    flow = _loss_at_last_step(lstm, x)
+    assert flow.verdict == "healthy" and 0.9 < flow.factor_per_step <= 1.05
+    # Large recurrent weights with relu: each step multiplies the gradient by more than one.
+    relu = fusedrnn.RNN(8, hidden, nonlinearity="relu", dtype=np.float64, seed=0)
+    relu.weight_hh_l0[...] = 1.5 * np.eye(hidden) + 0.05 * rng.standard_normal((hidden, hidden))
+    relu.bias_ih_l0[...] = 1.0  # keep the units active
+    flow = _loss_at_last_step(relu, np.abs(x))
+    assert flow.verdict == "exploding" and flow.factor_per_step > 1.3
+
+
+# ---- the Linear readout ----------------------------------------------------------------------------------
+
+
+def test_linear_gradients_by_finite_differences(rng):
+    lin = fusedrnn.Linear(4, 3, dtype=np.float64, seed=0)
+    x, dy = rng.standard_normal((5, 2, 4)), rng.standard_normal((5, 2, 3))
+    lin(x)
+    dx = lin.backward(dy)
+    params = dict(lin.named_parameters())
+    arrays = dict(params, x=x)
+    analytic = dict(lin.grads, x=dx)
+    for name, arr in arrays.items():
+        indices = list(np.ndindex(arr.shape))
+        numeric = numerical_gradient(lambda: float(np.sum(lin.eval()(x) * dy)), arr, indices)
+        np.testing.assert_allclose(analytic[name][tuple(np.array(indices).T)], numeric, rtol=1e-7, atol=1e-9)
+
+
+def test_linear_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    lin = fusedrnn.Linear(6, 2, seed=1)
+    ref = torch.nn.Linear(6, 2)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in lin.state_dict().items()})
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    dy = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = ref(xt)
+    yt.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(lin(x), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin.backward(dy), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin.grads["weight"], ref.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lin.grads["bias"], ref.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_errors():
+    lin = fusedrnn.Linear(3, 2)
+    with pytest.raises(ValueError, match="x: expected 3 features in the last dimension, got 4"):
+        lin(np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="x: expected dtype float32, got float64"):
+        lin(np.zeros((2, 3)))
+    with pytest.raises(RuntimeError, match="backward: no training-mode forward"):
+        lin.backward(np.zeros((2, 2), np.float32))
+    lin(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2, 2\)"):
+        lin.backward(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="out_features: expected an int >= 1"):
+        fusedrnn.Linear(3, 0)
