@@ -1,0 +1,184 @@
+"""The `fusedrnn` command: `demo` (train a forecaster, or show gradient flow), `bench` (time fusedrnn
+against its peers), `info` (how this installation was built)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+from tqdm import tqdm
+
+from . import benchmark, build_info, set_num_threads
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedrnn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a recurrent forecaster of the yearly sunspot numbers",
+                          description="Trains a small recurrent forecaster of the yearly sunspot numbers "
+                          "(truncated BPTT, gradient clipping, Adam) and prints its RMSE on held-out "
+                          "years next to two baselines. With --gradients: trains nothing, shows how the "
+                          "gradient fades back through time in an RNN, a GRU and an LSTM.")
+    demo.add_argument("--cell", default="lstm", choices=("lstm", "gru", "rnn_tanh", "rnn_relu"))
+    demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden size (default 64)")
+    demo.add_argument("--epochs", type=_positive_int, default=150, help="training epochs (default 150)")
+    demo.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="native threads (default 1: the layers here are small)")
+    demo.add_argument("--plot", metavar="OUT.png", help="draw the forecasts (or gradient profiles) to a file")
+    demo.add_argument("--gradients", action="store_true", help="show gradient flow instead of training")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bench = sub.add_parser("bench", help="time fusedrnn against every installed peer",
+                           description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--set", help="a named set of cases: 'default', or a DeepBench set "
+                       "(training_set, inference_server_set, inference_device_set)")
+    bench.add_argument("--cell", nargs="+", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
+    bench.add_argument("--shape", nargs="+", metavar="T,B,I,H", default=None,
+                       help="shapes as T,B,I,H (e.g. 100,32,256,256)")
+    bench.add_argument("--mode", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
+    bench.add_argument("--peers", nargs="+", default=None,
+                       help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
+    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--rounds", type=_positive_int, default=5)
+    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
+    bench.add_argument("--json", metavar="OUT.json", help="write the rows as JSON ('-': to stdout, no table)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="version, build options, and which optional peers are importable")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"demo": _demo, "bench": _bench, "info": _info}[args.command](args)
+    except (ValueError, TypeError, ImportError) as err:
+        print(f"fusedrnn {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+# ---- demo -------------------------------------------------------------------------------------------
+
+
+def _demo(args) -> int:
+    from . import demo
+
+    set_num_threads(args.threads)
+    if args.gradients:
+        return _demo_gradients(args, demo)
+    config = demo.ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed)
+    print(f"Forecasting yearly sunspot numbers with a {args.cell.upper()} (hidden {config.hidden}): trained on "
+          f"1700-{2008 - config.held_out_years}, judged on the {config.held_out_years} held-out years after.")
+    print(f"Training: windows of {config.window} years, truncated BPTT in chunks of {config.chunk} steps, "
+          f"gradient norm clipped at {config.clip}, Adam lr {config.lr}, {config.epochs} epochs, seed {config.seed}.")
+    with tqdm(total=config.epochs, desc="training", unit="epoch", disable=args.no_progress) as bar:
+        def on_epoch(epoch, loss):
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+        result = demo.train_forecaster(config, on_epoch)
+    print("\nOne-year-ahead RMSE on the held-out years (sunspot number):")
+    names = {"model": args.cell.upper(), **{k: k for k in result.baselines}}
+    width = max(len(n) for n in names.values())
+    for key, name in names.items():
+        print(f"  {name:<{width}}  {result.rmse[key]:6.2f}")
+    best_baseline = min(result.rmse[k] for k in result.baselines)
+    if result.rmse["model"] < best_baseline:
+        print(f"The {args.cell.upper()} beats both baselines "
+              f"({(1 - result.rmse['model'] / best_baseline) * 100:.1f}% below the better one).")
+    else:
+        print(f"The {args.cell.upper()} does not beat the better baseline this time.")
+    if args.plot:
+        demo.plot_forecast(result, args.plot, args.cell)
+        print(f"Forecast plot written to {args.plot}")
+    return 0
+
+
+def _demo_gradients(args, demo) -> int:
+    profiles = demo.gradient_profiles(seed=args.seed)
+    steps = len(next(iter(profiles.values())).norms)
+    print(f"Gradient of a loss on the last of {steps} steps, reaching each earlier step's hidden state "
+          "(hidden 32, default initialisation, the same input sequence):")
+    print(f"  {'cell':9}{'factor/step':>12}{'first/last':>13}  verdict")
+    for cell, flow in profiles.items():
+        print(f"  {cell.upper():9}{flow.factor_per_step:>12.3f}{flow.span:>13.2e}  {flow.verdict}")
+    print("factor/step: fitted change of ||dL/dh_t|| per step back in time; first/last: that factor over "
+          "the whole sequence.")
+    if args.plot:
+        demo.plot_gradient_profiles(profiles, args.plot)
+        print(f"Gradient profiles written to {args.plot}")
+    return 0
+
+
+# ---- bench ------------------------------------------------------------------------------------------
+
+
+def _parse_shape(text: str) -> tuple:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"shape: expected T,B,I,H as four positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _bench(args) -> int:
+    peers = benchmark.check_peers(args.peers if args.peers else benchmark.available_peers())
+    if args.set and (args.cell or args.shape):
+        raise ValueError("set: give either --set or --cell/--shape, not both")
+    if args.cell or args.shape:
+        shapes = [_parse_shape(s) for s in args.shape] if args.shape else benchmark.DEFAULT_SHAPES
+        cases = benchmark.cases_for(args.cell or benchmark.DEFAULT_CELLS, shapes, args.mode)
+    else:
+        cases = benchmark.named_cases(args.set or "default")
+    benchmark.set_threads(peers, args.threads)
+    to_stdout = args.json == "-"
+    table = benchmark.Table(peers, show_input_size=any(c.input_size != c.hidden for c in cases))
+    if not to_stdout:
+        tqdm.write(table.header())
+    rows = []
+    with tqdm(total=len(cases) * args.rounds, desc="timing", unit="round", disable=args.no_progress,
+              file=sys.stderr) as bar:
+        for case in cases:
+            for row in benchmark.run_case(case, peers, rounds=args.rounds, repeats=args.repeats,
+                                          on_round=bar.update):
+                rows.append(row)
+                if not to_stdout:
+                    tqdm.write(table.line(row))
+    meta = benchmark.metadata(peers, args.threads, args.rounds, args.repeats)
+    if to_stdout:
+        json.dump({"meta": meta, "rows": rows}, sys.stdout, indent=1)
+        print()
+    elif args.json:
+        benchmark.write_json(args.json, meta, rows)
+    return 0
+
+
+# ---- info -------------------------------------------------------------------------------------------
+
+OPTIONAL = {"torch": "bench peer, torch parity tests", "jax": "bench peer", "cupy": "GPU arrays",
+            "matplotlib": "plots (the plot extra)"}
+
+
+def _info(args) -> int:
+    info = build_info()
+    print(f"fusedrnn {info['version']}")
+    print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
+          f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
+    print(f"  CUDA: {'compiled in' if info['cuda'] else 'not compiled in'}")
+    print(f"  BLAS: {info['blas']}")
+    print(f"  threads: {info['num_threads']}")
+    print("Optional packages:")
+    for name, use in OPTIONAL.items():
+        found = importlib.util.find_spec(name) is not None
+        print(f"  {name:11}{'importable' if found else 'not installed':15}({use})")
+    print(f"Benchmark peers available: {', '.join(benchmark.available_peers())}")
+    return 0

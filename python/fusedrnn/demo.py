@@ -1,0 +1,200 @@
+"""`fusedrnn demo`: a recurrent forecaster of the yearly sunspot numbers, trained with the toolkit
+(windows, truncated BPTT, gradient clipping, Adam) and judged on held-out years against two baselines;
+and `fusedrnn demo --gradients`: how the gradient fades back through time in an RNN, a GRU and an LSTM.
+
+The forecaster reads the (standardised) series one year at a time and predicts the next year from its
+hidden state through a linear readout. It trains on overlapping windows of the training years, each run in chunks of `chunk` steps with the state carried between them (truncated BPTT); the
+first `warmup` steps of each window, which start from a zero state, are left out of the loss. It
+forecasts each held-out year from the window of years before it, and averages the forecasts of the
+last `average_last` fraction of epochs (less noise from the last few updates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import datasets, losses, optim, sequences
+from .bptt import truncated_bptt
+from .gradients import clip_grad_norm, diagnose_gradient_flow, plot_gradient_flow
+from .modules import Linear, make_module
+from ._optional import require
+
+FORECAST_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+@dataclass
+class ForecastConfig:
+    cell: str = "lstm"
+    hidden: int = 64
+    epochs: int = 150
+    seed: int = 0
+    held_out_years: int = 60
+    window: int = 64          # years per training window, and of history behind each forecast
+    chunk: int = 16           # truncated-BPTT chunk length
+    warmup: int = 8           # first steps of a window left out of the loss
+    batch: int = 32
+    lr: float = 1e-2
+    clip: float = 1.0
+    average_last: float = 0.3
+
+
+@dataclass
+class ForecastResult:
+    years: np.ndarray           # the held-out years
+    truth: np.ndarray           # their sunspot numbers
+    forecast: np.ndarray        # the model's one-step-ahead forecasts
+    baselines: dict             # name -> forecasts of the same years
+    rmse: dict                  # "model" and each baseline name -> RMSE
+    linear_window: int          # the window the linear baseline chose on validation years
+    losses: list = field(default_factory=list)   # mean training loss per epoch
+
+
+def rmse(forecast, truth) -> float:
+    return float(np.sqrt(np.mean((np.asarray(forecast) - np.asarray(truth)) ** 2)))
+
+
+# ---- baselines ------------------------------------------------------------------------------------------
+
+
+def _lagged(series: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [y[t-window], ..., y[t-1], 1] and targets y[t] for every t >= window."""
+    lags = np.lib.stride_tricks.sliding_window_view(series, window + 1)
+    return np.hstack([lags[:, :window], np.ones((len(lags), 1))]), lags[:, window]
+
+
+def linear_window_forecast(series: np.ndarray, n_train: int, window: int) -> np.ndarray:
+    """Least-squares y[t] ~ w . y[t-window:t] + b fitted on the first n_train values; forecasts of
+    y[n_train:] from the true values before each."""
+    a, b = _lagged(series[:n_train], window)
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    rows, _ = _lagged(series[n_train - window:], window)
+    return rows @ coef
+
+
+def choose_linear_window(series: np.ndarray, n_train: int, validation: int = 50, longest: int = 20) -> int:
+    """The window (1..longest) whose linear model, fitted on the training values before the last
+    `validation` ones, forecasts those best: chosen without looking at the held-out years."""
+    fit_end = n_train - validation
+    errors = [rmse(linear_window_forecast(series[:n_train], fit_end, w), series[fit_end:n_train])
+              for w in range(1, longest + 1)]
+    return int(np.argmin(errors)) + 1
+
+
+# ---- the recurrent forecaster -------------------------------------------------------------------------
+
+
+def train_forecaster(config: ForecastConfig = ForecastConfig(),
+                     on_epoch: Callable[[int, float], None] | None = None) -> ForecastResult:
+    if config.cell not in FORECAST_CELLS:
+        raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
+    years, series = datasets.sunspots()
+    n_train = len(series) - config.held_out_years
+    mean, std = series[:n_train].mean(), series[:n_train].std()
+    z = ((series - mean) / std).astype(np.float32)
+
+    inputs, targets = sequences.next_step_chunks(z[:n_train], config.window, stride=1)
+    loss_mask = np.ones(inputs.shape[:2], bool)
+    loss_mask[:config.warmup] = False
+
+    rnn = make_module(config.cell, 1, config.hidden, seed=config.seed)
+    head = Linear(config.hidden, 1, seed=config.seed + 1)
+    opt = optim.Adam([rnn, head], lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+
+    # Forecast inputs: the window of years before each held-out year (its targets are those years).
+    history, _ = sequences.sliding_windows(z[n_train - config.window:], config.window, 1)
+
+    def forecast() -> np.ndarray:
+        rnn.eval(), head.eval()
+        out, _ = rnn(np.ascontiguousarray(history))
+        predicted = head(out[-1])[:, 0]
+        rnn.train(), head.train()
+        return predicted * std + mean
+
+    def step(_chunk_index: int) -> None:
+        grads = [*rnn.grads.values(), *head.grads.values()]
+        if math.isfinite(clip_grad_norm(grads, config.clip)):
+            opt.step()                           # a non-finite gradient skips the update
+        rnn.zero_grad(), head.zero_grad()
+
+    snapshots, epoch_losses = [], []
+    count = inputs.shape[1]
+    for epoch in range(config.epochs):
+        total = 0.0
+        order = rng.permutation(count)
+        for start in range(0, count, config.batch):
+            idx = order[start:start + config.batch]
+            x, y, mask = inputs[:, idx], targets[:, idx], loss_mask[:, idx]
+
+            def loss_fn(out, t0, t1):
+                pred = head(out)
+                chunk_mask = mask[t0:t1]
+                if not chunk_mask.any():         # a chunk inside the warm-up: no loss
+                    head.backward(np.zeros_like(pred))
+                    return 0.0, np.zeros_like(out)
+                loss, dpred = losses.mse_loss(pred, y[t0:t1], chunk_mask)
+                return loss, head.backward(dpred)
+
+            total += sum(truncated_bptt(rnn, x, config.chunk, loss_fn, after_chunk=step).losses)
+        epoch_losses.append(total / math.ceil(count / config.batch))
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_losses[-1])
+        if epoch >= config.epochs * (1 - config.average_last):
+            snapshots.append(forecast())
+    model = np.mean(snapshots, axis=0) if snapshots else forecast()
+
+    truth = series[n_train:]
+    window = choose_linear_window(series, n_train)
+    baselines = {"repeat last value": series[n_train - 1:-1],
+                 f"linear, last {window} years": linear_window_forecast(series, n_train, window)}
+    scores = {"model": rmse(model, truth), **{k: rmse(v, truth) for k, v in baselines.items()}}
+    return ForecastResult(years[n_train:], truth, model, baselines, scores, window, epoch_losses)
+
+
+def plot_forecast(result: ForecastResult, path, cell: str = "lstm"):
+    """Held-out truth, the model's forecasts and the baselines' (matplotlib, the `plot` extra)."""
+    fig = require("matplotlib.figure", "plot").Figure(figsize=(9, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(result.years, result.truth, "k-", lw=2, label="observed")
+    ax.plot(result.years, result.forecast, "-", label=f"{cell.upper()} (RMSE {result.rmse['model']:.1f})")
+    for name, values in result.baselines.items():
+        ax.plot(result.years, values, "--", lw=1, label=f"{name} (RMSE {result.rmse[name]:.1f})")
+    ax.set_xlabel("year")
+    ax.set_ylabel("sunspot number")
+    ax.set_title("One-year-ahead forecasts of held-out years")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+# ---- gradient flow ------------------------------------------------------------------------------------
+
+GRADIENT_CELLS = ("rnn_tanh", "gru", "lstm")
+
+
+def gradient_profiles(steps: int = 100, hidden: int = 32, seed: int = 0) -> dict:
+    """cell -> GradientFlow: each cell, at its default initialisation, runs the same sequence (the
+    first `steps` standardised sunspot years, 4 copies with different noise); the loss is on the last
+    step's output only, so the profile shows what reaches each earlier step."""
+    _, series = datasets.sunspots()
+    z = (series[:steps] - series.mean()) / series.std()
+    rng = np.random.default_rng(seed)
+    x = (z[:, None, None] + 0.1 * rng.standard_normal((steps, 4, 1))).astype(np.float64)
+    profiles = {}
+    for cell in GRADIENT_CELLS:
+        m = make_module(cell, 1, hidden, dtype=np.float64, seed=seed)
+        y, _ = m(x)
+        dy = np.zeros_like(y)
+        dy[-1] = 1.0
+        m.backward(dy)
+        profiles[cell] = diagnose_gradient_flow(m.hidden_grad_norms[0])
+    return profiles
+
+
+def plot_gradient_profiles(profiles: dict, path):
+    return plot_gradient_flow({cell.upper(): flow.norms for cell, flow in profiles.items()}, path,
+                              title="||dL/dh_t|| for a loss on the last step (default initialisation)")

@@ -1,0 +1,191 @@
+"""The packaged data sets, the benchmark harness and its peer registry, the demo's pieces, and the
+`fusedrnn` command (demo, bench, info) run in-process on tiny settings."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import benchmark, cli, datasets, demo
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+def test_sunspots():
+    years, activity = datasets.sunspots()
+    assert years.tolist() == list(range(1700, 2009)) and activity.shape == (309,)
+    assert activity[:3].tolist() == [5.0, 11.0, 16.0] and np.all(activity >= 0)
+
+
+def test_co2_gaps_are_filled_on_the_weekly_grid():
+    co2 = datasets.co2_weekly()
+    assert len(co2.dates) == 2284 and np.all(np.diff(co2.dates).astype(int) == 7)
+    assert int((~co2.measured).sum()) == 59 and np.all(np.isfinite(co2.ppm))
+    # Each filled run lies on the straight line between the measured weeks either side.
+    gap = int(np.flatnonzero(~co2.measured)[0])
+    end = gap + int(np.argmax(co2.measured[gap:]))
+    before, after = co2.ppm[gap - 1], co2.ppm[end]
+    expected = before + (after - before) * np.arange(1, end - gap + 1) / (end - gap + 1)
+    np.testing.assert_allclose(co2.ppm[gap:end], expected, rtol=1e-12)
+    assert 310 < co2.ppm.min() and co2.ppm.max() < 380
+
+
+def test_deepbench_shapes():
+    shapes = datasets.deepbench_shapes()
+    assert len(shapes) == 125
+    assert {s.cell for s in shapes} == {"rnn_relu", "gru", "lstm"}
+    assert shapes[0] == datasets.DeepBenchShape("training_set", 1760, 16, 50, "rnn_relu")
+
+
+# ---- benchmark harness ---------------------------------------------------------------------------------
+
+
+TINY = benchmark.Case("gru", 3, 2, 5, 4)
+
+
+def test_run_case_rows_and_ratios():
+    rows = benchmark.run_case(TINY, ["fusedrnn", "numpy"], rounds=2, repeats=1)
+    assert [r["mode"] for r in rows] == ["inference", "training"]
+    for row in rows:
+        assert (row["cell"], row["T"], row["B"], row["I"], row["H"]) == ("GRU", 3, 2, 5, 4)
+        assert row["speedup_vs_numpy"] == pytest.approx(row["numpy_ms"] / row["fusedrnn_ms"])
+        work = TINY.flops(row["mode"])
+        assert row["fusedrnn_gflops"] == pytest.approx(work / (row["fusedrnn_ms"] / 1e3) / 1e9)
+        assert row["fusedrnn_spread_pct"] >= 0
+    assert TINY.flops("training") == 3 * TINY.flops("inference") == 3 * 2.0 * 3 * 2 * (5 + 4) * 3 * 4
+
+
+def test_peers_are_pluggable(monkeypatch):
+    calls = []
+
+    def factory(problem):
+        # Every peer gets the same problem: fusedrnn's weights under torch.nn's names.
+        assert set(problem.state_dict) == {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"}
+        assert problem.x.shape == (3, 2, 5) and problem.dy.shape == (3, 2, 4)
+        return benchmark.Runners(lambda: calls.append("infer"), lambda: calls.append("train"))
+
+    monkeypatch.setitem(benchmark.PEERS, "counting", benchmark.PEERS["numpy"])
+    benchmark.register_peer("counting", factory)
+    rows = benchmark.run_case(TINY, ["fusedrnn", "counting"], rounds=3, repeats=2)
+    assert calls.count("infer") == calls.count("train") == 2 + 3 * 2   # warm-up, then rounds x repeats
+    assert "speedup_vs_counting" in rows[0]
+    assert "counting" in benchmark.available_peers()
+
+
+def test_named_cases_and_errors():
+    default = benchmark.named_cases("default")
+    assert len(default) == 6 and {c.cell for c in default} == {"lstm", "gru", "rnn_tanh"}
+    training = benchmark.named_cases("training_set")
+    assert len(training) == 53 and all(c.modes == ("training",) and c.input_size == c.hidden for c in training)
+    assert all(c.modes == ("inference",) for c in benchmark.named_cases("inference_device_set"))
+    with pytest.raises(ValueError, match="set: expected 'default' or one of"):
+        benchmark.named_cases("nope")
+    with pytest.raises(ValueError, match="cells: expected names from"):
+        benchmark.cases_for(["lstn"], [(1, 1, 1, 1)])
+    with pytest.raises(ValueError, match="peers: unknown peer 'nope'"):
+        benchmark.check_peers(["nope"])
+
+
+def test_table_lines_line_up():
+    table = benchmark.Table(["fusedrnn", "numpy"], show_input_size=True)
+    row = {"cell": "GRU", "T": 3, "B": 2, "I": 5, "H": 4, "mode": "training", "fusedrnn_ms": 1.5,
+           "fusedrnn_spread_pct": 3.0, "fusedrnn_gflops": 7.25, "numpy_ms": 6.0, "numpy_spread_pct": 1.0,
+           "numpy_gflops": 1.8, "speedup_vs_numpy": 4.0}
+    header, line = table.header(), table.line(row)
+    assert len(header) == len(line)
+    assert line.split() == ["GRU", "3", "2", "5", "4", "training", "1.500", "3%", "7.2", "6.000", "1%", "1.8",
+                            "4.00x"]
+
+
+# ---- the demo's pieces ---------------------------------------------------------------------------------
+
+
+def test_linear_window_forecast_is_exact_on_a_linear_recursion():
+    y = np.zeros(80)
+    y[:2] = [1.0, 0.5]
+    for t in range(2, 80):
+        y[t] = 1.6 * y[t - 1] - 0.8 * y[t - 2] + 0.3
+    np.testing.assert_allclose(demo.linear_window_forecast(y, 60, 2), y[60:], rtol=1e-9, atol=1e-9)
+    assert 1 <= demo.choose_linear_window(y, 60, validation=20, longest=5) <= 5
+
+
+def test_forecaster_short_run(rng):
+    config = demo.ForecastConfig(hidden=8, epochs=2, held_out_years=30, batch=64)
+    seen = []
+    result = demo.train_forecaster(config, lambda epoch, loss: seen.append((epoch, loss)))
+    assert [e for e, _ in seen] == [0, 1] and all(np.isfinite(loss) for _, loss in seen)
+    years, series = datasets.sunspots()
+    assert result.years.tolist() == list(range(1979, 2009))
+    np.testing.assert_array_equal(result.truth, series[-30:])
+    persistence = result.baselines["repeat last value"]
+    np.testing.assert_array_equal(persistence, series[-31:-1])
+    assert result.rmse["repeat last value"] == pytest.approx(np.sqrt(np.mean((series[-31:-1] - series[-30:]) ** 2)))
+    assert result.forecast.shape == (30,) and np.all(np.isfinite(result.forecast))
+    assert result.rmse["model"] == pytest.approx(demo.rmse(result.forecast, result.truth))
+    with pytest.raises(ValueError, match="cell: expected one of"):
+        demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+
+def test_cli_demo_prints_model_and_baselines(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "forecast.png"
+    assert cli.main(["demo", "--epochs", "1", "--hidden", "4", "--no-progress", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    for name in ("LSTM", "repeat last value", "linear, last"):
+        assert name in out
+    assert "32.90" in out   # repeating the last value, on the 60 held-out years
+    assert plot.stat().st_size > 1000
+
+
+def test_cli_demo_gradients(capsys):
+    assert cli.main(["demo", "--gradients"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.strip().split()[:1] in (["RNN_TANH"], ["GRU"], ["LSTM"])}
+    assert set(rows) == {"RNN_TANH", "GRU", "LSTM"}
+    factors = {cell: float(r[1]) for cell, r in rows.items()}
+    assert factors["RNN_TANH"] < factors["LSTM"]   # the plain RNN loses the gradient fastest
+    assert all(r[3] in ("vanishing", "healthy", "exploding") for r in rows.values())
+
+
+def test_cli_bench_json(capsys):
+    argv = ["bench", "--cell", "rnn_tanh", "--shape", "3,2,5,4", "--peers", "fusedrnn", "numpy", "--rounds",
+            "1", "--repeats", "1", "--json", "-", "--no-progress"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in report["rows"]] == ["inference", "training"]
+    assert report["meta"]["threads"] == 2 and report["meta"]["numpy"] == np.__version__
+
+
+def test_cli_bench_table_and_file(capsys, tmp_path):
+    out_file = tmp_path / "rows.json"
+    argv = ["bench", "--cell", "gru", "--shape", "2,1,3,3", "--peers", "fusedrnn", "--mode", "inference",
+            "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["cell", "T", "B", "H", "mode"] and lines[1].split()[:5] == ["GRU", "2", "1", "3", "inference"]
+    assert len(json.loads(out_file.read_text())["rows"]) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--peers", "nope"], "peers: unknown peer 'nope'"),
+    (["bench", "--shape", "1,2,3"], "shape: expected T,B,I,H"),
+    (["bench", "--set", "default", "--cell", "gru"], "set: give either --set or --cell/--shape"),
+])
+def test_cli_errors_name_the_option(capsys, argv, message):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_via_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True).stdout
+    info = fusedrnn.build_info()
+    assert f"fusedrnn {info['version']}" in out and f"SIMD: {info['simd']}" in out
+    assert "CUDA: not compiled in" in out and info["blas"] in out
+    assert "Benchmark peers available: fusedrnn, numpy" in out
