@@ -109,17 +109,20 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
     history, _ = sequences.sliding_windows(z[n_train - config.window:], config.window, 1)
 
     def forecast() -> np.ndarray:
-        rnn.eval(), head.eval()
-        out, _ = rnn(np.ascontiguousarray(history))
+        rnn.eval()
+        head.eval()
+        out, _ = rnn(history)
         predicted = head(out[-1])[:, 0]
-        rnn.train(), head.train()
+        rnn.train()
+        head.train()
         return predicted * std + mean
 
     def step(_chunk_index: int) -> None:
         grads = [*rnn.grads.values(), *head.grads.values()]
         if math.isfinite(clip_grad_norm(grads, config.clip)):
             opt.step()                           # a non-finite gradient skips the update
-        rnn.zero_grad(), head.zero_grad()
+        rnn.zero_grad()
+        head.zero_grad()
 
     snapshots, epoch_losses = [], []
     count = inputs.shape[1]
@@ -131,12 +134,10 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
             x, y, mask = inputs[:, idx], targets[:, idx], loss_mask[:, idx]
 
             def loss_fn(out, t0, t1):
-                pred = head(out)
                 chunk_mask = mask[t0:t1]
-                if not chunk_mask.any():         # a chunk inside the warm-up: no loss
-                    head.backward(np.zeros_like(pred))
+                if not chunk_mask.any():         # a chunk inside the warm-up: nothing to learn from
                     return 0.0, np.zeros_like(out)
-                loss, dpred = losses.mse_loss(pred, y[t0:t1], chunk_mask)
+                loss, dpred = losses.mse_loss(head(out), y[t0:t1], chunk_mask)
                 return loss, head.backward(dpred)
 
             total += sum(truncated_bptt(rnn, x, config.chunk, loss_fn, after_chunk=step).losses)
