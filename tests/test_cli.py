@@ -114,10 +114,11 @@ def test_linear_window_forecast_is_exact_on_a_linear_recursion():
 
 
 def test_forecaster_short_run(rng):
-    config = demo.ForecastConfig(hidden=8, epochs=2, held_out_years=30, batch=64)
+    config = demo.ForecastConfig(hidden=8, epochs=2, held_out_years=30, batch=64, members=2)
     seen = []
     result = demo.train_forecaster(config, lambda epoch, loss: seen.append((epoch, loss)))
-    assert [e for e, _ in seen] == [0, 1] and all(np.isfinite(loss) for _, loss in seen)
+    assert [e for e, _ in seen] == [0, 1, 2, 3] and all(np.isfinite(loss) for _, loss in seen)
+    assert result.losses == [loss for _, loss in seen]
     years, series = datasets.sunspots()
     assert result.years.tolist() == list(range(1979, 2009))
     np.testing.assert_array_equal(result.truth, series[-30:])
@@ -128,6 +129,14 @@ def test_forecaster_short_run(rng):
     assert result.rmse["model"] == pytest.approx(demo.rmse(result.forecast, result.truth))
     with pytest.raises(ValueError, match="cell: expected one of"):
         demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
+
+
+def test_forecast_is_the_members_average():
+    small = dict(hidden=4, epochs=2, held_out_years=20, batch=64)
+    both = demo.train_forecaster(demo.ForecastConfig(seed=0, members=2, **small))
+    alone = [demo.train_forecaster(demo.ForecastConfig(seed=s, members=1, **small)).forecast for s in (0, 1)]
+    np.testing.assert_allclose(both.forecast, np.mean(alone, axis=0), rtol=1e-6)
+    assert not np.allclose(alone[0], alone[1])
 
 
 # ---- the command ----------------------------------------------------------------------------------------
@@ -147,7 +156,7 @@ def test_cli_demo_prints_model_and_baselines(capsys, tmp_path):
 def test_cli_demo_gradients(capsys):
     assert cli.main(["demo", "--gradients"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if line.strip().split()[:1] in (["RNN_TANH"], ["GRU"], ["LSTM"])}
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["RNN_TANH"], ["GRU"], ["LSTM"])}
     assert set(rows) == {"RNN_TANH", "GRU", "LSTM"}
     factors = {cell: float(r[1]) for cell, r in rows.items()}
     assert factors["RNN_TANH"] < factors["LSTM"]   # the plain RNN loses the gradient fastest
@@ -169,7 +178,8 @@ def test_cli_bench_table_and_file(capsys, tmp_path):
             "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:5] == ["cell", "T", "B", "H", "mode"] and lines[1].split()[:5] == ["GRU", "2", "1", "3", "inference"]
+    assert lines[0].split()[:5] == ["cell", "T", "B", "H", "mode"]
+    assert lines[1].split()[:5] == ["GRU", "2", "1", "3", "inference"]
     assert len(json.loads(out_file.read_text())["rows"]) == 1
 
 

@@ -10,7 +10,8 @@ from fusedrnn import gradients as G
 
 
 def _grads(rng, dtype=np.float64, scale=1.0):
-    return {"a": (scale * rng.standard_normal((4, 3))).astype(dtype), "b": (scale * rng.standard_normal(5)).astype(dtype)}
+    return {"a": (scale * rng.standard_normal((4, 3))).astype(dtype),
+            "b": (scale * rng.standard_normal(5)).astype(dtype)}
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf], ids=["l2", "l1", "l3", "inf"])

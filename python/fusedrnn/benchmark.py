@@ -298,7 +298,8 @@ class Table:
         self.show_input_size = show_input_size
 
     def header(self) -> str:
-        head = f"{'cell':9}{'T':>5}{'B':>4}" + (f"{'I':>5}" if self.show_input_size else "") + f"{'H':>5} {'mode':10}"
+        inp = f"{'I':>5}" if self.show_input_size else ""
+        head = f"{'cell':9}{'T':>5}{'B':>4}{inp}{'H':>5} {'mode':10}"
         for name in self.peers:
             head += f"{name + ' ms':>12}{'spread':>8}{'GF/s':>7}"
             if name != "fusedrnn" and "fusedrnn" in self.peers:
@@ -306,8 +307,8 @@ class Table:
         return head
 
     def line(self, row: dict) -> str:
-        text = (f"{row['cell']:9}{row['T']:>5}{row['B']:>4}" + (f"{row['I']:>5}" if self.show_input_size else "")
-                + f"{row['H']:>5} {row['mode']:10}")
+        inp = f"{row['I']:>5}" if self.show_input_size else ""
+        text = f"{row['cell']:9}{row['T']:>5}{row['B']:>4}{inp}{row['H']:>5} {row['mode']:10}"
         for name in self.peers:
             text += f"{row[f'{name}_ms']:>12.3f}{row[f'{name}_spread_pct']:>7.0f}%{row[f'{name}_gflops']:>7.1f}"
             if f"speedup_vs_{name}" in row:

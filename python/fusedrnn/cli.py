@@ -33,11 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden size (default 64)")
     demo.add_argument("--epochs", type=_positive_int, default=150, help="training epochs (default 150)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    demo.add_argument("--members", type=_positive_int, default=3,
+                      help="forecasters trained from different seeds and averaged (default 3)")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="native threads (default 1: the layers here are small)")
     demo.add_argument("--plot", metavar="OUT.png", help="draw the forecasts (or gradient profiles) to a file")
     demo.add_argument("--gradients", action="store_true", help="show gradient flow instead of training")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress bar (there is none either when stderr is not a terminal)")
 
     bench = sub.add_parser("bench", help="time fusedrnn against every installed peer",
                            description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
     bench.add_argument("--json", metavar="OUT.json", help="write the rows as JSON ('-': to stdout, no table)")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (there is none either when stderr is not a terminal)")
 
     sub.add_parser("info", help="version, build options, and which optional peers are importable")
     return parser
@@ -68,6 +72,11 @@ def main(argv=None) -> int:
         return 2
 
 
+def _progress_off(args):
+    # tqdm reads None as "off unless stderr is a terminal": no bar in logs and CI.
+    return True if args.no_progress else None
+
+
 # ---- demo -------------------------------------------------------------------------------------------
 
 
@@ -77,12 +86,15 @@ def _demo(args) -> int:
     set_num_threads(args.threads)
     if args.gradients:
         return _demo_gradients(args, demo)
-    config = demo.ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed)
+    config = demo.ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
+                                 members=args.members)
     print(f"Forecasting yearly sunspot numbers with a {args.cell.upper()} (hidden {config.hidden}): trained on "
           f"1700-{2008 - config.held_out_years}, judged on the {config.held_out_years} held-out years after.")
     print(f"Training: windows of {config.window} years, truncated BPTT in chunks of {config.chunk} steps, "
-          f"gradient norm clipped at {config.clip}, Adam lr {config.lr}, {config.epochs} epochs, seed {config.seed}.")
-    with tqdm(total=config.epochs, desc="training", unit="epoch", disable=args.no_progress) as bar:
+          f"gradient norm clipped at {config.clip}, Adam lr {config.lr}, {config.epochs} epochs; the average of "
+          f"{config.members} such models, seed {config.seed}.")
+    with tqdm(total=config.epochs * config.members, desc="training", unit="epoch",
+              disable=_progress_off(args)) as bar:
         def on_epoch(epoch, loss):
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
@@ -145,7 +157,7 @@ def _bench(args) -> int:
     if not to_stdout:
         tqdm.write(table.header())
     rows = []
-    with tqdm(total=len(cases) * args.rounds, desc="timing", unit="round", disable=args.no_progress,
+    with tqdm(total=len(cases) * args.rounds, desc="timing", unit="round", disable=_progress_off(args),
               file=sys.stderr) as bar:
         for case in cases:
             for row in benchmark.run_case(case, peers, rounds=args.rounds, repeats=args.repeats,

@@ -3,10 +3,13 @@
 and `fusedrnn demo --gradients`: how the gradient fades back through time in an RNN, a GRU and an LSTM.
 
 The forecaster reads the (standardised) series one year at a time and predicts the next year from its
-hidden state through a linear readout. It trains on overlapping windows of the training years, each run in chunks of `chunk` steps with the state carried between them (truncated BPTT); the
-first `warmup` steps of each window, which start from a zero state, are left out of the loss. It
-forecasts each held-out year from the window of years before it, and averages the forecasts of the
-last `average_last` fraction of epochs (less noise from the last few updates).
+hidden state through a linear readout. It trains on overlapping windows of the training years, each run
+in chunks of `chunk` steps with the state carried between them (truncated BPTT); the first `warmup`
+steps of each window, which start from a zero state, are left out of the loss. It forecasts each
+held-out year from the window of years before it, and averages the forecasts of the last
+`average_last` fraction of epochs (less noise from the last few updates). `members` forecasters
+trained from different seeds are averaged: one alone lands on either side of the linear baseline
+depending on its seed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class ForecastConfig:
     lr: float = 1e-2
     clip: float = 1.0
     average_last: float = 0.3
+    members: int = 3          # forecasters trained from different seeds, their forecasts averaged
 
 
 @dataclass
@@ -50,7 +54,7 @@ class ForecastResult:
     baselines: dict             # name -> forecasts of the same years
     rmse: dict                  # "model" and each baseline name -> RMSE
     linear_window: int          # the window the linear baseline chose on validation years
-    losses: list = field(default_factory=list)   # mean training loss per epoch
+    losses: list = field(default_factory=list)   # mean training loss of each epoch of each member
 
 
 def rmse(forecast, truth) -> float:
@@ -89,6 +93,8 @@ def choose_linear_window(series: np.ndarray, n_train: int, validation: int = 50,
 
 def train_forecaster(config: ForecastConfig = ForecastConfig(),
                      on_epoch: Callable[[int, float], None] | None = None) -> ForecastResult:
+    """Trains `config.members` forecasters (seeds seed*members + 0, 1, ...) and averages their
+    forecasts of the held-out years; `on_epoch(n, loss)` after each of the members * epochs epochs."""
     if config.cell not in FORECAST_CELLS:
         raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
     years, series = datasets.sunspots()
@@ -96,14 +102,36 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
     mean, std = series[:n_train].mean(), series[:n_train].std()
     z = ((series - mean) / std).astype(np.float32)
 
+    epoch_losses = []
+
+    def record(loss: float) -> None:
+        epoch_losses.append(loss)
+        if on_epoch is not None:
+            on_epoch(len(epoch_losses) - 1, loss)
+
+    forecasts = [_train_member(config, config.seed * config.members + m, z, n_train, record)
+                 for m in range(config.members)]
+    model = np.mean(forecasts, axis=0) * std + mean
+
+    truth = series[n_train:]
+    window = choose_linear_window(series, n_train)
+    baselines = {"repeat last value": series[n_train - 1:-1],
+                 f"linear, last {window} years": linear_window_forecast(series, n_train, window)}
+    scores = {"model": rmse(model, truth), **{k: rmse(v, truth) for k, v in baselines.items()}}
+    return ForecastResult(years[n_train:], truth, model, baselines, scores, window, epoch_losses)
+
+
+def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int,
+                  record: Callable[[float], None]) -> np.ndarray:
+    """One forecaster trained on z[:n_train]; its (standardised) forecasts of z[n_train:]."""
     inputs, targets = sequences.next_step_chunks(z[:n_train], config.window, stride=1)
     loss_mask = np.ones(inputs.shape[:2], bool)
     loss_mask[:config.warmup] = False
 
-    rnn = make_module(config.cell, 1, config.hidden, seed=config.seed)
-    head = Linear(config.hidden, 1, seed=config.seed + 1)
+    rnn = make_module(config.cell, 1, config.hidden, seed=seed)
+    head = Linear(config.hidden, 1, seed=seed + 1)
     opt = optim.Adam([rnn, head], lr=config.lr)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
 
     # Forecast inputs: the window of years before each held-out year (its targets are those years).
     history, _ = sequences.sliding_windows(z[n_train - config.window:], config.window, 1)
@@ -115,7 +143,7 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
         predicted = head(out[-1])[:, 0]
         rnn.train()
         head.train()
-        return predicted * std + mean
+        return predicted
 
     def step(_chunk_index: int) -> None:
         grads = [*rnn.grads.values(), *head.grads.values()]
@@ -124,7 +152,7 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
         rnn.zero_grad()
         head.zero_grad()
 
-    snapshots, epoch_losses = [], []
+    snapshots = []
     count = inputs.shape[1]
     for epoch in range(config.epochs):
         total = 0.0
@@ -141,19 +169,10 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
                 return loss, head.backward(dpred)
 
             total += sum(truncated_bptt(rnn, x, config.chunk, loss_fn, after_chunk=step).losses)
-        epoch_losses.append(total / math.ceil(count / config.batch))
-        if on_epoch is not None:
-            on_epoch(epoch, epoch_losses[-1])
+        record(total / math.ceil(count / config.batch))
         if epoch >= config.epochs * (1 - config.average_last):
             snapshots.append(forecast())
-    model = np.mean(snapshots, axis=0) if snapshots else forecast()
-
-    truth = series[n_train:]
-    window = choose_linear_window(series, n_train)
-    baselines = {"repeat last value": series[n_train - 1:-1],
-                 f"linear, last {window} years": linear_window_forecast(series, n_train, window)}
-    scores = {"model": rmse(model, truth), **{k: rmse(v, truth) for k, v in baselines.items()}}
-    return ForecastResult(years[n_train:], truth, model, baselines, scores, window, epoch_losses)
+    return np.mean(snapshots, axis=0) if snapshots else forecast()
 
 
 def plot_forecast(result: ForecastResult, path, cell: str = "lstm"):

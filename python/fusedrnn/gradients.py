@@ -50,11 +50,13 @@ def _vector_norm(values: np.ndarray, p: float) -> float:
     return float(np.sum(a**p) ** (1.0 / p))
 
 
+def _total_norm(named: list, p: float) -> float:
+    return _vector_norm(np.array([_vector_norm(g, p) for _, g in named]), p)
+
+
 def grad_norm(grads, norm_type: float = 2.0) -> float:
     """The norm of all gradients taken together as one vector (the norm of the per-array norms)."""
-    p = _norm_type(norm_type)
-    named = _grad_arrays(grads)
-    return _vector_norm(np.array([_vector_norm(g, p) for _, g in named]), p)
+    return _total_norm(_grad_arrays(grads), _norm_type(norm_type))
 
 
 def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
@@ -68,8 +70,8 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonf
     finite entries): check `math.isfinite(total)` or `nonfinite_grads` and skip that step."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
         raise ValueError(f"max_norm: expected a number >= 0, got {max_norm!r}")
-    total = grad_norm(grads, norm_type)
     named = _grad_arrays(grads)
+    total = _total_norm(named, _norm_type(norm_type))
     if not math.isfinite(total) and error_if_nonfinite:
         raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; non-finite gradients in "
                            f"{nonfinite_grads(grads)}")
