@@ -378,8 +378,10 @@ PYBIND11_MODULE(_core, m) {
     fusedrnn::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &fusedrnn::team_size);
-  m.def("layer_threads", &fusedrnn::layer_threads, py::arg("batch"), py::arg("hidden"),
-        "Threads a layer of this batch and hidden size runs on.");
+  m.def("layer_threads", [](const std::string& cell, Index batch, Index hidden) {
+    return fusedrnn::layer_threads(parse_cell(cell), batch, hidden);
+  }, py::arg("cell"), py::arg("batch"), py::arg("hidden"),
+        "Threads a layer of this cell, batch and hidden size runs on.");
   m.def("blas_config", &fusedrnn::blas::config);
   m.def("simd_level", [] { return std::string(fusedrnn::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");

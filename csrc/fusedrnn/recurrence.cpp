@@ -141,9 +141,14 @@ bool split_recurrent_grad(CellKind cell) {
   return v;
 }
 
-int layer_threads(Index /*batch*/, Index hidden) {
-  // A rank needs a few vectors of units to pay for its barrier each step.
+int layer_threads(CellKind cell, Index batch, Index hidden) {
+  // Each extra rank adds a barrier per step (0.05-0.3 us quiet, a scheduler slice when the machine is
+  // oversubscribed). It pays once a step's recurrent GEMM is ~100K flops (about a microsecond on one
+  // core) and each rank keeps a few vectors of units.
+  constexpr double kMinStepFlops = 1e5;
   constexpr Index kMinUnitsPerRank = 16;
+  const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
+  if (step_flops < kMinStepFlops) return 1;
   const Index useful = std::max<Index>(1, hidden / kMinUnitsPerRank);
   return static_cast<int>(std::min<Index>(team().size(), useful));
 }
@@ -156,7 +161,7 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   const Index gh_width = gates * hidden, rows = steps * batch;
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const int ranks = layer_threads(batch, hidden);
+  const int ranks = layer_threads(a.cell, batch, hidden);
   const std::vector<Index> units = unit_ranges<T>(hidden, ranks);
   const std::vector<RankScratch<T>> rank_buffers =
       rank_scratch<T>(units, kern.panel_width, hidden, batch, true, gates);
@@ -208,7 +213,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const int ranks = layer_threads(batch, hidden);
+  const int ranks = layer_threads(a.cell, batch, hidden);
   const std::vector<Index> units = unit_ranges<T>(hidden, ranks);
   const std::vector<RankScratch<T>> rank_buffers =
       rank_scratch<T>(units, kern.panel_width, gh_width, batch, false, gates);

@@ -101,7 +101,7 @@ struct LayerBackwardArgs {
 // The thread team's size (all native compute), and the threads it uses for a layer of this size.
 int team_size();
 void set_team_size(int threads);
-int layer_threads(std::int64_t batch, std::int64_t hidden);
+int layer_threads(CellKind cell, std::int64_t batch, std::int64_t hidden);
 
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& args);

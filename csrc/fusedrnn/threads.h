@@ -30,7 +30,7 @@ namespace fusedrnn {
 // Sense-reversing barrier for the ranks of one job; counter and phase on separate cache lines.
 class SpinBarrier {
  public:
-  static constexpr int kSpinsBeforeYield = 1 << 14;  // ~0.1-1 ms of pause instructions
+  static constexpr int kSpinsBeforeYield = 1 << 11;  // ~20-150 us of pause instructions
   void reset(int parties) {
     parties_ = parties;
     arrived_.store(0, std::memory_order_relaxed);
