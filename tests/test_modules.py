@@ -545,3 +545,21 @@ def test_functional_eval_returns_no_tape_and_same_outputs(rng):
     assert train.tape.shape == (5, 2, 3, 4) and train.tape.dtype == np.float64
     np.testing.assert_allclose(infer.y, train.y, **TOL64)
     np.testing.assert_allclose(infer.h_n, train.h_n, **TOL64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_saved_nbytes_counts_what_backward_keeps(cell):
+    steps, batch, hidden = 7, 3, 5
+    m = make_module(cell, 4, hidden, num_layers=2, bidirectional=True, dropout=0.5, seed=0)
+    x = np.ones((steps, batch, 4), np.float32)
+    m.eval()
+    m(x)
+    assert m.saved_nbytes == 0
+    m.train()
+    m(x)
+    row = batch * hidden * 4  # one (B, H) float32 state
+    per_tape = (steps + 1) * row * (2 if cell == "lstm" else 1) + steps * row * {"lstm": 4, "gru": 4}.get(cell, 0)
+    inner_output = steps * batch * 2 * hidden * 4
+    assert m.saved_nbytes == 4 * per_tape + inner_output + inner_output  # tapes, layer-1 input, mask
+    m.backward(np.ones((steps, batch, 2 * hidden), np.float32))
+    assert m.saved_nbytes == 0

@@ -120,16 +120,21 @@ def _numpy_runners(problem: Problem) -> Runners:
     return Runners(infer, train)
 
 
+def _torch_module(c: Case):
+    import torch
+
+    if c.cell == "lstm":
+        return torch.nn.LSTM(c.input_size, c.hidden)
+    if c.cell == "gru":
+        return torch.nn.GRU(c.input_size, c.hidden)
+    return torch.nn.RNN(c.input_size, c.hidden, nonlinearity=c.cell[len("rnn_"):])
+
+
 def _torch_runners(problem: Problem) -> Runners:
     import torch
 
     c = problem.case
-    if c.cell == "lstm":
-        m = torch.nn.LSTM(c.input_size, c.hidden)
-    elif c.cell == "gru":
-        m = torch.nn.GRU(c.input_size, c.hidden)
-    else:
-        m = torch.nn.RNN(c.input_size, c.hidden, nonlinearity=c.cell[len("rnn_"):])
+    m = _torch_module(c)
     m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
     x, dy = torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
 
@@ -168,6 +173,115 @@ register_peer("fusedrnn", _fusedrnn_runners, set_threads=_set_fusedrnn_threads, 
 # The plain float64 reference: a loop over time in NumPy, for scale (it computes in float64).
 register_peer("numpy", _numpy_runners, version=lambda: np.__version__)
 register_peer("torch", _torch_runners, requires="torch", set_threads=_set_torch_threads, version=_torch_version)
+
+
+def _torch_single_thread_runners(problem: Problem) -> Runners:
+    """torch.nn on one thread, whatever the others use: at small batch torch is faster that way."""
+    import torch
+
+    runners = _torch_runners(problem)
+
+    def on_one_thread(fn):
+        def run():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
+    return Runners(on_one_thread(runners.infer), on_one_thread(runners.train))
+
+
+def _jax_runners(problem: Problem) -> Runners:
+    """The same cell as `jax.jit` over `lax.scan`, the input projection of all steps hoisted out of the
+    scan as the fused kernels do; training is `jax.grad` of sum(y * dy) for the weights and x."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    c = problem.case
+    params = tuple(jnp.asarray(problem.state_dict[f"{n}_l0"])
+                   for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    x, dy = jnp.asarray(problem.x), jnp.asarray(problem.dy)
+
+    def step(carry, xg_t, w_hh, b_hh):
+        h, cs = carry
+        hg = h @ w_hh.T + b_hh
+        if c.cell == "lstm":
+            i, f, g, o = jnp.split(xg_t + hg, 4, axis=-1)
+            cs = jax.nn.sigmoid(f) * cs + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(cs)
+        elif c.cell == "gru":
+            xr, xz, xn = jnp.split(xg_t, 3, axis=-1)
+            hr, hz, hn = jnp.split(hg, 3, axis=-1)
+            r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+            h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
+        else:
+            pre = xg_t + hg
+            h = jnp.tanh(pre) if c.cell == "rnn_tanh" else jax.nn.relu(pre)
+        return (h, cs), h
+
+    def forward(params, x):
+        w_ih, w_hh, b_ih, b_hh = params
+        xg = x @ w_ih.T + b_ih
+        zeros = jnp.zeros((x.shape[1], w_hh.shape[1]), x.dtype)
+        _, ys = lax.scan(lambda carry, xg_t: step(carry, xg_t, w_hh, b_hh), (zeros, zeros), xg)
+        return ys
+
+    infer_fn = jax.jit(forward)
+    train_fn = jax.jit(jax.grad(lambda p, x, dy: jnp.sum(forward(p, x) * dy), argnums=(0, 1)))
+
+    def infer():
+        infer_fn(params, x).block_until_ready()
+
+    def train():
+        jax.block_until_ready(train_fn(params, x, dy))
+
+    return Runners(infer, train)
+
+
+def _jax_version() -> str:
+    import jax
+    return jax.__version__
+
+
+register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version)
+register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
+
+
+def saved_for_backward_nbytes(problem: Problem) -> dict:
+    """Bytes each library keeps for backward after a training forward of this problem, beyond the
+    input and weights it references: fusedrnn's tapes; torch.nn's autograd saved tensors (counted by
+    storage, once each, through saved_tensors_hooks)."""
+    from .modules import make_module
+
+    c = problem.case
+    m = make_module(c.cell, c.input_size, c.hidden)
+    m.load_state_dict(problem.state_dict)
+    m.train()
+    m(problem.x)
+    result = {"fusedrnn": m.saved_nbytes}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        tm = _torch_module(c)
+        tm.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
+        x = torch.from_numpy(problem.x).requires_grad_()
+        referenced = {p.untyped_storage().data_ptr() for p in tm.parameters()} | {x.untyped_storage().data_ptr()}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in referenced:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tm(x)
+        result["torch"] = sum(saved.values())
+    return result
 
 
 # ---- cases ----------------------------------------------------------------------------------------------

@@ -16,12 +16,17 @@ from .functional import GATES, layer_backward, layer_forward
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape):
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes):
         self.tapes = tapes                    # tapes[layer][direction]
         self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
         self.batch_first = batch_first
         self.unbatched = unbatched
         self.input_shape = input_shape        # (T, B, I), sequence-major
+        # Bytes held only for backward: each tape's states and gate values, the inner layers' outputs
+        # (the next layer's tape references them) and the dropout masks. The input and the weights are
+        # referenced, not copied, so they do not count.
+        self.saved_nbytes = (sum(t.nbytes for layer in tapes for t in layer) + inner_inputs_nbytes
+                             + sum(m.nbytes for m in dropout_masks if m is not None))
 
 
 class _Module:
@@ -256,7 +261,9 @@ class RNNBase(_Module):
 
         self._ctx = None
         if training:
-            self._ctx = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features))
+            inner_inputs_nbytes = (self.num_layers - 1) * steps * batch * dirs * hidden * self.dtype.itemsize
+            self._ctx = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
+                                 inner_inputs_nbytes)
         y = layer_input
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
@@ -264,6 +271,12 @@ class RNNBase(_Module):
         elif self.batch_first:
             y = y.transpose(1, 0, 2)
         return (y, (h_n, c_n)) if self._has_cell_state else (y, h_n)
+
+    @property
+    def saved_nbytes(self) -> int:
+        """Bytes the last training-mode forward keeps for backward (0 when there is none pending):
+        recorded states and gate values, inner layers' outputs and dropout masks."""
+        return 0 if self._ctx is None else int(self._ctx.saved_nbytes)
 
     def _dropout_mask(self, shape) -> np.ndarray:
         keep = self._dropout_rng.random(shape) >= self.dropout

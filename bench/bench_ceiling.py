@@ -1,0 +1,111 @@
+"""fusedrnn against the best CPU peer on the shapes that matter, with a verdict per row.
+
+    python bench/bench_ceiling.py [--threads 2] [--rounds 5] [--repeats 5] [--json out.json]
+                                  [--shapes a,b,c,d,e] [--cells lstm,gru,rnn_tanh] [--deepbench N]
+
+Shapes (T, B, I=H): a (100, 32, 256), b (100, 64, 512), c (200, 1, 128), d (50, 16, 1024),
+e (500, 8, 64). Peers, each timed in the same process, alternating round by round: torch.nn with
+`--threads` threads, torch.nn on one thread (faster than two at small batch), and JAX (jit over
+lax.scan) when installed. The best peer of a row is the fastest of them in this run.
+
+Targets per row (float32, ratio = best peer time / fusedrnn time):
+- every row: >= 1.0x;
+- large shapes a, b, d: >= 1.25x, or >= 187 GFLOP/s where the peer leaves no such room (LSTM inference
+  at a, where torch's oneDNN kernel runs near the FMA peak);
+- small batch c, e: >= 2.0x.
+Each row also reports the bytes kept for backward by fusedrnn and torch.nn (training rows).
+`--deepbench N` adds the first N rows of the DeepBench sets that fit 2 cores (T*B*H*H*G < 5e9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from fusedrnn import benchmark, datasets
+
+SHAPES = {"a": (100, 32, 256), "b": (100, 64, 512), "c": (200, 1, 128), "d": (50, 16, 1024),
+          "e": (500, 8, 64)}
+LARGE, SMALL = {"a", "b", "d"}, {"c", "e"}
+GFLOPS_FLOOR = 187.0
+PEERS = ("torch", "torch-1t", "jax")
+
+
+def target(shape_name: str | None, cell: str, mode: str) -> tuple[float, float | None]:
+    """(minimum ratio to the best peer, GF/s that also passes or None)."""
+    if shape_name in SMALL:
+        return 2.0, None
+    if shape_name in LARGE:
+        floor = GFLOPS_FLOOR if (shape_name == "a" and cell == "lstm" and mode == "inference") else None
+        return 1.25, floor
+    return 1.0, None
+
+
+def verdict(row: dict, peers: list[str], shape_name: str | None) -> dict:
+    times = {p: row[f"{p}_ms"] for p in peers}
+    best = min(times, key=times.get)
+    ratio = times[best] / row["fusedrnn_ms"]
+    need, floor = target(shape_name, row["cell"].lower(), row["mode"])
+    passed = ratio >= need or (floor is not None and row["fusedrnn_gflops"] >= floor)
+    return {"shape": shape_name or "deepbench", "best_peer": best, "ratio_to_best": ratio,
+            "target_ratio": need, "target_gflops": floor, "verdict": "pass" if passed else "MISS"}
+
+
+def deepbench_cases(count: int) -> list[tuple[None, benchmark.Case]]:
+    cases = []
+    for s in datasets.deepbench_shapes():
+        gates = {"lstm": 4, "gru": 3}.get(s.cell, 1)
+        if s.timesteps * s.batch * s.hidden * s.hidden * gates < 5e9 and len(cases) < count:
+            mode = ("training",) if s.set.startswith("training") else ("inference",)
+            cases.append((None, benchmark.Case(s.cell, s.timesteps, s.batch, s.hidden, s.hidden, modes=mode)))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--shapes", default="a,b,c,d,e")
+    parser.add_argument("--cells", default="lstm,gru,rnn_tanh")
+    parser.add_argument("--deepbench", type=int, default=0, help="also run this many DeepBench rows")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    peers = [p for p in PEERS if benchmark.PEERS[p].available()]
+    everyone = ["fusedrnn"] + peers
+    benchmark.set_threads(everyone, args.threads)
+    cases = []
+    for name in filter(None, args.shapes.split(",")):
+        steps, batch, hidden = SHAPES[name]
+        cases += [(name, case) for case in benchmark.cases_for(args.cells.split(","), [(steps, batch, hidden, hidden)])]
+    cases += deepbench_cases(args.deepbench)
+
+    print(f"{'shape':6}{'cell':9}{'T':>5}{'B':>4}{'H':>6} {'mode':10}{'fusedrnn ms':>12}{'spread':>7}"
+          f"{'GF/s':>7}{'best peer':>10}{'peer ms':>10}{'ratio':>7}{'target':>8}  verdict  saved MB (fusedrnn/torch)")
+    rows = []
+    for name, case in cases:
+        problem_rows = benchmark.run_case(case, everyone, rounds=args.rounds, repeats=args.repeats)
+        memory = benchmark.saved_for_backward_nbytes(benchmark.make_problem(case))
+        for row in problem_rows:
+            row.update(verdict(row, peers, name))
+            if row["mode"] == "training":
+                row["saved_bytes"] = memory
+            rows.append(row)
+            tgt = f"{row['target_ratio']:.2f}x" + ("/187" if row["target_gflops"] else "")
+            mem = ""
+            if "saved_bytes" in row:
+                mem = "  " + "/".join(f"{v / 2**20:.1f}" for v in row["saved_bytes"].values())
+            print(f"{row['shape']:6}{row['cell']:9}{row['T']:>5}{row['B']:>4}{row['H']:>6} {row['mode']:10}"
+                  f"{row['fusedrnn_ms']:>12.3f}{row['fusedrnn_spread_pct']:>6.0f}%{row['fusedrnn_gflops']:>7.1f}"
+                  f"{row['best_peer']:>10}{row[row['best_peer'] + '_ms']:>10.3f}{row['ratio_to_best']:>6.2f}x"
+                  f"{tgt:>8}  {row['verdict']:7}{mem}", flush=True)
+    misses = [r for r in rows if r["verdict"] != "pass"]
+    print(f"\n{len(rows) - len(misses)} of {len(rows)} rows meet their target; median ratio to the best peer "
+          f"{statistics.median(r['ratio_to_best'] for r in rows):.2f}x")
+    if args.json:
+        benchmark.write_json(args.json, benchmark.metadata(everyone, args.threads, args.rounds, args.repeats), rows)
+
+
+if __name__ == "__main__":
+    main()
