@@ -26,12 +26,12 @@ def team_size(request):
 
 # (T, B, I, H): B=13 is two full 6-row blocks and a 1-row remainder; H=129 and H=200 split unevenly
 # and leave partial panels; H=200 with 3 ranks gives ranks 64, 64 and 72 units. Every shape is big
-# enough that the layer runs on more than one rank.
-SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200)]
+# enough that the layer runs on more than one rank; T=2 reads W_hh in place instead of packing it.
+SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200), (2, 13, 5, 129)]
 
 
 @pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
-@pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200", "T2-unpacked"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_team_size_matches_reference(rng, simd_level, team_size, cell, shape):
     steps, batch, inp, hidden = shape

@@ -48,7 +48,8 @@ inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
 inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
 // Per-rank scratch, allocated by the caller before the job (jobs never allocate): packed weight panels
-// and a (B, padded columns) tile for the step GEMM's output.
+// and a (B, padded columns) tile for the step GEMM's output. Packing reads and writes this rank's
+// weights once per call, which pays back from a few steps on; shorter sequences skip it.
 template <typename T>
 struct RankScratch {
   T* packed = nullptr;
@@ -76,6 +77,7 @@ struct ForwardPlan {
   T* c_n = nullptr;                // (B, H) or null
   const Index* unit_start = nullptr;  // (ranks + 1)
   const RankScratch<T>* scratch = nullptr;  // (ranks)
+  bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
 };
 
 template <typename T>
@@ -102,6 +104,7 @@ struct BackwardPlan {
   int ranks = 1;
   const Index* unit_start = nullptr;
   const RankScratch<T>* scratch = nullptr;
+  bool pack_weights = true;
 };
 
 template <typename T>

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "fusedrnn/blas.h"
 #include "fusedrnn/cells.h"
 #include "fusedrnn/kernels.h"
 
@@ -114,20 +115,20 @@ Index panel_count(Index columns) {
   return (columns + Simd<T>::kPanel - 1) / Simd<T>::kPanel;
 }
 
-// packed[p][k][c] = value(k, p*kPanel + c) for columns < `columns`, zero in the padding.
-template <typename T, typename Value>
-void pack_panels(Index depth, Index columns, T* packed, Value value) {
+// packed[p][k][c] = column_start(n)[k * k_stride] for column n = p*kPanel + c < `columns`, zero in the
+// padding. Writes are sequential; the kPanel source columns of a panel are read side by side, so each
+// source cache line is used for several k before it leaves L1.
+template <typename T, typename ColumnStart>
+void pack_panels(Index depth, Index columns, Index k_stride, T* packed, ColumnStart column_start) {
   constexpr int P = Simd<T>::kPanel;
   const Index panels = panel_count<T>(columns);
-  for (Index p = 0; p < panels; ++p)
-    for (Index c = 0; c < P; ++c) {
-      const Index n = p * P + c;
-      T* dst = packed + p * depth * P + c;
-      if (n < columns)
-        for (Index k = 0; k < depth; ++k) dst[k * P] = value(k, n);
-      else
-        for (Index k = 0; k < depth; ++k) dst[k * P] = T(0);
-    }
+  for (Index p = 0; p < panels; ++p) {
+    const T* start[P];
+    for (int c = 0; c < P; ++c) start[c] = p * P + c < columns ? column_start(p * P + c) : nullptr;
+    T* dst = packed + p * depth * P;
+    for (Index k = 0; k < depth; ++k)
+      for (int c = 0; c < P; ++c) dst[k * P + c] = start[c] ? start[c][k * k_stride] : T(0);
+  }
 }
 
 inline bool step_valid(const Index* lengths, Index b, Index t) { return !lengths || t < lengths[b]; }
@@ -201,12 +202,13 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   const Index ldt = panels * Simd<T>::kPanel;
   const RankScratch<T>& scratch = pl.scratch[rank];
   const Index first = pl.reverse ? pl.steps : 0;
-  if (units > 0) {
+  if (units > 0 && pl.pack_weights) {
     // Column n of this rank's gates is gate n / units of unit u0 + n % units: row
     // (n / units) * H + u0 + n % units of W_hh, read along k.
-    pack_panels<T>(H, columns, scratch.packed, [&](Index k, Index n) {
-      return pl.w_hh[((n / units) * H + u0 + n % units) * H + k];
-    });
+    pack_panels<T>(H, columns, 1, scratch.packed,
+                   [&](Index n) { return pl.w_hh + ((n / units) * H + u0 + n % units) * H; });
+  }
+  if (units > 0) {
     copy_units(pl.hs.at(first), pl.h0, B, H, u0, units);
     if constexpr (Cell::kHasCellState) copy_units(pl.cs.at(first), pl.c0, B, H, u0, units);
   }
@@ -217,7 +219,12 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     const Index t = pl.reverse ? pl.steps - 1 - i : i;
     if (units > 0) {
       const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
-      panel_gemm<T>(B, H, panels, h_prev, H, scratch.packed, scratch.tile, ldt);
+      if (pl.pack_weights)
+        panel_gemm<T>(B, H, panels, h_prev, H, scratch.packed, scratch.tile, ldt);
+      else  // this rank's rows of each gate block of W_hh, read in place
+        for (int k = 0; k < G; ++k)
+          blas::gemm<T>(false, true, B, units, H, T(1), h_prev, H, pl.w_hh + (k * H + u0) * H, H, T(0),
+                        scratch.tile + k * units, ldt);
       T* saved = pl.saved ? pl.saved + (pl.hs.training ? t * saved_step : 0) : nullptr;
       forward_units<Cell, T>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev_slot(pl.reverse, t)),
                              pl.hs.at(next_slot(pl.reverse, t)), pl.cs.at(next_slot(pl.reverse, t)),
@@ -305,8 +312,8 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   T* dh_other = pl.dh + state;
   if (units > 0) {
     // Column n of this rank's slice is column u0 + n of W_hh, read along its G*H rows.
-    pack_panels<T>(gh_width, units, scratch.packed,
-                   [&](Index k, Index n) { return pl.w_hh[k * H + u0 + n]; });
+    if (pl.pack_weights)
+      pack_panels<T>(gh_width, units, H, scratch.packed, [&](Index n) { return pl.w_hh + u0 + n; });
     copy_units(dh, pl.dh_n, B, H, u0, units);
     if constexpr (Cell::kHasCellState) copy_units(pl.dc, pl.dc_n, B, H, u0, units);
   }
@@ -323,7 +330,11 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     barrier.wait();  // every rank's gate gradients of step t are written
     if (units > 0) {
       const T* dgh_t = pl.dgh + t * B * gh_width;
-      panel_gemm<T>(B, gh_width, panels, dgh_t, gh_width, scratch.packed, scratch.tile, ldt);
+      if (pl.pack_weights)
+        panel_gemm<T>(B, gh_width, panels, dgh_t, gh_width, scratch.packed, scratch.tile, ldt);
+      else
+        blas::gemm<T>(false, false, B, units, gh_width, T(1), dgh_t, gh_width, pl.w_hh + u0, H, T(0),
+                      scratch.tile, ldt);
       for (Index b = 0; b < B; ++b) {
         T* __restrict out = dh_other + b * H + u0;
         const T* __restrict add = scratch.tile + b * ldt;

@@ -108,6 +108,10 @@ void add_column_sums(const T* m, Index rows, Index ld, Index c0, Index c1, T* ou
   }
 }
 
+// Packing a rank's W_hh slice costs about one pass over it, as does a BLAS call that packs it
+// internally; from this many steps on, packing once wins.
+constexpr Index kMinStepsToPack = 3;
+
 // The 32-bit BLAS takes no dimension past INT_MAX; refuse before the job starts (jobs must not throw).
 void require_blas_range(std::initializer_list<Index> dims) {
   for (Index d : dims)
@@ -194,6 +198,7 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   plan.c_n = a.c_n;
   plan.unit_start = units.data();
   plan.scratch = rank_buffers.data();
+  plan.pack_weights = steps >= kMinStepsToPack;
 
   ThreadTeam& tm = team();
   tm.run(ranks, [&](int rank) {
@@ -252,6 +257,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   plan.ranks = ranks;
   plan.unit_start = units.data();
   plan.scratch = rank_buffers.data();
+  plan.pack_weights = steps >= kMinStepsToPack;
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
