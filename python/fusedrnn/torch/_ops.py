@@ -1,0 +1,187 @@
+"""The fused layer as torch operators: `fusedrnn::rnn_layer` (one layer, every direction) and its
+backward `fusedrnn::rnn_layer_backward`, registered with torch.library so that autograd,
+torch.compile and torch.export see them as single opaque operators with known output shapes.
+
+Tensors reach the core as NumPy views of their memory (`.detach().numpy()`, no copy); outputs are
+tensors over the arrays the core writes.
+
+What a forward records for backward (the core's tapes) is not a tensor, so the forward returns a
+0-d int64 "tape handle" tensor instead. Its storage is a small NumPy array that also holds the tapes:
+torch keeps that array alive exactly as long as any tensor shares the storage, so the tapes live as
+long as autograd (eager or compiled) keeps the handle for backward, and no longer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _checks, functional
+
+CELLS = functional.CELLS
+
+
+class _TapeArray(np.ndarray):
+    """A 0-d int64 array (the handle's key) that carries the tapes of one layer call."""
+
+    tapes: list
+
+
+_live_tapes: "weakref.WeakValueDictionary[int, _TapeArray]" = weakref.WeakValueDictionary()
+_tape_keys = itertools.count(1)
+_NO_TAPE = 0
+
+
+def _tape_handle(tapes) -> Tensor:
+    key = next(_tape_keys)
+    holder = np.array(key, np.int64).view(_TapeArray)
+    holder.tapes = tapes
+    _live_tapes[key] = holder
+    return torch.from_numpy(holder)  # the tensor's storage holds a reference to `holder`
+
+
+def _tapes_of(handle: Tensor) -> list:
+    holder = _live_tapes.get(int(handle))
+    if holder is None:
+        raise RuntimeError("fusedrnn::rnn_layer_backward: this forward recorded nothing for backward "
+                           "(it ran with record=False, or its tape handle was freed)")
+    return holder.tapes
+
+
+def _array(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().numpy()
+
+
+def _directions(bidirectional: bool) -> int:
+    return 2 if bidirectional else 1
+
+
+def _split_weights(weights, dirs: int):
+    """Per direction: (weight_ih, weight_hh, bias_ih, bias_hh), the biases None without bias."""
+    per = len(weights) // dirs
+    groups = [list(weights[d * per:(d + 1) * per]) for d in range(dirs)]
+    return [g if per == 4 else g + [None, None] for g in groups]
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
+def rnn_layer(x: Tensor, weights: List[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+              lengths: Optional[Tensor], cell: str, bidirectional: bool, record: bool,
+              check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One recurrent layer over a sequence, all directions.
+
+    x (T, B, I) sequence-major; weights: per direction [weight_ih, weight_hh(, bias_ih, bias_hh)] in
+    torch.nn's order; h0, c0 (D, B, H) or None (zeros); lengths (B,) int64 or None (all T).
+    Returns y (T, B, D*H) (zero past each row's length), h_n (D, B, H), c_n (D, B, H) for an LSTM and
+    an empty tensor otherwise, and a tape handle for rnn_layer_backward (meaningful when `record`).
+    `check_finite` rejects NaN/inf in x, h0 and c0 with a ValueError."""
+    dirs = _directions(bidirectional)
+    xa = np.ascontiguousarray(_array(x))  # both directions read one contiguous copy at most
+    h0a, c0a = _array(h0), _array(c0)
+    if check_finite:
+        for name, arr in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
+            if arr is not None:
+                _checks.finite(name, arr)
+    steps, batch, _ = xa.shape
+    hidden = weights[1].shape[1]
+    y = torch.empty((steps, batch, dirs * hidden), dtype=x.dtype)
+    h_n = torch.empty((dirs, batch, hidden), dtype=x.dtype)
+    c_n = torch.empty((dirs, batch, hidden) if cell == "lstm" else (0,), dtype=x.dtype)
+    ya, h_na, c_na = y.numpy(), h_n.numpy(), c_n.numpy()
+    lens = _array(lengths)
+    tapes = []
+    for d, w in enumerate(_split_weights(weights, dirs)):
+        out = functional.layer_forward(
+            cell, xa, *(_array(t) for t in w), None if h0a is None else h0a[d],
+            None if c0a is None else c0a[d], lengths=lens, reverse=d == 1, training=record,
+            out=ya[:, :, d * hidden:(d + 1) * hidden], check_finite=False)
+        h_na[d] = out.h_n
+        if out.c_n is not None:
+            c_na[d] = out.c_n
+        tapes.append(out.tape)
+    handle = _tape_handle(tapes) if record else torch.tensor(_NO_TAPE)
+    return y, h_n, c_n, handle
+
+
+@rnn_layer.register_fake
+def _(x, weights, h0, c0, lengths, cell, bidirectional, record, check_finite):
+    dirs = _directions(bidirectional)
+    steps, batch, _ = x.shape
+    hidden = weights[1].shape[1]
+    state = (dirs, batch, hidden)
+    return (x.new_empty((steps, batch, dirs * hidden)), x.new_empty(state),
+            x.new_empty(state if cell == "lstm" else (0,)), x.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types="cpu")
+def rnn_layer_backward(tape: Tensor, x: Tensor, weights: List[Tensor], dy: Optional[Tensor],
+                       dh_n: Optional[Tensor], dc_n: Optional[Tensor], cell: str,
+                       bidirectional: bool) -> List[Tensor]:
+    """Backpropagation through time for one `rnn_layer(..., record=True)`, whose x and weights are
+    passed again (for the output shapes, and so that autograd guards them against in-place changes).
+    dy (T, B, D*H), dh_n, dc_n (D, B, H) or None (zero). Returns [dx, dh0, dc0, *weight grads], dc0
+    empty unless the cell is an LSTM."""
+    tapes = _tapes_of(tape)
+    dirs = _directions(bidirectional)
+    steps, batch, inp = x.shape
+    hidden = weights[1].shape[1]
+    dya, dh_na, dc_na = _array(dy), _array(dh_n), _array(dc_n)
+    dx = np.zeros((steps, batch, inp), tapes[0].dtype)  # both directions accumulate into it
+    dh0 = torch.empty((dirs, batch, hidden), dtype=x.dtype)
+    dc0 = torch.empty((dirs, batch, hidden) if cell == "lstm" else (0,), dtype=x.dtype)
+    dh0a, dc0a = dh0.numpy(), dc0.numpy()
+    weight_grads = []
+    for d, tape_d in enumerate(tapes):
+        g = functional.layer_backward(
+            tape_d, None if dya is None else dya[:, :, d * hidden:(d + 1) * hidden],
+            None if dh_na is None else dh_na[d], None if dc_na is None else dc_na[d], dx=dx)
+        dh0a[d] = g.dh0
+        if g.dc0 is not None:
+            dc0a[d] = g.dc0
+        weight_grads += [g.weight_ih, g.weight_hh] + ([g.bias_ih, g.bias_hh] if g.bias_ih is not None else [])
+    return [torch.from_numpy(dx), dh0, dc0] + [torch.from_numpy(g) for g in weight_grads]
+
+
+@rnn_layer_backward.register_fake
+def _(tape, x, weights, dy, dh_n, dc_n, cell, bidirectional):
+    dirs = _directions(bidirectional)
+    steps, batch, _ = x.shape
+    state = (dirs, batch, weights[1].shape[1])
+    return ([x.new_empty(x.shape), x.new_empty(state), x.new_empty(state if cell == "lstm" else (0,))]
+            + [w.new_empty(w.shape) for w in weights])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, h0, c0, _lengths, cell, bidirectional, _record, _check = inputs
+    ctx.cell, ctx.bidirectional = cell, bidirectional
+    ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(output[3], x, *weights)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
+
+
+def _backward(ctx, dy, dh_n, dc_n, _dtape):
+    tape, x, *weights = ctx.saved_tensors
+    if dc_n is not None and dc_n.numel() == 0:
+        dc_n = None
+    dx, dh0, dc0, *dweights = rnn_layer_backward(tape, x, weights, dy, dh_n, dc_n, ctx.cell,
+                                                 ctx.bidirectional)
+    return (dx, dweights, dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None,
+            None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedrnn: double backward (gradients of gradients) through the fused "
+                       "recurrent layer is not supported")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+rnn_layer_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
