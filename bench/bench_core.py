@@ -37,6 +37,30 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def alternate_rounds(runners: dict, rounds: int, repeats: int) -> dict:
+    """Per runner, the median time of `repeats` calls in each of `rounds` rounds; every round runs each
+    runner in turn, so drift on a shared machine hits them alike. Two untimed calls first warm up
+    first-call allocation and thread start-up."""
+    for fn in runners.values():
+        fn()
+        fn()
+    medians = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, fn in runners.items():
+            medians[key].append(time_call(fn, repeats))
+    return medians
+
+
+def timing_fields(lib: str, round_medians, work: float | None = None) -> dict:
+    """{lib}_ms (median of the round medians), {lib}_spread_pct ((max - min) / median) and, given the
+    work in FLOPs, {lib}_gflops."""
+    med = statistics.median(round_medians)
+    fields = {f"{lib}_ms": med * 1e3, f"{lib}_spread_pct": (max(round_medians) - min(round_medians)) / med * 100}
+    if work is not None:
+        fields[f"{lib}_gflops"] = work / med / 1e9
+    return fields
+
+
 def fusedrnn_runners(cell: str, steps, batch, inp, hidden):
     cls = {"LSTM": fusedrnn.LSTM, "GRU": fusedrnn.GRU, "RNN_TANH": fusedrnn.RNN}[cell]
     m = cls(inp, hidden, seed=0)
@@ -104,24 +128,13 @@ def main() -> None:
                 t_infer, t_train = torch_runners(cell, module, steps, batch, inp, hidden)
                 runners[("torch", "inference")] = t_infer
                 runners[("torch", "training")] = t_train
-            for fn in runners.values():  # warm-up: first-call allocation, thread start-up
-                fn()
-                fn()
-            rounds = {key: [] for key in runners}
-            for _ in range(args.rounds):
-                for key, fn in runners.items():
-                    rounds[key].append(time_call(fn, args.repeats))
+            rounds = alternate_rounds(runners, args.rounds, args.repeats)
             for mode, factor in (("inference", 1.0), ("training", 3.0)):
                 work = factor * flops(gates, steps, batch, inp, hidden)
                 row = {"cell": cell, "T": steps, "B": batch, "I": inp, "H": hidden, "mode": mode}
                 for lib in ("fusedrnn", "torch"):
-                    if (lib, mode) not in rounds:
-                        continue
-                    r = rounds[(lib, mode)]
-                    med = statistics.median(r)
-                    row[f"{lib}_ms"] = med * 1e3
-                    row[f"{lib}_spread_pct"] = (max(r) - min(r)) / med * 100
-                    row[f"{lib}_gflops"] = work / med / 1e9
+                    if (lib, mode) in rounds:
+                        row.update(timing_fields(lib, rounds[(lib, mode)], work))
                 if have_torch:
                     row["speedup_vs_torch"] = row["torch_ms"] / row["fusedrnn_ms"]
                 rows.append(row)

@@ -3,6 +3,7 @@
 Every result is compared with torch.nn's own module on the same weights: outputs, final states and
 the gradients of the input, the initial states and every parameter."""
 
+import copy
 import socket
 import subprocess
 import sys
@@ -47,25 +48,19 @@ def output_tensor(out):
     return out.data if isinstance(out, PackedSequence) else out
 
 
-def run(module, x, hx, grads):
+def run(module, x, hx, grads, packing=None):
     """Forward, then backward of sum(out * dy) + sum(h_n * dh) (+ sum(c_n * dc)). Returns the outputs
-    and the gradients of the input, of the initial states and of every parameter, as a dict."""
+    and the gradients of the input, of the initial states and of every parameter, as a dict. With
+    `packing` (lengths, enforce_sorted, batch_first), x is packed first and the result checked to be a
+    PackedSequence with the input's batch sizes and orderings."""
     module.zero_grad()
     leaves = [x] + ([] if hx is None else list(hx if isinstance(hx, tuple) else (hx,)))
     leaves = [t.detach().requires_grad_() for t in leaves]
-    inp = leaves[0]
-    if isinstance(x, PackedSequence):
-        raise TypeError("pass packed inputs through run_packed")
     state = None if hx is None else (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
-    return _backward(module, module(inp, state), leaves, grads)
-
-
-def run_packed(module, x, lengths, enforce_sorted, hx, grads, batch_first):
-    module.zero_grad()
-    leaves = [x] + ([] if hx is None else list(hx if isinstance(hx, tuple) else (hx,)))
-    leaves = [t.detach().requires_grad_() for t in leaves]
+    if packing is None:
+        return _backward(module, module(leaves[0], state), leaves, grads)
+    lengths, enforce_sorted, batch_first = packing
     packed = pack_padded_sequence(leaves[0], lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
-    state = None if hx is None else (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
     result = module(packed, state)
     assert isinstance(result[0], PackedSequence)
     for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
@@ -146,7 +141,7 @@ def test_matches_torch_nn(cell, config, dtype):
     if kind in ("sorted", "unsorted"):
         lengths = torch.tensor([5, 4, 2] if kind == "sorted" else [2, 5, 3])
         grads = random_grads(gen, (int(lengths.sum()), features), state_shape, dtype)
-        want, got = (run_packed(m, x, lengths, kind == "sorted", hx, grads, batch_first) for m in (ref, fused))
+        want, got = (run(m, x, hx, grads, (lengths, kind == "sorted", batch_first)) for m in (ref, fused))
     else:
         y_shape = x_shape[:-1] + (features,)
         grads = random_grads(gen, y_shape, state_shape, dtype)
@@ -167,7 +162,7 @@ def test_dropout_draws_torch_masks_in_training_and_none_in_eval(cell, packed):
     def forward(module, seed):
         torch.manual_seed(seed)
         if packed:
-            return run_packed(module, x, lengths, False, None, grads, False)
+            return run(module, x, None, grads, (lengths, False, False))
         return run(module, x, None, grads)
 
     want = forward(ref, 11)
@@ -197,8 +192,11 @@ def test_state_dict_moves_both_ways_strictly(cell):
 
 
 def test_module_interface_is_torch_nn():
+    torch.manual_seed(8)
     lstm = frt.LSTM(I, H, 2, True, True, 0.25, True)  # torch.nn.LSTM's positional order
+    torch.manual_seed(8)
     ref = nn.LSTM(I, H, 2, True, True, 0.25, True)
+    assert all(torch.equal(a, b) for a, b in zip(lstm.parameters(), ref.parameters()))  # same initialisation
     assert isinstance(lstm, nn.RNNBase) and isinstance(lstm, nn.Module)
     assert repr(lstm) == repr(ref)
     assert [(n, p.shape) for n, p in lstm.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
@@ -206,6 +204,9 @@ def test_module_interface_is_torch_nn():
     rnn = frt.RNN(I, H, 1, "relu")
     assert rnn.nonlinearity == "relu" and rnn.mode == "RNN_RELU"
     assert list(frt.GRU(I, H, bias=False).state_dict()) == ["weight_ih_l0", "weight_hh_l0"]
+    clone = copy.deepcopy(lstm)
+    assert type(clone) is frt.LSTM and clone.weight_hh_l1 is not lstm.weight_hh_l1
+    assert torch.equal(clone.weight_hh_l1, lstm.weight_hh_l1)
 
 
 def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():

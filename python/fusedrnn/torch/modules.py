@@ -3,9 +3,9 @@
 Each class subclasses torch.nn.RNNBase with its torch.nn counterpart's constructor, so the
 parameters, state_dict keys, `_flat_weights` bookkeeping and repr are torch's own; only `forward`
 differs. They do not subclass torch.nn.LSTM/GRU/RNN themselves: torch.compile refuses to trace any
-module that is an instance of those. Between layers the
-output goes through torch's own dropout, in the layout torch drops in (packed rows for a
-PackedSequence), so under the same torch.manual_seed the masks are the ones torch.nn would draw.
+module that is an instance of those. Between layers the output goes through torch's own dropout, in
+the layout torch drops in (packed rows for a PackedSequence), so under the same torch.manual_seed the
+masks are the ones torch.nn would draw.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class _FusedRNNBase(nn.RNNBase):
         if sorted_indices is not None:  # hx is in the caller's batch order; the rows run sorted
             h0 = None if h0 is None else h0.index_select(1, sorted_indices)
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
-        if lengths is not None and bool((lengths == steps).all()):
-            lengths = None
+        # The core takes lengths only where some row is shorter than T.
+        run_lengths = None if lengths is None or bool((lengths == steps).all()) else lengths
 
         dirs = 2 if self.bidirectional else 1
         per_layer = len(weights) // self.num_layers
@@ -85,7 +85,7 @@ class _FusedRNNBase(nn.RNNBase):
             w = weights[layer * per_layer:(layer + 1) * per_layer]
             states = [s[layer * dirs:(layer + 1) * dirs] if s is not None else None for s in (h0, c0)]
             record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, *states))
-            x, h, c, _ = rnn_layer(x, w, states[0], states[1], lengths, self._cell, self.bidirectional,
+            x, h, c, _ = rnn_layer(x, w, states[0], states[1], run_lengths, self._cell, self.bidirectional,
                                    record, layer == 0)
             h_n.append(h)
             c_n.append(c)
@@ -95,8 +95,8 @@ class _FusedRNNBase(nn.RNNBase):
         c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if self.mode == "LSTM" else None
 
         if packed:
-            data_out = pack_padded_sequence(x, lengths if lengths is not None else torch.full((batch,), steps)).data
-            output = PackedSequence(data_out, batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes, sorted_indices,
+                                    unsorted_indices)
             if unsorted_indices is not None:
                 h_n = h_n.index_select(1, unsorted_indices)
                 c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)

@@ -1,0 +1,178 @@
+"""fusedrnn.torch.LSTM/GRU/RNN vs torch.nn.LSTM/GRU/RNN on CPU: forward under torch.no_grad()
+(inference) and forward+backward (training step), float32, one layer, I = H, same weights.
+
+    python bench/bench_torch.py [--threads 2] [--rounds 5] [--repeats 5] [--json out.json]
+
+Shapes: (T=100, B=32, I=H=256) and (T=200, B=1, I=H=128) for every cell, plus a subset of the
+DeepBench rows in deepbench_rnn_shapes.tsv that covers each of its sets and cells, both the
+throughput regime (large B*H) and the latency regime (B=1..4), and runs in seconds per row on two
+cores. Left out: the GRU rows with T >= 187 and H >= 1024 (50-600 GFLOP per forward, seconds to
+minutes per call here) and the larger vanilla/LSTM training rows beyond H=1760/1024, which would only
+repeat the throughput regime at a larger size.
+
+Both modules run in this process with the same thread count, alternating round by round (the timing
+helpers of bench_core.py). Each row reports the median over rounds of the per-round median time, the
+spread (min-max of the round medians, as % of the median), GFLOP/s and the ratio torch/fusedrnn
+(> 1: fusedrnn.torch is faster).
+
+Then the adapter's own cost at (T=100, B=32, I=H=256) LSTM: the module's time minus the time of the
+bare fusedrnn.functional calls on the same arrays, as a share of the module's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+
+import torch
+from torch import nn
+
+import fusedrnn
+import fusedrnn.torch as frt
+from bench_core import alternate_rounds, flops, print_row, timing_fields
+from fusedrnn import functional
+
+DEEPBENCH_TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepbench_rnn_shapes.tsv")
+# (set, cell, H, B, T): rows of deepbench_rnn_shapes.tsv.
+DEEPBENCH_ROWS = [
+    ("training_set", "vanilla", 1760, 16, 50),
+    ("training_set", "lstm", 512, 16, 25),
+    ("training_set", "lstm", 1024, 16, 25),
+    ("training_set", "lstm", 256, 32, 150),
+    ("training_set", "gru", 512, 32, 1),
+    ("inference_server_set", "lstm", 512, 1, 25),
+    ("inference_server_set", "lstm", 256, 4, 150),
+    ("inference_server_set", "gru", 512, 2, 1),
+    ("inference_device_set", "vanilla", 32, 1, 672),
+    ("inference_device_set", "vanilla", 64, 1, 96),
+    ("inference_device_set", "lstm", 256, 1, 150),
+]
+EXTRA_SHAPES = [(100, 32, 256), (200, 1, 128)]  # T, B, I=H
+# DeepBench's cell name -> (torch.nn class name, row label, gates)
+CELLS = {"lstm": ("LSTM", "LSTM", 4), "gru": ("GRU", "GRU", 3), "vanilla": ("RNN", "RNN_TANH", 1)}
+
+
+def deepbench_rows() -> list[tuple[str, str, int, int, int]]:
+    """The chosen DeepBench rows, each checked to be in the table."""
+    with open(DEEPBENCH_TSV, newline="") as f:
+        table = {(r["set"], r["cell"], int(r["hidden"]), int(r["batch"]), int(r["timesteps"]))
+                 for r in csv.DictReader(f, delimiter="\t")}
+    missing = [row for row in DEEPBENCH_ROWS if row not in table]
+    if missing:
+        raise SystemExit(f"not in {DEEPBENCH_TSV}: {missing}")
+    return DEEPBENCH_ROWS
+
+
+def cases():
+    for steps, batch, hidden in EXTRA_SHAPES:
+        for cell in CELLS:
+            yield "extra", cell, hidden, batch, steps
+    yield from deepbench_rows()
+
+
+def module_runners(cell: str, steps: int, batch: int, hidden: int):
+    """(fused inference, fused training, torch inference, torch training) callables on one module pair."""
+    name = CELLS[cell][0]
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(hidden, hidden)
+    fused = getattr(frt, name)(hidden, hidden)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, batch, hidden, generator=gen)
+    dy = torch.randn(steps, batch, hidden, generator=gen)
+
+    def runners(module):
+        def infer():
+            with torch.no_grad():
+                module(x)
+
+        def train():
+            module.zero_grad()
+            y, _ = module(x.detach().requires_grad_())
+            y.backward(dy)
+
+        return infer, train
+
+    return (*runners(fused), *runners(ref))
+
+
+def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256) -> dict:
+    """frt.LSTM's time against the bare functional calls it makes, on the same arrays."""
+    lstm = frt.LSTM(hidden, hidden)
+    x = torch.randn(steps, batch, hidden)
+    dy = torch.randn(steps, batch, hidden)
+    weights = [p.detach().numpy() for p in lstm.parameters()]
+    xa, dya = x.numpy(), dy.numpy()
+
+    def module_infer():
+        with torch.no_grad():
+            lstm(x)
+
+    def module_train():
+        lstm.zero_grad()
+        y, _ = lstm(x.detach().requires_grad_())
+        y.backward(dy)
+
+    def bare_infer():
+        functional.layer_forward("lstm", xa, *weights, training=False, check_finite=False)
+
+    def bare_train():
+        out = functional.layer_forward("lstm", xa, *weights, training=True, check_finite=False)
+        functional.layer_backward(out.tape, dya)
+
+    medians = alternate_rounds({("module", "inference"): module_infer, ("bare", "inference"): bare_infer,
+                                ("module", "training"): module_train, ("bare", "training"): bare_train},
+                               rounds, repeats)
+    result = {"cell": "LSTM", "T": steps, "B": batch, "I": hidden, "H": hidden}
+    for mode in ("inference", "training"):
+        module = timing_fields("module", medians[("module", mode)])
+        bare = timing_fields("bare", medians[("bare", mode)])
+        overhead = (module["module_ms"] - bare["bare_ms"]) / module["module_ms"] * 100
+        result[mode] = {**module, **bare, "overhead_pct": overhead}
+        print(f"adapter overhead, LSTM T={steps} B={batch} I=H={hidden}, {mode}: module "
+              f"{module['module_ms']:.3f} ms, bare functional calls {bare['bare_ms']:.3f} ms, "
+              f"overhead {overhead:.1f}%", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    fusedrnn.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for source, cell, hidden, batch, steps in cases():
+        f_infer, f_train, t_infer, t_train = module_runners(cell, steps, batch, hidden)
+        medians = alternate_rounds({("fusedrnn", "inference"): f_infer, ("torch", "inference"): t_infer,
+                                    ("fusedrnn", "training"): f_train, ("torch", "training"): t_train},
+                                   args.rounds, args.repeats)
+        _, label, gates = CELLS[cell]
+        for mode, factor in (("inference", 1.0), ("training", 3.0)):
+            work = factor * flops(gates, steps, batch, hidden, hidden)
+            row = {"source": source, "cell": label, "T": steps, "B": batch, "I": hidden, "H": hidden,
+                   "mode": mode}
+            for lib in ("fusedrnn", "torch"):
+                row.update(timing_fields(lib, medians[(lib, mode)], work))
+            row["speedup_vs_torch"] = row["torch_ms"] / row["fusedrnn_ms"]
+            rows.append(row)
+            print_row(row, True)
+    overhead = adapter_overhead(args.rounds, args.repeats)
+
+    if args.json:
+        meta = {"threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+                "machine": platform.processor() or platform.machine(), "fusedrnn": fusedrnn.__version__,
+                "torch": torch.__version__, "dtype": "float32"}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "adapter_overhead": overhead}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
