@@ -37,6 +37,16 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def parse_args(doc: str, default_repeats: int) -> argparse.Namespace:
+    """The options every benchmark script here takes: --threads, --rounds, --repeats, --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=default_repeats, help="timed calls per round")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser.parse_args()
+
+
 def alternate_rounds(runners: dict, rounds: int, repeats: int) -> dict:
     """Per runner, the median time of `repeats` calls in each of `rounds` rounds; every round runs each
     runner in turn, so drift on a shared machine hits them alike. Two untimed calls first warm up
@@ -103,12 +113,7 @@ def torch_runners(cell: str, fused_module, steps, batch, inp, hidden):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
+    args = parse_args(__doc__, default_repeats=10)
 
     fusedrnn.set_num_threads(args.threads)
     try:

@@ -21,7 +21,6 @@ bare fusedrnn.functional calls on the same arrays, as a share of the module's ti
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -32,7 +31,7 @@ from torch import nn
 
 import fusedrnn
 import fusedrnn.torch as frt
-from bench_core import alternate_rounds, flops, print_row, timing_fields
+from bench_core import alternate_rounds, flops, parse_args, print_row, timing_fields
 from fusedrnn import functional
 
 DEEPBENCH_TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepbench_rnn_shapes.tsv")
@@ -73,7 +72,7 @@ def cases():
     yield from deepbench_rows()
 
 
-def module_runners(cell: str, steps: int, batch: int, hidden: int):
+def pair_runners(cell: str, steps: int, batch: int, hidden: int):
     """(fused inference, fused training, torch inference, torch training) callables on one module pair."""
     name = CELLS[cell][0]
     torch.manual_seed(0)
@@ -83,20 +82,22 @@ def module_runners(cell: str, steps: int, batch: int, hidden: int):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(steps, batch, hidden, generator=gen)
     dy = torch.randn(steps, batch, hidden, generator=gen)
+    return (*module_runners(fused, x, dy), *module_runners(ref, x, dy))
 
-    def runners(module):
-        def infer():
-            with torch.no_grad():
-                module(x)
 
-        def train():
-            module.zero_grad()
-            y, _ = module(x.detach().requires_grad_())
-            y.backward(dy)
+def module_runners(module, x, dy):
+    """(inference, training step) callables of a torch module on x (T, B, I) with output gradient dy."""
 
-        return infer, train
+    def infer():
+        with torch.no_grad():
+            module(x)
 
-    return (*runners(fused), *runners(ref))
+    def train():
+        module.zero_grad()
+        y, _ = module(x.detach().requires_grad_())
+        y.backward(dy)
+
+    return infer, train
 
 
 def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256) -> dict:
@@ -107,14 +108,7 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
     weights = [p.detach().numpy() for p in lstm.parameters()]
     xa, dya = x.numpy(), dy.numpy()
 
-    def module_infer():
-        with torch.no_grad():
-            lstm(x)
-
-    def module_train():
-        lstm.zero_grad()
-        y, _ = lstm(x.detach().requires_grad_())
-        y.backward(dy)
+    module_infer, module_train = module_runners(lstm, x, dy)
 
     def bare_infer():
         functional.layer_forward("lstm", xa, *weights, training=False, check_finite=False)
@@ -139,18 +133,13 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
+    args = parse_args(__doc__, default_repeats=5)
     fusedrnn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
 
     rows = []
     for source, cell, hidden, batch, steps in cases():
-        f_infer, f_train, t_infer, t_train = module_runners(cell, steps, batch, hidden)
+        f_infer, f_train, t_infer, t_train = pair_runners(cell, steps, batch, hidden)
         medians = alternate_rounds({("fusedrnn", "inference"): f_infer, ("torch", "inference"): t_infer,
                                     ("fusedrnn", "training"): f_train, ("torch", "training"): t_train},
                                    args.rounds, args.repeats)

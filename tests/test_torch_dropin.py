@@ -407,6 +407,27 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
 # ---- torch.compile, torch.export -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_operators_pass_opcheck(cell):
+    # Schema, autograd registration and fake implementation against the real one. Not
+    # test_aot_dispatch_dynamic: it compares every output of two calls, and the tape handle is unique
+    # to each call by design; the compile and export tests below run that path end to end.
+    gen = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    gates = 4 if cell == "lstm" else 3
+    weights = [r(gates * 3, 2), r(gates * 3, 3)] * 2  # two directions, no biases
+    x, h0 = r(4, 3, 2), r(2, 3, 3)
+    c0 = r(2, 3, 3) if cell == "lstm" else None
+    args = (x, weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True, True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args, test_utils=checks)
+    y, h_n, c_n, tape = frt.rnn_layer(*args)
+    dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    backward_args = (tape, x.detach(), [w.detach() for w in weights], dy, dh_n, dc_n, cell, True)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, backward_args, test_utils=checks)
+
+
 class Stack(nn.Module):
     """Every cell, one after the other, with initial states."""
 
