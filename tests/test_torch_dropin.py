@@ -415,16 +415,17 @@ def test_operators_pass_opcheck(cell):
     gen = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
     gates = 4 if cell == "lstm" else 3
-    weights = [r(gates * 3, 2), r(gates * 3, 3)] * 2  # two directions, no biases
+    weights = [r(gates * 3, 2), r(gates * 3, 3), None, None] * 2  # two directions, no biases
     x, h0 = r(4, 3, 2), r(2, 3, 3)
     c0 = r(2, 3, 3) if cell == "lstm" else None
-    args = (x, weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True, True)
+    args = (x, *weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args, test_utils=checks)
     y, h_n, c_n, tape = frt.rnn_layer(*args)
     dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
     dc_n = torch.randn_like(c_n) if cell == "lstm" else None
-    backward_args = (tape, x.detach(), [w.detach() for w in weights], dy, dh_n, dc_n, cell, True)
+    detached = [None if w is None else w.detach() for w in weights]
+    backward_args = (tape, x.detach(), *detached, dy, dh_n, dc_n, cell)
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, backward_args, test_utils=checks)
 
 

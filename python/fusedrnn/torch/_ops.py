@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _checks, functional
-
-CELLS = functional.CELLS
-
 
 class _TapeArray(np.ndarray):
     """A 0-d int64 array (the handle's key) that carries the tapes of one layer call."""
@@ -57,44 +54,57 @@ def _array(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().numpy()
 
 
-def _directions(bidirectional: bool) -> int:
-    return 2 if bidirectional else 1
+# The weights of a layer as separate operator arguments, the reverse direction's None when the layer
+# is unidirectional and the biases None without bias. (Separate tensors rather than a Tensor[]
+# argument: torch's autograd wrapper flattens and rebuilds list arguments on every call.)
+WEIGHT_SLOTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                "weight_ih_reverse", "weight_hh_reverse", "bias_ih_reverse", "bias_hh_reverse")
+SLOTS_PER_DIRECTION = 4
 
 
-def _split_weights(weights, dirs: int):
-    """Per direction: (weight_ih, weight_hh, bias_ih, bias_hh), the biases None without bias."""
-    per = len(weights) // dirs
-    groups = [list(weights[d * per:(d + 1) * per]) for d in range(dirs)]
-    return [g if per == 4 else g + [None, None] for g in groups]
+def _by_direction(weights):
+    """The (weight_ih, weight_hh, bias_ih, bias_hh) of each direction present."""
+    return [weights[d:d + SLOTS_PER_DIRECTION] for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION)
+            if weights[d] is not None]
+
+
+def _state_shapes(x, weight_hh, weight_ih_reverse, cell):
+    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell is an LSTM."""
+    steps, batch, _ = x.shape
+    dirs, hidden = 1 if weight_ih_reverse is None else 2, weight_hh.shape[1]
+    state = (dirs, batch, hidden)
+    return (steps, batch, dirs * hidden), state, state if cell == "lstm" else (0,)
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
-def rnn_layer(x: Tensor, weights: List[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-              lengths: Optional[Tensor], cell: str, bidirectional: bool, record: bool,
+def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+              bias_hh: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
+              weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
+              bias_hh_reverse: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+              lengths: Optional[Tensor], cell: str, record: bool,
               check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One recurrent layer over a sequence, all directions.
+    """One recurrent layer over a sequence, every direction given weights.
 
-    x (T, B, I) sequence-major; weights: per direction [weight_ih, weight_hh(, bias_ih, bias_hh)] in
-    torch.nn's order; h0, c0 (D, B, H) or None (zeros); lengths (B,) int64 or None (all T).
-    Returns y (T, B, D*H) (zero past each row's length), h_n (D, B, H), c_n (D, B, H) for an LSTM and
-    an empty tensor otherwise, and a tape handle for rnn_layer_backward (meaningful when `record`).
-    `check_finite` rejects NaN/inf in x, h0 and c0 with a ValueError."""
-    dirs = _directions(bidirectional)
+    x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS); h0, c0 (D, B, H) or
+    None (zeros); lengths (B,) int64 or None (all T). Returns y (T, B, D*H) (zero past each row's
+    length), h_n (D, B, H), c_n (D, B, H) for an LSTM and an empty tensor otherwise, and a tape handle
+    for rnn_layer_backward (meaningful when `record`). `check_finite` rejects NaN/inf in x, h0 and c0
+    with a ValueError."""
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
     xa = np.ascontiguousarray(_array(x))  # both directions read one contiguous copy at most
     h0a, c0a = _array(h0), _array(c0)
     if check_finite:
         for name, arr in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
             if arr is not None:
                 _checks.finite(name, arr)
-    steps, batch, _ = xa.shape
-    hidden = weights[1].shape[1]
-    y = torch.empty((steps, batch, dirs * hidden), dtype=x.dtype)
-    h_n = torch.empty((dirs, batch, hidden), dtype=x.dtype)
-    c_n = torch.empty((dirs, batch, hidden) if cell == "lstm" else (0,), dtype=x.dtype)
+    y, h_n, c_n = (torch.empty(shape, dtype=x.dtype)
+                   for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell))
     ya, h_na, c_na = y.numpy(), h_n.numpy(), c_n.numpy()
+    hidden = weight_hh.shape[1]
     lens = _array(lengths)
     tapes = []
-    for d, w in enumerate(_split_weights(weights, dirs)):
+    for d, w in enumerate(_by_direction(weights)):
         out = functional.layer_forward(
             cell, xa, *(_array(t) for t in w), None if h0a is None else h0a[d],
             None if c0a is None else c0a[d], lengths=lens, reverse=d == 1, training=record,
@@ -108,33 +118,33 @@ def rnn_layer(x: Tensor, weights: List[Tensor], h0: Optional[Tensor], c0: Option
 
 
 @rnn_layer.register_fake
-def _(x, weights, h0, c0, lengths, cell, bidirectional, record, check_finite):
-    dirs = _directions(bidirectional)
-    steps, batch, _ = x.shape
-    hidden = weights[1].shape[1]
-    state = (dirs, batch, hidden)
-    return (x.new_empty((steps, batch, dirs * hidden)), x.new_empty(state),
-            x.new_empty(state if cell == "lstm" else (0,)), x.new_empty((), dtype=torch.int64))
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse, bias_ih_reverse,
+      bias_hh_reverse, h0, c0, lengths, cell, record, check_finite):
+    return (*(x.new_empty(shape) for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell)),
+            x.new_empty((), dtype=torch.int64))
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types="cpu")
-def rnn_layer_backward(tape: Tensor, x: Tensor, weights: List[Tensor], dy: Optional[Tensor],
-                       dh_n: Optional[Tensor], dc_n: Optional[Tensor], cell: str,
-                       bidirectional: bool) -> List[Tensor]:
+def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                       weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
+                       bias_ih_reverse: Optional[Tensor], bias_hh_reverse: Optional[Tensor],
+                       dy: Optional[Tensor], dh_n: Optional[Tensor], dc_n: Optional[Tensor],
+                       cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
     """Backpropagation through time for one `rnn_layer(..., record=True)`, whose x and weights are
-    passed again (for the output shapes, and so that autograd guards them against in-place changes).
-    dy (T, B, D*H), dh_n, dc_n (D, B, H) or None (zero). Returns [dx, dh0, dc0, *weight grads], dc0
-    empty unless the cell is an LSTM."""
+    passed again for the shapes of the gradients. dy (T, B, D*H), dh_n, dc_n (D, B, H) or None (zero).
+    Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of absent
+    weights are empty tensors."""
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
     tapes = _tapes_of(tape)
-    dirs = _directions(bidirectional)
-    steps, batch, inp = x.shape
-    hidden = weights[1].shape[1]
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+    hidden = weight_hh.shape[1]
     dya, dh_na, dc_na = _array(dy), _array(dh_n), _array(dc_n)
-    dx = np.zeros((steps, batch, inp), tapes[0].dtype)  # both directions accumulate into it
-    dh0 = torch.empty((dirs, batch, hidden), dtype=x.dtype)
-    dc0 = torch.empty((dirs, batch, hidden) if cell == "lstm" else (0,), dtype=x.dtype)
+    dx = np.zeros(x.shape, tapes[0].dtype)  # both directions accumulate into it
+    dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
     dh0a, dc0a = dh0.numpy(), dc0.numpy()
-    weight_grads = []
+    grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
     for d, tape_d in enumerate(tapes):
         g = functional.layer_backward(
             tape_d, None if dya is None else dya[:, :, d * hidden:(d + 1) * hidden],
@@ -142,36 +152,44 @@ def rnn_layer_backward(tape: Tensor, x: Tensor, weights: List[Tensor], dy: Optio
         dh0a[d] = g.dh0
         if g.dc0 is not None:
             dc0a[d] = g.dc0
-        weight_grads += [g.weight_ih, g.weight_hh] + ([g.bias_ih, g.bias_hh] if g.bias_ih is not None else [])
-    return [torch.from_numpy(dx), dh0, dc0] + [torch.from_numpy(g) for g in weight_grads]
+        for k, value in enumerate((g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)):
+            if value is not None:
+                grads[d * SLOTS_PER_DIRECTION + k] = torch.from_numpy(value)
+    return (torch.from_numpy(dx), dh0, dc0, *grads)
 
 
 @rnn_layer_backward.register_fake
-def _(tape, x, weights, dy, dh_n, dc_n, cell, bidirectional):
-    dirs = _directions(bidirectional)
-    steps, batch, _ = x.shape
-    state = (dirs, batch, weights[1].shape[1])
-    return ([x.new_empty(x.shape), x.new_empty(state), x.new_empty(state if cell == "lstm" else (0,))]
-            + [w.new_empty(w.shape) for w in weights])
+def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse,
+      bias_ih_reverse, bias_hh_reverse, dy, dh_n, dc_n, cell):
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+    return (x.new_empty(x.shape), x.new_empty(state), x.new_empty(cell_state),
+            *(x.new_empty(0) if w is None else w.new_empty(w.shape) for w in weights))
+
+
+_WEIGHTS_AT = slice(1, 1 + len(WEIGHT_SLOTS))  # where the weights sit among rnn_layer's arguments
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, h0, c0, _lengths, cell, bidirectional, _record, _check = inputs
-    ctx.cell, ctx.bidirectional = cell, bidirectional
-    ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
-    ctx.num_weights = len(weights)
-    ctx.save_for_backward(output[3], x, *weights)
+    x, weights = inputs[0], inputs[_WEIGHTS_AT]
+    h0, c0, _lengths, cell, _record, _check = inputs[_WEIGHTS_AT.stop:]
+    ctx.cell, ctx.has_h0, ctx.has_c0 = cell, h0 is not None, c0 is not None
+    ctx.present = [w is not None for w in weights]
+    # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
+    ctx.save_for_backward(output[3], x, *(w for w in weights if w is not None))
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dtape):
-    tape, x, *weights = ctx.saved_tensors
+    tape, x, *saved = ctx.saved_tensors
+    present = iter(saved)
+    weights = [next(present) if here else None for here in ctx.present]
     if dc_n is not None and dc_n.numel() == 0:
         dc_n = None
-    dx, dh0, dc0, *dweights = rnn_layer_backward(tape, x, weights, dy, dh_n, dc_n, ctx.cell,
-                                                 ctx.bidirectional)
-    return (dx, dweights, dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None,
-            None, None, None, None, None)
+    dx, dh0, dc0, *grads = rnn_layer_backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
+    return (dx, *(g if here else None for g, here in zip(grads, ctx.present)),
+            dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None, None, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):

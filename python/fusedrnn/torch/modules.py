@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ._ops import rnn_layer
+from ._ops import SLOTS_PER_DIRECTION, rnn_layer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
@@ -78,15 +78,15 @@ class _FusedRNNBase(nn.RNNBase):
         run_lengths = None if lengths is None or bool((lengths == steps).all()) else lengths
 
         dirs = 2 if self.bidirectional else 1
-        per_layer = len(weights) // self.num_layers
+        per_direction = 4 if self.bias else 2
         grad_on = torch.is_grad_enabled()
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w = weights[layer * per_layer:(layer + 1) * per_layer]
+            layer_weights = weights[layer * dirs * per_direction:(layer + 1) * dirs * per_direction]
+            w = _weight_slots(layer_weights, per_direction)
             states = [s[layer * dirs:(layer + 1) * dirs] if s is not None else None for s in (h0, c0)]
             record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, *states))
-            x, h, c, _ = rnn_layer(x, w, states[0], states[1], run_lengths, self._cell, self.bidirectional,
-                                   record, layer == 0)
+            x, h, c, _ = rnn_layer(x, *w, states[0], states[1], run_lengths, self._cell, record, layer == 0)
             h_n.append(h)
             c_n.append(c)
             if self.training and self.dropout > 0 and layer < self.num_layers - 1:
@@ -131,6 +131,16 @@ class _FusedRNNBase(nn.RNNBase):
         if unbatched:
             states = tuple(s.unsqueeze(1) for s in states)
         return states if self.mode == "LSTM" else (states[0], None)
+
+
+def _weight_slots(layer_weights, per_direction: int) -> list:
+    """One layer's weights (torch.nn's order, per_direction each) laid out as rnn_layer's 8 weight
+    arguments, None where the layer has no bias or no reverse direction."""
+    slots = []
+    for start in (0, per_direction):
+        group = list(layer_weights[start:start + per_direction])
+        slots += group + [None] * (SLOTS_PER_DIRECTION - len(group))
+    return slots
 
 
 def _check_placement(name: str, t: Tensor) -> None:
