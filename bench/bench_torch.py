@@ -129,7 +129,7 @@ def time_in_core(spent: list):
 
 def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256) -> dict:
     """The adapter's own cost on frt.LSTM, measured two ways: the module's time against the bare
-    functional calls it makes on the same arrays (alternating, like the rows above), and, within
+    functional calls it makes on the same arrays (alternating call by call), and, within
     each module call, the time outside the native layer calls (which contention on a shared
     machine inflates far less, since both parts are taken from the same call)."""
     lstm = frt.LSTM(hidden, hidden)
@@ -146,9 +146,11 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
         out = functional.layer_forward("lstm", xa, *weights, training=True, check_finite=False)
         functional.layer_backward(out.tape, dya)
 
+    # One call per round: the two sides alternate call by call, so slow phases of a shared machine
+    # hit both alike (a few percent is the signal here).
     medians = alternate_rounds({("module", "inference"): module_infer, ("bare", "inference"): bare_infer,
                                 ("module", "training"): module_train, ("bare", "training"): bare_train},
-                               rounds, repeats)
+                               rounds * repeats, 1)
     result = {"cell": "LSTM", "T": steps, "B": batch, "I": hidden, "H": hidden}
     for mode, fn in (("inference", module_infer), ("training", module_train)):
         module = timing_fields("module", medians[("module", mode)])
