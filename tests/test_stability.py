@@ -9,7 +9,7 @@ import fusedrnn
 from fusedrnn import functional as F
 from fusedrnn import reference
 from fusedrnn.gradients import diagnose_gradient_flow
-from helpers import CELLS, has_cell_state, make_module, numerical_gradient, random_layer, random_lengths
+from helpers import CELLS, make_module, numerical_gradient, random_layer, random_lengths
 
 TOL64 = dict(rtol=1e-12, atol=1e-13)
 CLIP = 0.9

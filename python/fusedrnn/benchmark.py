@@ -247,7 +247,33 @@ def _jax_version() -> str:
     return jax.__version__
 
 
+def _fusedrnn_torch_runners(problem: Problem) -> Runners:
+    """fusedrnn.torch's drop-in module, called exactly as torch.nn's is."""
+    import torch
+
+    from .torch import modules as frt
+
+    c = problem.case
+    m = _torch_module(c)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
+    fused = frt.convert(m)
+    x, dy = torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
+
+    def infer():
+        with torch.no_grad():
+            fused(x)
+
+    def train():
+        fused.zero_grad()
+        y, _ = fused(x.detach().requires_grad_())
+        y.backward(dy)
+
+    return Runners(infer, train)
+
+
 register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version)
+register_peer("fusedrnn.torch", _fusedrnn_torch_runners, requires="torch", set_threads=_set_fusedrnn_threads,
+              version=_fusedrnn_version)
 register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
 
 
@@ -337,16 +363,12 @@ def time_call(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples)
 
 
-def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int = 10,
-             on_round: Callable[[], None] | None = None) -> list[dict]:
-    """Times one case on every peer; one row per mode."""
-    problem = make_problem(case)
-    fns = {}
-    for name in peers:
-        runners = PEERS[name].factory(problem)
-        for mode in case.modes:
-            fns[(name, mode)] = runners.infer if mode == "inference" else runners.train
-    for fn in fns.values():  # warm-up: first-call allocation, thread start-up
+def alternate_rounds(fns: dict, rounds: int, repeats: int,
+                     on_round: Callable[[], None] | None = None) -> dict:
+    """Per key, the median time of `repeats` calls in each of `rounds` rounds; each round runs every
+    callable in turn, so drift on a shared machine hits them alike. Two untimed calls first warm up
+    first-call allocation and thread start-up."""
+    for fn in fns.values():
         fn()
         fn()
     samples = {key: [] for key in fns}
@@ -355,19 +377,39 @@ def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int 
             samples[key].append(time_call(fn, repeats))
         if on_round is not None:
             on_round()
+    return samples
+
+
+def timing_fields(name: str, round_medians: Sequence[float], work: float | None = None) -> dict:
+    """{name}_ms (median of the round medians), {name}_spread_pct ((max - min) / median) and, given
+    the work in FLOPs, {name}_gflops."""
+    med = statistics.median(round_medians)
+    fields = {f"{name}_ms": med * 1e3,
+              f"{name}_spread_pct": (max(round_medians) - min(round_medians)) / med * 100}
+    if work is not None:
+        fields[f"{name}_gflops"] = work / med / 1e9
+    return fields
+
+
+def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int = 10,
+             on_round: Callable[[], None] | None = None) -> list[dict]:
+    """Times one case on every peer; one row per mode. The first peer is the one the others are
+    compared with: speedup_vs_{peer} = peer time / first peer's time."""
+    problem = make_problem(case)
+    fns = {}
+    for name in peers:
+        runners = PEERS[name].factory(problem)
+        for mode in case.modes:
+            fns[(name, mode)] = runners.infer if mode == "inference" else runners.train
+    samples = alternate_rounds(fns, rounds, repeats, on_round)
     rows = []
     for mode in case.modes:
         row = {"cell": case.cell.upper(), "T": case.steps, "B": case.batch, "I": case.input_size,
                "H": case.hidden, "mode": mode}
         for name in peers:
-            r = samples[(name, mode)]
-            med = statistics.median(r)
-            row[f"{name}_ms"] = med * 1e3
-            row[f"{name}_spread_pct"] = (max(r) - min(r)) / med * 100
-            row[f"{name}_gflops"] = case.flops(mode) / med / 1e9
-        for name in peers:
-            if name != "fusedrnn" and "fusedrnn" in peers:
-                row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row["fusedrnn_ms"]
+            row.update(timing_fields(name, samples[(name, mode)], case.flops(mode)))
+        for name in peers[1:]:
+            row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row[f"{peers[0]}_ms"]
         rows.append(row)
     return rows
 
@@ -416,7 +458,7 @@ class Table:
         head = f"{'cell':9}{'T':>5}{'B':>4}{inp}{'H':>5} {'mode':10}"
         for name in self.peers:
             head += f"{name + ' ms':>12}{'spread':>8}{'GF/s':>7}"
-            if name != "fusedrnn" and "fusedrnn" in self.peers:
+            if name != self.peers[0]:
                 head += f"{'speedup':>9}"
         return head
 

@@ -1,0 +1,203 @@
+"""The fused layer as torch operators: `fusedrnn::rnn_layer` (one layer, every direction) and its
+backward `fusedrnn::rnn_layer_backward`, registered with torch.library so that autograd,
+torch.compile and torch.export see them as single opaque operators with known output shapes.
+
+Tensors reach the core as NumPy views of their memory (`.detach().numpy()`, no copy); outputs are
+tensors over the arrays the core writes.
+
+What a forward records for backward (the core's tapes) is not a tensor, so the forward returns a
+0-d int64 "tape handle" tensor instead. Its storage is a small NumPy array that also holds the tapes:
+torch keeps that array alive exactly as long as any tensor shares the storage, so the tapes live as
+long as autograd (eager or compiled) keeps the handle for backward, and no longer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _checks, functional
+
+class _TapeArray(np.ndarray):
+    """A 0-d int64 array (the handle's key) that carries the tapes of one layer call."""
+
+    tapes: list
+
+
+_live_tapes: "weakref.WeakValueDictionary[int, _TapeArray]" = weakref.WeakValueDictionary()
+_tape_keys = itertools.count(1)
+_NO_TAPE = 0
+
+
+def _tape_handle(tapes) -> Tensor:
+    key = next(_tape_keys)
+    holder = np.array(key, np.int64).view(_TapeArray)
+    holder.tapes = tapes
+    _live_tapes[key] = holder
+    return torch.from_numpy(holder)  # the tensor's storage holds a reference to `holder`
+
+
+def _tapes_of(handle: Tensor) -> list:
+    holder = _live_tapes.get(int(handle))
+    if holder is None:
+        raise RuntimeError("fusedrnn::rnn_layer_backward: this forward recorded nothing for backward "
+                           "(it ran with record=False, or its tape handle was freed)")
+    return holder.tapes
+
+
+def _array(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().numpy()
+
+
+# The weights of a layer as separate operator arguments, the reverse direction's None when the layer
+# is unidirectional and the biases None without bias. (Separate tensors rather than a Tensor[]
+# argument: torch's autograd wrapper flattens and rebuilds list arguments on every call.)
+WEIGHT_SLOTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                "weight_ih_reverse", "weight_hh_reverse", "bias_ih_reverse", "bias_hh_reverse")
+SLOTS_PER_DIRECTION = 4
+
+
+def _by_direction(weights):
+    """The (weight_ih, weight_hh, bias_ih, bias_hh) of each direction present."""
+    return [weights[d:d + SLOTS_PER_DIRECTION] for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION)
+            if weights[d] is not None]
+
+
+def _state_shapes(x, weight_hh, weight_ih_reverse, cell):
+    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell is an LSTM."""
+    steps, batch, _ = x.shape
+    dirs, hidden = 1 if weight_ih_reverse is None else 2, weight_hh.shape[1]
+    state = (dirs, batch, hidden)
+    return (steps, batch, dirs * hidden), state, state if cell == "lstm" else (0,)
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
+def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+              bias_hh: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
+              weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
+              bias_hh_reverse: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+              lengths: Optional[Tensor], cell: str, record: bool,
+              check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One recurrent layer over a sequence, every direction given weights.
+
+    x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS); h0, c0 (D, B, H) or
+    None (zeros); lengths (B,) int64 or None (all T). Returns y (T, B, D*H) (zero past each row's
+    length), h_n (D, B, H), c_n (D, B, H) for an LSTM and an empty tensor otherwise, and a tape handle
+    for rnn_layer_backward (meaningful when `record`). `check_finite` rejects NaN/inf in x, h0 and c0
+    with a ValueError."""
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
+    xa = np.ascontiguousarray(_array(x))  # both directions read one contiguous copy at most
+    h0a, c0a = _array(h0), _array(c0)
+    if check_finite:
+        for name, arr in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
+            if arr is not None:
+                _checks.finite(name, arr)
+    y, h_n, c_n = (torch.empty(shape, dtype=x.dtype)
+                   for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell))
+    ya, h_na, c_na = y.numpy(), h_n.numpy(), c_n.numpy()
+    hidden = weight_hh.shape[1]
+    lens = _array(lengths)
+    tapes = []
+    for d, w in enumerate(_by_direction(weights)):
+        out = functional.layer_forward(
+            cell, xa, *(_array(t) for t in w), None if h0a is None else h0a[d],
+            None if c0a is None else c0a[d], lengths=lens, reverse=d == 1, training=record,
+            out=ya[:, :, d * hidden:(d + 1) * hidden], check_finite=False)
+        h_na[d] = out.h_n
+        if out.c_n is not None:
+            c_na[d] = out.c_n
+        tapes.append(out.tape)
+    handle = _tape_handle(tapes) if record else torch.tensor(_NO_TAPE)
+    return y, h_n, c_n, handle
+
+
+@rnn_layer.register_fake
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse, bias_ih_reverse,
+      bias_hh_reverse, h0, c0, lengths, cell, record, check_finite):
+    return (*(x.new_empty(shape) for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell)),
+            x.new_empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types="cpu")
+def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                       weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
+                       bias_ih_reverse: Optional[Tensor], bias_hh_reverse: Optional[Tensor],
+                       dy: Optional[Tensor], dh_n: Optional[Tensor], dc_n: Optional[Tensor],
+                       cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
+    """Backpropagation through time for one `rnn_layer(..., record=True)`, whose x and weights are
+    passed again for the shapes of the gradients. dy (T, B, D*H), dh_n, dc_n (D, B, H) or None (zero).
+    Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of absent
+    weights are empty tensors."""
+    tapes = _tapes_of(tape)
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+    hidden = weight_hh.shape[1]
+    dya, dh_na, dc_na = _array(dy), _array(dh_n), _array(dc_n)
+    dx = np.zeros(x.shape, tapes[0].dtype)  # both directions accumulate into it
+    dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
+    dh0a, dc0a = dh0.numpy(), dc0.numpy()
+    grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
+    for d, tape_d in enumerate(tapes):
+        g = functional.layer_backward(
+            tape_d, None if dya is None else dya[:, :, d * hidden:(d + 1) * hidden],
+            None if dh_na is None else dh_na[d], None if dc_na is None else dc_na[d], dx=dx)
+        dh0a[d] = g.dh0
+        if g.dc0 is not None:
+            dc0a[d] = g.dc0
+        for k, value in enumerate((g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)):
+            if value is not None:
+                grads[d * SLOTS_PER_DIRECTION + k] = torch.from_numpy(value)
+    return (torch.from_numpy(dx), dh0, dc0, *grads)
+
+
+@rnn_layer_backward.register_fake
+def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse,
+      bias_ih_reverse, bias_hh_reverse, dy, dh_n, dc_n, cell):
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+    return (x.new_empty(x.shape), x.new_empty(state), x.new_empty(cell_state),
+            *(x.new_empty(0) if w is None else w.new_empty(w.shape) for w in weights))
+
+
+_WEIGHTS_AT = slice(1, 1 + len(WEIGHT_SLOTS))  # where the weights sit among rnn_layer's arguments
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights = inputs[0], inputs[_WEIGHTS_AT]
+    h0, c0, _lengths, cell, _record, _check = inputs[_WEIGHTS_AT.stop:]
+    ctx.cell, ctx.has_h0, ctx.has_c0 = cell, h0 is not None, c0 is not None
+    ctx.present = [w is not None for w in weights]
+    # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
+    ctx.save_for_backward(output[3], x, *(w for w in weights if w is not None))
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
+
+
+def _backward(ctx, dy, dh_n, dc_n, _dtape):
+    tape, x, *saved = ctx.saved_tensors
+    present = iter(saved)
+    weights = [next(present) if here else None for here in ctx.present]
+    if dc_n is not None and dc_n.numel() == 0:
+        dc_n = None
+    dx, dh0, dc0, *grads = rnn_layer_backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
+    return (dx, *(g if here else None for g, here in zip(grads, ctx.present)),
+            dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedrnn: double backward (gradients of gradients) through the fused "
+                       "recurrent layer is not supported")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+rnn_layer_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)

@@ -1,0 +1,237 @@
+"""torch.nn.LSTM / GRU / RNN with the fused kernels underneath.
+
+Each class subclasses torch.nn.RNNBase with its torch.nn counterpart's constructor, so the
+parameters, state_dict keys, `_flat_weights` bookkeeping and repr are torch's own; only `forward`
+differs. They do not subclass torch.nn.LSTM/GRU/RNN themselves: torch.compile refuses to trace any
+module that is an instance of those. Between layers the output goes through torch's own dropout, in
+the layout torch drops in (packed rows for a PackedSequence), so under the same torch.manual_seed the
+masks are the ones torch.nn would draw.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ._ops import SLOTS_PER_DIRECTION, rnn_layer
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+class _FusedRNNBase(nn.RNNBase):
+    """torch.nn.RNNBase with forward() on the fused kernels."""
+
+    def __init__(self, mode: str, *args, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        self._check_supported()
+
+    def _check_supported(self) -> None:
+        """NotImplementedError for what the fused kernels do not run (instead of running something else)."""
+        name = type(self).__name__
+        if self.proj_size != 0:
+            raise NotImplementedError(f"fusedrnn.torch.{name}: proj_size={self.proj_size} is not supported "
+                                      "(only proj_size=0)")
+        for weight in self._flat_weights:
+            _check_placement(f"fusedrnn.torch.{name} parameters", weight)
+
+    @property
+    def _cell(self) -> str:
+        return _CELLS[self.mode]
+
+    def _state_names(self):
+        return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
+
+    def forward(self, input, hx=None):
+        # By name rather than from the _flat_weights cache: torch.func.functional_call and
+        # torch.export substitute parameters, and refreshing the cache inside a trace assigns to it.
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        _check_placement(f"fusedrnn.torch.{type(self).__name__} parameters", weights[0])
+        dtype = weights[0].dtype
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_input(data, dtype, self.input_size, (2,), "PackedSequence data")
+            # Padded, sequence-major and in the packing's (sorted) batch order: row b runs lengths[b] steps.
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            unbatched = False
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input: expected a Tensor or a PackedSequence, got {type(input).__name__}")
+            _check_input(input, dtype, self.input_size, (2, 3), "input")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+            lengths = sorted_indices = unsorted_indices = None
+        steps, batch = x.shape[0], x.shape[1]
+        if steps == 0 or batch == 0:
+            raise ValueError(f"input: empty sequence or batch (T={steps}, B={batch})")
+
+        h0, c0 = self._initial_states(hx, batch, unbatched, dtype)
+        if sorted_indices is not None:  # hx is in the caller's batch order; the rows run sorted
+            h0 = None if h0 is None else h0.index_select(1, sorted_indices)
+            c0 = None if c0 is None else c0.index_select(1, sorted_indices)
+        # The core takes lengths only where some row is shorter than T.
+        run_lengths = None if lengths is None or bool((lengths == steps).all()) else lengths
+
+        dirs = 2 if self.bidirectional else 1
+        per_direction = 4 if self.bias else 2
+        grad_on = torch.is_grad_enabled()
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            layer_weights = weights[layer * dirs * per_direction:(layer + 1) * dirs * per_direction]
+            w = _weight_slots(layer_weights, per_direction)
+            states = [s[layer * dirs:(layer + 1) * dirs] if s is not None else None for s in (h0, c0)]
+            record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, *states))
+            x, h, c, _ = rnn_layer(x, *w, states[0], states[1], run_lengths, self._cell, record, layer == 0)
+            h_n.append(h)
+            c_n.append(c)
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                x = _dropout(x, self.dropout, batch_sizes if packed else None)
+        h_n = torch.cat(h_n) if self.num_layers > 1 else h_n[0]
+        c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if self.mode == "LSTM" else None
+
+        if packed:
+            output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes, sorted_indices,
+                                    unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
+        elif unbatched:
+            output, h_n = x.squeeze(1), h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        else:
+            output = x.transpose(0, 1) if self.batch_first else x
+        return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+    def _initial_states(self, hx, batch: int, unbatched: bool, dtype):
+        """(h0, c0) as (L*D, B, H) tensors or None, checked against the input."""
+        if hx is None:
+            return None, None
+        names = self._state_names()
+        if self.mode == "LSTM":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h_0, c_0) of tensors for an LSTM, got {type(hx).__name__}")
+            states = tuple(hx)
+        else:
+            states = (hx,)
+        lead = self.num_layers * (2 if self.bidirectional else 1)
+        want = (lead, self.hidden_size) if unbatched else (lead, batch, self.hidden_size)
+        for name, s in zip(names, states):
+            if not isinstance(s, Tensor):
+                raise TypeError(f"{name}: expected a Tensor, got {type(s).__name__}")
+            _check_placement(name, s)
+            if s.dtype != dtype:
+                raise TypeError(f"{name}: expected dtype {dtype} (the parameters'), got {s.dtype}")
+            if tuple(s.shape) != want:
+                raise ValueError(f"{name}: expected shape {want}, got {tuple(s.shape)}")
+        if unbatched:
+            states = tuple(s.unsqueeze(1) for s in states)
+        return states if self.mode == "LSTM" else (states[0], None)
+
+
+def _weight_slots(layer_weights, per_direction: int) -> list:
+    """One layer's weights (torch.nn's order, per_direction each) laid out as rnn_layer's 8 weight
+    arguments, None where the layer has no bias or no reverse direction."""
+    slots = []
+    for start in (0, per_direction):
+        group = list(layer_weights[start:start + per_direction])
+        slots += group + [None] * (SLOTS_PER_DIRECTION - len(group))
+    return slots
+
+
+def _check_placement(name: str, t: Tensor) -> None:
+    if t.device.type != "cpu":
+        raise NotImplementedError(f"{name}: fusedrnn runs on the CPU only, got a tensor on {t.device}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
+
+
+def _check_input(t: Tensor, dtype, input_size: int, ranks, name: str) -> None:
+    _check_placement(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the parameters'), got {t.dtype}")
+    if t.dim() not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(t.shape)}")
+    if t.shape[-1] != input_size:
+        raise ValueError(f"{name}: expected input_size {input_size} in the last dimension, got {t.shape[-1]}")
+
+
+def _dropout(y: Tensor, p: float, batch_sizes):
+    """Inter-layer dropout drawing torch.nn's masks: over y (T, B, F) itself, or, for packed input,
+    over the packed rows (sum of lengths, F), scattered back into y's padded layout."""
+    if batch_sizes is None:
+        return F.dropout(y, p, training=True)
+    rows = int(batch_sizes.sum())
+    mask = F.dropout(y.new_ones((rows, y.shape[2])), p, training=True)
+    mask, _ = pad_packed_sequence(PackedSequence(mask, batch_sizes), total_length=y.shape[0])
+    return y * mask
+
+
+class LSTM(_FusedRNNBase):
+    """torch.nn.LSTM on fusedrnn's fused CPU kernels (proj_size=0; float32/float64)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
+
+
+class GRU(_FusedRNNBase):
+    """torch.nn.GRU on fusedrnn's fused CPU kernels (float32/float64)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+
+class RNN(_FusedRNNBase):
+    """torch.nn.RNN (tanh or relu) on fusedrnn's fused CPU kernels (float32/float64); nonlinearity is
+    the 4th positional argument, as in torch.nn.RNN."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"RNN_{nonlinearity.upper()}", input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, 0, device, dtype)
+
+
+_FUSED = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces every torch.nn.LSTM, GRU and RNN inside `model` (exact types, not subclasses) by its
+    fusedrnn.torch counterpart, in place, and returns the model (or the replacement, when `model`
+    itself is one). The replacement takes over the module's state as it is: the same Parameter objects
+    (so an optimizer built earlier still updates them), buffers, hooks, training mode, device and dtype.
+    Raises NotImplementedError, changing nothing, if any of them is not supported."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model) in _FUSED:
+        return _fused_copy(model)
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if type(child) in _FUSED]
+    replacements = [_fused_copy(child) for _, _, child in swaps]  # all checked before any swap
+    for (parent, name, _), fused in zip(swaps, replacements):
+        setattr(parent, name, fused)
+    return model
+
+
+def _fused_copy(module: nn.RNNBase) -> nn.RNNBase:
+    fused = _FUSED[type(module)].__new__(_FUSED[type(module)])
+    # The module's own state with its containers copied (their contents shared), so the two objects
+    # stay independent; RNNBase.__setstate__ rebuilds the weight references.
+    state = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in module.__getstate__().items()}
+    fused.__setstate__(state)
+    fused._check_supported()
+    return fused

@@ -1,0 +1,536 @@
+"""fusedrnn.torch: the torch.nn.LSTM / GRU / RNN drop-in.
+
+Every result is compared with torch.nn's own module on the same weights: outputs, final states and
+the gradients of the input, the initial states and every parameter."""
+
+import copy
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+import fusedrnn.torch as frt  # noqa: E402
+import torch_ddp_worker  # noqa: E402
+from fusedrnn.torch import _ops  # noqa: E402
+from helpers import CELLS, assert_close, has_cell_state  # noqa: E402
+
+DTYPES = {"f64": torch.float64, "f32": torch.float32}
+NUMPY_DTYPE = {torch.float64: np.float64, torch.float32: np.float32}
+T, B, I, H = 5, 3, 4, 6
+
+
+def module_pair(cell, *args, **kwargs):
+    """(torch.nn module, fusedrnn.torch module) with the same weights, the fused one loaded strictly."""
+    if cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cell[len("rnn_"):]
+    name = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
+    ref = getattr(nn, name)(*args, **kwargs)
+    fused = getattr(frt, name)(*args, **kwargs)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fused
+
+
+def states(result):
+    """(h_n, c_n) of a module's result; c_n is None for GRU/RNN."""
+    state = result[1]
+    return state if isinstance(state, tuple) else (state, None)
+
+
+def output_tensor(out):
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def run(module, x, hx, grads, packing=None):
+    """Forward, then backward of sum(out * dy) + sum(h_n * dh) (+ sum(c_n * dc)). Returns the outputs
+    and the gradients of the input, of the initial states and of every parameter, as a dict. With
+    `packing` (lengths, enforce_sorted, batch_first), x is packed first and the result checked to be a
+    PackedSequence with the input's batch sizes and orderings."""
+    module.zero_grad()
+    leaves = [x] + ([] if hx is None else list(hx if isinstance(hx, tuple) else (hx,)))
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    state = None if hx is None else (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
+    if packing is None:
+        return _backward(module, module(leaves[0], state), leaves, grads)
+    lengths, enforce_sorted, batch_first = packing
+    packed = pack_padded_sequence(leaves[0], lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    result = module(packed, state)
+    assert isinstance(result[0], PackedSequence)
+    for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        want = getattr(packed, field)
+        got = getattr(result[0], field)
+        assert (got is None and want is None) or torch.equal(got, want), field
+    return _backward(module, result, leaves, grads)
+
+
+def _backward(module, result, leaves, grads):
+    out = output_tensor(result[0])
+    h_n, c_n = states(result)
+    loss = (out * grads["y"][: out.shape[0]]).sum() + (h_n * grads["h"]).sum()
+    if c_n is not None:
+        loss = loss + (c_n * grads["c"]).sum()
+    loss.backward()
+    got = {"y": out, "h_n": h_n, "c_n": c_n}
+    got.update({f"d{i}": t.grad for i, t in enumerate(leaves)})
+    got.update({f"grad {n}": p.grad for n, p in module.named_parameters()})
+    return {k: None if v is None else v.detach() for k, v in got.items()}
+
+
+def assert_results_close(got, want, dtype):
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        if w is None:
+            assert got[key] is None, key
+            continue
+        assert got[key].dtype == dtype and got[key].shape == w.shape, key
+        assert_close(got[key].numpy(), w.numpy(), NUMPY_DTYPE[dtype], key)
+
+
+def random_grads(gen, y_shape, state_shape, dtype):
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    return {"y": r(*y_shape), "h": r(*state_shape), "c": r(*state_shape)}
+
+
+# One row per configuration; together they take every option through each of its values, paired
+# with different others. input: padded, unbatched (2-D), packed with enforce_sorted True or False.
+CONFIGS = {
+    "L1-uni-seq-hx0": dict(num_layers=1, bidirectional=False, batch_first=False, bias=True, hx=False, input="padded"),
+    "L2-bi-bf-hx": dict(num_layers=2, bidirectional=True, batch_first=True, bias=True, hx=True, input="padded"),
+    "L1-bi-bf-nobias-hx": dict(num_layers=1, bidirectional=True, batch_first=True, bias=False, hx=True, input="padded"),
+    "L2-uni-unbatched-nobias-hx": dict(num_layers=2, bidirectional=False, batch_first=True, bias=False, hx=True,
+                                       input="unbatched"),
+    "L1-bi-unbatched-hx0": dict(num_layers=1, bidirectional=True, batch_first=False, bias=True, hx=False,
+                                input="unbatched"),
+    "L2-bi-sorted-hx": dict(num_layers=2, bidirectional=True, batch_first=False, bias=True, hx=True, input="sorted"),
+    "L1-uni-bf-unsorted-nobias-hx0": dict(num_layers=1, bidirectional=False, batch_first=True, bias=False, hx=False,
+                                          input="unsorted"),
+    "L2-bi-bf-unsorted-nobias-hx": dict(num_layers=2, bidirectional=True, batch_first=True, bias=False, hx=True,
+                                        input="unsorted"),
+    "L3-bi-unsorted-hx0": dict(num_layers=3, bidirectional=True, batch_first=False, bias=True, hx=False,
+                               input="unsorted"),
+}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_torch_nn(cell, config, dtype):
+    config = dict(config)
+    use_hx, kind = config.pop("hx"), config.pop("input")
+    gen = torch.Generator().manual_seed(1234)
+    torch.manual_seed(7)
+    ref, fused = module_pair(cell, I, H, dtype=dtype, **config)
+    batch_first = config["batch_first"]
+    lead = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    features = H * (2 if config["bidirectional"] else 1)
+    unbatched = kind == "unbatched"
+    x_shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    state_shape = (lead, H) if unbatched else (lead, B, H)
+    x = torch.randn(*x_shape, generator=gen, dtype=dtype)
+    hx = None
+    if use_hx:
+        h0 = torch.randn(*state_shape, generator=gen, dtype=dtype)
+        hx = (h0, torch.randn(*state_shape, generator=gen, dtype=dtype)) if has_cell_state(cell) else h0
+    if kind in ("sorted", "unsorted"):
+        lengths = torch.tensor([5, 4, 2] if kind == "sorted" else [2, 5, 3])
+        grads = random_grads(gen, (int(lengths.sum()), features), state_shape, dtype)
+        want, got = (run(m, x, hx, grads, (lengths, kind == "sorted", batch_first)) for m in (ref, fused))
+    else:
+        y_shape = x_shape[:-1] + (features,)
+        grads = random_grads(gen, y_shape, state_shape, dtype)
+        want, got = (run(m, x, hx, grads) for m in (ref, fused))
+    assert_results_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_draws_torch_masks_in_training_and_none_in_eval(cell, packed):
+    ref, fused = module_pair(cell, I, H, num_layers=3, dropout=0.4, bidirectional=True, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([3, 5, 1])
+    grads = random_grads(gen, (int(lengths.sum()) if packed else T, *(() if packed else (B,)), 2 * H),
+                         (6, B, H), torch.float64)
+
+    def forward(module, seed):
+        torch.manual_seed(seed)
+        if packed:
+            return run(module, x, None, grads, (lengths, False, False))
+        return run(module, x, None, grads)
+
+    want = forward(ref, 11)
+    got = forward(fused, 11)
+    assert_results_close(got, want, torch.float64)
+    assert torch.equal(forward(fused, 11)["y"], got["y"])          # reproducible under manual_seed
+    assert not torch.allclose(forward(fused, 12)["y"], got["y"])   # and the masks do depend on it
+    ref.eval()
+    fused.eval()
+    evaluated = forward(fused, 13)
+    assert_results_close(evaluated, forward(ref, 14), torch.float64)
+    assert torch.equal(forward(fused, 15)["y"], evaluated["y"])    # no dropout: the seed is irrelevant
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_moves_both_ways_strictly(cell):
+    kwargs = dict(num_layers=2, bidirectional=True, bias=False)
+    ref, fused = module_pair(cell, I, H, **kwargs)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    other, _ = module_pair(cell, I, H, **kwargs)  # differently initialised
+    assert not all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), ref.state_dict().values()))
+    other.load_state_dict(fused.state_dict(), strict=True)
+    for (name, a), b in zip(other.state_dict().items(), fused.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fused.load_state_dict(module_pair(cell, I, H, num_layers=3, bias=False)[0].state_dict(), strict=True)
+
+
+def test_module_interface_is_torch_nn():
+    torch.manual_seed(8)
+    lstm = frt.LSTM(I, H, 2, True, True, 0.25, True)  # torch.nn.LSTM's positional order
+    torch.manual_seed(8)
+    ref = nn.LSTM(I, H, 2, True, True, 0.25, True)
+    assert all(torch.equal(a, b) for a, b in zip(lstm.parameters(), ref.parameters()))  # same initialisation
+    assert isinstance(lstm, nn.RNNBase) and isinstance(lstm, nn.Module)
+    assert repr(lstm) == repr(ref)
+    assert [(n, p.shape) for n, p in lstm.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+    assert lstm.all_weights[1][0] is lstm.weight_ih_l0_reverse
+    rnn = frt.RNN(I, H, 1, "relu")
+    assert rnn.nonlinearity == "relu" and rnn.mode == "RNN_RELU"
+    assert list(frt.GRU(I, H, bias=False).state_dict()) == ["weight_ih_l0", "weight_hh_l0"]
+    clone = copy.deepcopy(lstm)
+    assert type(clone) is frt.LSTM and clone.weight_hh_l1 is not lstm.weight_hh_l1
+    assert torch.equal(clone.weight_hh_l1, lstm.weight_hh_l1)
+
+
+def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():
+    ref, fused = module_pair("gru", I, H)
+    new = nn.Parameter(torch.randn(3 * H, H))
+    ref.weight_hh_l0 = new
+    fused.weight_hh_l0 = new
+    fused.flatten_parameters()  # a no-op on the CPU, as in torch.nn
+    x = torch.randn(T, B, I)
+    assert_close(fused(x)[0].detach().numpy(), ref(x)[0].detach().numpy(), np.float32)
+    fused.double()
+    ref.double()
+    assert fused._flat_weights[0].dtype == torch.float64
+    assert_close(fused(x.double())[0].detach().numpy(), ref(x.double())[0].detach().numpy(), np.float64)
+
+
+def test_tensors_reach_the_core_without_copies(monkeypatch):
+    seen = []
+    original = _ops.functional.layer_forward
+
+    def spy(cell, x, weight_ih, weight_hh, *rest, **kwargs):
+        seen.append((x, weight_ih, weight_hh))
+        return original(cell, x, weight_ih, weight_hh, *rest, **kwargs)
+
+    monkeypatch.setattr(_ops.functional, "layer_forward", spy)
+    lstm = frt.LSTM(I, H, bidirectional=True)
+    x = torch.randn(T, B, I, requires_grad=True)
+    lstm(x)
+    assert len(seen) == 2
+    for d, suffix in enumerate(("", "_reverse")):
+        xa, w_ih, w_hh = seen[d]
+        assert np.shares_memory(xa, x.detach().numpy())
+        assert np.shares_memory(w_ih, getattr(lstm, "weight_ih_l0" + suffix).detach().numpy())
+        assert np.shares_memory(w_hh, getattr(lstm, "weight_hh_l0" + suffix).detach().numpy())
+
+
+# ---- convert --------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.GRU(2 * H, H, batch_first=True, dtype=torch.float64)),
+            nn.RNN(H, H, nonlinearity="relu", batch_first=True, dtype=torch.float64),
+        ])
+        self.head = nn.Linear(H, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y, _ = self.blocks[0][0](y)
+        y, h = self.blocks[1](y)
+        return self.head(y).sum() + h.sum()
+
+
+class CustomLSTM(nn.LSTM):
+    """A user's subclass, with its own forward: convert() leaves it alone."""
+
+
+def test_convert_swaps_nested_modules_in_place_keeping_parameters_and_mode():
+    torch.manual_seed(3)
+    model = Encoder()
+    model.blocks[1].eval()
+    model.extra = CustomLSTM(I, H)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("extra.")}
+    want = model(x)
+    want_grads = torch.autograd.grad(want, list(params.values()))
+
+    assert frt.convert(model) is model
+    assert type(model.lstm) is frt.LSTM
+    assert type(model.blocks[0][0]) is frt.GRU
+    assert type(model.blocks[1]) is frt.RNN and model.blocks[1].nonlinearity == "relu"
+    assert type(model.extra) is CustomLSTM
+    assert model.lstm.training and not model.blocks[1].training
+    assert all(p is params[n] for n, p in model.named_parameters() if n in params)  # the same objects
+    got = model(x)
+    assert_close(got.detach().numpy(), want.detach().numpy(), np.float64)
+    for g, w, name in zip(torch.autograd.grad(got, list(params.values())), want_grads, params):
+        assert_close(g.numpy(), w.numpy(), np.float64, name)
+    assert type(frt.convert(nn.GRU(I, H))) is frt.GRU  # a bare module comes back converted
+
+
+def test_convert_changes_nothing_when_a_module_is_unsupported():
+    model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2))
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        frt.convert(model)
+    assert type(model[0]) is nn.GRU
+    with pytest.raises(TypeError, match="model"):
+        frt.convert("not a module")
+
+
+# ---- what is not supported, and bad input --------------------------------------------------------
+
+
+def test_unsupported_configurations_raise_not_implemented_at_construction():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        frt.LSTM(I, H, proj_size=2)
+    with pytest.raises(NotImplementedError, match="float16"):
+        frt.GRU(I, H, dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        frt.RNN(I, H, device="meta")
+
+
+def test_unsupported_tensors_raise_not_implemented_at_forward():
+    gru = frt.GRU(I, H)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        gru(torch.randn(T, B, I, device="meta"))
+    gru.half()
+    with pytest.raises(NotImplementedError, match="float16"):
+        gru(torch.randn(T, B, I).half())
+
+
+def test_bad_input_raises_errors_naming_the_argument():
+    lstm = frt.LSTM(I, H, num_layers=2)
+    x = torch.randn(T, B, I)
+    h = torch.zeros(2, B, H)
+    cases = [
+        (TypeError, "input", lambda: lstm(x.numpy())),
+        (TypeError, "input.*float32", lambda: lstm(x.double())),
+        (ValueError, "input.*input_size", lambda: lstm(torch.randn(T, B, I + 1))),
+        (ValueError, "input.*3-D", lambda: lstm(torch.randn(T, B, 1, I))),
+        (ValueError, "input.*empty", lambda: lstm(torch.randn(0, B, I))),
+        (ValueError, "input.*NaN", lambda: lstm(torch.full((T, B, I), float("nan")))),
+        (TypeError, "hx.*tuple", lambda: lstm(x, h)),
+        (ValueError, "c_0.*shape", lambda: lstm(x, (h, torch.zeros(2, B + 1, H)))),
+        (TypeError, "h_0.*dtype", lambda: lstm(x, (h.double(), h))),
+        (ValueError, "h_0.*NaN", lambda: lstm(x, (h + float("inf"), h))),
+        (ValueError, "nonlinearity", lambda: frt.RNN(I, H, nonlinearity="gelu")),
+        (ValueError, "dropout", lambda: frt.GRU(I, H, dropout=1.5)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+    with pytest.raises(ValueError, match="hx.*shape"):
+        frt.GRU(I, H)(x, torch.zeros(2, B, H))
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_float64(cell, packed):
+    _, fused = module_pair(cell, 2, 2, num_layers=2, bidirectional=True, dtype=torch.float64)
+    names = [n for n, _ in fused.named_parameters()]
+    gen = torch.Generator().manual_seed(2)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, h0, c0 = r(3, 2, 2), r(4, 2, 2), r(4, 2, 2)
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+    lengths = torch.tensor([2, 3])
+
+    def f(x, h0, c0, *params):
+        hx = (h0, c0) if cell == "lstm" else h0
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, state = torch.func.functional_call(fused, dict(zip(names, params)), (inp, hx))
+        return (output_tensor(out),) + (state if isinstance(state, tuple) else (state,))
+
+    inputs = (x, h0, c0 if cell == "lstm" else c0.detach(), *params)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_double_backward_raises():
+    lstm = frt.LSTM(2, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(lstm(x)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dx.sum().backward()
+
+
+def test_backward_twice_with_retained_graph_and_tapes_freed_with_the_graph():
+    live = len(_ops._live_tapes)
+    gru = frt.GRU(I, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    y, _ = gru(x)
+    assert len(_ops._live_tapes) == live + 2  # one per layer
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()
+    assert torch.allclose(x.grad, 2 * first, rtol=1e-14, atol=0)
+    del y
+    assert len(_ops._live_tapes) == live
+    with torch.no_grad():
+        gru(x)
+    assert len(_ops._live_tapes) == live  # nothing recorded without autograd
+
+
+def test_in_place_change_of_a_weight_before_backward_is_detected():
+    rnn = frt.RNN(I, H)
+    y, _ = rnn(torch.randn(T, B, I))
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ---- torch.compile, torch.export -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_operators_pass_opcheck(cell):
+    # Schema, autograd registration and fake implementation against the real one. Not
+    # test_aot_dispatch_dynamic: it compares every output of two calls, and the tape handle is unique
+    # to each call by design; the compile and export tests below run that path end to end.
+    gen = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    gates = 4 if cell == "lstm" else 3
+    weights = [r(gates * 3, 2), r(gates * 3, 3), None, None] * 2  # two directions, no biases
+    x, h0 = r(4, 3, 2), r(2, 3, 3)
+    c0 = r(2, 3, 3) if cell == "lstm" else None
+    args = (x, *weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args, test_utils=checks)
+    y, h_n, c_n, tape = frt.rnn_layer(*args)
+    dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
+    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    detached = [None if w is None else w.detach() for w in weights]
+    backward_args = (tape, x.detach(), *detached, dy, dh_n, dc_n, cell)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, backward_args, test_utils=checks)
+
+
+class Stack(nn.Module):
+    """Every cell, one after the other, with initial states."""
+
+    def __init__(self):
+        super().__init__()
+        kw = dict(batch_first=True, dtype=torch.float64)
+        self.lstm = frt.LSTM(I, H, num_layers=2, bidirectional=True, **kw)
+        self.gru = frt.GRU(2 * H, H, **kw)
+        self.tanh = frt.RNN(H, H, bidirectional=True, **kw)
+        self.relu = frt.RNN(2 * H, H, nonlinearity="relu", **kw)
+
+    def forward(self, x, h0, c0):
+        y, (h, _) = self.lstm(x, (h0, c0))
+        y, _ = self.gru(y, h[-1:])
+        y, _ = self.tanh(y)
+        y, h = self.relu(y)
+        return y, h
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    # backend="aot_eager": the AOTAutograd joint graph (custom op, fake implementation, autograd
+    # formula) without inductor's code generation, to keep the test fast.
+    torch.manual_seed(4)
+    model = Stack()
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, B, H, dtype=torch.float64, requires_grad=True)
+    leaves = [x, h0, c0, *model.parameters()]
+
+    def results(fn):
+        y, h = fn(x, h0, c0)
+        return [y, h, *torch.autograd.grad(y.square().sum() + h.sum(), leaves)]
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for got, want in zip(results(compiled), results(model)):
+        assert torch.equal(got, want)
+
+
+def test_torch_export_traces_the_fused_operator():
+    torch.manual_seed(5)
+    model = Stack().eval()
+    args = (torch.randn(B, T, I, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64),
+            torch.randn(4, B, H, dtype=torch.float64))
+    exported = torch.export.export(model, args)
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count("fusedrnn.rnn_layer.default") == 5  # 2 LSTM layers + GRU + 2 RNNs
+    for got, want in zip(exported.module()(*args), model(*args)):
+        assert torch.equal(got, want)
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_data_parallel_two_processes(tmp_path):
+    # A forkserver that has imported torch (and the torch._dynamo that DDP's constructor imports)
+    # once starts both ranks in well under the time two fresh interpreters take to import it.
+    mp.get_context("forkserver").set_forkserver_preload(["torch_ddp_worker", "torch._dynamo"])
+    mp.start_processes(torch_ddp_worker.run_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="forkserver")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, x, target = torch_ddp_worker.model_and_data()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    torch_ddp_worker.train(model, x, target)  # one process, the whole batch
+    for name, value in model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert_close(ranks[0][name].numpy(), value.numpy(), np.float64, name)
+        assert not torch.equal(value, initial[name]), name  # training did move it
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_adam_training_loss_curves_agree_step_by_step(dtype):
+    torch.manual_seed(6)
+    x = torch.randn(16, 8, 3, dtype=dtype)
+    target = x.cumsum(1)[:, -1, :1]  # sum of the first feature over the sequence
+
+    def losses(rnn_cls):
+        torch.manual_seed(7)
+        model = nn.ModuleDict({"rnn": rnn_cls(3, 16, num_layers=2, batch_first=True, dtype=dtype),
+                               "head": nn.Linear(16, 1, dtype=dtype)})
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        curve = []
+        for _ in range(20):
+            opt.zero_grad()
+            y, _ = model["rnn"](x)
+            loss = nn.functional.mse_loss(model["head"](y[:, -1]), target)
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        return np.array(curve)
+
+    fused, ref = losses(frt.LSTM), losses(nn.LSTM)
+    assert fused[-1] < 0.5 * fused[0]  # it learns
+    np.testing.assert_allclose(fused, ref, rtol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_import_fusedrnn_does_not_import_torch():
+    code = "import sys, fusedrnn; assert 'torch' not in sys.modules, 'torch was imported'; print(fusedrnn.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "fusedrnn"
