@@ -363,6 +363,12 @@ def time_call(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(samples)
 
 
+# Pause before each runner's turn: thread pools (OpenMP's, XLA's, fusedrnn's) spin for a while after
+# their last call, and a library timed right after another would otherwise share the cores with the
+# previous one's spinning workers.
+SETTLE_SECONDS = 0.05
+
+
 def alternate_rounds(fns: dict, rounds: int, repeats: int,
                      on_round: Callable[[], None] | None = None) -> dict:
     """Per key, the median time of `repeats` calls in each of `rounds` rounds; each round runs every
@@ -374,6 +380,8 @@ def alternate_rounds(fns: dict, rounds: int, repeats: int,
     samples = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
+            time.sleep(SETTLE_SECONDS)
+            fn()  # untimed: wakes the library's threads after the pause
             samples[key].append(time_call(fn, repeats))
         if on_round is not None:
             on_round()
