@@ -19,7 +19,6 @@ Each row also reports the bytes kept for backward by fusedrnn and torch.nn (trai
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 from fusedrnn import benchmark, datasets
@@ -62,14 +61,10 @@ def deepbench_cases(count: int) -> list[tuple[None, benchmark.Case]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser = benchmark.script_arguments(__doc__, default_repeats=5)
     parser.add_argument("--shapes", default="a,b,c,d,e")
     parser.add_argument("--cells", default="lstm,gru,rnn_tanh")
     parser.add_argument("--deepbench", type=int, default=0, help="also run this many DeepBench rows")
-    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     peers = [p for p in PEERS if benchmark.PEERS[p].available()]

@@ -11,17 +11,12 @@ The harness is fusedrnn.benchmark; `fusedrnn bench` is its full command line (mo
 
 from __future__ import annotations
 
-import argparse
 
 from fusedrnn import benchmark
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser = benchmark.script_arguments(__doc__, default_repeats=10)
     args = parser.parse_args()
 
     peers = [p for p in ("fusedrnn", "torch") if benchmark.PEERS[p].available()]

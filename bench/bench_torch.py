@@ -23,7 +23,6 @@ native layer calls, each as a share of the module's time.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -154,11 +153,7 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser = benchmark.script_arguments(__doc__, default_repeats=5)
     args = parser.parse_args()
     benchmark.set_threads(PEERS, args.threads)
 

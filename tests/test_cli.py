@@ -71,7 +71,7 @@ def test_peers_are_pluggable(monkeypatch):
     monkeypatch.setitem(benchmark.PEERS, "counting", benchmark.PEERS["numpy"])
     benchmark.register_peer("counting", factory)
     rows = benchmark.run_case(TINY, ["fusedrnn", "counting"], rounds=3, repeats=2)
-    assert calls.count("infer") == calls.count("train") == 2 + 3 * 2   # warm-up, then rounds x repeats
+    assert calls.count("infer") == calls.count("train") == 2 + 3 * (1 + 2)  # warm-up; per round a wake-up + repeats
     assert "speedup_vs_counting" in rows[0]
     assert "counting" in benchmark.available_peers()
 

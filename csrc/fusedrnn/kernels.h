@@ -56,40 +56,38 @@ struct RankScratch {
   T* tile = nullptr;
 };
 
+// What both directions of the recurrence share.
 template <typename T>
-struct ForwardPlan {
+struct PlanCommon {
   CellKind cell = CellKind::kLstm;
   Index steps = 0, batch = 0, hidden = 0;
   const Index* lengths = nullptr;  // (B) or null
   bool reverse = false;
-  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T for every step (the bias is added per step)
   const T* w_hh = nullptr;         // (G*H, H)
-  const T* b_ih = nullptr;         // (G*H), never null (zeros without bias)
-  const T* b_hh = nullptr;         // (G*H), never null
   T cell_clip = T(0);              // +inf: none
-  const T* h0 = nullptr;           // (B, H) or null
-  const T* c0 = nullptr;           // (B, H) or null
   StateSlots<T> hs, cs;            // cs.base null without a cell state
-  T* saved = nullptr;              // (T, B, S*H) training, (B, S*H) inference; null when S == 0
-  T* y = nullptr;                  // (T, B, ldy)
-  Index ldy = 0;
-  T* h_n = nullptr;                // (B, H)
-  T* c_n = nullptr;                // (B, H) or null
-  const Index* unit_start = nullptr;  // (ranks + 1)
+  const Index* unit_start = nullptr;        // (ranks + 1)
   const RankScratch<T>* scratch = nullptr;  // (ranks)
   bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
 };
 
 template <typename T>
-struct BackwardPlan {
-  CellKind cell = CellKind::kLstm;
-  Index steps = 0, batch = 0, hidden = 0;
-  const Index* lengths = nullptr;
-  bool reverse = false;
-  const T* w_hh = nullptr;         // (G*H, H)
-  T cell_clip = T(0);
-  StateSlots<T> hs, cs;            // as forward recorded them (training)
-  const T* saved = nullptr;        // (T, B, S*H) or null
+struct ForwardPlan : PlanCommon<T> {
+  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T for every step (the bias is added per step)
+  const T* b_ih = nullptr;         // (G*H), never null (zeros without bias)
+  const T* b_hh = nullptr;         // (G*H), never null
+  const T* h0 = nullptr;           // (B, H) or null
+  const T* c0 = nullptr;           // (B, H) or null
+  T* saved = nullptr;              // (T, B, S*H) training, (B, S*H) inference; null when S == 0
+  T* y = nullptr;                  // (T, B, ldy)
+  Index ldy = 0;
+  T* h_n = nullptr;                // (B, H)
+  T* c_n = nullptr;                // (B, H) or null
+};
+
+template <typename T>
+struct BackwardPlan : PlanCommon<T> {
+  const T* saved = nullptr;        // (T, B, S*H) or null, as forward recorded it (hs, cs too)
   const T* dy = nullptr;           // (T, B, lddy), never null: without dy, one (H) row of zeros, lddy 0
   Index lddy = 0;
   const T* dh_n = nullptr;         // (B, H) or null
@@ -102,9 +100,6 @@ struct BackwardPlan {
   T* dc0 = nullptr;                // (B, H) or null
   double* dh_norm_partial = nullptr;  // (T, ranks): each rank's sum of squares of dL/dh_t
   int ranks = 1;
-  const Index* unit_start = nullptr;
-  const RankScratch<T>* scratch = nullptr;
-  bool pack_weights = true;
 };
 
 template <typename T>

@@ -119,6 +119,43 @@ void require_blas_range(std::initializer_list<Index> dims) {
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
+// The team layout of one call: ranks, their unit ranges and scratch, and the fields both directions'
+// plans share. `depth` and `gate_columns` give the packed panels' shape (forward: H deep, G*units
+// columns; backward: G*H deep, units columns).
+template <typename T>
+struct TeamLayout {
+  int ranks;
+  std::vector<Index> units;
+  std::vector<RankScratch<T>> buffers;
+};
+
+template <typename T>
+TeamLayout<T> team_layout(CellKind cell, const LayerShape& s, int panel_width, Index depth, bool gate_columns) {
+  const int ranks = layer_threads(cell, s.batch, s.hidden);
+  std::vector<Index> units = unit_ranges<T>(s.hidden, ranks);
+  std::vector<RankScratch<T>> buffers =
+      rank_scratch<T>(units, panel_width, depth, s.batch, gate_columns, gate_count(cell));
+  return {ranks, std::move(units), std::move(buffers)};
+}
+
+template <typename T>
+void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const T* w_hh, T cell_clip,
+                 const LayerTape<T>& tape, const TeamLayout<T>& layout) {
+  plan.cell = cell;
+  plan.steps = s.steps;
+  plan.batch = s.batch;
+  plan.hidden = s.hidden;
+  plan.lengths = s.lengths;
+  plan.reverse = s.reverse;
+  plan.w_hh = w_hh;
+  plan.cell_clip = cell_clip;
+  plan.hs = {tape.hs, s.batch * s.hidden, tape.training};
+  plan.cs = {tape.cs, s.batch * s.hidden, tape.training};
+  plan.unit_start = layout.units.data();
+  plan.scratch = layout.buffers.data();
+  plan.pack_weights = s.steps >= kMinStepsToPack;
+}
+
 }  // namespace
 
 int gate_count(CellKind cell) {
@@ -166,39 +203,25 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   const Index gh_width = gates * hidden, rows = steps * batch;
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const int ranks = layer_threads(a.cell, batch, hidden);
-  const std::vector<Index> units = unit_ranges<T>(hidden, ranks);
-  const std::vector<RankScratch<T>> rank_buffers =
-      rank_scratch<T>(units, kern.panel_width, hidden, batch, true, gates);
+  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, hidden, true);
+  const int ranks = layout.ranks;
 
   std::vector<T> zero_bias;
   if (!a.weights.b_ih || !a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
   T* gx = scratch<T>(ScratchSlot::kGatesX, rows * gh_width);
 
   ForwardPlan<T> plan;
-  plan.cell = a.cell;
-  plan.steps = steps;
-  plan.batch = batch;
-  plan.hidden = hidden;
-  plan.lengths = s.lengths;
-  plan.reverse = s.reverse;
+  fill_common(plan, a.cell, s, a.weights.w_hh, a.cell_clip, a.tape, layout);
   plan.gx = gx;
-  plan.w_hh = a.weights.w_hh;
   plan.b_ih = a.weights.b_ih ? a.weights.b_ih : zero_bias.data();
   plan.b_hh = a.weights.b_hh ? a.weights.b_hh : zero_bias.data();
-  plan.cell_clip = a.cell_clip;
   plan.h0 = a.h0;
   plan.c0 = a.c0;
-  plan.hs = {a.tape.hs, batch * hidden, a.tape.training};
-  plan.cs = {a.tape.cs, batch * hidden, a.tape.training};
   plan.saved = a.tape.saved;
   plan.y = a.y;
   plan.ldy = a.ldy;
   plan.h_n = a.h_n;
   plan.c_n = a.c_n;
-  plan.unit_start = units.data();
-  plan.scratch = rank_buffers.data();
-  plan.pack_weights = steps >= kMinStepsToPack;
 
   ThreadTeam& tm = team();
   tm.run(ranks, [&](int rank) {
@@ -219,10 +242,8 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const int ranks = layer_threads(a.cell, batch, hidden);
-  const std::vector<Index> units = unit_ranges<T>(hidden, ranks);
-  const std::vector<RankScratch<T>> rank_buffers =
-      rank_scratch<T>(units, kern.panel_width, gh_width, batch, false, gates);
+  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, gh_width, false);
+  const int ranks = layout.ranks;
 
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
   T* dgh = split_recurrent_grad(a.cell) ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
@@ -232,16 +253,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
   BackwardPlan<T> plan;
-  plan.cell = a.cell;
-  plan.steps = steps;
-  plan.batch = batch;
-  plan.hidden = hidden;
-  plan.lengths = s.lengths;
-  plan.reverse = s.reverse;
-  plan.w_hh = a.weights.w_hh;
-  plan.cell_clip = a.cell_clip;
-  plan.hs = {a.tape.hs, state, true};
-  plan.cs = {a.tape.cs, state, true};
+  fill_common(plan, a.cell, s, a.weights.w_hh, a.cell_clip, a.tape, layout);
   plan.saved = a.tape.saved;
   plan.dy = a.dy ? a.dy : zero_row.data();
   plan.lddy = a.dy ? a.lddy : 0;
@@ -255,9 +267,6 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   plan.dc0 = a.dc0;
   plan.dh_norm_partial = norm_partial;
   plan.ranks = ranks;
-  plan.unit_start = units.data();
-  plan.scratch = rank_buffers.data();
-  plan.pack_weights = steps >= kMinStepsToPack;
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));

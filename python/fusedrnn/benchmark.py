@@ -422,6 +422,19 @@ def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int 
     return rows
 
 
+def script_arguments(doc: str, default_repeats: int):
+    """The options every script in bench/ takes: --threads, --rounds, --repeats, --json. Returns the
+    parser, so a script can add its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=default_repeats, help="timed calls per round")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser
+
+
 def check_peers(peers: Sequence[str]) -> list[str]:
     for name in peers:
         if name not in PEERS:
