@@ -98,3 +98,11 @@ def test_simd_environment_variable_forces_a_level():
     env = dict(os.environ, FUSEDRNN_SIMD="generic")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "generic"
+
+
+def test_unsupported_simd_environment_value_warns():
+    code = "import fusedrnn; print(fusedrnn.build_info()['simd'])"
+    env = dict(os.environ, FUSEDRNN_SIMD="sse9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "FUSEDRNN_SIMD='sse9' is not a SIMD level this machine supports" in out.stderr
+    assert out.stdout.strip() == fusedrnn.build_info()["simd_supported"][-1]

@@ -49,6 +49,22 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def _check_forced_simd_level() -> None:
+    # The core falls back to the best supported level when FUSEDRNN_SIMD names one this machine
+    # cannot run (or a misspelt one); say so rather than ignore the request silently.
+    import os
+    import warnings
+
+    forced = os.environ.get("FUSEDRNN_SIMD")
+    if forced and forced != _core.simd_level():
+        warnings.warn(f"FUSEDRNN_SIMD={forced!r} is not a SIMD level this machine supports "
+                      f"{_core.simd_levels_supported()}; using {_core.simd_level()!r}", RuntimeWarning,
+                      stacklevel=2)
+
+
+_check_forced_simd_level()
+
+
 def set_simd_level(level: str) -> None:
     """Selects the SIMD level of the recurrence kernels: one of build_info()["simd_supported"]
     ("generic", "avx2", "avx512" on x86-64). The default is the best this CPU supports; the
