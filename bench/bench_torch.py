@@ -66,21 +66,6 @@ def cases() -> list[benchmark.Case]:
     return chosen
 
 
-def module_runners(module, x, dy):
-    """(inference, training step) callables of a torch module on x (T, B, I) with output gradient dy."""
-
-    def infer():
-        with torch.no_grad():
-            module(x)
-
-    def train():
-        module.zero_grad()
-        y, _ = module(x.detach().requires_grad_())
-        y.backward(dy)
-
-    return infer, train
-
-
 @contextlib.contextmanager
 def time_in_core(spent: list):
     """Adds to spent[0] the seconds spent inside the native layer calls while the block runs."""
@@ -114,7 +99,7 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
     dy = torch.randn(steps, batch, hidden)
     weights = [p.detach().numpy() for p in lstm.parameters()]
     xa, dya = x.numpy(), dy.numpy()
-    module_infer, module_train = module_runners(lstm, x, dy)
+    module_infer, module_train = benchmark.torch_module_runners(lstm, x, dy)
 
     def bare_infer():
         functional.layer_forward("lstm", xa, *weights, training=False, check_finite=False)

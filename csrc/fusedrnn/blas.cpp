@@ -39,8 +39,6 @@ void gemm<double>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
 
 void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 
-int num_threads() { return scipy_openblas_get_num_threads(); }
-
 std::string config() { return scipy_openblas_get_config(); }
 
 }  // namespace fusedrnn::blas

@@ -1,5 +1,5 @@
-// The BLAS the core uses: row-major GEMM for float and double, and the thread count of the one thread
-// pool that runs all native compute (OpenBLAS's; the recurrence's pointwise passes run on the caller).
+// The BLAS the core uses: row-major GEMM for float and double. The core pins OpenBLAS to one thread and
+// calls it from inside its own thread team (threads.h), so OpenBLAS never runs a pool of its own.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +14,6 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
           const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
 
 void set_num_threads(int n);
-int num_threads();
 std::string config();  // the BLAS build string, for diagnostics
 
 }  // namespace fusedrnn::blas

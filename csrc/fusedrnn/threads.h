@@ -86,8 +86,8 @@ class ThreadTeam {
 
   int size_ = 1;
   std::vector<std::thread> workers_;
-  std::mutex mutex_;  // guards generation_ changes for sleeping workers and serialises run()
-  std::mutex run_mutex_;
+  std::mutex mutex_;      // guards generation_ changes, so a worker going to sleep misses no job
+  std::mutex run_mutex_;  // one job (or resize) at a time
   std::condition_variable wake_;
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<int> pending_{0};

@@ -130,23 +130,34 @@ def _torch_module(c: Case):
     return torch.nn.RNN(c.input_size, c.hidden, nonlinearity=c.cell[len("rnn_"):])
 
 
-def _torch_runners(problem: Problem) -> Runners:
+def torch_module_runners(module, x, dy) -> Runners:
+    """Inference (under no_grad) and a training step (zero_grad, forward with a gradient for x,
+    backward of dy) of a torch recurrent module on tensors x (T, B, I) and dy (T, B, H)."""
     import torch
-
-    c = problem.case
-    m = _torch_module(c)
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
-    x, dy = torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
 
     def infer():
         with torch.no_grad():
-            m(x)
+            module(x)
 
     def train():
-        y, _ = m(x.detach().requires_grad_())
+        module.zero_grad()
+        y, _ = module(x.detach().requires_grad_())
         y.backward(dy)
 
     return Runners(infer, train)
+
+
+def _torch_problem_module(problem: Problem):
+    """torch.nn's module for the case, loaded with the problem's weights, and the problem's tensors."""
+    import torch
+
+    m = _torch_module(problem.case)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
+    return m, torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
+
+
+def _torch_runners(problem: Problem) -> Runners:
+    return torch_module_runners(*_torch_problem_module(problem))
 
 
 def _set_fusedrnn_threads(n: int) -> None:
@@ -249,26 +260,10 @@ def _jax_version() -> str:
 
 def _fusedrnn_torch_runners(problem: Problem) -> Runners:
     """fusedrnn.torch's drop-in module, called exactly as torch.nn's is."""
-    import torch
-
     from .torch import modules as frt
 
-    c = problem.case
-    m = _torch_module(c)
-    m.load_state_dict({k: torch.from_numpy(v) for k, v in problem.state_dict.items()})
-    fused = frt.convert(m)
-    x, dy = torch.from_numpy(problem.x), torch.from_numpy(problem.dy)
-
-    def infer():
-        with torch.no_grad():
-            fused(x)
-
-    def train():
-        fused.zero_grad()
-        y, _ = fused(x.detach().requires_grad_())
-        y.backward(dy)
-
-    return Runners(infer, train)
+    m, x, dy = _torch_problem_module(problem)
+    return torch_module_runners(frt.convert(m), x, dy)
 
 
 register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version)
