@@ -42,6 +42,18 @@ struct Simd {
   static void store(T* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 };
 
+// The panels stream from L2 (or L3 when a rank's W_hh slice is larger): fetching the panel rows this
+// far ahead measured 20-30% faster than leaving it to the hardware prefetchers (B=1: 66 -> 84 GB/s from
+// L2; B=16, 8 MB slice: 80 -> 104 GF/s). Prefetching past the panel's end is harmless.
+constexpr Index kPrefetchRows = 16;
+
+template <typename T>
+inline void prefetch_panel_row(const T* row) {
+  constexpr std::size_t bytes = Simd<T>::kPanel * sizeof(T);
+  for (std::size_t offset = 0; offset < bytes; offset += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, 0, 3);
+}
+
 // c[r][0..kPanel) = sum_k a[r*lda + k] * panel[k][0..kPanel) for r < MR. KS independent accumulator
 // sets split the k loop, so few rows still keep enough FMAs in flight to hide their latency; the sets
 // are summed in a fixed order (deterministic).
@@ -57,6 +69,7 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
   Index k = 0;
   for (; k + KS <= depth; k += KS) {
     for (int s = 0; s < KS; ++s) {
+      prefetch_panel_row<T>(panel + (k + s + kPrefetchRows) * S::kPanel);
       const Vec b0 = S::load(panel + (k + s) * S::kPanel);
       const Vec b1 = S::load(panel + (k + s) * S::kPanel + L);
       for (int r = 0; r < MR; ++r) {
@@ -88,25 +101,36 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
 
 // c (rows, panels*kPanel) = a (rows, depth) @ packed, where packed holds `panels` panels of
 // (depth, kPanel). Each panel is reused across all row blocks while it is in L1/L2.
+// Accumulator sets per row count: enough independent FMAs in flight (FMA latency x issue width) when
+// few rows share each loaded panel vector.
+template <int MR>
+constexpr int kKSplit = MR >= 4 ? 1 : (MR >= 2 ? 2 : 4);
+
+// Rows per register block: 2*MR accumulators plus two panel vectors and a broadcast must fit the
+// register file (32 vector registers with AVX-512, 16 otherwise). With AVX-512, 12 rows measured
+// 10-20% faster than 6 (fewer loads per FMA, each panel pass covers more rows) and 14 slower.
+constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
+
+// Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
+template <typename T, int MR>
+inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, const T* panel, T* c, Index ldc) {
+  if constexpr (MR > 1) {
+    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(depth, a, lda, panel, c, ldc);
+    panel_rows_tail<T, MR - 1>(rows, depth, a, lda, panel, c, ldc);
+  }
+}
+
 template <typename T>
 void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
                 Index ldc) {
   constexpr int P = Simd<T>::kPanel;
+  constexpr int MR = kBlockRows;
   for (Index p = 0; p < panels; ++p) {
     const T* pp = packed + p * depth * P;
     T* cp = c + p * P;
     Index r = 0;
-    for (; r + 6 <= rows; r += 6) panel_kernel<T, 6, 1>(depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
-    const T* ar = a + r * lda;
-    T* cr = cp + r * ldc;
-    switch (rows - r) {
-      case 5: panel_kernel<T, 5, 1>(depth, ar, lda, pp, cr, ldc); break;
-      case 4: panel_kernel<T, 4, 1>(depth, ar, lda, pp, cr, ldc); break;
-      case 3: panel_kernel<T, 3, 2>(depth, ar, lda, pp, cr, ldc); break;
-      case 2: panel_kernel<T, 2, 2>(depth, ar, lda, pp, cr, ldc); break;
-      case 1: panel_kernel<T, 1, 4>(depth, ar, lda, pp, cr, ldc); break;
-      default: break;
-    }
+    for (; r + MR <= rows; r += MR) panel_kernel<T, MR, 1>(depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
+    if (r < rows) panel_rows_tail<T, MR>(rows - r, depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
   }
 }
 

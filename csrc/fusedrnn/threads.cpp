@@ -66,6 +66,7 @@ void ThreadTeam::start_workers(int threads) {
   // The generation is read here, not in the new thread: a job posted before the thread first runs
   // must still count as new to it.
   const std::uint64_t seen = generation_.load();
+  workers_avoid_cpu_ = -1;
   for (int rank = 1; rank < threads; ++rank)
     workers_.emplace_back([this, rank, seen] { worker_loop(rank, seen); });
 }
@@ -95,6 +96,7 @@ void ThreadTeam::run(int threads, const Job& job) {
     job(0);
     return;
   }
+  keep_workers_off_caller_cpu();
   job_ = &job;
   job_threads_ = threads;
   pending_.store(threads - 1, std::memory_order_relaxed);
@@ -107,8 +109,30 @@ void ThreadTeam::run(int threads, const Job& job) {
     FlushDenormals ftz;
     job(0);
   }
-  while (pending_.load(std::memory_order_acquire) != 0) FUSEDRNN_CPU_RELAX();
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < SpinBarrier::kSpinsBeforeYield)
+      FUSEDRNN_CPU_RELAX();
+    else
+      std::this_thread::yield();
+  }
   job_ = nullptr;
+}
+
+// Linux wakes a sleeping worker on its waker's CPU when it can, and the load balancer takes
+// milliseconds to separate them again; two ranks sharing one core then pass every step's barrier by
+// yielding, about 10x slower. Workers are therefore kept off the CPU the caller runs on. Only the
+// workers' masks change (the caller's is the user's), and only when the caller has moved.
+void ThreadTeam::keep_workers_off_caller_cpu() {
+#if defined(__linux__)
+  const int cpu = sched_getcpu();
+  if (cpu < 0 || cpu == workers_avoid_cpu_) return;
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
+  CPU_CLR(cpu, &allowed);
+  if (CPU_COUNT(&allowed) == 0) return;  // the caller may run on one CPU only: nothing to keep apart
+  for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof allowed, &allowed);
+  workers_avoid_cpu_ = cpu;
+#endif
 }
 
 void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {

@@ -82,6 +82,7 @@ class ThreadTeam {
   void start_workers(int threads);
   void stop_workers();
   void worker_loop(int rank, std::uint64_t seen);
+  void keep_workers_off_caller_cpu();
   static void after_fork_in_child();
 
   int size_ = 1;
@@ -96,6 +97,7 @@ class ThreadTeam {
   int job_threads_ = 0;
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
+  int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out
 };
 
 // The thread count fusedrnn uses by default: the CPUs this process may run on.
