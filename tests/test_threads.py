@@ -5,6 +5,7 @@ bit-identical; small layers run on fewer threads."""
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -24,14 +25,15 @@ def team_size(request):
     fusedrnn.set_num_threads(previous)
 
 
-# (T, B, I, H): B=13 is two full 6-row blocks and a 1-row remainder; H=129 and H=200 split unevenly
-# and leave partial panels; H=200 with 3 ranks gives ranks 64, 64 and 72 units. Every shape is big
-# enough that the layer runs on more than one rank; T=2 reads W_hh in place instead of packing it.
-SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200), (2, 13, 5, 129)]
+# (T, B, I, H): row blocks are 12 rows with AVX-512 and 6 otherwise, so B=13 leaves a 1-row remainder
+# and B=23 an 11-row (AVX-512) or 5-row one; H=129 and H=200 split unevenly and leave partial panels;
+# H=200 with 3 ranks gives ranks 64, 64 and 72 units. Every shape is big enough that the layer runs on
+# more than one rank; T=2 reads W_hh in place instead of packing it.
+SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200), (3, 23, 4, 128), (2, 13, 5, 129)]
 
 
 @pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
-@pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200", "T2-unpacked"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200", "B23-H128", "T2-unpacked"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_team_size_matches_reference(rng, simd_level, team_size, cell, shape):
     steps, batch, inp, hidden = shape
@@ -79,6 +81,33 @@ def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_threads("lstm", 1, 128) == 2
     assert _core.layer_threads("rnn_tanh", 32, 256) == 2
     assert fusedrnn.build_info()["num_threads"] == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
+def test_team_follows_the_callers_cpu_mask():
+    """The workers are kept off the caller's CPU within the caller's affinity mask. Confined to one
+    CPU after the team started, a two-rank layer must still finish (its ranks take turns at each
+    barrier) and give the one-rank answer."""
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        import fusedrnn
+        from fusedrnn import _core, functional as F
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((20, 4, 8)).astype(np.float32)
+        w = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((512, 8), (512, 128), (512,), (512,))]
+        fusedrnn.set_num_threads(1)
+        one = F.layer_forward("lstm", x, *w, training=False).y
+        fusedrnn.set_num_threads(2)
+        spread = F.layer_forward("lstm", x, *w, training=False).y
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        confined = F.layer_forward("lstm", x, *w, training=False).y
+        print(_core.layer_threads("lstm", 4, 128), np.abs(spread - one).max(), np.abs(confined - one).max())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    ranks, spread_err, confined_err = out.stdout.split()
+    assert ranks == "2"
+    assert float(spread_err) < 1e-6 and float(confined_err) < 1e-6
 
 
 def test_simd_level_choice_is_checked():

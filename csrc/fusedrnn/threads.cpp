@@ -120,21 +120,24 @@ void ThreadTeam::run(int threads, const Job& job) {
 
 // Linux wakes a sleeping worker on its waker's CPU when it can, and the load balancer takes
 // milliseconds to separate them again; two ranks sharing one core then pass every step's barrier by
-// yielding, about 10x slower. Workers are therefore kept off the CPU the caller runs on. Only the
-// workers' masks change (the caller's is the user's), and only when the caller has moved.
+// yielding, about 10x slower. Workers are therefore kept off the CPU the caller runs on, within the
+// caller's own affinity mask (so they follow taskset and os.sched_setaffinity). Only the workers' masks
+// change, and only when the caller's CPU or mask has changed since the last job.
 void ThreadTeam::keep_workers_off_caller_cpu() {
 #if defined(__linux__)
   const int cpu = sched_getcpu();
-  if (cpu < 0 || cpu == workers_avoid_cpu_) return;
   cpu_set_t allowed;
-  if (sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
-  CPU_CLR(cpu, &allowed);
-  if (CPU_COUNT(&allowed) == 0) return;  // the caller may run on one CPU only: nothing to keep apart
-  for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof allowed, &allowed);
+  if (cpu < 0 || sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
+  if (cpu == workers_avoid_cpu_ && CPU_EQUAL(&allowed, &caller_mask_)) return;
+  caller_mask_ = allowed;
   workers_avoid_cpu_ = cpu;
+  cpu_set_t others = allowed;
+  CPU_CLR(cpu, &others);
+  // With a single CPU allowed there is nothing to keep apart: the workers share the caller's mask.
+  const cpu_set_t& mask = CPU_COUNT(&others) > 0 ? others : allowed;
+  for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof mask, &mask);
 #endif
 }
-
 void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
   for (;;) {
     // Spin for a while, then sleep until the generation moves.

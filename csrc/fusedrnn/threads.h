@@ -8,6 +8,9 @@
 #pragma once
 
 #include <atomic>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -98,6 +101,9 @@ class ThreadTeam {
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
   int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out
+#if defined(__linux__)
+  cpu_set_t caller_mask_{};     // the caller's affinity mask when the workers' masks were last set
+#endif
 };
 
 // The thread count fusedrnn uses by default: the CPUs this process may run on.
