@@ -195,6 +195,33 @@ int layer_threads(CellKind cell, Index batch, Index hidden) {
   return static_cast<int>(std::min<Index>(team().size(), useful));
 }
 
+// Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
+// have no per-step barrier, so they use the whole team even where the recurrence uses fewer ranks,
+// once each thread gets enough work to pay for waking it (a wake-up and join cost ~5-20 us).
+int gemm_threads(double flops) {
+  constexpr double kMinFlopsPerThread = 4e6;
+  const double useful = std::max(1.0, flops / kMinFlopsPerThread);
+  return static_cast<int>(std::min<double>(team().size(), useful));
+}
+
+// Runs `gemms(rank, of)` on `gemm_ranks` threads and the recurrence `recur(rank)` on `ranks`, in the
+// order given by `gemms_first`: one job when the counts match (no extra wake-up), two otherwise.
+template <typename Gemms, typename Recur>
+void run_phases(int gemm_ranks, int ranks, bool gemms_first, const Gemms& gemms, const Recur& recur) {
+  ThreadTeam& tm = team();
+  if (gemm_ranks == ranks) {
+    tm.run(ranks, [&](int rank) {
+      if (gemms_first) gemms(rank, ranks);
+      recur(rank);
+      if (!gemms_first) gemms(rank, ranks);
+    });
+    return;
+  }
+  if (gemms_first) tm.run(gemm_ranks, [&](int rank) { gemms(rank, gemm_ranks); });
+  tm.run(ranks, recur);
+  if (!gemms_first) tm.run(gemm_ranks, [&](int rank) { gemms(rank, gemm_ranks); });
+}
+
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& a) {
   const LayerShape& s = a.shape;
@@ -224,13 +251,16 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   plan.c_n = a.c_n;
 
   ThreadTeam& tm = team();
-  tm.run(ranks, [&](int rank) {
-    // Input projection of this rank's rows of all steps: gx = x W_ih^T.
-    const auto [r0, r1] = share(rows, ranks, rank);
-    blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), a.x + r0 * input, input, a.weights.w_ih,
-                  input, T(0), gx + r0 * gh_width, gh_width);
-    kern.forward(plan, rank, tm.barrier());
-  });
+  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * input));
+  run_phases(
+      gemm_ranks, ranks, true,
+      [&](int rank, int of) {
+        // Input projection of this rank's rows of all steps: gx = x W_ih^T.
+        const auto [r0, r1] = share(rows, of, rank);
+        blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), a.x + r0 * input, input, a.weights.w_ih,
+                      input, T(0), gx + r0 * gh_width, gh_width);
+      },
+      [&](int rank) { kern.forward(plan, rank, tm.barrier()); });
 }
 
 template <typename T>
@@ -271,23 +301,23 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
   ThreadTeam& tm = team();
-  tm.run(ranks, [&](int rank) {
-    kern.backward(plan, rank, tm.barrier());
+  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * (2 * input + hidden)));
+  run_phases(gemm_ranks, ranks, false, [&](int rank, int of) {
     // The recurrence ended at a barrier after its last pointwise pass, so every gate gradient is in
     // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
     // weight and bias gradients by gate rows.
-    const auto [r0, r1] = share(rows, ranks, rank);
+    const auto [r0, r1] = share(rows, of, rank);
     if (a.dx)
       blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width,
                     a.weights.w_ih, input, T(1), a.dx + r0 * input, input);
-    const auto [g0, g1] = share(gh_width, ranks, rank);
+    const auto [g0, g1] = share(gh_width, of, rank);
     blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, a.x, input, T(1),
                   a.dw_ih + g0 * input, input);
     blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
                   T(1), a.dw_hh + g0 * hidden, hidden);
     if (a.db_ih) add_column_sums(dgx, rows, gh_width, g0, g1, a.db_ih);
     if (a.db_hh) add_column_sums(dgh, rows, gh_width, g0, g1, a.db_hh);
-  });
+  }, [&](int rank) { kern.backward(plan, rank, tm.barrier()); });
   if (a.dh_norm)
     for (Index t = 0; t < steps; ++t) {
       double sum = 0.0;
