@@ -14,6 +14,7 @@ import fusedrnn
 from fusedrnn import _core
 from fusedrnn import functional as F
 from fusedrnn import reference
+from fusedrnn.modules import make_module
 from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
 
 
@@ -81,6 +82,26 @@ def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_threads("lstm", 1, 128) == 2
     assert _core.layer_threads("rnn_tanh", 32, 256) == 2
     assert fusedrnn.build_info()["num_threads"] == 2
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_arrays_the_ranks_write_start_on_cache_lines(rng, cell):
+    """Ranks own 64-byte-aligned ranges of units in each row; arrays aligned to 64 bytes keep the two
+    sides of a boundary out of one cache line (numpy itself aligns to 16 bytes)."""
+    w = random_layer(rng, cell, 5, 64, dtype=np.float32)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    out = F.layer_forward(cell, x, *w.values())
+    arrays = [out.y, out.h_n] + ([out.c_n] if has_cell_state(cell) else [])
+    grads = F.layer_backward(out.tape, np.ones_like(out.y))
+    arrays += [grads.dh0] + ([grads.dc0] if has_cell_state(cell) else [])
+    module = make_module(cell, 5, 64, bidirectional=True)
+    arrays.append(module(x)[0])
+    for a in arrays:
+        assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous and a.flags.writeable
+    for dtype in (np.float32, np.float64):
+        assert _core.aligned_empty((2, 3), dtype).ctypes.data % 64 == 0
+    with pytest.raises(TypeError, match=r"^dtype: expected float32 or float64, got int32"):
+        _core.aligned_empty((2,), np.int32)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")

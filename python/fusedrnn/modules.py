@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _core
 from .functional import GATES, layer_backward, layer_forward
 
 
@@ -237,7 +237,7 @@ class RNNBase(_Module):
         tapes, masks = [], []
         layer_input = np.ascontiguousarray(x)
         for layer in range(self.num_layers):
-            y = np.empty((steps, batch, dirs * hidden), self.dtype)
+            y = _core.aligned_empty((steps, batch, dirs * hidden), self.dtype)
             layer_tapes = []
             for d in range(dirs):
                 k = layer * dirs + d
