@@ -98,8 +98,8 @@ struct BackwardPlan : PlanCommon<T> {
   T* dc = nullptr;                 // (B, H) running cell-state gradient, or null
   T* dh0 = nullptr;                // (B, H) or null
   T* dc0 = nullptr;                // (B, H) or null
-  double* dh_norm_partial = nullptr;  // (T, ranks): each rank's sum of squares of dL/dh_t
-  int ranks = 1;
+  double* dh_norm_partial = nullptr;  // (ranks, norm_stride): each rank's sum of squares of dL/dh_t,
+  Index norm_stride = 0;              // a row per rank, rows on separate cache lines
 };
 
 template <typename T>

@@ -362,7 +362,7 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
       norm_sq = backward_units<Cell, T>(pl, t, u0, units, pl.saved ? pl.saved + t * saved_step : nullptr,
                                         pl.hs.at(prev), pl.cs.at(prev), pl.hs.at(next), pl.cs.at(next),
                                         dh, dh_other);
-    pl.dh_norm_partial[t * pl.ranks + rank] = norm_sq;
+    pl.dh_norm_partial[rank * pl.norm_stride + t] = norm_sq;
     barrier.wait();  // every rank's gate gradients of step t are written
     if (units > 0) {
       const T* dgh_t = pl.dgh + t * B * gh_width;

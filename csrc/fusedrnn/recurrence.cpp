@@ -283,7 +283,8 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
   T* dgh = split_recurrent_grad(a.cell) ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
   T* grad_state = scratch<T>(ScratchSlot::kGradState, (has_cell_state(a.cell) ? 3 : 2) * state);
-  double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, steps * ranks);
+  const Index norm_stride = (steps + 7) / 8 * 8;
+  double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
   std::vector<T> zero_row;
   if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
@@ -301,7 +302,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   plan.dh0 = a.dh0;
   plan.dc0 = a.dc0;
   plan.dh_norm_partial = norm_partial;
-  plan.ranks = ranks;
+  plan.norm_stride = norm_stride;
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
@@ -326,7 +327,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   if (a.dh_norm)
     for (Index t = 0; t < steps; ++t) {
       double sum = 0.0;
-      for (int r = 0; r < ranks; ++r) sum += norm_partial[t * ranks + r];
+      for (int r = 0; r < ranks; ++r) sum += norm_partial[r * norm_stride + t];
       a.dh_norm[t] = std::sqrt(sum);
     }
 }
