@@ -80,6 +80,8 @@ def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_threads("lstm", 1, 32) == 1     # ~8K flops a step: a barrier costs more
     assert _core.layer_threads("lstm", 8, 64) == 1     # 32 units a rank are too few
     assert _core.layer_threads("lstm", 1, 128) == 2
+    assert _core.layer_threads("gru", 1, 128) == 2      # 98K flops a step
+    assert _core.layer_threads("rnn_tanh", 1, 128) == 1  # 33K flops a step
     assert _core.layer_threads("rnn_tanh", 32, 256) == 2
     assert fusedrnn.build_info()["num_threads"] == 2
 

@@ -188,11 +188,12 @@ bool split_recurrent_grad(CellKind cell) {
 }
 
 int layer_threads(CellKind cell, Index batch, Index hidden) {
-  // Each extra rank adds a barrier per step (0.05-0.3 us quiet, a scheduler slice when the machine is
-  // oversubscribed) and moves the new state between cores. Measured on 2 cores: a second rank pays
-  // from ~100K flops a step with 64 units each (B=1, H=128: 5.1 -> 3.3 us a step) but not with 32
-  // (B=8, H=64: 6.0 -> 6.8 us).
-  constexpr double kMinStepFlops = 1e5;
+  // Each extra rank adds a barrier per step (~0.3 us for two cores here, a scheduler slice when the
+  // machine is oversubscribed) and moves the new state between cores. Measured on 2 cores: a second
+  // rank pays from ~50K flops a step with 64 units each (GRU B=1, H=128, 98K flops: 0.62-0.69 ->
+  // 0.49-0.57 ms for T=200; LSTM B=1, H=128: 5.1 -> 3.3 us a step), not at 33K (RNN B=1, H=128:
+  // no change), and not with 32 units a rank (LSTM and GRU B=8, H=64: slower).
+  constexpr double kMinStepFlops = 5e4;
   constexpr Index kMinUnitsPerRank = 64;
   const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
   if (step_flops < kMinStepFlops) return 1;
