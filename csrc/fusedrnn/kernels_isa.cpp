@@ -99,8 +99,6 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
   }
 }
 
-// c (rows, panels*kPanel) = a (rows, depth) @ packed, where packed holds `panels` panels of
-// (depth, kPanel). Each panel is reused across all row blocks while it is in L1/L2.
 // Accumulator sets per row count: enough independent FMAs in flight (FMA latency x issue width) when
 // few rows share each loaded panel vector.
 template <int MR>
@@ -120,6 +118,8 @@ inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, cons
   }
 }
 
+// c (rows, panels*kPanel) = a (rows, depth) @ packed, where packed holds `panels` panels of
+// (depth, kPanel). Each panel is reused across all row blocks while it is in L1/L2.
 template <typename T>
 void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
                 Index ldc) {

@@ -109,12 +109,7 @@ void ThreadTeam::run(int threads, const Job& job) {
     FlushDenormals ftz;
     job(0);
   }
-  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < SpinBarrier::kSpinsBeforeYield)
-      FUSEDRNN_CPU_RELAX();
-    else
-      std::this_thread::yield();
-  }
+  spin_then_yield_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
   job_ = nullptr;
 }
 
@@ -138,6 +133,7 @@ void ThreadTeam::keep_workers_off_caller_cpu() {
   for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof mask, &mask);
 #endif
 }
+
 void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
   for (;;) {
     // Spin for a while, then sleep until the generation moves.
