@@ -216,9 +216,9 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   const int saved_per_unit = fusedrnn::saved_per_unit(cell);
   Arr<T> hs = aligned_array<T>({slots, batch, hidden});
   py::object cs = has_c ? py::object(aligned_array<T>({slots, batch, hidden})) : py::none();
-  py::object saved = saved_per_unit == 0 ? py::none()
-                     : training ? py::object(aligned_array<T>({steps, batch, saved_per_unit * hidden}))
-                                : py::object(aligned_array<T>({batch, saved_per_unit * hidden}));
+  py::object saved = saved_per_unit == 0 || !training
+                         ? py::none()
+                         : py::object(aligned_array<T>({steps, batch, saved_per_unit * hidden}));
   Arr<T> h_n = aligned_array<T>({batch, hidden});
   py::object c_n = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
 

@@ -78,7 +78,7 @@ struct ForwardPlan : PlanCommon<T> {
   const T* b_hh = nullptr;         // (G*H), never null
   const T* h0 = nullptr;           // (B, H) or null
   const T* c0 = nullptr;           // (B, H) or null
-  T* saved = nullptr;              // (T, B, S*H) training, (B, S*H) inference; null when S == 0
+  T* saved = nullptr;              // (T, B, S*H) in training; null in inference or when S == 0
   T* y = nullptr;                  // (T, B, ldy)
   Index ldy = 0;
   T* h_n = nullptr;                // (B, H)

@@ -186,8 +186,9 @@ void copy_units(T* dst, const T* src, Index batch, Index hidden, Index u0, Index
 // Forward
 
 // Pointwise update of units [u0, u0+units) for every row at time t. `tile` holds this rank's step GEMM
-// output: row b, gate k, unit j at tile[b*ldt + k*units + j].
-template <typename Cell, typename T>
+// output: row b, gate k, unit j at tile[b*ldt + k*units + j]. kRecord: keep the gate values backward
+// needs in `saved`; inference skips those stores (for LSTM, as many bytes as the state and output).
+template <typename Cell, typename T, bool kRecord>
 void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, const T* __restrict tile,
                    Index ldt, const T* __restrict h_prev, const T* __restrict c_prev,
                    T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
@@ -219,7 +220,7 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
       T h, c = T(0), cp = T(0);
       if constexpr (Cell::kHasCellState) cp = c_prev[row + j];
       Cell::forward(xg, hg, h_prev[row + j], cp, clip, sv, h, c);
-      if constexpr (Cell::kSaved > 0)
+      if constexpr (kRecord && Cell::kSaved > 0)
         for (int k = 0; k < Cell::kSaved; ++k) saved[(b * Cell::kSaved + k) * H + u0 + j] = sv[k];
       if constexpr (Cell::kHasCellState) c_next[row + j] = c;
       h_next[row + j] = h;
@@ -261,10 +262,13 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         for (int k = 0; k < G; ++k)
           blas::gemm<T>(false, true, B, units, H, T(1), h_prev, H, pl.w_hh + (k * H + u0) * H, H, T(0),
                         scratch.tile + k * units, ldt);
-      T* saved = pl.saved ? pl.saved + (pl.hs.training ? t * saved_step : 0) : nullptr;
-      forward_units<Cell, T>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev_slot(pl.reverse, t)),
-                             pl.hs.at(next_slot(pl.reverse, t)), pl.cs.at(next_slot(pl.reverse, t)),
-                             saved);
+      const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
+      if (pl.saved)
+        forward_units<Cell, T, true>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev),
+                                     pl.hs.at(next), pl.cs.at(next), pl.saved + t * saved_step);
+      else
+        forward_units<Cell, T, false>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev),
+                                      pl.hs.at(next), pl.cs.at(next), nullptr);
     }
     barrier.wait();  // every unit of h_t is written before any rank reads it
   }

@@ -48,9 +48,9 @@ struct LayerShape {
   bool reverse = false;
 };
 
-// What forward keeps for backward. Training: hs, cs (T+1, B, H) and saved (T, B, S*H).
-// Inference: hs, cs (2, B, H) and saved (B, S*H) as scratch. cs is null for cells without a cell state,
-// saved is null when S == 0.
+// What forward keeps for backward. Training: hs, cs (T+1, B, H) and saved (T, B, S*H), saved null when
+// S == 0. Inference: hs, cs (2, B, H) used alternately, and no saved gate values (null). cs is null for
+// cells without a cell state.
 template <typename T>
 struct LayerTape {
   T* hs = nullptr;
