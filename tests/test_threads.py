@@ -1,6 +1,6 @@
-"""The thread team: every team size and SIMD level gives the reference's answer on sizes that split the
-hidden units unevenly across ranks and leave partial row blocks and weight panels; repeats are
-bit-identical; small layers run on fewer threads."""
+"""The thread team: every team size, SIMD level and way of sharing a step (by batch rows or by hidden
+units) gives the reference's answer on sizes that split unevenly across ranks and leave partial row
+blocks and weight panels; repeats are bit-identical; small layers run on fewer threads."""
 
 import os
 import subprocess
@@ -26,19 +26,30 @@ def team_size(request):
     fusedrnn.set_num_threads(previous)
 
 
+@pytest.fixture
+def split(request):
+    """Forces the layers to share their steps by 'rows' or 'units' for the test."""
+    previous = _core.get_layer_split()
+    _core.set_layer_split(request.param)
+    yield request.param
+    _core.set_layer_split(previous)
+
+
 # (T, B, I, H): row blocks are 12 rows with AVX-512 and 6 otherwise, so B=13 leaves a 1-row remainder
 # and B=23 an 11-row (AVX-512) or 5-row one; H=129 and H=200 split unevenly and leave partial panels;
-# H=200 with 3 ranks gives ranks 64, 64 and 72 units. Every shape is big enough that the layer runs on
-# more than one rank; T=2 reads W_hh in place instead of packing it.
+# H=200 with 3 ranks gives ranks 64, 64 and 72 units, B=7 with 3 ranks 2, 2 and 3 rows. Every shape is
+# big enough that the layer runs on more than one rank; T=2 reads W_hh in place instead of packing it.
 SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200), (3, 23, 4, 128), (2, 13, 5, 129)]
 
 
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
 @pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200", "B23-H128", "T2-unpacked"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_every_team_size_matches_reference(rng, simd_level, team_size, cell, shape):
+def test_every_team_size_matches_reference(rng, simd_level, team_size, split, cell, shape):
     steps, batch, inp, hidden = shape
-    assert _core.layer_threads(cell, batch, hidden) == min(team_size, hidden // 64)
+    expected_ranks = min(team_size, batch // 2 if split == "rows" else hidden // 64)
+    assert _core.layer_split(cell, batch, hidden, np.float64) == (expected_ranks, split if expected_ranks > 1 else "units")
     w = random_layer(rng, cell, inp, hidden, scale=0.3)
     x = rng.standard_normal((steps, batch, inp))
     h0 = rng.standard_normal((batch, hidden))
@@ -58,9 +69,10 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, cell, sha
                                        err_msg=name)
 
 
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
 @pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_repeats_are_bit_identical(rng, team_size, cell):
+def test_repeats_are_bit_identical(rng, team_size, split, cell):
     w = random_layer(rng, cell, 9, 129, dtype=np.float32)
     x = rng.standard_normal((7, 10, 9)).astype(np.float32)
     dy = rng.standard_normal((7, 10, 129)).astype(np.float32)
@@ -76,14 +88,29 @@ def test_repeats_are_bit_identical(rng, team_size, cell):
 
 @pytest.mark.parametrize("team_size", [2], indirect=True)
 def test_small_layers_use_fewer_threads(team_size):
-    assert _core.layer_threads("lstm", 8, 4) == 1
-    assert _core.layer_threads("lstm", 1, 32) == 1     # ~8K flops a step: a barrier costs more
-    assert _core.layer_threads("lstm", 8, 64) == 1     # 32 units a rank are too few
-    assert _core.layer_threads("lstm", 1, 128) == 2
-    assert _core.layer_threads("gru", 1, 128) == 2      # 98K flops a step
-    assert _core.layer_threads("rnn_tanh", 1, 128) == 1  # 33K flops a step
-    assert _core.layer_threads("rnn_tanh", 32, 256) == 2
+    assert _core.layer_split("lstm", 8, 4) == (1, "units")      # ~1K flops a step
+    assert _core.layer_split("lstm", 1, 32) == (1, "units")     # ~8K flops a step: a barrier costs more
+    assert _core.layer_split("lstm", 1, 128) == (2, "units")    # one row: only units can be shared
+    assert _core.layer_split("gru", 1, 128) == (2, "units")     # 98K flops a step
+    assert _core.layer_split("rnn_tanh", 1, 128) == (1, "units")  # 33K flops a step
     assert fusedrnn.build_info()["num_threads"] == 2
+
+
+@pytest.mark.parametrize("team_size", [2], indirect=True)
+def test_rows_are_shared_while_the_weights_fit_in_l2(team_size):
+    """By rows, every rank streams the whole W_hh each step; past half the L2, units are shared."""
+    l2 = fusedrnn.build_info()["l2_cache_bytes"]
+    assert l2 >= 1 << 16
+    for cell, batch, hidden in [("lstm", 8, 64), ("lstm", 32, 256), ("gru", 64, 512), ("lstm", 16, 1024)]:
+        gates = {"lstm": 4, "gru": 3}[cell]
+        for dtype in (np.float32, np.float64):
+            fits = gates * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
+            want = (2, "rows") if fits else (2, "units")
+            assert _core.layer_split(cell, batch, hidden, dtype) == want, (cell, batch, hidden, dtype)
+    with pytest.raises(TypeError, match=r"^dtype: expected float32 or float64, got int32"):
+        _core.layer_split("lstm", 8, 64, np.int32)
+    with pytest.raises(ValueError, match="^kind: expected 'auto', 'rows' or 'units', got 'cols'"):
+        _core.set_layer_split("cols")
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -109,8 +136,8 @@ def test_arrays_the_ranks_write_start_on_cache_lines(rng, cell):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
 def test_team_follows_the_callers_cpu_mask():
     """The workers are kept off the caller's CPU within the caller's affinity mask. Confined to one
-    CPU after the team started, a two-rank layer must still finish (its ranks take turns at each
-    barrier) and give the one-rank answer."""
+    CPU after the team started, a two-rank layer sharing its units must still finish (its ranks take
+    turns at each step's barrier) and give the one-rank answer."""
     code = textwrap.dedent("""
         import os
         import numpy as np
@@ -119,13 +146,14 @@ def test_team_follows_the_callers_cpu_mask():
         rng = np.random.default_rng(0)
         x = rng.standard_normal((20, 4, 8)).astype(np.float32)
         w = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((512, 8), (512, 128), (512,), (512,))]
+        _core.set_layer_split("units")  # a barrier every step
         fusedrnn.set_num_threads(1)
         one = F.layer_forward("lstm", x, *w, training=False).y
         fusedrnn.set_num_threads(2)
         spread = F.layer_forward("lstm", x, *w, training=False).y
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         confined = F.layer_forward("lstm", x, *w, training=False).y
-        print(_core.layer_threads("lstm", 4, 128), np.abs(spread - one).max(), np.abs(confined - one).max())
+        print(_core.layer_split("lstm", 4, 128)[0], np.abs(spread - one).max(), np.abs(confined - one).max())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     ranks, spread_err, confined_err = out.stdout.split()

@@ -30,6 +30,14 @@ CellKind parse_cell(const std::string& name) {
   throw py::value_error("cell: expected 'rnn_tanh', 'rnn_relu', 'gru' or 'lstm', got '" + name + "'");
 }
 
+// The item size of a float32 or float64 dtype; a TypeError naming `dtype` for any other.
+std::size_t float_item_size(const py::object& dtype_like) {
+  const py::dtype dtype = py::dtype::from_args(dtype_like);
+  if (dtype.num() == py::dtype::of<float>().num()) return sizeof(float);
+  if (dtype.num() == py::dtype::of<double>().num()) return sizeof(double);
+  throw py::type_error("dtype: expected float32 or float64, got " + std::string(py::str(dtype)));
+}
+
 std::string shape_str(const std::vector<Index>& dims) {
   std::ostringstream s;
   s << '(';
@@ -392,15 +400,34 @@ PYBIND11_MODULE(_core, m) {
     fusedrnn::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &fusedrnn::team_size);
-  m.def("layer_threads", [](const std::string& cell, Index batch, Index hidden) {
-    return fusedrnn::layer_threads(parse_cell(cell), batch, hidden);
-  }, py::arg("cell"), py::arg("batch"), py::arg("hidden"),
-        "Threads a layer of this cell, batch and hidden size runs on.");
-  m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype_like) -> py::array {
-    const py::dtype dtype = py::dtype::from_args(dtype_like);
-    if (dtype.num() == py::dtype::of<float>().num()) return aligned_array<float>(shape);
-    if (dtype.num() == py::dtype::of<double>().num()) return aligned_array<double>(shape);
-    throw py::type_error("dtype: expected float32 or float64, got " + std::string(py::str(dtype)));
+  m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
+    const fusedrnn::LayerSplit split =
+        fusedrnn::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype));
+    return py::make_tuple(split.ranks, split.by_rows ? "rows" : "units");
+  }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
+        "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "
+        "thread team: (threads, 'rows' or 'units').");
+  m.def("set_layer_split", [](const std::string& kind) {
+    using fusedrnn::SplitPreference;
+    if (kind == "auto") return fusedrnn::set_split_preference(SplitPreference::kAuto);
+    if (kind == "rows") return fusedrnn::set_split_preference(SplitPreference::kRows);
+    if (kind == "units") return fusedrnn::set_split_preference(SplitPreference::kUnits);
+    throw py::value_error("kind: expected 'auto', 'rows' or 'units', got '" + kind + "'");
+  }, py::arg("kind"),
+        "Forces how layers share their recurrence across the thread team wherever they are large "
+        "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");
+  m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
+        "The per-core L2 size that decides whether layers share batch rows or hidden units.");
+  m.def("get_layer_split", [] {
+    switch (fusedrnn::split_preference()) {
+      case fusedrnn::SplitPreference::kRows: return std::string("rows");
+      case fusedrnn::SplitPreference::kUnits: return std::string("units");
+      default: return std::string("auto");
+    }
+  });
+  m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype) -> py::array {
+    if (float_item_size(dtype) == sizeof(float)) return aligned_array<float>(shape);
+    return aligned_array<double>(shape);
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");

@@ -1,11 +1,16 @@
 // The per-thread recurrence kernels (weight-stationary) and their runtime dispatch by SIMD level.
 //
-// Each rank of the thread team owns a fixed range of hidden units [unit_start[r], unit_start[r+1]) and
-// all gate rows of those units. Forward, it packs its rows of W_hh once per call into panels that stay
-// in its own cache, and per step computes its gates as one small GEMM (all batch rows x its gate
-// columns) fused with the pointwise cell update of its units; a barrier per step publishes the new
-// hidden state. Backward, it packs its units' columns of W_hh, runs the pointwise backward of its units,
-// meets the others at a barrier, and computes its units' slice of dh @ W_hh.
+// Each rank of the thread team owns a fixed share of every step: a range of batch rows and a range of
+// hidden units with all gate rows of those units (RankShare). Forward, it packs its rows of W_hh once
+// per call into panels that stay in its own cache, and per step computes its gates as one small GEMM
+// (its batch rows x its gate columns) fused with the pointwise cell update of its share. Backward, it
+// packs its units' columns of W_hh, runs the pointwise backward of its share, and computes its share of
+// dh @ W_hh.
+//
+// Two ways to share a step: by units (every rank takes all rows), where each step ends at a barrier
+// that publishes the ranks' units of the new state to the others; or by rows (every rank takes all
+// units and the whole W_hh), where no state crosses cores and the ranks never wait for each other
+// until the sequence ends.
 //
 // kernels_isa.cpp holds that code once; the build compiles it per SIMD level (AVX-512, AVX2, generic)
 // into its own namespace, and kernel_table() picks one at run time.
@@ -47,8 +52,15 @@ struct StateSlots {
 inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
 inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
+// A rank's share of each step: batch rows [b0, b1) x hidden units [u0, u1).
+struct RankShare {
+  Index b0 = 0, b1 = 0, u0 = 0, u1 = 0;
+  Index rows() const { return b1 - b0; }
+  Index units() const { return u1 - u0; }
+};
+
 // Per-rank scratch, allocated by the caller before the job (jobs never allocate): packed weight panels
-// and a (B, padded columns) tile for the step GEMM's output. Packing reads and writes this rank's
+// and a (rows, padded columns) tile for the step GEMM's output. Packing reads and writes this rank's
 // weights once per call, which pays back from a few steps on; shorter sequences skip it.
 template <typename T>
 struct RankScratch {
@@ -66,7 +78,8 @@ struct PlanCommon {
   const T* w_hh = nullptr;         // (G*H, H)
   T cell_clip = T(0);              // +inf: none
   StateSlots<T> hs, cs;            // cs.base null without a cell state
-  const Index* unit_start = nullptr;        // (ranks + 1)
+  const RankShare* shares = nullptr;        // (ranks)
+  bool exchange_state = false;     // units are split across ranks: a barrier ends every step
   const RankScratch<T>* scratch = nullptr;  // (ranks)
   bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
 };

@@ -176,20 +176,21 @@ void copy_or_zero(T* dst, const T* src, Index n) {
     std::fill(dst, dst + n, T(0));
 }
 
-// Copies (or zeroes) units [u0, u0+units) of every row of a (B, H) state.
+// Copies (or zeroes) a rank's share of a (B, H) state.
 template <typename T>
-void copy_units(T* dst, const T* src, Index batch, Index hidden, Index u0, Index units) {
-  for (Index b = 0; b < batch; ++b) copy_or_zero(dst + b * hidden + u0, src ? src + b * hidden + u0 : nullptr, units);
+void copy_share(T* dst, const T* src, Index hidden, const RankShare& sh) {
+  for (Index b = sh.b0; b < sh.b1; ++b)
+    copy_or_zero(dst + b * hidden + sh.u0, src ? src + b * hidden + sh.u0 : nullptr, sh.units());
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
-// Pointwise update of units [u0, u0+units) for every row at time t. `tile` holds this rank's step GEMM
-// output: row b, gate k, unit j at tile[b*ldt + k*units + j]. kRecord: keep the gate values backward
+// Pointwise update of a rank's share at time t. `tile` holds this rank's step GEMM output: row b, gate
+// k, unit j at tile[(b - b0)*ldt + k*units + j]. kRecord: keep the gate values backward
 // needs in `saved`; inference skips those stores (for LSTM, as many bytes as the state and output).
 template <typename Cell, typename T, bool kRecord>
-void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, const T* __restrict tile,
+void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, const T* __restrict tile,
                    Index ldt, const T* __restrict h_prev, const T* __restrict c_prev,
                    T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
   constexpr int G = Cell::kGates;
@@ -199,7 +200,8 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
   const T* __restrict b_ih = pl.b_ih;
   const T* __restrict b_hh = pl.b_hh;
   const T clip = pl.cell_clip;
-  for (Index b = 0; b < pl.batch; ++b) {
+  const Index u0 = sh.u0, units = sh.units();
+  for (Index b = sh.b0; b < sh.b1; ++b) {
     const Index row = b * H + u0;
     T* __restrict yr = pl.y + (t * pl.batch + b) * pl.ldy + u0;
     if (!step_valid(pl.lengths, b, t)) {
@@ -209,7 +211,7 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
       continue;
     }
     const T* __restrict xr = gx_t + b * gh_width + u0;
-    const T* __restrict tr = tile + b * ldt;
+    const T* __restrict tr = tile + (b - sh.b0) * ldt;
     FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
       T xg[G], hg[G], sv[S];
@@ -232,61 +234,64 @@ void forward_units(const ForwardPlan<T>& pl, Index t, Index u0, Index units, con
 template <typename Cell, typename T>
 void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   constexpr int G = Cell::kGates;
-  const Index H = pl.hidden, B = pl.batch;
-  const Index u0 = pl.unit_start[rank], units = pl.unit_start[rank + 1] - u0;
+  const Index H = pl.hidden;
+  const RankShare& sh = pl.shares[rank];
+  const Index u0 = sh.u0, units = sh.units(), rows = sh.rows();
   const Index columns = G * units, panels = panel_count<T>(columns);
   const Index ldt = panels * Simd<T>::kPanel;
   const RankScratch<T>& scratch = pl.scratch[rank];
   const Index first = pl.reverse ? pl.steps : 0;
-  if (units > 0 && pl.pack_weights) {
+  const bool busy = units > 0 && rows > 0;
+  if (busy && pl.pack_weights) {
     // Column n of this rank's gates is gate n / units of unit u0 + n % units: row
     // (n / units) * H + u0 + n % units of W_hh, read along k.
     pack_panels<T>(H, columns, 1, scratch.packed,
                    [&](Index n) { return pl.w_hh + ((n / units) * H + u0 + n % units) * H; });
   }
-  if (units > 0) {
-    copy_units(pl.hs.at(first), pl.h0, B, H, u0, units);
-    if constexpr (Cell::kHasCellState) copy_units(pl.cs.at(first), pl.c0, B, H, u0, units);
+  if (busy) {
+    copy_share(pl.hs.at(first), pl.h0, H, sh);
+    if constexpr (Cell::kHasCellState) copy_share(pl.cs.at(first), pl.c0, H, sh);
   }
   barrier.wait();  // the input projection and every rank's initial state are in place
 
-  const Index saved_step = B * Cell::kSaved * H;
+  const Index saved_step = pl.batch * Cell::kSaved * H;
   for (Index i = 0; i < pl.steps; ++i) {
     const Index t = pl.reverse ? pl.steps - 1 - i : i;
-    if (units > 0) {
+    if (busy) {
       const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
-      prefetch_lines(h_prev, B * H);
+      const T* h_rows = h_prev + sh.b0 * H;
+      if (pl.exchange_state) prefetch_lines(h_rows, rows * H);
       if (pl.pack_weights)
-        panel_gemm<T>(B, H, panels, h_prev, H, scratch.packed, scratch.tile, ldt);
+        panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt);
       else  // this rank's rows of each gate block of W_hh, read in place
         for (int k = 0; k < G; ++k)
-          blas::gemm<T>(false, true, B, units, H, T(1), h_prev, H, pl.w_hh + (k * H + u0) * H, H, T(0),
+          blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh + (k * H + u0) * H, H, T(0),
                         scratch.tile + k * units, ldt);
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       if (pl.saved)
-        forward_units<Cell, T, true>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev),
+        forward_units<Cell, T, true>(pl, t, sh, scratch.tile, ldt, h_prev, pl.cs.at(prev),
                                      pl.hs.at(next), pl.cs.at(next), pl.saved + t * saved_step);
       else
-        forward_units<Cell, T, false>(pl, t, u0, units, scratch.tile, ldt, h_prev, pl.cs.at(prev),
+        forward_units<Cell, T, false>(pl, t, sh, scratch.tile, ldt, h_prev, pl.cs.at(prev),
                                       pl.hs.at(next), pl.cs.at(next), nullptr);
     }
-    barrier.wait();  // every unit of h_t is written before any rank reads it
+    if (pl.exchange_state) barrier.wait();  // every unit of h_t is written before any rank reads it
   }
-  if (units > 0) {
+  if (busy) {
     const Index last = pl.reverse ? 0 : pl.steps;
-    copy_units(pl.h_n, pl.hs.at(last), B, H, u0, units);
-    if constexpr (Cell::kHasCellState) copy_units(pl.c_n, pl.cs.at(last), B, H, u0, units);
+    copy_share(pl.h_n, pl.hs.at(last), H, sh);
+    if constexpr (Cell::kHasCellState) copy_share(pl.c_n, pl.cs.at(last), H, sh);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Backward
 
-// Pointwise backward of units [u0, u0+units) at time t: gate gradients into dgx/dgh, the part of
+// Pointwise backward of a rank's share at time t: gate gradients into dgx/dgh, the part of
 // dh_{t-1} that bypasses W_hh into dh_prev, dc in place. An invalid step passes dh and dc through.
 // Returns the sum of squares of the total gradient reaching h_t over the valid rows.
 template <typename Cell, typename T>
-double backward_units(const BackwardPlan<T>& pl, Index t, Index u0, Index units,
+double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
                       const T* __restrict saved, const T* __restrict h_prev,
                       const T* __restrict c_prev, const T* __restrict h_next,
                       const T* __restrict c_next, const T* __restrict dh, T* __restrict dh_prev) {
@@ -298,7 +303,8 @@ double backward_units(const BackwardPlan<T>& pl, Index t, Index u0, Index units,
   T* __restrict dc = pl.dc;
   const T clip = pl.cell_clip;
   double norm_sq = 0.0;
-  for (Index b = 0; b < pl.batch; ++b) {
+  const Index u0 = sh.u0, units = sh.units();
+  for (Index b = sh.b0; b < sh.b1; ++b) {
     const Index row = b * H + u0;
     T* dgx_r = dgx_t + b * gh_width + u0;
     T* dgh_r = dgh_t + b * gh_width + u0;
@@ -343,52 +349,57 @@ template <typename Cell, typename T>
 void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   constexpr int G = Cell::kGates;
   const Index H = pl.hidden, B = pl.batch, gh_width = G * H;
-  const Index u0 = pl.unit_start[rank], units = pl.unit_start[rank + 1] - u0;
+  const RankShare& sh = pl.shares[rank];
+  const Index u0 = sh.u0, units = sh.units(), rows = sh.rows();
+  const bool busy = units > 0 && rows > 0;
   const Index panels = panel_count<T>(units);
   const Index ldt = panels * Simd<T>::kPanel;
   const RankScratch<T>& scratch = pl.scratch[rank];
   const Index state = B * H;
   T* dh = pl.dh;
   T* dh_other = pl.dh + state;
-  if (units > 0) {
+  if (busy) {
     // Column n of this rank's slice is column u0 + n of W_hh, read along its G*H rows.
     if (pl.pack_weights)
       pack_panels<T>(gh_width, units, H, scratch.packed, [&](Index n) { return pl.w_hh + u0 + n; });
-    copy_units(dh, pl.dh_n, B, H, u0, units);
-    if constexpr (Cell::kHasCellState) copy_units(pl.dc, pl.dc_n, B, H, u0, units);
+    copy_share(dh, pl.dh_n, H, sh);
+    if constexpr (Cell::kHasCellState) copy_share(pl.dc, pl.dc_n, H, sh);
   }
   const Index saved_step = B * Cell::kSaved * H;
   for (Index i = 0; i < pl.steps; ++i) {
     const Index t = pl.reverse ? i : pl.steps - 1 - i;
     const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
     double norm_sq = 0.0;
-    if (units > 0)
-      norm_sq = backward_units<Cell, T>(pl, t, u0, units, pl.saved ? pl.saved + t * saved_step : nullptr,
+    if (busy)
+      norm_sq = backward_units<Cell, T>(pl, t, sh, pl.saved ? pl.saved + t * saved_step : nullptr,
                                         pl.hs.at(prev), pl.cs.at(prev), pl.hs.at(next), pl.cs.at(next),
                                         dh, dh_other);
     pl.dh_norm_partial[rank * pl.norm_stride + t] = norm_sq;
-    barrier.wait();  // every rank's gate gradients of step t are written
-    if (units > 0) {
-      const T* dgh_t = pl.dgh + t * B * gh_width;
-      prefetch_lines(dgh_t, B * gh_width);
+    if (pl.exchange_state) barrier.wait();  // every rank's gate gradients of step t are written
+    if (busy) {
+      const T* dgh_rows = pl.dgh + (t * B + sh.b0) * gh_width;
+      if (pl.exchange_state) prefetch_lines(dgh_rows, rows * gh_width);
       if (pl.pack_weights)
-        panel_gemm<T>(B, gh_width, panels, dgh_t, gh_width, scratch.packed, scratch.tile, ldt);
+        panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt);
       else
-        blas::gemm<T>(false, false, B, units, gh_width, T(1), dgh_t, gh_width, pl.w_hh + u0, H, T(0),
+        blas::gemm<T>(false, false, rows, units, gh_width, T(1), dgh_rows, gh_width, pl.w_hh + u0, H, T(0),
                       scratch.tile, ldt);
-      for (Index b = 0; b < B; ++b) {
+      for (Index b = sh.b0; b < sh.b1; ++b) {
         T* __restrict out = dh_other + b * H + u0;
-        const T* __restrict add = scratch.tile + b * ldt;
+        const T* __restrict add = scratch.tile + (b - sh.b0) * ldt;
         for (Index j = 0; j < units; ++j) out[j] += add[j];
       }
     }
     std::swap(dh, dh_other);
   }
-  if (units > 0) {
-    if (pl.dh0) copy_units(pl.dh0, dh, B, H, u0, units);
+  if (busy) {
+    if (pl.dh0) copy_share(pl.dh0, dh, H, sh);
     if constexpr (Cell::kHasCellState)
-      if (pl.dc0) copy_units(pl.dc0, pl.dc, B, H, u0, units);
+      if (pl.dc0) copy_share(pl.dc0, pl.dc, H, sh);
   }
+  // The weight-gradient GEMMs that may follow in the same job read every rank's gate gradients; with
+  // whole rows per rank no step ended at a barrier yet.
+  if (!pl.exchange_state) barrier.wait();
 }
 
 template <typename T>

@@ -1,6 +1,7 @@
 #include "fusedrnn/recurrence.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -9,6 +10,8 @@
 #include <stdexcept>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #include "fusedrnn/blas.h"
 #include "fusedrnn/kernels.h"
@@ -57,40 +60,47 @@ std::pair<Index, Index> share(Index n, int ranks, int r) {
   return {n * r / ranks, n * (r + 1) / ranks};
 }
 
-// Each rank owns a contiguous range of hidden units; boundaries fall on 64-byte lines so no two ranks
-// write one cache line of a state row.
+// Each rank's share of a step. By rows: even ranges of batch rows, all units. By units: all rows and a
+// contiguous range of hidden units whose boundaries fall on 64-byte lines, so no two ranks write one
+// cache line of a state row.
 template <typename T>
-std::vector<Index> unit_ranges(Index hidden, int ranks) {
+std::vector<RankShare> rank_shares(Index batch, Index hidden, const LayerSplit& split) {
   constexpr Index align = 64 / sizeof(T);
-  std::vector<Index> start(static_cast<std::size_t>(ranks) + 1);
-  for (int r = 0; r <= ranks; ++r) {
-    const Index even = hidden * r / ranks;
-    start[r] = std::min(hidden, (even + align / 2) / align * align);
+  std::vector<RankShare> shares(static_cast<std::size_t>(split.ranks));
+  for (int r = 0; r < split.ranks; ++r) {
+    if (split.by_rows) {
+      const auto [b0, b1] = share(batch, split.ranks, r);
+      shares[r] = {b0, b1, 0, hidden};
+      continue;
+    }
+    auto boundary = [&](int q) {
+      const Index even = hidden * q / split.ranks;
+      return q == split.ranks ? hidden : std::min(hidden, (even + align / 2) / align * align);
+    };
+    shares[r] = {0, batch, boundary(r), boundary(r + 1)};
   }
-  start[ranks] = hidden;
-  return start;
+  return shares;
 }
 
 // Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries.
 template <typename T>
-std::vector<RankScratch<T>> rank_scratch(const std::vector<Index>& unit_start, int panel_width,
-                                         Index depth, Index batch, bool gate_columns, int gates) {
+std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width, Index depth,
+                                         bool gate_columns, int gates) {
   constexpr Index align = 64 / sizeof(T);
   auto round_up = [](Index n, Index m) { return (n + m - 1) / m * m; };
-  const int ranks = static_cast<int>(unit_start.size()) - 1;
+  const std::size_t ranks = shares.size();
   std::vector<Index> packed_size(ranks), tile_size(ranks);
   Index total = 0;
-  for (int r = 0; r < ranks; ++r) {
-    const Index units = unit_start[r + 1] - unit_start[r];
-    const Index columns = round_up((gate_columns ? gates : 1) * units, panel_width);
+  for (std::size_t r = 0; r < ranks; ++r) {
+    const Index columns = round_up((gate_columns ? gates : 1) * shares[r].units(), panel_width);
     packed_size[r] = round_up(depth * columns, align);
-    tile_size[r] = round_up(batch * columns, align);
+    tile_size[r] = round_up(shares[r].rows() * columns, align);
     total += packed_size[r] + tile_size[r];
   }
   T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align);
   base += (align - (reinterpret_cast<std::uintptr_t>(base) / sizeof(T)) % align) % align;
   std::vector<RankScratch<T>> out(ranks);
-  for (int r = 0; r < ranks; ++r) {
+  for (std::size_t r = 0; r < ranks; ++r) {
     out[r].packed = base;
     base += packed_size[r];
     out[r].tile = base;
@@ -124,23 +134,21 @@ void require_blas_range(std::initializer_list<Index> dims) {
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
-// The team layout of one call: ranks, their unit ranges and scratch, and the fields both directions'
-// plans share. `depth` and `gate_columns` give the packed panels' shape (forward: H deep, G*units
-// columns; backward: G*H deep, units columns).
+// The team layout of one call: the split, each rank's share and scratch. `depth` and `gate_columns`
+// give the packed panels' shape (forward: H deep, G*units columns; backward: G*H deep, units columns).
 template <typename T>
 struct TeamLayout {
-  int ranks;
-  std::vector<Index> units;
+  LayerSplit split;
+  std::vector<RankShare> shares;
   std::vector<RankScratch<T>> buffers;
 };
 
 template <typename T>
 TeamLayout<T> team_layout(CellKind cell, const LayerShape& s, int panel_width, Index depth, bool gate_columns) {
-  const int ranks = layer_threads(cell, s.batch, s.hidden);
-  std::vector<Index> units = unit_ranges<T>(s.hidden, ranks);
-  std::vector<RankScratch<T>> buffers =
-      rank_scratch<T>(units, panel_width, depth, s.batch, gate_columns, gate_count(cell));
-  return {ranks, std::move(units), std::move(buffers)};
+  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T));
+  std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, split);
+  std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, depth, gate_columns, gate_count(cell));
+  return {split, std::move(shares), std::move(buffers)};
 }
 
 template <typename T>
@@ -156,7 +164,8 @@ void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const 
   plan.cell_clip = cell_clip;
   plan.hs = {tape.hs, s.batch * s.hidden, tape.training};
   plan.cs = {tape.cs, s.batch * s.hidden, tape.training};
-  plan.unit_start = layout.units.data();
+  plan.shares = layout.shares.data();
+  plan.exchange_state = !layout.split.by_rows && layout.split.ranks > 1;
   plan.scratch = layout.buffers.data();
   plan.pack_weights = s.steps >= kMinStepsToPack;
 }
@@ -187,18 +196,48 @@ bool split_recurrent_grad(CellKind cell) {
   return v;
 }
 
-int layer_threads(CellKind cell, Index batch, Index hidden) {
-  // Each extra rank adds a barrier per step (~0.3 us for two cores here, a scheduler slice when the
-  // machine is oversubscribed) and moves the new state between cores. Measured on 2 cores: a second
-  // rank pays from ~50K flops a step with 64 units each (GRU B=1, H=128, 98K flops: 0.62-0.69 ->
-  // 0.49-0.57 ms for T=200; LSTM B=1, H=128: 5.1 -> 3.3 us a step), not at 33K (RNN B=1, H=128:
-  // no change), and not with 32 units a rank (LSTM and GRU B=8, H=64: slower).
+Index l2_cache_bytes() {
+  static const Index bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long reported = 0;
+#endif
+    return reported > 0 ? static_cast<Index>(reported) : Index(1) << 20;
+  }();
+  return bytes;
+}
+
+namespace {
+std::atomic<SplitPreference> preferred_split{SplitPreference::kAuto};
+}  // namespace
+
+void set_split_preference(SplitPreference preference) { preferred_split.store(preference); }
+SplitPreference split_preference() { return preferred_split.load(); }
+
+LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
+  // A rank pays only from ~50K flops a step (GRU B=1, H=128, 98K flops: 0.62-0.69 -> 0.49-0.57 ms
+  // for T=200 on two ranks; RNN B=1, H=128, 33K: no change).
   constexpr double kMinStepFlops = 5e4;
+  // By units, each extra rank adds a barrier per step (~0.3 us for two cores here, a scheduler slice
+  // when the machine is oversubscribed) and moves the new state between cores; it paid with 64 units
+  // a rank (LSTM B=1, H=128: 5.1 -> 3.3 us a step), not with 32 (LSTM and GRU B=8, H=64: slower).
   constexpr Index kMinUnitsPerRank = 64;
+  // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step, so
+  // it must stay in the core's L2 beside the rest of the step's data.
+  constexpr Index kMinRowsPerRank = 2;
   const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
-  if (step_flops < kMinStepFlops) return 1;
-  const Index useful = std::max<Index>(1, hidden / kMinUnitsPerRank);
-  return static_cast<int>(std::min<Index>(team().size(), useful));
+  const int team_threads = team().size();
+  if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
+  const double weight_bytes = static_cast<double>(gate_count(cell)) * hidden * hidden * value_bytes;
+  const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
+  const SplitPreference preference = split_preference();
+  const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
+  if (row_ranks > 1 && preference != SplitPreference::kUnits &&
+      (weights_fit || preference == SplitPreference::kRows))
+    return {static_cast<int>(row_ranks), true};
+  const Index unit_ranks = std::max<Index>(1, hidden / kMinUnitsPerRank);
+  return {static_cast<int>(std::min<Index>(team_threads, unit_ranks)), false};
 }
 
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
@@ -237,7 +276,7 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, hidden, true);
-  const int ranks = layout.ranks;
+  const int ranks = layout.split.ranks;
 
   std::vector<T> zero_bias;
   if (!a.weights.b_ih || !a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
@@ -279,7 +318,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, gh_width, false);
-  const int ranks = layout.ranks;
+  const int ranks = layout.split.ranks;
 
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
   T* dgh = split_recurrent_grad(a.cell) ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;

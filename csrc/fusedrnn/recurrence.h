@@ -98,10 +98,24 @@ struct LayerBackwardArgs {
   T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
 };
 
-// The thread team's size (all native compute), and the threads it uses for a layer of this size.
+// The thread team's size (all native compute).
 int team_size();
 void set_team_size(int threads);
-int layer_threads(CellKind cell, std::int64_t batch, std::int64_t hidden);
+
+// How a layer's recurrence is shared across the team (see kernels.h): `ranks` threads, each owning
+// whole batch rows (by_rows) or a range of hidden units of every row.
+struct LayerSplit {
+  int ranks = 1;
+  bool by_rows = false;
+};
+LayerSplit layer_split(CellKind cell, std::int64_t batch, std::int64_t hidden, std::size_t value_bytes);
+// The per-core L2 size the split assumes (the system's figure, or 1 MB where it gives none).
+std::int64_t l2_cache_bytes();
+// kAuto picks the split by the layer's size; the others force one kind wherever a layer is large enough
+// to share at all (tests and benchmarks compare the two).
+enum class SplitPreference { kAuto, kRows, kUnits };
+void set_split_preference(SplitPreference preference);
+SplitPreference split_preference();
 
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& args);

@@ -76,7 +76,8 @@ def set_simd_level(level: str) -> None:
 
 def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
-    supported/compiled, CUDA (not compiled in this build), the BLAS, and the thread team size."""
+    supported/compiled, CUDA (not compiled in this build), the BLAS, the thread team size, and the L2
+    size per core that decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
         "simd": _core.simd_level(),
@@ -85,4 +86,5 @@ def build_info() -> dict:
         "cuda": False,
         "blas": _core.blas_config(),
         "num_threads": _core.get_num_threads(),
+        "l2_cache_bytes": _core.l2_cache_bytes(),
     }
