@@ -223,9 +223,14 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   // when the machine is oversubscribed) and moves the new state between cores; it paid with 64 units
   // a rank (LSTM B=1, H=128: 5.1 -> 3.3 us a step), not with 32 (LSTM and GRU B=8, H=64: slower).
   constexpr Index kMinUnitsPerRank = 64;
-  // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step, so
-  // it must stay in the core's L2 beside the rest of the step's data.
+  // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step.
+  // From L2 (when it takes at most half, leaving room for the step's other data) that is cheap. From
+  // L3 (~16 GB/s a core here) it keeps up with the FMAs only when each weight serves enough rows: 32
+  // rows make 16 flops a byte. Measured with forced splits, rows against units: (100, 32, 256), 1 MB
+  // of LSTM W_hh: 0.95x inference, 0.80x training; LSTM (100, 64, 512), 4 MB: 1.01x, 0.87x; GRU and
+  // RNN there 0.96-1.01x, 0.92x; (50, 16, 1024), 8 rows a rank: 1.10-1.76x slower.
   constexpr Index kMinRowsPerRank = 2;
+  constexpr Index kMinRowsToStreamWeights = 32;
   const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
   const int team_threads = team().size();
   if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
@@ -233,8 +238,8 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
   const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
-  if (row_ranks > 1 && preference != SplitPreference::kUnits &&
-      (weights_fit || preference == SplitPreference::kRows))
+  const bool rows_pay = row_ranks > 1 && (weights_fit || batch / row_ranks >= kMinRowsToStreamWeights);
+  if (row_ranks > 1 && preference != SplitPreference::kUnits && (rows_pay || preference == SplitPreference::kRows))
     return {static_cast<int>(row_ranks), true};
   const Index unit_ranks = std::max<Index>(1, hidden / kMinUnitsPerRank);
   return {static_cast<int>(std::min<Index>(team_threads, unit_ranks)), false};
