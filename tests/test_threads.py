@@ -91,6 +91,9 @@ def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_split("lstm", 8, 4) == (1, "units")      # ~1K flops a step
     assert _core.layer_split("lstm", 1, 32) == (1, "units")     # ~8K flops a step: a barrier costs more
     assert _core.layer_split("lstm", 1, 128) == (2, "units")    # one row: only units can be shared
+    assert _core.layer_split("lstm", 4, 128) == (2, "units")    # 2 rows a rank: units pay more
+    assert _core.layer_split("lstm", 8, 128) == (2, "rows")
+    assert _core.layer_split("lstm", 4, 64) == (2, "rows")      # 32 units a rank would be too few
     assert _core.layer_split("gru", 1, 128) == (2, "units")     # 98K flops a step
     assert _core.layer_split("rnn_tanh", 1, 128) == (1, "units")  # 33K flops a step
     assert fusedrnn.build_info()["num_threads"] == 2

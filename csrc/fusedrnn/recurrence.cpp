@@ -229,7 +229,10 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   // rows make 16 flops a byte. Measured with forced splits, rows against units: (100, 32, 256), 1 MB
   // of LSTM W_hh: 0.95x inference, 0.80x training; LSTM (100, 64, 512), 4 MB: 1.01x, 0.87x; GRU and
   // RNN there 0.96-1.01x, 0.92x; (50, 16, 1024), 8 rows a rank: 1.10-1.76x slower.
+  // Where units can be shared too, rows win from 4 a rank (LSTM (200, B, 128), rows against units:
+  // B=4 1.24x inference, 1.02x training; B=8 0.82x, 0.75x; B=16 0.85x, 0.88x).
   constexpr Index kMinRowsPerRank = 2;
+  constexpr Index kMinRowsPerRankOverUnits = 4;
   constexpr Index kMinRowsToStreamWeights = 32;
   const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
   const int team_threads = team().size();
@@ -238,11 +241,12 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
   const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
-  const bool rows_pay = row_ranks > 1 && (weights_fit || batch / row_ranks >= kMinRowsToStreamWeights);
+  const Index unit_ranks = std::min<Index>(team_threads, std::max<Index>(1, hidden / kMinUnitsPerRank));
+  const bool rows_pay = row_ranks > 1 && (weights_fit || batch / row_ranks >= kMinRowsToStreamWeights) &&
+                        (unit_ranks == 1 || batch / row_ranks >= kMinRowsPerRankOverUnits);
   if (row_ranks > 1 && preference != SplitPreference::kUnits && (rows_pay || preference == SplitPreference::kRows))
     return {static_cast<int>(row_ranks), true};
-  const Index unit_ranks = std::max<Index>(1, hidden / kMinUnitsPerRank);
-  return {static_cast<int>(std::min<Index>(team_threads, unit_ranks)), false};
+  return {static_cast<int>(unit_ranks), false};
 }
 
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
