@@ -424,7 +424,7 @@ PYBIND11_MODULE(_core, m) {
       case fusedrnn::SplitPreference::kUnits: return std::string("units");
       default: return std::string("auto");
     }
-  });
+  }, "The split set by set_layer_split: 'auto', 'rows' or 'units'.");
   m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype) -> py::array {
     if (float_item_size(dtype) == sizeof(float)) return aligned_array<float>(shape);
     return aligned_array<double>(shape);

@@ -201,8 +201,8 @@ void copy_share(T* dst, const T* src, Index hidden, const RankShare& sh) {
 // Forward
 
 // Pointwise update of a rank's share at time t. `tile` holds this rank's step GEMM output: row b, gate
-// k, unit j at tile[(b - b0)*ldt + k*units + j]. kRecord: keep the gate values backward
-// needs in `saved`; inference skips those stores (for LSTM, as many bytes as the state and output).
+// k, unit j at tile[(b - b0)*ldt + k*units + j]. kRecord: keep the gate values backward needs in
+// `saved`; inference skips those stores (for LSTM, as many bytes as the state and output).
 template <typename Cell, typename T, bool kRecord>
 void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, const T* __restrict tile,
                    Index ldt, const T* __restrict h_prev, const T* __restrict c_prev,
