@@ -207,9 +207,9 @@ def test_finite_differences_larger_layer_sampled(rng, cell):
 
 ACTIVATION_GRID = np.concatenate([
     np.linspace(-60, 60, 4001),
-    np.linspace(-0.7, 0.7, 1401),                   # around the switch between tanh's two forms (0.625)
+    np.linspace(-0.7, 0.7, 1401),                   # dense where tanh(x) ~ x needs relative accuracy
     np.geomspace(1e-30, 1e-3, 50), -np.geomspace(1e-30, 1e-3, 50),
-    [0.0, 0.625, -0.625, np.nextafter(0.625, 0), 88.0, -87.0, 89.0, -88.0],
+    [0.0, -0.0, 0.625, -0.625, 9.0, 10.0, -10.0, 88.0, -87.0, 89.0, -88.0],
 ]).astype(np.float32)
 
 
