@@ -100,9 +100,11 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
 }
 
 // Accumulator sets per row count: enough independent FMAs in flight (FMA latency x issue width) when
-// few rows share each loaded panel vector.
+// few rows share each loaded panel vector. With AVX-512's 32 registers, 4-5 rows also take two sets
+// (4 x 64 x 256, LSTM e's step on one rank: best of runs 144 -> 160 GF/s).
+constexpr int kRowsForOneSet = FUSEDRNN_VECTOR_BYTES >= 64 ? 6 : 4;
 template <int MR>
-constexpr int kKSplit = MR >= 4 ? 1 : (MR >= 2 ? 2 : 4);
+constexpr int kKSplit = MR >= kRowsForOneSet ? 1 : (MR >= 2 ? 2 : 4);
 
 // Rows per register block: 2*MR accumulators plus two panel vectors and a broadcast must fit the
 // register file (32 vector registers with AVX-512, 16 otherwise). With AVX-512, 12 rows measured
