@@ -127,13 +127,16 @@ FUSEDRNN_HD T relu(T x) {
 // ---------------------------------------------------------------------------------------------------
 // Cells. kGates: gate blocks in the weights; kSaved: values per unit kept for backward (beyond the
 // hidden and cell states, which the recurrence keeps itself); kHasCellState: LSTM's c;
-// kSplitRecurrentGrad: dhg differs from dxg, so backward needs a second buffer.
+// kSplitRecurrentGrad: dhg differs from dxg, so backward needs a second buffer;
+// recurrent_bias_apart(k): gate k's b_hh must stay in hg. Elsewhere only xg + hg matters, so a caller
+// may fold b_hh into xg.
 
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr int kSaved = 4;  // activated i, f, g, o
   static constexpr bool kHasCellState = true;
   static constexpr bool kSplitRecurrentGrad = false;
+  static constexpr bool recurrent_bias_apart(int /*gate*/) { return false; }
 
   template <typename T>
   static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T c_prev, T cell_clip,
@@ -176,6 +179,7 @@ struct GruCell {
   static constexpr int kSaved = 4;  // r, z, n and the recurrent part of n (W_hn h + b_hn)
   static constexpr bool kHasCellState = false;
   static constexpr bool kSplitRecurrentGrad = true;
+  static constexpr bool recurrent_bias_apart(int gate) { return gate == 2; }  // r scales all of hn
 
   template <typename T>
   static FUSEDRNN_HD void forward(const T* xg, const T* hg, T h_prev, T /*c_prev*/, T /*cell_clip*/,
@@ -215,6 +219,7 @@ struct RnnCell {
   static constexpr int kSaved = 0;  // the derivative follows from the new hidden state alone
   static constexpr bool kHasCellState = false;
   static constexpr bool kSplitRecurrentGrad = false;
+  static constexpr bool recurrent_bias_apart(int /*gate*/) { return false; }
 
   template <typename T>
   static FUSEDRNN_HD void forward(const T* xg, const T* hg, T /*h_prev*/, T /*c_prev*/,

@@ -10,7 +10,8 @@
 // Two ways to share a step: by units (every rank takes all rows), where each step ends at a barrier
 // that publishes the ranks' units of the new state to the others; or by rows (every rank takes all
 // units and the whole W_hh), where no state crosses cores and the ranks never wait for each other
-// until the sequence ends.
+// until the sequence ends. By rows, where W_ih fits in L2 beside W_hh, each rank also projects its own
+// rows of x inside each step (see ForwardPlan); otherwise one BLAS GEMM projects every step first.
 //
 // kernels_isa.cpp holds that code once; the build compiles it per SIMD level (AVX-512, AVX2, generic)
 // into its own namespace, and kernel_table() picks one at run time.
@@ -61,11 +62,15 @@ struct RankShare {
 
 // Per-rank scratch, allocated by the caller before the job (jobs never allocate): packed weight panels
 // and a (rows, padded columns) tile for the step GEMM's output. Packing reads and writes this rank's
-// weights once per call, which pays back from a few steps on; shorter sequences skip it.
+// weights once per call, which pays back from a few steps on; shorter sequences skip it. Where forward
+// projects x inside the steps, the same again for W_ih, plus the rank's column order of the bias.
 template <typename T>
 struct RankScratch {
   T* packed = nullptr;
   T* tile = nullptr;
+  T* packed_ih = nullptr;
+  T* tile_x = nullptr;
+  T* bias_x = nullptr;
 };
 
 // What both directions of the recurrence share.
@@ -84,11 +89,17 @@ struct PlanCommon {
   bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
 };
 
+// The input projection x W_ih^T + b_ih (+ the b_hh the cell lets fold in) arrives one of two ways:
+// computed for every step before the job (gx), or by each rank for its own rows inside each step, with
+// its packed W_ih beside W_hh in cache (gx null; x, w_ih and gx_bias set).
 template <typename T>
 struct ForwardPlan : PlanCommon<T> {
-  const T* gx = nullptr;           // (T, B, G*H): x W_ih^T for every step (the bias is added per step)
-  const T* b_ih = nullptr;         // (G*H), never null (zeros without bias)
-  const T* b_hh = nullptr;         // (G*H), never null
+  const T* gx = nullptr;           // (T, B, G*H) or null
+  const T* x = nullptr;            // (T, B, I) when gx is null
+  Index input = 0;
+  const T* w_ih = nullptr;         // (G*H, I) when gx is null
+  const T* gx_bias = nullptr;      // (G*H) when gx is null
+  const T* b_hh = nullptr;         // (G*H), never null; read only for gates the cell keeps it apart
   const T* h0 = nullptr;           // (B, H) or null
   const T* c0 = nullptr;           // (B, H) or null
   T* saved = nullptr;              // (T, B, S*H) in training; null in inference or when S == 0

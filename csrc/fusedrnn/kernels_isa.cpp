@@ -54,18 +54,23 @@ inline void prefetch_panel_row(const T* row) {
     __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, 0, 3);
 }
 
-// c[r][0..kPanel) = sum_k a[r*lda + k] * panel[k][0..kPanel) for r < MR. KS independent accumulator
-// sets split the k loop, so few rows still keep enough FMAs in flight to hide their latency; the sets
-// are summed in a fixed order (deterministic).
+// c[r][0..kPanel) = init[0..kPanel) + sum_k a[r*lda + k] * panel[k][0..kPanel) for r < MR (init null:
+// zeros). KS independent accumulator sets split the k loop, so few rows still keep enough FMAs in
+// flight to hide their latency; the sets are summed in a fixed order (deterministic).
 template <typename T, int MR, int KS>
 inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T* __restrict panel,
-                         T* __restrict c, Index ldc) {
+                         const T* __restrict init, T* __restrict c, Index ldc) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   constexpr int L = S::kLanes;
   Vec acc[KS][MR][2];
   for (int s = 0; s < KS; ++s)
     for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = Vec{};
+  if (init)
+    for (int r = 0; r < MR; ++r) {
+      acc[0][r][0] = S::load(init);
+      acc[0][r][1] = S::load(init + L);
+    }
   Index k = 0;
   for (; k + KS <= depth; k += KS) {
     for (int s = 0; s < KS; ++s) {
@@ -113,26 +118,30 @@ constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
 
 // Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
 template <typename T, int MR>
-inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, const T* panel, T* c, Index ldc) {
+inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, const T* panel, const T* init,
+                            T* c, Index ldc) {
   if constexpr (MR > 1) {
-    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(depth, a, lda, panel, c, ldc);
-    panel_rows_tail<T, MR - 1>(rows, depth, a, lda, panel, c, ldc);
+    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(depth, a, lda, panel, init, c, ldc);
+    panel_rows_tail<T, MR - 1>(rows, depth, a, lda, panel, init, c, ldc);
   }
 }
 
-// c (rows, panels*kPanel) = a (rows, depth) @ packed, where packed holds `panels` panels of
-// (depth, kPanel). Each panel is reused across all row blocks while it is in L1/L2.
+// c (rows, panels*kPanel) = a (rows, depth) @ packed (+ column_init in every row, if not null), where
+// packed holds `panels` panels of (depth, kPanel). Each panel is reused across all row blocks while it
+// is in L1/L2.
 template <typename T>
 void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
-                Index ldc) {
+                Index ldc, const T* column_init = nullptr) {
   constexpr int P = Simd<T>::kPanel;
   constexpr int MR = kBlockRows;
   for (Index p = 0; p < panels; ++p) {
     const T* pp = packed + p * depth * P;
+    const T* init = column_init ? column_init + p * P : nullptr;
     T* cp = c + p * P;
     Index r = 0;
-    for (; r + MR <= rows; r += MR) panel_kernel<T, MR, 1>(depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
-    if (r < rows) panel_rows_tail<T, MR>(rows - r, depth, a + r * lda, lda, pp, cp + r * ldc, ldc);
+    for (; r + MR <= rows; r += MR)
+      panel_kernel<T, MR, 1>(depth, a + r * lda, lda, pp, init, cp + r * ldc, ldc);
+    if (r < rows) panel_rows_tail<T, MR>(rows - r, depth, a + r * lda, lda, pp, init, cp + r * ldc, ldc);
   }
 }
 
@@ -202,18 +211,25 @@ void copy_share(T* dst, const T* src, Index hidden, const RankShare& sh) {
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
-// Pointwise update of a rank's share at time t. `tile` holds this rank's step GEMM output: row b, gate
-// k, unit j at tile[(b - b0)*ldt + k*units + j]. kRecord: keep the gate values backward needs in
-// `saved`; inference skips those stores (for LSTM, as many bytes as the state and output).
+// A step's gate values for a rank's share: row b (from the share's first), gate k, unit j (from its
+// first) at first[b*ld + k*gate_stride + j]. The up-front projection gx and the per-rank tiles differ
+// only in these strides.
+template <typename T>
+struct GateRows {
+  const T* first;
+  Index ld, gate_stride;
+};
+
+// Pointwise update of a rank's share at time t from its step's input projection `xs` and recurrent
+// projection `hs`. kRecord: keep the gate values backward needs in `saved`; inference skips those
+// stores (for LSTM, as many bytes as the state and output).
 template <typename Cell, typename T, bool kRecord>
-void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, const T* __restrict tile,
-                   Index ldt, const T* __restrict h_prev, const T* __restrict c_prev,
-                   T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
+void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateRows<T> xs, GateRows<T> hs,
+                   const T* __restrict h_prev, const T* __restrict c_prev, T* __restrict h_next,
+                   T* __restrict c_next, T* __restrict saved) {
   constexpr int G = Cell::kGates;
   constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
-  const Index H = pl.hidden, gh_width = G * H;
-  const T* gx_t = pl.gx + t * pl.batch * gh_width;
-  const T* __restrict b_ih = pl.b_ih;
+  const Index H = pl.hidden;
   const T* __restrict b_hh = pl.b_hh;
   const T clip = pl.cell_clip;
   const Index u0 = sh.u0, units = sh.units();
@@ -226,14 +242,15 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, const
       std::fill(yr, yr + units, T(0));
       continue;
     }
-    const T* __restrict xr = gx_t + b * gh_width + u0;
-    const T* __restrict tr = tile + (b - sh.b0) * ldt;
+    const T* __restrict xr = xs.first + (b - sh.b0) * xs.ld;
+    const T* __restrict hr = hs.first + (b - sh.b0) * hs.ld;
+    const Index xk = xs.gate_stride, hk = hs.gate_stride;
     FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
       T xg[G], hg[G], sv[S];
       for (int k = 0; k < G; ++k) {
-        xg[k] = xr[k * H + j] + b_ih[k * H + u0 + j];
-        hg[k] = tr[k * units + j] + b_hh[k * H + u0 + j];
+        xg[k] = xr[k * xk + j];
+        hg[k] = Cell::recurrent_bias_apart(k) ? hr[k * hk + j] + b_hh[k * H + u0 + j] : hr[k * hk + j];
       }
       T h, c = T(0), cp = T(0);
       if constexpr (Cell::kHasCellState) cp = c_prev[row + j];
@@ -258,11 +275,15 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   const RankScratch<T>& scratch = pl.scratch[rank];
   const Index first = pl.reverse ? pl.steps : 0;
   const bool busy = units > 0 && rows > 0;
-  if (busy && pl.pack_weights) {
-    // Column n of this rank's gates is gate n / units of unit u0 + n % units: row
-    // (n / units) * H + u0 + n % units of W_hh, read along k.
-    pack_panels<T>(H, columns, 1, scratch.packed,
-                   [&](Index n) { return pl.w_hh + ((n / units) * H + u0 + n % units) * H; });
+  const bool project = pl.gx == nullptr;
+  // Column n of this rank's gates is gate n / units of unit u0 + n % units: that row of W_hh and W_ih,
+  // read along k.
+  auto gate_row = [&](Index n) { return (n / units) * H + u0 + n % units; };
+  if (busy && pl.pack_weights)
+    pack_panels<T>(H, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh + gate_row(n) * H; });
+  if (busy && project) {
+    pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, [&](Index n) { return pl.w_ih + gate_row(n) * pl.input; });
+    for (Index n = 0; n < ldt; ++n) scratch.bias_x[n] = n < columns ? pl.gx_bias[gate_row(n)] : T(0);
   }
   if (busy) {
     copy_share(pl.hs.at(first), pl.h0, H, sh);
@@ -277,8 +298,15 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
       const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
       const T* h_rows = h_prev + sh.b0 * H;
       if (pl.exchange_state) prefetch_lines(h_rows, rows * H);
-      for (int k = 0; k < G; ++k)
-        prefetch_block_l2(pl.gx + (t * pl.batch + sh.b0) * G * H + k * H + u0, rows, G * H, units);
+      GateRows<T> xs;
+      if (project) {
+        panel_gemm<T>(rows, pl.input, panels, pl.x + (t * pl.batch + sh.b0) * pl.input, pl.input,
+                      scratch.packed_ih, scratch.tile_x, ldt, scratch.bias_x);
+        xs = {scratch.tile_x, ldt, units};
+      } else {
+        xs = {pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
+        for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * H, rows, G * H, units);
+      }
       if (pl.pack_weights)
         panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt);
       else  // this rank's rows of each gate block of W_hh, read in place
@@ -286,12 +314,13 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
           blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh + (k * H + u0) * H, H, T(0),
                         scratch.tile + k * units, ldt);
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
+      const GateRows<T> hs = {scratch.tile, ldt, units};
       if (pl.saved)
-        forward_units<Cell, T, true>(pl, t, sh, scratch.tile, ldt, h_prev, pl.cs.at(prev),
-                                     pl.hs.at(next), pl.cs.at(next), pl.saved + t * saved_step);
+        forward_units<Cell, T, true>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), pl.hs.at(next),
+                                     pl.cs.at(next), pl.saved + t * saved_step);
       else
-        forward_units<Cell, T, false>(pl, t, sh, scratch.tile, ldt, h_prev, pl.cs.at(prev),
-                                      pl.hs.at(next), pl.cs.at(next), nullptr);
+        forward_units<Cell, T, false>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), pl.hs.at(next),
+                                      pl.cs.at(next), nullptr);
     }
     if (pl.exchange_state) barrier.wait();  // every unit of h_t is written before any rank reads it
   }

@@ -83,28 +83,38 @@ std::vector<RankShare> rank_shares(Index batch, Index hidden, const LayerSplit& 
 }
 
 // Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries.
+// `input_depth` > 0: also those for projecting x inside the steps (packed W_ih, its tile, the bias).
 template <typename T>
 std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width, Index depth,
-                                         bool gate_columns, int gates) {
+                                         bool gate_columns, int gates, Index input_depth) {
   constexpr Index align = 64 / sizeof(T);
   auto round_up = [](Index n, Index m) { return (n + m - 1) / m * m; };
   const std::size_t ranks = shares.size();
-  std::vector<Index> packed_size(ranks), tile_size(ranks);
+  std::vector<Index> columns(ranks);
   Index total = 0;
   for (std::size_t r = 0; r < ranks; ++r) {
-    const Index columns = round_up((gate_columns ? gates : 1) * shares[r].units(), panel_width);
-    packed_size[r] = round_up(depth * columns, align);
-    tile_size[r] = round_up(shares[r].rows() * columns, align);
-    total += packed_size[r] + tile_size[r];
+    columns[r] = round_up((gate_columns ? gates : 1) * shares[r].units(), panel_width);
+    total += round_up(depth * columns[r], align) + round_up(shares[r].rows() * columns[r], align);
+    if (input_depth > 0)
+      total += round_up(input_depth * columns[r], align) + round_up(shares[r].rows() * columns[r], align) +
+               round_up(columns[r], align);
   }
   T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align);
   base += (align - (reinterpret_cast<std::uintptr_t>(base) / sizeof(T)) % align) % align;
+  auto carve = [&](Index n) {
+    T* p = base;
+    base += round_up(n, align);
+    return p;
+  };
   std::vector<RankScratch<T>> out(ranks);
   for (std::size_t r = 0; r < ranks; ++r) {
-    out[r].packed = base;
-    base += packed_size[r];
-    out[r].tile = base;
-    base += tile_size[r];
+    out[r].packed = carve(depth * columns[r]);
+    out[r].tile = carve(shares[r].rows() * columns[r]);
+    if (input_depth > 0) {
+      out[r].packed_ih = carve(input_depth * columns[r]);
+      out[r].tile_x = carve(shares[r].rows() * columns[r]);
+      out[r].bias_x = carve(columns[r]);
+    }
   }
   return out;
 }
@@ -134,21 +144,35 @@ void require_blas_range(std::initializer_list<Index> dims) {
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
+// Forward by rows, each rank can project its own rows of x inside each step with the panel kernel,
+// its packed W_ih beside W_hh in L2, instead of one BLAS GEMM before the sequence whose output each
+// step reads back from L3 or memory (LSTM (500, 8, 64): that GEMM ran at ~70 GF/s a core in place).
+// Only where both weights fit in half the L2, as for sharing rows at all.
+bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
+  const double weight_bytes = static_cast<double>(gate_count(cell)) * s.hidden * (s.input + s.hidden) * value_bytes;
+  return split.by_rows && s.steps >= kMinStepsToPack && weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
+}
+
 // The team layout of one call: the split, each rank's share and scratch. `depth` and `gate_columns`
 // give the packed panels' shape (forward: H deep, G*units columns; backward: G*H deep, units columns).
+// `input` > 0 (forward): decide whether the ranks project x inside the steps.
 template <typename T>
 struct TeamLayout {
   LayerSplit split;
   std::vector<RankShare> shares;
   std::vector<RankScratch<T>> buffers;
+  bool project_in_steps = false;
 };
 
 template <typename T>
-TeamLayout<T> team_layout(CellKind cell, const LayerShape& s, int panel_width, Index depth, bool gate_columns) {
+TeamLayout<T> team_layout(CellKind cell, const LayerShape& s, int panel_width, Index depth, bool gate_columns,
+                          Index input = 0) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T));
+  const bool project = input > 0 && project_in_steps(cell, s, split, sizeof(T));
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, split);
-  std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, depth, gate_columns, gate_count(cell));
-  return {split, std::move(shares), std::move(buffers)};
+  std::vector<RankScratch<T>> buffers =
+      rank_scratch<T>(shares, panel_width, depth, gate_columns, gate_count(cell), project ? input : 0);
+  return {split, std::move(shares), std::move(buffers), project};
 }
 
 template <typename T>
@@ -168,6 +192,12 @@ void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const 
   plan.exchange_state = !layout.split.by_rows && layout.split.ranks > 1;
   plan.scratch = layout.buffers.data();
   plan.pack_weights = s.steps >= kMinStepsToPack;
+}
+
+bool recurrent_bias_apart(CellKind cell, int gate) {
+  bool v = false;
+  with_cell(cell, [&](auto c) { v = decltype(c)::recurrent_bias_apart(gate); });
+  return v;
 }
 
 }  // namespace
@@ -284,17 +314,29 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   const Index gh_width = gates * hidden, rows = steps * batch;
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, hidden, true);
+  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, hidden, true, input);
   const int ranks = layout.split.ranks;
 
-  std::vector<T> zero_bias;
-  if (!a.weights.b_ih || !a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
-  T* gx = scratch<T>(ScratchSlot::kGatesX, rows * gh_width);
+  // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
+  // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
+  // clears C for beta = 0. b_hh folds in where the cell allows (all but GRU's n gate).
+  const bool has_bias = a.weights.b_ih || a.weights.b_hh;
+  std::vector<T> gx_bias(static_cast<std::size_t>(gh_width), T(0)), zero_bias;
+  for (Index n = 0; n < gh_width && has_bias; ++n) {
+    if (a.weights.b_ih) gx_bias[n] += a.weights.b_ih[n];
+    if (a.weights.b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias[n] += a.weights.b_hh[n];
+  }
+  if (!a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
+  const bool up_front = !layout.project_in_steps;
+  T* gx = up_front ? scratch<T>(ScratchSlot::kGatesX, rows * gh_width) : nullptr;
 
   ForwardPlan<T> plan;
   fill_common(plan, a.cell, s, a.weights.w_hh, a.cell_clip, a.tape, layout);
   plan.gx = gx;
-  plan.b_ih = a.weights.b_ih ? a.weights.b_ih : zero_bias.data();
+  plan.x = a.x;
+  plan.input = input;
+  plan.w_ih = a.weights.w_ih;
+  plan.gx_bias = gx_bias.data();
   plan.b_hh = a.weights.b_hh ? a.weights.b_hh : zero_bias.data();
   plan.h0 = a.h0;
   plan.c0 = a.c0;
@@ -305,14 +347,17 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   plan.c_n = a.c_n;
 
   ThreadTeam& tm = team();
-  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * input));
+  const int gemm_ranks = up_front ? std::max(ranks, gemm_threads(2.0 * rows * gh_width * input)) : ranks;
   run_phases(
       gemm_ranks, ranks, true,
       [&](int rank, int of) {
-        // Input projection of this rank's rows of all steps: gx = x W_ih^T.
+        if (!up_front) return;
+        // Input projection of this rank's rows of all steps: gx = x W_ih^T + bias.
         const auto [r0, r1] = share(rows, of, rank);
+        if (has_bias)
+          for (Index r = r0; r < r1; ++r) std::copy(gx_bias.begin(), gx_bias.end(), gx + r * gh_width);
         blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), a.x + r0 * input, input, a.weights.w_ih,
-                      input, T(0), gx + r0 * gh_width, gh_width);
+                      input, has_bias ? T(1) : T(0), gx + r0 * gh_width, gh_width);
       },
       [&](int rank) { kern.forward(plan, rank, tm.barrier()); });
 }
