@@ -166,6 +166,26 @@ def test_team_follows_the_callers_cpu_mask():
     assert float(spread_err) < 1e-6 and float(confined_err) < 1e-6
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_import_starts_no_blas_threads():
+    """The BLAS runs single-threaded inside the team, so loading it starts none of its own workers
+    (they would spin on the team's cores), and the caller's OPENBLAS_NUM_THREADS is left as it was."""
+    code = textwrap.dedent("""
+        import os
+        import numpy
+        before = len(os.listdir("/proc/self/task"))
+        import fusedrnn
+        after = len(os.listdir("/proc/self/task"))
+        print(after - before, os.environ.get("OPENBLAS_NUM_THREADS"))
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "None"]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OPENBLAS_NUM_THREADS="3"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "3"]
+
+
 def test_simd_level_choice_is_checked():
     info = fusedrnn.build_info()
     assert info["simd"] in info["simd_supported"]
