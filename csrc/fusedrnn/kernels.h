@@ -131,6 +131,8 @@ struct RecurrenceKernels {
   int panel_width;  // columns per packed weight panel; scratch sizes depend on it
   void (*forward)(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier);
   void (*backward)(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier);
+  // out[c] = sum over rows r of m[r*ld + c] for c in [c0, c1) (the bias gradients), summed in double.
+  void (*column_sums)(const T* m, Index rows, Index ld, Index c0, Index c1, T* out);
 };
 
 struct KernelTable {

@@ -459,6 +459,25 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   if (!pl.exchange_state) barrier.wait();
 }
 
+// Summed in double (long sequences lose no precision), in blocks of columns whose accumulators stay in
+// registers; compiled per SIMD level, where the baseline build converted and added one or two values
+// at a time (LSTM (500, 8, 64): 0.5 ms of a 4.6 ms backward).
+template <typename T>
+void column_sums(const T* m, Index rows, Index ld, Index c0, Index c1, T* out) {
+  constexpr Index kBlock = 64;
+  for (Index cb = c0; cb < c1; cb += kBlock) {
+    const Index width = std::min(kBlock, c1 - cb);
+    double acc[kBlock] = {};
+    if (width == kBlock)  // a constant trip count: the compiler keeps acc in vector registers
+      for (Index r = 0; r < rows; ++r)
+        for (Index k = 0; k < kBlock; ++k) acc[k] += m[r * ld + cb + k];
+    else
+      for (Index r = 0; r < rows; ++r)
+        for (Index k = 0; k < width; ++k) acc[k] += m[r * ld + cb + k];
+    for (Index k = 0; k < width; ++k) out[cb + k] = static_cast<T>(acc[k]);
+  }
+}
+
 template <typename T>
 void forward_entry(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
   with_cell(plan.cell, [&](auto cell) { forward_rank<decltype(cell), T>(plan, rank, barrier); });
@@ -474,8 +493,8 @@ void backward_entry(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier)
 extern const KernelTable kTable;
 const KernelTable kTable = {
     FUSEDRNN_ISA_NAME,
-    {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>},
-    {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>},
+    {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>, &column_sums<float>},
+    {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>, &column_sums<double>},
 };
 
 }  // namespace FUSEDRNN_ISA

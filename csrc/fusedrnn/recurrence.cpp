@@ -119,20 +119,6 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
   return out;
 }
 
-// out[c] += sum over rows of m[r*ld + c] for c in [c0, c1), accumulated in double (long sequences lose
-// no precision) in blocks of columns that stay in registers/L1.
-template <typename T>
-void add_column_sums(const T* m, Index rows, Index ld, Index c0, Index c1, T* out) {
-  constexpr Index kBlock = 64;
-  for (Index cb = c0; cb < c1; cb += kBlock) {
-    const Index width = std::min(kBlock, c1 - cb);
-    double acc[kBlock] = {};
-    for (Index r = 0; r < rows; ++r)
-      for (Index k = 0; k < width; ++k) acc[k] += m[r * ld + cb + k];
-    for (Index k = 0; k < width; ++k) out[cb + k] += static_cast<T>(acc[k]);
-  }
-}
-
 // Packing a rank's W_hh slice costs about one pass over it, as does a BLAS call that packs it
 // internally; from this many steps on, packing once wins.
 constexpr Index kMinStepsToPack = 3;
@@ -379,7 +365,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   T* grad_state = scratch<T>(ScratchSlot::kGradState, (has_cell_state(a.cell) ? 3 : 2) * state);
   const Index norm_stride = (steps + 7) / 8 * 8;
   double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
-  std::vector<T> zero_row;
+  std::vector<T> zero_row, bias_grad(static_cast<std::size_t>(gh_width));
   if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
   BackwardPlan<T> plan;
@@ -415,8 +401,13 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
                   a.dw_ih + g0 * input, input);
     blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
                   T(1), a.dw_hh + g0 * hidden, hidden);
-    if (a.db_ih) add_column_sums(dgx, rows, gh_width, g0, g1, a.db_ih);
-    if (a.db_hh) add_column_sums(dgh, rows, gh_width, g0, g1, a.db_hh);
+    // The bias gradients are the column sums of dgx and dgh, one sum when they are one array.
+    if (a.db_ih || a.db_hh) kern.column_sums(dgx, rows, gh_width, g0, g1, bias_grad.data());
+    if (a.db_ih)
+      for (Index c = g0; c < g1; ++c) a.db_ih[c] += bias_grad[c];
+    if (a.db_hh && dgh != dgx) kern.column_sums(dgh, rows, gh_width, g0, g1, bias_grad.data());
+    if (a.db_hh)
+      for (Index c = g0; c < g1; ++c) a.db_hh[c] += bias_grad[c];
   }, [&](int rank) { kern.backward(plan, rank, tm.barrier()); });
   if (a.dh_norm)
     for (Index t = 0; t < steps; ++t) {
