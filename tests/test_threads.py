@@ -95,7 +95,9 @@ def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_split("lstm", 8, 128) == (2, "rows")
     assert _core.layer_split("lstm", 4, 64) == (2, "rows")      # 32 units a rank would be too few
     assert _core.layer_split("gru", 1, 128) == (2, "units")     # 98K flops a step
-    assert _core.layer_split("rnn_tanh", 1, 128) == (1, "units")  # 33K flops a step
+    assert _core.layer_split("rnn_tanh", 1, 128) == (2, "units")  # 33K flops a step
+    assert _core.layer_split("rnn_tanh", 1, 96) == (1, "units")   # 18K flops, and 48 units a rank
+    assert _core.layer_split("rnn_tanh", 2, 64) == (1, "units")   # 16K flops a step
     assert fusedrnn.build_info()["num_threads"] == 2
 
 

@@ -232,9 +232,10 @@ void set_split_preference(SplitPreference preference) { preferred_split.store(pr
 SplitPreference split_preference() { return preferred_split.load(); }
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
-  // A rank pays only from ~50K flops a step (GRU B=1, H=128, 98K flops: 0.62-0.69 -> 0.49-0.57 ms
-  // for T=200 on two ranks; RNN B=1, H=128, 33K: no change).
-  constexpr double kMinStepFlops = 5e4;
+  // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole
+  // streaming from L2 each step (RNN B=1, H=128, 33K flops: 0.80x inference, 0.74x training time for
+  // T=200; GRU there, 98K: 0.62-0.69 -> 0.49-0.57 ms).
+  constexpr double kMinStepFlops = 3e4;
   // By units, each extra rank adds a barrier per step (~0.3 us for two cores here, a scheduler slice
   // when the machine is oversubscribed) and moves the new state between cores; it paid with 64 units
   // a rank (LSTM B=1, H=128: 5.1 -> 3.3 us a step), not with 32 (LSTM and GRU B=8, H=64: slower).
