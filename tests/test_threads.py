@@ -50,6 +50,31 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
     steps, batch, inp, hidden = shape
     expected_ranks = min(team_size, batch // 2 if split == "rows" else hidden // 64)
     assert _core.layer_split(cell, batch, hidden, np.float64) == (expected_ranks, split if expected_ranks > 1 else "units")
+    check_against_reference(rng, cell, shape)
+
+
+@pytest.fixture
+def projection(request):
+    previous = _core.get_input_projection()
+    _core.set_input_projection(request.param)
+    yield request.param
+    _core.set_input_projection(previous)
+
+
+@pytest.mark.parametrize("projection", ["in_steps", "up_front"], indirect=True)
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
+@pytest.mark.parametrize("team_size", [2], indirect=True)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=["B13-H129", "T2-unpacked"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_both_input_projections_match_reference(rng, simd_level, team_size, split, projection, cell, shape):
+    """Forward projects x onto W_ih either in one GEMM before the sequence or inside each step, each
+    rank for its own share (by default where its weights fit in L2 beside W_hh); both give the
+    reference's answer whichever way the step is shared."""
+    check_against_reference(rng, cell, shape)
+
+
+def check_against_reference(rng, cell, shape):
+    steps, batch, inp, hidden = shape
     w = random_layer(rng, cell, inp, hidden, scale=0.3)
     x = rng.standard_normal((steps, batch, inp))
     h0 = rng.standard_normal((batch, hidden))
@@ -118,6 +143,9 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
         _core.layer_split("lstm", 8, 64, np.int32)
     with pytest.raises(ValueError, match="^kind: expected 'auto', 'rows' or 'units', got 'cols'"):
         _core.set_layer_split("cols")
+    with pytest.raises(ValueError, match="^kind: expected 'auto', 'in_steps' or 'up_front', got 'later'"):
+        _core.set_input_projection("later")
+    assert _core.get_input_projection() == "auto"
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -425,6 +425,23 @@ PYBIND11_MODULE(_core, m) {
       default: return std::string("auto");
     }
   }, "The split set by set_layer_split: 'auto', 'rows' or 'units'.");
+  m.def("set_input_projection", [](const std::string& kind) {
+    using fusedrnn::ProjectionPreference;
+    if (kind == "auto") return fusedrnn::set_projection_preference(ProjectionPreference::kAuto);
+    if (kind == "in_steps") return fusedrnn::set_projection_preference(ProjectionPreference::kInSteps);
+    if (kind == "up_front") return fusedrnn::set_projection_preference(ProjectionPreference::kUpFront);
+    throw py::value_error("kind: expected 'auto', 'in_steps' or 'up_front', got '" + kind + "'");
+  }, py::arg("kind"),
+        "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
+        "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
+        "split and size, the default).");
+  m.def("get_input_projection", [] {
+    switch (fusedrnn::projection_preference()) {
+      case fusedrnn::ProjectionPreference::kInSteps: return std::string("in_steps");
+      case fusedrnn::ProjectionPreference::kUpFront: return std::string("up_front");
+      default: return std::string("auto");
+    }
+  }, "The choice set by set_input_projection: 'auto', 'in_steps' or 'up_front'.");
   m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype) -> py::array {
     if (float_item_size(dtype) == sizeof(float)) return aligned_array<float>(shape);
     return aligned_array<double>(shape);

@@ -135,6 +135,8 @@ void require_blas_range(std::initializer_list<Index> dims) {
 // step reads back from L3 or memory (LSTM (500, 8, 64): that GEMM ran at ~70 GF/s a core in place).
 // Only where both weights fit in half the L2, as for sharing rows at all.
 bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
+  const ProjectionPreference preference = projection_preference();
+  if (preference != ProjectionPreference::kAuto) return preference == ProjectionPreference::kInSteps;
   const double weight_bytes = static_cast<double>(gate_count(cell)) * s.hidden * (s.input + s.hidden) * value_bytes;
   return split.by_rows && s.steps >= kMinStepsToPack && weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
 }
@@ -230,6 +232,13 @@ std::atomic<SplitPreference> preferred_split{SplitPreference::kAuto};
 
 void set_split_preference(SplitPreference preference) { preferred_split.store(preference); }
 SplitPreference split_preference() { return preferred_split.load(); }
+
+namespace {
+std::atomic<ProjectionPreference> preferred_projection{ProjectionPreference::kAuto};
+}  // namespace
+
+void set_projection_preference(ProjectionPreference preference) { preferred_projection.store(preference); }
+ProjectionPreference projection_preference() { return preferred_projection.load(); }
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
   // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole

@@ -116,6 +116,11 @@ std::int64_t l2_cache_bytes();
 enum class SplitPreference { kAuto, kRows, kUnits };
 void set_split_preference(SplitPreference preference);
 SplitPreference split_preference();
+// Where forward projects x onto W_ih (kernels.h): kAuto by the layer's size and split; the others
+// force one way (tests compare them).
+enum class ProjectionPreference { kAuto, kInSteps, kUpFront };
+void set_projection_preference(ProjectionPreference preference);
+ProjectionPreference projection_preference();
 
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& args);
