@@ -18,21 +18,22 @@ from fusedrnn.modules import make_module
 from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
 
 
+def set_for_the_test(get, set_, value):
+    previous = get()
+    set_(value)
+    yield value
+    set_(previous)
+
+
 @pytest.fixture
 def team_size(request):
-    previous = fusedrnn.get_num_threads()
-    fusedrnn.set_num_threads(request.param)
-    yield request.param
-    fusedrnn.set_num_threads(previous)
+    yield from set_for_the_test(fusedrnn.get_num_threads, fusedrnn.set_num_threads, request.param)
 
 
 @pytest.fixture
 def split(request):
     """Forces the layers to share their steps by 'rows' or 'units' for the test."""
-    previous = _core.get_layer_split()
-    _core.set_layer_split(request.param)
-    yield request.param
-    _core.set_layer_split(previous)
+    yield from set_for_the_test(_core.get_layer_split, _core.set_layer_split, request.param)
 
 
 # (T, B, I, H): row blocks are 12 rows with AVX-512 and 6 otherwise, so B=13 leaves a 1-row remainder
@@ -55,10 +56,8 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
 
 @pytest.fixture
 def projection(request):
-    previous = _core.get_input_projection()
-    _core.set_input_projection(request.param)
-    yield request.param
-    _core.set_input_projection(previous)
+    """Forces where forward projects x: 'in_steps' or 'up_front'."""
+    yield from set_for_the_test(_core.get_input_projection, _core.set_input_projection, request.param)
 
 
 @pytest.mark.parametrize("projection", ["in_steps", "up_front"], indirect=True)

@@ -22,13 +22,42 @@ using Index = std::int64_t;
 
 namespace {
 
-CellKind parse_cell(const std::string& name) {
-  if (name == "rnn_tanh") return CellKind::kRnnTanh;
-  if (name == "rnn_relu") return CellKind::kRnnRelu;
-  if (name == "gru") return CellKind::kGru;
-  if (name == "lstm") return CellKind::kLstm;
-  throw py::value_error("cell: expected 'rnn_tanh', 'rnn_relu', 'gru' or 'lstm', got '" + name + "'");
+// The Python name of each value of an enum, so that parsing, printing and the error message listing
+// the choices come from one table.
+template <typename E>
+struct Named {
+  const char* name;
+  E value;
+};
+
+template <typename E, std::size_t N>
+E parse_named(const char* argument, const std::string& name, const Named<E> (&table)[N]) {
+  for (const Named<E>& entry : table)
+    if (name == entry.name) return entry.value;
+  std::string choices;
+  for (std::size_t i = 0; i < N; ++i)
+    choices += std::string(i == 0 ? "" : (i + 1 == N ? " or " : ", ")) + "'" + table[i].name + "'";
+  throw py::value_error(std::string(argument) + ": expected " + choices + ", got '" + name + "'");
 }
+
+template <typename E, std::size_t N>
+std::string name_of(E value, const Named<E> (&table)[N]) {
+  for (const Named<E>& entry : table)
+    if (value == entry.value) return entry.name;
+  return "";
+}
+
+constexpr Named<CellKind> kCellNames[] = {
+    {"rnn_tanh", CellKind::kRnnTanh}, {"rnn_relu", CellKind::kRnnRelu}, {"gru", CellKind::kGru}, {"lstm", CellKind::kLstm}};
+constexpr Named<fusedrnn::SplitPreference> kSplitNames[] = {{"auto", fusedrnn::SplitPreference::kAuto},
+                                                            {"rows", fusedrnn::SplitPreference::kRows},
+                                                            {"units", fusedrnn::SplitPreference::kUnits}};
+constexpr Named<fusedrnn::ProjectionPreference> kProjectionNames[] = {
+    {"auto", fusedrnn::ProjectionPreference::kAuto},
+    {"in_steps", fusedrnn::ProjectionPreference::kInSteps},
+    {"up_front", fusedrnn::ProjectionPreference::kUpFront}};
+
+CellKind parse_cell(const std::string& name) { return parse_named("cell", name, kCellNames); }
 
 // The item size of a float32 or float64 dtype; a TypeError naming `dtype` for any other.
 std::size_t float_item_size(const py::object& dtype_like) {
@@ -354,14 +383,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedrnn native core: fused recurrent layers (one layer, one direction per call)";
 
   py::class_<Tape>(m, "Tape", "What a training-mode layer_forward keeps for layer_backward.")
-      .def_property_readonly("cell", [](const Tape& t) {
-        switch (t.cell) {
-          case CellKind::kRnnTanh: return "rnn_tanh";
-          case CellKind::kRnnRelu: return "rnn_relu";
-          case CellKind::kGru: return "gru";
-          default: return "lstm";
-        }
-      })
+      .def_property_readonly("cell", [](const Tape& t) { return name_of(t.cell, kCellNames); })
       .def_property_readonly("reverse", [](const Tape& t) { return t.reverse; })
       .def_property_readonly("has_bias", [](const Tape& t) { return !t.b_ih.is_none(); })
       .def_property_readonly("dtype", [](const Tape& t) { return t.x.dtype(); })
@@ -408,40 +430,22 @@ PYBIND11_MODULE(_core, m) {
         "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "
         "thread team: (threads, 'rows' or 'units').");
   m.def("set_layer_split", [](const std::string& kind) {
-    using fusedrnn::SplitPreference;
-    if (kind == "auto") return fusedrnn::set_split_preference(SplitPreference::kAuto);
-    if (kind == "rows") return fusedrnn::set_split_preference(SplitPreference::kRows);
-    if (kind == "units") return fusedrnn::set_split_preference(SplitPreference::kUnits);
-    throw py::value_error("kind: expected 'auto', 'rows' or 'units', got '" + kind + "'");
+    fusedrnn::set_split_preference(parse_named("kind", kind, kSplitNames));
   }, py::arg("kind"),
         "Forces how layers share their recurrence across the thread team wherever they are large "
         "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");
   m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
         "The per-core L2 size that decides whether layers share batch rows or hidden units.");
-  m.def("get_layer_split", [] {
-    switch (fusedrnn::split_preference()) {
-      case fusedrnn::SplitPreference::kRows: return std::string("rows");
-      case fusedrnn::SplitPreference::kUnits: return std::string("units");
-      default: return std::string("auto");
-    }
-  }, "The split set by set_layer_split: 'auto', 'rows' or 'units'.");
+  m.def("get_layer_split", [] { return name_of(fusedrnn::split_preference(), kSplitNames); },
+        "The split set by set_layer_split: 'auto', 'rows' or 'units'.");
   m.def("set_input_projection", [](const std::string& kind) {
-    using fusedrnn::ProjectionPreference;
-    if (kind == "auto") return fusedrnn::set_projection_preference(ProjectionPreference::kAuto);
-    if (kind == "in_steps") return fusedrnn::set_projection_preference(ProjectionPreference::kInSteps);
-    if (kind == "up_front") return fusedrnn::set_projection_preference(ProjectionPreference::kUpFront);
-    throw py::value_error("kind: expected 'auto', 'in_steps' or 'up_front', got '" + kind + "'");
+    fusedrnn::set_projection_preference(parse_named("kind", kind, kProjectionNames));
   }, py::arg("kind"),
         "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
         "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
         "split and size, the default).");
-  m.def("get_input_projection", [] {
-    switch (fusedrnn::projection_preference()) {
-      case fusedrnn::ProjectionPreference::kInSteps: return std::string("in_steps");
-      case fusedrnn::ProjectionPreference::kUpFront: return std::string("up_front");
-      default: return std::string("auto");
-    }
-  }, "The choice set by set_input_projection: 'auto', 'in_steps' or 'up_front'.");
+  m.def("get_input_projection", [] { return name_of(fusedrnn::projection_preference(), kProjectionNames); },
+        "The choice set by set_input_projection: 'auto', 'in_steps' or 'up_front'.");
   m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype) -> py::array {
     if (float_item_size(dtype) == sizeof(float)) return aligned_array<float>(shape);
     return aligned_array<double>(shape);

@@ -412,7 +412,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
     blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
                   T(1), a.dw_hh + g0 * hidden, hidden);
     // The bias gradients are the column sums of dgx and dgh, one sum when they are one array.
-    if (a.db_ih || a.db_hh) kern.column_sums(dgx, rows, gh_width, g0, g1, bias_grad.data());
+    if (a.db_ih || (a.db_hh && dgh == dgx)) kern.column_sums(dgx, rows, gh_width, g0, g1, bias_grad.data());
     if (a.db_ih)
       for (Index c = g0; c < g1; ++c) a.db_ih[c] += bias_grad[c];
     if (a.db_hh && dgh != dgx) kern.column_sums(dgh, rows, gh_width, g0, g1, bias_grad.data());
