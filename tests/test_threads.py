@@ -72,6 +72,23 @@ def test_both_input_projections_match_reference(rng, simd_level, team_size, spli
     check_against_reference(rng, cell, shape)
 
 
+@pytest.fixture
+def weight_grad_split(request):
+    """Forces how backward splits the weight gradients: 'rows' or 'gate_rows'."""
+    yield from set_for_the_test(_core.get_weight_grad_split, _core.set_weight_grad_split, request.param)
+
+
+@pytest.mark.parametrize("weight_grad_split", ["rows", "gate_rows"], indirect=True)
+@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=["B13-H129", "B7-H200"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_both_weight_grad_splits_match_reference(rng, simd_level, team_size, weight_grad_split, cell, shape):
+    """Backward's weight gradients are split across the team by gate rows, or by the steps' rows with
+    each further thread summing into a partial that is added after (by default for small layers);
+    both give the reference's answer, with two partials as with one."""
+    check_against_reference(rng, cell, shape)
+
+
 def check_against_reference(rng, cell, shape):
     steps, batch, inp, hidden = shape
     w = random_layer(rng, cell, inp, hidden, scale=0.3)
@@ -145,6 +162,9 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
     with pytest.raises(ValueError, match="^kind: expected 'auto', 'in_steps' or 'up_front', got 'later'"):
         _core.set_input_projection("later")
     assert _core.get_input_projection() == "auto"
+    with pytest.raises(ValueError, match="^kind: expected 'auto', 'rows' or 'gate_rows', got 'cols'"):
+        _core.set_weight_grad_split("cols")
+    assert _core.get_weight_grad_split() == "auto"
 
 
 @pytest.mark.parametrize("cell", CELLS)

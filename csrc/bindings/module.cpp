@@ -56,8 +56,22 @@ constexpr Named<fusedrnn::ProjectionPreference> kProjectionNames[] = {
     {"auto", fusedrnn::ProjectionPreference::kAuto},
     {"in_steps", fusedrnn::ProjectionPreference::kInSteps},
     {"up_front", fusedrnn::ProjectionPreference::kUpFront}};
+constexpr Named<fusedrnn::WeightGradPreference> kWeightGradNames[] = {
+    {"auto", fusedrnn::WeightGradPreference::kAuto},
+    {"rows", fusedrnn::WeightGradPreference::kRows},
+    {"gate_rows", fusedrnn::WeightGradPreference::kGateRows}};
 
 CellKind parse_cell(const std::string& name) { return parse_named("cell", name, kCellNames); }
+
+// A choice the core keeps (tests and benchmarks force one): set_<name>(kind) and get_<name>().
+template <typename E, std::size_t N>
+void def_choice(py::module_& m, const std::string& name, const Named<E> (&table)[N], void (*set)(E), E (*get)(),
+                const char* set_doc) {
+  m.def(("set_" + name).c_str(), [&table, set](const std::string& kind) { set(parse_named("kind", kind, table)); },
+        py::arg("kind"), set_doc);
+  m.def(("get_" + name).c_str(), [&table, get] { return name_of(get(), table); },
+        ("The choice set by set_" + name + ".").c_str());
+}
 
 // The item size of a float32 or float64 dtype; a TypeError naming `dtype` for any other.
 std::size_t float_item_size(const py::object& dtype_like) {
@@ -429,23 +443,21 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
         "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "
         "thread team: (threads, 'rows' or 'units').");
-  m.def("set_layer_split", [](const std::string& kind) {
-    fusedrnn::set_split_preference(parse_named("kind", kind, kSplitNames));
-  }, py::arg("kind"),
-        "Forces how layers share their recurrence across the thread team wherever they are large "
-        "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");
+  def_choice(m, "layer_split", kSplitNames, &fusedrnn::set_split_preference, &fusedrnn::split_preference,
+             "Forces how layers share their recurrence across the thread team wherever they are large "
+             "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");
   m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
         "The per-core L2 size that decides whether layers share batch rows or hidden units.");
-  m.def("get_layer_split", [] { return name_of(fusedrnn::split_preference(), kSplitNames); },
-        "The split set by set_layer_split: 'auto', 'rows' or 'units'.");
-  m.def("set_input_projection", [](const std::string& kind) {
-    fusedrnn::set_projection_preference(parse_named("kind", kind, kProjectionNames));
-  }, py::arg("kind"),
-        "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
-        "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
-        "split and size, the default).");
-  m.def("get_input_projection", [] { return name_of(fusedrnn::projection_preference(), kProjectionNames); },
-        "The choice set by set_input_projection: 'auto', 'in_steps' or 'up_front'.");
+  def_choice(m, "input_projection", kProjectionNames, &fusedrnn::set_projection_preference,
+             &fusedrnn::projection_preference,
+             "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
+             "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
+             "split and size, the default).");
+  def_choice(m, "weight_grad_split", kWeightGradNames, &fusedrnn::set_weight_grad_preference,
+             &fusedrnn::weight_grad_preference,
+             "Forces how backward splits the weight gradients across the team: 'rows' (each thread its "
+             "share of all steps' rows into a partial, partials added after), 'gate_rows' (each thread "
+             "its gate rows over all steps), or 'auto' (by the layer's size, the default).");
   m.def("aligned_empty", [](const std::vector<Index>& shape, const py::object& dtype) -> py::array {
     if (float_item_size(dtype) == sizeof(float)) return aligned_array<float>(shape);
     return aligned_array<double>(shape);

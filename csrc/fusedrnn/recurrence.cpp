@@ -24,7 +24,9 @@ namespace {
 // thread between calls: a fresh multi-megabyte allocation is a fresh mmap whose page faults and zeroing
 // cost ~15% of an LSTM training step. Each buffer a call needs has its own ScratchSlot. Only the calling
 // thread allocates; team jobs never do.
-enum class ScratchSlot { kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kCount };
+enum class ScratchSlot {
+  kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kWeightGradPartial, kCount
+};
 
 template <typename T>
 T* scratch(ScratchSlot slot, Index n) {
@@ -240,6 +242,13 @@ std::atomic<ProjectionPreference> preferred_projection{ProjectionPreference::kAu
 void set_projection_preference(ProjectionPreference preference) { preferred_projection.store(preference); }
 ProjectionPreference projection_preference() { return preferred_projection.load(); }
 
+namespace {
+std::atomic<WeightGradPreference> preferred_weight_grads{WeightGradPreference::kAuto};
+}  // namespace
+
+void set_weight_grad_preference(WeightGradPreference preference) { preferred_weight_grads.store(preference); }
+WeightGradPreference weight_grad_preference() { return preferred_weight_grads.load(); }
+
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
   // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole
   // streaming from L2 each step (RNN B=1, H=128, 33K flops: 0.80x inference, 0.74x training time for
@@ -358,6 +367,24 @@ void layer_forward(const LayerForwardArgs<T>& a) {
       [&](int rank) { kern.forward(plan, rank, tm.barrier()); });
 }
 
+namespace {
+
+// The weight gradients sum over all steps' rows (K = T*B). Split by gate rows (M), each rank reads
+// only its columns of the gate gradients but gets a short M: at (500, 8, 64) OpenBLAS ran that at
+// ~35 flops a cycle against ~48 for the whole M over half the rows (GRU and RNN e: 37 -> 48, 28 -> 48).
+// Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
+// while those partials are small beside L2. Large layers gained nothing by rows, so stay split by M.
+bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t value_bytes) {
+  const double partial_bytes =
+      static_cast<double>(ranks - 1) * gates * s.hidden * (s.input + s.hidden) * value_bytes;
+  const WeightGradPreference preference = weight_grad_preference();
+  if (ranks == 1) return false;
+  if (preference != WeightGradPreference::kAuto) return preference == WeightGradPreference::kRows;
+  return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes());
+}
+
+}  // namespace
+
 template <typename T>
 void layer_backward(const LayerBackwardArgs<T>& a) {
   const LayerShape& s = a.shape;
@@ -398,19 +425,38 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
   ThreadTeam& tm = team();
   const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * (2 * input + hidden)));
+  const Index weight_values = gh_width * (input + hidden);
+  const bool grads_by_rows = weight_grads_by_rows(s, gates, gemm_ranks, sizeof(T));
+  T* partials =
+      grads_by_rows ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks - 1) * weight_values) : nullptr;
   run_phases(gemm_ranks, ranks, false, [&](int rank, int of) {
     // The recurrence ended at a barrier after its last pointwise pass, so every gate gradient is in
     // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
-    // weight and bias gradients by gate rows.
+    // weight gradients by rows or gate rows (weight_grads_by_rows), the bias gradients by gate rows.
     const auto [r0, r1] = share(rows, of, rank);
     if (a.dx)
       blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width,
                     a.weights.w_ih, input, T(1), a.dx + r0 * input, input);
     const auto [g0, g1] = share(gh_width, of, rank);
-    blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, a.x, input, T(1),
-                  a.dw_ih + g0 * input, input);
-    blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
-                  T(1), a.dw_hh + g0 * hidden, hidden);
+    if (grads_by_rows) {
+      // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
+      T* dw_ih = rank == 0 ? a.dw_ih : partials + (rank - 1) * weight_values;
+      T* dw_hh = rank == 0 ? a.dw_hh : dw_ih + gh_width * input;
+      const T beta = rank == 0 ? T(1) : T(0);
+      if (r1 > r0) {
+        blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width,
+                      a.x + r0 * input, input, beta, dw_ih, input);
+        blas::gemm<T>(true, false, gh_width, hidden, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
+                      h_prev_rows + r0 * hidden, hidden, beta, dw_hh, hidden);
+      } else if (rank > 0) {
+        std::fill(dw_ih, dw_ih + weight_values, T(0));
+      }
+    } else {
+      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, a.x, input, T(1),
+                    a.dw_ih + g0 * input, input);
+      blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
+                    T(1), a.dw_hh + g0 * hidden, hidden);
+    }
     // The bias gradients are the column sums of dgx and dgh, one sum when they are one array.
     if (a.db_ih || (a.db_hh && dgh == dgx)) kern.column_sums(dgx, rows, gh_width, g0, g1, bias_grad.data());
     if (a.db_ih)
@@ -418,6 +464,16 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
     if (a.db_hh && dgh != dgx) kern.column_sums(dgh, rows, gh_width, g0, g1, bias_grad.data());
     if (a.db_hh)
       for (Index c = g0; c < g1; ++c) a.db_hh[c] += bias_grad[c];
+    if (grads_by_rows) {
+      // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
+      tm.barrier().wait();
+      for (int q = 0; q + 1 < of; ++q) {
+        const T* partial_ih = partials + q * weight_values;
+        const T* partial_hh = partial_ih + gh_width * input;
+        for (Index i = g0 * input; i < g1 * input; ++i) a.dw_ih[i] += partial_ih[i];
+        for (Index i = g0 * hidden; i < g1 * hidden; ++i) a.dw_hh[i] += partial_hh[i];
+      }
+    }
   }, [&](int rank) { kern.backward(plan, rank, tm.barrier()); });
   if (a.dh_norm)
     for (Index t = 0; t < steps; ++t) {

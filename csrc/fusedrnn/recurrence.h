@@ -121,6 +121,12 @@ SplitPreference split_preference();
 enum class ProjectionPreference { kAuto, kInSteps, kUpFront };
 void set_projection_preference(ProjectionPreference preference);
 ProjectionPreference projection_preference();
+// How backward splits the weight gradients' GEMMs across the team: kAuto by the layer's size; kRows
+// (each rank its share of all steps' rows, partials added after) or kGateRows (each rank its gate rows
+// over all rows) force one way (tests compare them).
+enum class WeightGradPreference { kAuto, kRows, kGateRows };
+void set_weight_grad_preference(WeightGradPreference preference);
+WeightGradPreference weight_grad_preference();
 
 template <typename T>
 void layer_forward(const LayerForwardArgs<T>& args);
