@@ -229,25 +229,17 @@ Index l2_cache_bytes() {
 }
 
 namespace {
-std::atomic<SplitPreference> preferred_split{SplitPreference::kAuto};
+// The choice tests and benchmarks may force, one per kind (kAuto unless set).
+template <typename Preference>
+std::atomic<Preference> preferred{Preference::kAuto};
 }  // namespace
 
-void set_split_preference(SplitPreference preference) { preferred_split.store(preference); }
-SplitPreference split_preference() { return preferred_split.load(); }
-
-namespace {
-std::atomic<ProjectionPreference> preferred_projection{ProjectionPreference::kAuto};
-}  // namespace
-
-void set_projection_preference(ProjectionPreference preference) { preferred_projection.store(preference); }
-ProjectionPreference projection_preference() { return preferred_projection.load(); }
-
-namespace {
-std::atomic<WeightGradPreference> preferred_weight_grads{WeightGradPreference::kAuto};
-}  // namespace
-
-void set_weight_grad_preference(WeightGradPreference preference) { preferred_weight_grads.store(preference); }
-WeightGradPreference weight_grad_preference() { return preferred_weight_grads.load(); }
+void set_split_preference(SplitPreference preference) { preferred<SplitPreference>.store(preference); }
+SplitPreference split_preference() { return preferred<SplitPreference>.load(); }
+void set_projection_preference(ProjectionPreference preference) { preferred<ProjectionPreference>.store(preference); }
+ProjectionPreference projection_preference() { return preferred<ProjectionPreference>.load(); }
+void set_weight_grad_preference(WeightGradPreference preference) { preferred<WeightGradPreference>.store(preference); }
+WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
   // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole
@@ -375,11 +367,11 @@ namespace {
 // Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
 // while those partials are small beside L2. Large layers gained nothing by rows, so stay split by M.
 bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t value_bytes) {
+  if (ranks == 1) return false;
+  const WeightGradPreference preference = weight_grad_preference();
+  if (preference != WeightGradPreference::kAuto) return preference == WeightGradPreference::kRows;
   const double partial_bytes =
       static_cast<double>(ranks - 1) * gates * s.hidden * (s.input + s.hidden) * value_bytes;
-  const WeightGradPreference preference = weight_grad_preference();
-  if (ranks == 1) return false;
-  if (preference != WeightGradPreference::kAuto) return preference == WeightGradPreference::kRows;
   return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes());
 }
 
