@@ -126,15 +126,27 @@ inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, cons
   }
 }
 
+// Which end of the packed weights a step starts from. A rank's weights larger than a cache level
+// stream through it every step; with the order reversed on alternate steps, each step starts with the
+// panels the last one touched, still in that cache, instead of those evicted longest ago (LRU). Single
+// core, 16 rows against an 8 MB slice streamed from L3: 54 -> 60 flops a cycle; whole layers, fastest
+// of 6 alternations: LSTM (100, 64, 512) training 309 -> 301 ms, (50, 16, 1024) 153 -> 152 ms.
+enum class PanelOrder { kAscending, kDescending };
+
+inline PanelOrder panel_order(Index step_index) {
+  return step_index % 2 == 0 ? PanelOrder::kAscending : PanelOrder::kDescending;
+}
+
 // c (rows, panels*kPanel) = a (rows, depth) @ packed (+ column_init in every row, if not null), where
-// packed holds `panels` panels of (depth, kPanel). Each panel is reused across all row blocks while it
-// is in L1/L2.
+// packed holds `panels` panels of (depth, kPanel), visited in `order`. Each panel is reused across all
+// row blocks while it is in L1/L2.
 template <typename T>
 void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
-                Index ldc, const T* column_init = nullptr) {
+                Index ldc, PanelOrder order, const T* column_init = nullptr) {
   constexpr int P = Simd<T>::kPanel;
   constexpr int MR = kBlockRows;
-  for (Index p = 0; p < panels; ++p) {
+  for (Index visit = 0; visit < panels; ++visit) {
+    const Index p = order == PanelOrder::kAscending ? visit : panels - 1 - visit;
     const T* pp = packed + p * depth * P;
     const T* init = column_init ? column_init + p * P : nullptr;
     T* cp = c + p * P;
@@ -298,21 +310,28 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
       const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
       const T* h_rows = h_prev + sh.b0 * H;
       if (pl.exchange_state) prefetch_lines(h_rows, rows * H);
+      // Packed W_ih then W_hh, each in the step's panel order; a descending step takes them in the
+      // reverse order too, so it starts where the previous step ended.
+      const PanelOrder order = panel_order(i);
+      auto project_step = [&] {
+        panel_gemm<T>(rows, pl.input, panels, pl.x + (t * pl.batch + sh.b0) * pl.input, pl.input,
+                      scratch.packed_ih, scratch.tile_x, ldt, order, scratch.bias_x);
+      };
       GateRows<T> xs;
       if (project) {
-        panel_gemm<T>(rows, pl.input, panels, pl.x + (t * pl.batch + sh.b0) * pl.input, pl.input,
-                      scratch.packed_ih, scratch.tile_x, ldt, scratch.bias_x);
+        if (order == PanelOrder::kAscending) project_step();
         xs = {scratch.tile_x, ldt, units};
       } else {
         xs = {pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
         for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * H, rows, G * H, units);
       }
       if (pl.pack_weights)
-        panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt);
+        panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt, order);
       else  // this rank's rows of each gate block of W_hh, read in place
         for (int k = 0; k < G; ++k)
           blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh + (k * H + u0) * H, H, T(0),
                         scratch.tile + k * units, ldt);
+      if (project && order == PanelOrder::kDescending) project_step();
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       const GateRows<T> hs = {scratch.tile, ldt, units};
       if (pl.saved)
@@ -437,7 +456,8 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         if (pl.lddy > 0) prefetch_block_l2(pl.dy + (t_next * B + sh.b0) * pl.lddy + u0, rows, pl.lddy, units);
       }
       if (pl.pack_weights)
-        panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt);
+        panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt,
+                      panel_order(i));
       else
         blas::gemm<T>(false, false, rows, units, gh_width, T(1), dgh_rows, gh_width, pl.w_hh + u0, H, T(0),
                       scratch.tile, ldt);
