@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "fusedrnn/blas.h"
 #include "fusedrnn/cells.h"
@@ -162,19 +163,72 @@ Index panel_count(Index columns) {
   return (columns + Simd<T>::kPanel - 1) / Simd<T>::kPanel;
 }
 
+// Swaps W-lane blocks between two vectors: the low result keeps a's blocks at even block positions and
+// takes b's even blocks into the odd ones; the high result takes a's odd blocks into the even positions
+// and keeps b's odd ones. One stage of an in-register transpose.
+template <typename T, int W, bool kHigh, std::size_t... I>
+inline typename Simd<T>::Vec swap_blocks(typename Simd<T>::Vec a, typename Simd<T>::Vec b,
+                                         std::index_sequence<I...>) {
+  constexpr int L = Simd<T>::kLanes;
+  constexpr int shift = kHigh ? W : 0;
+  return __builtin_shufflevector(a, b, ((static_cast<int>(I) & W) == 0 ? static_cast<int>(I) + shift
+                                                                         : L + static_cast<int>(I) - W + shift)...);
+}
+
+// Transposes the kLanes x kLanes tile held in v (v[i][j] becomes v[j][i]): log2(kLanes) stages, each
+// swapping the off-diagonal W x W blocks of every 2W x 2W block.
+template <typename T, int W>
+inline void transpose_tile(typename Simd<T>::Vec* v) {
+  constexpr int L = Simd<T>::kLanes;
+  for (int i = 0; i < L; ++i) {
+    if (i & W) continue;
+    const auto lo = swap_blocks<T, W, false>(v[i], v[i + W], std::make_index_sequence<L>{});
+    const auto hi = swap_blocks<T, W, true>(v[i], v[i + W], std::make_index_sequence<L>{});
+    v[i] = lo;
+    v[i + W] = hi;
+  }
+  if constexpr (W > 1) transpose_tile<T, W / 2>(v);
+}
+
 // packed[p][k][c] = column_start(n)[k * k_stride] for column n = p*kPanel + c < `columns`, zero in the
-// padding. Writes are sequential; the kPanel source columns of a panel are read side by side, so each
-// source cache line is used for several k before it leaves L1.
+// padding. Two layouts have a fast path, the rest go value by value: a panel's columns side by side in
+// memory (backward: a copy of kPanel values per k), and each column contiguous in k (forward: rows of
+// W, transposed a kLanes x kLanes tile at a time in registers). Value by value, packing a 128 KB slice
+// took ~55 K cycles, about 2 of LSTM (200, 1, 128)'s 200 steps.
 template <typename T, typename ColumnStart>
 void pack_panels(Index depth, Index columns, Index k_stride, T* packed, ColumnStart column_start) {
-  constexpr int P = Simd<T>::kPanel;
+  using S = Simd<T>;
+  constexpr int P = S::kPanel;
+  constexpr int L = S::kLanes;
   const Index panels = panel_count<T>(columns);
   for (Index p = 0; p < panels; ++p) {
     const T* start[P];
     for (int c = 0; c < P; ++c) start[c] = p * P + c < columns ? column_start(p * P + c) : nullptr;
     T* dst = packed + p * depth * P;
-    for (Index k = 0; k < depth; ++k)
-      for (int c = 0; c < P; ++c) dst[k * P + c] = start[c] ? start[c][k * k_stride] : T(0);
+    bool side_by_side = true;
+    for (int c = 0; c < P; ++c) side_by_side = side_by_side && start[c] == start[0] + c;
+    if (side_by_side) {
+      for (Index k = 0; k < depth; ++k) {
+        S::store(dst + k * P, S::load(start[0] + k * k_stride));
+        S::store(dst + k * P + L, S::load(start[0] + k * k_stride + L));
+      }
+      continue;
+    }
+    for (int half = 0; half < 2; ++half) {
+      const T* const* src = start + half * L;
+      bool full = k_stride == 1;
+      for (int c = 0; c < L; ++c) full = full && src[c] != nullptr;
+      Index k = 0;
+      if (full)
+        for (; k + L <= depth; k += L) {
+          typename S::Vec tile[L];
+          for (int c = 0; c < L; ++c) tile[c] = S::load(src[c] + k);
+          transpose_tile<T, L / 2>(tile);
+          for (int i = 0; i < L; ++i) S::store(dst + (k + i) * P + half * L, tile[i]);
+        }
+      for (; k < depth; ++k)
+        for (int c = 0; c < L; ++c) dst[k * P + half * L + c] = src[c] ? src[c][k * k_stride] : T(0);
+    }
   }
 }
 
