@@ -68,6 +68,25 @@ def test_forward_rejects_non_finite_x(module, bad):
         module(x)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_finite_check_finds_one_bad_value_anywhere(dtype, layout):
+    # The native scan runs in memory order in blocks of 4096 values: the first, both sides of block
+    # edges, the last (in the tail). Strided views take numpy's path.
+    from fusedrnn import _checks
+    shape = (3, 5000) if layout != "strided" else (3, 10000)
+    base = np.ones(shape, dtype=dtype, order="F" if layout == "F" else "C")
+    base[0, 0] = np.finfo(dtype).max  # the largest finite value passes
+    view = base[:, ::2] if layout == "strided" else base
+    _checks.finite("a", view)
+    for flat in (0, 4095, 4096, 8191, view.size - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            a = view.copy(order="K") if layout != "strided" else base.copy()[:, ::2]
+            a[np.unravel_index(flat, a.shape, order="F" if layout == "F" else "C")] = bad
+            with pytest.raises(ValueError, match=r"^a: contains NaN or infinite"):
+                _checks.finite("a", a)
+
+
 def test_forward_rejects_bad_x_batch_first(cell):
     m = make_module(cell, I, H, batch_first=True)
     with pytest.raises(ValueError, match=r"^x: expected input_size"):

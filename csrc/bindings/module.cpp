@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "fusedrnn/blas.h"
+#include "fusedrnn/checks.h"
 #include "fusedrnn/kernels.h"
 #include "fusedrnn/recurrence.h"
 
@@ -430,6 +431,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_bias_hh"),
         "Backpropagates one layer direction through time. Accumulates into dx and the gradient "
         "buffers; returns (dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
+
+  m.def("all_finite", [](const py::array& a) {
+    const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
+    if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
+    if (a.dtype().is(py::dtype::of<float>()))
+      return fusedrnn::all_finite(static_cast<const float*>(a.data()), a.size());
+    if (a.dtype().is(py::dtype::of<double>()))
+      return fusedrnn::all_finite(static_cast<const double*>(a.data()), a.size());
+    throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
+  }, py::arg("a"), "True when a contiguous float32/float64 array holds no NaN or infinity.");
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));

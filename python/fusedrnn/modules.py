@@ -211,7 +211,7 @@ class RNNBase(_Module):
     def forward(self, x, hx=None, *, lengths=None):
         """x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched (T, input_size).
         Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y has num_directions*hidden_size features."""
-        x = _checks.array("x", x, self.dtype, (2, 3))
+        x = x_given = _checks.array("x", x, self.dtype, (2, 3))
         unbatched = x.ndim == 2
         if unbatched:
             x = x[:, None, :]
@@ -222,7 +222,7 @@ class RNNBase(_Module):
             raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {x.shape}")
         if features != self.input_size:
             raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, got {features}")
-        _checks.finite("x", x)
+        _checks.finite("x", x_given)  # before any transpose: the native scan needs contiguous memory
         h0_in, c0_in = self._split_hx(hx)
         h0 = self._checked_state("h0" if self._has_cell_state else "hx", h0_in, batch, unbatched)
         c0 = self._checked_state("c0", c0_in, batch, unbatched)
