@@ -4,7 +4,9 @@
 // pointwise loops rely on the compiler vectorising cells.h's branch-free activations.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "fusedrnn/blas.h"
@@ -171,8 +173,15 @@ inline typename Simd<T>::Vec swap_blocks(typename Simd<T>::Vec a, typename Simd<
                                          std::index_sequence<I...>) {
   constexpr int L = Simd<T>::kLanes;
   constexpr int shift = kHigh ? W : 0;
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(a, b, ((static_cast<int>(I) & W) == 0 ? static_cast<int>(I) + shift
                                                                          : L + static_cast<int>(I) - W + shift)...);
+#else  // GCC before 12 has only the mask-vector form
+  using Lane = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+  typedef Lane Mask __attribute__((vector_size(FUSEDRNN_VECTOR_BYTES)));
+  return __builtin_shuffle(a, b, Mask{((static_cast<Lane>(I) & W) == 0 ? static_cast<Lane>(I) + shift
+                                                                        : L + static_cast<Lane>(I) - W + shift)...});
+#endif
 }
 
 // Transposes the kLanes x kLanes tile held in v (v[i][j] becomes v[j][i]): log2(kLanes) stages, each
