@@ -124,6 +124,10 @@ struct BackwardPlan : PlanCommon<T> {
   T* dc0 = nullptr;                // (B, H) or null
   double* dh_norm_partial = nullptr;  // (ranks, norm_stride): each rank's sum of squares of dL/dh_t,
   Index norm_stride = 0;              // a row per rank, rows on separate cache lines
+  // (ranks, bias_stride) or null: each rank's column sums over its rows and steps of dgx, then (cells
+  // that split them) of dgh; every rank zeroes its whole row, so the caller sums all ranks' rows.
+  double* bias_grad_partial = nullptr;
+  Index bias_stride = 0;
 };
 
 template <typename T>
@@ -131,8 +135,6 @@ struct RecurrenceKernels {
   int panel_width;  // columns per packed weight panel; scratch sizes depend on it
   void (*forward)(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier);
   void (*backward)(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier);
-  // out[c] = sum over rows r of m[r*ld + c] for c in [c0, c1) (the bias gradients), summed in double.
-  void (*column_sums)(const T* m, Index rows, Index ld, Index c0, Index c1, T* out);
 };
 
 struct KernelTable {

@@ -25,7 +25,8 @@ namespace {
 // cost ~15% of an LSTM training step. Each buffer a call needs has its own ScratchSlot. Only the calling
 // thread allocates; team jobs never do.
 enum class ScratchSlot {
-  kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kWeightGradPartial, kCount
+  kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kBiasGradPartial, kWeightGradPartial,
+  kCount
 };
 
 template <typename T>
@@ -394,7 +395,11 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   T* grad_state = scratch<T>(ScratchSlot::kGradState, (has_cell_state(a.cell) ? 3 : 2) * state);
   const Index norm_stride = (steps + 7) / 8 * 8;
   double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
-  std::vector<T> zero_row, bias_grad(static_cast<std::size_t>(gh_width));
+  const bool bias_grads = a.db_ih || a.db_hh;
+  const Index bias_sums = split_recurrent_grad(a.cell) ? 2 * gh_width : gh_width;
+  const Index bias_stride = (bias_sums + 7) / 8 * 8;
+  double* bias_partial = bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
+  std::vector<T> zero_row;
   if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
   BackwardPlan<T> plan;
@@ -412,6 +417,8 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   plan.dc0 = a.dc0;
   plan.dh_norm_partial = norm_partial;
   plan.norm_stride = norm_stride;
+  plan.bias_grad_partial = bias_partial;
+  plan.bias_stride = bias_stride;
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
@@ -449,13 +456,17 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
       blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
                     T(1), a.dw_hh + g0 * hidden, hidden);
     }
-    // The bias gradients are the column sums of dgx and dgh, one sum when they are one array.
-    if (a.db_ih || (a.db_hh && dgh == dgx)) kern.column_sums(dgx, rows, gh_width, g0, g1, bias_grad.data());
-    if (a.db_ih)
-      for (Index c = g0; c < g1; ++c) a.db_ih[c] += bias_grad[c];
-    if (a.db_hh && dgh != dgx) kern.column_sums(dgh, rows, gh_width, g0, g1, bias_grad.data());
-    if (a.db_hh)
-      for (Index c = g0; c < g1; ++c) a.db_hh[c] += bias_grad[c];
+    // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
+    if (bias_grads)
+      for (Index c = g0; c < g1; ++c) {
+        double from_x = 0.0, from_h = 0.0;
+        for (int r = 0; r < ranks; ++r) {
+          from_x += bias_partial[r * bias_stride + c];
+          if (dgh != dgx) from_h += bias_partial[r * bias_stride + gh_width + c];
+        }
+        if (a.db_ih) a.db_ih[c] += static_cast<T>(from_x);
+        if (a.db_hh) a.db_hh[c] += static_cast<T>(dgh != dgx ? from_h : from_x);
+      }
     if (grads_by_rows) {
       // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
       tm.barrier().wait();
