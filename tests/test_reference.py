@@ -4,6 +4,7 @@ float64 finite-difference checks of every gradient the kernels return."""
 import numpy as np
 import pytest
 
+from fusedrnn import _core
 from fusedrnn import functional as F
 from fusedrnn import reference
 from helpers import CELLS, PARAM_NAMES, has_cell_state, numerical_gradient, random_layer, random_lengths
@@ -113,6 +114,21 @@ def test_backward_accumulates_into_given_buffers(rng, cell):
         np.testing.assert_allclose(getattr(acc, name), start[name] + getattr(once, name), err_msg=name,
                                    **REF_TOL)
     np.testing.assert_array_equal(acc.dh0, once.dh0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_written_dx_ignores_what_the_buffer_held(rng, cell):
+    # Without a dx to add into, the core writes dx (no clearing pass first): values already in the
+    # buffer, NaN included, must not reach the result, and it must equal accumulating into zeros.
+    w, x, h0, c0 = _inputs(rng, cell, True, True)
+    dy, dh_n, dc_n = _upstream(rng, cell)
+    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=LENGTHS)
+    added = F.layer_backward(out.tape, dy, dh_n, dc_n, dx=np.zeros_like(x))
+    grads = [np.zeros_like(v) for v in w.values()]
+    written = np.full_like(x, np.nan)
+    _core.layer_backward(out.tape, dy, dh_n, dc_n, written, *grads, accumulate_dx=False)
+    np.testing.assert_array_equal(written, added.dx)
+    assert np.array_equal(F.layer_backward(out.tape, dy, dh_n, dc_n).dx, added.dx)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -321,7 +321,7 @@ template <typename T>
 py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
                          const py::object& dc_n_obj, const py::object& dx_obj,
                          const py::object& grad_w_ih, const py::object& grad_w_hh,
-                         const py::object& grad_b_ih, const py::object& grad_b_hh) {
+                         const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
   const Index gh = fusedrnn::gate_count(tape.cell) * hidden;
   const bool has_c = fusedrnn::has_cell_state(tape.cell);
@@ -370,6 +370,7 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
     return static_cast<T*>(arr.mutable_data());
   };
   args.dx = out_ptr(dx_obj, "dx", {steps, batch, input});
+  args.accumulate_dx = accumulate_dx;
   args.dw_ih = out_ptr(grad_w_ih, "grad_weight_ih", {gh, input});
   args.dw_hh = out_ptr(grad_w_hh, "grad_weight_hh", {gh, hidden});
   if (!args.dw_ih || !args.dw_hh)
@@ -421,16 +422,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("layer_backward",
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
-           const py::object& gb_ih, const py::object& gb_hh) {
+           const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx) {
           if (tape.x.dtype().is(py::dtype::of<float>()))
-            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh);
-          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh);
+            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx);
+          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx);
         },
         py::arg("tape"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
-        py::arg("grad_bias_hh"),
-        "Backpropagates one layer direction through time. Accumulates into dx and the gradient "
-        "buffers; returns (dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
+        py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true,
+        "Backpropagates one layer direction through time. Accumulates into the gradient buffers and "
+        "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns (dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
 
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;

@@ -435,7 +435,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
     const auto [r0, r1] = share(rows, of, rank);
     if (a.dx)
       blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width,
-                    a.weights.w_ih, input, T(1), a.dx + r0 * input, input);
+                    a.weights.w_ih, input, a.accumulate_dx ? T(1) : T(0), a.dx + r0 * input, input);
     const auto [g0, g1] = share(gh_width, of, rank);
     if (grads_by_rows) {
       // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).

@@ -86,8 +86,10 @@ struct LayerBackwardArgs {
   std::int64_t lddy = 0;
   const T* dh_n = nullptr;  // (B, H) or null
   const T* dc_n = nullptr;  // (B, H) or null; LSTM only
-  // Outputs. Accumulated (+=): dx and the weight and bias gradients. Written: dh0, dc0.
+  // Outputs. Accumulated (+=): dx (unless accumulate_dx is false) and the weight and bias gradients.
+  // Written: dh0, dc0.
   T* dx = nullptr;          // (T, B, I) or null
+  bool accumulate_dx = true;  // false: dx is written, so a caller need not clear it first
   T* dh0 = nullptr;         // (B, H) or null
   T* dc0 = nullptr;         // (B, H) or null; LSTM only
   T* dw_ih = nullptr;       // (G*H, I)

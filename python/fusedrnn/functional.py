@@ -69,7 +69,7 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 
     dy (T, B, H), dh_n and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the arrays
     in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh) are accumulated
-    into when given, and created as zeros otherwise. The result's dh_norm[t] is the L2 norm over the
+    into when given, and created otherwise. The result's dh_norm[t] is the L2 norm over the
     valid rows and hidden units of the total gradient reaching h_t (dy_t plus what flows back from
     later steps): the gradient-flow profile of this direction."""
     if not isinstance(tape, _core.Tape):
@@ -78,15 +78,17 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     steps, batch, inp, hidden = tape.shape
     dtype = tape.dtype
     gh = GATES[tape.cell] * hidden
+    accumulate_dx = dx is not None
     if dx is None:
-        dx = np.zeros((steps, batch, inp), dtype)
+        dx = np.empty((steps, batch, inp), dtype)  # written, not added to: no clearing pass
     if grads is None:
         has_bias = tape.has_bias
         grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, hidden), dtype),
                            np.zeros(gh, dtype) if has_bias else None,
                            np.zeros(gh, dtype) if has_bias else None, None)
     dh0, dc0, dh_norm = _core.layer_backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx,
-                                    grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh)
+                                    grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
+                                    accumulate_dx)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
                       dh_norm)
 

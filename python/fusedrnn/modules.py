@@ -313,8 +313,7 @@ class RNNBase(_Module):
         dh_norms = np.empty((self.num_layers * dirs, steps))
         grad_out = dy
         for layer in reversed(range(self.num_layers)):
-            layer_in = features if layer == 0 else dirs * hidden
-            dx = np.zeros((steps, batch, layer_in), self.dtype)
+            dx = None  # the first direction's backward creates it, the second adds into it
             for d in range(dirs):
                 k = layer * dirs + d
                 g_ih, g_hh, gb_ih, gb_hh = self._layer_weights(self.grads, layer, d)
@@ -323,6 +322,7 @@ class RNNBase(_Module):
                                      None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
                                      None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
                                      dx=dx, grads=grads)
+                dx = res.dx
                 dh0[k] = res.dh0
                 dh_norms[k] = res.dh_norm
                 if dc0 is not None:

@@ -139,7 +139,7 @@ def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Te
     _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
     hidden = weight_hh.shape[1]
     dya, dh_na, dc_na = _array(dy), _array(dh_n), _array(dc_n)
-    dx = np.zeros(x.shape, tapes[0].dtype)  # both directions accumulate into it
+    dx = None  # the first direction's backward creates it, the second adds into it
     dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
     dh0a, dc0a = dh0.numpy(), dc0.numpy()
     grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
@@ -147,6 +147,7 @@ def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Te
         g = functional.layer_backward(
             tape_d, None if dya is None else dya[:, :, d * hidden:(d + 1) * hidden],
             None if dh_na is None else dh_na[d], None if dc_na is None else dc_na[d], dx=dx)
+        dx = g.dx
         dh0a[d] = g.dh0
         if g.dc0 is not None:
             dc0a[d] = g.dc0
