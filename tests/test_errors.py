@@ -70,21 +70,51 @@ def test_forward_rejects_non_finite_x(module, bad):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["C", "F", "strided"])
-def test_finite_check_finds_one_bad_value_anywhere(dtype, layout):
-    # The native scan runs in memory order in blocks of 4096 values: the first, both sides of block
-    # edges, the last (in the tail). Strided views take numpy's path.
+def test_finite_check_finds_one_bad_value_anywhere(simd_level, dtype, layout):
+    # The native scan runs in memory order in blocks of 4096 values, in one share per rank of the team
+    # for large arrays: the first value, both sides of block edges and of the shares' edges (halves
+    # or thirds), the last (in the tail). Strided views take numpy's path.
     from fusedrnn import _checks
-    shape = (3, 5000) if layout != "strided" else (3, 10000)
+    shape = (3, 50000) if layout != "strided" else (3, 100000)
     base = np.ones(shape, dtype=dtype, order="F" if layout == "F" else "C")
     base[0, 0] = np.finfo(dtype).max  # the largest finite value passes
     view = base[:, ::2] if layout == "strided" else base
-    _checks.finite("a", view)
-    for flat in (0, 4095, 4096, 8191, view.size - 1):
-        for bad in (np.nan, np.inf, -np.inf):
-            a = view.copy(order="K") if layout != "strided" else base.copy()[:, ::2]
-            a[np.unravel_index(flat, a.shape, order="F" if layout == "F" else "C")] = bad
-            with pytest.raises(ValueError, match=r"^a: contains NaN or infinite"):
-                _checks.finite("a", a)
+    edges = (0, 4095, 4096, 8191, 49999, 50000, 74999, 75000, 99999, 100000, view.size - 1)
+    threads = fusedrnn.get_num_threads()
+    try:
+        for team in (1, 2, 3):
+            fusedrnn.set_num_threads(team)
+            _checks.finite("a", view)
+            for flat in edges:
+                for bad in (np.nan, np.inf, -np.inf):
+                    a = view.copy(order="K") if layout != "strided" else base.copy()[:, ::2]
+                    a[np.unravel_index(flat, a.shape, order="F" if layout == "F" else "C")] = bad
+                    with pytest.raises(ValueError, match=r"^a: contains NaN or infinite"):
+                        _checks.finite("a", a)
+    finally:
+        fusedrnn.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_into_adds_every_value(simd_level, rng, dtype):
+    # Shared across the team for large arrays: every share, edges included, gets added exactly once.
+    from fusedrnn import _core
+    threads = fusedrnn.get_num_threads()
+    try:
+        for team in (1, 2, 3):
+            fusedrnn.set_num_threads(team)
+            for size in (1, 4099, 3 * 65536 + 7):
+                into, frm = rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype)
+                want = into + frm
+                _core.add_into(into, frm)
+                np.testing.assert_array_equal(into, want)
+    finally:
+        fusedrnn.set_num_threads(threads)
+    a = np.zeros(8, dtype)
+    with pytest.raises(ValueError, match=r"^into, from: expected the same dtype and size"):
+        _core.add_into(a, np.zeros(9, dtype))
+    with pytest.raises(TypeError, match=r"^into, from: expected C-contiguous"):
+        _core.add_into(a, np.zeros(16, dtype)[::2])
 
 
 def test_forward_rejects_bad_x_batch_first(cell):

@@ -13,7 +13,7 @@
 #include <stdexcept>
 
 #include "fusedrnn/blas.h"
-#include "fusedrnn/checks.h"
+#include "fusedrnn/passes.h"
 #include "fusedrnn/kernels.h"
 #include "fusedrnn/recurrence.h"
 
@@ -437,11 +437,27 @@ PYBIND11_MODULE(_core, m) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
     if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
     if (a.dtype().is(py::dtype::of<float>()))
-      return fusedrnn::all_finite(static_cast<const float*>(a.data()), a.size());
+      return fusedrnn::parallel_all_finite(static_cast<const float*>(a.data()), a.size());
     if (a.dtype().is(py::dtype::of<double>()))
-      return fusedrnn::all_finite(static_cast<const double*>(a.data()), a.size());
+      return fusedrnn::parallel_all_finite(static_cast<const double*>(a.data()), a.size());
     throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
   }, py::arg("a"), "True when a contiguous float32/float64 array holds no NaN or infinity.");
+
+  m.def("add_into", [](py::array& into, const py::array& from) {
+    const auto c_order = py::array::c_style;
+    if (!(into.flags() & c_order) || !(from.flags() & c_order) || !into.writeable())
+      throw py::type_error("into, from: expected C-contiguous arrays, into writeable");
+    if (!into.dtype().is(from.dtype()) || into.size() != from.size())
+      throw py::value_error("into, from: expected the same dtype and size");
+    if (into.dtype().is(py::dtype::of<float>()))
+      fusedrnn::parallel_add_into(static_cast<float*>(into.mutable_data()),
+                                  static_cast<const float*>(from.data()), into.size());
+    else if (into.dtype().is(py::dtype::of<double>()))
+      fusedrnn::parallel_add_into(static_cast<double*>(into.mutable_data()),
+                                  static_cast<const double*>(from.data()), into.size());
+    else
+      throw py::type_error("into: expected float32 or float64, got " + std::string(py::str(into.dtype())));
+  }, py::arg("into"), py::arg("from"), "into += from for two C-contiguous arrays of one dtype and size.");
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));

@@ -11,6 +11,7 @@
 
 #include "fusedrnn/blas.h"
 #include "fusedrnn/cells.h"
+#include "fusedrnn/checks.h"
 #include "fusedrnn/kernels.h"
 
 #if !defined(FUSEDRNN_ISA) || !defined(FUSEDRNN_VECTOR_BYTES) || !defined(FUSEDRNN_ISA_NAME)
@@ -582,13 +583,21 @@ void backward_entry(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier)
   with_cell(plan.cell, [&](auto cell) { backward_rank<decltype(cell), T>(plan, rank, barrier); });
 }
 
+template <typename T>
+bool all_finite_here(const T* values, Index count) { return all_finite(values, count); }
+
+template <typename T>
+void add_into_here(T* into, const T* from, Index count) { add_into(into, from, count); }
+
 }  // namespace
 
 extern const KernelTable kTable;
 const KernelTable kTable = {
     FUSEDRNN_ISA_NAME,
-    {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>},
-    {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>},
+    {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>, &all_finite_here<float>,
+     &add_into_here<float>},
+    {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>, &all_finite_here<double>,
+     &add_into_here<double>},
 };
 
 }  // namespace FUSEDRNN_ISA

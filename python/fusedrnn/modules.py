@@ -350,7 +350,9 @@ class RNNBase(_Module):
             prev = self.input_grads.get(name)
             if prev is None or prev.shape != g.shape:
                 self.input_grads[name] = g.copy()
-            else:
+            elif g.flags.c_contiguous:
+                _core.add_into(prev, g)  # shared by the team when large
+            else:  # batch_first's transposed view
                 np.add(prev, g, out=prev)
 
 
