@@ -1,7 +1,7 @@
 #include "fusedrnn/passes.h"
 
 #include <algorithm>
-#include <vector>
+#include <atomic>
 
 #include "fusedrnn/kernels.h"
 #include "fusedrnn/threads.h"
@@ -14,18 +14,18 @@ namespace {
 // (200, 1, 128) one, 100 KB, stays on the calling thread.
 constexpr std::int64_t kMinValuesPerRank = 1 << 16;
 
-// Runs pass(begin, end, rank) over contiguous shares of [0, count), on as many ranks as pay.
+// Runs pass(begin, end) over contiguous shares of [0, count), on as many ranks as pay.
 template <typename Pass>
 void share_out(std::int64_t count, const Pass& pass) {
   ThreadTeam& team = ThreadTeam::instance();
   const int ranks = static_cast<int>(std::clamp<std::int64_t>(count / kMinValuesPerRank, 1, team.size()));
   if (ranks == 1) {
-    pass(0, count, 0);
+    pass(0, count);
     return;
   }
   team.run(ranks, [&](int rank) {
     const std::int64_t begin = count * rank / ranks, end = count * (rank + 1) / ranks;
-    pass(begin, end, rank);
+    pass(begin, end);
   });
 }
 
@@ -34,17 +34,17 @@ void share_out(std::int64_t count, const Pass& pass) {
 template <typename T>
 bool parallel_all_finite(const T* values, std::int64_t count) {
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  std::vector<char> finite(static_cast<std::size_t>(ThreadTeam::instance().size()), 1);
-  share_out(count, [&](std::int64_t begin, std::int64_t end, int rank) {
-    finite[static_cast<std::size_t>(rank)] = kern.all_finite(values + begin, end - begin);
+  std::atomic<bool> finite{true};
+  share_out(count, [&](std::int64_t begin, std::int64_t end) {
+    if (!kern.all_finite(values + begin, end - begin)) finite.store(false, std::memory_order_relaxed);
   });
-  return std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
+  return finite.load(std::memory_order_relaxed);  // the job's end orders the ranks' stores before this
 }
 
 template <typename T>
 void parallel_add_into(T* into, const T* from, std::int64_t count) {
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  share_out(count, [&](std::int64_t begin, std::int64_t end, int) {
+  share_out(count, [&](std::int64_t begin, std::int64_t end) {
     kern.add_into(into + begin, from + begin, end - begin);
   });
 }
