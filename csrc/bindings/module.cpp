@@ -13,8 +13,8 @@
 #include <stdexcept>
 
 #include "fusedrnn/blas.h"
-#include "fusedrnn/passes.h"
 #include "fusedrnn/kernels.h"
+#include "fusedrnn/passes.h"
 #include "fusedrnn/recurrence.h"
 
 namespace py = pybind11;
@@ -431,7 +431,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
         py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true,
         "Backpropagates one layer direction through time. Accumulates into the gradient buffers and "
-        "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns (dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
+        "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns "
+        "(dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
 
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;

@@ -532,7 +532,8 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
                                         dh, dh_other);
     if (busy && bias_sums) {
       add_column_sums<G>(pl.dgx + t * B * gh_width, H, sh, bias_sums);
-      if constexpr (Cell::kSplitRecurrentGrad) add_column_sums<G>(pl.dgh + t * B * gh_width, H, sh, bias_sums + gh_width);
+      if constexpr (Cell::kSplitRecurrentGrad)
+        add_column_sums<G>(pl.dgh + t * B * gh_width, H, sh, bias_sums + gh_width);
     }
     pl.dh_norm_partial[rank * pl.norm_stride + t] = norm_sq;
     if (pl.exchange_state) barrier.wait();  // every rank's gate gradients of step t are written

@@ -396,9 +396,10 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   const Index norm_stride = (steps + 7) / 8 * 8;
   double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
   const bool bias_grads = a.db_ih || a.db_hh;
-  const Index bias_sums = split_recurrent_grad(a.cell) ? 2 * gh_width : gh_width;
-  const Index bias_stride = (bias_sums + 7) / 8 * 8;
-  double* bias_partial = bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
+  const Index bias_columns = split_recurrent_grad(a.cell) ? 2 * gh_width : gh_width;  // dgx's, then dgh's
+  const Index bias_stride = (bias_columns + 7) / 8 * 8;
+  double* bias_partial =
+      bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
   std::vector<T> zero_row;
   if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
