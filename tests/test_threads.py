@@ -55,6 +55,15 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
     check_against_reference(rng, cell, shape)
 
 
+@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_row_shared_by_units_matches_reference(rng, simd_level, team_size, cell):
+    """One batch row, the units shared by two ranks (a third would get too few units to pay): every
+    step's new state crosses between the ranks, forward and backward."""
+    assert _core.layer_split(cell, 1, 128, np.float64) == (2, "units")
+    check_against_reference(rng, cell, (5, 1, 3, 128))
+
+
 @pytest.fixture
 def projection(request):
     """Forces where forward projects x: 'in_steps' or 'up_front'."""
