@@ -289,22 +289,26 @@ void copy_share(T* dst, const T* src, Index hidden, const RankShare& sh) {
 
 // A step's gate values for a rank's share: row b (from the share's first), gate k, unit j (from its
 // first) at first[b*ld + k*gate_stride + j]. The up-front projection gx and the per-rank tiles differ
-// only in these strides.
+// only in these strides. T is const for the input projection's, which the pass only reads.
 template <typename T>
 struct GateRows {
-  const T* first;
+  T* first;
   Index ld, gate_stride;
 };
 
 // Pointwise update of a rank's share at time t from its step's input projection `xs` and recurrent
-// projection `hs`. kRecord: keep the gate values backward needs in `saved`; inference skips those
-// stores (for LSTM, as many bytes as the state and output).
+// projection `hs`, in the cell's two stages (cells.h); with a separate output pass, the first stage
+// hands its carried values to the second through the slots of `hs` it has just read. kRecord: keep the
+// gate values backward needs in `saved`; inference skips those stores (for LSTM, as many bytes as the
+// state and output).
 template <typename Cell, typename T, bool kRecord>
-void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateRows<T> xs, GateRows<T> hs,
-                   const T* __restrict h_prev, const T* __restrict c_prev, T* __restrict h_next,
-                   T* __restrict c_next, T* __restrict saved) {
+void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateRows<const T> xs,
+                   GateRows<T> hs, const T* __restrict h_prev, const T* __restrict c_prev,
+                   T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
   constexpr int G = Cell::kGates;
   constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
+  constexpr int C = Cell::kCarried;
+  static_assert(C <= G, "the carried values reuse the recurrent projection's slots");
   const Index H = pl.hidden;
   const T* __restrict b_hh = pl.b_hh;
   const T clip = pl.cell_clip;
@@ -319,23 +323,46 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
       continue;
     }
     const T* __restrict xr = xs.first + (b - sh.b0) * xs.ld;
-    const T* __restrict hr = hs.first + (b - sh.b0) * hs.ld;
+    T* __restrict hr = hs.first + (b - sh.b0) * hs.ld;
     const Index xk = xs.gate_stride, hk = hs.gate_stride;
-    FUSEDRNN_INDEPENDENT_ITERATIONS
-    for (Index j = 0; j < units; ++j) {
+    auto first_stage = [&](Index j, T* carry) {
       T xg[G], hg[G], sv[S];
       for (int k = 0; k < G; ++k) {
         xg[k] = xr[k * xk + j];
         hg[k] = Cell::recurrent_bias_apart(k) ? hr[k * hk + j] + b_hh[k * H + u0 + j] : hr[k * hk + j];
       }
-      T h, c = T(0), cp = T(0);
+      T c = T(0), cp = T(0);
       if constexpr (Cell::kHasCellState) cp = c_prev[row + j];
-      Cell::forward(xg, hg, h_prev[row + j], cp, clip, sv, h, c);
+      Cell::gates(xg, hg, h_prev[row + j], cp, clip, sv, carry, c);
       if constexpr (kRecord && Cell::kSaved > 0)
         for (int k = 0; k < Cell::kSaved; ++k) saved[(b * Cell::kSaved + k) * H + u0 + j] = sv[k];
       if constexpr (Cell::kHasCellState) c_next[row + j] = c;
+    };
+    auto second_stage = [&](Index j, const T* carry) {
+      const T h = Cell::output(carry, h_prev[row + j], Cell::kHasCellState ? c_next[row + j] : T(0));
       h_next[row + j] = h;
       yr[j] = h;
+    };
+    if constexpr (Cell::kOutputPass) {
+      FUSEDRNN_INDEPENDENT_ITERATIONS
+      for (Index j = 0; j < units; ++j) {
+        T carry[C];
+        first_stage(j, carry);
+        for (int k = 0; k < C; ++k) hr[k * hk + j] = carry[k];
+      }
+      FUSEDRNN_INDEPENDENT_ITERATIONS
+      for (Index j = 0; j < units; ++j) {
+        T carry[C];
+        for (int k = 0; k < C; ++k) carry[k] = hr[k * hk + j];
+        second_stage(j, carry);
+      }
+    } else {
+      FUSEDRNN_INDEPENDENT_ITERATIONS
+      for (Index j = 0; j < units; ++j) {
+        T carry[C];
+        first_stage(j, carry);
+        second_stage(j, carry);
+      }
     }
   }
 }
@@ -381,7 +408,7 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         panel_gemm<T>(rows, pl.input, panels, pl.x + (t * pl.batch + sh.b0) * pl.input, pl.input,
                       scratch.packed_ih, scratch.tile_x, ldt, order, scratch.bias_x);
       };
-      GateRows<T> xs;
+      GateRows<const T> xs;
       if (project) {
         if (order == PanelOrder::kAscending) project_step();
         xs = {scratch.tile_x, ldt, units};
