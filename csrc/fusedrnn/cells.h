@@ -92,7 +92,8 @@ FUSEDRNN_HD float expm1_reduced(float x, float& scale) {
   p = p * r + 5.0000001201e-1f;
   // n sits in the low mantissa bits of `shifted`; shifted into the exponent field (the high bits fall
   // off) it gives 2^n with the bias added, one integer op fewer than converting nf.
-  scale = bits_to_float(static_cast<std::int32_t>((static_cast<std::uint32_t>(float_to_bits(shifted)) << 23) + 0x3F800000u));
+  const std::uint32_t exponent_field = static_cast<std::uint32_t>(float_to_bits(shifted)) << 23;
+  scale = bits_to_float(static_cast<std::int32_t>(exponent_field + 0x3F800000u));
   return p * r * r + r;
 }
 
