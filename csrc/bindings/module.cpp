@@ -437,10 +437,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
     if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
-    if (a.dtype().is(py::dtype::of<float>()))
-      return fusedrnn::parallel_all_finite(static_cast<const float*>(a.data()), a.size());
-    if (a.dtype().is(py::dtype::of<double>()))
-      return fusedrnn::parallel_all_finite(static_cast<const double*>(a.data()), a.size());
+    const void* data = a.data();
+    const Index size = a.size();
+    if (a.dtype().is(py::dtype::of<float>())) {
+      py::gil_scoped_release release;
+      return fusedrnn::parallel_all_finite(static_cast<const float*>(data), size);
+    }
+    if (a.dtype().is(py::dtype::of<double>())) {
+      py::gil_scoped_release release;
+      return fusedrnn::parallel_all_finite(static_cast<const double*>(data), size);
+    }
     throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
   }, py::arg("a"), "True when a contiguous float32/float64 array holds no NaN or infinity.");
 
@@ -450,24 +456,31 @@ PYBIND11_MODULE(_core, m) {
       throw py::type_error("into, from: expected C-contiguous arrays, into writeable");
     if (!into.dtype().is(from.dtype()) || into.size() != from.size())
       throw py::value_error("into, from: expected the same dtype and size");
-    if (into.dtype().is(py::dtype::of<float>()))
-      fusedrnn::parallel_add_into(static_cast<float*>(into.mutable_data()),
-                                  static_cast<const float*>(from.data()), into.size());
-    else if (into.dtype().is(py::dtype::of<double>()))
-      fusedrnn::parallel_add_into(static_cast<double*>(into.mutable_data()),
-                                  static_cast<const double*>(from.data()), into.size());
-    else
+    void* to = into.mutable_data();
+    const void* added = from.data();
+    const Index size = into.size();
+    if (into.dtype().is(py::dtype::of<float>())) {
+      py::gil_scoped_release release;
+      fusedrnn::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
+    } else if (into.dtype().is(py::dtype::of<double>())) {
+      py::gil_scoped_release release;
+      fusedrnn::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
+    } else {
       throw py::type_error("into: expected float32 or float64, got " + std::string(py::str(into.dtype())));
+    }
   }, py::arg("into"), py::arg("from"), "into += from for two C-contiguous arrays of one dtype and size.");
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
+    py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
     fusedrnn::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &fusedrnn::team_size);
+  m.def("set_team_worker_delay", &fusedrnn::set_team_worker_delay, py::arg("microseconds"),
+        "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
     const fusedrnn::LayerSplit split =
-        fusedrnn::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype));
+        fusedrnn::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype), fusedrnn::team_size());
     return py::make_tuple(split.ranks, split.by_rows ? "rows" : "units");
   }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
         "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 
 #include "fusedrnn/kernels.h"
 #include "fusedrnn/threads.h"
@@ -17,13 +18,17 @@ constexpr std::int64_t kMinValuesPerRank = 1 << 16;
 // Runs pass(begin, end) over contiguous shares of [0, count), on as many ranks as pay.
 template <typename Pass>
 void share_out(std::int64_t count, const Pass& pass) {
-  ThreadTeam& team = ThreadTeam::instance();
-  const int ranks = static_cast<int>(std::clamp<std::int64_t>(count / kMinValuesPerRank, 1, team.size()));
-  if (ranks == 1) {
+  std::int64_t ranks = count / kMinValuesPerRank;
+  std::optional<ThreadTeam::Lease> team;  // taken only when the pass is worth sharing
+  if (ranks > 1) {
+    team.emplace(ThreadTeam::instance().lease());
+    ranks = std::min<std::int64_t>(ranks, team->size());
+  }
+  if (ranks <= 1) {
     pass(0, count);
     return;
   }
-  team.run(ranks, [&](int rank) {
+  team->run(static_cast<int>(ranks), [&](int rank) {
     const std::int64_t begin = count * rank / ranks, end = count * (rank + 1) / ranks;
     pass(begin, end);
   });

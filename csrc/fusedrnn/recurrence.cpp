@@ -58,6 +58,8 @@ ThreadTeam& team() {
   return t;
 }
 
+using TeamLease = ThreadTeam::Lease;
+
 // Rank r's share [begin, end) of n items split as evenly as possible.
 std::pair<Index, Index> share(Index n, int ranks, int r) {
   return {n * r / ranks, n * (r + 1) / ranks};
@@ -156,9 +158,9 @@ struct TeamLayout {
 };
 
 template <typename T>
-TeamLayout<T> team_layout(CellKind cell, const LayerShape& s, int panel_width, Index depth, bool gate_columns,
-                          Index input = 0) {
-  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T));
+TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, Index depth,
+                          bool gate_columns, Index input = 0) {
+  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), team.size());
   const bool project = input > 0 && project_in_steps(cell, s, split, sizeof(T));
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, split);
   std::vector<RankScratch<T>> buffers =
@@ -242,7 +244,7 @@ ProjectionPreference projection_preference() { return preferred<ProjectionPrefer
 void set_weight_grad_preference(WeightGradPreference preference) { preferred<WeightGradPreference>.store(preference); }
 WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
 
-LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes) {
+LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads) {
   // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole
   // streaming from L2 each step (RNN B=1, H=128, 33K flops: 0.80x inference, 0.74x training time for
   // T=200; GRU there, 98K: 0.62-0.69 -> 0.49-0.57 ms).
@@ -263,7 +265,6 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   constexpr Index kMinRowsPerRankOverUnits = 4;
   constexpr Index kMinRowsToStreamWeights = 32;
   const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
-  const int team_threads = team().size();
   if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
   const double weight_bytes = static_cast<double>(gate_count(cell)) * hidden * hidden * value_bytes;
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
@@ -280,17 +281,17 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
 // have no per-step barrier, so they use the whole team even where the recurrence uses fewer ranks,
 // once each thread gets enough work to pay for waking it (a wake-up and join cost ~5-20 us).
-int gemm_threads(double flops) {
+int gemm_threads(double flops, int team_threads) {
   constexpr double kMinFlopsPerThread = 4e6;
   const double useful = std::max(1.0, flops / kMinFlopsPerThread);
-  return static_cast<int>(std::min<double>(team().size(), useful));
+  return static_cast<int>(std::min<double>(team_threads, useful));
 }
 
 // Runs `gemms(rank, of)` on `gemm_ranks` threads and the recurrence `recur(rank)` on `ranks`, in the
 // order given by `gemms_first`: one job when the counts match (no extra wake-up), two otherwise.
 template <typename Gemms, typename Recur>
-void run_phases(int gemm_ranks, int ranks, bool gemms_first, const Gemms& gemms, const Recur& recur) {
-  ThreadTeam& tm = team();
+void run_phases(TeamLease& tm, int gemm_ranks, int ranks, bool gemms_first, const Gemms& gemms,
+                const Recur& recur) {
   if (gemm_ranks == ranks) {
     tm.run(ranks, [&](int rank) {
       if (gemms_first) gemms(rank, ranks);
@@ -312,7 +313,8 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   const Index gh_width = gates * hidden, rows = steps * batch;
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, hidden, true, input);
+  TeamLease tm = team().lease();  // the plan below holds for every job of this call
+  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, hidden, true, input);
   const int ranks = layout.split.ranks;
 
   // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
@@ -344,10 +346,10 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   plan.h_n = a.h_n;
   plan.c_n = a.c_n;
 
-  ThreadTeam& tm = team();
-  const int gemm_ranks = up_front ? std::max(ranks, gemm_threads(2.0 * rows * gh_width * input)) : ranks;
+  const int gemm_ranks =
+      up_front ? std::max(ranks, gemm_threads(2.0 * rows * gh_width * input, tm.size())) : ranks;
   run_phases(
-      gemm_ranks, ranks, true,
+      tm, gemm_ranks, ranks, true,
       [&](int rank, int of) {
         if (!up_front) return;
         // Input projection of this rank's rows of all steps: gx = x W_ih^T + bias.
@@ -387,7 +389,8 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   require_blas_range({rows, gh_width, input, hidden});
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  const TeamLayout<T> layout = team_layout<T>(a.cell, s, kern.panel_width, gh_width, false);
+  TeamLease tm = team().lease();  // the plan below holds for every job of this call
+  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, gh_width, false);
   const int ranks = layout.split.ranks;
 
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
@@ -423,13 +426,12 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
-  ThreadTeam& tm = team();
-  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * (2 * input + hidden)));
+  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * (2 * input + hidden), tm.size()));
   const Index weight_values = gh_width * (input + hidden);
   const bool grads_by_rows = weight_grads_by_rows(s, gates, gemm_ranks, sizeof(T));
   T* partials =
       grads_by_rows ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks - 1) * weight_values) : nullptr;
-  run_phases(gemm_ranks, ranks, false, [&](int rank, int of) {
+  run_phases(tm, gemm_ranks, ranks, false, [&](int rank, int of) {
     // The recurrence ended at a barrier after its last pointwise pass, so every gate gradient is in
     // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
     // weight gradients by rows or gate rows (weight_grads_by_rows), the bias gradients by gate rows.
@@ -489,6 +491,7 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
 
 int team_size() { return team().size(); }
 void set_team_size(int threads) { team().set_size(threads); }
+void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
 
 template void layer_forward<float>(const LayerForwardArgs<float>&);
 template void layer_forward<double>(const LayerForwardArgs<double>&);

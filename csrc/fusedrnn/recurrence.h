@@ -100,17 +100,21 @@ struct LayerBackwardArgs {
   T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
 };
 
-// The thread team's size (all native compute).
+// The thread team's size (all native compute). A new size applies from the next layer call: one
+// already running finishes on the size it started with.
 int team_size();
 void set_team_size(int threads);
+// Tests only: the team's workers pause this long after each job is posted (ThreadTeam).
+void set_team_worker_delay(int microseconds);
 
-// How a layer's recurrence is shared across the team (see kernels.h): `ranks` threads, each owning
-// whole batch rows (by_rows) or a range of hidden units of every row.
+// How a layer's recurrence is shared across a team of `team_threads` (see kernels.h): `ranks` threads,
+// each owning whole batch rows (by_rows) or a range of hidden units of every row.
 struct LayerSplit {
   int ranks = 1;
   bool by_rows = false;
 };
-LayerSplit layer_split(CellKind cell, std::int64_t batch, std::int64_t hidden, std::size_t value_bytes);
+LayerSplit layer_split(CellKind cell, std::int64_t batch, std::int64_t hidden, std::size_t value_bytes,
+                       int team_threads);
 // The per-core L2 size the split assumes (the system's figure, or 1 MB where it gives none).
 std::int64_t l2_cache_bytes();
 // kAuto picks the split by the layer's size; the others force one kind wherever a layer is large enough

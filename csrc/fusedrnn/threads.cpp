@@ -1,6 +1,9 @@
 #include "fusedrnn/threads.h"
 
+#include <algorithm>
 #include <chrono>
+#include <stdexcept>
+#include <string>
 
 #if defined(__linux__)
 #include <pthread.h>
@@ -16,6 +19,8 @@ namespace {
 // gradient buffers); at 100 us the worker slept and was woken twice per training call, and on a
 // virtual machine a wake-up can wait for the host to schedule the idle vCPU again.
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(1000);
+
+std::atomic<int> worker_delay_after_post_us{0};
 
 // Flush denormals to zero (FTZ) and treat denormal inputs as zero (DAZ) for the lifetime of the guard:
 // denormal arithmetic costs ~100x on x86, and a decaying state drifts into that range.
@@ -40,8 +45,23 @@ ThreadTeam& ThreadTeam::instance() {
 ThreadTeam::ThreadTeam() {
   set_size(default_thread_count());
 #if defined(__linux__)
-  pthread_atfork(nullptr, nullptr, &ThreadTeam::after_fork_in_child);
+  pthread_atfork(&ThreadTeam::before_fork, &ThreadTeam::after_fork_in_parent, &ThreadTeam::after_fork_in_child);
 #endif
+}
+
+// A fork copies the team's mutexes as they are, and the threads holding them do not exist in the
+// child; so the forking thread takes both first (waiting for a running call to finish), and each side
+// releases them after.
+void ThreadTeam::before_fork() {
+  ThreadTeam& team = instance();
+  team.lease_mutex_.lock();
+  team.sleep_mutex_.lock();
+}
+
+void ThreadTeam::after_fork_in_parent() {
+  ThreadTeam& team = instance();
+  team.sleep_mutex_.unlock();
+  team.lease_mutex_.unlock();
 }
 
 // A forked child has the parent's ThreadTeam object but none of its worker threads. The std::thread
@@ -51,48 +71,62 @@ void ThreadTeam::after_fork_in_child() {
   new std::vector<std::thread>(std::move(team.workers_));  // deliberately never freed
   team.workers_.clear();
   team.workers_lost_ = true;
+  team.sleep_mutex_.unlock();
+  team.lease_mutex_.unlock();
 }
 
 ThreadTeam::~ThreadTeam() { stop_workers(); }
 
+ThreadTeam::Lease ThreadTeam::lease() { return Lease(*this); }
+
+void ThreadTeam::set_worker_delay_after_post(int microseconds) {
+  worker_delay_after_post_us.store(std::max(0, microseconds), std::memory_order_relaxed);
+}
+
 void ThreadTeam::set_size(int threads) {
-  std::lock_guard<std::mutex> run_lock(run_mutex_);
-  if (threads < 1) threads = 1;
-  if (threads == size_ && static_cast<int>(workers_.size()) == threads - 1) return;
+  std::lock_guard<std::mutex> hold(lease_mutex_);
+  threads = std::clamp(threads, 1, kMaxSize);
+  if (threads == size() && static_cast<int>(workers_.size()) == threads - 1) return;
   stop_workers();
   start_workers(threads);
-  size_ = threads;
+  size_.store(threads, std::memory_order_relaxed);
 }
 
 void ThreadTeam::start_workers(int threads) {
   stopping_.store(false);
-  // The generation is read here, not in the new thread: a job posted before the thread first runs
-  // must still count as new to it.
-  const std::uint64_t seen = generation_.load();
+  // The post is read here, not in the new thread: a job posted before the thread first runs must
+  // still count as new to it.
+  const std::uint64_t seen = post_.load();
   workers_avoid_cpu_ = -1;
   for (int rank = 1; rank < threads; ++rank)
     workers_.emplace_back([this, rank, seen] { worker_loop(rank, seen); });
 }
 
 void ThreadTeam::stop_workers() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_.store(true);
-    generation_.fetch_add(1);
-  }
-  wake_.notify_all();
+  stopping_.store(true);
+  post(0);
   for (auto& w : workers_) w.join();
   workers_.clear();
 }
 
+// Publishes a new generation for `threads` ranks (0: none, to stop the workers) and wakes the sleepers.
+void ThreadTeam::post(int threads) {
+  {
+    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    post_.store(post_word(++generation_, threads), std::memory_order_release);
+  }
+  wake_.notify_all();
+}
+
 void ThreadTeam::run(int threads, const Job& job) {
-  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  // Reached only through a Lease, which holds lease_mutex_.
+  if (threads < 1 || threads > size())
+    throw std::logic_error("fusedrnn: a job asked for " + std::to_string(threads) + " threads of a team of " +
+                           std::to_string(size()));
   if (workers_lost_) {
     workers_lost_ = false;
-    start_workers(size_);
+    start_workers(size());
   }
-  if (threads > size_) threads = size_;
-  if (threads < 1) threads = 1;
   barrier_.reset(threads);
   if (threads == 1) {
     FlushDenormals ftz;
@@ -101,13 +135,8 @@ void ThreadTeam::run(int threads, const Job& job) {
   }
   keep_workers_off_caller_cpu();
   job_ = &job;
-  job_threads_ = threads;
   pending_.store(threads - 1, std::memory_order_relaxed);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_acq_rel);
-  }
-  wake_.notify_all();
+  post(threads);
   {
     FlushDenormals ftz;
     job(0);
@@ -137,22 +166,27 @@ void ThreadTeam::keep_workers_off_caller_cpu() {
 #endif
 }
 
+// A worker takes each post whole (one load): the generation and the job's thread count together.
+// While it runs a job, that job's caller waits on pending_, so no later post can come before the
+// worker has counted itself off; a worker outside the job reads nothing but the word.
 void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
   for (;;) {
-    // Spin for a while, then sleep until the generation moves.
+    // Spin for a while, then sleep until the post changes.
     const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
-    std::uint64_t now_gen = generation_.load(std::memory_order_acquire);
-    for (int i = 0; now_gen == seen; ++i) {
+    std::uint64_t word = post_.load(std::memory_order_acquire);
+    for (int i = 0; word == seen; ++i) {
       FUSEDRNN_CPU_RELAX();
       if ((i & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        wake_.wait(lock, [&] { return post_.load(std::memory_order_acquire) != seen; });
       }
-      now_gen = generation_.load(std::memory_order_acquire);
+      word = post_.load(std::memory_order_acquire);
     }
-    seen = now_gen;
-    if (stopping_.load()) return;
-    if (rank < job_threads_) {
+    seen = word;
+    if (const int delay = worker_delay_after_post_us.load(std::memory_order_relaxed))
+      std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    if (stopping_.load(std::memory_order_acquire)) return;
+    if (rank < post_threads(word)) {
       {
         FlushDenormals ftz;
         (*job_)(rank);

@@ -1,6 +1,8 @@
 // The one native thread team all fusedrnn compute runs on.
 //
-// A layer call is one job: the calling thread is rank 0 and the team's workers are ranks 1..n-1. Inside
+// A call (a layer's forward or backward) takes a lease on the team, plans from the lease's size and
+// runs one or more jobs on it: the calling thread is rank 0 and the team's workers are ranks 1..n-1.
+// Callers on several threads take turns, one lease at a time; a resize waits for the lease. Inside
 // a job the ranks meet at a spin barrier (one per time step in the recurrence). Workers spin briefly
 // after a job, so back-to-back calls (layers, directions) start without a wake-up, then sleep on a
 // condition variable; BLAS runs single-threaded inside jobs, so no second pool ever spins beside this
@@ -71,45 +73,85 @@ class SpinBarrier {
 class ThreadTeam {
  public:
   using Job = std::function<void(int rank)>;
+  class Lease;
+
+  // The most threads a team may have: a post carries its job's thread count in 16 bits.
+  static constexpr int kMaxSize = 1 << 15;
 
   static ThreadTeam& instance();
   ~ThreadTeam();
 
-  // Team size: threads a job may use (the caller included). Changing it joins or starts workers.
+  // Team size: threads a job may use (the caller included). Changing it joins or starts workers; it
+  // waits for the lease in force, so a call already running finishes on the size it planned with and
+  // the new size applies from the next call.
   void set_size(int threads);
-  int size() const { return size_; }
+  // The size now. A call plans with its lease's size(), which cannot change under it.
+  int size() const { return size_.load(std::memory_order_relaxed); }
 
-  // Runs job(rank) for rank in [0, threads) with threads <= size(); returns when every rank is done.
-  // Jobs must not throw: allocate and check before calling run.
-  void run(int threads, const Job& job);
+  // Exclusive use of the team for one call; waits while another caller holds it.
+  Lease lease();
 
-  // The barrier of the running job's ranks.
-  SpinBarrier& barrier() { return barrier_; }
+  // Tests only: every worker sleeps this long after taking a post, before acting on it, which widens
+  // the window in which a caller could post its next job (0: no delay).
+  static void set_worker_delay_after_post(int microseconds);
 
  private:
   ThreadTeam();
+  void run(int threads, const Job& job);
   void start_workers(int threads);
   void stop_workers();
+  void post(int threads);
   void worker_loop(int rank, std::uint64_t seen);
   void keep_workers_off_caller_cpu();
+  static void before_fork();
+  static void after_fork_in_parent();
   static void after_fork_in_child();
 
-  int size_ = 1;
+  // One word says which job is current: (generation << 16) | the job's thread count. A worker reads
+  // both halves in one load, so it never pairs a new generation with an older job's thread count (or
+  // the reverse), and a worker outside a job never touches job_. Every post changes the generation.
+  static std::uint64_t post_word(std::uint64_t generation, int threads) {
+    return generation << 16 | static_cast<std::uint64_t>(threads);
+  }
+  static int post_threads(std::uint64_t word) { return static_cast<int>(word & 0xffff); }
+
+  std::atomic<int> size_{1};
   std::vector<std::thread> workers_;
-  std::mutex mutex_;      // guards generation_ changes, so a worker going to sleep misses no job
-  std::mutex run_mutex_;  // one job (or resize) at a time
+  std::mutex lease_mutex_;  // held by a Lease or a resize: one call's jobs (or one resize) at a time
+  std::mutex sleep_mutex_;  // guards post_ changes, so a worker going to sleep misses no post
   std::condition_variable wake_;
-  std::atomic<std::uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<std::uint64_t> post_{0};
+  std::uint64_t generation_ = 0;  // of the last post; written only under lease_mutex_
+  std::atomic<int> pending_{0};   // ranks of the current job other than the caller's still running
   std::atomic<bool> stopping_{false};
+  // The current job: written before its post; read only by the ranks the post names, and left alone
+  // until every one of them has counted itself off pending_.
   const Job* job_ = nullptr;
-  int job_threads_ = 0;
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
   int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out
 #if defined(__linux__)
   cpu_set_t caller_mask_{};     // the caller's affinity mask when the workers' masks were last set
 #endif
+};
+
+// Exclusive use of the team for one call (a layer's forward or backward, a whole-array pass): while a
+// lease is held the team's size cannot change and no other caller's job runs, so the call plans its
+// split from size() and every job of that plan runs on exactly the ranks it was planned for.
+class ThreadTeam::Lease {
+ public:
+  int size() const { return team_->size(); }
+  // Runs job(rank) for rank in [0, threads); returns when every rank is done. threads must be in
+  // [1, size()]. Jobs must not throw: allocate and check before calling run.
+  void run(int threads, const Job& job) { team_->run(threads, job); }
+  // The barrier of the running job's ranks.
+  SpinBarrier& barrier() { return team_->barrier_; }
+
+ private:
+  friend class ThreadTeam;
+  explicit Lease(ThreadTeam& team) : team_(&team), hold_(team.lease_mutex_) {}
+  ThreadTeam* team_;
+  std::unique_lock<std::mutex> hold_;
 };
 
 // The thread count fusedrnn uses by default: the CPUs this process may run on.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections import OrderedDict
 from typing import Iterator
 
@@ -31,9 +32,34 @@ class _Context:
 
 class _Module:
     """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
-    alike, and a training flag."""
+    alike, and a training flag.
+
+    Several Python threads may share one module: each thread's training-mode forward is kept for that
+    thread's own backward, and backward calls add into `grads` one at a time. Copies and pickles leave
+    pending forwards behind."""
 
     _params: OrderedDict
+
+    def _init_thread_state(self) -> None:
+        self._per_thread = threading.local()   # .pending: this thread's forward, kept for its backward
+        self._grads_lock = threading.Lock()
+
+    @property
+    def _pending(self):
+        return getattr(self._per_thread, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value) -> None:
+        self._per_thread.pending = value
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_per_thread"], state["_grads_lock"]
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._init_thread_state()
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
         return iter(self._params.items())
@@ -100,7 +126,7 @@ class RNNBase(_Module):
         self.grads: OrderedDict[str, np.ndarray] = OrderedDict()
         self.input_grads: dict[str, np.ndarray] = {}
         self.zero_grad()
-        self._ctx: _Context | None = None
+        self._init_thread_state()
 
     # ---- parameters -------------------------------------------------------------------------------
 
@@ -259,10 +285,10 @@ class RNNBase(_Module):
                 masks.append(None)
             layer_input = y
 
-        self._ctx = None
+        self._pending = None
         if training:
             inner_inputs_nbytes = (self.num_layers - 1) * steps * batch * dirs * hidden * self.dtype.itemsize
-            self._ctx = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
+            self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
                                  inner_inputs_nbytes)
         y = layer_input
         if unbatched:
@@ -274,9 +300,10 @@ class RNNBase(_Module):
 
     @property
     def saved_nbytes(self) -> int:
-        """Bytes the last training-mode forward keeps for backward (0 when there is none pending):
-        recorded states and gate values, inner layers' outputs and dropout masks."""
-        return 0 if self._ctx is None else int(self._ctx.saved_nbytes)
+        """Bytes this thread's last training-mode forward keeps for backward (0 when there is none
+        pending): recorded states and gate values, inner layers' outputs and dropout masks."""
+        ctx = self._pending
+        return 0 if ctx is None else int(ctx.saved_nbytes)
 
     def _dropout_mask(self, shape) -> np.ndarray:
         keep = self._dropout_rng.random(shape) >= self.dropout
@@ -288,10 +315,10 @@ class RNNBase(_Module):
         (dh_n, dc_n) for LSTM, in h_n's shape (None: zero). Accumulates parameter gradients into
         `grads` and input/initial-state gradients into `input_grads`; returns this call's
         (dx, dh0) or, for LSTM, (dx, (dh0, dc0))."""
-        ctx = self._ctx
+        ctx = self._pending
         if ctx is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
-                               "module in train() mode before each backward")
+                               "module in train() mode before each backward (on the same thread)")
         steps, batch, features = ctx.input_shape
         hidden, dirs = self.hidden_size, self.num_directions
         unbatched = ctx.unbatched
@@ -306,7 +333,14 @@ class RNNBase(_Module):
         dh_in, dc_in = self._split_hx(dhx, "dhx", "(dh_n, dc_n)")
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched)
-        self._ctx = None  # the tapes are consumed, as torch frees its graph
+        self._pending = None  # the tapes are consumed, as torch frees its graph
+        with self._grads_lock:
+            return self._backward(ctx, dy, dh_n, dc_n)
+
+    def _backward(self, ctx: _Context, dy, dh_n, dc_n):
+        steps, batch, _ = ctx.input_shape
+        hidden, dirs = self.hidden_size, self.num_directions
+        unbatched = ctx.unbatched
 
         dh0 = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
         dc0 = np.empty_like(dh0) if self._has_cell_state else None
@@ -424,7 +458,7 @@ class Linear(_Module):
         if bias:
             self._params["bias"] = rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
         self.training = True
-        self._x: np.ndarray | None = None
+        self._init_thread_state()
         self.zero_grad()
 
     def __call__(self, x):
@@ -434,19 +468,23 @@ class Linear(_Module):
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
-        self._x = x if self.training else None
+        self._pending = x if self.training else None
         y = x @ self._params["weight"].T
         return y + self._params["bias"] if "bias" in self._params else y
 
     def backward(self, dy) -> np.ndarray:
         """Adds the parameter gradients to `grads` and returns dL/dx."""
-        if self._x is None:
-            raise RuntimeError("backward: no training-mode forward to backpropagate through")
-        x, self._x = self._x, None
+        x = self._pending
+        if x is None:
+            raise RuntimeError("backward: no training-mode forward to backpropagate through (on the same thread)")
+        self._pending = None
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
         flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
-        self.grads["weight"] += flat_dy.T @ flat_x
-        if "bias" in self.grads:
-            self.grads["bias"] += flat_dy.sum(axis=0)
+        weight_grad = flat_dy.T @ flat_x
+        bias_grad = flat_dy.sum(axis=0) if "bias" in self.grads else None
+        with self._grads_lock:
+            self.grads["weight"] += weight_grad
+            if bias_grad is not None:
+                self.grads["bias"] += bias_grad
         return dy @ self._params["weight"]
