@@ -194,6 +194,50 @@ def test_concurrent_callers_while_the_team_is_resized():
     assert counts["mismatches"] == 0
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_fork_while_another_thread_computes():
+    """A fork copies the team's locks and its condition variable as they are, but not the threads that
+    hold or wait on them. A child forked while another thread is mid-call (it hung before, on a lock
+    nobody would release), or while the workers sleep, computes normally on a fresh team."""
+    counts = run_child("""
+        import os
+        fusedrnn.set_num_threads(3)
+        cases = [layer(0, "lstm", 6, 1, 8, 192), layer(1, "gru", 4, 12, 8, 96)]
+        want = expected_by_size(cases, [3])
+        stop = threading.Event()
+        def compute():
+            while not stop.is_set():
+                run(cases[0])
+        busy = threading.Thread(target=compute)
+        busy.start()
+        forks = bad = 0
+        for i in range(20):
+            if i == 10:  # the rest fork from an idle team, its workers asleep
+                stop.set()
+                busy.join()
+                time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:
+                ok = all(matches_some_size(run(c), want, k) for k, c in enumerate(cases))
+                os._exit(0 if ok else 1)
+            deadline = time.monotonic() + 60
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    status = -1
+                    break
+                time.sleep(0.005)
+            forks += 1
+            bad += status != 0
+        print(json.dumps({"forks": forks, "bad": bad}))
+    """)
+    assert counts == {"forks": 20, "bad": 0}
+
+
 @pytest.mark.parametrize("team", [3, 4, 6, 8])
 @pytest.mark.parametrize("cell", CELLS)
 def test_oversubscribed_teams_match_reference(rng, team, cell):

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -66,11 +67,14 @@ void ThreadTeam::after_fork_in_parent() {
 
 // A forked child has the parent's ThreadTeam object but none of its worker threads. The std::thread
 // handles are parked where nothing joins or destroys them, and fresh workers start on the next run().
+// The condition variable still counts the parent's sleeping workers as waiters (a notify in the child
+// would wait for them forever), so a new one is built in its place; the old one is never used again.
 void ThreadTeam::after_fork_in_child() {
   ThreadTeam& team = instance();
   new std::vector<std::thread>(std::move(team.workers_));  // deliberately never freed
   team.workers_.clear();
   team.workers_lost_ = true;
+  new (&team.wake_) std::condition_variable();
   team.sleep_mutex_.unlock();
   team.lease_mutex_.unlock();
 }

@@ -1,47 +1,57 @@
-/* ThreadTeam's job posting and SpinBarrier (threads.h, threads.cpp) as a Promela model for SPIN.
- * .ci/check_team_model.sh checks it; `spin -a -DOLD_PROTOCOL` builds the protocol the post word
- * replaced, which must fail.
+/* ThreadTeam's job posting and SpinBarrier (threads.h, threads.cpp) as a Promela model for SPIN,
+ * checked by .ci/check_team_model.sh. Built with -DOLD_PROTOCOL it is the protocol the post word
+ * replaced (the generation in one atomic, job_threads_ and job_ read in later loads), which fails.
  *
- * Processes. `caller` is the thread holding the lease (rank 0): it runs the calls of PLAN in order,
+ * Processes. `caller` is the thread holding the lease (rank 0): it makes the calls of PLAN in order,
  * jobs and resizes alike, then stops the team as ~ThreadTeam does. Callers on several threads take
  * turns on lease_mutex_, whose unlock/lock orders each call after the last, so one process stands for
- * all of them. Each `worker` is one worker_loop thread (ranks 1..size-1); a resize joins them all and
- * starts new ones. Steps are named by the C++ statement they model (function: `statement`).
+ * them all. Each `worker` is one worker_loop thread (ranks 1..size-1); a resize joins them and starts
+ * new ones. Each step's comment quotes the threads.cpp (or threads.h) statement it models.
  *
- * Properties, checked over every interleaving:
- *   (a) each rank < threads starts each job exactly once, no rank >= threads starts it, and every one
- *       has started it by the time the caller sees pending_ == 0;
- *   (b) a rank reads job_ only while that job is live: job_ is not nullptr and the caller has not yet
- *       seen pending_ == 0 (after that run() may return and the job be destroyed); each rank's part
- *       also ends while the job is live, and pending_ never drops below 0;
- *   (c) no deadlock: the only end state is every process finished (SPIN's invalid end state check),
- *       and `ltl terminates` (<> finished) holds, so no run stalls or goes on forever;
- *   (d) no rank leaves the k-th barrier wait of a job before all the job's ranks have arrived there.
+ * Properties, over every interleaving:
+ *   (a) each rank < threads starts each job exactly once, no rank >= threads starts it, and all of
+ *       them have started it when the caller sees pending_ == 0;
+ *   (b) a rank reads job_ only while that job is live: not nullptr, and the caller has not yet seen
+ *       pending_ == 0 (from then on run() may return and the job be destroyed); each rank's part
+ *       also ends while the job is live, and pending_ never goes below 0;
+ *   (c) no deadlock: the only end state is every process finished (SPIN's invalid end states), and
+ *       `ltl terminates` (<> finished) holds, so no run stalls or goes on forever;
+ *   (d) no rank leaves a job's k-th barrier wait before all the job's ranks have arrived there.
  *
- * Waits. A worker spins on post_ and then sleeps on wake_ with the predicate post_ != seen; both are
- * modelled as one blocking step that loads post_ once it differs from seen. That is exact for safety:
- * the spin loop and the predicate test load the same word, and the sleep loses no wake-up, because
- * post() changes post_ while holding sleep_mutex_, which the sleeper holds from its predicate test
- * until wait() has queued it, and notify_all comes after the change. The other spins (pending_ == 0,
- * phase_ != phase) are blocking guards for the same reason.
+ * Waits. A worker spins on post_, then sleeps on wake_ with the predicate post_ != seen; both are one
+ * blocking step here, a load of post_ once it differs from seen. No wake-up is lost: post() changes
+ * post_ holding sleep_mutex_, which the sleeper holds from its predicate test until wait() has queued
+ * it, and notify_all follows the change. The spins on pending_ and phase_ are blocking guards too.
  *
- * Memory order. Promela runs the steps in one global order (sequential consistency). The C++ orders
- * every cross-thread handoff the model relies on: job_, barrier_.reset() and pending_ are written
- * before the release store of post_ that the worker's acquire load reads; a rank's job work precedes
- * its acq_rel fetch_sub of pending_, which the caller's acquire load of 0 reads (the release sequence
- * of all the decrements); stopping_ is a seq_cst store before post(0); the barrier's fetch_add is
- * acq_rel and its phase_ store/load release/acquire. Every other shared access is to a variable that
- * such a pair already orders, so no execution has an outcome the SC interleavings lack.
+ * Memory order. Promela interleaves whole steps (sequential consistency); the C++ uses acquire/release.
+ * Every handoff in the protocol is message passing or a read-modify-write on one counter, never two
+ * threads each storing one variable and loading the other's, the pattern where acquire/release allows
+ * outcomes no interleaving has. job_, barrier_.reset() and pending_ are written before the release
+ * store of post_ that a worker's acquire load reads; a rank's reads of job_ and the barrier precede its
+ * acq_rel fetch_sub of pending_, and the caller's acquire load that reads 0 synchronizes with every
+ * decrement (a release sequence), so it writes job_ and resets the barrier only after them; stopping_
+ * is stored (seq_cst) before post(0), so a worker that loads the stop word reads it set; the barrier's
+ * fetch_add is acq_rel and its phase_ store/load release/acquire, which orders the last arriver's
+ * arrived_ = 0 before the next wait's fetch_add. A worker's load of post_ may return an older word
+ * than the latest, but only one naming a job the worker is not in (the caller posts nothing while a
+ * rank of its job is still counted), or a stop; that is the same load made earlier, while the word
+ * was the latest, with the worker then delayed.
  *
- * Scope. keep_workers_off_caller_cpu, FlushDenormals and the fork handlers change no shared state the
- * protocol reads (a child's lost workers are restarted by start_workers, as in a resize). Job bodies
- * are NB barrier waits; the work between them touches no team state.
+ * Scope. keep_workers_off_caller_cpu, FlushDenormals and the fork handlers change nothing the protocol
+ * reads (a child's lost workers restart through start_workers, as in a resize). A job body is NB
+ * barrier waits; the work between them touches no team state.
  *
- * State space (SPIN 6.5.2, PLAN below, NB = 2): the fixed protocol has 1,148,880 states (all
- * reached, depth 114); the OLD_PROTOCOL build fails assertion (a) or (b) within a few hundred states.
+ * State space (SPIN 6.5.2, the configuration below): 666,714 states, 1,390,389 transitions, depth 885,
+ * 0 errors, under a second; the liveness search visits 1.33 million (state, claim) pairs, depth 1,735.
+ * TEAM=5 with plan 2,5,3,1,4,-4,2,4,-5,5,3: 18,107,486 states, depth 951, 0 errors (40 s, 3 GB).
+ * With -DOLD_PROTOCOL the depth-first search fails assertion (a) after 219,196 states; the shortest
+ * trail (pan -i) has 169 steps: rank 2 takes generation 1 (a job of 2 ranks) and is delayed until the
+ * job of 4 is set up, runs it, counts itself off, finds generation 2 new and starts it again. TEAM=3
+ * with plan 2,3 fails the same way.
  */
 
-/* The configuration checked; each can be overridden with -D (spin -a -DTEAM=5 ...). */
+/* The configuration checked; -D overrides any of it, as in
+ *   spin -a -DTEAM=3 -DNCALLS=2 '-DPLAN="plan[0] = 2; plan[1] = 3"' threads.pml */
 #ifndef TEAM
 #define TEAM   4   /* team size at the start: rank 0 and workers 1..3 */
 #endif
@@ -84,16 +94,16 @@ bool finished;
 /* SpinBarrier::wait(), the k-th call of job j (locals ph, old of the calling process). */
 inline barrier_wait(j, k) {
   if
-  :: atomic { parties <= 1 -> came[j * NB + k]++ }     /* if (parties_ <= 1) return; */
+  :: atomic { parties <= 1 -> came[j * NB + k]++ }     /* `if (parties_ <= 1) return;` */
   :: else ->
-     ph = phase;                                        /* phase_.load(acquire) */
-     d_step { old = arrived; arrived++; came[j * NB + k]++ }  /* arrived_.fetch_add(1, acq_rel) */
+     ph = phase;                                        /* `phase = phase_.load(acquire)` */
+     d_step { old = arrived; arrived++; came[j * NB + k]++ }  /* `arrived_.fetch_add(1, acq_rel)` */
      if
      :: old == parties - 1 ->
-        arrived = 0;                                    /* arrived_.store(0, relaxed) */
-        phase = ph + 1                                  /* phase_.store(phase + 1, release) */
+        arrived = 0;                                    /* `arrived_.store(0, relaxed)` */
+        phase = ph + 1                                  /* `phase_.store(phase + 1, release)` */
      :: else ->
-        phase != ph                                     /* spin until phase_.load(acquire) != phase */
+        phase != ph                                     /* spin until `phase_.load(acquire) != phase` */
      fi
   fi;
   assert(came[j * NB + k] == threads_of[j])             /* (d) */
@@ -117,31 +127,32 @@ inline run_job(rank, j) {
 proctype worker(byte rank; int seen) {
   byte j, k, ph, old;
   do
-  :: /* worker_loop: `word = post_.load(acquire)` until `word != seen` (spin, then wake_.wait with
-      * that predicate); `seen = word` */
+  :: /* worker_loop: `word = post_.load(acquire)` until `word != seen` (spinning, then in
+      * `wake_.wait` with that predicate); `seen = word` */
      atomic { SEEN(post) != seen -> seen = SEEN(post) };
      if
-     :: stopping -> break                          /* if (stopping_.load(acquire)) return; */
+     :: stopping -> break                          /* `if (stopping_.load(acquire)) return;` */
      :: else
      fi;
 #ifndef OLD_PROTOCOL
      if
-     :: rank < (seen & 65535) ->                   /* if (rank < post_threads(word)) */
+     :: rank < (seen & 65535) ->                   /* `if (rank < post_threads(word))` */
 #else
      if
-     :: rank < job_threads ->                      /* if (rank < job_threads_): a later load */
+     :: rank < job_threads ->                      /* old: `if (rank < job_threads_)`, a later load */
 #endif
-        j = job_;                                  /* (*job_)(rank) */
+        j = job_;                                  /* `(*job_)(rank)` */
         run_job(rank, j);
-        d_step { assert(pending > 0); pending--; j = 0; k = 0; ph = 0; old = 0 }  /* pending_.fetch_sub */
+        /* `pending_.fetch_sub(1, acq_rel)`; the locals are cleared so that idle states coincide */
+        d_step { assert(pending > 0); pending--; j = 0; k = 0; ph = 0; old = 0 }
      :: else
      fi
   od;
-  workers--                                        /* the thread returns; join() can finish */
+  workers--                                        /* the thread returns; its join() can finish */
 }
 
-/* ThreadTeam::start_workers(size): `stopping_.store(false)`, `seen = post_.load()`, start ranks 1..size-1.
- * Atomic: a new worker can do nothing before the next post. */
+/* ThreadTeam::start_workers(size): `stopping_.store(false)`; `seen = post_.load()`; start ranks
+ * 1..size-1. Atomic: a new worker can do nothing before the next post. */
 inline start_workers(team_size) {
   atomic {
     stopping = false;
@@ -164,33 +175,33 @@ active proctype caller() {
   byte i, j, k, ph, old, r, size = TEAM;
   short n;
   d_step { PLAN };
-  start_workers(TEAM);                             /* ThreadTeam(): set_size(default_thread_count()) */
+  start_workers(TEAM);                             /* ThreadTeam(): `set_size(default_thread_count())` */
   do
   :: i < NCALLS ->
      d_step { n = plan[i]; j = i + 1 };
      if
-     :: n < 0 ->                                   /* set_size(-n), under lease_mutex_ */
+     :: n < 0 ->                                   /* `set_size(-n)`, under lease_mutex_ */
         stop_workers();
         start_workers(-n);
         size = -n
-     :: else ->                                    /* lease.run(n, job) */
+     :: else ->                                    /* `lease.run(n, job)` */
         d_step { assert(1 <= n && n <= size); threads_of[j] = n; live = j };
-        parties = n; arrived = 0;                  /* run: barrier_.reset(threads) */
+        parties = n; arrived = 0;                  /* run: `barrier_.reset(threads)` */
         if
-        :: n > 1 ->                                /* threads == 1: job(0) alone, nothing posted */
-           job_ = j;                               /* run: job_ = &job */
+        :: n > 1 ->                                /* `if (threads == 1)`: job(0) alone, no post */
+           job_ = j;                               /* run: `job_ = &job` */
 #ifdef OLD_PROTOCOL
-           job_threads = n;                        /* old run: job_threads_ = threads */
+           job_threads = n;                        /* old run: `job_threads_ = threads` */
 #endif
-           pending = n - 1;                        /* run: pending_.store(threads - 1, relaxed) */
-           post = ((post >> 16) + 1) << 16 | n     /* run: post(threads), release, then notify_all */
+           pending = n - 1;                        /* run: `pending_.store(threads - 1, relaxed)` */
+           post = ((post >> 16) + 1) << 16 | n     /* run: `post(threads)`: release store, notify_all */
         :: else
         fi;
-        run_job(0, j);                             /* run: job(0) */
-        n == 1 || pending == 0;                    /* run: spin until pending_.load(acquire) == 0 */
+        run_job(0, j);                             /* run: `job(0)` */
+        n == 1 || pending == 0;                    /* run: until `pending_.load(acquire) == 0` */
         /* Every rank has finished: run() may return and the job be destroyed from here on. */
-        d_step { assert(ran[j] == (1 << n) - 1); live = 0; k = 0; ph = 0; old = 0 };  /* (a) */
-        job_ = 0                                   /* run: job_ = nullptr */
+        d_step { assert(ran[j] == (1 << n) - 1); live = 0; k = 0; ph = 0; old = 0 };   /* (a) */
+        job_ = 0                                   /* run: `job_ = nullptr` */
      fi;
      i++
   :: else -> break
