@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -48,8 +49,6 @@ std::string name_of(E value, const Named<E> (&table)[N]) {
   return "";
 }
 
-constexpr Named<CellKind> kCellNames[] = {
-    {"rnn_tanh", CellKind::kRnnTanh}, {"rnn_relu", CellKind::kRnnRelu}, {"gru", CellKind::kGru}, {"lstm", CellKind::kLstm}};
 constexpr Named<fusedrnn::SplitPreference> kSplitNames[] = {{"auto", fusedrnn::SplitPreference::kAuto},
                                                             {"rows", fusedrnn::SplitPreference::kRows},
                                                             {"units", fusedrnn::SplitPreference::kUnits}};
@@ -62,7 +61,15 @@ constexpr Named<fusedrnn::WeightGradPreference> kWeightGradNames[] = {
     {"rows", fusedrnn::WeightGradPreference::kRows},
     {"gate_rows", fusedrnn::WeightGradPreference::kGateRows}};
 
-CellKind parse_cell(const std::string& name) { return parse_named("cell", name, kCellNames); }
+CellKind parse_cell(const std::string& name) {
+  std::string choices;
+  const std::size_t count = std::size(fusedrnn::kCells);
+  for (std::size_t i = 0; i < count; ++i) {
+    if (name == fusedrnn::kCells[i].name) return fusedrnn::kCells[i].kind;
+    choices += std::string(i == 0 ? "" : (i + 1 == count ? " or " : ", ")) + "'" + fusedrnn::kCells[i].name + "'";
+  }
+  throw py::value_error("cell: expected " + choices + ", got '" + name + "'");
+}
 
 // A choice the core keeps (tests and benchmarks force one): set_<name>(kind) and get_<name>().
 template <typename E, std::size_t N>
@@ -398,8 +405,18 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedrnn native core: fused recurrent layers (one layer, one direction per call)";
 
+  py::dict cells;
+  for (const fusedrnn::CellFacts& c : fusedrnn::kCells) {
+    py::dict facts;
+    facts["gates"] = c.gates;
+    facts["saved"] = c.saved;
+    facts["has_cell_state"] = c.has_cell_state;
+    cells[c.name] = facts;
+  }
+  m.attr("cells") = cells;  // name -> facts, in the core's order: the one list of cells
+
   py::class_<Tape>(m, "Tape", "What a training-mode layer_forward keeps for layer_backward.")
-      .def_property_readonly("cell", [](const Tape& t) { return name_of(t.cell, kCellNames); })
+      .def_property_readonly("cell", [](const Tape& t) { return std::string(fusedrnn::cell_facts(t.cell).name); })
       .def_property_readonly("reverse", [](const Tape& t) { return t.reverse; })
       .def_property_readonly("has_bias", [](const Tape& t) { return !t.b_ih.is_none(); })
       .def_property_readonly("dtype", [](const Tape& t) { return t.x.dtype(); })

@@ -274,4 +274,53 @@ struct RnnCell {
   }
 };
 
+// ---------------------------------------------------------------------------------------------------
+// The list of cells. A new cell is a struct above, an enum value, a case in with_cell and a row in
+// kCells; everything else (the bindings' names, Python's tables) is derived from these.
+
+enum class CellKind { kRnnTanh, kRnnRelu, kGru, kLstm };
+
+// Calls f(Cell{}) for the cell type behind `kind`.
+template <typename F>
+void with_cell(CellKind kind, F&& f) {
+  switch (kind) {
+    case CellKind::kRnnTanh: return f(RnnCell<Nonlinearity::kTanh>{});
+    case CellKind::kRnnRelu: return f(RnnCell<Nonlinearity::kRelu>{});
+    case CellKind::kGru: return f(GruCell{});
+    case CellKind::kLstm: return f(LstmCell{});
+  }
+}
+
+// What a caller outside the kernels needs to know of a cell.
+struct CellFacts {
+  CellKind kind;
+  const char* name;           // as the Python API spells it (torch.nn's mode, lower case)
+  int gates;                  // G
+  int saved;                  // S
+  bool has_cell_state;        // a c state beside h (and so c0, c_n, dc0, dc_n, and cell_clip)
+  bool split_recurrent_grad;  // backward needs a second (T, B, G*H) gate-gradient buffer
+};
+
+template <typename Cell>
+constexpr CellFacts facts_of(CellKind kind, const char* name) {
+  return {kind, name, Cell::kGates, Cell::kSaved, Cell::kHasCellState, Cell::kSplitRecurrentGrad};
+}
+
+// In CellKind order.
+inline constexpr CellFacts kCells[] = {
+    facts_of<RnnCell<Nonlinearity::kTanh>>(CellKind::kRnnTanh, "rnn_tanh"),
+    facts_of<RnnCell<Nonlinearity::kRelu>>(CellKind::kRnnRelu, "rnn_relu"),
+    facts_of<GruCell>(CellKind::kGru, "gru"),
+    facts_of<LstmCell>(CellKind::kLstm, "lstm"),
+};
+
+constexpr const CellFacts& cell_facts(CellKind kind) { return kCells[static_cast<int>(kind)]; }
+
+constexpr bool cells_in_kind_order() {
+  for (int k = 0; k < static_cast<int>(sizeof kCells / sizeof kCells[0]); ++k)
+    if (static_cast<int>(kCells[k].kind) != k) return false;
+  return true;
+}
+static_assert(cells_in_kind_order(), "kCells must list the cells in CellKind order");
+
 }  // namespace fusedrnn

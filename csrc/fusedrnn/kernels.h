@@ -29,17 +29,6 @@ namespace fusedrnn {
 
 using Index = std::int64_t;
 
-// Calls f(Cell{}) for the cell type behind `kind`.
-template <typename F>
-void with_cell(CellKind kind, F&& f) {
-  switch (kind) {
-    case CellKind::kRnnTanh: return f(RnnCell<Nonlinearity::kTanh>{});
-    case CellKind::kRnnRelu: return f(RnnCell<Nonlinearity::kRelu>{});
-    case CellKind::kGru: return f(GruCell{});
-    case CellKind::kLstm: return f(LstmCell{});
-  }
-}
-
 // Where a step's states live: slot s of (slots, B, H); inference keeps two slots used alternately.
 template <typename T>
 struct StateSlots {

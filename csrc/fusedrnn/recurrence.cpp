@@ -195,30 +195,6 @@ bool recurrent_bias_apart(CellKind cell, int gate) {
 
 }  // namespace
 
-int gate_count(CellKind cell) {
-  int g = 0;
-  with_cell(cell, [&](auto c) { g = decltype(c)::kGates; });
-  return g;
-}
-
-int saved_per_unit(CellKind cell) {
-  int n = 0;
-  with_cell(cell, [&](auto c) { n = decltype(c)::kSaved; });
-  return n;
-}
-
-bool has_cell_state(CellKind cell) {
-  bool v = false;
-  with_cell(cell, [&](auto c) { v = decltype(c)::kHasCellState; });
-  return v;
-}
-
-bool split_recurrent_grad(CellKind cell) {
-  bool v = false;
-  with_cell(cell, [&](auto c) { v = decltype(c)::kSplitRecurrentGrad; });
-  return v;
-}
-
 Index l2_cache_bytes() {
   static const Index bytes = [] {
 #ifdef _SC_LEVEL2_CACHE_SIZE

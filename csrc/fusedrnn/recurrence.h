@@ -25,14 +25,14 @@
 #include <cstdint>
 #include <limits>
 
+#include "fusedrnn/cells.h"
+
 namespace fusedrnn {
 
-enum class CellKind { kRnnTanh, kRnnRelu, kGru, kLstm };
-
-int gate_count(CellKind cell);          // G
-int saved_per_unit(CellKind cell);      // S
-bool has_cell_state(CellKind cell);     // LSTM
-bool split_recurrent_grad(CellKind cell);  // GRU: dhg != dxg, backward needs a second (T, B, G*H) buffer
+inline int gate_count(CellKind cell) { return cell_facts(cell).gates; }
+inline int saved_per_unit(CellKind cell) { return cell_facts(cell).saved; }
+inline bool has_cell_state(CellKind cell) { return cell_facts(cell).has_cell_state; }
+inline bool split_recurrent_grad(CellKind cell) { return cell_facts(cell).split_recurrent_grad; }
 
 template <typename T>
 struct LayerWeights {

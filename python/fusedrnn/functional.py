@@ -13,8 +13,9 @@ import numpy as np
 
 from . import _checks, _core
 
-CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+# The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state"}.
+CELLS = tuple(_core.cells)
+GATES = {name: facts["gates"] for name, facts in _core.cells.items()}
 
 
 class LayerOutput(NamedTuple):
