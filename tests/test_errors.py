@@ -525,6 +525,26 @@ def test_functional_rejects_bad_lengths(cell, lengths, exc, match):
         _forward(cell, lengths=lengths)
 
 
+def test_functional_cell_clip_follows_the_modules_rule(cell):
+    # One rule for the functional layer and the modules: a positive finite bound, or None.
+    cases = [(np.inf, ValueError, r"^cell_clip: expected a positive finite bound, got inf"),
+             (0.0, ValueError, r"^cell_clip: expected a positive finite bound"),
+             (-1, ValueError, r"^cell_clip: expected a positive finite bound"),
+             (np.nan, ValueError, r"^cell_clip: expected a positive finite bound"),
+             ("1", TypeError, r"^cell_clip: expected a positive float or None, got str"),
+             (True, TypeError, r"^cell_clip: expected a positive float or None, got bool")]
+    if not has_cell_state(cell):
+        cases.append((1.0, ValueError, rf"^cell_clip: '{cell}' has no cell state to clip"))
+    for value, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, cell_clip=value)
+        if has_cell_state(cell):
+            with pytest.raises(exc, match=match):
+                make_module(cell, I, H, cell_clip=value)
+    if has_cell_state(cell):
+        assert np.all(np.abs(_forward(cell, cell_clip=np.float32(0.25)).c_n) <= 0.25)
+
+
 def test_functional_rejects_bad_out(cell):
     cases = [
         (np.zeros((T, B, H + 1)), ValueError, r"^out: expected shape \(4, 3, 2\)"),
