@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusedrnn.functional import CELLS, GATES  # noqa: F401  (re-exported: one cell and gate table)
+from fusedrnn import _core
+# Re-exported: the cell facts come from the core's one list of cells (fusedrnn._core.cells).
+from fusedrnn.functional import CELLS, GATES, has_cell_state  # noqa: F401
 from fusedrnn.modules import make_module  # noqa: F401  (re-exported)
 
 PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-def has_cell_state(cell: str) -> bool:
-    return cell == "lstm"
+def saved_per_step(cell: str) -> int:
+    """Values per hidden unit a step saves for backward beside the states (the core's "saved")."""
+    return _core.cells[cell]["saved"]
 
 
 def random_layer(rng, cell, input_size, hidden_size, *, bias=True, dtype=np.float64, scale=0.6):

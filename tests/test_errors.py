@@ -8,7 +8,7 @@ import pytest
 
 import fusedrnn
 from fusedrnn import functional as F
-from helpers import CELLS, GATES, make_module
+from helpers import CELLS, GATES, has_cell_state, make_module
 
 T, B, I, H = 4, 3, 5, 2
 
@@ -31,7 +31,7 @@ def module(cell):
 
 
 def _hx(cell, h0, c0=None):
-    return (h0, f32(2, B, H) if c0 is None else c0) if cell == "lstm" else h0
+    return (h0, f32(2, B, H) if c0 is None else c0) if has_cell_state(cell) else h0
 
 
 BAD_X = [
@@ -126,7 +126,7 @@ def test_forward_rejects_bad_x_batch_first(cell):
 
 
 def test_forward_rejects_bad_hidden_state(module, cell):
-    name = "h0" if cell == "lstm" else "hx"
+    name = "h0" if has_cell_state(cell) else "hx"
     cases = [
         (f32(2, B, H + 1), ValueError, rf"^{name}: expected shape \(2, 3, 2\), got \(2, 3, 3\)"),
         (f32(1, B, H), ValueError, rf"^{name}: expected shape \(2, 3, 2\)"),   # num_layers*dirs rows
@@ -161,7 +161,7 @@ def test_lstm_hx_must_be_a_pair(hx):
 
 
 def test_unbatched_input_needs_unbatched_state(module, cell):
-    name = "h0" if cell == "lstm" else "hx"
+    name = "h0" if has_cell_state(cell) else "hx"
     with pytest.raises(ValueError, match=rf"^{name}: expected a 2-D array"):
         module(f32(T, I), _hx(cell, f32(2, 1, H), f32(2, 1, H)))
 
@@ -234,7 +234,7 @@ def test_backward_consumes_the_forward(module):
 
 
 def _dh(cell, dh_n, dc_n=None):
-    return (dh_n, f32(2, B, H) if dc_n is None else dc_n) if cell == "lstm" else dh_n
+    return (dh_n, f32(2, B, H) if dc_n is None else dc_n) if has_cell_state(cell) else dh_n
 
 
 @pytest.mark.parametrize("dy, exc, match", [
@@ -437,7 +437,7 @@ def _layer_args(cell, dtype=np.float64):
     rng = np.random.default_rng(0)
     r = lambda *s: rng.uniform(-0.5, 0.5, s).astype(dtype)  # noqa: E731
     return dict(x=r(T, B, I), weight_ih=r(g * H, I), weight_hh=r(g * H, H), bias_ih=r(g * H),
-                bias_hh=r(g * H), h0=r(B, H), c0=r(B, H) if cell == "lstm" else None)
+                bias_hh=r(g * H), h0=r(B, H), c0=r(B, H) if has_cell_state(cell) else None)
 
 
 def _forward(cell, **overrides):
@@ -507,7 +507,7 @@ def test_functional_rejects_bad_states(cell):
         (dict(h0=np.zeros((1, B, H))), ValueError, r"^h0: expected shape"),
         (dict(h0=np.zeros((B, H), np.float32)), TypeError, r"^h0: expected dtype float64"),
     ]
-    if cell == "lstm":
+    if has_cell_state(cell):
         cases += [(dict(c0=np.zeros((B + 1, H))), ValueError, r"^c0: expected shape"),
                   (dict(c0=np.zeros((B, H), np.float32)), TypeError, r"^c0: expected dtype float64")]
     else:
@@ -523,6 +523,26 @@ def test_functional_rejects_bad_states(cell):
 def test_functional_rejects_bad_lengths(cell, lengths, exc, match):
     with pytest.raises(exc, match=match):
         _forward(cell, lengths=lengths)
+
+
+def test_functional_cell_clip_follows_the_modules_rule(cell):
+    # One rule for the functional layer and the modules: a positive finite bound, or None.
+    cases = [(np.inf, ValueError, r"^cell_clip: expected a positive finite bound, got inf"),
+             (0.0, ValueError, r"^cell_clip: expected a positive finite bound"),
+             (-1, ValueError, r"^cell_clip: expected a positive finite bound"),
+             (np.nan, ValueError, r"^cell_clip: expected a positive finite bound"),
+             ("1", TypeError, r"^cell_clip: expected a positive float or None, got str"),
+             (True, TypeError, r"^cell_clip: expected a positive float or None, got bool")]
+    if not has_cell_state(cell):
+        cases.append((1.0, ValueError, rf"^cell_clip: '{cell}' has no cell state to clip"))
+    for value, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            _forward(cell, cell_clip=value)
+        if has_cell_state(cell):
+            with pytest.raises(exc, match=match):
+                make_module(cell, I, H, cell_clip=value)
+    if has_cell_state(cell):
+        assert np.all(np.abs(_forward(cell, cell_clip=np.float32(0.25)).c_n) <= 0.25)
 
 
 def test_functional_rejects_bad_out(cell):
@@ -577,7 +597,7 @@ def test_functional_backward_rejects_bad_gradients(cell):
                                  np.zeros(2 * g * H)[::2], np.zeros(g * H))),
          ValueError, r"^grad_bias_ih: needs a contiguous last dimension"),
     ]
-    if cell == "lstm":
+    if has_cell_state(cell):
         cases.append((dict(dc_n=np.zeros((B + 1, H))), ValueError, r"^dc_n: expected shape"))
     else:
         cases.append((dict(dc_n=np.zeros((B, H))), ValueError, r"^dc_n: only an LSTM has a cell state"))

@@ -10,7 +10,7 @@ import pytest
 import fusedrnn
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELLS, GATES, has_cell_state, make_module, random_layer
+from helpers import CELLS, GATES, has_cell_state, make_module, random_layer, saved_per_step
 
 TOL64 = dict(rtol=1e-12, atol=1e-13)
 
@@ -558,7 +558,7 @@ def test_saved_nbytes_counts_what_backward_keeps(cell):
     m.train()
     m(x)
     row = batch * hidden * 4  # one (B, H) float32 state
-    per_tape = (steps + 1) * row * (2 if cell == "lstm" else 1) + steps * row * {"lstm": 4, "gru": 4}.get(cell, 0)
+    per_tape = (steps + 1) * row * (2 if has_cell_state(cell) else 1) + steps * row * saved_per_step(cell)
     inner_output = steps * batch * 2 * hidden * 4
     assert m.saved_nbytes == 4 * per_tape + inner_output + inner_output  # tapes, layer-1 input, mask
     m.backward(np.ones((steps, batch, 2 * hidden), np.float32))

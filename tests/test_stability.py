@@ -69,6 +69,31 @@ def test_cell_clip_gradients_by_finite_differences(rng):
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cell_clip_passes_no_gradient_at_the_bound(rng, dtype):
+    """An update that lands exactly on the bound counts as clamped: the kernels store c clamped and
+    cannot tell |c_raw| == cell_clip from |c_raw| > cell_clip, and the reference follows them. With
+    x = h0 = 0 every gate is its bias: f = sigmoid(40) = 1 and g = tanh(0) = 0 exactly, so c_raw = c0."""
+    hidden, clip = 4, 0.5
+    w = random_layer(rng, "lstm", 2, hidden, dtype=dtype)
+    w["bias_ih"][:] = 0
+    w["bias_hh"][:] = 0
+    w["bias_ih"][hidden:2 * hidden] = 40.0   # the forget gate saturates to exactly 1
+    x, h0 = np.zeros((1, 2, 2), dtype), np.zeros((2, hidden), dtype)
+    c0 = np.array([[clip, -clip, 0.25, 0.75], [-0.1, clip, -0.75, 0.3]], dtype)
+    dy, dh_n, dc_n = (rng.standard_normal(s).astype(dtype) for s in ((1, 2, hidden), (2, hidden), (2, hidden)))
+    out = F.layer_forward("lstm", x, *w.values(), h0, c0, cell_clip=clip)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    _, _, c_n, cache = reference.forward("lstm", x, *w.values(), h0, c0, cell_clip=clip)
+    want = reference.backward(cache, dy, dh_n, dc_n)
+    np.testing.assert_array_equal(out.c_n, np.clip(c0, -clip, clip))
+    np.testing.assert_array_equal(c_n, np.clip(c0, -clip, clip))
+    passes = np.abs(c0) < clip
+    assert np.all(got.dc0[~passes] == 0) and np.all(want["dc0"][~passes] == 0)
+    assert np.all(got.dc0[passes] != 0)
+    np.testing.assert_allclose(got.dc0, want["dc0"], **TOL64 if dtype == np.float64 else dict(rtol=1e-5))
+
+
 def test_module_cell_clip(rng):
     m = fusedrnn.LSTM(3, 4, num_layers=2, dtype=np.float64, seed=0, cell_clip=0.05)
     x = 3 * rng.standard_normal((7, 2, 3))

@@ -15,7 +15,7 @@ from fusedrnn import _core
 from fusedrnn import functional as F
 from fusedrnn import reference
 from fusedrnn.modules import make_module
-from helpers import CELLS, PARAM_NAMES, has_cell_state, random_layer, random_lengths
+from helpers import CELLS, GATES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
 
 
 def set_for_the_test(get, set_, value):
@@ -100,24 +100,41 @@ def test_both_weight_grad_splits_match_reference(rng, simd_level, team_size, wei
 
 
 def check_against_reference(rng, cell, shape):
+    """Forward and backward of one layer, each direction, in float64 and float32, against the float64
+    reference on the same (rounded) inputs: every output (y, h_n, c_n), every gradient (dx, dh0, dc0,
+    the weights' and biases') and the per-step gradient norms (dh_norm). float64 to within a few
+    hundred ulps; float32 with the tolerances of helpers.tolerances."""
     steps, batch, inp, hidden = shape
     w = random_layer(rng, cell, inp, hidden, scale=0.3)
     x = rng.standard_normal((steps, batch, inp))
     h0 = rng.standard_normal((batch, hidden))
     c0 = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
     lengths = random_lengths(rng, steps, batch)
-    for reverse in (False, True):
-        out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=lengths, reverse=reverse)
-        y, h_n, c_n, cache = reference.forward(cell, x, *w.values(), h0, c0, lengths=lengths,
-                                               reverse=reverse)
-        np.testing.assert_allclose(out.y, y, rtol=1e-12, atol=1e-13)
-        np.testing.assert_allclose(out.h_n, h_n, rtol=1e-12, atol=1e-13)
-        dy = rng.standard_normal((steps, batch, hidden))
-        got = F.layer_backward(out.tape, dy)
-        want = reference.backward(cache, dy, None, None)
-        for name in ("dx", "dh0") + PARAM_NAMES:
-            np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-11, atol=1e-12,
-                                       err_msg=name)
+    dy = rng.standard_normal((steps, batch, hidden))
+    dh_n = rng.standard_normal((batch, hidden))
+    dc_n = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
+    for dtype in (np.float64, np.float32):
+        as_dtype = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        args = [as_dtype(a) for a in (x, *w.values(), h0, c0)]
+        grads_in = [as_dtype(a) for a in (dy, dh_n, dc_n)]
+        for reverse in (False, True):
+            out = F.layer_forward(cell, *args, lengths=lengths, reverse=reverse)
+            y, h_n, c_n, cache = reference.forward(cell, *args, lengths=lengths, reverse=reverse)
+            got = F.layer_backward(out.tape, *grads_in)
+            want = reference.backward(cache, *grads_in)
+            pairs = [("y", out.y, y), ("h_n", out.h_n, h_n)]
+            pairs += [(name, getattr(got, name), want[name])
+                      for name in ("dx", "dh0", "dh_norm") + PARAM_NAMES]
+            if has_cell_state(cell):
+                pairs += [("c_n", out.c_n, c_n), ("dc0", got.dc0, want["dc0"])]
+            for name, actual, expected in pairs:
+                context = f"{name} ({np.dtype(dtype)}, reverse={reverse})"
+                if dtype == np.float64:
+                    forward_output = name in ("y", "h_n", "c_n")
+                    np.testing.assert_allclose(actual, expected, rtol=1e-12 if forward_output else 1e-11,
+                                               atol=1e-13 if forward_output else 1e-12, err_msg=context)
+                else:
+                    assert_close(actual, expected, dtype, context)
 
 
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
@@ -160,7 +177,7 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
     assert l2 >= 1 << 16
     for cell, batch, hidden in [("lstm", 8, 64), ("lstm", 32, 256), ("gru", 64, 512), ("gru", 62, 512),
                                 ("lstm", 16, 1024)]:
-        gates = {"lstm": 4, "gru": 3}[cell]
+        gates = GATES[cell]
         for dtype in (np.float32, np.float64):
             fits = gates * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
             want = (2, "rows") if fits or batch >= 64 else (2, "units")

@@ -18,8 +18,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E40
 
 import fusedrnn.torch as frt  # noqa: E402
 import torch_ddp_worker  # noqa: E402
+from fusedrnn import _core  # noqa: E402
 from fusedrnn.torch import _ops  # noqa: E402
-from helpers import CELLS, assert_close, has_cell_state  # noqa: E402
+from helpers import CELLS, GATES, assert_close, has_cell_state  # noqa: E402
 
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 NUMPY_DTYPE = {torch.float64: np.float64, torch.float32: np.float32}
@@ -224,13 +225,13 @@ def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():
 
 def test_tensors_reach_the_core_without_copies(monkeypatch):
     seen = []
-    original = _ops.functional.layer_forward
+    original = _core.layer_forward
 
     def spy(cell, x, weight_ih, weight_hh, *rest, **kwargs):
         seen.append((x, weight_ih, weight_hh))
         return original(cell, x, weight_ih, weight_hh, *rest, **kwargs)
 
-    monkeypatch.setattr(_ops.functional, "layer_forward", spy)
+    monkeypatch.setattr(_core, "layer_forward", spy)
     lstm = frt.LSTM(I, H, bidirectional=True)
     x = torch.randn(T, B, I, requires_grad=True)
     lstm(x)
@@ -360,12 +361,12 @@ def test_gradcheck_float64(cell, packed):
     lengths = torch.tensor([2, 3])
 
     def f(x, h0, c0, *params):
-        hx = (h0, c0) if cell == "lstm" else h0
+        hx = (h0, c0) if has_cell_state(cell) else h0
         inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
         out, state = torch.func.functional_call(fused, dict(zip(names, params)), (inp, hx))
         return (output_tensor(out),) + (state if isinstance(state, tuple) else (state,))
 
-    inputs = (x, h0, c0 if cell == "lstm" else c0.detach(), *params)
+    inputs = (x, h0, c0 if has_cell_state(cell) else c0.detach(), *params)
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -413,16 +414,16 @@ def test_operators_pass_opcheck(cell):
     # to each call by design; the compile and export tests below run that path end to end.
     gen = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    gates = 4 if cell == "lstm" else 3
+    gates = GATES[cell]
     weights = [r(gates * 3, 2), r(gates * 3, 3), None, None] * 2  # two directions, no biases
     x, h0 = r(4, 3, 2), r(2, 3, 3)
-    c0 = r(2, 3, 3) if cell == "lstm" else None
+    c0 = r(2, 3, 3) if has_cell_state(cell) else None
     args = (x, *weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args, test_utils=checks)
     y, h_n, c_n, tape = frt.rnn_layer(*args)
     dy, dh_n = torch.randn_like(y), torch.randn_like(h_n)
-    dc_n = torch.randn_like(c_n) if cell == "lstm" else None
+    dc_n = torch.randn_like(c_n) if has_cell_state(cell) else None
     detached = [None if w is None else w.detach() for w in weights]
     backward_args = (tape, x.detach(), *detached, dy, dh_n, dc_n, cell)
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, backward_args, test_utils=checks)

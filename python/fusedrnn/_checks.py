@@ -3,6 +3,7 @@ naming the argument, what it got and what it needs."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -10,6 +11,27 @@ import numpy as np
 from . import _core
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def cell(value) -> str:
+    """A cell name from the core's list (fusedrnn._core.cells)."""
+    if not isinstance(value, str) or value not in _core.cells:
+        raise ValueError(f"cell: expected one of {tuple(_core.cells)}, got {value!r}")
+    return value
+
+
+def cell_clip(value, cell: str | None = None) -> float | None:
+    """The bound on an LSTM's cell state: a positive finite number, or None for no bound. With `cell`,
+    also that the cell has a cell state to clip."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"cell_clip: expected a positive float or None, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"cell_clip: expected a positive finite bound, got {value}")
+    if cell is not None and not _core.cells[cell]["has_cell_state"]:
+        raise ValueError(f"cell_clip: {cell!r} has no cell state to clip")
+    return float(value)
 
 
 def positive_int(name: str, value, minimum: int = 1) -> int:

@@ -11,6 +11,7 @@ import sys
 from tqdm import tqdm
 
 from . import benchmark, build_info, set_num_threads
+from .functional import CELLS
 
 
 def _positive_int(text: str) -> int:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(truncated BPTT, gradient clipping, Adam) and prints its RMSE on held-out "
                           "years next to two baselines. With --gradients: trains nothing, shows how the "
                           "gradient fades back through time in an RNN, a GRU and an LSTM.")
-    demo.add_argument("--cell", default="lstm", choices=("lstm", "gru", "rnn_tanh", "rnn_relu"))
+    demo.add_argument("--cell", default="lstm", choices=CELLS)
     demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden size (default 64)")
     demo.add_argument("--epochs", type=_positive_int, default=150, help="training epochs (default 150)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")

@@ -22,11 +22,12 @@ import numpy as np
 
 from . import datasets, losses, optim, sequences
 from .bptt import truncated_bptt
+from .functional import CELLS
 from .gradients import clip_grad_norm, diagnose_gradient_flow, plot_gradient_flow
 from .modules import Linear, make_module
 from ._optional import require
 
-FORECAST_CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+FORECAST_CELLS = CELLS  # every cell the core has
 
 
 @dataclass

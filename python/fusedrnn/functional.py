@@ -13,9 +13,15 @@ import numpy as np
 
 from . import _checks, _core
 
-# The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state"}.
+# The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state"}. Every table of
+# cells in the package derives from it.
 CELLS = tuple(_core.cells)
 GATES = {name: facts["gates"] for name, facts in _core.cells.items()}
+
+
+def has_cell_state(cell: str) -> bool:
+    """Whether the cell carries a cell state c beside h (c0, c_n, dc0): True for "lstm"."""
+    return _core.cells[cell]["has_cell_state"]
 
 
 class LayerOutput(NamedTuple):
@@ -42,27 +48,33 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
     outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
     `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array.
-    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False. `cell_clip` (LSTM only)
-    bounds the cell state to [-cell_clip, cell_clip] after every update; the gradient through a
-    clamped element is zero.
+    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False. `cell_clip` (a positive
+    finite number; only for a cell with a cell state) bounds the cell state to [-cell_clip, cell_clip]
+    after every update; no gradient flows through an element whose update reached the bound.
 
     The tape references x and the weights rather than copying them: change neither in place before
     layer_backward."""
-    if cell not in CELLS:
-        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    _checks.cell(cell)
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
+    cell_clip = _checks.cell_clip(cell_clip, cell)
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
                 _checks.finite(name, np.asarray(value))
-    y, h_n, c_n, tape = _core.layer_forward(cell, x, _as_array(weight_ih), _as_array(weight_hh),
-                                            _as_optional(bias_ih), _as_optional(bias_hh),
-                                            _as_optional(h0), _as_optional(c0), lens, bool(reverse),
-                                            bool(training), out, cell_clip)
-    return LayerOutput(y, h_n, c_n, tape)
+    return _forward(cell, x, _as_array(weight_ih), _as_array(weight_hh), _as_optional(bias_ih),
+                    _as_optional(bias_hh), _as_optional(h0), _as_optional(c0), lens, bool(reverse),
+                    bool(training), out, cell_clip)
+
+
+def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
+             cell_clip) -> LayerOutput:
+    """layer_forward on arguments its checks have passed: x a 3-D ndarray, lengths int64 (B,) or None
+    (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes."""
+    return LayerOutput(*_core.layer_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
+                                            lengths, reverse, training, out, cell_clip))
 
 
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
@@ -76,6 +88,11 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
+    return _backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx, grads)
+
+
+def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
+    """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
     steps, batch, inp, hidden = tape.shape
     dtype = tape.dtype
     gh = GATES[tape.cell] * hidden
@@ -87,9 +104,8 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
         grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, hidden), dtype),
                            np.zeros(gh, dtype) if has_bias else None,
                            np.zeros(gh, dtype) if has_bias else None, None)
-    dh0, dc0, dh_norm = _core.layer_backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx,
-                                    grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
-                                    accumulate_dx)
+    dh0, dc0, dh_norm = _core.layer_backward(tape, dy, dh_n, dc_n, dx, grads.weight_ih, grads.weight_hh,
+                                             grads.bias_ih, grads.bias_hh, accumulate_dx)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
                       dh_norm)
 

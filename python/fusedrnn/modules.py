@@ -10,8 +10,8 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _checks, _core
-from .functional import GATES, layer_backward, layer_forward
+from . import _checks, _core, _stack
+from .functional import CELLS, GATES, has_cell_state
 
 
 class _Context:
@@ -85,15 +85,14 @@ class _Module:
 
 class RNNBase(_Module):
     """Shared machinery of LSTM, GRU and RNN: parameters, state dicts, forward over layers and
-    directions, backward, gradient accumulation. Subclasses fix the cell."""
-
-    _has_cell_state = False
+    directions (through the layer-stack driver, _stack), backward, gradient accumulation. Subclasses
+    fix the cell."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, *, dtype=np.float32, seed: int | None = None,
                  cell_clip: float | None = None):
-        self.cell = cell
+        self.cell = _checks.cell(cell)
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
@@ -106,13 +105,7 @@ class RNNBase(_Module):
             raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
         self.dropout = float(dropout)
         self.dtype = _checks.float_dtype("dtype", dtype)
-        if cell_clip is not None:
-            if isinstance(cell_clip, bool) or not isinstance(cell_clip, numbers.Real):
-                raise TypeError(f"cell_clip: expected a positive float or None, got {type(cell_clip).__name__}")
-            if not 0 < cell_clip < math.inf:
-                raise ValueError(f"cell_clip: expected a positive finite bound, got {cell_clip}")
-            cell_clip = float(cell_clip)
-        self.cell_clip = cell_clip
+        self.cell_clip = _checks.cell_clip(cell_clip, cell)
         # ||dL/dh_t|| of each layer direction (L*D, T), in time order, from the last backward.
         self.hidden_grad_norms: np.ndarray | None = None
         self.training = True
@@ -129,6 +122,10 @@ class RNNBase(_Module):
         self._init_thread_state()
 
     # ---- parameters -------------------------------------------------------------------------------
+
+    @property
+    def _has_cell_state(self) -> bool:
+        return has_cell_state(self.cell)
 
     @property
     def num_directions(self) -> int:
@@ -148,10 +145,12 @@ class RNNBase(_Module):
     def _direction_suffixes(self):
         return ("", "_reverse") if self.bidirectional else ("",)
 
-    def _layer_weights(self, source, layer: int, direction: int):
-        suffix = self._direction_suffixes()[direction]
+    def _stack_weights(self, source) -> list:
+        """`source`'s arrays (the parameters or their gradients) as the driver takes them:
+        [layer][direction] -> (weight_ih, weight_hh, bias_ih, bias_hh), the biases None without bias."""
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return [source.get(f"{n}_l{layer}{suffix}") for n in names]
+        return [[tuple(source.get(f"{n}_l{layer}{suffix}") for n in names)
+                 for suffix in self._direction_suffixes()] for layer in range(self.num_layers)]
 
     def __getattr__(self, name):
         params = self.__dict__.get("_params")
@@ -256,41 +255,16 @@ class RNNBase(_Module):
             raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
         lens = _checks.lengths(lengths, steps, batch)
 
-        hidden, dirs = self.hidden_size, self.num_directions
-        h_n = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
-        c_n = np.empty_like(h_n) if self._has_cell_state else None
         training = self.training
-        tapes, masks = [], []
-        layer_input = np.ascontiguousarray(x)
-        for layer in range(self.num_layers):
-            y = _core.aligned_empty((steps, batch, dirs * hidden), self.dtype)
-            layer_tapes = []
-            for d in range(dirs):
-                k = layer * dirs + d
-                w_ih, w_hh, b_ih, b_hh = self._layer_weights(self._params, layer, d)
-                out = layer_forward(self.cell, layer_input, w_ih, w_hh, b_ih, b_hh,
-                                    None if h0 is None else h0[k], None if c0 is None else c0[k],
-                                    lengths=lens, reverse=d == 1, training=training, check_finite=False,
-                                    out=y[:, :, d * hidden:(d + 1) * hidden], cell_clip=self.cell_clip)
-                h_n[k] = out.h_n
-                if c_n is not None:
-                    c_n[k] = out.c_n
-                layer_tapes.append(out.tape)
-            tapes.append(layer_tapes)
-            if training and self.dropout > 0 and layer < self.num_layers - 1:
-                mask = self._dropout_mask(y.shape)
-                masks.append(mask)
-                y = y * mask
-            else:
-                masks.append(None)
-            layer_input = y
-
+        dropout = self._dropout_mask if training and self.dropout > 0 else None
+        y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, self._stack_weights(self._params), h0, c0,
+                                                   lengths=lens, training=training, cell_clip=self.cell_clip,
+                                                   dropout=dropout)
         self._pending = None
         if training:
-            inner_inputs_nbytes = (self.num_layers - 1) * steps * batch * dirs * hidden * self.dtype.itemsize
+            inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
                                  inner_inputs_nbytes)
-        y = layer_input
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
             c_n = None if c_n is None else c_n[:, 0, :]
@@ -338,34 +312,9 @@ class RNNBase(_Module):
             return self._backward(ctx, dy, dh_n, dc_n)
 
     def _backward(self, ctx: _Context, dy, dh_n, dc_n):
-        steps, batch, _ = ctx.input_shape
-        hidden, dirs = self.hidden_size, self.num_directions
+        dx, dh0, dc0, dh_norms = _stack.backward(ctx.tapes, dy, dh_n, dc_n, dropout_masks=ctx.dropout_masks,
+                                                 grads=self._stack_weights(self.grads))
         unbatched = ctx.unbatched
-
-        dh0 = np.empty((self.num_layers * dirs, batch, hidden), self.dtype)
-        dc0 = np.empty_like(dh0) if self._has_cell_state else None
-        dh_norms = np.empty((self.num_layers * dirs, steps))
-        grad_out = dy
-        for layer in reversed(range(self.num_layers)):
-            dx = None  # the first direction's backward creates it, the second adds into it
-            for d in range(dirs):
-                k = layer * dirs + d
-                g_ih, g_hh, gb_ih, gb_hh = self._layer_weights(self.grads, layer, d)
-                grads = _GradBuffers(g_ih, g_hh, gb_ih, gb_hh)
-                res = layer_backward(ctx.tapes[layer][d],
-                                     None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
-                                     None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
-                                     dx=dx, grads=grads)
-                dx = res.dx
-                dh0[k] = res.dh0
-                dh_norms[k] = res.dh_norm
-                if dc0 is not None:
-                    dc0[k] = res.dc0
-            if layer > 0 and ctx.dropout_masks[layer - 1] is not None:
-                dx *= ctx.dropout_masks[layer - 1]
-            grad_out = dx
-
-        dx = grad_out
         self.hidden_grad_norms = dh_norms
         if unbatched:
             dx, dh0 = dx[:, 0, :], dh0[:, 0, :]
@@ -390,18 +339,12 @@ class RNNBase(_Module):
                 np.add(prev, g, out=prev)
 
 
-class _GradBuffers:
-    __slots__ = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
-    def __init__(self, weight_ih, weight_hh, bias_ih, bias_hh):
-        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = weight_ih, weight_hh, bias_ih, bias_hh
-
-
 class LSTM(RNNBase):
     """Long short-term memory layers, as torch.nn.LSTM (no proj_size). `cell_clip` bounds the cell state
-    to [-cell_clip, cell_clip] after every update (no gradient flows through a clamped entry)."""
+    to [-cell_clip, cell_clip] after every update (no gradient flows through an entry whose update
+    reached the bound)."""
 
-    _has_cell_state = True
+    cells = ("lstm",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, *, dtype=np.float32, seed=None, cell_clip=None):
@@ -412,6 +355,8 @@ class LSTM(RNNBase):
 class GRU(RNNBase):
     """Gated recurrent unit layers, as torch.nn.GRU."""
 
+    cells = ("gru",)
+
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, *, dtype=np.float32, seed=None):
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -421,24 +366,28 @@ class GRU(RNNBase):
 class RNN(RNNBase):
     """Elman RNN layers with tanh or relu, as torch.nn.RNN (same positional order: nonlinearity 4th)."""
 
+    cells = tuple(c for c in CELLS if c.startswith("rnn_"))  # "rnn_" + nonlinearity
+
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        if f"rnn_{nonlinearity}" not in self.cells:
+            expected = " or ".join(repr(c[len("rnn_"):]) for c in self.cells)
+            raise ValueError(f"nonlinearity: expected {expected}, got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype=dtype, seed=seed)
 
 
 def make_module(cell: str, input_size: int, hidden_size: int, **kwargs) -> RNNBase:
-    """The module for a functional cell name: "lstm", "gru", "rnn_tanh" or "rnn_relu"."""
-    if cell == "lstm":
-        return LSTM(input_size, hidden_size, **kwargs)
-    if cell == "gru":
-        return GRU(input_size, hidden_size, **kwargs)
-    if cell in ("rnn_tanh", "rnn_relu"):
+    """The module for a functional cell name (one of functional.CELLS): its class (LSTM, GRU, RNN with
+    the nonlinearity the name gives), or RNNBase itself for a cell no class claims."""
+    _checks.cell(cell)
+    if cell in RNN.cells:
         return RNN(input_size, hidden_size, nonlinearity=cell[len("rnn_"):], **kwargs)
-    raise ValueError(f"cell: expected 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got {cell!r}")
+    for cls in (LSTM, GRU):
+        if cell in cls.cells:
+            return cls(input_size, hidden_size, **kwargs)
+    return RNNBase(cell, input_size, hidden_size, **kwargs)
 
 
 class Linear(_Module):

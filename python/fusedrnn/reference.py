@@ -6,7 +6,10 @@ hand-written backpropagation through time (no autodiff). Weights and gate order 
 
     RNN   h' = act(W_ih x + b_ih + W_hh h + b_hh)                     act = tanh or relu
     LSTM  gates i, f, g, o:  c' = f*c + i*g,  h' = o*tanh(c')
-          with cell_clip: c' = clip(f*c + i*g, -cell_clip, cell_clip), no gradient through a clamped entry
+          with cell_clip: c' = clip(f*c + i*g, -cell_clip, cell_clip), and no gradient flows through an
+          entry with |f*c + i*g| >= cell_clip: the kernels store c' clamped and cannot tell an update
+          that landed exactly on the bound from one beyond it, so an entry at the bound counts as
+          clamped (unlike torch.clamp, which passes the gradient there)
     GRU   gates r, z, n:     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)),  h' = (1-z)*n + z*h
 
 Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); biases (G*H,); h0, c0 (B, H).
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .functional import GATES
+from .functional import GATES, has_cell_state
 
 
 def sigmoid(a):
@@ -58,8 +61,8 @@ def lstm_forward(xg, hg, h, c, cell_clip=None):
     ai, af, ag, ao = _split(xg + hg, 4)
     i, f, g, o = sigmoid(ai), sigmoid(af), np.tanh(ag), sigmoid(ao)
     c_raw = f * c + i * g
-    # Like torch.clamp, an entry exactly at the bound still passes its gradient.
-    passes = np.ones_like(c_raw) if cell_clip is None else (np.abs(c_raw) <= cell_clip).astype(np.float64)
+    # As the kernels (cells.h): an entry that reached the bound, exactly or beyond, passes no gradient.
+    passes = np.ones_like(c_raw) if cell_clip is None else (np.abs(c_raw) < cell_clip).astype(np.float64)
     c_new = c_raw if cell_clip is None else np.clip(c_raw, -cell_clip, cell_clip)
     tanh_c = np.tanh(c_new)
     h_new = o * tanh_c
@@ -158,13 +161,13 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
         keep = valid[t][:, None]
         y[t] = np.where(keep, h_new, 0.0)
         h = np.where(keep, h_new, h)
-        if cell == "lstm":
+        if has_cell_state(cell):
             c = np.where(keep, c_new, c)
-    return y, h, (c if cell == "lstm" else None), cache
+    return y, h, (c if has_cell_state(cell) else None), cache
 
 
 def backward(cache, dy=None, dh_n=None, dc_n=None):
-    """Backpropagation through time. Returns a dict with dx, dh0, dc0 (LSTM, else None), weight_ih,
+    """Backpropagation through time. Returns a dict with dx, dh0, dc0 (None without a cell state), weight_ih,
     weight_hh, bias_ih and bias_hh (None without biases), and dh_norm (T,): the L2 norm over the rows
     that take part in step t and all hidden units of the whole gradient reaching the hidden state of
     step t (its output's plus the later steps')."""
@@ -195,12 +198,12 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
         db_hh += dhg.sum(axis=0)
         # A padded step passes the state (and its gradient) through unchanged.
         dh = np.where(keep, dh_direct + dhg @ w_hh, dh)
-        if cache.cell == "lstm":
+        if has_cell_state(cache.cell):
             dc = np.where(keep, dc_prev, dc)
     return {
         "dx": dx,
         "dh0": dh,
-        "dc0": dc if cache.cell == "lstm" else None,
+        "dc0": dc if has_cell_state(cache.cell) else None,
         "weight_ih": dw_ih,
         "weight_hh": dw_hh,
         "bias_ih": db_ih if cache.has_bias else None,
@@ -236,7 +239,7 @@ def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectio
             c_n.append(c)
             caches.append(cache)
         layer_input = np.concatenate(outputs, axis=2)
-    return layer_input, np.stack(h_n), (np.stack(c_n) if cell == "lstm" else None), caches
+    return layer_input, np.stack(h_n), (np.stack(c_n) if has_cell_state(cell) else None), caches
 
 
 def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidirectional=False):
@@ -260,4 +263,4 @@ def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidir
                 if g[name] is not None:
                     grads[f"{name}_l{layer}{suffix}"] = g[name]
         grad_out = dx
-    return grad_out, np.stack(dh0), (np.stack(dc0) if cell == "lstm" else None), grads, np.stack(dh_norm)
+    return grad_out, np.stack(dh0), (np.stack(dc0) if has_cell_state(cell) else None), grads, np.stack(dh_norm)

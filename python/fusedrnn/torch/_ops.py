@@ -3,7 +3,8 @@ backward `fusedrnn::rnn_layer_backward`, registered with torch.library so that a
 torch.compile and torch.export see them as single opaque operators with known output shapes.
 
 Tensors reach the core as NumPy views of their memory (`.detach().numpy()`, no copy); outputs are
-tensors over the arrays the core writes.
+tensors over the arrays the core writes. The directions of a layer run through the layer-stack driver
+(fusedrnn._stack), as the NumPy modules' do; the loop over layers is the torch modules'.
 
 What a forward records for backward (the core's tapes) is not a tensor, so the forward returns a
 0-d int64 "tape handle" tensor instead. Its storage is a small NumPy array that also holds the tapes:
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _checks, functional
+from .. import _checks, _stack
+from ..functional import has_cell_state
+
 
 class _TapeArray(np.ndarray):
     """A 0-d int64 array (the handle's key) that carries the tapes of one layer call."""
@@ -63,17 +66,18 @@ SLOTS_PER_DIRECTION = 4
 
 
 def _by_direction(weights):
-    """The (weight_ih, weight_hh, bias_ih, bias_hh) of each direction present."""
-    return [weights[d:d + SLOTS_PER_DIRECTION] for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION)
-            if weights[d] is not None]
+    """The (weight_ih, weight_hh, bias_ih, bias_hh) arrays of each direction present, as the driver
+    takes them."""
+    return [tuple(_array(t) for t in weights[d:d + SLOTS_PER_DIRECTION])
+            for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION) if weights[d] is not None]
 
 
 def _state_shapes(x, weight_hh, weight_ih_reverse, cell):
-    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell is an LSTM."""
+    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell has a cell state."""
     steps, batch, _ = x.shape
     dirs, hidden = 1 if weight_ih_reverse is None else 2, weight_hh.shape[1]
     state = (dirs, batch, hidden)
-    return (steps, batch, dirs * hidden), state, state if cell == "lstm" else (0,)
+    return (steps, batch, dirs * hidden), state, state if has_cell_state(_checks.cell(cell)) else (0,)
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
@@ -86,13 +90,13 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
     """One recurrent layer over a sequence, every direction given weights.
 
     x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS); h0, c0 (D, B, H) or
-    None (zeros); lengths (B,) int64 or None (all T). Returns y (T, B, D*H) (zero past each row's
-    length), h_n (D, B, H), c_n (D, B, H) for an LSTM and an empty tensor otherwise, and a tape handle
-    for rnn_layer_backward (meaningful when `record`). `check_finite` rejects NaN/inf in x, h0 and c0
-    with a ValueError."""
+    None (zeros); lengths (B,) integers in [1, T] or None (all T). Returns y (T, B, D*H) (zero past each
+    row's length), h_n (D, B, H), c_n (D, B, H) for a cell with a cell state and an empty tensor
+    otherwise, and a tape handle for rnn_layer_backward (meaningful when `record`). `check_finite`
+    rejects NaN/inf in x, h0 and c0 with a ValueError."""
     weights = (weight_ih, weight_hh, bias_ih, bias_hh,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
-    xa = np.ascontiguousarray(_array(x))  # both directions read one contiguous copy at most
+    xa = np.ascontiguousarray(_array(x))  # the driver's directions read this one copy
     h0a, c0a = _array(h0), _array(c0)
     if check_finite:
         for name, arr in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
@@ -100,19 +104,10 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
                 _checks.finite(name, arr)
     y, h_n, c_n = (torch.empty(shape, dtype=x.dtype)
                    for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell))
-    ya, h_na, c_na = y.numpy(), h_n.numpy(), c_n.numpy()
-    hidden = weight_hh.shape[1]
-    lens = _array(lengths)
-    tapes = []
-    for d, w in enumerate(_by_direction(weights)):
-        out = functional.layer_forward(
-            cell, xa, *(_array(t) for t in w), None if h0a is None else h0a[d],
-            None if c0a is None else c0a[d], lengths=lens, reverse=d == 1, training=record,
-            out=ya[:, :, d * hidden:(d + 1) * hidden], check_finite=False)
-        h_na[d] = out.h_n
-        if out.c_n is not None:
-            c_na[d] = out.c_n
-        tapes.append(out.tape)
+    lens = _checks.lengths(_array(lengths), xa.shape[0], xa.shape[1])
+    tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record,
+                                 y=y.numpy(), h_n=h_n.numpy(),
+                                 c_n=c_n.numpy() if has_cell_state(cell) else None)
     handle = _tape_handle(tapes) if record else torch.tensor(_NO_TAPE)
     return y, h_n, c_n, handle
 
@@ -137,20 +132,11 @@ def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Te
     weights are empty tensors."""
     tapes = _tapes_of(tape)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
-    hidden = weight_hh.shape[1]
-    dya, dh_na, dc_na = _array(dy), _array(dh_n), _array(dc_n)
-    dx = None  # the first direction's backward creates it, the second adds into it
     dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
-    dh0a, dc0a = dh0.numpy(), dc0.numpy()
+    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0.numpy(),
+                                              dc0=dc0.numpy() if has_cell_state(cell) else None)
     grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
-    for d, tape_d in enumerate(tapes):
-        g = functional.layer_backward(
-            tape_d, None if dya is None else dya[:, :, d * hidden:(d + 1) * hidden],
-            None if dh_na is None else dh_na[d], None if dc_na is None else dc_na[d], dx=dx)
-        dx = g.dx
-        dh0a[d] = g.dh0
-        if g.dc0 is not None:
-            dc0a[d] = g.dc0
+    for d, g in enumerate(per_direction):
         for k, value in enumerate((g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)):
             if value is not None:
                 grads[d * SLOTS_PER_DIRECTION + k] = torch.from_numpy(value)

@@ -5,7 +5,8 @@ parameters, state_dict keys, `_flat_weights` bookkeeping and repr are torch's ow
 differs. They do not subclass torch.nn.LSTM/GRU/RNN themselves: torch.compile refuses to trace any
 module that is an instance of those. Between layers the output goes through torch's own dropout, in
 the layout torch drops in (packed rows for a PackedSequence), so under the same torch.manual_seed the
-masks are the ones torch.nn would draw.
+masks are the ones torch.nn would draw. The loop over layers (each layer's initial states, dropout
+between layers) is the layer-stack driver's (fusedrnn._stack.over_layers), as for the NumPy modules.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import _stack
+from ..functional import CELLS, has_cell_state
 from ._ops import SLOTS_PER_DIRECTION, rnn_layer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+_CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
 
 
 class _FusedRNNBase(nn.RNNBase):
@@ -43,8 +46,12 @@ class _FusedRNNBase(nn.RNNBase):
     def _cell(self) -> str:
         return _CELLS[self.mode]
 
+    @property
+    def _has_cell_state(self) -> bool:
+        return has_cell_state(self._cell)
+
     def _state_names(self):
-        return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
+        return ("h_0", "c_0") if self._has_cell_state else ("hx",)
 
     def forward(self, input, hx=None):
         # By name rather than from the _flat_weights cache: torch.func.functional_call and
@@ -74,25 +81,25 @@ class _FusedRNNBase(nn.RNNBase):
         if sorted_indices is not None:  # hx is in the caller's batch order; the rows run sorted
             h0 = None if h0 is None else h0.index_select(1, sorted_indices)
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
-        # The core takes lengths only where some row is shorter than T.
-        run_lengths = None if lengths is None or bool((lengths == steps).all()) else lengths
 
         dirs = 2 if self.bidirectional else 1
         per_direction = 4 if self.bias else 2
-        grad_on = torch.is_grad_enabled()
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            layer_weights = weights[layer * dirs * per_direction:(layer + 1) * dirs * per_direction]
-            w = _weight_slots(layer_weights, per_direction)
-            states = [s[layer * dirs:(layer + 1) * dirs] if s is not None else None for s in (h0, c0)]
-            record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, *states))
-            x, h, c, _ = rnn_layer(x, *w, states[0], states[1], run_lengths, self._cell, record, layer == 0)
-            h_n.append(h)
-            c_n.append(c)
-            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
-                x = _dropout(x, self.dropout, batch_sizes if packed else None)
+        per_layer = dirs * per_direction
+        grad_on, cell = torch.is_grad_enabled(), self._cell
+
+        def run_layer(layer, x, h0_l, c0_l):
+            w = _weight_slots(weights[layer * per_layer:(layer + 1) * per_layer], per_direction)
+            record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, h0_l, c0_l))
+            y, h, c, _ = rnn_layer(x, *w, h0_l, c0_l, lengths, cell, record, layer == 0)
+            return y, h, c
+
+        def dropout(layer, y):
+            return _dropout(y, self.dropout, batch_sizes if packed else None)
+
+        x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
+                                         between=dropout if self.training and self.dropout > 0 else None)
         h_n = torch.cat(h_n) if self.num_layers > 1 else h_n[0]
-        c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if self.mode == "LSTM" else None
+        c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if self._has_cell_state else None
 
         if packed:
             output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes, sorted_indices,
@@ -105,14 +112,14 @@ class _FusedRNNBase(nn.RNNBase):
             c_n = None if c_n is None else c_n.squeeze(1)
         else:
             output = x.transpose(0, 1) if self.batch_first else x
-        return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+        return output, ((h_n, c_n) if self._has_cell_state else h_n)
 
     def _initial_states(self, hx, batch: int, unbatched: bool, dtype):
         """(h0, c0) as (L*D, B, H) tensors or None, checked against the input."""
         if hx is None:
             return None, None
         names = self._state_names()
-        if self.mode == "LSTM":
+        if self._has_cell_state:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"hx: expected a tuple (h_0, c_0) of tensors for an LSTM, got {type(hx).__name__}")
             states = tuple(hx)
@@ -130,7 +137,7 @@ class _FusedRNNBase(nn.RNNBase):
                 raise ValueError(f"{name}: expected shape {want}, got {tuple(s.shape)}")
         if unbatched:
             states = tuple(s.unsqueeze(1) for s in states)
-        return states if self.mode == "LSTM" else (states[0], None)
+        return states if self._has_cell_state else (states[0], None)
 
 
 def _weight_slots(layer_weights, per_direction: int) -> list:

@@ -1,0 +1,165 @@
+"""The layer-stack driver: layers of one or two directions over the one-direction core calls, forward
+and backward, for the NumPy modules and the torch adapter alike.
+
+A stack has L layers of D directions (D = 2 when bidirectional, direction 1 running in reverse).
+
+- States h0, c0, h_n, c_n and their gradients are (L*D, B, H): layer l's directions are the rows
+  `layer_rows(l, D)`, direction d of them at row l*D + d.
+- A layer's output y is (T, B, D*H): direction d writes the features `direction(y, d, H)`, that is
+  d*H:(d+1)*H; the next layer reads all of them as its input.
+- Weights: `weights[l][d]` is (weight_ih, weight_hh, bias_ih, bias_hh) in torch.nn's layout, the biases
+  None without bias.
+- Dropout (training only) multiplies every layer's output but the last; how the mask is drawn is the
+  caller's (its own random generator, or torch's).
+
+Nothing here checks its arguments: every entry point (modules, functional, torch operators) checks
+each argument once, with the rules in _checks, and passes the checked values on (lengths as int64 (B,)
+or None, cell_clip from _checks.cell_clip, finite inputs). Sequence-major (T, B, ...) throughout;
+batch_first and unbatched inputs are the caller's business.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from . import _core
+from .functional import LayerGrads, _backward, _forward, has_cell_state
+
+
+def layer_rows(layer: int, num_directions: int) -> slice:
+    """The rows of layer `layer`'s directions in an (L*D, B, H) state array."""
+    return slice(layer * num_directions, (layer + 1) * num_directions)
+
+
+def direction(a, d: int, hidden: int):
+    """Direction d's (T, B, H) view of a layer's (T, B, D*H) output or its gradient (None: None)."""
+    return None if a is None else a[:, :, d * hidden:(d + 1) * hidden]
+
+
+def _at(a, index):
+    return None if a is None else a[index]
+
+
+def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, num_directions: int,
+                between: Callable | None = None):
+    """The loop over a stack's layers, for any array type (NumPy arrays, torch tensors).
+
+    `run_layer(layer, x, h0_l, c0_l)` runs one layer on its input x with its rows of h0 and c0 (each
+    (D, B, H), or None where the state is absent) and returns (y, h_n_l, c_n_l). `between(layer, y)`,
+    when given, transforms each output but the last layer's before the next layer reads it (dropout).
+    Returns the last layer's y and the lists of each layer's h_n_l and c_n_l, in layer order."""
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        rows = layer_rows(layer, num_directions)
+        x, h, c = run_layer(layer, x, _at(h0, rows), _at(c0, rows))
+        h_n.append(h)
+        c_n.append(c)
+        if between is not None and layer < num_layers - 1:
+            x = between(layer, x)
+    return x, h_n, c_n
+
+
+def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, training: bool, y, h_n,
+                  c_n=None, cell_clip=None) -> list:
+    """One layer, every direction: x (T, B, I); weights [(weight_ih, weight_hh, bias_ih, bias_hh)] one
+    per direction; h0, c0 (D, B, H) or None. Writes y (T, B, D*H), h_n and c_n (D, B, H; c_n only for
+    a cell with a cell state) and returns each direction's tape (None when not training)."""
+    x = np.ascontiguousarray(x)  # every direction reads one contiguous copy at most
+    hidden = y.shape[2] // len(weights)
+    tapes = []
+    for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        out = _forward(cell, x, w_ih, w_hh, b_ih, b_hh, _at(h0, d), _at(c0, d), lengths, d == 1, training,
+                       direction(y, d, hidden), cell_clip)
+        h_n[d] = out.h_n
+        if c_n is not None:
+            c_n[d] = out.c_n
+        tapes.append(out.tape)
+    return tapes
+
+
+def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None, dh_norm=None,
+                   grads=None):
+    """Backward of one forward_layer(training=True): dy (T, B, D*H), dh_n and dc_n (D, B, H) or None
+    (zero). Writes dh0, dc0 (D, B, H; dc0 only for a cell with a cell state) and dh_norm (D, T) when
+    given. `grads[d]` (weight_ih, weight_hh, bias_ih, bias_hh) is added into for direction d; without
+    it each direction's are created. Returns (dx (T, B, I), [LayerGrads of each direction])."""
+    hidden = tapes[0].shape[3]
+    dx = None  # the first direction's backward writes it, the second adds into it
+    results = []
+    for d, tape in enumerate(tapes):
+        into = None if grads is None else LayerGrads(None, None, None, *grads[d])
+        g = _backward(tape, direction(dy, d, hidden), _at(dh_n, d), _at(dc_n, d), dx, into)
+        dx = g.dx
+        dh0[d] = g.dh0
+        if dc0 is not None:
+            dc0[d] = g.dc0
+        if dh_norm is not None:
+            dh_norm[d] = g.dh_norm
+        results.append(g)
+    return dx, results
+
+
+class StackOutput(NamedTuple):
+    y: np.ndarray              # (T, B, D*H), the last layer's output
+    h_n: np.ndarray            # (L*D, B, H)
+    c_n: np.ndarray | None     # (L*D, B, H) for a cell with a cell state, else None
+    tapes: list                # tapes[layer][direction]; None entries when not training
+    dropout_masks: list        # the mask applied to layer l's output (l < L-1), or None
+
+
+class StackGrads(NamedTuple):
+    dx: np.ndarray             # (T, B, I)
+    dh0: np.ndarray            # (L*D, B, H)
+    dc0: np.ndarray | None     # (L*D, B, H) for a cell with a cell state, else None
+    dh_norm: np.ndarray        # (L*D, T) float64: each layer direction's gradient norms, time order
+
+
+def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
+            cell_clip=None, dropout: Callable | None = None) -> StackOutput:
+    """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0, c0 (L*D, B, H) or
+    None. `dropout(shape)`, when given, draws the mask that multiplies each layer's output but the
+    last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate cache lines."""
+    steps, batch, _ = x.shape
+    num_layers, dirs = len(weights), len(weights[0])
+    hidden = weights[0][0][1].shape[1]
+    h_n = np.empty((num_layers * dirs, batch, hidden), x.dtype)
+    c_n = np.empty_like(h_n) if has_cell_state(cell) else None
+    tapes, masks = [], [None] * (num_layers - 1)
+
+    def run_layer(layer, layer_input, h0_l, c0_l):
+        rows = layer_rows(layer, dirs)
+        y = _core.aligned_empty((steps, batch, dirs * hidden), x.dtype)
+        tapes.append(forward_layer(cell, layer_input, weights[layer], h0_l, c0_l, lengths=lengths,
+                                   training=training, y=y, h_n=h_n[rows], c_n=_at(c_n, rows),
+                                   cell_clip=cell_clip))
+        return y, None, None
+
+    def drop(layer, y):
+        masks[layer] = dropout(y.shape)
+        return y * masks[layer]
+
+    y, _, _ = over_layers(run_layer, x, h0, c0, num_layers=num_layers, num_directions=dirs,
+                          between=None if dropout is None else drop)
+    return StackOutput(y, h_n, c_n, tapes, masks)
+
+
+def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads) -> StackGrads:
+    """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*H), dh_n and dc_n
+    (L*D, B, H) or None (zero). `grads[layer][direction]` (weight_ih, weight_hh, bias_ih, bias_hh)
+    are added into."""
+    num_layers, dirs = len(tapes), len(tapes[0])
+    steps, batch, _, hidden = tapes[0][0].shape
+    dh0 = np.empty((num_layers * dirs, batch, hidden), tapes[0][0].dtype)
+    dc0 = np.empty_like(dh0) if has_cell_state(tapes[0][0].cell) else None
+    dh_norm = np.empty((num_layers * dirs, steps))
+    grad_out = dy
+    for layer in reversed(range(num_layers)):
+        rows = layer_rows(layer, dirs)
+        dx, _ = backward_layer(tapes[layer], grad_out, _at(dh_n, rows), _at(dc_n, rows), dh0=dh0[rows],
+                               dc0=_at(dc0, rows), dh_norm=dh_norm[rows], grads=grads[layer])
+        if layer > 0 and dropout_masks[layer - 1] is not None:
+            dx *= dropout_masks[layer - 1]
+        grad_out = dx
+    return StackGrads(grad_out, dh0, dc0, dh_norm)
