@@ -1,5 +1,5 @@
-// pybind11 bindings: check and translate NumPy arrays into the core's argument structs, release the
-// GIL, call the core. No numerics here.
+// pybind11 bindings: check NumPy arrays once, describe them as the views of the neutral layer API
+// (fusedrnn/layer.h, no copies), release the GIL and call the CPU backend. No numerics here.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,14 +13,17 @@
 #include <limits>
 #include <stdexcept>
 
-#include "fusedrnn/blas.h"
-#include "fusedrnn/kernels.h"
-#include "fusedrnn/passes.h"
-#include "fusedrnn/recurrence.h"
+#include "fusedrnn/cells.h"
+#include "fusedrnn/cpu/backend.h"
+#include "fusedrnn/cpu/blas.h"
+#include "fusedrnn/cpu/kernels.h"
+#include "fusedrnn/cpu/passes.h"
+#include "fusedrnn/layer.h"
 
 namespace py = pybind11;
+namespace cpu = fusedrnn::cpu;
 using fusedrnn::CellKind;
-using Index = std::int64_t;
+using fusedrnn::Index;
 
 namespace {
 
@@ -49,17 +52,17 @@ std::string name_of(E value, const Named<E> (&table)[N]) {
   return "";
 }
 
-constexpr Named<fusedrnn::SplitPreference> kSplitNames[] = {{"auto", fusedrnn::SplitPreference::kAuto},
-                                                            {"rows", fusedrnn::SplitPreference::kRows},
-                                                            {"units", fusedrnn::SplitPreference::kUnits}};
-constexpr Named<fusedrnn::ProjectionPreference> kProjectionNames[] = {
-    {"auto", fusedrnn::ProjectionPreference::kAuto},
-    {"in_steps", fusedrnn::ProjectionPreference::kInSteps},
-    {"up_front", fusedrnn::ProjectionPreference::kUpFront}};
-constexpr Named<fusedrnn::WeightGradPreference> kWeightGradNames[] = {
-    {"auto", fusedrnn::WeightGradPreference::kAuto},
-    {"rows", fusedrnn::WeightGradPreference::kRows},
-    {"gate_rows", fusedrnn::WeightGradPreference::kGateRows}};
+constexpr Named<cpu::SplitPreference> kSplitNames[] = {{"auto", cpu::SplitPreference::kAuto},
+                                                            {"rows", cpu::SplitPreference::kRows},
+                                                            {"units", cpu::SplitPreference::kUnits}};
+constexpr Named<cpu::ProjectionPreference> kProjectionNames[] = {
+    {"auto", cpu::ProjectionPreference::kAuto},
+    {"in_steps", cpu::ProjectionPreference::kInSteps},
+    {"up_front", cpu::ProjectionPreference::kUpFront}};
+constexpr Named<cpu::WeightGradPreference> kWeightGradNames[] = {
+    {"auto", cpu::WeightGradPreference::kAuto},
+    {"rows", cpu::WeightGradPreference::kRows},
+    {"gate_rows", cpu::WeightGradPreference::kGateRows}};
 
 CellKind parse_cell(const std::string& name) {
   std::string choices;
@@ -158,6 +161,53 @@ Index checked_output(const py::array& arr, const char* name, const std::vector<I
 template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
+// `arr` itself when its data is aligned for T and every stride is a whole number of elements (any NumPy
+// array of T's dtype but a view cut from a raw byte buffer), else an aligned C-contiguous copy: the views
+// of layer.h count strides in elements.
+template <typename T>
+py::array element_addressable(const py::array& arr) {
+  bool whole = reinterpret_cast<std::uintptr_t>(arr.data()) % alignof(T) == 0;
+  for (py::ssize_t d = 0; d < arr.ndim(); ++d) whole = whole && arr.strides(d) % static_cast<py::ssize_t>(sizeof(T)) == 0;
+  return whole ? arr : py::array(arr.attr("copy")());
+}
+
+// The layer.h view of a checked array of T (element_addressable): its data and strides in elements.
+template <typename T, typename V>
+V view_of(const py::array& arr) {
+  V v;
+  v.data = static_cast<decltype(v.data)>(const_cast<void*>(arr.data()));
+  constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
+  if constexpr (std::is_same_v<V, fusedrnn::View1<std::remove_pointer_t<decltype(v.data)>>>)
+    v.stride = arr.strides(0) / item;
+  else
+    for (py::ssize_t d = 0; d < arr.ndim(); ++d) v.stride[d] = arr.strides(d) / item;
+  return v;
+}
+
+template <typename T>
+fusedrnn::View3<const T> in3(const py::array& a) { return view_of<T, fusedrnn::View3<const T>>(a); }
+template <typename T>
+fusedrnn::View2<const T> in2(const py::array& a) { return view_of<T, fusedrnn::View2<const T>>(a); }
+template <typename T>
+fusedrnn::View3<T> out3(const py::array& a) { return view_of<T, fusedrnn::View3<T>>(a); }
+template <typename T>
+fusedrnn::View2<T> out2(const py::array& a) { return view_of<T, fusedrnn::View2<T>>(a); }
+template <typename T>
+fusedrnn::View1<T> out1(const py::array& a) { return view_of<T, fusedrnn::View1<T>>(a); }
+
+// The view of an optional (None: absent) array.
+template <typename T>
+fusedrnn::View2<const T> in2_or_null(const py::object& obj) {
+  return obj.is_none() ? fusedrnn::View2<const T>{} : in2<T>(py::reinterpret_borrow<py::array>(obj));
+}
+template <typename T>
+fusedrnn::View1<const T> in1_or_null(const py::object& obj) {
+  return obj.is_none() ? fusedrnn::View1<const T>{}
+                       : view_of<T, fusedrnn::View1<const T>>(py::reinterpret_borrow<py::array>(obj));
+}
+template <typename T>
+fusedrnn::View2<T> dense2(T* data, Index cols) { return {data, {cols, 1}}; }
+
 // A new C-contiguous array whose data starts on a 64-byte boundary. The ranks of the thread team own
 // ranges of hidden units that start on 64-byte boundaries of each row; numpy aligns to 16 bytes only,
 // which would put the two sides of each boundary in one cache line that both cores write every step.
@@ -172,17 +222,12 @@ Arr<T> aligned_array(const std::vector<Index>& shape) {
   return Arr<T>(shape, reinterpret_cast<T*>(raw + offset), storage);
 }
 
-// The array behind `obj`, checked for dtype and shape, C-contiguous (copied if it was not).
+// The array behind `obj`, checked for dtype and shape, as it is (any strides; see element_addressable).
 template <typename T>
-Arr<T> checked_input(const py::handle& obj, const char* name, const std::vector<Index>& shape) {
+py::array checked_input(const py::handle& obj, const char* name, const std::vector<Index>& shape) {
   auto arr = require_array(obj, name);
   check_dtype_and_shape<T>(arr, name, shape);
-  return Arr<T>::ensure(arr);
-}
-
-template <typename T>
-const T* data_or_null(const py::object& a) {
-  return a.is_none() ? nullptr : py::cast<Arr<T>>(a).data();
+  return element_addressable<T>(arr);
 }
 
 // Everything forward keeps for backward: the recorded states, the saved gate values, and references to
@@ -198,14 +243,17 @@ struct Tape {
   double cell_clip;                // +inf: none
 };
 
+// A positive finite bound, or None for no bound (the core's +inf); the rule and messages of the modules.
 double checked_cell_clip(const py::object& obj, CellKind cell) {
   if (obj.is_none()) return std::numeric_limits<double>::infinity();
-  if (cell != CellKind::kLstm) throw py::value_error("cell_clip: only an LSTM has a cell state to clip");
-  if (!py::isinstance<py::float_>(obj) && !py::isinstance<py::int_>(obj))
-    throw py::type_error("cell_clip: expected a number, got " +
+  if (!fusedrnn::cell_facts(cell).has_cell_state)
+    throw py::value_error("cell_clip: only an LSTM has a cell state to clip");
+  if (py::isinstance<py::bool_>(obj) || (!py::isinstance<py::float_>(obj) && !py::isinstance<py::int_>(obj)))
+    throw py::type_error("cell_clip: expected a positive float or None, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   const double v = obj.cast<double>();
-  if (!(v > 0.0)) throw py::value_error("cell_clip: expected a positive number, got " + std::string(py::str(obj)));
+  if (!(v > 0.0 && v < std::numeric_limits<double>::infinity()))
+    throw py::value_error("cell_clip: expected a positive finite bound, got " + std::string(py::str(obj)));
   return v;
 }
 
@@ -220,14 +268,15 @@ py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
   if (!py::isinstance<py::array>(obj) ||
       !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<Index>()))
     throw py::type_error("lengths: expected a NumPy int64 array");
-  auto arr = Arr<Index>::ensure(obj);
+  auto arr = element_addressable<Index>(py::reinterpret_borrow<py::array>(obj));
   if (shape_of(arr) != std::vector<Index>{batch})
     throw py::value_error("lengths: expected shape " + shape_str({batch}) + ", got " +
                           shape_str(shape_of(arr)));
+  const fusedrnn::View1<const Index> v = view_of<Index, fusedrnn::View1<const Index>>(arr);
   for (Index b = 0; b < batch; ++b)
-    if (arr.data()[b] < 1 || arr.data()[b] > steps)
+    if (v.data[b * v.stride] < 1 || v.data[b * v.stride] > steps)
       throw py::value_error("lengths: each length must be in [1, " + std::to_string(steps) +
-                            "], got " + std::to_string(arr.data()[b]) + " at index " +
+                            "], got " + std::to_string(v.data[b * v.stride]) + " at index " +
                             std::to_string(b));
   return std::move(arr);
 }
@@ -249,11 +298,11 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
                                        shape_str(shape_of(x_obj)));
   if (!py::isinstance<py::array>(w_hh_obj) || py::reinterpret_borrow<py::array>(w_hh_obj).ndim() != 2)
     throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size)");
-  const int gates = fusedrnn::gate_count(cell);
+  const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(cell);
   const Index hidden = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
   if (hidden < 1) throw py::value_error("weight_hh: hidden_size must be >= 1");
-  const Index gh = gates * hidden;
-  const bool has_c = fusedrnn::has_cell_state(cell);
+  const Index gh = facts.gates * hidden;
+  const bool has_c = facts.has_cell_state;
 
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
   auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
@@ -269,36 +318,33 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
 
   py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, hidden}))
                                     : py::reinterpret_borrow<py::array>(out_obj);
-  const Index ldy = checked_output<T>(out, "out", {steps, batch, hidden});
+  checked_output<T>(out, "out", {steps, batch, hidden});  // its view (strides) goes to the core as it is
 
-  const Index slots = training ? steps + 1 : 2;
-  const int saved_per_unit = fusedrnn::saved_per_unit(cell);
-  Arr<T> hs = aligned_array<T>({slots, batch, hidden});
-  py::object cs = has_c ? py::object(aligned_array<T>({slots, batch, hidden})) : py::none();
-  py::object saved = saved_per_unit == 0 || !training
+  fusedrnn::LayerForwardParams<T> args;
+  args.cell = cell;
+  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(lengths), reverse};
+  const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, args.shape, training);
+  Arr<T> hs = aligned_array<T>({layout.slots, batch, hidden});
+  py::object cs = has_c ? py::object(aligned_array<T>({layout.slots, batch, hidden})) : py::none();
+  py::object saved = layout.saved_values == 0
                          ? py::none()
-                         : py::object(aligned_array<T>({steps, batch, saved_per_unit * hidden}));
+                         : py::object(aligned_array<T>({steps, batch, facts.saved * hidden}));
   Arr<T> h_n = aligned_array<T>({batch, hidden});
   py::object c_n = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
 
-  fusedrnn::LayerForwardArgs<T> args;
-  args.cell = cell;
-  args.shape = {steps, batch, input, hidden,
-                lengths.is_none() ? nullptr : py::cast<Arr<Index>>(lengths).data(), reverse};
-  args.weights = {w_ih.data(), w_hh.data(), data_or_null<T>(b_ih), data_or_null<T>(b_hh)};
-  args.x = x.data();
-  args.h0 = data_or_null<T>(h0);
-  args.c0 = data_or_null<T>(c0);
-  args.y = static_cast<T*>(out.mutable_data());
-  args.ldy = ldy;
-  args.h_n = h_n.mutable_data();
-  args.c_n = has_c ? py::cast<Arr<T>>(c_n).mutable_data() : nullptr;
+  args.weights = {in2<T>(w_ih), in2<T>(w_hh), in1_or_null<T>(b_ih), in1_or_null<T>(b_hh)};
+  args.x = in3<T>(x);
+  args.h0 = in2_or_null<T>(h0);
+  args.c0 = in2_or_null<T>(c0);
+  args.y = out3<T>(out);
+  args.h_n = dense2(h_n.mutable_data(), hidden);
+  if (has_c) args.c_n = dense2(py::cast<Arr<T>>(c_n).mutable_data(), hidden);
   args.tape = {hs.mutable_data(), has_c ? py::cast<Arr<T>>(cs).mutable_data() : nullptr,
                saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training};
   args.cell_clip = static_cast<T>(cell_clip);
   {
     py::gil_scoped_release release;
-    fusedrnn::layer_forward<T>(args);
+    cpu::layer_forward<T>(args);
   }
   py::object tape = py::none();
   if (training)
@@ -330,18 +376,16 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
                          const py::object& grad_w_ih, const py::object& grad_w_hh,
                          const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
-  const Index gh = fusedrnn::gate_count(tape.cell) * hidden;
-  const bool has_c = fusedrnn::has_cell_state(tape.cell);
+  const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
+  const Index gh = facts.gates * hidden;
+  const bool has_c = facts.has_cell_state;
   const bool has_bias = !tape.b_ih.is_none();
 
-  fusedrnn::LayerBackwardArgs<T> args;
+  fusedrnn::LayerBackwardParams<T> args;
   args.cell = tape.cell;
-  args.shape = {steps, batch, input, hidden,
-                tape.lengths.is_none() ? nullptr : py::cast<Arr<Index>>(tape.lengths).data(),
-                tape.reverse};
-  args.weights = {py::cast<Arr<T>>(tape.w_ih).data(), py::cast<Arr<T>>(tape.w_hh).data(),
-                  data_or_null<T>(tape.b_ih), data_or_null<T>(tape.b_hh)};
-  args.x = py::cast<Arr<T>>(tape.x).data();
+  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(tape.lengths), tape.reverse};
+  args.weights = {in2<T>(tape.w_ih), in2<T>(tape.w_hh), in1_or_null<T>(tape.b_ih), in1_or_null<T>(tape.b_hh)};
+  args.x = in3<T>(tape.x);
   args.cell_clip = static_cast<T>(tape.cell_clip);
   args.tape = {static_cast<T*>(tape.hs.request().ptr),
                has_c ? static_cast<T*>(py::cast<py::array>(tape.cs).request().ptr) : nullptr,
@@ -349,53 +393,55 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
                                     : static_cast<T*>(py::cast<py::array>(tape.saved).request().ptr),
                true};
 
-  // dy is read with a row stride, so a column slice of a wider gradient needs no copy.
+  // The output gradients as they are: a column slice of a wider gradient, a broadcast, any strides.
   py::array dy;
   if (!dy_obj.is_none()) {
-    dy = require_array(dy_obj, "dy");
-    check_dtype_and_shape<T>(dy, "dy", {steps, batch, hidden});
-    Index ld = row_stride<T>(dy);
-    if (ld < 0) {
-      dy = Arr<T>::ensure(dy);
-      ld = hidden;
-    }
-    args.dy = static_cast<const T*>(dy.data());
-    args.lddy = ld;
+    dy = checked_input<T>(dy_obj, "dy", {steps, batch, hidden});
+    args.dy = in3<T>(dy);
   }
-  auto dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, hidden});
+  const py::object dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, hidden});
   if (!has_c && !dc_n_obj.is_none()) throw py::value_error("dc_n: only an LSTM has a cell state");
-  auto dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden});
-  args.dh_n = data_or_null<T>(dh_n);
-  args.dc_n = data_or_null<T>(dc_n);
+  const py::object dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden});
+  args.dh_n = in2_or_null<T>(dh_n);
+  args.dc_n = in2_or_null<T>(dc_n);
 
-  auto out_ptr = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> T* {
-    if (obj.is_none()) return nullptr;
+  // The gradient buffers the caller accumulates into: C-contiguous (the API's rule for them).
+  auto out_buffer = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> py::object {
+    if (obj.is_none()) return py::none();
     auto arr = require_array(obj, name);
     const Index ld = checked_output<T>(arr, name, shape);
     if (ld != shape.back() && shape.size() > 1)
       throw py::value_error(std::string(name) + ": must be C-contiguous");
-    return static_cast<T*>(arr.mutable_data());
+    return std::move(arr);
   };
-  args.dx = out_ptr(dx_obj, "dx", {steps, batch, input});
-  args.accumulate_dx = accumulate_dx;
-  args.dw_ih = out_ptr(grad_w_ih, "grad_weight_ih", {gh, input});
-  args.dw_hh = out_ptr(grad_w_hh, "grad_weight_hh", {gh, hidden});
-  if (!args.dw_ih || !args.dw_hh)
+  py::object dx = out_buffer(dx_obj, "dx", {steps, batch, input});
+  py::object dw_ih = out_buffer(grad_w_ih, "grad_weight_ih", {gh, input});
+  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", {gh, hidden});
+  if (dw_ih.is_none() || dw_hh.is_none())
     throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
-  args.db_ih = has_bias ? out_ptr(grad_b_ih, "grad_bias_ih", {gh}) : nullptr;
-  args.db_hh = has_bias ? out_ptr(grad_b_hh, "grad_bias_hh", {gh}) : nullptr;
-  if (has_bias && (!args.db_ih || !args.db_hh))
+  py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grad_bias_ih", {gh}) : py::none();
+  py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", {gh}) : py::none();
+  if (has_bias && (db_ih.is_none() || db_hh.is_none()))
     throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
+  auto as_array = [](const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); };
+  if (!dx.is_none()) args.dx = out3<T>(as_array(dx));
+  args.accumulate_dx = accumulate_dx;
+  args.dw_ih = out2<T>(as_array(dw_ih));
+  args.dw_hh = out2<T>(as_array(dw_hh));
+  if (has_bias) {
+    args.db_ih = out1<T>(as_array(db_ih));
+    args.db_hh = out1<T>(as_array(db_hh));
+  }
 
   Arr<T> dh0 = aligned_array<T>({batch, hidden});
   py::object dc0 = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
-  args.dh0 = dh0.mutable_data();
-  args.dc0 = has_c ? py::cast<Arr<T>>(dc0).mutable_data() : nullptr;
+  args.dh0 = dense2(dh0.mutable_data(), hidden);
+  if (has_c) args.dc0 = dense2(py::cast<Arr<T>>(dc0).mutable_data(), hidden);
   py::array_t<double> dh_norm(steps);
   args.dh_norm = dh_norm.mutable_data();
   {
     py::gil_scoped_release release;
-    fusedrnn::layer_backward<T>(args);
+    cpu::layer_backward<T>(args);
   }
   return py::make_tuple(dh0, dc0, dh_norm);
 }
@@ -458,11 +504,11 @@ PYBIND11_MODULE(_core, m) {
     const Index size = a.size();
     if (a.dtype().is(py::dtype::of<float>())) {
       py::gil_scoped_release release;
-      return fusedrnn::parallel_all_finite(static_cast<const float*>(data), size);
+      return cpu::parallel_all_finite(static_cast<const float*>(data), size);
     }
     if (a.dtype().is(py::dtype::of<double>())) {
       py::gil_scoped_release release;
-      return fusedrnn::parallel_all_finite(static_cast<const double*>(data), size);
+      return cpu::parallel_all_finite(static_cast<const double*>(data), size);
     }
     throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
   }, py::arg("a"), "True when a contiguous float32/float64 array holds no NaN or infinity.");
@@ -478,10 +524,10 @@ PYBIND11_MODULE(_core, m) {
     const Index size = into.size();
     if (into.dtype().is(py::dtype::of<float>())) {
       py::gil_scoped_release release;
-      fusedrnn::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
+      cpu::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
     } else if (into.dtype().is(py::dtype::of<double>())) {
       py::gil_scoped_release release;
-      fusedrnn::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
+      cpu::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
     } else {
       throw py::type_error("into: expected float32 or float64, got " + std::string(py::str(into.dtype())));
     }
@@ -490,30 +536,30 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
     py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
-    fusedrnn::set_team_size(n);
+    cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
-  m.def("get_num_threads", &fusedrnn::team_size);
-  m.def("set_team_worker_delay", &fusedrnn::set_team_worker_delay, py::arg("microseconds"),
+  m.def("get_num_threads", &cpu::team_size);
+  m.def("set_team_worker_delay", &cpu::set_team_worker_delay, py::arg("microseconds"),
         "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
-    const fusedrnn::LayerSplit split =
-        fusedrnn::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype), fusedrnn::team_size());
+    const cpu::LayerSplit split =
+        cpu::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype), cpu::team_size());
     return py::make_tuple(split.ranks, split.by_rows ? "rows" : "units");
   }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
         "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "
         "thread team: (threads, 'rows' or 'units').");
-  def_choice(m, "layer_split", kSplitNames, &fusedrnn::set_split_preference, &fusedrnn::split_preference,
+  def_choice(m, "layer_split", kSplitNames, &cpu::set_split_preference, &cpu::split_preference,
              "Forces how layers share their recurrence across the thread team wherever they are large "
              "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");
-  m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
+  m.def("l2_cache_bytes", &cpu::l2_cache_bytes,
         "The per-core L2 size that decides whether layers share batch rows or hidden units.");
-  def_choice(m, "input_projection", kProjectionNames, &fusedrnn::set_projection_preference,
-             &fusedrnn::projection_preference,
+  def_choice(m, "input_projection", kProjectionNames, &cpu::set_projection_preference,
+             &cpu::projection_preference,
              "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
              "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
              "split and size, the default).");
-  def_choice(m, "weight_grad_split", kWeightGradNames, &fusedrnn::set_weight_grad_preference,
-             &fusedrnn::weight_grad_preference,
+  def_choice(m, "weight_grad_split", kWeightGradNames, &cpu::set_weight_grad_preference,
+             &cpu::weight_grad_preference,
              "Forces how backward splits the weight gradients across the team: 'rows' (each thread its "
              "share of all steps' rows into a partial, partials added after), 'gate_rows' (each thread "
              "its gate rows over all steps), or 'auto' (by the layer's size, the default).");
@@ -523,17 +569,17 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
-  m.def("blas_config", &fusedrnn::blas::config);
-  m.def("simd_level", [] { return std::string(fusedrnn::active_kernels().name); },
+  m.def("blas_config", &cpu::blas::config);
+  m.def("simd_level", [] { return std::string(cpu::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");
   m.def("set_simd_level", [](const std::string& name) {
     try {
-      fusedrnn::set_simd_level(name);
+      cpu::set_simd_level(name);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
   }, py::arg("level"));
-  m.def("simd_levels_supported", &fusedrnn::supported_simd_levels,
+  m.def("simd_levels_supported", &cpu::supported_simd_levels,
         "Levels compiled in that this CPU can run, lowest first.");
-  m.def("simd_levels_compiled", &fusedrnn::compiled_simd_levels);
+  m.def("simd_levels_compiled", &cpu::compiled_simd_levels);
 }

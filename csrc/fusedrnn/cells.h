@@ -14,9 +14,9 @@
 // unit for the second stage) and then `output` (the new hidden state). kOutputPass: the caller runs
 // `output` as a loop of its own over the row after `gates`. In one loop LSTM's tanh(c') starts only
 // once all four gates are done, a dependency chain too long for the out-of-order window to overlap
-// across units; as a second loop those chains overlap (pointwise, 4 rows x 64 LSTM units: ~1350 ->
-// ~1070 cycles). GRU keeps n's tanh in `gates` (backward needs n recorded) and RNN has one chain, so
-// for them a second loop only costs (2-4% at B=1) and both stages run in one.
+// across units; as a second loop those chains overlap. GRU keeps n's tanh in `gates` (backward needs n
+// recorded) and RNN has one chain, so for them a second loop only costs and both stages run in one
+// (see bench/NOTES.md, "Figures behind the code", output pass).
 //
 // Backward receives dh (the full gradient of the new hidden state) and dc (of the new cell state) and
 // returns the gradients of the gate pre-activations: `dxg` (for W_ih, b_ih and x) and `dhg` (for W_hh,
@@ -62,9 +62,8 @@ FUSEDRNN_HD std::int32_t float_to_bits(float f) {
 constexpr std::int32_t kSignBit = static_cast<std::int32_t>(0x80000000u);
 
 // min(|x|, bound) for bound >= 0, taken on the bits with an integer min. A float select here would let
-// the compiler fold the clamped lanes into constants and run everything after it twice under masks
-// (AVX-512: 250 instead of 175 instructions per 16 LSTM units). A NaN comes out as `bound`: callers
-// put it back.
+// the compiler fold the clamped lanes into constants and run everything after it twice under masks. A
+// NaN comes out as `bound`: callers put it back.
 FUSEDRNN_HD float magnitude_at_most(float x, float bound) {
   const std::int32_t magnitude = float_to_bits(x) & ~kSignBit;
   const std::int32_t limit = float_to_bits(bound);

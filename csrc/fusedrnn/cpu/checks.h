@@ -13,7 +13,7 @@
 #define FUSEDRNN_ALWAYS_INLINE inline
 #endif
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 template <typename T, typename Bits>
 FUSEDRNN_ALWAYS_INLINE Bits bits_of(T value) {
@@ -24,10 +24,8 @@ FUSEDRNN_ALWAYS_INLINE Bits bits_of(T value) {
 
 // True when none of the `count` values is NaN or infinite. x - x is +0 (all bits clear) for every
 // finite x and NaN otherwise, so the OR of its bits over all values is zero exactly when all are finite:
-// one pass of a subtract and an OR a vector, in blocks, so a bad value ends the scan at its block's end.
-// numpy's min and max take two passes, each ~5 us to set up: (200, 1, 128) 7.1 -> 3.2 us,
-// (500, 8, 64) 40 -> 26-30 us with a baseline SSE2 build; the AVX-512 build scans L2-resident values
-// ~1.7x faster again.
+// one pass of a subtract and an OR a vector, in blocks, so a bad value ends the scan at its block's end,
+// where numpy's min and max take two passes with a setup each (see bench/NOTES.md, "Figures behind the code", whole-array passes).
 template <typename T>
 FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float32 or float64 values");
@@ -53,4 +51,4 @@ FUSEDRNN_ALWAYS_INLINE void add_into(T* __restrict into, const T* __restrict fro
   for (std::int64_t i = 0; i < count; ++i) into[i] += from[i];
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -2,9 +2,9 @@
 #include <cstdlib>
 #include <stdexcept>
 
-#include "fusedrnn/kernels.h"
+#include "fusedrnn/cpu/kernels.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 namespace isa_generic { extern const KernelTable kTable; }
 #if defined(FUSEDRNN_HAVE_AVX2)
@@ -106,4 +106,4 @@ void set_simd_level(const std::string& name) {
   active() = table;
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

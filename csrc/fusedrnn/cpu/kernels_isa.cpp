@@ -9,10 +9,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "fusedrnn/blas.h"
+#include "fusedrnn/cpu/blas.h"
 #include "fusedrnn/cells.h"
-#include "fusedrnn/checks.h"
-#include "fusedrnn/kernels.h"
+#include "fusedrnn/cpu/checks.h"
+#include "fusedrnn/cpu/kernels.h"
 
 #if !defined(FUSEDRNN_ISA) || !defined(FUSEDRNN_VECTOR_BYTES) || !defined(FUSEDRNN_ISA_NAME)
 #error "kernels_isa.cpp is compiled once per SIMD level with FUSEDRNN_ISA, FUSEDRNN_ISA_NAME and FUSEDRNN_VECTOR_BYTES"
@@ -28,7 +28,7 @@
 #define FUSEDRNN_INDEPENDENT_ITERATIONS
 #endif
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 namespace FUSEDRNN_ISA {
 namespace {
 
@@ -47,8 +47,8 @@ struct Simd {
 };
 
 // The panels stream from L2 (or L3 when a rank's W_hh slice is larger): fetching the panel rows this
-// far ahead measured 20-30% faster than leaving it to the hardware prefetchers (B=1: 66 -> 84 GB/s from
-// L2; B=16, 8 MB slice: 80 -> 104 GF/s). Prefetching past the panel's end is harmless.
+// far ahead beats leaving it to the hardware prefetchers (see bench/NOTES.md, "Figures behind the code", kernels). Prefetching past the
+// panel's end is harmless.
 constexpr Index kPrefetchRows = 16;
 
 template <typename T>
@@ -109,15 +109,14 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
 }
 
 // Accumulator sets per row count: enough independent FMAs in flight (FMA latency x issue width) when
-// few rows share each loaded panel vector. With AVX-512's 32 registers, 4-5 rows also take two sets
-// (4 x 64 x 256, LSTM e's step on one rank: best of runs 144 -> 160 GF/s).
+// few rows share each loaded panel vector. With AVX-512's 32 registers, 4-5 rows also take two sets.
 constexpr int kRowsForOneSet = FUSEDRNN_VECTOR_BYTES >= 64 ? 6 : 4;
 template <int MR>
 constexpr int kKSplit = MR >= kRowsForOneSet ? 1 : (MR >= 2 ? 2 : 4);
 
 // Rows per register block: 2*MR accumulators plus two panel vectors and a broadcast must fit the
-// register file (32 vector registers with AVX-512, 16 otherwise). With AVX-512, 12 rows measured
-// 10-20% faster than 6 (fewer loads per FMA, each panel pass covers more rows) and 14 slower.
+// register file (32 vector registers with AVX-512, 16 otherwise). With AVX-512, 12 rows beat 6 (fewer
+// loads per FMA, each panel pass covers more rows) and 14 (see bench/NOTES.md, "Figures behind the code", kernels).
 constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
 
 // Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
@@ -132,9 +131,7 @@ inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, cons
 
 // Which end of the packed weights a step starts from. A rank's weights larger than a cache level
 // stream through it every step; with the order reversed on alternate steps, each step starts with the
-// panels the last one touched, still in that cache, instead of those evicted longest ago (LRU). Single
-// core, 16 rows against an 8 MB slice streamed from L3: 54 -> 60 flops a cycle; whole layers, fastest
-// of 6 alternations: LSTM (100, 64, 512) training 309 -> 301 ms, (50, 16, 1024) 153 -> 152 ms.
+// panels the last one touched, still in that cache, instead of those evicted longest ago (LRU).
 enum class PanelOrder { kAscending, kDescending };
 
 inline PanelOrder panel_order(Index step_index) {
@@ -203,8 +200,8 @@ inline void transpose_tile(typename Simd<T>::Vec* v) {
 // packed[p][k][c] = column_start(n)[k * k_stride] for column n = p*kPanel + c < `columns`, zero in the
 // padding. Two layouts have a fast path, the rest go value by value: a panel's columns side by side in
 // memory (backward: a copy of kPanel values per k), and each column contiguous in k (forward: rows of
-// W, transposed a kLanes x kLanes tile at a time in registers). Value by value, packing a 128 KB slice
-// took ~55 K cycles, about 2 of LSTM (200, 1, 128)'s 200 steps.
+// W, transposed a kLanes x kLanes tile at a time in registers); value by value, packing cost as much
+// as a few steps of a small layer.
 template <typename T, typename ColumnStart>
 void pack_panels(Index depth, Index columns, Index k_stride, T* packed, ColumnStart column_start) {
   using S = Simd<T>;
@@ -256,8 +253,7 @@ void prefetch_lines(const T* p, Index n) {
 // Requests a block of `rows` rows of `width` values, `ld` apart, into L2. A step's pointwise inputs that
 // were written long before (the input projection; in backward, the tape) come from L3 or memory in runs
 // of a few lines per row and gate, too short for the hardware prefetchers; asked for at the start of
-// the step GEMM, they arrive while it runs (LSTM (100, 32, 256): pointwise 62-70K -> 54-55K cycles a
-// step).
+// the step GEMM, they arrive while it runs.
 template <typename T>
 void prefetch_block_l2(const T* first, Index rows, Index ld, Index width) {
   const Index bytes = width * static_cast<Index>(sizeof(T));
@@ -277,12 +273,16 @@ void copy_or_zero(T* dst, const T* src, Index n) {
     std::fill(dst, dst + n, T(0));
 }
 
-// Copies (or zeroes) a rank's share of a (B, H) state.
+// Copies (or, src null, zeroes) a rank's share of a (B, H) state.
 template <typename T>
-void copy_share(T* dst, const T* src, Index hidden, const RankShare& sh) {
+void copy_share(Rows<T> dst, Rows<const T> src, const RankShare& sh) {
   for (Index b = sh.b0; b < sh.b1; ++b)
-    copy_or_zero(dst + b * hidden + sh.u0, src ? src + b * hidden + sh.u0 : nullptr, sh.units());
+    copy_or_zero(dst.row(b) + sh.u0, src ? src.row(b) + sh.u0 : nullptr, sh.units());
 }
+
+// A dense (B, H) state of the tape or scratch as rows.
+template <typename T>
+Rows<T> state_rows(T* state, Index hidden) { return {state, hidden}; }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward
@@ -315,7 +315,7 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
   const Index u0 = sh.u0, units = sh.units();
   for (Index b = sh.b0; b < sh.b1; ++b) {
     const Index row = b * H + u0;
-    T* __restrict yr = pl.y + (t * pl.batch + b) * pl.ldy + u0;
+    T* __restrict yr = pl.y.row(t * pl.batch + b) + u0;
     if (!step_valid(pl.lengths, b, t)) {
       std::copy(h_prev + row, h_prev + row + units, h_next + row);
       if constexpr (Cell::kHasCellState) std::copy(c_prev + row, c_prev + row + units, c_next + row);
@@ -383,14 +383,14 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   // read along k.
   auto gate_row = [&](Index n) { return (n / units) * H + u0 + n % units; };
   if (busy && pl.pack_weights)
-    pack_panels<T>(H, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh + gate_row(n) * H; });
+    pack_panels<T>(H, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh.row(gate_row(n)); });
   if (busy && project) {
-    pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, [&](Index n) { return pl.w_ih + gate_row(n) * pl.input; });
+    pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, [&](Index n) { return pl.w_ih.row(gate_row(n)); });
     for (Index n = 0; n < ldt; ++n) scratch.bias_x[n] = n < columns ? pl.gx_bias[gate_row(n)] : T(0);
   }
   if (busy) {
-    copy_share(pl.hs.at(first), pl.h0, H, sh);
-    if constexpr (Cell::kHasCellState) copy_share(pl.cs.at(first), pl.c0, H, sh);
+    copy_share(state_rows(pl.hs.at(first), H), pl.h0, sh);
+    if constexpr (Cell::kHasCellState) copy_share(state_rows(pl.cs.at(first), H), pl.c0, sh);
   }
   barrier.wait();  // the input projection and every rank's initial state are in place
 
@@ -405,8 +405,8 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
       // reverse order too, so it starts where the previous step ended.
       const PanelOrder order = panel_order(i);
       auto project_step = [&] {
-        panel_gemm<T>(rows, pl.input, panels, pl.x + (t * pl.batch + sh.b0) * pl.input, pl.input,
-                      scratch.packed_ih, scratch.tile_x, ldt, order, scratch.bias_x);
+        panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
+                      scratch.tile_x, ldt, order, scratch.bias_x);
       };
       GateRows<const T> xs;
       if (project) {
@@ -420,8 +420,8 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt, order);
       else  // this rank's rows of each gate block of W_hh, read in place
         for (int k = 0; k < G; ++k)
-          blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh + (k * H + u0) * H, H, T(0),
-                        scratch.tile + k * units, ldt);
+          blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
+                        T(0), scratch.tile + k * units, ldt);
       if (project && order == PanelOrder::kDescending) project_step();
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       const GateRows<T> hs = {scratch.tile, ldt, units};
@@ -436,8 +436,8 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   }
   if (busy) {
     const Index last = pl.reverse ? 0 : pl.steps;
-    copy_share(pl.h_n, pl.hs.at(last), H, sh);
-    if constexpr (Cell::kHasCellState) copy_share(pl.c_n, pl.cs.at(last), H, sh);
+    copy_share(pl.h_n, state_rows<const T>(pl.hs.at(last), H), sh);
+    if constexpr (Cell::kHasCellState) copy_share(pl.c_n, state_rows<const T>(pl.cs.at(last), H), sh);
   }
 }
 
@@ -473,7 +473,7 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
       std::copy(dh + row, dh + row + units, dh_prev + row);
       continue;
     }
-    const T* __restrict dyr = pl.dy + (t * pl.batch + b) * pl.lddy + u0;
+    const T* __restrict dyr = pl.dy.row(t * pl.batch + b) + u0;
     T row_sq = T(0);
     FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
@@ -504,7 +504,7 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
 
 // Adds a rank's gate gradients of one step (its rows, its units of each gate) into its column sums,
 // in double, while they are still in L1: the bias gradients, without a pass over every step's
-// gradients after the recurrence (LSTM (500, 8, 64): ~130 us of a 2.5 ms backward). Blocks of columns
+// gradients after the recurrence. Blocks of columns
 // keep their sums in registers across the rows; a row's values go in in row order either way.
 template <int G, typename T>
 void add_column_sums(const T* dg_t, Index H, const RankShare& sh, double* __restrict sums) {
@@ -542,9 +542,9 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   if (busy) {
     // Column n of this rank's slice is column u0 + n of W_hh, read along its G*H rows.
     if (pl.pack_weights)
-      pack_panels<T>(gh_width, units, H, scratch.packed, [&](Index n) { return pl.w_hh + u0 + n; });
-    copy_share(dh, pl.dh_n, H, sh);
-    if constexpr (Cell::kHasCellState) copy_share(pl.dc, pl.dc_n, H, sh);
+      pack_panels<T>(gh_width, units, pl.w_hh.ld, scratch.packed, [&](Index n) { return pl.w_hh.data + u0 + n; });
+    copy_share(state_rows(dh, H), pl.dh_n, sh);
+    if constexpr (Cell::kHasCellState) copy_share(state_rows(pl.dc, H), pl.dc_n, sh);
   }
   double* bias_sums = pl.bias_grad_partial ? pl.bias_grad_partial + rank * pl.bias_stride : nullptr;
   if (bias_sums) std::fill(bias_sums, bias_sums + pl.bias_stride, 0.0);  // every rank's row is summed
@@ -575,14 +575,14 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
                             rows * Cell::kSaved, H, units);
         prefetch_block_l2(pl.hs.at(prev_next) + sh.b0 * H + u0, rows, H, units);
         if constexpr (Cell::kHasCellState) prefetch_block_l2(pl.cs.at(prev_next) + sh.b0 * H + u0, rows, H, units);
-        if (pl.lddy > 0) prefetch_block_l2(pl.dy + (t_next * B + sh.b0) * pl.lddy + u0, rows, pl.lddy, units);
+        if (pl.dy.ld > 0) prefetch_block_l2(pl.dy.row(t_next * B + sh.b0) + u0, rows, pl.dy.ld, units);
       }
       if (pl.pack_weights)
         panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt,
                       panel_order(i));
       else
-        blas::gemm<T>(false, false, rows, units, gh_width, T(1), dgh_rows, gh_width, pl.w_hh + u0, H, T(0),
-                      scratch.tile, ldt);
+        blas::gemm<T>(false, false, rows, units, gh_width, T(1), dgh_rows, gh_width, pl.w_hh.data + u0,
+                      pl.w_hh.ld, T(0), scratch.tile, ldt);
       for (Index b = sh.b0; b < sh.b1; ++b) {
         T* __restrict out = dh_other + b * H + u0;
         const T* __restrict add = scratch.tile + (b - sh.b0) * ldt;
@@ -592,9 +592,9 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     std::swap(dh, dh_other);
   }
   if (busy) {
-    if (pl.dh0) copy_share(pl.dh0, dh, H, sh);
+    if (pl.dh0) copy_share(pl.dh0, state_rows<const T>(dh, H), sh);
     if constexpr (Cell::kHasCellState)
-      if (pl.dc0) copy_share(pl.dc0, pl.dc, H, sh);
+      if (pl.dc0) copy_share(pl.dc0, state_rows<const T>(pl.dc, H), sh);
   }
   // The weight-gradient GEMMs that may follow in the same job read every rank's gate gradients; with
   // whole rows per rank no step ended at a barrier yet.
@@ -629,4 +629,4 @@ const KernelTable kTable = {
 };
 
 }  // namespace FUSEDRNN_ISA
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,18 +1,17 @@
-#include "fusedrnn/passes.h"
+#include "fusedrnn/cpu/passes.h"
 
 #include <algorithm>
 #include <atomic>
 #include <optional>
 
-#include "fusedrnn/kernels.h"
-#include "fusedrnn/threads.h"
+#include "fusedrnn/cpu/kernels.h"
+#include "fusedrnn/cpu/threads.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 namespace {
 
-// A rank's share below this many values costs more in the job's start and join (~1-5 us with the
-// workers spinning) than the second core saves: (500, 8, 64) float32, 1 MB, splits in two; a
-// (200, 1, 128) one, 100 KB, stays on the calling thread.
+// A rank's share below this many values costs more in the job's start and join than the second core
+// saves (see bench/NOTES.md, "Figures behind the code", whole-array passes).
 constexpr std::int64_t kMinValuesPerRank = 1 << 16;
 
 // Runs pass(begin, end) over contiguous shares of [0, count), on as many ranks as pay.
@@ -59,4 +58,4 @@ template bool parallel_all_finite<double>(const double*, std::int64_t);
 template void parallel_add_into<float>(float*, const float*, std::int64_t);
 template void parallel_add_into<double>(double*, const double*, std::int64_t);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,9 +1,8 @@
-#include "fusedrnn/recurrence.h"
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <new>
@@ -13,16 +12,17 @@
 
 #include <unistd.h>
 
-#include "fusedrnn/blas.h"
-#include "fusedrnn/kernels.h"
-#include "fusedrnn/threads.h"
+#include "fusedrnn/cpu/backend.h"
+#include "fusedrnn/cpu/blas.h"
+#include "fusedrnn/cpu/kernels.h"
+#include "fusedrnn/cpu/threads.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 namespace {
 
 // Scratch buffers, uninitialised (the core writes every element before reading it) and kept per calling
 // thread between calls: a fresh multi-megabyte allocation is a fresh mmap whose page faults and zeroing
-// cost ~15% of an LSTM training step. Each buffer a call needs has its own ScratchSlot. Only the calling
+// cost a visible share of a training step (see bench/NOTES.md, "Figures behind the code", scratch). Each buffer a call needs has its own ScratchSlot. Only the calling
 // thread allocates; team jobs never do.
 enum class ScratchSlot {
   kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kBiasGradPartial, kWeightGradPartial,
@@ -137,12 +137,12 @@ void require_blas_range(std::initializer_list<Index> dims) {
 
 // Forward by rows, each rank can project its own rows of x inside each step with the panel kernel,
 // its packed W_ih beside W_hh in L2, instead of one BLAS GEMM before the sequence whose output each
-// step reads back from L3 or memory (LSTM (500, 8, 64): that GEMM ran at ~70 GF/s a core in place).
-// Only where both weights fit in half the L2, as for sharing rows at all.
+// step reads back from L3 or memory (see bench/NOTES.md, "Figures behind the code", input projection). Only where both weights fit in half
+// the L2, as for sharing rows at all.
 bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
   const ProjectionPreference preference = projection_preference();
   if (preference != ProjectionPreference::kAuto) return preference == ProjectionPreference::kInSteps;
-  const double weight_bytes = static_cast<double>(gate_count(cell)) * s.hidden * (s.input + s.hidden) * value_bytes;
+  const double weight_bytes = static_cast<double>(cell_facts(cell).gates) * s.hidden * (s.input + s.hidden) * value_bytes;
   return split.by_rows && s.steps >= kMinStepsToPack && weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
 }
 
@@ -164,18 +164,18 @@ TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape
   const bool project = input > 0 && project_in_steps(cell, s, split, sizeof(T));
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, split);
   std::vector<RankScratch<T>> buffers =
-      rank_scratch<T>(shares, panel_width, depth, gate_columns, gate_count(cell), project ? input : 0);
+      rank_scratch<T>(shares, panel_width, depth, gate_columns, cell_facts(cell).gates, project ? input : 0);
   return {split, std::move(shares), std::move(buffers), project};
 }
 
 template <typename T>
-void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const T* w_hh, T cell_clip,
-                 const LayerTape<T>& tape, const TeamLayout<T>& layout) {
+void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const Index* lengths, Rows<const T> w_hh,
+                 T cell_clip, const LayerTape<T>& tape, const TeamLayout<T>& layout) {
   plan.cell = cell;
   plan.steps = s.steps;
   plan.batch = s.batch;
   plan.hidden = s.hidden;
-  plan.lengths = s.lengths;
+  plan.lengths = lengths;
   plan.reverse = s.reverse;
   plan.w_hh = w_hh;
   plan.cell_clip = cell_clip;
@@ -192,6 +192,94 @@ bool recurrent_bias_apart(CellKind cell, int gate) {
   with_cell(cell, [&](auto c) { v = decltype(c)::recurrent_bias_apart(gate); });
   return v;
 }
+
+// A view (layer.h) read as rows (kernels.h) where its layout allows: the last dimension contiguous (or
+// of length 1) and the rows, its leading dimensions flattened in C order, evenly spaced at least a row
+// apart (what BLAS takes as a leading dimension). Null otherwise.
+template <typename T>
+Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width) {
+  if (width > 1 && v.stride[2] != 1) return {};
+  Index ld = width;
+  if (n0 > 1 && n1 > 1) {
+    if (v.stride[0] != n1 * v.stride[1]) return {};
+    ld = v.stride[1];
+  } else if (n0 > 1) {
+    ld = v.stride[0];
+  } else if (n1 > 1) {
+    ld = v.stride[1];
+  }
+  if (ld < width) return {};
+  return {v.data, ld};
+}
+
+template <typename T>
+View3<T> as_view3(const View2<T>& v) { return {v.data, {0, v.stride[0], v.stride[1]}}; }
+
+// The caller's arrays of one call as the kernels read them: in place where rows_in_place allows, else
+// a dense copy made here, on the calling thread before any job (inputs; outputs that are accumulated
+// start from the caller's values) and copied back by finish() after the last job (outputs).
+template <typename T>
+class Staging {
+ public:
+  Rows<const T> in(const View3<const T>& v, Index n0, Index n1, Index width) {
+    if (!v.data) return {};
+    if (const Rows<const T> r = rows_in_place(v, n0, n1, width)) return r;
+    std::vector<T>& copy = buffers_.emplace_back(static_cast<std::size_t>(n0 * n1 * width));
+    gather(v, n0, n1, width, copy.data());
+    return {copy.data(), width};
+  }
+  Rows<const T> in(const View2<const T>& v, Index n0, Index width) { return in(as_view3(v), 1, n0, width); }
+
+  Rows<T> out(const View3<T>& v, Index n0, Index n1, Index width, bool accumulated) {
+    if (!v.data) return {};
+    if (const Rows<T> r = rows_in_place(v, n0, n1, width)) return r;
+    std::vector<T>& copy = buffers_.emplace_back(static_cast<std::size_t>(n0 * n1 * width));
+    if (accumulated) gather(View3<const T>{v.data, {v.stride[0], v.stride[1], v.stride[2]}}, n0, n1, width, copy.data());
+    pending_.push_back({v, n0, n1, width, copy.data()});
+    return {copy.data(), width};
+  }
+  Rows<T> out(const View2<T>& v, Index n0, Index width, bool accumulated) {
+    return out(as_view3(v), 1, n0, width, accumulated);
+  }
+
+  // A (n) vector as a dense array: in place when its stride is 1.
+  template <typename U>
+  const U* in(const View1<const U>& v, Index n, std::vector<U>& copy) {
+    if (!v.data || v.stride == 1) return v.data;
+    copy.resize(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) copy[i] = v.data[i * v.stride];
+    return copy.data();
+  }
+
+  void finish() {
+    for (const Pending& p : pending_)
+      for (Index i = 0; i < p.n0; ++i)
+        for (Index j = 0; j < p.n1; ++j)
+          for (Index k = 0; k < p.width; ++k)
+            p.view.data[i * p.view.stride[0] + j * p.view.stride[1] + k * p.view.stride[2]] =
+                p.dense[(i * p.n1 + j) * p.width + k];
+  }
+
+ private:
+  static void gather(const View3<const T>& v, Index n0, Index n1, Index width, T* to) {
+    for (Index i = 0; i < n0; ++i)
+      for (Index j = 0; j < n1; ++j) {
+        const T* from = v.data + i * v.stride[0] + j * v.stride[1];
+        T* row = to + (i * n1 + j) * width;
+        if (v.stride[2] == 1)
+          std::copy(from, from + width, row);
+        else
+          for (Index k = 0; k < width; ++k) row[k] = from[k * v.stride[2]];
+      }
+  }
+  struct Pending {
+    View3<T> view;
+    Index n0, n1, width;
+    const T* dense;
+  };
+  std::deque<std::vector<T>> buffers_;  // a deque: growing it never moves the vectors handed out
+  std::vector<Pending> pending_;
+};
 
 }  // namespace
 
@@ -221,28 +309,23 @@ void set_weight_grad_preference(WeightGradPreference preference) { preferred<Wei
 WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads) {
-  // A second rank pays from ~30K flops a step: its half of W_hh stays in L1 instead of the whole
-  // streaming from L2 each step (RNN B=1, H=128, 33K flops: 0.80x inference, 0.74x training time for
-  // T=200; GRU there, 98K: 0.62-0.69 -> 0.49-0.57 ms).
+  // The measurements behind each constant: see bench/NOTES.md, "Figures behind the code", layer split.
+  // A second rank pays once a step has enough flops: its half of W_hh stays in L1 instead of the whole
+  // streaming from L2 each step.
   constexpr double kMinStepFlops = 3e4;
-  // By units, each extra rank adds a barrier per step (~0.3 us for two cores here, a scheduler slice
-  // when the machine is oversubscribed) and moves the new state between cores; it paid with 64 units
-  // a rank (LSTM B=1, H=128: 5.1 -> 3.3 us a step), not with 32 (LSTM and GRU B=8, H=64: slower).
+  // By units, each extra rank adds a barrier per step (a scheduler slice when the machine is
+  // oversubscribed) and moves the new state between cores; that pays only with enough units a rank.
   constexpr Index kMinUnitsPerRank = 64;
   // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step.
   // From L2 (when it takes at most half, leaving room for the step's other data) that is cheap. From
-  // L3 (~16 GB/s a core here) it keeps up with the FMAs only when each weight serves enough rows: 32
-  // rows make 16 flops a byte. Measured with forced splits, rows against units: (100, 32, 256), 1 MB
-  // of LSTM W_hh: 0.95x inference, 0.80x training; LSTM (100, 64, 512), 4 MB: 1.01x, 0.87x; GRU and
-  // RNN there 0.96-1.01x, 0.92x; (50, 16, 1024), 8 rows a rank: 1.10-1.76x slower.
-  // Where units can be shared too, rows win from 4 a rank (LSTM (200, B, 128), rows against units:
-  // B=4 1.24x inference, 1.02x training; B=8 0.82x, 0.75x; B=16 0.85x, 0.88x).
+  // L3 it keeps up with the FMAs only when each weight serves enough rows: 32 rows make 16 flops a
+  // byte. Where units can be shared too, rows win from 4 a rank.
   constexpr Index kMinRowsPerRank = 2;
   constexpr Index kMinRowsPerRankOverUnits = 4;
   constexpr Index kMinRowsToStreamWeights = 32;
-  const double step_flops = 2.0 * static_cast<double>(batch) * hidden * gate_count(cell) * hidden;
+  const double step_flops = 2.0 * static_cast<double>(batch) * hidden * cell_facts(cell).gates * hidden;
   if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
-  const double weight_bytes = static_cast<double>(gate_count(cell)) * hidden * hidden * value_bytes;
+  const double weight_bytes = static_cast<double>(cell_facts(cell).gates) * hidden * hidden * value_bytes;
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
   const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
@@ -256,7 +339,7 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
 
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
 // have no per-step barrier, so they use the whole team even where the recurrence uses fewer ranks,
-// once each thread gets enough work to pay for waking it (a wake-up and join cost ~5-20 us).
+// once each thread gets enough work to pay for waking it and joining it again.
 int gemm_threads(double flops, int team_threads) {
   constexpr double kMinFlopsPerThread = 4e6;
   const double useful = std::max(1.0, flops / kMinFlopsPerThread);
@@ -282,12 +365,25 @@ void run_phases(TeamLease& tm, int gemm_ranks, int ranks, bool gemms_first, cons
 }
 
 template <typename T>
-void layer_forward(const LayerForwardArgs<T>& a) {
+void layer_forward(const LayerForwardParams<T>& a) {
   const LayerShape& s = a.shape;
   const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden;
-  const int gates = gate_count(a.cell);
+  const int gates = cell_facts(a.cell).gates;
   const Index gh_width = gates * hidden, rows = steps * batch;
   require_blas_range({rows, gh_width, input, hidden});
+
+  // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
+  Staging<T> st;
+  const Rows<const T> x = st.in(a.x, steps, batch, input);
+  const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
+  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, hidden);
+  std::vector<Index> lengths_copy;
+  const Index* lengths = st.in(s.lengths, batch, lengths_copy);
+  std::vector<T> b_ih_copy, b_hh_copy;
+  const T* b_ih = st.in(a.weights.b_ih, gh_width, b_ih_copy);
+  const T* b_hh = st.in(a.weights.b_hh, gh_width, b_hh_copy);
+  const Rows<T> y = st.out(a.y, steps, batch, hidden, false);
+
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   TeamLease tm = team().lease();  // the plan below holds for every job of this call
   const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, hidden, true, input);
@@ -296,31 +392,30 @@ void layer_forward(const LayerForwardArgs<T>& a) {
   // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
   // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
   // clears C for beta = 0. b_hh folds in where the cell allows (all but GRU's n gate).
-  const bool has_bias = a.weights.b_ih || a.weights.b_hh;
+  const bool has_bias = b_ih || b_hh;
   std::vector<T> gx_bias(static_cast<std::size_t>(gh_width), T(0)), zero_bias;
   for (Index n = 0; n < gh_width && has_bias; ++n) {
-    if (a.weights.b_ih) gx_bias[n] += a.weights.b_ih[n];
-    if (a.weights.b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias[n] += a.weights.b_hh[n];
+    if (b_ih) gx_bias[n] += b_ih[n];
+    if (b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias[n] += b_hh[n];
   }
-  if (!a.weights.b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
+  if (!b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
   const bool up_front = !layout.project_in_steps;
   T* gx = up_front ? scratch<T>(ScratchSlot::kGatesX, rows * gh_width) : nullptr;
 
   ForwardPlan<T> plan;
-  fill_common(plan, a.cell, s, a.weights.w_hh, a.cell_clip, a.tape, layout);
+  fill_common(plan, a.cell, s, lengths, w_hh, a.cell_clip, a.tape, layout);
   plan.gx = gx;
-  plan.x = a.x;
+  plan.x = x;
   plan.input = input;
-  plan.w_ih = a.weights.w_ih;
+  plan.w_ih = w_ih;
   plan.gx_bias = gx_bias.data();
-  plan.b_hh = a.weights.b_hh ? a.weights.b_hh : zero_bias.data();
-  plan.h0 = a.h0;
-  plan.c0 = a.c0;
+  plan.b_hh = b_hh ? b_hh : zero_bias.data();
+  plan.h0 = st.in(a.h0, batch, hidden);
+  plan.c0 = st.in(a.c0, batch, hidden);
   plan.saved = a.tape.saved;
-  plan.y = a.y;
-  plan.ldy = a.ldy;
-  plan.h_n = a.h_n;
-  plan.c_n = a.c_n;
+  plan.y = y;
+  plan.h_n = st.out(a.h_n, batch, hidden, false);
+  plan.c_n = st.out(a.c_n, batch, hidden, false);
 
   const int gemm_ranks =
       up_front ? std::max(ranks, gemm_threads(2.0 * rows * gh_width * input, tm.size())) : ranks;
@@ -332,18 +427,18 @@ void layer_forward(const LayerForwardArgs<T>& a) {
         const auto [r0, r1] = share(rows, of, rank);
         if (has_bias)
           for (Index r = r0; r < r1; ++r) std::copy(gx_bias.begin(), gx_bias.end(), gx + r * gh_width);
-        blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), a.x + r0 * input, input, a.weights.w_ih,
-                      input, has_bias ? T(1) : T(0), gx + r0 * gh_width, gh_width);
+        blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), x.row(r0), x.ld, w_ih.data, w_ih.ld,
+                      has_bias ? T(1) : T(0), gx + r0 * gh_width, gh_width);
       },
       [&](int rank) { kern.forward(plan, rank, tm.barrier()); });
+  st.finish();
 }
 
 namespace {
 
 // The weight gradients sum over all steps' rows (K = T*B). Split by gate rows (M), each rank reads
-// only its columns of the gate gradients but gets a short M: at (500, 8, 64) OpenBLAS ran that at
-// ~35 flops a cycle against ~48 for the whole M over half the rows (GRU and RNN e: 37 -> 48, 28 -> 48).
-// Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
+// only its columns of the gate gradients but gets a short M, which OpenBLAS runs markedly slower than
+// the whole M over half the rows (see bench/NOTES.md, "Figures behind the code", weight gradients). Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
 // while those partials are small beside L2. Large layers gained nothing by rows, so stay split by M.
 bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t value_bytes) {
   if (ranks == 1) return false;
@@ -357,44 +452,59 @@ bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t
 }  // namespace
 
 template <typename T>
-void layer_backward(const LayerBackwardArgs<T>& a) {
+void layer_backward(const LayerBackwardParams<T>& a) {
   const LayerShape& s = a.shape;
   const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden;
-  const int gates = gate_count(a.cell);
+  const CellFacts& facts = cell_facts(a.cell);
+  const int gates = facts.gates;
   const Index gh_width = gates * hidden, rows = steps * batch, state = batch * hidden;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   require_blas_range({rows, gh_width, input, hidden});
+
+  // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
+  Staging<T> st;
+  const Rows<const T> x = st.in(a.x, steps, batch, input);
+  const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
+  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, hidden);
+  std::vector<Index> lengths_copy;
+  const Index* lengths = st.in(s.lengths, batch, lengths_copy);
+  const Rows<const T> dy = st.in(a.dy, steps, batch, hidden);
+  const Rows<T> dx = st.out(a.dx, steps, batch, input, a.accumulate_dx);
+  const Rows<T> dw_ih = st.out(a.dw_ih, gh_width, input, true);
+  const Rows<T> dw_hh = st.out(a.dw_hh, gh_width, hidden, true);
+  T* const db_ih = a.db_ih.data;
+  T* const db_hh = a.db_hh.data;
+  const Index db_ih_stride = a.db_ih.stride, db_hh_stride = a.db_hh.stride;
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   TeamLease tm = team().lease();  // the plan below holds for every job of this call
   const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, gh_width, false);
   const int ranks = layout.split.ranks;
 
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
-  T* dgh = split_recurrent_grad(a.cell) ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
-  T* grad_state = scratch<T>(ScratchSlot::kGradState, (has_cell_state(a.cell) ? 3 : 2) * state);
+  T* dgh = facts.split_recurrent_grad ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
+  T* grad_state = scratch<T>(ScratchSlot::kGradState, (facts.has_cell_state ? 3 : 2) * state);
   const Index norm_stride = (steps + 7) / 8 * 8;
   double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
-  const bool bias_grads = a.db_ih || a.db_hh;
-  const Index bias_columns = split_recurrent_grad(a.cell) ? 2 * gh_width : gh_width;  // dgx's, then dgh's
+  const bool bias_grads = db_ih || db_hh;
+  const Index bias_columns = facts.split_recurrent_grad ? 2 * gh_width : gh_width;  // dgx's, then dgh's
   const Index bias_stride = (bias_columns + 7) / 8 * 8;
   double* bias_partial =
       bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
   std::vector<T> zero_row;
-  if (!a.dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
+  if (!dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
 
   BackwardPlan<T> plan;
-  fill_common(plan, a.cell, s, a.weights.w_hh, a.cell_clip, a.tape, layout);
+  fill_common(plan, a.cell, s, lengths, w_hh, a.cell_clip, a.tape, layout);
   plan.saved = a.tape.saved;
-  plan.dy = a.dy ? a.dy : zero_row.data();
-  plan.lddy = a.dy ? a.lddy : 0;
-  plan.dh_n = a.dh_n;
-  plan.dc_n = a.dc_n;
+  plan.dy = dy ? dy : Rows<const T>{zero_row.data(), 0};
+  plan.dh_n = st.in(a.dh_n, batch, hidden);
+  plan.dc_n = st.in(a.dc_n, batch, hidden);
   plan.dgx = dgx;
   plan.dgh = dgh;
   plan.dh = grad_state;
-  plan.dc = has_cell_state(a.cell) ? grad_state + 2 * state : nullptr;
-  plan.dh0 = a.dh0;
-  plan.dc0 = a.dc0;
+  plan.dc = facts.has_cell_state ? grad_state + 2 * state : nullptr;
+  plan.dh0 = st.out(a.dh0, batch, hidden, false);
+  plan.dc0 = st.out(a.dc0, batch, hidden, false);
   plan.dh_norm_partial = norm_partial;
   plan.norm_stride = norm_stride;
   plan.bias_grad_partial = bias_partial;
@@ -412,28 +522,29 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
     // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
     // weight gradients by rows or gate rows (weight_grads_by_rows), the bias gradients by gate rows.
     const auto [r0, r1] = share(rows, of, rank);
-    if (a.dx)
-      blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width,
-                    a.weights.w_ih, input, a.accumulate_dx ? T(1) : T(0), a.dx + r0 * input, input);
+    if (dx)
+      blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width, w_ih.data,
+                    w_ih.ld, a.accumulate_dx ? T(1) : T(0), dx.row(r0), dx.ld);
     const auto [g0, g1] = share(gh_width, of, rank);
     if (grads_by_rows) {
       // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
-      T* dw_ih = rank == 0 ? a.dw_ih : partials + (rank - 1) * weight_values;
-      T* dw_hh = rank == 0 ? a.dw_hh : dw_ih + gh_width * input;
+      T* const partial = rank == 0 ? nullptr : partials + (rank - 1) * weight_values;
+      const Rows<T> into_ih = rank == 0 ? dw_ih : Rows<T>{partial, input};
+      const Rows<T> into_hh = rank == 0 ? dw_hh : Rows<T>{partial + gh_width * input, hidden};
       const T beta = rank == 0 ? T(1) : T(0);
       if (r1 > r0) {
-        blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width,
-                      a.x + r0 * input, input, beta, dw_ih, input);
+        blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width, x.row(r0),
+                      x.ld, beta, into_ih.data, into_ih.ld);
         blas::gemm<T>(true, false, gh_width, hidden, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
-                      h_prev_rows + r0 * hidden, hidden, beta, dw_hh, hidden);
+                      h_prev_rows + r0 * hidden, hidden, beta, into_hh.data, into_hh.ld);
       } else if (rank > 0) {
-        std::fill(dw_ih, dw_ih + weight_values, T(0));
+        std::fill(partial, partial + weight_values, T(0));
       }
     } else {
-      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, a.x, input, T(1),
-                    a.dw_ih + g0 * input, input);
+      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x.data, x.ld, T(1),
+                    dw_ih.row(g0), dw_ih.ld);
       blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
-                    T(1), a.dw_hh + g0 * hidden, hidden);
+                    T(1), dw_hh.row(g0), dw_hh.ld);
     }
     // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
     if (bias_grads)
@@ -443,8 +554,8 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
           from_x += bias_partial[r * bias_stride + c];
           if (dgh != dgx) from_h += bias_partial[r * bias_stride + gh_width + c];
         }
-        if (a.db_ih) a.db_ih[c] += static_cast<T>(from_x);
-        if (a.db_hh) a.db_hh[c] += static_cast<T>(dgh != dgx ? from_h : from_x);
+        if (db_ih) db_ih[c * db_ih_stride] += static_cast<T>(from_x);
+        if (db_hh) db_hh[c * db_hh_stride] += static_cast<T>(dgh != dgx ? from_h : from_x);
       }
     if (grads_by_rows) {
       // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
@@ -452,8 +563,10 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
       for (int q = 0; q + 1 < of; ++q) {
         const T* partial_ih = partials + q * weight_values;
         const T* partial_hh = partial_ih + gh_width * input;
-        for (Index i = g0 * input; i < g1 * input; ++i) a.dw_ih[i] += partial_ih[i];
-        for (Index i = g0 * hidden; i < g1 * hidden; ++i) a.dw_hh[i] += partial_hh[i];
+        for (Index g = g0; g < g1; ++g) {
+          for (Index i = 0; i < input; ++i) dw_ih.row(g)[i] += partial_ih[g * input + i];
+          for (Index i = 0; i < hidden; ++i) dw_hh.row(g)[i] += partial_hh[g * hidden + i];
+        }
       }
     }
   }, [&](int rank) { kern.backward(plan, rank, tm.barrier()); });
@@ -463,15 +576,16 @@ void layer_backward(const LayerBackwardArgs<T>& a) {
       for (int r = 0; r < ranks; ++r) sum += norm_partial[r * norm_stride + t];
       a.dh_norm[t] = std::sqrt(sum);
     }
+  st.finish();
 }
 
 int team_size() { return team().size(); }
 void set_team_size(int threads) { team().set_size(threads); }
 void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
 
-template void layer_forward<float>(const LayerForwardArgs<float>&);
-template void layer_forward<double>(const LayerForwardArgs<double>&);
-template void layer_backward<float>(const LayerBackwardArgs<float>&);
-template void layer_backward<double>(const LayerBackwardArgs<double>&);
+template void layer_forward<float>(const LayerForwardParams<float>&);
+template void layer_forward<double>(const LayerForwardParams<double>&);
+template void layer_backward<float>(const LayerBackwardParams<float>&);
+template void layer_backward<double>(const LayerBackwardParams<double>&);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

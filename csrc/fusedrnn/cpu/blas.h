@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-namespace fusedrnn::blas {
+namespace fusedrnn::cpu::blas {
 
 // C (m x n, row stride ldc) = alpha * op(A) * op(B) + beta * C, all row-major.
 // op(A) is m x k (A is k x m when trans_a), op(B) is k x n (B is n x k when trans_b).
@@ -16,4 +16,4 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 void set_num_threads(int n);
 std::string config();  // the BLAS build string, for diagnostics
 
-}  // namespace fusedrnn::blas
+}  // namespace fusedrnn::cpu::blas

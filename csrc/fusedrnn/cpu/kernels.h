@@ -22,12 +22,21 @@
 #include <vector>
 
 #include "fusedrnn/cells.h"
-#include "fusedrnn/recurrence.h"
-#include "fusedrnn/threads.h"
+#include "fusedrnn/layer.h"
+#include "fusedrnn/cpu/threads.h"
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
-using Index = std::int64_t;
+// A matrix whose rows are `ld` elements apart (ld >= its width) and whose columns are contiguous: how
+// the kernels and BLAS read every caller array (backend.h says which views qualify; the rest are
+// copied before the job). A (T, B, W) array is read as T*B rows.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  Index ld = 0;
+  T* row(Index r) const { return data + r * ld; }
+  explicit operator bool() const { return data != nullptr; }
+};
 
 // Where a step's states live: slot s of (slots, B, H); inference keeps two slots used alternately.
 template <typename T>
@@ -38,7 +47,7 @@ struct StateSlots {
   T* at(Index slot) const { return base ? base + (training ? slot : (slot & 1)) * stride : nullptr; }
 };
 
-// Slot of the state read (previous) and written (next) at time t; see "State slots" in recurrence.h.
+// Slot of the state read (previous) and written (next) at time t; see "State slots" in layer.h.
 inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
 inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
@@ -67,9 +76,9 @@ template <typename T>
 struct PlanCommon {
   CellKind cell = CellKind::kLstm;
   Index steps = 0, batch = 0, hidden = 0;
-  const Index* lengths = nullptr;  // (B) or null
+  const Index* lengths = nullptr;  // (B) dense, or null
   bool reverse = false;
-  const T* w_hh = nullptr;         // (G*H, H)
+  Rows<const T> w_hh;              // (G*H, H)
   T cell_clip = T(0);              // +inf: none
   StateSlots<T> hs, cs;            // cs.base null without a cell state
   const RankShare* shares = nullptr;        // (ranks)
@@ -84,33 +93,31 @@ struct PlanCommon {
 template <typename T>
 struct ForwardPlan : PlanCommon<T> {
   const T* gx = nullptr;           // (T, B, G*H) or null
-  const T* x = nullptr;            // (T, B, I) when gx is null
+  Rows<const T> x;                 // (T*B, I) rows, read when gx is null
   Index input = 0;
-  const T* w_ih = nullptr;         // (G*H, I) when gx is null
+  Rows<const T> w_ih;              // (G*H, I), read when gx is null
   const T* gx_bias = nullptr;      // (G*H) when gx is null
   const T* b_hh = nullptr;         // (G*H), never null; read only for gates the cell keeps it apart
-  const T* h0 = nullptr;           // (B, H) or null
-  const T* c0 = nullptr;           // (B, H) or null
-  T* saved = nullptr;              // (T, B, S*H) in training; null in inference or when S == 0
-  T* y = nullptr;                  // (T, B, ldy)
-  Index ldy = 0;
-  T* h_n = nullptr;                // (B, H)
-  T* c_n = nullptr;                // (B, H) or null
+  Rows<const T> h0;                // (B, H), or null: zeros
+  Rows<const T> c0;                // (B, H), or null: zeros
+  T* saved = nullptr;              // (T, B, S*H) dense in training; null in inference or when S == 0
+  Rows<T> y;                       // (T*B, H) rows
+  Rows<T> h_n;                     // (B, H)
+  Rows<T> c_n;                     // (B, H), or null
 };
 
 template <typename T>
 struct BackwardPlan : PlanCommon<T> {
   const T* saved = nullptr;        // (T, B, S*H) or null, as forward recorded it (hs, cs too)
-  const T* dy = nullptr;           // (T, B, lddy), never null: without dy, one (H) row of zeros, lddy 0
-  Index lddy = 0;
-  const T* dh_n = nullptr;         // (B, H) or null
-  const T* dc_n = nullptr;         // (B, H) or null
+  Rows<const T> dy;                // (T*B, H) rows, never null: without dy, one (H) row of zeros, ld 0
+  Rows<const T> dh_n;              // (B, H), or null: zero
+  Rows<const T> dc_n;              // (B, H), or null: zero
   T* dgx = nullptr;                // (T, B, G*H) gate gradients for W_ih, b_ih and x
   T* dgh = nullptr;                // (T, B, G*H) for W_hh and b_hh; == dgx unless the cell splits them
   T* dh = nullptr;                 // (2, B, H) running hidden-state gradient, two buffers
   T* dc = nullptr;                 // (B, H) running cell-state gradient, or null
-  T* dh0 = nullptr;                // (B, H) or null
-  T* dc0 = nullptr;                // (B, H) or null
+  Rows<T> dh0;                     // (B, H), or null
+  Rows<T> dc0;                     // (B, H), or null
   double* dh_norm_partial = nullptr;  // (ranks, norm_stride): each rank's sum of squares of dL/dh_t,
   Index norm_stride = 0;              // a row per rank, rows on separate cache lines
   // (ranks, bias_stride) or null: each rank's column sums over its rows and steps of dgx, then (cells
@@ -150,4 +157,4 @@ inline const RecurrenceKernels<float>& kernels_for<float>(const KernelTable& t) 
 template <>
 inline const RecurrenceKernels<double>& kernels_for<double>(const KernelTable& t) { return t.f64; }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

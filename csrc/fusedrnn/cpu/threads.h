@@ -30,11 +30,11 @@
 #define FUSEDRNN_CPU_RELAX() ((void)0)
 #endif
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 // Waits until done() holds: spins first (a step's barrier or a job's end normally comes within
 // microseconds), then yields, because when the machine is oversubscribed the thread being waited for
-// may need this core to finish. ~2048 pauses are 35 us here (20-150 us across CPUs).
+// may need this core to finish. 2048 pauses are tens of microseconds (see bench/NOTES.md, "Figures behind the code", spinning).
 template <typename Done>
 void spin_then_yield_until(const Done& done) {
   constexpr int kSpinsBeforeYield = 1 << 11;
@@ -157,4 +157,4 @@ class ThreadTeam::Lease {
 // The thread count fusedrnn uses by default: the CPUs this process may run on.
 int default_thread_count();
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,4 +1,4 @@
-#include "fusedrnn/threads.h"
+#include "fusedrnn/cpu/threads.h"
 
 #include <algorithm>
 #include <chrono>
@@ -11,14 +11,14 @@
 #include <sched.h>
 #endif
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 namespace {
 
 // How long an idle worker spins before sleeping: long enough to cover the Python-side gap between the
 // layer calls of one model step, short enough not to burn a core when the user does something else.
-// The module's gaps between forward and backward reach 100-300 us at (500, 8, 64) (argument checks,
-// gradient buffers); at 100 us the worker slept and was woken twice per training call, and on a
-// virtual machine a wake-up can wait for the host to schedule the idle vCPU again.
+// A module's forward and backward are separated by its argument checks and gradient buffers; a worker
+// asleep by then is woken for each call, and on a virtual machine a wake-up can wait for the host to
+// schedule the idle vCPU again (see bench/NOTES.md, "Figures behind the code", spinning).
 constexpr auto kSpinBeforeSleep = std::chrono::microseconds(1000);
 
 std::atomic<int> worker_delay_after_post_us{0};
@@ -151,7 +151,7 @@ void ThreadTeam::run(int threads, const Job& job) {
 
 // Linux wakes a sleeping worker on its waker's CPU when it can, and the load balancer takes
 // milliseconds to separate them again; two ranks sharing one core then pass every step's barrier by
-// yielding, about 10x slower. Workers are therefore kept off the CPU the caller runs on, within the
+// yielding, many times slower. Workers are therefore kept off the CPU the caller runs on, within the
 // caller's own affinity mask (so they follow taskset and os.sched_setaffinity). Only the workers' masks
 // change, and only when the caller's CPU or mask has changed since the last job.
 void ThreadTeam::keep_workers_off_caller_cpu() {
@@ -212,4 +212,4 @@ int default_thread_count() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

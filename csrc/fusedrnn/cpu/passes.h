@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-namespace fusedrnn {
+namespace fusedrnn::cpu {
 
 // True when none of the `count` values is NaN or infinite.
 template <typename T>
@@ -15,4 +15,4 @@ bool parallel_all_finite(const T* values, std::int64_t count);
 template <typename T>
 void parallel_add_into(T* into, const T* from, std::int64_t count);
 
-}  // namespace fusedrnn
+}  // namespace fusedrnn::cpu

@@ -1,11 +1,11 @@
-#include "fusedrnn/blas.h"
+#include "fusedrnn/cpu/blas.h"
 
 #include <cblas.h>
 
 #include <limits>
 #include <stdexcept>
 
-namespace fusedrnn::blas {
+namespace fusedrnn::cpu::blas {
 namespace {
 
 // scipy-openblas32 takes 32-bit sizes; refuse (never truncate) a dimension past that.
@@ -41,4 +41,4 @@ void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 
 std::string config() { return scipy_openblas_get_config(); }
 
-}  // namespace fusedrnn::blas
+}  // namespace fusedrnn::cpu::blas

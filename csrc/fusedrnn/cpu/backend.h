@@ -1,0 +1,58 @@
+// The CPU backend: runs the neutral layer calls (layer.h) on fusedrnn's own thread team (threads.h),
+// with weight-stationary SIMD kernels (kernels.h) and single-threaded BLAS inside the team's ranks.
+//
+// Views (layer.h) are read in place when their last dimension is contiguous and their rows evenly
+// spaced at least a row apart (a row stride: BLAS lda/ldc and the kernels' row strides cover it); any
+// other view is copied into a dense buffer of the call (inputs before, outputs after the call).
+//
+// Beside the layer calls: the team's size, and the choices the backend makes by a layer's size, which
+// tests and benchmarks may force or inspect.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fusedrnn/cells.h"
+#include "fusedrnn/layer.h"
+
+namespace fusedrnn::cpu {
+
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params);
+
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params);
+
+// The thread team's size (all native compute). A new size applies from the next layer call: one
+// already running finishes on the size it started with.
+int team_size();
+void set_team_size(int threads);
+// Tests only: the team's workers pause this long after each job is posted (ThreadTeam).
+void set_team_worker_delay(int microseconds);
+
+// How a layer's recurrence is shared across a team of `team_threads` (see kernels.h): `ranks` threads,
+// each owning whole batch rows (by_rows) or a range of hidden units of every row.
+struct LayerSplit {
+  int ranks = 1;
+  bool by_rows = false;
+};
+LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads);
+// The per-core L2 size the split assumes (the system's figure, or 1 MB where it gives none).
+Index l2_cache_bytes();
+
+// Choices tests and benchmarks may force. kAuto (the default) decides by the layer's size.
+// How the recurrence is shared: the others force one kind wherever a layer is large enough to share.
+enum class SplitPreference { kAuto, kRows, kUnits };
+void set_split_preference(SplitPreference preference);
+SplitPreference split_preference();
+// Where forward projects x onto W_ih (kernels.h): inside each step, or as one GEMM before the sequence.
+enum class ProjectionPreference { kAuto, kInSteps, kUpFront };
+void set_projection_preference(ProjectionPreference preference);
+ProjectionPreference projection_preference();
+// How backward splits the weight gradients' GEMMs across the team: kRows (each rank its share of all
+// steps' rows, partials added after) or kGateRows (each rank its gate rows over all rows).
+enum class WeightGradPreference { kAuto, kRows, kGateRows };
+void set_weight_grad_preference(WeightGradPreference preference);
+WeightGradPreference weight_grad_preference();
+
+}  // namespace fusedrnn::cpu

@@ -1,0 +1,162 @@
+// The backend-neutral layer API: one direction of one recurrent layer over a whole sequence, forward
+// and backward (backpropagation through time), as plain parameter structs. A backend (cpu/backend.h;
+// a CUDA one would sit in cuda/) runs a layer given these; how it shares the work out (threads,
+// streams, caches, SIMD) is its own business and appears nowhere here.
+//
+// Shapes: T steps, B batch rows, I input features, H hidden units, G gate blocks and S values saved per
+// unit for backward (cell_facts(cell).gates / .saved, cells.h). Weights are torch.nn's exactly.
+//
+// Arrays are views: a pointer to element [0, ..., 0] and one element stride (not bytes) per dimension,
+// any sign, as NumPy, DLPack and XLA buffers describe them. A backend reads every view as it is; where
+// its kernels need a layout a view does not have, the backend makes the copy, not the caller. Input
+// views may overlap one another and may use zero strides (broadcast); an output view must not overlap
+// any other array of the call, nor itself. The caller owns every array and keeps it alive for the call;
+// a backend allocates only its own scratch. The tape (LayerTape) is the exception to "views": forward
+// writes it and backward reads it in the fixed dense layout given by tape_layout().
+//
+// What the computation is:
+//  - The input projection x W_ih^T of all T steps is independent of the recurrence (one large GEMM, or
+//    any split of it); each step is one recurrent GEMM h W_hh^T for all gates plus the cell's pointwise
+//    update (cells.h), with b_ih and b_hh added as torch.nn does (GRU keeps b_hn inside r * (...)).
+//  - Backward keeps only the recurrence in its time loop (pointwise backward, dh W_hh); dx, dW_ih,
+//    dW_hh and the bias gradients sum over all T*B rows and do not depend on the step order.
+//
+// Variable lengths: row b is valid at time t when t < lengths[b]. At an invalid step the state is
+// carried unchanged and the output row is zero, so the forward direction ends at the row's own last
+// step and the reverse direction starts there. Backward treats invalid steps as identities.
+//
+// State slots: the hidden (and cell) states live in the tape's `hs` / `cs`, T+1 slots of (B, H). The
+// forward direction reads slot t and writes slot t+1 at time t; the reverse direction reads t+1 and
+// writes t. So slot 0 (forward) or slot T (reverse) holds the initial state, and for both directions
+// the T slots read as "previous state" are contiguous, which lets dW_hh be a single GEMM. Without
+// training only two slots are kept and used alternately.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "fusedrnn/cells.h"
+
+namespace fusedrnn {
+
+using Index = std::int64_t;
+
+// A view of an (n0, n1, n2) array: element [i][j][k] at data[i*stride[0] + j*stride[1] + k*stride[2]].
+// Its shape comes from the LayerShape of the call. T is const for inputs.
+template <typename T>
+struct View3 {
+  T* data = nullptr;
+  Index stride[3] = {0, 0, 1};
+};
+
+// An (n0, n1) array: element [i][j] at data[i*stride[0] + j*stride[1]].
+template <typename T>
+struct View2 {
+  T* data = nullptr;
+  Index stride[2] = {0, 1};
+};
+
+// An (n) array: element [i] at data[i*stride].
+template <typename T>
+struct View1 {
+  T* data = nullptr;
+  Index stride = 1;
+};
+
+// The dense views of an array of the given shape, in C order.
+template <typename T>
+View3<T> dense(T* data, Index /*n0*/, Index n1, Index n2) { return {data, {n1 * n2, n2, 1}}; }
+template <typename T>
+View2<T> dense(T* data, Index /*n0*/, Index n1) { return {data, {n1, 1}}; }
+template <typename T>
+View1<T> dense(T* data) { return {data, 1}; }
+
+struct LayerShape {
+  Index steps = 0, batch = 0, input = 0, hidden = 0;  // T, B, I, H; each >= 1
+  View1<const Index> lengths;  // (B), each in [0, T]; data null: every row has T steps
+  bool reverse = false;        // run t = T-1 .. 0
+};
+
+template <typename T>
+struct LayerWeights {
+  View2<const T> w_ih;  // (G*H, I)
+  View2<const T> w_hh;  // (G*H, H)
+  View1<const T> b_ih;  // (G*H), or data null: no biases (then b_hh is null too)
+  View1<const T> b_hh;  // (G*H)
+};
+
+// Where forward leaves what backward needs: dense arrays the caller allocates, best starting on a
+// 64-byte boundary (writers of neighbouring ranges of units then share no cache line). Forward writes
+// every element backward reads; the caller keeps the tape, x and the weights unchanged until backward
+// has run. Training: hs and cs
+// hold T+1 slots of (B, H) ("State slots" above), saved (T, B, S*H) the cell's saved values (null when
+// S == 0). Inference: hs and cs hold 2 slots, saved is null. cs is null for cells without a cell state.
+template <typename T>
+struct LayerTape {
+  T* hs = nullptr;
+  T* cs = nullptr;
+  T* saved = nullptr;
+  bool training = false;
+};
+
+// Element counts of the tape's arrays for a call, so any caller (an FFI handler declaring its outputs,
+// a device allocator) sizes them from the one rule above.
+struct TapeLayout {
+  Index slots = 0;         // T+1 (training) or 2
+  Index state_values = 0;  // hs, and cs when has_cell_state: slots*B*H each
+  Index saved_values = 0;  // T*B*S*H in training, else 0
+  bool has_cell_state = false;
+};
+
+inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training) {
+  const CellFacts& f = cell_facts(cell);
+  TapeLayout l;
+  l.slots = training ? s.steps + 1 : 2;
+  l.state_values = l.slots * s.batch * s.hidden;
+  l.saved_values = training ? s.steps * s.batch * f.saved * s.hidden : 0;
+  l.has_cell_state = f.has_cell_state;
+  return l;
+}
+
+template <typename T>
+struct LayerForwardParams {
+  CellKind cell = CellKind::kLstm;
+  LayerShape shape;
+  LayerWeights<T> weights;
+  View3<const T> x;   // (T, B, I)
+  View2<const T> h0;  // (B, H), or data null: zeros
+  View2<const T> c0;  // (B, H), or data null: zeros; cells with a cell state only
+  // Outputs, written (every element).
+  View3<T> y;         // (T, B, H): h_t of every step, zero at invalid steps; often one direction's H
+                      // columns of a (T, B, 2H) layer output
+  View2<T> h_n;       // (B, H): each row's final hidden state
+  View2<T> c_n;       // (B, H), data null for cells without a cell state
+  LayerTape<T> tape;  // written
+  T cell_clip = std::numeric_limits<T>::infinity();  // LSTM: bound on |c| (cells.h); +inf: none
+};
+
+template <typename T>
+struct LayerBackwardParams {
+  CellKind cell = CellKind::kLstm;
+  LayerShape shape;         // as in forward
+  LayerWeights<T> weights;  // as in forward
+  View3<const T> x;         // (T, B, I), as in forward
+  LayerTape<T> tape;        // as forward filled it, with training = true; read only
+  View3<const T> dy;        // (T, B, H) gradient of y, or data null: zero
+  View2<const T> dh_n;      // (B, H), or data null: zero
+  View2<const T> dc_n;      // (B, H), or data null: zero; cells with a cell state only
+  // Outputs. Accumulated (+=): dx (unless accumulate_dx is false) and the weight and bias gradients.
+  // Written: dh0, dc0, dh_norm.
+  View3<T> dx;              // (T, B, I), or data null: not wanted
+  bool accumulate_dx = true;  // false: dx is written, so its old values are never read
+  View2<T> dh0;             // (B, H), or data null
+  View2<T> dc0;             // (B, H), or data null; cells with a cell state only
+  View2<T> dw_ih;           // (G*H, I), required
+  View2<T> dw_hh;           // (G*H, H), required
+  View1<T> db_ih;           // (G*H): required when the layer has biases, else null
+  View1<T> db_hh;           // (G*H): as db_ih
+  double* dh_norm = nullptr;  // (T) dense, or null: L2 norm over (B, H) of dL/dh_t (valid rows), time order
+  T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
+};
+
+}  // namespace fusedrnn
