@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Checks the Promela model of the thread team's job posting and barrier (csrc/fusedrnn/threads.pml) with
+# Checks the Promela model of the thread team's job posting and barrier (csrc/fusedrnn/cpu/threads.pml) with
 # SPIN. The protocol of threads.cpp must pass an exhaustive safety search (assertions, invalid end states)
 # and a liveness search (the `terminates` claim); the protocol it replaced (-DOLD_PROTOCOL) must fail,
 # so the model demonstrably can. Takes about ten seconds, most of it compiling; installs the Debian
 # package spin when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model="$PWD/csrc/fusedrnn/threads.pml"
+model="$PWD/csrc/fusedrnn/cpu/threads.pml"
 
 if ! command -v spin >/dev/null 2>&1; then
   sudo=()

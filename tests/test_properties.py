@@ -31,7 +31,7 @@ PROFILE = settings.get_profile("fusedrnn-properties")
 
 # ---- what is drawn --------------------------------------------------------------------------------------
 
-# Where the layer runs on more than one rank of the team (see layer_split in recurrence.cpp): a few rows
+# Where the layer runs on more than one rank of the team (see layer_split in csrc/fusedrnn/cpu/layer.cpp): a few rows
 # with 128 or more hidden units share the units (2 ranks; 3 from H=192), 8 or more rows with H=64 share
 # the rows (up to one rank per 2 rows). "small" layers run on one rank.
 SHAPE_KINDS = {
