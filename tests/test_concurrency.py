@@ -69,6 +69,27 @@ def expected_by_size(cases, sizes, training=True):
 
 # Whether a call's outputs equal, bit for bit, a quiet run's on some team size (backward's on some
 # size after a forward on a size whose outputs forward's match).
+class Resizer:
+    # Cycles the team through `sizes` from a thread of its own, one resize every `pause` seconds,
+    # while the with-block runs; `count` is how many resizes it made.
+    def __init__(self, sizes, pause):
+        self.sizes, self.pause, self.count, self.stop = list(sizes), pause, 0, threading.Event()
+        self.thread = threading.Thread(target=self.cycle)
+
+    def cycle(self):
+        while not self.stop.is_set():
+            fusedrnn.set_num_threads(self.sizes[self.count % len(self.sizes)])
+            self.count += 1
+            time.sleep(self.pause)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
 def matches_some_size(got, want, index):
     (got_fwd, got_bwd), (fwd, bwd) = got, want
     sizes = [a for a, outs in fwd.items() if np.array_equal(got_fwd, outs[index])]
@@ -101,18 +122,8 @@ def test_resizing_while_a_layer_runs_gives_the_planned_answer():
         cases = [layer(0, "lstm", 10, 1, 16, 128), layer(1, "gru", 6, 3, 8, 192)]
         want_fwd = expected_by_size(cases[:1], sizes, training=False)
         want = expected_by_size(cases, sizes)
-        stop = threading.Event()
-        resizes = 0
-        def resize():
-            global resizes
-            while not stop.is_set():
-                fusedrnn.set_num_threads(sizes[resizes % len(sizes)])
-                resizes += 1
-                time.sleep(0.0002)
-        t = threading.Thread(target=resize)
-        t.start()
         calls = mismatches = 0
-        try:
+        with Resizer(sizes, 0.0002) as resizer:
             for i in range(2000):
                 calls += 1
                 mismatches += not matches_some_size(run(cases[0], training=False), want_fwd, 0)
@@ -120,10 +131,7 @@ def test_resizing_while_a_layer_runs_gives_the_planned_answer():
                 for k, case in enumerate(cases):
                     calls += 1
                     mismatches += not matches_some_size(run(case), want, k)
-        finally:
-            stop.set()
-            t.join()
-        print(json.dumps({"calls": calls, "mismatches": mismatches, "resizes": resizes}))
+        print(json.dumps({"calls": calls, "mismatches": mismatches, "resizes": resizer.count}))
     """)
     assert counts["calls"] == 2800 and counts["resizes"] > 100
     assert counts["mismatches"] == 0
@@ -165,30 +173,19 @@ def test_concurrent_callers_while_the_team_is_resized():
         cases = [layer(0, "lstm", 5, 1, 8, 128), layer(1, "gru", 4, 9, 7, 129),
                  layer(2, "rnn_relu", 6, 24, 5, 200), layer(3, "lstm", 3, 16, 33, 64)]
         want = expected_by_size(cases, sizes)
-        stop = threading.Event()
-        resizes = 0
-        def resize():
-            global resizes
-            while not stop.is_set():
-                fusedrnn.set_num_threads(1 + resizes % 8)
-                resizes += 1
-                time.sleep(0.0005)
         results = [[0, 0] for _ in cases]
         def call(k):
             for i in range(150):
                 results[k][0] += 1
                 results[k][1] += not matches_some_size(run(cases[k]), want, k)
-        resizer = threading.Thread(target=resize)
         callers = [threading.Thread(target=call, args=(k,)) for k in range(len(cases))]
-        resizer.start()
-        for t in callers:
-            t.start()
-        for t in callers:
-            t.join()
-        stop.set()
-        resizer.join()
+        with Resizer(sizes, 0.0005) as resizer:
+            for t in callers:
+                t.start()
+            for t in callers:
+                t.join()
         print(json.dumps({"calls": sum(r[0] for r in results), "mismatches": sum(r[1] for r in results),
-                          "resizes": resizes}))
+                          "resizes": resizer.count}))
     """)
     assert counts["calls"] == 600 and counts["resizes"] > 10
     assert counts["mismatches"] == 0
