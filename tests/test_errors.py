@@ -115,6 +115,13 @@ def test_add_into_adds_every_value(simd_level, rng, dtype):
         _core.add_into(a, np.zeros(9, dtype))
     with pytest.raises(TypeError, match=r"^into, from: expected C-contiguous"):
         _core.add_into(a, np.zeros(16, dtype)[::2])
+    # The native passes read whole elements: an array at an odd byte offset is refused, not misread.
+    unaligned = np.frombuffer(np.zeros(8 * a.itemsize + 1, np.uint8).data, dtype, 8, offset=1)
+    assert not unaligned.flags.aligned
+    with pytest.raises(TypeError, match=r"^into, from: expected C-contiguous aligned"):
+        _core.add_into(a, unaligned)
+    with pytest.raises(TypeError, match=r"^a: expected an aligned array"):
+        _core.all_finite(unaligned)
 
 
 def test_forward_rejects_bad_x_batch_first(cell):

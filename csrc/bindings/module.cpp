@@ -500,6 +500,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
     if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
+    if (reinterpret_cast<std::uintptr_t>(a.data()) % a.itemsize() != 0)
+      throw py::type_error("a: expected an aligned array");
     const void* data = a.data();
     const Index size = a.size();
     if (a.dtype().is(py::dtype::of<float>())) {
@@ -515,8 +517,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("add_into", [](py::array& into, const py::array& from) {
     const auto c_order = py::array::c_style;
-    if (!(into.flags() & c_order) || !(from.flags() & c_order) || !into.writeable())
-      throw py::type_error("into, from: expected C-contiguous arrays, into writeable");
+    auto aligned = [](const py::array& a) { return reinterpret_cast<std::uintptr_t>(a.data()) % a.itemsize() == 0; };
+    if (!(into.flags() & c_order) || !(from.flags() & c_order) || !aligned(into) || !aligned(from) ||
+        !into.writeable())
+      throw py::type_error("into, from: expected C-contiguous aligned arrays, into writeable");
     if (!into.dtype().is(from.dtype()) || into.size() != from.size())
       throw py::value_error("into, from: expected the same dtype and size");
     void* to = into.mutable_data();

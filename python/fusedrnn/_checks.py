@@ -72,7 +72,7 @@ def shape(name: str, arr: np.ndarray, expected: tuple[int, ...]) -> None:
 def finite(name: str, arr: np.ndarray) -> None:
     if arr.size == 0:
         return
-    if arr.dtype in FLOAT_DTYPES and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+    if arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
         ok = _core.all_finite(arr)  # one native pass (fusedrnn/checks.h), shared by the team when large
     else:
         # min and max propagate NaN and expose +-inf: two vectorised passes, no temporary array.

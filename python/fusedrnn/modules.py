@@ -333,7 +333,7 @@ class RNNBase(_Module):
             prev = self.input_grads.get(name)
             if prev is None or prev.shape != g.shape:
                 self.input_grads[name] = g.copy()
-            elif g.flags.c_contiguous:
+            elif g.flags.c_contiguous and g.flags.aligned:
                 _core.add_into(prev, g)  # shared by the team when large
             else:  # batch_first's transposed view
                 np.add(prev, g, out=prev)
