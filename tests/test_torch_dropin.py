@@ -292,8 +292,8 @@ def test_convert_swaps_nested_modules_in_place_keeping_parameters_and_mode():
 
 
 def test_convert_changes_nothing_when_a_module_is_unsupported():
-    model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2))
-    with pytest.raises(NotImplementedError, match="proj_size"):
+    model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2, dtype=torch.float16))
+    with pytest.raises(NotImplementedError, match="float16"):
         frt.convert(model)
     assert type(model[0]) is nn.GRU
     with pytest.raises(TypeError, match="model"):
@@ -304,8 +304,6 @@ def test_convert_changes_nothing_when_a_module_is_unsupported():
 
 
 def test_unsupported_configurations_raise_not_implemented_at_construction():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        frt.LSTM(I, H, proj_size=2)
     with pytest.raises(NotImplementedError, match="float16"):
         frt.GRU(I, H, dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="CPU"):
@@ -407,16 +405,18 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
 # ---- torch.compile, torch.export -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_operators_pass_opcheck(cell):
+@pytest.mark.parametrize("cell, proj", [("lstm", 0), ("lstm", 2), ("gru", 0)], ids=["lstm", "lstm_proj", "gru"])
+def test_operators_pass_opcheck(cell, proj):
     # Schema, autograd registration and fake implementation against the real one. Not
     # test_aot_dispatch_dynamic: it compares every output of two calls, and the tape handle is unique
     # to each call by design; the compile and export tests below run that path end to end.
     gen = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    gates = GATES[cell]
-    weights = [r(gates * 3, 2), r(gates * 3, 3), None, None] * 2  # two directions, no biases
-    x, h0 = r(4, 3, 2), r(2, 3, 3)
+    gates, width = GATES[cell], proj or 3
+    # Two directions, no biases; with a projection, weight_hr (P, H) and h of P features.
+    weights = [[r(gates * 3, 2), r(gates * 3, width), None, None, r(proj, 3) if proj else None] for _ in range(2)]
+    weights = weights[0] + weights[1]
+    x, h0 = r(4, 3, 2), r(2, 3, width)
     c0 = r(2, 3, 3) if has_cell_state(cell) else None
     args = (x, *weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
