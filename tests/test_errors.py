@@ -714,3 +714,13 @@ def test_functional_backward_rejects_bad_projection_gradients():
     with pytest.raises(ValueError, match=r"^grad_weight_hr: the layer has no projection"):
         F.layer_backward(plain, grads=F.LayerGrads(None, None, None, np.zeros((4 * H, I)), np.zeros((4 * H, H)),
                                                    np.zeros(4 * H), np.zeros(4 * H), weight_hr=np.zeros((1, H))))
+
+
+def test_layer_split_checks_proj_size():
+    from fusedrnn import _core
+    assert _core.layer_split("lstm", 8, 128, np.float32, 64)[0] >= 1
+    for cell, proj, match in (("lstm", -1, r"^proj_size: expected 0 \(none\) or 0 < proj_size < hidden, got -1"),
+                              ("lstm", 128, r"^proj_size: expected 0"),
+                              ("gru", 4, r"^proj_size: only an LSTM takes a projection")):
+        with pytest.raises(ValueError, match=match):
+            _core.layer_split(cell, 8, 128, np.float32, proj)

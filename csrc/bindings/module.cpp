@@ -593,8 +593,14 @@ PYBIND11_MODULE(_core, m) {
         "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype,
                           Index proj_size) {
-    const cpu::LayerSplit split = cpu::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype),
-                                                   cpu::team_size(), proj_size);
+    const CellKind kind = parse_cell(cell);
+    if (proj_size < 0 || (proj_size > 0 && proj_size >= hidden))
+      throw py::value_error("proj_size: expected 0 (none) or 0 < proj_size < hidden, got " +
+                            std::to_string(proj_size));
+    if (proj_size > 0 && !fusedrnn::cell_facts(kind).projection)
+      throw py::value_error("proj_size: only an LSTM takes a projection");
+    const cpu::LayerSplit split =
+        cpu::layer_split(kind, batch, hidden, float_item_size(dtype), cpu::team_size(), proj_size);
     return py::make_tuple(split.ranks, split.by_rows ? "rows" : "units");
   }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
         py::arg("proj_size") = 0,

@@ -131,8 +131,9 @@ class Cache:
     weight_hh: np.ndarray
     has_bias: bool
     valid: np.ndarray                           # (T, B) bool, t < lengths[b]
-    steps: list = field(default_factory=list)   # per time index t: (h_prev, c_prev, saved, r)
+    steps: list = field(default_factory=list)   # per time index t: (h_prev, c_prev, saved)
     weight_hr: np.ndarray | None = None         # (P, H) with a projection
+    outputs: list = field(default_factory=list)  # with a projection, per t: the cell's output r (B, H)
 
 
 def time_order(steps, reverse):
@@ -158,13 +159,14 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
     c = np.zeros((batch, hidden)) if c0 is None else np.array(c0, np.float64)
     y = np.zeros((steps, batch, width))
     cache = Cache(cell, reverse, x, np.asarray(weight_ih, np.float64), np.asarray(weight_hh, np.float64),
-                  bias_ih is not None, valid, [None] * steps, w_hr)
+                  bias_ih is not None, valid, [None] * steps, w_hr, [None] * steps)
     for t in time_order(steps, reverse):
         xg = x[t] @ cache.weight_ih.T + b_ih
         hg = h @ cache.weight_hh.T + b_hh
         r, c_new, saved = step_forward(xg, hg, h, c)
         h_new = r if w_hr is None else r @ w_hr.T
-        cache.steps[t] = (h, c, saved, r)
+        cache.steps[t] = (h, c, saved)
+        cache.outputs[t] = r
         keep = valid[t][:, None]
         y[t] = np.where(keep, h_new, 0.0)
         h = np.where(keep, h_new, h)
@@ -194,13 +196,13 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
     dh_norm = np.zeros(steps)
     # Walk time in the opposite order to forward.
     for t in reversed(list(time_order(steps, cache.reverse))):
-        h_prev, c_prev, saved, r = cache.steps[t]
+        h_prev, c_prev, saved = cache.steps[t]
         keep = cache.valid[t][:, None]
         dh_new = dh + np.where(keep, dy[t], 0.0)   # a padded step's output is a constant zero
         dh_norm[t] = np.linalg.norm(dh_new * keep)
         dr = dh_new
         if w_hr is not None:                        # h_new = r W_hr^T
-            dw_hr += (dh_new * keep).T @ r
+            dw_hr += (dh_new * keep).T @ cache.outputs[t]
             dr = dh_new @ w_hr
         dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dr, dc)
         dxg, dhg = dxg * keep, dhg * keep             # a padded step has no gate gradients

@@ -443,7 +443,7 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
     T* const h_next = pl.hs.at(next_slot(pl.reverse, t));
     // The cell outputs: h_next itself, or with a projection the step's r (one slot in inference).
-    T* const outputs = kProjected ? pl.rs + (pl.saved ? t : 0) * pl.batch * H : h_next;
+    T* const outputs = kProjected ? pl.rs + (pl.hs.training ? t : 0) * pl.batch * H : h_next;
     const PanelOrder order = panel_order(i);
     if (busy) {
       const T* h_rows = h_prev + sh.b0 * R;
