@@ -84,6 +84,11 @@ void def_choice(py::module_& m, const std::string& name, const Named<E> (&table)
         ("The choice set by set_" + name + ".").c_str());
 }
 
+// Whether `arr` holds values of type T. By value, not by identity: an unpickled array's dtype is an
+// equal but distinct object.
+template <typename T>
+bool holds(const py::array& arr) { return py::isinstance<py::array_t<T>>(arr); }
+
 // The item size of a float32 or float64 dtype; a TypeError naming `dtype` for any other.
 std::size_t float_item_size(const py::object& dtype_like) {
   const py::dtype dtype = py::dtype::from_args(dtype_like);
@@ -132,7 +137,7 @@ Index row_stride(const py::array& arr) {
 
 template <typename T>
 void check_dtype_and_shape(const py::array& arr, const char* name, const std::vector<Index>& shape) {
-  if (!arr.dtype().is(py::dtype::of<T>()))
+  if (!holds<T>(arr))
     throw py::type_error(std::string(name) + ": expected dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(arr.dtype())));
@@ -270,7 +275,7 @@ py::object optional_input(const py::object& obj, const char* name, const std::ve
 py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
   if (obj.is_none()) return py::none();
   if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<Index>()))
+      !holds<Index>(py::reinterpret_borrow<py::array>(obj)))
     throw py::type_error("lengths: expected a NumPy int64 array");
   auto arr = element_addressable<Index>(py::reinterpret_borrow<py::array>(obj));
   if (shape_of(arr) != std::vector<Index>{batch})
@@ -393,10 +398,10 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
   const CellKind cell = parse_cell(cell_name);
   const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
   auto xa = require_array(x, "x");
-  if (xa.dtype().is(py::dtype::of<float>()))
+  if (holds<float>(xa))
     return forward_typed<float>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
                                 reverse, training, out, cell_clip, weight_hr);
-  if (xa.dtype().is(py::dtype::of<double>()))
+  if (holds<double>(xa))
     return forward_typed<double>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
                                  reverse, training, out, cell_clip, weight_hr);
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
@@ -532,7 +537,7 @@ PYBIND11_MODULE(_core, m) {
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
            const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx, const py::object& gw_hr) {
-          if (tape.x.dtype().is(py::dtype::of<float>()))
+          if (holds<float>(tape.x))
             return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
           return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
         },
@@ -550,11 +555,11 @@ PYBIND11_MODULE(_core, m) {
       throw py::type_error("a: expected an aligned array");
     const void* data = a.data();
     const Index size = a.size();
-    if (a.dtype().is(py::dtype::of<float>())) {
+    if (holds<float>(a)) {
       py::gil_scoped_release release;
       return cpu::parallel_all_finite(static_cast<const float*>(data), size);
     }
-    if (a.dtype().is(py::dtype::of<double>())) {
+    if (holds<double>(a)) {
       py::gil_scoped_release release;
       return cpu::parallel_all_finite(static_cast<const double*>(data), size);
     }
@@ -567,15 +572,15 @@ PYBIND11_MODULE(_core, m) {
     if (!(into.flags() & c_order) || !(from.flags() & c_order) || !aligned(into) || !aligned(from) ||
         !into.writeable())
       throw py::type_error("into, from: expected C-contiguous aligned arrays, into writeable");
-    if (!into.dtype().is(from.dtype()) || into.size() != from.size())
+    if (!into.dtype().attr("__eq__")(from.dtype()).cast<bool>() || into.size() != from.size())
       throw py::value_error("into, from: expected the same dtype and size");
     void* to = into.mutable_data();
     const void* added = from.data();
     const Index size = into.size();
-    if (into.dtype().is(py::dtype::of<float>())) {
+    if (holds<float>(into)) {
       py::gil_scoped_release release;
       cpu::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
-    } else if (into.dtype().is(py::dtype::of<double>())) {
+    } else if (holds<double>(into)) {
       py::gil_scoped_release release;
       cpu::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
     } else {
