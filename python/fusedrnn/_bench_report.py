@@ -315,6 +315,7 @@ def _plot_sweep(rows, peers, first, others, sweep):
         if others:
             _errorbars(ratio_ax, xs, group, others, first, horizontal=False)
             ratio_ax.axhline(1.0, color="grey", linewidth=0.8)
+            _log_if_wide(ratio_ax, "y", [r[f"{p}_ms"] / r[f"{first}_ms"] for r in group for p in others])
             ratio_ax.set_title(f"{cell} {mode}: peer time / {first} time")
             ratio_ax.set_ylabel(f"> 1: {first} is faster")
             ratio_ax.legend(loc="best", fontsize="small")
