@@ -6,6 +6,10 @@ median over rounds of the per-round median time, the spread (max - min of the ro
 the median), GFLOP/s from the standard count (forward 2*T*B*(I+H)*G*H, training 3x that), and the ratio
 peer time / fusedrnn time (> 1: fusedrnn is faster).
 
+A row also keeps every timed call ({peer}_times_ms: per round, the repeats' times in ms), and the JSON's
+meta the peers, threads, host CPU (/proc/cpuinfo's model name) and versions, so a later run can be
+judged against it (`fusedrnn bench --compare`).
+
 Peers are pluggable: `register_peer(name, factory, requires=...)` where the factory builds, for one
 case, the two callables to time (see `Runners`).
 """
