@@ -10,6 +10,7 @@ import pytest
 
 from fusedrnn import _bench_memory, _bench_report, benchmark, cli
 
+row_key = _bench_report.row_key
 TINY = ["--rounds", "2", "--repeats", "2", "--no-progress"]
 
 
@@ -97,6 +98,13 @@ def test_sweep_varies_only_its_axis(capsys, tmp_path, figures):
     (ratio_peer, (xs, ys)), = series(ratio_ax).items()
     assert ratio_peer == "numpy" and ys == pytest.approx([r["numpy_ms"] / r["fusedrnn_ms"] for r in inference])
     assert time_ax.get_xlabel() == "hidden (H)"
+    # Compared with, the run is rerun as the same sweep.
+    old = tmp_path / "sweep.json"
+    old.write_text(json.dumps(report))
+    again, err = run_json(capsys, ["--compare", str(old)])
+    assert again["meta"]["sweep"] == report["meta"]["sweep"] and again["meta"]["peers"] == ["fusedrnn", "numpy"]
+    assert [row_key(r) for r in again["rows"]] == [row_key(r) for r in rows]
+    assert f"Against {old}:" in err and "Sweep of hidden (H)" in err
 
 
 @pytest.mark.parametrize("text, axis, values", [
@@ -194,7 +202,7 @@ def test_compare_reports_matches_rows_and_peers_by_name():
     assert change.key == ("GRU", 1, 1, 1, 8, "training") and change.verdict == "slower"
     text = _bench_report.format_comparison([change], old, new, 0.05)
     assert "note: the runs differ in cpu: X then, Y now" in text
-    assert "1 slower, 0 faster, 0 within spread" in text
+    assert "1 slower, 0 faster, 0 within spread or under 5%" in text
 
 
 # ---- --memory --------------------------------------------------------------------------------------------

@@ -100,6 +100,12 @@ def row_key(row: dict) -> tuple:
     return tuple(row[k] for k in ROW_KEYS)
 
 
+def report_sweep(report: dict) -> Sweep | None:
+    """The sweep a report's run made, if it made one."""
+    sweep = report.get("meta", {}).get("sweep")
+    return Sweep(sweep["axis"], tuple(sweep["values"])) if sweep else None
+
+
 def report_cases(report: dict) -> list[Case]:
     """The cases a report's rows measured, each with the modes it had, in the report's order."""
     modes: dict = {}
@@ -180,7 +186,8 @@ def format_comparison(changes: list[Change], old: dict, new: dict, threshold: fl
         lines.append(text)
     counts = {v: sum(c.verdict == v for c in changes) for v in ("slower", "faster", "same")}
     lines.append(f"{counts['slower']} slower, {counts['faster']} faster, {counts['same']} within spread or "
-                 f"under {threshold * 100:g}% ({COMPARE_RULE}).")
+                 f"under {threshold * 100:g}%")
+    lines.append(f"(by round medians: {COMPARE_RULE})")
     return "\n".join(lines)
 
 

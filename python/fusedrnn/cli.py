@@ -188,7 +188,7 @@ def _bench_cases(args, old_report) -> tuple:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else benchmark.DEFAULT_SHAPES
         return benchmark.cases_for(cells, shapes, modes), None
     if old_report is not None and not args.set:
-        return _bench_report.report_cases(old_report), None
+        return _bench_report.report_cases(old_report), _bench_report.report_sweep(old_report)
     return benchmark.named_cases(args.set or "default"), None
 
 
