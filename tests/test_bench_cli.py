@@ -271,6 +271,8 @@ def write(tmp_path, text):
     (["--compare", '{"meta": {"peers": ["fusedrnn"]}, "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, '
                    '"mode": "training", "fusedrnn_ms": 1.0}]}'], "has no per-call times"),
     (["--cell", "gru", "--threshold", "-1"], "threshold: expected a percentage >= 0"),
+    (["--cell", "gru", "--plot", "/nonexistent/plot.png"], "plot: the folder '/nonexistent' does not exist"),
+    (["--cell", "gru", "--plot", "plot.xyz"], "plot: expected a file name ending in one of"),
 ])
 def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, message):
     def never(*args, **kwargs):

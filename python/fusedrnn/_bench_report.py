@@ -9,6 +9,7 @@ their min-max range.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
@@ -256,6 +257,22 @@ def _errorbars(ax, positions, rows, peers, first, horizontal):
         bars = {"xerr" if horizontal else "yerr": [low, high]}
         xs, ys = (centres, pos) if horizontal else (pos, centres)
         ax.errorbar(xs, ys, fmt="o" if horizontal else "o-", capsize=3, label=peer, color=f"C{k}", **bars)
+
+
+def check_plot_path(path: str) -> None:
+    """Raises ImportError without matplotlib, ValueError where the plot could not be written: its folder
+    missing, or a format matplotlib does not write (known by the extension)."""
+    require("matplotlib", "plot")
+    from matplotlib.figure import Figure
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"plot: the folder {folder!r} does not exist")
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        raise ValueError(f"plot: expected a file name ending in one of {', '.join('.' + f for f in sorted(formats))}, "
+                         f"got {path!r}")
 
 
 def plot_rows(rows: list[dict], peers: Sequence[str], path: str, sweep: Sweep | None = None):

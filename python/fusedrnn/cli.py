@@ -11,7 +11,6 @@ import sys
 from tqdm import tqdm
 
 from . import _bench_report, benchmark, build_info, set_num_threads
-from ._optional import require
 from .functional import CELLS
 
 
@@ -81,11 +80,11 @@ def _report_arguments(bench) -> None:
     bench.add_argument("--memory", action="store_true",
                        help="also measure memory: the bytes a training forward keeps for backward "
                        "(fusedrnn's tape, torch.nn's autograd-saved tensors) and each call's peak resident-set "
-                       "growth (Linux; see fusedrnn._bench_memory)")
+                       "growth (Linux; the README's Benchmark section says what each counts)")
     bench.add_argument("--compare", metavar="OLD.json",
                        help="compare with an earlier --json output (without --set/--cell/--shape/--sweep: "
-                       "rerun its cases and peers). " + _bench_report.COMPARE_RULE[0].upper()
-                       + _bench_report.COMPARE_RULE[1:] + "; the exit status stays 0 unless --fail-on-slower")
+                       "rerun its cases and peers). By round medians, " + _bench_report.COMPARE_RULE
+                       + ". The exit status stays 0 unless --fail-on-slower")
     bench.add_argument("--threshold", metavar="PCT", type=float, default=5.0,
                        help="--compare: the least change in %% of the median that counts (default 5)")
     bench.add_argument("--fail-on-slower", action="store_true",
@@ -198,7 +197,7 @@ def _bench(args) -> int:
     if not args.threshold >= 0:
         raise ValueError(f"threshold: expected a percentage >= 0, got {args.threshold}")
     if args.plot:
-        require("matplotlib", "plot")
+        _bench_report.check_plot_path(args.plot)
     cases, sweep = _bench_cases(args, old_report)
     if args.peers:
         peers = args.peers
