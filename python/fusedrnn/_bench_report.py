@@ -271,8 +271,8 @@ def check_plot_path(path: str) -> None:
     formats = Figure().canvas.get_supported_filetypes()
     extension = os.path.splitext(path)[1][1:].lower()
     if extension not in formats:
-        raise ValueError(f"plot: expected a file name ending in one of {', '.join('.' + f for f in sorted(formats))}, "
-                         f"got {path!r}")
+        endings = ", ".join("." + f for f in sorted(formats))
+        raise ValueError(f"plot: expected a file name ending in one of {endings}, got {path!r}")
 
 
 def plot_rows(rows: list[dict], peers: Sequence[str], path: str, sweep: Sweep | None = None):
