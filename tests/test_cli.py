@@ -68,9 +68,10 @@ def test_projected_lstm_case_runs_on_every_peer():
     assert problem.state_dict["weight_hr_l0"].shape == (2, 6) and problem.dy.shape == (3, 2, 2)
     peers = ["fusedrnn", "numpy"] + [p for p in ("torch", "fusedrnn.torch", "jax") if p in benchmark.available_peers()]
     rows = benchmark.run_case(case, peers, rounds=1, repeats=1)
-    assert [(r["cell"], r["P"], r["mode"]) for r in rows] == [("LSTMP", 2, "inference"), ("LSTMP", 2, "training")]
+    assert [(r["cell"], r["mode"]) for r in rows] == [("LSTMP2", "inference"), ("LSTMP2", "training")]
     assert all(r[f"{p}_ms"] > 0 for r in rows for p in peers)
     assert [c.proj_size for c in benchmark.named_cases("projection")] == [128, 64]
+    assert benchmark.parse_label("LSTMP2") == ("lstm", 2) and benchmark.parse_label("GRU") == ("gru", 0)
 
 
 def test_peers_are_pluggable(monkeypatch):
