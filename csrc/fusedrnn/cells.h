@@ -143,8 +143,8 @@ FUSEDRNN_HD T relu(T x) {
 // kSplitRecurrentGrad: dhg differs from dxg, so backward needs a second buffer; kProjection: the
 // hidden state may be a projection h = W_hr r of the cell's output r (torch.nn.LSTM's proj_size), so
 // h's width differs from the units': the cell then reads neither h_prev nor h (callers pass 0) and
-// routes no part of dh around W_hh (dh_prev is 0); recurrent_bias_apart(k): gate k's b_hh must stay in hg. Elsewhere only xg + hg matters, so a caller
-// may fold b_hh into xg.
+// routes no part of dh around W_hh (dh_prev is 0); recurrent_bias_apart(k): gate k's b_hh must stay
+// in hg. Elsewhere only xg + hg matters, so a caller may fold b_hh into xg.
 
 struct LstmCell {
   static constexpr int kGates = 4;

@@ -94,9 +94,9 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 
     dy (T, B, R), dh_n (B, R) and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the
     arrays in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a
-    projection, weight_hr) are accumulated into when given, and created otherwise. The result's dh_norm[t] is the L2 norm over the
-    valid rows and hidden units of the total gradient reaching h_t (dy_t plus what flows back from
-    later steps): the gradient-flow profile of this direction."""
+    projection, weight_hr) are accumulated into when given, and created otherwise. The result's
+    dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
+    h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction."""
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
