@@ -25,3 +25,10 @@ def simd_level(request):
     fusedrnn.set_simd_level(request.param)
     yield request.param
     fusedrnn.set_simd_level(previous)
+
+
+def pytest_configure(config):
+    # torch.nn.LSTM(proj_size=P), the reference of the projection tests, warns on every call that its
+    # oneDNN path takes no projection and it runs its own; warnings are errors otherwise.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:LSTM with projections is not supported with oneDNN:UserWarning")

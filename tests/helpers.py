@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fusedrnn import _core
 # Re-exported: the cell facts come from the core's one list of cells (fusedrnn._core.cells).
@@ -10,6 +11,18 @@ from fusedrnn.functional import CELLS, GATES, has_cell_state  # noqa: F401
 from fusedrnn.modules import make_module  # noqa: F401  (re-exported)
 
 PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+# With a projection, also weight_hr.
+GRAD_NAMES = PARAM_NAMES + ("weight_hr",)
+
+# Every cell, and an LSTM whose hidden state is projected (torch.nn.LSTM's proj_size; proj_of gives
+# the size): parametrise with @pytest.mark.parametrize("cell, projected", CELL_CASES).
+CELL_CASES = [pytest.param(c, False, id=c) for c in CELLS] + [pytest.param("lstm", True, id="lstm_proj")]
+
+
+def proj_of(hidden: int, projected: bool) -> int:
+    """The projection size a projected case uses for a hidden size (>= 2): about a third, odd sizes
+    included; 0 when not projected."""
+    return max(1, hidden // 3) if projected else 0
 
 
 def saved_per_step(cell: str) -> int:
@@ -17,15 +30,18 @@ def saved_per_step(cell: str) -> int:
     return _core.cells[cell]["saved"]
 
 
-def random_layer(rng, cell, input_size, hidden_size, *, bias=True, dtype=np.float64, scale=0.6):
-    """Random weights of one layer direction, big enough that every gate leaves its linear range."""
+def random_layer(rng, cell, input_size, hidden_size, *, bias=True, dtype=np.float64, scale=0.6, proj_size=0):
+    """Random weights of one layer direction, big enough that every gate leaves its linear range. With
+    proj_size, also "weight_hr" (proj_size, hidden_size), and weight_hh has proj_size columns."""
     gh = GATES[cell] * hidden_size
     w = {
         "weight_ih": rng.uniform(-scale, scale, (gh, input_size)),
-        "weight_hh": rng.uniform(-scale, scale, (gh, hidden_size)),
+        "weight_hh": rng.uniform(-scale, scale, (gh, proj_size or hidden_size)),
         "bias_ih": rng.uniform(-scale, scale, gh) if bias else None,
         "bias_hh": rng.uniform(-scale, scale, gh) if bias else None,
     }
+    if proj_size:
+        w["weight_hr"] = rng.uniform(-scale, scale, (proj_size, hidden_size))
     return {k: None if v is None else v.astype(dtype) for k, v in w.items()}
 
 

@@ -283,3 +283,11 @@ def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, 
         argv = ["--compare", write(tmp_path, argv[1]), *argv[2:]]
     assert cli.main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compare_reruns_projected_lstm_rows_as_such():
+    # A report's LSTMP rows name their projection ("LSTMP2"); rerunning them rebuilds the projected case.
+    rows = [{"cell": label, "T": 1, "B": 1, "I": 3, "H": 4, "mode": "training"} for label in ("LSTMP2", "LSTM")]
+    assert _bench_report.report_cases({"rows": rows}) == [
+        benchmark.Case("lstm", 1, 1, 3, 4, modes=("training",), proj_size=2),
+        benchmark.Case("lstm", 1, 1, 3, 4, modes=("training",))]

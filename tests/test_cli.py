@@ -59,6 +59,21 @@ def test_run_case_rows_and_ratios():
     assert TINY.flops("training") == 3 * TINY.flops("inference") == 3 * 2.0 * 3 * 2 * (5 + 4) * 3 * 4
 
 
+def test_projected_lstm_case_runs_on_every_peer():
+    # An LSTMP row: every installed peer runs the same projected LSTM (torch.nn's proj_size) and counts
+    # its flops with the projection.
+    case = benchmark.Case("lstm", 3, 2, 5, 6, proj_size=2)
+    assert case.flops("inference") == 2.0 * 3 * 2 * (4 * 6 * (5 + 2) + 2 * 6)
+    problem = benchmark.make_problem(case)
+    assert problem.state_dict["weight_hr_l0"].shape == (2, 6) and problem.dy.shape == (3, 2, 2)
+    peers = ["fusedrnn", "numpy"] + [p for p in ("torch", "fusedrnn.torch", "jax") if p in benchmark.available_peers()]
+    rows = benchmark.run_case(case, peers, rounds=1, repeats=1)
+    assert [(r["cell"], r["mode"]) for r in rows] == [("LSTMP2", "inference"), ("LSTMP2", "training")]
+    assert all(r[f"{p}_ms"] > 0 for r in rows for p in peers)
+    assert [c.proj_size for c in benchmark.named_cases("projection")] == [128, 64]
+    assert benchmark.parse_label("LSTMP2") == ("lstm", 2) and benchmark.parse_label("GRU") == ("gru", 0)
+
+
 def test_peers_are_pluggable(monkeypatch):
     calls = []
 
@@ -82,7 +97,7 @@ def test_named_cases_and_errors():
     training = benchmark.named_cases("training_set")
     assert len(training) == 53 and all(c.modes == ("training",) and c.input_size == c.hidden for c in training)
     assert all(c.modes == ("inference",) for c in benchmark.named_cases("inference_device_set"))
-    with pytest.raises(ValueError, match="set: expected 'default' or one of"):
+    with pytest.raises(ValueError, match="set: expected 'default', 'projection' or one of"):
         benchmark.named_cases("nope")
     with pytest.raises(ValueError, match="cells: expected names from"):
         benchmark.cases_for(["lstn"], [(1, 1, 1, 1)])

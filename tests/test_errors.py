@@ -611,3 +611,116 @@ def test_functional_backward_rejects_bad_gradients(cell):
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
             F.layer_backward(tape, **kwargs)
+
+
+# ---- the projection (proj_size, weight_hr) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proj_size, exc, match", [
+    (-1, ValueError, r"^proj_size: expected an int >= 0 \(0: no projection\), got -1"),
+    (4, ValueError, r"^proj_size: expected less than hidden_size \(4\), got 4"),
+    (9, ValueError, r"^proj_size: expected less than hidden_size"),
+    (2.0, TypeError, r"^proj_size: expected an int, got float"),
+    (True, TypeError, r"^proj_size: expected an int, got bool"),
+    ("2", TypeError, r"^proj_size: expected an int, got str"),
+    (None, TypeError, r"^proj_size: expected an int, got NoneType"),
+])
+def test_lstm_rejects_bad_proj_size(proj_size, exc, match):
+    with pytest.raises(exc, match=match):
+        fusedrnn.LSTM(3, 4, proj_size=proj_size)
+
+
+def test_only_an_lstm_takes_proj_size():
+    with pytest.raises(TypeError, match="proj_size"):
+        fusedrnn.GRU(3, 4, proj_size=2)
+    with pytest.raises(TypeError, match="proj_size"):
+        fusedrnn.RNN(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match=r"^proj_size: 'gru' takes no projection \(only an LSTM does\), got 2"):
+        fusedrnn.modules.RNNBase("gru", 3, 4, proj_size=2)
+    assert fusedrnn.GRU(3, 4).proj_size == 0 and fusedrnn.LSTM(3, 4, proj_size=0).proj_size == 0
+
+
+def test_projected_lstm_states_need_their_own_widths(rng):
+    m = fusedrnn.LSTM(I, 5, proj_size=2, dtype=np.float64)
+    x = rng.standard_normal((T, B, I))
+    with pytest.raises(ValueError, match=r"^h0: expected shape \(1, 3, 2\), got \(1, 3, 5\)"):
+        m(x, (np.zeros((1, B, 5)), np.zeros((1, B, 5))))
+    with pytest.raises(ValueError, match=r"^c0: expected shape \(1, 3, 5\), got \(1, 3, 2\)"):
+        m(x, (np.zeros((1, B, 2)), np.zeros((1, B, 2))))
+    y, _ = m(x)
+    with pytest.raises(ValueError, match=r"^dy: expected shape \(4, 3, 2\)"):
+        m.backward(np.zeros((T, B, 5)))
+    with pytest.raises(ValueError, match=r"^dh_n: expected shape \(1, 3, 2\)"):
+        m.backward(y, (np.zeros((1, B, 5)), None))
+    with pytest.raises(ValueError, match=r"^state_dict\['weight_hr_l0'\]: expected shape \(2, 5\)"):
+        m.load_state_dict(dict(m.state_dict(), weight_hr_l0=np.zeros((5, 2))))
+
+
+def _projected_args(dtype=np.float64, proj=1, hidden=3):
+    rng = np.random.default_rng(1)
+    r = lambda *s: rng.uniform(-0.5, 0.5, s).astype(dtype)  # noqa: E731
+    return dict(x=r(T, B, I), weight_ih=r(4 * hidden, I), weight_hh=r(4 * hidden, proj), bias_ih=r(4 * hidden),
+                bias_hh=r(4 * hidden), h0=r(B, proj), c0=r(B, hidden), weight_hr=r(proj, hidden))
+
+
+def test_functional_rejects_bad_projection(cell):
+    a = _projected_args()
+    if cell != "lstm":
+        with pytest.raises(ValueError, match=r"^weight_hr: only an LSTM takes a projection"):
+            _forward(cell, weight_hr=np.zeros((1, H)))
+        return
+    cases = [
+        (dict(weight_hr=a["weight_hr"][0]), ValueError, r"^weight_hr: expected a 2-D array \(proj_size, hidden_size\)"),
+        (dict(weight_hr="w"), ValueError, r"^weight_hr: expected a 2-D array"),
+        (dict(weight_hr=np.zeros((3, 3))), ValueError,
+         r"^weight_hr: expected shape \(proj_size, hidden_size\) with 0 < proj_size < hidden_size, got \(3, 3\)"),
+        (dict(weight_hr=np.zeros((0, 3))), ValueError, r"^weight_hr: expected shape \(proj_size, hidden_size\)"),
+        (dict(weight_hr=a["weight_hr"].astype(np.float32)), TypeError, r"^weight_hr: expected dtype float64"),
+        (dict(weight_hr=np.zeros((2, 3))), ValueError, r"^weight_hh: expected shape \(12, 2\), got \(12, 1\)"),
+        (dict(weight_hr=np.zeros((1, 4))), ValueError, r"^weight_ih: expected shape \(16, 5\)"),
+        (dict(h0=np.zeros((B, 3))), ValueError, r"^h0: expected shape \(3, 1\), got \(3, 3\)"),
+        (dict(c0=np.zeros((B, 1))), ValueError, r"^c0: expected shape \(3, 3\), got \(3, 1\)"),
+        (dict(out=np.zeros((T, B, 3))), ValueError, r"^out: expected shape \(4, 3, 1\)"),
+    ]
+    for overrides, exc, match in cases:
+        args = dict(a, **overrides)
+        with pytest.raises(exc, match=match):
+            F.layer_forward("lstm", args.pop("x"), args.pop("weight_ih"), args.pop("weight_hh"),
+                            args.pop("bias_ih"), args.pop("bias_hh"), args.pop("h0"), args.pop("c0"), **args)
+
+
+def test_functional_backward_rejects_bad_projection_gradients():
+    a = _projected_args()
+    tape = F.layer_forward("lstm", *(a[k] for k in ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0",
+                                                     "c0")), weight_hr=a["weight_hr"]).tape
+    assert tape.proj_size == 1
+
+    def grads(weight_hr):
+        return F.LayerGrads(None, None, None, np.zeros((12, I)), np.zeros((12, 1)), np.zeros(12), np.zeros(12),
+                            weight_hr=weight_hr)
+
+    cases = [
+        (dict(grads=grads(None)), ValueError, r"^grad_weight_hr: the layer has a projection"),
+        (dict(grads=grads(np.zeros((3, 1)))), ValueError, r"^grad_weight_hr: expected shape \(1, 3\)"),
+        (dict(grads=grads(np.zeros((1, 3), np.float32))), TypeError, r"^grad_weight_hr: expected dtype float64"),
+        (dict(dy=np.zeros((T, B, 3))), ValueError, r"^dy: expected shape \(4, 3, 1\)"),
+        (dict(dh_n=np.zeros((B, 3))), ValueError, r"^dh_n: expected shape \(3, 1\)"),
+        (dict(dc_n=np.zeros((B, 1))), ValueError, r"^dc_n: expected shape \(3, 3\)"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            F.layer_backward(tape, **kwargs)
+    plain = _forward("lstm").tape
+    with pytest.raises(ValueError, match=r"^grad_weight_hr: the layer has no projection"):
+        F.layer_backward(plain, grads=F.LayerGrads(None, None, None, np.zeros((4 * H, I)), np.zeros((4 * H, H)),
+                                                   np.zeros(4 * H), np.zeros(4 * H), weight_hr=np.zeros((1, H))))
+
+
+def test_layer_split_checks_proj_size():
+    from fusedrnn import _core
+    assert _core.layer_split("lstm", 8, 128, np.float32, 64)[0] >= 1
+    for cell, proj, match in (("lstm", -1, r"^proj_size: expected 0 \(none\) or 0 < proj_size < hidden, got -1"),
+                              ("lstm", 128, r"^proj_size: expected 0"),
+                              ("gru", 4, r"^proj_size: only an LSTM takes a projection")):
+        with pytest.raises(ValueError, match=match):
+            _core.layer_split(cell, 8, 128, np.float32, proj)

@@ -10,7 +10,7 @@ import pytest
 import fusedrnn
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELLS, GATES, has_cell_state, make_module, random_layer, saved_per_step
+from helpers import CELL_CASES, CELLS, GATES, has_cell_state, make_module, random_layer, saved_per_step
 
 TOL64 = dict(rtol=1e-12, atol=1e-13)
 
@@ -108,6 +108,7 @@ def test_same_seed_same_parameters_different_seed_different():
 
 def test_repr_follows_torch():
     assert repr(fusedrnn.LSTM(3, 5)) == "LSTM(3, 5)"
+    assert repr(fusedrnn.LSTM(3, 5, 2, proj_size=2)) == "LSTM(3, 5, num_layers=2, proj_size=2)"
     assert repr(fusedrnn.GRU(3, 5, 2, bias=False, batch_first=True, dropout=0.25, bidirectional=True)) == (
         "GRU(3, 5, num_layers=2, bias=False, batch_first=True, dropout=0.25, bidirectional=True)")
     assert repr(fusedrnn.RNN(3, 5, 1, "relu")).startswith("RNN(3, 5")
@@ -241,8 +242,10 @@ def test_constructor_positional_order_follows_torch():
     for cls in (fusedrnn.LSTM, fusedrnn.GRU):
         m = cls(3, 4, 2, False, True, 0.25, True)
         assert (m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional) == (2, False, True, 0.25, True)
+    m = fusedrnn.LSTM(3, 4, 2, False, True, 0.25, True, 3)  # proj_size 8th, as in torch.nn.LSTM
+    assert (m.num_layers, m.bidirectional, m.proj_size) == (2, True, 3)
     with pytest.raises(TypeError):
-        fusedrnn.LSTM(3, 4, 1, True, False, 0.0, False, np.float64)  # dtype is keyword-only
+        fusedrnn.LSTM(3, 4, 1, True, False, 0.0, False, 0, np.float64)  # dtype is keyword-only
 
 
 # ---- train / eval ---------------------------------------------------------------------------------------
@@ -563,3 +566,35 @@ def test_saved_nbytes_counts_what_backward_keeps(cell):
     assert m.saved_nbytes == 4 * per_tape + inner_output + inner_output  # tapes, layer-1 input, mask
     m.backward(np.ones((steps, batch, 2 * hidden), np.float32))
     assert m.saved_nbytes == 0
+
+
+def test_projected_lstm_saved_nbytes_counts_the_cell_outputs():
+    # Beside an LSTM's tape, a projection keeps each step's cell output r (B, H) for weight_hr's
+    # gradient; h has P features.
+    steps, batch, hidden, proj = 7, 3, 5, 2
+    m = fusedrnn.LSTM(4, hidden, num_layers=2, bidirectional=True, proj_size=proj, seed=0)
+    m(np.ones((steps, batch, 4), np.float32))
+    h_row, row = batch * proj * 4, batch * hidden * 4
+    per_tape = (steps + 1) * (h_row + row) + steps * row * saved_per_step("lstm") + steps * row
+    inner_output = steps * batch * 2 * proj * 4
+    assert m.saved_nbytes == 4 * per_tape + inner_output
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_pickled_and_copied_modules_compute_the_same(rng, cell, projected):
+    # An unpickled array's dtype is an equal but distinct object: the core takes it by value.
+    import copy
+    import pickle
+
+    kwargs = {"proj_size": 2} if projected else {}
+    m = make_module(cell, 3, 6, num_layers=2, dtype=np.float64, seed=2, **kwargs)
+    x = rng.standard_normal((4, 2, 3))
+    y, _ = m(x)
+    dx, _ = m.backward(np.ones_like(y))
+    for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert clone.proj_size == (2 if projected else 0)
+        got, _ = clone(x)
+        np.testing.assert_array_equal(got, y)
+        np.testing.assert_array_equal(clone.backward(np.ones_like(got))[0], dx)
+        if projected:
+            assert clone.weight_hr_l1.shape == (2, 6)

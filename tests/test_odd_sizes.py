@@ -6,7 +6,7 @@ import pytest
 
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELLS, GATES, PARAM_NAMES, has_cell_state, make_module, random_layer
+from helpers import CELL_CASES, CELLS, GATES, GRAD_NAMES, has_cell_state, make_module, proj_of, random_layer
 
 TOL = dict(rtol=1e-12, atol=1e-13)
 
@@ -26,20 +26,21 @@ def _lengths(steps, batch):
 
 
 def _check_layer(cell, x, w, h0, c0, lengths, reverse, dy, dh_n, dc_n):
-    """Runs the kernel on the given (possibly strided) arrays and the reference on contiguous copies."""
+    """Runs the kernel on the given (possibly strided) arrays and the reference on contiguous copies.
+    `w` may hold "weight_hr" (a projection)."""
     out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], h0, c0,
-                          lengths=lengths, reverse=reverse)
+                          lengths=lengths, reverse=reverse, weight_hr=w.get("weight_hr"))
     got = F.layer_backward(out.tape, dy, dh_n, dc_n)
     c = lambda a: None if a is None else np.array(a, order="C")  # noqa: E731
     y, h_n, c_n, cache = reference.forward(cell, c(x), c(w["weight_ih"]), c(w["weight_hh"]),
                                            c(w["bias_ih"]), c(w["bias_hh"]), c(h0), c(c0),
-                                           lengths=c(lengths), reverse=reverse)
+                                           lengths=c(lengths), reverse=reverse, weight_hr=c(w.get("weight_hr")))
     want = reference.backward(cache, c(dy), c(dh_n), c(dc_n))
     np.testing.assert_allclose(out.y, y, **TOL)
     np.testing.assert_allclose(out.h_n, h_n, **TOL)
     if has_cell_state(cell):
         np.testing.assert_allclose(out.c_n, c_n, **TOL)
-    for name in ("dx", "dh0", "dc0") + PARAM_NAMES:
+    for name in ("dx", "dh0", "dc0") + GRAD_NAMES:
         if want[name] is not None:
             np.testing.assert_allclose(getattr(got, name), want[name], err_msg=name, **TOL)
     return out, got
@@ -59,6 +60,33 @@ def test_layer_odd_sizes(rng, cell, shape, reverse):
     dc_n = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
     out, _ = _check_layer(cell, x, w, h0, c0, _lengths(steps, batch), reverse, dy, dh_n, dc_n)
     assert out.y.shape == (steps, batch, hidden)
+
+
+# (T, B, I, H, P) for a projected LSTM: P = 1, P = H - 1, H = 129 with odd P, one step, one row.
+PROJECTED_SHAPES = {
+    "P1": (5, 3, 2, 4, 1),
+    "P_H-1": (4, 3, 3, 7, 6),
+    "H129-P43": (3, 2, 5, 129, 43),
+    "H129-P1": (3, 2, 5, 129, 1),
+    "T1": (1, 3, 4, 5, 2),
+    "B1": (6, 1, 4, 5, 3),
+    "H2-P1-all1": (1, 1, 1, 2, 1),
+    "I_gt_H": (4, 2, 33, 3, 2),
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", list(PROJECTED_SHAPES.values()), ids=list(PROJECTED_SHAPES))
+def test_layer_odd_sizes_projected(rng, shape, reverse):
+    steps, batch, inp, hidden, proj = shape
+    w = random_layer(rng, "lstm", inp, hidden, proj_size=proj)
+    x = rng.standard_normal((steps, batch, inp))
+    h0, c0 = rng.standard_normal((batch, proj)), rng.standard_normal((batch, hidden))
+    dy = rng.standard_normal((steps, batch, proj))
+    dh_n, dc_n = rng.standard_normal((batch, proj)), rng.standard_normal((batch, hidden))
+    out, got = _check_layer("lstm", x, w, h0, c0, _lengths(steps, batch), reverse, dy, dh_n, dc_n)
+    assert out.y.shape == (steps, batch, proj) and out.c_n.shape == (batch, hidden)
+    assert got.weight_hr.shape == (proj, hidden) and got.weight_hh.shape == (4 * hidden, proj)
 
 
 @pytest.mark.parametrize("shape", [SHAPES["H129"], SHAPES["B1"], SHAPES["H1"]], ids=["H129", "B1", "H1"])
@@ -96,17 +124,21 @@ def _strided(rng, shape, kind):
 
 
 @pytest.mark.parametrize("kind", ["step", "fortran", "reversed", "transposed"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_layer_non_contiguous_everything(rng, cell, kind):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_layer_non_contiguous_everything(rng, cell, projected, kind):
     steps, batch, inp, hidden = 5, 3, 4, 6
+    width = proj_of(hidden, projected) or hidden  # of h: P with a projection
     gh = GATES[cell] * hidden
     s = lambda *shape: _strided(rng, shape, kind)  # noqa: E731
-    w = {"weight_ih": s(gh, inp), "weight_hh": s(gh, hidden), "bias_ih": s(gh), "bias_hh": s(gh)}
+    w = {"weight_ih": s(gh, inp), "weight_hh": s(gh, width), "bias_ih": s(gh), "bias_hh": s(gh)}
+    if projected:
+        w["weight_hr"] = s(width, hidden)
+        w["weight_hr"] *= 0.6
     w["weight_ih"] *= 0.6  # in place: the views keep their strides
     w["weight_hh"] *= 0.6
-    x, h0 = s(steps, batch, inp), s(batch, hidden)
+    x, h0 = s(steps, batch, inp), s(batch, width)
     c0 = s(batch, hidden) if has_cell_state(cell) else None
-    dy, dh_n = s(steps, batch, hidden), s(batch, hidden)
+    dy, dh_n = s(steps, batch, width), s(batch, width)
     dc_n = s(batch, hidden) if has_cell_state(cell) else None
     lengths = np.array([[5, 0], [2, 0], [4, 0]])[:, 0]  # an int64 view with a stride
     assert not x.flags.c_contiguous and not w["weight_ih"].flags.c_contiguous

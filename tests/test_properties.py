@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fusedrnn
 from fusedrnn import _core, reference
-from helpers import CELLS, PARAM_NAMES, has_cell_state, make_module, tolerances
+from helpers import CELLS, GRAD_NAMES, has_cell_state, make_module, tolerances
 
 settings.register_profile(
     "fusedrnn-properties",
@@ -70,6 +70,12 @@ class Case:
     with_dh_n: bool
     with_dc_n: bool
     seed: int
+    proj_size: int = 0        # an LSTM's projection of its hidden state (0: none)
+
+    @property
+    def width(self) -> int:
+        """R, the width of h and of each direction's output."""
+        return self.proj_size or self.hidden
 
     @property
     def dirs(self) -> int:
@@ -98,6 +104,8 @@ def cases(draw, shape_kinds=tuple(SHAPE_KINDS)):
     float64 = dtype == np.float64
     clip = draw(st.sampled_from([None, 0.5, 1.5])) if cell == "lstm" and float64 else None
     scale = draw(st.sampled_from([1.0, 3.0])) if float64 else 1.0
+    # An LSTM may project its hidden state: to one feature, or to a share of the units.
+    proj = draw(st.sampled_from([0, 1, max(1, hidden // 3)])) if cell == "lstm" and hidden > 1 else 0
     return Case(
         cell=cell, shape_kind=kind, steps=steps, batch=batch, input_size=inp, hidden=hidden,
         num_layers=draw(st.integers(1, 3)), bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
@@ -107,7 +115,7 @@ def cases(draw, shape_kinds=tuple(SHAPE_KINDS)):
         simd=draw(st.sampled_from(SIMD_LEVELS)),
         weight_scale=scale, cell_clip=clip,
         with_dh_n=draw(st.booleans()), with_dc_n=cell == "lstm" and draw(st.booleans()),
-        seed=draw(st.integers(0, 2**32 - 1)),
+        seed=draw(st.integers(0, 2**32 - 1)), proj_size=proj,
     )
 
 
@@ -131,7 +139,7 @@ def laid_out(rng, a, layout):
 
 @dataclass
 class Data:
-    """A case's arrays, sequence-major and batched (T, B, .) / (L*D, B, H), in the module's dtype."""
+    """A case's arrays, sequence-major and batched (T, B, .) / (L*D, B, R or H), in the module's dtype."""
 
     x: np.ndarray
     h0: Optional[np.ndarray]
@@ -142,12 +150,12 @@ class Data:
 
 
 def make_data(case: Case, rng) -> Data:
-    T, B, lead, H = case.steps, case.batch, case.lead, case.hidden
+    T, B, lead, H, R = case.steps, case.batch, case.lead, case.hidden, case.width
     r = lambda *shape: rng.standard_normal(shape).astype(case.dtype)  # noqa: E731
     state = case.with_state
-    return Data(x=r(T, B, case.input_size), h0=r(lead, B, H) if state else None,
+    return Data(x=r(T, B, case.input_size), h0=r(lead, B, R) if state else None,
                 c0=r(lead, B, H) if state and has_cell_state(case.cell) else None,
-                dy=r(T, B, case.dirs * H), dh_n=r(lead, B, H) if case.with_dh_n else None,
+                dy=r(T, B, case.dirs * R), dh_n=r(lead, B, R) if case.with_dh_n else None,
                 dc_n=r(lead, B, H) if case.with_dc_n else None)
 
 
@@ -163,7 +171,7 @@ def to_module_layout(case: Case, rng, name: str, a):
 
 
 def to_sequence_major(case: Case, name: str, a):
-    """The inverse for the module's results: (T, B, .) and (L*D, B, H)."""
+    """The inverse for the module's results: (T, B, .) and (L*D, B, R or H)."""
     if a is None:
         return None
     if case.unbatched:
@@ -176,7 +184,8 @@ def to_sequence_major(case: Case, name: str, a):
 def build_module(case: Case):
     m = make_module(case.cell, case.input_size, case.hidden, num_layers=case.num_layers, bias=case.bias,
                     batch_first=case.batch_first, dropout=0.0, bidirectional=case.bidirectional,
-                    dtype=case.dtype, seed=case.seed, **({"cell_clip": case.cell_clip} if case.cell_clip else {}))
+                    dtype=case.dtype, seed=case.seed, **({"cell_clip": case.cell_clip} if case.cell_clip else {}),
+                    **({"proj_size": case.proj_size} if case.proj_size else {}))
     if case.weight_scale != 1.0:
         m.load_state_dict({k: v * case.weight_scale for k, v in m.state_dict().items()})
     return m
@@ -231,7 +240,7 @@ def run_reference(case: Case, params: dict, data: Data) -> dict:
     the directions' outputs side by side, the gradient reaching a layer's input is the directions' sum."""
     f64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
     params = {k: f64(v) for k, v in params.items()}
-    H, D = case.hidden, case.dirs
+    R, D = case.width, case.dirs
     suffixes = ("", "_reverse")[:D]
     lengths = None if case.lengths is None else np.array(case.lengths)
     state = lambda a, k: None if a is None else f64(a[k])  # noqa: E731
@@ -242,10 +251,10 @@ def run_reference(case: Case, params: dict, data: Data) -> dict:
         outputs = []
         for d, suffix in enumerate(suffixes):
             k = layer * D + d
-            w = [params.get(f"{n}_l{layer}{suffix}") for n in PARAM_NAMES]
+            w_ih, w_hh, b_ih, b_hh, w_hr = (params.get(f"{n}_l{layer}{suffix}") for n in GRAD_NAMES)
             y, h_n[k], c_n[k], caches[k] = reference.forward(
-                case.cell, layer_input, *w, state(data.h0, k), state(data.c0, k), lengths=lengths,
-                reverse=d == 1, cell_clip=case.cell_clip)
+                case.cell, layer_input, w_ih, w_hh, b_ih, b_hh, state(data.h0, k), state(data.c0, k),
+                lengths=lengths, reverse=d == 1, cell_clip=case.cell_clip, weight_hr=w_hr)
             outputs.append(y)
         layer_input = np.concatenate(outputs, axis=2)
     out = {"y": layer_input, "h_n": np.stack(h_n)}
@@ -257,11 +266,11 @@ def run_reference(case: Case, params: dict, data: Data) -> dict:
         dx = 0.0
         for d, suffix in enumerate(suffixes):
             k = layer * D + d
-            g = reference.backward(caches[k], grad_out[:, :, d * H:(d + 1) * H], state(data.dh_n, k),
+            g = reference.backward(caches[k], grad_out[:, :, d * R:(d + 1) * R], state(data.dh_n, k),
                                    state(data.dc_n, k))
             dx = dx + g["dx"]
             dh0[k], dc0[k], norms[k] = g["dh0"], g["dc0"], g["dh_norm"]
-            for name in PARAM_NAMES:
+            for name in GRAD_NAMES:
                 if g[name] is not None:
                     grads[f"grads[{name}_l{layer}{suffix}]"] = g[name]
         grad_out = dx
@@ -284,8 +293,8 @@ def assert_matches(actual, expected, dtype, name):
 
 
 def report_split(case: Case) -> None:
-    ranks, kind = _core.layer_split(case.cell, case.batch, case.hidden, case.dtype)
-    event(f"{case.shape_kind} layer on {ranks} rank(s) by {kind}")
+    ranks, kind = _core.layer_split(case.cell, case.batch, case.hidden, case.dtype, case.proj_size)
+    event(f"{case.shape_kind} layer on {ranks} rank(s) by {kind}" + (" projected" if case.proj_size else ""))
 
 
 # ---- properties -----------------------------------------------------------------------------------------
@@ -380,8 +389,8 @@ def test_bad_input_raises_naming_the_argument(case, fault, data):
         x[where(x)] = bad
         name, exc = "x", ValueError
     elif fault == "h0_nonfinite":
-        h0 = h0 if h0 is not None else np.zeros((case.lead, case.batch, case.hidden), case.dtype)
-        c0 = np.zeros_like(h0) if lstm else None
+        h0 = h0 if h0 is not None else np.zeros((case.lead, case.batch, case.width), case.dtype)
+        c0 = np.zeros((case.lead, case.batch, case.hidden), case.dtype) if lstm else None
         h0[where(h0)] = bad
         name, exc = ("h0" if lstm else "hx"), ValueError
 
@@ -403,7 +412,7 @@ def test_bad_input_raises_naming_the_argument(case, fault, data):
     elif fault == "dy_nonfinite":
         dy[where(dy)] = bad
     else:
-        dh_n = rng.standard_normal((case.lead, case.batch, case.hidden)).astype(case.dtype)
+        dh_n = rng.standard_normal((case.lead, case.batch, case.width)).astype(case.dtype)
         dh_n[where(dh_n)] = bad
     name = "dh_n" if fault == "dh_n_nonfinite" else "dy"
     dh_n = layout("dh_n", dh_n)

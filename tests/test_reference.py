@@ -7,7 +7,8 @@ import pytest
 from fusedrnn import _core
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELLS, PARAM_NAMES, has_cell_state, numerical_gradient, random_layer, random_lengths
+from helpers import (CELL_CASES, CELLS, GRAD_NAMES, PARAM_NAMES, has_cell_state, numerical_gradient, proj_of,
+                     random_layer, random_lengths)
 
 T, B, I, H = 5, 4, 3, 6
 LENGTHS = np.array([5, 1, 3, 2])  # unsorted, with a full row and a one-step row
@@ -18,18 +19,18 @@ REF_TOL = dict(rtol=1e-12, atol=1e-13)
 pytestmark = pytest.mark.usefixtures("simd_level")
 
 
-def _inputs(rng, cell, bias, with_state, batch=B, steps=T, inp=I, hidden=H):
-    w = random_layer(rng, cell, inp, hidden, bias=bias)
+def _inputs(rng, cell, bias, with_state, batch=B, steps=T, inp=I, hidden=H, proj=0):
+    w = random_layer(rng, cell, inp, hidden, bias=bias, proj_size=proj)
     x = rng.standard_normal((steps, batch, inp))
-    h0 = rng.standard_normal((batch, hidden)) if with_state else None
+    h0 = rng.standard_normal((batch, proj or hidden)) if with_state else None
     c0 = rng.standard_normal((batch, hidden)) if with_state and has_cell_state(cell) else None
     return w, x, h0, c0
 
 
-def _upstream(rng, cell, steps=T, batch=B, hidden=H):
+def _upstream(rng, cell, steps=T, batch=B, hidden=H, proj=0):
     # One shared random upstream gradient for every output the layer has.
-    dy = rng.standard_normal((steps, batch, hidden))
-    dh_n = rng.standard_normal((batch, hidden))
+    dy = rng.standard_normal((steps, batch, proj or hidden))
+    dh_n = rng.standard_normal((batch, proj or hidden))
     dc_n = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
     return dy, dh_n, dc_n
 
@@ -38,13 +39,15 @@ def _upstream(rng, cell, steps=T, batch=B, hidden=H):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_kernel_matches_reference(rng, cell, reverse, lengths, bias, with_state):
-    w, x, h0, c0 = _inputs(rng, cell, bias, with_state)
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_kernel_matches_reference(rng, cell, projected, reverse, lengths, bias, with_state):
+    proj = proj_of(H, projected)
+    w, x, h0, c0 = _inputs(rng, cell, bias, with_state, proj=proj)
     out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], h0, c0,
-                          lengths=lengths, reverse=reverse)
+                          lengths=lengths, reverse=reverse, weight_hr=w.get("weight_hr"))
     y, h_n, c_n, cache = reference.forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"],
-                                           w["bias_hh"], h0, c0, lengths=lengths, reverse=reverse)
+                                           w["bias_hh"], h0, c0, lengths=lengths, reverse=reverse,
+                                           weight_hr=w.get("weight_hr"))
     np.testing.assert_allclose(out.y, y, **REF_TOL)
     np.testing.assert_allclose(out.h_n, h_n, **REF_TOL)
     if has_cell_state(cell):
@@ -52,10 +55,10 @@ def test_kernel_matches_reference(rng, cell, reverse, lengths, bias, with_state)
     else:
         assert out.c_n is None
 
-    dy, dh_n, dc_n = _upstream(rng, cell)
+    dy, dh_n, dc_n = _upstream(rng, cell, proj=proj)
     got = F.layer_backward(out.tape, dy, dh_n, dc_n)
     want = reference.backward(cache, dy, dh_n, dc_n)
-    for name in ("dx", "dh0", "dc0") + PARAM_NAMES:
+    for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
         if want[name] is None:
             assert getattr(got, name) is None, name
         else:
@@ -162,7 +165,7 @@ FD_TOL = dict(rtol=1e-6, atol=1e-7)
 def _loss(cell, arrays, lengths, reverse, upstream):
     out = F.layer_forward(cell, arrays["x"], arrays["weight_ih"], arrays["weight_hh"], arrays["bias_ih"],
                           arrays["bias_hh"], arrays["h0"], arrays.get("c0"), lengths=lengths,
-                          reverse=reverse, training=False)
+                          reverse=reverse, training=False, weight_hr=arrays.get("weight_hr"))
     dy, dh_n, dc_n = upstream
     loss = np.sum(out.y * dy) + np.sum(out.h_n * dh_n)
     return loss + (np.sum(out.c_n * dc_n) if dc_n is not None else 0.0)
@@ -170,19 +173,21 @@ def _loss(cell, arrays, lengths, reverse, upstream):
 
 @pytest.mark.parametrize("lengths", [None, np.array([4, 2, 1])], ids=["full", "lengths"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_finite_differences_every_entry(rng, cell, reverse, lengths):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_finite_differences_every_entry(rng, cell, projected, reverse, lengths):
     # Small enough to check every entry of every parameter, the input and the initial states.
     steps, batch, inp, hidden = 4, 3, 3, 3
-    w, x, h0, c0 = _inputs(rng, cell, True, True, batch=batch, steps=steps, inp=inp, hidden=hidden)
+    proj = proj_of(hidden, projected)
+    w, x, h0, c0 = _inputs(rng, cell, True, True, batch=batch, steps=steps, inp=inp, hidden=hidden, proj=proj)
     arrays = dict(w, x=x, h0=h0)
     if has_cell_state(cell):
         arrays["c0"] = c0
-    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden)
+    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden, proj=proj)
 
-    out = F.layer_forward(cell, x, *w.values(), h0, c0, lengths=lengths, reverse=reverse)
+    out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], h0, c0,
+                          lengths=lengths, reverse=reverse, weight_hr=w.get("weight_hr"))
     got = F.layer_backward(out.tape, *upstream)
-    analytic = {"x": got.dx, "h0": got.dh0, "c0": got.dc0, **{n: getattr(got, n) for n in PARAM_NAMES}}
+    analytic = {"x": got.dx, "h0": got.dh0, "c0": got.dc0, **{n: getattr(got, n) for n in GRAD_NAMES}}
 
     f = lambda: _loss(cell, arrays, lengths, reverse, upstream)  # noqa: E731
     for name, arr in arrays.items():
@@ -196,20 +201,21 @@ def test_finite_differences_every_entry(rng, cell, reverse, lengths):
             assert np.all(got.dx[length:, b] == 0.0)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_finite_differences_larger_layer_sampled(rng, cell):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_finite_differences_larger_layer_sampled(rng, cell, projected):
     # A longer sequence and wider layer with no bias; a random subset of entries per array.
     steps, batch, inp, hidden = 9, 5, 7, 10
-    w, x, h0, c0 = _inputs(rng, cell, False, True, batch=batch, steps=steps, inp=inp, hidden=hidden)
+    proj = proj_of(hidden, projected)
+    w, x, h0, c0 = _inputs(rng, cell, False, True, batch=batch, steps=steps, inp=inp, hidden=hidden, proj=proj)
     arrays = {k: v for k, v in dict(w, x=x, h0=h0, c0=c0).items() if v is not None}
     lengths = random_lengths(rng, steps, batch)
-    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden)
+    upstream = _upstream(rng, cell, steps=steps, batch=batch, hidden=hidden, proj=proj)
     out = F.layer_forward(cell, x, w["weight_ih"], w["weight_hh"], None, None, h0, c0, lengths=lengths,
-                          reverse=True)
+                          reverse=True, weight_hr=w.get("weight_hr"))
     got = F.layer_backward(out.tape, *upstream)
     assert got.bias_ih is None and got.bias_hh is None
     analytic = {"x": got.dx, "h0": got.dh0, "c0": got.dc0, "weight_ih": got.weight_ih,
-                "weight_hh": got.weight_hh}
+                "weight_hh": got.weight_hh, "weight_hr": got.weight_hr}
     f = lambda: _loss(cell, dict(arrays, bias_ih=None, bias_hh=None), lengths, True, upstream)  # noqa: E731
     for name, arr in arrays.items():
         flat = rng.choice(arr.size, size=min(arr.size, 25), replace=False)

@@ -15,7 +15,8 @@ from fusedrnn import _core
 from fusedrnn import functional as F
 from fusedrnn import reference
 from fusedrnn.modules import make_module
-from helpers import CELLS, GATES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+from helpers import (CELL_CASES, CELLS, GATES, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, proj_of,
+                     random_layer, random_lengths)
 
 
 def set_for_the_test(get, set_, value):
@@ -46,13 +47,34 @@ SHAPES = [(4, 13, 5, 129), (3, 7, 6, 200), (3, 23, 4, 128), (2, 13, 5, 129)]
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
 @pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["B13-H129", "B7-H200", "B23-H128", "T2-unpacked"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_every_team_size_matches_reference(rng, simd_level, team_size, split, cell, shape):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_every_team_size_matches_reference(rng, simd_level, team_size, split, cell, projected, shape):
     steps, batch, inp, hidden = shape
+    proj = proj_of(hidden, projected)
     expected_ranks = min(team_size, batch // 2 if split == "rows" else hidden // 64)
     expected_kind = split if expected_ranks > 1 else "units"
-    assert _core.layer_split(cell, batch, hidden, np.float64) == (expected_ranks, expected_kind)
-    check_against_reference(rng, cell, shape)
+    assert _core.layer_split(cell, batch, hidden, np.float64, proj) == (expected_ranks, expected_kind)
+    check_against_reference(rng, cell, shape, proj)
+
+
+# (T, B, I, H, P) for teams larger than the machine: by units each of 8 ranks gets 64 or 72 units and
+# the P columns split unevenly, some ranks getting none (P = 1: all but one); T=2 reads the weights
+# in place.
+PROJECTED_TEAM_SHAPES = {"H520-P67": (3, 17, 5, 520, 67), "H520-P1": (3, 9, 4, 520, 1),
+                         "T2-H520-P67": (2, 17, 5, 520, 67)}
+
+
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
+@pytest.mark.parametrize("team_size", [3, 5, 8], indirect=True, ids=["t3", "t5", "t8"])
+@pytest.mark.parametrize("shape", list(PROJECTED_TEAM_SHAPES.values()), ids=list(PROJECTED_TEAM_SHAPES))
+def test_projection_on_oversubscribed_teams_matches_reference(rng, simd_level, team_size, split, shape):
+    """A projected LSTM on teams of 3 to 8 ranks (more than this machine's cores): every step's two
+    phases (the gates and cell outputs by units, then the projection by state columns) meet at
+    barriers; the answer is the reference's whichever rank gets which share, an empty one included."""
+    steps, batch, inp, hidden, proj = shape
+    expected = min(team_size, batch // 2 if split == "rows" else hidden // 64)
+    assert _core.layer_split("lstm", batch, hidden, np.float64, proj) == (expected, split)
+    check_against_reference(rng, "lstm", shape[:4], proj)
 
 
 @pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
@@ -99,32 +121,42 @@ def test_both_weight_grad_splits_match_reference(rng, simd_level, team_size, wei
     check_against_reference(rng, cell, shape)
 
 
-def check_against_reference(rng, cell, shape):
+def check_against_reference(rng, cell, shape, proj=0):
     """Forward and backward of one layer, each direction, in float64 and float32, against the float64
     reference on the same (rounded) inputs: every output (y, h_n, c_n), every gradient (dx, dh0, dc0,
-    the weights' and biases') and the per-step gradient norms (dh_norm). float64 to within a few
-    hundred ulps; float32 with the tolerances of helpers.tolerances."""
+    the weights' and biases', weight_hr's with a projection of `proj` features) and the per-step
+    gradient norms (dh_norm). float64 to within a few hundred ulps; float32 with the tolerances of
+    helpers.tolerances."""
     steps, batch, inp, hidden = shape
-    w = random_layer(rng, cell, inp, hidden, scale=0.3)
+    width = proj or hidden
+    w = random_layer(rng, cell, inp, hidden, scale=0.3, proj_size=proj)
+    w_hr = w.pop("weight_hr", None)
     x = rng.standard_normal((steps, batch, inp))
-    h0 = rng.standard_normal((batch, hidden))
+    h0 = rng.standard_normal((batch, width))
     c0 = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
     lengths = random_lengths(rng, steps, batch)
-    dy = rng.standard_normal((steps, batch, hidden))
-    dh_n = rng.standard_normal((batch, hidden))
+    dy = rng.standard_normal((steps, batch, width))
+    dh_n = rng.standard_normal((batch, width))
     dc_n = rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None
     for dtype in (np.float64, np.float32):
         as_dtype = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
         args = [as_dtype(a) for a in (x, *w.values(), h0, c0)]
         grads_in = [as_dtype(a) for a in (dy, dh_n, dc_n)]
         for reverse in (False, True):
-            out = F.layer_forward(cell, *args, lengths=lengths, reverse=reverse)
-            y, h_n, c_n, cache = reference.forward(cell, *args, lengths=lengths, reverse=reverse)
+            kw = dict(lengths=lengths, reverse=reverse, weight_hr=as_dtype(w_hr))
+            out = F.layer_forward(cell, *args, **kw)
+            # Inference keeps nothing for backward (with a projection, one step's cell outputs) and
+            # computes the same values.
+            inference = F.layer_forward(cell, *args, training=False, **kw)
+            for name in ("y", "h_n", "c_n"):
+                a, b = getattr(inference, name), getattr(out, name)
+                assert (a is None and b is None) or np.array_equal(a, b), f"inference {name}"
+            y, h_n, c_n, cache = reference.forward(cell, *args, **kw)
             got = F.layer_backward(out.tape, *grads_in)
             want = reference.backward(cache, *grads_in)
             pairs = [("y", out.y, y), ("h_n", out.h_n, h_n)]
             pairs += [(name, getattr(got, name), want[name])
-                      for name in ("dx", "dh0", "dh_norm") + PARAM_NAMES]
+                      for name in ("dx", "dh0", "dh_norm") + GRAD_NAMES if want[name] is not None]
             if has_cell_state(cell):
                 pairs += [("c_n", out.c_n, c_n), ("dc0", got.dc0, want["dc0"])]
             for name, actual, expected in pairs:
@@ -138,20 +170,23 @@ def check_against_reference(rng, cell, shape):
 
 
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
-@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_repeats_are_bit_identical(rng, team_size, split, cell):
-    w = random_layer(rng, cell, 9, 129, dtype=np.float32)
+@pytest.mark.parametrize("team_size", [2, 3, 5], indirect=True, ids=["t2", "t3", "t5"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_repeats_are_bit_identical(rng, team_size, split, cell, projected):
+    proj = proj_of(129, projected)
+    w = random_layer(rng, cell, 9, 129, dtype=np.float32, proj_size=proj)
+    w_hr = w.pop("weight_hr", None)
     x = rng.standard_normal((7, 10, 9)).astype(np.float32)
-    dy = rng.standard_normal((7, 10, 129)).astype(np.float32)
+    dy = rng.standard_normal((7, 10, proj or 129)).astype(np.float32)
     runs = []
     for _ in range(3):
-        out = F.layer_forward(cell, x, *w.values())
-        runs.append((out.y, F.layer_backward(out.tape, dy)))
-    for y, grads in runs[1:]:
-        assert np.array_equal(y, runs[0][0])
-        for name in ("dx", "dh0") + PARAM_NAMES:
-            assert np.array_equal(getattr(grads, name), getattr(runs[0][1], name)), name
+        out = F.layer_forward(cell, x, *w.values(), weight_hr=w_hr)
+        runs.append((out.y, out.h_n, out.c_n, F.layer_backward(out.tape, dy)))
+    for *outputs, grads in runs[1:]:
+        for got, first in zip(outputs, runs[0]):
+            assert (got is None and first is None) or np.array_equal(got, first)
+        for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
+            assert np.array_equal(getattr(grads, name), getattr(runs[0][3], name)), name
 
 
 @pytest.mark.parametrize("team_size", [2], indirect=True)

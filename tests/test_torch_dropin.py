@@ -20,7 +20,7 @@ import fusedrnn.torch as frt  # noqa: E402
 import torch_ddp_worker  # noqa: E402
 from fusedrnn import _core  # noqa: E402
 from fusedrnn.torch import _ops  # noqa: E402
-from helpers import CELLS, GATES, assert_close, has_cell_state  # noqa: E402
+from helpers import CELL_CASES, CELLS, GATES, assert_close, has_cell_state, proj_of  # noqa: E402
 
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 NUMPY_DTYPE = {torch.float64: np.float64, torch.float32: np.float32}
@@ -93,9 +93,10 @@ def assert_results_close(got, want, dtype):
         assert_close(got[key].numpy(), w.numpy(), NUMPY_DTYPE[dtype], key)
 
 
-def random_grads(gen, y_shape, state_shape, dtype):
+def random_grads(gen, y_shape, state_shape, dtype, cell_state_shape=None):
+    """Upstream gradients; the cell state's shape is the hidden state's unless given (a projection)."""
     r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
-    return {"y": r(*y_shape), "h": r(*state_shape), "c": r(*state_shape)}
+    return {"y": r(*y_shape), "h": r(*state_shape), "c": r(*(cell_state_shape or state_shape))}
 
 
 # One row per configuration; together they take every option through each of its values, paired
@@ -120,31 +121,35 @@ CONFIGS = {
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
-@pytest.mark.parametrize("cell", CELLS)
-def test_matches_torch_nn(cell, config, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_matches_torch_nn(cell, projected, config, dtype):
     config = dict(config)
     use_hx, kind = config.pop("hx"), config.pop("input")
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(7)
+    proj = proj_of(H, projected)
+    if proj:
+        config["proj_size"] = proj
     ref, fused = module_pair(cell, I, H, dtype=dtype, **config)
     batch_first = config["batch_first"]
     lead = config["num_layers"] * (2 if config["bidirectional"] else 1)
-    features = H * (2 if config["bidirectional"] else 1)
+    features = (proj or H) * (2 if config["bidirectional"] else 1)
     unbatched = kind == "unbatched"
     x_shape = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
-    state_shape = (lead, H) if unbatched else (lead, B, H)
+    rows = () if unbatched else (B,)
+    state_shape, cell_state_shape = (lead, *rows, proj or H), (lead, *rows, H)
     x = torch.randn(*x_shape, generator=gen, dtype=dtype)
     hx = None
     if use_hx:
         h0 = torch.randn(*state_shape, generator=gen, dtype=dtype)
-        hx = (h0, torch.randn(*state_shape, generator=gen, dtype=dtype)) if has_cell_state(cell) else h0
+        hx = (h0, torch.randn(*cell_state_shape, generator=gen, dtype=dtype)) if has_cell_state(cell) else h0
     if kind in ("sorted", "unsorted"):
         lengths = torch.tensor([5, 4, 2] if kind == "sorted" else [2, 5, 3])
-        grads = random_grads(gen, (int(lengths.sum()), features), state_shape, dtype)
+        grads = random_grads(gen, (int(lengths.sum()), features), state_shape, dtype, cell_state_shape)
         want, got = (run(m, x, hx, grads, (lengths, kind == "sorted", batch_first)) for m in (ref, fused))
     else:
         y_shape = x_shape[:-1] + (features,)
-        grads = random_grads(gen, y_shape, state_shape, dtype)
+        grads = random_grads(gen, y_shape, state_shape, dtype, cell_state_shape)
         want, got = (run(m, x, hx, grads) for m in (ref, fused))
     assert_results_close(got, want, dtype)
 
@@ -291,9 +296,24 @@ def test_convert_swaps_nested_modules_in_place_keeping_parameters_and_mode():
     assert type(frt.convert(nn.GRU(I, H))) is frt.GRU  # a bare module comes back converted
 
 
+def test_convert_takes_projected_lstms():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64))
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    want, (want_h, want_c) = model(x)
+    params = dict(model.named_parameters())
+    assert frt.convert(model) is model and type(model[0]) is frt.LSTM and model[0].proj_size == 2
+    got, (got_h, got_c) = model(x)
+    assert got.shape == (T, B, 4) and got_h.shape == (4, B, 2) and got_c.shape == (4, B, H)
+    for a, b, name in ((got, want, "y"), (got_h, want_h, "h_n"), (got_c, want_c, "c_n")):
+        assert_close(a.detach().numpy(), b.detach().numpy(), np.float64, name)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert params["0.weight_hr_l1_reverse"].shape == (2, H)
+
+
 def test_convert_changes_nothing_when_a_module_is_unsupported():
-    model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2))
-    with pytest.raises(NotImplementedError, match="proj_size"):
+    model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2, dtype=torch.float16))
+    with pytest.raises(NotImplementedError, match="float16"):
         frt.convert(model)
     assert type(model[0]) is nn.GRU
     with pytest.raises(TypeError, match="model"):
@@ -304,8 +324,6 @@ def test_convert_changes_nothing_when_a_module_is_unsupported():
 
 
 def test_unsupported_configurations_raise_not_implemented_at_construction():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        frt.LSTM(I, H, proj_size=2)
     with pytest.raises(NotImplementedError, match="float16"):
         frt.GRU(I, H, dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="CPU"):
@@ -407,16 +425,18 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
 # ---- torch.compile, torch.export -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_operators_pass_opcheck(cell):
+@pytest.mark.parametrize("cell, proj", [("lstm", 0), ("lstm", 2), ("gru", 0)], ids=["lstm", "lstm_proj", "gru"])
+def test_operators_pass_opcheck(cell, proj):
     # Schema, autograd registration and fake implementation against the real one. Not
     # test_aot_dispatch_dynamic: it compares every output of two calls, and the tape handle is unique
     # to each call by design; the compile and export tests below run that path end to end.
     gen = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    gates = GATES[cell]
-    weights = [r(gates * 3, 2), r(gates * 3, 3), None, None] * 2  # two directions, no biases
-    x, h0 = r(4, 3, 2), r(2, 3, 3)
+    gates, width = GATES[cell], proj or 3
+    # Two directions, no biases; with a projection, weight_hr (P, H) and h of P features.
+    weights = [[r(gates * 3, 2), r(gates * 3, width), None, None, r(proj, 3) if proj else None] for _ in range(2)]
+    weights = weights[0] + weights[1]
+    x, h0 = r(4, 3, 2), r(2, 3, width)
     c0 = r(2, 3, 3) if has_cell_state(cell) else None
     args = (x, *weights, h0, c0, torch.tensor([4, 2, 3]), cell, True, True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-from helpers import CELLS, assert_close, has_cell_state, make_module  # noqa: E402
+from helpers import CELL_CASES, CELLS, assert_close, has_cell_state, make_module, proj_of  # noqa: E402
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -20,6 +20,9 @@ pytestmark = pytest.mark.usefixtures("simd_level")
 def torch_module(cell, input_size, hidden_size, dtype, seed, **kwargs):
     torch.manual_seed(seed)
     tdtype = TORCH_DTYPES[np.dtype(dtype)]
+    proj_size = kwargs.pop("proj_size", 0)
+    if proj_size:  # GRU and RNN refuse the argument itself, even as 0
+        kwargs["proj_size"] = proj_size
     if cell == "lstm":
         return torch.nn.LSTM(input_size, hidden_size, dtype=tdtype, **kwargs)
     if cell == "gru":
@@ -32,11 +35,12 @@ def run_torch(tm, cell, x, h0, c0, lengths, dy, dh_n, dc_n, batch_first):
     An absent h0/c0 is fed as zeros with requires_grad, so torch also reports dh0/dc0 for it."""
     tm.zero_grad()
     xt = torch.tensor(x, requires_grad=True)
-    state_shape = (tm.num_layers * (2 if tm.bidirectional else 1),) + (
-        (x.shape[0 if batch_first else 1],) if x.ndim == 3 else ()) + (tm.hidden_size,)
-    zeros = np.zeros(state_shape, x.dtype)
-    ht = torch.tensor(zeros if h0 is None else h0, requires_grad=True)
-    ct = torch.tensor(zeros if c0 is None else c0, requires_grad=True)
+    lead = (tm.num_layers * (2 if tm.bidirectional else 1),) + (
+        (x.shape[0 if batch_first else 1],) if x.ndim == 3 else ())
+    h_zeros = np.zeros(lead + (tm.proj_size or tm.hidden_size,), x.dtype)
+    c_zeros = np.zeros(lead + (tm.hidden_size,), x.dtype)
+    ht = torch.tensor(h_zeros if h0 is None else h0, requires_grad=True)
+    ct = torch.tensor(c_zeros if c0 is None else c0, requires_grad=True)
     hx = (ht, ct) if has_cell_state(cell) else ht
     if lengths is None:
         y, state = tm(xt, hx)
@@ -82,25 +86,27 @@ def compare(cell, got, want, dtype):
 
 
 def check_parity(rng, cell, dtype, steps, batch, inp, hidden, *, num_layers=1, bidirectional=False,
-                 batch_first=False, with_state=True, lengths=None, bias=True, unbatched=False):
-    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
+                 batch_first=False, with_state=True, lengths=None, bias=True, unbatched=False, proj_size=0):
+    kwargs = dict(num_layers=num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+                  proj_size=proj_size)
     tm = torch_module(cell, inp, hidden, dtype, seed=int(rng.integers(2**31)), **kwargs)
+    if not proj_size:
+        del kwargs["proj_size"]
     m = make_module(cell, inp, hidden, dtype=dtype, **kwargs)
     m.load_state_dict(tm.state_dict())  # torch tensors, as they come
     lead = num_layers * (2 if bidirectional else 1)
-    dirs_h = hidden * (2 if bidirectional else 1)
-    if unbatched:
-        x_shape, y_shape, s_shape = (steps, inp), (steps, dirs_h), (lead, hidden)
-    elif batch_first:
-        x_shape, y_shape, s_shape = (batch, steps, inp), (batch, steps, dirs_h), (lead, batch, hidden)
-    else:
-        x_shape, y_shape, s_shape = (steps, batch, inp), (steps, batch, dirs_h), (lead, batch, hidden)
+    width = proj_size or hidden  # of h and each direction's y; c keeps hidden
+    dirs_h = width * (2 if bidirectional else 1)
+    rows = () if unbatched else (batch,)
+    x_shape = (steps, inp) if unbatched else ((batch, steps, inp) if batch_first else (steps, batch, inp))
+    y_shape = x_shape[:-1] + (dirs_h,)
+    h_shape, c_shape = (lead, *rows, width), (lead, *rows, hidden)
     r = lambda shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     x = r(x_shape)
-    h0 = r(s_shape) if with_state else None
-    c0 = r(s_shape) if with_state and has_cell_state(cell) else None
-    dy, dh_n = r(y_shape), r(s_shape)
-    dc_n = r(s_shape) if has_cell_state(cell) else None
+    h0 = r(h_shape) if with_state else None
+    c0 = r(c_shape) if with_state and has_cell_state(cell) else None
+    dy, dh_n = r(y_shape), r(h_shape)
+    dc_n = r(c_shape) if has_cell_state(cell) else None
     want = run_torch(tm, cell, x, h0, c0, lengths, dy, dh_n, dc_n, batch_first)
     got = run_fusedrnn(m, cell, x, h0, c0, lengths, dy, dh_n, dc_n)
     compare(cell, got, want, dtype)
@@ -120,11 +126,12 @@ LENGTH_CASES = {
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq_major", "batch_first"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_parity_with_torch(rng, cell, num_layers, bidirectional, batch_first, with_state, lengths, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_parity_with_torch(rng, cell, projected, num_layers, bidirectional, batch_first, with_state, lengths,
+                           dtype):
     got, _ = check_parity(rng, cell, np.dtype(dtype), 5, 3, 4, 6, num_layers=num_layers,
                           bidirectional=bidirectional, batch_first=batch_first, with_state=with_state,
-                          lengths=LENGTH_CASES[lengths])
+                          lengths=LENGTH_CASES[lengths], proj_size=proj_of(6, projected))
     if LENGTH_CASES[lengths] is not None:
         y = got["y"].transpose(1, 0, 2) if batch_first else got["y"]
         for b, length in enumerate(LENGTH_CASES[lengths]):
@@ -132,20 +139,21 @@ def test_parity_with_torch(rng, cell, num_layers, bidirectional, batch_first, wi
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_parity_without_bias(rng, cell, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_parity_without_bias(rng, cell, projected, dtype):
     got, _ = check_parity(rng, cell, np.dtype(dtype), 4, 3, 5, 4, num_layers=2, bidirectional=True,
-                          bias=False, lengths=np.array([4, 2, 3]))
+                          bias=False, lengths=np.array([4, 2, 3]), proj_size=proj_of(4, projected))
     assert not any("bias" in name for name in got["grads"])
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "hx"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_parity_unbatched(rng, cell, with_state, bidirectional):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_parity_unbatched(rng, cell, projected, with_state, bidirectional):
     # torch.nn accepts a 2-D (T, input_size) sequence with 2-D (L*D, H) states; so must fusedrnn.
     got, _ = check_parity(rng, cell, np.dtype(np.float64), 6, 1, 3, 5, num_layers=2,
-                          bidirectional=bidirectional, with_state=with_state, unbatched=True)
+                          bidirectional=bidirectional, with_state=with_state, unbatched=True,
+                          proj_size=proj_of(5, projected))
     assert got["y"].ndim == 2 and got["h_n"].ndim == 2 and got["dx"].shape == (6, 3)
 
 
@@ -159,19 +167,38 @@ def test_parity_odd_sizes(rng, cell, shape):
                  lengths=lengths)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_parity_longer_sequence_float32(rng, cell):
+# (T, B, I, H, P): a projection to one feature, P = H - 1, H = 129 with odd P, a single step and row.
+PROJECTED_SHAPES = {"P1": (4, 3, 4, 5, 1), "P_H-1": (4, 3, 2, 6, 5), "H129-P43": (3, 2, 5, 129, 43),
+                    "H129-P1": (3, 2, 5, 129, 1), "T1": (1, 3, 4, 5, 2), "B1": (6, 1, 4, 5, 3),
+                    "H2-P1": (5, 3, 3, 2, 1)}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", list(PROJECTED_SHAPES.values()), ids=list(PROJECTED_SHAPES))
+def test_parity_odd_sizes_projected(rng, shape, dtype):
+    steps, batch, inp, hidden, proj = shape
+    lengths = np.maximum(1, steps - np.arange(batch) % steps)
+    got, _ = check_parity(rng, "lstm", np.dtype(dtype), steps, batch, inp, hidden, num_layers=2,
+                          bidirectional=True, lengths=lengths, proj_size=proj)
+    assert got["y"].shape == (steps, batch, 2 * proj) and got["c_n"].shape == (4, batch, hidden)
+    assert got["grads"]["weight_hr_l1_reverse"].shape == (proj, hidden)
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_parity_longer_sequence_float32(rng, cell, projected):
     # Errors must not grow out of bounds along a longer sequence at float32.
     check_parity(rng, cell, np.dtype(np.float32), 40, 4, 16, 32, num_layers=2, bidirectional=True,
-                 lengths=np.array([40, 13, 1, 27]))
+                 lengths=np.array([40, 13, 1, 27]), proj_size=proj_of(32, projected))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 3], ids=["L1", "L3"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_parameter_names_and_shapes_match_torch(cell, bias, num_layers, bidirectional):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_parameter_names_and_shapes_match_torch(cell, projected, bias, num_layers, bidirectional):
     kwargs = dict(num_layers=num_layers, bias=bias, bidirectional=bidirectional)
+    if projected:
+        kwargs["proj_size"] = proj_of(5, projected)
     tm = torch_module(cell, 7, 5, np.float32, seed=0, **kwargs)
     m = make_module(cell, 7, 5, **kwargs)
     want = [(name, tuple(p.shape)) for name, p in tm.named_parameters()]
@@ -181,11 +208,14 @@ def test_parameter_names_and_shapes_match_torch(cell, bias, num_layers, bidirect
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_state_dict_round_trip_into_torch(rng, cell, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_state_dict_round_trip_into_torch(rng, cell, projected, dtype):
     # fusedrnn's state_dict loads into torch unchanged (strict) and both then compute the same thing.
-    m = make_module(cell, 4, 6, num_layers=2, bidirectional=True, dtype=dtype, seed=7)
-    tm = torch_module(cell, 4, 6, dtype, seed=1, num_layers=2, bidirectional=True)
+    kwargs = dict(num_layers=2, bidirectional=True)
+    if projected:
+        kwargs["proj_size"] = proj_of(6, projected)
+    m = make_module(cell, 4, 6, dtype=dtype, seed=7, **kwargs)
+    tm = torch_module(cell, 4, 6, dtype, seed=1, **kwargs)
     result = tm.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for name, p in tm.named_parameters():

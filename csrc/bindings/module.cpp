@@ -84,6 +84,11 @@ void def_choice(py::module_& m, const std::string& name, const Named<E> (&table)
         ("The choice set by set_" + name + ".").c_str());
 }
 
+// Whether `arr` holds values of type T. By value, not by identity: an unpickled array's dtype is an
+// equal but distinct object.
+template <typename T>
+bool holds(const py::array& arr) { return py::isinstance<py::array_t<T>>(arr); }
+
 // The item size of a float32 or float64 dtype; a TypeError naming `dtype` for any other.
 std::size_t float_item_size(const py::object& dtype_like) {
   const py::dtype dtype = py::dtype::from_args(dtype_like);
@@ -132,7 +137,7 @@ Index row_stride(const py::array& arr) {
 
 template <typename T>
 void check_dtype_and_shape(const py::array& arr, const char* name, const std::vector<Index>& shape) {
-  if (!arr.dtype().is(py::dtype::of<T>()))
+  if (!holds<T>(arr))
     throw py::type_error(std::string(name) + ": expected dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(arr.dtype())));
@@ -236,11 +241,15 @@ struct Tape {
   CellKind cell;
   bool reverse;
   Index steps, batch, input, hidden;
+  Index proj;                      // 0: no projection
   py::array x, w_ih, w_hh;
   py::object b_ih, b_hh, lengths;  // None when absent
+  py::object w_hr;                 // None without a projection
   py::array hs;
-  py::object cs, saved;            // None when the cell has none
+  py::object cs, saved, rs;        // None when the layer has none
   double cell_clip;                // +inf: none
+
+  Index state_size() const { return proj > 0 ? proj : hidden; }
 };
 
 // A positive finite bound, or None for no bound (the core's +inf); the rule and messages of the modules.
@@ -266,7 +275,7 @@ py::object optional_input(const py::object& obj, const char* name, const std::ve
 py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
   if (obj.is_none()) return py::none();
   if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<Index>()))
+      !holds<Index>(py::reinterpret_borrow<py::array>(obj)))
     throw py::type_error("lengths: expected a NumPy int64 array");
   auto arr = element_addressable<Index>(py::reinterpret_borrow<py::array>(obj));
   if (shape_of(arr) != std::vector<Index>{batch})
@@ -281,12 +290,31 @@ py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
   return std::move(arr);
 }
 
+// The projection size P of weight_hr (P, H) (None: 0, no projection), checked against the cell and
+// torch.nn's rule 0 < P < H; H comes from weight_hr's second dimension.
+Index checked_projection(const py::object& w_hr_obj, CellKind cell, Index& hidden) {
+  if (w_hr_obj.is_none()) return 0;
+  if (!fusedrnn::cell_facts(cell).projection)
+    throw py::value_error("weight_hr: only an LSTM takes a projection (proj_size)");
+  const py::array w_hr = require_array(w_hr_obj, "weight_hr");
+  if (w_hr.ndim() != 2)
+    throw py::value_error("weight_hr: expected a 2-D array (proj_size, hidden_size), got shape " +
+                          shape_str(shape_of(w_hr)));
+  const Index proj = w_hr.shape(0);
+  hidden = w_hr.shape(1);
+  if (proj < 1 || proj >= hidden)
+    throw py::value_error("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < "
+                          "hidden_size, got " + shape_str(shape_of(w_hr)));
+  return proj;
+}
+
 template <typename T>
 py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
                         const py::object& w_hh_obj, const py::object& b_ih_obj,
                         const py::object& b_hh_obj, const py::object& h0_obj,
                         const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
-                        bool training, const py::object& out_obj, double cell_clip) {
+                        bool training, const py::object& out_obj, double cell_clip,
+                        const py::object& w_hr_obj) {
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected a 3-D array (T, B, input_size), got " +
                           std::to_string(x_obj.ndim()) + "-D");
@@ -297,50 +325,58 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   if (input < 1) throw py::value_error("x: input_size must be >= 1, got shape " +
                                        shape_str(shape_of(x_obj)));
   if (!py::isinstance<py::array>(w_hh_obj) || py::reinterpret_borrow<py::array>(w_hh_obj).ndim() != 2)
-    throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size)");
+    throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size or proj_size)");
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(cell);
-  const Index hidden = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
-  if (hidden < 1) throw py::value_error("weight_hh: hidden_size must be >= 1");
+  // R, the width of h: weight_hh's columns (hidden_size, or proj_size with a projection).
+  const Index state = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
+  if (state < 1) throw py::value_error("weight_hh: hidden_size must be >= 1");
+  Index hidden = state;
+  const Index proj = checked_projection(w_hr_obj, cell, hidden);
   const Index gh = facts.gates * hidden;
   const bool has_c = facts.has_cell_state;
 
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
   auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
-  auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, hidden});
+  auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden});
+  py::object w_hr = optional_input<T>(w_hr_obj, "weight_hr", {proj, hidden});
   py::object b_ih = optional_input<T>(b_ih_obj, "bias_ih", {gh});
   py::object b_hh = optional_input<T>(b_hh_obj, "bias_hh", {gh});
   if (b_ih.is_none() != b_hh.is_none())
     throw py::value_error("bias_ih, bias_hh: pass both or neither");
-  py::object h0 = optional_input<T>(h0_obj, "h0", {batch, hidden});
+  py::object h0 = optional_input<T>(h0_obj, "h0", {batch, state});
   if (!has_c && !c0_obj.is_none()) throw py::value_error("c0: only an LSTM has a cell state");
   py::object c0 = optional_input<T>(c0_obj, "c0", {batch, hidden});
   py::object lengths = checked_lengths(lengths_obj, steps, batch);
 
-  py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, hidden}))
+  py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, state}))
                                     : py::reinterpret_borrow<py::array>(out_obj);
-  checked_output<T>(out, "out", {steps, batch, hidden});  // its view (strides) goes to the core as it is
+  checked_output<T>(out, "out", {steps, batch, state});  // its view (strides) goes to the core as it is
 
   fusedrnn::LayerForwardParams<T> args;
   args.cell = cell;
-  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(lengths), reverse};
+  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(lengths), reverse, proj};
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, args.shape, training);
-  Arr<T> hs = aligned_array<T>({layout.slots, batch, hidden});
+  Arr<T> hs = aligned_array<T>({layout.slots, batch, state});
   py::object cs = has_c ? py::object(aligned_array<T>({layout.slots, batch, hidden})) : py::none();
   py::object saved = layout.saved_values == 0
                          ? py::none()
                          : py::object(aligned_array<T>({steps, batch, facts.saved * hidden}));
-  Arr<T> h_n = aligned_array<T>({batch, hidden});
+  py::object rs = layout.output_values == 0
+                      ? py::none()
+                      : py::object(aligned_array<T>({training ? steps : 1, batch, hidden}));
+  Arr<T> h_n = aligned_array<T>({batch, state});
   py::object c_n = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
 
-  args.weights = {in2<T>(w_ih), in2<T>(w_hh), in1_or_null<T>(b_ih), in1_or_null<T>(b_hh)};
+  args.weights = {in2<T>(w_ih), in2<T>(w_hh), in1_or_null<T>(b_ih), in1_or_null<T>(b_hh), in2_or_null<T>(w_hr)};
   args.x = in3<T>(x);
   args.h0 = in2_or_null<T>(h0);
   args.c0 = in2_or_null<T>(c0);
   args.y = out3<T>(out);
-  args.h_n = dense2(h_n.mutable_data(), hidden);
+  args.h_n = dense2(h_n.mutable_data(), state);
   if (has_c) args.c_n = dense2(py::cast<Arr<T>>(c_n).mutable_data(), hidden);
   args.tape = {hs.mutable_data(), has_c ? py::cast<Arr<T>>(cs).mutable_data() : nullptr,
-               saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training};
+               saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training,
+               rs.is_none() ? nullptr : py::cast<Arr<T>>(rs).mutable_data()};
   args.cell_clip = static_cast<T>(cell_clip);
   {
     py::gil_scoped_release release;
@@ -348,8 +384,8 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   }
   py::object tape = py::none();
   if (training)
-    tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, x, w_ih, w_hh, b_ih, b_hh,
-                         lengths, hs, cs, saved, cell_clip});
+    tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, proj, x, w_ih, w_hh, b_ih, b_hh,
+                         lengths, w_hr, hs, cs, saved, rs, cell_clip});
   return py::make_tuple(out, h_n, c_n, tape);
 }
 
@@ -357,16 +393,17 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
                         const py::object& weight_hh, const py::object& bias_ih,
                         const py::object& bias_hh, const py::object& h0, const py::object& c0,
                         const py::object& lengths, bool reverse, bool training,
-                        const py::object& out, const py::object& cell_clip_obj) {
+                        const py::object& out, const py::object& cell_clip_obj,
+                        const py::object& weight_hr) {
   const CellKind cell = parse_cell(cell_name);
   const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
   auto xa = require_array(x, "x");
-  if (xa.dtype().is(py::dtype::of<float>()))
+  if (holds<float>(xa))
     return forward_typed<float>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
-                                reverse, training, out, cell_clip);
-  if (xa.dtype().is(py::dtype::of<double>()))
+                                reverse, training, out, cell_clip, weight_hr);
+  if (holds<double>(xa))
     return forward_typed<double>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
-                                 reverse, training, out, cell_clip);
+                                 reverse, training, out, cell_clip, weight_hr);
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
@@ -374,32 +411,35 @@ template <typename T>
 py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
                          const py::object& dc_n_obj, const py::object& dx_obj,
                          const py::object& grad_w_ih, const py::object& grad_w_hh,
-                         const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx) {
+                         const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
+                         const py::object& grad_w_hr) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
+  const Index proj = tape.proj, state = tape.state_size();
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
   const Index gh = facts.gates * hidden;
   const bool has_c = facts.has_cell_state;
   const bool has_bias = !tape.b_ih.is_none();
+  auto data_of = [](const py::object& obj) -> T* {
+    return obj.is_none() ? nullptr : static_cast<T*>(py::cast<py::array>(obj).request().ptr);
+  };
 
   fusedrnn::LayerBackwardParams<T> args;
   args.cell = tape.cell;
-  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(tape.lengths), tape.reverse};
-  args.weights = {in2<T>(tape.w_ih), in2<T>(tape.w_hh), in1_or_null<T>(tape.b_ih), in1_or_null<T>(tape.b_hh)};
+  args.shape = {steps, batch, input, hidden, in1_or_null<Index>(tape.lengths), tape.reverse, proj};
+  args.weights = {in2<T>(tape.w_ih), in2<T>(tape.w_hh), in1_or_null<T>(tape.b_ih), in1_or_null<T>(tape.b_hh),
+                  in2_or_null<T>(tape.w_hr)};
   args.x = in3<T>(tape.x);
   args.cell_clip = static_cast<T>(tape.cell_clip);
-  args.tape = {static_cast<T*>(tape.hs.request().ptr),
-               has_c ? static_cast<T*>(py::cast<py::array>(tape.cs).request().ptr) : nullptr,
-               tape.saved.is_none() ? nullptr
-                                    : static_cast<T*>(py::cast<py::array>(tape.saved).request().ptr),
-               true};
+  args.tape = {static_cast<T*>(tape.hs.request().ptr), data_of(tape.cs), data_of(tape.saved), true,
+               data_of(tape.rs)};
 
   // The output gradients as they are: a column slice of a wider gradient, a broadcast, any strides.
   py::array dy;
   if (!dy_obj.is_none()) {
-    dy = checked_input<T>(dy_obj, "dy", {steps, batch, hidden});
+    dy = checked_input<T>(dy_obj, "dy", {steps, batch, state});
     args.dy = in3<T>(dy);
   }
-  const py::object dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, hidden});
+  const py::object dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, state});
   if (!has_c && !dc_n_obj.is_none()) throw py::value_error("dc_n: only an LSTM has a cell state");
   const py::object dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden});
   args.dh_n = in2_or_null<T>(dh_n);
@@ -416,9 +456,14 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   };
   py::object dx = out_buffer(dx_obj, "dx", {steps, batch, input});
   py::object dw_ih = out_buffer(grad_w_ih, "grad_weight_ih", {gh, input});
-  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", {gh, hidden});
+  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", {gh, state});
   if (dw_ih.is_none() || dw_hh.is_none())
     throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
+  py::object dw_hr = proj > 0 ? out_buffer(grad_w_hr, "grad_weight_hr", {proj, hidden}) : py::none();
+  if (proj > 0 && dw_hr.is_none())
+    throw py::value_error("grad_weight_hr: the layer has a projection, so its gradient buffer is required");
+  if (proj == 0 && !grad_w_hr.is_none())
+    throw py::value_error("grad_weight_hr: the layer has no projection");
   py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grad_bias_ih", {gh}) : py::none();
   py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", {gh}) : py::none();
   if (has_bias && (db_ih.is_none() || db_hh.is_none()))
@@ -428,14 +473,15 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   args.accumulate_dx = accumulate_dx;
   args.dw_ih = out2<T>(as_array(dw_ih));
   args.dw_hh = out2<T>(as_array(dw_hh));
+  if (proj > 0) args.dw_hr = out2<T>(as_array(dw_hr));
   if (has_bias) {
     args.db_ih = out1<T>(as_array(db_ih));
     args.db_hh = out1<T>(as_array(db_hh));
   }
 
-  Arr<T> dh0 = aligned_array<T>({batch, hidden});
+  Arr<T> dh0 = aligned_array<T>({batch, state});
   py::object dc0 = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
-  args.dh0 = dense2(dh0.mutable_data(), hidden);
+  args.dh0 = dense2(dh0.mutable_data(), state);
   if (has_c) args.dc0 = dense2(py::cast<Arr<T>>(dc0).mutable_data(), hidden);
   py::array_t<double> dh_norm(steps);
   args.dh_norm = dh_norm.mutable_data();
@@ -457,6 +503,7 @@ PYBIND11_MODULE(_core, m) {
     facts["gates"] = c.gates;
     facts["saved"] = c.saved;
     facts["has_cell_state"] = c.has_cell_state;
+    facts["projection"] = c.projection;
     cells[c.name] = facts;
   }
   m.attr("cells") = cells;  // name -> facts, in the core's order: the one list of cells
@@ -469,30 +516,34 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("shape", [](const Tape& t) {
         return py::make_tuple(t.steps, t.batch, t.input, t.hidden);
       })
+      .def_property_readonly("proj_size", [](const Tape& t) { return t.proj; },
+                             "The projection size P (h has P features), 0 without a projection.")
       .def_property_readonly("nbytes", [](const Tape& t) {
         Index n = t.hs.nbytes();
-        if (!t.cs.is_none()) n += py::cast<py::array>(t.cs).nbytes();
-        if (!t.saved.is_none()) n += py::cast<py::array>(t.saved).nbytes();
+        for (const py::object* a : {&t.cs, &t.saved, &t.rs})
+          if (!a->is_none()) n += py::cast<py::array>(*a).nbytes();
         return n;
       }, "Bytes of state recorded for backward (beyond the input and weights it references).");
 
   m.def("layer_forward", &layer_forward, py::arg("cell"), py::arg("x"), py::arg("weight_ih"),
         py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("reverse"), py::arg("training"), py::arg("out"),
-        py::arg("cell_clip") = py::none(),
-        "Runs one direction of one layer. Returns (y, h_n, c_n, tape).");
+        py::arg("cell_clip") = py::none(), py::arg("weight_hr") = py::none(),
+        "Runs one direction of one layer. Returns (y, h_n, c_n, tape). With weight_hr (proj_size, "
+        "hidden_size), an LSTM's hidden state is projected: h = W_hr (o * tanh(c)), and h0, y and h_n "
+        "have proj_size features.");
 
   m.def("layer_backward",
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
-           const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx) {
-          if (tape.x.dtype().is(py::dtype::of<float>()))
-            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx);
-          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx);
+           const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx, const py::object& gw_hr) {
+          if (holds<float>(tape.x))
+            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
+          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
         },
         py::arg("tape"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
-        py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true,
+        py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true, py::arg("grad_weight_hr") = py::none(),
         "Backpropagates one layer direction through time. Accumulates into the gradient buffers and "
         "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns "
         "(dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
@@ -504,11 +555,11 @@ PYBIND11_MODULE(_core, m) {
       throw py::type_error("a: expected an aligned array");
     const void* data = a.data();
     const Index size = a.size();
-    if (a.dtype().is(py::dtype::of<float>())) {
+    if (holds<float>(a)) {
       py::gil_scoped_release release;
       return cpu::parallel_all_finite(static_cast<const float*>(data), size);
     }
-    if (a.dtype().is(py::dtype::of<double>())) {
+    if (holds<double>(a)) {
       py::gil_scoped_release release;
       return cpu::parallel_all_finite(static_cast<const double*>(data), size);
     }
@@ -521,15 +572,15 @@ PYBIND11_MODULE(_core, m) {
     if (!(into.flags() & c_order) || !(from.flags() & c_order) || !aligned(into) || !aligned(from) ||
         !into.writeable())
       throw py::type_error("into, from: expected C-contiguous aligned arrays, into writeable");
-    if (!into.dtype().is(from.dtype()) || into.size() != from.size())
+    if (!into.dtype().attr("__eq__")(from.dtype()).cast<bool>() || into.size() != from.size())
       throw py::value_error("into, from: expected the same dtype and size");
     void* to = into.mutable_data();
     const void* added = from.data();
     const Index size = into.size();
-    if (into.dtype().is(py::dtype::of<float>())) {
+    if (holds<float>(into)) {
       py::gil_scoped_release release;
       cpu::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
-    } else if (into.dtype().is(py::dtype::of<double>())) {
+    } else if (holds<double>(into)) {
       py::gil_scoped_release release;
       cpu::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
     } else {
@@ -545,13 +596,21 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &cpu::team_size);
   m.def("set_team_worker_delay", &cpu::set_team_worker_delay, py::arg("microseconds"),
         "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
-  m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
+  m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype,
+                          Index proj_size) {
+    const CellKind kind = parse_cell(cell);
+    if (proj_size < 0 || (proj_size > 0 && proj_size >= hidden))
+      throw py::value_error("proj_size: expected 0 (none) or 0 < proj_size < hidden, got " +
+                            std::to_string(proj_size));
+    if (proj_size > 0 && !fusedrnn::cell_facts(kind).projection)
+      throw py::value_error("proj_size: only an LSTM takes a projection");
     const cpu::LayerSplit split =
-        cpu::layer_split(parse_cell(cell), batch, hidden, float_item_size(dtype), cpu::team_size());
+        cpu::layer_split(kind, batch, hidden, float_item_size(dtype), cpu::team_size(), proj_size);
     return py::make_tuple(split.ranks, split.by_rows ? "rows" : "units");
   }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
-        "How a layer of this cell, batch, hidden size and dtype shares its recurrence across the "
-        "thread team: (threads, 'rows' or 'units').");
+        py::arg("proj_size") = 0,
+        "How a layer of this cell, batch, hidden size, dtype and projection size shares its recurrence "
+        "across the thread team: (threads, 'rows' or 'units').");
   def_choice(m, "layer_split", kSplitNames, &cpu::set_split_preference, &cpu::split_preference,
              "Forces how layers share their recurrence across the thread team wherever they are large "
              "enough to share: 'rows', 'units', or 'auto' (by the layer's size, the default).");

@@ -3,7 +3,8 @@
 // Each cell is a struct of static inline functions that update ONE hidden unit of ONE batch row. The
 // CPU recurrence (and later a CUDA kernel) loops over units and calls them, so a gate equation exists
 // only here. Gate order and bias placement follow torch.nn exactly:
-//   LSTM  gates i, f, g, o     c' = f*c + i*g,  h' = o*tanh(c')
+//   LSTM  gates i, f, g, o     c' = f*c + i*g,  h' = o*tanh(c')  (projected: h' = W_hr (o*tanh(c')),
+//                              the product with W_hr left to the caller, as W_hh's is)
 //   GRU   gates r, z, n        n = tanh(xn + r*hn),  h' = (1-z)*n + z*h
 //   RNN   one gate             h' = act(x + h)   with act = tanh or relu
 // `xg[k]` is gate k's pre-activation from the input projection (W_ih x + b_ih) and `hg[k]` the one from
@@ -139,9 +140,11 @@ FUSEDRNN_HD T relu(T x) {
 // Cells. kGates: gate blocks in the weights; kSaved: values per unit kept for backward (beyond the
 // hidden and cell states, which the recurrence keeps itself); kCarried (<= kGates): values per unit
 // `gates` hands to `output`; kOutputPass: see above; kHasCellState: LSTM's c;
-// kSplitRecurrentGrad: dhg differs from dxg, so backward needs a second buffer;
-// recurrent_bias_apart(k): gate k's b_hh must stay in hg. Elsewhere only xg + hg matters, so a caller
-// may fold b_hh into xg.
+// kSplitRecurrentGrad: dhg differs from dxg, so backward needs a second buffer; kProjection: the
+// hidden state may be a projection h = W_hr r of the cell's output r (torch.nn.LSTM's proj_size), so
+// h's width differs from the units': the cell then reads neither h_prev nor h (callers pass 0) and
+// routes no part of dh around W_hh (dh_prev is 0); recurrent_bias_apart(k): gate k's b_hh must stay
+// in hg. Elsewhere only xg + hg matters, so a caller may fold b_hh into xg.
 
 struct LstmCell {
   static constexpr int kGates = 4;
@@ -150,6 +153,7 @@ struct LstmCell {
   static constexpr bool kOutputPass = true;
   static constexpr bool kHasCellState = true;
   static constexpr bool kSplitRecurrentGrad = false;
+  static constexpr bool kProjection = true;
   static constexpr bool recurrent_bias_apart(int /*gate*/) { return false; }
 
   template <typename T>
@@ -200,6 +204,7 @@ struct GruCell {
   static constexpr bool kOutputPass = false;
   static constexpr bool kHasCellState = false;
   static constexpr bool kSplitRecurrentGrad = true;
+  static constexpr bool kProjection = false;
   static constexpr bool recurrent_bias_apart(int gate) { return gate == 2; }  // r scales all of hn
 
   template <typename T>
@@ -249,6 +254,7 @@ struct RnnCell {
   static constexpr bool kOutputPass = false;
   static constexpr bool kHasCellState = false;
   static constexpr bool kSplitRecurrentGrad = false;
+  static constexpr bool kProjection = false;
   static constexpr bool recurrent_bias_apart(int /*gate*/) { return false; }
 
   template <typename T>
@@ -298,11 +304,13 @@ struct CellFacts {
   int saved;                  // S
   bool has_cell_state;        // a c state beside h (and so c0, c_n, dc0, dc_n, and cell_clip)
   bool split_recurrent_grad;  // backward needs a second (T, B, G*H) gate-gradient buffer
+  bool projection;            // takes a projection of its hidden state (proj_size, weight_hr)
 };
 
 template <typename Cell>
 constexpr CellFacts facts_of(CellKind kind, const char* name) {
-  return {kind, name, Cell::kGates, Cell::kSaved, Cell::kHasCellState, Cell::kSplitRecurrentGrad};
+  return {kind, name, Cell::kGates, Cell::kSaved, Cell::kHasCellState, Cell::kSplitRecurrentGrad,
+          Cell::kProjection};
 }
 
 // In CellKind order.

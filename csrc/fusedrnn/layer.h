@@ -5,6 +5,10 @@
 //
 // Shapes: T steps, B batch rows, I input features, H hidden units, G gate blocks and S values saved per
 // unit for backward (cell_facts(cell).gates / .saved, cells.h). Weights are torch.nn's exactly.
+// Projection (cells with cell_facts(cell).projection, torch.nn.LSTM's proj_size P, 0 < P < H): the
+// hidden state is h = r W_hr^T of the cell's output r = o*tanh(c), so h, y, h0, h_n and their
+// gradients have P columns (written R below: P with a projection, else H), W_hh is (G*H, P) and the
+// cell state stays (B, H).
 //
 // Arrays are views: a pointer to element [0, ..., 0] and one element stride (not bytes) per dimension,
 // any sign, as NumPy, DLPack and XLA buffers describe them. A backend reads every view as it is; where
@@ -20,12 +24,15 @@
 //    update (cells.h), with b_ih and b_hh added as torch.nn does (GRU keeps b_hn inside r * (...)).
 //  - Backward keeps only the recurrence in its time loop (pointwise backward, dh W_hh); dx, dW_ih,
 //    dW_hh and the bias gradients sum over all T*B rows and do not depend on the step order.
+//  - A projection adds a GEMM per step each way (h = r W_hr^T; dr = dh W_hr); dW_hr = sum dh^T r
+//    over all T*B rows is one GEMM after the loop.
 //
 // Variable lengths: row b is valid at time t when t < lengths[b]. At an invalid step the state is
 // carried unchanged and the output row is zero, so the forward direction ends at the row's own last
 // step and the reverse direction starts there. Backward treats invalid steps as identities.
 //
-// State slots: the hidden (and cell) states live in the tape's `hs` / `cs`, T+1 slots of (B, H). The
+// State slots: the hidden (and cell) states live in the tape's `hs` / `cs`, T+1 slots of (B, R) and
+// (B, H). The
 // forward direction reads slot t and writes slot t+1 at time t; the reverse direction reads t+1 and
 // writes t. So slot 0 (forward) or slot T (reverse) holds the initial state, and for both directions
 // the T slots read as "previous state" are contiguous, which lets dW_hh be a single GEMM. Without
@@ -75,36 +82,45 @@ struct LayerShape {
   Index steps = 0, batch = 0, input = 0, hidden = 0;  // T, B, I, H; each >= 1
   View1<const Index> lengths;  // (B), each in [0, T]; data null: every row has T steps
   bool reverse = false;        // run t = T-1 .. 0
+  Index proj = 0;              // P, 0 < P < H, for a projected hidden state; 0: none
+  // R: the width of h (and y): P with a projection, else H.
+  Index state_size() const { return proj > 0 ? proj : hidden; }
 };
 
 template <typename T>
 struct LayerWeights {
   View2<const T> w_ih;  // (G*H, I)
-  View2<const T> w_hh;  // (G*H, H)
+  View2<const T> w_hh;  // (G*H, R)
   View1<const T> b_ih;  // (G*H), or data null: no biases (then b_hh is null too)
   View1<const T> b_hh;  // (G*H)
+  View2<const T> w_hr;  // (P, H) with a projection, else data null
 };
 
 // Where forward leaves what backward needs: dense arrays the caller allocates, best starting on a
 // 64-byte boundary (writers of neighbouring ranges of units then share no cache line). Forward writes
 // every element backward reads; the caller keeps the tape, x and the weights unchanged until backward
 // has run. Training: hs and cs
-// hold T+1 slots of (B, H) ("State slots" above), saved (T, B, S*H) the cell's saved values (null when
-// S == 0). Inference: hs and cs hold 2 slots, saved is null. cs is null for cells without a cell state.
+// hold T+1 slots of (B, R) and (B, H) ("State slots" above), saved (T, B, S*H) the cell's saved values
+// (null when S == 0). Inference: hs and cs hold 2 slots, saved is null. cs is null for cells without a
+// cell state. With a projection, rs holds the cell's outputs r before W_hr: (T, B, H) in training (slot
+// t for time t; backward's dW_hr reads them), one (B, H) slot in inference; null without one.
 template <typename T>
 struct LayerTape {
   T* hs = nullptr;
   T* cs = nullptr;
   T* saved = nullptr;
   bool training = false;
+  T* rs = nullptr;
 };
 
 // Element counts of the tape's arrays for a call, so any caller (an FFI handler declaring its outputs,
 // a device allocator) sizes them from the one rule above.
 struct TapeLayout {
   Index slots = 0;         // T+1 (training) or 2
-  Index state_values = 0;  // hs, and cs when has_cell_state: slots*B*H each
+  Index state_values = 0;  // hs: slots*B*R
+  Index cell_state_values = 0;  // cs: slots*B*H when has_cell_state, else 0
   Index saved_values = 0;  // T*B*S*H in training, else 0
+  Index output_values = 0;  // rs with a projection: T*B*H in training, B*H in inference; else 0
   bool has_cell_state = false;
 };
 
@@ -112,8 +128,10 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
   const CellFacts& f = cell_facts(cell);
   TapeLayout l;
   l.slots = training ? s.steps + 1 : 2;
-  l.state_values = l.slots * s.batch * s.hidden;
+  l.state_values = l.slots * s.batch * s.state_size();
+  l.cell_state_values = f.has_cell_state ? l.slots * s.batch * s.hidden : 0;
   l.saved_values = training ? s.steps * s.batch * f.saved * s.hidden : 0;
+  l.output_values = s.proj > 0 ? (training ? s.steps : 1) * s.batch * s.hidden : 0;
   l.has_cell_state = f.has_cell_state;
   return l;
 }
@@ -124,12 +142,12 @@ struct LayerForwardParams {
   LayerShape shape;
   LayerWeights<T> weights;
   View3<const T> x;   // (T, B, I)
-  View2<const T> h0;  // (B, H), or data null: zeros
+  View2<const T> h0;  // (B, R), or data null: zeros
   View2<const T> c0;  // (B, H), or data null: zeros; cells with a cell state only
   // Outputs, written (every element).
-  View3<T> y;         // (T, B, H): h_t of every step, zero at invalid steps; often one direction's H
-                      // columns of a (T, B, 2H) layer output
-  View2<T> h_n;       // (B, H): each row's final hidden state
+  View3<T> y;         // (T, B, R): h_t of every step, zero at invalid steps; often one direction's R
+                      // columns of a (T, B, 2R) layer output
+  View2<T> h_n;       // (B, R): each row's final hidden state
   View2<T> c_n;       // (B, H), data null for cells without a cell state
   LayerTape<T> tape;  // written
   T cell_clip = std::numeric_limits<T>::infinity();  // LSTM: bound on |c| (cells.h); +inf: none
@@ -142,20 +160,21 @@ struct LayerBackwardParams {
   LayerWeights<T> weights;  // as in forward
   View3<const T> x;         // (T, B, I), as in forward
   LayerTape<T> tape;        // as forward filled it, with training = true; read only
-  View3<const T> dy;        // (T, B, H) gradient of y, or data null: zero
-  View2<const T> dh_n;      // (B, H), or data null: zero
+  View3<const T> dy;        // (T, B, R) gradient of y, or data null: zero
+  View2<const T> dh_n;      // (B, R), or data null: zero
   View2<const T> dc_n;      // (B, H), or data null: zero; cells with a cell state only
   // Outputs. Accumulated (+=): dx (unless accumulate_dx is false) and the weight and bias gradients.
   // Written: dh0, dc0, dh_norm.
   View3<T> dx;              // (T, B, I), or data null: not wanted
   bool accumulate_dx = true;  // false: dx is written, so its old values are never read
-  View2<T> dh0;             // (B, H), or data null
+  View2<T> dh0;             // (B, R), or data null
   View2<T> dc0;             // (B, H), or data null; cells with a cell state only
   View2<T> dw_ih;           // (G*H, I), required
-  View2<T> dw_hh;           // (G*H, H), required
+  View2<T> dw_hh;           // (G*H, R), required
   View1<T> db_ih;           // (G*H): required when the layer has biases, else null
   View1<T> db_hh;           // (G*H): as db_ih
-  double* dh_norm = nullptr;  // (T) dense, or null: L2 norm over (B, H) of dL/dh_t (valid rows), time order
+  View2<T> dw_hr;           // (P, H): required with a projection, else null
+  double* dh_norm = nullptr;  // (T) dense, or null: L2 norm over (B, R) of dL/dh_t (valid rows), time order
   T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
 };
 

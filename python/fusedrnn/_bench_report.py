@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ._optional import require
-from .benchmark import Case
+from .benchmark import Case, parse_label
 
 SHAPE_KEYS = ("T", "B", "I", "H")
 AXIS_NAMES = {"steps": "T", "batch": "B", "input": "I", "hidden": "H"}
@@ -111,9 +111,13 @@ def report_cases(report: dict) -> list[Case]:
     """The cases a report's rows measured, each with the modes it had, in the report's order."""
     modes: dict = {}
     for row in report["rows"]:
-        key = (row["cell"].lower(), *(row[k] for k in SHAPE_KEYS))
+        key = (row["cell"], *(row[k] for k in SHAPE_KEYS))
         modes.setdefault(key, []).append(row["mode"])
-    return [Case(*key, modes=tuple(m)) for key, m in modes.items()]
+    cases = []
+    for (label, *shape), m in modes.items():
+        cell, proj_size = parse_label(label)
+        cases.append(Case(cell, *shape, modes=tuple(m), proj_size=proj_size))
+    return cases
 
 
 # ---- comparison -----------------------------------------------------------------------------------------

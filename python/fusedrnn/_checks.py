@@ -34,6 +34,20 @@ def cell_clip(value, cell: str | None = None) -> float | None:
     return float(value)
 
 
+def proj_size(value, hidden_size: int, cell: str | None = None) -> int:
+    """An LSTM's projection size (torch.nn's rule): an int with 0 <= proj_size < hidden_size, 0 for none;
+    with `cell`, also that the cell takes a projection."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"proj_size: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"proj_size: expected an int >= 0 (0: no projection), got {value}")
+    if value and cell is not None and not _core.cells[cell]["projection"]:
+        raise ValueError(f"proj_size: {cell!r} takes no projection (only an LSTM does), got {value}")
+    if value >= hidden_size:
+        raise ValueError(f"proj_size: expected less than hidden_size ({hidden_size}), got {value}")
+    return int(value)
+
+
 def positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

@@ -3,12 +3,13 @@ and backward, for the NumPy modules and the torch adapter alike.
 
 A stack has L layers of D directions (D = 2 when bidirectional, direction 1 running in reverse).
 
-- States h0, c0, h_n, c_n and their gradients are (L*D, B, H): layer l's directions are the rows
+- States h0, h_n and their gradients are (L*D, B, R), c0 and c_n (L*D, B, H), with R the width of h:
+  H, or P for an LSTM with a projection (proj_size). Layer l's directions are the rows
   `layer_rows(l, D)`, direction d of them at row l*D + d.
-- A layer's output y is (T, B, D*H): direction d writes the features `direction(y, d, H)`, that is
-  d*H:(d+1)*H; the next layer reads all of them as its input.
-- Weights: `weights[l][d]` is (weight_ih, weight_hh, bias_ih, bias_hh) in torch.nn's layout, the biases
-  None without bias.
+- A layer's output y is (T, B, D*R): direction d writes the features `direction(y, d, R)`, that is
+  d*R:(d+1)*R; the next layer reads all of them as its input.
+- Weights: `weights[l][d]` is a LayerWeights (or a tuple in its order, weight_hr left off when there is
+  none) in torch.nn's layout, the biases None without bias.
 - Dropout (training only) multiplies every layer's output but the last; how the mask is drawn is the
   caller's (its own random generator, or torch's).
 
@@ -20,7 +21,7 @@ batch_first and unbatched inputs are the caller's business.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -28,14 +29,29 @@ from . import _core
 from .functional import LayerGrads, _backward, _forward, has_cell_state
 
 
+class LayerWeights(NamedTuple):
+    """One layer direction's weights (or their gradients), torch.nn's names and shapes."""
+
+    weight_ih: np.ndarray            # (G*H, I)
+    weight_hh: np.ndarray            # (G*H, R)
+    bias_ih: Optional[np.ndarray]    # (G*H,), None without bias
+    bias_hh: Optional[np.ndarray]
+    weight_hr: Optional[np.ndarray] = None  # (P, H) with a projection, else None
+
+
+def state_size(weights) -> int:
+    """R, the width of a layer's hidden state and of each direction's output: weight_hh's columns."""
+    return weights[1].shape[1]
+
+
 def layer_rows(layer: int, num_directions: int) -> slice:
     """The rows of layer `layer`'s directions in an (L*D, B, H) state array."""
     return slice(layer * num_directions, (layer + 1) * num_directions)
 
 
-def direction(a, d: int, hidden: int):
-    """Direction d's (T, B, H) view of a layer's (T, B, D*H) output or its gradient (None: None)."""
-    return None if a is None else a[:, :, d * hidden:(d + 1) * hidden]
+def direction(a, d: int, width: int):
+    """Direction d's (T, B, R) view of a layer's (T, B, D*R) output or its gradient (None: None)."""
+    return None if a is None else a[:, :, d * width:(d + 1) * width]
 
 
 def _at(a, index):
@@ -46,8 +62,8 @@ def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, nu
                 between: Callable | None = None):
     """The loop over a stack's layers, for any array type (NumPy arrays, torch tensors).
 
-    `run_layer(layer, x, h0_l, c0_l)` runs one layer on its input x with its rows of h0 and c0 (each
-    (D, B, H), or None where the state is absent) and returns (y, h_n_l, c_n_l). `between(layer, y)`,
+    `run_layer(layer, x, h0_l, c0_l)` runs one layer on its input x with its rows of h0 and c0 ((D, B, R)
+    and (D, B, H), or None where the state is absent) and returns (y, h_n_l, c_n_l). `between(layer, y)`,
     when given, transforms each output but the last layer's before the next layer reads it (dropout).
     Returns the last layer's y and the lists of each layer's h_n_l and c_n_l, in layer order."""
     h_n, c_n = [], []
@@ -63,15 +79,16 @@ def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, nu
 
 def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, training: bool, y, h_n,
                   c_n=None, cell_clip=None) -> list:
-    """One layer, every direction: x (T, B, I); weights [(weight_ih, weight_hh, bias_ih, bias_hh)] one
-    per direction; h0, c0 (D, B, H) or None. Writes y (T, B, D*H), h_n and c_n (D, B, H; c_n only for
-    a cell with a cell state) and returns each direction's tape (None when not training)."""
+    """One layer, every direction: x (T, B, I); weights, one LayerWeights per direction; h0 (D, B, R)
+    and c0 (D, B, H) or None. Writes y (T, B, D*R), h_n (D, B, R) and c_n (D, B, H; only for a cell with
+    a cell state) and returns each direction's tape (None when not training)."""
     x = np.ascontiguousarray(x)  # every direction reads one contiguous copy at most
-    hidden = y.shape[2] // len(weights)
+    width = y.shape[2] // len(weights)
     tapes = []
-    for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        out = _forward(cell, x, w_ih, w_hh, b_ih, b_hh, _at(h0, d), _at(c0, d), lengths, d == 1, training,
-                       direction(y, d, hidden), cell_clip)
+    for d, w in enumerate(weights):
+        w = LayerWeights(*w)
+        out = _forward(cell, x, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, _at(h0, d), _at(c0, d),
+                       lengths, d == 1, training, direction(y, d, width), cell_clip, w.weight_hr)
         h_n[d] = out.h_n
         if c_n is not None:
             c_n[d] = out.c_n
@@ -81,16 +98,20 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
 
 def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None, dh_norm=None,
                    grads=None):
-    """Backward of one forward_layer(training=True): dy (T, B, D*H), dh_n and dc_n (D, B, H) or None
-    (zero). Writes dh0, dc0 (D, B, H; dc0 only for a cell with a cell state) and dh_norm (D, T) when
-    given. `grads[d]` (weight_ih, weight_hh, bias_ih, bias_hh) is added into for direction d; without
+    """Backward of one forward_layer(training=True): dy (T, B, D*R), dh_n (D, B, R) and dc_n (D, B, H)
+    or None (zero). Writes dh0 (D, B, R), dc0 (D, B, H; only for a cell with a cell state) and dh_norm
+    (D, T) when given. `grads[d]` (a LayerWeights of gradients) is added into for direction d; without
     it each direction's are created. Returns (dx (T, B, I), [LayerGrads of each direction])."""
-    hidden = tapes[0].shape[3]
+    width = tapes[0].proj_size or tapes[0].shape[3]
     dx = None  # the first direction's backward writes it, the second adds into it
     results = []
     for d, tape in enumerate(tapes):
-        into = None if grads is None else LayerGrads(None, None, None, *grads[d])
-        g = _backward(tape, direction(dy, d, hidden), _at(dh_n, d), _at(dc_n, d), dx, into)
+        into = None
+        if grads is not None:
+            g = LayerWeights(*grads[d])
+            into = LayerGrads(None, None, None, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh,
+                              weight_hr=g.weight_hr)
+        g = _backward(tape, direction(dy, d, width), _at(dh_n, d), _at(dc_n, d), dx, into)
         dx = g.dx
         dh0[d] = g.dh0
         if dc0 is not None:
@@ -102,8 +123,8 @@ def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None,
 
 
 class StackOutput(NamedTuple):
-    y: np.ndarray              # (T, B, D*H), the last layer's output
-    h_n: np.ndarray            # (L*D, B, H)
+    y: np.ndarray              # (T, B, D*R), the last layer's output
+    h_n: np.ndarray            # (L*D, B, R)
     c_n: np.ndarray | None     # (L*D, B, H) for a cell with a cell state, else None
     tapes: list                # tapes[layer][direction]; None entries when not training
     dropout_masks: list        # the mask applied to layer l's output (l < L-1), or None
@@ -111,26 +132,29 @@ class StackOutput(NamedTuple):
 
 class StackGrads(NamedTuple):
     dx: np.ndarray             # (T, B, I)
-    dh0: np.ndarray            # (L*D, B, H)
+    dh0: np.ndarray            # (L*D, B, R)
     dc0: np.ndarray | None     # (L*D, B, H) for a cell with a cell state, else None
     dh_norm: np.ndarray        # (L*D, T) float64: each layer direction's gradient norms, time order
 
 
 def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
             cell_clip=None, dropout: Callable | None = None) -> StackOutput:
-    """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0, c0 (L*D, B, H) or
-    None. `dropout(shape)`, when given, draws the mask that multiplies each layer's output but the
-    last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate cache lines."""
+    """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0 (L*D, B, R) and c0
+    (L*D, B, H) or None. `dropout(shape)`, when given, draws the mask that multiplies each layer's
+    output but the last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate
+    cache lines."""
     steps, batch, _ = x.shape
     num_layers, dirs = len(weights), len(weights[0])
-    hidden = weights[0][0][1].shape[1]
-    h_n = np.empty((num_layers * dirs, batch, hidden), x.dtype)
-    c_n = np.empty_like(h_n) if has_cell_state(cell) else None
+    first = LayerWeights(*weights[0][0])
+    width = state_size(first)
+    hidden = width if first.weight_hr is None else first.weight_hr.shape[1]
+    h_n = np.empty((num_layers * dirs, batch, width), x.dtype)
+    c_n = np.empty((num_layers * dirs, batch, hidden), x.dtype) if has_cell_state(cell) else None
     tapes, masks = [], [None] * (num_layers - 1)
 
     def run_layer(layer, layer_input, h0_l, c0_l):
         rows = layer_rows(layer, dirs)
-        y = _core.aligned_empty((steps, batch, dirs * hidden), x.dtype)
+        y = _core.aligned_empty((steps, batch, dirs * width), x.dtype)
         tapes.append(forward_layer(cell, layer_input, weights[layer], h0_l, c0_l, lengths=lengths,
                                    training=training, y=y, h_n=h_n[rows], c_n=_at(c_n, rows),
                                    cell_clip=cell_clip))
@@ -146,13 +170,15 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
 
 
 def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads) -> StackGrads:
-    """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*H), dh_n and dc_n
-    (L*D, B, H) or None (zero). `grads[layer][direction]` (weight_ih, weight_hh, bias_ih, bias_hh)
-    are added into."""
+    """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*R), dh_n (L*D, B, R)
+    and dc_n (L*D, B, H) or None (zero). `grads[layer][direction]` (LayerWeights of gradients) are added
+    into."""
     num_layers, dirs = len(tapes), len(tapes[0])
-    steps, batch, _, hidden = tapes[0][0].shape
-    dh0 = np.empty((num_layers * dirs, batch, hidden), tapes[0][0].dtype)
-    dc0 = np.empty_like(dh0) if has_cell_state(tapes[0][0].cell) else None
+    first = tapes[0][0]
+    steps, batch, _, hidden = first.shape
+    dtype = first.dtype
+    dh0 = np.empty((num_layers * dirs, batch, first.proj_size or hidden), dtype)
+    dc0 = np.empty((num_layers * dirs, batch, hidden), dtype) if has_cell_state(first.cell) else None
     dh_norm = np.empty((num_layers * dirs, steps))
     grad_out = dy
     for layer in reversed(range(num_layers)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -41,9 +42,24 @@ class Case:
     input_size: int                 # I
     hidden: int                     # H
     modes: tuple = MODES
+    proj_size: int = 0              # P: an LSTM with a projection (torch.nn's proj_size), 0: none
+
+    @property
+    def state_size(self) -> int:
+        """R, the width of h and y: P with a projection, else H."""
+        return self.proj_size or self.hidden
+
+    @property
+    def label(self) -> str:
+        """The row's cell: "LSTM", "GRU", ... and "LSTMP{P}" for an LSTM with a projection."""
+        return self.cell.upper() + (f"P{self.proj_size}" if self.proj_size else "")
+
+    def module_kwargs(self) -> dict:
+        return {"proj_size": self.proj_size} if self.proj_size else {}
 
     def flops(self, mode: str) -> float:
-        forward = 2.0 * self.steps * self.batch * (self.input_size + self.hidden) * GATES[self.cell] * self.hidden
+        per_row = GATES[self.cell] * self.hidden * (self.input_size + self.state_size) + self.proj_size * self.hidden
+        forward = 2.0 * self.steps * self.batch * per_row
         return forward * (3.0 if mode == "training" else 1.0)
 
 
@@ -58,7 +74,7 @@ class Problem(NamedTuple):
     case: Case
     state_dict: dict                # name -> float32 array
     x: np.ndarray                   # (T, B, I) float32
-    dy: np.ndarray                  # (T, B, H) float32
+    dy: np.ndarray                  # (T, B, R) float32
 
 
 @dataclass
@@ -94,7 +110,7 @@ def _fusedrnn_runners(problem: Problem) -> Runners:
     from .modules import make_module
 
     c = problem.case
-    m = make_module(c.cell, c.input_size, c.hidden)
+    m = make_module(c.cell, c.input_size, c.hidden, **c.module_kwargs())
     m.load_state_dict(problem.state_dict)
 
     def infer():
@@ -114,12 +130,13 @@ def _numpy_runners(problem: Problem) -> Runners:
 
     c = problem.case
     w = [problem.state_dict.get(f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    w_hr = problem.state_dict.get("weight_hr_l0")
 
     def infer():
-        reference.forward(c.cell, problem.x, *w)
+        reference.forward(c.cell, problem.x, *w, weight_hr=w_hr)
 
     def train():
-        *_, cache = reference.forward(c.cell, problem.x, *w)
+        *_, cache = reference.forward(c.cell, problem.x, *w, weight_hr=w_hr)
         reference.backward(cache, problem.dy)
 
     return Runners(infer, train)
@@ -129,7 +146,7 @@ def _torch_module(c: Case):
     import torch
 
     if c.cell == "lstm":
-        return torch.nn.LSTM(c.input_size, c.hidden)
+        return torch.nn.LSTM(c.input_size, c.hidden, **c.module_kwargs())
     if c.cell == "gru":
         return torch.nn.GRU(c.input_size, c.hidden)
     return torch.nn.RNN(c.input_size, c.hidden, nonlinearity=c.cell[len("rnn_"):])
@@ -218,17 +235,19 @@ def _jax_runners(problem: Problem) -> Runners:
     from jax import lax
 
     c = problem.case
-    params = tuple(jnp.asarray(problem.state_dict[f"{n}_l0"])
-                   for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if c.proj_size else ())
+    params = tuple(jnp.asarray(problem.state_dict[f"{n}_l0"]) for n in names)
     x, dy = jnp.asarray(problem.x), jnp.asarray(problem.dy)
 
-    def step(carry, xg_t, w_hh, b_hh):
+    def step(carry, xg_t, w_hh, b_hh, w_hr):
         h, cs = carry
         hg = h @ w_hh.T + b_hh
         if c.cell == "lstm":
             i, f, g, o = jnp.split(xg_t + hg, 4, axis=-1)
             cs = jax.nn.sigmoid(f) * cs + jax.nn.sigmoid(i) * jnp.tanh(g)
             h = jax.nn.sigmoid(o) * jnp.tanh(cs)
+            if w_hr is not None:
+                h = h @ w_hr.T
         elif c.cell == "gru":
             xr, xz, xn = jnp.split(xg_t, 3, axis=-1)
             hr, hz, hn = jnp.split(hg, 3, axis=-1)
@@ -240,10 +259,11 @@ def _jax_runners(problem: Problem) -> Runners:
         return (h, cs), h
 
     def forward(params, x):
-        w_ih, w_hh, b_ih, b_hh = params
+        w_ih, w_hh, b_ih, b_hh, w_hr = params + (None,) * (5 - len(params))
         xg = x @ w_ih.T + b_ih
-        zeros = jnp.zeros((x.shape[1], w_hh.shape[1]), x.dtype)
-        _, ys = lax.scan(lambda carry, xg_t: step(carry, xg_t, w_hh, b_hh), (zeros, zeros), xg)
+        h0 = jnp.zeros((x.shape[1], w_hh.shape[1]), x.dtype)
+        c0 = jnp.zeros((x.shape[1], c.hidden), x.dtype)
+        _, ys = lax.scan(lambda carry, xg_t: step(carry, xg_t, w_hh, b_hh, w_hr), (h0, c0), xg)
         return ys
 
     infer_fn = jax.jit(forward)
@@ -284,7 +304,7 @@ def saved_for_backward_nbytes(problem: Problem) -> dict:
     from .modules import make_module
 
     c = problem.case
-    m = make_module(c.cell, c.input_size, c.hidden)
+    m = make_module(c.cell, c.input_size, c.hidden, **c.module_kwargs())
     m.load_state_dict(problem.state_dict)
     m.train()
     m(problem.x)
@@ -314,6 +334,15 @@ def saved_for_backward_nbytes(problem: Problem) -> dict:
 
 DEFAULT_SHAPES = [(100, 32, 256, 256), (200, 1, 128, 128)]  # T, B, I, H
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
+# The "projection" set: LSTMs with a projection (LSTMP) at the default shapes, P = H/2.
+PROJECTION_CASES = [Case("lstm", t, b, i, h, proj_size=h // 2) for t, b, i, h in DEFAULT_SHAPES]
+
+
+def parse_label(label: str) -> tuple[str, int]:
+    """(cell, proj_size) of a row's cell (Case.label)."""
+    name = label.lower()
+    projected = re.fullmatch(r"lstmp(\d+)", name)
+    return ("lstm", int(projected.group(1))) if projected else (name, 0)
 
 
 def cases_for(cells: Sequence[str], shapes: Sequence[tuple], modes: Sequence[str] = MODES) -> list[Case]:
@@ -328,14 +357,17 @@ def cases_for(cells: Sequence[str], shapes: Sequence[tuple], modes: Sequence[str
 
 
 def named_cases(name: str) -> list[Case]:
-    """"default" (the cells and shapes of the README's table) or a DeepBench set: "training_set" (timed
-    training), "inference_server_set" or "inference_device_set" (timed inference)."""
+    """"default" (the cells and shapes of the README's table), "projection" (LSTMs with a projection at
+    those shapes) or a DeepBench set: "training_set" (timed training), "inference_server_set" or
+    "inference_device_set" (timed inference)."""
     if name == "default":
         return cases_for(DEFAULT_CELLS, DEFAULT_SHAPES)
+    if name == "projection":
+        return list(PROJECTION_CASES)
     rows = [s for s in deepbench_shapes() if s.set == name]
     if not rows:
         sets = sorted({s.set for s in deepbench_shapes()})
-        raise ValueError(f"set: expected 'default' or one of {sets}, got {name!r}")
+        raise ValueError(f"set: expected 'default', 'projection' or one of {sets}, got {name!r}")
     mode = ("training",) if name.startswith("training") else ("inference",)
     return [Case(s.cell, s.timesteps, s.batch, s.hidden, s.hidden, modes=mode) for s in rows]
 
@@ -344,9 +376,9 @@ def make_problem(case: Case, seed: int = 0) -> Problem:
     from .modules import make_module
 
     rng = np.random.default_rng(seed)
-    weights = make_module(case.cell, case.input_size, case.hidden, seed=seed).state_dict()
+    weights = make_module(case.cell, case.input_size, case.hidden, seed=seed, **case.module_kwargs()).state_dict()
     x = rng.standard_normal((case.steps, case.batch, case.input_size), dtype=np.float32)
-    dy = rng.standard_normal((case.steps, case.batch, case.hidden), dtype=np.float32)
+    dy = rng.standard_normal((case.steps, case.batch, case.state_size), dtype=np.float32)
     return Problem(case, weights, x, dy)
 
 
@@ -429,7 +461,7 @@ def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int 
         memory_rows = memory_fields(problem, fns)
     rows = []
     for mode in case.modes:
-        row = {"cell": case.cell.upper(), "T": case.steps, "B": case.batch, "I": case.input_size,
+        row = {"cell": case.label, "T": case.steps, "B": case.batch, "I": case.input_size,
                "H": case.hidden, "mode": mode}
         for name in peers:
             per_round = samples[(name, mode)]

@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time fusedrnn against every installed peer",
                            description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("--set", help="a named set of cases: 'default', or a DeepBench set "
-                       "(training_set, inference_server_set, inference_device_set)")
+    bench.add_argument("--set", help="a named set of cases: 'default', 'projection' (LSTMs with proj_size), "
+                       "or a DeepBench set (training_set, inference_server_set, inference_device_set)")
     bench.add_argument("--cell", nargs="+", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
     bench.add_argument("--shape", nargs="+", metavar="T,B,I,H", default=None,
                        help="shapes as T,B,I,H (e.g. 100,32,256,256)")

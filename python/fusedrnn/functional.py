@@ -3,6 +3,10 @@ people who manage their own parameters.
 
 Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); bias_ih, bias_hh (G*H,); h0, c0 (B, H);
 with G = 1 (RNN), 3 (GRU), 4 (LSTM) and gates in torch.nn's order (i, f, g, o and r, z, n).
+
+An LSTM may project its hidden state, as torch.nn.LSTM(proj_size=P) does: with weight_hr (P, H),
+0 < P < H, h = W_hr (o * tanh(c)), so weight_hh is (4*H, P) and h0, y, h_n and their gradients have P
+features, while c0 and c_n keep H.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import numpy as np
 
 from . import _checks, _core
 
-# The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state"}. Every table of
-# cells in the package derives from it.
+# The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state", "projection"}. Every
+# table of cells in the package derives from it.
 CELLS = tuple(_core.cells)
 GATES = {name: facts["gates"] for name, facts in _core.cells.items()}
 
@@ -24,9 +28,14 @@ def has_cell_state(cell: str) -> bool:
     return _core.cells[cell]["has_cell_state"]
 
 
+def takes_projection(cell: str) -> bool:
+    """Whether the cell's hidden state may be projected (weight_hr, proj_size): True for "lstm"."""
+    return _core.cells[cell]["projection"]
+
+
 class LayerOutput(NamedTuple):
-    y: np.ndarray            # (T, B, H)
-    h_n: np.ndarray          # (B, H)
+    y: np.ndarray            # (T, B, R): R = P with a projection, else H
+    h_n: np.ndarray          # (B, R)
     c_n: np.ndarray | None   # (B, H) for LSTM, else None
     tape: _core.Tape | None  # what backward needs; None when training=False
 
@@ -39,18 +48,20 @@ class LayerGrads(NamedTuple):
     weight_hh: np.ndarray
     bias_ih: np.ndarray | None
     bias_hh: np.ndarray | None
-    dh_norm: np.ndarray | None = None  # (T,) float64: norm over (B, H) of dL/dh_t at each step, time order
+    dh_norm: np.ndarray | None = None  # (T,) float64: norm over (B, R) of dL/dh_t at each step, time order
+    weight_hr: np.ndarray | None = None  # (P, H) with a projection, else None
 
 
 def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
                   lengths=None, reverse: bool = False, training: bool = True, out=None,
-                  check_finite: bool = True, cell_clip: float | None = None) -> LayerOutput:
+                  check_finite: bool = True, cell_clip: float | None = None, weight_hr=None) -> LayerOutput:
     """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
     outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
     `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array.
     NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False. `cell_clip` (a positive
     finite number; only for a cell with a cell state) bounds the cell state to [-cell_clip, cell_clip]
     after every update; no gradient flows through an element whose update reached the bound.
+    `weight_hr` (P, H), for an LSTM only: the projection of the hidden state (module docstring).
 
     The tape references x and the weights rather than copying them: change neither in place before
     layer_backward."""
@@ -66,25 +77,26 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
                 _checks.finite(name, np.asarray(value))
     return _forward(cell, x, _as_array(weight_ih), _as_array(weight_hh), _as_optional(bias_ih),
                     _as_optional(bias_hh), _as_optional(h0), _as_optional(c0), lens, bool(reverse),
-                    bool(training), out, cell_clip)
+                    bool(training), out, cell_clip, _as_optional(weight_hr))
 
 
 def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
-             cell_clip) -> LayerOutput:
+             cell_clip, weight_hr=None) -> LayerOutput:
     """layer_forward on arguments its checks have passed: x a 3-D ndarray, lengths int64 (B,) or None
-    (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes."""
+    (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes
+    (and weight_hr against the cell)."""
     return LayerOutput(*_core.layer_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
-                                            lengths, reverse, training, out, cell_clip))
+                                            lengths, reverse, training, out, cell_clip, weight_hr))
 
 
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
     """Backpropagation through time for one `layer_forward(..., training=True)`.
 
-    dy (T, B, H), dh_n and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the arrays
-    in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh) are accumulated
-    into when given, and created otherwise. The result's dh_norm[t] is the L2 norm over the
-    valid rows and hidden units of the total gradient reaching h_t (dy_t plus what flows back from
-    later steps): the gradient-flow profile of this direction."""
+    dy (T, B, R), dh_n (B, R) and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the
+    arrays in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a
+    projection, weight_hr) are accumulated into when given, and created otherwise. The result's
+    dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
+    h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction."""
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
@@ -94,6 +106,7 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
     """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
     steps, batch, inp, hidden = tape.shape
+    proj = tape.proj_size
     dtype = tape.dtype
     gh = GATES[tape.cell] * hidden
     accumulate_dx = dx is not None
@@ -101,13 +114,15 @@ def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
         dx = np.empty((steps, batch, inp), dtype)  # written, not added to: no clearing pass
     if grads is None:
         has_bias = tape.has_bias
-        grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, hidden), dtype),
+        grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, proj or hidden), dtype),
                            np.zeros(gh, dtype) if has_bias else None,
-                           np.zeros(gh, dtype) if has_bias else None, None)
+                           np.zeros(gh, dtype) if has_bias else None, None,
+                           np.zeros((proj, hidden), dtype) if proj else None)
+    weight_hr = getattr(grads, "weight_hr", None)
     dh0, dc0, dh_norm = _core.layer_backward(tape, dy, dh_n, dc_n, dx, grads.weight_ih, grads.weight_hh,
-                                             grads.bias_ih, grads.bias_hh, accumulate_dx)
+                                             grads.bias_ih, grads.bias_hh, accumulate_dx, weight_hr)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
-                      dh_norm)
+                      dh_norm, weight_hr)
 
 
 def _as_array(value):

@@ -88,13 +88,16 @@ class RNNBase(_Module):
     directions (through the layer-stack driver, _stack), backward, gradient accumulation. Subclasses
     fix the cell."""
 
+    proj_size = 0  # modules pickled before projections existed have none
+
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, *, dtype=np.float32, seed: int | None = None,
-                 cell_clip: float | None = None):
+                 cell_clip: float | None = None, proj_size: int = 0):
         self.cell = _checks.cell(cell)
         self.input_size = _checks.positive_int("input_size", input_size)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.proj_size = _checks.proj_size(proj_size, self.hidden_size, cell)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
@@ -131,25 +134,32 @@ class RNNBase(_Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    @property
+    def _state_size(self) -> int:
+        """The width of h (and of each direction's output): proj_size with a projection, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
     def _parameter_shapes(self):
         gh = GATES[self.cell] * self.hidden_size
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+            layer_input = self.input_size if layer == 0 else self._state_size * self.num_directions
             for suffix in self._direction_suffixes():
                 yield f"weight_ih_l{layer}{suffix}", (gh, layer_input)
-                yield f"weight_hh_l{layer}{suffix}", (gh, self.hidden_size)
+                yield f"weight_hh_l{layer}{suffix}", (gh, self._state_size)
                 if self.bias:
                     yield f"bias_ih_l{layer}{suffix}", (gh,)
                     yield f"bias_hh_l{layer}{suffix}", (gh,)
+                if self.proj_size:
+                    yield f"weight_hr_l{layer}{suffix}", (self.proj_size, self.hidden_size)
 
     def _direction_suffixes(self):
         return ("", "_reverse") if self.bidirectional else ("",)
 
     def _stack_weights(self, source) -> list:
         """`source`'s arrays (the parameters or their gradients) as the driver takes them:
-        [layer][direction] -> (weight_ih, weight_hh, bias_ih, bias_hh), the biases None without bias."""
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return [[tuple(source.get(f"{n}_l{layer}{suffix}") for n in names)
+        [layer][direction] -> _stack.LayerWeights, None for the biases without bias and for weight_hr
+        without a projection."""
+        return [[_stack.LayerWeights(*(source.get(f"{n}_l{layer}{suffix}") for n in _stack.LayerWeights._fields))
                  for suffix in self._direction_suffixes()] for layer in range(self.num_layers)]
 
     def __getattr__(self, name):
@@ -202,6 +212,8 @@ class RNNBase(_Module):
             extra += f", dropout={self.dropout}"
         if self.bidirectional:
             extra += ", bidirectional=True"
+        if self.proj_size:
+            extra += f", proj_size={self.proj_size}"
         if self.cell_clip is not None:
             extra += f", cell_clip={self.cell_clip}"
         return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra})"
@@ -211,9 +223,9 @@ class RNNBase(_Module):
     def __call__(self, x, hx=None, lengths=None):
         return self.forward(x, hx, lengths=lengths)
 
-    def _state_shape(self, batch: int | None) -> tuple[int, ...]:
+    def _state_shape(self, batch: int | None, width: int) -> tuple[int, ...]:
         lead = self.num_layers * self.num_directions
-        return (lead, self.hidden_size) if batch is None else (lead, batch, self.hidden_size)
+        return (lead, width) if batch is None else (lead, batch, width)
 
     def _split_hx(self, hx, name: str = "hx", parts: str = "(h0, c0)"):
         """(h, c) from a user's state argument: a pair for LSTM, one array otherwise."""
@@ -225,17 +237,19 @@ class RNNBase(_Module):
             raise TypeError(f"{name}: expected a tuple {parts} for an LSTM")
         return hx[0], hx[1]
 
-    def _checked_state(self, name, value, batch, unbatched):
+    def _checked_state(self, name, value, batch, unbatched, width):
+        """A hidden state (width: self._state_size) or cell state (self.hidden_size) argument."""
         if value is None:
             return None
         arr = _checks.array(name, value, self.dtype, 2 if unbatched else 3)
-        _checks.shape(name, arr, self._state_shape(None if unbatched else batch))
+        _checks.shape(name, arr, self._state_shape(None if unbatched else batch, width))
         _checks.finite(name, arr)
         return arr if not unbatched else arr[:, None, :]
 
     def forward(self, x, hx=None, *, lengths=None):
         """x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched (T, input_size).
-        Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y has num_directions*hidden_size features."""
+        Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y and h_n have num_directions*hidden_size and
+        hidden_size features (proj_size for an LSTM with a projection), c_n hidden_size."""
         x = x_given = _checks.array("x", x, self.dtype, (2, 3))
         unbatched = x.ndim == 2
         if unbatched:
@@ -249,8 +263,9 @@ class RNNBase(_Module):
             raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, got {features}")
         _checks.finite("x", x_given)  # before any transpose: the native scan needs contiguous memory
         h0_in, c0_in = self._split_hx(hx)
-        h0 = self._checked_state("h0" if self._has_cell_state else "hx", h0_in, batch, unbatched)
-        c0 = self._checked_state("c0", c0_in, batch, unbatched)
+        h0 = self._checked_state("h0" if self._has_cell_state else "hx", h0_in, batch, unbatched,
+                                 self._state_size)
+        c0 = self._checked_state("c0", c0_in, batch, unbatched, self.hidden_size)
         if unbatched and lengths is not None:
             raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
         lens = _checks.lengths(lengths, steps, batch)
@@ -294,7 +309,7 @@ class RNNBase(_Module):
             raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
                                "module in train() mode before each backward (on the same thread)")
         steps, batch, features = ctx.input_shape
-        hidden, dirs = self.hidden_size, self.num_directions
+        hidden, dirs = self._state_size, self.num_directions
         unbatched = ctx.unbatched
 
         if dy is not None:
@@ -305,8 +320,8 @@ class RNNBase(_Module):
             _checks.finite("dy", dy)
             dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
         dh_in, dc_in = self._split_hx(dhx, "dhx", "(dh_n, dc_n)")
-        dh_n = self._checked_state("dh_n", dh_in, batch, unbatched)
-        dc_n = self._checked_state("dc_n", dc_in, batch, unbatched)
+        dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
+        dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
         self._pending = None  # the tapes are consumed, as torch frees its graph
         with self._grads_lock:
             return self._backward(ctx, dy, dh_n, dc_n)
@@ -340,16 +355,18 @@ class RNNBase(_Module):
 
 
 class LSTM(RNNBase):
-    """Long short-term memory layers, as torch.nn.LSTM (no proj_size). `cell_clip` bounds the cell state
-    to [-cell_clip, cell_clip] after every update (no gradient flows through an entry whose update
-    reached the bound)."""
+    """Long short-term memory layers, as torch.nn.LSTM. `proj_size` (0 < proj_size < hidden_size; 0:
+    none) projects the hidden state as torch's does: h = W_hr (o * tanh(c)), parameters weight_hr_l{k}
+    (proj_size, hidden_size), and y, h0, h_n have proj_size features per direction. `cell_clip` bounds
+    the cell state to [-cell_clip, cell_clip] after every update (no gradient flows through an entry
+    whose update reached the bound)."""
 
     cells = ("lstm",)
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, *, dtype=np.float32, seed=None, cell_clip=None):
+                 bidirectional=False, proj_size=0, *, dtype=np.float32, seed=None, cell_clip=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, dtype=dtype, seed=seed, cell_clip=cell_clip)
+                         bidirectional, dtype=dtype, seed=seed, cell_clip=cell_clip, proj_size=proj_size)
 
 
 class GRU(RNNBase):

@@ -11,8 +11,11 @@ hand-written backpropagation through time (no autodiff). Weights and gate order 
           that landed exactly on the bound from one beyond it, so an entry at the bound counts as
           clamped (unlike torch.clamp, which passes the gradient there)
     GRU   gates r, z, n:     n = tanh(W_in x + b_in + r*(W_hn h + b_hn)),  h' = (1-z)*n + z*h
+    LSTM with a projection (weight_hr, torch.nn.LSTM's proj_size): the cell's output r = o*tanh(c')
+          becomes h' = W_hr r, of proj_size features
 
-Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, H); biases (G*H,); h0, c0 (B, H).
+Shapes: x (T, B, I); weight_ih (G*H, I); weight_hh (G*H, R); biases (G*H,); h0 (B, R), c0 (B, H);
+weight_hr (P, H); R = P with a projection, else H.
 
 Variable lengths: row b takes part in step t only when t < lengths[b]. At any other step its state is
 carried unchanged and its output is zero, so a forward layer ends at the row's last step and a reverse
@@ -129,6 +132,8 @@ class Cache:
     has_bias: bool
     valid: np.ndarray                           # (T, B) bool, t < lengths[b]
     steps: list = field(default_factory=list)   # per time index t: (h_prev, c_prev, saved)
+    weight_hr: np.ndarray | None = None         # (P, H) with a projection
+    outputs: list = field(default_factory=list)  # with a projection, per t: the cell's output r (B, H)
 
 
 def time_order(steps, reverse):
@@ -136,11 +141,13 @@ def time_order(steps, reverse):
 
 
 def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, c0=None, *,
-            lengths=None, reverse=False, cell_clip=None):
-    """Returns (y (T, B, H), h_n, c_n or None, cache)."""
+            lengths=None, reverse=False, cell_clip=None, weight_hr=None):
+    """Returns (y (T, B, R), h_n, c_n or None, cache)."""
     x = np.asarray(x, np.float64)
     steps, batch, _ = x.shape
-    hidden = weight_hh.shape[1]
+    width = weight_hh.shape[1]
+    w_hr = None if weight_hr is None else np.asarray(weight_hr, np.float64)
+    hidden = width if w_hr is None else w_hr.shape[1]
     gh = GATES[cell] * hidden
     b_ih = np.zeros(gh) if bias_ih is None else np.asarray(bias_ih, np.float64)
     b_hh = np.zeros(gh) if bias_hh is None else np.asarray(bias_hh, np.float64)
@@ -148,16 +155,18 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None, h0=None, 
     valid = np.arange(steps)[:, None] < lens[None, :]
 
     step_forward, _ = _cell_functions(cell, cell_clip)
-    h = np.zeros((batch, hidden)) if h0 is None else np.array(h0, np.float64)
+    h = np.zeros((batch, width)) if h0 is None else np.array(h0, np.float64)
     c = np.zeros((batch, hidden)) if c0 is None else np.array(c0, np.float64)
-    y = np.zeros((steps, batch, hidden))
+    y = np.zeros((steps, batch, width))
     cache = Cache(cell, reverse, x, np.asarray(weight_ih, np.float64), np.asarray(weight_hh, np.float64),
-                  bias_ih is not None, valid, [None] * steps)
+                  bias_ih is not None, valid, [None] * steps, w_hr, [None] * steps)
     for t in time_order(steps, reverse):
         xg = x[t] @ cache.weight_ih.T + b_ih
         hg = h @ cache.weight_hh.T + b_hh
-        h_new, c_new, saved = step_forward(xg, hg, h, c)
+        r, c_new, saved = step_forward(xg, hg, h, c)
+        h_new = r if w_hr is None else r @ w_hr.T
         cache.steps[t] = (h, c, saved)
+        cache.outputs[t] = r
         keep = valid[t][:, None]
         y[t] = np.where(keep, h_new, 0.0)
         h = np.where(keep, h_new, h)
@@ -171,16 +180,18 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
     weight_hh, bias_ih and bias_hh (None without biases), and dh_norm (T,): the L2 norm over the rows
     that take part in step t and all hidden units of the whole gradient reaching the hidden state of
     step t (its output's plus the later steps')."""
-    x, w_ih, w_hh = cache.x, cache.weight_ih, cache.weight_hh
+    x, w_ih, w_hh, w_hr = cache.x, cache.weight_ih, cache.weight_hh, cache.weight_hr
     steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
+    width = w_hh.shape[1]
+    hidden = width if w_hr is None else w_hr.shape[1]
     _, step_backward = _cell_functions(cache.cell)
-    dy = np.zeros((steps, batch, hidden)) if dy is None else np.asarray(dy, np.float64)
-    dh = np.zeros((batch, hidden)) if dh_n is None else np.array(dh_n, np.float64)
+    dy = np.zeros((steps, batch, width)) if dy is None else np.asarray(dy, np.float64)
+    dh = np.zeros((batch, width)) if dh_n is None else np.array(dh_n, np.float64)
     dc = np.zeros((batch, hidden)) if dc_n is None else np.array(dc_n, np.float64)
 
     dx = np.zeros_like(x)
     dw_ih, dw_hh = np.zeros_like(w_ih), np.zeros_like(w_hh)
+    dw_hr = None if w_hr is None else np.zeros_like(w_hr)
     db_ih, db_hh = np.zeros(w_ih.shape[0]), np.zeros(w_hh.shape[0])
     dh_norm = np.zeros(steps)
     # Walk time in the opposite order to forward.
@@ -189,7 +200,11 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
         keep = cache.valid[t][:, None]
         dh_new = dh + np.where(keep, dy[t], 0.0)   # a padded step's output is a constant zero
         dh_norm[t] = np.linalg.norm(dh_new * keep)
-        dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dh_new, dc)
+        dr = dh_new
+        if w_hr is not None:                        # h_new = r W_hr^T
+            dw_hr += (dh_new * keep).T @ cache.outputs[t]
+            dr = dh_new @ w_hr
+        dxg, dhg, dh_direct, dc_prev = step_backward(saved, h_prev, c_prev, dr, dc)
         dxg, dhg = dxg * keep, dhg * keep             # a padded step has no gate gradients
         dx[t] = dxg @ w_ih
         dw_ih += dxg.T @ x[t]
@@ -208,6 +223,7 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
         "weight_hh": dw_hh,
         "bias_ih": db_ih if cache.has_bias else None,
         "bias_hh": db_hh if cache.has_bias else None,
+        "weight_hr": dw_hr,
         "dh_norm": dh_norm,
     }
 
@@ -215,15 +231,17 @@ def backward(cache, dy=None, dh_n=None, dc_n=None):
 # ---- layers and directions stacked as the modules stack them (no dropout) ----------------------------
 
 
+PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
 def _layer_params(params, layer, suffix):
-    get = lambda n: params.get(f"{n}_l{layer}{suffix}")  # noqa: E731
-    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+    return tuple(params.get(f"{n}_l{layer}{suffix}") for n in PARAMS)
 
 
 def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectional=False, lengths=None,
                   cell_clip=None):
-    """Sequence-major x (T, B, I), params keyed as torch.nn names them, h0/c0 (L*D, B, H).
-    Returns (y (T, B, D*H), h_n, c_n or None, caches)."""
+    """Sequence-major x (T, B, I), params keyed as torch.nn names them, h0 (L*D, B, R), c0 (L*D, B, H).
+    Returns (y (T, B, D*R), h_n, c_n or None, caches)."""
     suffixes = ("", "_reverse") if bidirectional else ("",)
     layer_input = np.asarray(x, np.float64)
     h_n, c_n, caches = [], [], []
@@ -231,9 +249,10 @@ def stack_forward(cell, params, x, h0=None, c0=None, *, num_layers=1, bidirectio
         outputs = []
         for d, suffix in enumerate(suffixes):
             k = layer * len(suffixes) + d
-            y, h, c, cache = forward(cell, layer_input, *_layer_params(params, layer, suffix),
+            w_ih, w_hh, b_ih, b_hh, w_hr = _layer_params(params, layer, suffix)
+            y, h, c, cache = forward(cell, layer_input, w_ih, w_hh, b_ih, b_hh,
                                      None if h0 is None else h0[k], None if c0 is None else c0[k],
-                                     lengths=lengths, reverse=d == 1, cell_clip=cell_clip)
+                                     lengths=lengths, reverse=d == 1, cell_clip=cell_clip, weight_hr=w_hr)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -248,18 +267,18 @@ def stack_backward(caches, dy=None, dh_n=None, dc_n=None, *, num_layers=1, bidir
     suffixes = ("", "_reverse") if bidirectional else ("",)
     dirs = len(suffixes)
     cell = caches[0].cell
-    hidden = caches[0].weight_hh.shape[1]
+    width = caches[0].weight_hh.shape[1]  # R: each direction's output features
     grads, dh0, dc0, dh_norm = {}, [None] * len(caches), [None] * len(caches), [None] * len(caches)
     grad_out = dy
     for layer in reversed(range(num_layers)):
         dx = 0.0
         for d, suffix in enumerate(suffixes):
             k = layer * dirs + d
-            g = backward(caches[k], None if grad_out is None else grad_out[:, :, d * hidden:(d + 1) * hidden],
+            g = backward(caches[k], None if grad_out is None else grad_out[:, :, d * width:(d + 1) * width],
                          None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k])
             dx = dx + g["dx"]
             dh0[k], dc0[k], dh_norm[k] = g["dh0"], g["dc0"], g["dh_norm"]
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for name in PARAMS:
                 if g[name] is not None:
                     grads[f"{name}_l{layer}{suffix}"] = g[name]
         grad_out = dx

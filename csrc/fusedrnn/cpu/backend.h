@@ -31,12 +31,14 @@ void set_team_size(int threads);
 void set_team_worker_delay(int microseconds);
 
 // How a layer's recurrence is shared across a team of `team_threads` (see kernels.h): `ranks` threads,
-// each owning whole batch rows (by_rows) or a range of hidden units of every row.
+// each owning whole batch rows (by_rows) or a range of hidden units of every row. `proj`: the layer's
+// projection size P (layer.h), 0 without one.
 struct LayerSplit {
   int ranks = 1;
   bool by_rows = false;
 };
-LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads);
+LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads,
+                       Index proj = 0);
 // The per-core L2 size the split assumes (the system's figure, or 1 MB where it gives none).
 Index l2_cache_bytes();
 

@@ -13,6 +13,12 @@
 // until the sequence ends. By rows, where W_ih fits in L2 beside W_hh, each rank also projects its own
 // rows of x inside each step (see ForwardPlan); otherwise one BLAS GEMM projects every step first.
 //
+// With a projection (layer.h), each step has a second phase: once the cell outputs r of the step are
+// written (by units: after a barrier), each rank computes its share of the columns of h = r W_hr^T,
+// its rows of W_hr packed like those of W_hh. Backward mirrors it: each rank first finishes its
+// columns of the step's dh (dy added; kept for dW_hr), then (by units: after a barrier) computes its
+// units of dr = dh W_hr, which the cell's backward takes as the gradient of its output.
+//
 // kernels_isa.cpp holds that code once; the build compiles it per SIMD level (AVX-512, AVX2, generic)
 // into its own namespace, and kernel_table() picks one at run time.
 #pragma once
@@ -38,11 +44,12 @@ struct Rows {
   explicit operator bool() const { return data != nullptr; }
 };
 
-// Where a step's states live: slot s of (slots, B, H); inference keeps two slots used alternately.
+// Where a step's states live: slot s of (slots, B, W) (W: R for h, H for c); inference keeps two slots
+// used alternately.
 template <typename T>
 struct StateSlots {
   T* base = nullptr;
-  Index stride = 0;  // B*H
+  Index stride = 0;  // B*W
   bool training = false;
   T* at(Index slot) const { return base ? base + (training ? slot : (slot & 1)) * stride : nullptr; }
 };
@@ -51,17 +58,22 @@ struct StateSlots {
 inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
 inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
-// A rank's share of each step: batch rows [b0, b1) x hidden units [u0, u1).
+// A rank's share of each step: batch rows [b0, b1) x hidden units [u0, u1), and the columns [o0, o1)
+// of the hidden state h it writes (forward) and whose gradient it finishes (backward): its units
+// without a projection, else its share of the projection's P columns.
 struct RankShare {
   Index b0 = 0, b1 = 0, u0 = 0, u1 = 0;
+  Index o0 = 0, o1 = 0;
   Index rows() const { return b1 - b0; }
   Index units() const { return u1 - u0; }
+  Index outputs() const { return o1 - o0; }
 };
 
 // Per-rank scratch, allocated by the caller before the job (jobs never allocate): packed weight panels
 // and a (rows, padded columns) tile for the step GEMM's output. Packing reads and writes this rank's
 // weights once per call, which pays back from a few steps on; shorter sequences skip it. Where forward
-// projects x inside the steps, the same again for W_ih, plus the rank's column order of the bias.
+// projects x inside the steps, the same again for W_ih, plus the rank's column order of the bias; with
+// a projection, the same again for W_hr (forward: its rows o0..o1; backward: its columns u0..u1).
 template <typename T>
 struct RankScratch {
   T* packed = nullptr;
@@ -69,6 +81,8 @@ struct RankScratch {
   T* packed_ih = nullptr;
   T* tile_x = nullptr;
   T* bias_x = nullptr;
+  T* packed_hr = nullptr;
+  T* tile_hr = nullptr;
 };
 
 // What both directions of the recurrence share.
@@ -76,11 +90,16 @@ template <typename T>
 struct PlanCommon {
   CellKind cell = CellKind::kLstm;
   Index steps = 0, batch = 0, hidden = 0;
+  Index proj = 0;                  // P, or 0: no projection
+  Index state_size = 0;            // R: P with a projection, else H
   const Index* lengths = nullptr;  // (B) dense, or null
   bool reverse = false;
-  Rows<const T> w_hh;              // (G*H, H)
+  Rows<const T> w_hh;              // (G*H, R)
+  Rows<const T> w_hr;              // (P, H), or null without a projection
   T cell_clip = T(0);              // +inf: none
-  StateSlots<T> hs, cs;            // cs.base null without a cell state
+  StateSlots<T> hs, cs;            // (., B, R) and (., B, H); cs.base null without a cell state
+  // With a projection, the cell outputs r: slot t of (T, B, H) in training, else one (B, H) slot.
+  T* rs = nullptr;
   const RankShare* shares = nullptr;        // (ranks)
   bool exchange_state = false;     // units are split across ranks: a barrier ends every step
   const RankScratch<T>* scratch = nullptr;  // (ranks)
@@ -98,25 +117,27 @@ struct ForwardPlan : PlanCommon<T> {
   Rows<const T> w_ih;              // (G*H, I), read when gx is null
   const T* gx_bias = nullptr;      // (G*H) when gx is null
   const T* b_hh = nullptr;         // (G*H), never null; read only for gates the cell keeps it apart
-  Rows<const T> h0;                // (B, H), or null: zeros
+  Rows<const T> h0;                // (B, R), or null: zeros
   Rows<const T> c0;                // (B, H), or null: zeros
   T* saved = nullptr;              // (T, B, S*H) dense in training; null in inference or when S == 0
-  Rows<T> y;                       // (T*B, H) rows
-  Rows<T> h_n;                     // (B, H)
+  Rows<T> y;                       // (T*B, R) rows
+  Rows<T> h_n;                     // (B, R)
   Rows<T> c_n;                     // (B, H), or null
 };
 
 template <typename T>
 struct BackwardPlan : PlanCommon<T> {
-  const T* saved = nullptr;        // (T, B, S*H) or null, as forward recorded it (hs, cs too)
-  Rows<const T> dy;                // (T*B, H) rows, never null: without dy, one (H) row of zeros, ld 0
-  Rows<const T> dh_n;              // (B, H), or null: zero
+  const T* saved = nullptr;        // (T, B, S*H) or null, as forward recorded it (hs, cs, rs too)
+  Rows<const T> dy;                // (T*B, R) rows, never null: without dy, one (R) row of zeros, ld 0
+  Rows<const T> dh_n;              // (B, R), or null: zero
   Rows<const T> dc_n;              // (B, H), or null: zero
   T* dgx = nullptr;                // (T, B, G*H) gate gradients for W_ih, b_ih and x
   T* dgh = nullptr;                // (T, B, G*H) for W_hh and b_hh; == dgx unless the cell splits them
-  T* dh = nullptr;                 // (2, B, H) running hidden-state gradient, two buffers
+  T* dh = nullptr;                 // (2, B, R) running hidden-state gradient, two buffers
   T* dc = nullptr;                 // (B, H) running cell-state gradient, or null
-  Rows<T> dh0;                     // (B, H), or null
+  // With a projection: (T, B, P), the whole gradient reaching h_t (zero at invalid steps), for dW_hr.
+  T* dhs = nullptr;
+  Rows<T> dh0;                     // (B, R), or null
   Rows<T> dc0;                     // (B, H), or null
   double* dh_norm_partial = nullptr;  // (ranks, norm_stride): each rank's sum of squares of dL/dh_t,
   Index norm_stride = 0;              // a row per rank, rows on separate cache lines

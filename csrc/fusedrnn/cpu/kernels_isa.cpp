@@ -273,16 +273,21 @@ void copy_or_zero(T* dst, const T* src, Index n) {
     std::fill(dst, dst + n, T(0));
 }
 
-// Copies (or, src null, zeroes) a rank's share of a (B, H) state.
+// Copies (or, src null, zeroes) columns [c0, c1) of a rank's rows of a (B, W) state.
 template <typename T>
-void copy_share(Rows<T> dst, Rows<const T> src, const RankShare& sh) {
-  for (Index b = sh.b0; b < sh.b1; ++b)
-    copy_or_zero(dst.row(b) + sh.u0, src ? src.row(b) + sh.u0 : nullptr, sh.units());
+void copy_share(Rows<T> dst, Rows<const T> src, const RankShare& sh, Index c0, Index c1) {
+  for (Index b = sh.b0; b < sh.b1; ++b) copy_or_zero(dst.row(b) + c0, src ? src.row(b) + c0 : nullptr, c1 - c0);
 }
 
-// A dense (B, H) state of the tape or scratch as rows.
+// A rank's share of the hidden state h (its state columns) and of the cell state c (its units).
 template <typename T>
-Rows<T> state_rows(T* state, Index hidden) { return {state, hidden}; }
+void copy_h_share(Rows<T> dst, Rows<const T> src, const RankShare& sh) { copy_share(dst, src, sh, sh.o0, sh.o1); }
+template <typename T>
+void copy_c_share(Rows<T> dst, Rows<const T> src, const RankShare& sh) { copy_share(dst, src, sh, sh.u0, sh.u1); }
+
+// A dense (B, W) state of the tape or scratch as rows.
+template <typename T>
+Rows<T> state_rows(T* state, Index width) { return {state, width}; }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward
@@ -300,8 +305,10 @@ struct GateRows {
 // projection `hs`, in the cell's two stages (cells.h); with a separate output pass, the first stage
 // hands its carried values to the second through the slots of `hs` it has just read. kRecord: keep the
 // gate values backward needs in `saved`; inference skips those stores (for LSTM, as many bytes as the
-// state and output).
-template <typename Cell, typename T, bool kRecord>
+// state and output). kProjected: the cell's outputs go to `h_next` = the step's r (B, H), which an
+// invalid row gets as zeros (dW_hr reads it), and y and the carried h are left to the projection
+// (project_outputs); h_prev is not read.
+template <typename Cell, typename T, bool kRecord, bool kProjected>
 void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateRows<const T> xs,
                    GateRows<T> hs, const T* __restrict h_prev, const T* __restrict c_prev,
                    T* __restrict h_next, T* __restrict c_next, T* __restrict saved) {
@@ -313,13 +320,19 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
   const T* __restrict b_hh = pl.b_hh;
   const T clip = pl.cell_clip;
   const Index u0 = sh.u0, units = sh.units();
+  // The previous hidden state as the cell reads it: a projecting cell reads none (cells.h).
+  auto h_before = [&](Index at) { return kProjected ? T(0) : h_prev[at]; };
   for (Index b = sh.b0; b < sh.b1; ++b) {
     const Index row = b * H + u0;
-    T* __restrict yr = pl.y.row(t * pl.batch + b) + u0;
+    T* __restrict yr = kProjected ? nullptr : pl.y.row(t * pl.batch + b) + u0;
     if (!step_valid(pl.lengths, b, t)) {
-      std::copy(h_prev + row, h_prev + row + units, h_next + row);
+      if constexpr (kProjected) {
+        std::fill(h_next + row, h_next + row + units, T(0));
+      } else {
+        std::copy(h_prev + row, h_prev + row + units, h_next + row);
+        std::fill(yr, yr + units, T(0));
+      }
       if constexpr (Cell::kHasCellState) std::copy(c_prev + row, c_prev + row + units, c_next + row);
-      std::fill(yr, yr + units, T(0));
       continue;
     }
     const T* __restrict xr = xs.first + (b - sh.b0) * xs.ld;
@@ -333,15 +346,15 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
       }
       T c = T(0), cp = T(0);
       if constexpr (Cell::kHasCellState) cp = c_prev[row + j];
-      Cell::gates(xg, hg, h_prev[row + j], cp, clip, sv, carry, c);
+      Cell::gates(xg, hg, h_before(row + j), cp, clip, sv, carry, c);
       if constexpr (kRecord && Cell::kSaved > 0)
         for (int k = 0; k < Cell::kSaved; ++k) saved[(b * Cell::kSaved + k) * H + u0 + j] = sv[k];
       if constexpr (Cell::kHasCellState) c_next[row + j] = c;
     };
     auto second_stage = [&](Index j, const T* carry) {
-      const T h = Cell::output(carry, h_prev[row + j], Cell::kHasCellState ? c_next[row + j] : T(0));
+      const T h = Cell::output(carry, h_before(row + j), Cell::kHasCellState ? c_next[row + j] : T(0));
       h_next[row + j] = h;
-      yr[j] = h;
+      if constexpr (!kProjected) yr[j] = h;
     };
     if constexpr (Cell::kOutputPass) {
       FUSEDRNN_INDEPENDENT_ITERATIONS
@@ -367,10 +380,37 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
   }
 }
 
-template <typename Cell, typename T>
+// The projection of a rank's share at time t: its state columns of h_t = r_t W_hr^T for its rows, into
+// h_next and y, or at an invalid step the carried h_prev and zeros.
+template <typename T>
+void project_outputs(const ForwardPlan<T>& pl, Index t, const RankShare& sh, const RankScratch<T>& scratch,
+                     PanelOrder order, const T* r_t, const T* h_prev, T* h_next) {
+  const Index H = pl.hidden, R = pl.state_size, outputs = sh.outputs();
+  const Index panels = panel_count<T>(outputs), ldt = panels * Simd<T>::kPanel;
+  const T* r_rows = r_t + sh.b0 * H;
+  if (pl.pack_weights)
+    panel_gemm<T>(sh.rows(), H, panels, r_rows, H, scratch.packed_hr, scratch.tile_hr, ldt, order);
+  else  // this rank's rows of W_hr, read in place
+    blas::gemm<T>(false, true, sh.rows(), outputs, H, T(1), r_rows, H, pl.w_hr.row(sh.o0), pl.w_hr.ld, T(0),
+                  scratch.tile_hr, ldt);
+  for (Index b = sh.b0; b < sh.b1; ++b) {
+    T* yr = pl.y.row(t * pl.batch + b) + sh.o0;
+    T* h = h_next + b * R + sh.o0;
+    if (step_valid(pl.lengths, b, t)) {
+      const T* from = scratch.tile_hr + (b - sh.b0) * ldt;
+      std::copy(from, from + outputs, h);
+      std::copy(from, from + outputs, yr);
+    } else {
+      std::copy(h_prev + b * R + sh.o0, h_prev + b * R + sh.o1, h);
+      std::fill(yr, yr + outputs, T(0));
+    }
+  }
+}
+
+template <typename Cell, typename T, bool kProjected>
 void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   constexpr int G = Cell::kGates;
-  const Index H = pl.hidden;
+  const Index H = pl.hidden, R = pl.state_size;
   const RankShare& sh = pl.shares[rank];
   const Index u0 = sh.u0, units = sh.units(), rows = sh.rows();
   const Index columns = G * units, panels = panel_count<T>(columns);
@@ -378,32 +418,38 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   const RankScratch<T>& scratch = pl.scratch[rank];
   const Index first = pl.reverse ? pl.steps : 0;
   const bool busy = units > 0 && rows > 0;
+  const bool busy_outputs = sh.outputs() > 0 && rows > 0;
   const bool project = pl.gx == nullptr;
   // Column n of this rank's gates is gate n / units of unit u0 + n % units: that row of W_hh and W_ih,
   // read along k.
   auto gate_row = [&](Index n) { return (n / units) * H + u0 + n % units; };
   if (busy && pl.pack_weights)
-    pack_panels<T>(H, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh.row(gate_row(n)); });
+    pack_panels<T>(R, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh.row(gate_row(n)); });
   if (busy && project) {
     pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, [&](Index n) { return pl.w_ih.row(gate_row(n)); });
     for (Index n = 0; n < ldt; ++n) scratch.bias_x[n] = n < columns ? pl.gx_bias[gate_row(n)] : T(0);
   }
-  if (busy) {
-    copy_share(state_rows(pl.hs.at(first), H), pl.h0, sh);
-    if constexpr (Cell::kHasCellState) copy_share(state_rows(pl.cs.at(first), H), pl.c0, sh);
-  }
+  if constexpr (kProjected)
+    if (busy_outputs && pl.pack_weights)
+      pack_panels<T>(H, sh.outputs(), 1, scratch.packed_hr, [&](Index n) { return pl.w_hr.row(sh.o0 + n); });
+  if (busy_outputs) copy_h_share(state_rows(pl.hs.at(first), R), pl.h0, sh);
+  if constexpr (Cell::kHasCellState)
+    if (busy) copy_c_share(state_rows(pl.cs.at(first), H), pl.c0, sh);
   barrier.wait();  // the input projection and every rank's initial state are in place
 
   const Index saved_step = pl.batch * Cell::kSaved * H;
   for (Index i = 0; i < pl.steps; ++i) {
     const Index t = pl.reverse ? pl.steps - 1 - i : i;
+    const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
+    T* const h_next = pl.hs.at(next_slot(pl.reverse, t));
+    // The cell outputs: h_next itself, or with a projection the step's r (one slot in inference).
+    T* const outputs = kProjected ? pl.rs + (pl.hs.training ? t : 0) * pl.batch * H : h_next;
+    const PanelOrder order = panel_order(i);
     if (busy) {
-      const T* h_prev = pl.hs.at(prev_slot(pl.reverse, t));
-      const T* h_rows = h_prev + sh.b0 * H;
-      if (pl.exchange_state) prefetch_lines(h_rows, rows * H);
+      const T* h_rows = h_prev + sh.b0 * R;
+      if (pl.exchange_state) prefetch_lines(h_rows, rows * R);
       // Packed W_ih then W_hh, each in the step's panel order; a descending step takes them in the
       // reverse order too, so it starts where the previous step ended.
-      const PanelOrder order = panel_order(i);
       auto project_step = [&] {
         panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
                       scratch.tile_x, ldt, order, scratch.bias_x);
@@ -417,28 +463,31 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * H, rows, G * H, units);
       }
       if (pl.pack_weights)
-        panel_gemm<T>(rows, H, panels, h_rows, H, scratch.packed, scratch.tile, ldt, order);
+        panel_gemm<T>(rows, R, panels, h_rows, R, scratch.packed, scratch.tile, ldt, order);
       else  // this rank's rows of each gate block of W_hh, read in place
         for (int k = 0; k < G; ++k)
-          blas::gemm<T>(false, true, rows, units, H, T(1), h_rows, H, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
+          blas::gemm<T>(false, true, rows, units, R, T(1), h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
                         T(0), scratch.tile + k * units, ldt);
       if (project && order == PanelOrder::kDescending) project_step();
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       const GateRows<T> hs = {scratch.tile, ldt, units};
       if (pl.saved)
-        forward_units<Cell, T, true>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), pl.hs.at(next),
-                                     pl.cs.at(next), pl.saved + t * saved_step);
+        forward_units<Cell, T, true, kProjected>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), outputs,
+                                                 pl.cs.at(next), pl.saved + t * saved_step);
       else
-        forward_units<Cell, T, false>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), pl.hs.at(next),
-                                      pl.cs.at(next), nullptr);
+        forward_units<Cell, T, false, kProjected>(pl, t, sh, xs, hs, h_prev, pl.cs.at(prev), outputs,
+                                                  pl.cs.at(next), nullptr);
     }
-    if (pl.exchange_state) barrier.wait();  // every unit of h_t is written before any rank reads it
+    if constexpr (kProjected) {
+      if (pl.exchange_state) barrier.wait();  // every unit of r_t is written before any rank reads it
+      if (busy_outputs) project_outputs(pl, t, sh, scratch, order, outputs, h_prev, h_next);
+    }
+    if (pl.exchange_state) barrier.wait();  // every column of h_t is written before any rank reads it
   }
-  if (busy) {
-    const Index last = pl.reverse ? 0 : pl.steps;
-    copy_share(pl.h_n, state_rows<const T>(pl.hs.at(last), H), sh);
-    if constexpr (Cell::kHasCellState) copy_share(pl.c_n, state_rows<const T>(pl.cs.at(last), H), sh);
-  }
+  const Index last = pl.reverse ? 0 : pl.steps;
+  if (busy_outputs) copy_h_share(pl.h_n, state_rows<const T>(pl.hs.at(last), R), sh);
+  if constexpr (Cell::kHasCellState)
+    if (busy) copy_c_share(pl.c_n, state_rows<const T>(pl.cs.at(last), H), sh);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -447,11 +496,15 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
 // Pointwise backward of a rank's share at time t: gate gradients into dgx/dgh, the part of
 // dh_{t-1} that bypasses W_hh into dh_prev, dc in place. An invalid step passes dh and dc through.
 // Returns the sum of squares of the total gradient reaching h_t over the valid rows.
-template <typename Cell, typename T>
+// kProjected: the gradient of the cell's output is the step's dr (`dr`, the rank's rows of its units,
+// `ldr` apart), finished by finish_projected_grads, which also passes dh through invalid steps and
+// takes the norm; h_prev, h_next, dh and dh_prev are not read (the cell reads no h, cells.h).
+template <typename Cell, typename T, bool kProjected>
 double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
                       const T* __restrict saved, const T* __restrict h_prev,
                       const T* __restrict c_prev, const T* __restrict h_next,
-                      const T* __restrict c_next, const T* __restrict dh, T* __restrict dh_prev) {
+                      const T* __restrict c_next, const T* __restrict dh, T* __restrict dh_prev,
+                      const T* __restrict dr = nullptr, Index ldr = 0) {
   constexpr int G = Cell::kGates;
   constexpr int S = Cell::kSaved > 0 ? Cell::kSaved : 1;
   const Index H = pl.hidden, gh_width = G * H;
@@ -470,10 +523,11 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
         std::fill(dgx_r + k * H, dgx_r + k * H + units, T(0));
         if constexpr (Cell::kSplitRecurrentGrad) std::fill(dgh_r + k * H, dgh_r + k * H + units, T(0));
       }
-      std::copy(dh + row, dh + row + units, dh_prev + row);
+      if constexpr (!kProjected) std::copy(dh + row, dh + row + units, dh_prev + row);
       continue;
     }
-    const T* __restrict dyr = pl.dy.row(t * pl.batch + b) + u0;
+    const T* __restrict dyr = kProjected ? nullptr : pl.dy.row(t * pl.batch + b) + u0;
+    const T* __restrict drr = kProjected ? dr + (b - sh.b0) * ldr : nullptr;
     T row_sq = T(0);
     FUSEDRNN_INDEPENDENT_ITERATIONS
     for (Index j = 0; j < units; ++j) {
@@ -486,15 +540,21 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
         cn = c_next[row + j];
         dcn = dc[row + j];
       }
-      const T dh_total = dh[row + j] + dyr[j];
-      row_sq += dh_total * dh_total;
+      T dh_total, hp = T(0), hn = T(0);
+      if constexpr (kProjected) {
+        dh_total = drr[j];
+      } else {
+        dh_total = dh[row + j] + dyr[j];
+        row_sq += dh_total * dh_total;
+        hp = h_prev[row + j];
+        hn = h_next[row + j];
+      }
       T dhp, dcp;
-      Cell::backward(sv, h_prev[row + j], cp, h_next[row + j], cn, clip, dh_total, dcn, dxg, dhg, dhp,
-                     dcp);
+      Cell::backward(sv, hp, cp, hn, cn, clip, dh_total, dcn, dxg, dhg, dhp, dcp);
       for (int k = 0; k < G; ++k) dgx_r[k * H + j] = dxg[k];
       if constexpr (Cell::kSplitRecurrentGrad)
         for (int k = 0; k < G; ++k) dgh_r[k * H + j] = dhg[k];
-      dh_prev[row + j] = dhp;
+      if constexpr (!kProjected) dh_prev[row + j] = dhp;
       if constexpr (Cell::kHasCellState) dc[row + j] = dcp;
     }
     norm_sq += static_cast<double>(row_sq);
@@ -526,37 +586,87 @@ void add_column_sums(const T* dg_t, Index H, const RankShare& sh, double* __rest
   }
 }
 
-template <typename Cell, typename T>
+// With a projection, the first phase of a backward step for a rank's share: its state columns of the
+// whole gradient reaching h_t (dh + dy_t) into dhs (zero at an invalid step, whose dh passes through
+// to dh_prev instead), dh_prev's columns cleared for the W_hh product to add into. Returns the sum of
+// squares over the valid rows.
+template <typename T>
+double finish_projected_grads(const BackwardPlan<T>& pl, Index t, const RankShare& sh, const T* __restrict dh,
+                              T* __restrict dh_prev) {
+  const Index R = pl.state_size, P = pl.proj, outputs = sh.outputs();
+  double norm_sq = 0.0;
+  for (Index b = sh.b0; b < sh.b1; ++b) {
+    const Index row = b * R + sh.o0;
+    T* __restrict into = pl.dhs + (t * pl.batch + b) * P + sh.o0;
+    if (!step_valid(pl.lengths, b, t)) {
+      std::fill(into, into + outputs, T(0));
+      std::copy(dh + row, dh + row + outputs, dh_prev + row);
+      continue;
+    }
+    const T* __restrict dyr = pl.dy.row(t * pl.batch + b) + sh.o0;
+    T row_sq = T(0);
+    for (Index j = 0; j < outputs; ++j) {
+      const T total = dh[row + j] + dyr[j];
+      into[j] = total;
+      row_sq += total * total;
+      dh_prev[row + j] = T(0);
+    }
+    norm_sq += static_cast<double>(row_sq);
+  }
+  return norm_sq;
+}
+
+template <typename Cell, typename T, bool kProjected>
 void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   constexpr int G = Cell::kGates;
-  const Index H = pl.hidden, B = pl.batch, gh_width = G * H;
+  const Index H = pl.hidden, B = pl.batch, R = pl.state_size, P = pl.proj, gh_width = G * H;
   const RankShare& sh = pl.shares[rank];
-  const Index u0 = sh.u0, units = sh.units(), rows = sh.rows();
+  const Index u0 = sh.u0, units = sh.units(), rows = sh.rows(), outputs = sh.outputs();
   const bool busy = units > 0 && rows > 0;
-  const Index panels = panel_count<T>(units);
+  const bool busy_outputs = outputs > 0 && rows > 0;
+  const Index panels = panel_count<T>(outputs);
   const Index ldt = panels * Simd<T>::kPanel;
+  const Index panels_hr = panel_count<T>(units);
+  const Index ldt_hr = panels_hr * Simd<T>::kPanel;
   const RankScratch<T>& scratch = pl.scratch[rank];
-  const Index state = B * H;
   T* dh = pl.dh;
-  T* dh_other = pl.dh + state;
-  if (busy) {
-    // Column n of this rank's slice is column u0 + n of W_hh, read along its G*H rows.
-    if (pl.pack_weights)
-      pack_panels<T>(gh_width, units, pl.w_hh.ld, scratch.packed, [&](Index n) { return pl.w_hh.data + u0 + n; });
-    copy_share(state_rows(dh, H), pl.dh_n, sh);
-    if constexpr (Cell::kHasCellState) copy_share(state_rows(pl.dc, H), pl.dc_n, sh);
-  }
+  T* dh_other = pl.dh + B * R;
+  // Column n of this rank's slice is column o0 + n of W_hh, read along its G*H rows (and with a
+  // projection, column u0 + n of W_hr along its P rows).
+  if (busy_outputs && pl.pack_weights)
+    pack_panels<T>(gh_width, outputs, pl.w_hh.ld, scratch.packed, [&](Index n) { return pl.w_hh.data + sh.o0 + n; });
+  if constexpr (kProjected)
+    if (busy && pl.pack_weights)
+      pack_panels<T>(P, units, pl.w_hr.ld, scratch.packed_hr, [&](Index n) { return pl.w_hr.data + u0 + n; });
+  if (busy_outputs) copy_h_share(state_rows(dh, R), pl.dh_n, sh);
+  if constexpr (Cell::kHasCellState)
+    if (busy) copy_c_share(state_rows(pl.dc, H), pl.dc_n, sh);
   double* bias_sums = pl.bias_grad_partial ? pl.bias_grad_partial + rank * pl.bias_stride : nullptr;
   if (bias_sums) std::fill(bias_sums, bias_sums + pl.bias_stride, 0.0);  // every rank's row is summed
   const Index saved_step = B * Cell::kSaved * H;
   for (Index i = 0; i < pl.steps; ++i) {
     const Index t = pl.reverse ? i : pl.steps - 1 - i;
     const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
+    const T* saved_t = pl.saved ? pl.saved + t * saved_step : nullptr;
     double norm_sq = 0.0;
-    if (busy)
-      norm_sq = backward_units<Cell, T>(pl, t, sh, pl.saved ? pl.saved + t * saved_step : nullptr,
-                                        pl.hs.at(prev), pl.cs.at(prev), pl.hs.at(next), pl.cs.at(next),
-                                        dh, dh_other);
+    if constexpr (kProjected) {
+      if (busy_outputs) norm_sq = finish_projected_grads(pl, t, sh, dh, dh_other);
+      if (pl.exchange_state) barrier.wait();  // every column of the step's dh is in dhs
+      if (busy) {
+        // dr = dh_t W_hr for this rank's rows and units.
+        const T* dh_rows = pl.dhs + (t * B + sh.b0) * P;
+        if (pl.pack_weights)
+          panel_gemm<T>(rows, P, panels_hr, dh_rows, P, scratch.packed_hr, scratch.tile_hr, ldt_hr, panel_order(i));
+        else
+          blas::gemm<T>(false, false, rows, units, P, T(1), dh_rows, P, pl.w_hr.data + u0, pl.w_hr.ld, T(0),
+                        scratch.tile_hr, ldt_hr);
+        backward_units<Cell, T, true>(pl, t, sh, saved_t, nullptr, pl.cs.at(prev), nullptr, pl.cs.at(next),
+                                      nullptr, nullptr, scratch.tile_hr, ldt_hr);
+      }
+    } else if (busy) {
+      norm_sq = backward_units<Cell, T, false>(pl, t, sh, saved_t, pl.hs.at(prev), pl.cs.at(prev),
+                                               pl.hs.at(next), pl.cs.at(next), dh, dh_other);
+    }
     if (busy && bias_sums) {
       add_column_sums<G>(pl.dgx + t * B * gh_width, H, sh, bias_sums);
       if constexpr (Cell::kSplitRecurrentGrad)
@@ -564,7 +674,7 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     }
     pl.dh_norm_partial[rank * pl.norm_stride + t] = norm_sq;
     if (pl.exchange_state) barrier.wait();  // every rank's gate gradients of step t are written
-    if (busy) {
+    if (busy_outputs) {
       const T* dgh_rows = pl.dgh + (t * B + sh.b0) * gh_width;
       if (pl.exchange_state) prefetch_lines(dgh_rows, rows * gh_width);
       if (i + 1 < pl.steps) {  // the next step's tape and dy, while this step's GEMM runs
@@ -573,42 +683,51 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         if (pl.saved)
           prefetch_block_l2(pl.saved + t_next * saved_step + sh.b0 * Cell::kSaved * H + u0,
                             rows * Cell::kSaved, H, units);
-        prefetch_block_l2(pl.hs.at(prev_next) + sh.b0 * H + u0, rows, H, units);
+        if constexpr (!kProjected) prefetch_block_l2(pl.hs.at(prev_next) + sh.b0 * H + u0, rows, H, units);
         if constexpr (Cell::kHasCellState) prefetch_block_l2(pl.cs.at(prev_next) + sh.b0 * H + u0, rows, H, units);
-        if (pl.dy.ld > 0) prefetch_block_l2(pl.dy.row(t_next * B + sh.b0) + u0, rows, pl.dy.ld, units);
+        if (pl.dy.ld > 0) prefetch_block_l2(pl.dy.row(t_next * B + sh.b0) + sh.o0, rows, pl.dy.ld, outputs);
       }
       if (pl.pack_weights)
         panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt,
                       panel_order(i));
       else
-        blas::gemm<T>(false, false, rows, units, gh_width, T(1), dgh_rows, gh_width, pl.w_hh.data + u0,
+        blas::gemm<T>(false, false, rows, outputs, gh_width, T(1), dgh_rows, gh_width, pl.w_hh.data + sh.o0,
                       pl.w_hh.ld, T(0), scratch.tile, ldt);
       for (Index b = sh.b0; b < sh.b1; ++b) {
-        T* __restrict out = dh_other + b * H + u0;
+        T* __restrict out = dh_other + b * R + sh.o0;
         const T* __restrict add = scratch.tile + (b - sh.b0) * ldt;
-        for (Index j = 0; j < units; ++j) out[j] += add[j];
+        for (Index j = 0; j < outputs; ++j) out[j] += add[j];
       }
     }
     std::swap(dh, dh_other);
   }
-  if (busy) {
-    if (pl.dh0) copy_share(pl.dh0, state_rows<const T>(dh, H), sh);
-    if constexpr (Cell::kHasCellState)
-      if (pl.dc0) copy_share(pl.dc0, state_rows<const T>(pl.dc, H), sh);
-  }
+  if (busy_outputs && pl.dh0) copy_h_share(pl.dh0, state_rows<const T>(dh, R), sh);
+  if constexpr (Cell::kHasCellState)
+    if (busy && pl.dc0) copy_c_share(pl.dc0, state_rows<const T>(pl.dc, H), sh);
   // The weight-gradient GEMMs that may follow in the same job read every rank's gate gradients; with
   // whole rows per rank no step ended at a barrier yet.
   if (!pl.exchange_state) barrier.wait();
 }
 
+// The projected variants are compiled only for cells that take a projection.
 template <typename T>
 void forward_entry(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
-  with_cell(plan.cell, [&](auto cell) { forward_rank<decltype(cell), T>(plan, rank, barrier); });
+  with_cell(plan.cell, [&](auto cell) {
+    using Cell = decltype(cell);
+    if constexpr (Cell::kProjection)
+      if (plan.proj > 0) return forward_rank<Cell, T, true>(plan, rank, barrier);
+    forward_rank<Cell, T, false>(plan, rank, barrier);
+  });
 }
 
 template <typename T>
 void backward_entry(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
-  with_cell(plan.cell, [&](auto cell) { backward_rank<decltype(cell), T>(plan, rank, barrier); });
+  with_cell(plan.cell, [&](auto cell) {
+    using Cell = decltype(cell);
+    if constexpr (Cell::kProjection)
+      if (plan.proj > 0) return backward_rank<Cell, T, true>(plan, rank, barrier);
+    backward_rank<Cell, T, false>(plan, rank, barrier);
+  });
 }
 
 template <typename T>

@@ -25,8 +25,8 @@ namespace {
 // cost a visible share of a training step (see bench/NOTES.md, "Figures behind the code", scratch). Each buffer a call needs has its own ScratchSlot. Only the calling
 // thread allocates; team jobs never do.
 enum class ScratchSlot {
-  kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kNormPartial, kBiasGradPartial, kWeightGradPartial,
-  kCount
+  kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kGradOutputs, kNormPartial, kBiasGradPartial,
+  kWeightGradPartial, kCount
 };
 
 template <typename T>
@@ -65,44 +65,59 @@ std::pair<Index, Index> share(Index n, int ranks, int r) {
   return {n * r / ranks, n * (r + 1) / ranks};
 }
 
-// Each rank's share of a step. By rows: even ranges of batch rows, all units. By units: all rows and a
-// contiguous range of hidden units whose boundaries fall on 64-byte lines, so no two ranks write one
-// cache line of a state row.
+// Each rank's share of a step. By rows: even ranges of batch rows, all units and state columns. By
+// units: all rows and a contiguous range of hidden units (and, with a projection, of the state's P
+// columns) whose boundaries fall on 64-byte lines, so no two ranks write one cache line of a row.
 template <typename T>
-std::vector<RankShare> rank_shares(Index batch, Index hidden, const LayerSplit& split) {
+std::vector<RankShare> rank_shares(Index batch, Index hidden, Index state_size, const LayerSplit& split) {
   constexpr Index align = 64 / sizeof(T);
   std::vector<RankShare> shares(static_cast<std::size_t>(split.ranks));
   for (int r = 0; r < split.ranks; ++r) {
     if (split.by_rows) {
       const auto [b0, b1] = share(batch, split.ranks, r);
-      shares[r] = {b0, b1, 0, hidden};
+      shares[r] = {b0, b1, 0, hidden, 0, state_size};
       continue;
     }
-    auto boundary = [&](int q) {
-      const Index even = hidden * q / split.ranks;
-      return q == split.ranks ? hidden : std::min(hidden, (even + align / 2) / align * align);
+    auto boundary = [&](Index n, int q) {
+      const Index even = n * q / split.ranks;
+      return q == split.ranks ? n : std::min(n, (even + align / 2) / align * align);
     };
-    shares[r] = {0, batch, boundary(r), boundary(r + 1)};
+    shares[r] = {0, batch, boundary(hidden, r), boundary(hidden, r + 1), boundary(state_size, r),
+                 boundary(state_size, r + 1)};
   }
   return shares;
 }
 
-// Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries.
-// `input_depth` > 0: also those for projecting x inside the steps (packed W_ih, its tile, the bias).
-template <typename T>
-std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width, Index depth,
-                                         bool gate_columns, int gates, Index input_depth) {
+// The weight panels a rank multiplies by in each step: `depth` rows of `columns` columns (rounded up to
+// whole panels by rank_scratch); depth 0: none.
+struct PanelShape {
+  Index depth = 0, columns = 0;
+};
+
+// Of one rank: its recurrent weights (W_hh), those for projecting x inside the steps (W_ih, with the
+// bias in its column order) and those of a projection (W_hr).
+struct RankPanels {
+  PanelShape recurrent, input, projection;
+};
+
+// Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries:
+// for each shape of `panels_of(share)` with depth > 0, the packed panels and a (rows, columns) tile.
+template <typename T, typename PanelsOf>
+std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width,
+                                         const PanelsOf& panels_of) {
   constexpr Index align = 64 / sizeof(T);
   auto round_up = [](Index n, Index m) { return (n + m - 1) / m * m; };
   const std::size_t ranks = shares.size();
-  std::vector<Index> columns(ranks);
+  std::vector<RankPanels> panels(ranks);
   Index total = 0;
   for (std::size_t r = 0; r < ranks; ++r) {
-    columns[r] = round_up((gate_columns ? gates : 1) * shares[r].units(), panel_width);
-    total += round_up(depth * columns[r], align) + round_up(shares[r].rows() * columns[r], align);
-    if (input_depth > 0)
-      total += round_up(input_depth * columns[r], align) + round_up(shares[r].rows() * columns[r], align) +
-               round_up(columns[r], align);
+    panels[r] = panels_of(shares[r]);
+    for (PanelShape* p : {&panels[r].recurrent, &panels[r].input, &panels[r].projection}) {
+      p->columns = round_up(p->columns, panel_width);
+      if (p->depth > 0)
+        total += round_up(p->depth * p->columns, align) + round_up(shares[r].rows() * p->columns, align);
+    }
+    if (panels[r].input.depth > 0) total += round_up(panels[r].input.columns, align);
   }
   T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align);
   base += (align - (reinterpret_cast<std::uintptr_t>(base) / sizeof(T)) % align) % align;
@@ -113,12 +128,18 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
   };
   std::vector<RankScratch<T>> out(ranks);
   for (std::size_t r = 0; r < ranks; ++r) {
-    out[r].packed = carve(depth * columns[r]);
-    out[r].tile = carve(shares[r].rows() * columns[r]);
-    if (input_depth > 0) {
-      out[r].packed_ih = carve(input_depth * columns[r]);
-      out[r].tile_x = carve(shares[r].rows() * columns[r]);
-      out[r].bias_x = carve(columns[r]);
+    const RankPanels& p = panels[r];
+    const Index rows = shares[r].rows();
+    out[r].packed = carve(p.recurrent.depth * p.recurrent.columns);
+    out[r].tile = carve(rows * p.recurrent.columns);
+    if (p.input.depth > 0) {
+      out[r].packed_ih = carve(p.input.depth * p.input.columns);
+      out[r].tile_x = carve(rows * p.input.columns);
+      out[r].bias_x = carve(p.input.columns);
+    }
+    if (p.projection.depth > 0) {
+      out[r].packed_hr = carve(p.projection.depth * p.projection.columns);
+      out[r].tile_hr = carve(rows * p.projection.columns);
     }
   }
   return out;
@@ -142,13 +163,16 @@ void require_blas_range(std::initializer_list<Index> dims) {
 bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
   const ProjectionPreference preference = projection_preference();
   if (preference != ProjectionPreference::kAuto) return preference == ProjectionPreference::kInSteps;
-  const double weight_bytes = static_cast<double>(cell_facts(cell).gates) * s.hidden * (s.input + s.hidden) * value_bytes;
+  const double weight_bytes =
+      (static_cast<double>(cell_facts(cell).gates) * s.hidden * (s.input + s.state_size()) + s.proj * s.hidden) *
+      value_bytes;
   return split.by_rows && s.steps >= kMinStepsToPack && weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
 }
 
-// The team layout of one call: the split, each rank's share and scratch. `depth` and `gate_columns`
-// give the packed panels' shape (forward: H deep, G*units columns; backward: G*H deep, units columns).
-// `input` > 0 (forward): decide whether the ranks project x inside the steps.
+// The team layout of one call: the split, each rank's share and scratch. The packed panels: forward,
+// W_hh R deep by G*units columns (W_ih the same I deep where x is projected inside the steps, W_hr H
+// deep by the rank's state columns); backward, W_hh G*H deep by the rank's state columns (W_hr P
+// deep by its units).
 template <typename T>
 struct TeamLayout {
   LayerSplit split;
@@ -158,29 +182,43 @@ struct TeamLayout {
 };
 
 template <typename T>
-TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, Index depth,
-                          bool gate_columns, Index input = 0) {
-  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), team.size());
-  const bool project = input > 0 && project_in_steps(cell, s, split, sizeof(T));
-  std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, split);
-  std::vector<RankScratch<T>> buffers =
-      rank_scratch<T>(shares, panel_width, depth, gate_columns, cell_facts(cell).gates, project ? input : 0);
+TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, bool forward) {
+  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), team.size(), s.proj);
+  const bool project = forward && project_in_steps(cell, s, split, sizeof(T));
+  const Index gates = cell_facts(cell).gates, state = s.state_size();
+  std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, state, split);
+  std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, [&](const RankShare& sh) {
+    RankPanels p;
+    if (forward) {
+      p.recurrent = {state, gates * sh.units()};
+      if (project) p.input = {s.input, gates * sh.units()};
+      if (s.proj > 0) p.projection = {s.hidden, sh.outputs()};
+    } else {
+      p.recurrent = {gates * s.hidden, sh.outputs()};
+      if (s.proj > 0) p.projection = {s.proj, sh.units()};
+    }
+    return p;
+  });
   return {split, std::move(shares), std::move(buffers), project};
 }
 
 template <typename T>
 void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const Index* lengths, Rows<const T> w_hh,
-                 T cell_clip, const LayerTape<T>& tape, const TeamLayout<T>& layout) {
+                 Rows<const T> w_hr, T cell_clip, const LayerTape<T>& tape, const TeamLayout<T>& layout) {
   plan.cell = cell;
   plan.steps = s.steps;
   plan.batch = s.batch;
   plan.hidden = s.hidden;
+  plan.proj = s.proj;
+  plan.state_size = s.state_size();
   plan.lengths = lengths;
   plan.reverse = s.reverse;
   plan.w_hh = w_hh;
+  plan.w_hr = w_hr;
   plan.cell_clip = cell_clip;
-  plan.hs = {tape.hs, s.batch * s.hidden, tape.training};
+  plan.hs = {tape.hs, s.batch * s.state_size(), tape.training};
   plan.cs = {tape.cs, s.batch * s.hidden, tape.training};
+  plan.rs = tape.rs;
   plan.shares = layout.shares.data();
   plan.exchange_state = !layout.split.by_rows && layout.split.ranks > 1;
   plan.scratch = layout.buffers.data();
@@ -308,7 +346,8 @@ ProjectionPreference projection_preference() { return preferred<ProjectionPrefer
 void set_weight_grad_preference(WeightGradPreference preference) { preferred<WeightGradPreference>.store(preference); }
 WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
 
-LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads) {
+LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads,
+                       Index proj) {
   // The measurements behind each constant: see bench/NOTES.md, "Figures behind the code", layer split.
   // A second rank pays once a step has enough flops: its half of W_hh stays in L1 instead of the whole
   // streaming from L2 each step.
@@ -323,9 +362,12 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   constexpr Index kMinRowsPerRank = 2;
   constexpr Index kMinRowsPerRankOverUnits = 4;
   constexpr Index kMinRowsToStreamWeights = 32;
-  const double step_flops = 2.0 * static_cast<double>(batch) * hidden * cell_facts(cell).gates * hidden;
+  // A projection's W_hr (P, H) joins W_hh, which is then (G*H, P).
+  const double state = static_cast<double>(proj > 0 ? proj : hidden);
+  const double weight_values = (cell_facts(cell).gates * state + static_cast<double>(proj)) * hidden;
+  const double step_flops = 2.0 * static_cast<double>(batch) * weight_values;
   if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
-  const double weight_bytes = static_cast<double>(cell_facts(cell).gates) * hidden * hidden * value_bytes;
+  const double weight_bytes = weight_values * value_bytes;
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
   const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
@@ -364,29 +406,39 @@ void run_phases(TeamLease& tm, int gemm_ranks, int ranks, bool gemms_first, cons
   if (!gemms_first) tm.run(gemm_ranks, [&](int rank) { gemms(rank, gemm_ranks); });
 }
 
+// A projection needs a cell that takes one (cells.h) and 0 < P < H; the callers check it with their own
+// messages, so this is a precondition.
+void require_projection_fits(CellKind cell, const LayerShape& s) {
+  if (s.proj != 0 && (!cell_facts(cell).projection || s.proj < 0 || s.proj >= s.hidden))
+    throw std::invalid_argument("fusedrnn: a projection needs an LSTM and 0 < proj < hidden");
+}
+
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& a) {
   const LayerShape& s = a.shape;
-  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden;
+  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden, proj = s.proj;
+  const Index state = s.state_size();
   const int gates = cell_facts(a.cell).gates;
   const Index gh_width = gates * hidden, rows = steps * batch;
+  require_projection_fits(a.cell, s);
   require_blas_range({rows, gh_width, input, hidden});
 
   // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
   Staging<T> st;
   const Rows<const T> x = st.in(a.x, steps, batch, input);
   const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
-  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, hidden);
+  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, state);
+  const Rows<const T> w_hr = proj > 0 ? st.in(a.weights.w_hr, proj, hidden) : Rows<const T>{};
   std::vector<Index> lengths_copy;
   const Index* lengths = st.in(s.lengths, batch, lengths_copy);
   std::vector<T> b_ih_copy, b_hh_copy;
   const T* b_ih = st.in(a.weights.b_ih, gh_width, b_ih_copy);
   const T* b_hh = st.in(a.weights.b_hh, gh_width, b_hh_copy);
-  const Rows<T> y = st.out(a.y, steps, batch, hidden, false);
+  const Rows<T> y = st.out(a.y, steps, batch, state, false);
 
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   TeamLease tm = team().lease();  // the plan below holds for every job of this call
-  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, hidden, true, input);
+  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, true);
   const int ranks = layout.split.ranks;
 
   // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
@@ -403,18 +455,18 @@ void layer_forward(const LayerForwardParams<T>& a) {
   T* gx = up_front ? scratch<T>(ScratchSlot::kGatesX, rows * gh_width) : nullptr;
 
   ForwardPlan<T> plan;
-  fill_common(plan, a.cell, s, lengths, w_hh, a.cell_clip, a.tape, layout);
+  fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
   plan.gx = gx;
   plan.x = x;
   plan.input = input;
   plan.w_ih = w_ih;
   plan.gx_bias = gx_bias.data();
   plan.b_hh = b_hh ? b_hh : zero_bias.data();
-  plan.h0 = st.in(a.h0, batch, hidden);
+  plan.h0 = st.in(a.h0, batch, state);
   plan.c0 = st.in(a.c0, batch, hidden);
   plan.saved = a.tape.saved;
   plan.y = y;
-  plan.h_n = st.out(a.h_n, batch, hidden, false);
+  plan.h_n = st.out(a.h_n, batch, state, false);
   plan.c_n = st.out(a.c_n, batch, hidden, false);
 
   const int gemm_ranks =
@@ -445,7 +497,7 @@ bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t
   const WeightGradPreference preference = weight_grad_preference();
   if (preference != WeightGradPreference::kAuto) return preference == WeightGradPreference::kRows;
   const double partial_bytes =
-      static_cast<double>(ranks - 1) * gates * s.hidden * (s.input + s.hidden) * value_bytes;
+      static_cast<double>(ranks - 1) * gates * s.hidden * (s.input + s.state_size()) * value_bytes;
   return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes());
 }
 
@@ -454,35 +506,42 @@ bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& a) {
   const LayerShape& s = a.shape;
-  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden;
+  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden, proj = s.proj;
+  const Index width = s.state_size();  // R
   const CellFacts& facts = cell_facts(a.cell);
   const int gates = facts.gates;
-  const Index gh_width = gates * hidden, rows = steps * batch, state = batch * hidden;
+  const Index gh_width = gates * hidden, rows = steps * batch;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
+  require_projection_fits(a.cell, s);
   require_blas_range({rows, gh_width, input, hidden});
 
   // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
   Staging<T> st;
   const Rows<const T> x = st.in(a.x, steps, batch, input);
   const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
-  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, hidden);
+  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, width);
+  const Rows<const T> w_hr = proj > 0 ? st.in(a.weights.w_hr, proj, hidden) : Rows<const T>{};
   std::vector<Index> lengths_copy;
   const Index* lengths = st.in(s.lengths, batch, lengths_copy);
-  const Rows<const T> dy = st.in(a.dy, steps, batch, hidden);
+  const Rows<const T> dy = st.in(a.dy, steps, batch, width);
   const Rows<T> dx = st.out(a.dx, steps, batch, input, a.accumulate_dx);
   const Rows<T> dw_ih = st.out(a.dw_ih, gh_width, input, true);
-  const Rows<T> dw_hh = st.out(a.dw_hh, gh_width, hidden, true);
+  const Rows<T> dw_hh = st.out(a.dw_hh, gh_width, width, true);
+  const Rows<T> dw_hr = proj > 0 ? st.out(a.dw_hr, proj, hidden, true) : Rows<T>{};
   T* const db_ih = a.db_ih.data;
   T* const db_hh = a.db_hh.data;
   const Index db_ih_stride = a.db_ih.stride, db_hh_stride = a.db_hh.stride;
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   TeamLease tm = team().lease();  // the plan below holds for every job of this call
-  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, gh_width, false);
+  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, false);
   const int ranks = layout.split.ranks;
 
   T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
   T* dgh = facts.split_recurrent_grad ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
-  T* grad_state = scratch<T>(ScratchSlot::kGradState, (facts.has_cell_state ? 3 : 2) * state);
+  const Index dh_values = 2 * batch * width;
+  T* grad_state =
+      scratch<T>(ScratchSlot::kGradState, dh_values + (facts.has_cell_state ? batch * hidden : 0));
+  T* dhs = proj > 0 ? scratch<T>(ScratchSlot::kGradOutputs, rows * proj) : nullptr;
   const Index norm_stride = (steps + 7) / 8 * 8;
   double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
   const bool bias_grads = db_ih || db_hh;
@@ -491,19 +550,20 @@ void layer_backward(const LayerBackwardParams<T>& a) {
   double* bias_partial =
       bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
   std::vector<T> zero_row;
-  if (!dy) zero_row.assign(static_cast<std::size_t>(hidden), T(0));
+  if (!dy) zero_row.assign(static_cast<std::size_t>(width), T(0));
 
   BackwardPlan<T> plan;
-  fill_common(plan, a.cell, s, lengths, w_hh, a.cell_clip, a.tape, layout);
+  fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
   plan.saved = a.tape.saved;
   plan.dy = dy ? dy : Rows<const T>{zero_row.data(), 0};
-  plan.dh_n = st.in(a.dh_n, batch, hidden);
+  plan.dh_n = st.in(a.dh_n, batch, width);
   plan.dc_n = st.in(a.dc_n, batch, hidden);
   plan.dgx = dgx;
   plan.dgh = dgh;
   plan.dh = grad_state;
-  plan.dc = facts.has_cell_state ? grad_state + 2 * state : nullptr;
-  plan.dh0 = st.out(a.dh0, batch, hidden, false);
+  plan.dc = facts.has_cell_state ? grad_state + dh_values : nullptr;
+  plan.dhs = dhs;
+  plan.dh0 = st.out(a.dh0, batch, width, false);
   plan.dc0 = st.out(a.dc0, batch, hidden, false);
   plan.dh_norm_partial = norm_partial;
   plan.norm_stride = norm_stride;
@@ -512,8 +572,9 @@ void layer_backward(const LayerBackwardParams<T>& a) {
 
   // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
   const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
-  const int gemm_ranks = std::max(ranks, gemm_threads(2.0 * rows * gh_width * (2 * input + hidden), tm.size()));
-  const Index weight_values = gh_width * (input + hidden);
+  const double gemm_flops = 2.0 * rows * (gh_width * (2 * input + width) + static_cast<double>(proj) * hidden);
+  const int gemm_ranks = std::max(ranks, gemm_threads(gemm_flops, tm.size()));
+  const Index weight_values = gh_width * (input + width);
   const bool grads_by_rows = weight_grads_by_rows(s, gates, gemm_ranks, sizeof(T));
   T* partials =
       grads_by_rows ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks - 1) * weight_values) : nullptr;
@@ -530,21 +591,28 @@ void layer_backward(const LayerBackwardParams<T>& a) {
       // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
       T* const partial = rank == 0 ? nullptr : partials + (rank - 1) * weight_values;
       const Rows<T> into_ih = rank == 0 ? dw_ih : Rows<T>{partial, input};
-      const Rows<T> into_hh = rank == 0 ? dw_hh : Rows<T>{partial + gh_width * input, hidden};
+      const Rows<T> into_hh = rank == 0 ? dw_hh : Rows<T>{partial + gh_width * input, width};
       const T beta = rank == 0 ? T(1) : T(0);
       if (r1 > r0) {
         blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width, x.row(r0),
                       x.ld, beta, into_ih.data, into_ih.ld);
-        blas::gemm<T>(true, false, gh_width, hidden, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
-                      h_prev_rows + r0 * hidden, hidden, beta, into_hh.data, into_hh.ld);
+        blas::gemm<T>(true, false, gh_width, width, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
+                      h_prev_rows + r0 * width, width, beta, into_hh.data, into_hh.ld);
       } else if (rank > 0) {
         std::fill(partial, partial + weight_values, T(0));
       }
     } else {
       blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x.data, x.ld, T(1),
                     dw_ih.row(g0), dw_ih.ld);
-      blas::gemm<T>(true, false, g1 - g0, hidden, rows, T(1), dgh + g0, gh_width, h_prev_rows, hidden,
+      blas::gemm<T>(true, false, g1 - g0, width, rows, T(1), dgh + g0, gh_width, h_prev_rows, width,
                     T(1), dw_hh.row(g0), dw_hh.ld);
+    }
+    // dW_hr += sum over all steps' rows of dh^T r, each rank its share of W_hr's rows.
+    if (proj > 0) {
+      const auto [p0, p1] = share(proj, of, rank);
+      if (p1 > p0)
+        blas::gemm<T>(true, false, p1 - p0, hidden, rows, T(1), dhs + p0, proj, a.tape.rs, hidden, T(1),
+                      dw_hr.row(p0), dw_hr.ld);
     }
     // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
     if (bias_grads)
@@ -565,7 +633,7 @@ void layer_backward(const LayerBackwardParams<T>& a) {
         const T* partial_hh = partial_ih + gh_width * input;
         for (Index g = g0; g < g1; ++g) {
           for (Index i = 0; i < input; ++i) dw_ih.row(g)[i] += partial_ih[g * input + i];
-          for (Index i = 0; i < hidden; ++i) dw_hh.row(g)[i] += partial_hh[g * hidden + i];
+          for (Index i = 0; i < width; ++i) dw_hh.row(g)[i] += partial_hh[g * width + i];
         }
       }
     }

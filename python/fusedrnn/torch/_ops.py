@@ -57,45 +57,48 @@ def _array(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().numpy()
 
 
-# The weights of a layer as separate operator arguments, the reverse direction's None when the layer
-# is unidirectional and the biases None without bias. (Separate tensors rather than a Tensor[]
+# The weights of a layer as separate operator arguments, each direction's torch.nn parameters in
+# _stack.LayerWeights' order: the reverse direction's None when the layer is unidirectional, the biases
+# None without bias, weight_hr None without a projection. (Separate tensors rather than a Tensor[]
 # argument: torch's autograd wrapper flattens and rebuilds list arguments on every call.)
-WEIGHT_SLOTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
-                "weight_ih_reverse", "weight_hh_reverse", "bias_ih_reverse", "bias_hh_reverse")
-SLOTS_PER_DIRECTION = 4
+PARAMETERS = _stack.LayerWeights._fields
+WEIGHT_SLOTS = PARAMETERS + tuple(f"{name}_reverse" for name in PARAMETERS)
+SLOTS_PER_DIRECTION = len(PARAMETERS)
 
 
 def _by_direction(weights):
-    """The (weight_ih, weight_hh, bias_ih, bias_hh) arrays of each direction present, as the driver
-    takes them."""
-    return [tuple(_array(t) for t in weights[d:d + SLOTS_PER_DIRECTION])
+    """The LayerWeights (arrays) of each direction present, as the driver takes them."""
+    return [_stack.LayerWeights(*(_array(t) for t in weights[d:d + SLOTS_PER_DIRECTION]))
             for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION) if weights[d] is not None]
 
 
-def _state_shapes(x, weight_hh, weight_ih_reverse, cell):
-    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell has a cell state."""
+def _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell):
+    """(y, h_n, c_n) shapes of a layer call; c_n is empty unless the cell has a cell state. h has
+    weight_hh's columns (hidden_size, or proj_size with a projection), c hidden_size."""
     steps, batch, _ = x.shape
-    dirs, hidden = 1 if weight_ih_reverse is None else 2, weight_hh.shape[1]
-    state = (dirs, batch, hidden)
-    return (steps, batch, dirs * hidden), state, state if has_cell_state(_checks.cell(cell)) else (0,)
+    dirs, width = 1 if weight_ih_reverse is None else 2, weight_hh.shape[1]
+    hidden = width if weight_hr is None else weight_hr.shape[1]
+    cell_state = (dirs, batch, hidden) if has_cell_state(_checks.cell(cell)) else (0,)
+    return (steps, batch, dirs * width), (dirs, batch, width), cell_state
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
 def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
-              bias_hh: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
+              bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
               weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
-              bias_hh_reverse: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-              lengths: Optional[Tensor], cell: str, record: bool,
+              bias_hh_reverse: Optional[Tensor], weight_hr_reverse: Optional[Tensor], h0: Optional[Tensor],
+              c0: Optional[Tensor], lengths: Optional[Tensor], cell: str, record: bool,
               check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One recurrent layer over a sequence, every direction given weights.
 
-    x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS); h0, c0 (D, B, H) or
-    None (zeros); lengths (B,) integers in [1, T] or None (all T). Returns y (T, B, D*H) (zero past each
-    row's length), h_n (D, B, H), c_n (D, B, H) for a cell with a cell state and an empty tensor
-    otherwise, and a tape handle for rnn_layer_backward (meaningful when `record`). `check_finite`
-    rejects NaN/inf in x, h0 and c0 with a ValueError."""
-    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
-               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
+    x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS; weight_hr (P, H) for an
+    LSTM with a projection); h0 (D, B, R), c0 (D, B, H) or None (zeros), R = P with a projection, else
+    H; lengths (B,) integers in [1, T] or None (all T). Returns y (T, B, D*R) (zero past each row's
+    length), h_n (D, B, R), c_n (D, B, H) for a cell with a cell state and an empty tensor otherwise,
+    and a tape handle for rnn_layer_backward (meaningful when `record`). `check_finite` rejects NaN/inf
+    in x, h0 and c0 with a ValueError."""
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
     xa = np.ascontiguousarray(_array(x))  # the driver's directions read this one copy
     h0a, c0a = _array(h0), _array(c0)
     if check_finite:
@@ -103,7 +106,7 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
             if arr is not None:
                 _checks.finite(name, arr)
     y, h_n, c_n = (torch.empty(shape, dtype=x.dtype)
-                   for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell))
+                   for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
     lens = _checks.lengths(_array(lengths), xa.shape[0], xa.shape[1])
     tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record,
                                  y=y.numpy(), h_n=h_n.numpy(),
@@ -113,42 +116,42 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
 
 
 @rnn_layer.register_fake
-def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse, bias_ih_reverse,
-      bias_hh_reverse, h0, c0, lengths, cell, record, check_finite):
-    return (*(x.new_empty(shape) for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell)),
-            x.new_empty((), dtype=torch.int64))
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse, weight_hh_reverse,
+      bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, h0, c0, lengths, cell, record, check_finite):
+    shapes = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
+    return (*(x.new_empty(shape) for shape in shapes), x.new_empty((), dtype=torch.int64))
 
 
 @torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types="cpu")
 def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
                        weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
                        bias_ih_reverse: Optional[Tensor], bias_hh_reverse: Optional[Tensor],
-                       dy: Optional[Tensor], dh_n: Optional[Tensor], dc_n: Optional[Tensor],
-                       cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
+                       weight_hr_reverse: Optional[Tensor], dy: Optional[Tensor], dh_n: Optional[Tensor],
+                       dc_n: Optional[Tensor], cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
     """Backpropagation through time for one `rnn_layer(..., record=True)`, whose x and weights are
-    passed again for the shapes of the gradients. dy (T, B, D*H), dh_n, dc_n (D, B, H) or None (zero).
-    Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of absent
-    weights are empty tensors."""
+    passed again for the shapes of the gradients. dy (T, B, D*R), dh_n (D, B, R), dc_n (D, B, H) or
+    None (zero). Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of
+    absent weights are empty tensors."""
     tapes = _tapes_of(tape)
-    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
     dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0.numpy(),
                                               dc0=dc0.numpy() if has_cell_state(cell) else None)
     grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
     for d, g in enumerate(per_direction):
-        for k, value in enumerate((g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh)):
+        for k, value in enumerate(getattr(g, name) for name in PARAMETERS):
             if value is not None:
                 grads[d * SLOTS_PER_DIRECTION + k] = torch.from_numpy(value)
     return (torch.from_numpy(dx), dh0, dc0, *grads)
 
 
 @rnn_layer_backward.register_fake
-def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_ih_reverse, weight_hh_reverse,
-      bias_ih_reverse, bias_hh_reverse, dy, dh_n, dc_n, cell):
-    weights = (weight_ih, weight_hh, bias_ih, bias_hh,
-               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse)
-    _, state, cell_state = _state_shapes(x, weight_hh, weight_ih_reverse, cell)
+def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse, weight_hh_reverse,
+      bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, dy, dh_n, dc_n, cell):
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
+    _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     return (x.new_empty(x.shape), x.new_empty(state), x.new_empty(cell_state),
             *(x.new_empty(0) if w is None else w.new_empty(w.shape) for w in weights))
 

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _stack
 from ..functional import CELLS, has_cell_state
-from ._ops import SLOTS_PER_DIRECTION, rnn_layer
+from ._ops import PARAMETERS, rnn_layer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
@@ -36,9 +36,6 @@ class _FusedRNNBase(nn.RNNBase):
     def _check_supported(self) -> None:
         """NotImplementedError for what the fused kernels do not run (instead of running something else)."""
         name = type(self).__name__
-        if self.proj_size != 0:
-            raise NotImplementedError(f"fusedrnn.torch.{name}: proj_size={self.proj_size} is not supported "
-                                      "(only proj_size=0)")
         for weight in self._flat_weights:
             _check_placement(f"fusedrnn.torch.{name} parameters", weight)
 
@@ -56,9 +53,10 @@ class _FusedRNNBase(nn.RNNBase):
     def forward(self, input, hx=None):
         # By name rather than from the _flat_weights cache: torch.func.functional_call and
         # torch.export substitute parameters, and refreshing the cache inside a trace assigns to it.
-        weights = [getattr(self, name) for name in self._flat_weights_names]
-        _check_placement(f"fusedrnn.torch.{type(self).__name__} parameters", weights[0])
-        dtype = weights[0].dtype
+        weights = {name: getattr(self, name) for name in self._flat_weights_names}
+        first = weights[self._flat_weights_names[0]]
+        _check_placement(f"fusedrnn.torch.{type(self).__name__} parameters", first)
+        dtype = first.dtype
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -83,12 +81,12 @@ class _FusedRNNBase(nn.RNNBase):
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
         dirs = 2 if self.bidirectional else 1
-        per_direction = 4 if self.bias else 2
-        per_layer = dirs * per_direction
         grad_on, cell = torch.is_grad_enabled(), self._cell
 
         def run_layer(layer, x, h0_l, c0_l):
-            w = _weight_slots(weights[layer * per_layer:(layer + 1) * per_layer], per_direction)
+            # rnn_layer's weight arguments: each direction's parameters in PARAMETERS' order, None where
+            # the layer has none (no bias, no projection, no reverse direction).
+            w = [weights.get(f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse") for name in PARAMETERS]
             record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, h0_l, c0_l))
             y, h, c, _ = rnn_layer(x, *w, h0_l, c0_l, lengths, cell, record, layer == 0)
             return y, h, c
@@ -115,7 +113,8 @@ class _FusedRNNBase(nn.RNNBase):
         return output, ((h_n, c_n) if self._has_cell_state else h_n)
 
     def _initial_states(self, hx, batch: int, unbatched: bool, dtype):
-        """(h0, c0) as (L*D, B, H) tensors or None, checked against the input."""
+        """(h0, c0) as (L*D, B, R) and (L*D, B, H) tensors or None (R: proj_size with a projection,
+        else hidden_size), checked against the input."""
         if hx is None:
             return None, None
         names = self._state_names()
@@ -126,8 +125,9 @@ class _FusedRNNBase(nn.RNNBase):
         else:
             states = (hx,)
         lead = self.num_layers * (2 if self.bidirectional else 1)
-        want = (lead, self.hidden_size) if unbatched else (lead, batch, self.hidden_size)
-        for name, s in zip(names, states):
+        widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        for name, s, width in zip(names, states, widths):
+            want = (lead, width) if unbatched else (lead, batch, width)
             if not isinstance(s, Tensor):
                 raise TypeError(f"{name}: expected a Tensor, got {type(s).__name__}")
             _check_placement(name, s)
@@ -138,16 +138,6 @@ class _FusedRNNBase(nn.RNNBase):
         if unbatched:
             states = tuple(s.unsqueeze(1) for s in states)
         return states if self._has_cell_state else (states[0], None)
-
-
-def _weight_slots(layer_weights, per_direction: int) -> list:
-    """One layer's weights (torch.nn's order, per_direction each) laid out as rnn_layer's 8 weight
-    arguments, None where the layer has no bias or no reverse direction."""
-    slots = []
-    for start in (0, per_direction):
-        group = list(layer_weights[start:start + per_direction])
-        slots += group + [None] * (SLOTS_PER_DIRECTION - len(group))
-    return slots
 
 
 def _check_placement(name: str, t: Tensor) -> None:
@@ -180,7 +170,7 @@ def _dropout(y: Tensor, p: float, batch_sizes):
 
 
 class LSTM(_FusedRNNBase):
-    """torch.nn.LSTM on fusedrnn's fused CPU kernels (proj_size=0; float32/float64)."""
+    """torch.nn.LSTM on fusedrnn's fused CPU kernels (float32/float64; proj_size too)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
