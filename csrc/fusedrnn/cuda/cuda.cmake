@@ -98,10 +98,11 @@ else()
     endif()
     set_target_properties(fusedrnn_cuda_device PROPERTIES POSITION_INDEPENDENT_CODE ON)
 
+    string(REPLACE ";" "," _architectures "${CMAKE_CUDA_ARCHITECTURES}")
     pybind11_add_module(_cuda MODULE csrc/bindings/cuda_module.cpp)
     target_link_libraries(_cuda PRIVATE fusedrnn_cuda_device)
     target_compile_definitions(_cuda PRIVATE
-      FUSEDRNN_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES}"
+      FUSEDRNN_CUDA_ARCHITECTURES="${_architectures}"
       FUSEDRNN_CUDA_COMPILER_VERSION="${CMAKE_CUDA_COMPILER_VERSION}")
     target_compile_options(_cuda PRIVATE ${FUSEDRNN_WARNINGS})
     # cuBLAS from the nvidia-cublas wheel beside fusedrnn in site-packages, else the loader's path.
