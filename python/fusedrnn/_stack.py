@@ -62,16 +62,17 @@ def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, nu
 
 
 def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, training: bool, y, h_n,
-                  c_n=None, cell_clip=None) -> list:
+                  c_n=None, cell_clip=None, backend: str = "cpu") -> list:
     """One layer, every direction: x (T, B, I); weights [(weight_ih, weight_hh, bias_ih, bias_hh)] one
     per direction; h0, c0 (D, B, H) or None. Writes y (T, B, D*H), h_n and c_n (D, B, H; c_n only for
-    a cell with a cell state) and returns each direction's tape (None when not training)."""
+    a cell with a cell state) and returns each direction's tape (None when not training). `backend`:
+    the core's backend for NumPy arrays (functional._forward)."""
     x = np.ascontiguousarray(x)  # every direction reads one contiguous copy at most
     hidden = y.shape[2] // len(weights)
     tapes = []
     for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         out = _forward(cell, x, w_ih, w_hh, b_ih, b_hh, _at(h0, d), _at(c0, d), lengths, d == 1, training,
-                       direction(y, d, hidden), cell_clip)
+                       direction(y, d, hidden), cell_clip, backend)
         h_n[d] = out.h_n
         if c_n is not None:
             c_n[d] = out.c_n
@@ -117,7 +118,7 @@ class StackGrads(NamedTuple):
 
 
 def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
-            cell_clip=None, dropout: Callable | None = None) -> StackOutput:
+            cell_clip=None, dropout: Callable | None = None, backend: str = "cpu") -> StackOutput:
     """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0, c0 (L*D, B, H) or
     None. `dropout(shape)`, when given, draws the mask that multiplies each layer's output but the
     last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate cache lines."""
@@ -133,7 +134,7 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
         y = _core.aligned_empty((steps, batch, dirs * hidden), x.dtype)
         tapes.append(forward_layer(cell, layer_input, weights[layer], h0_l, c0_l, lengths=lengths,
                                    training=training, y=y, h_n=h_n[rows], c_n=_at(c_n, rows),
-                                   cell_clip=cell_clip))
+                                   cell_clip=cell_clip, backend=backend))
         return y, None, None
 
     def drop(layer, y):

@@ -70,11 +70,13 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
 
 
 def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
-             cell_clip) -> LayerOutput:
+             cell_clip, backend="cpu") -> LayerOutput:
     """layer_forward on arguments its checks have passed: x a 3-D ndarray, lengths int64 (B,) or None
-    (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes."""
+    (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes.
+    `backend` "emulated_device" runs the CUDA backend's device code on the host (tests); the tape's
+    backward runs on the backend its forward ran on."""
     return LayerOutput(*_core.layer_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
-                                            lengths, reverse, training, out, cell_clip))
+                                            lengths, reverse, training, out, cell_clip, backend))
 
 
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
