@@ -197,5 +197,8 @@ def test_info_via_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True).stdout
     info = fusedrnn.build_info()
     assert f"fusedrnn {info['version']}" in out and f"SIMD: {info['simd']}" in out
-    assert "CUDA: not compiled in" in out and info["blas"] in out
+    cuda = info["cuda"]
+    cuda_line = ("CUDA: not built" if not cuda["built"] else
+                 "CUDA: built, does not load" if not cuda["loaded"] else f"CUDA: built for sm {cuda['architectures']}")
+    assert cuda_line in out and info["blas"] in out
     assert "Benchmark peers available: fusedrnn, numpy" in out

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _device
 from .functional import LayerGrads, _backward, _forward, has_cell_state
 
 
@@ -67,7 +67,7 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
     per direction; h0, c0 (D, B, H) or None. Writes y (T, B, D*H), h_n and c_n (D, B, H; c_n only for
     a cell with a cell state) and returns each direction's tape (None when not training). `backend`:
     the core's backend for NumPy arrays (functional._forward)."""
-    x = np.ascontiguousarray(x)  # every direction reads one contiguous copy at most
+    x = _device.ascontiguous(x)  # every direction reads one contiguous host copy at most
     hidden = y.shape[2] // len(weights)
     tapes = []
     for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
@@ -125,13 +125,13 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
     steps, batch, _ = x.shape
     num_layers, dirs = len(weights), len(weights[0])
     hidden = weights[0][0][1].shape[1]
-    h_n = np.empty((num_layers * dirs, batch, hidden), x.dtype)
-    c_n = np.empty_like(h_n) if has_cell_state(cell) else None
+    h_n = _device.empty(x, (num_layers * dirs, batch, hidden))
+    c_n = _device.empty(x, h_n.shape) if has_cell_state(cell) else None
     tapes, masks = [], [None] * (num_layers - 1)
 
     def run_layer(layer, layer_input, h0_l, c0_l):
         rows = layer_rows(layer, dirs)
-        y = _core.aligned_empty((steps, batch, dirs * hidden), x.dtype)
+        y = _device.empty(x, (steps, batch, dirs * hidden), aligned=True)
         tapes.append(forward_layer(cell, layer_input, weights[layer], h0_l, c0_l, lengths=lengths,
                                    training=training, y=y, h_n=h_n[rows], c_n=_at(c_n, rows),
                                    cell_clip=cell_clip, backend=backend))
@@ -146,15 +146,21 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
     return StackOutput(y, h_n, c_n, tapes, masks)
 
 
+def _tape_input(tape):
+    """An array of the tape's dtype on its device, for new arrays beside it."""
+    return tape.arrays["x"] if hasattr(tape, "arrays") else np.empty(0, tape.dtype)
+
+
 def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads) -> StackGrads:
     """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*H), dh_n and dc_n
     (L*D, B, H) or None (zero). `grads[layer][direction]` (weight_ih, weight_hh, bias_ih, bias_hh)
     are added into."""
     num_layers, dirs = len(tapes), len(tapes[0])
     steps, batch, _, hidden = tapes[0][0].shape
-    dh0 = np.empty((num_layers * dirs, batch, hidden), tapes[0][0].dtype)
-    dc0 = np.empty_like(dh0) if has_cell_state(tapes[0][0].cell) else None
-    dh_norm = np.empty((num_layers * dirs, steps))
+    like = _tape_input(tapes[0][0])
+    dh0 = _device.empty(like, (num_layers * dirs, batch, hidden))
+    dc0 = _device.empty(like, dh0.shape) if has_cell_state(tapes[0][0].cell) else None
+    dh_norm = _device.empty(like, (num_layers * dirs, steps), "float64")
     grad_out = dy
     for layer in reversed(range(num_layers)):
         rows = layer_rows(layer, dirs)

@@ -186,7 +186,13 @@ def _info(args) -> int:
     print(f"fusedrnn {info['version']}")
     print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
           f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
-    print(f"  CUDA: {'compiled in' if info['cuda'] else 'not compiled in'}")
+    cuda = info["cuda"]
+    if not cuda["built"]:
+        print("  CUDA: not built (FUSEDRNN_CUDA=ON at build time builds it, or says why it cannot)")
+    elif not cuda["loaded"]:
+        print(f"  CUDA: built, does not load: {cuda['error']}")
+    else:
+        print(f"  CUDA: built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), {cuda['devices']} device(s)")
     print(f"  BLAS: {info['blas']}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")
