@@ -190,6 +190,8 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
   if (!lengths.is_none())
     p.shape.lengths =
         view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
+  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data)
+    throw py::value_error("x, weight_ih, weight_hh: required");
   p.y = arr.template out<fusedrnn::View3<T>>(y, "y", {T_, B, H});
   p.h_n = arr.template out<fusedrnn::View2<T>>(h_n, "h_n", {B, H});
   p.c_n = arr.template out<fusedrnn::View2<T>>(c_n, "c_n", {B, H});
@@ -253,6 +255,8 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
     if (T_ > 1 && norms.strides[0] != 1) throw py::value_error("dh_norm: must be contiguous");
     p.dh_norm = static_cast<double*>(norms.data);
   }
+  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data || !p.tape.hs)
+    throw py::value_error("x, weight_ih, weight_hh, hs: required");
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::backward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream)); });
