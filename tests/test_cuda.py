@@ -81,6 +81,14 @@ def test_mixed_devices_are_refused_by_argument_name(rng):
         F.layer_forward("lstm", _OnDevice(8, 0), *(_OnDevice(8, 0) for _ in w))
 
 
+def test_modules_refuse_states_on_another_device(rng):
+    lstm = fusedrnn.LSTM(2, 2)
+    with pytest.raises(ValueError, match=r"h0: on cpu, but x is on cuda:0"):
+        lstm(_OnDevice(2, 0), (np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"hx: on cuda:1, but x is on cpu"):
+        fusedrnn.GRU(2, 2)(np.zeros((2, 2, 2), np.float32), _OnDevice(2, 1))
+
+
 def test_cuda_info_says_what_was_built():
     info = fusedrnn.cuda_info()
     assert info == fusedrnn.build_info()["cuda"]
@@ -276,3 +284,54 @@ def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
     hx = (t["h0"][None], t["c0"][None]) if cell == "lstm" else t["h0"][None]
     y_cudnn, _ = module(t["x"], hx)
     assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN")
+
+
+@needs_cupy
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_module_matches_numpy_module(rng, cell):
+    """A NumPy-API module fed CuPy arrays: CuPy results, and the same outputs, gradients (added into
+    the host's `grads`), dropout masks and gradient norms as the same module fed NumPy arrays."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, batch_first=True, dtype=np.float64, seed=5)
+    on_host, on_gpu = (fusedrnn.modules.make_module(cell, 6, 8, **kwargs) for _ in range(2))
+    x = rng.standard_normal((4, 7, 6))
+    lengths = random_lengths(rng, 7, 4)
+    y_host, _ = on_host(x, lengths=lengths)
+    y_gpu, _ = on_gpu(cp.asarray(x), lengths=lengths)
+    assert isinstance(y_gpu, cp.ndarray)
+    assert_close(cp.asnumpy(y_gpu), y_host, np.float64, "y")
+    dy = rng.standard_normal(y_host.shape)
+    dx_host, _ = on_host.backward(dy)
+    dx_gpu, _ = on_gpu.backward(cp.asarray(dy))
+    assert isinstance(dx_gpu, cp.ndarray)
+    assert_close(cp.asnumpy(dx_gpu), dx_host, np.float64, "dx")
+    for name, g in on_host.grads.items():
+        assert isinstance(on_gpu.grads[name], np.ndarray)
+        assert_close(on_gpu.grads[name], g, np.float64, name)
+    assert_close(on_gpu.hidden_grad_norms, on_host.hidden_grad_norms, np.float64, "hidden_grad_norms")
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_dropin_on_cuda_matches_torch_nn(rng, cell):
+    torch = torch_cuda
+    import fusedrnn.torch as frt
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+    extra = {} if kind is not torch.nn.RNN else {"nonlinearity": cell.split("_")[1]}
+    reference = kind(6, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64, **extra)
+    fused = frt.convert(kind(6, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64, **extra))
+    fused.load_state_dict(reference.state_dict())
+    fused.cuda()
+    x = torch.from_numpy(rng.standard_normal((4, 7, 6)))
+    x_gpu = x.cuda().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    y, _ = fused(x_gpu)
+    y_ref, _ = reference(x_ref)
+    assert y.is_cuda
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close(_to_host(y), y_ref.detach().numpy(), np.float64, "y")
+    assert_close(_to_host(x_gpu.grad), x_ref.grad.numpy(), np.float64, "dx")
+    for (name, p), (_, p_ref) in zip(fused.named_parameters(), reference.named_parameters()):
+        assert_close(_to_host(p.grad), p_ref.grad.numpy(), np.float64, name)
+    with pytest.raises(ValueError, match="on cpu, but input is on cuda:0"):
+        fused.cpu()(x.cuda())

@@ -92,6 +92,18 @@ class _Torch:
 _libraries: dict = {}
 
 
+def as_cupy(a):
+    """A CUDA array as a CuPy array over the same memory (the NumPy-API modules' device arrays)."""
+    if "cupy" not in _libraries:
+        _libraries["cupy"] = _CuPy()
+    return _libraries["cupy"].adopt(a)
+
+
+def to_device(like, host):
+    """A host array copied to `like`'s device, as `like`'s library's array (None stays None)."""
+    return None if host is None else library_of(like).from_host(like, np.ascontiguousarray(host))
+
+
 def library_of(a):
     """The array library that allocates beside `a`: torch for torch tensors, else CuPy."""
     torch = sys.modules.get("torch")

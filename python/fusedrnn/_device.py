@@ -72,6 +72,26 @@ def empty(like, shape, dtype=None, *, aligned: bool = False):
     return _cuda_layer.library_of(like).empty(like, shape, dtype)
 
 
+def zeros(like, shape):
+    """Zeros of `shape` and `like`'s dtype on `like`'s device."""
+    if not is_cuda(like):
+        return np.zeros(shape, like.dtype)
+    from . import _cuda_layer
+    return _cuda_layer.library_of(like).zeros(like, shape)
+
+
+def to_host(a):
+    """A device array copied to a NumPy array (waits for it); anything else as it is."""
+    if not is_cuda(a):
+        return a
+    if hasattr(a, "get"):  # CuPy
+        return a.get()
+    if hasattr(a, "cpu"):  # torch
+        return a.detach().cpu().numpy()
+    from . import _cuda_layer
+    return _cuda_layer.as_cupy(a).get()
+
+
 def ascontiguous(a):
     """A C-contiguous host array, or a device array as it is (the CUDA backend reads any strides)."""
     return a if is_cuda(a) else np.ascontiguousarray(a)
