@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
     bench.add_argument("--peers", nargs="+", default=None,
                        help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="cpu (default) or cuda: the CUDA peers (fusedrnn-cuda, torch-cudnn with TF32 off "
+                            "and on, fusedrnn.torch-cuda) on the current GPU")
     bench.add_argument("--threads", type=_positive_int, default=2)
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
@@ -144,7 +147,8 @@ def _parse_shape(text: str) -> tuple:
 
 
 def _bench(args) -> int:
-    peers = benchmark.check_peers(args.peers if args.peers else benchmark.available_peers())
+    peers = benchmark.check_peers(args.peers if args.peers else benchmark.available_peers(args.device),
+                                  args.device)
     if args.set and (args.cell or args.shape):
         raise ValueError("set: give either --set or --cell/--shape, not both")
     if args.cell or args.shape:
