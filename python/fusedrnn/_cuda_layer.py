@@ -129,10 +129,24 @@ class CudaTape:
         return sum(int(a.nbytes) for k in ("hs", "cs", "saved") if (a := self.arrays[k]) is not None)
 
 
+_recurrence = "auto"
+
+
+def set_recurrence(path: str) -> str:
+    """Tests and benchmarks: how forward runs the recurrence from now on, "auto" (the default: the
+    persistent kernel for small batches where it fits), "per_step" or "persistent" (where it fits).
+    Returns the previous setting."""
+    global _recurrence
+    if path not in ("auto", "per_step", "persistent"):
+        raise ValueError(f"path: expected 'auto', 'per_step' or 'persistent', got {path!r}")
+    previous, _recurrence = _recurrence, path
+    return previous
+
+
 def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
-            cell_clip, recurrence: str = "auto"):
+            cell_clip, recurrence: str | None = None):
     """functional._forward on device arrays (lengths: checked host int64 or None). Returns
-    (y, h_n, c_n, tape)."""
+    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting)."""
     cuda = cuda_module()
     lib = library_of(x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out = (
@@ -151,7 +165,7 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
     dtype = lib.dtype_name(x)
     cuda.layer_forward(cell, dtype, (steps, batch, inp, hidden), x, weight_ih, weight_hh, bias_ih, bias_hh, h0,
                        c0, lens, reverse, y, h_n, c_n, hs, cs, saved, training, cell_clip, lib.stream(x),
-                       recurrence)
+                       recurrence or _recurrence)
     tape = None
     if training:
         tape = CudaTape(lib, cell, reverse, (steps, batch, inp, hidden), dtype,

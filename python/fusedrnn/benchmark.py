@@ -299,11 +299,12 @@ def _synchronized(fn):
     return run
 
 
-def _fusedrnn_cuda_runners(problem: Problem) -> Runners:
-    """fusedrnn's CUDA backend through the layer-stack driver on torch CUDA tensors (no autograd)."""
+def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto") -> Runners:
+    """fusedrnn's CUDA backend through the layer-stack driver on torch CUDA tensors (no autograd), its
+    recurrence chosen as `recurrence` (_cuda_layer.set_recurrence) during each call."""
     import torch
 
-    from . import _stack
+    from . import _cuda_layer, _stack
 
     c = problem.case
     on_gpu = {k: torch.from_numpy(v).cuda() for k, v in problem.state_dict.items()}
@@ -318,7 +319,16 @@ def _fusedrnn_cuda_runners(problem: Problem) -> Runners:
         grads = [[tuple(None if w is None else torch.zeros_like(w) for w in weights[0][0])]]
         _stack.backward(out.tapes, dy, dropout_masks=out.dropout_masks, grads=grads)
 
-    return Runners(_synchronized(infer), _synchronized(train))
+    def choosing(fn):
+        def run():
+            previous = _cuda_layer.set_recurrence(recurrence)
+            try:
+                fn()
+            finally:
+                _cuda_layer.set_recurrence(previous)
+        return _synchronized(run)
+
+    return Runners(choosing(infer), choosing(train))
 
 
 def _torch_cuda_runners(problem: Problem, tf32: bool) -> Runners:
@@ -351,6 +361,8 @@ def _fusedrnn_torch_cuda_runners(problem: Problem) -> Runners:
 
 
 register_peer("fusedrnn-cuda", _fusedrnn_cuda_runners, requires="torch", version=_fusedrnn_version, device="cuda")
+register_peer("fusedrnn-cuda-per-step", lambda p: _fusedrnn_cuda_runners(p, "per_step"), requires="torch",
+              version=_fusedrnn_version, device="cuda")
 register_peer("torch-cudnn", lambda p: _torch_cuda_runners(p, tf32=False), requires="torch", version=_torch_version,
               device="cuda")
 register_peer("torch-cudnn-tf32", lambda p: _torch_cuda_runners(p, tf32=True), requires="torch",
