@@ -337,6 +337,12 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_count", &gpu::cuda::device_count, "CUDA devices visible (0 without a driver or GPU).");
   m.def("device_name", &gpu::cuda::device_name, py::arg("device"));
   m.def("runtime_version", &gpu::cuda::runtime_version);
+  m.def("set_graphs", &gpu::cuda::set_graphs, py::arg("enabled"),
+        "Records each per-step loop as a CUDA Graph the first time its arrays and sizes are seen and "
+        "replays it for later calls with the same ones (no per-step host work). Off by default.");
+  m.def("graphs", &gpu::cuda::graphs);
+  m.def("graph_counts", [] { return py::make_tuple(gpu::cuda::graphs_recorded(), gpu::cuda::graphs_replayed()); },
+        "(recorded, replayed): per-step loops recorded as CUDA Graphs and replays of them so far.");
   m.attr("architectures") = FUSEDRNN_CUDA_ARCHITECTURES;
   m.attr("compiler_version") = FUSEDRNN_CUDA_COMPILER_VERSION;
 }

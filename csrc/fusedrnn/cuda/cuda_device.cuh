@@ -7,9 +7,14 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
+#include <list>
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "fusedrnn/cuda/device.h"
 
@@ -68,6 +73,61 @@ inline cublasHandle_t blas_handle() {
   return handle;
 }
 
+// Whether per-step loops are recorded as CUDA Graphs and replayed (Device::sequence); off by default
+// until measured on a GPU (bench/gpu_check.sh times both).
+inline std::atomic<bool>& graphs_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+
+// Sequences recorded and replayed so far in this process (tests and benchmarks check replays happen).
+struct GraphCounts {
+  std::atomic<std::int64_t> recorded{0}, replayed{0};
+};
+inline GraphCounts& graph_counts() {
+  static GraphCounts counts;
+  return counts;
+}
+
+// Instantiated graphs of one host thread and device, by sequence key, the least recently used dropped
+// beyond kCapacity. Recording needs a stream other than the legacy default one, so each thread records
+// on a stream of its own and launches the graph on the caller's.
+class GraphCache {
+ public:
+  static constexpr std::size_t kCapacity = 32;
+
+  static GraphCache& of_this_thread(int device) {
+    thread_local std::map<int, GraphCache> caches;
+    return caches[device];
+  }
+
+  cudaStream_t recording_stream() {
+    if (!recording_) check(cudaStreamCreateWithFlags(&recording_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    return recording_;
+  }
+
+  cudaGraphExec_t find(const std::vector<std::int64_t>& key) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (it->first == key) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return it->second;
+      }
+    return nullptr;
+  }
+
+  void add(std::vector<std::int64_t> key, cudaGraphExec_t exec) {
+    entries_.emplace_front(std::move(key), exec);
+    if (entries_.size() > kCapacity) {
+      check(cudaGraphExecDestroy(entries_.back().second), "cudaGraphExecDestroy");
+      entries_.pop_back();
+    }
+  }
+
+ private:
+  std::list<std::pair<std::vector<std::int64_t>, cudaGraphExec_t>> entries_;
+  cudaStream_t recording_ = nullptr;
+};
+
 class CudaDevice {
  public:
   explicit CudaDevice(cudaStream_t stream) : stream_(stream), blas_(blas_handle()) {
@@ -123,7 +183,55 @@ class CudaDevice {
 
   std::size_t max_shared_bytes() const { return max_shared_; }
 
+  template <typename F>
+  void sequence(const std::vector<std::int64_t>& key, F&& enqueue) {
+    if (!graphs_enabled().load()) {
+      enqueue();
+      return;
+    }
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    GraphCache& cache = GraphCache::of_this_thread(device);
+    cudaGraphExec_t exec = cache.find(key);
+    if (!exec) {
+      exec = record(cache.recording_stream(), std::forward<F>(enqueue));
+      cache.add(key, exec);
+      graph_counts().recorded.fetch_add(1);
+    } else {
+      graph_counts().replayed.fetch_add(1);
+    }
+    check(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch");
+  }
+
  private:
+  // Captures what enqueue() enqueues (on `recording`, cuBLAS included) into an instantiated graph.
+  template <typename F>
+  cudaGraphExec_t record(cudaStream_t recording, F&& enqueue) {
+    const cudaStream_t caller = stream_;
+    stream_ = recording;
+    check(cublasSetStream(blas_, recording), "cublasSetStream");
+    check(cudaStreamBeginCapture(recording, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    cudaGraph_t graph = nullptr;
+    try {
+      enqueue();
+    } catch (...) {
+      cudaStreamEndCapture(recording, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      stream_ = caller;
+      cublasSetStream(blas_, caller);
+      throw;
+    }
+    const cudaError_t ended = cudaStreamEndCapture(recording, &graph);
+    stream_ = caller;
+    check(cublasSetStream(blas_, caller), "cublasSetStream");
+    check(ended, "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(made, "cudaGraphInstantiate");
+    return exec;
+  }
+
   // Dynamic shared memory past 48 KB must be allowed per kernel first.
   static void allow_shared(const void* function, std::size_t bytes) {
     constexpr std::size_t kDefaultLimit = 48 * 1024;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "fusedrnn/cuda/persistent.h"
@@ -36,5 +37,11 @@ void release(void* pointer, void* stream);
 void copy_to_device(void* to, const void* from, std::size_t bytes, void* stream);
 void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream);  // waits for the copy
 int runtime_version();
+// Per-step loops recorded as CUDA Graphs and replayed for calls with the same arrays and sizes (see
+// cuda_device.cuh); off by default.
+void set_graphs(bool enabled);
+bool graphs();
+std::int64_t graphs_recorded();
+std::int64_t graphs_replayed();
 
 }  // namespace fusedrnn::gpu::cuda

@@ -11,9 +11,12 @@
 //   launch_cooperative(kernel, LaunchShape)
 //       as launch, but every block of the grid meets at a barrier between phases (a grid-wide barrier:
 //       all blocks must be resident at once; cooperative_blocks says how many can be).
-//   cooperative_blocks(threads, shared_bytes): blocks of that size that can be resident at once.
+//   cooperative_blocks<Kernel>(threads, shared_bytes): blocks of that size that can be resident at once.
 //   max_shared_bytes(): shared memory a block may use.
-//   zero(pointer, bytes), copy(to, from, bytes): on device memory.
+//   sequence(key, enqueue): enqueues what enqueue() enqueues. A device may record it the first time a
+//       key is seen and replay the recording for an equal key instead of calling enqueue() (CUDA
+//       Graphs), so the key must hold every value the work depends on (layer_impl.h, SequenceKey).
+// Memory is set and copied by kernels (kernels.h: Copy3, Fill), which also read any strides.
 //
 // A kernel body is a plain struct of device pointers and sizes (copied to the device by value) with
 //   FUSEDRNN_HD int phases(unsigned threads) const;   // barrier-separated phases, >= 1

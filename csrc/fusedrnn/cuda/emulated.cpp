@@ -74,6 +74,11 @@ class EmulatedDevice {
     return kMultiprocessors * (by_threads < by_shared ? by_threads : by_shared);
   }
   std::size_t max_shared_bytes() const { return kSharedPerBlock; }
+
+  template <typename F>
+  void sequence(const std::vector<std::int64_t>& /*key*/, F&& enqueue) {
+    enqueue();
+  }
 };
 
 }  // namespace

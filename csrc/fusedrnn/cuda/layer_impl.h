@@ -11,14 +11,21 @@
 // gradients against a vector of ones, so every sum has a fixed order: no atomics anywhere) and the
 // per-step gradient norms a fixed-order block reduction.
 //
+// The per-step loops go to the device as one sequence (Device::sequence) under a key of every value
+// they bake into their launches, so a device may record a loop once and replay it (CUDA Graphs), leaving
+// no per-step work to the host.
+//
 // Views (layer.h) that GEMMs read or write in place need row_stride >= 0; others are gathered into the
 // workspace (outputs scattered back after). The pointwise kernels read and write any view directly.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cuda/device.h"
@@ -112,6 +119,43 @@ void copy2(Device& dev, const View2<const T>& from, const View2<T>& to, Index n0
 template <typename T>
 View2<T> dense2(T* data, Index n1) { return {data, {n1, 1}}; }
 
+// Every value a recorded sequence depends on, as 64-bit words: pointers, sizes, strides, flags, the
+// bits of floating-point arguments. Equal keys: the same launches with the same arguments.
+class SequenceKey {
+ public:
+  template <typename... A>
+  SequenceKey& add(const A&... values) {
+    (push(values), ...);
+    return *this;
+  }
+  template <typename U>
+  SequenceKey& add_view(const U& v) {
+    push(v.data);
+    if constexpr (std::is_same_v<decltype(v.stride), Index>)
+      push(v.stride);
+    else
+      for (Index stride : v.stride) push(stride);
+    return *this;
+  }
+  const std::vector<std::int64_t>& words() const { return words_; }
+
+ private:
+  template <typename U>
+  void push(const U& value) {
+    if constexpr (std::is_pointer_v<U>) {
+      words_.push_back(static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(value)));
+    } else if constexpr (std::is_floating_point_v<U>) {
+      const double widened = value;
+      std::int64_t bits;
+      std::memcpy(&bits, &widened, sizeof bits);
+      words_.push_back(bits);
+    } else {
+      words_.push_back(static_cast<std::int64_t>(value));
+    }
+  }
+  std::vector<std::int64_t> words_;
+};
+
 template <typename T>
 T* slot(T* base, Index index, const LayerShape& s, bool training) {
   return state_slot(base, index, s.batch * s.hidden, training);
@@ -194,20 +238,26 @@ void layer_forward(Device& dev, const LayerForwardParams<T>& a, void* workspace,
       dev.launch_cooperative(k, persistent.launch());
       return;
     }
-    for (Index i = 0; i < s.steps; ++i) {
-      const Index t = s.reverse ? s.steps - 1 - i : i;
-      step.t = t;
-      step.gx = p.gx + t * B * gh;
-      step.h_prev = slot(a.tape.hs, prev_slot(s.reverse, t), s, training);
-      step.c_prev = slot(a.tape.cs, prev_slot(s.reverse, t), s, training);
-      step.h_next = slot(a.tape.hs, next_slot(s.reverse, t), s, training);
-      step.c_next = slot(a.tape.cs, next_slot(s.reverse, t), s, training);
-      step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
-      step.y = {a.y.data + t * a.y.stride[0], {a.y.stride[1], a.y.stride[2]}};
-      // h_{t-1} W_hh^T: (B, H) x (H, G*H).
-      dev.template gemm<T>(false, true, B, gh, H, T(1), step.h_prev, H, p.w_hh.data, p.w_hh.ld, T(0), p.hg, gh);
-      dev.launch(ForwardPointwise<Cell, T>{step}, covering(B * H));
-    }
+    SequenceKey key;
+    key.add(0, static_cast<int>(a.cell), sizeof(T), s.steps, B, H, s.reverse, training, a.cell_clip, p.gx, p.hg,
+            p.w_hh.data, p.w_hh.ld, a.tape.hs, a.tape.cs, a.tape.saved)
+        .add_view(s.lengths).add_view(a.weights.b_ih).add_view(a.weights.b_hh).add_view(a.y);
+    dev.sequence(key.words(), [&] {
+      for (Index i = 0; i < s.steps; ++i) {
+        const Index t = s.reverse ? s.steps - 1 - i : i;
+        step.t = t;
+        step.gx = p.gx + t * B * gh;
+        step.h_prev = slot(a.tape.hs, prev_slot(s.reverse, t), s, training);
+        step.c_prev = slot(a.tape.cs, prev_slot(s.reverse, t), s, training);
+        step.h_next = slot(a.tape.hs, next_slot(s.reverse, t), s, training);
+        step.c_next = slot(a.tape.cs, next_slot(s.reverse, t), s, training);
+        step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
+        step.y = {a.y.data + t * a.y.stride[0], {a.y.stride[1], a.y.stride[2]}};
+        // h_{t-1} W_hh^T: (B, H) x (H, G*H).
+        dev.template gemm<T>(false, true, B, gh, H, T(1), step.h_prev, H, p.w_hh.data, p.w_hh.ld, T(0), p.hg, gh);
+        dev.launch(ForwardPointwise<Cell, T>{step}, covering(B * H));
+      }
+    });
   });
   const View2<const T> h_last = dense2<const T>(slot(a.tape.hs, last, s, training), H);
   copy2<T>(dev, h_last, a.h_n, B, H);
@@ -275,7 +325,6 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   copy2<T>(dev, a.dh_n, dense2(p.dh[0], H), B, H);
   if (p.dc) copy2<T>(dev, a.dc_n, dense2(p.dc, H), B, H);
 
-  int current = 0;  // p.dh[current] holds dL/dh_t entering step t
   with_cell(a.cell, [&](auto cell) {
     using Cell = decltype(cell);
     BackwardStep<T> step;
@@ -284,28 +333,35 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
     step.lengths = s.lengths;
     step.dc = p.dc;
     step.cell_clip = a.cell_clip;
-    for (Index i = 0; i < s.steps; ++i) {
-      const Index t = s.reverse ? i : s.steps - 1 - i;
-      step.t = t;
-      step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
-      step.h_prev = slot<const T>(a.tape.hs, prev_slot(s.reverse, t), s, true);
-      step.c_prev = slot<const T>(a.tape.cs, prev_slot(s.reverse, t), s, true);
-      step.h_next = slot<const T>(a.tape.hs, next_slot(s.reverse, t), s, true);
-      step.c_next = slot<const T>(a.tape.cs, next_slot(s.reverse, t), s, true);
-      step.dy = {a.dy.data ? a.dy.data + t * a.dy.stride[0] : nullptr, {a.dy.stride[1], a.dy.stride[2]}};
-      step.dh_in = p.dh[current];
-      step.dh_out = p.dh[1 - current];
-      step.dgx = p.dgx + t * B * gh;
-      step.dgh = p.dgh + t * B * gh;
-      step.dh_total = p.dh_total + t * B * H;
-      dev.launch(BackwardPointwise<Cell, T>{step}, covering(B * H));
-      // dL/dh_{t-1} += dg_t W_hh: (B, G*H) x (G*H, H).
-      dev.template gemm<T>(false, false, B, H, gh, T(1), step.dgh, gh, p.w_hh.data, p.w_hh.ld, T(1),
-                           p.dh[1 - current], H);
-      current = 1 - current;
-    }
+    SequenceKey key;
+    key.add(1, static_cast<int>(a.cell), sizeof(T), s.steps, B, H, s.reverse, a.cell_clip, a.tape.hs, a.tape.cs,
+            a.tape.saved, p.dgx, p.dgh, p.dh[0], p.dh[1], p.dc, p.dh_total, p.w_hh.data, p.w_hh.ld)
+        .add_view(s.lengths).add_view(a.dy);
+    dev.sequence(key.words(), [&] {
+      for (Index i = 0; i < s.steps; ++i) {
+        const Index t = s.reverse ? i : s.steps - 1 - i;
+        const int in = static_cast<int>(i % 2);  // p.dh[in] holds dL/dh_t entering step t
+        step.t = t;
+        step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
+        step.h_prev = slot<const T>(a.tape.hs, prev_slot(s.reverse, t), s, true);
+        step.c_prev = slot<const T>(a.tape.cs, prev_slot(s.reverse, t), s, true);
+        step.h_next = slot<const T>(a.tape.hs, next_slot(s.reverse, t), s, true);
+        step.c_next = slot<const T>(a.tape.cs, next_slot(s.reverse, t), s, true);
+        step.dy = {a.dy.data ? a.dy.data + t * a.dy.stride[0] : nullptr, {a.dy.stride[1], a.dy.stride[2]}};
+        step.dh_in = p.dh[in];
+        step.dh_out = p.dh[1 - in];
+        step.dgx = p.dgx + t * B * gh;
+        step.dgh = p.dgh + t * B * gh;
+        step.dh_total = p.dh_total + t * B * H;
+        dev.launch(BackwardPointwise<Cell, T>{step}, covering(B * H));
+        // dL/dh_{t-1} += dg_t W_hh: (B, G*H) x (G*H, H).
+        dev.template gemm<T>(false, false, B, H, gh, T(1), step.dgh, gh, p.w_hh.data, p.w_hh.ld, T(1),
+                             p.dh[1 - in], H);
+      }
+    });
   });
-  copy2<T>(dev, dense2<const T>(p.dh[current], H), a.dh0, B, H);
+  const int last = static_cast<int>(s.steps % 2);  // where the loop left dL/dh_0
+  copy2<T>(dev, dense2<const T>(p.dh[last], H), a.dh0, B, H);
   if (p.dc) copy2<T>(dev, dense2<const T>(p.dc, H), a.dc0, B, H);
 
   // Over all T*B rows. The rows of every step's previous hidden state are T contiguous slots.
