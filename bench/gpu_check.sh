@@ -9,8 +9,8 @@
 #      the persistent kernel) and the emulated device tests;
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
 #      (bench/gpu_small_case.py);
-#   4. `fusedrnn bench --device cuda`: fusedrnn (auto and per step) against torch.nn on cuDNN with TF32
-#      off and on, default shapes.
+#   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
+#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones.
 # Logs and the benchmark's JSON go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,7 +97,8 @@ for tool in memcheck racecheck synccheck; do
 done
 
 log "benchmark against cuDNN"
-fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step torch-cudnn torch-cudnn-tf32 \
+fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn \
+  torch-cudnn-tf32 \
   --rounds 5 --repeats 10 --no-progress --json "$out/bench_cuda.json" | tee "$out/bench_cuda.txt"
 fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
   --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \

@@ -299,12 +299,13 @@ def _synchronized(fn):
     return run
 
 
-def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto") -> Runners:
+def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto", graphs: bool = False) -> Runners:
     """fusedrnn's CUDA backend through the layer-stack driver on torch CUDA tensors (no autograd), its
-    recurrence chosen as `recurrence` (_cuda_layer.set_recurrence) during each call."""
+    recurrence chosen as `recurrence` (_cuda_layer.set_recurrence) and per-step loops replayed as CUDA
+    Graphs or not (_cuda.set_graphs) during each call."""
     import torch
 
-    from . import _cuda_layer, _stack
+    from . import _cuda, _cuda_layer, _stack
 
     c = problem.case
     on_gpu = {k: torch.from_numpy(v).cuda() for k, v in problem.state_dict.items()}
@@ -321,11 +322,13 @@ def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto") -> Runner
 
     def choosing(fn):
         def run():
-            previous = _cuda_layer.set_recurrence(recurrence)
+            previous, previous_graphs = _cuda_layer.set_recurrence(recurrence), _cuda.graphs()
+            _cuda.set_graphs(graphs)
             try:
                 fn()
             finally:
                 _cuda_layer.set_recurrence(previous)
+                _cuda.set_graphs(previous_graphs)
         return _synchronized(run)
 
     return Runners(choosing(infer), choosing(train))
@@ -362,6 +365,8 @@ def _fusedrnn_torch_cuda_runners(problem: Problem) -> Runners:
 
 register_peer("fusedrnn-cuda", _fusedrnn_cuda_runners, requires="torch", version=_fusedrnn_version, device="cuda")
 register_peer("fusedrnn-cuda-per-step", lambda p: _fusedrnn_cuda_runners(p, "per_step"), requires="torch",
+              version=_fusedrnn_version, device="cuda")
+register_peer("fusedrnn-cuda-graphs", lambda p: _fusedrnn_cuda_runners(p, "per_step", graphs=True), requires="torch",
               version=_fusedrnn_version, device="cuda")
 register_peer("torch-cudnn", lambda p: _torch_cuda_runners(p, tf32=False), requires="torch", version=_torch_version,
               device="cuda")
