@@ -7,7 +7,7 @@
 #      ON    build it or fail the configuration;
 #      OFF   do not build it.
 #    cuBLAS comes from the toolkit (CUDA::cublas) or the nvidia-cublas wheel of the building Python
-#    (`pip install ".[cuda]"`). The CUDA runtime is linked statically and cuBLAS found at run time beside
+#    (installed beforehand, and the build run with --no-build-isolation so it sees it). The CUDA runtime is linked statically and cuBLAS found at run time beside
 #    the package (the wheel's nvidia/cu13/lib) or on the loader's path, so `import fusedrnn` and _core
 #    never need CUDA. Architectures: CMAKE_CUDA_ARCHITECTURES (or CUDAARCHS), by default 80 and 90.
 #    FUSEDRNN_CUDA_PTXAS_VERBOSE=ON prints ptxas's register and spill report of every kernel (CI checks
