@@ -7,7 +7,8 @@
 #   3. check kernels were compiled for both architectures, and that the module imports and reports them;
 #   4. check that the CPU module _core links no CUDA library;
 #   5. run the emulated device tests and the CUDA tests (which skip without a GPU);
-#   6. build again with FUSEDRNN_CUDA=OFF and check no _cuda module was installed.
+#   6. configure with FUSEDRNN_CUDA=ON where cuBLAS is missing (must fail) and AUTO (must say why not);
+#   7. build again with FUSEDRNN_CUDA=OFF and check no _cuda module was installed.
 # Needs nvcc (a CUDA 13 toolkit) on PATH; the GPU itself is not needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,23 @@ fi
 
 log "tests: the emulated device backend and the CUDA tests (skipped without a GPU)"
 python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py
+
+log "FUSEDRNN_CUDA=ON without cuBLAS fails the configuration, AUTO says why it skips"
+# A Python with the build's other needs but no nvidia-cublas wheel (the toolkit here has no cuBLAS).
+"$python" -m venv "$work/bare"
+"$work/bare/bin/python" -m pip install -q "scipy-openblas32>=0.3.28"
+configure() {
+  rm -rf "$work/configure"
+  cmake -S . -B "$work/configure" -DPython_EXECUTABLE="$work/bare/bin/python" \
+    -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" "$@" >"$work/configure.log" 2>&1
+}
+if configure -DFUSEDRNN_CUDA=ON; then
+  echo "cuda_build: FUSEDRNN_CUDA=ON configured without cuBLAS" >&2
+  exit 1
+fi
+grep -q "FUSEDRNN_CUDA=ON but the CUDA module cannot be built: no cuBLAS" "$work/configure.log"
+configure -DFUSEDRNN_CUDA=AUTO
+grep "fusedrnn: CUDA module not built (no cuBLAS" "$work/configure.log"
 
 log "build with FUSEDRNN_CUDA=OFF"
 FUSEDRNN_CUDA=OFF python -m pip install -q --no-deps --no-build-isolation \
