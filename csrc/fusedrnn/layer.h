@@ -139,6 +139,10 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
   return l;
 }
 
+// The slot of the state read (prev) and written (next) at time t: see "State slots" above.
+FUSEDRNN_HD Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
+FUSEDRNN_HD Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
+
 template <typename T>
 struct LayerForwardParams {
   CellKind cell = CellKind::kLstm;

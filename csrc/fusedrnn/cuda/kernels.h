@@ -20,13 +20,11 @@ FUSEDRNN_HD bool row_valid(const View1<const Index>& lengths, Index t, Index b) 
 }
 
 // Slot `index` of the tape's (slots, B, H) states (layer.h, "State slots"): inference keeps two, used
-// alternately. The slot read (prev) and written (next) at time t.
+// alternately.
 template <typename T>
 FUSEDRNN_HD T* state_slot(T* base, Index index, Index state, bool training) {
   return base ? base + (training ? index : (index & 1)) * state : nullptr;
 }
-FUSEDRNN_HD Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
-FUSEDRNN_HD Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
 // ---------------------------------------------------------------------------------------------------
 // Elementwise moves.
