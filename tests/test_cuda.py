@@ -274,7 +274,6 @@ def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
     host_grads = F.layer_backward(host.tape, a["dy"])
     _compare_runs(cell, dtype, (out, grads), (host, host_grads))
     # cuDNN's module on the same weights, TF32 off.
-    torch.backends.cudnn.allow_tf32 = False
     kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
     extra = {} if kind is not torch.nn.RNN else {"nonlinearity": cell.split("_")[1]}
     module = kind(10, 12, dtype=getattr(torch, np.dtype(dtype).name), device="cuda", **extra)
@@ -282,7 +281,12 @@ def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
         for name in PARAM_NAMES:
             getattr(module, name + "_l0").copy_(t[name])
     hx = (t["h0"][None], t["c0"][None]) if cell == "lstm" else t["h0"][None]
-    y_cudnn, _ = module(t["x"], hx)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        y_cudnn, _ = module(t["x"], hx)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN")
 
 
