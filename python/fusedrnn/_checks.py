@@ -75,11 +75,12 @@ def shape(name: str, arr: np.ndarray, expected: tuple[int, ...]) -> None:
 
 
 def finite(name: str, arr: np.ndarray) -> None:
-    if arr.size == 0:
-        return
+    """No NaN or infinity in `arr`: a NumPy array, or a CUDA array (CuPy, torch), checked on its device."""
     if _device.is_cuda(arr):
         from . import _cuda_layer
         ok = _cuda_layer.library_of(arr).all_finite(arr)
+    elif arr.size == 0:
+        return
     elif arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
         ok = _core.all_finite(arr)  # one native pass (fusedrnn/checks.h), shared by the team when large
     else:

@@ -84,15 +84,12 @@ def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, 
     lib = _cuda_layer.library_of(x)
     if len(x.shape) != 3:
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {tuple(x.shape)}")
-    host_lengths = lengths.get() if hasattr(lengths, "get") else lengths  # a CuPy array
-    if _device.is_cuda(host_lengths):  # a torch CUDA tensor
-        host_lengths = host_lengths.cpu().numpy()
-    lens = _checks.lengths(host_lengths, x.shape[0], x.shape[1])
+    lens = _checks.lengths(lengths, x.shape[0], x.shape[1])  # checked on the host, copied over by the call
     cell_clip = _checks.cell_clip(cell_clip, cell)
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
-            if value is not None and not lib.all_finite(lib.adopt(value)):
-                raise ValueError(f"{name}: contains NaN or infinity")
+            if value is not None:
+                _checks.finite(name, lib.adopt(value))
     return _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, bool(reverse),
                     bool(training), out, cell_clip)
 

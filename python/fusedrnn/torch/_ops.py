@@ -66,14 +66,6 @@ def _tensor(a) -> Tensor:
     return a if isinstance(a, Tensor) else torch.from_numpy(a)
 
 
-def _check_finite(name: str, t: Tensor) -> None:
-    if t.is_cuda:
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: contains NaN or infinite values")
-    else:
-        _checks.finite(name, t.detach().numpy())
-
-
 # The weights of a layer as separate operator arguments, the reverse direction's None when the layer
 # is unidirectional and the biases None without bias. (Separate tensors rather than a Tensor[]
 # argument: torch's autograd wrapper flattens and rebuilds list arguments on every call.)
@@ -118,7 +110,7 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
     if check_finite:
         for name, t in (("input", x), ("h_0", h0), ("c_0", c0)):
             if t is not None:
-                _check_finite(name, t)
+                _checks.finite(name, _array(t))
     y, h_n, c_n = (torch.empty(shape, dtype=x.dtype, device=x.device)
                    for shape in _state_shapes(x, weight_hh, weight_ih_reverse, cell))
     lens = _checks.lengths(None if lengths is None else lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
