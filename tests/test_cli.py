@@ -202,15 +202,25 @@ def test_cli_bench_table_and_file(capsys, tmp_path):
     (["bench", "--peers", "nope"], "peers: unknown peer 'nope'"),
     (["bench", "--shape", "1,2,3"], "shape: expected T,B,I,H"),
     (["bench", "--set", "default", "--cell", "gru"], "set: give either --set or --cell/--shape"),
+    (["bench", "--peers", "torch-cudnn"], "peers: 'torch-cudnn' runs on cuda, not cpu (--device)"),
 ])
 def test_cli_errors_name_the_option(capsys, argv, message):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(benchmark._cuda_ready(), reason="this machine can run the CUDA peers")
+def test_cli_bench_on_cuda_without_a_gpu_says_so(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    assert "device: 'cuda' needs fusedrnn's CUDA module, torch and a visible GPU" in capsys.readouterr().err
+
+
 def test_info_via_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True).stdout
     info = fusedrnn.build_info()
     assert f"fusedrnn {info['version']}" in out and f"SIMD: {info['simd']}" in out
-    assert "CUDA: not compiled in" in out and info["blas"] in out
+    cuda = info["cuda"]
+    cuda_line = ("CUDA: not built" if not cuda["built"] else
+                 "CUDA: built, does not load" if not cuda["loaded"] else f"CUDA: built for sm {cuda['architectures']}")
+    assert cuda_line in out and info["blas"] in out
     assert "Benchmark peers available: fusedrnn, numpy" in out

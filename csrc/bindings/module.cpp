@@ -1,9 +1,11 @@
 // pybind11 bindings: check NumPy arrays once, describe them as the views of the neutral layer API
-// (fusedrnn/layer.h, no copies), release the GIL and call the CPU backend. No numerics here.
+// (fusedrnn/layer.h, no copies), release the GIL and call the CPU backend (or, for tests, the CUDA
+// backend's device code emulated on the host, cuda/emulated.h). No numerics here.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <iterator>
 #include <sstream>
 #include <string>
@@ -18,6 +20,7 @@
 #include "fusedrnn/cpu/blas.h"
 #include "fusedrnn/cpu/kernels.h"
 #include "fusedrnn/cpu/passes.h"
+#include "fusedrnn/cuda/emulated.h"
 #include "fusedrnn/layer.h"
 
 namespace py = pybind11;
@@ -63,6 +66,19 @@ constexpr Named<cpu::WeightGradPreference> kWeightGradNames[] = {
     {"auto", cpu::WeightGradPreference::kAuto},
     {"rows", cpu::WeightGradPreference::kRows},
     {"gate_rows", cpu::WeightGradPreference::kGateRows}};
+
+// Which backend runs a layer call on NumPy arrays: the CPU backend, or the CUDA backend's device code
+// run on the host (tests of that code on machines without a GPU).
+enum class Backend { kCpu, kEmulatedDevice };
+constexpr Named<Backend> kBackendNames[] = {{"cpu", Backend::kCpu}, {"emulated_device", Backend::kEmulatedDevice}};
+
+namespace gpu = fusedrnn::gpu;
+constexpr Named<gpu::RecurrencePath> kRecurrencePathNames[] = {{"auto", gpu::RecurrencePath::kAuto},
+                                                               {"per_step", gpu::RecurrencePath::kPerStep},
+                                                               {"persistent", gpu::RecurrencePath::kPersistent}};
+std::atomic<gpu::RecurrencePath> emulated_recurrence_path{gpu::RecurrencePath::kAuto};
+void set_emulated_recurrence_path(gpu::RecurrencePath path) { emulated_recurrence_path.store(path); }
+gpu::RecurrencePath get_emulated_recurrence_path() { return emulated_recurrence_path.load(); }
 
 CellKind parse_cell(const std::string& name) {
   std::string choices;
@@ -248,6 +264,7 @@ struct Tape {
   py::array hs;
   py::object cs, saved, rs;        // None when the layer has none
   double cell_clip;                // +inf: none
+  Backend backend;                 // the one that ran forward runs backward
 
   Index state_size() const { return proj > 0 ? proj : hidden; }
 };
@@ -309,7 +326,7 @@ Index checked_projection(const py::object& w_hr_obj, CellKind cell, Index& hidde
 }
 
 template <typename T>
-py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
+py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
                         const py::object& w_hh_obj, const py::object& b_ih_obj,
                         const py::object& b_hh_obj, const py::object& h0_obj,
                         const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
@@ -380,12 +397,15 @@ py::tuple forward_typed(CellKind cell, const py::array& x_obj, const py::object&
   args.cell_clip = static_cast<T>(cell_clip);
   {
     py::gil_scoped_release release;
-    cpu::layer_forward<T>(args);
+    if (backend == Backend::kCpu)
+      cpu::layer_forward<T>(args);
+    else
+      gpu::emulated::layer_forward<T>(args, get_emulated_recurrence_path());
   }
   py::object tape = py::none();
   if (training)
     tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, proj, x, w_ih, w_hh, b_ih, b_hh,
-                         lengths, w_hr, hs, cs, saved, rs, cell_clip});
+                         lengths, w_hr, hs, cs, saved, rs, cell_clip, backend});
   return py::make_tuple(out, h_n, c_n, tape);
 }
 
@@ -394,15 +414,18 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
                         const py::object& bias_hh, const py::object& h0, const py::object& c0,
                         const py::object& lengths, bool reverse, bool training,
                         const py::object& out, const py::object& cell_clip_obj,
-                        const py::object& weight_hr) {
+                        const std::string& backend_name, const py::object& weight_hr) {
+  const Backend backend = parse_named("backend", backend_name, kBackendNames);
   const CellKind cell = parse_cell(cell_name);
   const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
+  if (backend != Backend::kCpu && !weight_hr.is_none())
+    throw py::value_error("weight_hr: the device backend has no projection (proj_size) yet");
   auto xa = require_array(x, "x");
   if (holds<float>(xa))
-    return forward_typed<float>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+    return forward_typed<float>(backend, cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
                                 reverse, training, out, cell_clip, weight_hr);
   if (holds<double>(xa))
-    return forward_typed<double>(cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+    return forward_typed<double>(backend, cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
                                  reverse, training, out, cell_clip, weight_hr);
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
@@ -487,7 +510,10 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   args.dh_norm = dh_norm.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::layer_backward<T>(args);
+    if (tape.backend == Backend::kCpu)
+      cpu::layer_backward<T>(args);
+    else
+      gpu::emulated::layer_backward<T>(args);
   }
   return py::make_tuple(dh0, dc0, dh_norm);
 }
@@ -511,6 +537,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Tape>(m, "Tape", "What a training-mode layer_forward keeps for layer_backward.")
       .def_property_readonly("cell", [](const Tape& t) { return std::string(fusedrnn::cell_facts(t.cell).name); })
       .def_property_readonly("reverse", [](const Tape& t) { return t.reverse; })
+      .def_property_readonly("backend", [](const Tape& t) { return name_of(t.backend, kBackendNames); })
       .def_property_readonly("has_bias", [](const Tape& t) { return !t.b_ih.is_none(); })
       .def_property_readonly("dtype", [](const Tape& t) { return t.x.dtype(); })
       .def_property_readonly("shape", [](const Tape& t) {
@@ -528,10 +555,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("layer_forward", &layer_forward, py::arg("cell"), py::arg("x"), py::arg("weight_ih"),
         py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("reverse"), py::arg("training"), py::arg("out"),
-        py::arg("cell_clip") = py::none(), py::arg("weight_hr") = py::none(),
-        "Runs one direction of one layer. Returns (y, h_n, c_n, tape). With weight_hr (proj_size, "
-        "hidden_size), an LSTM's hidden state is projected: h = W_hr (o * tanh(c)), and h0, y and h_n "
-        "have proj_size features.");
+        py::arg("cell_clip") = py::none(), py::arg("backend") = "cpu", py::arg("weight_hr") = py::none(),
+        "Runs one direction of one layer. Returns (y, h_n, c_n, tape). backend: 'cpu', or "
+        "'emulated_device' (the CUDA backend's device code run on the host, for tests); the tape's "
+        "backward runs on the same backend. With weight_hr (proj_size, hidden_size), an LSTM's hidden "
+        "state is projected: h = W_hr (o * tanh(c)), and h0, y and h_n have proj_size features (CPU "
+        "backend only).");
 
   m.def("layer_backward",
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
@@ -633,6 +662,13 @@ PYBIND11_MODULE(_core, m) {
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
   m.def("blas_config", &cpu::blas::config);
+  def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
+             &get_emulated_recurrence_path,
+             "Tests only: how the emulated device backend runs the forward recurrence: 'per_step' (a GEMM "
+             "and a pointwise kernel a step), 'persistent' (one cooperative kernel, where it fits), or "
+             "'auto' (by the layer's size, the default).");
+  m.def("emulated_cooperative_launches", &gpu::emulated::cooperative_launches,
+        "Tests only: cooperative (grid-barrier) kernel launches the emulated device backend has run.");
   m.def("simd_level", [] { return std::string(cpu::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");
   m.def("set_simd_level", [](const std::string& name) {

@@ -78,6 +78,27 @@ View2<T> dense(T* data, Index /*n0*/, Index n1) { return {data, {n1, 1}}; }
 template <typename T>
 View1<T> dense(T* data) { return {data, 1}; }
 
+// The row stride of a view read as n0*n1 rows of `width` elements (its leading dimensions flattened in
+// C order): the last dimension contiguous (or of length 1) and the rows evenly spaced at least a row
+// apart, which is what BLAS takes as a leading dimension. -1 when the view is not laid out so.
+template <typename T>
+Index row_stride(const View3<T>& v, Index n0, Index n1, Index width) {
+  if (width > 1 && v.stride[2] != 1) return -1;
+  Index ld = width;
+  if (n0 > 1 && n1 > 1) {
+    if (v.stride[0] != n1 * v.stride[1]) return -1;
+    ld = v.stride[1];
+  } else if (n0 > 1) {
+    ld = v.stride[0];
+  } else if (n1 > 1) {
+    ld = v.stride[1];
+  }
+  return ld < width ? -1 : ld;
+}
+
+template <typename T>
+View3<T> as_view3(const View2<T>& v) { return {v.data, {0, v.stride[0], v.stride[1]}}; }
+
 struct LayerShape {
   Index steps = 0, batch = 0, input = 0, hidden = 0;  // T, B, I, H; each >= 1
   View1<const Index> lengths;  // (B), each in [0, T]; data null: every row has T steps
@@ -135,6 +156,10 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
   l.has_cell_state = f.has_cell_state;
   return l;
 }
+
+// The slot of the state read (prev) and written (next) at time t: see "State slots" above.
+FUSEDRNN_HD Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
+FUSEDRNN_HD Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
 template <typename T>
 struct LayerForwardParams {

@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 _MAX_THREADS = 1024
 
 __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_threads", "get_num_threads",
-           "build_info", "set_simd_level", "bptt", "gradients", "losses", "optim", "reference", "sequences",
+           "build_info", "cuda_info", "set_simd_level", "bptt", "gradients", "losses", "optim", "reference", "sequences",
            "truncated_bptt", "clip_grad_norm", "clip_grad_value"]
 
 
@@ -74,16 +74,36 @@ def set_simd_level(level: str) -> None:
     _core.set_simd_level(level)
 
 
+def cuda_info() -> dict:
+    """The CUDA module fusedrnn._cuda: "built" (whether this build has it), "loaded" (whether it imports:
+    it needs cuBLAS 13 at run time, e.g. the nvidia-cublas wheel), and when loaded "architectures" (the
+    compute capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a
+    driver); "error" says why it did not load."""
+    import importlib.util
+
+    info = {"built": importlib.util.find_spec("fusedrnn._cuda") is not None, "loaded": False}
+    if not info["built"]:
+        return info
+    try:
+        from . import _cuda
+    except ImportError as err:
+        info["error"] = str(err)
+        return info
+    info.update(loaded=True, architectures=_cuda.architectures, nvcc=_cuda.compiler_version,
+                devices=_cuda.device_count())
+    return info
+
+
 def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
-    supported/compiled, CUDA (not compiled in this build), the BLAS, the thread team size, and the L2
-    size per core that decides whether a layer's threads share its batch rows or its hidden units."""
+    supported/compiled, CUDA (see cuda_info), the BLAS, the thread team size, and the L2 size per core
+    that decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
         "simd": _core.simd_level(),
         "simd_supported": list(_core.simd_levels_supported()),
         "simd_compiled": list(_core.simd_levels_compiled()),
-        "cuda": False,
+        "cuda": cuda_info(),
         "blas": _core.blas_config(),
         "num_threads": _core.get_num_threads(),
         "l2_cache_bytes": _core.l2_cache_bytes(),

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -67,8 +67,13 @@ def float_dtype(name: str, dtype) -> np.dtype:
 
 
 def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.ndarray:
-    """`value` as an ndarray of exactly `dtype` (never silently cast) with one of the given ranks."""
-    arr = np.asarray(value)
+    """`value` as an ndarray of exactly `dtype` (never silently cast) with one of the given ranks. A
+    CUDA device array stays on its device, as a CuPy array."""
+    if _device.is_cuda(value):
+        from . import _cuda_layer
+        arr = _cuda_layer.as_cupy(value)
+    else:
+        arr = np.asarray(value)
     if arr.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
     ranks = (ndim,) if isinstance(ndim, int) else ndim
@@ -84,9 +89,13 @@ def shape(name: str, arr: np.ndarray, expected: tuple[int, ...]) -> None:
 
 
 def finite(name: str, arr: np.ndarray) -> None:
-    if arr.size == 0:
+    """No NaN or infinity in `arr`: a NumPy array, or a CUDA array (CuPy, torch), checked on its device."""
+    if _device.is_cuda(arr):
+        from . import _cuda_layer
+        ok = _cuda_layer.library_of(arr).all_finite(arr)
+    elif arr.size == 0:
         return
-    if arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+    elif arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
         ok = _core.all_finite(arr)  # one native pass (fusedrnn/checks.h), shared by the team when large
     else:
         # min and max propagate NaN and expose +-inf: two vectorised passes, no temporary array.
@@ -99,7 +108,7 @@ def lengths(value, steps: int, batch: int) -> np.ndarray | None:
     """Sequence lengths as int64 (B,), each in [1, T]; None when absent or all equal to T."""
     if value is None:
         return None
-    arr = np.asarray(value)
+    arr = np.asarray(_device.to_host(value))
     if arr.ndim != 1 or arr.shape[0] != batch:
         raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {arr.shape}")
     if arr.dtype.kind == "f":

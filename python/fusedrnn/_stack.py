@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import _core
+from . import _device
 from .functional import LayerGrads, _backward, _forward, has_cell_state
 
 
@@ -78,17 +78,18 @@ def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, nu
 
 
 def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, training: bool, y, h_n,
-                  c_n=None, cell_clip=None) -> list:
+                  c_n=None, cell_clip=None, backend: str = "cpu") -> list:
     """One layer, every direction: x (T, B, I); weights, one LayerWeights per direction; h0 (D, B, R)
     and c0 (D, B, H) or None. Writes y (T, B, D*R), h_n (D, B, R) and c_n (D, B, H; only for a cell with
-    a cell state) and returns each direction's tape (None when not training)."""
-    x = np.ascontiguousarray(x)  # every direction reads one contiguous copy at most
+    a cell state) and returns each direction's tape (None when not training). `backend`: the core's
+    backend for NumPy arrays (functional._forward)."""
+    x = _device.ascontiguous(x)  # every direction reads one contiguous host copy at most
     width = y.shape[2] // len(weights)
     tapes = []
     for d, w in enumerate(weights):
         w = LayerWeights(*w)
         out = _forward(cell, x, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, _at(h0, d), _at(c0, d),
-                       lengths, d == 1, training, direction(y, d, width), cell_clip, w.weight_hr)
+                       lengths, d == 1, training, direction(y, d, width), cell_clip, w.weight_hr, backend)
         h_n[d] = out.h_n
         if c_n is not None:
             c_n[d] = out.c_n
@@ -138,7 +139,7 @@ class StackGrads(NamedTuple):
 
 
 def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
-            cell_clip=None, dropout: Callable | None = None) -> StackOutput:
+            cell_clip=None, dropout: Callable | None = None, backend: str = "cpu") -> StackOutput:
     """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0 (L*D, B, R) and c0
     (L*D, B, H) or None. `dropout(shape)`, when given, draws the mask that multiplies each layer's
     output but the last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate
@@ -148,16 +149,16 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
     first = LayerWeights(*weights[0][0])
     width = state_size(first)
     hidden = width if first.weight_hr is None else first.weight_hr.shape[1]
-    h_n = np.empty((num_layers * dirs, batch, width), x.dtype)
-    c_n = np.empty((num_layers * dirs, batch, hidden), x.dtype) if has_cell_state(cell) else None
+    h_n = _device.empty(x, (num_layers * dirs, batch, width))
+    c_n = _device.empty(x, (num_layers * dirs, batch, hidden)) if has_cell_state(cell) else None
     tapes, masks = [], [None] * (num_layers - 1)
 
     def run_layer(layer, layer_input, h0_l, c0_l):
         rows = layer_rows(layer, dirs)
-        y = _core.aligned_empty((steps, batch, dirs * width), x.dtype)
+        y = _device.empty(x, (steps, batch, dirs * width), aligned=True)
         tapes.append(forward_layer(cell, layer_input, weights[layer], h0_l, c0_l, lengths=lengths,
                                    training=training, y=y, h_n=h_n[rows], c_n=_at(c_n, rows),
-                                   cell_clip=cell_clip))
+                                   cell_clip=cell_clip, backend=backend))
         return y, None, None
 
     def drop(layer, y):
@@ -169,6 +170,11 @@ def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None
     return StackOutput(y, h_n, c_n, tapes, masks)
 
 
+def _tape_input(tape):
+    """An array of the tape's dtype on its device, for new arrays beside it."""
+    return tape.arrays["x"] if hasattr(tape, "arrays") else np.empty(0, tape.dtype)
+
+
 def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads) -> StackGrads:
     """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*R), dh_n (L*D, B, R)
     and dc_n (L*D, B, H) or None (zero). `grads[layer][direction]` (LayerWeights of gradients) are added
@@ -176,10 +182,10 @@ def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads
     num_layers, dirs = len(tapes), len(tapes[0])
     first = tapes[0][0]
     steps, batch, _, hidden = first.shape
-    dtype = first.dtype
-    dh0 = np.empty((num_layers * dirs, batch, first.proj_size or hidden), dtype)
-    dc0 = np.empty((num_layers * dirs, batch, hidden), dtype) if has_cell_state(first.cell) else None
-    dh_norm = np.empty((num_layers * dirs, steps))
+    like = _tape_input(first)
+    dh0 = _device.empty(like, (num_layers * dirs, batch, first.proj_size or hidden))
+    dc0 = _device.empty(like, (num_layers * dirs, batch, hidden)) if has_cell_state(first.cell) else None
+    dh_norm = _device.empty(like, (num_layers * dirs, steps), "float64")
     grad_out = dy
     for layer in reversed(range(num_layers)):
         rows = layer_rows(layer, dirs)

@@ -11,7 +11,9 @@ meta the peers, threads, host CPU (/proc/cpuinfo's model name) and versions, so 
 judged against it (`fusedrnn bench --compare`).
 
 Peers are pluggable: `register_peer(name, factory, requires=...)` where the factory builds, for one
-case, the two callables to time (see `Runners`).
+case, the two callables to time (see `Runners`). A peer runs on the CPU or, `device="cuda"`, on the
+current CUDA device; its callables then wait for the device before returning, so the time is the
+device's.
 """
 
 from __future__ import annotations
@@ -84,9 +86,12 @@ class Peer:
     requires: str | None = None                       # a module that must be importable
     set_threads: Callable[[int], None] | None = None  # called once before timing
     version: Callable[[], str] | None = None
+    device: str = "cpu"                               # or "cuda"
 
     def available(self) -> bool:
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+            return False
+        return self.device == "cpu" or _cuda_ready()
 
 
 PEERS: dict[str, Peer] = {}
@@ -94,13 +99,23 @@ PEERS: dict[str, Peer] = {}
 
 def register_peer(name: str, factory: Callable[[Problem], Runners], *, requires: str | None = None,
                   set_threads: Callable[[int], None] | None = None,
-                  version: Callable[[], str] | None = None) -> None:
+                  version: Callable[[], str] | None = None, device: str = "cpu") -> None:
     """Adds a peer (replacing one of the same name)."""
-    PEERS[name] = Peer(name, factory, requires, set_threads, version)
+    PEERS[name] = Peer(name, factory, requires, set_threads, version, device)
 
 
-def available_peers() -> list[str]:
-    return [name for name, peer in PEERS.items() if peer.available()]
+def available_peers(device: str = "cpu") -> list[str]:
+    return [name for name, peer in PEERS.items() if peer.device == device and peer.available()]
+
+
+def _cuda_ready() -> bool:
+    """fusedrnn's CUDA module loads, and torch (which the CUDA peers' tensors come from) sees a GPU."""
+    from . import cuda_info
+
+    if not cuda_info()["loaded"] or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 # ---- the built-in peers -----------------------------------------------------------------------------
@@ -297,6 +312,95 @@ register_peer("fusedrnn.torch", _fusedrnn_torch_runners, requires="torch", set_t
 register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
 
 
+# ---- CUDA peers: torch CUDA tensors on the current device --------------------------------------------
+
+
+def _synchronized(fn):
+    import torch
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto", graphs: bool = False) -> Runners:
+    """fusedrnn's CUDA backend through the layer-stack driver on torch CUDA tensors (no autograd), its
+    recurrence chosen as `recurrence` (_cuda_layer.set_recurrence) and per-step loops replayed as CUDA
+    Graphs or not (_cuda.set_graphs) during each call."""
+    import torch
+
+    from . import _cuda, _cuda_layer, _stack
+
+    c = problem.case
+    on_gpu = {k: torch.from_numpy(v).cuda() for k, v in problem.state_dict.items()}
+    weights = [[tuple(on_gpu.get(f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))]]
+    x, dy = torch.from_numpy(problem.x).cuda(), torch.from_numpy(problem.dy).cuda()
+
+    def infer():
+        _stack.forward(c.cell, x, weights, training=False)
+
+    def train():
+        out = _stack.forward(c.cell, x, weights, training=True)
+        grads = [[tuple(None if w is None else torch.zeros_like(w) for w in weights[0][0])]]
+        _stack.backward(out.tapes, dy, dropout_masks=out.dropout_masks, grads=grads)
+
+    def choosing(fn):
+        def run():
+            previous, previous_graphs = _cuda_layer.set_recurrence(recurrence), _cuda.graphs()
+            _cuda.set_graphs(graphs)
+            try:
+                fn()
+            finally:
+                _cuda_layer.set_recurrence(previous)
+                _cuda.set_graphs(previous_graphs)
+        return _synchronized(run)
+
+    return Runners(choosing(infer), choosing(train))
+
+
+def _torch_cuda_runners(problem: Problem, tf32: bool) -> Runners:
+    """torch.nn (cuDNN) on the GPU, with TF32 tensor cores allowed or not (set around each call)."""
+    import torch
+
+    m, x, dy = _torch_problem_module(problem)
+    runners = torch_module_runners(m.cuda(), x.cuda(), dy.cuda())
+
+    def with_tf32(fn):
+        def run():
+            previous = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                fn()
+            finally:
+                torch.backends.cudnn.allow_tf32 = previous
+        return _synchronized(run)
+
+    return Runners(with_tf32(runners.infer), with_tf32(runners.train))
+
+
+def _fusedrnn_torch_cuda_runners(problem: Problem) -> Runners:
+    """fusedrnn.torch's drop-in module on the GPU, called exactly as torch.nn's is."""
+    from .torch import modules as frt
+
+    m, x, dy = _torch_problem_module(problem)
+    runners = torch_module_runners(frt.convert(m).cuda(), x.cuda(), dy.cuda())
+    return Runners(_synchronized(runners.infer), _synchronized(runners.train))
+
+
+register_peer("fusedrnn-cuda", _fusedrnn_cuda_runners, requires="torch", version=_fusedrnn_version, device="cuda")
+register_peer("fusedrnn-cuda-per-step", lambda p: _fusedrnn_cuda_runners(p, "per_step"), requires="torch",
+              version=_fusedrnn_version, device="cuda")
+register_peer("fusedrnn-cuda-graphs", lambda p: _fusedrnn_cuda_runners(p, "per_step", graphs=True), requires="torch",
+              version=_fusedrnn_version, device="cuda")
+register_peer("torch-cudnn", lambda p: _torch_cuda_runners(p, tf32=False), requires="torch", version=_torch_version,
+              device="cuda")
+register_peer("torch-cudnn-tf32", lambda p: _torch_cuda_runners(p, tf32=True), requires="torch",
+              version=_torch_version, device="cuda")
+register_peer("fusedrnn.torch-cuda", _fusedrnn_torch_cuda_runners, requires="torch", version=_fusedrnn_version,
+              device="cuda")
+
+
 def saved_for_backward_nbytes(problem: Problem) -> dict:
     """Bytes each library keeps for backward after a training forward of this problem, beyond the
     input and weights it references: fusedrnn's tapes; torch.nn's autograd saved tensors (counted by
@@ -488,10 +592,14 @@ def script_arguments(doc: str, default_repeats: int):
     return parser
 
 
-def check_peers(peers: Sequence[str]) -> list[str]:
+def check_peers(peers: Sequence[str], device: str = "cpu") -> list[str]:
+    if device == "cuda" and not _cuda_ready():
+        raise ValueError("device: 'cuda' needs fusedrnn's CUDA module, torch and a visible GPU")
     for name in peers:
         if name not in PEERS:
             raise ValueError(f"peers: unknown peer {name!r}; known: {sorted(PEERS)}")
+        if PEERS[name].device != device:
+            raise ValueError(f"peers: {name!r} runs on {PEERS[name].device}, not {device} (--device)")
         if not PEERS[name].available():
             raise ValueError(f"peers: {name!r} is not installed (needs the {PEERS[name].requires} package)")
     return list(peers)

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
     bench.add_argument("--peers", nargs="+", default=None,
                        help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="cpu (default) or cuda: the CUDA peers (fusedrnn-cuda, torch-cudnn with TF32 off "
+                            "and on, fusedrnn.torch-cuda) on the current GPU")
     bench.add_argument("--threads", type=_positive_int, default=2)
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
@@ -204,8 +207,8 @@ def _bench(args) -> int:
     elif old_report is not None:
         peers = _bench_report.report_peers(old_report)
     else:
-        peers = benchmark.available_peers()
-    peers = benchmark.check_peers(peers)
+        peers = benchmark.available_peers(args.device)
+    peers = benchmark.check_peers(peers, args.device)
     benchmark.set_threads(peers, args.threads)
     to_stdout = args.json == "-"
     say = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
@@ -261,7 +264,13 @@ def _info(args) -> int:
     print(f"fusedrnn {info['version']}")
     print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
           f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
-    print(f"  CUDA: {'compiled in' if info['cuda'] else 'not compiled in'}")
+    cuda = info["cuda"]
+    if not cuda["built"]:
+        print("  CUDA: not built (FUSEDRNN_CUDA=ON at build time builds it, or says why it cannot)")
+    elif not cuda["loaded"]:
+        print(f"  CUDA: built, does not load: {cuda['error']}")
+    else:
+        print(f"  CUDA: built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), {cuda['devices']} device(s)")
     print(f"  BLAS: {info['blas']}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")

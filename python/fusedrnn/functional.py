@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks, _core
+from . import _checks, _core, _device
 
 # The core's list of cells (cells.h): name -> {"gates", "saved", "has_cell_state", "projection"}. Every
 # table of cells in the package derives from it.
@@ -64,8 +64,17 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     `weight_hr` (P, H), for an LSTM only: the projection of the hidden state (module docstring).
 
     The tape references x and the weights rather than copying them: change neither in place before
-    layer_backward."""
+    layer_backward.
+
+    CUDA device arrays (CuPy arrays, torch CUDA tensors, any __cuda_array_interface__ or CUDA DLPack
+    array) run on their device and the array library's current stream, and the results are that
+    library's arrays; every array of a call must be on one device (lengths may be host or device)."""
     _checks.cell(cell)
+    device = _device.common_device(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
+                                   bias_hh=bias_hh, h0=h0, c0=c0, out=out, weight_hr=weight_hr)
+    if device != "cpu":
+        return _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse,
+                                  training, out, check_finite, cell_clip, weight_hr)
     x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
@@ -80,13 +89,39 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
                     bool(training), out, cell_clip, _as_optional(weight_hr))
 
 
+def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
+                       check_finite, cell_clip, weight_hr) -> LayerOutput:
+    from . import _cuda_layer
+    lib = _cuda_layer.library_of(x)
+    if len(x.shape) != 3:
+        raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {tuple(x.shape)}")
+    lens = _checks.lengths(lengths, x.shape[0], x.shape[1])  # checked on the host, copied over by the call
+    cell_clip = _checks.cell_clip(cell_clip, cell)
+    if check_finite:
+        for name, value in (("x", x), ("h0", h0), ("c0", c0)):
+            if value is not None:
+                _checks.finite(name, lib.adopt(value))
+    return _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, bool(reverse),
+                    bool(training), out, cell_clip, weight_hr)
+
+
 def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
-             cell_clip, weight_hr=None) -> LayerOutput:
+             cell_clip, weight_hr=None, backend="cpu") -> LayerOutput:
     """layer_forward on arguments its checks have passed: x a 3-D ndarray, lengths int64 (B,) or None
     (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes
-    (and weight_hr against the cell)."""
+    (and weight_hr against the cell). `backend` "emulated_device" runs the CUDA backend's device code on
+    the host (tests); the tape's backward runs on the backend its forward ran on. Device arrays go to
+    the CUDA backend, which has no projection."""
+    if _device.is_cuda(x):
+        if weight_hr is not None:
+            raise ValueError("weight_hr: the CUDA backend has no projection (proj_size) yet; run a "
+                             "projected LSTM on the CPU")
+        from . import _cuda_layer
+        return LayerOutput(*_cuda_layer.forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
+                                                reverse, training, out, cell_clip))
     return LayerOutput(*_core.layer_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
-                                            lengths, reverse, training, out, cell_clip, weight_hr))
+                                            lengths, reverse, training, out, cell_clip, backend=backend,
+                                            weight_hr=weight_hr))
 
 
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
@@ -97,6 +132,9 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     projection, weight_hr) are accumulated into when given, and created otherwise. The result's
     dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
     h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction."""
+    from ._cuda_layer import CudaTape
+    if isinstance(tape, CudaTape):
+        return _backward(tape, dy, dh_n, dc_n, dx, grads)
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
@@ -105,6 +143,12 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
     """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
+    from ._cuda_layer import CudaTape
+    if isinstance(tape, CudaTape):
+        from . import _cuda_layer
+        return LayerGrads(*_cuda_layer.backward(tape, dy, dh_n, dc_n, dx,
+                                                None if grads is None else (grads.weight_ih, grads.weight_hh,
+                                                                            grads.bias_ih, grads.bias_hh)))
     steps, batch, inp, hidden = tape.shape
     proj = tape.proj_size
     dtype = tape.dtype

@@ -10,14 +10,16 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _checks, _core, _stack
+from . import _checks, _core, _device, _stack
 from .functional import CELLS, GATES, has_cell_state
 
 
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes):
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes,
+                 on_device=False):
+        self.on_device = on_device            # the forward ran on a CUDA device (CuPy arrays)
         self.tapes = tapes                    # tapes[layer][direction]
         self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
         self.batch_first = batch_first
@@ -249,8 +251,16 @@ class RNNBase(_Module):
     def forward(self, x, hx=None, *, lengths=None):
         """x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched (T, input_size).
         Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y and h_n have num_directions*hidden_size and
-        hidden_size features (proj_size for an LSTM with a projection), c_n hidden_size."""
+        hidden_size features (proj_size for an LSTM with a projection), c_n hidden_size.
+
+        A CUDA device array x (CuPy, or anything with __cuda_array_interface__) runs on its device and
+        CuPy's current stream and the results are CuPy arrays; hx must be on the same device. The
+        parameters stay NumPy arrays: each call copies them to the device, and backward adds the
+        device's gradients into `grads`."""
+        h0_in, c0_in = self._split_hx(hx)
+        _device.common_device(x=x, **{"h0" if self._has_cell_state else "hx": h0_in}, c0=c0_in)
         x = x_given = _checks.array("x", x, self.dtype, (2, 3))
+        on_device = _device.is_cuda(x)
         unbatched = x.ndim == 2
         if unbatched:
             x = x[:, None, :]
@@ -262,7 +272,6 @@ class RNNBase(_Module):
         if features != self.input_size:
             raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, got {features}")
         _checks.finite("x", x_given)  # before any transpose: the native scan needs contiguous memory
-        h0_in, c0_in = self._split_hx(hx)
         h0 = self._checked_state("h0" if self._has_cell_state else "hx", h0_in, batch, unbatched,
                                  self._state_size)
         c0 = self._checked_state("c0", c0_in, batch, unbatched, self.hidden_size)
@@ -272,14 +281,19 @@ class RNNBase(_Module):
 
         training = self.training
         dropout = self._dropout_mask if training and self.dropout > 0 else None
-        y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, self._stack_weights(self._params), h0, c0,
-                                                   lengths=lens, training=training, cell_clip=self.cell_clip,
-                                                   dropout=dropout)
+        weights = self._stack_weights(self._params)
+        if on_device:
+            from . import _cuda_layer
+            weights = [[tuple(_cuda_layer.to_device(x, p) for p in d) for d in layer] for layer in weights]
+            if dropout is not None:
+                dropout = lambda shape: _cuda_layer.to_device(x, self._dropout_mask(shape))  # noqa: E731
+        y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, weights, h0, c0, lengths=lens, training=training,
+                                                   cell_clip=self.cell_clip, dropout=dropout)
         self._pending = None
         if training:
             inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
-                                 inner_inputs_nbytes)
+                                     inner_inputs_nbytes, on_device)
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
             c_n = None if c_n is None else c_n[:, 0, :]
@@ -327,10 +341,22 @@ class RNNBase(_Module):
             return self._backward(ctx, dy, dh_n, dc_n)
 
     def _backward(self, ctx: _Context, dy, dh_n, dc_n):
+        grads = self._stack_weights(self.grads)
+        if ctx.on_device:  # the device's gradients, added into the host's after
+            like = ctx.tapes[0][0].arrays["x"]
+            into = [[tuple(None if g is None else _device.zeros(like, g.shape) for g in d) for d in layer]
+                    for layer in grads]
+        else:
+            into = grads
         dx, dh0, dc0, dh_norms = _stack.backward(ctx.tapes, dy, dh_n, dc_n, dropout_masks=ctx.dropout_masks,
-                                                 grads=self._stack_weights(self.grads))
+                                                 grads=into)
+        if ctx.on_device:
+            for host, device in zip((g for layer in grads for d in layer for g in d),
+                                    (g for layer in into for d in layer for g in d)):
+                if host is not None:
+                    host += _device.to_host(device)
         unbatched = ctx.unbatched
-        self.hidden_grad_norms = dh_norms
+        self.hidden_grad_norms = _device.to_host(dh_norms)
         if unbatched:
             dx, dh0 = dx[:, 0, :], dh0[:, 0, :]
             dc0 = None if dc0 is None else dc0[:, 0, :]
@@ -346,8 +372,10 @@ class RNNBase(_Module):
             if g is None:
                 continue
             prev = self.input_grads.get(name)
-            if prev is None or prev.shape != g.shape:
+            if prev is None or prev.shape != g.shape or _device.is_cuda(prev) != _device.is_cuda(g):
                 self.input_grads[name] = g.copy()
+            elif _device.is_cuda(g):
+                prev += g
             elif g.flags.c_contiguous and g.flags.aligned:
                 _core.add_into(prev, g)  # shared by the team when large
             else:  # batch_first's transposed view

@@ -54,9 +54,6 @@ struct StateSlots {
   T* at(Index slot) const { return base ? base + (training ? slot : (slot & 1)) * stride : nullptr; }
 };
 
-// Slot of the state read (previous) and written (next) at time t; see "State slots" in layer.h.
-inline Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
-inline Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
 
 // A rank's share of each step: batch rows [b0, b1) x hidden units [u0, u1), and the columns [o0, o1)
 // of the hidden state h it writes (forward) and whose gradient it finishes (backward): its units

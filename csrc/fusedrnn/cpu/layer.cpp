@@ -231,27 +231,12 @@ bool recurrent_bias_apart(CellKind cell, int gate) {
   return v;
 }
 
-// A view (layer.h) read as rows (kernels.h) where its layout allows: the last dimension contiguous (or
-// of length 1) and the rows, its leading dimensions flattened in C order, evenly spaced at least a row
-// apart (what BLAS takes as a leading dimension). Null otherwise.
+// A view (layer.h) read as rows (kernels.h) where row_stride (layer.h) allows, else null.
 template <typename T>
 Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width) {
-  if (width > 1 && v.stride[2] != 1) return {};
-  Index ld = width;
-  if (n0 > 1 && n1 > 1) {
-    if (v.stride[0] != n1 * v.stride[1]) return {};
-    ld = v.stride[1];
-  } else if (n0 > 1) {
-    ld = v.stride[0];
-  } else if (n1 > 1) {
-    ld = v.stride[1];
-  }
-  if (ld < width) return {};
-  return {v.data, ld};
+  const Index ld = row_stride(v, n0, n1, width);
+  return ld < 0 ? Rows<T>{} : Rows<T>{v.data, ld};
 }
-
-template <typename T>
-View3<T> as_view3(const View2<T>& v) { return {v.data, {0, v.stride[0], v.stride[1]}}; }
 
 // The caller's arrays of one call as the kernels read them: in place where rows_in_place allows, else
 // a dense copy made here, on the calling thread before any job (inputs; outputs that are accumulated

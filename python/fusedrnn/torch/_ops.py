@@ -2,8 +2,9 @@
 backward `fusedrnn::rnn_layer_backward`, registered with torch.library so that autograd,
 torch.compile and torch.export see them as single opaque operators with known output shapes.
 
-Tensors reach the core as NumPy views of their memory (`.detach().numpy()`, no copy); outputs are
-tensors over the arrays the core writes. The directions of a layer run through the layer-stack driver
+CPU tensors reach the core as NumPy views of their memory (`.detach().numpy()`, no copy); outputs are
+tensors over the arrays the core writes. CUDA tensors go to the CUDA backend as they are (detached),
+on torch's current stream, and the outputs are CUDA tensors allocated by torch. The directions of a layer run through the layer-stack driver
 (fusedrnn._stack), as the NumPy modules' do; the loop over layers is the torch modules'.
 
 What a forward records for backward (the core's tapes) is not a tensor, so the forward returns a
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _checks, _stack
+from .. import _checks, _device, _stack
 from ..functional import has_cell_state
 
 
@@ -53,8 +54,16 @@ def _tapes_of(handle: Tensor) -> list:
     return holder.tapes
 
 
-def _array(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else t.detach().numpy()
+def _array(t: Optional[Tensor]):
+    """What the layer-stack driver takes for a tensor: a NumPy view of a CPU tensor, a CUDA tensor as it
+    is (detached)."""
+    if t is None:
+        return None
+    return t.detach() if t.is_cuda else t.detach().numpy()
+
+
+def _tensor(a) -> Tensor:
+    return a if isinstance(a, Tensor) else torch.from_numpy(a)
 
 
 # The weights of a layer as separate operator arguments, each direction's torch.nn parameters in
@@ -82,7 +91,7 @@ def _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell):
     return (steps, batch, dirs * width), (dirs, batch, width), cell_state
 
 
-@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types=("cpu", "cuda"))
 def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
               bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
               weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
@@ -99,18 +108,18 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
     in x, h0 and c0 with a ValueError."""
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
-    xa = np.ascontiguousarray(_array(x))  # the driver's directions read this one copy
-    h0a, c0a = _array(h0), _array(c0)
+    _device.common_device(input=x, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
+    xa = _device.ascontiguous(_array(x))  # the driver's directions read this one copy
     if check_finite:
-        for name, arr in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
-            if arr is not None:
-                _checks.finite(name, arr)
-    y, h_n, c_n = (torch.empty(shape, dtype=x.dtype)
+        for name, t in (("input", x), ("h_0", h0), ("c_0", c0)):
+            if t is not None:
+                _checks.finite(name, _array(t))
+    y, h_n, c_n = (torch.empty(shape, dtype=x.dtype, device=x.device)
                    for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
-    lens = _checks.lengths(_array(lengths), xa.shape[0], xa.shape[1])
-    tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record,
-                                 y=y.numpy(), h_n=h_n.numpy(),
-                                 c_n=c_n.numpy() if has_cell_state(cell) else None)
+    lens = _checks.lengths(None if lengths is None else lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
+    tapes = _stack.forward_layer(cell, xa, _by_direction(weights), _array(h0), _array(c0), lengths=lens,
+                                 training=record, y=_array(y), h_n=_array(h_n),
+                                 c_n=_array(c_n) if has_cell_state(cell) else None)
     handle = _tape_handle(tapes) if record else torch.tensor(_NO_TAPE)
     return y, h_n, c_n, handle
 
@@ -119,10 +128,11 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
 def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse, weight_hh_reverse,
       bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, h0, c0, lengths, cell, record, check_finite):
     shapes = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
-    return (*(x.new_empty(shape) for shape in shapes), x.new_empty((), dtype=torch.int64))
+    return (*(x.new_empty(shape) for shape in shapes),
+            torch.empty((), dtype=torch.int64))  # the tape handle lives on the host whatever x's device
 
 
-@torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                        bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
                        weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
@@ -135,15 +145,15 @@ def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Te
     absent weights are empty tensors."""
     tapes = _tapes_of(tape)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
-    dh0, dc0 = torch.empty(state, dtype=x.dtype), torch.empty(cell_state, dtype=x.dtype)
-    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0.numpy(),
-                                              dc0=dc0.numpy() if has_cell_state(cell) else None)
+    dh0, dc0 = (torch.empty(shape, dtype=x.dtype, device=x.device) for shape in (state, cell_state))
+    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=_array(dh0),
+                                              dc0=_array(dc0) if has_cell_state(cell) else None)
     grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
     for d, g in enumerate(per_direction):
         for k, value in enumerate(getattr(g, name) for name in PARAMETERS):
             if value is not None:
-                grads[d * SLOTS_PER_DIRECTION + k] = torch.from_numpy(value)
-    return (torch.from_numpy(dx), dh0, dc0, *grads)
+                grads[d * SLOTS_PER_DIRECTION + k] = _tensor(value)
+    return (_tensor(dx), dh0, dc0, *grads)
 
 
 @rnn_layer_backward.register_fake

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Everything about the CUDA backend that needs a GPU, in one call of under ten minutes, on a machine with
+# no network: Python 3.12, torch (CUDA 13), CuPy, nvcc 13, nvidia-cublas and compute-sanitizer
+# installed, one GPU. Steps (each logged with its time; the first failure stops the script):
+#   1. build fusedrnn with FUSEDRNN_CUDA=ON for this GPU's architecture (--no-build-isolation, so the
+#      build uses what is installed; build tools missing there come from bench/wheelhouse, made on a
+#      machine with network by bench/gpu_wheels.sh and carried along), ptxas's report kept;
+#   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
+#      the persistent kernel) and the emulated device tests;
+#   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
+#      (bench/gpu_small_case.py);
+#   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
+#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones.
+# Logs and the benchmark's JSON go to $OUT (or ./gpu_check_out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$PWD"
+out="${OUT:-$repo/gpu_check_out}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+start=$(date +%s)
+log() { printf '\n== [%ss] %s\n' "$(($(date +%s) - start))" "$*" | tee -a "$out/steps.log"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+nvcc --version | tail -2
+"$python" - <<'EOF' | tee -a "$out/gpu.txt"
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "cupy", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+EOF
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.[:space:]')
+
+log "build tools"
+# A virtual environment that sees the machine's packages (torch, CuPy, nvidia-cublas), so nothing
+# installed there changes; what the build or tests need and the machine lacks comes from the wheelhouse.
+venv="$(mktemp -d)/venv"
+"$python" -m venv --system-site-packages "$venv"
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+missing=$(python - <<'EOF'
+import importlib.util
+wanted = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "scipy_openblas32": "scipy-openblas32",
+          "tqdm": "tqdm", "pytest": "pytest", "pytest_timeout": "pytest-timeout", "hypothesis": "hypothesis",
+          "cmake": "cmake"}
+print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if ! command -v cmake >/dev/null && [[ "$missing" != *cmake* ]]; then missing="$missing cmake"; fi
+if [[ -n "${missing// }" ]]; then
+  echo "not installed here: $missing"
+  if [[ ! -d bench/wheelhouse ]]; then
+    echo "gpu_check: no bench/wheelhouse to install them from (make it with bench/gpu_wheels.sh)" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC2086
+  python -m pip install -q --no-index --find-links bench/wheelhouse $missing
+fi
+
+log "build for sm_$arch with FUSEDRNN_CUDA=ON"
+FUSEDRNN_CUDA=ON FUSEDRNN_CUDA_PTXAS_VERBOSE=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  python -m pip install -v --no-deps --no-build-isolation --no-index \
+  --config-settings=build-dir="$(dirname "$venv")/build" \
+  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" . >"$out/build.log" 2>&1 ||
+  { tail -40 "$out/build.log"; echo "gpu_check: the build failed" >&2; exit 1; }
+grep "fusedrnn: CUDA module" "$out/build.log"
+if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
+  echo "gpu_check: a kernel spills registers (above)" >&2
+  exit 1
+fi
+cd "$out"  # from here on `import fusedrnn` is the installed package, never the source tree
+python -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info); assert info['devices'] > 0, info"
+
+log "GPU tests and emulated device tests"
+if ! python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs "$repo/tests/test_cuda.py" \
+    "$repo/tests/test_emulated_device.py" >"$out/tests.log" 2>&1; then
+  tail -40 "$out/tests.log"
+  echo "gpu_check: tests failed" >&2
+  exit 1
+fi
+tail -8 "$out/tests.log"
+if grep -q "SKIPPED.*needs a GPU" "$out/tests.log"; then
+  echo "gpu_check: GPU tests were skipped on a GPU machine (see tests.log)" >&2
+  exit 1
+fi
+
+log "compute-sanitizer on a small case"
+for tool in memcheck racecheck synccheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+    python "$repo/bench/gpu_small_case.py" >"$out/sanitizer_$tool.log" 2>&1 ||
+    { tail -30 "$out/sanitizer_$tool.log"; echo "gpu_check: compute-sanitizer $tool failed" >&2; exit 1; }
+  tail -2 "$out/sanitizer_$tool.log"
+done
+
+log "benchmark against cuDNN"
+fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn \
+  torch-cudnn-tf32 \
+  --rounds 5 --repeats 10 --no-progress --json "$out/bench_cuda.json" | tee "$out/bench_cuda.txt"
+fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
+  --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
+  --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"
+
+log "passed"

@@ -1,0 +1,348 @@
+// pybind11 bindings of the CUDA backend (fusedrnn._cuda): device arrays from any library that exposes
+// __cuda_array_interface__ (CuPy, torch CUDA tensors, Numba), checked once (dtype, shape, device,
+// writability) and described as layer.h's views; the call is enqueued on the caller's stream. The
+// caller allocates every output and tape array with its own library (fusedrnn/_cuda_layer.py), so this
+// module never owns device arrays beyond a call's workspace. No numerics here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/cells.h"
+#include "fusedrnn/cuda/cuda_layer.h"
+#include "fusedrnn/layer.h"
+
+namespace py = pybind11;
+namespace gpu = fusedrnn::gpu;
+using fusedrnn::CellKind;
+using fusedrnn::Index;
+
+namespace {
+
+CellKind parse_cell(const std::string& name) {
+  for (const fusedrnn::CellFacts& c : fusedrnn::kCells)
+    if (name == c.name) return c.kind;
+  throw py::value_error("cell: unknown cell '" + name + "'");
+}
+
+gpu::RecurrencePath parse_path(const std::string& name) {
+  if (name == "auto") return gpu::RecurrencePath::kAuto;
+  if (name == "per_step") return gpu::RecurrencePath::kPerStep;
+  if (name == "persistent") return gpu::RecurrencePath::kPersistent;
+  throw py::value_error("recurrence: expected 'auto', 'per_step' or 'persistent', got '" + name + "'");
+}
+
+std::string shape_str(const std::vector<Index>& dims) {
+  std::ostringstream s;
+  s << '(';
+  for (std::size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << (dims.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// One argument's __cuda_array_interface__ (version 2 or 3), checked.
+struct DeviceArray {
+  void* data = nullptr;
+  std::vector<Index> shape;
+  std::vector<Index> strides;  // in elements
+};
+
+// The device every array of a call is on: the first array's, and every other must match.
+struct CallDevice {
+  int device = -1;
+  std::string first;
+};
+
+DeviceArray device_array(const py::handle& obj, const char* name, const char* typestr, std::size_t item,
+                         const std::vector<Index>& shape, bool writable, CallDevice& call) {
+  if (!py::hasattr(obj, "__cuda_array_interface__"))
+    throw py::type_error(std::string(name) + ": expected a CUDA device array (one with __cuda_array_interface__), got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const py::dict cai = obj.attr("__cuda_array_interface__");
+  const std::string got_type = py::str(cai["typestr"]);
+  if (got_type != typestr)
+    throw py::type_error(std::string(name) + ": expected typestr " + typestr + ", got " + got_type);
+  DeviceArray a;
+  for (const py::handle d : py::tuple(cai["shape"])) a.shape.push_back(d.cast<Index>());
+  if (a.shape != shape)
+    throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " + shape_str(a.shape));
+  const py::tuple data = cai["data"];
+  a.data = reinterpret_cast<void*>(data[0].cast<std::uintptr_t>());
+  if (writable && data[1].cast<bool>()) throw py::value_error(std::string(name) + ": array is read-only");
+  const py::object strides = cai.contains("strides") ? py::object(cai["strides"]) : py::object(py::none());
+  a.strides.assign(shape.size(), 0);
+  Index dense = 1;
+  for (std::size_t d = shape.size(); d-- > 0;) {
+    Index bytes = static_cast<Index>(dense * item);
+    if (!strides.is_none()) bytes = py::tuple(strides)[d].cast<Index>();
+    if (bytes % static_cast<Index>(item) != 0)
+      throw py::value_error(std::string(name) + ": strides must be whole elements");
+    a.strides[d] = bytes / static_cast<Index>(item);
+    dense *= shape[d];
+  }
+  if (reinterpret_cast<std::uintptr_t>(a.data) % item != 0)
+    throw py::value_error(std::string(name) + ": data is not aligned to its element size");
+  if (dense > 0) {
+    const int device = gpu::cuda::device_of(a.data);
+    if (device < 0) throw py::value_error(std::string(name) + ": not CUDA device memory");
+    if (call.device < 0) {
+      call.device = device;
+      call.first = name;
+    } else if (device != call.device) {
+      throw py::value_error(std::string(name) + ": on CUDA device " + std::to_string(device) + ", but " + call.first +
+                            " is on device " + std::to_string(call.device));
+    }
+  }
+  return a;
+}
+
+template <typename V>
+V view(const DeviceArray& a) {
+  V v;
+  v.data = static_cast<decltype(v.data)>(a.data);
+  if constexpr (std::is_same_v<decltype(v.stride), Index>)
+    v.stride = a.strides[0];
+  else
+    for (std::size_t d = 0; d < a.strides.size(); ++d) v.stride[d] = a.strides[d];
+  return v;
+}
+
+// The typed arguments of a call: every array is an object with __cuda_array_interface__, or None.
+template <typename T>
+struct Arrays {
+  const char* typestr = sizeof(T) == 4 ? "<f4" : "<f8";
+  CallDevice device;
+
+  template <typename V>
+  V in(const py::object& obj, const char* name, const std::vector<Index>& shape) {
+    if (obj.is_none()) return V{};
+    return view<V>(device_array(obj, name, typestr, sizeof(T), shape, false, device));
+  }
+  template <typename V>
+  V out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
+    if (obj.is_none()) return V{};
+    return view<V>(device_array(obj, name, typestr, sizeof(T), shape, true, device));
+  }
+  T* dense_out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
+    if (obj.is_none()) return nullptr;
+    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device);
+    Index expected = 1;
+    for (std::size_t d = shape.size(); d-- > 0;) {
+      if (shape[d] > 1 && a.strides[d] != expected) throw py::value_error(std::string(name) + ": must be C-contiguous");
+      expected *= shape[d];
+    }
+    return static_cast<T*>(a.data);
+  }
+};
+
+// Runs `enqueue(workspace)` on the arrays' device with `bytes` of stream-ordered workspace.
+template <typename F>
+void on_device(const CallDevice& device, std::size_t bytes, std::uintptr_t stream_handle, F&& enqueue) {
+  void* stream = reinterpret_cast<void*>(stream_handle);
+  py::gil_scoped_release release;
+  const int previous = gpu::cuda::current_device();
+  if (device.device >= 0 && device.device != previous) gpu::cuda::set_current_device(device.device);
+  void* workspace = nullptr;
+  try {
+    workspace = gpu::cuda::allocate(bytes, stream);
+    enqueue(workspace);
+    gpu::cuda::release(workspace, stream);
+  } catch (...) {
+    if (workspace) gpu::cuda::release(workspace, stream);
+    if (device.device >= 0 && device.device != previous) gpu::cuda::set_current_device(previous);
+    throw;
+  }
+  if (device.device >= 0 && device.device != previous) gpu::cuda::set_current_device(previous);
+}
+
+double checked_cell_clip(const py::object& obj) {
+  return obj.is_none() ? std::numeric_limits<double>::infinity() : obj.cast<double>();
+}
+
+template <typename T>
+void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::object& x, const py::object& w_ih,
+                   const py::object& w_hh, const py::object& b_ih, const py::object& b_hh, const py::object& h0,
+                   const py::object& c0, const py::object& lengths, bool reverse, const py::object& y,
+                   const py::object& h_n, const py::object& c_n, const py::object& hs, const py::object& cs,
+                   const py::object& saved, bool training, const py::object& cell_clip, std::uintptr_t stream,
+                   gpu::RecurrencePath path) {
+  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3];
+  const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
+  const Index gh = f.gates * H;
+  Arrays<T> arr;
+  fusedrnn::LayerForwardParams<T> p;
+  p.cell = cell;
+  p.shape = {T_, B, I, H, {}, reverse};
+  p.x = arr.template in<fusedrnn::View3<const T>>(x, "x", {T_, B, I});
+  p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
+  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, H});
+  p.weights.b_ih = arr.template in<fusedrnn::View1<const T>>(b_ih, "bias_ih", {gh});
+  p.weights.b_hh = arr.template in<fusedrnn::View1<const T>>(b_hh, "bias_hh", {gh});
+  if (!p.weights.b_ih.data != !p.weights.b_hh.data) throw py::value_error("bias_ih, bias_hh: pass both or neither");
+  p.h0 = arr.template in<fusedrnn::View2<const T>>(h0, "h0", {B, H});
+  if (!f.has_cell_state && !c0.is_none()) throw py::value_error("c0: only an LSTM has a cell state");
+  p.c0 = arr.template in<fusedrnn::View2<const T>>(c0, "c0", {B, H});
+  if (!lengths.is_none())
+    p.shape.lengths =
+        view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
+  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data)
+    throw py::value_error("x, weight_ih, weight_hh: required");
+  p.y = arr.template out<fusedrnn::View3<T>>(y, "y", {T_, B, H});
+  p.h_n = arr.template out<fusedrnn::View2<T>>(h_n, "h_n", {B, H});
+  p.c_n = arr.template out<fusedrnn::View2<T>>(c_n, "c_n", {B, H});
+  if (!p.y.data || !p.h_n.data || (f.has_cell_state && !p.c_n.data))
+    throw py::value_error("y, h_n, c_n: output arrays are required");
+  const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, p.shape, training);
+  p.tape.training = training;
+  p.tape.hs = arr.dense_out(hs, "hs", {layout.slots, B, H});
+  p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {layout.slots, B, H}) : nullptr;
+  p.tape.saved = layout.saved_values > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
+  if (!p.tape.hs || (f.has_cell_state && !p.tape.cs) || (layout.saved_values > 0 && !p.tape.saved))
+    throw py::value_error("hs, cs, saved: the tape's arrays are required");
+  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
+  on_device(arr.device, gpu::cuda::forward_workspace_bytes(p), stream,
+            [&](void* workspace) { gpu::cuda::layer_forward(p, workspace, reinterpret_cast<void*>(stream), path); });
+}
+
+template <typename T>
+void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse, const py::object& x,
+                    const py::object& w_ih, const py::object& w_hh, const py::object& b_ih, const py::object& b_hh,
+                    const py::object& lengths, const py::object& hs, const py::object& cs, const py::object& saved,
+                    const py::object& dy, const py::object& dh_n, const py::object& dc_n, const py::object& dx,
+                    bool accumulate_dx, const py::object& dh0, const py::object& dc0, const py::object& dw_ih,
+                    const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
+                    const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream) {
+  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3];
+  const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
+  const Index gh = f.gates * H;
+  Arrays<T> arr;
+  fusedrnn::LayerBackwardParams<T> p;
+  p.cell = cell;
+  p.shape = {T_, B, I, H, {}, reverse};
+  p.x = arr.template in<fusedrnn::View3<const T>>(x, "x", {T_, B, I});
+  p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
+  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, H});
+  p.weights.b_ih = arr.template in<fusedrnn::View1<const T>>(b_ih, "bias_ih", {gh});
+  p.weights.b_hh = arr.template in<fusedrnn::View1<const T>>(b_hh, "bias_hh", {gh});
+  if (!lengths.is_none())
+    p.shape.lengths =
+        view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
+  p.tape.training = true;
+  p.tape.hs = arr.dense_out(hs, "hs", {T_ + 1, B, H});
+  p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {T_ + 1, B, H}) : nullptr;
+  p.tape.saved = f.saved > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
+  p.dy = arr.template in<fusedrnn::View3<const T>>(dy, "dy", {T_, B, H});
+  p.dh_n = arr.template in<fusedrnn::View2<const T>>(dh_n, "dh_n", {B, H});
+  p.dc_n = arr.template in<fusedrnn::View2<const T>>(dc_n, "dc_n", {B, H});
+  p.dx = arr.template out<fusedrnn::View3<T>>(dx, "dx", {T_, B, I});
+  p.accumulate_dx = accumulate_dx;
+  p.dh0 = arr.template out<fusedrnn::View2<T>>(dh0, "dh0", {B, H});
+  p.dc0 = arr.template out<fusedrnn::View2<T>>(dc0, "dc0", {B, H});
+  p.dw_ih = arr.template out<fusedrnn::View2<T>>(dw_ih, "grad_weight_ih", {gh, I});
+  p.dw_hh = arr.template out<fusedrnn::View2<T>>(dw_hh, "grad_weight_hh", {gh, H});
+  if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
+  p.db_ih = arr.template out<fusedrnn::View1<T>>(db_ih, "grad_bias_ih", {gh});
+  p.db_hh = arr.template out<fusedrnn::View1<T>>(db_hh, "grad_bias_hh", {gh});
+  if ((p.weights.b_ih.data != nullptr) != (p.db_ih.data != nullptr && p.db_hh.data != nullptr))
+    throw py::value_error("grad_bias_ih, grad_bias_hh: required exactly when the layer has biases");
+  if (!dh_norm.is_none()) {
+    const DeviceArray norms = device_array(dh_norm, "dh_norm", "<f8", 8, {T_}, true, arr.device);
+    if (T_ > 1 && norms.strides[0] != 1) throw py::value_error("dh_norm: must be contiguous");
+    p.dh_norm = static_cast<double*>(norms.data);
+  }
+  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data || !p.tape.hs)
+    throw py::value_error("x, weight_ih, weight_hh, hs: required");
+  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
+  on_device(arr.device, gpu::cuda::backward_workspace_bytes(p), stream,
+            [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream)); });
+}
+
+std::vector<Index> layer_dims(const py::tuple& shape) {
+  if (shape.size() != 4) throw py::value_error("shape: expected (T, B, I, H)");
+  std::vector<Index> dims;
+  for (const py::handle d : shape) {
+    dims.push_back(d.cast<Index>());
+    if (dims.back() < 1) throw py::value_error("shape: every size must be >= 1, got " + shape_str(dims));
+  }
+  return dims;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fusedrnn CUDA backend: one layer, one direction per call, on device arrays";
+
+  m.def("layer_forward",
+        [](const std::string& cell, const std::string& dtype, const py::tuple& shape, const py::object& x,
+           const py::object& w_ih, const py::object& w_hh, const py::object& b_ih, const py::object& b_hh,
+           const py::object& h0, const py::object& c0, const py::object& lengths, bool reverse, const py::object& y,
+           const py::object& h_n, const py::object& c_n, const py::object& hs, const py::object& cs,
+           const py::object& saved, bool training, const py::object& cell_clip, std::uintptr_t stream,
+           const std::string& recurrence) {
+          const CellKind kind = parse_cell(cell);
+          const std::vector<Index> dims = layer_dims(shape);
+          const gpu::RecurrencePath path = parse_path(recurrence);
+          if (dtype == "float32")
+            forward_typed<float>(kind, dims, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, y, h_n, c_n, hs, cs,
+                                 saved, training, cell_clip, stream, path);
+          else if (dtype == "float64")
+            forward_typed<double>(kind, dims, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, y, h_n, c_n, hs,
+                                  cs, saved, training, cell_clip, stream, path);
+          else
+            throw py::type_error("dtype: expected float32 or float64, got " + dtype);
+        },
+        py::arg("cell"), py::arg("dtype"), py::arg("shape"), py::arg("x"), py::arg("weight_ih"),
+        py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
+        py::arg("lengths"), py::arg("reverse"), py::arg("y"), py::arg("h_n"), py::arg("c_n"), py::arg("hs"),
+        py::arg("cs"), py::arg("saved"), py::arg("training"), py::arg("cell_clip"), py::arg("stream"),
+        py::arg("recurrence") = "auto",
+        "Enqueues one direction of one layer on `stream` (a cudaStream_t as an int). Writes y, h_n, c_n "
+        "and the tape (hs, cs, saved: layer.h's tape layout, allocated by the caller).");
+
+  m.def("layer_backward",
+        [](const std::string& cell, const std::string& dtype, const py::tuple& shape, bool reverse,
+           const py::object& x, const py::object& w_ih, const py::object& w_hh, const py::object& b_ih,
+           const py::object& b_hh, const py::object& lengths, const py::object& hs, const py::object& cs,
+           const py::object& saved, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
+           const py::object& dx, bool accumulate_dx, const py::object& dh0, const py::object& dc0,
+           const py::object& dw_ih, const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
+           const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream) {
+          const CellKind kind = parse_cell(cell);
+          const std::vector<Index> dims = layer_dims(shape);
+          if (dtype == "float32")
+            backward_typed<float>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
+                                  dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
+                                  stream);
+          else if (dtype == "float64")
+            backward_typed<double>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
+                                   dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
+                                   stream);
+          else
+            throw py::type_error("dtype: expected float32 or float64, got " + dtype);
+        },
+        py::arg("cell"), py::arg("dtype"), py::arg("shape"), py::arg("reverse"), py::arg("x"), py::arg("weight_ih"),
+        py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("lengths"), py::arg("hs"),
+        py::arg("cs"), py::arg("saved"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
+        py::arg("accumulate_dx"), py::arg("dh0"), py::arg("dc0"), py::arg("grad_weight_ih"),
+        py::arg("grad_weight_hh"), py::arg("grad_bias_ih"), py::arg("grad_bias_hh"), py::arg("dh_norm"),
+        py::arg("cell_clip"), py::arg("stream"),
+        "Enqueues the backward of one layer_forward(training=True) on `stream`: accumulates into the weight "
+        "and bias gradients (and dx unless accumulate_dx is False), writes dh0, dc0 and dh_norm.");
+
+  m.def("device_count", &gpu::cuda::device_count, "CUDA devices visible (0 without a driver or GPU).");
+  m.def("device_name", &gpu::cuda::device_name, py::arg("device"));
+  m.def("runtime_version", &gpu::cuda::runtime_version);
+  m.def("set_graphs", &gpu::cuda::set_graphs, py::arg("enabled"),
+        "Records each per-step loop as a CUDA Graph the first time its arrays and sizes are seen and "
+        "replays it for later calls with the same ones (no per-step host work). Off by default.");
+  m.def("graphs", &gpu::cuda::graphs);
+  m.def("graph_counts", [] { return py::make_tuple(gpu::cuda::graphs_recorded(), gpu::cuda::graphs_replayed()); },
+        "(recorded, replayed): per-step loops recorded as CUDA Graphs and replays of them so far.");
+  m.attr("architectures") = FUSEDRNN_CUDA_ARCHITECTURES;
+  m.attr("compiler_version") = FUSEDRNN_CUDA_COMPILER_VERSION;
+}

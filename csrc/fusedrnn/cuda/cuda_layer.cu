@@ -1,0 +1,106 @@
+// The CUDA backend's entry points: the orchestration (layer_impl.h) on the CUDA device (cuda_device.cuh).
+#include "fusedrnn/cuda/cuda_layer.h"
+
+#include "fusedrnn/cuda/cuda_device.cuh"
+#include "fusedrnn/cuda/layer_impl.h"
+
+namespace fusedrnn::gpu::cuda {
+
+template <typename T>
+std::size_t forward_workspace_bytes(const LayerForwardParams<T>& params) {
+  return gpu::forward_workspace_bytes(params);
+}
+
+template <typename T>
+std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params) {
+  return gpu::backward_workspace_bytes(params);
+}
+
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params, void* workspace, void* stream, RecurrencePath path) {
+  CudaDevice dev(static_cast<cudaStream_t>(stream));
+  gpu::layer_forward(dev, params, workspace, path);
+}
+
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream) {
+  CudaDevice dev(static_cast<cudaStream_t>(stream));
+  gpu::layer_backward(dev, params, workspace);
+}
+
+int device_count() {
+  int count = 0;
+  // No driver or no GPU: report none rather than fail, so callers can skip cleanly.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+int current_device() {
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+void set_current_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+
+int device_of(const void* pointer) {
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, pointer) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged ? attributes.device : -1;
+}
+
+std::string device_name(int device) {
+  cudaDeviceProp properties{};
+  check(cudaGetDeviceProperties(&properties, device), "cudaGetDeviceProperties");
+  return properties.name;
+}
+
+void* allocate(std::size_t bytes, void* stream) {
+  void* p = nullptr;
+  if (bytes == 0) return nullptr;
+  check(cudaMallocAsync(&p, bytes, static_cast<cudaStream_t>(stream)), "cudaMallocAsync");
+  return p;
+}
+
+void release(void* pointer, void* stream) {
+  if (pointer) check(cudaFreeAsync(pointer, static_cast<cudaStream_t>(stream)), "cudaFreeAsync");
+}
+
+void copy_to_device(void* to, const void* from, std::size_t bytes, void* stream) {
+  check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(stream)),
+        "cudaMemcpyAsync");
+}
+
+void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream) {
+  check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream)),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+}
+
+int runtime_version() {
+  int version = 0;
+  check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
+  return version;
+}
+
+void set_graphs(bool enabled) { graphs_enabled().store(enabled); }
+bool graphs() { return graphs_enabled().load(); }
+std::int64_t graphs_recorded() { return graph_counts().recorded.load(); }
+std::int64_t graphs_replayed() { return graph_counts().replayed.load(); }
+
+template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);
+template std::size_t forward_workspace_bytes<double>(const LayerForwardParams<double>&);
+template std::size_t backward_workspace_bytes<float>(const LayerBackwardParams<float>&);
+template std::size_t backward_workspace_bytes<double>(const LayerBackwardParams<double>&);
+template void layer_forward<float>(const LayerForwardParams<float>&, void*, void*, RecurrencePath);
+template void layer_forward<double>(const LayerForwardParams<double>&, void*, void*, RecurrencePath);
+template void layer_backward<float>(const LayerBackwardParams<float>&, void*, void*);
+template void layer_backward<double>(const LayerBackwardParams<double>&, void*, void*);
+
+}  // namespace fusedrnn::gpu::cuda

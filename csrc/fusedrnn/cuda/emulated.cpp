@@ -1,0 +1,107 @@
+#include "fusedrnn/cuda/emulated.h"
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "fusedrnn/cpu/blas.h"
+#include "fusedrnn/cuda/device.h"
+#include "fusedrnn/cuda/layer_impl.h"
+
+namespace fusedrnn::gpu::emulated {
+namespace {
+
+std::atomic<std::int64_t> cooperative_launch_count{0};
+
+// The figures of the GPU the emulation stands for (an H100/H200: 132 SMs, 2048 threads and 228 KB of
+// shared memory an SM, 227 KB a block), so the persistent kernel's fit is decided as on one.
+constexpr int kMultiprocessors = 132;
+constexpr unsigned kThreadsPerMultiprocessor = 2048;
+constexpr std::size_t kSharedPerMultiprocessor = 228 * 1024;
+constexpr std::size_t kSharedPerBlock = 227 * 1024;
+
+// Shared memory of `blocks` blocks, each block's aligned for any value type.
+class SharedMemory {
+ public:
+  SharedMemory(unsigned blocks, std::size_t bytes)
+      : per_block_((bytes + sizeof(Slot) - 1) / sizeof(Slot)), slots_(blocks * per_block_ + 1) {}
+  unsigned char* block(unsigned b) { return reinterpret_cast<unsigned char*>(slots_.data() + b * per_block_); }
+
+ private:
+  using Slot = std::max_align_t;
+  std::size_t per_block_;
+  std::vector<Slot> slots_;
+};
+
+class EmulatedDevice {
+ public:
+  template <typename T>
+  void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b,
+            Index ldb, T beta, T* c, Index ldc) {
+    cpu::blas::gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // Block by block; within a block each phase for every thread before the next (a block barrier).
+  template <typename Kernel>
+  void launch(const Kernel& kernel, const LaunchShape& shape) {
+    SharedMemory shared(1, shape.shared_bytes);
+    const int phases = kernel.phases(shape.threads);
+    for (unsigned b = 0; b < shape.blocks; ++b)
+      for (int p = 0; p < phases; ++p)
+        for (unsigned t = 0; t < shape.threads; ++t)
+          kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(0));
+  }
+
+  // Each phase for every block and thread before the next: a grid barrier after every phase, which
+  // also stands for the block barriers between the grid's.
+  template <typename Kernel>
+  void launch_cooperative(const Kernel& kernel, const LaunchShape& shape) {
+    cooperative_launch_count.fetch_add(1);
+    SharedMemory shared(shape.blocks, shape.shared_bytes);
+    const int phases = kernel.phases(shape.threads);
+    for (int p = 0; p < phases; ++p)
+      for (unsigned b = 0; b < shape.blocks; ++b)
+        for (unsigned t = 0; t < shape.threads; ++t)
+          kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(b));
+  }
+
+  template <typename Kernel>
+  Index cooperative_blocks(unsigned threads, std::size_t shared_bytes) const {
+    if (shared_bytes > kSharedPerBlock) return 0;
+    const Index by_threads = kThreadsPerMultiprocessor / threads;
+    const Index by_shared = shared_bytes == 0 ? by_threads : static_cast<Index>(kSharedPerMultiprocessor / shared_bytes);
+    return kMultiprocessors * (by_threads < by_shared ? by_threads : by_shared);
+  }
+  std::size_t max_shared_bytes() const { return kSharedPerBlock; }
+
+  template <typename F>
+  void sequence(const std::vector<std::int64_t>& /*key*/, F&& enqueue) {
+    enqueue();
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path) {
+  std::vector<unsigned char> workspace(forward_workspace_bytes(params));
+  EmulatedDevice dev;
+  gpu::layer_forward(dev, params, workspace.data(), path);
+}
+
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params) {
+  std::vector<unsigned char> workspace(backward_workspace_bytes(params));
+  EmulatedDevice dev;
+  gpu::layer_backward(dev, params, workspace.data());
+}
+
+std::int64_t cooperative_launches() { return cooperative_launch_count.load(); }
+
+template void layer_forward<float>(const LayerForwardParams<float>&, RecurrencePath);
+template void layer_forward<double>(const LayerForwardParams<double>&, RecurrencePath);
+template void layer_backward<float>(const LayerBackwardParams<float>&);
+template void layer_backward<double>(const LayerBackwardParams<double>&);
+
+}  // namespace fusedrnn::gpu::emulated

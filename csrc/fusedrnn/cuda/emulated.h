@@ -1,0 +1,24 @@
+// The CUDA backend's orchestration (layer_impl.h) run on the host: the device seam (device.h) emulated
+// with the CPU backend's BLAS for the GEMMs and loops over blocks, phases and threads for the kernels,
+// shared memory a per-block array. Every pointer is host memory. It exists so the device code (all but
+// the seam's thin CUDA implementation, cuda_device.cuh) is tested on machines without a GPU; it is not
+// a fast path. Compiled into the CPU build: it needs no CUDA.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedrnn/cuda/persistent.h"
+#include "fusedrnn/layer.h"
+
+namespace fusedrnn::gpu::emulated {
+
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path);
+
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params);
+
+// Cooperative (grid-barrier) launches so far in this process: tests check a path was taken.
+std::int64_t cooperative_launches();
+
+}  // namespace fusedrnn::gpu::emulated

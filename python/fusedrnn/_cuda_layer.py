@@ -1,0 +1,202 @@
+"""One layer direction on CUDA device arrays: functional._forward and _backward's counterparts over the
+CUDA module (fusedrnn._cuda). Outputs and the tape are allocated with the caller's own array library
+(CuPy, or torch for CUDA tensors) on the input's device, and every call is enqueued on that library's
+current stream, so results come back as the caller's arrays, in stream order with the caller's own
+work. Other arrays exposing __cuda_array_interface__ or a CUDA DLPack device go through CuPy."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import _core
+from ._optional import require
+
+
+def cuda_module():
+    """fusedrnn._cuda, or an ImportError saying why it is not there."""
+    try:
+        from . import _cuda
+    except ImportError as err:
+        raise ImportError("CUDA arrays need fusedrnn's CUDA module, and this build has none that loads "
+                          f"({err}); see fusedrnn.build_info()['cuda']") from err
+    return _cuda
+
+
+class _CuPy:
+    """CuPy arrays: new arrays on the input's device, CuPy's current stream there."""
+
+    def __init__(self):
+        self.cp = require("cupy", "cupy")
+
+    def adopt(self, a):
+        """`a` as a CuPy array (no copy): any __cuda_array_interface__ or CUDA DLPack array."""
+        cp = self.cp
+        if isinstance(a, cp.ndarray) or a is None:
+            return a
+        return cp.asarray(a) if hasattr(a, "__cuda_array_interface__") else cp.from_dlpack(a)
+
+    def empty(self, like, shape, dtype=None):
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.empty(shape, like.dtype if dtype is None else np.dtype(dtype))
+
+    def zeros(self, like, shape):
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.zeros(shape, like.dtype)
+
+    def from_host(self, like, host: np.ndarray):
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.asarray(host)
+
+    def stream(self, like) -> int:
+        with self.cp.cuda.Device(like.device.id):
+            return self.cp.cuda.get_current_stream().ptr
+
+    def all_finite(self, a) -> bool:
+        return bool(self.cp.isfinite(a).all())
+
+    def dtype_name(self, a) -> str:
+        return str(a.dtype)
+
+
+class _Torch:
+    """torch CUDA tensors (detached: autograd is the torch adapter's business), torch's current stream."""
+
+    def __init__(self):
+        self.torch = sys.modules["torch"]
+
+    def adopt(self, a):
+        return None if a is None else a.detach()
+
+    def empty(self, like, shape, dtype=None):
+        dt = like.dtype if dtype is None else getattr(self.torch, str(np.dtype(dtype)))
+        return self.torch.empty(shape, dtype=dt, device=like.device)
+
+    def zeros(self, like, shape):
+        return self.torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def from_host(self, like, host: np.ndarray):
+        return self.torch.from_numpy(host).to(like.device, non_blocking=False)
+
+    def stream(self, like) -> int:
+        return self.torch.cuda.current_stream(like.device).cuda_stream
+
+    def all_finite(self, a) -> bool:
+        return bool(self.torch.isfinite(a).all())
+
+    def dtype_name(self, a) -> str:
+        return str(a.dtype).replace("torch.", "")
+
+
+_libraries: dict = {}
+
+
+def as_cupy(a):
+    """A CUDA array as a CuPy array over the same memory (the NumPy-API modules' device arrays)."""
+    if "cupy" not in _libraries:
+        _libraries["cupy"] = _CuPy()
+    return _libraries["cupy"].adopt(a)
+
+
+def to_device(like, host):
+    """A host array copied to `like`'s device, as `like`'s library's array (None stays None)."""
+    return None if host is None else library_of(like).from_host(like, np.ascontiguousarray(host))
+
+
+def library_of(a):
+    """The array library that allocates beside `a`: torch for torch tensors, else CuPy."""
+    torch = sys.modules.get("torch")
+    kind = "torch" if torch is not None and isinstance(a, torch.Tensor) else "cupy"
+    if kind not in _libraries:
+        _libraries[kind] = _Torch() if kind == "torch" else _CuPy()
+    return _libraries[kind]
+
+
+class CudaTape:
+    """What a training-mode forward on device arrays keeps for backward (functional's tape on the CUDA
+    backend): references to its inputs and the recorded states and gate values."""
+
+    backend = "cuda"
+    proj_size = 0  # the CUDA backend has no projection
+
+    def __init__(self, lib, cell, reverse, shape, dtype, arrays, cell_clip):
+        self.lib, self.cell, self.reverse, self.shape, self.dtype = lib, cell, reverse, shape, dtype
+        self.arrays, self.cell_clip = arrays, cell_clip
+        self.has_bias = arrays["bias_ih"] is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for k in ("hs", "cs", "saved") if (a := self.arrays[k]) is not None)
+
+
+_recurrence = "auto"
+
+
+def set_recurrence(path: str) -> str:
+    """Tests and benchmarks: how forward runs the recurrence from now on, "auto" (the default: the
+    persistent kernel for small batches where it fits), "per_step" or "persistent" (where it fits).
+    Returns the previous setting."""
+    global _recurrence
+    if path not in ("auto", "per_step", "persistent"):
+        raise ValueError(f"path: expected 'auto', 'per_step' or 'persistent', got {path!r}")
+    previous, _recurrence = _recurrence, path
+    return previous
+
+
+def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
+            cell_clip, recurrence: str | None = None):
+    """functional._forward on device arrays (lengths: checked host int64 or None). Returns
+    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting)."""
+    cuda = cuda_module()
+    lib = library_of(x)
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out = (
+        lib.adopt(a) for a in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out))
+    steps, batch, inp = x.shape
+    hidden = weight_hh.shape[1]
+    facts = _core.cells[cell]
+    slots = steps + 1 if training else 2
+    y = lib.empty(x, (steps, batch, hidden)) if out is None else out
+    h_n = lib.empty(x, (batch, hidden))
+    c_n = lib.empty(x, (batch, hidden)) if facts["has_cell_state"] else None
+    hs = lib.empty(x, (slots, batch, hidden))
+    cs = lib.empty(x, (slots, batch, hidden)) if facts["has_cell_state"] else None
+    saved = lib.empty(x, (steps, batch, facts["saved"] * hidden)) if training and facts["saved"] else None
+    lens = None if lengths is None else lib.from_host(x, np.ascontiguousarray(lengths, np.int64))
+    dtype = lib.dtype_name(x)
+    cuda.layer_forward(cell, dtype, (steps, batch, inp, hidden), x, weight_ih, weight_hh, bias_ih, bias_hh, h0,
+                       c0, lens, reverse, y, h_n, c_n, hs, cs, saved, training, cell_clip, lib.stream(x),
+                       recurrence or _recurrence)
+    tape = None
+    if training:
+        tape = CudaTape(lib, cell, reverse, (steps, batch, inp, hidden), dtype,
+                        dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                             lengths=lens, hs=hs, cs=cs, saved=saved), cell_clip)
+    return y, h_n, c_n, tape
+
+
+def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
+    """functional._backward on a CudaTape. Returns (dx, dh0, dc0, weight_ih, weight_hh, bias_ih,
+    bias_hh, dh_norm) as functional.LayerGrads orders them."""
+    cuda = cuda_module()
+    lib, a = tape.lib, tape.arrays
+    steps, batch, inp, hidden = tape.shape
+    x = a["x"]
+    gh = _core.cells[tape.cell]["gates"] * hidden
+    has_c = _core.cells[tape.cell]["has_cell_state"]
+    dy, dh_n, dc_n, dx = (lib.adopt(v) for v in (dy, dh_n, dc_n, dx))
+    accumulate_dx = dx is not None
+    if dx is None:
+        dx = lib.empty(x, (steps, batch, inp))
+    if grads is None:
+        grads = (lib.zeros(x, (gh, inp)), lib.zeros(x, (gh, hidden)),
+                 lib.zeros(x, (gh,)) if tape.has_bias else None, lib.zeros(x, (gh,)) if tape.has_bias else None)
+    else:
+        grads = tuple(lib.adopt(g) for g in grads)
+    dh0 = lib.empty(x, (batch, hidden))
+    dc0 = lib.empty(x, (batch, hidden)) if has_c else None
+    dh_norm = lib.empty(x, (steps,), "float64")
+    cuda.layer_backward(tape.cell, tape.dtype, tape.shape, tape.reverse, x, a["weight_ih"], a["weight_hh"],
+                        a["bias_ih"], a["bias_hh"], a["lengths"], a["hs"], a["cs"], a["saved"], dy, dh_n, dc_n,
+                        dx, accumulate_dx, dh0, dc0, *grads, dh_norm, tape.cell_clip, lib.stream(x))
+    return (dx, dh0, dc0, *grads, dh_norm)

@@ -1,0 +1,381 @@
+"""The CUDA backend on CUDA arrays. The dispatch (which arrays are device arrays, mixed devices refused
+by argument name) and the CUDA module's argument checks run everywhere the module is built; the rest
+needs a GPU and CuPy or torch with CUDA, and skips cleanly without them (the emulated device tests,
+test_emulated_device.py, check the same device code on the host)."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _device, _stack
+from fusedrnn import functional as F
+from helpers import CELLS, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+
+CUDA = fusedrnn.build_info()["cuda"]
+needs_module = pytest.mark.skipif(not CUDA["loaded"], reason="fusedrnn._cuda is not built or does not load")
+
+
+def _gpu_library(name):
+    if not CUDA["loaded"] or CUDA["devices"] == 0:
+        return None
+    try:
+        if name == "cupy":
+            import cupy
+            return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+        import torch
+        return torch if torch.cuda.is_available() else None
+    except Exception:  # not installed, or no usable device
+        return None
+
+
+cp = _gpu_library("cupy")
+torch_cuda = _gpu_library("torch")
+needs_cupy = pytest.mark.skipif(cp is None, reason="needs a GPU, fusedrnn._cuda and CuPy")
+needs_torch_cuda = pytest.mark.skipif(torch_cuda is None, reason="needs a GPU, fusedrnn._cuda and torch with CUDA")
+
+
+class _OnDevice:
+    """An array-like that says it lives on a DLPack device (no memory behind it)."""
+
+    def __init__(self, kind, index, shape=(2, 2, 2), dtype=np.float32):
+        self.kind, self.index, self.shape, self.dtype = kind, index, shape, np.dtype(dtype)
+
+    def __dlpack_device__(self):
+        return self.kind, self.index
+
+
+class _HostMemoryAsCuda:
+    """A NumPy array's host memory presented through __cuda_array_interface__ (what a wrong pointer
+    looks like to the CUDA module)."""
+
+    def __init__(self, arr, typestr=None):
+        self._arr = arr
+        self.__cuda_array_interface__ = {
+            "shape": arr.shape, "typestr": typestr or arr.dtype.str, "data": (arr.ctypes.data, False),
+            "strides": None, "version": 3}
+
+
+# ---- everywhere ----------------------------------------------------------------------------------
+
+def test_device_of_tells_host_from_cuda_arrays():
+    assert _device.device_of(None) is None
+    assert _device.device_of(np.zeros(2)) == "cpu"
+    assert _device.device_of([1.0, 2.0]) == "cpu"
+    assert _device.device_of(_OnDevice(1, 0)) == "cpu"
+    assert _device.device_of(_OnDevice(2, 1)) == "cuda:1"
+    assert _device.device_of(_OnDevice(13, 0)) == "cuda:0"
+    assert _device.device_of(_HostMemoryAsCuda(np.zeros(3))) == "cuda"
+    assert _device.is_cuda(_OnDevice(2, 0)) and not _device.is_cuda(np.zeros(1))
+
+
+def test_mixed_devices_are_refused_by_argument_name(rng):
+    w = random_layer(rng, "lstm", 2, 2, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"weight_ih: on cpu, but x is on cuda:0"):
+        F.layer_forward("lstm", _OnDevice(2, 0), *w.values())
+    gpu_weights = {k: _OnDevice(2, 0) for k in w}
+    with pytest.raises(ValueError, match=r"h0: on cuda:1, but x is on cuda:0"):
+        F.layer_forward("lstm", _OnDevice(2, 0), *gpu_weights.values(), h0=_OnDevice(2, 1))
+    with pytest.raises(ValueError, match=r"x: arrays on dlpack device type 8:0 are not supported"):
+        F.layer_forward("lstm", _OnDevice(8, 0), *(_OnDevice(8, 0) for _ in w))
+
+
+def test_modules_refuse_states_on_another_device(rng):
+    lstm = fusedrnn.LSTM(2, 2)
+    with pytest.raises(ValueError, match=r"h0: on cpu, but x is on cuda:0"):
+        lstm(_OnDevice(2, 0), (np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"hx: on cuda:1, but x is on cpu"):
+        fusedrnn.GRU(2, 2)(np.zeros((2, 2, 2), np.float32), _OnDevice(2, 1))
+
+
+def test_cuda_info_says_what_was_built():
+    info = fusedrnn.cuda_info()
+    assert info == fusedrnn.build_info()["cuda"]
+    assert isinstance(info["built"], bool) and isinstance(info["loaded"], bool)
+    if info["loaded"]:
+        assert all(a.isdigit() for a in info["architectures"].split(","))
+        assert info["devices"] >= 0 and info["nvcc"].count(".") == 2
+    elif info["built"]:
+        assert info["error"]
+
+
+@needs_module
+def test_cuda_module_checks_arguments_by_name():
+    from fusedrnn import _cuda
+    T, B, I, H = 2, 1, 3, 2
+    host = {name: np.zeros(shape, np.float32) for name, shape in
+            dict(x=(T, B, I), w_ih=(4 * H, I), w_hh=(4 * H, H), y=(T, B, H), s=(B, H), hs=(T + 1, B, H),
+                 saved=(T, B, 4 * H)).items()}
+    arg = {k: _HostMemoryAsCuda(v) for k, v in host.items()}
+
+    def call(**changes):
+        args = dict(x=arg["x"], weight_ih=arg["w_ih"], weight_hh=arg["w_hh"], bias_ih=None, bias_hh=None, h0=None,
+                    c0=None, lengths=None, reverse=False, y=arg["y"], h_n=arg["s"], c_n=arg["s"], hs=arg["hs"],
+                    cs=arg["hs"], saved=arg["saved"], training=True, cell_clip=None, stream=0)
+        args.update(changes)
+        _cuda.layer_forward("lstm", "float32", (T, B, I, H), **args)
+
+    # Arguments are checked in order, each for its type, dtype and shape and then its memory; the
+    # earlier ones are left out (None) to reach the later ones' checks.
+    with pytest.raises(ValueError, match="x: not CUDA device memory"):
+        call()
+    with pytest.raises(TypeError, match="x: expected typestr <f4, got <f8"):
+        call(x=_HostMemoryAsCuda(host["x"].astype(np.float64)))
+    with pytest.raises(ValueError, match=r"weight_hh: expected shape \(8, 2\), got \(8, 3\)"):
+        call(x=None, weight_ih=None, weight_hh=_HostMemoryAsCuda(np.zeros((8, 3), np.float32)))
+    with pytest.raises(TypeError, match="h0: expected a CUDA device array"):
+        call(x=None, weight_ih=None, weight_hh=None, h0=np.zeros((B, H), np.float32))
+    with pytest.raises(ValueError, match="x, weight_ih, weight_hh: required"):
+        call(x=None, weight_ih=None, weight_hh=None, y=None, h_n=None, c_n=None, hs=None, cs=None, saved=None)
+    with pytest.raises(ValueError, match="shape: every size must be >= 1"):
+        _cuda.layer_forward("lstm", "float32", (T, 0, I, H), *(None,) * 8, False, *(None,) * 6, True, None, 0)
+    with pytest.raises(TypeError, match="dtype: expected float32 or float64, got float16"):
+        _cuda.layer_forward("lstm", "float16", (T, B, I, H), *(None,) * 8, False, *(None,) * 6, True, None, 0)
+    with pytest.raises(ValueError, match="recurrence: expected"):
+        call(recurrence="sometimes")
+    assert ctypes.sizeof(ctypes.c_void_p) == 8  # stream handles travel as 64-bit integers
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+SHAPES = {"T1": (1, 3, 4, 5), "B1": (6, 1, 4, 5), "H1": (5, 3, 2, 1), "H129": (3, 2, 5, 129),
+          "I_gt_H": (4, 2, 33, 3), "B40": (5, 40, 16, 24)}
+
+
+def _case(rng, cell, shape, dtype):
+    steps, batch, inp, hidden = shape
+    w = random_layer(rng, cell, inp, hidden, dtype=dtype)
+    a = dict(x=rng.standard_normal((steps, batch, inp)).astype(dtype),
+             h0=rng.standard_normal((batch, hidden)).astype(dtype),
+             c0=rng.standard_normal((batch, hidden)).astype(dtype) if has_cell_state(cell) else None,
+             lengths=random_lengths(rng, steps, batch).astype(np.int64),
+             dy=rng.standard_normal((steps, batch, hidden)).astype(dtype),
+             dh_n=rng.standard_normal((batch, hidden)).astype(dtype),
+             dc_n=rng.standard_normal((batch, hidden)).astype(dtype) if has_cell_state(cell) else None)
+    return w, a
+
+
+def _host_run(cell, w, a, reverse):
+    out = F.layer_forward(cell, a["x"], *w.values(), a["h0"], a["c0"], lengths=a["lengths"], reverse=reverse)
+    return out, F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"])
+
+
+def _to_host(v):
+    if v is None:
+        return None
+    if cp is not None and isinstance(v, cp.ndarray):
+        return cp.asnumpy(v)
+    return v.detach().cpu().numpy()
+
+
+def _compare_runs(cell, dtype, got, want):
+    (out, grads), (ref, ref_grads) = got, want
+    for name in ("y", "h_n", "c_n"):
+        if getattr(ref, name) is not None:
+            assert_close(_to_host(getattr(out, name)), getattr(ref, name), dtype, name)
+    for name in ("dx", "dh0", "dc0", "dh_norm") + PARAM_NAMES:
+        if getattr(ref_grads, name) is not None:
+            assert_close(_to_host(getattr(grads, name)), getattr(ref_grads, name), dtype, name)
+
+
+@needs_cupy
+@pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_layer_matches_cpu(rng, cell, dtype, shape, reverse, recurrence):
+    from fusedrnn import _cuda_layer
+    w, a = _case(rng, cell, shape, dtype)
+    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    y, h_n, c_n, tape = _cuda_layer.forward(cell, d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
+                                            d["bias_hh"], d["h0"], d["c0"], a["lengths"], reverse, True, None, None,
+                                            recurrence)
+    assert isinstance(y, cp.ndarray) and y.device.id == d["x"].device.id
+    grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
+    _compare_runs(cell, dtype, (F.LayerOutput(y, h_n, c_n, tape), grads), _host_run(cell, w, a, reverse))
+
+
+@needs_cupy
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_through_the_functional_layer_on_a_side_stream(rng, cell):
+    dtype = np.float32
+    w, a = _case(rng, cell, (7, 5, 6, 33), dtype)
+    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = F.layer_forward(cell, d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"], d["bias_hh"], d["h0"],
+                              d["c0"], lengths=d["lengths"], reverse=True)
+        grads = F.layer_backward(out.tape, d["dy"], d["dh_n"], d["dc_n"])
+    stream.synchronize()
+    _compare_runs(cell, dtype, (out, grads), _host_run(cell, w, a, True))
+
+
+@needs_cupy
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_stack_of_bidirectional_layers_matches_cpu(rng, cell, dtype):
+    steps, batch, inp, hidden, layers, dirs = 6, 4, 5, 7, 2, 2
+    weights = [[tuple(random_layer(rng, cell, inp if layer == 0 else dirs * hidden, hidden, dtype=dtype).values())
+                for _ in range(dirs)] for layer in range(layers)]
+    x = rng.standard_normal((steps, batch, inp)).astype(dtype)
+    lengths = random_lengths(rng, steps, batch).astype(np.int64)
+    dy = rng.standard_normal((steps, batch, dirs * hidden)).astype(dtype)
+    on_gpu = [[tuple(None if p is None else cp.asarray(p) for p in d) for d in layer] for layer in weights]
+    out = _stack.forward(cell, cp.asarray(x), on_gpu, lengths=lengths)
+    gpu_grads = [[tuple(None if p is None else cp.zeros_like(p) for p in d) for d in layer] for layer in on_gpu]
+    g = _stack.backward(out.tapes, cp.asarray(dy), dropout_masks=out.dropout_masks, grads=gpu_grads)
+    ref = _stack.forward(cell, x, weights, lengths=lengths)
+    cpu_grads = [[tuple(None if p is None else np.zeros_like(p) for p in d) for d in layer] for layer in weights]
+    ref_g = _stack.backward(ref.tapes, dy, dropout_masks=ref.dropout_masks, grads=cpu_grads)
+    for name, got, want in [("y", out.y, ref.y), ("h_n", out.h_n, ref.h_n), ("dx", g.dx, ref_g.dx),
+                            ("dh0", g.dh0, ref_g.dh0), ("dh_norm", g.dh_norm, ref_g.dh_norm)]:
+        assert_close(cp.asnumpy(got), want, dtype, name)
+    for layer in range(layers):
+        for d in range(dirs):
+            for name, got, want in zip(PARAM_NAMES, gpu_grads[layer][d], cpu_grads[layer][d]):
+                assert_close(cp.asnumpy(got), want, dtype, f"{name} l{layer} d{d}")
+
+
+@needs_cupy
+@pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
+def test_cupy_repeats_are_bit_identical(rng, recurrence):
+    from fusedrnn import _cuda_layer
+    w, a = _case(rng, "lstm", (20, 8, 32, 64), np.float32)
+    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    runs = []
+    for _ in range(2):
+        y, h_n, c_n, tape = _cuda_layer.forward("lstm", d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
+                                                d["bias_hh"], d["h0"], d["c0"], a["lengths"], False, True, None,
+                                                None, recurrence)
+        grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
+        runs.append([cp.asnumpy(v) for v in (y, h_n, c_n, grads.dx, grads.weight_hh, grads.bias_ih, grads.dh_norm)])
+    for first, again in zip(*runs):
+        assert np.array_equal(first, again)
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
+    torch = torch_cuda
+    w, a = _case(rng, cell, (9, 6, 10, 12), dtype)
+    a["lengths"] = None
+    t = {k: None if v is None else torch.from_numpy(v).cuda() for k, v in {**w, **a}.items()}
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = F.layer_forward(cell, t["x"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], t["h0"],
+                              t["c0"])
+        grads = F.layer_backward(out.tape, t["dy"])
+    stream.synchronize()
+    assert isinstance(out.y, torch.Tensor) and out.y.is_cuda
+    host = F.layer_forward(cell, a["x"], *w.values(), a["h0"], a["c0"])
+    host_grads = F.layer_backward(host.tape, a["dy"])
+    _compare_runs(cell, dtype, (out, grads), (host, host_grads))
+    # cuDNN's module on the same weights, TF32 off.
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+    extra = {} if kind is not torch.nn.RNN else {"nonlinearity": cell.split("_")[1]}
+    module = kind(10, 12, dtype=getattr(torch, np.dtype(dtype).name), device="cuda", **extra)
+    with torch.no_grad():
+        for name in PARAM_NAMES:
+            getattr(module, name + "_l0").copy_(t[name])
+    hx = (t["h0"][None], t["c0"][None]) if cell == "lstm" else t["h0"][None]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        y_cudnn, _ = module(t["x"], hx)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN")
+
+
+@needs_cupy
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_module_matches_numpy_module(rng, cell):
+    """A NumPy-API module fed CuPy arrays: CuPy results, and the same outputs, gradients (added into
+    the host's `grads`), dropout masks and gradient norms as the same module fed NumPy arrays."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, batch_first=True, dtype=np.float64, seed=5)
+    on_host, on_gpu = (fusedrnn.modules.make_module(cell, 6, 8, **kwargs) for _ in range(2))
+    x = rng.standard_normal((4, 7, 6))
+    lengths = random_lengths(rng, 7, 4)
+    y_host, _ = on_host(x, lengths=lengths)
+    y_gpu, _ = on_gpu(cp.asarray(x), lengths=lengths)
+    assert isinstance(y_gpu, cp.ndarray)
+    assert_close(cp.asnumpy(y_gpu), y_host, np.float64, "y")
+    dy = rng.standard_normal(y_host.shape)
+    dx_host, _ = on_host.backward(dy)
+    dx_gpu, _ = on_gpu.backward(cp.asarray(dy))
+    assert isinstance(dx_gpu, cp.ndarray)
+    assert_close(cp.asnumpy(dx_gpu), dx_host, np.float64, "dx")
+    for name, g in on_host.grads.items():
+        assert isinstance(on_gpu.grads[name], np.ndarray)
+        assert_close(on_gpu.grads[name], g, np.float64, name)
+    assert_close(on_gpu.hidden_grad_norms, on_host.hidden_grad_norms, np.float64, "hidden_grad_norms")
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_dropin_on_cuda_matches_torch_nn(rng, cell):
+    torch = torch_cuda
+    import fusedrnn.torch as frt
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
+    extra = {} if kind is not torch.nn.RNN else {"nonlinearity": cell.split("_")[1]}
+    reference = kind(6, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64, **extra)
+    fused = frt.convert(kind(6, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64, **extra))
+    fused.load_state_dict(reference.state_dict())
+    fused.cuda()
+    x = torch.from_numpy(rng.standard_normal((4, 7, 6)))
+    x_gpu = x.cuda().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    y, _ = fused(x_gpu)
+    y_ref, _ = reference(x_ref)
+    assert y.is_cuda
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close(_to_host(y), y_ref.detach().numpy(), np.float64, "y")
+    assert_close(_to_host(x_gpu.grad), x_ref.grad.numpy(), np.float64, "dx")
+    for (name, p), (_, p_ref) in zip(fused.named_parameters(), reference.named_parameters()):
+        assert_close(_to_host(p.grad), p_ref.grad.numpy(), np.float64, name)
+    with pytest.raises(ValueError, match="on cpu, but input is on cuda:0"):
+        fused.cpu()(x.cuda())
+
+
+@needs_cupy
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_graphs_replay_the_same_results(rng, cell):
+    """With CUDA Graphs on, a per-step loop is recorded once per set of arrays and sizes and replayed
+    for the same ones: the second call into the same buffers replays, with the same results."""
+    from fusedrnn import _cuda, _cuda_layer
+    w, a = _case(rng, cell, (12, 6, 8, 16), np.float32)
+    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    steps, batch, inp, hidden = 12, 6, 8, 16
+    saved = fusedrnn.functional._core.cells[cell]["saved"]
+    out = dict(y=cp.empty((steps, batch, hidden), np.float32), h_n=cp.empty((batch, hidden), np.float32),
+               c_n=cp.empty((batch, hidden), np.float32) if cell == "lstm" else None,
+               hs=cp.empty((steps + 1, batch, hidden), np.float32),
+               cs=cp.empty((steps + 1, batch, hidden), np.float32) if cell == "lstm" else None,
+               saved=cp.empty((steps, batch, saved * hidden), np.float32))
+    lengths = cp.asarray(a["lengths"])
+    stream = cp.cuda.Stream(non_blocking=True)
+    previous = _cuda.graphs()
+    _cuda.set_graphs(True)
+    try:
+        results = []
+        with stream:
+            for _ in range(2):
+                before = _cuda.graph_counts()
+                _cuda.layer_forward(cell, "float32", (steps, batch, inp, hidden), d["x"], d["weight_ih"],
+                                    d["weight_hh"], d["bias_ih"], d["bias_hh"], d["h0"], d["c0"], lengths, False,
+                                    out["y"], out["h_n"], out["c_n"], out["hs"], out["cs"], out["saved"], True, None,
+                                    stream.ptr, "per_step")
+                results.append((cp.asnumpy(out["y"]), np.subtract(_cuda.graph_counts(), before)))
+    finally:
+        _cuda.set_graphs(previous)
+    (first, counts_first), (second, counts_second) = results
+    # The workspace comes from the stream-ordered pool, which hands the block freed by the first call to
+    # the second on the same stream: the same arrays, so the same key.
+    assert tuple(counts_second) == (0, 1), "the second call should replay the first's recording"
+    assert np.array_equal(first, second)
+    ref = F.layer_forward(cell, a["x"], *w.values(), a["h0"], a["c0"], lengths=a["lengths"])
+    assert_close(second, ref.y, np.float32, "y")

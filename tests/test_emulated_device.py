@@ -1,0 +1,214 @@
+"""The CUDA backend's device code, run on the host (the "emulated_device" backend: its orchestration,
+kernel bodies and persistent kernel with host BLAS and loops over the grid), against the CPU backend on
+every axis the CPU tests cover: cells, dtypes, odd sizes, lengths, directions, biases, initial states,
+layers, strided inputs, inference, cell_clip, forward and backward. Two independent implementations in
+the same dtype, so helpers.tolerances applies; bit-level equality is not expected."""
+
+import numpy as np
+import pytest
+
+from fusedrnn import _core, _stack
+from fusedrnn import functional as F
+from helpers import CELLS, GATES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+
+DTYPES = [np.float64, np.float32]
+SHAPES = {  # (T, B, I, H)
+    "T1": (1, 3, 4, 5),
+    "B1": (6, 1, 4, 5),
+    "H1": (5, 3, 2, 1),
+    "H129": (3, 2, 5, 129),
+    "I1": (4, 3, 1, 6),
+    "I_gt_H": (4, 2, 33, 3),
+    "all1": (1, 1, 1, 1),
+    "B17": (3, 17, 6, 10),
+}
+
+
+@pytest.fixture(autouse=True, params=["per_step", "persistent"])
+def recurrence(request):
+    """Every test runs with the forward recurrence per step and as the persistent kernel (which falls
+    back to per step where it does not fit), restoring the default after."""
+    _core.set_emulated_recurrence_path(request.param)
+    yield request.param
+    _core.set_emulated_recurrence_path("auto")
+
+
+def _layer_case(rng, cell, shape, dtype, *, bias=True, with_state=True, lengths=True):
+    steps, batch, inp, hidden = shape
+    w = random_layer(rng, cell, inp, hidden, bias=bias, dtype=dtype)
+    arrays = dict(
+        x=rng.standard_normal((steps, batch, inp)).astype(dtype),
+        h0=rng.standard_normal((batch, hidden)).astype(dtype) if with_state else None,
+        c0=rng.standard_normal((batch, hidden)).astype(dtype) if with_state and has_cell_state(cell) else None,
+        lengths=random_lengths(rng, steps, batch).astype(np.int64) if lengths else None,
+        dy=rng.standard_normal((steps, batch, hidden)).astype(dtype),
+        dh_n=rng.standard_normal((batch, hidden)).astype(dtype),
+        dc_n=rng.standard_normal((batch, hidden)).astype(dtype) if has_cell_state(cell) else None,
+    )
+    return w, arrays
+
+
+def _run(backend, cell, w, a, *, reverse, training=True, cell_clip=None, x=None):
+    out = F._forward(cell, a["x"] if x is None else x, w["weight_ih"], w["weight_hh"], w["bias_ih"],
+                     w["bias_hh"], a["h0"], a["c0"], a["lengths"], reverse, training, None, cell_clip, backend=backend)
+    if not training:
+        return out, None
+    return out, F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"])
+
+
+def _compare(cell, dtype, got, want):
+    (out, grads), (ref_out, ref_grads) = got, want
+    assert_close(out.y, ref_out.y, dtype, "y")
+    assert_close(out.h_n, ref_out.h_n, dtype, "h_n")
+    if has_cell_state(cell):
+        assert_close(out.c_n, ref_out.c_n, dtype, "c_n")
+    if grads is None:
+        return
+    for name in ("dx", "dh0", "dc0", "dh_norm") + PARAM_NAMES:
+        if getattr(ref_grads, name) is not None:
+            assert_close(getattr(grads, name), getattr(ref_grads, name), dtype, name)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_matches_cpu(rng, cell, dtype, shape, reverse):
+    w, a = _layer_case(rng, cell, shape, dtype)
+    got = _run("emulated_device", cell, w, a, reverse=reverse)
+    assert got[0].tape.backend == "emulated_device"
+    _compare(cell, dtype, got, _run("cpu", cell, w, a, reverse=reverse))
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_variants_match_cpu(rng, cell, bias, with_state, lengths):
+    w, a = _layer_case(rng, cell, (7, 4, 6, 9), np.float64, bias=bias, with_state=with_state, lengths=lengths)
+    for reverse in (False, True):
+        _compare(cell, np.float64, _run("emulated_device", cell, w, a, reverse=reverse),
+                 _run("cpu", cell, w, a, reverse=reverse))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_matches_cpu(rng, cell, dtype):
+    """Inference keeps two state slots, used alternately; odd and even step counts end in either."""
+    for steps in (4, 5):
+        w, a = _layer_case(rng, cell, (steps, 3, 4, 6), dtype)
+        for reverse in (False, True):
+            got = _run("emulated_device", cell, w, a, reverse=reverse, training=False)
+            assert got[0].tape is None
+            _compare(cell, dtype, got, _run("cpu", cell, w, a, reverse=reverse, training=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_cell_clip_matches_cpu(rng, dtype):
+    w, a = _layer_case(rng, "lstm", (6, 3, 4, 5), dtype)
+    a["x"] *= 4  # drives the cell state past the bound
+    clip = 0.8
+    got = _run("emulated_device", "lstm", w, a, reverse=False, cell_clip=clip)
+    assert np.abs(got[0].c_n).max() == pytest.approx(clip)
+    _compare("lstm", dtype, got, _run("cpu", "lstm", w, a, reverse=False, cell_clip=clip))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_strided_inputs_are_gathered(rng, cell):
+    """x as a (T, B, I) view whose rows are not evenly spaced and weights in Fortran order: the GEMMs
+    cannot read them in place, so the backend gathers them into its workspace first."""
+    steps, batch, inp, hidden = 5, 3, 4, 6
+    w, a = _layer_case(rng, cell, (steps, batch, inp, hidden), np.float64)
+    x_bt = rng.standard_normal((batch, steps, inp))
+    x = x_bt.transpose(1, 0, 2)
+    a["x"] = np.ascontiguousarray(x)
+    strided_w = {k: None if v is None else (np.asfortranarray(v) if v.ndim == 2 else v) for k, v in w.items()}
+    assert not strided_w["weight_hh"].flags.c_contiguous or GATES[cell] * hidden == 1
+    got = _run("emulated_device", cell, strided_w, a, reverse=True, x=x)
+    _compare(cell, np.float64, got, _run("cpu", cell, w, a, reverse=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_of_bidirectional_layers_matches_cpu(rng, cell, dtype):
+    steps, batch, inp, hidden, layers, dirs = 6, 4, 5, 7, 2, 2
+    weights = [[tuple(random_layer(rng, cell, inp if layer == 0 else dirs * hidden, hidden, dtype=dtype).values())
+                for _ in range(dirs)] for layer in range(layers)]
+    x = rng.standard_normal((steps, batch, inp)).astype(dtype)
+    h0 = rng.standard_normal((layers * dirs, batch, hidden)).astype(dtype)
+    c0 = rng.standard_normal((layers * dirs, batch, hidden)).astype(dtype) if has_cell_state(cell) else None
+    lengths = random_lengths(rng, steps, batch).astype(np.int64)
+    dy = rng.standard_normal((steps, batch, dirs * hidden)).astype(dtype)
+    results = {}
+    for backend in ("cpu", "emulated_device"):
+        out = _stack.forward(cell, x, weights, h0, c0, lengths=lengths, backend=backend)
+        grads = [[tuple(np.zeros_like(p) for p in direction) for direction in layer] for layer in weights]
+        g = _stack.backward(out.tapes, dy, dropout_masks=out.dropout_masks, grads=grads)
+        results[backend] = (out, g, grads)
+    (out, g, grads), (ref, ref_g, ref_grads) = results["emulated_device"], results["cpu"]
+    assert out.tapes[1][1].backend == "emulated_device"
+    for name, got, want in [("y", out.y, ref.y), ("h_n", out.h_n, ref.h_n), ("c_n", out.c_n, ref.c_n),
+                            ("dx", g.dx, ref_g.dx), ("dh0", g.dh0, ref_g.dh0), ("dc0", g.dc0, ref_g.dc0),
+                            ("dh_norm", g.dh_norm, ref_g.dh_norm)]:
+        if want is not None:
+            assert_close(got, want, dtype, name)
+    for layer in range(layers):
+        for d in range(dirs):
+            for name, got, want in zip(PARAM_NAMES, grads[layer][d], ref_grads[layer][d]):
+                assert_close(got, want, dtype, f"{name} l{layer} d{d}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_repeated_calls_are_bit_identical(rng, cell):
+    w, a = _layer_case(rng, cell, (6, 5, 4, 33), np.float32)
+    first, again = (_run("emulated_device", cell, w, a, reverse=False) for _ in range(2))
+    for name in ("y", "h_n", "c_n"):
+        if getattr(first[0], name) is not None:
+            assert np.array_equal(getattr(first[0], name), getattr(again[0], name)), name
+    for name in ("dx", "dh0", "dh_norm") + PARAM_NAMES:
+        assert np.array_equal(getattr(first[1], name), getattr(again[1], name)), name
+
+
+def test_backward_accumulates_and_writes_dx_as_asked(rng):
+    cell, dtype = "gru", np.float64
+    w, a = _layer_case(rng, cell, (4, 3, 5, 6), dtype)
+    out, _ = _run("emulated_device", cell, w, a, reverse=False, training=True)
+    once = F.layer_backward(out.tape, a["dy"])
+    dx = np.full_like(a["x"], 2.0)
+    grads = F.LayerGrads(None, None, None, *(np.ones_like(v) for v in w.values()))
+    twice = F.layer_backward(out.tape, a["dy"], dx=dx, grads=grads)
+    assert_close(twice.dx, once.dx + 2.0, dtype, "dx accumulated")
+    for name in PARAM_NAMES:
+        assert_close(getattr(twice, name), getattr(once, name) + 1.0, dtype, name)
+    written = np.full_like(a["x"], np.nan)
+    _core.layer_backward(out.tape, a["dy"], None, None, written, *(np.zeros_like(v) for v in w.values()), False)
+    assert_close(written, once.dx, dtype, "dx written")
+
+
+def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recurrence):
+    """The forced persistent path launches one cooperative kernel per layer call; a layer whose W_hh
+    slices need more blocks than the (emulated H200's) multiprocessors hold runs per step instead.
+    'auto' takes the persistent kernel only for small batches."""
+    cell, dtype = "lstm", np.float64
+
+    def launches_for(shape):
+        w, a = _layer_case(rng, cell, shape, dtype, lengths=False)
+        before = _core.emulated_cooperative_launches()
+        got = _run("emulated_device", cell, w, a, reverse=False)
+        _compare(cell, dtype, got, _run("cpu", cell, w, a, reverse=False))
+        return _core.emulated_cooperative_launches() - before
+
+    assert launches_for((3, 2, 3, 129)) == (1 if recurrence == "persistent" else 0)
+    # 4 gates x 1024 units of float64: 7 units (229 KB) a block, 147 blocks, one resident per SM.
+    assert launches_for((2, 1, 2, 1024)) == 0
+    _core.set_emulated_recurrence_path("auto")
+    assert launches_for((3, 16, 3, 20)) == 1
+    assert launches_for((3, 17, 3, 20)) == 0
+
+
+def test_unknown_backend_and_path_are_refused(rng):
+    w, a = _layer_case(rng, "rnn_tanh", (2, 2, 2, 2), np.float64)
+    with pytest.raises(ValueError, match="backend"):
+        _run("gpu", "rnn_tanh", w, a, reverse=False)
+    with pytest.raises(ValueError, match="kind"):
+        _core.set_emulated_recurrence_path("sometimes")
