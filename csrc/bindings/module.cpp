@@ -19,6 +19,9 @@
 #include "fusedrnn/cpu/kernels.h"
 #include "fusedrnn/cpu/passes.h"
 #include "fusedrnn/layer.h"
+#ifdef FUSEDRNN_WITH_XLA_FFI
+#include "jax_ffi.h"
+#endif
 
 namespace py = pybind11;
 namespace cpu = fusedrnn::cpu;
@@ -573,6 +576,16 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
+  m.def("tape_layout", [](const std::string& cell, Index steps, Index batch, Index hidden, bool training) {
+    const fusedrnn::LayerShape shape{steps, batch, 1, hidden, {}, false};
+    const fusedrnn::TapeLayout l = fusedrnn::tape_layout(parse_cell(cell), shape, training);
+    return py::make_tuple(l.slots, l.state_values, l.saved_values);
+  }, py::arg("cell"), py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("training"),
+        "Element counts of one layer direction's tape (layer.h): (slots, hs and cs values each, saved "
+        "values), for callers that allocate it themselves.");
+#ifdef FUSEDRNN_WITH_XLA_FFI
+  fusedrnn::bindings::def_jax_ffi(m);
+#endif
   m.def("blas_config", &cpu::blas::config);
   m.def("simd_level", [] { return std::string(cpu::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");
