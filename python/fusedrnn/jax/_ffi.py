@@ -103,8 +103,23 @@ def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
     return y, h_n, c_n
 
 
+_SECOND_DERIVATIVES = ("fusedrnn.jax: second derivatives (the gradient of a gradient, hessian, jacfwd of a "
+                       "gradient) are not supported: the fused backward kernel has no derivative of its own")
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _training_forward(spec, x, h0, c0, lengths, weights):
+    """The forward that writes the tape, as the first half of `layer`'s derivative."""
+    return _forward_call(spec, True, x, h0, c0, lengths, weights)
+
+
+@_training_forward.defjvp
+def _training_forward_jvp(spec, primals, tangents):
+    raise NotImplementedError(_SECOND_DERIVATIVES)
+
+
 def _layer_fwd(spec, x, h0, c0, lengths, weights):
-    y, h_n, c_n, hs, cs, saved = _forward_call(spec, True, x, h0, c0, lengths, weights)
+    y, h_n, c_n, hs, cs, saved = _training_forward(spec, x, h0, c0, lengths, weights)
     return (y, h_n, c_n), (x, h0, c0, lengths, weights, hs, cs, saved)
 
 
@@ -121,7 +136,7 @@ def _layer_bwd(spec, residuals, cotangents):
 layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights):
     """The fused backward kernel on one layer's tape: returns (dx, dh0, dc0, weight gradients)."""
     batch = x.shape[1]
@@ -135,13 +150,6 @@ def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, w
     return dx, dh0, dc0, tuple(grads)
 
 
-def _backward_fwd(spec, *args):
-    return layer_backward(spec, *args), None
-
-
-def _backward_bwd(spec, residuals, cotangents):
-    raise NotImplementedError("fusedrnn.jax: second derivatives (the gradient of a gradient) are not "
-                              "supported: the fused backward kernel has no derivative of its own")
-
-
-layer_backward.defvjp(_backward_fwd, _backward_bwd)
+@layer_backward.defjvp
+def _layer_backward_jvp(spec, primals, tangents):
+    raise NotImplementedError(_SECOND_DERIVATIVES)

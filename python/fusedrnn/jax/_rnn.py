@@ -80,9 +80,14 @@ def _structure(params) -> tuple[int, bool, bool]:
 
 
 def _array(name: str, value, dtype=None):
+    """`value` as a JAX array, of exactly `dtype` when given. The dtype the caller passed is compared,
+    before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix."""
+    given = getattr(value, "dtype", None)
     arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
-    if dtype is not None and arr.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
+    if dtype is not None:
+        for got in (arr.dtype, given):
+            if got is not None and np.dtype(got) != np.dtype(dtype):
+                raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (x's), got {np.dtype(got)}")
     return arr
 
 
@@ -128,9 +133,13 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     _checks.cell(cell)
     num_layers, bidirectional, bias = _structure(params)
     dirs = 2 if bidirectional else 1
+    given = getattr(x, "dtype", None)
     x = _array("x", x)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
+    if given is not None and np.dtype(given) != x.dtype:
+        raise TypeError(f"x: got dtype {np.dtype(given)}, which JAX runs as {x.dtype} without jax_enable_x64: "
+                        f"pass {x.dtype}, or enable float64 (jax.config.update('jax_enable_x64', True))")
     if x.ndim not in (2, 3):
         raise ValueError(f"x: expected a 2-D or 3-D array, got shape {tuple(x.shape)}")
     dtype = x.dtype
