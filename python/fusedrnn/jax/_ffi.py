@@ -67,8 +67,49 @@ class LayerSpec(NamedTuple):
     cell_clip: float | None   # checked by _checks.cell_clip
 
 
-def _none(dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((0,), dtype)
+# Inside shard_map (with its varying-manual-axes check) an FFI call needs every operand to vary over
+# the same mesh axes and declares that its results do too. An operand that is the same on every
+# device (replicated weights) is cast to varying before the call, as JAX's own operations do, so
+# its gradient is summed over the devices by that cast's transpose.
+
+def _varying_axes(array) -> frozenset:
+    aval = jax.typeof(array)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _cast_varying(array, axes: frozenset):
+    missing = tuple(sorted(axes - _varying_axes(array)))
+    if not missing:
+        return array
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(array, missing, to="varying")
+    return jax.lax.pvary(array, missing)
+
+
+def vary_alike(*arrays):
+    """The arrays, each varying over every mesh axis any of them varies over (pytrees allowed)."""
+    leaves, tree = jax.tree.flatten(arrays)
+    axes = frozenset().union(*(_varying_axes(a) for a in leaves))
+    if not axes:
+        return arrays
+    return jax.tree.unflatten(tree, [_cast_varying(a, axes) for a in leaves])
+
+
+def _result(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A result of an FFI call whose operands vary as `like` does."""
+    axes = _varying_axes(like)
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(like)
+    if hasattr(aval, "mat"):  # the axes are those of the manual mesh `like` lives on
+        replicated = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated, manual_axis_type=aval.mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
+def _none(dtype, like) -> jax.ShapeDtypeStruct:
+    return _result((0,), dtype, like)
 
 
 def _attrs(spec: LayerSpec) -> dict:
@@ -81,24 +122,28 @@ def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     hidden = weights[1].shape[1]
     dirs, dtype = spec.directions, x.dtype
     has_c = has_cell_state(spec.cell)
-    state = jax.ShapeDtypeStruct((dirs, batch, hidden), dtype)
-    hs = cs = saved = _none(dtype)
+    state = _result((dirs, batch, hidden), dtype, x)
+    hs = cs = saved = _none(dtype, x)
     if training:
         _, state_values, saved_values = _core.tape_layout(spec.cell, steps, batch, hidden, True)
-        hs = jax.ShapeDtypeStruct((dirs, state_values), dtype)
+        hs = _result((dirs, state_values), dtype, x)
         cs = hs if has_c else cs
-        saved = jax.ShapeDtypeStruct((dirs, saved_values), dtype) if saved_values else saved
-    results = (jax.ShapeDtypeStruct((steps, batch, dirs * hidden), dtype), state,
-               state if has_c else _none(dtype), hs, cs, saved)
+        saved = _result((dirs, saved_values), dtype, x) if saved_values else saved
+    results = (_result((steps, batch, dirs * hidden), dtype, x), state, state if has_c else _none(dtype, x),
+               hs, cs, saved)
     call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
     return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
 def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
     """One layer, every direction: x (T, B, I); h0, c0 (D, B, H) or empty; lengths int (B,) or empty;
     weights a tuple of (weight_ih, weight_hh[, bias_ih, bias_hh]) per direction, flattened. Returns
     y (T, B, D*H), h_n (D, B, H) and c_n (D, B, H), or empty for a cell without a cell state."""
+    return _layer(spec, *vary_alike(x, h0, c0, lengths, weights))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer(spec: LayerSpec, x, h0, c0, lengths, weights):
     y, h_n, c_n, _, _, _ = _forward_call(spec, False, x, h0, c0, lengths, weights)
     return y, h_n, c_n
 
@@ -133,18 +178,20 @@ def _layer_bwd(spec, residuals, cotangents):
     return dx, dh0, dc0, None, weight_grads
 
 
-layer.defvjp(_layer_fwd, _layer_bwd)
+_layer.defvjp(_layer_fwd, _layer_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights):
     """The fused backward kernel on one layer's tape: returns (dx, dh0, dc0, weight gradients)."""
+    x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights = vary_alike(x, lengths, hs, cs, saved, dy, dh_n, dc_n,
+                                                                    weights)
     batch = x.shape[1]
     hidden = weights[1].shape[1]
-    state = jax.ShapeDtypeStruct((spec.directions, batch, hidden), x.dtype)
-    results = (jax.ShapeDtypeStruct(x.shape, x.dtype), state,
-               state if has_cell_state(spec.cell) else _none(x.dtype),
-               *(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights))
+    state = _result((spec.directions, batch, hidden), x.dtype, x)
+    results = (_result(x.shape, x.dtype, x), state,
+               state if has_cell_state(spec.cell) else _none(x.dtype, x),
+               *(_result(w.shape, w.dtype, x) for w in weights))
     call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
     dx, dh0, dc0, *grads = call(x, lengths, hs, cs, saved, dy, dh_n, dc_n, *weights, **_attrs(spec))
     return dx, dh0, dc0, tuple(grads)
