@@ -17,14 +17,20 @@ import fusedrnn.jax as fj  # noqa: E402
 from helpers import CELLS, assert_close, has_cell_state, make_module, random_lengths  # noqa: E402
 
 
+# jax.enable_x64 in recent jax, jax.experimental.enable_x64 in older ones (down to the supported floor).
+_enable_x64 = getattr(jax, "enable_x64", None)
+if _enable_x64 is None:
+    from jax.experimental import enable_x64 as _enable_x64
+
+
 @pytest.fixture
 def x64():
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         yield
 
 
 def _dtype_context(dtype):
-    return jax.enable_x64(np.dtype(dtype) == np.float64)
+    return _enable_x64(np.dtype(dtype) == np.float64)
 
 
 def _params(rng, cell, input_size, hidden, num_layers=1, bidirectional=False, bias=True, dtype=np.float32):
@@ -398,7 +404,7 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
         with pytest.raises(error) as info:
             call()
         assert message in str(info.value), (message, str(info.value))
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         with pytest.raises(TypeError, match=r"weight_hh_l0: expected dtype float64 \(x's\), got float32"):
             fj.lstm(params, x.astype(np.float64))
 
