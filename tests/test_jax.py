@@ -460,3 +460,17 @@ def test_forward_mode_and_second_derivatives_raise_clear_errors(rng):
         jax.grad(lambda x: jnp.sum(jax.grad(f)(x)))(x)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         jax.hessian(f)(x)
+
+
+def test_handlers_built_for_a_newer_jaxlib_are_refused_with_advice(monkeypatch):
+    from fusedrnn import _core
+    from fusedrnn.jax import _ffi
+
+    monkeypatch.setattr(_core, "jax_ffi_built_with_jaxlib", "99.0.0")
+    monkeypatch.setattr(_ffi, "_registered", False)
+    with pytest.raises(ImportError, match=r"built against jaxlib 99.0.0, newer than the installed jaxlib .* "
+                                          r"upgrade jaxlib to >= 99.0.0 or rebuild fusedrnn"):
+        _ffi.register()
+    monkeypatch.undo()
+    assert _ffi._registered  # the real registration stands
+    assert _ffi._version("0.10.2") > _ffi._version("0.7.1") and _ffi._version("0.9.0.1") == (0, 9, 0)

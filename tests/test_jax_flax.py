@@ -1,5 +1,6 @@
-"""fusedrnn.jax with Flax: parameters converted to and from Flax's LSTM and GRU cells give the same
-outputs when both run, and the NNX modules (torch-named nnx.Param weights) train with optax."""
+"""fusedrnn.jax with Flax and optax: parameters converted to and from Flax's LSTM and GRU cells give the
+same outputs when both run; the NNX modules (torch-named nnx.Param weights) train with optax; the
+optax sunspot demo's short run; the benchmark's JAX peers (fusedrnn.jax, jit over lax.scan, Flax)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,45 @@ def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_
     np.testing.assert_array_equal(np.asarray(model(x, deterministic=True)[0]), 0.0)
     with pytest.raises(ValueError, match="state_dict: expected exactly the keys"):
         model.load_state_dict({"weight_ih_l0": jnp.zeros((24, 2))})
+
+
+def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_and_baselines():
+    from fusedrnn import datasets, demo
+    from fusedrnn.jax import demo as jax_demo
+
+    config = demo.ForecastConfig(hidden=8, epochs=6, held_out_years=30, batch=64, members=2)
+    seen = []
+    result = jax_demo.train_forecaster(config, lambda epoch, loss: seen.append((epoch, loss)))
+    assert [e for e, _ in seen] == list(range(12)) and all(np.isfinite(loss) for _, loss in seen)
+    assert result.losses == [loss for _, loss in seen]
+    assert seen[5][1] < 0.7 * seen[0][1] and seen[11][1] < 0.7 * seen[6][1]   # each member learns
+    _, series = datasets.sunspots()
+    assert result.years.tolist() == list(range(1979, 2009))
+    np.testing.assert_array_equal(result.truth, series[-30:])
+    numpy_baselines = demo.train_forecaster(demo.ForecastConfig(hidden=2, epochs=1, held_out_years=30, members=1))
+    assert result.baselines.keys() == numpy_baselines.baselines.keys()
+    for name, values in result.baselines.items():
+        np.testing.assert_array_equal(values, numpy_baselines.baselines[name])
+    assert result.forecast.shape == (30,) and np.all(np.isfinite(result.forecast))
+    assert result.rmse["model"] == pytest.approx(demo.rmse(result.forecast, result.truth))
+    # Better than repeating the last value even after this short run.
+    assert result.rmse["model"] < result.rmse["repeat last value"]
+    with pytest.raises(ValueError, match="cell: expected one of"):
+        jax_demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
+
+
+def test_bench_times_the_jax_peers(tmp_path):
+    import json
+
+    from fusedrnn import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--cell", "lstm", "gru", "rnn_relu", "--shape", "3,2,4,4", "--peers", "fusedrnn.jax", "jax",
+            "flax", "fusedrnn", "--rounds", "1", "--repeats", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        for peer in ("fusedrnn.jax", "jax", "flax", "fusedrnn"):
+            assert row[f"{peer}_ms"] > 0
+        assert row["speedup_vs_flax"] == pytest.approx(row["flax_ms"] / row["fusedrnn.jax_ms"])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from .._optional import require
 from ._rnn import forward, init, param_names
 
-nnx = require("flax.nnx", "jax")
+nnx = require("flax.nnx", "flax")
 
 
 class RNNBase(nnx.Module):
