@@ -255,11 +255,19 @@ def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell):
         y, state = fj.forward(cell, p, x, lengths=lens)
         return y, state
 
+    # Inference with shared weights runs the mapped elements as one batch of their rows side by side:
+    # bit for bit that call, and each element's own call to float32 rounding (another batch size may
+    # group a step's GEMM differently).
     ys, states = jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))(params, xs, lengths)
+    y_all, states_all = f(params, np.concatenate(list(xs), axis=1), lengths.reshape(-1))
     for i in range(3):
+        rows = slice(2 * i, 2 * i + 2)
+        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(y_all[:, rows]))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b[:, rows])),
+                     states, states_all)
         y, state = f(params, xs[i], lengths[i])
-        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(y))
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b)), states, state)
+        assert_close(ys[i], y, np.float32, "y")
+        jax.tree.map(lambda a, b: assert_close(a[i], b, np.float32, "state"), states, state)
 
     # Per-example parameters (an ensemble) and per-example gradients.
     stacked = {k: np.stack([v, v * 0.5, -v]) for k, v in params.items()}
@@ -280,13 +288,32 @@ def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell):
         np.testing.assert_array_equal(np.asarray(jac[unit]), np.asarray(row))
 
 
-def test_nested_vmap(rng):
-    params = _params(rng, "lstm", 2, 3)
+def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
+    # Inference with shared weights runs the mapped elements as one batch of N*B rows.
+    params = _params(rng, "lstm", 2, 3, 2, True)
     xs = rng.standard_normal((2, 3, 4, 1, 2)).astype(np.float32)
-    ys = jax.vmap(jax.vmap(lambda x: fj.lstm(params, x)[0]))(xs)
+    ys = jax.jit(jax.vmap(jax.vmap(lambda x: fj.lstm(params, x)[0])))(xs)
+    y_all = fj.lstm(params, np.concatenate(list(xs.reshape(6, 4, 1, 2)), axis=1))[0]
     for i in range(2):
         for j in range(3):
-            np.testing.assert_array_equal(np.asarray(ys[i, j]), np.asarray(fj.lstm(params, xs[i, j])[0]))
+            np.testing.assert_array_equal(np.asarray(ys[i, j]), np.asarray(y_all[:, 3 * i + j:3 * i + j + 1]))
+            assert_close(ys[i, j], fj.lstm(params, xs[i, j])[0], np.float32, "y")
+
+    x = xs[0, 0]
+    h0s = rng.standard_normal((5, 4, 1, 3)).astype(np.float32)
+    lengths = np.array([4, 2, 1, 3, 4])[:, None]
+    run = lambda h0, lens: fj.lstm(params, x, (h0, h0 * 0.5), lengths=lens)  # noqa: E731
+    ys, (h_n, c_n) = jax.vmap(run)(h0s, lengths)
+    h0_all = np.concatenate(list(h0s), axis=1)
+    y_all, (h_all, c_all) = fj.lstm(params, np.concatenate([x] * 5, axis=1), (h0_all, h0_all * 0.5),
+                                    lengths=lengths.reshape(-1))
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(y_all[:, i:i + 1]))
+        np.testing.assert_array_equal(np.asarray(h_n[i]), np.asarray(h_all[:, i:i + 1]))
+        np.testing.assert_array_equal(np.asarray(c_n[i]), np.asarray(c_all[:, i:i + 1]))
+        y_i, (h_i, c_i) = run(h0s[i], lengths[i])
+        assert_close(ys[i], y_i, np.float32, "y")
+        assert_close(c_n[i], c_i, np.float32, "c_n")
 
 
 # ---- dropout -----------------------------------------------------------------------------------------
@@ -446,6 +473,13 @@ def test_bad_traced_lengths_raise_at_run_time(rng):
             jax.block_until_ready(f(jnp.array(lens)))
     np.testing.assert_array_equal(np.asarray(f(jnp.array([5, 1, 2]))),
                                   np.asarray(fj.gru(params, x, lengths=[5, 1, 2])[0]))
+    # Under vmap (one folded call) the mapped element is not named, the row within it is.
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"got 0 at index 1"):
+        jax.block_until_ready(jax.vmap(f)(jnp.array([[5, 1, 2], [5, 0, 2]])))
+    x_nan = np.stack([x, x])
+    x_nan[1, 2, 0, 1] = np.nan
+    with pytest.raises(jax.errors.JaxRuntimeError, match="x: contains NaN"):
+        jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
 
 
 def test_forward_mode_and_second_derivatives_raise_clear_errors(rng):

@@ -17,7 +17,9 @@
 // An absent optional buffer (h0, c0, lengths; c_n, cs, dc0 for a cell without a cell state; the tape in
 // inference) has no elements. Under jax.vmap (vmap_method="expand_dims") every buffer gains the same
 // number of leading dimensions, each either the mapped size or 1 (shared by every mapped element); the
-// handlers run the layer once per mapped element.
+// handlers run the layer once per mapped element, except inference with shared weights, which folds
+// the mapped elements into the batch (forward_folded). Training cannot fold: each mapped element
+// needs its own weight gradients.
 //
 // Run-time checks that shapes cannot express (lengths in [1, T], NaN or infinity in the inputs) return an
 // INVALID_ARGUMENT error naming the argument, which JAX raises as an exception from the call.
@@ -91,6 +93,12 @@ class Batched {
   }
 
   bool empty() const { return empty_; }
+  // Whether every mapped element shares this buffer's data (unmapped under vmap, or no vmap at all).
+  bool shared() const {
+    for (Index d : lead_)
+      if (d != 1) return false;
+    return true;
+  }
   Index dim(std::size_t i) const { return own_[i]; }
   std::size_t rank() const { return own_.size(); }
   Index elements() const { return elements_; }  // of one mapped element
@@ -230,6 +238,71 @@ struct AlignedScratch {
   }
 };
 
+// Inference under vmap with weights shared by every mapped element: the N mapped elements' rows are
+// one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
+// back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
+template <typename T>
+ffi::Error forward_folded(CellKind cell, Index D, bool check_inputs, T cell_clip, const Batch& batch,
+                          const Batched<const T>& x, const Batched<const T>& h0, const Batched<const T>& c0,
+                          const ffi::AnyBuffer& lengths_buf, const std::vector<Batched<const T>>& w, std::size_t per,
+                          const Batched<T>& y, const Batched<T>& h_n, const Batched<T>& c_n) {
+  const Index steps = x.dim(0), rows = x.dim(1), input = x.dim(2), hidden = h_n.dim(2);
+  const Index N = batch.count, all = N * rows, DH = D * hidden;
+  const bool has_c = !c_n.empty();
+  AlignedScratch<T> xs(steps * all * input), ys(steps * all * DH), h0s(h0.empty() ? 0 : D * all * hidden),
+      c0s(c0.empty() ? 0 : D * all * hidden), hns(D * all * hidden), cns(has_c ? D * all * hidden : 0);
+  std::vector<Index> lengths, all_lengths;
+  // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one.
+  auto gather = [&](const T* from, T* to, Index outer, Index width, Index n) {
+    for (Index o = 0; o < outer; ++o)
+      std::copy(from + o * rows * width, from + (o + 1) * rows * width, to + (o * all + n * rows) * width);
+  };
+  auto scatter = [&](const T* from, T* to, Index outer, Index width, Index n) {
+    for (Index o = 0; o < outer; ++o)
+      std::copy(from + (o * all + n * rows) * width, from + (o * all + n * rows + rows) * width, to + o * rows * width);
+  };
+  for (Index n = 0; n < N; ++n) {
+    if (ffi::Error e = read_lengths(lengths_buf, batch, n, steps, rows, lengths); e.failure()) return e;
+    if (!lengths.empty()) {
+      all_lengths.resize(static_cast<std::size_t>(all), steps);
+      std::copy(lengths.begin(), lengths.end(), all_lengths.begin() + n * rows);
+    }
+    if (check_inputs) {
+      for (ffi::Error e : {check_finite(x.at(n), x.elements(), "x"), check_finite(h0.at(n), h0.elements(), "h0"),
+                           check_finite(c0.at(n), c0.elements(), "c0")})
+        if (e.failure()) return e;
+    }
+    gather(x.at(n), xs.data, steps, input, n);
+    if (!h0.empty()) gather(h0.at(n), h0s.data, D, hidden, n);
+    if (!c0.empty()) gather(c0.at(n), c0s.data, D, hidden, n);
+  }
+  fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false};
+  const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, shape, false);
+  AlignedScratch<T> hs(D * layout.state_values), cs(has_c ? D * layout.state_values : 0);
+  for (Index d = 0; d < D; ++d) {
+    const Index state = d * all * hidden;
+    fusedrnn::LayerForwardParams<T> p;
+    p.cell = cell;
+    p.shape = {steps, all, input, hidden, {all_lengths.empty() ? nullptr : all_lengths.data(), 1}, d == 1};
+    p.weights = weights_at(w, per, d, 0, input, hidden);
+    p.x = {xs.data, {all * input, input, 1}};
+    if (!h0.empty()) p.h0 = {h0s.data + state, {hidden, 1}};
+    if (!c0.empty()) p.c0 = {c0s.data + state, {hidden, 1}};
+    p.y = {ys.data + d * hidden, {all * DH, DH, 1}};
+    p.h_n = {hns.data + state, {hidden, 1}};
+    if (has_c) p.c_n = {cns.data + state, {hidden, 1}};
+    p.tape = {hs.data + d * layout.state_values, has_c ? cs.data + d * layout.state_values : nullptr, nullptr, false};
+    p.cell_clip = cell_clip;
+    cpu::layer_forward<T>(p);
+  }
+  for (Index n = 0; n < N; ++n) {
+    scatter(ys.data, y.at(n), steps, DH, n);
+    scatter(hns.data, h_n.at(n), D, hidden, n);
+    if (has_c) scatter(cns.data, c_n.at(n), D, hidden, n);
+  }
+  return ffi::Error::Success();
+}
+
 template <typename T>
 ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool check_inputs, double cell_clip,
                          ffi::AnyBuffer x_buf, ffi::AnyBuffer h0_buf, ffi::AnyBuffer c0_buf,
@@ -268,6 +341,11 @@ ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool ch
     if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty())
       return shape_error("tape", "does not match tape_layout()");
   }
+
+  const bool shared_weights = std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
+  if (!training && batch.count > 1 && shared_weights)
+    return forward_folded<T>(cell, D, check_inputs, static_cast<T>(cell_clip), batch, x, h0, c0, lengths_buf, w, per,
+                             y, h_n, c_n);
 
   std::vector<Index> lengths;
   for (Index n = 0; n < batch.count; ++n) {
