@@ -511,3 +511,17 @@ def test_handlers_built_for_a_newer_jaxlib_are_refused_with_advice(monkeypatch):
     monkeypatch.undo()
     assert _ffi._registered  # the real registration stands
     assert _ffi._version("0.10.2") > _ffi._version("0.7.1") and _ffi._version("0.9.0.1") == (0, 9, 0)
+
+
+def test_info_reports_the_handlers_build(capsys):
+    import jaxlib.version
+
+    from fusedrnn import _core, cli
+
+    built = fusedrnn.build_info()["jax_ffi"]
+    assert built == _core.jax_ffi_built_with_jaxlib
+    assert fj._ffi._version(built) <= fj._ffi._version(jaxlib.version.__version__)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"XLA FFI handlers (fusedrnn.jax): built against jaxlib {built}" in out
+    assert "fusedrnn.jax" in out.split("Benchmark peers available:")[1]

@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import _core
 from .datasets import deepbench_shapes
 from .functional import CELLS, GATES
 
@@ -318,8 +319,9 @@ register_peer("torch-1t", _torch_single_thread_runners, requires="torch", versio
 register_peer("fusedrnn.torch", _fusedrnn_torch_runners, requires="torch", set_threads=_set_fusedrnn_threads,
               version=_fusedrnn_version)
 register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
-register_peer("fusedrnn.jax", _fusedrnn_jax_runners, requires="jax", set_threads=_set_fusedrnn_threads,
-              version=_jax_version)
+if hasattr(_core, "jax_ffi_targets"):  # a build with fusedrnn.jax's handlers
+    register_peer("fusedrnn.jax", _fusedrnn_jax_runners, requires="jax", set_threads=_set_fusedrnn_threads,
+                  version=_jax_version)
 register_peer("flax", _flax_runners, requires="flax", version=_flax_version)
 
 

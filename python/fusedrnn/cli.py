@@ -177,8 +177,9 @@ def _bench(args) -> int:
 
 # ---- info -------------------------------------------------------------------------------------------
 
-OPTIONAL = {"torch": "bench peer, torch parity tests", "jax": "bench peer", "cupy": "GPU arrays",
-            "matplotlib": "plots (the plot extra)"}
+OPTIONAL = {"torch": "bench peer, torch parity tests", "jax": "fusedrnn.jax, bench peers; the jax extra",
+            "flax": "fusedrnn.jax.nnx, bench peer; the flax extra", "optax": "the JAX demo; the flax extra",
+            "cupy": "GPU arrays", "matplotlib": "plots (the plot extra)"}
 
 
 def _info(args) -> int:
@@ -187,6 +188,9 @@ def _info(args) -> int:
     print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
           f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
     print(f"  CUDA: {'compiled in' if info['cuda'] else 'not compiled in'}")
+    jax_ffi = info["jax_ffi"]
+    print(f"  XLA FFI handlers (fusedrnn.jax): "
+          f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas']}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")
