@@ -33,6 +33,11 @@ def _dtype_context(dtype):
     return _enable_x64(np.dtype(dtype) == np.float64)
 
 
+# An error the FFI handler returns reaches Python as JaxRuntimeError, or as ValueError from JAX's fast
+# dispatch path of a call it has run before; the message is the handler's either way.
+RUNTIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
+
+
 def _params(rng, cell, input_size, hidden, num_layers=1, bidirectional=False, bias=True, dtype=np.float32):
     """Random parameters well outside the gates' linear range, as NumPy arrays keyed like torch.nn."""
     shapes = fj.param_shapes(cell, input_size, hidden, num_layers, bias=bias, bidirectional=bidirectional)
@@ -456,8 +461,10 @@ def test_nan_and_inf_raise_at_run_time_naming_the_argument(rng, where):
     def loss(p, x, h0, c0):
         return jnp.sum(fj.lstm(p, x, (h0, c0))[0] * dy)
 
-    with pytest.raises(jax.errors.JaxRuntimeError, match=f"INVALID_ARGUMENT: {where}: contains NaN or infinite"):
-        jax.block_until_ready(jax.jit(jax.grad(loss))(params, bad["x"], bad["h0"], bad["c0"]))
+    step = jax.jit(jax.grad(loss))
+    for _ in range(2):  # the first call and a repeated one (JAX's fast dispatch path)
+        with pytest.raises(RUNTIME_ERRORS, match=f"INVALID_ARGUMENT: {where}: contains NaN or infinite"):
+            jax.block_until_ready(step(params, bad["x"], bad["h0"], bad["c0"]))
     # check_finite=False skips the checks (the NaN then propagates; an infinite c0 saturates tanh).
     y, (_, c_n) = fj.lstm(params, bad["x"], (bad["h0"], bad["c0"]), check_finite=False)
     if where in ("x", "h0"):
@@ -471,17 +478,17 @@ def test_bad_traced_lengths_raise_at_run_time(rng):
     x = rng.standard_normal((5, 3, 3)).astype(np.float32)
     f = jax.jit(lambda lens: fj.gru(params, x, lengths=lens)[0])
     for lens, value, index in (([5, 0, 2], 0, 1), ([5, 2, 6], 6, 2)):
-        with pytest.raises(jax.errors.JaxRuntimeError,
+        with pytest.raises(RUNTIME_ERRORS,
                            match=rf"lengths: each length must be in \[1, 5\] \(T\), got {value} at index {index}"):
             jax.block_until_ready(f(jnp.array(lens)))
     np.testing.assert_array_equal(np.asarray(f(jnp.array([5, 1, 2]))),
                                   np.asarray(fj.gru(params, x, lengths=[5, 1, 2])[0]))
     # Under vmap (one folded call) the mapped element is not named, the row within it is.
-    with pytest.raises(jax.errors.JaxRuntimeError, match=r"got 0 at index 1"):
+    with pytest.raises(RUNTIME_ERRORS, match=r"got 0 at index 1"):
         jax.block_until_ready(jax.vmap(f)(jnp.array([[5, 1, 2], [5, 0, 2]])))
     x_nan = np.stack([x, x])
     x_nan[1, 2, 0, 1] = np.nan
-    with pytest.raises(jax.errors.JaxRuntimeError, match="x: contains NaN"):
+    with pytest.raises(RUNTIME_ERRORS, match="x: contains NaN"):
         jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
 
 
@@ -525,3 +532,19 @@ def test_info_reports_the_handlers_build(capsys):
     out = capsys.readouterr().out
     assert f"XLA FFI handlers (fusedrnn.jax): built against jaxlib {built}" in out
     assert "fusedrnn.jax" in out.split("Benchmark peers available:")[1]
+
+
+def test_finiteness_checks_name_the_callers_arrays_not_those_between_layers(rng):
+    params = _params(rng, "rnn_relu", 3, 4, 2)
+    params["weight_ih_l0"] = np.full((4, 3), 1e38, np.float32)  # layer 0's output overflows to inf
+    x = np.abs(rng.standard_normal((5, 2, 3))).astype(np.float32)
+    y = jax.block_until_ready(fj.rnn(params, x, nonlinearity="relu")[0])
+    assert not np.isfinite(np.asarray(y)).all()        # as the NumPy modules: no check between layers
+    x_bad = x.copy()
+    x_bad[0, 0, 0] = np.nan
+    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN"):
+        jax.block_until_ready(fj.rnn(params, x_bad, nonlinearity="relu")[0])
+    h0 = np.zeros((2, 2, 4), np.float32)
+    h0[1, 1, 1] = np.inf                                 # the second layer's state is the caller's
+    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: h0: contains NaN"):
+        jax.block_until_ready(fj.rnn(_params(rng, "rnn_relu", 3, 4, 2), x, h0, nonlinearity="relu")[0])

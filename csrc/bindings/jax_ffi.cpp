@@ -22,7 +22,9 @@
 // needs its own weight gradients.
 //
 // Run-time checks that shapes cannot express (lengths in [1, T], NaN or infinity in the inputs) return an
-// INVALID_ARGUMENT error naming the argument, which JAX raises as an exception from the call.
+// INVALID_ARGUMENT error naming the argument, which JAX raises as an exception from the call. The
+// finiteness checks are asked for per call: the sequence (x forward, dy backward) where it is the
+// caller's (the first layer's x, the last layer's dy), the states (h0, c0, dh_n, dc_n) in every layer.
 #include "jax_ffi.h"
 
 #include <pybind11/pybind11.h>
@@ -242,7 +244,7 @@ struct AlignedScratch {
 // one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
 // back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
 template <typename T>
-ffi::Error forward_folded(CellKind cell, Index D, bool check_inputs, T cell_clip, const Batch& batch,
+ffi::Error forward_folded(CellKind cell, Index D, bool check_sequence, bool check_states, T cell_clip, const Batch& batch,
                           const Batched<const T>& x, const Batched<const T>& h0, const Batched<const T>& c0,
                           const ffi::AnyBuffer& lengths_buf, const std::vector<Batched<const T>>& w, std::size_t per,
                           const Batched<T>& y, const Batched<T>& h_n, const Batched<T>& c_n) {
@@ -267,11 +269,10 @@ ffi::Error forward_folded(CellKind cell, Index D, bool check_inputs, T cell_clip
       all_lengths.resize(static_cast<std::size_t>(all), steps);
       std::copy(lengths.begin(), lengths.end(), all_lengths.begin() + n * rows);
     }
-    if (check_inputs) {
-      for (ffi::Error e : {check_finite(x.at(n), x.elements(), "x"), check_finite(h0.at(n), h0.elements(), "h0"),
-                           check_finite(c0.at(n), c0.elements(), "c0")})
-        if (e.failure()) return e;
-    }
+    for (ffi::Error e : {check_finite(check_sequence ? x.at(n) : nullptr, x.elements(), "x"),
+                         check_finite(check_states ? h0.at(n) : nullptr, h0.elements(), "h0"),
+                         check_finite(check_states ? c0.at(n) : nullptr, c0.elements(), "c0")})
+      if (e.failure()) return e;
     gather(x.at(n), xs.data, steps, input, n);
     if (!h0.empty()) gather(h0.at(n), h0s.data, D, hidden, n);
     if (!c0.empty()) gather(c0.at(n), c0s.data, D, hidden, n);
@@ -304,7 +305,7 @@ ffi::Error forward_folded(CellKind cell, Index D, bool check_inputs, T cell_clip
 }
 
 template <typename T>
-ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool check_inputs, double cell_clip,
+ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool check_sequence, bool check_states, double cell_clip,
                          ffi::AnyBuffer x_buf, ffi::AnyBuffer h0_buf, ffi::AnyBuffer c0_buf,
                          ffi::AnyBuffer lengths_buf, const ffi::RemainingArgs& args, ffi::AnyBuffer y_buf,
                          ffi::AnyBuffer h_n_buf, ffi::AnyBuffer c_n_buf, ffi::AnyBuffer hs_buf,
@@ -344,17 +345,16 @@ ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool ch
 
   const bool shared_weights = std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
   if (!training && batch.count > 1 && shared_weights)
-    return forward_folded<T>(cell, D, check_inputs, static_cast<T>(cell_clip), batch, x, h0, c0, lengths_buf, w, per,
+    return forward_folded<T>(cell, D, check_sequence, check_states, static_cast<T>(cell_clip), batch, x, h0, c0, lengths_buf, w, per,
                              y, h_n, c_n);
 
   std::vector<Index> lengths;
   for (Index n = 0; n < batch.count; ++n) {
     if (ffi::Error e = read_lengths(lengths_buf, batch, n, steps, rows, lengths); e.failure()) return e;
-    if (check_inputs) {
-      for (ffi::Error e : {check_finite(x.at(n), x.elements(), "x"), check_finite(h0.at(n), h0.elements(), "h0"),
-                           check_finite(c0.at(n), c0.elements(), "c0")})
-        if (e.failure()) return e;
-    }
+    for (ffi::Error e : {check_finite(check_sequence ? x.at(n) : nullptr, x.elements(), "x"),
+                         check_finite(check_states ? h0.at(n) : nullptr, h0.elements(), "h0"),
+                         check_finite(check_states ? c0.at(n) : nullptr, c0.elements(), "c0")})
+      if (e.failure()) return e;
     for (Index d = 0; d < D; ++d) {
       const Index state = d * rows * hidden;
       fusedrnn::LayerForwardParams<T> p;
@@ -382,7 +382,7 @@ ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool ch
   return ffi::Error::Success();
 }
 
-ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bool training, bool check_inputs,
+ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bool training, bool check_sequence, bool check_states,
                          double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                          ffi::AnyBuffer lengths, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::AnyBuffer> h_n, ffi::Result<ffi::AnyBuffer> c_n,
@@ -393,16 +393,16 @@ ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bo
   if (directions != 1 && directions != 2) return ffi::Error::InvalidArgument("directions: expected 1 or 2");
   if (std::isnan(cell_clip) || cell_clip <= 0) return ffi::Error::InvalidArgument("cell_clip: expected > 0");
   if (x.element_type() == ffi::DataType::F32)
-    return forward_typed<float>(cell, directions, training, check_inputs, cell_clip, x, h0, c0, lengths,
+    return forward_typed<float>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0, lengths,
                                 weights, *y, *h_n, *c_n, *hs, *cs, *saved);
   if (x.element_type() == ffi::DataType::F64)
-    return forward_typed<double>(cell, directions, training, check_inputs, cell_clip, x, h0, c0, lengths,
+    return forward_typed<double>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0, lengths,
                                  weights, *y, *h_n, *c_n, *hs, *cs, *saved);
   return ffi::Error::InvalidArgument("x: expected float32 or float64");
 }
 
 template <typename T>
-ffi::Error backward_typed(CellKind cell, Index directions, bool check_inputs, double cell_clip,
+ffi::Error backward_typed(CellKind cell, Index directions, bool check_sequence, bool check_states, double cell_clip,
                           ffi::AnyBuffer x_buf, ffi::AnyBuffer lengths_buf, ffi::AnyBuffer hs_buf,
                           ffi::AnyBuffer cs_buf, ffi::AnyBuffer saved_buf, ffi::AnyBuffer dy_buf,
                           ffi::AnyBuffer dh_n_buf, ffi::AnyBuffer dc_n_buf, const ffi::RemainingArgs& args,
@@ -445,12 +445,10 @@ ffi::Error backward_typed(CellKind cell, Index directions, bool check_inputs, do
   std::vector<Index> lengths;
   for (Index n = 0; n < batch.count; ++n) {
     if (ffi::Error e = read_lengths(lengths_buf, batch, n, steps, rows, lengths); e.failure()) return e;
-    if (check_inputs) {
-      for (ffi::Error e : {check_finite(dy.at(n), dy.elements(), "dy"),
-                           check_finite(dh_n.at(n), dh_n.elements(), "dh_n"),
-                           check_finite(dc_n.at(n), dc_n.elements(), "dc_n")})
-        if (e.failure()) return e;
-    }
+    for (ffi::Error e : {check_finite(check_sequence ? dy.at(n) : nullptr, dy.elements(), "dy"),
+                         check_finite(check_states ? dh_n.at(n) : nullptr, dh_n.elements(), "dh_n"),
+                         check_finite(check_states ? dc_n.at(n) : nullptr, dc_n.elements(), "dc_n")})
+      if (e.failure()) return e;
     for (const Batched<T>& g : grads) std::memset(g.at(n), 0, sizeof(T) * static_cast<std::size_t>(g.elements()));
     for (Index d = 0; d < D; ++d) {
       const Index state = d * rows * hidden;
@@ -483,7 +481,7 @@ ffi::Error backward_typed(CellKind cell, Index directions, bool check_inputs, do
   return ffi::Error::Success();
 }
 
-ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, bool check_inputs,
+ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, bool check_sequence, bool check_states,
                           double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer lengths, ffi::AnyBuffer hs,
                           ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer dy, ffi::AnyBuffer dh_n,
                           ffi::AnyBuffer dc_n, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> dx,
@@ -493,10 +491,10 @@ ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, b
   if (ffi::Error e = parse_cell(cell_name, cell); e.failure()) return e;
   if (directions != 1 && directions != 2) return ffi::Error::InvalidArgument("directions: expected 1 or 2");
   if (x.element_type() == ffi::DataType::F32)
-    return backward_typed<float>(cell, directions, check_inputs, cell_clip, x, lengths, hs, cs, saved, dy,
+    return backward_typed<float>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs, saved, dy,
                                  dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
   if (x.element_type() == ffi::DataType::F64)
-    return backward_typed<double>(cell, directions, check_inputs, cell_clip, x, lengths, hs, cs, saved, dy,
+    return backward_typed<double>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs, saved, dy,
                                   dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
   return ffi::Error::InvalidArgument("x: expected float32 or float64");
 }
@@ -508,7 +506,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerForward, layer_forward,
                                   .Attr<std::string_view>("cell")
                                   .Attr<std::int64_t>("directions")
                                   .Attr<bool>("training")
-                                  .Attr<bool>("check_inputs")
+                                  .Attr<bool>("check_sequence")
+                                  .Attr<bool>("check_states")
                                   .Attr<double>("cell_clip")
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // h0
@@ -527,7 +526,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerBackward, layer_backward,
                               ffi::Ffi::Bind()
                                   .Attr<std::string_view>("cell")
                                   .Attr<std::int64_t>("directions")
-                                  .Attr<bool>("check_inputs")
+                                  .Attr<bool>("check_sequence")
+                                  .Attr<bool>("check_states")
                                   .Attr<double>("cell_clip")
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // lengths

@@ -63,8 +63,12 @@ class LayerSpec(NamedTuple):
     """The static options of a layer call (hashable: a custom_vjp non-differentiable argument)."""
     cell: str
     directions: int
-    check_finite: bool        # NaN/inf in x, h0, c0 (and dy, dh_n, dc_n in backward) raise at run time
     cell_clip: float | None   # checked by _checks.cell_clip
+    # NaN or infinity raise at run time in: x (forward), dy (backward): the caller's, not those between
+    # layers; h0, c0 (forward), dh_n, dc_n (backward).
+    check_x: bool = True
+    check_dy: bool = True
+    check_states: bool = True
 
 
 # Inside shard_map (with its varying-manual-axes check) an FFI call needs every operand to vary over
@@ -112,8 +116,9 @@ def _none(dtype, like) -> jax.ShapeDtypeStruct:
     return _result((0,), dtype, like)
 
 
-def _attrs(spec: LayerSpec) -> dict:
-    return dict(cell=spec.cell, directions=np.int64(spec.directions), check_inputs=bool(spec.check_finite),
+def _attrs(spec: LayerSpec, backward: bool) -> dict:
+    return dict(cell=spec.cell, directions=np.int64(spec.directions),
+                check_sequence=bool(spec.check_dy if backward else spec.check_x), check_states=bool(spec.check_states),
                 cell_clip=np.float64(math.inf if spec.cell_clip is None else spec.cell_clip))
 
 
@@ -132,7 +137,7 @@ def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     results = (_result((steps, batch, dirs * hidden), dtype, x), state, state if has_c else _none(dtype, x),
                hs, cs, saved)
     call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
-    return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec))
+    return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False))
 
 
 def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
@@ -193,7 +198,7 @@ def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, w
                state if has_cell_state(spec.cell) else _none(x.dtype, x),
                *(_result(w.shape, w.dtype, x) for w in weights))
     call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
-    dx, dh0, dc0, *grads = call(x, lengths, hs, cs, saved, dy, dh_n, dc_n, *weights, **_attrs(spec))
+    dx, dh0, dc0, *grads = call(x, lengths, hs, cs, saved, dy, dh_n, dc_n, *weights, **_attrs(spec, True))
     return dx, dh0, dc0, tuple(grads)
 
 

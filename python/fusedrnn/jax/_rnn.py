@@ -194,12 +194,15 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
 
-    spec = _ffi.LayerSpec(cell, dirs, bool(check_finite), cell_clip)
+    check = bool(check_finite)
+    specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,
+                            check_dy=check and layer == num_layers - 1, check_states=check)
+             for layer in range(num_layers)]
     empty = jnp.zeros((0,), dtype)
     lens_arg = jnp.zeros((0,), jnp.int32) if lens is None else lens
 
     def run_layer(layer, layer_input, h0_l, c0_l):
-        return _ffi.layer(spec, layer_input, empty if h0_l is None else h0_l, empty if c0_l is None else c0_l,
+        return _ffi.layer(specs[layer], layer_input, empty if h0_l is None else h0_l, empty if c0_l is None else c0_l,
                           lens_arg, weights[layer])
 
     between = None
