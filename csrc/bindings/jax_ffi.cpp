@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <string>
@@ -244,7 +245,8 @@ struct AlignedScratch {
 // one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
 // back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
 template <typename T>
-ffi::Error forward_folded(CellKind cell, Index D, bool check_sequence, bool check_states, T cell_clip, const Batch& batch,
+ffi::Error forward_folded(CellKind cell, Index D, bool check_sequence, bool check_states, T cell_clip,
+                          const Batch& batch,
                           const Batched<const T>& x, const Batched<const T>& h0, const Batched<const T>& c0,
                           const ffi::AnyBuffer& lengths_buf, const std::vector<Batched<const T>>& w, std::size_t per,
                           const Batched<T>& y, const Batched<T>& h_n, const Batched<T>& c_n) {
@@ -305,7 +307,8 @@ ffi::Error forward_folded(CellKind cell, Index D, bool check_sequence, bool chec
 }
 
 template <typename T>
-ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool check_sequence, bool check_states, double cell_clip,
+ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool check_sequence, bool check_states,
+                         double cell_clip,
                          ffi::AnyBuffer x_buf, ffi::AnyBuffer h0_buf, ffi::AnyBuffer c0_buf,
                          ffi::AnyBuffer lengths_buf, const ffi::RemainingArgs& args, ffi::AnyBuffer y_buf,
                          ffi::AnyBuffer h_n_buf, ffi::AnyBuffer c_n_buf, ffi::AnyBuffer hs_buf,
@@ -345,7 +348,8 @@ ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool ch
 
   const bool shared_weights = std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
   if (!training && batch.count > 1 && shared_weights)
-    return forward_folded<T>(cell, D, check_sequence, check_states, static_cast<T>(cell_clip), batch, x, h0, c0, lengths_buf, w, per,
+    return forward_folded<T>(cell, D, check_sequence, check_states, static_cast<T>(cell_clip), batch, x, h0, c0,
+                             lengths_buf, w, per,
                              y, h_n, c_n);
 
   std::vector<Index> lengths;
@@ -382,8 +386,8 @@ ffi::Error forward_typed(CellKind cell, Index directions, bool training, bool ch
   return ffi::Error::Success();
 }
 
-ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bool training, bool check_sequence, bool check_states,
-                         double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bool training, bool check_sequence,
+                         bool check_states, double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                          ffi::AnyBuffer lengths, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::AnyBuffer> h_n, ffi::Result<ffi::AnyBuffer> c_n,
                          ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
@@ -392,13 +396,20 @@ ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bo
   if (ffi::Error e = parse_cell(cell_name, cell); e.failure()) return e;
   if (directions != 1 && directions != 2) return ffi::Error::InvalidArgument("directions: expected 1 or 2");
   if (std::isnan(cell_clip) || cell_clip <= 0) return ffi::Error::InvalidArgument("cell_clip: expected > 0");
-  if (x.element_type() == ffi::DataType::F32)
-    return forward_typed<float>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0, lengths,
-                                weights, *y, *h_n, *c_n, *hs, *cs, *saved);
-  if (x.element_type() == ffi::DataType::F64)
-    return forward_typed<double>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0, lengths,
-                                 weights, *y, *h_n, *c_n, *hs, *cs, *saved);
-  return ffi::Error::InvalidArgument("x: expected float32 or float64");
+  // An exception must not cross into XLA (a C boundary): the core's become an error of the call.
+  try {
+    if (x.element_type() == ffi::DataType::F32)
+      return forward_typed<float>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0,
+                                  lengths,
+                                  weights, *y, *h_n, *c_n, *hs, *cs, *saved);
+    if (x.element_type() == ffi::DataType::F64)
+      return forward_typed<double>(cell, directions, training, check_sequence, check_states, cell_clip, x, h0, c0,
+                                   lengths,
+                                   weights, *y, *h_n, *c_n, *hs, *cs, *saved);
+    return ffi::Error::InvalidArgument("x: expected float32 or float64");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("fusedrnn layer forward: ") + e.what());
+  }
 }
 
 template <typename T>
@@ -490,13 +501,19 @@ ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, b
   CellKind cell;
   if (ffi::Error e = parse_cell(cell_name, cell); e.failure()) return e;
   if (directions != 1 && directions != 2) return ffi::Error::InvalidArgument("directions: expected 1 or 2");
-  if (x.element_type() == ffi::DataType::F32)
-    return backward_typed<float>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs, saved, dy,
-                                 dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
-  if (x.element_type() == ffi::DataType::F64)
-    return backward_typed<double>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs, saved, dy,
-                                  dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
-  return ffi::Error::InvalidArgument("x: expected float32 or float64");
+  try {
+    if (x.element_type() == ffi::DataType::F32)
+      return backward_typed<float>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs,
+                                   saved, dy,
+                                   dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
+    if (x.element_type() == ffi::DataType::F64)
+      return backward_typed<double>(cell, directions, check_sequence, check_states, cell_clip, x, lengths, hs, cs,
+                                    saved, dy,
+                                    dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
+    return ffi::Error::InvalidArgument("x: expected float32 or float64");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("fusedrnn layer backward: ") + e.what());
+  }
 }
 
 }  // namespace
