@@ -22,6 +22,9 @@
 #include "fusedrnn/cpu/passes.h"
 #include "fusedrnn/cuda/emulated.h"
 #include "fusedrnn/layer.h"
+#ifdef FUSEDRNN_WITH_XLA_FFI
+#include "jax_ffi.h"
+#endif
 
 namespace py = pybind11;
 namespace cpu = fusedrnn::cpu;
@@ -661,6 +664,16 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
+  m.def("tape_layout", [](const std::string& cell, Index steps, Index batch, Index hidden, bool training) {
+    const fusedrnn::LayerShape shape{steps, batch, 1, hidden, {}, false};
+    const fusedrnn::TapeLayout l = fusedrnn::tape_layout(parse_cell(cell), shape, training);
+    return py::make_tuple(l.slots, l.state_values, l.saved_values);
+  }, py::arg("cell"), py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("training"),
+        "Element counts of one layer direction's tape (layer.h): (slots, hs and cs values each, saved "
+        "values), for callers that allocate it themselves.");
+#ifdef FUSEDRNN_WITH_XLA_FFI
+  fusedrnn::bindings::def_jax_ffi(m);
+#endif
   m.def("blas_config", &cpu::blas::config);
   def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
              &get_emulated_recurrence_path,

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import _core
 from .datasets import deepbench_shapes
 from .functional import CELLS, GATES
 
@@ -281,16 +282,7 @@ def _jax_runners(problem: Problem) -> Runners:
         _, ys = lax.scan(lambda carry, xg_t: step(carry, xg_t, w_hh, b_hh, w_hr), (h0, c0), xg)
         return ys
 
-    infer_fn = jax.jit(forward)
-    train_fn = jax.jit(jax.grad(lambda p, x, dy: jnp.sum(forward(p, x) * dy), argnums=(0, 1)))
-
-    def infer():
-        infer_fn(params, x).block_until_ready()
-
-    def train():
-        jax.block_until_ready(train_fn(params, x, dy))
-
-    return Runners(infer, train)
+    return jax_runners(forward, params, x, dy)
 
 
 def _jax_version() -> str:
@@ -306,10 +298,71 @@ def _fusedrnn_torch_runners(problem: Problem) -> Runners:
     return torch_module_runners(frt.convert(m), x, dy)
 
 
+def jax_runners(forward, params, x, dy) -> Runners:
+    """Inference (`jax.jit` of forward(params, x)) and training (`jax.jit` of `jax.grad` of
+    sum(forward(params, x) * dy) for params and x) of a JAX forward function returning y (T, B, H)."""
+    import jax
+    import jax.numpy as jnp
+
+    infer_fn = jax.jit(forward)
+    train_fn = jax.jit(jax.grad(lambda p, x, dy: jnp.sum(forward(p, x) * dy), argnums=(0, 1)))
+
+    def infer():
+        jax.block_until_ready(infer_fn(params, x))
+
+    def train():
+        jax.block_until_ready(train_fn(params, x, dy))
+
+    return Runners(infer, train)
+
+
+def _fusedrnn_jax_runners(problem: Problem) -> Runners:
+    """fusedrnn.jax's fused layer (XLA FFI calls) under jax.jit and jax.grad."""
+    import jax.numpy as jnp
+
+    from . import jax as fj
+
+    params = {k: jnp.asarray(v) for k, v in problem.state_dict.items()}
+    cell = problem.case.cell
+    return jax_runners(lambda p, x: fj.forward(cell, p, x)[0], params, jnp.asarray(problem.x),
+                       jnp.asarray(problem.dy))
+
+
+def _flax_runners(problem: Problem) -> Runners:
+    """Flax's nn.RNN (a lax.scan) over OptimizedLSTMCell, GRUCell or SimpleCell, with the problem's
+    weights converted to Flax's layout (SimpleCell: its own initialisation; the time does not depend
+    on the values)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from .jax import flax_params
+
+    c = problem.case
+    x, dy = jnp.asarray(problem.x), jnp.asarray(problem.dy)
+    if c.cell in ("lstm", "gru"):
+        cell = nn.OptimizedLSTMCell(c.hidden) if c.cell == "lstm" else nn.GRUCell(c.hidden)
+        tree = flax_params.to_flax(c.cell, problem.state_dict)
+    else:
+        cell = nn.SimpleCell(c.hidden, activation_fn=jnp.tanh if c.cell == "rnn_tanh" else jax.nn.relu)
+        tree = nn.RNN(cell, time_major=True).init(jax.random.key(0), x)["params"]["cell"]
+    model = nn.RNN(cell, time_major=True)
+    return jax_runners(lambda p, x: model.apply({"params": {"cell": p}}, x), tree, x, dy)
+
+
+def _flax_version() -> str:
+    import flax
+    return flax.__version__
+
+
 register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version)
 register_peer("fusedrnn.torch", _fusedrnn_torch_runners, requires="torch", set_threads=_set_fusedrnn_threads,
               version=_fusedrnn_version)
 register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
+if hasattr(_core, "jax_ffi_targets"):  # a build with fusedrnn.jax's handlers
+    register_peer("fusedrnn.jax", _fusedrnn_jax_runners, requires="jax", set_threads=_set_fusedrnn_threads,
+                  version=_jax_version)
+register_peer("flax", _flax_runners, requires="flax", version=_flax_version)
 
 
 # ---- CUDA peers: torch CUDA tensors on the current device --------------------------------------------

@@ -255,8 +255,9 @@ def _bench(args) -> int:
 
 # ---- info -------------------------------------------------------------------------------------------
 
-OPTIONAL = {"torch": "bench peer, torch parity tests", "jax": "bench peer", "cupy": "GPU arrays",
-            "matplotlib": "plots (the plot extra)"}
+OPTIONAL = {"torch": "bench peer, torch parity tests", "jax": "fusedrnn.jax, bench peers; the jax extra",
+            "flax": "fusedrnn.jax.nnx, bench peer; the flax extra", "optax": "the JAX demo; the flax extra",
+            "cupy": "GPU arrays", "matplotlib": "plots (the plot extra)"}
 
 
 def _info(args) -> int:
@@ -271,6 +272,9 @@ def _info(args) -> int:
         print(f"  CUDA: built, does not load: {cuda['error']}")
     else:
         print(f"  CUDA: built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), {cuda['devices']} device(s)")
+    jax_ffi = info["jax_ffi"]
+    print(f"  XLA FFI handlers (fusedrnn.jax): "
+          f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas']}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")

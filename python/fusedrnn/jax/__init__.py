@@ -1,0 +1,23 @@
+"""fusedrnn for JAX: the fused LSTM, GRU and RNN kernels as XLA FFI custom calls, inside jit, grad
+(reverse mode), vmap and shard_map. Parameters are a dict keyed and shaped like torch.nn's state_dict::
+
+    import fusedrnn.jax as fj
+    params = fj.init(jax.random.key(0), "lstm", 32, 64, num_layers=2, bidirectional=True)
+    y, (h_n, c_n) = jax.jit(fj.lstm)(params, x)            # x (T, B, 32)
+    grads = jax.grad(lambda p: fj.lstm(p, x)[0].sum())(params)
+
+`fusedrnn.jax.nnx` holds Flax NNX modules and `fusedrnn.jax.flax_params` converts parameters to and from
+Flax's OptimizedLSTMCell/GRUCell. CPU only; forward-mode differentiation (jvp, jacfwd) and second
+derivatives raise an error.
+"""
+
+from .._optional import require
+
+require("jax", "jax")
+
+from . import _ffi  # noqa: E402
+from ._rnn import CELLS, forward, gru, init, lstm, param_names, param_shapes, rnn  # noqa: E402
+
+_ffi.register()
+
+__all__ = ["CELLS", "forward", "lstm", "gru", "rnn", "init", "param_names", "param_shapes"]

@@ -1,0 +1,207 @@
+"""The XLA FFI calls of fusedrnn.jax: one layer (all its directions) forward and backward as a
+jax.custom_vjp whose backward is the fused backward kernel, with the forward's tape as residuals.
+
+Buffers and their layout are described in csrc/bindings/jax_ffi.cpp. Optional arrays (h0, c0, lengths,
+and c_n/dc0/cs for a cell without a cell state) travel as empty (0,) arrays. Under jax.vmap the calls
+use vmap_method="expand_dims": an unmapped argument keeps a leading dimension of 1 and the handler
+shares it across the mapped elements, so weights are never copied per element.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _core
+from ..functional import has_cell_state
+
+_FORWARD = "fusedrnn_layer_forward"
+_BACKWARD = "fusedrnn_layer_backward"
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def register() -> None:
+    """Registers the handlers with XLA (once per process). Raises ImportError, saying what to do, when
+    this build of fusedrnn has no handlers or when the running jaxlib is older than the one whose FFI
+    headers they were built against (XLA would refuse them at call time)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        targets = getattr(_core, "jax_ffi_targets", None)
+        if targets is None:
+            raise ImportError("fusedrnn was built without its XLA FFI handlers (jaxlib was not installed at "
+                              "build time): reinstall it with pip install 'fusedrnn[jax]'")
+        import jaxlib.version
+
+        built, running = _core.jax_ffi_built_with_jaxlib, jaxlib.version.__version__
+        if _version(running) < _version(built):
+            raise ImportError(f"fusedrnn's XLA FFI handlers were built against jaxlib {built}, newer than the "
+                              f"installed jaxlib {running}, which would refuse them: upgrade jaxlib to "
+                              f">= {built} or rebuild fusedrnn against this one")
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        _registered = True
+
+
+class LayerSpec(NamedTuple):
+    """The static options of a layer call (hashable: a custom_vjp non-differentiable argument)."""
+    cell: str
+    directions: int
+    cell_clip: float | None   # checked by _checks.cell_clip
+    # NaN or infinity raise at run time in: x (forward), dy (backward): the caller's, not those between
+    # layers; h0, c0 (forward), dh_n, dc_n (backward).
+    check_x: bool = True
+    check_dy: bool = True
+    check_states: bool = True
+
+
+# Inside shard_map (with its varying-manual-axes check) an FFI call needs every operand to vary over
+# the same mesh axes and declares that its results do too. An operand that is the same on every
+# device (replicated weights) is cast to varying before the call, as JAX's own operations do, so
+# its gradient is summed over the devices by that cast's transpose.
+
+def _varying_axes(array) -> frozenset:
+    aval = jax.typeof(array)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _cast_varying(array, axes: frozenset):
+    missing = tuple(sorted(axes - _varying_axes(array)))
+    if not missing:
+        return array
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(array, missing, to="varying")
+    return jax.lax.pvary(array, missing)
+
+
+def vary_alike(*arrays):
+    """The arrays, each varying over every mesh axis any of them varies over (pytrees allowed)."""
+    leaves, tree = jax.tree.flatten(arrays)
+    axes = frozenset().union(*(_varying_axes(a) for a in leaves))
+    if not axes:
+        return arrays
+    return jax.tree.unflatten(tree, [_cast_varying(a, axes) for a in leaves])
+
+
+def _result(shape, dtype, like) -> jax.ShapeDtypeStruct:
+    """A result of an FFI call whose operands vary as `like` does."""
+    axes = _varying_axes(like)
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(like)
+    if hasattr(aval, "mat"):  # the axes are those of the manual mesh `like` lives on
+        replicated = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated, manual_axis_type=aval.mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+
+
+def _none(dtype, like) -> jax.ShapeDtypeStruct:
+    return _result((0,), dtype, like)
+
+
+def _attrs(spec: LayerSpec, backward: bool) -> dict:
+    return dict(cell=spec.cell, directions=np.int64(spec.directions),
+                check_sequence=bool(spec.check_dy if backward else spec.check_x), check_states=bool(spec.check_states),
+                cell_clip=np.float64(math.inf if spec.cell_clip is None else spec.cell_clip))
+
+
+def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
+    steps, batch, _ = x.shape
+    hidden = weights[1].shape[1]
+    dirs, dtype = spec.directions, x.dtype
+    has_c = has_cell_state(spec.cell)
+    state = _result((dirs, batch, hidden), dtype, x)
+    hs = cs = saved = _none(dtype, x)
+    if training:
+        _, state_values, saved_values = _core.tape_layout(spec.cell, steps, batch, hidden, True)
+        hs = _result((dirs, state_values), dtype, x)
+        cs = hs if has_c else cs
+        saved = _result((dirs, saved_values), dtype, x) if saved_values else saved
+    results = (_result((steps, batch, dirs * hidden), dtype, x), state, state if has_c else _none(dtype, x),
+               hs, cs, saved)
+    call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
+    return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False))
+
+
+def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
+    """One layer, every direction: x (T, B, I); h0, c0 (D, B, H) or empty; lengths int (B,) or empty;
+    weights a tuple of (weight_ih, weight_hh[, bias_ih, bias_hh]) per direction, flattened. Returns
+    y (T, B, D*H), h_n (D, B, H) and c_n (D, B, H), or empty for a cell without a cell state."""
+    return _layer(spec, *vary_alike(x, h0, c0, lengths, weights))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer(spec: LayerSpec, x, h0, c0, lengths, weights):
+    y, h_n, c_n, _, _, _ = _forward_call(spec, False, x, h0, c0, lengths, weights)
+    return y, h_n, c_n
+
+
+_SECOND_DERIVATIVES = ("fusedrnn.jax: second derivatives (the gradient of a gradient, hessian, jacfwd of a "
+                       "gradient) are not supported: the fused backward kernel has no derivative of its own")
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _training_forward(spec, x, h0, c0, lengths, weights):
+    """The forward that writes the tape, as the first half of `layer`'s derivative."""
+    return _forward_call(spec, True, x, h0, c0, lengths, weights)
+
+
+@_training_forward.defjvp
+def _training_forward_jvp(spec, primals, tangents):
+    raise NotImplementedError(_SECOND_DERIVATIVES)
+
+
+def _layer_fwd(spec, x, h0, c0, lengths, weights):
+    y, h_n, c_n, hs, cs, saved = _training_forward(spec, x, h0, c0, lengths, weights)
+    return (y, h_n, c_n), (x, h0, c0, lengths, weights, hs, cs, saved)
+
+
+def _layer_bwd(spec, residuals, cotangents):
+    x, h0, c0, lengths, weights, hs, cs, saved = residuals
+    dy, dh_n, dc_n = cotangents
+    dx, dh0, dc0, weight_grads = layer_backward(spec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights)
+    # An absent initial state (an empty array) gets an empty gradient.
+    dh0 = dh0 if h0.size else jnp.zeros_like(h0)
+    dc0 = dc0 if c0.size else jnp.zeros_like(c0)
+    return dx, dh0, dc0, None, weight_grads
+
+
+_layer.defvjp(_layer_fwd, _layer_bwd)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights):
+    """The fused backward kernel on one layer's tape: returns (dx, dh0, dc0, weight gradients)."""
+    x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights = vary_alike(x, lengths, hs, cs, saved, dy, dh_n, dc_n,
+                                                                    weights)
+    batch = x.shape[1]
+    hidden = weights[1].shape[1]
+    state = _result((spec.directions, batch, hidden), x.dtype, x)
+    results = (_result(x.shape, x.dtype, x), state,
+               state if has_cell_state(spec.cell) else _none(x.dtype, x),
+               *(_result(w.shape, w.dtype, x) for w in weights))
+    call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
+    dx, dh0, dc0, *grads = call(x, lengths, hs, cs, saved, dy, dh_n, dc_n, *weights, **_attrs(spec, True))
+    return dx, dh0, dc0, tuple(grads)
+
+
+@layer_backward.defjvp
+def _layer_backward_jvp(spec, primals, tangents):
+    raise NotImplementedError(_SECOND_DERIVATIVES)

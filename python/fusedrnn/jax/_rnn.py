@@ -1,0 +1,248 @@
+"""Functional LSTM, GRU and RNN stacks for JAX over the fused kernels: parameters as a dict keyed and
+shaped like torch.nn's state_dict, traceable (jit, grad, vmap, shard_map), one FFI call per layer.
+
+Conventions are the NumPy modules' (fusedrnn.modules): x (T, B, I), (B, T, I) with batch_first, or
+unbatched (T, I); states (L*D, B, H); y (T, B, D*H); LSTM returns (y, (h_n, c_n)), GRU and RNN (y, h_n).
+The loop over layers is the shared layer-stack driver's (fusedrnn._stack.over_layers).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _checks, _stack
+from ..functional import CELLS, GATES, has_cell_state
+from . import _ffi
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+_NAME = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+
+
+def param_names(num_layers: int = 1, *, bias: bool = True, bidirectional: bool = False) -> list[str]:
+    """The parameter names of a stack, in torch.nn's order."""
+    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    suffixes = ("", "_reverse") if bidirectional else ("",)
+    return [f"{k}_l{layer}{s}" for layer in range(num_layers) for s in suffixes for k in kinds]
+
+
+def param_shapes(cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
+                 bidirectional: bool = False) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every parameter of a stack, as torch.nn's state_dict has them."""
+    _checks.cell(cell)
+    input_size = _checks.positive_int("input_size", input_size)
+    hidden_size = _checks.positive_int("hidden_size", hidden_size)
+    num_layers = _checks.positive_int("num_layers", num_layers)
+    gh = GATES[cell] * hidden_size
+    dirs = 2 if bidirectional else 1
+    shapes = {}
+    for name in param_names(num_layers, bias=bias, bidirectional=bidirectional):
+        kind, layer = _NAME.match(name).group(1, 2)
+        inputs = input_size if layer == "0" else dirs * hidden_size
+        shapes[name] = {"weight_ih": (gh, inputs), "weight_hh": (gh, hidden_size)}.get(kind, (gh,))
+    return shapes
+
+
+def init(key, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
+         bidirectional: bool = False, dtype=jnp.float32) -> dict:
+    """Parameters drawn as torch.nn draws them: every entry uniform in [-1/sqrt(H), 1/sqrt(H)], one
+    key split per parameter."""
+    dtype = jnp.dtype(_checks.float_dtype("dtype", dtype))
+    shapes = param_shapes(cell, input_size, hidden_size, num_layers, bias=bias, bidirectional=bidirectional)
+    bound = 1.0 / math.sqrt(hidden_size)
+    keys = jax.random.split(key, len(shapes))
+    return {name: jax.random.uniform(k, shape, dtype, -bound, bound) for k, (name, shape) in zip(keys, shapes.items())}
+
+
+def _structure(params) -> tuple[int, bool, bool]:
+    """(num_layers, bidirectional, bias) of a parameter dict whose names are exactly a stack's."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params: expected a mapping of torch.nn parameter names to arrays, got "
+                        f"{type(params).__name__}")
+    names = set(params.keys())
+    parsed = [_NAME.match(n) if isinstance(n, str) else None for n in names]
+    projected = sorted(n for n in names if isinstance(n, str) and n.startswith("weight_hr_l"))
+    if projected:
+        raise ValueError(f"params: fusedrnn.jax has no LSTM projection (proj_size) yet, got {projected}")
+    if not names or any(m is None for m in parsed):
+        bad = sorted(str(n) for n, m in zip(names, parsed) if m is None)
+        raise ValueError(f"params: expected torch.nn names such as 'weight_ih_l0', got {bad or 'no entries'}")
+    num_layers = 1 + max(int(m.group(2)) for m in parsed)
+    bidirectional = any(m.group(3) for m in parsed)
+    bias = any(m.group(1).startswith("bias") for m in parsed)
+    want = set(param_names(num_layers, bias=bias, bidirectional=bidirectional))
+    if names != want:
+        raise ValueError(f"params: missing {sorted(want - names)} / unexpected {sorted(names - want)} for "
+                         f"{num_layers} layer(s), bidirectional={bidirectional}, bias={bias}")
+    return num_layers, bidirectional, bias
+
+
+def _array(name: str, value, dtype=None):
+    """`value` as a JAX array, of exactly `dtype` when given. The dtype the caller passed is compared,
+    before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix."""
+    given = getattr(value, "dtype", None)
+    arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
+    if dtype is not None:
+        for got in (arr.dtype, given):
+            if got is not None and np.dtype(got) != np.dtype(dtype):
+                raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (x's), got {np.dtype(got)}")
+    return arr
+
+
+def _shape(name: str, arr, expected) -> None:
+    if tuple(arr.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(arr.shape)}")
+
+
+def _checked_lengths(lengths, steps: int, batch: int):
+    """int32 (B,) lengths, or None when absent. Known values (not traced) get the NumPy modules' checks;
+    traced ones are checked by the kernel call at run time."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, jax.core.Tracer):
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {lengths.shape}")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+        return lengths.astype(jnp.int32)
+    checked = _checks.lengths(np.asarray(lengths), steps, batch)
+    return None if checked is None else jnp.asarray(checked, jnp.int32)
+
+
+def _checked_cell_clip(value, cell):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError("cell_clip: expected a Python float (a static option), got a traced value")
+    return _checks.cell_clip(value, cell)
+
+
+def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = False, dropout: float = 0.0,
+            dropout_key=None, cell_clip: float | None = None, check_finite: bool = True):
+    """Runs a stack of `cell` layers ("lstm", "gru", "rnn_tanh", "rnn_relu") given torch.nn-named
+    `params` (the number of layers, directions and biases follow from the names).
+
+    x: (T, B, I), (B, T, I) with batch_first, or unbatched (T, I). hx: None (zeros); for LSTM a pair
+    (h0, c0), else h0; each (L*D, B, H) ((L*D, H) unbatched). lengths: (B,) ints in [1, T]; row b stops
+    at its own last step (later outputs zero, h_n its state there). dropout: probability of zeroing
+    each inner layer's output, applied only when `dropout_key` (a PRNG key) is given. cell_clip: LSTM
+    only, bounds |c|. check_finite: NaN or infinity in x, the states or the incoming gradients raise
+    at run time (an error from the call).
+
+    Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features."""
+    _checks.cell(cell)
+    num_layers, bidirectional, bias = _structure(params)
+    dirs = 2 if bidirectional else 1
+    given = getattr(x, "dtype", None)
+    x = _array("x", x)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
+    if given is not None and np.dtype(given) != x.dtype:
+        raise TypeError(f"x: got dtype {np.dtype(given)}, which JAX runs as {x.dtype} without jax_enable_x64: "
+                        f"pass {x.dtype}, or enable float64 (jax.config.update('jax_enable_x64', True))")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"x: expected a 2-D or 3-D array, got shape {tuple(x.shape)}")
+    dtype = x.dtype
+    unbatched = x.ndim == 2
+    seq = x[:, None, :] if unbatched else (jnp.swapaxes(x, 0, 1) if batch_first else x)
+    steps, batch, features = seq.shape
+    if steps == 0 or batch == 0:
+        raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {tuple(x.shape)}")
+
+    w_hh0 = _array("weight_hh_l0", params["weight_hh_l0"], dtype)
+    if w_hh0.ndim != 2 or w_hh0.shape[1] < 1:
+        raise ValueError(f"weight_hh_l0: expected a 2-D array (gates*hidden_size, hidden_size), got shape "
+                         f"{tuple(w_hh0.shape)}")
+    hidden = w_hh0.shape[1]
+    expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional)
+    if params["weight_ih_l0"].shape[1:] != (features,):
+        raise ValueError(f"x: expected input_size {params['weight_ih_l0'].shape[-1]} in the last dimension "
+                         f"(weight_ih_l0 is {tuple(params['weight_ih_l0'].shape)}), got {features}")
+    weights = []
+    for layer in range(num_layers):
+        per_direction = []
+        for d in range(dirs):
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            for kind in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ()):
+                name = kind + suffix
+                w = _array(name, params[name], dtype)
+                _shape(name, w, expected[name])
+                per_direction.append(w)
+        weights.append(tuple(per_direction))
+
+    has_c = has_cell_state(cell)
+    if has_c:
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError("hx: expected a tuple (h0, c0) for an LSTM")
+        h0, c0 = (None, None) if hx is None else hx
+    else:
+        h0, c0 = hx, None
+    state_shape = (num_layers * dirs, hidden) if unbatched else (num_layers * dirs, batch, hidden)
+    states = []
+    for name, value in (("h0" if has_c else "hx", h0), ("c0", c0)):
+        if value is not None:
+            value = _array(name, value, dtype)
+            _shape(name, value, state_shape)
+            value = value[:, None, :] if unbatched else value
+        states.append(value)
+    if unbatched and lengths is not None:
+        raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
+    lens = _checked_lengths(lengths, steps, batch)
+    cell_clip = _checked_cell_clip(cell_clip, cell)
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout: expected a float in [0, 1], got {type(dropout).__name__}")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+
+    check = bool(check_finite)
+    specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,
+                            check_dy=check and layer == num_layers - 1, check_states=check)
+             for layer in range(num_layers)]
+    empty = jnp.zeros((0,), dtype)
+    lens_arg = jnp.zeros((0,), jnp.int32) if lens is None else lens
+
+    def run_layer(layer, layer_input, h0_l, c0_l):
+        return _ffi.layer(specs[layer], layer_input, empty if h0_l is None else h0_l, empty if c0_l is None else c0_l,
+                          lens_arg, weights[layer])
+
+    between = None
+    if dropout > 0 and dropout_key is not None and num_layers > 1:
+        scale = 0.0 if dropout >= 1.0 else 1.0 / (1.0 - dropout)
+
+        def between(layer, y):
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, layer), 1.0 - dropout, y.shape)
+            return y * jnp.where(keep, scale, 0.0).astype(y.dtype)
+
+    y, h_n, c_n = _stack.over_layers(run_layer, seq, states[0], states[1], num_layers=num_layers,
+                                     num_directions=dirs, between=between)
+    h_n = jnp.concatenate(h_n, axis=0)
+    c_n = jnp.concatenate(c_n, axis=0) if has_c else None
+    if unbatched:
+        y, h_n = y[:, 0, :], h_n[:, 0, :]
+        c_n = None if c_n is None else c_n[:, 0, :]
+    elif batch_first:
+        y = jnp.swapaxes(y, 0, 1)
+    return (y, (h_n, c_n)) if has_c else (y, h_n)
+
+
+def lstm(params, x, hx=None, **options):
+    """forward("lstm", ...): returns (y, (h_n, c_n))."""
+    return forward("lstm", params, x, hx, **options)
+
+
+def gru(params, x, hx=None, **options):
+    """forward("gru", ...): returns (y, h_n)."""
+    return forward("gru", params, x, hx, **options)
+
+
+def rnn(params, x, hx=None, *, nonlinearity: str = "tanh", **options):
+    """forward("rnn_tanh" or "rnn_relu", ...) as torch.nn.RNN's nonlinearity: returns (y, h_n)."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+    return forward(f"rnn_{nonlinearity}", params, x, hx, **options)
+
+
+__all__ = ["CELLS", "forward", "lstm", "gru", "rnn", "init", "param_names", "param_shapes"]

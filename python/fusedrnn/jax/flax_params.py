@@ -1,0 +1,72 @@
+"""Converters between fusedrnn/torch.nn parameters (one layer direction) and the parameters of Flax's
+LSTM and GRU cells (flax.linen OptimizedLSTMCell, LSTMCell and GRUCell, which share one layout).
+
+Flax keeps one Dense per gate and side: a kernel (input, H) = torch's gate rows transposed. Its LSTM
+has a bias on the recurrent side only (`h{i,f,g,o}`), so torch's two biases add up there. Its GRU
+has input-side biases for r and z (`ir`, `iz`: b_i + b_h add up) and, like torch, keeps n's two biases
+apart because b_hn sits inside r * (W_hn h + b_hn): `in` holds b_in and `hn` b_hn. Going from Flax to
+torch the sums land in bias_ih and bias_hh holds zeros for those gates (the same function)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+_GATES = {"lstm": "ifgo", "gru": "rzn"}
+
+
+def _cell_gates(cell: str) -> str:
+    if cell not in _GATES:
+        raise ValueError(f"cell: Flax cells exist for {tuple(_GATES)}, got {cell!r}")
+    return _GATES[cell]
+
+
+def _suffix(layer: int, reverse: bool) -> str:
+    return f"_l{layer}" + ("_reverse" if reverse else "")
+
+
+def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict:
+    """The Flax cell parameters ({"ii": {"kernel": ...}, "hi": {...}, ...}) of one layer direction of
+    torch-named `params` (a cell without biases gets zero biases)."""
+    gates = _cell_gates(cell)
+    s = _suffix(layer, reverse)
+    w_ih, w_hh = jnp.asarray(params["weight_ih" + s]), jnp.asarray(params["weight_hh" + s])
+    hidden = w_hh.shape[1]
+    zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)
+    b_ih, b_hh = jnp.asarray(params.get("bias_ih" + s, zeros)), jnp.asarray(params.get("bias_hh" + s, zeros))
+    rows = {g: slice(k * hidden, (k + 1) * hidden) for k, g in enumerate(gates)}
+    out = {}
+    for g, r in rows.items():
+        out["i" + g] = {"kernel": w_ih[r].T}
+        out["h" + g] = {"kernel": w_hh[r].T}
+    if cell == "lstm":
+        for g, r in rows.items():
+            out["h" + g]["bias"] = b_ih[r] + b_hh[r]
+    else:
+        for g in "rz":
+            out["i" + g]["bias"] = b_ih[rows[g]] + b_hh[rows[g]]
+        out["in"]["bias"] = b_ih[rows["n"]]
+        out["hn"]["bias"] = b_hh[rows["n"]]
+    return out
+
+
+def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) -> dict:
+    """Torch-named parameters (weight_ih_l{layer}[_reverse], ..., bias_hh_...) of one layer direction
+    from a Flax cell's parameters."""
+    gates = _cell_gates(cell)
+    s = _suffix(layer, reverse)
+    expected = {side + g for side in "ih" for g in gates}
+    if set(flax_params.keys()) != expected:
+        raise ValueError(f"flax_params: expected the entries {sorted(expected)} of a Flax {cell} cell, got "
+                         f"{sorted(flax_params.keys())}")
+    kernel = lambda name: jnp.asarray(flax_params[name]["kernel"]).T  # noqa: E731
+    bias = lambda name: jnp.asarray(flax_params[name]["bias"])  # noqa: E731
+    w_ih = jnp.concatenate([kernel("i" + g) for g in gates])
+    w_hh = jnp.concatenate([kernel("h" + g) for g in gates])
+    zeros = jnp.zeros(w_hh.shape[1], w_hh.dtype)
+    if cell == "lstm":
+        b_ih = jnp.concatenate([bias("h" + g) for g in gates])
+        b_hh = jnp.zeros_like(b_ih)
+    else:
+        b_ih = jnp.concatenate([bias("ir"), bias("iz"), bias("in")])
+        b_hh = jnp.concatenate([zeros, zeros, bias("hn")])
+    return {"weight_ih" + s: w_ih, "weight_hh" + s: w_hh, "bias_ih" + s: b_ih, "bias_hh" + s: b_hh}

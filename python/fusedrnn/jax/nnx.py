@@ -1,0 +1,84 @@
+"""Flax NNX modules over fusedrnn.jax: LSTM, GRU and RNN with nnx.Param weights named and shaped as
+torch.nn's (weight_ih_l0, ..., weight_hh_l1_reverse), initialised as torch.nn does. Needs flax.
+
+    model = fusedrnn.jax.nnx.LSTM(1, 64, num_layers=2, dropout=0.1, rngs=nnx.Rngs(0))
+    y, (h_n, c_n) = model(x)          # x (T, B, 1); model.eval() turns dropout off
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .._optional import require
+from ._rnn import forward, init, param_names
+
+nnx = require("flax.nnx", "flax")
+
+
+class RNNBase(nnx.Module):
+    """A stack of `cell` layers ("lstm", "gru", "rnn_tanh", "rnn_relu"); the call takes and returns
+    what fusedrnn.jax.forward does. Dropout between layers draws its keys from the "dropout" stream
+    of the Rngs given at construction (or to the call) unless the module is deterministic (eval())."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 cell_clip: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        params = init(rngs.params(), cell, input_size, hidden_size, num_layers, bias=bias,
+                      bidirectional=bidirectional, dtype=dtype)
+        for name, value in params.items():
+            setattr(self, name, nnx.Param(value))
+        self.cell = cell
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.dropout, self.cell_clip = float(dropout), cell_clip
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
+
+    def param_names(self) -> list[str]:
+        return param_names(self.num_layers, bias=self.bias, bidirectional=self.bidirectional)
+
+    def state_dict(self) -> dict:
+        """name -> array, keyed as torch.nn's state_dict (what fusedrnn.jax.forward takes)."""
+        return {name: getattr(self, name)[...] for name in self.param_names()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Replaces every parameter from a mapping keyed as torch.nn's (shapes and dtypes must match)."""
+        names = self.param_names()
+        if set(state_dict.keys()) != set(names):
+            raise ValueError(f"state_dict: expected exactly the keys {names}, got {sorted(state_dict.keys())}")
+        for name in names:
+            param = getattr(self, name)
+            value = jnp.asarray(state_dict[name])
+            if value.shape != param[...].shape or value.dtype != param[...].dtype:
+                raise ValueError(f"{name}: expected {param[...].dtype} {param[...].shape}, got "
+                                 f"{value.dtype} {value.shape}")
+            param[...] = value
+
+    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        key = None
+        if self.dropout > 0 and not deterministic and self.num_layers > 1:
+            source = rngs if rngs is not None else self.rngs
+            if source is None:
+                raise ValueError("rngs: dropout needs a 'dropout' stream, given at construction or to the call")
+            key = source["dropout"]() if isinstance(source, nnx.Rngs) else source()
+        return forward(self.cell, self.state_dict(), x, hx, lengths=lengths, batch_first=self.batch_first,
+                       dropout=self.dropout, dropout_key=key, cell_clip=self.cell_clip)
+
+
+class LSTM(RNNBase):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **options):
+        super().__init__("lstm", input_size, hidden_size, num_layers, **options)
+
+
+class GRU(RNNBase):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **options):
+        super().__init__("gru", input_size, hidden_size, num_layers, **options)
+
+
+class RNN(RNNBase):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *, nonlinearity: str = "tanh",
+                 **options):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, **options)

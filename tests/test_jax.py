@@ -1,0 +1,552 @@
+"""fusedrnn.jax: the fused kernels as XLA FFI calls, against the NumPy modules (bitwise, same thread
+count) and a lax.scan reference, under jit, grad, vmap and from several threads at once; bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+import fusedrnn  # noqa: E402
+import fusedrnn.jax as fj  # noqa: E402
+from helpers import CELLS, assert_close, has_cell_state, make_module, random_lengths  # noqa: E402
+
+
+# jax.enable_x64 in recent jax, jax.experimental.enable_x64 in older ones (down to the supported floor).
+_enable_x64 = getattr(jax, "enable_x64", None)
+if _enable_x64 is None:
+    from jax.experimental import enable_x64 as _enable_x64
+
+
+@pytest.fixture
+def x64():
+    with _enable_x64(True):
+        yield
+
+
+def _dtype_context(dtype):
+    return _enable_x64(np.dtype(dtype) == np.float64)
+
+
+# An error the FFI handler returns reaches Python as JaxRuntimeError, or as ValueError from JAX's fast
+# dispatch path of a call it has run before; the message is the handler's either way.
+RUNTIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
+
+
+def _params(rng, cell, input_size, hidden, num_layers=1, bidirectional=False, bias=True, dtype=np.float32):
+    """Random parameters well outside the gates' linear range, as NumPy arrays keyed like torch.nn."""
+    shapes = fj.param_shapes(cell, input_size, hidden, num_layers, bias=bias, bidirectional=bidirectional)
+    return {k: rng.uniform(-0.6, 0.6, s).astype(dtype) for k, s in shapes.items()}
+
+
+def _state(cell, h0, c0):
+    return (h0, c0) if has_cell_state(cell) else h0
+
+
+# ---- a lax.scan reference, written from torch.nn's equations ----------------------------------------
+
+def _cell_step(cell, x_proj, h, c, w_hh, b_hh):
+    hh = h @ w_hh.T + b_hh
+    if cell == "lstm":
+        i, f, g, o = jnp.split(x_proj + hh, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    if cell == "gru":
+        xr, xz, xn = jnp.split(x_proj, 3, axis=-1)
+        hr, hz, hn = jnp.split(hh, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, c
+    pre = x_proj + hh
+    return (jnp.tanh(pre) if cell == "rnn_tanh" else jax.nn.relu(pre)), c
+
+
+def _reference_direction(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse):
+    steps = x.shape[0]
+    valid = jnp.arange(steps)[:, None] < lengths[None, :]          # (T, B)
+    x_proj = x @ w_ih.T + b_ih
+
+    def step(carry, inputs):
+        h, c = carry
+        xp, ok = inputs
+        h_new, c_new = _cell_step(cell, xp, h, c, w_hh, b_hh)
+        ok = ok[:, None]
+        h, c = jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)
+        return (h, c), jnp.where(ok, h, 0)
+
+    (h, c), y = lax.scan(step, (h0, c0), (x_proj, valid), reverse=reverse)
+    return y, h, c
+
+
+def reference(cell, params, x, h0=None, c0=None, lengths=None, num_layers=1, bidirectional=False,
+              dropout_masks=None):
+    """The stack as plain jnp over lax.scan: x (T, B, I), states (L*D, B, H); returns (y, h_n, c_n)."""
+    steps, batch, _ = x.shape
+    hidden = params["weight_hh_l0"].shape[1]
+    dirs = 2 if bidirectional else 1
+    zeros = jnp.zeros((num_layers * dirs, batch, hidden), x.dtype)
+    h0 = zeros if h0 is None else h0
+    c0 = zeros if c0 is None else c0
+    lengths = jnp.full((batch,), steps) if lengths is None else jnp.asarray(lengths)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            s = f"_l{layer}" + ("_reverse" if d else "")
+            gh = params["weight_hh" + s].shape[0]
+            b_ih = params.get("bias_ih" + s, jnp.zeros(gh, x.dtype))
+            b_hh = params.get("bias_hh" + s, jnp.zeros(gh, x.dtype))
+            row = layer * dirs + d
+            y, h, c = _reference_direction(cell, x, params["weight_ih" + s], params["weight_hh" + s], b_ih, b_hh,
+                                           h0[row], c0[row], lengths, d == 1)
+            outs.append(y)
+            hs.append(h)
+            cs.append(c)
+        x = jnp.concatenate(outs, axis=-1)
+        if dropout_masks is not None and layer < num_layers - 1:
+            x = x * dropout_masks[layer]
+    return x, jnp.stack(hs), jnp.stack(cs)
+
+
+# ---- the NumPy modules, bitwise -----------------------------------------------------------------
+
+CONFIGS = [  # (num_layers, bidirectional, with_lengths, with_state, batch_first)
+    (1, False, False, False, False),
+    (2, True, True, True, False),
+    (3, False, True, False, True),
+    (2, True, False, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("cell", CELLS)
+def test_outputs_and_gradients_equal_the_numpy_modules_bitwise(rng, cell, config, dtype):
+    num_layers, bidirectional, with_lengths, with_state, batch_first = config
+    steps, batch, inp, hidden = 5, 4, 3, 6
+    dirs = 2 if bidirectional else 1
+    params = _params(rng, cell, inp, hidden, num_layers, bidirectional, dtype=dtype)
+    x = rng.standard_normal((batch, steps, inp) if batch_first else (steps, batch, inp)).astype(dtype)
+    h0 = rng.standard_normal((num_layers * dirs, batch, hidden)).astype(dtype) if with_state else None
+    c0 = h0 * 0.5 if with_state and has_cell_state(cell) else None
+    lengths = random_lengths(rng, steps, batch) if with_lengths else None
+    y_shape = (batch, steps, dirs * hidden) if batch_first else (steps, batch, dirs * hidden)
+    dy = rng.standard_normal(y_shape).astype(dtype)
+    dh_n = rng.standard_normal((num_layers * dirs, batch, hidden)).astype(dtype)
+
+    module = make_module(cell, inp, hidden, num_layers=num_layers, bidirectional=bidirectional,
+                         batch_first=batch_first, dtype=dtype)
+    module.load_state_dict(params)
+    y_np, state_np = module(x, _state(cell, h0, c0) if with_state else None, lengths=lengths)
+    h_np = state_np[0] if has_cell_state(cell) else state_np
+    dx_np, dstate_np = module.backward(dy, _state(cell, dh_n, None))
+    dh0_np = dstate_np[0] if has_cell_state(cell) else dstate_np
+
+    with _dtype_context(dtype):
+        def loss(p, x, h0, c0):
+            hx = None if h0 is None else _state(cell, h0, c0)
+            y, state = fj.forward(cell, p, x, hx, lengths=lengths, batch_first=batch_first)
+            h_n = state[0] if has_cell_state(cell) else state
+            return jnp.sum(y * dy) + jnp.sum(h_n * dh_n), (y, h_n)
+
+        grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+        (_, (y, h_n)), (g_params, g_x, g_h0, g_c0) = grad_fn(params, x, h0, c0)
+
+    np.testing.assert_array_equal(np.asarray(y), y_np)
+    np.testing.assert_array_equal(np.asarray(h_n), h_np)
+    np.testing.assert_array_equal(np.asarray(g_x), dx_np)
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(g_params[name]), module.grads[name], err_msg=name)
+    if with_state:
+        np.testing.assert_array_equal(np.asarray(g_h0), dh0_np)
+        if has_cell_state(cell):
+            np.testing.assert_array_equal(np.asarray(g_c0), dstate_np[1])
+
+
+# ---- the lax.scan reference, with tolerances ---------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_outputs_and_gradients_match_a_lax_scan_reference(rng, cell, dtype):
+    steps, batch, inp, hidden, num_layers = 6, 5, 4, 7, 2
+    params = _params(rng, cell, inp, hidden, num_layers, True, dtype=dtype)
+    x = rng.standard_normal((steps, batch, inp)).astype(dtype)
+    h0 = rng.standard_normal((4, batch, hidden)).astype(dtype)
+    c0 = rng.standard_normal((4, batch, hidden)).astype(dtype)
+    lengths = random_lengths(rng, steps, batch)
+    weights_y = rng.standard_normal((steps, batch, 2 * hidden)).astype(dtype)
+
+    with _dtype_context(dtype):
+        def fused(p, x, h0, c0):
+            y, state = fj.forward(cell, p, x, _state(cell, h0, c0), lengths=lengths)
+            h_n, c_n = state if has_cell_state(cell) else (state, c0)
+            return jnp.sum(y * weights_y) + jnp.sum(jnp.sin(h_n)) + jnp.sum(c_n ** 2), (y, h_n, c_n)
+
+        def ref(p, x, h0, c0):
+            y, h_n, c_n = reference(cell, p, x, h0, c0, lengths, num_layers, True)
+            return jnp.sum(y * weights_y) + jnp.sum(jnp.sin(h_n)) + jnp.sum(c_n ** 2), (y, h_n, c_n)
+
+        args = (params, x, h0, c0)
+        (_, out), grads = jax.value_and_grad(fused, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+        (_, out_ref), grads_ref = jax.value_and_grad(ref, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, out_ref):
+        assert_close(a, b, dtype, name)
+    for name in params:
+        assert_close(grads[0][name], grads_ref[0][name], dtype, name)
+    for name, a, b in zip(("x", "h0", "c0"), grads[1:], grads_ref[1:]):
+        if name == "c0" and not has_cell_state(cell):
+            continue  # unused by the cell: both sides give a zero gradient
+        assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_check_grads_float64_reverse_mode(x64, rng, cell):
+    from jax.test_util import check_grads
+
+    params = _params(rng, cell, 3, 4, 2, True, dtype=np.float64)
+    x = rng.standard_normal((4, 3, 3))
+    h0 = rng.standard_normal((4, 3, 4))
+    lengths = np.array([4, 2, 3])
+
+    def f(p, x, h0):
+        y, state = fj.forward(cell, p, x, _state(cell, h0, h0 * 0.5), lengths=lengths)
+        h_n = state[0] if has_cell_state(cell) else state
+        return jnp.sum(jnp.tanh(y)) + jnp.sum(h_n ** 2)
+
+    check_grads(f, (params, x, h0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_cell_clip_matches_the_numpy_module(rng):
+    params = _params(rng, "lstm", 3, 5, dtype=np.float32)
+    x = 3 * rng.standard_normal((6, 2, 3)).astype(np.float32)
+    module = fusedrnn.LSTM(3, 5, cell_clip=0.5)
+    module.load_state_dict(params)
+    y_np, _ = module(x)
+    dx_np, _ = module.backward(np.ones_like(y_np))
+    y, _ = fj.lstm(params, x, cell_clip=0.5)
+    grads = jax.grad(lambda p, x: fj.lstm(p, x, cell_clip=0.5)[0].sum(), argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(np.asarray(y), y_np)
+    np.testing.assert_array_equal(np.asarray(grads[1]), dx_np)
+    np.testing.assert_array_equal(np.asarray(grads[0]["weight_hh_l0"]), module.grads["weight_hh_l0"])
+    assert not np.array_equal(np.asarray(y), np.asarray(fj.lstm(params, x)[0]))
+
+
+def test_unbatched_input_and_no_bias(rng):
+    params = _params(rng, "gru", 3, 4, 2, bias=False)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    y, h_n = fj.gru(params, x)
+    y_b, h_b = fj.gru(params, x[:, None, :])
+    assert y.shape == (5, 4) and h_n.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_b[:, 0]))
+    np.testing.assert_array_equal(np.asarray(h_n), np.asarray(h_b[:, 0]))
+    y_ref, h_ref, _ = reference("gru", params, jnp.asarray(x[:, None, :]), num_layers=2)
+    assert_close(y_b, y_ref, np.float32, "y")
+
+
+# ---- vmap ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell):
+    params = _params(rng, cell, 3, 5, 2, True)
+    xs = rng.standard_normal((3, 4, 2, 3)).astype(np.float32)
+    lengths = np.array([[4, 2], [1, 4], [3, 3]])
+
+    def f(p, x, lens):
+        y, state = fj.forward(cell, p, x, lengths=lens)
+        return y, state
+
+    # Inference with shared weights runs the mapped elements as one batch of their rows side by side:
+    # bit for bit that call, and each element's own call to float32 rounding (another batch size may
+    # group a step's GEMM differently).
+    ys, states = jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))(params, xs, lengths)
+    y_all, states_all = f(params, np.concatenate(list(xs), axis=1), lengths.reshape(-1))
+    for i in range(3):
+        rows = slice(2 * i, 2 * i + 2)
+        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(y_all[:, rows]))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b[:, rows])),
+                     states, states_all)
+        y, state = f(params, xs[i], lengths[i])
+        assert_close(ys[i], y, np.float32, "y")
+        jax.tree.map(lambda a, b: assert_close(a[i], b, np.float32, "state"), states, state)
+
+    # Per-example parameters (an ensemble) and per-example gradients.
+    stacked = {k: np.stack([v, v * 0.5, -v]) for k, v in params.items()}
+    loss = lambda p, x: jnp.sum(f(p, x, None)[0] ** 2)  # noqa: E731
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1)))(stacked, xs)
+    for i in range(3):
+        p_i = {k: v[i] for k, v in stacked.items()}
+        g_p, g_x = jax.grad(loss, argnums=(0, 1))(p_i, xs[i])
+        np.testing.assert_array_equal(np.asarray(grads[1][i]), np.asarray(g_x))
+        for name in params:
+            np.testing.assert_array_equal(np.asarray(grads[0][name][i]), np.asarray(g_p[name]), err_msg=name)
+
+    # jacrev vmaps the backward over cotangents while the tape stays unmapped.
+    x0 = xs[0]
+    jac = jax.jacrev(lambda x: f(params, x, None)[0][-1, 0])(x0)
+    for unit in (0, 7):
+        row = jax.grad(lambda x: f(params, x, None)[0][-1, 0, unit])(x0)
+        np.testing.assert_array_equal(np.asarray(jac[unit]), np.asarray(row))
+
+
+def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
+    # Inference with shared weights runs the mapped elements as one batch of N*B rows.
+    params = _params(rng, "lstm", 2, 3, 2, True)
+    xs = rng.standard_normal((2, 3, 4, 1, 2)).astype(np.float32)
+    ys = jax.jit(jax.vmap(jax.vmap(lambda x: fj.lstm(params, x)[0])))(xs)
+    y_all = fj.lstm(params, np.concatenate(list(xs.reshape(6, 4, 1, 2)), axis=1))[0]
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(np.asarray(ys[i, j]), np.asarray(y_all[:, 3 * i + j:3 * i + j + 1]))
+            assert_close(ys[i, j], fj.lstm(params, xs[i, j])[0], np.float32, "y")
+
+    x = xs[0, 0]
+    h0s = rng.standard_normal((5, 4, 1, 3)).astype(np.float32)
+    lengths = np.array([4, 2, 1, 3, 4])[:, None]
+    run = lambda h0, lens: fj.lstm(params, x, (h0, h0 * 0.5), lengths=lens)  # noqa: E731
+    ys, (h_n, c_n) = jax.vmap(run)(h0s, lengths)
+    h0_all = np.concatenate(list(h0s), axis=1)
+    y_all, (h_all, c_all) = fj.lstm(params, np.concatenate([x] * 5, axis=1), (h0_all, h0_all * 0.5),
+                                    lengths=lengths.reshape(-1))
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(ys[i]), np.asarray(y_all[:, i:i + 1]))
+        np.testing.assert_array_equal(np.asarray(h_n[i]), np.asarray(h_all[:, i:i + 1]))
+        np.testing.assert_array_equal(np.asarray(c_n[i]), np.asarray(c_all[:, i:i + 1]))
+        y_i, (h_i, c_i) = run(h0s[i], lengths[i])
+        assert_close(ys[i], y_i, np.float32, "y")
+        assert_close(c_n[i], c_i, np.float32, "c_n")
+
+
+# ---- dropout -----------------------------------------------------------------------------------------
+
+def test_dropout_masks_inner_layers_by_key_and_matches_the_reference(rng):
+    params = _params(rng, "gru", 3, 4, 3)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    key = jax.random.key(7)
+    y1, _ = fj.gru(params, x, dropout=0.5, dropout_key=key)
+    y2, _ = fj.gru(params, x, dropout=0.5, dropout_key=key)
+    y3, _ = fj.gru(params, x, dropout=0.5, dropout_key=jax.random.key(8))
+    y_none, _ = fj.gru(params, x)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    assert not np.array_equal(np.asarray(y1), np.asarray(y3))
+    assert not np.array_equal(np.asarray(y1), np.asarray(y_none))
+    np.testing.assert_array_equal(np.asarray(fj.gru(params, x, dropout=0.5)[0]), np.asarray(y_none))
+
+    masks = [jnp.where(jax.random.bernoulli(jax.random.fold_in(key, layer), 0.5, (5, 2, 4)), 2.0, 0.0)
+             for layer in range(2)]
+    loss = lambda p: jnp.sum(fj.gru(p, x, dropout=0.5, dropout_key=key)[0] ** 2)  # noqa: E731
+    def loss_ref(p):
+        return jnp.sum(reference("gru", p, jnp.asarray(x), num_layers=3, dropout_masks=masks)[0] ** 2)
+
+    assert_close(loss(params), loss_ref(params), np.float32, "loss")
+    g, g_ref = jax.grad(loss)(params), jax.grad(loss_ref)(params)
+    for name in params:
+        assert_close(g[name], g_ref[name], np.float32, name)
+    # p = 1 zeroes every inner output: the last layer sees only zeros.
+    y_all, _ = fj.gru(params, x, dropout=1.0, dropout_key=key)
+    y_zero_in = reference("gru", params, jnp.asarray(x), num_layers=3, dropout_masks=[0 * m for m in masks])[0]
+    assert_close(y_all, y_zero_in, np.float32, "dropout=1")
+
+
+# ---- init -----------------------------------------------------------------------------------------------
+
+def test_init_draws_torch_shapes_and_range():
+    params = fj.init(jax.random.key(0), "lstm", 10, 400, num_layers=2, bidirectional=True)
+    assert list(params) == fj.param_names(2, bidirectional=True)
+    assert params["weight_ih_l1_reverse"].shape == (1600, 800)
+    assert params["bias_hh_l0"].shape == (1600,)
+    values = np.asarray(params["weight_hh_l0"])
+    bound = 1 / np.sqrt(400)
+    assert values.min() >= -bound and values.max() <= bound
+    # uniform(-b, b): mean 0, variance b^2/3 (640K draws: a few 1e-3 relative)
+    assert abs(values.mean()) < 0.01 * bound
+    assert abs(values.var() / (bound ** 2 / 3) - 1) < 0.01
+    assert not np.array_equal(np.asarray(params["weight_hh_l0"]), np.asarray(params["weight_hh_l0_reverse"]))
+    assert fj.init(jax.random.key(0), "rnn_tanh", 2, 3, dtype=np.float32)["weight_ih_l0"].dtype == np.float32
+
+
+# ---- concurrency -------------------------------------------------------------------------------------
+
+def test_concurrent_calls_in_one_program_and_from_threads_are_bit_identical(rng):
+    params = [_params(rng, "lstm", 8, 32, 2, True) for _ in range(4)]
+    xs = [rng.standard_normal((20, 8, 8)).astype(np.float32) for _ in range(4)]
+
+    def one(p, x):
+        y, (h, c) = fj.lstm(p, x)
+        return jnp.sum(y ** 2) + jnp.sum(h * c)
+
+    # Four independent layer stacks (and their backward) in one jit program: XLA may run them at once.
+    together = jax.jit(lambda ps, xs: [jax.grad(one)(p, x) for p, x in zip(ps, xs)])
+    separate = [jax.grad(one)(p, x) for p, x in zip(params, xs)]
+    expected = jax.tree.map(np.asarray, separate)
+    for _ in range(3):
+        got = together(params, xs)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), expected)
+
+    results = [None] * 8
+    step = jax.jit(jax.grad(one))
+
+    def worker(i):
+        results[i] = jax.tree.map(np.asarray, step(params[i % 4], xs[i % 4]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(8):
+        jax.tree.map(np.testing.assert_array_equal, results[i], expected[i % 4])
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
+    params = _params(rng, "lstm", 3, 4, 2)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    cases = [
+        (lambda: fj.lstm(params, x.astype(np.float16)), TypeError, "x: expected float32 or float64"),
+        (lambda: fj.lstm(params, x.astype(np.float64)), TypeError, "x: got dtype float64, which JAX runs as float32"),
+        (lambda: fj.lstm(params, x[..., :2]), ValueError, "x: expected input_size 3"),
+        (lambda: fj.lstm(params, x[:, :0]), ValueError, "x: empty input"),
+        (lambda: fj.lstm(params, x[0, 0]), ValueError, "x: expected a 2-D or 3-D array"),
+        (lambda: fj.lstm({**params, "weight_hh_l1": params["weight_hh_l1"][:, :3]}, x), ValueError,
+         "weight_hh_l1: expected shape (16, 4)"),
+        (lambda: fj.lstm({k: v for k, v in params.items() if k != "bias_ih_l1"}, x), ValueError,
+         "params: missing ['bias_ih_l1']"),
+        (lambda: fj.lstm({**params, "weight": x}, x), ValueError, "params: expected torch.nn names"),
+        (lambda: fj.lstm({**params, "weight_hr_l0": np.zeros((2, 4), np.float32)}, x), ValueError,
+         "params: fusedrnn.jax has no LSTM projection"),
+        (lambda: fj.lstm(params, x, np.zeros((2, 2, 4), np.float32)), TypeError, "hx: expected a tuple (h0, c0)"),
+        (lambda: fj.lstm(params, x, (np.zeros((2, 3, 4), np.float32),) * 2), ValueError,
+         "h0: expected shape (2, 2, 4)"),
+        (lambda: fj.gru(_params(rng, "gru", 3, 4), x, np.zeros((1, 2, 4))), TypeError,
+         "hx: expected dtype float32 (x's), got float64"),
+        (lambda: fj.lstm(params, x, lengths=[5, 6]), ValueError, "lengths: each length must be in [1, 5]"),
+        (lambda: fj.lstm(params, x, lengths=[5]), ValueError, "lengths: expected shape (2,)"),
+        (lambda: fj.lstm(params, x, lengths=[1.5, 2]), ValueError, "lengths: expected whole numbers"),
+        (lambda: fj.lstm(params, x, cell_clip=-1.0), ValueError, "cell_clip: expected a positive finite bound"),
+        (lambda: fj.gru(_params(rng, "gru", 3, 4), x, cell_clip=1.0), ValueError, "cell_clip: 'gru' has no cell"),
+        (lambda: fj.lstm(params, x, dropout=1.5), ValueError, "dropout: expected a probability"),
+        (lambda: fj.rnn(_params(rng, "rnn_tanh", 3, 4), x, nonlinearity="gelu"), ValueError, "nonlinearity"),
+        (lambda: fj.forward("lstmx", params, x), ValueError, "cell: expected one of"),
+        (lambda: jax.jit(lambda l: fj.lstm(params, x, lengths=l))(np.array([1.0, 2.0], np.float32)), TypeError,
+         "lengths: expected integers"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+    with _enable_x64(True):
+        with pytest.raises(TypeError, match=r"weight_hh_l0: expected dtype float64 \(x's\), got float32"):
+            fj.lstm(params, x.astype(np.float64))
+
+
+@pytest.mark.parametrize("where", ["x", "h0", "c0", "dy"])
+def test_nan_and_inf_raise_at_run_time_naming_the_argument(rng, where):
+    params = _params(rng, "lstm", 3, 4)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    h0 = np.zeros((1, 2, 4), np.float32)
+    c0 = np.zeros((1, 2, 4), np.float32)
+    bad = {"x": x, "h0": h0, "c0": c0}
+    if where in bad:
+        bad[where] = bad[where].copy()
+        bad[where].flat[3] = np.nan if where != "c0" else np.inf
+    dy = np.ones((5, 2, 4), np.float32)
+    if where == "dy":
+        dy[2, 1, 0] = np.inf
+
+    def loss(p, x, h0, c0):
+        return jnp.sum(fj.lstm(p, x, (h0, c0))[0] * dy)
+
+    step = jax.jit(jax.grad(loss))
+    for _ in range(2):  # the first call and a repeated one (JAX's fast dispatch path)
+        with pytest.raises(RUNTIME_ERRORS, match=f"INVALID_ARGUMENT: {where}: contains NaN or infinite"):
+            jax.block_until_ready(step(params, bad["x"], bad["h0"], bad["c0"]))
+    # check_finite=False skips the checks (the NaN then propagates; an infinite c0 saturates tanh).
+    y, (_, c_n) = fj.lstm(params, bad["x"], (bad["h0"], bad["c0"]), check_finite=False)
+    if where in ("x", "h0"):
+        assert np.isnan(np.asarray(y)).any()
+    if where == "c0":
+        assert not np.isfinite(np.asarray(c_n)).all()
+
+
+def test_bad_traced_lengths_raise_at_run_time(rng):
+    params = _params(rng, "gru", 3, 4, 1, True)
+    x = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    f = jax.jit(lambda lens: fj.gru(params, x, lengths=lens)[0])
+    for lens, value, index in (([5, 0, 2], 0, 1), ([5, 2, 6], 6, 2)):
+        with pytest.raises(RUNTIME_ERRORS,
+                           match=rf"lengths: each length must be in \[1, 5\] \(T\), got {value} at index {index}"):
+            jax.block_until_ready(f(jnp.array(lens)))
+    np.testing.assert_array_equal(np.asarray(f(jnp.array([5, 1, 2]))),
+                                  np.asarray(fj.gru(params, x, lengths=[5, 1, 2])[0]))
+    # Under vmap (one folded call) the mapped element is not named, the row within it is.
+    with pytest.raises(RUNTIME_ERRORS, match=r"got 0 at index 1"):
+        jax.block_until_ready(jax.vmap(f)(jnp.array([[5, 1, 2], [5, 0, 2]])))
+    x_nan = np.stack([x, x])
+    x_nan[1, 2, 0, 1] = np.nan
+    with pytest.raises(RUNTIME_ERRORS, match="x: contains NaN"):
+        jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
+
+
+def test_forward_mode_and_second_derivatives_raise_clear_errors(rng):
+    params = _params(rng, "rnn_tanh", 3, 4)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    f = lambda x: jnp.sum(fj.rnn(params, x)[0] ** 2)  # noqa: E731
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(f, (x,), (x,))
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jacfwd(f)(x)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.grad(lambda x: jnp.sum(jax.grad(f)(x)))(x)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.hessian(f)(x)
+
+
+def test_handlers_built_for_a_newer_jaxlib_are_refused_with_advice(monkeypatch):
+    from fusedrnn import _core
+    from fusedrnn.jax import _ffi
+
+    monkeypatch.setattr(_core, "jax_ffi_built_with_jaxlib", "99.0.0")
+    monkeypatch.setattr(_ffi, "_registered", False)
+    with pytest.raises(ImportError, match=r"built against jaxlib 99.0.0, newer than the installed jaxlib .* "
+                                          r"upgrade jaxlib to >= 99.0.0 or rebuild fusedrnn"):
+        _ffi.register()
+    monkeypatch.undo()
+    assert _ffi._registered  # the real registration stands
+    assert _ffi._version("0.10.2") > _ffi._version("0.7.1") and _ffi._version("0.9.0.1") == (0, 9, 0)
+
+
+def test_info_reports_the_handlers_build(capsys):
+    import jaxlib.version
+
+    from fusedrnn import _core, cli
+
+    built = fusedrnn.build_info()["jax_ffi"]
+    assert built == _core.jax_ffi_built_with_jaxlib
+    assert fj._ffi._version(built) <= fj._ffi._version(jaxlib.version.__version__)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"XLA FFI handlers (fusedrnn.jax): built against jaxlib {built}" in out
+    assert "fusedrnn.jax" in out.split("Benchmark peers available:")[1]
+
+
+def test_finiteness_checks_name_the_callers_arrays_not_those_between_layers(rng):
+    params = _params(rng, "rnn_relu", 3, 4, 2)
+    params["weight_ih_l0"] = np.full((4, 3), 1e38, np.float32)  # layer 0's output overflows to inf
+    x = np.abs(rng.standard_normal((5, 2, 3))).astype(np.float32)
+    y = jax.block_until_ready(fj.rnn(params, x, nonlinearity="relu")[0])
+    assert not np.isfinite(np.asarray(y)).all()        # as the NumPy modules: no check between layers
+    x_bad = x.copy()
+    x_bad[0, 0, 0] = np.nan
+    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN"):
+        jax.block_until_ready(fj.rnn(params, x_bad, nonlinearity="relu")[0])
+    h0 = np.zeros((2, 2, 4), np.float32)
+    h0[1, 1, 1] = np.inf                                 # the second layer's state is the caller's
+    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: h0: contains NaN"):
+        jax.block_until_ready(fj.rnn(_params(rng, "rnn_relu", 3, 4, 2), x, h0, nonlinearity="relu")[0])

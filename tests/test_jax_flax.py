@@ -1,0 +1,145 @@
+"""fusedrnn.jax with Flax and optax: parameters converted to and from Flax's LSTM and GRU cells give the
+same outputs when both run; the NNX modules (torch-named nnx.Param weights) train with optax; the
+optax sunspot demo's short run; the benchmark's JAX peers (fusedrnn.jax, jit over lax.scan, Flax)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
+optax = pytest.importorskip("optax")
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import fusedrnn.jax as fj  # noqa: E402
+from fusedrnn.jax import flax_params  # noqa: E402
+from fusedrnn.jax import nnx as fnnx  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+FLAX_CELLS = {"lstm": (nn.OptimizedLSTMCell, nn.LSTMCell), "gru": (nn.GRUCell,)}
+
+
+def _run_flax(cell_cls, hidden, tree, x_btf):
+    model = nn.RNN(cell_cls(hidden), return_carry=True)
+    return model.apply({"params": {"cell": tree}}, x_btf)
+
+
+@pytest.mark.parametrize("cell", list(FLAX_CELLS))
+def test_converted_parameters_run_the_same_in_flax_and_fusedrnn(rng, cell):
+    inp, hidden, batch, steps = 3, 5, 4, 7
+    params = fj.init(jax.random.key(1), cell, inp, hidden)
+    # Distinct biases on both sides, so a misplaced one shows.
+    params["bias_ih_l0"] = jnp.asarray(rng.uniform(-1, 1, params["bias_ih_l0"].shape), jnp.float32)
+    params["bias_hh_l0"] = jnp.asarray(rng.uniform(-1, 1, params["bias_hh_l0"].shape), jnp.float32)
+    x = rng.standard_normal((steps, batch, inp)).astype(np.float32)
+    y, state = fj.forward(cell, params, x)
+    h_n = state[0] if cell == "lstm" else state
+    for cell_cls in FLAX_CELLS[cell]:
+        carry, y_flax = _run_flax(cell_cls, hidden, flax_params.to_flax(cell, params), x.transpose(1, 0, 2))
+        h_flax = carry[1] if cell == "lstm" else carry            # Flax's LSTM carry is (c, h)
+        assert_close(y, np.asarray(y_flax).transpose(1, 0, 2), np.float32, f"{cell_cls.__name__} y")
+        assert_close(h_n[0], h_flax, np.float32, f"{cell_cls.__name__} h_n")
+        if cell == "lstm":
+            assert_close(state[1][0], carry[0], np.float32, "c_n")
+
+    # And back: Flax's own initialisation, converted, runs the same in fusedrnn.
+    flax_cell = FLAX_CELLS[cell][0](hidden)
+    tree = nn.RNN(flax_cell).init(jax.random.key(2), x.transpose(1, 0, 2))["params"]["cell"]
+    tree = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
+    _, y_flax = _run_flax(FLAX_CELLS[cell][0], hidden, tree, x.transpose(1, 0, 2))
+    converted = flax_params.from_flax(cell, tree)
+    assert sorted(converted) == sorted(fj.param_names(1))
+    y2, _ = fj.forward(cell, converted, x)
+    assert_close(y2, np.asarray(y_flax).transpose(1, 0, 2), np.float32, "from_flax y")
+    # The round trip keeps the function and Flax's tree exactly.
+    back = flax_params.to_flax(cell, converted)
+    jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def test_converters_refuse_what_they_cannot_map():
+    with pytest.raises(ValueError, match="cell: Flax cells exist for"):
+        flax_params.to_flax("rnn_tanh", fj.init(jax.random.key(0), "rnn_tanh", 2, 3))
+    with pytest.raises(ValueError, match="flax_params: expected the entries"):
+        flax_params.from_flax("gru", {"ii": {"kernel": jnp.zeros((2, 3))}})
+
+
+def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_optax(rng):
+    model = fnnx.GRU(2, 8, num_layers=2, bidirectional=True, dropout=0.25, rngs=nnx.Rngs(0))
+    names = fj.param_names(2, bidirectional=True)
+    params = nnx.state(model, nnx.Param)
+    assert sorted(params.keys()) == sorted(names)
+    assert model.weight_ih_l1_reverse[...].shape == (24, 16)
+
+    x = rng.standard_normal((6, 4, 2)).astype(np.float32)
+    model.eval()
+    y_eval, h_eval = model(x)
+    y_fn, h_fn = fj.gru(model.state_dict(), x)
+    np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(y_fn))
+    model.train()
+    y_train, _ = model(x)
+    assert not np.array_equal(np.asarray(y_train), np.asarray(y_eval))   # dropout between layers
+
+    target = jnp.asarray(rng.standard_normal((6, 4, 16)).astype(np.float32))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        def loss_fn(model):
+            y, _ = model(x, deterministic=True)
+            return jnp.mean((y - target) ** 2)
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, x)) for _ in range(30)]
+    assert losses[-1] < 0.8 * losses[0]
+
+    model.load_state_dict({k: jnp.zeros_like(v) for k, v in model.state_dict().items()})
+    np.testing.assert_array_equal(np.asarray(model(x, deterministic=True)[0]), 0.0)
+    with pytest.raises(ValueError, match="state_dict: expected exactly the keys"):
+        model.load_state_dict({"weight_ih_l0": jnp.zeros((24, 2))})
+
+
+def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_and_baselines():
+    from fusedrnn import datasets, demo
+    from fusedrnn.jax import demo as jax_demo
+
+    config = demo.ForecastConfig(hidden=8, epochs=6, held_out_years=30, batch=64, members=2)
+    seen = []
+    result = jax_demo.train_forecaster(config, lambda epoch, loss: seen.append((epoch, loss)))
+    assert [e for e, _ in seen] == list(range(12)) and all(np.isfinite(loss) for _, loss in seen)
+    assert result.losses == [loss for _, loss in seen]
+    assert seen[5][1] < 0.7 * seen[0][1] and seen[11][1] < 0.7 * seen[6][1]   # each member learns
+    _, series = datasets.sunspots()
+    assert result.years.tolist() == list(range(1979, 2009))
+    np.testing.assert_array_equal(result.truth, series[-30:])
+    numpy_baselines = demo.train_forecaster(demo.ForecastConfig(hidden=2, epochs=1, held_out_years=30, members=1))
+    assert result.baselines.keys() == numpy_baselines.baselines.keys()
+    for name, values in result.baselines.items():
+        np.testing.assert_array_equal(values, numpy_baselines.baselines[name])
+    assert result.forecast.shape == (30,) and np.all(np.isfinite(result.forecast))
+    assert result.rmse["model"] == pytest.approx(demo.rmse(result.forecast, result.truth))
+    # Better than repeating the last value even after this short run.
+    assert result.rmse["model"] < result.rmse["repeat last value"]
+    with pytest.raises(ValueError, match="cell: expected one of"):
+        jax_demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
+
+
+def test_bench_times_the_jax_peers(tmp_path):
+    import json
+
+    from fusedrnn import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--cell", "lstm", "gru", "rnn_relu", "--shape", "3,2,4,4", "--peers", "fusedrnn.jax", "jax",
+            "flax", "fusedrnn", "--rounds", "1", "--repeats", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        for peer in ("fusedrnn.jax", "jax", "flax", "fusedrnn"):
+            assert row[f"{peer}_ms"] > 0
+        assert row["speedup_vs_flax"] == pytest.approx(row["flax_ms"] / row["fusedrnn.jax_ms"])
