@@ -573,7 +573,11 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
-  m.def("blas_config", &cpu::blas::config);
+  m.attr("__version__") = FUSEDRNN_VERSION;
+  m.def("blas_config", &cpu::blas::config, "OpenBLAS's build string: version, target, threading.");
+  m.def("blas_name", &cpu::blas::name, "The BLAS package and version this build compiled against.");
+  m.def("blas_library", &cpu::blas::library_path,
+        "The file the BLAS functions were loaded from (\"\" where the platform cannot tell).");
   m.def("simd_level", [] { return std::string(cpu::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");
   m.def("set_simd_level", [](const std::string& name) {

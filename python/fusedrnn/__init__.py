@@ -76,8 +76,9 @@ def set_simd_level(level: str) -> None:
 
 def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
-    supported/compiled, CUDA (not compiled in this build), the BLAS, the thread team size, and the L2
-    size per core that decides whether a layer's threads share its batch rows or its hidden units."""
+    supported/compiled, CUDA (not compiled in this build), the BLAS (package and version, OpenBLAS's
+    build string, and the file it was loaded from), the thread team size, and the L2 size per core that
+    decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
         "simd": _core.simd_level(),
@@ -85,6 +86,8 @@ def build_info() -> dict:
         "simd_compiled": list(_core.simd_levels_compiled()),
         "cuda": False,
         "blas": _core.blas_config(),
+        "blas_name": _core.blas_name(),
+        "blas_library": _core.blas_library(),
         "num_threads": _core.get_num_threads(),
         "l2_cache_bytes": _core.l2_cache_bytes(),
     }

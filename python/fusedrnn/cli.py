@@ -187,7 +187,8 @@ def _info(args) -> int:
     print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
           f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
     print(f"  CUDA: {'compiled in' if info['cuda'] else 'not compiled in'}")
-    print(f"  BLAS: {info['blas']}")
+    print(f"  BLAS: {info['blas_name']} ({info['blas']})")
+    print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")
     for name, use in OPTIONAL.items():
