@@ -5,6 +5,7 @@ extension's RPATH; nothing of it is needed at run time. Its functions are prefix
 numpy's and torch's BLAS in the same process never stand in for it, nor it for theirs: the child
 interpreters below import numpy, torch and fusedrnn in different orders and check all three."""
 
+import ast
 import ctypes
 import importlib.metadata
 import json
@@ -106,3 +107,21 @@ def test_numpy_torch_and_fusedrnn_blas_coexist(order):
     assert got["fusedrnn_vs_reference"] < 1e-5
     assert got["fusedrnn_vs_torch"] < 1e-5
     assert os.path.realpath(got["fusedrnn_blas"]) == os.path.realpath(fusedrnn.build_info()["blas_library"])
+
+
+def test_torch_extra_takes_the_adapters_floor():
+    # The floor fusedrnn.torch checks at import, read from its source (importing it needs torch).
+    with open(os.path.join(PACKAGE_DIR, "torch", "__init__.py")) as f:
+        floor = next(ast.literal_eval(line.split("=", 1)[1].strip()) for line in f
+                     if line.startswith("TORCH_FLOOR ="))
+    requires = [r.replace(" ", "") for r in importlib.metadata.requires("fusedrnn") or []]
+    torch_extra = [r.split(";")[0] for r in requires if r.startswith("torch") and 'extra=="torch"' in r]
+    assert torch_extra == [f"torch>={floor}"]
+
+
+def test_torch_without_custom_op_is_refused_by_name():
+    pytest.importorskip("torch")
+    code = ("import torch; del torch.library.custom_op\n"
+            "try:\n    import fusedrnn.torch\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "fusedrnn.torch needs torch>=2.4 (torch.library.custom_op)" in out
