@@ -6,6 +6,10 @@ median over rounds of the per-round median time, the spread (max - min of the ro
 the median), GFLOP/s from the standard count (forward 2*T*B*(I+H)*G*H, training 3x that), and the ratio
 peer time / fusedrnn time (> 1: fusedrnn is faster).
 
+A row also keeps every timed call ({peer}_times_ms: per round, the repeats' times in ms), and the JSON's
+meta the peers, threads, host CPU (/proc/cpuinfo's model name) and versions, so a later run can be
+judged against it (`fusedrnn bench --compare`).
+
 Peers are pluggable: `register_peer(name, factory, requires=...)` where the factory builds, for one
 case, the two callables to time (see `Runners`).
 """
@@ -16,6 +20,7 @@ import importlib.util
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -348,14 +353,19 @@ def make_problem(case: Case, seed: int = 0) -> Problem:
 # ---- timing ----------------------------------------------------------------------------------------------
 
 
-def time_call(fn: Callable[[], None], repeats: int) -> float:
-    """The median of `repeats` timed calls, in seconds."""
+def time_calls(fn: Callable[[], None], repeats: int) -> list[float]:
+    """The times of `repeats` calls, in seconds."""
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
+
+
+def time_call(fn: Callable[[], None], repeats: int) -> float:
+    """The median of `repeats` timed calls, in seconds."""
+    return statistics.median(time_calls(fn, repeats))
 
 
 # Pause before each runner's turn: thread pools (OpenMP's, XLA's, fusedrnn's) spin for a while after
@@ -366,9 +376,16 @@ SETTLE_SECONDS = 0.05
 
 def alternate_rounds(fns: dict, rounds: int, repeats: int,
                      on_round: Callable[[], None] | None = None) -> dict:
-    """Per key, the median time of `repeats` calls in each of `rounds` rounds; each round runs every
-    callable in turn, so drift on a shared machine hits them alike. Two untimed calls first warm up
-    first-call allocation and thread start-up."""
+    """Per key, the median time of `repeats` calls in each of `rounds` rounds (see `alternate_samples`)."""
+    return {key: [statistics.median(times) for times in per_round]
+            for key, per_round in alternate_samples(fns, rounds, repeats, on_round).items()}
+
+
+def alternate_samples(fns: dict, rounds: int, repeats: int,
+                      on_round: Callable[[], None] | None = None) -> dict:
+    """Per key, the times of `repeats` calls in each of `rounds` rounds (a list per round); each round
+    runs every callable in turn, so drift on a shared machine hits them alike. Two untimed calls first
+    warm up first-call allocation and thread start-up."""
     for fn in fns.values():
         fn()
         fn()
@@ -377,7 +394,7 @@ def alternate_rounds(fns: dict, rounds: int, repeats: int,
         for key, fn in fns.items():
             time.sleep(SETTLE_SECONDS)
             fn()  # untimed: wakes the library's threads after the pause
-            samples[key].append(time_call(fn, repeats))
+            samples[key].append(time_calls(fn, repeats))
         if on_round is not None:
             on_round()
     return samples
@@ -395,24 +412,33 @@ def timing_fields(name: str, round_medians: Sequence[float], work: float | None 
 
 
 def run_case(case: Case, peers: Sequence[str], *, rounds: int = 5, repeats: int = 10,
-             on_round: Callable[[], None] | None = None) -> list[dict]:
+             on_round: Callable[[], None] | None = None, memory: bool = False) -> list[dict]:
     """Times one case on every peer; one row per mode. The first peer is the one the others are
-    compared with: speedup_vs_{peer} = peer time / first peer's time."""
+    compared with: speedup_vs_{peer} = peer time / first peer's time. Each row keeps every timed call
+    as {peer}_times_ms (a list of the repeats' times per round). With `memory`, each row also gets the
+    fields of `_bench_memory.memory_fields` (bytes kept for backward, peak resident growth of a call)."""
     problem = make_problem(case)
     fns = {}
     for name in peers:
         runners = PEERS[name].factory(problem)
         for mode in case.modes:
             fns[(name, mode)] = runners.infer if mode == "inference" else runners.train
-    samples = alternate_rounds(fns, rounds, repeats, on_round)
+    samples = alternate_samples(fns, rounds, repeats, on_round)
+    if memory:
+        from ._bench_memory import memory_fields
+        memory_rows = memory_fields(problem, fns)
     rows = []
     for mode in case.modes:
         row = {"cell": case.cell.upper(), "T": case.steps, "B": case.batch, "I": case.input_size,
                "H": case.hidden, "mode": mode}
         for name in peers:
-            row.update(timing_fields(name, samples[(name, mode)], case.flops(mode)))
+            per_round = samples[(name, mode)]
+            row.update(timing_fields(name, [statistics.median(times) for times in per_round], case.flops(mode)))
+            row[f"{name}_times_ms"] = [[t * 1e3 for t in times] for times in per_round]
         for name in peers[1:]:
             row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / row[f"{peers[0]}_ms"]
+        if memory:
+            row.update(memory_rows[mode])
         rows.append(row)
     return rows
 
@@ -445,9 +471,25 @@ def set_threads(peers: Sequence[str], threads: int) -> None:
             PEERS[name].set_threads(threads)
 
 
+def cpu_model() -> str:
+    """The host CPU's model name, as lscpu and /proc/cpuinfo give it (Linux), else platform's word."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> dict:
-    meta = {"threads": threads, "rounds": rounds, "repeats": repeats,
-            "machine": platform.processor() or platform.machine()}
+    """What a later reader (and `--compare`) needs to judge the rows: the peers in column order, the
+    run's settings, the host CPU and the version of every peer."""
+    meta = {"peers": list(peers), "threads": threads, "rounds": rounds, "repeats": repeats,
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+            "python": platform.python_version(), "platform": sys.platform}
     for name in peers:
         if PEERS[name].version is not None:
             meta[name] = PEERS[name].version()

@@ -10,7 +10,7 @@ import sys
 
 from tqdm import tqdm
 
-from . import benchmark, build_info, set_num_threads
+from . import _bench_report, benchmark, build_info, set_num_threads
 from .functional import CELLS
 
 
@@ -56,12 +56,39 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive_int, default=2)
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
-    bench.add_argument("--json", metavar="OUT.json", help="write the rows as JSON ('-': to stdout, no table)")
-    bench.add_argument("--no-progress", action="store_true",
+    bench.add_argument("--json", metavar="OUT.json",
+                       help="write the rows as JSON ('-': to stdout, no table), with every call's time and "
+                       "the host CPU, threads and versions")
+    bench.add_argument("--no-progress", "--quiet", action="store_true",
                        help="no progress bar (there is none either when stderr is not a terminal)")
+    _report_arguments(bench)
 
     sub.add_parser("info", help="version, build options, and which optional peers are importable")
     return parser
+
+
+def _report_arguments(bench) -> None:
+    """The options of `fusedrnn bench` beyond timing a list of cases (see _bench_report)."""
+    bench.add_argument("--sweep", metavar="AXIS=V1,V2,...",
+                       help="vary one axis of the base shape (the one --shape, else "
+                       f"{','.join(map(str, benchmark.DEFAULT_SHAPES[0]))}): AXIS is steps, batch, input or "
+                       "hidden (or T, B, I, H), e.g. --sweep batch=1,8,32; the plot then draws time and "
+                       "ratio against it")
+    bench.add_argument("--plot", metavar="OUT.png",
+                       help="draw the rows: per peer the median time with min-max whiskers over the round "
+                       "medians, and each peer's time over the first peer's (needs the plot extra)")
+    bench.add_argument("--memory", action="store_true",
+                       help="also measure memory: the bytes a training forward keeps for backward "
+                       "(fusedrnn's tape, torch.nn's autograd-saved tensors) and each call's peak resident-set "
+                       "growth (Linux; the README's Benchmark section says what each counts)")
+    bench.add_argument("--compare", metavar="OLD.json",
+                       help="compare with an earlier --json output (without --set/--cell/--shape/--sweep: "
+                       "rerun its cases and peers). By round medians, " + _bench_report.COMPARE_RULE
+                       + ". The exit status stays 0 unless --fail-on-slower")
+    bench.add_argument("--threshold", metavar="PCT", type=float, default=5.0,
+                       help="--compare: the least change in %% of the median that counts (default 5)")
+    bench.add_argument("--fail-on-slower", action="store_true",
+                       help="--compare: exit with status 1 when a row got slower")
 
 
 def main(argv=None) -> int:
@@ -143,18 +170,48 @@ def _parse_shape(text: str) -> tuple:
     return tuple(int(p) for p in parts)
 
 
-def _bench(args) -> int:
-    peers = benchmark.check_peers(args.peers if args.peers else benchmark.available_peers())
-    if args.set and (args.cell or args.shape):
-        raise ValueError("set: give either --set or --cell/--shape, not both")
+def _bench_cases(args, old_report) -> tuple:
+    """The cases to time and the sweep (or None), from the options; an earlier report's cases when
+    --compare stands alone."""
+    if args.set and (args.cell or args.shape or args.sweep):
+        raise ValueError("set: give either --set or --cell/--shape/--sweep, not both")
+    modes = args.mode
+    cells = args.cell or benchmark.DEFAULT_CELLS
+    if args.sweep:
+        sweep = _bench_report.parse_sweep(args.sweep)
+        if args.shape and len(args.shape) != 1:
+            raise ValueError(f"sweep: give one base --shape to vary, got {len(args.shape)}")
+        base = _parse_shape(args.shape[0]) if args.shape else benchmark.DEFAULT_SHAPES[0]
+        return benchmark.cases_for(cells, sweep.shapes(base), modes), sweep
     if args.cell or args.shape:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else benchmark.DEFAULT_SHAPES
-        cases = benchmark.cases_for(args.cell or benchmark.DEFAULT_CELLS, shapes, args.mode)
+        return benchmark.cases_for(cells, shapes, modes), None
+    if old_report is not None and not args.set:
+        return _bench_report.report_cases(old_report), _bench_report.report_sweep(old_report)
+    return benchmark.named_cases(args.set or "default"), None
+
+
+def _bench(args) -> int:
+    # Every argument is checked, and the optional packages found, before anything is timed.
+    old_report = _bench_report.load_report(args.compare) if args.compare else None
+    if not args.threshold >= 0:
+        raise ValueError(f"threshold: expected a percentage >= 0, got {args.threshold}")
+    if args.plot:
+        _bench_report.check_plot_path(args.plot)
+    cases, sweep = _bench_cases(args, old_report)
+    if args.peers:
+        peers = args.peers
+    elif old_report is not None:
+        peers = _bench_report.report_peers(old_report)
     else:
-        cases = benchmark.named_cases(args.set or "default")
+        peers = benchmark.available_peers()
+    peers = benchmark.check_peers(peers)
     benchmark.set_threads(peers, args.threads)
     to_stdout = args.json == "-"
+    say = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
     table = benchmark.Table(peers, show_input_size=any(c.input_size != c.hidden for c in cases))
+    if sweep is not None:
+        say(f"Sweep of {sweep.describe((cases[0].steps, cases[0].batch, cases[0].input_size, cases[0].hidden))}")
     if not to_stdout:
         tqdm.write(table.header())
     rows = []
@@ -162,17 +219,35 @@ def _bench(args) -> int:
               file=sys.stderr) as bar:
         for case in cases:
             for row in benchmark.run_case(case, peers, rounds=args.rounds, repeats=args.repeats,
-                                          on_round=bar.update):
+                                          on_round=bar.update, memory=args.memory):
                 rows.append(row)
                 if not to_stdout:
                     tqdm.write(table.line(row))
     meta = benchmark.metadata(peers, args.threads, args.rounds, args.repeats)
+    if sweep is not None:
+        meta["sweep"] = {"axis": sweep.axis, "values": list(sweep.values)}
+    if args.memory:
+        from . import _bench_memory
+        meta["memory"] = {"saved_bytes": _bench_memory.SAVED_METHOD, "peak_rss_bytes": _bench_memory.PEAK_METHOD}
+        say("\nMemory (kept: for backward, training rows; peak: resident-set growth of one call):")
+        say(_bench_report.memory_table(rows, peers))
+    report = {"meta": meta, "rows": rows}
     if to_stdout:
-        json.dump({"meta": meta, "rows": rows}, sys.stdout, indent=1)
+        json.dump(report, sys.stdout, indent=1)
         print()
     elif args.json:
         benchmark.write_json(args.json, meta, rows)
-    return 0
+    if args.plot:
+        _bench_report.plot_rows(rows, peers, args.plot, sweep)
+        say(f"Plot written to {args.plot}")
+    status = 0
+    if old_report is not None:
+        changes = _bench_report.compare_reports(old_report, report, args.threshold / 100)
+        say(f"\nAgainst {args.compare}:")
+        say(_bench_report.format_comparison(changes, old_report, report, args.threshold / 100))
+        if args.fail_on_slower and any(c.verdict == "slower" for c in changes):
+            status = 1
+    return status
 
 
 # ---- info -------------------------------------------------------------------------------------------
