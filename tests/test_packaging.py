@@ -123,5 +123,5 @@ def test_torch_without_custom_op_is_refused_by_name():
     pytest.importorskip("torch")
     code = ("import torch; del torch.library.custom_op\n"
             "try:\n    import fusedrnn.torch\nexcept ImportError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "fusedrnn.torch needs torch>=2.4 (torch.library.custom_op)" in out
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "fusedrnn.torch needs torch>=2.4 (torch.library.custom_op); this is torch" in run.stdout
