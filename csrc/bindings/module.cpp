@@ -674,7 +674,11 @@ PYBIND11_MODULE(_core, m) {
 #ifdef FUSEDRNN_WITH_XLA_FFI
   fusedrnn::bindings::def_jax_ffi(m);
 #endif
-  m.def("blas_config", &cpu::blas::config);
+  m.attr("__version__") = FUSEDRNN_VERSION;
+  m.def("blas_config", &cpu::blas::config, "OpenBLAS's build string: version, target, threading.");
+  m.def("blas_name", &cpu::blas::name, "The BLAS package and version this build compiled against.");
+  m.def("blas_library", &cpu::blas::library_path,
+        "The file the BLAS functions were loaded from (\"\" where the platform cannot tell).");
   def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
              &get_emulated_recurrence_path,
              "Tests only: how the emulated device backend runs the forward recurrence: 'per_step' (a GEMM "

@@ -97,7 +97,8 @@ def cuda_info() -> dict:
 def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
     supported/compiled, CUDA (see cuda_info), the jaxlib whose XLA FFI headers fusedrnn.jax's handlers
-    were built against (None: not built), the BLAS, the thread team size, and the L2 size per core that
+    were built against (None: not built), the BLAS (package and version, OpenBLAS's build string, and
+    the file it was loaded from), the thread team size, and the L2 size per core that
     decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
@@ -107,6 +108,8 @@ def build_info() -> dict:
         "cuda": cuda_info(),
         "jax_ffi": getattr(_core, "jax_ffi_built_with_jaxlib", None),
         "blas": _core.blas_config(),
+        "blas_name": _core.blas_name(),
+        "blas_library": _core.blas_library(),
         "num_threads": _core.get_num_threads(),
         "l2_cache_bytes": _core.l2_cache_bytes(),
     }

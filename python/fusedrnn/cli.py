@@ -275,7 +275,8 @@ def _info(args) -> int:
     jax_ffi = info["jax_ffi"]
     print(f"  XLA FFI handlers (fusedrnn.jax): "
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
-    print(f"  BLAS: {info['blas']}")
+    print(f"  BLAS: {info['blas_name']} ({info['blas']})")
+    print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
     print(f"  threads: {info['num_threads']}")
     print("Optional packages:")
     for name, use in OPTIONAL.items():

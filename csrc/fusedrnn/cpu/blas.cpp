@@ -1,6 +1,9 @@
 #include "fusedrnn/cpu/blas.h"
 
 #include <cblas.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
 
 #include <limits>
 #include <stdexcept>
@@ -40,5 +43,16 @@ void gemm<double>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
 void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 
 std::string config() { return scipy_openblas_get_config(); }
+
+std::string name() { return FUSEDRNN_BLAS_NAME; }
+
+std::string library_path() {
+#if defined(__unix__) || defined(__APPLE__)
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&scipy_cblas_sgemm), &info) != 0 && info.dli_fname != nullptr)
+    return info.dli_fname;
+#endif
+  return "";
+}
 
 }  // namespace fusedrnn::cpu::blas

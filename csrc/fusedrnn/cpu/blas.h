@@ -15,5 +15,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 
 void set_num_threads(int n);
 std::string config();  // the BLAS build string, for diagnostics
+std::string name();    // the BLAS package and version the core was built against
+// The file the dynamic loader took the BLAS functions from ("" where the platform cannot say).
+std::string library_path();
 
 }  // namespace fusedrnn::cpu::blas

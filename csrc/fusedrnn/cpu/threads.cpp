@@ -33,6 +33,10 @@ class FlushDenormals {
 
  private:
   unsigned saved_;
+#else
+  // Other architectures (aarch64 wheels) keep the caller's mode; the user-provided constructor keeps
+  // GCC from calling the guards unused.
+  FlushDenormals() {}
 #endif
 };
 

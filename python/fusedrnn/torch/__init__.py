@@ -11,7 +11,17 @@ torch.compile and torch.export trace through it. Importing this module imports t
 fusedrnn alone does not.
 """
 
-from ._ops import rnn_layer, rnn_layer_backward
-from .modules import GRU, LSTM, RNN, convert
+from .._optional import require
+
+_torch = require("torch", "torch")
+# The operators are registered with torch.library.custom_op (register_fake, register_autograd), new in
+# torch 2.4: the floor the torch extra declares.
+TORCH_FLOOR = "2.4"
+if not hasattr(_torch.library, "custom_op"):
+    raise ImportError(f"fusedrnn.torch needs torch>={TORCH_FLOOR} (torch.library.custom_op); this is torch "
+                      f"{_torch.__version__}: pip install 'fusedrnn[torch]'")
+
+from ._ops import rnn_layer, rnn_layer_backward  # noqa: E402
+from .modules import GRU, LSTM, RNN, convert  # noqa: E402
 
 __all__ = ["LSTM", "GRU", "RNN", "convert", "rnn_layer", "rnn_layer_backward"]
