@@ -93,9 +93,12 @@ def choose_linear_window(series: np.ndarray, n_train: int, validation: int = 50,
 
 
 def train_forecaster(config: ForecastConfig = ForecastConfig(),
-                     on_epoch: Callable[[int, float], None] | None = None) -> ForecastResult:
+                     on_epoch: Callable[[int, float], None] | None = None, *,
+                     train_member: Callable | None = None) -> ForecastResult:
     """Trains `config.members` forecasters (seeds seed*members + 0, 1, ...) and averages their
-    forecasts of the held-out years; `on_epoch(n, loss)` after each of the members * epochs epochs."""
+    forecasts of the held-out years; `on_epoch(n, loss)` after each of the members * epochs epochs.
+    `train_member(config, seed, z, n_train, record)` trains one (default: the NumPy modules')."""
+    train_member = _train_member if train_member is None else train_member
     if config.cell not in FORECAST_CELLS:
         raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
     years, series = datasets.sunspots()
@@ -110,7 +113,7 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
         if on_epoch is not None:
             on_epoch(len(epoch_losses) - 1, loss)
 
-    forecasts = [_train_member(config, config.seed * config.members + m, z, n_train, record)
+    forecasts = [train_member(config, config.seed * config.members + m, z, n_train, record)
                  for m in range(config.members)]
     model = np.mean(forecasts, axis=0) * std + mean
 

@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from .. import datasets, sequences
+from .. import demo, sequences
 from .._optional import require
-from ..demo import FORECAST_CELLS, ForecastConfig, ForecastResult, choose_linear_window, linear_window_forecast, rmse
+from ..demo import FORECAST_CELLS, ForecastConfig, ForecastResult
 
 jax = require("jax", "jax")
 optax = require("optax", "flax")
@@ -27,32 +27,9 @@ from ._rnn import forward, init  # noqa: E402
 
 def train_forecaster(config: ForecastConfig = ForecastConfig(),
                      on_epoch: Callable[[int, float], None] | None = None) -> ForecastResult:
-    """fusedrnn.demo.train_forecaster in JAX: `config.members` forecasters, their held-out forecasts
-    averaged; `on_epoch(n, loss)` after each of the members * epochs epochs."""
-    if config.cell not in FORECAST_CELLS:
-        raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
-    years, series = datasets.sunspots()
-    n_train = len(series) - config.held_out_years
-    mean, std = series[:n_train].mean(), series[:n_train].std()
-    z = ((series - mean) / std).astype(np.float32)
-
-    epoch_losses = []
-
-    def record(loss: float) -> None:
-        epoch_losses.append(loss)
-        if on_epoch is not None:
-            on_epoch(len(epoch_losses) - 1, loss)
-
-    forecasts = [_train_member(config, config.seed * config.members + m, z, n_train, record)
-                 for m in range(config.members)]
-    model = np.mean(forecasts, axis=0) * std + mean
-
-    truth = series[n_train:]
-    window = choose_linear_window(series, n_train)
-    baselines = {"repeat last value": series[n_train - 1:-1],
-                 f"linear, last {window} years": linear_window_forecast(series, n_train, window)}
-    scores = {"model": rmse(model, truth), **{k: rmse(v, truth) for k, v in baselines.items()}}
-    return ForecastResult(years[n_train:], truth, model, baselines, scores, window, epoch_losses)
+    """fusedrnn.demo.train_forecaster in JAX: the same data, split, averaging and scores, each member
+    trained with fusedrnn.jax and optax."""
+    return demo.train_forecaster(config, on_epoch, train_member=_train_member)
 
 
 def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int,
