@@ -125,6 +125,20 @@ def test_without_a_cuda_module_the_error_says_how_to_get_one(no_cuda_module, cap
     assert info_line(capsys).startswith(f"CUDA: none (fusedrnn {VERSION} has no CUDA module: pip install")
 
 
+def test_cublas_is_found_in_its_wheel_wherever_that_is(monkeypatch, tmp_path):
+    for name in ("nvidia", "nvidia.cu13"):  # forgotten for the test, restored after it
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *[p for p in sys.path if "site-packages" not in p]])
+    importlib.invalidate_caches()
+    assert _cuda_layer.cublas_wheel_library() is None
+    lib = tmp_path / "nvidia" / "cu13" / "lib"  # the wheel's layout: namespace packages nvidia, nvidia.cu13
+    lib.mkdir(parents=True)
+    (lib / "libcublas.so.13").write_bytes(b"")
+    importlib.invalidate_caches()
+    assert _cuda_layer.cublas_wheel_library() == str(lib / "libcublas.so.13")
+
+
 def test_import_fusedrnn_loads_no_cuda_module():
     code = ("import sys, fusedrnn, fusedrnn.functional, fusedrnn.modules\n"
             "print(sorted(m for m in sys.modules if m.endswith('._cuda') or m.startswith('fusedrnn_cuda')))")

@@ -6,8 +6,10 @@ work. Other arrays exposing __cuda_array_interface__ or a CUDA DLPack device go 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -42,6 +44,22 @@ def locate_cuda_module() -> tuple[str, str | None] | None:
     return f"{PLUGIN_PACKAGE}._cuda", importlib.import_module(PLUGIN_PACKAGE).__version__
 
 
+def cublas_wheel_library() -> str | None:
+    """libcublas.so.13 of the nvidia-cublas wheel, wherever it is installed. The module's RPATH finds the
+    wheel only in the module's own site-packages; loading the library first by path (the loader then
+    matches its soname) also covers a wheel elsewhere on sys.path (a virtual environment that sees the
+    system's packages, a user site). None: not installed (the loader's search path may still find one)."""
+    try:
+        spec = importlib.util.find_spec("nvidia.cu13")
+    except ImportError:  # no nvidia namespace at all
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(location, "lib", "libcublas.so.13")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _source(plugin_version: str | None) -> str:
     return "built in" if plugin_version is None else f"{PLUGIN_DISTRIBUTION} {plugin_version}"
 
@@ -61,6 +79,9 @@ def cuda_module():
         raise ImportError(f"{PLUGIN_DISTRIBUTION} {plugin_version} is installed, but fusedrnn is {version}: the "
                           f"CUDA plugin must be fusedrnn's own version (pip install '{PLUGIN_DISTRIBUTION}=={version}', "
                           "or pip install --upgrade 'fusedrnn[cuda]' for both)")
+    cublas = cublas_wheel_library()
+    if cublas is not None:
+        ctypes.CDLL(cublas)
     try:
         module = importlib.import_module(name)
     except ImportError as err:
