@@ -115,6 +115,18 @@ def test_a_module_that_does_not_load_says_which_and_why(no_cuda_module, tmp_path
     assert info["installed"] and not info["loaded"] and "libcublas.so.13" in info["error"]
 
 
+def test_a_broken_plugin_package_is_reported_not_raised(no_cuda_module, tmp_path, capsys):
+    fake_plugin(no_cuda_module, tmp_path, VERSION)
+    (tmp_path / "fusedrnn_cuda13" / "_version.py").unlink()
+    want = r"fusedrnn-cuda13 is installed, but its package does not import \(No module named 'fusedrnn_cuda13\._version"
+    with pytest.raises(ImportError, match=want):
+        _cuda_layer.cuda_module()
+    info = fusedrnn.cuda_info()
+    assert info["installed"] and not info["loaded"] and info["source"] == "fusedrnn-cuda13"
+    assert re.search(want, info["error"])
+    assert info_line(capsys).startswith("CUDA: fusedrnn-cuda13, does not load: fusedrnn-cuda13 is installed")
+
+
 def test_without_a_cuda_module_the_error_says_how_to_get_one(no_cuda_module, capsys):
     want = rf"fusedrnn {re.escape(VERSION)} has no CUDA module: pip install 'fusedrnn\[cuda\]'"
     with pytest.raises(ImportError, match=want):
@@ -137,6 +149,16 @@ def test_cublas_is_found_in_its_wheel_wherever_that_is(monkeypatch, tmp_path):
     (lib / "libcublas.so.13").write_bytes(b"")
     importlib.invalidate_caches()
     assert _cuda_layer.cublas_wheel_library() == str(lib / "libcublas.so.13")
+
+
+def test_torch_modules_say_why_a_cuda_tensor_cannot_run(no_cuda_module):
+    pytest.importorskip("torch")
+    from fusedrnn.torch import modules
+
+    on_gpu = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))  # all the check looks at
+    with pytest.raises(NotImplementedError, match=rf"input: a CUDA tensor, and fusedrnn {re.escape(VERSION)} has "
+                                                  r"no CUDA module: pip install 'fusedrnn\[cuda\]'"):
+        modules._check_placement("input", on_gpu)
 
 
 def test_import_fusedrnn_loads_no_cuda_module():

@@ -1,8 +1,9 @@
 """One layer direction on CUDA device arrays: functional._forward and _backward's counterparts over the
-CUDA module (fusedrnn._cuda). Outputs and the tape are allocated with the caller's own array library
-(CuPy, or torch for CUDA tensors) on the input's device, and every call is enqueued on that library's
-current stream, so results come back as the caller's arrays, in stream order with the caller's own
-work. Other arrays exposing __cuda_array_interface__ or a CUDA DLPack device go through CuPy."""
+CUDA module, which cuda_module() finds (built in, or the fusedrnn-cuda13 plugin's). Outputs and the tape
+are allocated with the caller's own array library (CuPy, or torch for CUDA tensors) on the input's
+device, and every call is enqueued on that library's current stream, so results come back as the
+caller's arrays, in stream order with the caller's own work. Other arrays exposing
+__cuda_array_interface__ or a CUDA DLPack device go through CuPy."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def locate_cuda_module() -> tuple[str, str | None] | None:
         return BUILT_IN, None
     if importlib.util.find_spec(PLUGIN_PACKAGE) is None:
         return None
-    return f"{PLUGIN_PACKAGE}._cuda", importlib.import_module(PLUGIN_PACKAGE).__version__
+    try:
+        plugin_version = importlib.import_module(PLUGIN_PACKAGE).__version__
+    except ImportError as err:
+        raise ImportError(f"{PLUGIN_DISTRIBUTION} is installed, but its package does not import ({err}): reinstall "
+                          f"it (pip install --force-reinstall '{PLUGIN_DISTRIBUTION}=={_version()}')") from err
+    return f"{PLUGIN_PACKAGE}._cuda", plugin_version
 
 
 def cublas_wheel_library() -> str | None:
@@ -76,15 +82,15 @@ def cuda_module():
         raise ImportError(f"fusedrnn {version} has no CUDA module: {HOW_TO_GET}")
     name, plugin_version = found
     if plugin_version is not None and plugin_version != version:
-        raise ImportError(f"{PLUGIN_DISTRIBUTION} {plugin_version} is installed, but fusedrnn is {version}: the "
-                          f"CUDA plugin must be fusedrnn's own version (pip install '{PLUGIN_DISTRIBUTION}=={version}', "
+        raise ImportError(f"{PLUGIN_DISTRIBUTION} {plugin_version} is installed, but fusedrnn is {version}: the CUDA "
+                          f"plugin must be fusedrnn's own version (pip install '{PLUGIN_DISTRIBUTION}=={version}', "
                           "or pip install --upgrade 'fusedrnn[cuda]' for both)")
-    cublas = cublas_wheel_library()
-    if cublas is not None:
-        ctypes.CDLL(cublas)
     try:
+        cublas = cublas_wheel_library()
+        if cublas is not None:
+            ctypes.CDLL(cublas)
         module = importlib.import_module(name)
-    except ImportError as err:
+    except (ImportError, OSError) as err:
         raise ImportError(f"fusedrnn's CUDA module {name} ({_source(plugin_version)}) does not load: {err}") from err
     _module = module
     return module
@@ -92,7 +98,10 @@ def cuda_module():
 
 def cuda_info() -> dict:
     """fusedrnn.cuda_info(): see there."""
-    found = locate_cuda_module()
+    try:
+        found = locate_cuda_module()
+    except ImportError as err:  # the plugin is there but broken
+        return {"installed": True, "source": PLUGIN_DISTRIBUTION, "loaded": False, "error": str(err)}
     info = {"installed": found is not None, "source": None if found is None else _source(found[1]), "loaded": False}
     try:
         module = cuda_module()
