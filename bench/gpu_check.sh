@@ -49,7 +49,13 @@ import importlib.util
 wanted = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "scipy_openblas32": "scipy-openblas32",
           "tqdm": "tqdm", "pytest": "pytest", "pytest_timeout": "pytest-timeout", "hypothesis": "hypothesis",
           "cmake": "cmake"}
-print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
+missing = [pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None]
+# The plugin's pyproject.toml needs scikit-build-core 0.12 or later.
+if "scikit-build-core" not in missing:
+    from importlib.metadata import version
+    if tuple(int(part) for part in version("scikit-build-core").split(".")[:2]) < (0, 12):
+        missing.append("scikit-build-core>=0.12")
+print(" ".join(missing))
 EOF
 )
 if ! command -v cmake >/dev/null && [[ "$missing" != *cmake* ]]; then missing="$missing cmake"; fi
@@ -65,7 +71,8 @@ fi
 
 log "the CPU package (FUSEDRNN_CUDA=OFF), then the plugin fusedrnn-cuda13 for sm_$arch"
 scratch="$(dirname "$venv")"
-export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+export CMAKE_BUILD_PARALLEL_LEVEL
 FUSEDRNN_CUDA=OFF python -m pip install -v --no-deps --no-build-isolation --no-index \
   --config-settings=build-dir="$scratch/build-cpu" . >"$out/build_cpu.log" 2>&1 ||
   { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
