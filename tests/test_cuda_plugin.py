@@ -232,6 +232,8 @@ def test_plugin_and_cpu_package_pin_each_other():
 
 
 def test_an_installed_plugin_matches_fusedrnn():
+    cuda_extra = [r.replace(" ", "") for r in importlib.metadata.requires("fusedrnn") or [] if 'extra == "cuda"' in r]
+    assert cuda_extra == ['fusedrnn-cuda13;extra=="cuda"']
     try:
         version = importlib.metadata.version("fusedrnn-cuda13")
     except importlib.metadata.PackageNotFoundError:

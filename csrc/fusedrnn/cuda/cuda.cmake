@@ -10,9 +10,10 @@
 #    It goes into the package fusedrnn, or with FUSEDRNN_CUDA_PLUGIN set into that package alone
 #    (ON implied; the plugin's name must carry nvcc's major version, e.g. fusedrnn_cuda13).
 #    cuBLAS comes from the toolkit (CUDA::cublas) or the nvidia-cublas wheel of the building Python
-#    (installed beforehand, and the build run with --no-build-isolation so it sees it). The CUDA runtime is linked statically and cuBLAS found at run time beside
-#    the package (the wheel's nvidia/cu13/lib) or on the loader's path, so `import fusedrnn` and _core
-#    never need CUDA. Architectures: CMAKE_CUDA_ARCHITECTURES (or CUDAARCHS), by default 80 and 90.
+#    (installed beforehand, and the build run with --no-build-isolation so it sees it; the plugin's
+#    build-system.requires names it). The CUDA runtime is linked statically and cuBLAS found at run time
+#    beside the package (the wheel's nvidia/cu13/lib; fusedrnn also loads it from that wheel wherever
+#    Python finds it) or on the loader's path, so `import fusedrnn` and _core never need CUDA. Architectures: CMAKE_CUDA_ARCHITECTURES (or CUDAARCHS), by default 80 and 90.
 #    FUSEDRNN_CUDA_PTXAS_VERBOSE=ON prints ptxas's register and spill report of every kernel (CI checks
 #    it for spills).
 
