@@ -59,7 +59,7 @@ grafted = [n for n in names if n.startswith("fusedrnn.libs/")]
 assert len(blas) == 1, f"expected the BLAS library once in fusedrnn/lib, found {blas}"
 assert "fusedrnn/lib/LICENSE-scipy-openblas32.txt" in names, "the BLAS license is missing"
 assert not grafted, f"auditwheel grafted libraries in: {grafted}"
-cuda = [n for n in names if n.startswith("fusedrnn/_cuda")]
+cuda = [n for n in names if n.startswith("fusedrnn/_cuda.")]
 assert not cuda, f"the CPU wheel holds a CUDA module: {cuda}"
 print(f"wheel holds {blas[0]}, no grafted library and no CUDA module")
 EOF
