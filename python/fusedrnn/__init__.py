@@ -75,23 +75,15 @@ def set_simd_level(level: str) -> None:
 
 
 def cuda_info() -> dict:
-    """The CUDA module fusedrnn._cuda: "built" (whether this build has it), "loaded" (whether it imports:
-    it needs cuBLAS 13 at run time, e.g. the nvidia-cublas wheel), and when loaded "architectures" (the
-    compute capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a
-    driver); "error" says why it did not load."""
-    import importlib.util
+    """The CUDA module: "installed" (whether there is one: built into this fusedrnn, or the fusedrnn-cuda13
+    plugin), "source" ("built in", "fusedrnn-cuda13 <version>" or None), "loaded" (whether it loads:
+    the plugin must be fusedrnn's version, and the module needs cuBLAS 13 at run time, e.g. the
+    nvidia-cublas wheel), and when loaded "module" (its import name), "architectures" (the compute
+    capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a driver);
+    "error" says why it did not load, or how to get it."""
+    from . import _cuda_layer
 
-    info = {"built": importlib.util.find_spec("fusedrnn._cuda") is not None, "loaded": False}
-    if not info["built"]:
-        return info
-    try:
-        from . import _cuda
-    except ImportError as err:
-        info["error"] = str(err)
-        return info
-    info.update(loaded=True, architectures=_cuda.architectures, nvcc=_cuda.compiler_version,
-                devices=_cuda.device_count())
-    return info
+    return _cuda_layer.cuda_info()
 
 
 def build_info() -> dict:
