@@ -90,7 +90,8 @@ def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
     supported/compiled, CUDA (see cuda_info), the jaxlib whose XLA FFI headers fusedrnn.jax's handlers
     were built against (None: not built), the BLAS (package and version, OpenBLAS's build string, and
-    the file it was loaded from), the thread team size, and the L2 size per core that
+    the file it was loaded from), the thread team size, the OpenMP runtime whose threads run its jobs
+(None: fusedrnn's own workers; see fusedrnn.torch.use_torch_threads), and the L2 size per core that
     decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
@@ -103,5 +104,6 @@ def build_info() -> dict:
         "blas_name": _core.blas_name(),
         "blas_library": _core.blas_library(),
         "num_threads": _core.get_num_threads(),
+        "openmp_runtime": _core.openmp_runtime() or None,
         "l2_cache_bytes": _core.l2_cache_bytes(),
     }

@@ -278,7 +278,8 @@ def _info(args) -> int:
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas_name']} ({info['blas']})")
     print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
-    print(f"  threads: {info['num_threads']}")
+    print(f"  threads: {info['num_threads']}, on "
+          f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
     print("Optional packages:")
     for name, use in OPTIONAL.items():
         found = importlib.util.find_spec(name) is not None
