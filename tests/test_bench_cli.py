@@ -69,8 +69,10 @@ def test_cpu_model_is_the_one_proc_cpuinfo_names():
     if not sys.platform.startswith("linux"):
         pytest.skip("/proc/cpuinfo is Linux's")
     with open("/proc/cpuinfo") as f:
-        names = {line.split(":", 1)[1].strip() for line in f if line.startswith("model name")}
-    assert benchmark.cpu_model() in names
+        fields = [line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()]
+    fields = {key.strip(): value.strip() for key, value in fields}
+    expected = f"{fields['model name']} ({fields['vendor_id']} family {fields['cpu family']} model {fields['model']})"
+    assert benchmark.cpu_model() == expected
 
 
 # ---- --sweep ---------------------------------------------------------------------------------------------
