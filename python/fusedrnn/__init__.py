@@ -78,7 +78,8 @@ def cuda_info() -> dict:
     """The CUDA module fusedrnn._cuda: "built" (whether this build has it), "loaded" (whether it imports:
     it needs cuBLAS 13 at run time, e.g. the nvidia-cublas wheel), and when loaded "architectures" (the
     compute capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a
-    driver); "error" says why it did not load."""
+    driver) and "jax_ffi" (the jaxlib its XLA FFI handlers for fusedrnn.jax were built against, None: not
+    built); "error" says why it did not load."""
     import importlib.util
 
     info = {"built": importlib.util.find_spec("fusedrnn._cuda") is not None, "loaded": False}
@@ -90,7 +91,7 @@ def cuda_info() -> dict:
         info["error"] = str(err)
         return info
     info.update(loaded=True, architectures=_cuda.architectures, nvcc=_cuda.compiler_version,
-                devices=_cuda.device_count())
+                devices=_cuda.device_count(), jax_ffi=getattr(_cuda, "jax_ffi_built_with_jaxlib", None))
     return info
 
 

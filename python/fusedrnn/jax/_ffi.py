@@ -36,9 +36,11 @@ def _version(text: str) -> tuple:
 
 
 def register() -> None:
-    """Registers the handlers with XLA (once per process). Raises ImportError, saying what to do, when
-    this build of fusedrnn has no handlers or when the running jaxlib is older than the one whose FFI
-    headers they were built against (XLA would refuse them at call time)."""
+    """Registers the handlers with XLA (once per process): the CPU's, and the CUDA platform's from the
+    CUDA module (fusedrnn._cuda) when it loads and has them. Without them, a call on a GPU fails with an
+    error saying why and what to install. Raises ImportError, saying what to do, when this build of
+    fusedrnn has no CPU handlers or when the running jaxlib is older than the one whose FFI headers they
+    were built against (XLA would refuse them at call time)."""
     global _registered
     with _register_lock:
         if _registered:
@@ -47,16 +49,53 @@ def register() -> None:
         if targets is None:
             raise ImportError("fusedrnn was built without its XLA FFI handlers (jaxlib was not installed at "
                               "build time): reinstall it with pip install 'fusedrnn[jax]'")
-        import jaxlib.version
-
-        built, running = _core.jax_ffi_built_with_jaxlib, jaxlib.version.__version__
-        if _version(running) < _version(built):
-            raise ImportError(f"fusedrnn's XLA FFI handlers were built against jaxlib {built}, newer than the "
-                              f"installed jaxlib {running}, which would refuse them: upgrade jaxlib to "
-                              f">= {built} or rebuild fusedrnn against this one")
+        problem = _too_new(_core.jax_ffi_built_with_jaxlib)
+        if problem:
+            raise ImportError(f"fusedrnn's XLA FFI handlers {problem}")
         for name, capsule in targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        cuda_targets, why_not = cuda_handlers()
+        if cuda_targets is None:
+            _core.set_jax_ffi_unavailable_reason(unavailable_message(why_not))
+            cuda_targets = dict.fromkeys(targets, _core.jax_ffi_unavailable)
+        for name, capsule in cuda_targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
+
+
+def unavailable_message(why_not: str) -> str:
+    """The error of a call on a GPU when the CUDA handlers cannot be used, `why_not` saying why."""
+    return (f"fusedrnn.jax: arrays on a GPU need the XLA FFI handlers of fusedrnn's CUDA module, and {why_not}. "
+            "Install fusedrnn's CUDA module (pip install fusedrnn-cuda13) with a jaxlib at least as new as the "
+            "one it was built against, or run on the CPU (see fusedrnn.build_info()['cuda'])")
+
+
+def _too_new(built: str) -> str | None:
+    """Why handlers built against jaxlib `built` cannot run on this one, or None when they can."""
+    import jaxlib.version
+
+    running = jaxlib.version.__version__
+    if _version(running) < _version(built):
+        return (f"were built against jaxlib {built}, newer than the installed jaxlib {running}, which would "
+                f"refuse them: upgrade jaxlib to >= {built} or rebuild fusedrnn against this one")
+    return None
+
+
+def cuda_handlers() -> tuple[dict | None, str | None]:
+    """(name -> handler, None) of the CUDA module's handlers, or (None, why they cannot be used)."""
+    from .._cuda_layer import cuda_module
+
+    try:
+        module = cuda_module()
+    except ImportError as err:
+        return None, f"it does not load ({err.__cause__ or err})"
+    targets = getattr(module, "jax_ffi_targets", None)
+    if targets is None:
+        return None, "it was built without them (no jaxlib at build time)"
+    problem = _too_new(module.jax_ffi_built_with_jaxlib)
+    if problem:
+        return None, f"they {problem}"
+    return dict(targets), None
 
 
 class LayerSpec(NamedTuple):
