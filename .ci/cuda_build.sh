@@ -6,7 +6,9 @@
 #   2. fail on any register spill (a kernel whose report shows spill stores or loads);
 #   3. check kernels were compiled for both architectures, and that the module imports and reports them;
 #   4. check that the CPU module _core links no CUDA library;
-#   5. run the emulated device tests and the CUDA tests (which skip without a GPU);
+#   5. run the emulated device tests and the CUDA tests (which skip without a GPU), fusedrnn.jax's
+#      included: its CUDA handlers compiled into _cuda (jaxlib's headers, its oldest supported version)
+#      and exported, their device body run over the emulated device;
 #   6. configure with FUSEDRNN_CUDA=ON where cuBLAS is missing (must fail) and AUTO (must say why not);
 #   7. build again with FUSEDRNN_CUDA=OFF and check no _cuda module was installed.
 # Needs nvcc (a CUDA 13 toolkit) on PATH; the GPU itself is not needed.
@@ -25,12 +27,12 @@ source "$work/venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q "nvidia-cublas>=13,<14" \
   "scikit-build-core>=0.10" "pybind11>=2.13" "scipy-openblas32>=0.3.28" numpy tqdm \
-  "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0"
+  "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0" "jax==0.7.1" "jaxlib==0.7.1"
 
 log "build with FUSEDRNN_CUDA=ON for sm_80 and sm_90, ptxas -v"
 build_log="$work/build.log"
 FUSEDRNN_CUDA=ON FUSEDRNN_CUDA_PTXAS_VERBOSE=ON python -m pip install -v --no-deps --no-build-isolation \
-  --config-settings=build-dir="$work/build" \
+  --config-settings=build-dir="$work/build" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
   --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="80;90" . >"$build_log" 2>&1 ||
   { tail -50 "$build_log"; echo "cuda_build: the build failed" >&2; exit 1; }
 grep "fusedrnn: CUDA module built" "$build_log"
@@ -60,6 +62,10 @@ import fusedrnn
 info = fusedrnn.build_info()['cuda']
 print(info)
 assert info['built'] and info['architectures'] == '80,90', info
+import fusedrnn._cuda as cuda, fusedrnn._core as core
+assert set(cuda.jax_ffi_targets) == set(core.jax_ffi_targets), cuda.jax_ffi_targets
+assert cuda.jax_ffi_built_with_jaxlib == '0.7.1', cuda.jax_ffi_built_with_jaxlib
+print('CUDA handlers of fusedrnn.jax:', sorted(cuda.jax_ffi_targets))
 ")
 if readelf -d "$core_module" | grep -E "NEEDED.*(cuda|cublas)"; then
   echo "cuda_build: _core links a CUDA library" >&2
@@ -67,7 +73,7 @@ if readelf -d "$core_module" | grep -E "NEEDED.*(cuda|cublas)"; then
 fi
 
 log "tests: the emulated device backend and the CUDA tests (skipped without a GPU)"
-python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py
+python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py tests/test_jax_cuda.py
 
 log "FUSEDRNN_CUDA=ON without cuBLAS fails the configuration, AUTO says why it skips"
 # A Python with the build's other needs but no nvidia-cublas wheel (the toolkit here has no cuBLAS).
