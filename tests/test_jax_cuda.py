@@ -136,6 +136,10 @@ def test_emulated_device_handlers_raise_run_time_errors_naming_the_argument(rng)
             jax.block_until_ready(f(x, jnp.array([5, 2, 6])))
         with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN or infinite"):
             jax.block_until_ready(f(x_nan, jnp.array([5, 2, 3])))
+        h0 = np.zeros((2, 3, 4), np.float32)
+        h0[1, 2, 3] = np.inf
+        with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: h0: contains NaN or infinite"):
+            jax.block_until_ready(fj.gru(params, x, h0)[0])
         grad = jax.jit(jax.grad(lambda x: jnp.sum(fj.gru(params, x)[0] * dy)))
         with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: dy: contains NaN or infinite"):
             jax.block_until_ready(grad(x))

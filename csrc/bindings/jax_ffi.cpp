@@ -216,6 +216,10 @@ class EmulatedDevice {
   void to_device(void* to, const void* from, std::size_t bytes) { std::memcpy(to, from, bytes); }
   void zero(void* data, std::size_t bytes) { std::memset(data, 0, bytes); }
   template <typename T>
+  void flag_non_finite(const T* data, Index count, int* flag) {
+    fusedrnn::gpu::emulated::flag_non_finite(data, count, flag);
+  }
+  template <typename T>
   std::size_t forward_workspace_bytes(const fusedrnn::LayerForwardParams<T>& p) {
     return fusedrnn::gpu::emulated::forward_workspace_bytes(p);
   }

@@ -18,6 +18,7 @@
 
 namespace py = pybind11;
 namespace cuda = fusedrnn::gpu::cuda;
+using fusedrnn::Index;
 using namespace fusedrnn::jax_ffi;
 
 namespace {
@@ -36,6 +37,10 @@ class CudaDevice {
   void to_host(void* to, const void* from, std::size_t bytes) { cuda::copy_to_host(to, from, bytes, stream_); }
   void to_device(void* to, const void* from, std::size_t bytes) { cuda::copy_to_device(to, from, bytes, stream_); }
   void zero(void* data, std::size_t bytes) { cuda::zero(data, bytes, stream_); }
+  template <typename T>
+  void flag_non_finite(const T* data, Index count, int* flag) {
+    cuda::flag_non_finite(data, count, flag, stream_);
+  }
   template <typename T>
   std::size_t forward_workspace_bytes(const fusedrnn::LayerForwardParams<T>& p) {
     return cuda::forward_workspace_bytes(p);

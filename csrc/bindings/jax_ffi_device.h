@@ -8,18 +8,20 @@
 //   void to_host(void* to, const void* from, std::size_t bytes)    returns once the bytes are there
 //   void to_device(void* to, const void* from, std::size_t bytes)  `from` may be reused on return
 //   void zero(void* data, std::size_t bytes)
+//   flag_non_finite(data, count, flag)            *flag (device memory) = 1 if data has NaN or infinity
 //   forward_workspace_bytes / backward_workspace_bytes (params), forward / backward (params, workspace)
 //
-// What the host must read (the lengths, and the arrays whose finiteness the call asks to check) is
-// copied to the host before any work is enqueued, so a bad argument fails the call with nothing run;
-// the copies wait for the stream. The lengths then go to the workspace as int64, which the backend
-// reads. One workspace serves every mapped element and direction in turn (they run in stream order):
-// [lengths: N*B int64][inference state slots: hs, cs][the layer call's own].
+// Run-time checks come before any layer work is enqueued, so a bad argument fails the call with nothing
+// run: the lengths are copied to the host and checked there, and each array whose finiteness the call
+// asks to check is scanned on the device into a flag, the flags read back together (each read waits
+// for the stream). The lengths then go to the workspace as int64, which the backend reads. One
+// workspace serves every mapped element and direction in turn (they run in stream order):
+// [lengths: N*B int64][flags][inference state slots: hs, cs][the layer call's own].
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
+#include <string>
 #include <vector>
 
 #include "fusedrnn/cuda/device.h"
@@ -28,13 +30,32 @@
 
 namespace fusedrnn::jax_ffi {
 
-// An error unless every value of `data` (device memory; null: not asked) is finite.
+// The arrays a call asks to check for NaN and infinity: (data, elements, name) each, data on the device.
+template <typename T>
+struct Checked {
+  const T* data;
+  Index count;
+  const char* name;
+};
+
+// Adds each mapped element's array to `out` when `wanted` (absent arrays are skipped).
+template <typename T>
+void add_checked(std::vector<Checked<T>>& out, bool wanted, const Batched<const T>& array, Index count,
+                 const char* name) {
+  if (!wanted || array.empty()) return;
+  for (Index n = 0; n < count; ++n) out.push_back({array.at(n), array.elements(), name});
+}
+
+// An error naming the first array with a NaN or infinity: one flag per array, set on the device (in
+// `flags`, device memory) and read back together.
 template <typename T, typename Device>
-ffi::Error check_finite_on_host(Device& dev, const T* data, Index count, const char* name) {
-  if (data == nullptr || count == 0) return ffi::Error::Success();
-  std::vector<T> host(static_cast<std::size_t>(count));
-  dev.to_host(host.data(), data, host.size() * sizeof(T));
-  if (!std::all_of(host.begin(), host.end(), [](T v) { return std::isfinite(v); })) return non_finite_error(name);
+ffi::Error check_finite_on_device(Device& dev, const std::vector<Checked<T>>& arrays, int* flags) {
+  if (arrays.empty()) return ffi::Error::Success();
+  for (std::size_t i = 0; i < arrays.size(); ++i) dev.flag_non_finite(arrays[i].data, arrays[i].count, flags + i);
+  std::vector<int> found(arrays.size());
+  dev.to_host(found.data(), flags, found.size() * sizeof(int));
+  for (std::size_t i = 0; i < arrays.size(); ++i)
+    if (found[i]) return non_finite_error(arrays[i].name);
   return ffi::Error::Success();
 }
 
@@ -60,49 +81,64 @@ const Index* stage_lengths(Device& dev, const std::vector<Index>& values, Index*
   return staged;
 }
 
+// The call's workspace, carved as the header says: sized by a first pass over the same carving.
+struct Workspace {
+  Index* lengths = nullptr;  // N*B
+  int* flags = nullptr;      // one per checked array
+  void* hs = nullptr;        // inference state slots
+  void* cs = nullptr;
+  unsigned char* layer = nullptr;  // the layer call's own
+
+  template <typename T, typename Device>
+  static ffi::Error allocate(Device& dev, const char* what, Index lengths, Index flags, Index states,
+                             Index cell_states, std::size_t layer_bytes, Workspace& out) {
+    auto carve = [&](gpu::Carver& carver) {
+      out.lengths = carver.template take<Index>(lengths);
+      out.flags = carver.template take<int>(flags);
+      out.hs = carver.template take<T>(states);
+      out.cs = carver.template take<T>(cell_states);
+      out.layer = carver.template take<unsigned char>(static_cast<Index>(layer_bytes));
+    };
+    gpu::Carver count(nullptr);
+    carve(count);
+    void* base = dev.workspace(count.bytes());
+    if (base == nullptr && count.bytes() > 0)
+      return ffi::Error::Internal(std::string("fusedrnn layer ") + what + ": could not allocate " +
+                                  std::to_string(count.bytes()) + " bytes of workspace");
+    gpu::Carver carver(base);
+    carve(carver);
+    return ffi::Error::Success();
+  }
+};
+
 template <typename T, typename Device>
 ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index N = c.batch.count;
-  std::vector<std::vector<Index>> lengths;
-  if (ffi::Error e = read_lengths_on_host(dev, c.lengths, N, c.steps, lengths); e.failure()) return e;
-  for (Index n = 0; n < N; ++n)
-    if (ffi::Error e = first_failure({check_finite_on_host(dev, check_sequence ? c.x.at(n) : nullptr,
-                                                           c.x.elements(), "x"),
-                                      check_finite_on_host(dev, check_states ? c.h0.at(n) : nullptr,
-                                                           c.h0.elements(), "h0"),
-                                      check_finite_on_host(dev, check_states ? c.c0.at(n) : nullptr,
-                                                           c.c0.elements(), "c0")});
-        e.failure())
-      return e;
-
+  std::vector<Checked<T>> checked;
+  add_checked(checked, check_sequence, c.x, N, "x");
+  add_checked(checked, check_states, c.h0, N, "h0");
+  add_checked(checked, check_states, c.c0, N, "c0");
   // Inference keeps its two state slots in the workspace; training writes the tape results.
-  const bool scratch_tape = !c.training;
+  const Index states = c.training ? 0 : c.layout.state_values;
   std::size_t layer_bytes = 0;
   for (Index d = 0; d < c.D; ++d)
     layer_bytes = std::max(layer_bytes, dev.forward_workspace_bytes(c.params(0, d, nullptr, LayerTape<T>{})));
-  auto carve = [&](gpu::Carver& carver, Index*& staged, LayerTape<T>& tape, unsigned char*& own) {
-    staged = carver.template take<Index>(c.lengths.empty() ? 0 : N * c.rows);
-    tape.hs = carver.template take<T>(scratch_tape ? c.layout.state_values : 0);
-    tape.cs = carver.template take<T>(scratch_tape && c.layout.has_cell_state ? c.layout.state_values : 0);
-    own = carver.template take<unsigned char>(static_cast<Index>(layer_bytes));
-  };
-  Index* staged = nullptr;
-  LayerTape<T> scratch;
-  unsigned char* own = nullptr;
-  gpu::Carver count(nullptr);
-  carve(count, staged, scratch, own);
-  void* workspace = dev.workspace(count.bytes());
-  if (workspace == nullptr && count.bytes() > 0)
-    return ffi::Error::Internal("fusedrnn layer forward: could not allocate " + std::to_string(count.bytes()) +
-                                " bytes of workspace");
-  gpu::Carver carver(workspace);
-  carve(carver, staged, scratch, own);
-  if (!c.layout.has_cell_state) scratch.cs = nullptr;
+  Workspace ws;
+  if (ffi::Error e = Workspace::allocate<T>(dev, "forward", c.lengths.empty() ? 0 : N * c.rows,
+                                            static_cast<Index>(checked.size()), states,
+                                            c.layout.has_cell_state ? states : 0, layer_bytes, ws);
+      e.failure())
+    return e;
+  std::vector<std::vector<Index>> lengths;
+  if (ffi::Error e = read_lengths_on_host(dev, c.lengths, N, c.steps, lengths); e.failure()) return e;
+  if (ffi::Error e = check_finite_on_device(dev, checked, ws.flags); e.failure()) return e;
 
+  const LayerTape<T> scratch{static_cast<T*>(ws.hs), c.layout.has_cell_state ? static_cast<T*>(ws.cs) : nullptr,
+                             nullptr, false};
   for (Index n = 0; n < N; ++n) {
-    const Index* length_values = stage_lengths(dev, lengths[n], staged + n * c.rows);
+    const Index* length_values = stage_lengths(dev, lengths[n], ws.lengths + n * c.rows);
     for (Index d = 0; d < c.D; ++d)
-      dev.forward(c.params(n, d, length_values, c.training ? c.tape_at(n, d) : scratch), own);
+      dev.forward(c.params(n, d, length_values, c.training ? c.tape_at(n, d) : scratch), ws.layer);
   }
   return ffi::Error::Success();
 }
@@ -110,40 +146,27 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
 template <typename T, typename Device>
 ffi::Error device_backward(Device& dev, const BackwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index N = c.batch.count;
+  std::vector<Checked<T>> checked;
+  add_checked(checked, check_sequence, c.dy, N, "dy");
+  add_checked(checked, check_states, c.dh_n, N, "dh_n");
+  add_checked(checked, check_states, c.dc_n, N, "dc_n");
+  std::size_t layer_bytes = 0;
+  for (Index d = 0; d < c.D; ++d)
+    layer_bytes = std::max(layer_bytes, dev.backward_workspace_bytes(c.params(0, d, nullptr)));
+  Workspace ws;
+  if (ffi::Error e = Workspace::allocate<T>(dev, "backward", c.lengths.empty() ? 0 : N * c.rows,
+                                            static_cast<Index>(checked.size()), 0, 0, layer_bytes, ws);
+      e.failure())
+    return e;
   std::vector<std::vector<Index>> lengths;
   if (ffi::Error e = read_lengths_on_host(dev, c.lengths, N, c.steps, lengths); e.failure()) return e;
-  for (Index n = 0; n < N; ++n)
-    if (ffi::Error e = first_failure({check_finite_on_host(dev, check_sequence ? c.dy.at(n) : nullptr,
-                                                           c.dy.elements(), "dy"),
-                                      check_finite_on_host(dev, check_states ? c.dh_n.at(n) : nullptr,
-                                                           c.dh_n.elements(), "dh_n"),
-                                      check_finite_on_host(dev, check_states ? c.dc_n.at(n) : nullptr,
-                                                           c.dc_n.elements(), "dc_n")});
-        e.failure())
-      return e;
-
-  std::size_t layer_bytes = 0;
-  for (Index d = 0; d < c.D; ++d) layer_bytes = std::max(layer_bytes, dev.backward_workspace_bytes(c.params(0, d, nullptr)));
-  auto carve = [&](gpu::Carver& carver, Index*& staged, unsigned char*& own) {
-    staged = carver.template take<Index>(c.lengths.empty() ? 0 : N * c.rows);
-    own = carver.template take<unsigned char>(static_cast<Index>(layer_bytes));
-  };
-  Index* staged = nullptr;
-  unsigned char* own = nullptr;
-  gpu::Carver count(nullptr);
-  carve(count, staged, own);
-  void* workspace = dev.workspace(count.bytes());
-  if (workspace == nullptr && count.bytes() > 0)
-    return ffi::Error::Internal("fusedrnn layer backward: could not allocate " + std::to_string(count.bytes()) +
-                                " bytes of workspace");
-  gpu::Carver carver(workspace);
-  carve(carver, staged, own);
+  if (ffi::Error e = check_finite_on_device(dev, checked, ws.flags); e.failure()) return e;
 
   for (Index n = 0; n < N; ++n) {
     // The backend accumulates into the weight gradients.
     for (const Batched<T>& g : c.grads) dev.zero(g.at(n), sizeof(T) * static_cast<std::size_t>(g.elements()));
-    const Index* length_values = stage_lengths(dev, lengths[n], staged + n * c.rows);
-    for (Index d = 0; d < c.D; ++d) dev.backward(c.params(n, d, length_values), own);
+    const Index* length_values = stage_lengths(dev, lengths[n], ws.lengths + n * c.rows);
+    for (Index d = 0; d < c.D; ++d) dev.backward(c.params(n, d, length_values), ws.layer);
   }
   return ffi::Error::Success();
 }

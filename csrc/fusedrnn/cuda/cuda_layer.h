@@ -26,6 +26,10 @@ void layer_forward(const LayerForwardParams<T>& params, void* workspace, void* s
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream);
 
+// Enqueues *flag = 1 when any of data[0..count) is NaN or infinite, else 0 (flag: device memory).
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag, void* stream);
+
 // What the bindings need around the calls.
 int device_count();                            // 0 without a driver or GPU
 int current_device();

@@ -117,12 +117,20 @@ void layer_backward(const LayerBackwardParams<T>& params) {
   layer_backward(params, workspace.data());
 }
 
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag) {
+  EmulatedDevice dev;
+  gpu::flag_non_finite(dev, data, count, flag);
+}
+
 std::int64_t cooperative_launches() { return cooperative_launch_count.load(); }
 
 template void layer_forward<float>(const LayerForwardParams<float>&, RecurrencePath);
 template void layer_forward<double>(const LayerForwardParams<double>&, RecurrencePath);
 template void layer_backward<float>(const LayerBackwardParams<float>&);
 template void layer_backward<double>(const LayerBackwardParams<double>&);
+template void flag_non_finite<float>(const float*, Index, int*);
+template void flag_non_finite<double>(const double*, Index, int*);
 template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);
 template std::size_t forward_workspace_bytes<double>(const LayerForwardParams<double>&);
 template std::size_t backward_workspace_bytes<float>(const LayerBackwardParams<float>&);

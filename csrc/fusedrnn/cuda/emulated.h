@@ -30,6 +30,10 @@ void layer_forward(const LayerForwardParams<T>& params, void* workspace, Recurre
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params, void* workspace);
 
+// *flag = 1 when any of data[0..count) is NaN or infinite, else 0, by the device's kernel.
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag);
+
 // Cooperative (grid-barrier) launches so far in this process: tests check a path was taken.
 std::int64_t cooperative_launches();
 

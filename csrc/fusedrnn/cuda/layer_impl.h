@@ -374,4 +374,14 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   for (const Operand<T>* o : {&p.dx, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh}) scatter(dev, *o);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Input checks.
+
+// *flag (device memory) = 1 when any of data[0..count) is NaN or infinite, else 0.
+template <typename T, typename Device>
+void flag_non_finite(Device& dev, const T* data, Index count, int* flag) {
+  dev.launch(Fill<int>{flag, 1, 0}, covering(1));
+  if (count > 0) dev.launch(FlagNonFinite<T>{data, count, flag}, covering(count));
+}
+
 }  // namespace fusedrnn::gpu
