@@ -1,7 +1,7 @@
 """The XLA FFI calls of fusedrnn.jax: one layer (all its directions) forward and backward as a
 jax.custom_vjp whose backward is the fused backward kernel, with the forward's tape as residuals.
 
-Buffers and their layout are described in csrc/bindings/jax_ffi.cpp. Optional arrays (h0, c0, lengths,
+Buffers and their layout are described in csrc/bindings/jax_ffi_layer.h. Optional arrays (h0, c0, lengths,
 and c_n/dc0/cs for a cell without a cell state) travel as empty (0,) arrays. Under jax.vmap the calls
 use vmap_method="expand_dims": an unmapped argument keeps a leading dimension of 1 and the handler
 shares it across the mapped elements, so weights are never copied per element.
