@@ -149,10 +149,11 @@ def test_emulated_device_handlers_raise_run_time_errors_naming_the_argument(rng)
 
 
 def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
-    """The handler registered for CUDA when the CUDA module (or its handlers) is missing, run here as a
-    CPU target: it takes any call and fails with the message fusedrnn.jax gave it."""
-    for name in _core.jax_ffi_targets:
-        jax.ffi.register_ffi_target(name + "_unavailable", _core.jax_ffi_unavailable, platform="cpu")
+    """The handlers registered for CUDA when the CUDA module's cannot be used, run here as CPU targets:
+    they take the calls (forward, and backward through grad) and fail with the message fusedrnn.jax
+    gave them."""
+    for name, capsule in _core.jax_ffi_unavailable_targets.items():
+        jax.ffi.register_ffi_target(name + "_unavailable", capsule, platform="cpu")
     params = _params(rng, "lstm", 3, 4)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
     _, why_not = _ffi.cuda_handlers()
@@ -165,6 +166,15 @@ def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
                                                          r"Install fusedrnn's CUDA module \(pip install "
                                                          r"fusedrnn-cuda13\)"):
                     jax.block_until_ready(fj.lstm(params, x)[0])
+            # The backward target on its own (through grad, the forward would fail first).
+            weights = tuple(jnp.asarray(params[k]) for k in fj.param_names(1))
+            empty = jnp.zeros((0,), jnp.float32)
+            state = jnp.zeros((1, 2, 4), jnp.float32)
+            with pytest.raises(RUNTIME_ERRORS, match="arrays on a GPU need the XLA FFI handlers"):
+                jax.block_until_ready(_ffi.layer_backward(_ffi.LayerSpec("lstm", 1, None), jnp.asarray(x),
+                                                          jnp.zeros((0,), jnp.int32), empty, empty, empty,
+                                                          jnp.zeros((5, 2, 4), jnp.float32), state, state,
+                                                          weights))
     finally:
         if why_not is not None:  # as register() left it
             _core.set_jax_ffi_unavailable_reason(_ffi.unavailable_message(why_not))

@@ -6,7 +6,7 @@
 // against jaxlib and `import fusedrnn` never needs it. The handlers live in _core, beside the NumPy
 // bindings, so that both run on the one thread team of the process. _core also holds the device
 // handlers (jax_ffi_device.h) over the emulated device, as CPU targets for the tests, and, for the
-// CUDA platform, a handler that only says the CUDA module is missing (registered when it is).
+// CUDA platform, handlers that only say why the CUDA module's cannot be used (registered then).
 //
 // Under jax.vmap the handlers run the layer once per mapped element, except inference with shared
 // weights, which folds the mapped elements into the batch (forward_folded). Training cannot fold: each
@@ -268,9 +268,11 @@ std::string& cuda_unavailable_reason() {
   return reason;
 }
 
-ffi::Error unavailable(ffi::RemainingArgs, ffi::RemainingRets) {
+// Takes a call of either target, bound as the real handlers are (a jaxlib may refuse a call whose
+// attributes a handler does not bind), and fails it.
+constexpr auto unavailable = [](auto&&...) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, cuda_unavailable_reason());
-}
+};
 
 }  // namespace
 
@@ -278,8 +280,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerForward, layer_forward, forward_bindi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerBackward, layer_backward, backward_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerForwardEmulated, emulated_forward, forward_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerBackwardEmulated, emulated_backward, backward_binding());
-// No attributes bound, so XLA passes the call's without checking them.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnUnavailable, unavailable, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerForwardUnavailable, unavailable, forward_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerBackwardUnavailable, unavailable, backward_binding());
 
 namespace fusedrnn::bindings {
 
@@ -292,9 +294,13 @@ void def_jax_ffi(py::module_& m) {
   emulated["fusedrnn_layer_forward"] = py::capsule(reinterpret_cast<void*>(&FusedrnnLayerForwardEmulated));
   emulated["fusedrnn_layer_backward"] = py::capsule(reinterpret_cast<void*>(&FusedrnnLayerBackwardEmulated));
   m.attr("jax_ffi_emulated_device_targets") = emulated;
-  m.attr("jax_ffi_unavailable") = py::capsule(reinterpret_cast<void*>(&FusedrnnUnavailable));
+  // For the CUDA platform when the CUDA module's handlers cannot be used: calls fail with the reason.
+  py::dict unavailable;
+  unavailable["fusedrnn_layer_forward"] = py::capsule(reinterpret_cast<void*>(&FusedrnnLayerForwardUnavailable));
+  unavailable["fusedrnn_layer_backward"] = py::capsule(reinterpret_cast<void*>(&FusedrnnLayerBackwardUnavailable));
+  m.attr("jax_ffi_unavailable_targets") = unavailable;
   m.def("set_jax_ffi_unavailable_reason", [](const std::string& reason) { cuda_unavailable_reason() = reason; },
-        py::arg("reason"), "The error message of the jax_ffi_unavailable handler.");
+        py::arg("reason"), "The error message of the jax_ffi_unavailable_targets handlers.");
   // The FFI API and jaxlib the handlers were compiled against: a running jaxlib older than this one
   // refuses them at call time, so fusedrnn.jax checks before registering.
   m.attr("jax_ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

@@ -178,7 +178,10 @@ class Lengths {
     return ffi::Error::InvalidArgument("lengths: expected int32 or int64");
   }
   bool empty() const { return narrow_.empty(); }
-  const void* at(Index n) const { return type_ == ffi::DataType::S32 ? (const void*)narrow_.at(n) : wide_.at(n); }
+  const void* at(Index n) const {
+    if (type_ == ffi::DataType::S32) return narrow_.at(n);
+    return wide_.at(n);
+  }
   std::size_t bytes() const {
     return static_cast<std::size_t>(narrow_.elements()) * (type_ == ffi::DataType::S32 ? 4 : 8);
   }

@@ -57,7 +57,7 @@ def register() -> None:
         cuda_targets, why_not = cuda_handlers()
         if cuda_targets is None:
             _core.set_jax_ffi_unavailable_reason(unavailable_message(why_not))
-            cuda_targets = dict.fromkeys(targets, _core.jax_ffi_unavailable)
+            cuda_targets = _core.jax_ffi_unavailable_targets
         for name, capsule in cuda_targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
