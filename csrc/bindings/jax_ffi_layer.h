@@ -279,7 +279,10 @@ struct ForwardCall {
   // Every shape, the weights (from `args`) and the tape checked; fills the sizes.
   ffi::Error check(const ffi::RemainingArgs& args) {
     if (x.rank() != 3 || y.rank() != 3) return shape_error("x", "expected (T, B, I)");
-    steps = x.dim(0), rows = x.dim(1), input = x.dim(2), hidden = y.dim(2) / D;
+    steps = x.dim(0);
+    rows = x.dim(1);
+    input = x.dim(2);
+    hidden = y.dim(2) / D;
     const CellFacts& facts = cell_facts(cell);
     if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(y, "y", {steps, rows, D * hidden}),
                                       expect_optional(h0, "h0", {D, rows, hidden}),
@@ -362,7 +365,10 @@ struct BackwardCall {
 
   ffi::Error check(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets) {
     if (x.rank() != 3 || dy.rank() != 3) return shape_error("x", "expected (T, B, I)");
-    steps = x.dim(0), rows = x.dim(1), input = x.dim(2), hidden = dy.dim(2) / D;
+    steps = x.dim(0);
+    rows = x.dim(1);
+    input = x.dim(2);
+    hidden = dy.dim(2) / D;
     const CellFacts& facts = cell_facts(cell);
     if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(dx, "dx", {steps, rows, input}),
                                       expect(dy, "dy", {steps, rows, D * hidden}),
