@@ -180,13 +180,25 @@ def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
             _core.set_jax_ffi_unavailable_reason(_ffi.unavailable_message(why_not))
 
 
-def test_cuda_handlers_report_why_they_are_missing():
+def test_cuda_handlers_are_used_only_when_the_module_loads_with_handlers_for_this_jaxlib(monkeypatch):
+    from fusedrnn import _cuda_layer
+
+    class Module:
+        jax_ffi_targets = {"fusedrnn_layer_forward": object(), "fusedrnn_layer_backward": object()}
+        jax_ffi_built_with_jaxlib = "0.7.1"
+
+    def fails():
+        raise ImportError("CUDA arrays need fusedrnn's CUDA module") from ImportError("libcublas.so.13: not found")
+
+    monkeypatch.setattr(_cuda_layer, "cuda_module", fails)
+    assert _ffi.cuda_handlers() == (None, "it does not load (libcublas.so.13: not found)")
+    monkeypatch.setattr(_cuda_layer, "cuda_module", lambda: Module)
+    assert _ffi.cuda_handlers() == (Module.jax_ffi_targets, None)
+    monkeypatch.setattr(Module, "jax_ffi_built_with_jaxlib", "99.0.0")
     targets, why_not = _ffi.cuda_handlers()
-    assert (targets is None) != (why_not is None)
-    if targets is not None:
-        assert set(targets) == set(_core.jax_ffi_targets)
-    else:
-        assert why_not.startswith(("it does not load", "it was built without them", "they were built"))
+    assert targets is None and why_not.startswith("they were built against jaxlib 99.0.0, newer than the installed")
+    monkeypatch.delattr(Module, "jax_ffi_targets")
+    assert _ffi.cuda_handlers() == (None, "it was built without them (no jaxlib at build time)")
 
 
 # ---- the CUDA handlers on a GPU ------------------------------------------------------------------
