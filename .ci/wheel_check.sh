@@ -32,7 +32,9 @@ tools="$work/tools/bin/python"
 # ---- 1. wheel -----------------------------------------------------------------------------------------
 log "wheel: build"
 part=$(date +%s)
-"$tools" -m build --wheel --outdir "$work/dist" -C "build-dir=$work/build-wheel" "$repo" \
+# CPU only (FUSEDRNN_CUDA=OFF, as cibuildwheel builds it): the CUDA module is the plugin's, not this wheel's.
+"$tools" -m build --wheel --outdir "$work/dist" -C "build-dir=$work/build-wheel" \
+  -C cmake.define.FUSEDRNN_CUDA=OFF "$repo" \
   >"$work/build-wheel.log" 2>&1 \
   || { tail -n 60 "$work/build-wheel.log"; fail "the wheel build failed"; }
 built=("$work"/dist/fusedrnn-*.whl)
@@ -57,7 +59,9 @@ grafted = [n for n in names if n.startswith("fusedrnn.libs/")]
 assert len(blas) == 1, f"expected the BLAS library once in fusedrnn/lib, found {blas}"
 assert "fusedrnn/lib/LICENSE-scipy-openblas32.txt" in names, "the BLAS license is missing"
 assert not grafted, f"auditwheel grafted libraries in: {grafted}"
-print(f"wheel holds {blas[0]} and no grafted library")
+cuda = [n for n in names if n.startswith("fusedrnn/_cuda.")]
+assert not cuda, f"the CPU wheel holds a CUDA module: {cuda}"
+print(f"wheel holds {blas[0]}, no grafted library and no CUDA module")
 EOF
 echo "wheel: $(basename "$wheel"), $(du -k "$wheel" | cut -f1) KiB"
 

@@ -1,7 +1,7 @@
 """fusedrnn.torch.LSTM/GRU/RNN vs torch.nn.LSTM/GRU/RNN on CPU: forward under torch.no_grad()
 (inference) and forward+backward (training step), float32, one layer, I = H, same weights.
 
-    python bench/bench_torch.py [--threads 2] [--rounds 5] [--repeats 5] [--json out.json]
+    python bench/bench_torch.py [--threads 2] [--rounds 5] [--repeats 5] [--json out.json] [--loop-only]
 
 Shapes: (T=100, B=32, I=H=256) and (T=200, B=1, I=H=128) for every cell, plus a subset of the
 DeepBench rows in deepbench_rnn_shapes.tsv that covers each of its sets and cells, both the
@@ -16,6 +16,12 @@ median over rounds of the per-round median time, the
 spread (min-max of the round medians, as % of the median), GFLOP/s and the ratio torch/fusedrnn
 (> 1: fusedrnn.torch is faster).
 
+Then a real training loop (`training_loop`): a recurrent layer (one or two layers, T=100, B=32, I=64,
+H=256), a Linear head, MSE, Adam and clip_grad_norm_, one optimizer step per call, torch's default
+threads and no environment variables; torch.nn against the same model after fusedrnn.torch.convert(),
+with fusedrnn's jobs on torch's OpenMP threads (the default), on fusedrnn's own workers, and on one
+thread of its own.
+
 Then the adapter's own cost at (T=100, B=32, I=H=256) LSTM: the module's time minus the time of the
 bare fusedrnn.functional calls on the same arrays, and the time a module call spends outside the
 native layer calls, each as a share of the module's time.
@@ -24,6 +30,7 @@ native layer calls, each as a share of the module's time.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import statistics
 import time
@@ -137,24 +144,98 @@ def adapter_overhead(rounds: int, repeats: int, steps=100, batch=32, hidden=256)
     return result
 
 
+LOOP_CASES = [(cell, layers) for cell in ("lstm", "gru") for layers in (1, 2)]
+LOOP_SHAPE = (100, 32, 64, 256)  # T, B, I, H
+
+
+class _Regressor(torch.nn.Module):
+    def __init__(self, rnn: torch.nn.Module, hidden: int):
+        super().__init__()
+        self.rnn, self.head = rnn, torch.nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def _optimizer_step(model, x, target):
+    """One training step of `model` on (x, target) per call: zero_grad, MSE, backward, clipping, Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return step
+
+
+def training_loop(rounds: int, repeats: int) -> list[dict]:
+    """Per optimizer step: torch.nn against fusedrnn.torch (convert()) with fusedrnn's jobs on torch's
+    OpenMP threads, on fusedrnn's own workers, and on one thread of its own; alternating step by step
+    in rounds. Ratios > 1: that variant is faster than torch.nn."""
+    torch_runtime = frt.torch_openmp_runtime()
+    threads = _core.get_num_threads()
+
+    def on(runtime, team):
+        def variant(step):
+            def run():
+                _core.use_openmp_runtime(runtime)
+                if _core.get_num_threads() != team:
+                    _core.set_num_threads(team)
+                step()
+            return run
+        return variant
+
+    variants = {"fused_torch_threads": on(torch_runtime or "", threads), "fused_own_workers": on("", threads),
+                "fused_one_thread": on("", 1)}
+    steps, batch, inputs, hidden = LOOP_SHAPE
+    rows = []
+    for cell, layers in LOOP_CASES:
+        torch.manual_seed(0)
+        reference = _Regressor(getattr(torch.nn, cell.upper())(inputs, hidden, layers), hidden)
+        x, target = torch.randn(steps, batch, inputs), torch.randn(steps, batch, 1)
+        fns = {"torch": _optimizer_step(reference, x, target)}
+        for name, variant in variants.items():
+            fns[name] = variant(_optimizer_step(frt.convert(copy.deepcopy(reference)), x, target))
+        medians = benchmark.alternate_rounds(fns, rounds, repeats)
+        row = {"cell": cell.upper(), "layers": layers, "T": steps, "B": batch, "I": inputs, "H": hidden}
+        for name in fns:
+            row.update(benchmark.timing_fields(name, medians[name]))
+        for name in variants:
+            row[f"{name}_vs_torch"] = row["torch_ms"] / row[f"{name}_ms"]
+        rows.append(row)
+        print(f"training loop {cell.upper()} x{layers} (T={steps} B={batch} I={inputs} H={hidden}): torch.nn "
+              f"{row['torch_ms']:.2f} ms (spread {row['torch_spread_pct']:.0f}%); " + "; ".join(
+                  f"{name} {row[name + '_ms']:.2f} ms ({row[name + '_spread_pct']:.0f}%) "
+                  f"{row[name + '_vs_torch']:.2f}x" for name in variants), flush=True)
+    _core.use_openmp_runtime(torch_runtime or "")
+    _core.set_num_threads(threads)
+    return rows
+
+
 def main() -> None:
     parser = benchmark.script_arguments(__doc__, default_repeats=5)
+    parser.add_argument("--loop-only", action="store_true", help="time only the training loop")
     args = parser.parse_args()
     benchmark.set_threads(PEERS, args.threads)
 
     table = benchmark.Table(PEERS, show_input_size=False)
-    print(table.header())
+    if not args.loop_only:
+        print(table.header())
     rows = []
-    for case in cases():
+    for case in [] if args.loop_only else cases():
         for row in benchmark.run_case(case, PEERS, rounds=args.rounds, repeats=args.repeats):
             rows.append(row)
             print(table.line(row), flush=True)
-    overhead = adapter_overhead(args.rounds, args.repeats)
+    loop = training_loop(args.rounds, args.repeats)
+    overhead = None if args.loop_only else adapter_overhead(args.rounds, args.repeats)
 
     if args.json:
         meta = benchmark.metadata(PEERS, args.threads, args.rounds, args.repeats)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "adapter_overhead": overhead}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "training_loop": loop, "adapter_overhead": overhead}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

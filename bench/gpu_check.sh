@@ -2,9 +2,11 @@
 # Everything about the CUDA backend that needs a GPU, in one call of under ten minutes, on a machine with
 # no network: Python 3.12, torch (CUDA 13), CuPy, nvcc 13, nvidia-cublas and compute-sanitizer
 # installed, one GPU. Steps (each logged with its time; the first failure stops the script):
-#   1. build fusedrnn with FUSEDRNN_CUDA=ON for this GPU's architecture (--no-build-isolation, so the
-#      build uses what is installed; build tools missing there come from bench/wheelhouse, made on a
-#      machine with network by bench/gpu_wheels.sh and carried along), ptxas's report kept;
+#   1. build and install fusedrnn as users get it: the CPU package with FUSEDRNN_CUDA=OFF (as its
+#      wheels), then the plugin fusedrnn-cuda13's wheel for this GPU's architecture (ptxas's report
+#      kept) and that wheel with its dependencies (the machine's nvidia-cublas), all with
+#      --no-build-isolation --no-index, so the builds use what is installed; build tools missing there
+#      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh and carried along;
 #   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
 #      the persistent kernel) and the emulated device tests; then fusedrnn.jax's CUDA handlers
 #      (tests/test_jax_cuda.py: against the CPU handlers and a lax.scan reference, grads, jit, vmap,
@@ -49,7 +51,13 @@ import importlib.util
 wanted = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "scipy_openblas32": "scipy-openblas32",
           "tqdm": "tqdm", "pytest": "pytest", "pytest_timeout": "pytest-timeout", "hypothesis": "hypothesis",
           "cmake": "cmake"}
-print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
+missing = [pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None]
+# The plugin's pyproject.toml needs scikit-build-core 0.12 or later.
+if "scikit-build-core" not in missing:
+    from importlib.metadata import version
+    if tuple(int(part) for part in version("scikit-build-core").split(".")[:2]) < (0, 12):
+        missing.append("scikit-build-core>=0.12")
+print(" ".join(missing))
 EOF
 )
 if ! command -v cmake >/dev/null && [[ "$missing" != *cmake* ]]; then missing="$missing cmake"; fi
@@ -63,20 +71,29 @@ if [[ -n "${missing// }" ]]; then
   python -m pip install -q --no-index --find-links bench/wheelhouse $missing
 fi
 
-log "build for sm_$arch with FUSEDRNN_CUDA=ON"
-FUSEDRNN_CUDA=ON FUSEDRNN_CUDA_PTXAS_VERBOSE=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-  python -m pip install -v --no-deps --no-build-isolation --no-index \
-  --config-settings=build-dir="$(dirname "$venv")/build" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
-  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" . >"$out/build.log" 2>&1 ||
-  { tail -40 "$out/build.log"; echo "gpu_check: the build failed" >&2; exit 1; }
+log "the CPU package (FUSEDRNN_CUDA=OFF), then the plugin fusedrnn-cuda13 for sm_$arch"
+scratch="$(dirname "$venv")"
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+export CMAKE_BUILD_PARALLEL_LEVEL
+FUSEDRNN_CUDA=OFF python -m pip install -v --no-deps --no-build-isolation --no-index \
+  --config-settings=build-dir="$scratch/build-cpu" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+  . >"$out/build_cpu.log" 2>&1 ||
+  { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
+FUSEDRNN_CUDA_PTXAS_VERBOSE=ON python -m pip wheel -v --no-deps --no-build-isolation --no-index \
+  --wheel-dir "$scratch/dist" --config-settings=build-dir="$scratch/build-plugin" \
+  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+  plugins/cuda13 >"$out/build.log" 2>&1 ||
+  { tail -40 "$out/build.log"; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
 grep "fusedrnn: CUDA module" "$out/build.log"
 grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda" "$out/build.log"
 if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
   echo "gpu_check: a kernel spills registers (above)" >&2
   exit 1
 fi
+python -m pip install --no-index "$scratch"/dist/fusedrnn_cuda13-*.whl
 cd "$out"  # from here on `import fusedrnn` is the installed package, never the source tree
-python -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info); assert info['devices'] > 0, info"
+python -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info)
+assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__ and info['devices'] > 0, info"
 
 log "GPU tests and emulated device tests"
 if ! python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs "$repo/tests/test_cuda.py" \

@@ -7,6 +7,6 @@ cd "$(dirname "$0")"
 python="${PYTHON:-python3}"
 "$python" -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --implementation cp -d wheelhouse \
-  "scikit-build-core>=0.10" "pybind11>=2.13" "scipy-openblas32>=0.3.28" "tqdm>=4.60" "pytest>=7" \
+  "scikit-build-core>=0.12" "pybind11>=2.13" "scipy-openblas32>=0.3.28" "tqdm>=4.60" "pytest>=7" \
   "pytest-timeout>=2.1" "hypothesis>=6.0" cmake
 du -sh wheelhouse

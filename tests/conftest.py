@@ -11,17 +11,6 @@ import fusedrnn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def pytest_configure(config):
-    # Tests that need an optional package (torch, matplotlib) skip where it is not installed. CI names
-    # the packages its environment does install (FUSEDRNN_TEST_REQUIRES=torch,matplotlib), so there a
-    # missing or broken one stops the run instead of skipping those tests unseen.
-    for name in filter(None, (n.strip() for n in os.environ.get("FUSEDRNN_TEST_REQUIRES", "").split(","))):
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise pytest.UsageError(f"FUSEDRNN_TEST_REQUIRES names {name!r}, which does not import: {err}")
-
-
 @pytest.fixture
 def rng(request):
     # A generator seeded from the test's id: every test is reproducible on its own, whatever runs first.
@@ -40,7 +29,23 @@ def simd_level(request):
 
 
 def pytest_configure(config):
+    # Tests that need an optional package (torch, matplotlib) skip where it is not installed. CI names
+    # the packages its environment does install (FUSEDRNN_TEST_REQUIRES=torch,matplotlib), so there a
+    # missing or broken one stops the run instead of skipping those tests unseen.
+    for name in filter(None, (n.strip() for n in os.environ.get("FUSEDRNN_TEST_REQUIRES", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise pytest.UsageError(f"FUSEDRNN_TEST_REQUIRES names {name!r}, which does not import: {err}")
     # torch.nn.LSTM(proj_size=P), the reference of the projection tests, warns on every call that its
     # oneDNN path takes no projection and it runs its own; warnings are errors otherwise.
     config.addinivalue_line("filterwarnings",
                             "ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def jobs_on_fusedrnns_own_workers():
+    """Collecting the torch tests imports fusedrnn.torch, which moves fusedrnn's jobs onto torch's
+    OpenMP threads; the suite runs on fusedrnn's own workers unless a module or test says otherwise
+    (test_torch_dropin.py runs on torch's threads, as the drop-in's users do)."""
+    fusedrnn._core.use_openmp_runtime("")

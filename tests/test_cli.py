@@ -220,7 +220,8 @@ def test_info_via_python_dash_m():
     info = fusedrnn.build_info()
     assert f"fusedrnn {info['version']}" in out and f"SIMD: {info['simd']}" in out
     cuda = info["cuda"]
-    cuda_line = ("CUDA: not built" if not cuda["built"] else
-                 "CUDA: built, does not load" if not cuda["loaded"] else f"CUDA: built for sm {cuda['architectures']}")
+    cuda_line = ("CUDA: none (fusedrnn " if not cuda["installed"] else
+                 f"CUDA: {cuda['source']}, does not load" if not cuda["loaded"] else
+                 f"CUDA: {cuda['source']}, built for sm {cuda['architectures']}")
     assert cuda_line in out and info["blas"] in out
     assert "Benchmark peers available: fusedrnn, numpy" in out

@@ -14,7 +14,7 @@ from fusedrnn import functional as F
 from helpers import CELLS, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
 
 CUDA = fusedrnn.build_info()["cuda"]
-needs_module = pytest.mark.skipif(not CUDA["loaded"], reason="fusedrnn._cuda is not built or does not load")
+needs_module = pytest.mark.skipif(not CUDA["loaded"], reason="no CUDA module that loads")
 
 
 def _gpu_library(name):
@@ -32,8 +32,8 @@ def _gpu_library(name):
 
 cp = _gpu_library("cupy")
 torch_cuda = _gpu_library("torch")
-needs_cupy = pytest.mark.skipif(cp is None, reason="needs a GPU, fusedrnn._cuda and CuPy")
-needs_torch_cuda = pytest.mark.skipif(torch_cuda is None, reason="needs a GPU, fusedrnn._cuda and torch with CUDA")
+needs_cupy = pytest.mark.skipif(cp is None, reason="needs a GPU, the CUDA module and CuPy")
+needs_torch_cuda = pytest.mark.skipif(torch_cuda is None, reason="needs a GPU, the CUDA module and torch with CUDA")
 
 
 class _OnDevice:
@@ -92,17 +92,19 @@ def test_modules_refuse_states_on_another_device(rng):
 def test_cuda_info_says_what_was_built():
     info = fusedrnn.cuda_info()
     assert info == fusedrnn.build_info()["cuda"]
-    assert isinstance(info["built"], bool) and isinstance(info["loaded"], bool)
+    assert isinstance(info["installed"], bool) and isinstance(info["loaded"], bool)
     if info["loaded"]:
         assert all(a.isdigit() for a in info["architectures"].split(","))
         assert info["devices"] >= 0 and info["nvcc"].count(".") == 2
-    elif info["built"]:
+        assert info["module"] in ("fusedrnn._cuda", "fusedrnn_cuda13._cuda")
+    else:
         assert info["error"]
 
 
 @needs_module
 def test_cuda_module_checks_arguments_by_name():
-    from fusedrnn import _cuda
+    from fusedrnn._cuda_layer import cuda_module
+    _cuda = cuda_module()
     T, B, I, H = 2, 1, 3, 2
     host = {name: np.zeros(shape, np.float32) for name, shape in
             dict(x=(T, B, I), w_ih=(4 * H, I), w_hh=(4 * H, H), y=(T, B, H), s=(B, H), hs=(T + 1, B, H),
@@ -346,7 +348,8 @@ def test_torch_dropin_on_cuda_matches_torch_nn(rng, cell):
 def test_cuda_graphs_replay_the_same_results(rng, cell):
     """With CUDA Graphs on, a per-step loop is recorded once per set of arrays and sizes and replayed
     for the same ones: the second call into the same buffers replays, with the same results."""
-    from fusedrnn import _cuda, _cuda_layer
+    from fusedrnn import _cuda_layer
+    _cuda = _cuda_layer.cuda_module()
     w, a = _case(rng, cell, (12, 6, 8, 16), np.float32)
     d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
     steps, batch, inp, hidden = 12, 6, 8, 16

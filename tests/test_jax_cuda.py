@@ -158,13 +158,12 @@ def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
     _, why_not = _ffi.cuda_handlers()
     try:
-        _core.set_jax_ffi_unavailable_reason(_ffi.unavailable_message("it does not load (no cuBLAS)"))
+        _core.set_jax_ffi_unavailable_reason(_ffi.unavailable_message("it cannot be used (no cuBLAS)"))
         with _targets("_unavailable"):
             for _ in range(2):  # the first call and a repeated one (JAX's fast dispatch path)
                 with pytest.raises(RUNTIME_ERRORS, match=r"arrays on a GPU need the XLA FFI handlers of fusedrnn's "
-                                                         r"CUDA module, and it does not load \(no cuBLAS\)\. "
-                                                         r"Install fusedrnn's CUDA module \(pip install "
-                                                         r"fusedrnn-cuda13\)"):
+                                                         r"CUDA module, and it cannot be used \(no cuBLAS\)\. "
+                                                         r"To get them: pip install 'fusedrnn\[cuda\]'"):
                     jax.block_until_ready(fj.lstm(params, x)[0])
             # The backward target on its own (through grad, the forward would fail first).
             weights = tuple(jnp.asarray(params[k]) for k in fj.param_names(1))
@@ -188,10 +187,11 @@ def test_cuda_handlers_are_used_only_when_the_module_loads_with_handlers_for_thi
         jax_ffi_built_with_jaxlib = "0.7.1"
 
     def fails():
-        raise ImportError("CUDA arrays need fusedrnn's CUDA module") from ImportError("libcublas.so.13: not found")
+        raise ImportError("fusedrnn's CUDA module does not load: libcublas.so.13: not found")
 
     monkeypatch.setattr(_cuda_layer, "cuda_module", fails)
-    assert _ffi.cuda_handlers() == (None, "it does not load (libcublas.so.13: not found)")
+    assert _ffi.cuda_handlers() == (None, "it cannot be used (fusedrnn's CUDA module does not load: "
+                                          "libcublas.so.13: not found)")
     monkeypatch.setattr(_cuda_layer, "cuda_module", lambda: Module)
     assert _ffi.cuda_handlers() == (Module.jax_ffi_targets, None)
     monkeypatch.setattr(Module, "jax_ffi_built_with_jaxlib", "99.0.0")

@@ -22,6 +22,16 @@ from fusedrnn import _core  # noqa: E402
 from fusedrnn.torch import _ops  # noqa: E402
 from helpers import CELL_CASES, CELLS, GATES, assert_close, has_cell_state, proj_of  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def jobs_on_torchs_threads():
+    """The drop-in's users run fusedrnn's jobs on torch's OpenMP threads (fusedrnn.torch's default)."""
+    frt.use_torch_threads(True)
+    yield
+    frt.use_torch_threads(False)
+
+
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
 NUMPY_DTYPE = {torch.float64: np.float64, torch.float32: np.float32}
 T, B, I, H = 5, 3, 4, 6

@@ -626,6 +626,18 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
+  m.def("use_openmp_runtime", [](const std::string& library) {
+    py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
+    try {
+      cpu::use_openmp_runtime(library);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }, py::arg("library"),
+        "Runs the thread team's jobs on the threads of the OpenMP runtime `library` (already loaded in "
+        "this process, as the loader names it); \"\" goes back to the team's own workers.");
+  m.def("openmp_runtime", &cpu::openmp_runtime,
+        "The OpenMP runtime the team's jobs run on, \"\" for the team's own workers.");
   m.def("set_team_worker_delay", &cpu::set_team_worker_delay, py::arg("microseconds"),
         "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype,

@@ -75,31 +75,24 @@ def set_simd_level(level: str) -> None:
 
 
 def cuda_info() -> dict:
-    """The CUDA module fusedrnn._cuda: "built" (whether this build has it), "loaded" (whether it imports:
-    it needs cuBLAS 13 at run time, e.g. the nvidia-cublas wheel), and when loaded "architectures" (the
-    compute capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a
-    driver) and "jax_ffi" (the jaxlib its XLA FFI handlers for fusedrnn.jax were built against, None: not
-    built); "error" says why it did not load."""
-    import importlib.util
+    """The CUDA module: "installed" (whether there is one: built into this fusedrnn, or the fusedrnn-cuda13
+    plugin), "source" ("built in", "fusedrnn-cuda13 <version>" or None), "loaded" (whether it loads:
+    the plugin must be fusedrnn's version, and the module needs cuBLAS 13 at run time, e.g. the
+    nvidia-cublas wheel), and when loaded "module" (its import name), "architectures" (the compute
+    capabilities compiled, comma-separated), "nvcc", "devices" (visible GPUs, 0 without a driver) and
+    "jax_ffi" (the jaxlib its XLA FFI handlers for fusedrnn.jax on GPUs were built against, None: built
+    without them); "error" says why it did not load, or how to get it."""
+    from . import _cuda_layer
 
-    info = {"built": importlib.util.find_spec("fusedrnn._cuda") is not None, "loaded": False}
-    if not info["built"]:
-        return info
-    try:
-        from . import _cuda
-    except ImportError as err:
-        info["error"] = str(err)
-        return info
-    info.update(loaded=True, architectures=_cuda.architectures, nvcc=_cuda.compiler_version,
-                devices=_cuda.device_count(), jax_ffi=getattr(_cuda, "jax_ffi_built_with_jaxlib", None))
-    return info
+    return _cuda_layer.cuda_info()
 
 
 def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
     supported/compiled, CUDA (see cuda_info), the jaxlib whose XLA FFI headers fusedrnn.jax's handlers
     were built against (None: not built), the BLAS (package and version, OpenBLAS's build string, and
-    the file it was loaded from), the thread team size, and the L2 size per core that
+    the file it was loaded from), the thread team size, the OpenMP runtime whose threads run its jobs
+(None: fusedrnn's own workers; see fusedrnn.torch.use_torch_threads), and the L2 size per core that
     decides whether a layer's threads share its batch rows or its hidden units."""
     return {
         "version": __version__,
@@ -112,5 +105,6 @@ def build_info() -> dict:
         "blas_name": _core.blas_name(),
         "blas_library": _core.blas_library(),
         "num_threads": _core.get_num_threads(),
+        "openmp_runtime": _core.openmp_runtime() or None,
         "l2_cache_bytes": _core.l2_cache_bytes(),
     }

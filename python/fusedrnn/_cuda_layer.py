@@ -1,11 +1,16 @@
 """One layer direction on CUDA device arrays: functional._forward and _backward's counterparts over the
-CUDA module (fusedrnn._cuda). Outputs and the tape are allocated with the caller's own array library
-(CuPy, or torch for CUDA tensors) on the input's device, and every call is enqueued on that library's
-current stream, so results come back as the caller's arrays, in stream order with the caller's own
-work. Other arrays exposing __cuda_array_interface__ or a CUDA DLPack device go through CuPy."""
+CUDA module, which cuda_module() finds (built in, or the fusedrnn-cuda13 plugin's). Outputs and the tape
+are allocated with the caller's own array library (CuPy, or torch for CUDA tensors) on the input's
+device, and every call is enqueued on that library's current stream, so results come back as the
+caller's arrays, in stream order with the caller's own work. Other arrays exposing
+__cuda_array_interface__ or a CUDA DLPack device go through CuPy."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib
+import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -13,15 +18,100 @@ import numpy as np
 from . import _core
 from ._optional import require
 
+# The CUDA module comes from one of two places: built into this package (a source build with
+# FUSEDRNN_CUDA=ON or AUTO) or the plugin distribution (plugins/cuda13), the way wheels get it.
+BUILT_IN = "fusedrnn._cuda"
+PLUGIN_PACKAGE = "fusedrnn_cuda13"
+PLUGIN_DISTRIBUTION = "fusedrnn-cuda13"
+HOW_TO_GET = (f"pip install 'fusedrnn[cuda]' (the {PLUGIN_DISTRIBUTION} plugin: NVIDIA GPUs, a CUDA 13 driver), "
+              "or build fusedrnn from source with FUSEDRNN_CUDA=ON")
+
+_module = None  # the CUDA module, once loaded
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def locate_cuda_module() -> tuple[str, str | None] | None:
+    """Where the CUDA module is, without loading it: (its import name, the plugin's version or None when
+    it is built in), or None when there is none. The built-in module wins. The plugin's version comes
+    from its pure-Python package, so a plugin of another version is refused before it is loaded."""
+    if importlib.util.find_spec(BUILT_IN) is not None:
+        return BUILT_IN, None
+    if importlib.util.find_spec(PLUGIN_PACKAGE) is None:
+        return None
+    try:
+        plugin_version = importlib.import_module(PLUGIN_PACKAGE).__version__
+    except ImportError as err:
+        raise ImportError(f"{PLUGIN_DISTRIBUTION} is installed, but its package does not import ({err}): reinstall "
+                          f"it (pip install --force-reinstall '{PLUGIN_DISTRIBUTION}=={_version()}')") from err
+    return f"{PLUGIN_PACKAGE}._cuda", plugin_version
+
+
+def cublas_wheel_library() -> str | None:
+    """libcublas.so.13 of the nvidia-cublas wheel, wherever it is installed. The module's RPATH finds the
+    wheel only in the module's own site-packages; loading the library first by path (the loader then
+    matches its soname) also covers a wheel elsewhere on sys.path (a virtual environment that sees the
+    system's packages, a user site). None: not installed (the loader's search path may still find one)."""
+    try:
+        spec = importlib.util.find_spec("nvidia.cu13")
+    except ImportError:  # no nvidia namespace at all
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(location, "lib", "libcublas.so.13")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _source(plugin_version: str | None) -> str:
+    return "built in" if plugin_version is None else f"{PLUGIN_DISTRIBUTION} {plugin_version}"
+
 
 def cuda_module():
-    """fusedrnn._cuda, or an ImportError saying why it is not there."""
+    """The CUDA module (built in, else the plugin's), or an ImportError saying why there is none that
+    loads and what to install. The one way fusedrnn reaches the CUDA module."""
+    global _module
+    if _module is not None:
+        return _module
+    version = _version()
+    found = locate_cuda_module()
+    if found is None:
+        raise ImportError(f"fusedrnn {version} has no CUDA module: {HOW_TO_GET}")
+    name, plugin_version = found
+    if plugin_version is not None and plugin_version != version:
+        raise ImportError(f"{PLUGIN_DISTRIBUTION} {plugin_version} is installed, but fusedrnn is {version}: the CUDA "
+                          f"plugin must be fusedrnn's own version (pip install '{PLUGIN_DISTRIBUTION}=={version}', "
+                          "or pip install --upgrade 'fusedrnn[cuda]' for both)")
     try:
-        from . import _cuda
+        cublas = cublas_wheel_library()
+        if cublas is not None:
+            ctypes.CDLL(cublas)
+        module = importlib.import_module(name)
+    except (ImportError, OSError) as err:
+        raise ImportError(f"fusedrnn's CUDA module {name} ({_source(plugin_version)}) does not load: {err}") from err
+    _module = module
+    return module
+
+
+def cuda_info() -> dict:
+    """fusedrnn.cuda_info(): see there."""
+    try:
+        found = locate_cuda_module()
+    except ImportError as err:  # the plugin is there but broken
+        return {"installed": True, "source": PLUGIN_DISTRIBUTION, "loaded": False, "error": str(err)}
+    info = {"installed": found is not None, "source": None if found is None else _source(found[1]), "loaded": False}
+    try:
+        module = cuda_module()
     except ImportError as err:
-        raise ImportError("CUDA arrays need fusedrnn's CUDA module, and this build has none that loads "
-                          f"({err}); see fusedrnn.build_info()['cuda']") from err
-    return _cuda
+        info["error"] = str(err)
+        return info
+    info.update(loaded=True, module=module.__name__, architectures=module.architectures,
+                nvcc=module.compiler_version, devices=module.device_count(),
+                jax_ffi=getattr(module, "jax_ffi_built_with_jaxlib", None))
+    return info
 
 
 class _CuPy:

@@ -380,10 +380,12 @@ def _synchronized(fn):
 def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto", graphs: bool = False) -> Runners:
     """fusedrnn's CUDA backend through the layer-stack driver on torch CUDA tensors (no autograd), its
     recurrence chosen as `recurrence` (_cuda_layer.set_recurrence) and per-step loops replayed as CUDA
-    Graphs or not (_cuda.set_graphs) during each call."""
+    Graphs or not (the CUDA module's set_graphs) during each call."""
     import torch
 
-    from . import _cuda, _cuda_layer, _stack
+    from . import _cuda_layer, _stack
+
+    cuda = _cuda_layer.cuda_module()
 
     c = problem.case
     on_gpu = {k: torch.from_numpy(v).cuda() for k, v in problem.state_dict.items()}
@@ -400,13 +402,13 @@ def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto", graphs: b
 
     def choosing(fn):
         def run():
-            previous, previous_graphs = _cuda_layer.set_recurrence(recurrence), _cuda.graphs()
-            _cuda.set_graphs(graphs)
+            previous, previous_graphs = _cuda_layer.set_recurrence(recurrence), cuda.graphs()
+            cuda.set_graphs(graphs)
             try:
                 fn()
             finally:
                 _cuda_layer.set_recurrence(previous)
-                _cuda.set_graphs(previous_graphs)
+                cuda.set_graphs(previous_graphs)
         return _synchronized(run)
 
     return Runners(choosing(infer), choosing(train))

@@ -266,12 +266,13 @@ def _info(args) -> int:
     print(f"  SIMD: {info['simd']} (this CPU supports: {', '.join(info['simd_supported'])}; "
           f"compiled: {', '.join(info.get('simd_compiled', info['simd_supported']))})")
     cuda = info["cuda"]
-    if not cuda["built"]:
-        print("  CUDA: not built (FUSEDRNN_CUDA=ON at build time builds it, or says why it cannot)")
+    if not cuda["installed"]:
+        print(f"  CUDA: none ({cuda['error']})")
     elif not cuda["loaded"]:
-        print(f"  CUDA: built, does not load: {cuda['error']}")
+        print(f"  CUDA: {cuda['source']}, does not load: {cuda['error']}")
     else:
-        print(f"  CUDA: built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), {cuda['devices']} device(s)")
+        print(f"  CUDA: {cuda['source']}, built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), "
+              f"{cuda['devices']} device(s)")
         print(f"    XLA FFI handlers (fusedrnn.jax on GPUs): "
               f"{'built against jaxlib ' + cuda['jax_ffi'] if cuda['jax_ffi'] else 'not compiled in'}")
     jax_ffi = info["jax_ffi"]
@@ -279,7 +280,8 @@ def _info(args) -> int:
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas_name']} ({info['blas']})")
     print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
-    print(f"  threads: {info['num_threads']}")
+    print(f"  threads: {info['num_threads']}, on "
+          f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
     print("Optional packages:")
     for name, use in OPTIONAL.items():
         found = importlib.util.find_spec(name) is not None

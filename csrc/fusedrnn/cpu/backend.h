@@ -9,6 +9,8 @@
 // tests and benchmarks may force or inspect.
 #pragma once
 
+#include <string>
+
 #include <cstddef>
 #include <cstdint>
 
@@ -27,6 +29,10 @@ void layer_backward(const LayerBackwardParams<T>& params);
 // already running finishes on the size it started with.
 int team_size();
 void set_team_size(int threads);
+// The threads the team's jobs run on: an OpenMP runtime already loaded in the process (ThreadTeam::
+// use_openmp_runtime; "" for the team's own workers).
+void use_openmp_runtime(const std::string& library);
+std::string openmp_runtime();
 // Tests only: the team's workers pause this long after each job is posted (ThreadTeam).
 void set_team_worker_delay(int microseconds);
 

@@ -634,6 +634,8 @@ void layer_backward(const LayerBackwardParams<T>& a) {
 
 int team_size() { return team().size(); }
 void set_team_size(int threads) { team().set_size(threads); }
+void use_openmp_runtime(const std::string& library) { team().use_openmp_runtime(library); }
+std::string openmp_runtime() { return team().openmp_runtime(); }
 void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
 
 template void layer_forward<float>(const LayerForwardParams<float>&);

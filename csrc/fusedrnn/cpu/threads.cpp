@@ -7,6 +7,7 @@
 #include <string>
 
 #if defined(__linux__)
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #endif
@@ -78,6 +79,7 @@ void ThreadTeam::after_fork_in_child() {
   new std::vector<std::thread>(std::move(team.workers_));  // deliberately never freed
   team.workers_.clear();
   team.workers_lost_ = true;
+  team.openmp_ = OpenMPRuntime{};  // an OpenMP runtime's threads do not survive a fork either
   new (&team.wake_) std::condition_variable();
   team.sleep_mutex_.unlock();
   team.lease_mutex_.unlock();
@@ -98,6 +100,57 @@ void ThreadTeam::set_size(int threads) {
   stop_workers();
   start_workers(threads);
   size_.store(threads, std::memory_order_relaxed);
+}
+
+void ThreadTeam::use_openmp_runtime(const std::string& library) {
+  OpenMPRuntime runtime;
+  if (!library.empty()) {
+#if defined(__linux__)
+    // RTLD_NOLOAD: only a runtime already in the process; loading a second one would start its own pool.
+    void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_NOLOAD);
+    if (!handle) throw std::invalid_argument("library: '" + library + "' is not loaded in this process");
+    runtime.library = library;
+    runtime.parallel = reinterpret_cast<decltype(runtime.parallel)>(dlsym(handle, "GOMP_parallel"));
+    runtime.thread_num = reinterpret_cast<decltype(runtime.thread_num)>(dlsym(handle, "omp_get_thread_num"));
+    runtime.num_threads = reinterpret_cast<decltype(runtime.num_threads)>(dlsym(handle, "omp_get_num_threads"));
+    dlclose(handle);  // the process keeps it loaded: it was loaded before, by someone else
+    if (!runtime.parallel || !runtime.thread_num || !runtime.num_threads)
+      throw std::invalid_argument("library: '" + library + "' has no GNU OpenMP entry points (GOMP_parallel)");
+#else
+    throw std::invalid_argument("library: OpenMP runtimes are shared on Linux only");
+#endif
+  }
+  std::lock_guard<std::mutex> hold(lease_mutex_);
+  openmp_ = runtime;
+}
+
+std::string ThreadTeam::openmp_runtime() {
+  std::lock_guard<std::mutex> hold(lease_mutex_);
+  return openmp_.library;
+}
+
+// One job on the OpenMP runtime's threads; false (nothing run) when the runtime gives the region fewer
+// threads than the job's plan needs (inside another parallel region, say), which every thread of the
+// region sees alike, so none of them enters the job.
+bool ThreadTeam::run_on_openmp(int threads, const Job& job) {
+  struct Region {
+    const Job* job;
+    int threads;
+    const OpenMPRuntime* runtime;
+    std::atomic<bool> short_of_threads{false};
+  } region{&job, threads, &openmp_};
+  openmp_.parallel(
+      [](void* data) {
+        Region& r = *static_cast<Region*>(data);
+        if (r.runtime->num_threads() != r.threads) {
+          r.short_of_threads.store(true, std::memory_order_relaxed);
+          return;
+        }
+        FlushDenormals ftz;
+        (*r.job)(r.runtime->thread_num());
+      },
+      &region, static_cast<unsigned>(threads), 0);
+  return !region.short_of_threads.load(std::memory_order_relaxed);
 }
 
 void ThreadTeam::start_workers(int threads) {
@@ -141,6 +194,7 @@ void ThreadTeam::run(int threads, const Job& job) {
     job(0);
     return;
   }
+  if (openmp_.parallel && run_on_openmp(threads, job)) return;
   keep_workers_off_caller_cpu();
   job_ = &job;
   pending_.store(threads - 1, std::memory_order_relaxed);

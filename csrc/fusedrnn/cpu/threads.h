@@ -18,6 +18,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -91,6 +92,16 @@ class ThreadTeam {
   // Exclusive use of the team for one call; waits while another caller holds it.
   Lease lease();
 
+  // Runs jobs on the threads of an OpenMP runtime already loaded in this process (`library`, as the
+  // loader names it; torch's libgomp, say) instead of this team's workers: when another library's
+  // OpenMP threads spin between that library's own calls, a job on them starts at once and shares no
+  // core with a spinner. The split still follows size(), so results are the same bit for bit. An
+  // empty `library` goes back to the team's own workers. Throws std::invalid_argument when the library
+  // is not loaded or lacks the GNU OpenMP entry points.
+  void use_openmp_runtime(const std::string& library);
+  // The library jobs run on ("" for the team's own workers).
+  std::string openmp_runtime();
+
   // Tests only: every worker sleeps this long after taking a post, before acting on it, which widens
   // the window in which a caller could post its next job (0: no delay).
   static void set_worker_delay_after_post(int microseconds);
@@ -98,6 +109,7 @@ class ThreadTeam {
  private:
   ThreadTeam();
   void run(int threads, const Job& job);
+  bool run_on_openmp(int threads, const Job& job);
   void start_workers(int threads);
   void stop_workers();
   void post(int threads);
@@ -129,6 +141,14 @@ class ThreadTeam {
   const Job* job_ = nullptr;
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
+  // GNU OpenMP entry points (libgomp's, and Intel's and LLVM's compatible ones) of the runtime jobs
+  // run on, all null while the team's own workers run them; changed under lease_mutex_.
+  struct OpenMPRuntime {
+    std::string library;
+    void (*parallel)(void (*body)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
+    int (*thread_num)() = nullptr;
+    int (*num_threads)() = nullptr;
+  } openmp_;
   int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out
 #if defined(__linux__)
   cpu_set_t caller_mask_{};     // the caller's affinity mask when the workers' masks were last set

@@ -1,23 +1,29 @@
-# The CUDA backend (csrc/fusedrnn/cuda), included from the top-level CMakeLists.txt after _core.
+# The CUDA backend (csrc/fusedrnn/cuda), included from the top-level CMakeLists.txt after _core, or
+# alone for the plugin (FUSEDRNN_CUDA_PLUGIN).
 #
 # 1. Its device code run on the host (emulated.cpp) is always built into _core: the tests check it
 #    against the CPU backend on machines without a GPU. It needs no CUDA.
-# 2. The module fusedrnn._cuda (cuBLAS and real kernels), by FUSEDRNN_CUDA:
+# 2. The module _cuda (cuBLAS and real kernels), by FUSEDRNN_CUDA:
 #      AUTO  build it when nvcc and cuBLAS are found, else say why not and build the rest;
 #      ON    build it or fail the configuration;
 #      OFF   do not build it.
+#    It goes into the package fusedrnn, or with FUSEDRNN_CUDA_PLUGIN set into that package alone
+#    (ON implied; the plugin's name must carry nvcc's major version, e.g. fusedrnn_cuda13).
 #    cuBLAS comes from the toolkit (CUDA::cublas) or the nvidia-cublas wheel of the building Python
-#    (installed beforehand, and the build run with --no-build-isolation so it sees it). The CUDA runtime is linked statically and cuBLAS found at run time beside
-#    the package (the wheel's nvidia/cu13/lib) or on the loader's path, so `import fusedrnn` and _core
-#    never need CUDA. Architectures: CMAKE_CUDA_ARCHITECTURES (or CUDAARCHS), by default 80 and 90.
+#    (installed beforehand, and the build run with --no-build-isolation so it sees it; the plugin's
+#    build-system.requires names it). The CUDA runtime is linked statically and cuBLAS found at run time
+#    beside the package (the wheel's nvidia/cu13/lib; fusedrnn also loads it from that wheel wherever
+#    Python finds it) or on the loader's path, so `import fusedrnn` and _core never need CUDA. Architectures: CMAKE_CUDA_ARCHITECTURES (or CUDAARCHS), by default 80 and 90.
 #    FUSEDRNN_CUDA_PTXAS_VERBOSE=ON prints ptxas's register and spill report of every kernel (CI checks
 #    it for spills).
 
-add_library(fusedrnn_emulated_device STATIC ${CMAKE_CURRENT_LIST_DIR}/emulated.cpp)
-target_link_libraries(fusedrnn_emulated_device PUBLIC fusedrnn_core)
-set_target_properties(fusedrnn_emulated_device PROPERTIES POSITION_INDEPENDENT_CODE ON)
-target_compile_options(fusedrnn_emulated_device PRIVATE ${FUSEDRNN_WARNINGS})
-target_link_libraries(_core PRIVATE fusedrnn_emulated_device)
+if(NOT FUSEDRNN_CUDA_PLUGIN)
+  add_library(fusedrnn_emulated_device STATIC ${CMAKE_CURRENT_LIST_DIR}/emulated.cpp)
+  target_link_libraries(fusedrnn_emulated_device PUBLIC fusedrnn_core)
+  set_target_properties(fusedrnn_emulated_device PROPERTIES POSITION_INDEPENDENT_CODE ON)
+  target_compile_options(fusedrnn_emulated_device PRIVATE ${FUSEDRNN_WARNINGS})
+  target_link_libraries(_core PRIVATE fusedrnn_emulated_device)
+endif()
 
 set(FUSEDRNN_CUDA "AUTO" CACHE STRING "Build the CUDA module fusedrnn._cuda: AUTO, ON or OFF")
 set_property(CACHE FUSEDRNN_CUDA PROPERTY STRINGS AUTO ON OFF)
@@ -25,6 +31,11 @@ option(FUSEDRNN_CUDA_PTXAS_VERBOSE "Print ptxas's resource report of every CUDA 
 string(TOUPPER "${FUSEDRNN_CUDA}" _fusedrnn_cuda_mode)
 if(NOT _fusedrnn_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "FUSEDRNN_CUDA: expected AUTO, ON or OFF, got '${FUSEDRNN_CUDA}'")
+endif()
+set(_fusedrnn_cuda_package fusedrnn)
+if(FUSEDRNN_CUDA_PLUGIN)
+  set(_fusedrnn_cuda_mode ON)  # a plugin without its module would be an empty package
+  set(_fusedrnn_cuda_package "${FUSEDRNN_CUDA_PLUGIN}")
 endif()
 
 # Sets FUSEDRNN_CUDA_MISSING to why the module cannot be built (empty when it can), and on success
@@ -83,6 +94,9 @@ else()
   else()
     enable_language(CUDA)
     find_package(CUDAToolkit REQUIRED)
+    if(FUSEDRNN_CUDA_PLUGIN AND NOT FUSEDRNN_CUDA_PLUGIN MATCHES "cuda${CUDAToolkit_VERSION_MAJOR}$")
+      message(FATAL_ERROR "fusedrnn: the plugin ${FUSEDRNN_CUDA_PLUGIN} cannot be built with CUDA ${CUDAToolkit_VERSION}")
+    endif()
     set(CMAKE_CUDA_STANDARD 17)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
     set(CMAKE_CUDA_RUNTIME_LIBRARY Static)
@@ -105,13 +119,13 @@ else()
       FUSEDRNN_CUDA_ARCHITECTURES="${_architectures}"
       FUSEDRNN_CUDA_COMPILER_VERSION="${CMAKE_CUDA_COMPILER_VERSION}")
     target_compile_options(_cuda PRIVATE ${FUSEDRNN_WARNINGS})
-    # cuBLAS from the nvidia-cublas wheel beside fusedrnn in site-packages, else the loader's path.
+    # cuBLAS from the nvidia-cublas wheel beside the package in site-packages, else the loader's path.
     set_target_properties(_cuda PROPERTIES
       INSTALL_RPATH "$ORIGIN/../nvidia/cu13/lib"
       BUILD_WITH_INSTALL_RPATH OFF)
-    install(TARGETS _cuda LIBRARY DESTINATION fusedrnn)
+    install(TARGETS _cuda LIBRARY DESTINATION ${_fusedrnn_cuda_package})
     set(FUSEDRNN_CUDA_BUILT ON)
-    message(STATUS "fusedrnn: CUDA module built for architectures ${CMAKE_CUDA_ARCHITECTURES} "
-                   "(nvcc ${CMAKE_CUDA_COMPILER_VERSION}, cuBLAS ${FUSEDRNN_CUBLAS_LIBRARY})")
+    message(STATUS "fusedrnn: CUDA module ${_fusedrnn_cuda_package}._cuda built for architectures "
+                   "${CMAKE_CUDA_ARCHITECTURES} (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, cuBLAS ${FUSEDRNN_CUBLAS_LIBRARY})")
   endif()
 endif()

@@ -65,9 +65,11 @@ def register() -> None:
 
 def unavailable_message(why_not: str) -> str:
     """The error of a call on a GPU when the CUDA handlers cannot be used, `why_not` saying why."""
+    from .._cuda_layer import HOW_TO_GET
+
     return (f"fusedrnn.jax: arrays on a GPU need the XLA FFI handlers of fusedrnn's CUDA module, and {why_not}. "
-            "Install fusedrnn's CUDA module (pip install fusedrnn-cuda13) with a jaxlib at least as new as the "
-            "one it was built against, or run on the CPU (see fusedrnn.build_info()['cuda'])")
+            f"To get them: {HOW_TO_GET}, with a jaxlib at least as new as the one they were built against "
+            "(fusedrnn.cuda_info()); or run on the CPU")
 
 
 def _too_new(built: str) -> str | None:
@@ -88,7 +90,7 @@ def cuda_handlers() -> tuple[dict | None, str | None]:
     try:
         module = cuda_module()
     except ImportError as err:
-        return None, f"it does not load ({err.__cause__ or err})"
+        return None, f"it cannot be used ({err})"
     targets = getattr(module, "jax_ffi_targets", None)
     if targets is None:
         return None, "it was built without them (no jaxlib at build time)"

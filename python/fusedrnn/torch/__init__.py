@@ -8,7 +8,8 @@ The modules are torch.nn modules with torch's constructor, parameters, state_dic
 signature (PackedSequence included). The fused layer is a torch.library operator
 (`torch.ops.fusedrnn.rnn_layer`) with a fake implementation and an autograd formula, so
 torch.compile and torch.export trace through it. Importing this module imports torch; importing
-fusedrnn alone does not.
+fusedrnn alone does not. Once imported, fusedrnn's native work runs on torch's OpenMP threads
+(`use_torch_threads`), which torch keeps awake between its own operators.
 """
 
 from .._optional import require
@@ -22,6 +23,10 @@ if not hasattr(_torch.library, "custom_op"):
                       f"{_torch.__version__}: pip install 'fusedrnn[torch]'")
 
 from ._ops import rnn_layer, rnn_layer_backward  # noqa: E402
+from ._threads import torch_openmp_runtime, use_torch_threads  # noqa: E402
 from .modules import GRU, LSTM, RNN, convert  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "RNN", "convert", "rnn_layer", "rnn_layer_backward"]
+use_torch_threads()
+
+__all__ = ["LSTM", "GRU", "RNN", "convert", "rnn_layer", "rnn_layer_backward", "use_torch_threads",
+           "torch_openmp_runtime"]

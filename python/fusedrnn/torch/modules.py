@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import _stack, cuda_info
+from .. import _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
 from ._ops import PARAMETERS, rnn_layer
 
@@ -142,9 +142,10 @@ class _FusedRNNBase(nn.RNNBase):
 
 def _check_placement(name: str, t: Tensor) -> None:
     if t.device.type == "cuda":
-        if not cuda_info()["loaded"]:
-            raise NotImplementedError(f"{name}: a CUDA tensor, and this fusedrnn has no CUDA module that loads "
-                                      f"(fusedrnn.build_info()['cuda'])")
+        try:
+            _cuda_layer.cuda_module()
+        except ImportError as err:
+            raise NotImplementedError(f"{name}: a CUDA tensor, and {err}") from err
     elif t.device.type != "cpu":
         raise NotImplementedError(f"{name}: fusedrnn runs on the CPU and on CUDA devices, got a tensor on {t.device}")
     if t.dtype not in SUPPORTED_DTYPES:
