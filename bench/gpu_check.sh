@@ -8,7 +8,9 @@
 #      --no-build-isolation --no-index, so the builds use what is installed; build tools missing there
 #      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh and carried along;
 #   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
-#      the persistent kernel) and the emulated device tests;
+#      the persistent kernel) and the emulated device tests; then fusedrnn.jax's CUDA handlers
+#      (tests/test_jax_cuda.py: against the CPU handlers and a lax.scan reference, grads, jit, vmap,
+#      run-time errors), in a process of their own with JAX's memory preallocation off;
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
 #      (bench/gpu_small_case.py);
 #   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
@@ -74,13 +76,16 @@ scratch="$(dirname "$venv")"
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 export CMAKE_BUILD_PARALLEL_LEVEL
 FUSEDRNN_CUDA=OFF python -m pip install -v --no-deps --no-build-isolation --no-index \
-  --config-settings=build-dir="$scratch/build-cpu" . >"$out/build_cpu.log" 2>&1 ||
+  --config-settings=build-dir="$scratch/build-cpu" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+  . >"$out/build_cpu.log" 2>&1 ||
   { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
 FUSEDRNN_CUDA_PTXAS_VERBOSE=ON python -m pip wheel -v --no-deps --no-build-isolation --no-index \
   --wheel-dir "$scratch/dist" --config-settings=build-dir="$scratch/build-plugin" \
-  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" plugins/cuda13 >"$out/build.log" 2>&1 ||
+  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+  plugins/cuda13 >"$out/build.log" 2>&1 ||
   { tail -40 "$out/build.log"; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
 grep "fusedrnn: CUDA module" "$out/build.log"
+grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda" "$out/build.log"
 if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
   echo "gpu_check: a kernel spills registers (above)" >&2
   exit 1
@@ -100,6 +105,19 @@ fi
 tail -8 "$out/tests.log"
 if grep -q "SKIPPED.*needs a GPU" "$out/tests.log"; then
   echo "gpu_check: GPU tests were skipped on a GPU machine (see tests.log)" >&2
+  exit 1
+fi
+
+log "fusedrnn.jax on the GPU"
+if ! XLA_PYTHON_CLIENT_PREALLOCATE=false python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs \
+    "$repo/tests/test_jax_cuda.py" >"$out/tests_jax.log" 2>&1; then
+  tail -40 "$out/tests_jax.log"
+  echo "gpu_check: fusedrnn.jax GPU tests failed" >&2
+  exit 1
+fi
+tail -8 "$out/tests_jax.log"
+if grep -q "SKIPPED.*needs a jax GPU device" "$out/tests_jax.log"; then
+  echo "gpu_check: fusedrnn.jax GPU tests were skipped on a GPU machine (see tests_jax.log)" >&2
   exit 1
 fi
 

@@ -74,7 +74,7 @@ def test_the_built_in_module_comes_first(no_cuda_module, tmp_path, capsys):
     assert _cuda_layer.cuda_module() is built_in
     info = fusedrnn.cuda_info()
     assert info == dict(installed=True, source="built in", loaded=True, module="fusedrnn._cuda",
-                        architectures="80,90", nvcc="13.0.88", devices=0)
+                        architectures="80,90", nvcc="13.0.88", devices=0, jax_ffi=None)
     assert fusedrnn.build_info()["cuda"] == info
     assert "fusedrnn_cuda13._cuda" not in sys.modules
     assert info_line(capsys) == "CUDA: built in, built for sm 80,90 (nvcc 13.0.88), 0 device(s)"

@@ -16,6 +16,7 @@ from flax import nnx  # noqa: E402
 
 import fusedrnn.jax as fj  # noqa: E402
 from fusedrnn.jax import flax_params  # noqa: E402
+from fusedrnn.jax import linen as flinen  # noqa: E402
 from fusedrnn.jax import nnx as fnnx  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
@@ -101,6 +102,61 @@ def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_
     np.testing.assert_array_equal(np.asarray(model(x, deterministic=True)[0]), 0.0)
     with pytest.raises(ValueError, match="state_dict: expected exactly the keys"):
         model.load_state_dict({"weight_ih_l0": jnp.zeros((24, 2))})
+
+
+@pytest.mark.parametrize("module, cell", [(flinen.LSTM, "lstm"), (flinen.GRU, "gru"),
+                                          (lambda h, **o: flinen.RNN(h, nonlinearity="relu", **o), "rnn_relu")])
+def test_linen_modules_have_torch_names_and_match_the_functional_call_with_grads(rng, module, cell):
+    model = module(5, num_layers=2, bidirectional=True, batch_first=True)
+    x = rng.standard_normal((3, 6, 4)).astype(np.float32)                    # (B, T, I)
+    lengths = np.array([6, 2, 4])
+    h0 = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    hx = (h0, rng.standard_normal((4, 3, 5)).astype(np.float32)) if cell == "lstm" else h0
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    shapes = fj.param_shapes(cell, 4, 5, 2, bidirectional=True)
+    assert {k: v.shape for k, v in params.items()} == shapes
+    bound = 1 / np.sqrt(5)
+    assert all(float(jnp.abs(v).max()) <= bound for v in params.values())
+    assert len({float(v.ravel()[0]) for v in params.values()}) == len(params)   # one key per parameter
+
+    def loss(apply_out):
+        y, state = apply_out
+        return jnp.sum(y ** 2) + sum(jnp.sum(s) for s in jax.tree.leaves(state))
+
+    def via_module(p, x):
+        return loss(model.apply({"params": p}, x, hx, lengths=lengths))
+
+    def via_function(p, x):
+        return loss(fj.forward(cell, p, x, hx, lengths=lengths, batch_first=True))
+
+    out = model.apply(variables, x, hx, lengths=lengths)
+    expected = fj.forward(cell, params, x, hx, lengths=lengths, batch_first=True)
+    jax.tree.map(np.testing.assert_array_equal, out, expected)
+    grads = jax.jit(jax.grad(via_module, argnums=(0, 1)))(params, x)
+    expected_grads = jax.jit(jax.grad(via_function, argnums=(0, 1)))(params, x)
+    jax.tree.map(np.testing.assert_array_equal, grads, expected_grads)
+    assert float(jnp.abs(grads[0]["weight_hh_l1_reverse"]).sum()) > 0
+
+
+def test_linen_dropout_draws_from_the_dropout_stream_and_needs_it(rng):
+    model = flinen.GRU(8, num_layers=2, dropout=0.5)
+    x = rng.standard_normal((6, 4, 2)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x, deterministic=True)
+    y_eval, _ = model.apply(variables, x, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(fj.gru(variables["params"], x)[0]))
+    y1, _ = model.apply(variables, x, rngs={"dropout": jax.random.key(1)})
+    y1_again, _ = model.apply(variables, x, rngs={"dropout": jax.random.key(1)})
+    y2, _ = model.apply(variables, x, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y1_again))
+    assert not np.array_equal(np.asarray(y1), np.asarray(y_eval))
+    assert not np.array_equal(np.asarray(y1), np.asarray(y2))
+    with pytest.raises(ValueError, match="rngs: dropout needs a 'dropout' stream"):
+        model.apply(variables, x)
+    eval_model = flinen.GRU(8, num_layers=2, dropout=0.5, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(eval_model.apply(variables, x)[0]), np.asarray(y_eval))
+    with pytest.raises(ValueError, match="nonlinearity: expected 'tanh' or 'relu'"):
+        flinen.RNN(4, nonlinearity="sigmoid").init(jax.random.key(0), x)
 
 
 def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_and_baselines():

@@ -16,6 +16,9 @@
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cuda/cuda_layer.h"
 #include "fusedrnn/layer.h"
+#ifdef FUSEDRNN_WITH_XLA_FFI
+#include "jax_ffi_cuda.h"
+#endif
 
 namespace py = pybind11;
 namespace gpu = fusedrnn::gpu;
@@ -345,4 +348,7 @@ PYBIND11_MODULE(_cuda, m) {
         "(recorded, replayed): per-step loops recorded as CUDA Graphs and replays of them so far.");
   m.attr("architectures") = FUSEDRNN_CUDA_ARCHITECTURES;
   m.attr("compiler_version") = FUSEDRNN_CUDA_COMPILER_VERSION;
+#ifdef FUSEDRNN_WITH_XLA_FFI
+  fusedrnn::bindings::def_jax_ffi_cuda(m);
+#endif
 }

@@ -79,8 +79,9 @@ def cuda_info() -> dict:
     plugin), "source" ("built in", "fusedrnn-cuda13 <version>" or None), "loaded" (whether it loads:
     the plugin must be fusedrnn's version, and the module needs cuBLAS 13 at run time, e.g. the
     nvidia-cublas wheel), and when loaded "module" (its import name), "architectures" (the compute
-    capabilities compiled, comma-separated), "nvcc" and "devices" (visible GPUs, 0 without a driver);
-    "error" says why it did not load, or how to get it."""
+    capabilities compiled, comma-separated), "nvcc", "devices" (visible GPUs, 0 without a driver) and
+    "jax_ffi" (the jaxlib its XLA FFI handlers for fusedrnn.jax on GPUs were built against, None: built
+    without them); "error" says why it did not load, or how to get it."""
     from . import _cuda_layer
 
     return _cuda_layer.cuda_info()

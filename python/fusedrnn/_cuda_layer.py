@@ -109,7 +109,8 @@ def cuda_info() -> dict:
         info["error"] = str(err)
         return info
     info.update(loaded=True, module=module.__name__, architectures=module.architectures,
-                nvcc=module.compiler_version, devices=module.device_count())
+                nvcc=module.compiler_version, devices=module.device_count(),
+                jax_ffi=getattr(module, "jax_ffi_built_with_jaxlib", None))
     return info
 
 

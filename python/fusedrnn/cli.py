@@ -273,6 +273,8 @@ def _info(args) -> int:
     else:
         print(f"  CUDA: {cuda['source']}, built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), "
               f"{cuda['devices']} device(s)")
+        print(f"    XLA FFI handlers (fusedrnn.jax on GPUs): "
+              f"{'built against jaxlib ' + cuda['jax_ffi'] if cuda['jax_ffi'] else 'not compiled in'}")
     jax_ffi = info["jax_ffi"]
     print(f"  XLA FFI handlers (fusedrnn.jax): "
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")

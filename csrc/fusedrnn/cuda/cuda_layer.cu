@@ -28,6 +28,12 @@ void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void*
   gpu::layer_backward(dev, params, workspace);
 }
 
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag, void* stream) {
+  CudaDevice dev(static_cast<cudaStream_t>(stream));
+  gpu::flag_non_finite(dev, data, count, flag);
+}
+
 int device_count() {
   int count = 0;
   // No driver or no GPU: report none rather than fail, so callers can skip cleanly.
@@ -83,6 +89,10 @@ void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream) {
   check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
 }
 
+void zero(void* data, std::size_t bytes, void* stream) {
+  if (bytes) check(cudaMemsetAsync(data, 0, bytes, static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
+}
+
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
@@ -102,5 +112,7 @@ template void layer_forward<float>(const LayerForwardParams<float>&, void*, void
 template void layer_forward<double>(const LayerForwardParams<double>&, void*, void*, RecurrencePath);
 template void layer_backward<float>(const LayerBackwardParams<float>&, void*, void*);
 template void layer_backward<double>(const LayerBackwardParams<double>&, void*, void*);
+template void flag_non_finite<float>(const float*, Index, int*, void*);
+template void flag_non_finite<double>(const double*, Index, int*, void*);
 
 }  // namespace fusedrnn::gpu::cuda

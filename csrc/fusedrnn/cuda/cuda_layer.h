@@ -26,6 +26,10 @@ void layer_forward(const LayerForwardParams<T>& params, void* workspace, void* s
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream);
 
+// Enqueues *flag = 1 when any of data[0..count) is NaN or infinite, else 0 (flag: device memory).
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag, void* stream);
+
 // What the bindings need around the calls.
 int device_count();                            // 0 without a driver or GPU
 int current_device();
@@ -36,6 +40,7 @@ void* allocate(std::size_t bytes, void* stream);  // stream-ordered
 void release(void* pointer, void* stream);
 void copy_to_device(void* to, const void* from, std::size_t bytes, void* stream);
 void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream);  // waits for the copy
+void zero(void* data, std::size_t bytes, void* stream);
 int runtime_version();
 // Per-step loops recorded as CUDA Graphs and replayed for calls with the same arrays and sizes (see
 // cuda_device.cuh); off by default.

@@ -50,6 +50,26 @@ struct LaunchShape {
 // reductions halve it).
 constexpr unsigned kBlockThreads = 256;
 
+// Hands out aligned pieces of one workspace; with no workspace (base null) it only counts the bytes,
+// so sizing and carving are the same code.
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<unsigned char*>(base)) {}
+  template <typename U>
+  U* take(Index count) {
+    constexpr std::size_t kAlign = 256;  // cudaMalloc's alignment: every buffer starts a fresh segment
+    used_ = (used_ + kAlign - 1) / kAlign * kAlign;
+    U* p = base_ ? reinterpret_cast<U*>(base_ + used_) : nullptr;
+    used_ += static_cast<std::size_t>(count) * sizeof(U);
+    return p;
+  }
+  std::size_t bytes() const { return used_; }
+
+ private:
+  unsigned char* base_;
+  std::size_t used_ = 0;
+};
+
 // Enough blocks of kBlockThreads for one thread per item (at least one block).
 inline LaunchShape covering(Index items) {
   const Index blocks = (items + kBlockThreads - 1) / kBlockThreads;

@@ -84,17 +84,43 @@ class EmulatedDevice {
 }  // namespace
 
 template <typename T>
+std::size_t forward_workspace_bytes(const LayerForwardParams<T>& params) {
+  return gpu::forward_workspace_bytes(params);
+}
+
+template <typename T>
+std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params) {
+  return gpu::backward_workspace_bytes(params);
+}
+
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params, void* workspace, RecurrencePath path) {
+  EmulatedDevice dev;
+  gpu::layer_forward(dev, params, workspace, path);
+}
+
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace) {
+  EmulatedDevice dev;
+  gpu::layer_backward(dev, params, workspace);
+}
+
+template <typename T>
 void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path) {
   std::vector<unsigned char> workspace(forward_workspace_bytes(params));
-  EmulatedDevice dev;
-  gpu::layer_forward(dev, params, workspace.data(), path);
+  layer_forward(params, workspace.data(), path);
 }
 
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params) {
   std::vector<unsigned char> workspace(backward_workspace_bytes(params));
+  layer_backward(params, workspace.data());
+}
+
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag) {
   EmulatedDevice dev;
-  gpu::layer_backward(dev, params, workspace.data());
+  gpu::flag_non_finite(dev, data, count, flag);
 }
 
 std::int64_t cooperative_launches() { return cooperative_launch_count.load(); }
@@ -103,5 +129,15 @@ template void layer_forward<float>(const LayerForwardParams<float>&, RecurrenceP
 template void layer_forward<double>(const LayerForwardParams<double>&, RecurrencePath);
 template void layer_backward<float>(const LayerBackwardParams<float>&);
 template void layer_backward<double>(const LayerBackwardParams<double>&);
+template void flag_non_finite<float>(const float*, Index, int*);
+template void flag_non_finite<double>(const double*, Index, int*);
+template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);
+template std::size_t forward_workspace_bytes<double>(const LayerForwardParams<double>&);
+template std::size_t backward_workspace_bytes<float>(const LayerBackwardParams<float>&);
+template std::size_t backward_workspace_bytes<double>(const LayerBackwardParams<double>&);
+template void layer_forward<float>(const LayerForwardParams<float>&, void*, RecurrencePath);
+template void layer_forward<double>(const LayerForwardParams<double>&, void*, RecurrencePath);
+template void layer_backward<float>(const LayerBackwardParams<float>&, void*);
+template void layer_backward<double>(const LayerBackwardParams<double>&, void*);
 
 }  // namespace fusedrnn::gpu::emulated

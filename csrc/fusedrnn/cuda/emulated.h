@@ -5,6 +5,7 @@
 // a fast path. Compiled into the CPU build: it needs no CUDA.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "fusedrnn/cuda/persistent.h"
@@ -17,6 +18,21 @@ void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path);
 
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params);
+
+// As above, in a workspace of the caller's (host memory of the *_workspace_bytes the call needs), as a
+// device caller provides it.
+template <typename T>
+std::size_t forward_workspace_bytes(const LayerForwardParams<T>& params);
+template <typename T>
+std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params);
+template <typename T>
+void layer_forward(const LayerForwardParams<T>& params, void* workspace, RecurrencePath path);
+template <typename T>
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace);
+
+// *flag = 1 when any of data[0..count) is NaN or infinite, else 0, by the device's kernel.
+template <typename T>
+void flag_non_finite(const T* data, Index count, int* flag);
 
 // Cooperative (grid-barrier) launches so far in this process: tests check a path was taken.
 std::int64_t cooperative_launches();

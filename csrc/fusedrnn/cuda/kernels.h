@@ -61,6 +61,22 @@ struct Fill {
   }
 };
 
+// *flag = 1 when any of data[0..n) is NaN or infinite; untouched otherwise (the caller zeroes it first).
+// Every thread that finds one stores the same value, so no atomics are needed.
+template <typename T>
+struct FlagNonFinite {
+  const T* data = nullptr;
+  Index n = 0;
+  int* flag = nullptr;
+
+  FUSEDRNN_HD int phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+    // v - v is exactly 0 for a finite v and NaN for NaN or infinity, on the host and the device alike.
+    for (Index e = at.global(); e < n; e += at.grid_threads())
+      if (!(data[e] - data[e] == T(0))) *flag = 1;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // One step of the recurrence for one (row, unit), forward and backward: the per-step kernels below
 // and the persistent kernel call these.

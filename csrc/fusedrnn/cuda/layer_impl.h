@@ -35,26 +35,6 @@
 
 namespace fusedrnn::gpu {
 
-// Hands out aligned pieces of one workspace; with no workspace (base null) it only counts the bytes,
-// so sizing and carving are the same code.
-class Carver {
- public:
-  explicit Carver(void* base) : base_(static_cast<unsigned char*>(base)) {}
-  template <typename U>
-  U* take(Index count) {
-    constexpr std::size_t kAlign = 256;  // cudaMalloc's alignment: every buffer starts a fresh segment
-    used_ = (used_ + kAlign - 1) / kAlign * kAlign;
-    U* p = base_ ? reinterpret_cast<U*>(base_ + used_) : nullptr;
-    used_ += static_cast<std::size_t>(count) * sizeof(U);
-    return p;
-  }
-  std::size_t bytes() const { return used_; }
-
- private:
-  unsigned char* base_;
-  std::size_t used_ = 0;
-};
-
 // A GEMM operand: the caller's view when its rows are evenly spaced, else a dense staging buffer.
 template <typename T>
 struct Operand {
@@ -392,6 +372,16 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
     dev.launch(norms, LaunchShape{static_cast<unsigned>(s.steps), kBlockThreads, kBlockThreads * sizeof(double)});
   }
   for (const Operand<T>* o : {&p.dx, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh}) scatter(dev, *o);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Input checks.
+
+// *flag (device memory) = 1 when any of data[0..count) is NaN or infinite, else 0.
+template <typename T, typename Device>
+void flag_non_finite(Device& dev, const T* data, Index count, int* flag) {
+  dev.launch(Fill<int>{flag, 1, 0}, covering(1));
+  if (count > 0) dev.launch(FlagNonFinite<T>{data, count, flag}, covering(count));
 }
 
 }  // namespace fusedrnn::gpu

@@ -6,9 +6,11 @@
     y, (h_n, c_n) = jax.jit(fj.lstm)(params, x)            # x (T, B, 32)
     grads = jax.grad(lambda p: fj.lstm(p, x)[0].sum())(params)
 
-`fusedrnn.jax.nnx` holds Flax NNX modules and `fusedrnn.jax.flax_params` converts parameters to and from
-Flax's OptimizedLSTMCell/GRUCell. CPU only; forward-mode differentiation (jvp, jacfwd) and second
-derivatives raise an error.
+`fusedrnn.jax.nnx` and `fusedrnn.jax.linen` hold Flax NNX and linen modules, and
+`fusedrnn.jax.flax_params` converts parameters to and from Flax's OptimizedLSTMCell/GRUCell. Arrays on
+the CPU run the CPU kernels; arrays on an NVIDIA GPU run the CUDA backend when fusedrnn's CUDA module
+loads with its handlers (else the call fails saying what to install). Forward-mode differentiation
+(jvp, jacfwd) and second derivatives raise an error.
 """
 
 from .._optional import require

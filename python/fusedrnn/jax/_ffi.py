@@ -1,7 +1,7 @@
 """The XLA FFI calls of fusedrnn.jax: one layer (all its directions) forward and backward as a
 jax.custom_vjp whose backward is the fused backward kernel, with the forward's tape as residuals.
 
-Buffers and their layout are described in csrc/bindings/jax_ffi.cpp. Optional arrays (h0, c0, lengths,
+Buffers and their layout are described in csrc/bindings/jax_ffi_layer.h. Optional arrays (h0, c0, lengths,
 and c_n/dc0/cs for a cell without a cell state) travel as empty (0,) arrays. Under jax.vmap the calls
 use vmap_method="expand_dims": an unmapped argument keeps a leading dimension of 1 and the handler
 shares it across the mapped elements, so weights are never copied per element.
@@ -36,9 +36,11 @@ def _version(text: str) -> tuple:
 
 
 def register() -> None:
-    """Registers the handlers with XLA (once per process). Raises ImportError, saying what to do, when
-    this build of fusedrnn has no handlers or when the running jaxlib is older than the one whose FFI
-    headers they were built against (XLA would refuse them at call time)."""
+    """Registers the handlers with XLA (once per process): the CPU's, and the CUDA platform's from the
+    CUDA module (fusedrnn._cuda) when it loads and has them. Without them, a call on a GPU fails with an
+    error saying why and what to install. Raises ImportError, saying what to do, when this build of
+    fusedrnn has no CPU handlers or when the running jaxlib is older than the one whose FFI headers they
+    were built against (XLA would refuse them at call time)."""
     global _registered
     with _register_lock:
         if _registered:
@@ -47,16 +49,55 @@ def register() -> None:
         if targets is None:
             raise ImportError("fusedrnn was built without its XLA FFI handlers (jaxlib was not installed at "
                               "build time): reinstall it with pip install 'fusedrnn[jax]'")
-        import jaxlib.version
-
-        built, running = _core.jax_ffi_built_with_jaxlib, jaxlib.version.__version__
-        if _version(running) < _version(built):
-            raise ImportError(f"fusedrnn's XLA FFI handlers were built against jaxlib {built}, newer than the "
-                              f"installed jaxlib {running}, which would refuse them: upgrade jaxlib to "
-                              f">= {built} or rebuild fusedrnn against this one")
+        problem = _too_new(_core.jax_ffi_built_with_jaxlib)
+        if problem:
+            raise ImportError(f"fusedrnn's XLA FFI handlers {problem}")
         for name, capsule in targets.items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+        cuda_targets, why_not = cuda_handlers()
+        if cuda_targets is None:
+            _core.set_jax_ffi_unavailable_reason(unavailable_message(why_not))
+            cuda_targets = _core.jax_ffi_unavailable_targets
+        for name, capsule in cuda_targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _registered = True
+
+
+def unavailable_message(why_not: str) -> str:
+    """The error of a call on a GPU when the CUDA handlers cannot be used, `why_not` saying why."""
+    from .._cuda_layer import HOW_TO_GET
+
+    return (f"fusedrnn.jax: arrays on a GPU need the XLA FFI handlers of fusedrnn's CUDA module, and {why_not}. "
+            f"To get them: {HOW_TO_GET}, with a jaxlib at least as new as the one they were built against "
+            "(fusedrnn.cuda_info()); or run on the CPU")
+
+
+def _too_new(built: str) -> str | None:
+    """Why handlers built against jaxlib `built` cannot run on this one, or None when they can."""
+    import jaxlib.version
+
+    running = jaxlib.version.__version__
+    if _version(running) < _version(built):
+        return (f"were built against jaxlib {built}, newer than the installed jaxlib {running}, which would "
+                f"refuse them: upgrade jaxlib to >= {built} or rebuild fusedrnn against this one")
+    return None
+
+
+def cuda_handlers() -> tuple[dict | None, str | None]:
+    """(name -> handler, None) of the CUDA module's handlers, or (None, why they cannot be used)."""
+    from .._cuda_layer import cuda_module
+
+    try:
+        module = cuda_module()
+    except ImportError as err:
+        return None, f"it cannot be used ({err})"
+    targets = getattr(module, "jax_ffi_targets", None)
+    if targets is None:
+        return None, "it was built without them (no jaxlib at build time)"
+    problem = _too_new(module.jax_ffi_built_with_jaxlib)
+    if problem:
+        return None, f"they {problem}"
+    return dict(targets), None
 
 
 class LayerSpec(NamedTuple):

@@ -1,0 +1,478 @@
+// The decoding shared by fusedrnn.jax's XLA FFI handlers on every platform (jax_ffi.cpp on the CPU,
+// jax_ffi_device.h on a device): attributes and buffers checked and described as the layer calls of
+// layer.h, with the error messages users see. Only the backend call differs between the handlers.
+//
+// Buffers (D directions; every buffer dense, row-major, as XLA passes them):
+//   forward  args  x (T, B, I), h0 (D, B, H), c0 (D, B, H), lengths (B) int32/int64,
+//                  then per direction weight_ih (G*H, I), weight_hh (G*H, H) [, bias_ih, bias_hh (G*H)]
+//            rets  y (T, B, D*H), h_n (D, B, H), c_n (D, B, H),
+//                  hs (D, slots*B*H), cs (D, slots*B*H), saved (D, T*B*S*H) (tape_layout(); training only)
+//   backward args  x, lengths, hs, cs, saved (as forward had them), dy (T, B, D*H), dh_n, dc_n (D, B, H),
+//                  then the weights as forward had them
+//            rets  dx (T, B, I), dh0, dc0 (D, B, H), then one gradient per weight, in the weights' order
+// An absent optional buffer (h0, c0, lengths; c_n, cs, dc0 for a cell without a cell state; the tape in
+// inference) has no elements. Under jax.vmap (vmap_method="expand_dims") every buffer gains the same
+// number of leading dimensions, each either the mapped size or 1 (shared by every mapped element); a
+// handler runs the layer once per mapped element and direction (params()).
+//
+// Pointers are never dereferenced here, so the same code describes host and device buffers; reading
+// values (lengths, the finiteness checks) is the handler's, from memory it can read.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <initializer_list>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fusedrnn/cells.h"
+#include "fusedrnn/layer.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fusedrnn::jax_ffi {
+
+namespace ffi = xla::ffi;
+
+inline ffi::Error shape_error(const char* name, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(name) + ": " + what);
+}
+
+inline ffi::Error non_finite_error(const char* name) {
+  return ffi::Error::InvalidArgument(std::string(name) + ": contains NaN or infinite values");
+}
+
+// The attributes every handler takes: the cell by name, 1 or 2 directions, a cell clip > 0.
+inline ffi::Error parse_attributes(std::string_view name, std::int64_t directions, double cell_clip, CellKind& cell) {
+  bool known = false;
+  for (const CellFacts& c : kCells)
+    if (name == c.name) {
+      cell = c.kind;
+      known = true;
+    }
+  if (!known) return ffi::Error::InvalidArgument("cell: unknown cell '" + std::string(name) + "'");
+  if (directions != 1 && directions != 2) return ffi::Error::InvalidArgument("directions: expected 1 or 2");
+  if (std::isnan(cell_clip) || cell_clip <= 0) return ffi::Error::InvalidArgument("cell_clip: expected > 0");
+  return ffi::Error::Success();
+}
+
+// Runs body<float> or body<double> by x's dtype; an exception must not cross into XLA (a C boundary), so
+// the backend's become an error of the call.
+template <typename Body>
+ffi::Error by_dtype(const char* what, ffi::DataType dtype, Body&& body) {
+  try {
+    if (dtype == ffi::DataType::F32) return body(float{});
+    if (dtype == ffi::DataType::F64) return body(double{});
+    return ffi::Error::InvalidArgument("x: expected float32 or float64");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("fusedrnn layer ") + what + ": " + e.what());
+  }
+}
+
+// The mapped (vmap) dimensions of a call: the leading dimensions of its first result.
+struct Batch {
+  std::vector<Index> dims;
+  Index count = 1;
+};
+
+inline Batch batch_of(const ffi::AnyBuffer& first_result, int base_rank) {
+  Batch b;
+  const auto dims = first_result.dimensions();
+  for (std::size_t i = 0; i + base_rank < dims.size(); ++i) {
+    b.dims.push_back(dims[i]);
+    b.count *= dims[i];
+  }
+  return b;
+}
+
+// One buffer of a call: its element pointer at mapped element n, and its own (unmapped) dimensions.
+template <typename T>
+class Batched {
+ public:
+  Batched(const ffi::AnyBuffer& buffer, const Batch& batch)
+      : data_(static_cast<T*>(buffer.untyped_data())), batch_(&batch) {
+    const auto dims = buffer.dimensions();
+    const std::size_t lead = std::min(batch.dims.size(), dims.size());
+    lead_.assign(dims.begin(), dims.begin() + lead);
+    own_.assign(dims.begin() + lead, dims.end());
+    empty_ = buffer.element_count() == 0;
+    elements_ = 1;
+    for (Index d : own_) elements_ *= d;
+  }
+
+  bool empty() const { return empty_; }
+  // Whether every mapped element shares this buffer's data (unmapped under vmap, or no vmap at all).
+  bool shared() const {
+    for (Index d : lead_)
+      if (d != 1) return false;
+    return true;
+  }
+  Index dim(std::size_t i) const { return own_[i]; }
+  std::size_t rank() const { return own_.size(); }
+  Index elements() const { return elements_; }  // of one mapped element
+
+  // Whether every leading dimension is 1 or the batch's (expand_dims), so at() is defined.
+  bool well_batched() const {
+    if (lead_.size() != batch_->dims.size()) return false;
+    for (std::size_t i = 0; i < lead_.size(); ++i)
+      if (lead_[i] != 1 && lead_[i] != batch_->dims[i]) return false;
+    return true;
+  }
+
+  // Mapped element n's data (null for an empty buffer); a dimension of 1 shares its data across n.
+  T* at(Index n) const {
+    if (empty_) return nullptr;
+    Index offset = 0, stride = elements_;
+    for (std::size_t i = lead_.size(); i-- > 0;) {
+      const Index index = n % batch_->dims[i];
+      n /= batch_->dims[i];
+      if (lead_[i] != 1) offset += index * stride;
+      stride *= lead_[i];
+    }
+    return data_ + offset;
+  }
+
+ private:
+  T* data_;
+  const Batch* batch_;
+  std::vector<Index> lead_, own_;
+  Index elements_ = 1;
+  bool empty_ = false;
+};
+
+template <typename T>
+ffi::Error expect(const Batched<T>& b, const char* name, std::initializer_list<Index> shape) {
+  if (!b.well_batched()) return shape_error(name, "mapped dimensions do not match the call's");
+  if (b.rank() != shape.size()) return shape_error(name, "unexpected rank");
+  std::size_t i = 0;
+  for (Index d : shape)
+    if (b.dim(i++) != d) return shape_error(name, "unexpected shape");
+  return ffi::Error::Success();
+}
+
+// An optional buffer: empty, or of the given shape.
+template <typename T>
+ffi::Error expect_optional(const Batched<T>& b, const char* name, std::initializer_list<Index> shape) {
+  return b.empty() ? ffi::Error::Success() : expect(b, name, shape);
+}
+
+template <typename T>
+ffi::Error first_failure(std::initializer_list<T> errors) {
+  for (const ffi::Error& e : errors)
+    if (e.failure()) return e;
+  return ffi::Error::Success();
+}
+
+// The optional lengths (B) of a call, int32 or int64, in whatever memory the buffer is.
+class Lengths {
+ public:
+  Lengths(const ffi::AnyBuffer& buffer, const Batch& batch)
+      : type_(buffer.element_type()), narrow_(buffer, batch), wide_(buffer, batch) {}
+
+  ffi::Error check(Index rows) const {
+    if (empty()) return ffi::Error::Success();
+    if (type_ == ffi::DataType::S32) return expect(narrow_, "lengths", {rows});
+    if (type_ == ffi::DataType::S64) return expect(wide_, "lengths", {rows});
+    return ffi::Error::InvalidArgument("lengths: expected int32 or int64");
+  }
+  bool empty() const { return narrow_.empty(); }
+  const void* at(Index n) const {
+    if (type_ == ffi::DataType::S32) return narrow_.at(n);
+    return wide_.at(n);
+  }
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(narrow_.elements()) * (type_ == ffi::DataType::S32 ? 4 : 8);
+  }
+
+  // One mapped element's lengths, read from host memory `values` (bytes() of them), as int64 checked to
+  // lie in [1, T].
+  ffi::Error widen(const void* values, Index steps, std::vector<Index>& out) const {
+    const Index rows = narrow_.elements();
+    out.resize(static_cast<std::size_t>(rows));
+    if (type_ == ffi::DataType::S32)
+      std::copy_n(static_cast<const std::int32_t*>(values), rows, out.begin());
+    else
+      std::copy_n(static_cast<const std::int64_t*>(values), rows, out.begin());
+    for (Index b = 0; b < rows; ++b)
+      if (out[b] < 1 || out[b] > steps)
+        return ffi::Error::InvalidArgument("lengths: each length must be in [1, " + std::to_string(steps) +
+                                           "] (T), got " + std::to_string(out[b]) + " at index " +
+                                           std::to_string(b));
+    return ffi::Error::Success();
+  }
+
+ private:
+  ffi::DataType type_;
+  Batched<const std::int32_t> narrow_;
+  Batched<const std::int64_t> wide_;
+};
+
+// The weights that follow the fixed arguments: per direction weight_ih, weight_hh [, bias_ih, bias_hh].
+template <typename T>
+ffi::Error weights_of(const ffi::RemainingArgs& args, Index directions, const Batch& batch, Index gh, Index input,
+                      Index hidden, std::vector<Batched<const T>>& out) {
+  const std::size_t count = args.size();
+  if (count != static_cast<std::size_t>(2 * directions) && count != static_cast<std::size_t>(4 * directions))
+    return ffi::Error::InvalidArgument("weights: expected 2 or 4 arrays per direction");
+  for (std::size_t i = 0; i < count; ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+    if (buffer.has_error()) return buffer.error();
+    if (buffer->element_type() != (sizeof(T) == 4 ? ffi::DataType::F32 : ffi::DataType::F64))
+      return ffi::Error::InvalidArgument("weights: expected the dtype of x");
+    out.emplace_back(*buffer, batch);
+  }
+  const std::size_t per = count / static_cast<std::size_t>(directions);
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t k = i % per;
+    const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+    ffi::Error e = k == 0   ? expect(out[i], names[k], {gh, input})
+                   : k == 1 ? expect(out[i], names[k], {gh, hidden})
+                            : expect(out[i], names[k], {gh});
+    if (e.failure()) return e;
+  }
+  return ffi::Error::Success();
+}
+
+// The views of direction d's weights at mapped element n; `per` arrays per direction.
+template <typename T>
+LayerWeights<T> weights_at(const std::vector<Batched<const T>>& w, std::size_t per, Index d, Index n, Index input,
+                           Index hidden) {
+  const std::size_t i = per * static_cast<std::size_t>(d);
+  LayerWeights<T> lw;
+  lw.w_ih = {w[i].at(n), {input, 1}};
+  lw.w_hh = {w[i + 1].at(n), {hidden, 1}};
+  if (per == 4) {
+    lw.b_ih = {w[i + 2].at(n), 1};
+    lw.b_hh = {w[i + 3].at(n), 1};
+  }
+  return lw;
+}
+
+// A forward call: its buffers decoded and checked (check()), and the layer call of each mapped element
+// and direction (params()).
+template <typename T>
+struct ForwardCall {
+  CellKind cell;
+  Index D;
+  bool training;
+  T cell_clip;
+  Batch batch;
+  Batched<const T> x, h0, c0;
+  Batched<T> y, h_n, c_n, hs, cs, saved;
+  Lengths lengths;
+  std::vector<Batched<const T>> w;
+  std::size_t per = 0;
+  Index steps = 0, rows = 0, input = 0, hidden = 0;
+  TapeLayout layout;  // of one direction
+
+  ForwardCall(CellKind cell_, Index directions, bool training_, double clip, const ffi::AnyBuffer& x_buf,
+              const ffi::AnyBuffer& h0_buf, const ffi::AnyBuffer& c0_buf, const ffi::AnyBuffer& lengths_buf,
+              const ffi::AnyBuffer& y_buf, const ffi::AnyBuffer& h_n_buf, const ffi::AnyBuffer& c_n_buf,
+              const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf, const ffi::AnyBuffer& saved_buf)
+      : cell(cell_), D(directions), training(training_), cell_clip(static_cast<T>(clip)), batch(batch_of(y_buf, 3)),
+        x(x_buf, batch), h0(h0_buf, batch), c0(c0_buf, batch), y(y_buf, batch), h_n(h_n_buf, batch),
+        c_n(c_n_buf, batch), hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch),
+        lengths(lengths_buf, batch) {}
+
+  // Every shape, the weights (from `args`) and the tape checked; fills the sizes.
+  ffi::Error check(const ffi::RemainingArgs& args) {
+    if (x.rank() != 3 || y.rank() != 3) return shape_error("x", "expected (T, B, I)");
+    steps = x.dim(0);
+    rows = x.dim(1);
+    input = x.dim(2);
+    hidden = y.dim(2) / D;
+    const CellFacts& facts = cell_facts(cell);
+    if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(y, "y", {steps, rows, D * hidden}),
+                                      expect_optional(h0, "h0", {D, rows, hidden}),
+                                      expect_optional(c0, "c0", {D, rows, hidden}),
+                                      expect(h_n, "h_n", {D, rows, hidden}),
+                                      expect_optional(c_n, "c_n", {D, rows, hidden}), lengths.check(rows)});
+        e.failure())
+      return e;
+    if (facts.has_cell_state == c_n.empty()) return shape_error("c_n", "expected one for a cell with a cell state");
+    if (ffi::Error e = weights_of<T>(args, D, batch, facts.gates * hidden, input, hidden, w); e.failure()) return e;
+    per = w.size() / static_cast<std::size_t>(D);
+    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false}, training);
+    if (training) {
+      if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
+                                        expect_optional(cs, "cs", {D, layout.state_values}),
+                                        expect_optional(saved, "saved", {D, layout.saved_values})});
+          e.failure())
+        return e;
+      if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty())
+        return shape_error("tape", "does not match tape_layout()");
+    }
+    return ffi::Error::Success();
+  }
+
+  bool shared_weights() const {
+    return std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
+  }
+
+  // Training: direction d's part of mapped element n's tape results.
+  LayerTape<T> tape_at(Index n, Index d) const {
+    return {hs.at(n) + d * layout.state_values, layout.has_cell_state ? cs.at(n) + d * layout.state_values : nullptr,
+            layout.saved_values ? saved.at(n) + d * layout.saved_values : nullptr, true};
+  }
+
+  // Mapped element n, direction d: `length_values` (B, stride 1; null: every row full length) in the
+  // memory the backend reads, `tape` from tape_at() or the handler's scratch.
+  LayerForwardParams<T> params(Index n, Index d, const Index* length_values, const LayerTape<T>& tape) const {
+    const Index state = d * rows * hidden;
+    LayerForwardParams<T> p;
+    p.cell = cell;
+    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1};
+    p.weights = weights_at(w, per, d, n, input, hidden);
+    p.x = {x.at(n), {rows * input, input, 1}};
+    if (!h0.empty()) p.h0 = {h0.at(n) + state, {hidden, 1}};
+    if (!c0.empty()) p.c0 = {c0.at(n) + state, {hidden, 1}};
+    p.y = {y.at(n) + d * hidden, {rows * D * hidden, D * hidden, 1}};
+    p.h_n = {h_n.at(n) + state, {hidden, 1}};
+    if (!c_n.empty()) p.c_n = {c_n.at(n) + state, {hidden, 1}};
+    p.tape = tape;
+    p.cell_clip = cell_clip;
+    return p;
+  }
+};
+
+// A backward call, as ForwardCall.
+template <typename T>
+struct BackwardCall {
+  CellKind cell;
+  Index D;
+  T cell_clip;
+  Batch batch;
+  Batched<const T> x, hs, cs, saved, dy, dh_n, dc_n;
+  Batched<T> dx, dh0, dc0;
+  Lengths lengths;
+  std::vector<Batched<const T>> w;
+  std::vector<Batched<T>> grads;
+  std::size_t per = 0;
+  Index steps = 0, rows = 0, input = 0, hidden = 0;
+  TapeLayout layout;
+
+  BackwardCall(CellKind cell_, Index directions, double clip, const ffi::AnyBuffer& x_buf,
+               const ffi::AnyBuffer& lengths_buf, const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf,
+               const ffi::AnyBuffer& saved_buf, const ffi::AnyBuffer& dy_buf, const ffi::AnyBuffer& dh_n_buf,
+               const ffi::AnyBuffer& dc_n_buf, const ffi::AnyBuffer& dx_buf, const ffi::AnyBuffer& dh0_buf,
+               const ffi::AnyBuffer& dc0_buf)
+      : cell(cell_), D(directions), cell_clip(static_cast<T>(clip)), batch(batch_of(dx_buf, 3)), x(x_buf, batch),
+        hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), dy(dy_buf, batch), dh_n(dh_n_buf, batch),
+        dc_n(dc_n_buf, batch), dx(dx_buf, batch), dh0(dh0_buf, batch), dc0(dc0_buf, batch),
+        lengths(lengths_buf, batch) {}
+
+  ffi::Error check(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets) {
+    if (x.rank() != 3 || dy.rank() != 3) return shape_error("x", "expected (T, B, I)");
+    steps = x.dim(0);
+    rows = x.dim(1);
+    input = x.dim(2);
+    hidden = dy.dim(2) / D;
+    const CellFacts& facts = cell_facts(cell);
+    if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(dx, "dx", {steps, rows, input}),
+                                      expect(dy, "dy", {steps, rows, D * hidden}),
+                                      expect(dh_n, "dh_n", {D, rows, hidden}),
+                                      expect_optional(dc_n, "dc_n", {D, rows, hidden}),
+                                      expect(dh0, "dh0", {D, rows, hidden}),
+                                      expect_optional(dc0, "dc0", {D, rows, hidden}), lengths.check(rows)});
+        e.failure())
+      return e;
+    if (facts.has_cell_state == dc0.empty()) return shape_error("dc0", "expected one for a cell with a cell state");
+    if (ffi::Error e = weights_of<T>(args, D, batch, facts.gates * hidden, input, hidden, w); e.failure()) return e;
+    per = w.size() / static_cast<std::size_t>(D);
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> g = rets.get<ffi::AnyBuffer>(i);
+      if (g.has_error()) return g.error();
+      grads.emplace_back(**g, batch);
+      if (grads.back().elements() != w[i].elements() || !grads.back().well_batched())
+        return shape_error("weight gradients", "expected one per weight, of its shape");
+    }
+    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false}, true);
+    if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
+                                      expect_optional(cs, "cs", {D, layout.state_values}),
+                                      expect_optional(saved, "saved", {D, layout.saved_values})});
+        e.failure())
+      return e;
+    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty())
+      return shape_error("tape", "does not match tape_layout()");
+    return ffi::Error::Success();
+  }
+
+  // Mapped element n, direction d. The weight gradients are accumulated into (the handler zeroes them
+  // first); the first direction writes dx and the second adds into it.
+  LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
+    const Index state = d * rows * hidden;
+    const std::size_t i = per * static_cast<std::size_t>(d);
+    LayerBackwardParams<T> p;
+    p.cell = cell;
+    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1};
+    p.weights = weights_at(w, per, d, n, input, hidden);
+    p.x = {x.at(n), {rows * input, input, 1}};
+    p.tape = {const_cast<T*>(hs.at(n)) + d * layout.state_values,
+              layout.has_cell_state ? const_cast<T*>(cs.at(n)) + d * layout.state_values : nullptr,
+              layout.saved_values ? const_cast<T*>(saved.at(n)) + d * layout.saved_values : nullptr, true};
+    p.dy = {dy.at(n) + d * hidden, {rows * D * hidden, D * hidden, 1}};
+    p.dh_n = {dh_n.at(n) + state, {hidden, 1}};
+    if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + state, {hidden, 1}};
+    p.dx = {dx.at(n), {rows * input, input, 1}};
+    p.accumulate_dx = d > 0;
+    p.dh0 = {dh0.at(n) + state, {hidden, 1}};
+    if (!dc0.empty()) p.dc0 = {dc0.at(n) + state, {hidden, 1}};
+    p.dw_ih = {grads[i].at(n), {input, 1}};
+    p.dw_hh = {grads[i + 1].at(n), {hidden, 1}};
+    if (per == 4) {
+      p.db_ih = {grads[i + 2].at(n), 1};
+      p.db_hh = {grads[i + 3].at(n), 1};
+    }
+    p.cell_clip = cell_clip;
+    return p;
+  }
+};
+
+// The handlers' signatures, bound once for every platform: a device's binding adds its context
+// (stream, scratch allocator) after these.
+inline auto forward_binding() {
+  return ffi::Ffi::Bind()
+      .Attr<std::string_view>("cell")
+      .Attr<std::int64_t>("directions")
+      .Attr<bool>("training")
+      .Attr<bool>("check_sequence")
+      .Attr<bool>("check_states")
+      .Attr<double>("cell_clip")
+      .Arg<ffi::AnyBuffer>()  // x
+      .Arg<ffi::AnyBuffer>()  // h0
+      .Arg<ffi::AnyBuffer>()  // c0
+      .Arg<ffi::AnyBuffer>()  // lengths
+      .RemainingArgs()        // weights
+      .Ret<ffi::AnyBuffer>()  // y
+      .Ret<ffi::AnyBuffer>()  // h_n
+      .Ret<ffi::AnyBuffer>()  // c_n
+      .Ret<ffi::AnyBuffer>()  // hs
+      .Ret<ffi::AnyBuffer>()  // cs
+      .Ret<ffi::AnyBuffer>();  // saved
+}
+
+inline auto backward_binding() {
+  return ffi::Ffi::Bind()
+      .Attr<std::string_view>("cell")
+      .Attr<std::int64_t>("directions")
+      .Attr<bool>("check_sequence")
+      .Attr<bool>("check_states")
+      .Attr<double>("cell_clip")
+      .Arg<ffi::AnyBuffer>()  // x
+      .Arg<ffi::AnyBuffer>()  // lengths
+      .Arg<ffi::AnyBuffer>()  // hs
+      .Arg<ffi::AnyBuffer>()  // cs
+      .Arg<ffi::AnyBuffer>()  // saved
+      .Arg<ffi::AnyBuffer>()  // dy
+      .Arg<ffi::AnyBuffer>()  // dh_n
+      .Arg<ffi::AnyBuffer>()  // dc_n
+      .RemainingArgs()        // weights
+      .Ret<ffi::AnyBuffer>()  // dx
+      .Ret<ffi::AnyBuffer>()  // dh0
+      .Ret<ffi::AnyBuffer>()  // dc0
+      .RemainingRets();       // weight gradients
+}
+
+}  // namespace fusedrnn::jax_ffi

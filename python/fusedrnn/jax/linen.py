@@ -1,0 +1,83 @@
+"""Flax linen modules over fusedrnn.jax: LSTM, GRU and RNN whose parameters are named and shaped as
+torch.nn's (weight_ih_l0, ..., weight_hh_l1_reverse), drawn as torch.nn draws them (uniform in
+[-1/sqrt(H), 1/sqrt(H)]) from the "params" stream. The input size comes from x's last dimension at
+init. Needs flax.
+
+    model = fusedrnn.jax.linen.LSTM(64, num_layers=2, dropout=0.1)
+    variables = model.init(jax.random.key(0), x)                       # x (T, B, I)
+    y, (h_n, c_n) = model.apply(variables, x, deterministic=True)
+    y, _ = model.apply(variables, x, rngs={"dropout": key})             # dropout between layers
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._optional import require
+from ._rnn import forward, param_shapes
+
+nn = require("flax.linen", "flax")
+
+
+class RNNBase(nn.Module):
+    """A stack of the cell named by cell_name(); the call takes and returns what fusedrnn.jax.forward
+    does. Dropout between layers (unless deterministic, given as a field or to the call) draws its key
+    from the "dropout" stream."""
+
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+    cell_clip: float | None = None
+    deterministic: bool | None = None
+    param_dtype: Any = jnp.float32
+
+    def cell_name(self) -> str:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None):
+        cell = self.cell_name()
+        input_size = jnp.shape(x)[-1]
+        shapes = param_shapes(cell, input_size, self.hidden_size, self.num_layers, bias=self.bias,
+                              bidirectional=self.bidirectional)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+
+        def uniform(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        params = {name: self.param(name, uniform, shape, self.param_dtype) for name, shape in shapes.items()}
+        deterministic = self.deterministic if deterministic is None else deterministic
+        key = None
+        if self.dropout > 0 and not deterministic and self.num_layers > 1:
+            if not self.has_rng("dropout"):
+                raise ValueError("rngs: dropout needs a 'dropout' stream (apply(..., rngs={'dropout': key})), "
+                                 "or deterministic=True")
+            key = self.make_rng("dropout")
+        return forward(cell, params, x, hx, lengths=lengths, batch_first=self.batch_first, dropout=self.dropout,
+                       dropout_key=key, cell_clip=self.cell_clip)
+
+
+class LSTM(RNNBase):
+    def cell_name(self) -> str:
+        return "lstm"
+
+
+class GRU(RNNBase):
+    def cell_name(self) -> str:
+        return "gru"
+
+
+class RNN(RNNBase):
+    nonlinearity: str = "tanh"
+
+    def cell_name(self) -> str:
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {self.nonlinearity!r}")
+        return f"rnn_{self.nonlinearity}"
