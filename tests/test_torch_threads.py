@@ -37,8 +37,25 @@ def split(request):
     _core.set_layer_split(previous)
 
 
+# The start of every child script: fusedrnn with the drop-in imported, a team of `threads`, and the
+# weights (w) and input (x) of one layer of `cell`.
+CHILD_SETUP = """
+import os
+import numpy as np
+import fusedrnn, fusedrnn.torch as frt
+from fusedrnn import functional as F
+def layer(cell, threads):
+    fusedrnn.set_num_threads(threads)
+    gh = {"lstm": 4, "gru": 3}[cell] * 128
+    rng = np.random.default_rng(0)
+    w = [rng.uniform(-.5, .5, s).astype(np.float32) for s in ((gh, 8), (gh, 128), (gh,), (gh,))]
+    return w, rng.standard_normal((5, 24, 8)).astype(np.float32)
+"""
+
+
 def run_python(code: str, **env) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    script = CHILD_SETUP + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -51,13 +68,15 @@ def forward_backward(cell, w, x, dy):
 
 
 def test_importing_the_drop_in_moves_jobs_onto_torchs_threads():
-    found = run_python("""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import fusedrnn
         before = fusedrnn.build_info()["openmp_runtime"]
         import fusedrnn.torch as frt
         print(before, fusedrnn.build_info()["openmp_runtime"] == frt.torch_openmp_runtime(),
               fusedrnn.build_info()["openmp_runtime"])
-    """).split()
+    """)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    found = result.stdout.split()
     assert found[:2] == ["None", "True"]
     assert os.path.basename(found[2]).startswith(("libgomp", "libiomp5", "libomp"))
     assert os.path.exists(found[2])
@@ -84,13 +103,7 @@ def test_results_are_the_same_on_torchs_threads_and_fusedrnns(rng, team_size, sp
 def test_a_runtime_granting_fewer_threads_leaves_the_job_to_fusedrnns_workers():
     # OMP_THREAD_LIMIT=1 gives every parallel region one thread: a team of 3 cannot run its plan there.
     out = run_python("""
-        import numpy as np
-        import fusedrnn, fusedrnn.torch as frt
-        from fusedrnn import functional as F
-        fusedrnn.set_num_threads(3)
-        rng = np.random.default_rng(0)
-        w = [rng.uniform(-.5, .5, s).astype(np.float32) for s in ((512, 8), (512, 128), (512,), (512,))]
-        x = rng.standard_normal((5, 24, 8)).astype(np.float32)
+        w, x = layer("lstm", threads=3)
         runs = []
         for on_torch in (True, False):
             assert frt.use_torch_threads(on_torch) == on_torch
@@ -138,14 +151,7 @@ def test_several_python_threads_share_torchs_threads(rng, team_size):
 def test_a_forked_child_computes_on_fusedrnns_own_workers():
     # An OpenMP runtime's threads do not survive a fork; the child's jobs go back to fusedrnn's workers.
     out = run_python("""
-        import os, sys
-        import numpy as np
-        import fusedrnn, fusedrnn.torch as frt
-        from fusedrnn import functional as F
-        fusedrnn.set_num_threads(2)
-        rng = np.random.default_rng(0)
-        w = [rng.uniform(-.5, .5, s).astype(np.float32) for s in ((384, 8), (384, 128), (384,), (384,))]
-        x = rng.standard_normal((5, 24, 8)).astype(np.float32)
+        w, x = layer("gru", threads=2)
         parent = F.layer_forward("gru", x, *w).y
         pid = os.fork()
         if pid == 0:
