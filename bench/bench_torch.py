@@ -79,10 +79,10 @@ def time_in_core(spent: list):
     originals = {name: getattr(_core, name) for name in ("layer_forward", "layer_backward")}
 
     def timed(fn):
-        def call(*args):
+        def call(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - start
         return call
