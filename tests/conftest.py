@@ -9,6 +9,7 @@ import fusedrnn
 
 # The tests import their shared helpers as a top-level module.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import set_for_the_test  # noqa: E402
 
 
 @pytest.fixture
@@ -16,6 +17,18 @@ def rng(request):
     # A generator seeded from the test's id: every test is reproducible on its own, whatever runs first.
     seed = np.frombuffer(request.node.nodeid.encode(), np.uint8).astype(np.uint64)
     return np.random.default_rng(seed.tolist())
+
+
+@pytest.fixture
+def team_size(request):
+    """The thread team's size for the test (indirect parametrization)."""
+    yield from set_for_the_test(fusedrnn.get_num_threads, fusedrnn.set_num_threads, request.param)
+
+
+@pytest.fixture
+def split(request):
+    """Forces the layers to share their steps by 'rows' or 'units' for the test."""
+    yield from set_for_the_test(fusedrnn._core.get_layer_split, fusedrnn._core.set_layer_split, request.param)
 
 
 @pytest.fixture(params=fusedrnn.build_info()["simd_supported"])

@@ -91,3 +91,11 @@ def numerical_gradient(f, arr, indices, eps=1e-6):
         arr[idx] = saved
         grad[n] = (up - down) / (2 * eps)
     return grad
+
+
+def set_for_the_test(get, set_, value):
+    """A fixture's body: sets a process-wide choice to `value` for the test and restores it after."""
+    previous = get()
+    set_(value)
+    yield value
+    set_(previous)

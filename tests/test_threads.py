@@ -16,25 +16,7 @@ from fusedrnn import functional as F
 from fusedrnn import reference
 from fusedrnn.modules import make_module
 from helpers import (CELL_CASES, CELLS, GATES, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, proj_of,
-                     random_layer, random_lengths)
-
-
-def set_for_the_test(get, set_, value):
-    previous = get()
-    set_(value)
-    yield value
-    set_(previous)
-
-
-@pytest.fixture
-def team_size(request):
-    yield from set_for_the_test(fusedrnn.get_num_threads, fusedrnn.set_num_threads, request.param)
-
-
-@pytest.fixture
-def split(request):
-    """Forces the layers to share their steps by 'rows' or 'units' for the test."""
-    yield from set_for_the_test(_core.get_layer_split, _core.set_layer_split, request.param)
+                     random_layer, random_lengths, set_for_the_test)
 
 
 # (T, B, I, H): row blocks are 12 rows with AVX-512 and 6 otherwise, so B=13 leaves a 1-row remainder

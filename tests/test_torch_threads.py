@@ -21,22 +21,6 @@ from helpers import CELLS, GRAD_NAMES, random_layer  # noqa: E402
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torch's OpenMP runtime is found on Linux only")
 
 
-@pytest.fixture
-def team_size(request):
-    previous = fusedrnn.get_num_threads()
-    fusedrnn.set_num_threads(request.param)
-    yield request.param
-    fusedrnn.set_num_threads(previous)
-
-
-@pytest.fixture
-def split(request):
-    previous = _core.get_layer_split()
-    _core.set_layer_split(request.param)
-    yield request.param
-    _core.set_layer_split(previous)
-
-
 # The start of every child script: fusedrnn with the drop-in imported, a team of `threads`, and the
 # weights (w) and input (x) of one layer of `cell`.
 CHILD_SETUP = """

@@ -156,27 +156,38 @@ def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int
         rnn.zero_grad()
         head.zero_grad()
 
+    def train_batch(idx: np.ndarray) -> float:
+        x, y, mask = inputs[:, idx], targets[:, idx], loss_mask[:, idx]
+
+        def loss_fn(out, t0, t1):
+            chunk_mask = mask[t0:t1]
+            if not chunk_mask.any():         # a chunk inside the warm-up: nothing to learn from
+                return 0.0, np.zeros_like(out)
+            loss, dpred = losses.mse_loss(head(out), y[t0:t1], chunk_mask)
+            return loss, head.backward(dpred)
+
+        return sum(truncated_bptt(rnn, x, config.chunk, loss_fn, after_chunk=step).losses)
+
+    return run_epochs(config, rng, inputs.shape[1], train_batch, forecast, record)
+
+
+def run_epochs(config: ForecastConfig, rng: np.random.Generator, count: int,
+               train_batch: Callable[[np.ndarray], float], forecast: Callable[[], np.ndarray],
+               record: Callable[[float], None]) -> np.ndarray:
+    """A member's training schedule, whatever trains it: each epoch, the `count` windows in a fresh
+    random order, `config.batch` at a time (`train_batch(indices)` returns the batch's summed chunk
+    losses); the epoch's mean loss recorded; the forecasts of the last `config.average_last` of the
+    epochs averaged (the last one alone if none falls there)."""
     snapshots = []
-    count = inputs.shape[1]
     for epoch in range(config.epochs):
         total = 0.0
         order = rng.permutation(count)
         for start in range(0, count, config.batch):
-            idx = order[start:start + config.batch]
-            x, y, mask = inputs[:, idx], targets[:, idx], loss_mask[:, idx]
-
-            def loss_fn(out, t0, t1):
-                chunk_mask = mask[t0:t1]
-                if not chunk_mask.any():         # a chunk inside the warm-up: nothing to learn from
-                    return 0.0, np.zeros_like(out)
-                loss, dpred = losses.mse_loss(head(out), y[t0:t1], chunk_mask)
-                return loss, head.backward(dpred)
-
-            total += sum(truncated_bptt(rnn, x, config.chunk, loss_fn, after_chunk=step).losses)
+            total += float(train_batch(order[start:start + config.batch]))
         record(total / math.ceil(count / config.batch))
         if epoch >= config.epochs * (1 - config.average_last):
-            snapshots.append(forecast())
-    return np.mean(snapshots, axis=0) if snapshots else forecast()
+            snapshots.append(np.asarray(forecast()))
+    return np.mean(snapshots, axis=0) if snapshots else np.asarray(forecast())
 
 
 def plot_forecast(result: ForecastResult, path, cell: str = "lstm"):

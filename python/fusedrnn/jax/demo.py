@@ -74,20 +74,13 @@ def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int
 
     forecast = jax.jit(lambda p: predict(p, history)[0][-1, :, 0])
 
-    rng = np.random.default_rng(seed)
-    snapshots = []
-    count = inputs.shape[1]
-    for epoch in range(config.epochs):
-        total = 0.0
-        order = rng.permutation(count)
-        for start in range(0, count, config.batch):
-            idx = order[start:start + config.batch]
-            params, opt_state, loss = train_batch(params, opt_state, inputs[:, idx], targets[:, idx], loss_mask[:, idx])
-            total += float(loss)
-        record(total / math.ceil(count / config.batch))
-        if epoch >= config.epochs * (1 - config.average_last):
-            snapshots.append(np.asarray(forecast(params)))
-    return np.mean(snapshots, axis=0) if snapshots else np.asarray(forecast(params))
+    def batch(idx: np.ndarray) -> float:
+        nonlocal params, opt_state
+        params, opt_state, loss = train_batch(params, opt_state, inputs[:, idx], targets[:, idx], loss_mask[:, idx])
+        return float(loss)
+
+    return demo.run_epochs(config, np.random.default_rng(seed), inputs.shape[1], batch,
+                           lambda: forecast(params), record)
 
 
 def main(argv=None) -> int:
