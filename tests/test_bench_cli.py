@@ -75,6 +75,25 @@ def test_cpu_model_is_the_one_proc_cpuinfo_names():
     assert benchmark.cpu_model() == expected
 
 
+def test_sgemm_ceiling_counts_the_product_and_leaves_the_blas_on_one_thread(monkeypatch):
+    import ctypes
+
+    from fusedrnn import _core
+
+    lib = ctypes.CDLL(_core.blas_library())
+    timed = benchmark.time_calls
+    seen = []
+
+    def time_calls(fn, repeats):
+        seen.append(lib.scipy_openblas_get_num_threads())
+        return [0.002, 0.001, 0.004][:repeats] if timed(fn, repeats) else []
+
+    monkeypatch.setattr(benchmark, "time_calls", time_calls)
+    assert benchmark.sgemm_gflops(2, size=128, repeats=3) == pytest.approx(2 * 128**3 / 0.001 / 1e9)
+    assert seen == [2]
+    assert lib.scipy_openblas_get_num_threads() == 1
+
+
 # ---- --sweep ---------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ device's.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import platform
@@ -589,6 +590,32 @@ def alternate_samples(fns: dict, rounds: int, repeats: int,
         if on_round is not None:
             on_round()
     return samples
+
+
+def sgemm_gflops(threads: int, size: int = 4096, repeats: int = 3) -> float:
+    """GF/s of fusedrnn's own OpenBLAS on one float32 (size, size) @ (size, size) product with `threads`
+    threads, best of `repeats`: what a tuned GEMM reaches on this host, with the kernels OpenBLAS picks
+    for its CPU (or OPENBLAS_CORETYPE, where set). The yardstick for rows whose peer already runs near
+    the FMA peak (bench/bench_ceiling.py)."""
+    lib = ctypes.CDLL(_core.blas_library())
+    sgemm = lib.scipy_cblas_sgemm
+    pointer = ctypes.POINTER(ctypes.c_float)
+    sgemm.restype = None
+    sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, pointer, ctypes.c_int, pointer, ctypes.c_int,
+                                           ctypes.c_float, pointer, ctypes.c_int]
+    row_major, no_trans = 101, 111  # cblas.h's CblasRowMajor, CblasNoTrans
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    c = np.empty((size, size), np.float32)
+    args = [row_major, no_trans, no_trans, size, size, size, 1.0, a.ctypes.data_as(pointer), size,
+            b.ctypes.data_as(pointer), size, 0.0, c.ctypes.data_as(pointer), size]
+    lib.scipy_openblas_set_num_threads(threads)
+    try:
+        sgemm(*args)  # untimed: starts OpenBLAS's threads
+        best = min(time_calls(lambda: sgemm(*args), repeats))
+    finally:
+        lib.scipy_openblas_set_num_threads(1)  # fusedrnn calls its BLAS from its own team, one thread each
+    return 2.0 * size**3 / best / 1e9
 
 
 def timing_fields(name: str, round_medians: Sequence[float], work: float | None = None) -> dict:

@@ -149,6 +149,10 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
 // internally; from this many steps on, packing once wins.
 constexpr Index kMinStepsToPack = 3;
 
+// Streaming weights from L3 every step keeps up with the FMAs only when each weight serves enough
+// rows: 32 rows make 16 flops a byte.
+constexpr Index kMinRowsToStreamWeights = 32;
+
 // The 32-bit BLAS takes no dimension past INT_MAX; refuse before the job starts (jobs must not throw).
 void require_blas_range(std::initializer_list<Index> dims) {
   for (Index d : dims)
@@ -156,17 +160,22 @@ void require_blas_range(std::initializer_list<Index> dims) {
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
-// Forward by rows, each rank can project its own rows of x inside each step with the panel kernel,
-// its packed W_ih beside W_hh in L2, instead of one BLAS GEMM before the sequence whose output each
-// step reads back from L3 or memory (see bench/NOTES.md, "Figures behind the code", input projection). Only where both weights fit in half
-// the L2, as for sharing rows at all.
+// Each rank can project its own share of x inside each step with the panel kernel, its packed W_ih
+// beside W_hh, instead of one BLAS GEMM before the sequence whose output each step reads back from L3
+// or memory (see bench/NOTES.md, "Figures behind the code", input projection). That pays where the
+// rank's packed weights stay in L2 between steps: by rows, both whole weights in half the L2, as for
+// sharing rows at all; by units, the rank's columns of both in the L2, with enough rows that each
+// weight read from it serves as many FMAs as streaming from L3 needs (a B=1 step would read W_ih
+// just to multiply one row).
 bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
   const ProjectionPreference preference = projection_preference();
   if (preference != ProjectionPreference::kAuto) return preference == ProjectionPreference::kInSteps;
-  const double weight_bytes =
-      (static_cast<double>(cell_facts(cell).gates) * s.hidden * (s.input + s.state_size()) + s.proj * s.hidden) *
-      value_bytes;
-  return split.by_rows && s.steps >= kMinStepsToPack && weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
+  if (s.steps < kMinStepsToPack) return false;
+  const double gate_rows = static_cast<double>(cell_facts(cell).gates) * s.hidden;
+  const double weight_bytes = (gate_rows * (s.input + s.state_size()) + s.proj * s.hidden) * value_bytes;
+  const double l2 = static_cast<double>(l2_cache_bytes());
+  if (split.by_rows) return weight_bytes <= 0.5 * l2;
+  return split.ranks > 1 && s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2;
 }
 
 // The team layout of one call: the split, each rank's share and scratch. The packed panels: forward,
@@ -342,11 +351,9 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   constexpr Index kMinUnitsPerRank = 64;
   // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step.
   // From L2 (when it takes at most half, leaving room for the step's other data) that is cheap. From
-  // L3 it keeps up with the FMAs only when each weight serves enough rows: 32 rows make 16 flops a
-  // byte. Where units can be shared too, rows win from 4 a rank.
+  // L3 it needs kMinRowsToStreamWeights a rank. Where units can be shared too, rows win from 4 a rank.
   constexpr Index kMinRowsPerRank = 2;
   constexpr Index kMinRowsPerRankOverUnits = 4;
-  constexpr Index kMinRowsToStreamWeights = 32;
   // A projection's W_hr (P, H) joins W_hh, which is then (G*H, P).
   const double state = static_cast<double>(proj > 0 ? proj : hidden);
   const double weight_values = (cell_facts(cell).gates * state + static_cast<double>(proj)) * hidden;
