@@ -218,10 +218,11 @@ def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_persistent_backward_matches_cpu_and_repeats_bit_identically(rng, cell, dtype, recurrence):
-    """The persistent backward, where the fixture forces it, on an odd size (two blocks of uneven width
-    for the float64 LSTM and GRU), lengths and both directions: the CPU backend's values to float
-    tolerances and, run again on the same tape, the same bits."""
-    w, a = _layer_case(rng, cell, (5, 3, 7, 101), dtype)
+    """The persistent backward, where the fixture forces it, on an odd size, lengths and both
+    directions: the CPU backend's values to float tolerances and, run again on the same tape, the same
+    bits. The float64 LSTM and GRU take two blocks of 51 and 50 units and split each unit's sum over the
+    gate rows in two; the other cases one block and whole sums."""
+    w, a = _layer_case(rng, cell, (5, 2, 7, 101), dtype)
     expected = (1, 1) if recurrence == "persistent" else (0, 0)
     for reverse in (False, True):
         got, launches = _run_counting_launches(cell, w, a, reverse=reverse)

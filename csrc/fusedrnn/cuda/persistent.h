@@ -13,13 +13,15 @@
 //
 // Backward: the slice is its units' columns over all G*H gate rows, (G*H, units). Its phases:
 //   0          load its slice of W_hh into shared memory                     then a block barrier
-//   1 + 2i     step i's (reverse processing order) pointwise backward of its units (backward_unit):
+//   1 + 3i     step i's (reverse processing order) pointwise backward of its units (backward_unit):
 //              its units' gate gradients and the part of dL/dh_{t-1} bypassing W_hh
 //                                                                           then a GRID barrier
-//   2 + 2i     dL/dh_{t-1} of its units += dg_t W_hh, over every gate row, from shared memory
-//                                                                           then a block barrier
+//   2 + 3i     dg_t W_hh for its units from shared memory, each (row, unit)'s sum over the G*H gate
+//              rows split into `parts` consecutive ranges, one thread each, where threads would
+//              otherwise idle (small B * units); the partial sums in shared memory  then a block barrier
+//   3 + 3i     dL/dh_{t-1} of its units += the partial sums, added in order      then a block barrier
 // so every gate row's gradient is written before any block reads it; dL/dh and dL/dc of a unit are
-// only ever read and written by its own block. dx and the weight and bias gradients are the per-step
+// only ever read and written by its own block. Every sum has a fixed order: the same bits every run. dx and the weight and bias gradients are the per-step
 // path's GEMMs after the launch.
 #pragma once
 
@@ -34,6 +36,7 @@ struct PersistentShape {
   unsigned blocks = 0;  // 0: the layer does not run persistently
   unsigned threads = kBlockThreads;
   Index units = 0;      // hidden units per block (the last block may have fewer)
+  Index parts = 1;      // backward: threads sharing each (row, unit)'s sum over the gate rows
   std::size_t shared_bytes = 0;
   LaunchShape launch() const { return {blocks, threads, shared_bytes}; }
 };
@@ -144,8 +147,8 @@ struct PersistentBackward {
   T* dh_total = nullptr;     // (T, B*H)
   PersistentShape shape;
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1 + 2 * static_cast<int>(steps); }
-  FUSEDRNN_HD bool grid_barrier_after(int phase) const { return phase % 2 == 1; }
+  FUSEDRNN_HD int phases(unsigned) const { return 1 + 3 * static_cast<int>(steps); }
+  FUSEDRNN_HD bool grid_barrier_after(int phase) const { return phase % 3 == 1; }
 
   FUSEDRNN_HD void operator()(const ThreadIndex& at, int phase, unsigned char* shared) const {
     const Index H = step.hidden, B = step.batch, GH = Cell::kGates * H;
@@ -158,18 +161,31 @@ struct PersistentBackward {
         w[e] = w_hh.data[(e / units) * w_hh.stride[0] + (u0 + e % units) * w_hh.stride[1]];
       return;
     }
-    const Index i = (phase - 1) / 2;
-    const Index t = reverse ? i : steps - 1 - i;
+    const Index i = (phase - 1) / 3, t = reverse ? i : steps - 1 - i;
+    const int kind = (phase - 1) % 3;
+    const Index items = B * units, parts = shape.parts;  // item e: row e / units, unit u0 + e % units
     T* dh_out = dh[1 - i % 2];
-    const T* dg = dgh + t * B * GH;
-    // Both phases give thread e the same (row, unit), so the sum below adds to what its own thread wrote.
-    if (phase % 2 == 0) {
-      for (Index e = at.thread; e < B * units; e += at.threads) {
-        const Index b = e / units, j = e % units;
-        const T* g = dg + b * GH;
+    T* partial = w + GH * shape.units;  // (parts, items) beside the slice, where parts > 1
+    if (kind == 1) {
+      for (Index e = at.thread; e < parts * items; e += at.threads) {
+        const Index k = e / items, b = e % items / units, j = e % units;
+        const T* g = dgh + (t * B + b) * GH;
+        const Index r1 = (k + 1) * GH / parts;
         T sum = T(0);
-        for (Index r = 0; r < GH; ++r) sum += g[r] * w[r * units + j];
-        dh_out[b * H + u0 + j] += sum;
+        for (Index r = k * GH / parts; r < r1; ++r) sum += g[r] * w[r * units + j];
+        if (parts == 1)
+          dh_out[b * H + u0 + j] += sum;
+        else
+          partial[e] = sum;
+      }
+      return;
+    }
+    if (kind == 2) {
+      if (parts == 1) return;
+      for (Index e = at.thread; e < items; e += at.threads) {
+        T sum = partial[e];
+        for (Index k = 1; k < parts; ++k) sum += partial[k * items + e];
+        dh_out[e / units * H + u0 + e % units] += sum;
       }
       return;
     }
@@ -192,12 +208,24 @@ struct PersistentBackward {
 };
 
 // The persistent backward kernel's shape: the forward's (a block's slice is the same units x G*H values
-// of W_hh, only transposed), where its own kernel can have as many blocks resident at once.
+// of W_hh, only transposed), its sums split over as many of the block's threads as are free (at most
+// one part a gate row) and the partial sums fit beside the slice, where its own kernel can have as many
+// blocks resident at once.
 template <typename Cell, typename T, typename Device>
 PersistentShape persistent_backward_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
   PersistentShape p = persistent_shape<Cell, T>(dev, s, path);
-  if (p.blocks > 0 &&
-      dev.template cooperative_blocks<PersistentBackward<Cell, T>>(p.threads, p.shared_bytes) < p.blocks)
+  if (p.blocks == 0) return p;
+  const Index items = s.batch * p.units, gate_rows = Cell::kGates * s.hidden;
+  const std::size_t part_bytes = static_cast<std::size_t>(items) * sizeof(T);
+  Index parts = static_cast<Index>(p.threads) / items;
+  const Index by_shared = static_cast<Index>((dev.max_shared_bytes() - p.shared_bytes) / part_bytes);
+  if (parts > by_shared) parts = by_shared;
+  if (parts > gate_rows) parts = gate_rows;
+  if (parts > 1) {
+    p.parts = parts;
+    p.shared_bytes += static_cast<std::size_t>(parts) * part_bytes;
+  }
+  if (dev.template cooperative_blocks<PersistentBackward<Cell, T>>(p.threads, p.shared_bytes) < p.blocks)
     p.blocks = 0;
   return p;
 }
