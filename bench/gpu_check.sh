@@ -14,9 +14,7 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
 #      (bench/gpu_small_case.py);
 #   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
-#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones; then the
-#      persistent kernels (forced; inference times the forward's, training both) against the per-step
-#      path and cuDNN over batch sizes around their threshold (persistent.h, kPersistentMaxBatch).
+#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones.
 # Logs and the benchmark's JSON go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -135,11 +133,13 @@ log "benchmark against cuDNN"
 fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn \
   torch-cudnn-tf32 \
   --rounds 5 --repeats 10 --no-progress --json "$out/bench_cuda.json" | tee "$out/bench_cuda.txt"
-fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
-  --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
-  --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"
+# The persistent kernels, forced (inference times the forward's, training both), against the per-step
+# path and cuDNN at batch sizes around their threshold (persistent.h, kPersistentMaxBatch).
 fusedrnn bench --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-step torch-cudnn --cell lstm gru \
   --shape 100,1,256,256 100,4,256,256 100,16,256,256 100,64,256,256 100,4,1024,1024 --rounds 3 --repeats 5 \
   --no-progress --json "$out/bench_cuda_persistent.json" | tee "$out/bench_cuda_persistent.txt"
+fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
+  --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
+  --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"
 
 log "passed"

@@ -207,9 +207,9 @@ class CudaTape:
     """What a training-mode forward on device arrays keeps for backward (functional's tape on the CUDA
     backend): references to its inputs and the recorded states and gate values."""
 
+    recurrence = "auto"  # how backward runs the recurrence: as its forward was asked to (set_recurrence)
     backend = "cuda"
     proj_size = 0  # the CUDA backend has no projection
-    recurrence = "auto"  # how backward runs the recurrence: as its forward was asked to (set_recurrence)
 
     def __init__(self, lib, cell, reverse, shape, dtype, arrays, cell_clip):
         self.lib, self.cell, self.reverse, self.shape, self.dtype = lib, cell, reverse, shape, dtype
@@ -238,8 +238,7 @@ def set_recurrence(path: str) -> str:
 def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
             cell_clip, recurrence: str | None = None):
     """functional._forward on device arrays (lengths: checked host int64 or None). Returns
-    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting), kept in the tape for
-    backward."""
+    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting)."""
     cuda = cuda_module()
     lib = library_of(x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out = (
