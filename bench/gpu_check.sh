@@ -133,6 +133,11 @@ log "benchmark against cuDNN"
 fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn \
   torch-cudnn-tf32 \
   --rounds 5 --repeats 10 --no-progress --json "$out/bench_cuda.json" | tee "$out/bench_cuda.txt"
+# The persistent kernels, forced (inference times the forward's, training both), against the per-step
+# path and cuDNN at batch sizes around their threshold (persistent.h, kPersistentMaxBatch).
+fusedrnn bench --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-step torch-cudnn --cell lstm gru \
+  --shape 100,1,256,256 100,4,256,256 100,16,256,256 100,64,256,256 100,4,1024,1024 --rounds 3 --repeats 5 \
+  --no-progress --json "$out/bench_cuda_persistent.json" | tee "$out/bench_cuda_persistent.txt"
 fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
   --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
   --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"

@@ -135,6 +135,9 @@ def test_cuda_module_checks_arguments_by_name():
     with pytest.raises(TypeError, match="dtype: expected float32 or float64, got float16"):
         _cuda.layer_forward("lstm", "float16", (T, B, I, H), *(None,) * 8, False, *(None,) * 6, True, None, 0)
     with pytest.raises(ValueError, match="recurrence: expected"):
+        _cuda.layer_backward("lstm", "float32", (T, B, I, H), False, *(None,) * 13, False, *(None,) * 8, 0,
+                             recurrence="sometimes")
+    with pytest.raises(ValueError, match="recurrence: expected"):
         call(recurrence="sometimes")
     assert ctypes.sizeof(ctypes.c_void_p) == 8  # stream handles travel as 64-bit integers
 

@@ -1,5 +1,5 @@
 """The CUDA backend's device code, run on the host (the "emulated_device" backend: its orchestration,
-kernel bodies and persistent kernel with host BLAS and loops over the grid), against the CPU backend on
+kernel bodies and persistent kernels with host BLAS and loops over the grid), against the CPU backend on
 every axis the CPU tests cover: cells, dtypes, odd sizes, lengths, directions, biases, initial states,
 layers, strided inputs, inference, cell_clip, forward and backward. Two independent implementations in
 the same dtype, so helpers.tolerances applies; bit-level equality is not expected."""
@@ -26,8 +26,8 @@ SHAPES = {  # (T, B, I, H)
 
 @pytest.fixture(autouse=True, params=["per_step", "persistent"])
 def recurrence(request):
-    """Every test runs with the forward recurrence per step and as the persistent kernel (which falls
-    back to per step where it does not fit), restoring the default after."""
+    """Every test runs with the recurrence, forward and backward, per step and as the persistent
+    kernels (which fall back to per step where they do not fit), restoring the default after."""
     _core.set_emulated_recurrence_path(request.param)
     yield request.param
     _core.set_emulated_recurrence_path("auto")
@@ -185,25 +185,53 @@ def test_backward_accumulates_and_writes_dx_as_asked(rng):
     assert_close(written, once.dx, dtype, "dx written")
 
 
+def _run_counting_launches(cell, w, a, *, reverse):
+    """_run on the emulated device, with the cooperative launches of its forward and of its backward."""
+    start = _core.emulated_cooperative_launches()
+    out = F._forward(cell, a["x"], w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], a["h0"], a["c0"],
+                     a["lengths"], reverse, True, None, None, backend="emulated_device")
+    middle = _core.emulated_cooperative_launches()
+    grads = F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"])
+    return (out, grads), (middle - start, _core.emulated_cooperative_launches() - middle)
+
+
 def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recurrence):
-    """The forced persistent path launches one cooperative kernel per layer call; a layer whose W_hh
-    slices need more blocks than the (emulated H200's) multiprocessors hold runs per step instead.
-    'auto' takes the persistent kernel only for small batches."""
+    """The forced persistent path launches one cooperative kernel per layer call, forward and backward;
+    a layer whose W_hh slices need more blocks than the (emulated H200's) multiprocessors hold runs per
+    step instead, both ways. 'auto' takes the persistent kernels only for small batches."""
     cell, dtype = "lstm", np.float64
 
     def launches_for(shape):
         w, a = _layer_case(rng, cell, shape, dtype, lengths=False)
-        before = _core.emulated_cooperative_launches()
-        got = _run("emulated_device", cell, w, a, reverse=False)
+        got, launches = _run_counting_launches(cell, w, a, reverse=False)
         _compare(cell, dtype, got, _run("cpu", cell, w, a, reverse=False))
-        return _core.emulated_cooperative_launches() - before
+        return launches
 
-    assert launches_for((3, 2, 3, 129)) == (1 if recurrence == "persistent" else 0)
+    assert launches_for((3, 2, 3, 129)) == ((1, 1) if recurrence == "persistent" else (0, 0))
     # 4 gates x 1024 units of float64: 7 units (229 KB) a block, 147 blocks, one resident per SM.
-    assert launches_for((2, 1, 2, 1024)) == 0
+    assert launches_for((2, 1, 2, 1024)) == (0, 0)
     _core.set_emulated_recurrence_path("auto")
-    assert launches_for((3, 16, 3, 20)) == 1
-    assert launches_for((3, 17, 3, 20)) == 0
+    assert launches_for((3, 16, 3, 20)) == (1, 1)
+    assert launches_for((3, 17, 3, 20)) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_backward_matches_cpu_and_repeats_bit_identically(rng, cell, dtype, recurrence):
+    """The persistent backward, where the fixture forces it, on an odd size, lengths and both
+    directions: the CPU backend's values to float tolerances and, run again on the same tape, the same
+    bits. The float64 LSTM and GRU take two blocks of 51 and 50 units and split each unit's sum over the
+    gate rows in two; the other cases one block and whole sums."""
+    w, a = _layer_case(rng, cell, (5, 2, 7, 101), dtype)
+    expected = (1, 1) if recurrence == "persistent" else (0, 0)
+    for reverse in (False, True):
+        got, launches = _run_counting_launches(cell, w, a, reverse=reverse)
+        assert launches == expected
+        _compare(cell, dtype, got, _run("cpu", cell, w, a, reverse=reverse))
+        again = F.layer_backward(got[0].tape, a["dy"], a["dh_n"], a["dc_n"])
+        for name in ("dx", "dh0", "dc0", "dh_norm") + PARAM_NAMES:
+            if getattr(got[1], name) is not None:
+                assert np.array_equal(getattr(again, name), getattr(got[1], name)), name
 
 
 def test_unknown_backend_and_path_are_refused(rng):

@@ -219,7 +219,8 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
                     const py::object& dy, const py::object& dh_n, const py::object& dc_n, const py::object& dx,
                     bool accumulate_dx, const py::object& dh0, const py::object& dc0, const py::object& dw_ih,
                     const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
-                    const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream) {
+                    const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
+                    gpu::RecurrencePath path) {
   const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3];
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
@@ -262,7 +263,7 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
     throw py::value_error("x, weight_ih, weight_hh, hs: required");
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::backward_workspace_bytes(p), stream,
-            [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream)); });
+            [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream), path); });
 }
 
 std::vector<Index> layer_dims(const py::tuple& shape) {
@@ -314,17 +315,19 @@ PYBIND11_MODULE(_cuda, m) {
            const py::object& saved, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, bool accumulate_dx, const py::object& dh0, const py::object& dc0,
            const py::object& dw_ih, const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
-           const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream) {
+           const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
+           const std::string& recurrence) {
           const CellKind kind = parse_cell(cell);
           const std::vector<Index> dims = layer_dims(shape);
+          const gpu::RecurrencePath path = parse_path(recurrence);
           if (dtype == "float32")
             backward_typed<float>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                   dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                  stream);
+                                  stream, path);
           else if (dtype == "float64")
             backward_typed<double>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                    dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                   stream);
+                                   stream, path);
           else
             throw py::type_error("dtype: expected float32 or float64, got " + dtype);
         },
@@ -333,9 +336,10 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("cs"), py::arg("saved"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("accumulate_dx"), py::arg("dh0"), py::arg("dc0"), py::arg("grad_weight_ih"),
         py::arg("grad_weight_hh"), py::arg("grad_bias_ih"), py::arg("grad_bias_hh"), py::arg("dh_norm"),
-        py::arg("cell_clip"), py::arg("stream"),
+        py::arg("cell_clip"), py::arg("stream"), py::arg("recurrence") = "auto",
         "Enqueues the backward of one layer_forward(training=True) on `stream`: accumulates into the weight "
-        "and bias gradients (and dx unless accumulate_dx is False), writes dh0, dc0 and dh_norm.");
+        "and bias gradients (and dx unless accumulate_dx is False), writes dh0, dc0 and dh_norm. "
+        "`recurrence` as layer_forward's: 'auto', 'per_step' or 'persistent' (where it fits).");
 
   m.def("device_count", &gpu::cuda::device_count, "CUDA devices visible (0 without a driver or GPU).");
   m.def("device_name", &gpu::cuda::device_name, py::arg("device"));

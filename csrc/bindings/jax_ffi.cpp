@@ -233,7 +233,7 @@ class EmulatedDevice {
   }
   template <typename T>
   void backward(const fusedrnn::LayerBackwardParams<T>& p, void* workspace) {
-    fusedrnn::gpu::emulated::layer_backward(p, workspace);
+    fusedrnn::gpu::emulated::layer_backward(p, workspace, fusedrnn::gpu::RecurrencePath::kAuto);
   }
 
  private:

@@ -55,7 +55,7 @@ class CudaDevice {
   }
   template <typename T>
   void backward(const fusedrnn::LayerBackwardParams<T>& p, void* workspace) {
-    cuda::layer_backward(p, workspace, stream_);
+    cuda::layer_backward(p, workspace, stream_, fusedrnn::gpu::RecurrencePath::kAuto);
   }
 
  private:

@@ -516,7 +516,7 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
     if (tape.backend == Backend::kCpu)
       cpu::layer_backward<T>(args);
     else
-      gpu::emulated::layer_backward<T>(args);
+      gpu::emulated::layer_backward<T>(args, get_emulated_recurrence_path());
   }
   return py::make_tuple(dh0, dc0, dh_norm);
 }
@@ -693,8 +693,8 @@ PYBIND11_MODULE(_core, m) {
         "The file the BLAS functions were loaded from (\"\" where the platform cannot tell).");
   def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
              &get_emulated_recurrence_path,
-             "Tests only: how the emulated device backend runs the forward recurrence: 'per_step' (a GEMM "
-             "and a pointwise kernel a step), 'persistent' (one cooperative kernel, where it fits), or "
+             "Tests only: how the emulated device backend runs the recurrence, forward and backward: 'per_step' "
+             "(a GEMM and a pointwise kernel a step), 'persistent' (one cooperative kernel, where it fits), or "
              "'auto' (by the layer's size, the default).");
   m.def("emulated_cooperative_launches", &gpu::emulated::cooperative_launches,
         "Tests only: cooperative (grid-barrier) kernel launches the emulated device backend has run.");

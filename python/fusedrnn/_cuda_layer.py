@@ -207,6 +207,7 @@ class CudaTape:
     """What a training-mode forward on device arrays keeps for backward (functional's tape on the CUDA
     backend): references to its inputs and the recorded states and gate values."""
 
+    recurrence = "auto"  # how backward runs the recurrence: as its forward was asked to (set_recurrence)
     backend = "cuda"
     proj_size = 0  # the CUDA backend has no projection
 
@@ -224,9 +225,9 @@ _recurrence = "auto"
 
 
 def set_recurrence(path: str) -> str:
-    """Tests and benchmarks: how forward runs the recurrence from now on, "auto" (the default: the
-    persistent kernel for small batches where it fits), "per_step" or "persistent" (where it fits).
-    Returns the previous setting."""
+    """Tests and benchmarks: how forward, and the backward of its tape, run the recurrence from now on,
+    "auto" (the default: the persistent kernels for small batches where they fit), "per_step" or
+    "persistent" (where it fits). Returns the previous setting."""
     global _recurrence
     if path not in ("auto", "per_step", "persistent"):
         raise ValueError(f"path: expected 'auto', 'per_step' or 'persistent', got {path!r}")
@@ -262,6 +263,7 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
         tape = CudaTape(lib, cell, reverse, (steps, batch, inp, hidden), dtype,
                         dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
                              lengths=lens, hs=hs, cs=cs, saved=saved), cell_clip)
+        tape.recurrence = recurrence or _recurrence
     return y, h_n, c_n, tape
 
 
@@ -288,5 +290,6 @@ def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
     dh_norm = lib.empty(x, (steps,), "float64")
     cuda.layer_backward(tape.cell, tape.dtype, tape.shape, tape.reverse, x, a["weight_ih"], a["weight_hh"],
                         a["bias_ih"], a["bias_hh"], a["lengths"], a["hs"], a["cs"], a["saved"], dy, dh_n, dc_n,
-                        dx, accumulate_dx, dh0, dc0, *grads, dh_norm, tape.cell_clip, lib.stream(x))
+                        dx, accumulate_dx, dh0, dc0, *grads, dh_norm, tape.cell_clip, lib.stream(x),
+                        tape.recurrence)
     return (dx, dh0, dc0, *grads, dh_norm)

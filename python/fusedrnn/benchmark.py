@@ -447,6 +447,8 @@ def _fusedrnn_torch_cuda_runners(problem: Problem) -> Runners:
 register_peer("fusedrnn-cuda", _fusedrnn_cuda_runners, requires="torch", version=_fusedrnn_version, device="cuda")
 register_peer("fusedrnn-cuda-per-step", lambda p: _fusedrnn_cuda_runners(p, "per_step"), requires="torch",
               version=_fusedrnn_version, device="cuda")
+register_peer("fusedrnn-cuda-persistent", lambda p: _fusedrnn_cuda_runners(p, "persistent"), requires="torch",
+              version=_fusedrnn_version, device="cuda")
 register_peer("fusedrnn-cuda-graphs", lambda p: _fusedrnn_cuda_runners(p, "per_step", graphs=True), requires="torch",
               version=_fusedrnn_version, device="cuda")
 register_peer("torch-cudnn", lambda p: _torch_cuda_runners(p, tf32=False), requires="torch", version=_torch_version,

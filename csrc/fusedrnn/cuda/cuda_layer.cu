@@ -23,9 +23,9 @@ void layer_forward(const LayerForwardParams<T>& params, void* workspace, void* s
 }
 
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream) {
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream, RecurrencePath path) {
   CudaDevice dev(static_cast<cudaStream_t>(stream));
-  gpu::layer_backward(dev, params, workspace);
+  gpu::layer_backward(dev, params, workspace, path);
 }
 
 template <typename T>
@@ -110,8 +110,8 @@ template std::size_t backward_workspace_bytes<float>(const LayerBackwardParams<f
 template std::size_t backward_workspace_bytes<double>(const LayerBackwardParams<double>&);
 template void layer_forward<float>(const LayerForwardParams<float>&, void*, void*, RecurrencePath);
 template void layer_forward<double>(const LayerForwardParams<double>&, void*, void*, RecurrencePath);
-template void layer_backward<float>(const LayerBackwardParams<float>&, void*, void*);
-template void layer_backward<double>(const LayerBackwardParams<double>&, void*, void*);
+template void layer_backward<float>(const LayerBackwardParams<float>&, void*, void*, RecurrencePath);
+template void layer_backward<double>(const LayerBackwardParams<double>&, void*, void*, RecurrencePath);
 template void flag_non_finite<float>(const float*, Index, int*, void*);
 template void flag_non_finite<double>(const double*, Index, int*, void*);
 

@@ -24,7 +24,7 @@ std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params);
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& params, void* workspace, void* stream, RecurrencePath path);
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream);
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void* stream, RecurrencePath path);
 
 // Enqueues *flag = 1 when any of data[0..count) is NaN or infinite, else 0 (flag: device memory).
 template <typename T>

@@ -15,7 +15,7 @@ namespace {
 std::atomic<std::int64_t> cooperative_launch_count{0};
 
 // The figures of the GPU the emulation stands for (an H100/H200: 132 SMs, 2048 threads and 228 KB of
-// shared memory an SM, 227 KB a block), so the persistent kernel's fit is decided as on one.
+// shared memory an SM, 227 KB a block), so the persistent kernels' fit is decided as on one.
 constexpr int kMultiprocessors = 132;
 constexpr unsigned kThreadsPerMultiprocessor = 2048;
 constexpr std::size_t kSharedPerMultiprocessor = 228 * 1024;
@@ -53,17 +53,23 @@ class EmulatedDevice {
           kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(0));
   }
 
-  // Each phase for every block and thread before the next: a grid barrier after every phase, which
-  // also stands for the block barriers between the grid's.
+  // Between two grid barriers (Kernel::grid_barrier_after) each block runs its phases alone, block
+  // after block, each phase for every thread before the next (a block barrier): a schedule a GPU may
+  // take, so a grid barrier missing from the kernel shows as a wrong result.
   template <typename Kernel>
   void launch_cooperative(const Kernel& kernel, const LaunchShape& shape) {
     cooperative_launch_count.fetch_add(1);
     SharedMemory shared(shape.blocks, shape.shared_bytes);
     const int phases = kernel.phases(shape.threads);
-    for (int p = 0; p < phases; ++p)
+    for (int first = 0; first < phases;) {
+      int last = first;
+      while (last + 1 < phases && !kernel.grid_barrier_after(last)) ++last;
       for (unsigned b = 0; b < shape.blocks; ++b)
-        for (unsigned t = 0; t < shape.threads; ++t)
-          kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(b));
+        for (int p = first; p <= last; ++p)
+          for (unsigned t = 0; t < shape.threads; ++t)
+            kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(b));
+      first = last + 1;
+    }
   }
 
   template <typename Kernel>
@@ -100,9 +106,9 @@ void layer_forward(const LayerForwardParams<T>& params, void* workspace, Recurre
 }
 
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params, void* workspace) {
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace, RecurrencePath path) {
   EmulatedDevice dev;
-  gpu::layer_backward(dev, params, workspace);
+  gpu::layer_backward(dev, params, workspace, path);
 }
 
 template <typename T>
@@ -112,9 +118,9 @@ void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path) {
 }
 
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params) {
+void layer_backward(const LayerBackwardParams<T>& params, RecurrencePath path) {
   std::vector<unsigned char> workspace(backward_workspace_bytes(params));
-  layer_backward(params, workspace.data());
+  layer_backward(params, workspace.data(), path);
 }
 
 template <typename T>
@@ -127,8 +133,8 @@ std::int64_t cooperative_launches() { return cooperative_launch_count.load(); }
 
 template void layer_forward<float>(const LayerForwardParams<float>&, RecurrencePath);
 template void layer_forward<double>(const LayerForwardParams<double>&, RecurrencePath);
-template void layer_backward<float>(const LayerBackwardParams<float>&);
-template void layer_backward<double>(const LayerBackwardParams<double>&);
+template void layer_backward<float>(const LayerBackwardParams<float>&, RecurrencePath);
+template void layer_backward<double>(const LayerBackwardParams<double>&, RecurrencePath);
 template void flag_non_finite<float>(const float*, Index, int*);
 template void flag_non_finite<double>(const double*, Index, int*);
 template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);
@@ -137,7 +143,7 @@ template std::size_t backward_workspace_bytes<float>(const LayerBackwardParams<f
 template std::size_t backward_workspace_bytes<double>(const LayerBackwardParams<double>&);
 template void layer_forward<float>(const LayerForwardParams<float>&, void*, RecurrencePath);
 template void layer_forward<double>(const LayerForwardParams<double>&, void*, RecurrencePath);
-template void layer_backward<float>(const LayerBackwardParams<float>&, void*);
-template void layer_backward<double>(const LayerBackwardParams<double>&, void*);
+template void layer_backward<float>(const LayerBackwardParams<float>&, void*, RecurrencePath);
+template void layer_backward<double>(const LayerBackwardParams<double>&, void*, RecurrencePath);
 
 }  // namespace fusedrnn::gpu::emulated

@@ -17,7 +17,7 @@ template <typename T>
 void layer_forward(const LayerForwardParams<T>& params, RecurrencePath path);
 
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params);
+void layer_backward(const LayerBackwardParams<T>& params, RecurrencePath path);
 
 // As above, in a workspace of the caller's (host memory of the *_workspace_bytes the call needs), as a
 // device caller provides it.
@@ -28,7 +28,7 @@ std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params);
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& params, void* workspace, RecurrencePath path);
 template <typename T>
-void layer_backward(const LayerBackwardParams<T>& params, void* workspace);
+void layer_backward(const LayerBackwardParams<T>& params, void* workspace, RecurrencePath path);
 
 // *flag = 1 when any of data[0..count) is NaN or infinite, else 0, by the device's kernel.
 template <typename T>

@@ -79,7 +79,7 @@ struct FlagNonFinite {
 
 // ---------------------------------------------------------------------------------------------------
 // One step of the recurrence for one (row, unit), forward and backward: the per-step kernels below
-// and the persistent kernel call these.
+// and the persistent kernels call these.
 
 template <typename T>
 struct ForwardStep {

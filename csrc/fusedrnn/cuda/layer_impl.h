@@ -1,8 +1,8 @@
 // The CUDA backend's orchestration, written once against the device seam (device.h): which buffers a
 // call needs and where they sit in the workspace, which views are read in place and which are staged,
 // the order of the GEMMs and kernel launches, their leading dimensions and transposes, and the choice
-// between the per-step path and the persistent kernel. cuda_device.cuh runs it on a GPU, emulated.h on
-// the host.
+// between the per-step path and the persistent kernels (persistent.h). cuda_device.cuh runs it on a GPU,
+// emulated.h on the host.
 //
 // Per-step path, forward: one GEMM projects x onto W_ih for all T*B rows; each step is one GEMM
 // h_{t-1} W_hh^T and one pointwise kernel (biases, gates, lengths, y, the tape). Backward: each step is
@@ -301,7 +301,7 @@ std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& a) {
 }
 
 template <typename T, typename Device>
-void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspace) {
+void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspace, RecurrencePath path) {
   const LayerShape& s = a.shape;
   const Index B = s.batch, H = s.hidden, gh = cell_facts(a.cell).gates * H, rows = s.steps * B;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
@@ -320,6 +320,26 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
     step.lengths = s.lengths;
     step.dc = p.dc;
     step.cell_clip = a.cell_clip;
+    const PersistentShape persistent = persistent_backward_shape<Cell, T>(dev, s, path);
+    if (persistent.blocks > 0) {
+      PersistentBackward<Cell, T> k;
+      k.step = step;
+      k.steps = s.steps;
+      k.reverse = s.reverse;
+      k.w_hh = {p.w_hh.data, {p.w_hh.ld, 1}};
+      k.hs = a.tape.hs;
+      k.cs = a.tape.cs;
+      k.saved = a.tape.saved;
+      k.dy = a.dy;
+      k.dh[0] = p.dh[0];
+      k.dh[1] = p.dh[1];
+      k.dgx = p.dgx;
+      k.dgh = p.dgh;
+      k.dh_total = p.dh_total;
+      k.shape = persistent;
+      dev.launch_cooperative(k, persistent.launch());
+      return;
+    }
     SequenceKey key;
     key.add(1, static_cast<int>(a.cell), sizeof(T), s.steps, B, H, s.reverse, a.cell_clip, a.tape.hs, a.tape.cs,
             a.tape.saved, p.dgx, p.dgh, p.dh[0], p.dh[1], p.dc, p.dh_total, p.w_hh.data, p.w_hh.ld)

@@ -1,14 +1,28 @@
-// The persistent forward kernel: the whole recurrence in one cooperative launch, for small batches,
-// where a step's GEMM is too small to fill the GPU and each launch's latency would dominate.
+// The persistent kernels: the whole recurrence in one cooperative launch, forward and backward, for
+// small batches, where a step's GEMM is too small to fill the GPU and each launch's latency would
+// dominate. Block q owns a contiguous range of hidden units and keeps a slice of W_hh in shared memory
+// for the whole sequence (read from global memory once); each step has one grid-wide barrier.
 //
-// Block q owns a contiguous range of hidden units and keeps those units' G gate rows of W_hh in shared
-// memory for the whole sequence (read from global memory once). Its phases (device.h):
+// Forward: the slice is its units' G gate rows, (G*units, H). Its phases (device.h):
 //   0          load its slice of W_hh into shared memory                     then a block barrier
 //   1 + 2i     step i's recurrent projection for its units: hg = h_{t-1} W_hh^T, from shared memory
 //                                                                           then a block barrier
 //   2 + 2i     step i's pointwise update of its units (forward_unit)          then a GRID barrier
-// so each step has one grid-wide barrier: every unit of h_t is written before any block reads it.
-// The input projection is the per-step path's one GEMM before the launch.
+// so every unit of h_t is written before any block reads it. The input projection is the per-step
+// path's one GEMM before the launch.
+//
+// Backward: the slice is its units' columns over all G*H gate rows, (G*H, units). Its phases:
+//   0          load its slice of W_hh into shared memory                     then a block barrier
+//   1 + 3i     step i's (reverse processing order) pointwise backward of its units (backward_unit):
+//              its units' gate gradients and the part of dL/dh_{t-1} bypassing W_hh
+//                                                                           then a GRID barrier
+//   2 + 3i     dg_t W_hh for its units from shared memory, each (row, unit)'s sum over the G*H gate
+//              rows split into `parts` consecutive ranges, one thread each, where threads would
+//              otherwise idle (small B * units); the partial sums in shared memory  then a block barrier
+//   3 + 3i     dL/dh_{t-1} of its units += the partial sums, added in order      then a block barrier
+// so every gate row's gradient is written before any block reads it; dL/dh and dL/dc of a unit are
+// only ever read and written by its own block. Every sum has a fixed order: the same bits every run. dx and the weight and bias gradients are the per-step
+// path's GEMMs after the launch.
 #pragma once
 
 #include "fusedrnn/cells.h"
@@ -22,6 +36,7 @@ struct PersistentShape {
   unsigned blocks = 0;  // 0: the layer does not run persistently
   unsigned threads = kBlockThreads;
   Index units = 0;      // hidden units per block (the last block may have fewer)
+  Index parts = 1;      // backward: threads sharing each (row, unit)'s sum over the gate rows
   std::size_t shared_bytes = 0;
   LaunchShape launch() const { return {blocks, threads, shared_bytes}; }
 };
@@ -112,6 +127,106 @@ PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePat
   p.blocks = static_cast<unsigned>(blocks);
   p.units = units;
   p.shared_bytes = shared;
+  return p;
+}
+
+// The backward recurrence (phases above). dy, the tape and the buffers are the per-step path's.
+template <typename Cell, typename T>
+struct PersistentBackward {
+  BackwardStep<T> step;  // the fields every step shares; t, the tape's values, dy and the buffers set per step
+  Index steps = 0;
+  bool reverse = false;
+  View2<const T> w_hh;   // (G*H, H), rows evenly spaced
+  const T* hs = nullptr;     // the tape (training): T+1 state slots
+  const T* cs = nullptr;
+  const T* saved = nullptr;  // (T, B, S*H)
+  View3<const T> dy;         // (T, B, H), or data null
+  T* dh[2] = {};             // (B, H) each: dL/dh entering processing step i is dh[i % 2], leaving it the other
+  T* dgx = nullptr;          // (T*B, G*H)
+  T* dgh = nullptr;          // (T*B, G*H), or dgx
+  T* dh_total = nullptr;     // (T, B*H)
+  PersistentShape shape;
+
+  FUSEDRNN_HD int phases(unsigned) const { return 1 + 3 * static_cast<int>(steps); }
+  FUSEDRNN_HD bool grid_barrier_after(int phase) const { return phase % 3 == 1; }
+
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, int phase, unsigned char* shared) const {
+    const Index H = step.hidden, B = step.batch, GH = Cell::kGates * H;
+    const Index u0 = static_cast<Index>(at.block) * shape.units;
+    const Index u1 = u0 + shape.units < H ? u0 + shape.units : H;
+    const Index units = u1 > u0 ? u1 - u0 : 0;
+    T* w = reinterpret_cast<T*>(shared);  // (G*H, units): w[r * units + j] = W_hh[r][u0 + j]
+    if (phase == 0) {
+      for (Index e = at.thread; e < GH * units; e += at.threads)
+        w[e] = w_hh.data[(e / units) * w_hh.stride[0] + (u0 + e % units) * w_hh.stride[1]];
+      return;
+    }
+    const Index i = (phase - 1) / 3, t = reverse ? i : steps - 1 - i;
+    const int kind = (phase - 1) % 3;
+    const Index items = B * units, parts = shape.parts;  // item e: row e / units, unit u0 + e % units
+    T* dh_out = dh[1 - i % 2];
+    T* partial = w + GH * shape.units;  // (parts, items) beside the slice, where parts > 1
+    if (kind == 1) {
+      for (Index e = at.thread; e < parts * items; e += at.threads) {
+        const Index k = e / items, b = e % items / units, j = e % units;
+        const T* g = dgh + (t * B + b) * GH;
+        const Index r1 = (k + 1) * GH / parts;
+        T sum = T(0);
+        for (Index r = k * GH / parts; r < r1; ++r) sum += g[r] * w[r * units + j];
+        if (parts == 1)
+          dh_out[b * H + u0 + j] += sum;
+        else
+          partial[e] = sum;
+      }
+      return;
+    }
+    if (kind == 2) {
+      if (parts == 1) return;
+      for (Index e = at.thread; e < items; e += at.threads) {
+        T sum = partial[e];
+        for (Index k = 1; k < parts; ++k) sum += partial[k * items + e];
+        dh_out[e / units * H + u0 + e % units] += sum;
+      }
+      return;
+    }
+    const Index state = B * H;
+    BackwardStep<T> s = step;
+    s.t = t;
+    s.saved = saved ? saved + t * B * Cell::kSaved * H : nullptr;
+    s.h_prev = state_slot<const T>(hs, prev_slot(reverse, t), state, true);
+    s.c_prev = state_slot<const T>(cs, prev_slot(reverse, t), state, true);
+    s.h_next = state_slot<const T>(hs, next_slot(reverse, t), state, true);
+    s.c_next = state_slot<const T>(cs, next_slot(reverse, t), state, true);
+    s.dy = {dy.data ? dy.data + t * dy.stride[0] : nullptr, {dy.stride[1], dy.stride[2]}};
+    s.dh_in = dh[i % 2];
+    s.dh_out = dh_out;
+    s.dgx = dgx + t * B * GH;
+    s.dgh = dgh + t * B * GH;
+    s.dh_total = dh_total + t * state;
+    for (Index e = at.thread; e < B * units; e += at.threads) backward_unit<Cell, T>(s, e / units, u0 + e % units);
+  }
+};
+
+// The persistent backward kernel's shape: the forward's (a block's slice is the same units x G*H values
+// of W_hh, only transposed), its sums split over as many of the block's threads as are free (at most
+// one part a gate row) and the partial sums fit beside the slice, where its own kernel can have as many
+// blocks resident at once.
+template <typename Cell, typename T, typename Device>
+PersistentShape persistent_backward_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
+  PersistentShape p = persistent_shape<Cell, T>(dev, s, path);
+  if (p.blocks == 0) return p;
+  const Index items = s.batch * p.units, gate_rows = Cell::kGates * s.hidden;
+  const std::size_t part_bytes = static_cast<std::size_t>(items) * sizeof(T);
+  Index parts = static_cast<Index>(p.threads) / items;
+  const Index by_shared = static_cast<Index>((dev.max_shared_bytes() - p.shared_bytes) / part_bytes);
+  if (parts > by_shared) parts = by_shared;
+  if (parts > gate_rows) parts = gate_rows;
+  if (parts > 1) {
+    p.parts = parts;
+    p.shared_bytes += static_cast<std::size_t>(parts) * part_bytes;
+  }
+  if (dev.template cooperative_blocks<PersistentBackward<Cell, T>>(p.threads, p.shared_bytes) < p.blocks)
+    p.blocks = 0;
   return p;
 }
 
