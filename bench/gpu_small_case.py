@@ -1,6 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (bench/gpu_check.sh): each cell, both
 directions, with lengths, per step and persistent, forward and backward, plus gathered (strided) inputs
-and an LSTM with a projection, checked against the CPU path so a run that is clean but wrong still fails. Exits non-zero on a mismatch."""
+and an LSTM with a projection, checked against the CPU path so a run that is clean but wrong still
+fails. Exits non-zero on a mismatch."""
 
 import sys
 

@@ -1,8 +1,9 @@
 """The CUDA backend's device code, run on the host (the "emulated_device" backend: its orchestration,
 kernel bodies and persistent kernel with host BLAS and loops over the grid), against the CPU backend on
 every axis the CPU tests cover: cells, dtypes, odd sizes, lengths, directions, biases, initial states,
-layers, strided inputs, inference, cell_clip, an LSTM's projection (proj_size), forward and backward. Two independent implementations in
-the same dtype, so helpers.tolerances applies; bit-level equality is not expected."""
+layers, strided inputs, inference, cell_clip, an LSTM's projection (proj_size), forward and backward.
+Two independent implementations in the same dtype, so helpers.tolerances applies; bit-level equality is
+not expected."""
 
 import numpy as np
 import pytest
