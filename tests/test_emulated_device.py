@@ -334,6 +334,16 @@ def test_projected_backward_accumulates_weight_hr(rng):
         assert_close(getattr(twice, name), getattr(once, name) + 1.0, np.float64, name)
 
 
+def test_projected_gradients_from_the_final_states_alone_match_cpu(rng):
+    """No dy (None: zero), so every step's dL/dh comes back through W_hh from dh_n and dc_n."""
+    w, a = _layer_case(rng, "lstm", (5, 4, 3, 8), np.float64, proj=3)
+    got, want = (_run(backend, "lstm", w, a, reverse=False)[0] for backend in ("emulated_device", "cpu"))
+    grads, ref = (F.layer_backward(out.tape, None, a["dh_n"], a["dc_n"]) for out in (got, want))
+    assert np.abs(ref.weight_hr).max() > 0
+    for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
+        assert_close(getattr(grads, name), getattr(ref, name), np.float64, name)
+
+
 def test_projected_layer_runs_per_step_even_when_persistent_is_forced(rng, recurrence):
     """The persistent kernel keeps no W_hr: a projected layer that would otherwise fit it (a small
     batch, few units) runs per step under every path setting, with the CPU backend's results."""
