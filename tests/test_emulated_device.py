@@ -354,5 +354,5 @@ def test_projected_layer_runs_per_step_even_when_persistent_is_forced(rng, recur
     _compare("lstm", np.float64, got, _run("cpu", "lstm", w, a, reverse=False))
     # The same layer without the projection does take the persistent kernel where it is asked for.
     plain, b = _layer_case(rng, "lstm", (3, 2, 3, 20), np.float64)
-    _run("emulated_device", "lstm", plain, b, reverse=False)
+    _run("emulated_device", "lstm", plain, b, reverse=False, training=False)
     assert _core.emulated_cooperative_launches() - before == (1 if recurrence == "persistent" else 0)
