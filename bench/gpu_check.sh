@@ -14,7 +14,8 @@
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
 #      (bench/gpu_small_case.py);
 #   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
-#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones.
+#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones, then LSTMs with
+#      a projection (--set projection).
 # Logs and the benchmark's JSON go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -141,5 +142,7 @@ fusedrnn bench --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-
 fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
   --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
   --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"
+fusedrnn bench --device cuda --set projection --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --rounds 3 \
+  --repeats 5 --no-progress --json "$out/bench_cuda_projection.json" | tee "$out/bench_cuda_projection.txt"
 
 log "passed"

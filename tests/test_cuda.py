@@ -11,7 +11,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _device, _stack
 from fusedrnn import functional as F
-from helpers import CELLS, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+from helpers import CELLS, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
 
 CUDA = fusedrnn.build_info()["cuda"]
 needs_module = pytest.mark.skipif(not CUDA["loaded"], reason="no CUDA module that loads")
@@ -139,6 +139,13 @@ def test_cuda_module_checks_arguments_by_name():
                              recurrence="sometimes")
     with pytest.raises(ValueError, match="recurrence: expected"):
         call(recurrence="sometimes")
+    # A projection size P (the shape's fifth entry): below H, an LSTM's only, with weight_hr (P, H).
+    with pytest.raises(ValueError, match=r"shape: expected P < H, got \(2, 1, 3, 2, 2\)"):
+        _cuda.layer_forward("lstm", "float32", (T, B, I, H, H), *(None,) * 8, False, *(None,) * 6, True, None, 0)
+    with pytest.raises(ValueError, match="shape: only an LSTM takes a projection"):
+        _cuda.layer_forward("gru", "float32", (T, B, I, H, 1), *(None,) * 8, False, *(None,) * 6, True, None, 0)
+    with pytest.raises(ValueError, match="weight_hr: required exactly when shape has a projection size"):
+        _cuda.layer_forward("lstm", "float32", (T, B, I, H, 1), *(None,) * 8, False, *(None,) * 6, True, None, 0)
     assert ctypes.sizeof(ctypes.c_void_p) == 8  # stream handles travel as 64-bit integers
 
 
@@ -200,6 +207,67 @@ def test_cupy_layer_matches_cpu(rng, cell, dtype, shape, reverse, recurrence):
     assert isinstance(y, cp.ndarray) and y.device.id == d["x"].device.id
     grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
     _compare_runs(cell, dtype, (F.LayerOutput(y, h_n, c_n, tape), grads), _host_run(cell, w, a, reverse))
+
+
+PROJ_SHAPES = {"P1": (5, 3, 4, 6, 1), "P_H_minus_1": (4, 3, 5, 7, 6), "H129": (3, 2, 5, 129, 43),
+               "B40": (5, 40, 16, 24, 12)}
+
+
+def _projected_case(rng, shape, dtype):
+    steps, batch, inp, hidden, proj = shape
+    w = random_layer(rng, "lstm", inp, hidden, dtype=dtype, proj_size=proj)
+    a = dict(x=rng.standard_normal((steps, batch, inp)).astype(dtype),
+             h0=rng.standard_normal((batch, proj)).astype(dtype),
+             c0=rng.standard_normal((batch, hidden)).astype(dtype),
+             lengths=random_lengths(rng, steps, batch).astype(np.int64),
+             dy=rng.standard_normal((steps, batch, proj)).astype(dtype),
+             dh_n=rng.standard_normal((batch, proj)).astype(dtype),
+             dc_n=rng.standard_normal((batch, hidden)).astype(dtype))
+    return w, a
+
+
+@needs_cupy
+@pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", list(PROJ_SHAPES.values()), ids=list(PROJ_SHAPES))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_cupy_projected_layer_matches_cpu(rng, dtype, shape, reverse, recurrence):
+    """An LSTM with a projection on CuPy arrays: outputs and every gradient, weight_hr's too, as the CPU
+    backend's (a forced persistent path runs per step: the persistent kernel takes no projection)."""
+    from fusedrnn import _cuda_layer
+    w, a = _projected_case(rng, shape, dtype)
+    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    y, h_n, c_n, tape = _cuda_layer.forward("lstm", d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
+                                            d["bias_hh"], d["h0"], d["c0"], a["lengths"], reverse, True, None, None,
+                                            recurrence, weight_hr=d["weight_hr"])
+    assert y.shape == (shape[0], shape[1], shape[4]) and tape.proj_size == shape[4]
+    grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
+    host = F.layer_forward("lstm", a["x"], *w.values(), a["h0"], a["c0"], lengths=a["lengths"], reverse=reverse)
+    host_grads = F.layer_backward(host.tape, a["dy"], a["dh_n"], a["dc_n"])
+    _compare_runs("lstm", dtype, (F.LayerOutput(y, h_n, c_n, tape), grads), (host, host_grads))
+    assert_close(_to_host(grads.weight_hr), host_grads.weight_hr, dtype, "weight_hr")
+
+
+@needs_cupy
+def test_cupy_projected_module_matches_numpy_module(rng):
+    """fusedrnn.LSTM(proj_size=...) fed CuPy arrays: the outputs, gradients (weight_hr's too) and
+    gradient norms of the same module fed NumPy arrays."""
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=True, dtype=np.float64, seed=5, proj_size=3)
+    on_host, on_gpu = (fusedrnn.LSTM(6, 8, **kwargs) for _ in range(2))
+    x = rng.standard_normal((4, 7, 6))
+    lengths = random_lengths(rng, 7, 4)
+    y_host, _ = on_host(x, lengths=lengths)
+    y_gpu, _ = on_gpu(cp.asarray(x), lengths=lengths)
+    assert y_gpu.shape == (4, 7, 6)
+    assert_close(cp.asnumpy(y_gpu), y_host, np.float64, "y")
+    dy = rng.standard_normal(y_host.shape)
+    dx_host, _ = on_host.backward(dy)
+    dx_gpu, _ = on_gpu.backward(cp.asarray(dy))
+    assert_close(cp.asnumpy(dx_gpu), dx_host, np.float64, "dx")
+    assert any(name.startswith("weight_hr") for name in on_host.grads)
+    for name, g in on_host.grads.items():
+        assert_close(on_gpu.grads[name], g, np.float64, name)
+    assert_close(on_gpu.hidden_grad_norms, on_host.hidden_grad_norms, np.float64, "hidden_grad_norms")
 
 
 @needs_cupy
@@ -344,6 +412,40 @@ def test_torch_dropin_on_cuda_matches_torch_nn(rng, cell):
         assert_close(_to_host(p.grad), p_ref.grad.numpy(), np.float64, name)
     with pytest.raises(ValueError, match="on cpu, but input is on cuda:0"):
         fused.cpu()(x.cuda())
+
+
+@needs_torch_cuda
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("proj_size", [1, 5, 7])
+def test_torch_dropin_projected_lstm_on_cuda_matches_torch_nn(rng, proj_size, dtype):
+    """fusedrnn.torch.LSTM(proj_size=...) on CUDA against torch.nn.LSTM(proj_size=...) on CUDA (cuDNN,
+    TF32 off) with the same weights: outputs, states and every parameter's gradient, weight_hr's too."""
+    torch = torch_cuda
+    import fusedrnn.torch as frt
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True, proj_size=proj_size,
+              dtype=getattr(torch, dtype), device="cuda")
+    reference = torch.nn.LSTM(6, 8, **kw)
+    fused = frt.LSTM(6, 8, **kw)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.from_numpy(rng.standard_normal((4, 7, 6))).to("cuda", getattr(torch, dtype))
+    x_fused, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        y_ref, (h_ref, c_ref) = reference(x_ref)
+        (y_ref.square().sum() + h_ref.sum() + c_ref.sum()).backward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    y, (h, c) = fused(x_fused)
+    (y.square().sum() + h.sum() + c.sum()).backward()
+    assert y.is_cuda and y.shape == (4, 7, 2 * proj_size) and h.shape == (4, 4, proj_size)
+    np_dtype = np.dtype(dtype)
+    for name, got, want in [("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref), ("dx", x_fused.grad, x_ref.grad)]:
+        assert_close(_to_host(got), _to_host(want), np_dtype, name)
+    names = [name for name, _ in reference.named_parameters()]
+    assert "weight_hr_l1_reverse" in names
+    for (name, p), (_, p_ref) in zip(fused.named_parameters(), reference.named_parameters()):
+        assert_close(_to_host(p.grad), _to_host(p_ref.grad), np_dtype, name)
 
 
 @needs_cupy

@@ -1,15 +1,17 @@
 """The CUDA backend's device code, run on the host (the "emulated_device" backend: its orchestration,
 kernel bodies and persistent kernels with host BLAS and loops over the grid), against the CPU backend on
 every axis the CPU tests cover: cells, dtypes, odd sizes, lengths, directions, biases, initial states,
-layers, strided inputs, inference, cell_clip, forward and backward. Two independent implementations in
-the same dtype, so helpers.tolerances applies; bit-level equality is not expected."""
+layers, strided inputs, inference, cell_clip, an LSTM's projection (proj_size), forward and backward.
+Two independent implementations in the same dtype, so helpers.tolerances applies; bit-level equality is
+not expected."""
 
 import numpy as np
 import pytest
 
 from fusedrnn import _core, _stack
 from fusedrnn import functional as F
-from helpers import CELLS, GATES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+from helpers import (CELLS, GATES, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, random_layer,
+                     random_lengths)
 
 DTYPES = [np.float64, np.float32]
 SHAPES = {  # (T, B, I, H)
@@ -33,16 +35,18 @@ def recurrence(request):
     _core.set_emulated_recurrence_path("auto")
 
 
-def _layer_case(rng, cell, shape, dtype, *, bias=True, with_state=True, lengths=True):
+def _layer_case(rng, cell, shape, dtype, *, bias=True, with_state=True, lengths=True, proj=0):
+    """Weights and arrays of one layer; with proj > 0 an LSTM projecting h to proj features."""
     steps, batch, inp, hidden = shape
-    w = random_layer(rng, cell, inp, hidden, bias=bias, dtype=dtype)
+    width = proj or hidden
+    w = random_layer(rng, cell, inp, hidden, bias=bias, dtype=dtype, proj_size=proj)
     arrays = dict(
         x=rng.standard_normal((steps, batch, inp)).astype(dtype),
-        h0=rng.standard_normal((batch, hidden)).astype(dtype) if with_state else None,
+        h0=rng.standard_normal((batch, width)).astype(dtype) if with_state else None,
         c0=rng.standard_normal((batch, hidden)).astype(dtype) if with_state and has_cell_state(cell) else None,
         lengths=random_lengths(rng, steps, batch).astype(np.int64) if lengths else None,
-        dy=rng.standard_normal((steps, batch, hidden)).astype(dtype),
-        dh_n=rng.standard_normal((batch, hidden)).astype(dtype),
+        dy=rng.standard_normal((steps, batch, width)).astype(dtype),
+        dh_n=rng.standard_normal((batch, width)).astype(dtype),
         dc_n=rng.standard_normal((batch, hidden)).astype(dtype) if has_cell_state(cell) else None,
     )
     return w, arrays
@@ -50,7 +54,8 @@ def _layer_case(rng, cell, shape, dtype, *, bias=True, with_state=True, lengths=
 
 def _run(backend, cell, w, a, *, reverse, training=True, cell_clip=None, x=None):
     out = F._forward(cell, a["x"] if x is None else x, w["weight_ih"], w["weight_hh"], w["bias_ih"],
-                     w["bias_hh"], a["h0"], a["c0"], a["lengths"], reverse, training, None, cell_clip, backend=backend)
+                     w["bias_hh"], a["h0"], a["c0"], a["lengths"], reverse, training, None, cell_clip,
+                     w.get("weight_hr"), backend=backend)
     if not training:
         return out, None
     return out, F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"])
@@ -64,7 +69,7 @@ def _compare(cell, dtype, got, want):
         assert_close(out.c_n, ref_out.c_n, dtype, "c_n")
     if grads is None:
         return
-    for name in ("dx", "dh0", "dc0", "dh_norm") + PARAM_NAMES:
+    for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
         if getattr(ref_grads, name) is not None:
             assert_close(getattr(grads, name), getattr(ref_grads, name), dtype, name)
 
@@ -240,3 +245,142 @@ def test_unknown_backend_and_path_are_refused(rng):
         _run("gpu", "rnn_tanh", w, a, reverse=False)
     with pytest.raises(ValueError, match="kind"):
         _core.set_emulated_recurrence_path("sometimes")
+
+
+# ---- an LSTM with a projection (proj_size) ---------------------------------------------------------
+
+PROJ_SHAPES = {  # (T, B, I, H, P)
+    "P1": (5, 3, 4, 6, 1),
+    "P_H_minus_1": (4, 3, 5, 7, 6),
+    "H2_P1": (5, 3, 2, 2, 1),
+    "T1": (1, 3, 4, 5, 2),
+    "B1": (6, 1, 4, 5, 3),
+    "H129": (3, 2, 5, 129, 43),
+    "I1": (4, 3, 1, 6, 5),
+    "I_gt_H": (4, 2, 33, 3, 2),
+    "all_small": (1, 1, 1, 2, 1),
+    "B17": (3, 17, 6, 10, 9),
+}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", list(PROJ_SHAPES.values()), ids=list(PROJ_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_projected_layer_matches_cpu(rng, dtype, shape, reverse):
+    """Outputs, states and every gradient (weight_hr's too) against the CPU backend, with lengths."""
+    *dims, proj = shape
+    w, a = _layer_case(rng, "lstm", tuple(dims), dtype, proj=proj)
+    got = _run("emulated_device", "lstm", w, a, reverse=reverse)
+    assert got[0].tape.backend == "emulated_device" and got[0].tape.proj_size == proj
+    assert got[0].y.shape == (dims[0], dims[1], proj) and got[1].weight_hr.shape == (proj, dims[3])
+    _compare("lstm", dtype, got, _run("cpu", "lstm", w, a, reverse=reverse))
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_projected_variants_match_cpu(rng, bias, with_state, lengths):
+    w, a = _layer_case(rng, "lstm", (7, 4, 6, 9), np.float64, bias=bias, with_state=with_state, lengths=lengths,
+                       proj=4)
+    for reverse in (False, True):
+        _compare("lstm", np.float64, _run("emulated_device", "lstm", w, a, reverse=reverse),
+                 _run("cpu", "lstm", w, a, reverse=reverse))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_projected_inference_matches_cpu(rng, dtype):
+    """Inference keeps one slot of cell outputs and two state slots; odd and even step counts."""
+    for steps in (4, 5):
+        w, a = _layer_case(rng, "lstm", (steps, 3, 4, 6), dtype, proj=2)
+        for reverse in (False, True):
+            got = _run("emulated_device", "lstm", w, a, reverse=reverse, training=False)
+            assert got[0].tape is None
+            _compare("lstm", dtype, got, _run("cpu", "lstm", w, a, reverse=reverse, training=False))
+
+
+def test_projected_cell_clip_matches_cpu(rng):
+    w, a = _layer_case(rng, "lstm", (6, 3, 4, 5), np.float64, proj=3)
+    a["x"] *= 4
+    got = _run("emulated_device", "lstm", w, a, reverse=True, cell_clip=0.8)
+    assert np.abs(got[0].c_n).max() == pytest.approx(0.8)
+    _compare("lstm", np.float64, got, _run("cpu", "lstm", w, a, reverse=True, cell_clip=0.8))
+
+
+def test_projected_strided_weights_are_gathered(rng):
+    """weight_hr (and the others) in Fortran order: the GEMMs cannot read them in place."""
+    w, a = _layer_case(rng, "lstm", (5, 3, 4, 6), np.float64, proj=2)
+    strided = {k: None if v is None else (np.asfortranarray(v) if v.ndim == 2 else v) for k, v in w.items()}
+    assert not strided["weight_hr"].flags.c_contiguous
+    _compare("lstm", np.float64, _run("emulated_device", "lstm", strided, a, reverse=False),
+             _run("cpu", "lstm", w, a, reverse=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_projected_stack_of_bidirectional_layers_matches_cpu(rng, dtype):
+    steps, batch, inp, hidden, proj, layers, dirs = 6, 4, 5, 7, 3, 2, 2
+    weights = [[tuple(random_layer(rng, "lstm", inp if layer == 0 else dirs * proj, hidden, dtype=dtype,
+                                   proj_size=proj).values()) for _ in range(dirs)] for layer in range(layers)]
+    x = rng.standard_normal((steps, batch, inp)).astype(dtype)
+    h0 = rng.standard_normal((layers * dirs, batch, proj)).astype(dtype)
+    c0 = rng.standard_normal((layers * dirs, batch, hidden)).astype(dtype)
+    lengths = random_lengths(rng, steps, batch).astype(np.int64)
+    dy = rng.standard_normal((steps, batch, dirs * proj)).astype(dtype)
+    results = {}
+    for backend in ("cpu", "emulated_device"):
+        out = _stack.forward("lstm", x, weights, h0, c0, lengths=lengths, backend=backend)
+        grads = [[tuple(np.zeros_like(p) for p in direction) for direction in layer] for layer in weights]
+        g = _stack.backward(out.tapes, dy, dropout_masks=out.dropout_masks, grads=grads)
+        results[backend] = (out, g, grads)
+    (out, g, grads), (ref, ref_g, ref_grads) = results["emulated_device"], results["cpu"]
+    assert out.tapes[1][1].backend == "emulated_device" and out.y.shape == (steps, batch, dirs * proj)
+    for name, got, want in [("y", out.y, ref.y), ("h_n", out.h_n, ref.h_n), ("c_n", out.c_n, ref.c_n),
+                            ("dx", g.dx, ref_g.dx), ("dh0", g.dh0, ref_g.dh0), ("dc0", g.dc0, ref_g.dc0),
+                            ("dh_norm", g.dh_norm, ref_g.dh_norm)]:
+        assert_close(got, want, dtype, name)
+    for layer in range(layers):
+        for d in range(dirs):
+            for name, got, want in zip(GRAD_NAMES, grads[layer][d], ref_grads[layer][d]):
+                assert_close(got, want, dtype, f"{name} l{layer} d{d}")
+
+
+def test_projected_repeated_calls_are_bit_identical(rng):
+    w, a = _layer_case(rng, "lstm", (6, 5, 4, 33), np.float32, proj=11)
+    first, again = (_run("emulated_device", "lstm", w, a, reverse=True) for _ in range(2))
+    for name in ("y", "h_n", "c_n"):
+        assert np.array_equal(getattr(first[0], name), getattr(again[0], name)), name
+    for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
+        assert np.array_equal(getattr(first[1], name), getattr(again[1], name)), name
+
+
+def test_projected_backward_accumulates_weight_hr(rng):
+    w, a = _layer_case(rng, "lstm", (4, 3, 5, 6), np.float64, proj=2)
+    out, once = _run("emulated_device", "lstm", w, a, reverse=False)
+    grads = F.LayerGrads(None, None, None, *(np.ones_like(w[n]) for n in PARAM_NAMES), weight_hr=np.ones_like(
+        w["weight_hr"]))
+    twice = F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"], grads=grads)
+    for name in GRAD_NAMES:
+        assert_close(getattr(twice, name), getattr(once, name) + 1.0, np.float64, name)
+
+
+def test_projected_gradients_from_the_final_states_alone_match_cpu(rng):
+    """No dy (None: zero), so every step's dL/dh comes back through W_hh from dh_n and dc_n."""
+    w, a = _layer_case(rng, "lstm", (5, 4, 3, 8), np.float64, proj=3)
+    got, want = (_run(backend, "lstm", w, a, reverse=False)[0] for backend in ("emulated_device", "cpu"))
+    grads, ref = (F.layer_backward(out.tape, None, a["dh_n"], a["dc_n"]) for out in (got, want))
+    assert np.abs(ref.weight_hr).max() > 0
+    for name in ("dx", "dh0", "dc0", "dh_norm") + GRAD_NAMES:
+        assert_close(getattr(grads, name), getattr(ref, name), np.float64, name)
+
+
+def test_projected_layer_runs_per_step_even_when_persistent_is_forced(rng, recurrence):
+    """The persistent kernel keeps no W_hr: a projected layer that would otherwise fit it (a small
+    batch, few units) runs per step under every path setting, with the CPU backend's results."""
+    w, a = _layer_case(rng, "lstm", (3, 2, 3, 20), np.float64, proj=7)
+    before = _core.emulated_cooperative_launches()
+    got = _run("emulated_device", "lstm", w, a, reverse=False)
+    assert _core.emulated_cooperative_launches() == before
+    _compare("lstm", np.float64, got, _run("cpu", "lstm", w, a, reverse=False))
+    # The same layer without the projection does take the persistent kernel where it is asked for.
+    plain, b = _layer_case(rng, "lstm", (3, 2, 3, 20), np.float64)
+    _run("emulated_device", "lstm", plain, b, reverse=False, training=False)
+    assert _core.emulated_cooperative_launches() - before == (1 if recurrence == "persistent" else 0)

@@ -173,21 +173,24 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
                    const py::object& c0, const py::object& lengths, bool reverse, const py::object& y,
                    const py::object& h_n, const py::object& c_n, const py::object& hs, const py::object& cs,
                    const py::object& saved, bool training, const py::object& cell_clip, std::uintptr_t stream,
-                   gpu::RecurrencePath path) {
-  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3];
+                   gpu::RecurrencePath path, const py::object& w_hr, const py::object& rs) {
+  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3], P = dims[4], R = P > 0 ? P : H;
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
   Arrays<T> arr;
   fusedrnn::LayerForwardParams<T> p;
   p.cell = cell;
-  p.shape = {T_, B, I, H, {}, reverse};
+  p.shape = {T_, B, I, H, {}, reverse, P};
   p.x = arr.template in<fusedrnn::View3<const T>>(x, "x", {T_, B, I});
   p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
-  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, H});
+  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, R});
+  p.weights.w_hr = arr.template in<fusedrnn::View2<const T>>(w_hr, "weight_hr", {P, H});
+  if ((P > 0) != (p.weights.w_hr.data != nullptr))
+    throw py::value_error("weight_hr: required exactly when shape has a projection size P > 0");
   p.weights.b_ih = arr.template in<fusedrnn::View1<const T>>(b_ih, "bias_ih", {gh});
   p.weights.b_hh = arr.template in<fusedrnn::View1<const T>>(b_hh, "bias_hh", {gh});
   if (!p.weights.b_ih.data != !p.weights.b_hh.data) throw py::value_error("bias_ih, bias_hh: pass both or neither");
-  p.h0 = arr.template in<fusedrnn::View2<const T>>(h0, "h0", {B, H});
+  p.h0 = arr.template in<fusedrnn::View2<const T>>(h0, "h0", {B, R});
   if (!f.has_cell_state && !c0.is_none()) throw py::value_error("c0: only an LSTM has a cell state");
   p.c0 = arr.template in<fusedrnn::View2<const T>>(c0, "c0", {B, H});
   if (!lengths.is_none())
@@ -195,18 +198,20 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
         view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
   if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data)
     throw py::value_error("x, weight_ih, weight_hh: required");
-  p.y = arr.template out<fusedrnn::View3<T>>(y, "y", {T_, B, H});
-  p.h_n = arr.template out<fusedrnn::View2<T>>(h_n, "h_n", {B, H});
+  p.y = arr.template out<fusedrnn::View3<T>>(y, "y", {T_, B, R});
+  p.h_n = arr.template out<fusedrnn::View2<T>>(h_n, "h_n", {B, R});
   p.c_n = arr.template out<fusedrnn::View2<T>>(c_n, "c_n", {B, H});
   if (!p.y.data || !p.h_n.data || (f.has_cell_state && !p.c_n.data))
     throw py::value_error("y, h_n, c_n: output arrays are required");
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, p.shape, training);
   p.tape.training = training;
-  p.tape.hs = arr.dense_out(hs, "hs", {layout.slots, B, H});
+  p.tape.hs = arr.dense_out(hs, "hs", {layout.slots, B, R});
   p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {layout.slots, B, H}) : nullptr;
   p.tape.saved = layout.saved_values > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
-  if (!p.tape.hs || (f.has_cell_state && !p.tape.cs) || (layout.saved_values > 0 && !p.tape.saved))
-    throw py::value_error("hs, cs, saved: the tape's arrays are required");
+  p.tape.rs = P > 0 ? arr.dense_out(rs, "rs", {training ? T_ : 1, B, H}) : nullptr;
+  if (!p.tape.hs || (f.has_cell_state && !p.tape.cs) || (layout.saved_values > 0 && !p.tape.saved) ||
+      (P > 0 && !p.tape.rs))
+    throw py::value_error("hs, cs, saved, rs: the tape's arrays are required");
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::forward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_forward(p, workspace, reinterpret_cast<void*>(stream), path); });
@@ -220,36 +225,42 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
                     bool accumulate_dx, const py::object& dh0, const py::object& dc0, const py::object& dw_ih,
                     const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
                     const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
-                    gpu::RecurrencePath path) {
-  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3];
+                    gpu::RecurrencePath path, const py::object& w_hr, const py::object& rs,
+                    const py::object& dw_hr) {
+  const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3], P = dims[4], R = P > 0 ? P : H;
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
   Arrays<T> arr;
   fusedrnn::LayerBackwardParams<T> p;
   p.cell = cell;
-  p.shape = {T_, B, I, H, {}, reverse};
+  p.shape = {T_, B, I, H, {}, reverse, P};
   p.x = arr.template in<fusedrnn::View3<const T>>(x, "x", {T_, B, I});
   p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
-  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, H});
+  p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, R});
+  p.weights.w_hr = arr.template in<fusedrnn::View2<const T>>(w_hr, "weight_hr", {P, H});
   p.weights.b_ih = arr.template in<fusedrnn::View1<const T>>(b_ih, "bias_ih", {gh});
   p.weights.b_hh = arr.template in<fusedrnn::View1<const T>>(b_hh, "bias_hh", {gh});
   if (!lengths.is_none())
     p.shape.lengths =
         view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
   p.tape.training = true;
-  p.tape.hs = arr.dense_out(hs, "hs", {T_ + 1, B, H});
+  p.tape.hs = arr.dense_out(hs, "hs", {T_ + 1, B, R});
   p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {T_ + 1, B, H}) : nullptr;
   p.tape.saved = f.saved > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
-  p.dy = arr.template in<fusedrnn::View3<const T>>(dy, "dy", {T_, B, H});
-  p.dh_n = arr.template in<fusedrnn::View2<const T>>(dh_n, "dh_n", {B, H});
+  p.tape.rs = P > 0 ? arr.dense_out(rs, "rs", {T_, B, H}) : nullptr;
+  p.dy = arr.template in<fusedrnn::View3<const T>>(dy, "dy", {T_, B, R});
+  p.dh_n = arr.template in<fusedrnn::View2<const T>>(dh_n, "dh_n", {B, R});
   p.dc_n = arr.template in<fusedrnn::View2<const T>>(dc_n, "dc_n", {B, H});
   p.dx = arr.template out<fusedrnn::View3<T>>(dx, "dx", {T_, B, I});
   p.accumulate_dx = accumulate_dx;
-  p.dh0 = arr.template out<fusedrnn::View2<T>>(dh0, "dh0", {B, H});
+  p.dh0 = arr.template out<fusedrnn::View2<T>>(dh0, "dh0", {B, R});
   p.dc0 = arr.template out<fusedrnn::View2<T>>(dc0, "dc0", {B, H});
   p.dw_ih = arr.template out<fusedrnn::View2<T>>(dw_ih, "grad_weight_ih", {gh, I});
-  p.dw_hh = arr.template out<fusedrnn::View2<T>>(dw_hh, "grad_weight_hh", {gh, H});
+  p.dw_hh = arr.template out<fusedrnn::View2<T>>(dw_hh, "grad_weight_hh", {gh, R});
   if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
+  p.dw_hr = arr.template out<fusedrnn::View2<T>>(dw_hr, "grad_weight_hr", {P, H});
+  if ((P > 0) != (p.weights.w_hr.data && p.tape.rs && p.dw_hr.data))
+    throw py::value_error("weight_hr, rs, grad_weight_hr: required exactly when shape has a projection size P > 0");
   p.db_ih = arr.template out<fusedrnn::View1<T>>(db_ih, "grad_bias_ih", {gh});
   p.db_hh = arr.template out<fusedrnn::View1<T>>(db_hh, "grad_bias_hh", {gh});
   if ((p.weights.b_ih.data != nullptr) != (p.db_ih.data != nullptr && p.db_hh.data != nullptr))
@@ -266,13 +277,19 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
             [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream), path); });
 }
 
-std::vector<Index> layer_dims(const py::tuple& shape) {
-  if (shape.size() != 4) throw py::value_error("shape: expected (T, B, I, H)");
+// (T, B, I, H, P) from shape (T, B, I, H) or (T, B, I, H, P): P, the projection size, 0 for none.
+std::vector<Index> layer_dims(const py::tuple& shape, CellKind cell) {
+  if (shape.size() != 4 && shape.size() != 5) throw py::value_error("shape: expected (T, B, I, H) or (T, B, I, H, P)");
   std::vector<Index> dims;
   for (const py::handle d : shape) {
     dims.push_back(d.cast<Index>());
-    if (dims.back() < 1) throw py::value_error("shape: every size must be >= 1, got " + shape_str(dims));
+    if (dims.back() < (dims.size() == 5 ? 0 : 1))
+      throw py::value_error("shape: every size must be >= 1 (P >= 0), got " + shape_str(dims));
   }
+  if (dims.size() == 4) dims.push_back(0);
+  if (dims[4] >= dims[3]) throw py::value_error("shape: expected P < H, got " + shape_str(dims));
+  if (dims[4] > 0 && !fusedrnn::cell_facts(cell).projection)
+    throw py::value_error("shape: only an LSTM takes a projection (P > 0)");
   return dims;
 }
 
@@ -287,16 +304,16 @@ PYBIND11_MODULE(_cuda, m) {
            const py::object& h0, const py::object& c0, const py::object& lengths, bool reverse, const py::object& y,
            const py::object& h_n, const py::object& c_n, const py::object& hs, const py::object& cs,
            const py::object& saved, bool training, const py::object& cell_clip, std::uintptr_t stream,
-           const std::string& recurrence) {
+           const std::string& recurrence, const py::object& w_hr, const py::object& rs) {
           const CellKind kind = parse_cell(cell);
-          const std::vector<Index> dims = layer_dims(shape);
+          const std::vector<Index> dims = layer_dims(shape, kind);
           const gpu::RecurrencePath path = parse_path(recurrence);
           if (dtype == "float32")
             forward_typed<float>(kind, dims, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, y, h_n, c_n, hs, cs,
-                                 saved, training, cell_clip, stream, path);
+                                 saved, training, cell_clip, stream, path, w_hr, rs);
           else if (dtype == "float64")
             forward_typed<double>(kind, dims, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, y, h_n, c_n, hs,
-                                  cs, saved, training, cell_clip, stream, path);
+                                  cs, saved, training, cell_clip, stream, path, w_hr, rs);
           else
             throw py::type_error("dtype: expected float32 or float64, got " + dtype);
         },
@@ -304,9 +321,10 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("reverse"), py::arg("y"), py::arg("h_n"), py::arg("c_n"), py::arg("hs"),
         py::arg("cs"), py::arg("saved"), py::arg("training"), py::arg("cell_clip"), py::arg("stream"),
-        py::arg("recurrence") = "auto",
+        py::arg("recurrence") = "auto", py::arg("weight_hr") = py::none(), py::arg("rs") = py::none(),
         "Enqueues one direction of one layer on `stream` (a cudaStream_t as an int). Writes y, h_n, c_n "
-        "and the tape (hs, cs, saved: layer.h's tape layout, allocated by the caller).");
+        "and the tape (hs, cs, saved and, with a projection, rs: layer.h's tape layout, allocated by the "
+        "caller). shape (T, B, I, H, P) with P > 0 projects an LSTM's hidden state by weight_hr (P, H).");
 
   m.def("layer_backward",
         [](const std::string& cell, const std::string& dtype, const py::tuple& shape, bool reverse,
@@ -316,18 +334,18 @@ PYBIND11_MODULE(_cuda, m) {
            const py::object& dx, bool accumulate_dx, const py::object& dh0, const py::object& dc0,
            const py::object& dw_ih, const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
            const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
-           const std::string& recurrence) {
+           const std::string& recurrence, const py::object& w_hr, const py::object& rs, const py::object& dw_hr) {
           const CellKind kind = parse_cell(cell);
-          const std::vector<Index> dims = layer_dims(shape);
+          const std::vector<Index> dims = layer_dims(shape, kind);
           const gpu::RecurrencePath path = parse_path(recurrence);
           if (dtype == "float32")
             backward_typed<float>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                   dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                  stream, path);
+                                  stream, path, w_hr, rs, dw_hr);
           else if (dtype == "float64")
             backward_typed<double>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                    dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                   stream, path);
+                                   stream, path, w_hr, rs, dw_hr);
           else
             throw py::type_error("dtype: expected float32 or float64, got " + dtype);
         },
@@ -336,10 +354,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("cs"), py::arg("saved"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("accumulate_dx"), py::arg("dh0"), py::arg("dc0"), py::arg("grad_weight_ih"),
         py::arg("grad_weight_hh"), py::arg("grad_bias_ih"), py::arg("grad_bias_hh"), py::arg("dh_norm"),
-        py::arg("cell_clip"), py::arg("stream"), py::arg("recurrence") = "auto",
+        py::arg("cell_clip"), py::arg("stream"), py::arg("recurrence") = "auto", py::arg("weight_hr") = py::none(),
+        py::arg("rs") = py::none(), py::arg("grad_weight_hr") = py::none(),
         "Enqueues the backward of one layer_forward(training=True) on `stream`: accumulates into the weight "
-        "and bias gradients (and dx unless accumulate_dx is False), writes dh0, dc0 and dh_norm. "
-        "`recurrence` as layer_forward's: 'auto', 'per_step' or 'persistent' (where it fits).");
+        "and bias gradients (and grad_weight_hr with a projection; dx unless accumulate_dx is False), "
+        "writes dh0, dc0 and dh_norm. `recurrence` as layer_forward's: 'auto', 'per_step' or 'persistent' "
+        "(where it fits).");
 
   m.def("device_count", &gpu::cuda::device_count, "CUDA devices visible (0 without a driver or GPU).");
   m.def("device_name", &gpu::cuda::device_name, py::arg("device"));

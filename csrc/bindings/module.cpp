@@ -421,8 +421,6 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
   const Backend backend = parse_named("backend", backend_name, kBackendNames);
   const CellKind cell = parse_cell(cell_name);
   const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
-  if (backend != Backend::kCpu && !weight_hr.is_none())
-    throw py::value_error("weight_hr: the device backend has no projection (proj_size) yet");
   auto xa = require_array(x, "x");
   if (holds<float>(xa))
     return forward_typed<float>(backend, cell, xa, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
@@ -562,8 +560,7 @@ PYBIND11_MODULE(_core, m) {
         "Runs one direction of one layer. Returns (y, h_n, c_n, tape). backend: 'cpu', or "
         "'emulated_device' (the CUDA backend's device code run on the host, for tests); the tape's "
         "backward runs on the same backend. With weight_hr (proj_size, hidden_size), an LSTM's hidden "
-        "state is projected: h = W_hr (o * tanh(c)), and h0, y and h_n have proj_size features (CPU "
-        "backend only).");
+        "state is projected: h = W_hr (o * tanh(c)), and h0, y and h_n have proj_size features.");
 
   m.def("layer_backward",
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,

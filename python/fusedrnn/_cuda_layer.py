@@ -205,20 +205,20 @@ def library_of(a):
 
 class CudaTape:
     """What a training-mode forward on device arrays keeps for backward (functional's tape on the CUDA
-    backend): references to its inputs and the recorded states and gate values."""
+    backend): references to its inputs and the recorded states, gate values and, with a projection,
+    cell outputs."""
 
     recurrence = "auto"  # how backward runs the recurrence: as its forward was asked to (set_recurrence)
     backend = "cuda"
-    proj_size = 0  # the CUDA backend has no projection
 
-    def __init__(self, lib, cell, reverse, shape, dtype, arrays, cell_clip):
+    def __init__(self, lib, cell, reverse, shape, dtype, arrays, cell_clip, proj_size=0):
         self.lib, self.cell, self.reverse, self.shape, self.dtype = lib, cell, reverse, shape, dtype
-        self.arrays, self.cell_clip = arrays, cell_clip
+        self.arrays, self.cell_clip, self.proj_size = arrays, cell_clip, proj_size
         self.has_bias = arrays["bias_ih"] is not None
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for k in ("hs", "cs", "saved") if (a := self.arrays[k]) is not None)
+        return sum(int(a.nbytes) for k in ("hs", "cs", "saved", "rs") if (a := self.arrays[k]) is not None)
 
 
 _recurrence = "auto"
@@ -236,43 +236,51 @@ def set_recurrence(path: str) -> str:
 
 
 def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
-            cell_clip, recurrence: str | None = None):
+            cell_clip, recurrence: str | None = None, weight_hr=None):
     """functional._forward on device arrays (lengths: checked host int64 or None). Returns
-    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting)."""
+    (y, h_n, c_n, tape). `recurrence`: as set_recurrence (None: its setting). weight_hr (P, H): an
+    LSTM's projection; then y, h0 and h_n have P features."""
     cuda = cuda_module()
     lib = library_of(x)
-    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out = (
-        lib.adopt(a) for a in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out))
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out, weight_hr = (
+        lib.adopt(a) for a in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out, weight_hr))
     steps, batch, inp = x.shape
-    hidden = weight_hh.shape[1]
+    width = weight_hh.shape[1]  # R: P with a projection, else H
+    proj, hidden = (0, width) if weight_hr is None else tuple(weight_hr.shape)
     facts = _core.cells[cell]
     slots = steps + 1 if training else 2
-    y = lib.empty(x, (steps, batch, hidden)) if out is None else out
-    h_n = lib.empty(x, (batch, hidden))
+    y = lib.empty(x, (steps, batch, width)) if out is None else out
+    h_n = lib.empty(x, (batch, width))
     c_n = lib.empty(x, (batch, hidden)) if facts["has_cell_state"] else None
-    hs = lib.empty(x, (slots, batch, hidden))
+    hs = lib.empty(x, (slots, batch, width))
     cs = lib.empty(x, (slots, batch, hidden)) if facts["has_cell_state"] else None
     saved = lib.empty(x, (steps, batch, facts["saved"] * hidden)) if training and facts["saved"] else None
+    rs = lib.empty(x, (steps if training else 1, batch, hidden)) if proj else None
     lens = None if lengths is None else lib.from_host(x, np.ascontiguousarray(lengths, np.int64))
     dtype = lib.dtype_name(x)
-    cuda.layer_forward(cell, dtype, (steps, batch, inp, hidden), x, weight_ih, weight_hh, bias_ih, bias_hh, h0,
-                       c0, lens, reverse, y, h_n, c_n, hs, cs, saved, training, cell_clip, lib.stream(x),
-                       recurrence or _recurrence)
+    shape = (steps, batch, inp, hidden, proj)
+    cuda.layer_forward(cell, dtype, shape, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, reverse, y, h_n,
+                       c_n, hs, cs, saved, training, cell_clip, lib.stream(x), recurrence or _recurrence,
+                       weight_hr=weight_hr, rs=rs)
     tape = None
     if training:
         tape = CudaTape(lib, cell, reverse, (steps, batch, inp, hidden), dtype,
                         dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-                             lengths=lens, hs=hs, cs=cs, saved=saved), cell_clip)
+                             lengths=lens, hs=hs, cs=cs, saved=saved, weight_hr=weight_hr, rs=rs), cell_clip,
+                        proj)
         tape.recurrence = recurrence or _recurrence
     return y, h_n, c_n, tape
 
 
 def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
-    """functional._backward on a CudaTape. Returns (dx, dh0, dc0, weight_ih, weight_hh, bias_ih,
-    bias_hh, dh_norm) as functional.LayerGrads orders them."""
+    """functional._backward on a CudaTape; grads: (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    to add into, or None. Returns (dx, dh0, dc0, weight_ih, weight_hh, bias_ih, bias_hh, dh_norm,
+    weight_hr) as functional.LayerGrads orders them."""
     cuda = cuda_module()
     lib, a = tape.lib, tape.arrays
     steps, batch, inp, hidden = tape.shape
+    proj = tape.proj_size
+    width = proj or hidden
     x = a["x"]
     gh = _core.cells[tape.cell]["gates"] * hidden
     has_c = _core.cells[tape.cell]["has_cell_state"]
@@ -281,15 +289,16 @@ def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
     if dx is None:
         dx = lib.empty(x, (steps, batch, inp))
     if grads is None:
-        grads = (lib.zeros(x, (gh, inp)), lib.zeros(x, (gh, hidden)),
-                 lib.zeros(x, (gh,)) if tape.has_bias else None, lib.zeros(x, (gh,)) if tape.has_bias else None)
+        grads = (lib.zeros(x, (gh, inp)), lib.zeros(x, (gh, width)),
+                 lib.zeros(x, (gh,)) if tape.has_bias else None, lib.zeros(x, (gh,)) if tape.has_bias else None,
+                 lib.zeros(x, (proj, hidden)) if proj else None)
     else:
         grads = tuple(lib.adopt(g) for g in grads)
-    dh0 = lib.empty(x, (batch, hidden))
+    dh0 = lib.empty(x, (batch, width))
     dc0 = lib.empty(x, (batch, hidden)) if has_c else None
     dh_norm = lib.empty(x, (steps,), "float64")
-    cuda.layer_backward(tape.cell, tape.dtype, tape.shape, tape.reverse, x, a["weight_ih"], a["weight_hh"],
+    cuda.layer_backward(tape.cell, tape.dtype, (*tape.shape, proj), tape.reverse, x, a["weight_ih"], a["weight_hh"],
                         a["bias_ih"], a["bias_hh"], a["lengths"], a["hs"], a["cs"], a["saved"], dy, dh_n, dc_n,
-                        dx, accumulate_dx, dh0, dc0, *grads, dh_norm, tape.cell_clip, lib.stream(x),
-                        tape.recurrence)
-    return (dx, dh0, dc0, *grads, dh_norm)
+                        dx, accumulate_dx, dh0, dc0, *grads[:4], dh_norm, tape.cell_clip, lib.stream(x),
+                        tape.recurrence, weight_hr=a["weight_hr"], rs=a["rs"], grad_weight_hr=grads[4])
+    return (dx, dh0, dc0, *grads[:4], dh_norm, grads[4])

@@ -390,7 +390,8 @@ def _fusedrnn_cuda_runners(problem: Problem, recurrence: str = "auto", graphs: b
 
     c = problem.case
     on_gpu = {k: torch.from_numpy(v).cuda() for k, v in problem.state_dict.items()}
-    weights = [[tuple(on_gpu.get(f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))]]
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if c.proj_size else ())
+    weights = [[tuple(on_gpu.get(f"{n}_l0") for n in names)]]
     x, dy = torch.from_numpy(problem.x).cuda(), torch.from_numpy(problem.dy).cuda()
 
     def infer():

@@ -111,14 +111,11 @@ def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, r
     (from _checks.lengths), cell_clip from _checks.cell_clip. The core still checks shapes and dtypes
     (and weight_hr against the cell). `backend` "emulated_device" runs the CUDA backend's device code on
     the host (tests); the tape's backward runs on the backend its forward ran on. Device arrays go to
-    the CUDA backend, which has no projection."""
+    the CUDA backend."""
     if _device.is_cuda(x):
-        if weight_hr is not None:
-            raise ValueError("weight_hr: the CUDA backend has no projection (proj_size) yet; run a "
-                             "projected LSTM on the CPU")
         from . import _cuda_layer
         return LayerOutput(*_cuda_layer.forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths,
-                                                reverse, training, out, cell_clip))
+                                                reverse, training, out, cell_clip, weight_hr=weight_hr))
     return LayerOutput(*_core.layer_forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0,
                                             lengths, reverse, training, out, cell_clip, backend=backend,
                                             weight_hr=weight_hr))
@@ -148,7 +145,8 @@ def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
         from . import _cuda_layer
         return LayerGrads(*_cuda_layer.backward(tape, dy, dh_n, dc_n, dx,
                                                 None if grads is None else (grads.weight_ih, grads.weight_hh,
-                                                                            grads.bias_ih, grads.bias_hh)))
+                                                                            grads.bias_ih, grads.bias_hh,
+                                                                            getattr(grads, "weight_hr", None))))
     steps, batch, inp, hidden = tape.shape
     proj = tape.proj_size
     dtype = tape.dtype

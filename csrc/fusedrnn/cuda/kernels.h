@@ -4,7 +4,8 @@
 //
 // Layouts (dense unless a View): the step's input projection `gx` and recurrent projection `hg` are
 // (B, G*H) rows, gate k of unit j at column k*H + j; the saved values of a step are (B, S*H), value k of
-// unit j at column k*H + j (the tape layout every backend shares, layer.h); states are (B, H) slots.
+// unit j at column k*H + j (the tape layout every backend shares, layer.h); states are (B, R) and (B, H)
+// slots (R: P with a projection, else H).
 #pragma once
 
 #include <cmath>
@@ -96,16 +97,24 @@ struct ForwardStep {
   T* saved = nullptr;              // (B, S*H), or null (inference)
   View2<T> y;                      // this step's (B, H) of y
   T cell_clip = T(0);
+  // With a projection: the step's (B, H) cell outputs r, written instead of h_next and y (zero at an
+  // invalid row, as dW_hr reads them); ProjectedOutput then writes h_next and y from r W_hr^T.
+  T* r = nullptr;
 };
 
 template <typename Cell, typename T>
 FUSEDRNN_HD void forward_unit(const ForwardStep<T>& s, Index b, Index j) {
   const Index H = s.hidden, state = b * H + j;
-  const T h_prev = s.h_prev[state];
+  const bool projected = Cell::kProjection && s.r != nullptr;  // then the cell reads no h (cells.h)
+  const T h_prev = projected ? T(0) : s.h_prev[state];
   const T c_prev = Cell::kHasCellState ? s.c_prev[state] : T(0);
   if (!row_valid(s.lengths, s.t, b)) {  // the state carries over; the output is zero
-    s.h_next[state] = h_prev;
     if (Cell::kHasCellState) s.c_next[state] = c_prev;
+    if (projected) {
+      s.r[state] = T(0);
+      return;
+    }
+    s.h_next[state] = h_prev;
     s.y.data[b * s.y.stride[0] + j * s.y.stride[1]] = T(0);
     return;
   }
@@ -120,12 +129,41 @@ FUSEDRNN_HD void forward_unit(const ForwardStep<T>& s, Index b, Index j) {
   T c = T(0);
   Cell::gates(xg, hg, h_prev, c_prev, s.cell_clip, saved, carry, c);
   const T h = Cell::output(carry, h_prev, c);
-  s.h_next[state] = h;
   if (Cell::kHasCellState) s.c_next[state] = c;
   if (s.saved)
     for (int k = 0; k < Cell::kSaved; ++k) s.saved[(b * Cell::kSaved + k) * H + j] = saved[k];
+  if (projected) {
+    s.r[state] = h;
+    return;
+  }
+  s.h_next[state] = h;
   s.y.data[b * s.y.stride[0] + j * s.y.stride[1]] = h;
 }
+
+// With a projection, the end of a forward step: h_next (B, P) holds r_t W_hr^T (a GEMM's result, from
+// r zero at invalid rows). A valid row copies it to y; an invalid one carries h_prev and writes zeros.
+template <typename T>
+struct ProjectedOutput {
+  Index batch = 0, proj = 0, t = 0;
+  View1<const Index> lengths;
+  const T* h_prev = nullptr;  // (B, P) slots
+  T* h_next = nullptr;
+  View2<T> y;                 // this step's (B, P) of y
+
+  FUSEDRNN_HD int phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+    const Index e = at.global();
+    if (e >= batch * proj) return;
+    const Index b = e / proj, j = e % proj;
+    T& out = y.data[b * y.stride[0] + j * y.stride[1]];
+    if (row_valid(lengths, t, b)) {
+      out = h_next[e];
+    } else {
+      h_next[e] = h_prev[e];
+      out = T(0);
+    }
+  }
+};
 
 template <typename T>
 struct BackwardStep {
@@ -144,22 +182,28 @@ struct BackwardStep {
   T* dgh = nullptr;                // (B, G*H): for W_hh, b_hh, h; equal to dgx unless the cell splits them
   T* dh_total = nullptr;           // (B, H): dL/dh_t of valid rows, zero elsewhere (the norms' input)
   T cell_clip = T(0);
+  // With a projection: the (B, H) gradient of the step's cell outputs r, dh_t W_hr. Then dy, dh_in,
+  // dh_out, dh_total and the h slots, all (B, P), are ProjectedStateGrad's and not touched here.
+  const T* dr = nullptr;
 };
 
 template <typename Cell, typename T>
 FUSEDRNN_HD void backward_unit(const BackwardStep<T>& s, Index b, Index j) {
   const Index H = s.hidden, GH = Cell::kGates * H, state = b * H + j;
-  const T dh_in = s.dh_in[state];
+  const bool projected = Cell::kProjection && s.dr != nullptr;
   if (!row_valid(s.lengths, s.t, b)) {  // an identity step: gradients pass through, no gate gradient
     for (int k = 0; k < Cell::kGates; ++k) {
       s.dgx[b * GH + k * H + j] = T(0);
       if (Cell::kSplitRecurrentGrad) s.dgh[b * GH + k * H + j] = T(0);
     }
-    s.dh_out[state] = dh_in;
-    s.dh_total[state] = T(0);
+    if (!projected) {
+      s.dh_out[state] = s.dh_in[state];
+      s.dh_total[state] = T(0);
+    }
     return;
   }
-  const T dh = dh_in + (s.dy.data ? s.dy.data[b * s.dy.stride[0] + j * s.dy.stride[1]] : T(0));
+  const T dh = projected ? s.dr[state]
+                         : s.dh_in[state] + (s.dy.data ? s.dy.data[b * s.dy.stride[0] + j * s.dy.stride[1]] : T(0));
   const T dc = Cell::kHasCellState ? s.dc[state] : T(0);
   T saved[Cell::kSaved > 0 ? Cell::kSaved : 1];
   for (int k = 0; k < Cell::kSaved; ++k) saved[k] = s.saved[(b * Cell::kSaved + k) * H + j];
@@ -167,16 +211,45 @@ FUSEDRNN_HD void backward_unit(const BackwardStep<T>& s, Index b, Index j) {
   const T c = Cell::kHasCellState ? s.c_next[state] : T(0);
   T dxg[Cell::kGates], dhg[Cell::kGates];
   T dh_prev = T(0), dc_prev = T(0);
-  Cell::backward(saved, s.h_prev[state], c_prev, s.h_next[state], c, s.cell_clip, dh, dc, dxg, dhg, dh_prev,
-                 dc_prev);
+  const T h_prev = projected ? T(0) : s.h_prev[state], h = projected ? T(0) : s.h_next[state];
+  Cell::backward(saved, h_prev, c_prev, h, c, s.cell_clip, dh, dc, dxg, dhg, dh_prev, dc_prev);
   for (int k = 0; k < Cell::kGates; ++k) {
     s.dgx[b * GH + k * H + j] = dxg[k];
     if (Cell::kSplitRecurrentGrad) s.dgh[b * GH + k * H + j] = dhg[k];
   }
-  s.dh_out[state] = dh_prev;
   if (Cell::kHasCellState) s.dc[state] = dc_prev;
+  if (projected) return;
+  s.dh_out[state] = dh_prev;
   s.dh_total[state] = dh;
 }
+
+// With a projection, the start of a backward step, over (B, P): a valid row's whole gradient reaching
+// h_t (dh_in + dy_t) into dh_total, whose product with W_hr is the cell's dr and whose rows of every
+// step make dW_hr and the norms; dh_out cleared for the W_hh product to add into (the cell routes
+// nothing around W_hh). An invalid row passes dh_in through to dh_out and gets zeros in dh_total.
+template <typename T>
+struct ProjectedStateGrad {
+  Index batch = 0, proj = 0, t = 0;
+  View1<const Index> lengths;
+  View2<const T> dy;       // this step's (B, P) of dy, or data null
+  const T* dh_in = nullptr;  // (B, P)
+  T* dh_out = nullptr;       // (B, P)
+  T* dh_total = nullptr;     // (B, P)
+
+  FUSEDRNN_HD int phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+    const Index e = at.global();
+    if (e >= batch * proj) return;
+    const Index b = e / proj, j = e % proj;
+    if (!row_valid(lengths, t, b)) {
+      dh_out[e] = dh_in[e];
+      dh_total[e] = T(0);
+      return;
+    }
+    dh_total[e] = dh_in[e] + (dy.data ? dy.data[b * dy.stride[0] + j * dy.stride[1]] : T(0));
+    dh_out[e] = T(0);
+  }
+};
 
 // The per-step pointwise kernels: one thread per (row, unit).
 template <typename Cell, typename T>

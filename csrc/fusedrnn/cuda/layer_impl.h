@@ -11,6 +11,15 @@
 // gradients against a vector of ones, so every sum has a fixed order: no atomics anywhere) and the
 // per-step gradient norms a fixed-order block reduction.
 //
+// A projection (layer.h: h = r W_hr^T, R = P columns) adds a GEMM and a small kernel to each step each
+// way: forward, the pointwise kernel writes the cell output r_t into the tape's rs, then h_t = r_t W_hr^T
+// goes into the state slot and ProjectedOutput writes y (and carries h at invalid rows); backward,
+// ProjectedStateGrad gathers the whole dL/dh_t, a GEMM makes dr_t = dL/dh_t W_hr for the pointwise
+// kernel, and after the loop dW_hr = sum_t dL/dh_t^T r_t is one GEMM over the T*B rows. r_t is kept
+// in training (the tape's rs, T*B*H values, in the layout every backend shares) rather than recomputed
+// from o and c: recomputing would add a pointwise kernel per backward step to save memory the shared
+// tape layout holds anyway.
+//
 // The per-step loops go to the device as one sequence (Device::sequence) under a key of every value
 // they bake into their launches, so a device may record a loop once and replay it (CUDA Graphs), leaving
 // no per-step work to the host.
@@ -136,8 +145,13 @@ class SequenceKey {
   std::vector<std::int64_t> words_;
 };
 
+// The tape's slot `index` of the hidden states, (B, R), and of the cell states, (B, H).
 template <typename T>
-T* slot(T* base, Index index, const LayerShape& s, bool training) {
+T* h_slot(T* base, Index index, const LayerShape& s, bool training) {
+  return state_slot(base, index, s.batch * s.state_size(), training);
+}
+template <typename T>
+T* c_slot(T* base, Index index, const LayerShape& s, bool training) {
   return state_slot(base, index, s.batch * s.hidden, training);
 }
 
@@ -146,25 +160,20 @@ T* slot(T* base, Index index, const LayerShape& s, bool training) {
 
 template <typename T>
 struct ForwardPlan {
-  Operand<T> x, w_ih, w_hh;
+  Operand<T> x, w_ih, w_hh, w_hr;
   T* gx = nullptr;  // (T*B, G*H)
   T* hg = nullptr;  // (B, G*H)
 };
 
-// The device backend has no projection (LayerShape::proj) yet; callers refuse it before they get here.
-inline void require_no_projection(const LayerShape& s) {
-  if (s.proj != 0) throw std::invalid_argument("fusedrnn: the device backend has no projection (proj_size)");
-}
-
 template <typename T>
 ForwardPlan<T> plan_forward(const LayerForwardParams<T>& a, Carver& carve) {
   const LayerShape& s = a.shape;
-  require_no_projection(s);
   const Index gh = cell_facts(a.cell).gates * s.hidden;
   ForwardPlan<T> p;
   p.x = operand<T>(a.x, s.steps, s.batch, s.input, carve);
   p.w_ih = operand<T>(a.weights.w_ih, gh, s.input, carve);
-  p.w_hh = operand<T>(a.weights.w_hh, gh, s.hidden, carve);
+  p.w_hh = operand<T>(a.weights.w_hh, gh, s.state_size(), carve);
+  if (s.proj > 0) p.w_hr = operand<T>(a.weights.w_hr, s.proj, s.hidden, carve);
   p.gx = carve.template take<T>(s.steps * s.batch * gh);
   p.hg = carve.template take<T>(s.batch * gh);
   return p;
@@ -180,20 +189,18 @@ std::size_t forward_workspace_bytes(const LayerForwardParams<T>& a) {
 template <typename T, typename Device>
 void layer_forward(Device& dev, const LayerForwardParams<T>& a, void* workspace, RecurrencePath path) {
   const LayerShape& s = a.shape;
-  const Index B = s.batch, H = s.hidden, gh = cell_facts(a.cell).gates * H;
+  const Index B = s.batch, H = s.hidden, R = s.state_size(), P = s.proj, gh = cell_facts(a.cell).gates * H;
   const bool training = a.tape.training;
   Carver carve(workspace);
   const ForwardPlan<T> p = plan_forward(a, carve);
-  gather(dev, p.x);
-  gather(dev, p.w_ih);
-  gather(dev, p.w_hh);
+  for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.w_hr}) gather(dev, *o);
 
   // x W_ih^T for every step: (T*B, I) x (I, G*H).
   dev.template gemm<T>(false, true, s.steps * B, gh, s.input, T(1), p.x.data, p.x.ld, p.w_ih.data, p.w_ih.ld,
                        T(0), p.gx, gh);
   const Index first = s.reverse ? s.steps : 0, last = s.reverse ? 0 : s.steps;
-  copy2<T>(dev, a.h0, dense2(slot(a.tape.hs, first, s, training), H), B, H);
-  copy2<T>(dev, a.c0, dense2(slot(a.tape.cs, first, s, training), H), B, H);
+  copy2<T>(dev, a.h0, dense2(h_slot(a.tape.hs, first, s, training), R), B, R);
+  copy2<T>(dev, a.c0, dense2(c_slot(a.tape.cs, first, s, training), H), B, H);
 
   with_cell(a.cell, [&](auto cell) {
     using Cell = decltype(cell);
@@ -226,28 +233,34 @@ void layer_forward(Device& dev, const LayerForwardParams<T>& a, void* workspace,
     }
     SequenceKey key;
     key.add(0, static_cast<int>(a.cell), sizeof(T), s.steps, B, H, s.reverse, training, a.cell_clip, p.gx, p.hg,
-            p.w_hh.data, p.w_hh.ld, a.tape.hs, a.tape.cs, a.tape.saved)
+            p.w_hh.data, p.w_hh.ld, a.tape.hs, a.tape.cs, a.tape.saved, P, p.w_hr.data, p.w_hr.ld, a.tape.rs)
         .add_view(s.lengths).add_view(a.weights.b_ih).add_view(a.weights.b_hh).add_view(a.y);
     dev.sequence(key.words(), [&] {
       for (Index i = 0; i < s.steps; ++i) {
         const Index t = s.reverse ? s.steps - 1 - i : i;
         step.t = t;
         step.gx = p.gx + t * B * gh;
-        step.h_prev = slot(a.tape.hs, prev_slot(s.reverse, t), s, training);
-        step.c_prev = slot(a.tape.cs, prev_slot(s.reverse, t), s, training);
-        step.h_next = slot(a.tape.hs, next_slot(s.reverse, t), s, training);
-        step.c_next = slot(a.tape.cs, next_slot(s.reverse, t), s, training);
+        step.h_prev = h_slot(a.tape.hs, prev_slot(s.reverse, t), s, training);
+        step.c_prev = c_slot(a.tape.cs, prev_slot(s.reverse, t), s, training);
+        step.h_next = h_slot(a.tape.hs, next_slot(s.reverse, t), s, training);
+        step.c_next = c_slot(a.tape.cs, next_slot(s.reverse, t), s, training);
         step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
         step.y = {a.y.data + t * a.y.stride[0], {a.y.stride[1], a.y.stride[2]}};
-        // h_{t-1} W_hh^T: (B, H) x (H, G*H).
-        dev.template gemm<T>(false, true, B, gh, H, T(1), step.h_prev, H, p.w_hh.data, p.w_hh.ld, T(0), p.hg, gh);
+        step.r = P > 0 ? a.tape.rs + (training ? t : 0) * B * H : nullptr;
+        // h_{t-1} W_hh^T: (B, R) x (R, G*H).
+        dev.template gemm<T>(false, true, B, gh, R, T(1), step.h_prev, R, p.w_hh.data, p.w_hh.ld, T(0), p.hg, gh);
         dev.launch(ForwardPointwise<Cell, T>{step}, covering(B * H));
+        if (P > 0) {
+          // h_t = r_t W_hr^T: (B, H) x (H, P), then y and the rows that carry h.
+          dev.template gemm<T>(false, true, B, P, H, T(1), step.r, H, p.w_hr.data, p.w_hr.ld, T(0), step.h_next, P);
+          dev.launch(ProjectedOutput<T>{B, P, t, s.lengths, step.h_prev, step.h_next, step.y}, covering(B * P));
+        }
       }
     });
   });
-  const View2<const T> h_last = dense2<const T>(slot(a.tape.hs, last, s, training), H);
-  copy2<T>(dev, h_last, a.h_n, B, H);
-  if (a.c_n.data) copy2<T>(dev, dense2<const T>(slot(a.tape.cs, last, s, training), H), a.c_n, B, H);
+  const View2<const T> h_last = dense2<const T>(h_slot(a.tape.hs, last, s, training), R);
+  copy2<T>(dev, h_last, a.h_n, B, R);
+  if (a.c_n.data) copy2<T>(dev, dense2<const T>(c_slot(a.tape.cs, last, s, training), H), a.c_n, B, H);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -255,13 +268,14 @@ void layer_forward(Device& dev, const LayerForwardParams<T>& a, void* workspace,
 
 template <typename T>
 struct BackwardPlan {
-  Operand<T> x, w_ih, w_hh, dx, dw_ih, dw_hh, db_ih, db_hh;
+  Operand<T> x, w_ih, w_hh, dx, dw_ih, dw_hh, db_ih, db_hh, w_hr, dw_hr;
   T* dgx = nullptr;       // (T*B, G*H)
   T* dgh = nullptr;       // (T*B, G*H), or dgx
-  T* dh[2] = {};          // (B, H) each: the running dL/dh, alternately read and written
+  T* dh[2] = {};          // (B, R) each: the running dL/dh, alternately read and written
   T* dc = nullptr;        // (B, H)
-  T* dh_total = nullptr;  // (T, B*H)
+  T* dh_total = nullptr;  // (T, B*R)
   T* ones = nullptr;      // (T*B)
+  T* dr = nullptr;        // (B, H): with a projection, the step's dL/dr = dL/dh_t W_hr
 };
 
 template <typename T>
@@ -270,25 +284,30 @@ View3<T> as_column(const View1<T>& v) { return {v.data, {0, v.stride, 1}}; }
 template <typename T>
 BackwardPlan<T> plan_backward(const LayerBackwardParams<T>& a, Carver& carve) {
   const LayerShape& s = a.shape;
-  require_no_projection(s);
   const CellFacts& f = cell_facts(a.cell);
-  const Index gh = f.gates * s.hidden, rows = s.steps * s.batch, state = s.batch * s.hidden;
+  const Index gh = f.gates * s.hidden, rows = s.steps * s.batch, R = s.state_size();
+  const Index state = s.batch * s.hidden, h_state = s.batch * R;
   BackwardPlan<T> p;
   p.x = operand<T>(a.x, s.steps, s.batch, s.input, carve);
   p.w_ih = operand<T>(a.weights.w_ih, gh, s.input, carve);
-  p.w_hh = operand<T>(a.weights.w_hh, gh, s.hidden, carve);
+  p.w_hh = operand<T>(a.weights.w_hh, gh, R, carve);
   p.dx = operand<T>(a.dx, s.steps, s.batch, s.input, carve);
   p.dw_ih = operand<T>(a.dw_ih, gh, s.input, carve);
-  p.dw_hh = operand<T>(a.dw_hh, gh, s.hidden, carve);
+  p.dw_hh = operand<T>(a.dw_hh, gh, R, carve);
+  if (s.proj > 0) {
+    p.w_hr = operand<T>(a.weights.w_hr, s.proj, s.hidden, carve);
+    p.dw_hr = operand<T>(a.dw_hr, s.proj, s.hidden, carve);
+    p.dr = carve.template take<T>(state);
+  }
   // A bias gradient is the (G*H, 1) result of one GEMM, its stride the leading dimension.
   p.db_ih = operand<T>(as_column(a.db_ih), 1, gh, 1, carve);
   p.db_hh = operand<T>(as_column(a.db_hh), 1, gh, 1, carve);
   p.dgx = carve.template take<T>(rows * gh);
   p.dgh = f.split_recurrent_grad ? carve.template take<T>(rows * gh) : p.dgx;
-  p.dh[0] = carve.template take<T>(state);
-  p.dh[1] = carve.template take<T>(state);
+  p.dh[0] = carve.template take<T>(h_state);
+  p.dh[1] = carve.template take<T>(h_state);
   if (f.has_cell_state) p.dc = carve.template take<T>(state);
-  p.dh_total = carve.template take<T>(rows * s.hidden);
+  p.dh_total = carve.template take<T>(rows * R);
   if (a.db_ih.data || a.db_hh.data) p.ones = carve.template take<T>(rows);
   return p;
 }
@@ -303,13 +322,15 @@ std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& a) {
 template <typename T, typename Device>
 void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspace, RecurrencePath path) {
   const LayerShape& s = a.shape;
-  const Index B = s.batch, H = s.hidden, gh = cell_facts(a.cell).gates * H, rows = s.steps * B;
+  const Index B = s.batch, H = s.hidden, R = s.state_size(), P = s.proj, gh = cell_facts(a.cell).gates * H;
+  const Index rows = s.steps * B;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   Carver carve(workspace);
   const BackwardPlan<T> p = plan_backward(a, carve);
-  for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh}) gather(dev, *o);
+  for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh, &p.w_hr, &p.dw_hr})
+    gather(dev, *o);
   if (a.accumulate_dx) gather(dev, p.dx);
-  copy2<T>(dev, a.dh_n, dense2(p.dh[0], H), B, H);
+  copy2<T>(dev, a.dh_n, dense2(p.dh[0], R), B, R);
   if (p.dc) copy2<T>(dev, a.dc_n, dense2(p.dc, H), B, H);
 
   with_cell(a.cell, [&](auto cell) {
@@ -342,7 +363,8 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
     }
     SequenceKey key;
     key.add(1, static_cast<int>(a.cell), sizeof(T), s.steps, B, H, s.reverse, a.cell_clip, a.tape.hs, a.tape.cs,
-            a.tape.saved, p.dgx, p.dgh, p.dh[0], p.dh[1], p.dc, p.dh_total, p.w_hh.data, p.w_hh.ld)
+            a.tape.saved, p.dgx, p.dgh, p.dh[0], p.dh[1], p.dc, p.dh_total, p.w_hh.data, p.w_hh.ld, P, p.w_hr.data,
+            p.w_hr.ld, p.dr)
         .add_view(s.lengths).add_view(a.dy);
     dev.sequence(key.words(), [&] {
       for (Index i = 0; i < s.steps; ++i) {
@@ -350,35 +372,46 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
         const int in = static_cast<int>(i % 2);  // p.dh[in] holds dL/dh_t entering step t
         step.t = t;
         step.saved = a.tape.saved ? a.tape.saved + t * B * Cell::kSaved * H : nullptr;
-        step.h_prev = slot<const T>(a.tape.hs, prev_slot(s.reverse, t), s, true);
-        step.c_prev = slot<const T>(a.tape.cs, prev_slot(s.reverse, t), s, true);
-        step.h_next = slot<const T>(a.tape.hs, next_slot(s.reverse, t), s, true);
-        step.c_next = slot<const T>(a.tape.cs, next_slot(s.reverse, t), s, true);
+        step.h_prev = h_slot<const T>(a.tape.hs, prev_slot(s.reverse, t), s, true);
+        step.c_prev = c_slot<const T>(a.tape.cs, prev_slot(s.reverse, t), s, true);
+        step.h_next = h_slot<const T>(a.tape.hs, next_slot(s.reverse, t), s, true);
+        step.c_next = c_slot<const T>(a.tape.cs, next_slot(s.reverse, t), s, true);
         step.dy = {a.dy.data ? a.dy.data + t * a.dy.stride[0] : nullptr, {a.dy.stride[1], a.dy.stride[2]}};
         step.dh_in = p.dh[in];
         step.dh_out = p.dh[1 - in];
         step.dgx = p.dgx + t * B * gh;
         step.dgh = p.dgh + t * B * gh;
-        step.dh_total = p.dh_total + t * B * H;
+        step.dh_total = p.dh_total + t * B * R;
+        if (P > 0) {
+          dev.launch(ProjectedStateGrad<T>{B, P, t, s.lengths, step.dy, step.dh_in, step.dh_out, step.dh_total},
+                     covering(B * P));
+          // dr_t = dL/dh_t W_hr: (B, P) x (P, H).
+          dev.template gemm<T>(false, false, B, H, P, T(1), step.dh_total, P, p.w_hr.data, p.w_hr.ld, T(0), p.dr, H);
+          step.dr = p.dr;
+        }
         dev.launch(BackwardPointwise<Cell, T>{step}, covering(B * H));
-        // dL/dh_{t-1} += dg_t W_hh: (B, G*H) x (G*H, H).
-        dev.template gemm<T>(false, false, B, H, gh, T(1), step.dgh, gh, p.w_hh.data, p.w_hh.ld, T(1),
-                             p.dh[1 - in], H);
+        // dL/dh_{t-1} += dg_t W_hh: (B, G*H) x (G*H, R).
+        dev.template gemm<T>(false, false, B, R, gh, T(1), step.dgh, gh, p.w_hh.data, p.w_hh.ld, T(1),
+                             p.dh[1 - in], R);
       }
     });
   });
   const int last = static_cast<int>(s.steps % 2);  // where the loop left dL/dh_0
-  copy2<T>(dev, dense2<const T>(p.dh[last], H), a.dh0, B, H);
+  copy2<T>(dev, dense2<const T>(p.dh[last], R), a.dh0, B, R);
   if (p.dc) copy2<T>(dev, dense2<const T>(p.dc, H), a.dc0, B, H);
 
   // Over all T*B rows. The rows of every step's previous hidden state are T contiguous slots.
-  const T* h_prev_rows = slot<const T>(a.tape.hs, prev_slot(s.reverse, 0), s, true);
+  const T* h_prev_rows = h_slot<const T>(a.tape.hs, prev_slot(s.reverse, 0), s, true);
   if (p.dx.data)
     dev.template gemm<T>(false, false, rows, s.input, gh, T(1), p.dgx, gh, p.w_ih.data, p.w_ih.ld,
                          a.accumulate_dx ? T(1) : T(0), p.dx.data, p.dx.ld);
   dev.template gemm<T>(true, false, gh, s.input, rows, T(1), p.dgx, gh, p.x.data, p.x.ld, T(1), p.dw_ih.data,
                        p.dw_ih.ld);
-  dev.template gemm<T>(true, false, gh, H, rows, T(1), p.dgh, gh, h_prev_rows, H, T(1), p.dw_hh.data, p.dw_hh.ld);
+  dev.template gemm<T>(true, false, gh, R, rows, T(1), p.dgh, gh, h_prev_rows, R, T(1), p.dw_hh.data, p.dw_hh.ld);
+  // dW_hr (P, H) += dL/dh^T (P, T*B) x r (T*B, H); both are zero at invalid rows.
+  if (P > 0)
+    dev.template gemm<T>(true, false, P, H, rows, T(1), p.dh_total, P, a.tape.rs, H, T(1), p.dw_hr.data,
+                         p.dw_hr.ld);
   if (p.ones) {
     dev.launch(Fill<T>{p.ones, rows, T(1)}, covering(rows));
     // db (G*H, 1) += dg^T (G*H, T*B) x ones (T*B, 1).
@@ -388,10 +421,10 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
       dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgh, gh, p.ones, 1, T(1), p.db_hh.data, p.db_hh.ld);
   }
   if (a.dh_norm) {
-    const RowNorms<T> norms{p.dh_total, B * H, a.dh_norm};
+    const RowNorms<T> norms{p.dh_total, B * R, a.dh_norm};
     dev.launch(norms, LaunchShape{static_cast<unsigned>(s.steps), kBlockThreads, kBlockThreads * sizeof(double)});
   }
-  for (const Operand<T>* o : {&p.dx, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh}) scatter(dev, *o);
+  for (const Operand<T>* o : {&p.dx, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh, &p.dw_hr}) scatter(dev, *o);
 }
 
 // ---------------------------------------------------------------------------------------------------

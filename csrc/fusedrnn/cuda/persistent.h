@@ -111,12 +111,14 @@ enum class RecurrencePath { kAuto, kPerStep, kPersistent };
 constexpr Index kPersistentMaxBatch = 16;
 
 // The persistent kernel's shape for this layer, or blocks = 0 where it should not or cannot run: every
-// block's W_hh slice must fit its shared memory and every block be resident at once (occupancy).
+// block's W_hh slice must fit its shared memory and every block be resident at once (occupancy). It
+// keeps no W_hr, so a projected layer (LayerShape::proj) runs per step.
 template <typename Cell, typename T, typename Device>
 PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
   PersistentShape p;
   if (path == RecurrencePath::kPerStep || (path == RecurrencePath::kAuto && s.batch > kPersistentMaxBatch))
     return p;
+  if (s.proj > 0) return p;
   const std::size_t row_bytes = static_cast<std::size_t>(Cell::kGates) * s.hidden * sizeof(T);
   const Index max_units = static_cast<Index>(dev.max_shared_bytes() / row_bytes);
   if (max_units < 1) return p;
