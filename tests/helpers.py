@@ -99,3 +99,20 @@ def set_for_the_test(get, set_, value):
     set_(value)
     yield value
     set_(previous)
+
+
+# (T, B, I, H, P) for a projected LSTM at odd sizes: P = 1, P = H - 1, H = 129 with odd P (more than one
+# rank or block), one step, one row, one input feature, I > H, every size at its least, 17 rows.
+ODD_PROJECTED_SHAPES = {
+    "P1": (5, 3, 2, 4, 1),
+    "P_H-1": (4, 3, 3, 7, 6),
+    "H2-P1": (5, 3, 2, 2, 1),
+    "H129-P43": (3, 2, 5, 129, 43),
+    "H129-P1": (3, 2, 5, 129, 1),
+    "T1": (1, 3, 4, 5, 2),
+    "B1": (6, 1, 4, 5, 3),
+    "I1": (4, 3, 1, 6, 5),
+    "I_gt_H": (4, 2, 33, 3, 2),
+    "H2-P1-all1": (1, 1, 1, 2, 1),
+    "B17": (3, 17, 6, 10, 9),
+}

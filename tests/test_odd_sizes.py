@@ -6,7 +6,8 @@ import pytest
 
 from fusedrnn import functional as F
 from fusedrnn import reference
-from helpers import CELL_CASES, CELLS, GATES, GRAD_NAMES, has_cell_state, make_module, proj_of, random_layer
+from helpers import (CELL_CASES, CELLS, GATES, GRAD_NAMES, ODD_PROJECTED_SHAPES, has_cell_state, make_module, proj_of,
+                     random_layer)
 
 TOL = dict(rtol=1e-12, atol=1e-13)
 
@@ -62,21 +63,8 @@ def test_layer_odd_sizes(rng, cell, shape, reverse):
     assert out.y.shape == (steps, batch, hidden)
 
 
-# (T, B, I, H, P) for a projected LSTM: P = 1, P = H - 1, H = 129 with odd P, one step, one row.
-PROJECTED_SHAPES = {
-    "P1": (5, 3, 2, 4, 1),
-    "P_H-1": (4, 3, 3, 7, 6),
-    "H129-P43": (3, 2, 5, 129, 43),
-    "H129-P1": (3, 2, 5, 129, 1),
-    "T1": (1, 3, 4, 5, 2),
-    "B1": (6, 1, 4, 5, 3),
-    "H2-P1-all1": (1, 1, 1, 2, 1),
-    "I_gt_H": (4, 2, 33, 3, 2),
-}
-
-
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("shape", list(PROJECTED_SHAPES.values()), ids=list(PROJECTED_SHAPES))
+@pytest.mark.parametrize("shape", list(ODD_PROJECTED_SHAPES.values()), ids=list(ODD_PROJECTED_SHAPES))
 def test_layer_odd_sizes_projected(rng, shape, reverse):
     steps, batch, inp, hidden, proj = shape
     w = random_layer(rng, "lstm", inp, hidden, proj_size=proj)
