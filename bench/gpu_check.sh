@@ -8,7 +8,8 @@
 #      --no-build-isolation --no-index, so the builds use what is installed; build tools missing there
 #      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh and carried along;
 #   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
-#      the persistent kernel) and the emulated device tests; then fusedrnn.jax's CUDA handlers
+#      the persistent kernel), the modules moved to the GPU (tests/test_device_modules.py) and the
+#      emulated device tests; then fusedrnn.jax's CUDA handlers
 #      (tests/test_jax_cuda.py: against the CPU handlers and a lax.scan reference, grads, jit, vmap,
 #      run-time errors), in a process of their own with JAX's memory preallocation off;
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
@@ -98,7 +99,7 @@ assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__ and info['dev
 
 log "GPU tests and emulated device tests"
 if ! python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs "$repo/tests/test_cuda.py" \
-    "$repo/tests/test_emulated_device.py" >"$out/tests.log" 2>&1; then
+    "$repo/tests/test_device_modules.py" "$repo/tests/test_emulated_device.py" >"$out/tests.log" 2>&1; then
   tail -40 "$out/tests.log"
   echo "gpu_check: tests failed" >&2
   exit 1

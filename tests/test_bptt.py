@@ -8,7 +8,7 @@ import fusedrnn
 from fusedrnn import reference
 from fusedrnn.bptt import truncated_bptt
 from fusedrnn.losses import mse_loss
-from helpers import CELLS, has_cell_state, make_module
+from helpers import CELL_CASES, has_cell_state, make_module, proj_of
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -22,25 +22,31 @@ def _mse_against(target, batch_first=False):
 
 
 def _states(cell, hx):
-    """The state as one stacked array: h_n, or h_n and c_n."""
-    return np.stack(hx) if has_cell_state(cell) else hx
+    """The state as one flat array: h_n, or h_n and c_n (widths differ with a projection)."""
+    return np.concatenate([a.ravel() for a in hx]) if has_cell_state(cell) else hx
 
 
-def _setup(rng, cell, steps=11, batch=4, inp=3, hidden=5, layers=2):
-    m = make_module(cell, inp, hidden, num_layers=layers, dtype=np.float64, seed=3)
+def _kwargs(layers, projected):
+    return dict(num_layers=layers, dtype=np.float64, seed=3, **({"proj_size": proj_of(5, True)} if projected else {}))
+
+
+def _setup(rng, cell, steps=11, batch=4, inp=3, hidden=5, layers=2, projected=False):
+    """A module and its data; with `projected`, an LSTM whose h has proj_of(5) features."""
+    m = make_module(cell, inp, hidden, **_kwargs(layers, projected))
+    width = m.proj_size or hidden
     x = rng.standard_normal((steps, batch, inp))
-    target = rng.standard_normal((steps, batch, hidden))
-    h0 = rng.standard_normal((layers, batch, hidden))
+    target = rng.standard_normal((steps, batch, width))
+    h0 = rng.standard_normal((layers, batch, width))
     hx = (h0, rng.standard_normal((layers, batch, hidden))) if has_cell_state(cell) else h0
     return m, x, target, hx
 
 
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_k_at_least_t_is_full_bptt_exactly(rng, cell, with_lengths):
-    m, x, target, hx = _setup(rng, cell)
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_k_at_least_t_is_full_bptt_exactly(rng, cell, projected, with_lengths):
+    m, x, target, hx = _setup(rng, cell, projected=projected)
     lengths = np.array([11, 3, 7, 1]) if with_lengths else None
-    full = make_module(cell, 3, 5, num_layers=2, dtype=np.float64, seed=3)
+    full = make_module(cell, 3, 5, **_kwargs(2, projected))
     y, hx_n = full(x, hx, lengths=lengths)
     loss, dy = mse_loss(y, target, reduction="sum")
     full.backward(dy)
@@ -76,9 +82,9 @@ def _chunked_by_hand(cell, params, x, target, hx, lengths, k, layers):
 
 @pytest.mark.parametrize("k", [1, 3, 4])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_chunked_gradient_matches_the_chunked_graph(rng, cell, with_lengths, k):
-    m, x, target, hx = _setup(rng, cell)
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_chunked_gradient_matches_the_chunked_graph(rng, cell, projected, with_lengths, k):
+    m, x, target, hx = _setup(rng, cell, projected=projected)
     lengths = np.array([11, 3, 7, 1]) if with_lengths else None
     want, want_losses, h_n, c_n = _chunked_by_hand(cell, m.state_dict(), x, target, hx, lengths, k, 2)
     res = truncated_bptt(m, x, k, _mse_against(target), hx=hx, lengths=lengths)
@@ -89,7 +95,7 @@ def test_chunked_gradient_matches_the_chunked_graph(rng, cell, with_lengths, k):
     np.testing.assert_allclose(_states(cell, res.hx), _states(cell, (h_n, c_n) if has_cell_state(cell) else h_n),
                                **TOL)
     # The truncation is real: the gradient differs from full BPTT's.
-    full = make_module(cell, 3, 5, num_layers=2, dtype=np.float64, seed=3)
+    full = make_module(cell, 3, 5, **_kwargs(2, projected))
     y, _ = full(x, hx, lengths=lengths)
     full.backward(mse_loss(y, target, reduction="sum")[1])
     assert not np.allclose(m.grads["weight_hh_l0"], full.grads["weight_hh_l0"])

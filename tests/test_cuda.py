@@ -249,28 +249,6 @@ def test_cupy_projected_layer_matches_cpu(rng, dtype, shape, reverse, recurrence
 
 
 @needs_cupy
-def test_cupy_projected_module_matches_numpy_module(rng):
-    """fusedrnn.LSTM(proj_size=...) fed CuPy arrays: the outputs, gradients (weight_hr's too) and
-    gradient norms of the same module fed NumPy arrays."""
-    kwargs = dict(num_layers=2, bidirectional=True, batch_first=True, dtype=np.float64, seed=5, proj_size=3)
-    on_host, on_gpu = (fusedrnn.LSTM(6, 8, **kwargs) for _ in range(2))
-    x = rng.standard_normal((4, 7, 6))
-    lengths = random_lengths(rng, 7, 4)
-    y_host, _ = on_host(x, lengths=lengths)
-    y_gpu, _ = on_gpu(cp.asarray(x), lengths=lengths)
-    assert y_gpu.shape == (4, 7, 6)
-    assert_close(cp.asnumpy(y_gpu), y_host, np.float64, "y")
-    dy = rng.standard_normal(y_host.shape)
-    dx_host, _ = on_host.backward(dy)
-    dx_gpu, _ = on_gpu.backward(cp.asarray(dy))
-    assert_close(cp.asnumpy(dx_gpu), dx_host, np.float64, "dx")
-    assert any(name.startswith("weight_hr") for name in on_host.grads)
-    for name, g in on_host.grads.items():
-        assert_close(on_gpu.grads[name], g, np.float64, name)
-    assert_close(on_gpu.hidden_grad_norms, on_host.hidden_grad_norms, np.float64, "hidden_grad_norms")
-
-
-@needs_cupy
 @pytest.mark.parametrize("cell", CELLS)
 def test_cupy_through_the_functional_layer_on_a_side_stream(rng, cell):
     dtype = np.float32
@@ -361,30 +339,6 @@ def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN")
-
-
-@needs_cupy
-@pytest.mark.parametrize("cell", CELLS)
-def test_cupy_module_matches_numpy_module(rng, cell):
-    """A NumPy-API module fed CuPy arrays: CuPy results, and the same outputs, gradients (added into
-    the host's `grads`), dropout masks and gradient norms as the same module fed NumPy arrays."""
-    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, batch_first=True, dtype=np.float64, seed=5)
-    on_host, on_gpu = (fusedrnn.modules.make_module(cell, 6, 8, **kwargs) for _ in range(2))
-    x = rng.standard_normal((4, 7, 6))
-    lengths = random_lengths(rng, 7, 4)
-    y_host, _ = on_host(x, lengths=lengths)
-    y_gpu, _ = on_gpu(cp.asarray(x), lengths=lengths)
-    assert isinstance(y_gpu, cp.ndarray)
-    assert_close(cp.asnumpy(y_gpu), y_host, np.float64, "y")
-    dy = rng.standard_normal(y_host.shape)
-    dx_host, _ = on_host.backward(dy)
-    dx_gpu, _ = on_gpu.backward(cp.asarray(dy))
-    assert isinstance(dx_gpu, cp.ndarray)
-    assert_close(cp.asnumpy(dx_gpu), dx_host, np.float64, "dx")
-    for name, g in on_host.grads.items():
-        assert isinstance(on_gpu.grads[name], np.ndarray)
-        assert_close(on_gpu.grads[name], g, np.float64, name)
-    assert_close(on_gpu.hidden_grad_norms, on_host.hidden_grad_norms, np.float64, "hidden_grad_norms")
 
 
 @needs_torch_cuda

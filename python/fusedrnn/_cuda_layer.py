@@ -182,11 +182,27 @@ class _Torch:
 _libraries: dict = {}
 
 
+def _library(kind: str):
+    if kind not in _libraries:
+        _libraries[kind] = _Torch() if kind == "torch" else _CuPy()
+    return _libraries[kind]
+
+
 def as_cupy(a):
     """A CUDA array as a CuPy array over the same memory (the NumPy-API modules' device arrays)."""
-    if "cupy" not in _libraries:
-        _libraries["cupy"] = _CuPy()
-    return _libraries["cupy"].adopt(a)
+    return _library("cupy").adopt(a)
+
+
+def cupy_on(host: np.ndarray, device: int):
+    """A host array copied to CUDA device `device`, as a CuPy array."""
+    cp = _library("cupy").cp
+    with cp.cuda.Device(device):
+        return cp.asarray(host)
+
+
+def current_device() -> int:
+    """CuPy's current CUDA device: the one "cuda" names."""
+    return int(_library("cupy").cp.cuda.Device().id)
 
 
 def to_device(like, host):
@@ -197,10 +213,7 @@ def to_device(like, host):
 def library_of(a):
     """The array library that allocates beside `a`: torch for torch tensors, else CuPy."""
     torch = sys.modules.get("torch")
-    kind = "torch" if torch is not None and isinstance(a, torch.Tensor) else "cupy"
-    if kind not in _libraries:
-        _libraries[kind] = _Torch() if kind == "torch" else _CuPy()
-    return _libraries[kind]
+    return _library("torch" if torch is not None and isinstance(a, torch.Tensor) else "cupy")
 
 
 class CudaTape:

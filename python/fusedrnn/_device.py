@@ -5,6 +5,8 @@ or to the CUDA module, and mixing devices in one call is refused by name. Needs 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from . import _core
@@ -18,7 +20,7 @@ def device_of(a) -> str | None:
     device's name; None for None. NumPy arrays, lists and scalars are "cpu"."""
     if a is None:
         return None
-    if isinstance(a, np.ndarray):
+    if type(a) is np.ndarray:
         return "cpu"
     dlpack_device = getattr(type(a), "__dlpack_device__", None)
     if dlpack_device is not None:
@@ -38,11 +40,6 @@ def is_cuda(a) -> bool:
     return device is not None and device.startswith("cuda")
 
 
-def _same_device(a: str, b: str) -> bool:
-    # "cuda" (no device number exposed) may be any CUDA device; the CUDA module checks its pointer.
-    return a == b or ("cuda" in (a, b) and a.startswith("cuda") and b.startswith("cuda"))
-
-
 def common_device(**arrays) -> str:
     """The device every given array (None skipped) is on, in argument order; a ValueError naming the
     first argument on another device (the device of an array with no device number is checked by the
@@ -54,7 +51,7 @@ def common_device(**arrays) -> str:
             continue
         if first is None:
             first_name, first = name, device
-        elif not _same_device(device, first):
+        elif not same_device(device, first):
             raise ValueError(f"{name}: on {device}, but {first_name} is on {first}; every array of a call must "
                              f"be on one device")
     if first is not None and not (first == "cpu" or first.startswith("cuda")):
@@ -78,6 +75,63 @@ def zeros(like, shape):
         return np.zeros(shape, like.dtype)
     from . import _cuda_layer
     return _cuda_layer.library_of(like).zeros(like, shape)
+
+
+def canonical_device(device) -> str:
+    """"cpu" or "cuda:N" from what a user names a device by: "cpu", "cuda" (CuPy's current device),
+    "cuda:N", a torch.device, or a CuPy Device."""
+    torch, cupy = sys.modules.get("torch"), sys.modules.get("cupy")
+    if isinstance(device, str):
+        name = device
+    elif torch is not None and isinstance(device, torch.device):
+        name = str(device)
+    elif cupy is not None and isinstance(device, cupy.cuda.Device):
+        name = f"cuda:{device.id}"
+    else:
+        raise TypeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {type(device).__name__}")
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not index:
+            from . import _cuda_layer
+            index = _cuda_layer.current_device()
+        return f"cuda:{int(index)}"
+    raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+
+def same_device(a: str, b: str) -> bool:
+    """Whether two device names (device_of) are one device; "cuda" (no number exposed) may be any
+    CUDA device, whose pointer the CUDA module checks."""
+    return a == b or ("cuda" in (a, b) and a.startswith("cuda") and b.startswith("cuda"))
+
+
+def move(a, device: str):
+    """`a` on `device` ("cpu" or "cuda:N", from canonical_device): `a` itself when it is there already,
+    else a copy (a NumPy array on the host, a CuPy array on a CUDA device)."""
+    if device_of(a) == device:
+        return a
+    host = np.ascontiguousarray(to_host(a))
+    if device == "cpu":
+        return host
+    from . import _cuda_layer
+    return _cuda_layer.cupy_on(host, int(device.partition(":")[2]))
+
+
+def copy_into(dst, src) -> None:
+    """Writes `src` (an array on any device, of dst's shape) into `dst` in place, across devices."""
+    if is_cuda(dst):
+        dst[...] = move(src, device_of(dst))
+    else:
+        np.copyto(dst, to_host(src))
+
+
+def array_module(a):
+    """The NumPy-like module of `a`'s arrays: numpy on the host, cupy for a CUDA array."""
+    if not is_cuda(a):
+        return np
+    from ._optional import require
+    return require("cupy", "cupy")
 
 
 def to_host(a):

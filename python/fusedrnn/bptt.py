@@ -10,6 +10,9 @@ every chunk.
 Bidirectional modules are refused: the reverse direction inside a chunk would see only that chunk's
 future, and its state would have to carry backwards in time, so the result would not be the
 bidirectional model that the module defines.
+
+A module moved to a CUDA device (`to("cuda")`) runs there: x, hx and loss_fn's gradients are then
+arrays on its device, and so are the output and the final state.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _device
 
 
 class TruncatedBPTTResult(NamedTuple):
@@ -55,22 +58,26 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     steps, batch = x.shape[t_axis], x.shape[b_axis]
     lens = _checks.lengths(lengths, steps, batch)
     stateful = module._has_cell_state
-    h, c = _initial_state(module, hx, batch, stateful)
+    h, c = _initial_state(module, x, hx, batch, stateful)
 
     out_shape = list(x.shape)
-    out_shape[2] = module.num_directions * module.hidden_size
-    y = np.zeros(out_shape, module.dtype)
+    out_shape[2] = module.num_directions * module._state_size
+    y = _device.zeros(x, tuple(out_shape))
+    xp = _device.array_module(x)
     losses = []
     last = steps if lens is None else int(lens.max())
     for index, start in enumerate(range(0, last, k)):
         stop = min(start + k, steps)
         time = (slice(None),) * t_axis + (slice(start, stop),)
         chunk_lens = None if lens is None else np.clip(lens - start, 0, stop - start)
-        active = np.ones(batch, bool) if chunk_lens is None else chunk_lens > 0
+        # The rows still running, as indices on x's device (all of them: a slice, no copies).
+        active = (slice(None) if chunk_lens is None or chunk_lens.all()
+                  else _device.move(np.flatnonzero(chunk_lens), _device.device_of(x)))
         rows = (slice(None),) * b_axis + (active,)
         x_chunk = x[time][rows]
         hx_chunk = (h[:, active], c[:, active]) if stateful else h[:, active]
-        y_active, hx_out = module(x_chunk, hx_chunk, lengths=None if chunk_lens is None else chunk_lens[active])
+        y_active, hx_out = module(x_chunk, hx_chunk,
+                                  lengths=None if chunk_lens is None else chunk_lens[chunk_lens > 0])
         y_chunk = y[time]
         y_chunk[rows] = y_active
         # The carried state is a copy: the next chunk starts from its values, with no graph behind them.
@@ -79,28 +86,34 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
         else:
             h[:, active] = hx_out
         loss, dy = loss_fn(y_chunk, start, stop)
-        dy = np.asarray(dy)
+        if _device.device_of(dy) != _device.device_of(x):
+            raise ValueError(f"loss_fn: returned a gradient on {_device.device_of(dy)}, but x is on "
+                             f"{_device.device_of(x)}")
+        dy = xp.asarray(dy)
         if dy.shape != y_chunk.shape:
             raise ValueError(f"loss_fn: returned a gradient of shape {dy.shape}, expected the chunk "
                              f"output's {y_chunk.shape}")
-        module.backward(np.ascontiguousarray(dy[rows], module.dtype))
+        module.backward(xp.ascontiguousarray(dy[rows], module.dtype))
         losses.append(float(loss))
         if after_chunk is not None:
             after_chunk(index)
     return TruncatedBPTTResult(y, (h, c) if stateful else h, losses)
 
 
-def _initial_state(module, hx, batch: int, stateful: bool):
-    """Writable copies (h, c) of the initial state, (L*D, B, H), zero where not given; c is None
-    without a cell state."""
-    shape = (module.num_layers * module.num_directions, batch, module.hidden_size)
+def _initial_state(module, x, hx, batch: int, stateful: bool):
+    """Writable copies (h, c) of the initial state on x's device, (L*D, B, R) and (L*D, B, H), zero
+    where not given; c is None without a cell state."""
     h0, c0 = module._split_hx(hx)
+    module._check_on_module_device(x=x, **{"h0" if stateful else "hx": h0}, c0=c0)
+    layers = module.num_layers * module.num_directions
 
-    def state(name, value):
+    def state(name, value, width):
+        shape = (layers, batch, width)
         if value is None:
-            return np.zeros(shape, module.dtype)
+            return _device.zeros(x, shape)
         arr = _checks.array(name, value, module.dtype, 3)
         _checks.shape(name, arr, shape)
         return arr.copy()
 
-    return state("h0" if stateful else "hx", h0), (state("c0", c0) if stateful else None)
+    return (state("h0" if stateful else "hx", h0, module._state_size),
+            state("c0", c0, module.hidden_size) if stateful else None)

@@ -2,7 +2,8 @@
 rather than write NaN into the weights), and a diagnosis of how the gradient flows back through time.
 
 `grads` everywhere is a module's `grads` mapping, any mapping name -> array, a list of arrays or one
-array; the arrays are changed in place.
+array: NumPy arrays, or CuPy arrays on a CUDA device (a module moved there), worked on where they are.
+The arrays are changed in place.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _device
 from ._optional import require
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
@@ -22,14 +23,14 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a 
 def _grad_arrays(grads) -> list:
     named = _checks.named_arrays("grads", grads)
     for key, g in named:
-        if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
+        if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
             raise TypeError(f"grads[{key!r}]: expected a float ndarray (changed in place), got {type(g).__name__}")
     return named
 
 
 def nonfinite_grads(grads) -> list:
     """The keys (names, or positions in a list) of the gradients holding NaN or infinity; [] if none."""
-    return [key for key, g in _grad_arrays(grads) if g.size and not np.isfinite(g).all()]
+    return [key for key, g in _grad_arrays(grads) if g.size and not _device.array_module(g).isfinite(g).all()]
 
 
 def _norm_type(norm_type) -> float:
@@ -38,16 +39,17 @@ def _norm_type(norm_type) -> float:
     return float(norm_type)
 
 
-def _vector_norm(values: np.ndarray, p: float) -> float:
-    a = np.abs(values.astype(np.float64, copy=False)).ravel()
+def _vector_norm(values, p: float) -> float:
+    xp = _device.array_module(values)
+    a = xp.abs(values.astype(np.float64, copy=False)).ravel()
     if a.size == 0:
         return 0.0
     if p == math.inf:
         return float(a.max())
     if p == 2.0:
         # Not np.dot: a BLAS call here wakes NumPy's BLAS threads, which then fight the kernels' for cores.
-        return float(np.sqrt(np.sum(np.square(a))))
-    return float(np.sum(a**p) ** (1.0 / p))
+        return float(xp.sqrt(xp.sum(xp.square(a))))
+    return float(xp.sum(a**p) ** (1.0 / p))
 
 
 def _total_norm(named: list, p: float) -> float:
@@ -89,7 +91,7 @@ def clip_grad_value(grads, clip_value: float) -> None:
     if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real) or not clip_value >= 0:
         raise ValueError(f"clip_value: expected a number >= 0, got {clip_value!r}")
     for _, g in _grad_arrays(grads):
-        np.clip(g, -clip_value, clip_value, out=g)
+        _device.array_module(g).clip(g, -clip_value, clip_value, out=g)
 
 
 # ---- gradient flow through time ------------------------------------------------------------------------

@@ -4,28 +4,40 @@ an optional mask that leaves padded steps out of both.
 `mask` is boolean with the leading shape of the prediction, e.g. (T, B) for a (T, B, F) prediction
 (`fusedrnn.sequences.length_mask(lengths)` makes one). With reduction="mean" the loss is averaged over
 the elements the mask keeps (as torch's losses average over all elements); "sum" adds them up.
+
+The arrays of one call are NumPy arrays, or CuPy arrays on one CUDA device (the output of a module
+moved there), and the gradient is on their device; mixing devices is refused by name.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _device
+
 REDUCTIONS = ("mean", "sum")
 
 
-def _float_array(name: str, value) -> np.ndarray:
-    arr = np.asarray(value)
+def _array_module(**arrays):
+    """The module (numpy or cupy) of the call's arrays, all on one device (a ValueError naming the first
+    on another)."""
+    _device.common_device(**arrays)
+    return _device.array_module(next(iter(arrays.values())))
+
+
+def _float_array(name: str, value, xp) -> np.ndarray:
+    arr = xp.asarray(value)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
+    if not bool(xp.isfinite(arr).all()):
         raise ValueError(f"{name}: contains NaN or infinite values")
     return arr
 
 
-def _mask(mask, lead_shape: tuple[int, ...]) -> np.ndarray | None:
+def _mask(mask, lead_shape: tuple[int, ...], xp) -> np.ndarray | None:
     if mask is None:
         return None
-    m = np.asarray(mask)
+    m = xp.asarray(mask)
     if m.dtype != bool:
         raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
     if m.shape != lead_shape[:m.ndim] or m.ndim == 0:
@@ -39,10 +51,10 @@ def _reduction(reduction: str) -> str:
     return reduction
 
 
-def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str) -> tuple[np.ndarray, float]:
+def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str, xp) -> tuple[np.ndarray, float]:
     """Per-element weights broadcastable to `shape` (1 where kept, 0 where masked) and the divisor."""
     if mask is None:
-        keep = np.ones((1,) * len(shape))
+        keep = xp.ones((1,) * len(shape))
         count = float(np.prod(shape))
     else:
         keep = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim)).astype(np.float64)
@@ -56,13 +68,14 @@ def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str) ->
 
 def mse_loss(prediction, target, mask=None, reduction: str = "mean") -> tuple[float, np.ndarray]:
     """Mean squared error: (loss, d loss / d prediction), the gradient in the prediction's dtype."""
-    pred = _float_array("prediction", prediction)
-    tgt = _float_array("target", target)
+    xp = _array_module(prediction=prediction, target=target, mask=mask)
+    pred = _float_array("prediction", prediction, xp)
+    tgt = _float_array("target", target, xp)
     if tgt.shape != pred.shape:
         raise ValueError(f"target: expected the prediction's shape {pred.shape}, got {tgt.shape}")
-    keep, count = _weights(_mask(mask, pred.shape), pred.shape, _reduction(reduction))
+    keep, count = _weights(_mask(mask, pred.shape, xp), pred.shape, _reduction(reduction), xp)
     diff = (pred.astype(np.float64) - tgt) * keep
-    loss = float(np.sum(diff * diff)) / count
+    loss = float(xp.sum(diff * diff)) / count
     return loss, (2.0 / count * diff).astype(pred.dtype)
 
 
@@ -70,29 +83,30 @@ def cross_entropy(logits, targets, mask=None, reduction: str = "mean") -> tuple[
     """Softmax cross-entropy over the last axis: logits (..., C), targets (...) class indices in
     [0, C). Returns (loss, d loss / d logits) with the gradient in the logits' dtype. A masked-out
     position's target is not looked at (padding may hold any value there)."""
-    z = _float_array("logits", logits)
+    xp = _array_module(logits=logits, targets=targets, mask=mask)
+    z = _float_array("logits", logits, xp)
     if z.ndim < 1 or z.shape[-1] == 0:
         raise ValueError(f"logits: expected shape (..., classes) with classes >= 1, got {z.shape}")
-    t = np.asarray(targets)
+    t = xp.asarray(targets)
     if t.dtype.kind not in "iu":
         raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
     if t.shape != z.shape[:-1]:
         raise ValueError(f"targets: expected shape {z.shape[:-1]} (logits without the class axis), got {t.shape}")
-    m = _mask(mask, t.shape)
-    keep, count = _weights(m, t.shape, _reduction(reduction))
-    kept = np.ones(t.shape, bool) if m is None else np.broadcast_to(keep != 0, t.shape)
+    m = _mask(mask, t.shape, xp)
+    keep, count = _weights(m, t.shape, _reduction(reduction), xp)
+    kept = xp.ones(t.shape, bool) if m is None else xp.broadcast_to(keep != 0, t.shape)
     classes = z.shape[-1]
     bad = kept & ((t < 0) | (t >= classes))
-    if np.any(bad):
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"targets: class index {t[where]} at {where} is outside [0, {classes})")
-    t = np.where(kept, t, 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in xp.argwhere(bad)[0])
+        raise ValueError(f"targets: class index {int(t[where])} at {where} is outside [0, {classes})")
+    t = xp.where(kept, t, 0)
     z64 = z.astype(np.float64)
     shifted = z64 - z64.max(axis=-1, keepdims=True)          # log-sum-exp without overflow
-    log_prob = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    picked = np.take_along_axis(log_prob, t[..., None], axis=-1)[..., 0]
-    loss = float(-np.sum(picked * keep)) / count
-    grad = np.exp(log_prob)
-    np.put_along_axis(grad, t[..., None], np.take_along_axis(grad, t[..., None], axis=-1) - 1.0, axis=-1)
+    log_prob = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    picked = xp.take_along_axis(log_prob, t[..., None], axis=-1)[..., 0]
+    loss = float(-xp.sum(picked * keep)) / count
+    grad = xp.exp(log_prob)
+    xp.put_along_axis(grad, t[..., None], xp.take_along_axis(grad, t[..., None], axis=-1) - 1.0, axis=-1)
     grad *= keep[..., None] / count
     return loss, grad.astype(z.dtype)

@@ -17,9 +17,8 @@ from .functional import CELLS, GATES, has_cell_state
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes,
-                 on_device=False):
-        self.on_device = on_device            # the forward ran on a CUDA device (CuPy arrays)
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes, device):
+        self.device = device                  # where the forward ran: the module's device then
         self.tapes = tapes                    # tapes[layer][direction]
         self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
         self.batch_first = batch_first
@@ -34,7 +33,12 @@ class _Context:
 
 class _Module:
     """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
-    alike, and a training flag.
+    alike, both on the module's device, and a training flag.
+
+    A module starts on the host (NumPy arrays); `to("cuda")` moves its parameters and gradients to a
+    CUDA device as CuPy arrays, where it then takes CUDA arrays (CuPy, or anything with
+    __cuda_array_interface__ or a CUDA __dlpack_device__) on that device only: an input on another
+    device is refused by name, never copied over silently.
 
     Several Python threads may share one module: each thread's training-mode forward is kept for that
     thread's own backward, and backward calls add into `grads` one at a time. Copies and pickles leave
@@ -70,12 +74,52 @@ class _Module:
         return list(self._params.values())
 
     def state_dict(self) -> OrderedDict:
-        """A copy of every parameter, keyed exactly as torch.nn names them."""
+        """A copy of every parameter on the module's device, keyed exactly as torch.nn names them."""
         return OrderedDict((k, v.copy()) for k, v in self._params.items())
 
     def zero_grad(self) -> None:
         """Resets the accumulated parameter gradients."""
-        self.grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+        self.grads = OrderedDict((k, _device.zeros(v, v.shape)) for k, v in self._params.items())
+
+    @property
+    def device(self) -> str:
+        """Where the parameters and gradients live: "cpu", or "cuda:N" after `to("cuda:N")`."""
+        return _device.device_of(next(iter(self._params.values())))
+
+    def to(self, device):
+        """Moves the parameters and their gradients to `device` ("cpu", "cuda" for CuPy's current device,
+        "cuda:N", a torch.device or a CuPy Device) and returns the module, as torch.nn.Module.to does.
+        Optimisers made before a move refuse to step: make them after. Not while other threads use the
+        module."""
+        target = _device.canonical_device(device)
+        if target != self.device:
+            with self._grads_lock:
+                self._move_arrays(target)
+        return self
+
+    def cuda(self, device: int | None = None):
+        """`to("cuda")`, or `to(f"cuda:{device}")`."""
+        return self.to("cuda" if device is None else f"cuda:{device}")
+
+    def cpu(self):
+        """`to("cpu")`."""
+        return self.to("cpu")
+
+    def _move_arrays(self, device: str) -> None:
+        self._params = OrderedDict((k, _device.move(v, device)) for k, v in self._params.items())
+        self.grads = OrderedDict((k, _device.move(v, device)) for k, v in self.grads.items())
+
+    def _check_on_module_device(self, **arrays) -> None:
+        """The given arrays (None skipped) are on one device, the module's: a ValueError naming the first
+        one that is not."""
+        if all(v is None for v in arrays.values()):
+            return
+        device = _device.common_device(**arrays)
+        if not _device.same_device(device, self.device):
+            name = next(k for k, v in arrays.items() if v is not None)
+            hint = "module.to('cpu')" if device == "cpu" else f"module.to({device!r})"
+            raise ValueError(f"{name}: on {device}, but the module's parameters are on {self.device}; move the "
+                             f"input, or the module ({hint})")
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
@@ -171,8 +215,9 @@ class RNNBase(_Module):
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def load_state_dict(self, state_dict, strict: bool = True) -> None:
-        """Loads parameters in place from a mapping of name -> array-like (a torch state_dict works as
-        is). Shapes must match; values are cast to the module's dtype and must be finite."""
+        """Loads parameters in place from a mapping of name -> array-like on any device (a torch
+        state_dict works as is), onto the module's device. Shapes must match; values are cast to the
+        module's dtype and must be finite."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
         missing = [k for k in self._params if k not in state_dict]
@@ -186,7 +231,7 @@ class RNNBase(_Module):
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
                 value = value.detach().cpu()
-            arr = np.asarray(value)
+            arr = np.asarray(_device.to_host(value))
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
@@ -195,12 +240,16 @@ class RNNBase(_Module):
             _checks.finite(f"state_dict[{name!r}]", arr)
             loaded[name] = arr
         for name, arr in loaded.items():  # all checked before any is written
-            np.copyto(self._params[name], arr)
+            _device.copy_into(self._params[name], arr)
 
     def zero_grad(self) -> None:
         """Resets the accumulated gradients of the parameters, the input and the initial states."""
         super().zero_grad()
         self.input_grads = {}
+
+    def _move_arrays(self, device: str) -> None:
+        super()._move_arrays(device)
+        self.input_grads = {k: _device.move(v, device) for k, v in self.input_grads.items()}
 
     def __repr__(self) -> str:
         extra = ""
@@ -253,14 +302,12 @@ class RNNBase(_Module):
         Returns (y, h_n) or, for LSTM, (y, (h_n, c_n)); y and h_n have num_directions*hidden_size and
         hidden_size features (proj_size for an LSTM with a projection), c_n hidden_size.
 
-        A CUDA device array x (CuPy, or anything with __cuda_array_interface__) runs on its device and
-        CuPy's current stream and the results are CuPy arrays; hx must be on the same device. The
-        parameters stay NumPy arrays: each call copies them to the device, and backward adds the
-        device's gradients into `grads`."""
+        After `to("cuda")`, x and hx are CUDA device arrays on the module's device (CuPy, or anything
+        with __cuda_array_interface__ or a CUDA __dlpack_device__); the call runs there on CuPy's current
+        stream, and the results are CuPy arrays."""
         h0_in, c0_in = self._split_hx(hx)
-        _device.common_device(x=x, **{"h0" if self._has_cell_state else "hx": h0_in}, c0=c0_in)
+        self._check_on_module_device(x=x, **{"h0" if self._has_cell_state else "hx": h0_in}, c0=c0_in)
         x = x_given = _checks.array("x", x, self.dtype, (2, 3))
-        on_device = _device.is_cuda(x)
         unbatched = x.ndim == 2
         if unbatched:
             x = x[:, None, :]
@@ -282,18 +329,17 @@ class RNNBase(_Module):
         training = self.training
         dropout = self._dropout_mask if training and self.dropout > 0 else None
         weights = self._stack_weights(self._params)
-        if on_device:
-            from . import _cuda_layer
-            weights = [[tuple(_cuda_layer.to_device(x, p) for p in d) for d in layer] for layer in weights]
-            if dropout is not None:
-                dropout = lambda shape: _cuda_layer.to_device(x, self._dropout_mask(shape))  # noqa: E731
+        device = self.device
+        if dropout is not None and device != "cpu":
+            # Drawn on the host, from the module's own generator wherever it runs.
+            dropout = lambda shape: _device.move(self._dropout_mask(shape), device)  # noqa: E731
         y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, weights, h0, c0, lengths=lens, training=training,
                                                    cell_clip=self.cell_clip, dropout=dropout)
         self._pending = None
         if training:
             inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
-                                     inner_inputs_nbytes, on_device)
+                                     inner_inputs_nbytes, device)
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
             c_n = None if c_n is None else c_n[:, 0, :]
@@ -315,17 +361,23 @@ class RNNBase(_Module):
 
     def backward(self, dy=None, dhx=None):
         """Backpropagates through the last training-mode forward. dy has y's shape; dhx is dh_n, or
-        (dh_n, dc_n) for LSTM, in h_n's shape (None: zero). Accumulates parameter gradients into
+        (dh_n, dc_n) for LSTM, in h_n's shape (None: zero), on the module's device. Accumulates
+        parameter gradients into
         `grads` and input/initial-state gradients into `input_grads`; returns this call's
         (dx, dh0) or, for LSTM, (dx, (dh0, dc0))."""
         ctx = self._pending
         if ctx is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
                                "module in train() mode before each backward (on the same thread)")
+        if ctx.device != self.device:
+            raise RuntimeError(f"backward: the module moved to {self.device} after its forward on {ctx.device}; "
+                               "run the forward again where the module is")
         steps, batch, features = ctx.input_shape
         hidden, dirs = self._state_size, self.num_directions
         unbatched = ctx.unbatched
 
+        dh_in, dc_in = self._split_hx(dhx, "dhx", "(dh_n, dc_n)")
+        self._check_on_module_device(dy=dy, dh_n=dh_in, dc_n=dc_in)
         if dy is not None:
             dy = _checks.array("dy", dy, self.dtype, 2 if unbatched else 3)
             want = (steps, dirs * hidden) if unbatched else (
@@ -333,7 +385,6 @@ class RNNBase(_Module):
             _checks.shape("dy", dy, want)
             _checks.finite("dy", dy)
             dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
-        dh_in, dc_in = self._split_hx(dhx, "dhx", "(dh_n, dc_n)")
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
         self._pending = None  # the tapes are consumed, as torch frees its graph
@@ -341,20 +392,8 @@ class RNNBase(_Module):
             return self._backward(ctx, dy, dh_n, dc_n)
 
     def _backward(self, ctx: _Context, dy, dh_n, dc_n):
-        grads = self._stack_weights(self.grads)
-        if ctx.on_device:  # the device's gradients, added into the host's after
-            like = ctx.tapes[0][0].arrays["x"]
-            into = [[tuple(None if g is None else _device.zeros(like, g.shape) for g in d) for d in layer]
-                    for layer in grads]
-        else:
-            into = grads
         dx, dh0, dc0, dh_norms = _stack.backward(ctx.tapes, dy, dh_n, dc_n, dropout_masks=ctx.dropout_masks,
-                                                 grads=into)
-        if ctx.on_device:
-            for host, device in zip((g for layer in grads for d in layer for g in d),
-                                    (g for layer in into for d in layer for g in d)):
-                if host is not None:
-                    host += _device.to_host(device)
+                                                 grads=self._stack_weights(self.grads))
         unbatched = ctx.unbatched
         self.hidden_grad_norms = _device.to_host(dh_norms)
         if unbatched:
@@ -459,6 +498,7 @@ class Linear(_Module):
         return self.forward(x)
 
     def forward(self, x) -> np.ndarray:
+        self._check_on_module_device(x=x)
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
@@ -472,6 +512,7 @@ class Linear(_Module):
         if x is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through (on the same thread)")
         self._pending = None
+        self._check_on_module_device(dy=dy)
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
         flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)

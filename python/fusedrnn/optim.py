@@ -1,10 +1,11 @@
-"""Optimisers that update NumPy parameters in place with torch.optim's update rules.
+"""Optimisers that update parameters in place with torch.optim's update rules: NumPy arrays, or CuPy
+arrays on a CUDA device (a module moved there with `to("cuda")`), updated where they are.
 
 An optimiser takes a module (anything with `named_parameters()` and a `grads` mapping, like
 `fusedrnn.LSTM` or `fusedrnn.Linear`), a list of modules, a mapping name -> array, or a list of arrays.
 `step()` reads the modules' `grads`; for arrays, `step(grads)` takes gradients in the same order (a
 list) or with the same names (a mapping).
-The state (momentum, moments) is kept in float64 and the result cast to each parameter's dtype.
+The state (momentum, moments) is kept in float64 beside each parameter and the result cast to its dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numbers
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _device
 
 
 def _hyper(name: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
@@ -41,7 +42,9 @@ def _modules(params) -> list | None:
 
 
 class Optimizer:
-    """The shared part: parameter bookkeeping and gradient lookup. Subclasses define `_update`."""
+    """The shared part: parameter bookkeeping and gradient lookup. Subclasses define
+    `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state, with xp
+    the arrays' module (numpy or cupy)."""
 
     def __init__(self, params, lr: float):
         self._modules = _modules(params)
@@ -53,15 +56,21 @@ class Optimizer:
         if not named:
             raise ValueError("params: expected at least one parameter, got none")
         for name, p in named:
-            if not isinstance(p, np.ndarray) or p.dtype.kind != "f":
+            if not (isinstance(p, np.ndarray) or _device.is_cuda(p)) or p.dtype.kind != "f":
                 raise TypeError(f"params[{name!r}]: expected a float ndarray (updated in place), got "
                                 f"{type(p).__name__}")
-            if not p.flags.writeable:
+            if not getattr(p.flags, "writeable", True):
                 raise ValueError(f"params[{name!r}]: the array is read-only and cannot be updated in place")
         self._named = named
         self.lr = _hyper("lr", lr)
         self.state: list[dict] = [{} for _ in named]
         self.steps = 0
+
+    def _check_modules_unmoved(self) -> None:
+        current = [p for m in self._modules for _, p in m.named_parameters()]
+        if len(current) != len(self._named) or any(p is not q for p, (_, q) in zip(current, self._named)):
+            raise RuntimeError("params: the module's parameters were replaced (moved with to(), or the module "
+                               "rebuilt) after this optimiser was made; make the optimiser after moving the module")
 
     def _gradients(self, grads) -> list[np.ndarray]:
         if grads is None:
@@ -81,17 +90,22 @@ class Optimizer:
             listed = [(pn, g) for (pn, _), (_, g) in zip(self._named, listed)]
         out = []
         for (name, p), (_, g) in zip(self._named, listed):
-            g = np.asarray(g)
+            on = _device.device_of(g)
+            if on != _device.device_of(p):
+                raise ValueError(f"grads[{name!r}]: on {on}, but its parameter is on {_device.device_of(p)}")
+            g = g if _device.is_cuda(g) else np.asarray(g)
             _checks.shape(f"grads[{name!r}]", g, p.shape)
             out.append(g)
         return out
 
     def step(self, grads=None) -> None:
         """Updates every parameter in place from its gradient."""
+        if self._modules is not None:
+            self._check_modules_unmoved()
         gradients = self._gradients(grads)
         self.steps += 1
         for (_, p), g, state in zip(self._named, gradients, self.state):
-            p[...] = self._update(p.astype(np.float64), g.astype(np.float64), state)
+            p[...] = self._update(p.astype(np.float64), g.astype(np.float64), state, _device.array_module(p))
 
 
 class SGD(Optimizer):
@@ -114,7 +128,7 @@ class SGD(Optimizer):
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
 
-    def _update(self, p, g, state):
+    def _update(self, p, g, state, xp):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
@@ -143,7 +157,7 @@ class Adam(Optimizer):
         self.weight_decay = _hyper("weight_decay", weight_decay)
         self.amsgrad = bool(amsgrad)
 
-    def _update(self, p, g, state):
+    def _update(self, p, g, state, xp):
         beta1, beta2 = self.betas
         if self.weight_decay:
             g = g + self.weight_decay * p
@@ -151,7 +165,7 @@ class Adam(Optimizer):
         v = beta2 * state.get("exp_avg_sq", 0.0) + (1.0 - beta2) * g * g
         state["exp_avg"], state["exp_avg_sq"] = m, v
         if self.amsgrad:
-            v = state["max_exp_avg_sq"] = np.maximum(state.get("max_exp_avg_sq", 0.0), v)
+            v = state["max_exp_avg_sq"] = xp.maximum(state.get("max_exp_avg_sq", 0.0), v)
         t = self.steps
-        denom = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
+        denom = xp.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
         return p - self.lr / (1.0 - beta1**t) * m / denom
