@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _device, bptt, gradients, losses, optim, sequences
+from fusedrnn import _cuda_layer, _device, bptt, gradients, losses, optim, sequences
 from helpers import CELL_CASES, assert_close, has_cell_state, make_module, proj_of, random_lengths
 
 import fake_cuda
@@ -88,6 +88,7 @@ def test_device_names(cp, monkeypatch):
 
 def test_to_cuda_without_cupy_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(_cuda_layer, "_libraries", {})
     module = fusedrnn.GRU(2, 2)
     with pytest.raises(ImportError, match=r"pip install 'fusedrnn\[cupy\]'"):
         module.to("cuda:0")
