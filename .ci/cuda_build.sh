@@ -109,9 +109,9 @@ assert info['jax_ffi'] == '0.7.1' and set(cuda.jax_ffi_targets) == set(core.jax_
 print('fusedrnn.jax CUDA handlers:', sorted(cuda.jax_ffi_targets))
 ")
 
-log "tests: the emulated device backend, the CUDA tests (skipped without a GPU), the loader"
-python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py tests/test_cuda_plugin.py \
-  tests/test_jax_cuda.py
+log "tests: the emulated device backend, the CUDA tests (skipped without a GPU), the modules on a device, the loader"
+python -m pytest -q -p no:cacheprovider tests/test_emulated_device.py tests/test_cuda.py tests/test_device_modules.py \
+  tests/test_cuda_plugin.py tests/test_jax_cuda.py
 
 log "FUSEDRNN_CUDA=ON and the plugin without cuBLAS fail the configuration, AUTO says why it skips"
 # A Python with the build's other needs but no nvidia-cublas wheel (the toolkit here has no cuBLAS).
