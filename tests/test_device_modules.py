@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _cuda_layer, _device, bptt, gradients, losses, optim, sequences
+from fusedrnn import _cuda_layer, _device, bptt, demo, gradients, losses, optim, sequences
 from helpers import CELL_CASES, assert_close, has_cell_state, make_module, proj_of, random_lengths
 
 import fake_cuda
@@ -307,3 +307,16 @@ def test_losses_on_device_match_the_host(cp, rng):
         bad = classes.copy()
         bad[1, 2] = 4
         losses.cross_entropy(cp.asarray(logits), cp.asarray(bad))
+
+
+def test_demo_trains_on_the_device(cp):
+    """The demo's forecaster trained on the device: the training losses and forecasts of the same
+    forecaster trained on the host (float32; the two backends round differently)."""
+    small = dict(hidden=8, epochs=2, held_out_years=30, batch=64, members=1)
+    on_host = demo.train_forecaster(demo.ForecastConfig(**small))
+    on_device = demo.train_forecaster(demo.ForecastConfig(**small, device="cuda"))
+    np.testing.assert_allclose(on_device.losses, on_host.losses, rtol=1e-4)
+    assert type(on_device.forecast) is np.ndarray
+    np.testing.assert_allclose(on_device.forecast, on_host.forecast, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        demo.train_forecaster(demo.ForecastConfig(**small, device="gpu"))

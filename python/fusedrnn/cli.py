@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="forecasters trained from different seeds and averaged (default 3)")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="native threads (default 1: the layers here are small)")
+    demo.add_argument("--device", default="cpu",
+                      help="where to train: cpu (default), cuda or cuda:N (CuPy and the CUDA module)")
     demo.add_argument("--plot", metavar="OUT.png", help="draw the forecasts (or gradient profiles) to a file")
     demo.add_argument("--gradients", action="store_true", help="show gradient flow instead of training")
     demo.add_argument("--no-progress", action="store_true",
@@ -118,12 +120,12 @@ def _demo(args) -> int:
     if args.gradients:
         return _demo_gradients(args, demo)
     config = demo.ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
-                                 members=args.members)
+                                 members=args.members, device=args.device)
     print(f"Forecasting yearly sunspot numbers with a {args.cell.upper()} (hidden {config.hidden}): trained on "
           f"1700-{2008 - config.held_out_years}, judged on the {config.held_out_years} held-out years after.")
     print(f"Training: windows of {config.window} years, truncated BPTT in chunks of {config.chunk} steps, "
           f"gradient norm clipped at {config.clip}, Adam lr {config.lr}, {config.epochs} epochs; the average of "
-          f"{config.members} such models, seed {config.seed}.")
+          f"{config.members} such models, seed {config.seed}, on {config.device}.")
     with tqdm(total=config.epochs * config.members, desc="training", unit="epoch",
               disable=_progress_off(args)) as bar:
         def on_epoch(epoch, loss):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import datasets, losses, optim, sequences
+from . import _device, datasets, losses, optim, sequences
 from .bptt import truncated_bptt
 from .functional import CELLS
 from .gradients import clip_grad_norm, diagnose_gradient_flow, plot_gradient_flow
@@ -45,6 +45,7 @@ class ForecastConfig:
     clip: float = 1.0
     average_last: float = 0.3
     members: int = 3          # forecasters trained from different seeds, their forecasts averaged
+    device: str = "cpu"       # where the modules train: "cpu", or "cuda"/"cuda:N" (CuPy arrays)
 
 
 @dataclass
@@ -101,6 +102,7 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
     train_member = _train_member if train_member is None else train_member
     if config.cell not in FORECAST_CELLS:
         raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
+    _device.canonical_device(config.device)  # a bad name, or CUDA without CuPy, refused before any training
     years, series = datasets.sunspots()
     n_train = len(series) - config.held_out_years
     mean, std = series[:n_train].mean(), series[:n_train].std()
@@ -127,24 +129,26 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
 
 def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int,
                   record: Callable[[float], None]) -> np.ndarray:
-    """One forecaster trained on z[:n_train]; its (standardised) forecasts of z[n_train:]."""
+    """One forecaster trained on z[:n_train] on config.device; its (standardised) forecasts of z[n_train:]."""
     inputs, targets = sequences.next_step_chunks(z[:n_train], config.window, stride=1)
     loss_mask = np.ones(inputs.shape[:2], bool)
     loss_mask[:config.warmup] = False
 
-    rnn = make_module(config.cell, 1, config.hidden, seed=seed)
-    head = Linear(config.hidden, 1, seed=seed + 1)
+    rnn = make_module(config.cell, 1, config.hidden, seed=seed).to(config.device)
+    head = Linear(config.hidden, 1, seed=seed + 1).to(config.device)
     opt = optim.Adam([rnn, head], lr=config.lr)
     rng = np.random.default_rng(seed)
 
     # Forecast inputs: the window of years before each held-out year (its targets are those years).
     history, _ = sequences.sliding_windows(z[n_train - config.window:], config.window, 1)
+    inputs, targets, loss_mask, history = (_device.move(a, rnn.device) for a in (inputs, targets, loss_mask, history))
+    xp = _device.array_module(inputs)
 
     def forecast() -> np.ndarray:
         rnn.eval()
         head.eval()
         out, _ = rnn(history)
-        predicted = head(out[-1])[:, 0]
+        predicted = _device.to_host(head(out[-1])[:, 0])
         rnn.train()
         head.train()
         return predicted
@@ -157,12 +161,13 @@ def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int
         head.zero_grad()
 
     def train_batch(idx: np.ndarray) -> float:
+        idx = _device.move(idx, rnn.device)
         x, y, mask = inputs[:, idx], targets[:, idx], loss_mask[:, idx]
 
         def loss_fn(out, t0, t1):
             chunk_mask = mask[t0:t1]
-            if not chunk_mask.any():         # a chunk inside the warm-up: nothing to learn from
-                return 0.0, np.zeros_like(out)
+            if not bool(chunk_mask.any()):   # a chunk inside the warm-up: nothing to learn from
+                return 0.0, xp.zeros_like(out)
             loss, dpred = losses.mse_loss(head(out), y[t0:t1], chunk_mask)
             return loss, head.backward(dpred)
 
