@@ -171,7 +171,7 @@ def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
             state = jnp.zeros((1, 2, 4), jnp.float32)
             with pytest.raises(RUNTIME_ERRORS, match="arrays on a GPU need the XLA FFI handlers"):
                 jax.block_until_ready(_ffi.layer_backward(_ffi.LayerSpec("lstm", 1, None), jnp.asarray(x),
-                                                          jnp.zeros((0,), jnp.int32), empty, empty, empty,
+                                                          jnp.zeros((0,), jnp.int32), (empty,) * 4,
                                                           jnp.zeros((5, 2, 4), jnp.float32), state, state,
                                                           weights))
     finally:
