@@ -396,6 +396,11 @@ def _assert_matches_torch(torch, case, dtype, **structure):
         assert_close(grads[name], expected_grads[name], dtype, name)
     for name, a, b in zip(("x", "h0", "c0"), input_grads, expected_inputs):
         assert_close(a, b, dtype, name)
+    # Inference (no tape; the cell outputs in scratch) gives the training forward's outputs.
+    with _dtype_context(dtype):
+        y, (h_n, c_n) = fj.lstm(params, x, hx, lengths=lengths, batch_first=batch_first)
+    for name, a, b in zip(("y", "h_n", "c_n"), (y, h_n, c_n), outputs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
 TORCH_CONFIGS = [  # (num_layers, bidirectional, with_lengths, batch_first)
