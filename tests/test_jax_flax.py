@@ -273,3 +273,11 @@ def test_bench_times_the_jax_peers(tmp_path):
         for peer in ("fusedrnn.jax", "jax", "flax", "fusedrnn"):
             assert row[f"{peer}_ms"] > 0
         assert row["speedup_vs_flax"] == pytest.approx(row["flax_ms"] / row["fusedrnn.jax_ms"])
+    # An LSTM with a projection (the "projection" set's rows): fusedrnn.jax and jit over lax.scan time it
+    # (Flax's cells have no projection).
+    from fusedrnn import benchmark
+
+    rows = benchmark.run_case(benchmark.Case("lstm", 3, 2, 4, 4, proj_size=2), ["fusedrnn.jax", "jax", "fusedrnn"],
+                              rounds=1, repeats=1)
+    assert [(row["cell"], row["mode"]) for row in rows] == [("LSTMP2", "inference"), ("LSTMP2", "training")]
+    assert all(row[f"{peer}_ms"] > 0 for row in rows for peer in ("fusedrnn.jax", "jax", "fusedrnn"))

@@ -14,9 +14,9 @@
 //            rets  dx (T, B, I), dh0 (D, B, R), dc0 (D, B, H), then one gradient per weight, in the
 //                  weights' order
 // An absent optional buffer (h0, c0, lengths; c_n, cs, dc0 for a cell without a cell state; rs without
-// a projection; the tape in inference) has no elements. Under jax.vmap (vmap_method="expand_dims") every buffer gains the same
-// number of leading dimensions, each either the mapped size or 1 (shared by every mapped element); a
-// handler runs the layer once per mapped element and direction (params()).
+// a projection; the tape in inference) has no elements. Under jax.vmap (vmap_method="expand_dims")
+// every buffer gains the same number of leading dimensions, each either the mapped size or 1 (shared
+// by every mapped element); a handler runs the layer once per mapped element and direction (params()).
 //
 // Pointers are never dereferenced here, so the same code describes host and device buffers; reading
 // values (lengths, the finiteness checks) is the handler's, from memory it can read.
@@ -255,10 +255,10 @@ struct Weights {
     for (std::size_t i = 0; i < count; ++i) {
       const std::size_t k = i % per;
       const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
-      ffi::Error e = k == 0                          ? expect(w[i], names[k], {gh, input})
-                     : k == 1                        ? expect(w[i], names[k], {gh, state})
+      ffi::Error e = k == 0                        ? expect(w[i], names[k], {gh, input})
+                     : k == 1                      ? expect(w[i], names[k], {gh, state})
                      : projected() && k == per - 1 ? expect(w[i], "weight_hr", {proj, hidden})
-                                                     : expect(w[i], names[k], {gh});
+                                                   : expect(w[i], names[k], {gh});
       if (e.failure()) return e;
     }
     return ffi::Error::Success();
