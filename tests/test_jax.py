@@ -441,8 +441,14 @@ def test_projected_parameters_are_torchs_names_shapes_and_range():
     bound = 1 / np.sqrt(12)
     assert all(float(jnp.abs(v).max()) <= bound for v in params.values())
     assert float(jnp.abs(params["weight_hr_l1_reverse"]).max()) > 0.5 * bound
-    y, (h_n, c_n) = fj.lstm(params, np.ones((3, 2, 5), np.float32))
+    x = np.linspace(-1, 1, 30, dtype=np.float32).reshape(3, 2, 5)
+    y, (h_n, c_n) = fj.lstm(params, x)
     assert y.shape == (3, 2, 8) and h_n.shape == (4, 2, 4) and c_n.shape == (4, 2, 12)
+    # Unbatched (T, I): states (L*D, P) and (L*D, H), as the batch's row.
+    y_1, (h_1, c_1) = fj.lstm(params, x[:, 1], (h_n[:, 1], c_n[:, 1]))
+    y_b, (h_b, c_b) = fj.lstm(params, x[:, 1:], (h_n[:, 1:], c_n[:, 1:]))
+    for a, b in ((y_1, y_b), (h_1, h_b), (c_1, c_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[:, 0])
 
 
 def test_projection_bad_input_is_refused_naming_the_parameter(rng):
