@@ -9,9 +9,9 @@
 #      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh and carried along;
 #   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
 #      the persistent kernel), the modules moved to the GPU (tests/test_device_modules.py) and the
-#      emulated device tests; then fusedrnn.jax's CUDA handlers
-#      (tests/test_jax_cuda.py: against the CPU handlers and a lax.scan reference, grads, jit, vmap,
-#      run-time errors), in a process of their own with JAX's memory preallocation off;
+#      emulated device tests; then fusedrnn.jax's CUDA handlers (tests/test_jax_cuda.py: against the
+#      CPU handlers, the projected LSTM included, and a lax.scan reference, grads, jit, vmap, run-time
+#      errors), in a process of their own with JAX's memory preallocation off;
 #   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
 #      (bench/gpu_small_case.py);
 #   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)

@@ -1,7 +1,8 @@
 """Run by test_jax_sharded.py in a child process whose XLA_FLAGS give the CPU two devices (the flag must
 be set before jax initialises). Data-parallel training steps with the batch sharded across the
 devices by shard_map, each device running the fused kernels on its own rows, against the same step
-on one device. Prints OK and exits 0 when everything matches."""
+on one device, for every cell and the LSTM with a projection. Prints OK and exits 0 when everything
+matches."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ mesh = jax.make_mesh((2,), ("data",))
 steps, batch, inp, hidden = 6, 8, 3, 5
 rng = np.random.default_rng(0)
 
-for cell in fj.CELLS:
-    params = fj.init(jax.random.key(0), cell, inp, hidden, num_layers=2, bidirectional=True)
+for cell, proj in [(cell, 0) for cell in fj.CELLS] + [("lstm", 2)]:
+    params = fj.init(jax.random.key(0), cell, inp, hidden, num_layers=2, bidirectional=True, proj_size=proj)
     x = jnp.asarray(rng.standard_normal((steps, batch, inp)), jnp.float32)
-    target = jnp.asarray(rng.standard_normal((steps, batch, 2 * hidden)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((steps, batch, 2 * (proj or hidden))), jnp.float32)
     lengths = jnp.asarray(rng.integers(1, steps + 1, batch), jnp.int32)
     # The batch lives split across the devices, as a data-parallel input pipeline puts it.
     x_s, target_s, lengths_s = (jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in

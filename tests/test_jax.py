@@ -1,5 +1,6 @@
 """fusedrnn.jax: the fused kernels as XLA FFI calls, against the NumPy modules (bitwise, same thread
-count) and a lax.scan reference, under jit, grad, vmap and from several threads at once; bad input."""
+count), a lax.scan reference and torch.nn.LSTM(proj_size) for the projected LSTM, under jit, grad, vmap
+and from several threads at once; bad input."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from jax import lax  # noqa: E402
 
 import fusedrnn  # noqa: E402
 import fusedrnn.jax as fj  # noqa: E402
-from helpers import CELLS, assert_close, has_cell_state, make_module, random_lengths  # noqa: E402
+from helpers import (CELL_CASES, CELLS, ODD_PROJECTED_SHAPES, assert_close, has_cell_state, make_module,  # noqa: E402
+                     proj_of, random_lengths)
 
 
 # jax.enable_x64 in recent jax, jax.experimental.enable_x64 in older ones (down to the supported floor).
@@ -38,9 +40,11 @@ def _dtype_context(dtype):
 RUNTIME_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
 
 
-def _params(rng, cell, input_size, hidden, num_layers=1, bidirectional=False, bias=True, dtype=np.float32):
+def _params(rng, cell, input_size, hidden, num_layers=1, bidirectional=False, bias=True, dtype=np.float32,
+            proj_size=0):
     """Random parameters well outside the gates' linear range, as NumPy arrays keyed like torch.nn."""
-    shapes = fj.param_shapes(cell, input_size, hidden, num_layers, bias=bias, bidirectional=bidirectional)
+    shapes = fj.param_shapes(cell, input_size, hidden, num_layers, bias=bias, bidirectional=bidirectional,
+                             proj_size=proj_size)
     return {k: rng.uniform(-0.6, 0.6, s).astype(dtype) for k, s in shapes.items()}
 
 
@@ -125,22 +129,25 @@ CONFIGS = [  # (num_layers, bidirectional, with_lengths, with_state, batch_first
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("cell", CELLS)
-def test_outputs_and_gradients_equal_the_numpy_modules_bitwise(rng, cell, config, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_outputs_and_gradients_equal_the_numpy_modules_bitwise(rng, cell, projected, config, dtype):
     num_layers, bidirectional, with_lengths, with_state, batch_first = config
     steps, batch, inp, hidden = 5, 4, 3, 6
+    proj = proj_of(hidden, projected)
+    width = proj or hidden
     dirs = 2 if bidirectional else 1
-    params = _params(rng, cell, inp, hidden, num_layers, bidirectional, dtype=dtype)
+    params = _params(rng, cell, inp, hidden, num_layers, bidirectional, dtype=dtype, proj_size=proj)
     x = rng.standard_normal((batch, steps, inp) if batch_first else (steps, batch, inp)).astype(dtype)
-    h0 = rng.standard_normal((num_layers * dirs, batch, hidden)).astype(dtype) if with_state else None
-    c0 = h0 * 0.5 if with_state and has_cell_state(cell) else None
+    h0 = rng.standard_normal((num_layers * dirs, batch, width)).astype(dtype) if with_state else None
+    c0 = rng.standard_normal((num_layers * dirs, batch, hidden)).astype(dtype) if with_state and has_cell_state(cell) \
+        else None
     lengths = random_lengths(rng, steps, batch) if with_lengths else None
-    y_shape = (batch, steps, dirs * hidden) if batch_first else (steps, batch, dirs * hidden)
+    y_shape = (batch, steps, dirs * width) if batch_first else (steps, batch, dirs * width)
     dy = rng.standard_normal(y_shape).astype(dtype)
-    dh_n = rng.standard_normal((num_layers * dirs, batch, hidden)).astype(dtype)
+    dh_n = rng.standard_normal((num_layers * dirs, batch, width)).astype(dtype)
 
     module = make_module(cell, inp, hidden, num_layers=num_layers, bidirectional=bidirectional,
-                         batch_first=batch_first, dtype=dtype)
+                         batch_first=batch_first, dtype=dtype, **({"proj_size": proj} if proj else {}))
     module.load_state_dict(params)
     y_np, state_np = module(x, _state(cell, h0, c0) if with_state else None, lengths=lengths)
     h_np = state_np[0] if has_cell_state(cell) else state_np
@@ -204,21 +211,25 @@ def test_outputs_and_gradients_match_a_lax_scan_reference(rng, cell, dtype):
         assert_close(a, b, dtype, name)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_check_grads_float64_reverse_mode(x64, rng, cell):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_check_grads_float64_reverse_mode(x64, rng, cell, projected):
     from jax.test_util import check_grads
 
-    params = _params(rng, cell, 3, 4, 2, True, dtype=np.float64)
+    proj = proj_of(5, projected)
+    params = _params(rng, cell, 3, 5, 2, True, dtype=np.float64, proj_size=proj)
     x = rng.standard_normal((4, 3, 3))
-    h0 = rng.standard_normal((4, 3, 4))
+    h0 = rng.standard_normal((4, 3, proj or 5))
+    c0 = rng.standard_normal((4, 3, 5))
     lengths = np.array([4, 2, 3])
 
-    def f(p, x, h0):
-        y, state = fj.forward(cell, p, x, _state(cell, h0, h0 * 0.5), lengths=lengths)
-        h_n = state[0] if has_cell_state(cell) else state
-        return jnp.sum(jnp.tanh(y)) + jnp.sum(h_n ** 2)
+    def f(p, x, *hx):  # hx: (h0, c0) for an LSTM, else (h0,)
+        y, state = fj.forward(cell, p, x, hx if has_cell_state(cell) else hx[0], lengths=lengths)
+        h_n, c_n = state if has_cell_state(cell) else (state, 0.0)
+        return jnp.sum(jnp.tanh(y)) + jnp.sum(h_n ** 2) + jnp.sum(jnp.sin(c_n))
 
-    check_grads(f, (params, x, h0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    args = (params, x, h0, c0) if has_cell_state(cell) else (params, x, h0)
+    # Central differences in float64 with eps=1e-6: truncation error ~1e-12 times f's third derivative.
+    check_grads(f, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
 
 
 def test_cell_clip_matches_the_numpy_module(rng):
@@ -250,9 +261,9 @@ def test_unbatched_input_and_no_bias(rng):
 
 # ---- vmap ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell):
-    params = _params(rng, cell, 3, 5, 2, True)
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell, projected):
+    params = _params(rng, cell, 3, 5, 2, True, proj_size=proj_of(5, projected))
     xs = rng.standard_normal((3, 4, 2, 3)).astype(np.float32)
     lengths = np.array([[4, 2], [1, 4], [3, 3]])
 
@@ -288,7 +299,7 @@ def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell):
     # jacrev vmaps the backward over cotangents while the tape stays unmapped.
     x0 = xs[0]
     jac = jax.jacrev(lambda x: f(params, x, None)[0][-1, 0])(x0)
-    for unit in (0, 7):
+    for unit in (0, jac.shape[0] - 1):
         row = jax.grad(lambda x: f(params, x, None)[0][-1, 0, unit])(x0)
         np.testing.assert_array_equal(np.asarray(jac[unit]), np.asarray(row))
 
@@ -319,6 +330,171 @@ def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
         y_i, (h_i, c_i) = run(h0s[i], lengths[i])
         assert_close(ys[i], y_i, np.float32, "y")
         assert_close(c_n[i], c_i, np.float32, "c_n")
+
+
+# ---- LSTM projection (proj_size), against torch.nn.LSTM --------------------------------------------
+
+def _torch_lstm(torch, params, x, hx, lengths, cotangents, *, num_layers, bidirectional, batch_first):
+    """torch.nn.LSTM(proj_size=P) on `params`: (y, h_n, c_n) and the gradients of sum(output *
+    cotangent) with respect to every parameter (a dict), x, h0 and c0. Lengths run as a packed sequence."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    (proj, hidden), inp = params["weight_hr_l0"].shape, params["weight_ih_l0"].shape[1]
+    dtype = getattr(torch, x.dtype.name)
+    module = torch.nn.LSTM(inp, hidden, num_layers, bidirectional=bidirectional, batch_first=batch_first,
+                           proj_size=proj, dtype=dtype)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+    xt, h0, c0 = (torch.from_numpy(a).requires_grad_() for a in (x, *hx))
+    if lengths is None:
+        y, (h_n, c_n) = module(xt, (h0, c0))
+    else:
+        packed = pack_padded_sequence(xt, torch.from_numpy(np.asarray(lengths, np.int64)), batch_first=batch_first,
+                                      enforce_sorted=False)
+        out, (h_n, c_n) = module(packed, (h0, c0))
+        y, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=x.shape[1 if batch_first else 0])
+    sum(torch.sum(a * torch.from_numpy(w)) for a, w in zip((y, h_n, c_n), cotangents)).backward()
+    grads = {name: p.grad.numpy() for name, p in module.named_parameters()}
+    return [a.detach().numpy() for a in (y, h_n, c_n)], grads, [a.grad.numpy() for a in (xt, h0, c0)]
+
+
+def _fused_lstm(params, x, hx, lengths, cotangents, *, batch_first):
+    """fusedrnn.jax's (y, h_n, c_n), the parameter gradients and those of x, h0, c0, as _torch_lstm's."""
+    def loss(p, x, h0, c0):
+        y, (h_n, c_n) = fj.lstm(p, x, (h0, c0), lengths=lengths, batch_first=batch_first)
+        outputs = (y, h_n, c_n)
+        return sum(jnp.sum(a * w) for a, w in zip(outputs, cotangents)), outputs
+
+    with _dtype_context(x.dtype):
+        (_, outputs), (g_params, *g_inputs) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+            params, x, *hx)
+    return outputs, g_params, g_inputs
+
+
+def _projected_case(rng, dtype, steps, batch, inp, hidden, proj, *, num_layers=1, bidirectional=False,
+                    with_lengths=False, batch_first=False):
+    """Random parameters, x, (h0, c0), lengths (or None) and cotangents of (y, h_n, c_n)."""
+    dirs = 2 if bidirectional else 1
+    rows = num_layers * dirs
+    params = _params(rng, "lstm", inp, hidden, num_layers, bidirectional, dtype=dtype, proj_size=proj)
+    x = rng.standard_normal((batch, steps, inp) if batch_first else (steps, batch, inp)).astype(dtype)
+    hx = tuple(rng.standard_normal((rows, batch, size)).astype(dtype) for size in (proj, hidden))
+    lengths = random_lengths(rng, steps, batch) if with_lengths else None
+    y_shape = (batch, steps, dirs * proj) if batch_first else (steps, batch, dirs * proj)
+    cotangents = [rng.standard_normal(s).astype(dtype) for s in (y_shape, (rows, batch, proj), (rows, batch, hidden))]
+    return params, x, hx, lengths, cotangents
+
+
+def _assert_matches_torch(torch, case, dtype, **structure):
+    params, x, hx, lengths, cotangents = case
+    batch_first = structure.get("batch_first", False)
+    expected, expected_grads, expected_inputs = _torch_lstm(torch, params, x, hx, lengths, cotangents, **structure)
+    outputs, grads, input_grads = _fused_lstm(params, x, hx, lengths, cotangents, batch_first=batch_first)
+    for name, a, b in zip(("y", "h_n", "c_n"), outputs, expected):
+        assert_close(a, b, dtype, name)
+    assert sorted(grads) == sorted(expected_grads)
+    for name in expected_grads:
+        assert_close(grads[name], expected_grads[name], dtype, name)
+    for name, a, b in zip(("x", "h0", "c0"), input_grads, expected_inputs):
+        assert_close(a, b, dtype, name)
+    # Inference (no tape; the cell outputs in scratch) gives the training forward's outputs.
+    with _dtype_context(dtype):
+        y, (h_n, c_n) = fj.lstm(params, x, hx, lengths=lengths, batch_first=batch_first)
+    for name, a, b in zip(("y", "h_n", "c_n"), (y, h_n, c_n), outputs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+TORCH_CONFIGS = [  # (num_layers, bidirectional, with_lengths, batch_first)
+    (1, False, False, False),
+    (2, True, True, False),
+    (2, False, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", TORCH_CONFIGS, ids=str)
+def test_projected_lstm_matches_torch_outputs_states_and_every_gradient(rng, config, dtype):
+    torch = pytest.importorskip("torch")
+    num_layers, bidirectional, with_lengths, batch_first = config
+    structure = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
+    case = _projected_case(rng, dtype, 6, 4, 3, 7, 3, with_lengths=with_lengths, **structure)
+    _assert_matches_torch(torch, case, dtype, **structure)
+
+
+@pytest.mark.parametrize("shape", list(ODD_PROJECTED_SHAPES.values()), ids=list(ODD_PROJECTED_SHAPES))
+def test_projected_lstm_at_odd_sizes_matches_torch(rng, shape):
+    torch = pytest.importorskip("torch")
+    steps, batch, inp, hidden, proj = shape
+    structure = dict(num_layers=2, bidirectional=True, batch_first=False)
+    case = _projected_case(rng, np.float64, steps, batch, inp, hidden, proj, with_lengths=True, **structure)
+    _assert_matches_torch(torch, case, np.float64, **structure)
+
+
+def test_projected_parameters_are_torchs_names_shapes_and_range():
+    torch = pytest.importorskip("torch")
+    module = torch.nn.LSTM(5, 12, 2, bidirectional=True, proj_size=4)
+    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    shapes = fj.param_shapes("lstm", 5, 12, 2, bidirectional=True, proj_size=4)
+    assert list(shapes.items()) == list(expected.items())      # names, order and shapes
+    assert fj.param_names(2, bidirectional=True, proj_size=4) == list(expected)
+    params = fj.init(jax.random.key(0), "lstm", 5, 12, 2, bidirectional=True, proj_size=4)
+    assert {k: v.shape for k, v in params.items()} == expected
+    bound = 1 / np.sqrt(12)
+    assert all(float(jnp.abs(v).max()) <= bound for v in params.values())
+    assert float(jnp.abs(params["weight_hr_l1_reverse"]).max()) > 0.5 * bound
+    x = np.linspace(-1, 1, 30, dtype=np.float32).reshape(3, 2, 5)
+    y, (h_n, c_n) = fj.lstm(params, x)
+    assert y.shape == (3, 2, 8) and h_n.shape == (4, 2, 4) and c_n.shape == (4, 2, 12)
+    # Unbatched (T, I): states (L*D, P) and (L*D, H), as the batch's row.
+    y_1, (h_1, c_1) = fj.lstm(params, x[:, 1], (h_n[:, 1], c_n[:, 1]))
+    y_b, (h_b, c_b) = fj.lstm(params, x[:, 1:], (h_n[:, 1:], c_n[:, 1:]))
+    for a, b in ((y_1, y_b), (h_1, h_b), (c_1, c_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[:, 0])
+
+
+def test_projection_bad_input_is_refused_naming_the_parameter(rng):
+    params = _params(rng, "lstm", 3, 5, 2, True, proj_size=2)
+    x = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    h0, c0 = np.zeros((4, 2, 2), np.float32), np.zeros((4, 2, 5), np.float32)
+    gru = {**_params(rng, "gru", 3, 5), "weight_hr_l0": np.zeros((2, 5), np.float32)}
+    cases = [
+        (lambda: fj.gru(gru, x), ValueError, "weight_hr_l0: 'gru' takes no projection"),
+        (lambda: fj.lstm({**params, "weight_hr_l0": np.zeros((5, 5), np.float32)}, x), ValueError,
+         "weight_hr_l0: expected shape (proj_size, 5) with 0 < proj_size < hidden_size"),
+        (lambda: fj.lstm({**params, "weight_hr_l0": np.zeros((10,), np.float32)}, x), ValueError,
+         "weight_hr_l0: expected shape (proj_size, 5)"),
+        (lambda: fj.lstm({**params, "weight_hh_l0": np.zeros((20, 5), np.float32)}, x), ValueError,
+         "weight_hh_l0: expected shape (20, 2), got (20, 5)"),
+        (lambda: fj.lstm({**params, "weight_hh_l0": np.zeros((18, 2), np.float32)}, x), ValueError,
+         "weight_hh_l0: expected 4*hidden_size rows"),
+        (lambda: fj.lstm({**params, "weight_hr_l1_reverse": np.zeros((2, 4), np.float32)}, x), ValueError,
+         "weight_hr_l1_reverse: expected shape (2, 5), got (2, 4)"),
+        (lambda: fj.lstm({**params, "weight_ih_l1": np.zeros((20, 10), np.float32)}, x), ValueError,
+         "weight_ih_l1: expected shape (20, 4), got (20, 10)"),           # the next layer reads D*P features
+        (lambda: fj.lstm({k: v for k, v in params.items() if k != "weight_hr_l1"}, x), ValueError,
+         "params: missing ['weight_hr_l1']"),
+        (lambda: fj.lstm({**params, "weight_hr_l0": params["weight_hr_l0"].astype(np.float64)}, x), TypeError,
+         "weight_hr_l0: expected dtype float32 (x's), got float64"),
+        (lambda: fj.lstm(params, x, (np.zeros((4, 2, 5), np.float32), c0)), ValueError,
+         "h0: expected shape (4, 2, 2)"),
+        (lambda: fj.lstm(params, x, (h0, np.zeros((4, 2, 2), np.float32))), ValueError,
+         "c0: expected shape (4, 2, 5)"),
+        (lambda: fj.param_shapes("lstm", 3, 5, proj_size=5), ValueError, "proj_size: expected less than hidden_size"),
+        (lambda: fj.param_shapes("gru", 3, 5, proj_size=2), ValueError, "proj_size: 'gru' takes no projection"),
+        (lambda: fj.init(jax.random.key(0), "lstm", 3, 5, proj_size=-1), ValueError, "proj_size: expected an int >= 0"),
+        (lambda: fj.init(jax.random.key(0), "lstm", 3, 5, proj_size=1.5), TypeError, "proj_size: expected an int"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+    # The handler refuses a projection for another cell too, whoever calls it.
+    from fusedrnn.jax import _ffi
+
+    weights = tuple(jnp.asarray(gru[k]) for k in ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0"))
+    empty = jnp.zeros((0,), jnp.float32)
+    with pytest.raises(RUNTIME_ERRORS, match="weight_hr: only an LSTM takes a projection"):
+        jax.block_until_ready(_ffi.layer(_ffi.LayerSpec("gru", 1, None), jnp.asarray(x), empty, empty,
+                                         jnp.zeros((0,), jnp.int32), weights))
 
 
 # ---- dropout -----------------------------------------------------------------------------------------
@@ -420,7 +596,7 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
          "params: missing ['bias_ih_l1']"),
         (lambda: fj.lstm({**params, "weight": x}, x), ValueError, "params: expected torch.nn names"),
         (lambda: fj.lstm({**params, "weight_hr_l0": np.zeros((2, 4), np.float32)}, x), ValueError,
-         "params: fusedrnn.jax has no LSTM projection"),
+         "params: missing ['weight_hr_l1']"),
         (lambda: fj.lstm(params, x, np.zeros((2, 2, 4), np.float32)), TypeError, "hx: expected a tuple (h0, c0)"),
         (lambda: fj.lstm(params, x, (np.zeros((2, 3, 4), np.float32),) * 2), ValueError,
          "h0: expected shape (2, 2, 4)"),

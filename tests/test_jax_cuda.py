@@ -4,7 +4,8 @@ On every machine: the handlers' device body over the emulated device (registered
 the CPU handlers, through jit, grad and vmap, with lengths, both directions and every cell; its run-time
 errors; the handler that GPU calls reach when the CUDA module is missing. On a GPU (a jax GPU device and
 fusedrnn's CUDA module with its handlers; skipped otherwise): the CUDA handlers against the CPU path and a
-lax.scan reference, gradients, jit, vmap and the run-time errors."""
+lax.scan reference, gradients, jit, vmap and the run-time errors. Every cell includes the LSTM with a
+projection (proj_size)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import fusedrnn.jax as fj  # noqa: E402
 from fusedrnn import _core  # noqa: E402
 from fusedrnn.jax import _ffi  # noqa: E402
-from helpers import CELLS, assert_close, has_cell_state  # noqa: E402
+from helpers import CELL_CASES, CELLS, assert_close, has_cell_state, proj_of  # noqa: E402
 from test_jax import RUNTIME_ERRORS, _dtype_context, _params, reference  # noqa: E402
 
 _EMULATED = "_emulated_device"
@@ -40,14 +41,17 @@ def _targets(suffix):
         jax.clear_caches()
 
 
-def _case(rng, cell, num_layers, bidirectional, with_lengths, with_state, dtype, batch=3, steps=6):
-    params = _params(rng, cell, 4, 5, num_layers, bidirectional, dtype=dtype)
+HIDDEN = 5
+
+
+def _case(rng, cell, num_layers, bidirectional, with_lengths, with_state, dtype, batch=3, steps=6, proj=0):
+    params = _params(rng, cell, 4, HIDDEN, num_layers, bidirectional, dtype=dtype, proj_size=proj)
     x = rng.standard_normal((steps, batch, 4)).astype(dtype)
     rows = num_layers * (2 if bidirectional else 1)
     state = None
     if with_state:
-        h0 = rng.standard_normal((rows, batch, 5)).astype(dtype)
-        state = (h0, rng.standard_normal((rows, batch, 5)).astype(dtype)) if has_cell_state(cell) else h0
+        h0 = rng.standard_normal((rows, batch, proj or HIDDEN)).astype(dtype)
+        state = (h0, rng.standard_normal((rows, batch, HIDDEN)).astype(dtype)) if has_cell_state(cell) else h0
     lengths = rng.integers(1, steps + 1, batch).astype(np.int32) if with_lengths else None
     return params, x, state, lengths
 
@@ -64,11 +68,11 @@ def _outputs_and_grads(cell, params, x, state, lengths, weights):
     return jax.device_get((y, out, grads))
 
 
-def _weights(rng, x, state, cell, num_layers, bidirectional, dtype):
+def _weights(rng, x, state, cell, num_layers, bidirectional, dtype, proj=0):
     rows = num_layers * (2 if bidirectional else 1)
-    hidden = 5
-    shapes = [(x.shape[0], x.shape[1], hidden * (2 if bidirectional else 1))]
-    shapes += [(rows, x.shape[1], hidden)] * (2 if has_cell_state(cell) else 1)
+    width = proj or HIDDEN
+    shapes = [(x.shape[0], x.shape[1], width * (2 if bidirectional else 1)), (rows, x.shape[1], width)]
+    shapes += [(rows, x.shape[1], HIDDEN)] if has_cell_state(cell) else []
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
 
 
@@ -91,20 +95,22 @@ CONFIGS = [  # (num_layers, bidirectional, with_lengths, with_state)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("cell", CELLS)
-def test_emulated_device_handlers_match_the_cpu_handlers(rng, cell, config, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_emulated_device_handlers_match_the_cpu_handlers(rng, cell, projected, config, dtype):
+    proj = proj_of(HIDDEN, projected)
     with _dtype_context(dtype):
-        params, x, state, lengths = _case(rng, cell, *config, dtype)
-        weights = _weights(rng, x, state, cell, config[0], config[1], dtype)
+        params, x, state, lengths = _case(rng, cell, *config, dtype, proj=proj)
+        weights = _weights(rng, x, state, cell, config[0], config[1], dtype, proj)
         expected = _outputs_and_grads(cell, params, x, state, lengths, weights)
         with _targets(_EMULATED):
             actual = _outputs_and_grads(cell, params, x, state, lengths, weights)
     _assert_trees_close(actual, expected, dtype)
 
 
-def test_emulated_device_handlers_under_vmap_match_the_cpu_handlers(rng):
+@pytest.mark.parametrize("proj", [0, 2])
+def test_emulated_device_handlers_under_vmap_match_the_cpu_handlers(rng, proj):
     cell = "lstm"
-    params = _params(rng, cell, 3, 5, 2, True)
+    params = _params(rng, cell, 3, 5, 2, True, proj_size=proj)
     xs = rng.standard_normal((3, 4, 2, 3)).astype(np.float32)
     lengths = np.array([[4, 2], [1, 4], [3, 3]], np.int32)
     stacked = {k: np.stack([v, v * 0.5, -v]) for k, v in params.items()}
@@ -171,7 +177,7 @@ def test_gpu_calls_without_the_cuda_handlers_fail_saying_what_to_install(rng):
             state = jnp.zeros((1, 2, 4), jnp.float32)
             with pytest.raises(RUNTIME_ERRORS, match="arrays on a GPU need the XLA FFI handlers"):
                 jax.block_until_ready(_ffi.layer_backward(_ffi.LayerSpec("lstm", 1, None), jnp.asarray(x),
-                                                          jnp.zeros((0,), jnp.int32), empty, empty, empty,
+                                                          jnp.zeros((0,), jnp.int32), (empty,) * 4,
                                                           jnp.zeros((5, 2, 4), jnp.float32), state, state,
                                                           weights))
     finally:
@@ -223,11 +229,12 @@ def _on(device, tree):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("cell", CELLS)
-def test_cuda_handlers_match_the_cpu_handlers(rng, cell, config, dtype):
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_cuda_handlers_match_the_cpu_handlers(rng, cell, projected, config, dtype):
+    proj = proj_of(HIDDEN, projected)
     with _dtype_context(dtype):
-        params, x, state, lengths = _case(rng, cell, *config, dtype)
-        weights = _weights(rng, x, state, cell, config[0], config[1], dtype)
+        params, x, state, lengths = _case(rng, cell, *config, dtype, proj=proj)
+        weights = _weights(rng, x, state, cell, config[0], config[1], dtype, proj)
         cpu = jax.devices("cpu")[0]
         expected = _outputs_and_grads(cell, *_on(cpu, (params, x, state, lengths, weights)))
         actual = _outputs_and_grads(cell, *_on(GPU, (params, x, state, lengths, weights)))
@@ -252,16 +259,17 @@ def test_cuda_handlers_match_a_lax_scan_reference(rng, cell):
 
 
 @needs_gpu
-def test_cuda_handlers_under_vmap_match_the_cpu_handlers(rng):
-    params = _params(rng, "gru", 3, 5, 2, True)
+@pytest.mark.parametrize("cell, proj", [("gru", 0), ("lstm", 2)])
+def test_cuda_handlers_under_vmap_match_the_cpu_handlers(rng, cell, proj):
+    params = _params(rng, cell, 3, 5, 2, True, proj_size=proj)
     xs = rng.standard_normal((3, 4, 2, 3)).astype(np.float32)
     lengths = np.array([[4, 2], [1, 4], [3, 3]], np.int32)
     stacked = {k: np.stack([v, v * 0.5, -v]) for k, v in params.items()}
 
     def run(device):
         p, s, x, n = _on(device, (params, stacked, xs, lengths))
-        shared = jax.jit(jax.vmap(lambda x, n: fj.gru(p, x, lengths=n)[0]))(x, n)
-        loss = lambda p, x, n: jnp.sum(fj.gru(p, x, lengths=n)[0] ** 2)  # noqa: E731
+        shared = jax.jit(jax.vmap(lambda x, n: fj.forward(cell, p, x, lengths=n)[0]))(x, n)
+        loss = lambda p, x, n: jnp.sum(fj.forward(cell, p, x, lengths=n)[0] ** 2)  # noqa: E731
         grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(s, x, n)
         return jax.device_get((shared, grads))
 

@@ -1,6 +1,8 @@
 """fusedrnn.jax with Flax and optax: parameters converted to and from Flax's LSTM and GRU cells give the
-same outputs when both run; the NNX modules (torch-named nnx.Param weights) train with optax; the
-optax sunspot demo's short run; the benchmark's JAX peers (fusedrnn.jax, jit over lax.scan, Flax)."""
+same outputs when both run (a projected LSTM's in Flax's layout with a bias-free Dense projection); the
+linen and NNX modules (torch-named parameters, an LSTM's projection included) match the functional call
+and train with optax; the optax sunspot demo's short run; the benchmark's JAX peers (fusedrnn.jax, jit
+over lax.scan, Flax)."""
 
 from __future__ import annotations
 
@@ -60,11 +62,61 @@ def test_converted_parameters_run_the_same_in_flax_and_fusedrnn(rng, cell):
     jax.tree.map(np.testing.assert_array_equal, back, tree)
 
 
+class _ProjectedLSTMCell(nn.Module):
+    """Flax's LSTMCell layout (input kernels "i*" without bias, recurrent "h*" with one) read from a
+    projected h, the output o*tanh(c) projected by the bias-free Dense "proj": what to_flax's entries mean
+    for an LSTM with a projection (Flax's own cells keep h as wide as c, so they cannot run it)."""
+    hidden: int
+    proj: int
+
+    @nn.compact
+    def __call__(self, carry, x):
+        c, h = carry
+        gates = [nn.Dense(self.hidden, use_bias=False, name="i" + g)(x) + nn.Dense(self.hidden, name="h" + g)(h)
+                 for g in "ifgo"]
+        i, f, g, o = gates
+        c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
+        return c, nn.Dense(self.proj, use_bias=False, name="proj")(nn.sigmoid(o) * jnp.tanh(c))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_projected_lstm_parameters_convert_to_flax_layout_with_a_projection_and_back(rng, reverse):
+    inp, hidden, proj, batch, steps = 3, 5, 2, 4, 6
+    params = fj.init(jax.random.key(1), "lstm", inp, hidden, bidirectional=True, proj_size=proj)
+    suffix = "_l0_reverse" if reverse else "_l0"
+    params["bias_hh" + suffix] = jnp.asarray(rng.uniform(-1, 1, 4 * hidden), jnp.float32)
+    x = rng.standard_normal((steps, batch, inp)).astype(np.float32)
+    y, (h_n, c_n) = fj.lstm(params, x)
+    d = int(reverse)
+    tree = flax_params.to_flax("lstm", params, reverse=reverse)
+    assert tree["proj"]["kernel"].shape == (hidden, proj) and tree["hi"]["kernel"].shape == (proj, hidden)
+    model = _ProjectedLSTMCell(hidden, proj)
+    carry, outputs = (jnp.zeros((batch, hidden)), jnp.zeros((batch, proj))), [None] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        carry = model.apply({"params": tree}, carry, x[t])
+        outputs[t] = carry[1]
+    assert_close(y[..., d * proj:(d + 1) * proj], jnp.stack(outputs), np.float32, "y")
+    assert_close(h_n[d], carry[1], np.float32, "h_n")
+    assert_close(c_n[d], carry[0], np.float32, "c_n")
+    # And back: the same function (torch's two biases summed into bias_ih), weight_hr exactly.
+    back = flax_params.from_flax("lstm", tree, reverse=reverse)
+    assert sorted(back) == sorted(k + suffix for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+    np.testing.assert_array_equal(np.asarray(back["weight_hr" + suffix]), np.asarray(params["weight_hr" + suffix]))
+    y_back, _ = fj.lstm({**params, **back}, x)
+    assert_close(y_back, y, np.float32, "round trip y")
+
+
 def test_converters_refuse_what_they_cannot_map():
     with pytest.raises(ValueError, match="cell: Flax cells exist for"):
         flax_params.to_flax("rnn_tanh", fj.init(jax.random.key(0), "rnn_tanh", 2, 3))
     with pytest.raises(ValueError, match="flax_params: expected the entries"):
         flax_params.from_flax("gru", {"ii": {"kernel": jnp.zeros((2, 3))}})
+    gru = fj.init(jax.random.key(0), "gru", 2, 3)
+    with pytest.raises(ValueError, match="params: weight_hr_l0 given, but 'gru' takes no projection"):
+        flax_params.to_flax("gru", {**gru, "weight_hr_l0": jnp.zeros((1, 3))})
+    tree = {**flax_params.to_flax("gru", gru), "proj": {"kernel": jnp.zeros((3, 1))}}
+    with pytest.raises(ValueError, match="flax_params: expected the entries"):
+        flax_params.from_flax("gru", tree)
 
 
 def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_optax(rng):
@@ -104,17 +156,39 @@ def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_
         model.load_state_dict({"weight_ih_l0": jnp.zeros((24, 2))})
 
 
-@pytest.mark.parametrize("module, cell", [(flinen.LSTM, "lstm"), (flinen.GRU, "gru"),
-                                          (lambda h, **o: flinen.RNN(h, nonlinearity="relu", **o), "rnn_relu")])
-def test_linen_modules_have_torch_names_and_match_the_functional_call_with_grads(rng, module, cell):
+def test_nnx_lstm_with_a_projection_has_torchs_parameters_and_the_functional_gradients(rng):
+    torch = pytest.importorskip("torch")
+    model = fnnx.LSTM(2, 6, num_layers=2, bidirectional=True, proj_size=3, rngs=nnx.Rngs(0))
+    reference = torch.nn.LSTM(2, 6, 2, bidirectional=True, proj_size=3)
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in reference.state_dict().items()]
+    x = rng.standard_normal((5, 4, 2)).astype(np.float32)
+    y, (h_n, c_n) = model(x)
+    assert y.shape == (5, 4, 6) and h_n.shape == (4, 4, 3) and c_n.shape == (4, 4, 6)
+    grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(model)
+    expected = jax.grad(lambda p: jnp.sum(fj.lstm(p, x)[0] ** 2))(model.state_dict())
+    for name, g in expected.items():
+        np.testing.assert_array_equal(np.asarray(grads[name][...]), np.asarray(g), err_msg=name)
+    assert float(jnp.abs(expected["weight_hr_l1_reverse"]).sum()) > 0
+    model.load_state_dict({**model.state_dict(), "weight_hr_l1": jnp.zeros((3, 6)),
+                           "weight_hr_l1_reverse": jnp.zeros((3, 6))})
+    np.testing.assert_array_equal(np.asarray(model(x)[0]), 0.0)      # the last layer projects onto zero
+    with pytest.raises(ValueError, match="proj_size: 'gru' takes no projection"):
+        fnnx.GRU(2, 6, proj_size=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("module, cell, proj", [
+    (flinen.LSTM, "lstm", 0), (lambda h, **o: flinen.LSTM(h, proj_size=3, **o), "lstm", 3), (flinen.GRU, "gru", 0),
+    (lambda h, **o: flinen.RNN(h, nonlinearity="relu", **o), "rnn_relu", 0)])
+def test_linen_modules_have_torch_names_and_match_the_functional_call_with_grads(rng, module, cell, proj):
     model = module(5, num_layers=2, bidirectional=True, batch_first=True)
     x = rng.standard_normal((3, 6, 4)).astype(np.float32)                    # (B, T, I)
     lengths = np.array([6, 2, 4])
-    h0 = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    h0 = rng.standard_normal((4, 3, proj or 5)).astype(np.float32)
     hx = (h0, rng.standard_normal((4, 3, 5)).astype(np.float32)) if cell == "lstm" else h0
     variables = model.init(jax.random.key(0), x)
     params = variables["params"]
-    shapes = fj.param_shapes(cell, 4, 5, 2, bidirectional=True)
+    shapes = fj.param_shapes(cell, 4, 5, 2, bidirectional=True, proj_size=proj)
     assert {k: v.shape for k, v in params.items()} == shapes
     bound = 1 / np.sqrt(5)
     assert all(float(jnp.abs(v).max()) <= bound for v in params.values())
@@ -199,3 +273,11 @@ def test_bench_times_the_jax_peers(tmp_path):
         for peer in ("fusedrnn.jax", "jax", "flax", "fusedrnn"):
             assert row[f"{peer}_ms"] > 0
         assert row["speedup_vs_flax"] == pytest.approx(row["flax_ms"] / row["fusedrnn.jax_ms"])
+    # An LSTM with a projection (the "projection" set's rows): fusedrnn.jax and jit over lax.scan time it
+    # (Flax's cells have no projection).
+    from fusedrnn import benchmark
+
+    rows = benchmark.run_case(benchmark.Case("lstm", 3, 2, 4, 4, proj_size=2), ["fusedrnn.jax", "jax", "fusedrnn"],
+                              rounds=1, repeats=1)
+    assert [(row["cell"], row["mode"]) for row in rows] == [("LSTMP2", "inference"), ("LSTMP2", "training")]
+    assert all(row[f"{peer}_ms"] > 0 for row in rows for peer in ("fusedrnn.jax", "jax", "fusedrnn"))

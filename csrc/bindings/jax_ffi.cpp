@@ -76,11 +76,11 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
   const Index D = c.D;
   const Batched<const T>&x = c.x, &h0 = c.h0, &c0 = c.c0;
   const Batched<T>&y = c.y, &h_n = c.h_n, &c_n = c.c_n;
-  const Index steps = c.steps, rows = c.rows, input = c.input, hidden = c.hidden;
-  const Index N = c.batch.count, all = N * rows, DH = D * hidden;
+  const Index steps = c.steps, rows = c.rows, input = c.input, hidden = c.hidden, state = c.state;
+  const Index N = c.batch.count, all = N * rows, DR = D * state;
   const bool has_c = !c_n.empty();
-  AlignedScratch<T> xs(steps * all * input), ys(steps * all * DH), h0s(h0.empty() ? 0 : D * all * hidden),
-      c0s(c0.empty() ? 0 : D * all * hidden), hns(D * all * hidden), cns(has_c ? D * all * hidden : 0);
+  AlignedScratch<T> xs(steps * all * input), ys(steps * all * DR), h0s(h0.empty() ? 0 : D * all * state),
+      c0s(c0.empty() ? 0 : D * all * hidden), hns(D * all * state), cns(has_c ? D * all * hidden : 0);
   std::vector<Index> lengths, all_lengths;
   // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one.
   auto gather = [&](const T* from, T* to, Index outer, Index width, Index n) {
@@ -103,31 +103,33 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
         e.failure())
       return e;
     gather(x.at(n), xs.data, steps, input, n);
-    if (!h0.empty()) gather(h0.at(n), h0s.data, D, hidden, n);
+    if (!h0.empty()) gather(h0.at(n), h0s.data, D, state, n);
     if (!c0.empty()) gather(c0.at(n), c0s.data, D, hidden, n);
   }
-  fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false};
+  const Index proj = c.weights.proj;
+  fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false, proj};
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(c.cell, shape, false);
-  AlignedScratch<T> hs(D * layout.state_values), cs(has_c ? D * layout.state_values : 0);
+  AlignedScratch<T> hs(layout.state_values), cs(layout.cell_state_values), rs(layout.output_values);
   for (Index d = 0; d < D; ++d) {
-    const Index state = d * all * hidden;
+    const Index h_at = d * all * state, c_at = d * all * hidden;
     fusedrnn::LayerForwardParams<T> p;
     p.cell = c.cell;
-    p.shape = {steps, all, input, hidden, {all_lengths.empty() ? nullptr : all_lengths.data(), 1}, d == 1};
-    p.weights = weights_at(c.w, c.per, d, 0, input, hidden);
+    p.shape = {steps, all, input, hidden, {all_lengths.empty() ? nullptr : all_lengths.data(), 1}, d == 1, proj};
+    p.weights = c.weights.at(d, 0, input);
     p.x = {xs.data, {all * input, input, 1}};
-    if (!h0.empty()) p.h0 = {h0s.data + state, {hidden, 1}};
-    if (!c0.empty()) p.c0 = {c0s.data + state, {hidden, 1}};
-    p.y = {ys.data + d * hidden, {all * DH, DH, 1}};
-    p.h_n = {hns.data + state, {hidden, 1}};
-    if (has_c) p.c_n = {cns.data + state, {hidden, 1}};
-    p.tape = {hs.data + d * layout.state_values, has_c ? cs.data + d * layout.state_values : nullptr, nullptr, false};
+    if (!h0.empty()) p.h0 = {h0s.data + h_at, {state, 1}};
+    if (!c0.empty()) p.c0 = {c0s.data + c_at, {hidden, 1}};
+    p.y = {ys.data + d * state, {all * DR, DR, 1}};
+    p.h_n = {hns.data + h_at, {state, 1}};
+    if (has_c) p.c_n = {cns.data + c_at, {hidden, 1}};
+    // The directions run in turn, so they share the inference tape.
+    p.tape = {hs.data, cs.data, nullptr, false, rs.data};
     p.cell_clip = c.cell_clip;
     cpu::layer_forward<T>(p);
   }
   for (Index n = 0; n < N; ++n) {
-    scatter(ys.data, y.at(n), steps, DH, n);
-    scatter(hns.data, h_n.at(n), D, hidden, n);
+    scatter(ys.data, y.at(n), steps, DR, n);
+    scatter(hns.data, h_n.at(n), D, state, n);
     if (has_c) scatter(cns.data, c_n.at(n), D, hidden, n);
   }
   return ffi::Error::Success();
@@ -136,10 +138,12 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
 template <typename T>
 ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states) {
   if (!c.training && c.batch.count > 1 && c.shared_weights()) return forward_folded<T>(c, check_sequence, check_states);
-  // Inference keeps its two state slots in scratch of the call; training writes the tape results.
+  // Inference keeps its tape (two state slots, the cell output) in scratch of the call; training writes
+  // the tape results.
   AlignedScratch<T> scratch_hs(c.training ? 0 : c.layout.state_values);
-  AlignedScratch<T> scratch_cs(c.training || !c.layout.has_cell_state ? 0 : c.layout.state_values);
-  const fusedrnn::LayerTape<T> scratch{scratch_hs.data, scratch_cs.data, nullptr, false};
+  AlignedScratch<T> scratch_cs(c.training ? 0 : c.layout.cell_state_values);
+  AlignedScratch<T> scratch_rs(c.training ? 0 : c.layout.output_values);
+  const fusedrnn::LayerTape<T> scratch{scratch_hs.data, scratch_cs.data, nullptr, false, scratch_rs.data};
   std::vector<Index> lengths;
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;
@@ -177,12 +181,13 @@ ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bo
                          ffi::AnyBuffer lengths, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Result<ffi::AnyBuffer> h_n, ffi::Result<ffi::AnyBuffer> c_n,
                          ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
-                         ffi::Result<ffi::AnyBuffer> saved) {
+                         ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> rs) {
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("forward", x.element_type(), [&](auto zero) -> ffi::Error {
     using T = decltype(zero);
-    ForwardCall<T> call(cell, directions, training, cell_clip, x, h0, c0, lengths, *y, *h_n, *c_n, *hs, *cs, *saved);
+    ForwardCall<T> call(cell, directions, training, cell_clip, x, h0, c0, lengths, *y, *h_n, *c_n, *hs, *cs, *saved,
+                        *rs);
     if (ffi::Error e = call.check(weights); e.failure()) return e;
     return cpu_forward<T>(call, check_sequence, check_states);
   });
@@ -190,15 +195,17 @@ ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bo
 
 ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, bool check_sequence, bool check_states,
                           double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer lengths, ffi::AnyBuffer hs,
-                          ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer dy, ffi::AnyBuffer dh_n,
-                          ffi::AnyBuffer dc_n, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> dx,
+                          ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer rs, ffi::AnyBuffer dy,
+                          ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n, ffi::RemainingArgs weights,
+                          ffi::Result<ffi::AnyBuffer> dx,
                           ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
                           ffi::RemainingRets weight_grads) {
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("backward", x.element_type(), [&](auto zero) -> ffi::Error {
     using T = decltype(zero);
-    BackwardCall<T> call(cell, directions, cell_clip, x, lengths, hs, cs, saved, dy, dh_n, dc_n, *dx, *dh0, *dc0);
+    BackwardCall<T> call(cell, directions, cell_clip, x, lengths, hs, cs, saved, rs, dy, dh_n, dc_n, *dx, *dh0,
+                         *dc0);
     if (ffi::Error e = call.check(weights, weight_grads); e.failure()) return e;
     return cpu_backward<T>(call, check_sequence, check_states);
   });
@@ -245,21 +252,22 @@ ffi::Error emulated_forward(std::string_view cell_name, std::int64_t directions,
                             ffi::AnyBuffer c0, ffi::AnyBuffer lengths, ffi::RemainingArgs weights,
                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h_n,
                             ffi::Result<ffi::AnyBuffer> c_n, ffi::Result<ffi::AnyBuffer> hs,
-                            ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> saved) {
+                            ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> saved,
+                            ffi::Result<ffi::AnyBuffer> rs) {
   EmulatedDevice dev;
   return device_layer_forward(dev, cell_name, directions, training, check_sequence, check_states, cell_clip, x, h0,
-                              c0, lengths, weights, *y, *h_n, *c_n, *hs, *cs, *saved);
+                              c0, lengths, weights, *y, *h_n, *c_n, *hs, *cs, *saved, *rs);
 }
 
 ffi::Error emulated_backward(std::string_view cell_name, std::int64_t directions, bool check_sequence,
                              bool check_states, double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer lengths,
-                             ffi::AnyBuffer hs, ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer dy,
-                             ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n, ffi::RemainingArgs weights,
+                             ffi::AnyBuffer hs, ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer rs,
+                             ffi::AnyBuffer dy, ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n, ffi::RemainingArgs weights,
                              ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dh0,
                              ffi::Result<ffi::AnyBuffer> dc0, ffi::RemainingRets weight_grads) {
   EmulatedDevice dev;
   return device_layer_backward(dev, cell_name, directions, check_sequence, check_states, cell_clip, x, lengths, hs,
-                               cs, saved, dy, dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
+                               cs, saved, rs, dy, dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
 }
 
 // Why the CUDA handlers are not there, set by fusedrnn.jax when it registers unavailable() for CUDA.

@@ -68,21 +68,23 @@ ffi::Error cuda_forward(std::string_view cell_name, std::int64_t directions, boo
                         ffi::AnyBuffer lengths, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Result<ffi::AnyBuffer> h_n, ffi::Result<ffi::AnyBuffer> c_n,
                         ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
-                        ffi::Result<ffi::AnyBuffer> saved, void* stream, ffi::ScratchAllocator scratch) {
+                        ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> rs, void* stream,
+                        ffi::ScratchAllocator scratch) {
   CudaDevice dev(stream, scratch);
   return device_layer_forward(dev, cell_name, directions, training, check_sequence, check_states, cell_clip, x, h0,
-                              c0, lengths, weights, *y, *h_n, *c_n, *hs, *cs, *saved);
+                              c0, lengths, weights, *y, *h_n, *c_n, *hs, *cs, *saved, *rs);
 }
 
 ffi::Error cuda_backward(std::string_view cell_name, std::int64_t directions, bool check_sequence, bool check_states,
                          double cell_clip, ffi::AnyBuffer x, ffi::AnyBuffer lengths, ffi::AnyBuffer hs,
-                         ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer dy, ffi::AnyBuffer dh_n,
-                         ffi::AnyBuffer dc_n, ffi::RemainingArgs weights, ffi::Result<ffi::AnyBuffer> dx,
-                         ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
-                         ffi::RemainingRets weight_grads, void* stream, ffi::ScratchAllocator scratch) {
+                         ffi::AnyBuffer cs, ffi::AnyBuffer saved, ffi::AnyBuffer rs, ffi::AnyBuffer dy,
+                         ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n, ffi::RemainingArgs weights,
+                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dh0,
+                         ffi::Result<ffi::AnyBuffer> dc0, ffi::RemainingRets weight_grads, void* stream,
+                         ffi::ScratchAllocator scratch) {
   CudaDevice dev(stream, scratch);
   return device_layer_backward(dev, cell_name, directions, check_sequence, check_states, cell_clip, x, lengths, hs,
-                               cs, saved, dy, dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
+                               cs, saved, rs, dy, dh_n, dc_n, weights, *dx, *dh0, *dc0, weight_grads);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@
 // asks to check is scanned on the device into a flag, the flags read back together (each read waits
 // for the stream). The lengths then go to the workspace as int64, which the backend reads. One
 // workspace serves every mapped element and direction in turn (they run in stream order):
-// [lengths: N*B int64][flags][inference state slots: hs, cs][the layer call's own].
+// [lengths: N*B int64][flags][inference tape: hs, cs, rs][the layer call's own].
 #pragma once
 
 #include <algorithm>
@@ -87,16 +87,18 @@ struct Workspace {
   int* flags = nullptr;      // one per checked array
   void* hs = nullptr;        // inference state slots
   void* cs = nullptr;
+  void* rs = nullptr;        // inference cell output before the projection
   unsigned char* layer = nullptr;  // the layer call's own
 
   template <typename T, typename Device>
   static ffi::Error allocate(Device& dev, const char* what, Index lengths, Index flags, Index states,
-                             Index cell_states, std::size_t layer_bytes, Workspace& out) {
+                             Index cell_states, Index outputs, std::size_t layer_bytes, Workspace& out) {
     auto carve = [&](gpu::Carver& carver) {
       out.lengths = carver.template take<Index>(lengths);
       out.flags = carver.template take<int>(flags);
       out.hs = carver.template take<T>(states);
       out.cs = carver.template take<T>(cell_states);
+      out.rs = carver.template take<T>(outputs);
       out.layer = carver.template take<unsigned char>(static_cast<Index>(layer_bytes));
     };
     gpu::Carver count(nullptr);
@@ -118,15 +120,18 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
   add_checked(checked, check_sequence, c.x, N, "x");
   add_checked(checked, check_states, c.h0, N, "h0");
   add_checked(checked, check_states, c.c0, N, "c0");
-  // Inference keeps its two state slots in the workspace; training writes the tape results.
+  // Inference keeps its tape (two state slots, the cell output) in the workspace; training writes the
+  // tape results.
   const Index states = c.training ? 0 : c.layout.state_values;
+  const Index cell_states = c.training ? 0 : c.layout.cell_state_values;
+  const Index outputs = c.training ? 0 : c.layout.output_values;
   std::size_t layer_bytes = 0;
   for (Index d = 0; d < c.D; ++d)
     layer_bytes = std::max(layer_bytes, dev.forward_workspace_bytes(c.params(0, d, nullptr, LayerTape<T>{})));
   Workspace ws;
   if (ffi::Error e = Workspace::allocate<T>(dev, "forward", c.lengths.empty() ? 0 : N * c.rows,
-                                            static_cast<Index>(checked.size()), states,
-                                            c.layout.has_cell_state ? states : 0, layer_bytes, ws);
+                                            static_cast<Index>(checked.size()), states, cell_states, outputs,
+                                            layer_bytes, ws);
       e.failure())
     return e;
   std::vector<std::vector<Index>> lengths;
@@ -134,7 +139,7 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
   if (ffi::Error e = check_finite_on_device(dev, checked, ws.flags); e.failure()) return e;
 
   const LayerTape<T> scratch{static_cast<T*>(ws.hs), c.layout.has_cell_state ? static_cast<T*>(ws.cs) : nullptr,
-                             nullptr, false};
+                             nullptr, false, c.layout.output_values ? static_cast<T*>(ws.rs) : nullptr};
   for (Index n = 0; n < N; ++n) {
     const Index* length_values = stage_lengths(dev, lengths[n], ws.lengths + n * c.rows);
     for (Index d = 0; d < c.D; ++d)
@@ -155,7 +160,7 @@ ffi::Error device_backward(Device& dev, const BackwardCall<T>& c, bool check_seq
     layer_bytes = std::max(layer_bytes, dev.backward_workspace_bytes(c.params(0, d, nullptr)));
   Workspace ws;
   if (ffi::Error e = Workspace::allocate<T>(dev, "backward", c.lengths.empty() ? 0 : N * c.rows,
-                                            static_cast<Index>(checked.size()), 0, 0, layer_bytes, ws);
+                                            static_cast<Index>(checked.size()), 0, 0, 0, layer_bytes, ws);
       e.failure())
     return e;
   std::vector<std::vector<Index>> lengths;
@@ -177,12 +182,13 @@ ffi::Error device_layer_forward(Device& dev, std::string_view cell_name, std::in
                                 bool check_sequence, bool check_states, double cell_clip, ffi::AnyBuffer x,
                                 ffi::AnyBuffer h0, ffi::AnyBuffer c0, ffi::AnyBuffer lengths,
                                 const ffi::RemainingArgs& weights, ffi::AnyBuffer y, ffi::AnyBuffer h_n,
-                                ffi::AnyBuffer c_n, ffi::AnyBuffer hs, ffi::AnyBuffer cs, ffi::AnyBuffer saved) {
+                                ffi::AnyBuffer c_n, ffi::AnyBuffer hs, ffi::AnyBuffer cs, ffi::AnyBuffer saved,
+                                ffi::AnyBuffer rs) {
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("forward", x.element_type(), [&](auto zero) -> ffi::Error {
     using T = decltype(zero);
-    ForwardCall<T> call(cell, directions, training, cell_clip, x, h0, c0, lengths, y, h_n, c_n, hs, cs, saved);
+    ForwardCall<T> call(cell, directions, training, cell_clip, x, h0, c0, lengths, y, h_n, c_n, hs, cs, saved, rs);
     if (ffi::Error e = call.check(weights); e.failure()) return e;
     return device_forward<T>(dev, call, check_sequence, check_states);
   });
@@ -192,14 +198,14 @@ template <typename Device>
 ffi::Error device_layer_backward(Device& dev, std::string_view cell_name, std::int64_t directions,
                                  bool check_sequence, bool check_states, double cell_clip, ffi::AnyBuffer x,
                                  ffi::AnyBuffer lengths, ffi::AnyBuffer hs, ffi::AnyBuffer cs, ffi::AnyBuffer saved,
-                                 ffi::AnyBuffer dy, ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n,
+                                 ffi::AnyBuffer rs, ffi::AnyBuffer dy, ffi::AnyBuffer dh_n, ffi::AnyBuffer dc_n,
                                  const ffi::RemainingArgs& weights, ffi::AnyBuffer dx, ffi::AnyBuffer dh0,
                                  ffi::AnyBuffer dc0, const ffi::RemainingRets& weight_grads) {
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("backward", x.element_type(), [&](auto zero) -> ffi::Error {
     using T = decltype(zero);
-    BackwardCall<T> call(cell, directions, cell_clip, x, lengths, hs, cs, saved, dy, dh_n, dc_n, dx, dh0, dc0);
+    BackwardCall<T> call(cell, directions, cell_clip, x, lengths, hs, cs, saved, rs, dy, dh_n, dc_n, dx, dh0, dc0);
     if (ffi::Error e = call.check(weights, weight_grads); e.failure()) return e;
     return device_backward<T>(dev, call, check_sequence, check_states);
   });

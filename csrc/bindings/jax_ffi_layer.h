@@ -2,18 +2,21 @@
 // jax_ffi_device.h on a device): attributes and buffers checked and described as the layer calls of
 // layer.h, with the error messages users see. Only the backend call differs between the handlers.
 //
-// Buffers (D directions; every buffer dense, row-major, as XLA passes them):
-//   forward  args  x (T, B, I), h0 (D, B, H), c0 (D, B, H), lengths (B) int32/int64,
-//                  then per direction weight_ih (G*H, I), weight_hh (G*H, H) [, bias_ih, bias_hh (G*H)]
-//            rets  y (T, B, D*H), h_n (D, B, H), c_n (D, B, H),
-//                  hs (D, slots*B*H), cs (D, slots*B*H), saved (D, T*B*S*H) (tape_layout(); training only)
-//   backward args  x, lengths, hs, cs, saved (as forward had them), dy (T, B, D*H), dh_n, dc_n (D, B, H),
-//                  then the weights as forward had them
-//            rets  dx (T, B, I), dh0, dc0 (D, B, H), then one gradient per weight, in the weights' order
-// An absent optional buffer (h0, c0, lengths; c_n, cs, dc0 for a cell without a cell state; the tape in
-// inference) has no elements. Under jax.vmap (vmap_method="expand_dims") every buffer gains the same
-// number of leading dimensions, each either the mapped size or 1 (shared by every mapped element); a
-// handler runs the layer once per mapped element and direction (params()).
+// Buffers (D directions; every buffer dense, row-major, as XLA passes them; R is the width of h: P for
+// an LSTM with a projection, else H):
+//   forward  args  x (T, B, I), h0 (D, B, R), c0 (D, B, H), lengths (B) int32/int64,
+//                  then per direction weight_ih (G*H, I), weight_hh (G*H, R) [, bias_ih, bias_hh (G*H)]
+//                  [, weight_hr (P, H)] (torch.nn's order: an odd count per direction has a projection)
+//            rets  y (T, B, D*R), h_n (D, B, R), c_n (D, B, H), and the tape (tape_layout(); training
+//                  only): hs (D, slots*B*R), cs (D, slots*B*H), saved (D, T*B*S*H), rs (D, T*B*H)
+//   backward args  x, lengths, hs, cs, saved, rs (as forward had them), dy (T, B, D*R), dh_n (D, B, R),
+//                  dc_n (D, B, H), then the weights as forward had them
+//            rets  dx (T, B, I), dh0 (D, B, R), dc0 (D, B, H), then one gradient per weight, in the
+//                  weights' order
+// An absent optional buffer (h0, c0, lengths; c_n, cs, dc0 for a cell without a cell state; rs without
+// a projection; the tape in inference) has no elements. Under jax.vmap (vmap_method="expand_dims")
+// every buffer gains the same number of leading dimensions, each either the mapped size or 1 (shared
+// by every mapped element); a handler runs the layer once per mapped element and direction (params()).
 //
 // Pointers are never dereferenced here, so the same code describes host and device buffers; reading
 // values (lengths, the finiteness checks) is the handler's, from memory it can read.
@@ -209,46 +212,78 @@ class Lengths {
   Batched<const std::int64_t> wide_;
 };
 
-// The weights that follow the fixed arguments: per direction weight_ih, weight_hh [, bias_ih, bias_hh].
+// A layer's weights, from the arguments that follow the fixed ones: per direction weight_ih, weight_hh
+// [, bias_ih, bias_hh] [, weight_hr] (torch.nn's order), so an odd count per direction has a projection.
+// The sizes follow from them and from R, the width of h in the call's outputs or their gradients.
 template <typename T>
-ffi::Error weights_of(const ffi::RemainingArgs& args, Index directions, const Batch& batch, Index gh, Index input,
-                      Index hidden, std::vector<Batched<const T>>& out) {
-  const std::size_t count = args.size();
-  if (count != static_cast<std::size_t>(2 * directions) && count != static_cast<std::size_t>(4 * directions))
-    return ffi::Error::InvalidArgument("weights: expected 2 or 4 arrays per direction");
-  for (std::size_t i = 0; i < count; ++i) {
-    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
-    if (buffer.has_error()) return buffer.error();
-    if (buffer->element_type() != (sizeof(T) == 4 ? ffi::DataType::F32 : ffi::DataType::F64))
-      return ffi::Error::InvalidArgument("weights: expected the dtype of x");
-    out.emplace_back(*buffer, batch);
-  }
-  const std::size_t per = count / static_cast<std::size_t>(directions);
-  for (std::size_t i = 0; i < count; ++i) {
-    const std::size_t k = i % per;
-    const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
-    ffi::Error e = k == 0   ? expect(out[i], names[k], {gh, input})
-                   : k == 1 ? expect(out[i], names[k], {gh, hidden})
-                            : expect(out[i], names[k], {gh});
-    if (e.failure()) return e;
-  }
-  return ffi::Error::Success();
-}
+struct Weights {
+  std::vector<Batched<const T>> w;
+  std::size_t per = 0;  // arrays per direction
+  Index hidden = 0;     // H
+  Index proj = 0;       // P with a projection (then R == P), else 0 (R == H)
 
-// The views of direction d's weights at mapped element n; `per` arrays per direction.
-template <typename T>
-LayerWeights<T> weights_at(const std::vector<Batched<const T>>& w, std::size_t per, Index d, Index n, Index input,
-                           Index hidden) {
-  const std::size_t i = per * static_cast<std::size_t>(d);
-  LayerWeights<T> lw;
-  lw.w_ih = {w[i].at(n), {input, 1}};
-  lw.w_hh = {w[i + 1].at(n), {hidden, 1}};
-  if (per == 4) {
-    lw.b_ih = {w[i + 2].at(n), 1};
-    lw.b_hh = {w[i + 3].at(n), 1};
+  bool projected() const { return per % 2 == 1; }
+  bool has_bias() const { return per >= 4; }
+
+  ffi::Error read(const ffi::RemainingArgs& args, CellKind cell, Index directions, const Batch& batch, Index input,
+                  Index state) {
+    const std::size_t count = args.size();
+    per = count / static_cast<std::size_t>(directions);
+    if (count % static_cast<std::size_t>(directions) != 0 || per < 2 || per > 5)
+      return ffi::Error::InvalidArgument(
+          "weights: expected per direction weight_ih, weight_hh [, bias_ih, bias_hh] [, weight_hr]");
+    for (std::size_t i = 0; i < count; ++i) {
+      ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+      if (buffer.has_error()) return buffer.error();
+      if (buffer->element_type() != (sizeof(T) == 4 ? ffi::DataType::F32 : ffi::DataType::F64))
+        return ffi::Error::InvalidArgument("weights: expected the dtype of x");
+      w.emplace_back(*buffer, batch);
+    }
+    hidden = state;
+    proj = 0;
+    if (projected()) {
+      if (!cell_facts(cell).projection)
+        return ffi::Error::InvalidArgument("weight_hr: only an LSTM takes a projection (proj_size)");
+      const Batched<const T>& w_hr = w[per - 1];
+      if (!w_hr.well_batched() || w_hr.rank() != 2 || w_hr.dim(0) != state || w_hr.dim(1) <= state)
+        return shape_error("weight_hr", "expected (proj_size, hidden_size) with 0 < proj_size < hidden_size, "
+                                        "proj_size the width of h");
+      hidden = w_hr.dim(1);
+      proj = state;
+    }
+    const Index gh = cell_facts(cell).gates * hidden;
+    for (std::size_t i = 0; i < count; ++i) {
+      const std::size_t k = i % per;
+      const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+      ffi::Error e = k == 0                        ? expect(w[i], names[k], {gh, input})
+                     : k == 1                      ? expect(w[i], names[k], {gh, state})
+                     : projected() && k == per - 1 ? expect(w[i], "weight_hr", {proj, hidden})
+                                                   : expect(w[i], names[k], {gh});
+      if (e.failure()) return e;
+    }
+    return ffi::Error::Success();
   }
-  return lw;
-}
+
+  bool shared() const {
+    return std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
+  }
+
+  Index state() const { return proj > 0 ? proj : hidden; }
+
+  // The views of direction d's weights at mapped element n.
+  LayerWeights<T> at(Index d, Index n, Index input) const {
+    const std::size_t i = per * static_cast<std::size_t>(d);
+    LayerWeights<T> lw;
+    lw.w_ih = {w[i].at(n), {input, 1}};
+    lw.w_hh = {w[i + 1].at(n), {state(), 1}};
+    if (has_bias()) {
+      lw.b_ih = {w[i + 2].at(n), 1};
+      lw.b_hh = {w[i + 3].at(n), 1};
+    }
+    if (projected()) lw.w_hr = {w[i + per - 1].at(n), {hidden, 1}};
+    return lw;
+  }
+};
 
 // A forward call: its buffers decoded and checked (check()), and the layer call of each mapped element
 // and direction (params()).
@@ -260,20 +295,21 @@ struct ForwardCall {
   T cell_clip;
   Batch batch;
   Batched<const T> x, h0, c0;
-  Batched<T> y, h_n, c_n, hs, cs, saved;
+  Batched<T> y, h_n, c_n, hs, cs, saved, rs;
   Lengths lengths;
-  std::vector<Batched<const T>> w;
-  std::size_t per = 0;
+  Weights<T> weights;
   Index steps = 0, rows = 0, input = 0, hidden = 0;
+  Index state = 0;  // R, the width of h: P with a projection, else H
   TapeLayout layout;  // of one direction
 
   ForwardCall(CellKind cell_, Index directions, bool training_, double clip, const ffi::AnyBuffer& x_buf,
               const ffi::AnyBuffer& h0_buf, const ffi::AnyBuffer& c0_buf, const ffi::AnyBuffer& lengths_buf,
               const ffi::AnyBuffer& y_buf, const ffi::AnyBuffer& h_n_buf, const ffi::AnyBuffer& c_n_buf,
-              const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf, const ffi::AnyBuffer& saved_buf)
+              const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf, const ffi::AnyBuffer& saved_buf,
+              const ffi::AnyBuffer& rs_buf)
       : cell(cell_), D(directions), training(training_), cell_clip(static_cast<T>(clip)), batch(batch_of(y_buf, 3)),
         x(x_buf, batch), h0(h0_buf, batch), c0(c0_buf, batch), y(y_buf, batch), h_n(h_n_buf, batch),
-        c_n(c_n_buf, batch), hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch),
+        c_n(c_n_buf, batch), hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch),
         lengths(lengths_buf, batch) {}
 
   // Every shape, the weights (from `args`) and the tape checked; fills the sizes.
@@ -282,55 +318,60 @@ struct ForwardCall {
     steps = x.dim(0);
     rows = x.dim(1);
     input = x.dim(2);
-    hidden = y.dim(2) / D;
-    const CellFacts& facts = cell_facts(cell);
-    if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(y, "y", {steps, rows, D * hidden}),
-                                      expect_optional(h0, "h0", {D, rows, hidden}),
-                                      expect_optional(c0, "c0", {D, rows, hidden}),
-                                      expect(h_n, "h_n", {D, rows, hidden}),
-                                      expect_optional(c_n, "c_n", {D, rows, hidden}), lengths.check(rows)});
+    state = y.dim(2) / D;
+    if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(y, "y", {steps, rows, D * state}),
+                                      lengths.check(rows)});
         e.failure())
       return e;
-    if (facts.has_cell_state == c_n.empty()) return shape_error("c_n", "expected one for a cell with a cell state");
-    if (ffi::Error e = weights_of<T>(args, D, batch, facts.gates * hidden, input, hidden, w); e.failure()) return e;
-    per = w.size() / static_cast<std::size_t>(D);
-    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false}, training);
+    if (ffi::Error e = weights.read(args, cell, D, batch, input, state); e.failure()) return e;
+    hidden = weights.hidden;
+    if (ffi::Error e = first_failure({expect_optional(h0, "h0", {D, rows, state}),
+                                      expect_optional(c0, "c0", {D, rows, hidden}),
+                                      expect(h_n, "h_n", {D, rows, state}),
+                                      expect_optional(c_n, "c_n", {D, rows, hidden})});
+        e.failure())
+      return e;
+    if (cell_facts(cell).has_cell_state == c_n.empty())
+      return shape_error("c_n", "expected one for a cell with a cell state");
+    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, training);
     if (training) {
       if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
-                                        expect_optional(cs, "cs", {D, layout.state_values}),
-                                        expect_optional(saved, "saved", {D, layout.saved_values})});
+                                        expect_optional(cs, "cs", {D, layout.cell_state_values}),
+                                        expect_optional(saved, "saved", {D, layout.saved_values}),
+                                        expect_optional(rs, "rs", {D, layout.output_values})});
           e.failure())
         return e;
-      if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty())
+      if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
+          (layout.output_values == 0) != rs.empty())
         return shape_error("tape", "does not match tape_layout()");
     }
     return ffi::Error::Success();
   }
 
-  bool shared_weights() const {
-    return std::all_of(w.begin(), w.end(), [](const Batched<const T>& b) { return b.shared(); });
-  }
+  bool shared_weights() const { return weights.shared(); }
 
   // Training: direction d's part of mapped element n's tape results.
   LayerTape<T> tape_at(Index n, Index d) const {
-    return {hs.at(n) + d * layout.state_values, layout.has_cell_state ? cs.at(n) + d * layout.state_values : nullptr,
-            layout.saved_values ? saved.at(n) + d * layout.saved_values : nullptr, true};
+    return {hs.at(n) + d * layout.state_values,
+            layout.has_cell_state ? cs.at(n) + d * layout.cell_state_values : nullptr,
+            layout.saved_values ? saved.at(n) + d * layout.saved_values : nullptr, true,
+            layout.output_values ? rs.at(n) + d * layout.output_values : nullptr};
   }
 
   // Mapped element n, direction d: `length_values` (B, stride 1; null: every row full length) in the
   // memory the backend reads, `tape` from tape_at() or the handler's scratch.
   LayerForwardParams<T> params(Index n, Index d, const Index* length_values, const LayerTape<T>& tape) const {
-    const Index state = d * rows * hidden;
+    const Index h_at = d * rows * state, c_at = d * rows * hidden;
     LayerForwardParams<T> p;
     p.cell = cell;
-    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1};
-    p.weights = weights_at(w, per, d, n, input, hidden);
+    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
+    p.weights = weights.at(d, n, input);
     p.x = {x.at(n), {rows * input, input, 1}};
-    if (!h0.empty()) p.h0 = {h0.at(n) + state, {hidden, 1}};
-    if (!c0.empty()) p.c0 = {c0.at(n) + state, {hidden, 1}};
-    p.y = {y.at(n) + d * hidden, {rows * D * hidden, D * hidden, 1}};
-    p.h_n = {h_n.at(n) + state, {hidden, 1}};
-    if (!c_n.empty()) p.c_n = {c_n.at(n) + state, {hidden, 1}};
+    if (!h0.empty()) p.h0 = {h0.at(n) + h_at, {state, 1}};
+    if (!c0.empty()) p.c0 = {c0.at(n) + c_at, {hidden, 1}};
+    p.y = {y.at(n) + d * state, {rows * D * state, D * state, 1}};
+    p.h_n = {h_n.at(n) + h_at, {state, 1}};
+    if (!c_n.empty()) p.c_n = {c_n.at(n) + c_at, {hidden, 1}};
     p.tape = tape;
     p.cell_clip = cell_clip;
     return p;
@@ -344,23 +385,22 @@ struct BackwardCall {
   Index D;
   T cell_clip;
   Batch batch;
-  Batched<const T> x, hs, cs, saved, dy, dh_n, dc_n;
+  Batched<const T> x, hs, cs, saved, rs, dy, dh_n, dc_n;
   Batched<T> dx, dh0, dc0;
   Lengths lengths;
-  std::vector<Batched<const T>> w;
+  Weights<T> weights;
   std::vector<Batched<T>> grads;
-  std::size_t per = 0;
-  Index steps = 0, rows = 0, input = 0, hidden = 0;
+  Index steps = 0, rows = 0, input = 0, hidden = 0, state = 0;
   TapeLayout layout;
 
   BackwardCall(CellKind cell_, Index directions, double clip, const ffi::AnyBuffer& x_buf,
                const ffi::AnyBuffer& lengths_buf, const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf,
-               const ffi::AnyBuffer& saved_buf, const ffi::AnyBuffer& dy_buf, const ffi::AnyBuffer& dh_n_buf,
-               const ffi::AnyBuffer& dc_n_buf, const ffi::AnyBuffer& dx_buf, const ffi::AnyBuffer& dh0_buf,
-               const ffi::AnyBuffer& dc0_buf)
+               const ffi::AnyBuffer& saved_buf, const ffi::AnyBuffer& rs_buf, const ffi::AnyBuffer& dy_buf,
+               const ffi::AnyBuffer& dh_n_buf, const ffi::AnyBuffer& dc_n_buf, const ffi::AnyBuffer& dx_buf,
+               const ffi::AnyBuffer& dh0_buf, const ffi::AnyBuffer& dc0_buf)
       : cell(cell_), D(directions), cell_clip(static_cast<T>(clip)), batch(batch_of(dx_buf, 3)), x(x_buf, batch),
-        hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), dy(dy_buf, batch), dh_n(dh_n_buf, batch),
-        dc_n(dc_n_buf, batch), dx(dx_buf, batch), dh0(dh0_buf, batch), dc0(dc0_buf, batch),
+        hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch), dy(dy_buf, batch),
+        dh_n(dh_n_buf, batch), dc_n(dc_n_buf, batch), dx(dx_buf, batch), dh0(dh0_buf, batch), dc0(dc0_buf, batch),
         lengths(lengths_buf, batch) {}
 
   ffi::Error check(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets) {
@@ -368,19 +408,22 @@ struct BackwardCall {
     steps = x.dim(0);
     rows = x.dim(1);
     input = x.dim(2);
-    hidden = dy.dim(2) / D;
-    const CellFacts& facts = cell_facts(cell);
+    state = dy.dim(2) / D;
     if (ffi::Error e = first_failure({expect(x, "x", {steps, rows, input}), expect(dx, "dx", {steps, rows, input}),
-                                      expect(dy, "dy", {steps, rows, D * hidden}),
-                                      expect(dh_n, "dh_n", {D, rows, hidden}),
-                                      expect_optional(dc_n, "dc_n", {D, rows, hidden}),
-                                      expect(dh0, "dh0", {D, rows, hidden}),
-                                      expect_optional(dc0, "dc0", {D, rows, hidden}), lengths.check(rows)});
+                                      expect(dy, "dy", {steps, rows, D * state}), lengths.check(rows)});
         e.failure())
       return e;
-    if (facts.has_cell_state == dc0.empty()) return shape_error("dc0", "expected one for a cell with a cell state");
-    if (ffi::Error e = weights_of<T>(args, D, batch, facts.gates * hidden, input, hidden, w); e.failure()) return e;
-    per = w.size() / static_cast<std::size_t>(D);
+    if (ffi::Error e = weights.read(args, cell, D, batch, input, state); e.failure()) return e;
+    hidden = weights.hidden;
+    if (ffi::Error e = first_failure({expect(dh_n, "dh_n", {D, rows, state}),
+                                      expect_optional(dc_n, "dc_n", {D, rows, hidden}),
+                                      expect(dh0, "dh0", {D, rows, state}),
+                                      expect_optional(dc0, "dc0", {D, rows, hidden})});
+        e.failure())
+      return e;
+    if (cell_facts(cell).has_cell_state == dc0.empty())
+      return shape_error("dc0", "expected one for a cell with a cell state");
+    const std::vector<Batched<const T>>& w = weights.w;
     for (std::size_t i = 0; i < w.size(); ++i) {
       ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> g = rets.get<ffi::AnyBuffer>(i);
       if (g.has_error()) return g.error();
@@ -388,13 +431,15 @@ struct BackwardCall {
       if (grads.back().elements() != w[i].elements() || !grads.back().well_batched())
         return shape_error("weight gradients", "expected one per weight, of its shape");
     }
-    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false}, true);
+    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, true);
     if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
-                                      expect_optional(cs, "cs", {D, layout.state_values}),
-                                      expect_optional(saved, "saved", {D, layout.saved_values})});
+                                      expect_optional(cs, "cs", {D, layout.cell_state_values}),
+                                      expect_optional(saved, "saved", {D, layout.saved_values}),
+                                      expect_optional(rs, "rs", {D, layout.output_values})});
         e.failure())
       return e;
-    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty())
+    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
+        (layout.output_values == 0) != rs.empty())
       return shape_error("tape", "does not match tape_layout()");
     return ffi::Error::Success();
   }
@@ -402,29 +447,31 @@ struct BackwardCall {
   // Mapped element n, direction d. The weight gradients are accumulated into (the handler zeroes them
   // first); the first direction writes dx and the second adds into it.
   LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
-    const Index state = d * rows * hidden;
-    const std::size_t i = per * static_cast<std::size_t>(d);
+    const Index h_at = d * rows * state, c_at = d * rows * hidden;
+    const std::size_t i = weights.per * static_cast<std::size_t>(d);
     LayerBackwardParams<T> p;
     p.cell = cell;
-    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1};
-    p.weights = weights_at(w, per, d, n, input, hidden);
+    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
+    p.weights = weights.at(d, n, input);
     p.x = {x.at(n), {rows * input, input, 1}};
     p.tape = {const_cast<T*>(hs.at(n)) + d * layout.state_values,
-              layout.has_cell_state ? const_cast<T*>(cs.at(n)) + d * layout.state_values : nullptr,
-              layout.saved_values ? const_cast<T*>(saved.at(n)) + d * layout.saved_values : nullptr, true};
-    p.dy = {dy.at(n) + d * hidden, {rows * D * hidden, D * hidden, 1}};
-    p.dh_n = {dh_n.at(n) + state, {hidden, 1}};
-    if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + state, {hidden, 1}};
+              layout.has_cell_state ? const_cast<T*>(cs.at(n)) + d * layout.cell_state_values : nullptr,
+              layout.saved_values ? const_cast<T*>(saved.at(n)) + d * layout.saved_values : nullptr, true,
+              layout.output_values ? const_cast<T*>(rs.at(n)) + d * layout.output_values : nullptr};
+    p.dy = {dy.at(n) + d * state, {rows * D * state, D * state, 1}};
+    p.dh_n = {dh_n.at(n) + h_at, {state, 1}};
+    if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + c_at, {hidden, 1}};
     p.dx = {dx.at(n), {rows * input, input, 1}};
     p.accumulate_dx = d > 0;
-    p.dh0 = {dh0.at(n) + state, {hidden, 1}};
-    if (!dc0.empty()) p.dc0 = {dc0.at(n) + state, {hidden, 1}};
+    p.dh0 = {dh0.at(n) + h_at, {state, 1}};
+    if (!dc0.empty()) p.dc0 = {dc0.at(n) + c_at, {hidden, 1}};
     p.dw_ih = {grads[i].at(n), {input, 1}};
-    p.dw_hh = {grads[i + 1].at(n), {hidden, 1}};
-    if (per == 4) {
+    p.dw_hh = {grads[i + 1].at(n), {state, 1}};
+    if (weights.has_bias()) {
       p.db_ih = {grads[i + 2].at(n), 1};
       p.db_hh = {grads[i + 3].at(n), 1};
     }
+    if (weights.projected()) p.dw_hr = {grads[i + weights.per - 1].at(n), {hidden, 1}};
     p.cell_clip = cell_clip;
     return p;
   }
@@ -450,7 +497,8 @@ inline auto forward_binding() {
       .Ret<ffi::AnyBuffer>()  // c_n
       .Ret<ffi::AnyBuffer>()  // hs
       .Ret<ffi::AnyBuffer>()  // cs
-      .Ret<ffi::AnyBuffer>();  // saved
+      .Ret<ffi::AnyBuffer>()  // saved
+      .Ret<ffi::AnyBuffer>();  // rs
 }
 
 inline auto backward_binding() {
@@ -465,6 +513,7 @@ inline auto backward_binding() {
       .Arg<ffi::AnyBuffer>()  // hs
       .Arg<ffi::AnyBuffer>()  // cs
       .Arg<ffi::AnyBuffer>()  // saved
+      .Arg<ffi::AnyBuffer>()  // rs
       .Arg<ffi::AnyBuffer>()  // dy
       .Arg<ffi::AnyBuffer>()  // dh_n
       .Arg<ffi::AnyBuffer>()  // dc_n

@@ -673,13 +673,22 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("shape"), py::arg("dtype"),
         "An uninitialised C-contiguous array whose data starts on a 64-byte boundary (layer outputs the "
         "thread team writes by ranges of units).");
-  m.def("tape_layout", [](const std::string& cell, Index steps, Index batch, Index hidden, bool training) {
-    const fusedrnn::LayerShape shape{steps, batch, 1, hidden, {}, false};
+  m.def("tape_layout", [](const std::string& cell, Index steps, Index batch, Index hidden, bool training,
+                          Index proj_size) {
+    const fusedrnn::LayerShape shape{steps, batch, 1, hidden, {}, false, proj_size};
     const fusedrnn::TapeLayout l = fusedrnn::tape_layout(parse_cell(cell), shape, training);
-    return py::make_tuple(l.slots, l.state_values, l.saved_values);
+    py::dict counts;
+    counts["slots"] = l.slots;
+    counts["hs"] = l.state_values;
+    counts["cs"] = l.cell_state_values;
+    counts["saved"] = l.saved_values;
+    counts["rs"] = l.output_values;
+    return counts;
   }, py::arg("cell"), py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("training"),
-        "Element counts of one layer direction's tape (layer.h): (slots, hs and cs values each, saved "
-        "values), for callers that allocate it themselves.");
+        py::arg("proj_size") = 0,
+        "Element counts of one layer direction's tape (layer.h), for callers that allocate it themselves: "
+        "a dict of slots and the values of hs, cs (0 without a cell state), saved and rs (0 without a "
+        "projection).");
 #ifdef FUSEDRNN_WITH_XLA_FFI
   fusedrnn::bindings::def_jax_ffi(m);
 #endif

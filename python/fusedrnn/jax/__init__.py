@@ -6,6 +6,9 @@
     y, (h_n, c_n) = jax.jit(fj.lstm)(params, x)            # x (T, B, 32)
     grads = jax.grad(lambda p: fj.lstm(p, x)[0].sum())(params)
 
+An LSTM's projection (torch.nn.LSTM's proj_size P) follows from `weight_hr_l{k}` (P, H) parameters
+(fj.init(..., proj_size=P)): h0, h_n and y are then P wide per direction, as in torch.
+
 `fusedrnn.jax.nnx` and `fusedrnn.jax.linen` hold Flax NNX and linen modules, and
 `fusedrnn.jax.flax_params` converts parameters to and from Flax's OptimizedLSTMCell/GRUCell. Arrays on
 the CPU run the CPU kernels; arrays on an NVIDIA GPU run the CUDA backend when fusedrnn's CUDA module

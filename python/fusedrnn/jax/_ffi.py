@@ -1,8 +1,9 @@
 """The XLA FFI calls of fusedrnn.jax: one layer (all its directions) forward and backward as a
 jax.custom_vjp whose backward is the fused backward kernel, with the forward's tape as residuals.
 
-Buffers and their layout are described in csrc/bindings/jax_ffi_layer.h. Optional arrays (h0, c0, lengths,
-and c_n/dc0/cs for a cell without a cell state) travel as empty (0,) arrays. Under jax.vmap the calls
+Buffers and their layout are described in csrc/bindings/jax_ffi_layer.h. Optional arrays (h0, c0,
+lengths, c_n/dc0/cs for a cell without a cell state, rs without a projection) travel as empty (0,)
+arrays. Under jax.vmap the calls
 use vmap_method="expand_dims": an unmapped argument keeps a leading dimension of 1 and the handler
 shares it across the mapped elements, so weights are never copied per element.
 """
@@ -163,34 +164,42 @@ def _attrs(spec: LayerSpec, backward: bool) -> dict:
                 cell_clip=np.float64(math.inf if spec.cell_clip is None else spec.cell_clip))
 
 
+def sizes(spec: LayerSpec, weights) -> tuple[int, int]:
+    """(H, R) of a layer's weights: its hidden size and the width of h, P when the weights end each
+    direction with weight_hr (P, H) (an odd count per direction), else H."""
+    per = len(weights) // spec.directions
+    state = weights[1].shape[1]
+    return (weights[per - 1].shape[1] if per % 2 else state), state
+
+
 def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     steps, batch, _ = x.shape
-    hidden = weights[1].shape[1]
+    hidden, width = sizes(spec, weights)
     dirs, dtype = spec.directions, x.dtype
     has_c = has_cell_state(spec.cell)
-    state = _result((dirs, batch, hidden), dtype, x)
-    hs = cs = saved = _none(dtype, x)
+    state = _result((dirs, batch, width), dtype, x)
+    cell_state = _result((dirs, batch, hidden), dtype, x) if has_c else _none(dtype, x)
+    tape = [_none(dtype, x)] * 4  # hs, cs, saved, rs
     if training:
-        _, state_values, saved_values = _core.tape_layout(spec.cell, steps, batch, hidden, True)
-        hs = _result((dirs, state_values), dtype, x)
-        cs = hs if has_c else cs
-        saved = _result((dirs, saved_values), dtype, x) if saved_values else saved
-    results = (_result((steps, batch, dirs * hidden), dtype, x), state, state if has_c else _none(dtype, x),
-               hs, cs, saved)
+        counts = _core.tape_layout(spec.cell, steps, batch, hidden, True, proj_size=0 if width == hidden else width)
+        tape = [_result((dirs, counts[name]), dtype, x) if counts[name] else _none(dtype, x)
+                for name in ("hs", "cs", "saved", "rs")]
+    results = (_result((steps, batch, dirs * width), dtype, x), state, cell_state, *tape)
     call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
     return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False))
 
 
 def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
-    """One layer, every direction: x (T, B, I); h0, c0 (D, B, H) or empty; lengths int (B,) or empty;
-    weights a tuple of (weight_ih, weight_hh[, bias_ih, bias_hh]) per direction, flattened. Returns
-    y (T, B, D*H), h_n (D, B, H) and c_n (D, B, H), or empty for a cell without a cell state."""
+    """One layer, every direction: x (T, B, I); h0 (D, B, R), c0 (D, B, H) or empty; lengths int (B,) or
+    empty; weights a tuple of (weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]) per direction,
+    flattened. Returns y (T, B, D*R), h_n (D, B, R) and c_n (D, B, H), or empty for a cell without a
+    cell state; R is H, or P with a projection (weight_hr (P, H))."""
     return _layer(spec, *vary_alike(x, h0, c0, lengths, weights))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layer(spec: LayerSpec, x, h0, c0, lengths, weights):
-    y, h_n, c_n, _, _, _ = _forward_call(spec, False, x, h0, c0, lengths, weights)
+    y, h_n, c_n, *_ = _forward_call(spec, False, x, h0, c0, lengths, weights)
     return y, h_n, c_n
 
 
@@ -210,14 +219,14 @@ def _training_forward_jvp(spec, primals, tangents):
 
 
 def _layer_fwd(spec, x, h0, c0, lengths, weights):
-    y, h_n, c_n, hs, cs, saved = _training_forward(spec, x, h0, c0, lengths, weights)
-    return (y, h_n, c_n), (x, h0, c0, lengths, weights, hs, cs, saved)
+    y, h_n, c_n, *tape = _training_forward(spec, x, h0, c0, lengths, weights)
+    return (y, h_n, c_n), (x, h0, c0, lengths, weights, tuple(tape))
 
 
 def _layer_bwd(spec, residuals, cotangents):
-    x, h0, c0, lengths, weights, hs, cs, saved = residuals
+    x, h0, c0, lengths, weights, tape = residuals
     dy, dh_n, dc_n = cotangents
-    dx, dh0, dc0, weight_grads = layer_backward(spec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights)
+    dx, dh0, dc0, weight_grads = layer_backward(spec, x, lengths, tape, dy, dh_n, dc_n, weights)
     # An absent initial state (an empty array) gets an empty gradient.
     dh0 = dh0 if h0.size else jnp.zeros_like(h0)
     dc0 = dc0 if c0.size else jnp.zeros_like(c0)
@@ -228,18 +237,18 @@ _layer.defvjp(_layer_fwd, _layer_bwd)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def layer_backward(spec: LayerSpec, x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights):
-    """The fused backward kernel on one layer's tape: returns (dx, dh0, dc0, weight gradients)."""
-    x, lengths, hs, cs, saved, dy, dh_n, dc_n, weights = vary_alike(x, lengths, hs, cs, saved, dy, dh_n, dc_n,
-                                                                    weights)
+def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
+    """The fused backward kernel on one layer's tape (hs, cs, saved, rs as the training forward wrote
+    them): returns (dx, dh0, dc0, weight gradients)."""
+    x, lengths, tape, dy, dh_n, dc_n, weights = vary_alike(x, lengths, tape, dy, dh_n, dc_n, weights)
     batch = x.shape[1]
-    hidden = weights[1].shape[1]
-    state = _result((spec.directions, batch, hidden), x.dtype, x)
-    results = (_result(x.shape, x.dtype, x), state,
-               state if has_cell_state(spec.cell) else _none(x.dtype, x),
+    hidden, width = sizes(spec, weights)
+    results = (_result(x.shape, x.dtype, x), _result((spec.directions, batch, width), x.dtype, x),
+               _result((spec.directions, batch, hidden), x.dtype, x) if has_cell_state(spec.cell)
+               else _none(x.dtype, x),
                *(_result(w.shape, w.dtype, x) for w in weights))
     call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
-    dx, dh0, dc0, *grads = call(x, lengths, hs, cs, saved, dy, dh_n, dc_n, *weights, **_attrs(spec, True))
+    dx, dh0, dc0, *grads = call(x, lengths, *tape, dy, dh_n, dc_n, *weights, **_attrs(spec, True))
     return dx, dh0, dc0, tuple(grads)
 
 

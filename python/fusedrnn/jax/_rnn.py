@@ -3,6 +3,8 @@ shaped like torch.nn's state_dict, traceable (jit, grad, vmap, shard_map), one F
 
 Conventions are the NumPy modules' (fusedrnn.modules): x (T, B, I), (B, T, I) with batch_first, or
 unbatched (T, I); states (L*D, B, H); y (T, B, D*H); LSTM returns (y, (h_n, c_n)), GRU and RNN (y, h_n).
+An LSTM with a projection (torch.nn.LSTM's proj_size P, parameters weight_hr_l{k} (P, H)) has h0, h_n
+and y of P features per direction (the next layer's input D*P wide, weight_hh (4H, P)); c stays H wide.
 The loop over layers is the shared layer-stack driver's (fusedrnn._stack.over_layers).
 """
 
@@ -17,69 +19,78 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks, _stack
-from ..functional import CELLS, GATES, has_cell_state
+from ..functional import CELLS, GATES, has_cell_state, takes_projection
 from . import _ffi
 
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
-_NAME = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+_NAME = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
 
 
-def param_names(num_layers: int = 1, *, bias: bool = True, bidirectional: bool = False) -> list[str]:
-    """The parameter names of a stack, in torch.nn's order."""
+def param_names(num_layers: int = 1, *, bias: bool = True, bidirectional: bool = False,
+                proj_size: int = 0) -> list[str]:
+    """The parameter names of a stack, in torch.nn's order (weight_hr last in each direction when
+    proj_size > 0)."""
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    kinds += ("weight_hr",) if proj_size else ()
     suffixes = ("", "_reverse") if bidirectional else ("",)
     return [f"{k}_l{layer}{s}" for layer in range(num_layers) for s in suffixes for k in kinds]
 
 
 def param_shapes(cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
-                 bidirectional: bool = False) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every parameter of a stack, as torch.nn's state_dict has them."""
+                 bidirectional: bool = False, proj_size: int = 0) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every parameter of a stack, as torch.nn's state_dict has them. proj_size (an
+    LSTM's, 0 < proj_size < hidden_size; 0: none) adds weight_hr (proj_size, hidden_size) and makes h,
+    hence weight_hh's columns and the next layer's input, proj_size wide per direction."""
     _checks.cell(cell)
     input_size = _checks.positive_int("input_size", input_size)
     hidden_size = _checks.positive_int("hidden_size", hidden_size)
     num_layers = _checks.positive_int("num_layers", num_layers)
+    proj_size = _checks.proj_size(proj_size, hidden_size, cell)
+    width = proj_size or hidden_size
     gh = GATES[cell] * hidden_size
     dirs = 2 if bidirectional else 1
     shapes = {}
-    for name in param_names(num_layers, bias=bias, bidirectional=bidirectional):
+    for name in param_names(num_layers, bias=bias, bidirectional=bidirectional, proj_size=proj_size):
         kind, layer = _NAME.match(name).group(1, 2)
-        inputs = input_size if layer == "0" else dirs * hidden_size
-        shapes[name] = {"weight_ih": (gh, inputs), "weight_hh": (gh, hidden_size)}.get(kind, (gh,))
+        inputs = input_size if layer == "0" else dirs * width
+        shapes[name] = {"weight_ih": (gh, inputs), "weight_hh": (gh, width),
+                        "weight_hr": (proj_size, hidden_size)}.get(kind, (gh,))
     return shapes
 
 
 def init(key, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
-         bidirectional: bool = False, dtype=jnp.float32) -> dict:
-    """Parameters drawn as torch.nn draws them: every entry uniform in [-1/sqrt(H), 1/sqrt(H)], one
-    key split per parameter."""
+         bidirectional: bool = False, proj_size: int = 0, dtype=jnp.float32) -> dict:
+    """Parameters drawn as torch.nn draws them: every entry (weight_hr's too) uniform in
+    [-1/sqrt(H), 1/sqrt(H)], one key split per parameter."""
     dtype = jnp.dtype(_checks.float_dtype("dtype", dtype))
-    shapes = param_shapes(cell, input_size, hidden_size, num_layers, bias=bias, bidirectional=bidirectional)
+    shapes = param_shapes(cell, input_size, hidden_size, num_layers, bias=bias, bidirectional=bidirectional,
+                          proj_size=proj_size)
     bound = 1.0 / math.sqrt(hidden_size)
     keys = jax.random.split(key, len(shapes))
     return {name: jax.random.uniform(k, shape, dtype, -bound, bound) for k, (name, shape) in zip(keys, shapes.items())}
 
 
-def _structure(params) -> tuple[int, bool, bool]:
-    """(num_layers, bidirectional, bias) of a parameter dict whose names are exactly a stack's."""
+def _structure(params) -> tuple[int, bool, bool, bool]:
+    """(num_layers, bidirectional, bias, projected) of a parameter dict whose names are exactly a
+    stack's."""
     if not hasattr(params, "keys"):
         raise TypeError(f"params: expected a mapping of torch.nn parameter names to arrays, got "
                         f"{type(params).__name__}")
     names = set(params.keys())
     parsed = [_NAME.match(n) if isinstance(n, str) else None for n in names]
-    projected = sorted(n for n in names if isinstance(n, str) and n.startswith("weight_hr_l"))
-    if projected:
-        raise ValueError(f"params: fusedrnn.jax has no LSTM projection (proj_size) yet, got {projected}")
     if not names or any(m is None for m in parsed):
         bad = sorted(str(n) for n, m in zip(names, parsed) if m is None)
         raise ValueError(f"params: expected torch.nn names such as 'weight_ih_l0', got {bad or 'no entries'}")
     num_layers = 1 + max(int(m.group(2)) for m in parsed)
     bidirectional = any(m.group(3) for m in parsed)
     bias = any(m.group(1).startswith("bias") for m in parsed)
-    want = set(param_names(num_layers, bias=bias, bidirectional=bidirectional))
+    projected = any(m.group(1) == "weight_hr" for m in parsed)
+    want = set(param_names(num_layers, bias=bias, bidirectional=bidirectional, proj_size=int(projected)))
     if names != want:
         raise ValueError(f"params: missing {sorted(want - names)} / unexpected {sorted(names - want)} for "
-                         f"{num_layers} layer(s), bidirectional={bidirectional}, bias={bias}")
-    return num_layers, bidirectional, bias
+                         f"{num_layers} layer(s), bidirectional={bidirectional}, bias={bias}, "
+                         f"projection={projected}")
+    return num_layers, bidirectional, bias, projected
 
 
 def _array(name: str, value, dtype=None):
@@ -97,6 +108,19 @@ def _array(name: str, value, dtype=None):
 def _shape(name: str, arr, expected) -> None:
     if tuple(arr.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(arr.shape)}")
+
+
+def _projected_sizes(cell: str, w_hh0, w_hr0) -> tuple[int, int]:
+    """(H, P) of a projected stack: H from weight_hh_l0's rows (gates*H), P from weight_hr_l0's, so that
+    a mismatch elsewhere is reported against the parameter that has it."""
+    gates = GATES[cell]
+    if w_hh0.shape[0] < gates or w_hh0.shape[0] % gates:
+        raise ValueError(f"weight_hh_l0: expected {gates}*hidden_size rows, got shape {tuple(w_hh0.shape)}")
+    hidden = w_hh0.shape[0] // gates
+    if w_hr0.ndim != 2 or not 0 < w_hr0.shape[0] < hidden:
+        raise ValueError(f"weight_hr_l0: expected shape (proj_size, {hidden}) with 0 < proj_size < hidden_size "
+                         f"({hidden}, from weight_hh_l0), got {tuple(w_hr0.shape)}")
+    return hidden, w_hr0.shape[0]
 
 
 def _checked_lengths(lengths, steps: int, batch: int):
@@ -123,18 +147,23 @@ def _checked_cell_clip(value, cell):
 def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = False, dropout: float = 0.0,
             dropout_key=None, cell_clip: float | None = None, check_finite: bool = True):
     """Runs a stack of `cell` layers ("lstm", "gru", "rnn_tanh", "rnn_relu") given torch.nn-named
-    `params` (the number of layers, directions and biases follow from the names).
+    `params` (the number of layers, directions and biases, and an LSTM's projection, follow from the
+    names: weight_hr_l{k}[_reverse] (P, H) project h to P features, as torch.nn.LSTM(proj_size=P)).
 
     x: (T, B, I), (B, T, I) with batch_first, or unbatched (T, I). hx: None (zeros); for LSTM a pair
-    (h0, c0), else h0; each (L*D, B, H) ((L*D, H) unbatched). lengths: (B,) ints in [1, T]; row b stops
-    at its own last step (later outputs zero, h_n its state there). dropout: probability of zeroing
-    each inner layer's output, applied only when `dropout_key` (a PRNG key) is given. cell_clip: LSTM
+    (h0, c0), else h0; each (L*D, B, H) ((L*D, H) unbatched), h0 (L*D, B, P) with a projection.
+    lengths: (B,) ints in [1, T]; row b stops at its own last step (later outputs zero, h_n its state
+    there). dropout: probability of zeroing each inner layer's output, applied only when `dropout_key`
+    (a PRNG key) is given. cell_clip: LSTM
     only, bounds |c|. check_finite: NaN or infinity in x, the states or the incoming gradients raise
     at run time (an error from the call).
 
-    Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features."""
+    Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features (D*P with a projection, as
+    h_n has P)."""
     _checks.cell(cell)
-    num_layers, bidirectional, bias = _structure(params)
+    num_layers, bidirectional, bias, projected = _structure(params)
+    if projected and not takes_projection(cell):
+        raise ValueError(f"weight_hr_l0: {cell!r} takes no projection (proj_size; only an LSTM does)")
     dirs = 2 if bidirectional else 1
     given = getattr(x, "dtype", None)
     x = _array("x", x)
@@ -154,19 +183,25 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
 
     w_hh0 = _array("weight_hh_l0", params["weight_hh_l0"], dtype)
     if w_hh0.ndim != 2 or w_hh0.shape[1] < 1:
-        raise ValueError(f"weight_hh_l0: expected a 2-D array (gates*hidden_size, hidden_size), got shape "
-                         f"{tuple(w_hh0.shape)}")
-    hidden = w_hh0.shape[1]
-    expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional)
+        raise ValueError(f"weight_hh_l0: expected a 2-D array (gates*hidden_size, hidden_size or proj_size), "
+                         f"got shape {tuple(w_hh0.shape)}")
+    hidden, proj = w_hh0.shape[1], 0
+    if projected:
+        hidden, proj = _projected_sizes(cell, w_hh0, _array("weight_hr_l0", params["weight_hr_l0"], dtype))
+    width = proj or hidden
+    expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional,
+                            proj_size=proj)
     if params["weight_ih_l0"].shape[1:] != (features,):
         raise ValueError(f"x: expected input_size {params['weight_ih_l0'].shape[-1]} in the last dimension "
                          f"(weight_ih_l0 is {tuple(params['weight_ih_l0'].shape)}), got {features}")
+    kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    kinds += ("weight_hr",) if projected else ()
     weights = []
     for layer in range(num_layers):
         per_direction = []
         for d in range(dirs):
             suffix = f"_l{layer}" + ("_reverse" if d else "")
-            for kind in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ()):
+            for kind in kinds:
                 name = kind + suffix
                 w = _array(name, params[name], dtype)
                 _shape(name, w, expected[name])
@@ -180,12 +215,11 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
         h0, c0 = (None, None) if hx is None else hx
     else:
         h0, c0 = hx, None
-    state_shape = (num_layers * dirs, hidden) if unbatched else (num_layers * dirs, batch, hidden)
     states = []
-    for name, value in (("h0" if has_c else "hx", h0), ("c0", c0)):
+    for name, value, size in (("h0" if has_c else "hx", h0, width), ("c0", c0, hidden)):
         if value is not None:
             value = _array(name, value, dtype)
-            _shape(name, value, state_shape)
+            _shape(name, value, (num_layers * dirs, size) if unbatched else (num_layers * dirs, batch, size))
             value = value[:, None, :] if unbatched else value
         states.append(value)
     if unbatched and lengths is not None:

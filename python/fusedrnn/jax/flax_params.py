@@ -5,7 +5,12 @@ Flax keeps one Dense per gate and side: a kernel (input, H) = torch's gate rows 
 has a bias on the recurrent side only (`h{i,f,g,o}`), so torch's two biases add up there. Its GRU
 has input-side biases for r and z (`ir`, `iz`: b_i + b_h add up) and, like torch, keeps n's two biases
 apart because b_hn sits inside r * (W_hn h + b_hn): `in` holds b_in and `hn` b_hn. Going from Flax to
-torch the sums land in bias_ih and bias_hh holds zeros for those gates (the same function)."""
+torch the sums land in bias_ih and bias_hh holds zeros for those gates (the same function).
+
+Flax's cells have no projection. An LSTM's weight_hr (P, H) (torch's proj_size) travels as the entry
+"proj": {"kernel": (H, P)}, the kernel of a bias-free Dense(P) applied to the cell's output o*tanh(c);
+the recurrent kernels "h*" are then (P, H), read from the projected h. Flax's LSTM cells cannot run
+such parameters themselves (their h is H wide); the entry keeps the conversion lossless."""
 
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ def _suffix(layer: int, reverse: bool) -> str:
 
 def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict:
     """The Flax cell parameters ({"ii": {"kernel": ...}, "hi": {...}, ...}) of one layer direction of
-    torch-named `params` (a cell without biases gets zero biases)."""
+    torch-named `params` (a cell without biases gets zero biases), and "proj" when an LSTM's params have
+    weight_hr (a projection)."""
     gates = _cell_gates(cell)
     s = _suffix(layer, reverse)
     w_ih, w_hh = jnp.asarray(params["weight_ih" + s]), jnp.asarray(params["weight_hh" + s])
-    hidden = w_hh.shape[1]
+    hidden = w_hh.shape[0] // len(gates)
     zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)
     b_ih, b_hh = jnp.asarray(params.get("bias_ih" + s, zeros)), jnp.asarray(params.get("bias_hh" + s, zeros))
     rows = {g: slice(k * hidden, (k + 1) * hidden) for k, g in enumerate(gates)}
@@ -46,18 +52,24 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
             out["i" + g]["bias"] = b_ih[rows[g]] + b_hh[rows[g]]
         out["in"]["bias"] = b_ih[rows["n"]]
         out["hn"]["bias"] = b_hh[rows["n"]]
+    if "weight_hr" + s in params:
+        if cell != "lstm":
+            raise ValueError(f"params: weight_hr{s} given, but {cell!r} takes no projection (only an LSTM does)")
+        out["proj"] = {"kernel": jnp.asarray(params["weight_hr" + s]).T}
     return out
 
 
 def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) -> dict:
     """Torch-named parameters (weight_ih_l{layer}[_reverse], ..., bias_hh_...) of one layer direction
-    from a Flax cell's parameters."""
+    from a Flax cell's parameters; with an LSTM's "proj" entry (a projection), also weight_hr_...."""
     gates = _cell_gates(cell)
     s = _suffix(layer, reverse)
     expected = {side + g for side in "ih" for g in gates}
-    if set(flax_params.keys()) != expected:
-        raise ValueError(f"flax_params: expected the entries {sorted(expected)} of a Flax {cell} cell, got "
-                         f"{sorted(flax_params.keys())}")
+    projected = cell == "lstm" and "proj" in flax_params
+    if set(flax_params.keys()) != expected | ({"proj"} if projected else set()):
+        optional = " (and 'proj', a projection)" if cell == "lstm" else ""
+        raise ValueError(f"flax_params: expected the entries {sorted(expected)}{optional} of a Flax {cell} cell, "
+                         f"got {sorted(flax_params.keys())}")
     kernel = lambda name: jnp.asarray(flax_params[name]["kernel"]).T  # noqa: E731
     bias = lambda name: jnp.asarray(flax_params[name]["bias"])  # noqa: E731
     w_ih = jnp.concatenate([kernel("i" + g) for g in gates])
@@ -69,4 +81,7 @@ def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) 
     else:
         b_ih = jnp.concatenate([bias("ir"), bias("iz"), bias("in")])
         b_hh = jnp.concatenate([zeros, zeros, bias("hn")])
-    return {"weight_ih" + s: w_ih, "weight_hh" + s: w_hh, "bias_ih" + s: b_ih, "bias_hh" + s: b_hh}
+    out = {"weight_ih" + s: w_ih, "weight_hh" + s: w_hh, "bias_ih" + s: b_ih, "bias_hh" + s: b_hh}
+    if projected:
+        out["weight_hr" + s] = kernel("proj")
+    return out

@@ -1,7 +1,8 @@
 """Flax linen modules over fusedrnn.jax: LSTM, GRU and RNN whose parameters are named and shaped as
 torch.nn's (weight_ih_l0, ..., weight_hh_l1_reverse), drawn as torch.nn draws them (uniform in
 [-1/sqrt(H), 1/sqrt(H)]) from the "params" stream. The input size comes from x's last dimension at
-init. Needs flax.
+init. LSTM takes torch's proj_size (weight_hr_l{k} (proj_size, hidden_size); h and y proj_size wide per
+direction). Needs flax.
 
     model = fusedrnn.jax.linen.LSTM(64, num_layers=2, dropout=0.1)
     variables = model.init(jax.random.key(0), x)                       # x (T, B, I)
@@ -41,12 +42,16 @@ class RNNBase(nn.Module):
     def cell_name(self) -> str:
         raise NotImplementedError
 
+    def projection(self) -> int:
+        """The projection size (LSTM's proj_size), 0 for none."""
+        return 0
+
     @nn.compact
     def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None):
         cell = self.cell_name()
         input_size = jnp.shape(x)[-1]
         shapes = param_shapes(cell, input_size, self.hidden_size, self.num_layers, bias=self.bias,
-                              bidirectional=self.bidirectional)
+                              bidirectional=self.bidirectional, proj_size=self.projection())
         bound = 1.0 / math.sqrt(self.hidden_size)
 
         def uniform(key, shape, dtype):
@@ -65,8 +70,13 @@ class RNNBase(nn.Module):
 
 
 class LSTM(RNNBase):
+    proj_size: int = 0
+
     def cell_name(self) -> str:
         return "lstm"
+
+    def projection(self) -> int:
+        return self.proj_size
 
 
 class GRU(RNNBase):

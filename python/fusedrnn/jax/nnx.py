@@ -1,5 +1,6 @@
 """Flax NNX modules over fusedrnn.jax: LSTM, GRU and RNN with nnx.Param weights named and shaped as
-torch.nn's (weight_ih_l0, ..., weight_hh_l1_reverse), initialised as torch.nn does. Needs flax.
+torch.nn's (weight_ih_l0, ..., weight_hh_l1_reverse), initialised as torch.nn does. LSTM takes torch's
+proj_size (weight_hr_l{k} (proj_size, hidden_size); h and y proj_size wide per direction). Needs flax.
 
     model = fusedrnn.jax.nnx.LSTM(1, 64, num_layers=2, dropout=0.1, rngs=nnx.Rngs(0))
     y, (h_n, c_n) = model(x)          # x (T, B, 1); model.eval() turns dropout off
@@ -22,20 +23,22 @@ class RNNBase(nnx.Module):
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 cell_clip: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 cell_clip: float | None = None, proj_size: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         params = init(rngs.params(), cell, input_size, hidden_size, num_layers, bias=bias,
-                      bidirectional=bidirectional, dtype=dtype)
+                      bidirectional=bidirectional, proj_size=proj_size, dtype=dtype)
         for name, value in params.items():
             setattr(self, name, nnx.Param(value))
         self.cell = cell
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
+        self.proj_size = int(proj_size)
         self.dropout, self.cell_clip = float(dropout), cell_clip
         self.deterministic = False
         self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
 
     def param_names(self) -> list[str]:
-        return param_names(self.num_layers, bias=self.bias, bidirectional=self.bidirectional)
+        return param_names(self.num_layers, bias=self.bias, bidirectional=self.bidirectional,
+                           proj_size=self.proj_size)
 
     def state_dict(self) -> dict:
         """name -> array, keyed as torch.nn's state_dict (what fusedrnn.jax.forward takes)."""
