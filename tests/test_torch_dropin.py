@@ -423,6 +423,29 @@ def test_backward_twice_with_retained_graph_and_tapes_freed_with_the_graph():
     assert len(_ops._live_tapes) == live  # nothing recorded without autograd
 
 
+def test_module_and_operator_record_the_same_gradients_and_refuse_double_backward():
+    # The modules record through _ops._RecordedLayer, direct callers of the operator through its
+    # registered autograd formula: one formula, the same gradients, and neither has a second order.
+    torch.manual_seed(6)
+    lstm = frt.LSTM(I, H, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    weights = [getattr(lstm, f"{n}_l0{s}") for s in ("", "_reverse") for n in ("weight_ih", "weight_hh",
+                                                                                "bias_ih", "bias_hh")]
+    slots = [weights[0], weights[1], weights[2], weights[3], None, weights[4], weights[5], weights[6],
+             weights[7], None]
+    y_module, _ = lstm(x)
+    y_operator, _, _, _ = frt.rnn_layer(x, *slots, None, None, None, "lstm", True, True)
+    assert torch.equal(y_module, y_operator)
+    leaves = [x, *weights]
+    for a, b in zip(torch.autograd.grad(y_module.square().sum(), leaves),
+                    torch.autograd.grad(y_operator.square().sum(), leaves)):
+        assert torch.equal(a, b)
+    for y in (lstm(x)[0], frt.rnn_layer(x, *slots, None, None, None, "lstm", True, True)[0]):
+        (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            dx.sum().backward()
+
+
 def test_in_place_change_of_a_weight_before_backward_is_detected():
     rnn = frt.RNN(I, H)
     y, _ = rnn(torch.randn(T, B, I))

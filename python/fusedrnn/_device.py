@@ -22,6 +22,8 @@ def device_of(a) -> str | None:
         return None
     if type(a) is np.ndarray:
         return "cpu"
+    if getattr(a, "is_cpu", None) is True:  # a torch CPU tensor: an attribute read, not a Python call
+        return "cpu"
     dlpack_device = getattr(type(a), "__dlpack_device__", None)
     if dlpack_device is not None:
         kind, index = dlpack_device(a)

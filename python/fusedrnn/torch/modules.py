@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
-from ._ops import PARAMETERS, rnn_layer
+from ._ops import PARAMETERS, call_layer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
@@ -88,7 +88,7 @@ class _FusedRNNBase(nn.RNNBase):
             # the layer has none (no bias, no projection, no reverse direction).
             w = [weights.get(f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse") for name in PARAMETERS]
             record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, h0_l, c0_l))
-            y, h, c, _ = rnn_layer(x, *w, h0_l, c0_l, lengths, cell, record, layer == 0)
+            y, h, c, _ = call_layer(x, *w, h0_l, c0_l, lengths, cell, record, layer == 0)
             return y, h, c
 
         def dropout(layer, y):
