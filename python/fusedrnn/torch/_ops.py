@@ -220,7 +220,7 @@ class _RecordedLayer(torch.autograd.Function):
 def call_layer(*args):
     """rnn_layer(*args), eager calls that record for backward through _RecordedLayer; compiled and
     exported code sees the operator itself."""
-    record = args[-2]
+    record = args[-2]  # rnn_layer's arguments end (..., cell, record, check_finite)
     if record and not torch.compiler.is_compiling():
         return _RecordedLayer.apply(*args)
     return rnn_layer(*args)
