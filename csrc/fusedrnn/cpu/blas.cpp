@@ -6,7 +6,9 @@
 #endif
 
 #include <limits>
+#include <new>
 #include <stdexcept>
+#include <vector>
 
 namespace fusedrnn::cpu::blas {
 namespace {
@@ -20,25 +22,52 @@ blasint checked(std::int64_t v) {
 
 CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
 
-}  // namespace
-
-template <>
-void gemm<float>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
-                 float alpha, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
-                 float beta, float* c, std::int64_t ldc) {
-  if (m == 0 || n == 0) return;
+void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
+          std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   scipy_cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
                     a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
-template <>
-void gemm<double>(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
-                  double alpha, const double* a, std::int64_t lda, const double* b, std::int64_t ldb,
-                  double beta, double* c, std::int64_t ldc) {
-  if (m == 0 || n == 0) return;
+void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
+          std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
   scipy_cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
                     a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
+
+// OpenBLAS packs operands into a buffer of each calling thread, per value type. A GEMM with few output
+// columns (n up to OpenBLAS's block size, a few hundred) writes only its first few KB, and until some
+// GEMM of that thread and type has written further, such GEMMs ran 2.5-3x slower on AMD Zen (see
+// bench/NOTES.md, "Figures behind the code", BLAS buffer). One GEMM wide enough to take OpenBLAS's
+// other blocking, on zeros, before a thread's first GEMM of each type writes those pages.
+template <typename T>
+void prime_thread_buffer() {
+  thread_local bool primed = false;
+  if (primed) return;
+  primed = true;
+  constexpr std::int64_t m = 64, n = 1024, k = 256;
+  try {
+    const std::vector<T> a(m * k, T(0)), b(k * n, T(0));
+    std::vector<T> c(m * n);
+    call(false, false, m, n, k, T(1), a.data(), k, b.data(), n, T(0), c.data(), n);
+  } catch (const std::bad_alloc&) {
+    // Only a speed-up: team jobs must not throw.
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
+          std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  prime_thread_buffer<T>();
+  call(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template void gemm<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, float, const float*,
+                          std::int64_t, const float*, std::int64_t, float, float*, std::int64_t);
+template void gemm<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, double, const double*,
+                           std::int64_t, const double*, std::int64_t, double, double*, std::int64_t);
 
 void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 
