@@ -76,13 +76,13 @@ def projection(request):
 
 @pytest.mark.parametrize("projection", ["in_steps", "up_front"], indirect=True)
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
-@pytest.mark.parametrize("team_size", [2], indirect=True)
+@pytest.mark.parametrize("team_size", [1, 2], indirect=True, ids=["t1", "t2"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=["B13-H129", "T2-unpacked"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_both_input_projections_match_reference(rng, simd_level, team_size, split, projection, cell, shape):
     """Forward projects x onto W_ih either in one GEMM before the sequence or inside each step, each
     rank for its own share (by default where its weights fit in L2 beside W_hh); both give the
-    reference's answer whichever way the step is shared."""
+    reference's answer whichever way the step is shared, and on a team of one."""
     check_against_reference(rng, cell, shape)
 
 
