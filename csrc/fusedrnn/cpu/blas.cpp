@@ -34,11 +34,10 @@ void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
                     a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
-// OpenBLAS packs operands into a buffer of each calling thread, per value type. A GEMM with few output
-// columns (n up to OpenBLAS's block size, a few hundred) writes only its first few KB, and until some
-// GEMM of that thread and type has written further, such GEMMs ran 2.5-3x slower on AMD Zen (see
-// bench/NOTES.md, "Figures behind the code", BLAS buffer). One GEMM wide enough to take OpenBLAS's
-// other blocking, on zeros, before a thread's first GEMM of each type writes those pages.
+// OpenBLAS packs operands into a buffer of the calling thread. On AMD Zen 1, GEMMs with few output
+// columns (n up to a few hundred) ran 2.5-3x slower until some GEMM of that thread and value type had
+// packed a few tens of KB (see bench/NOTES.md, "Figures behind the code", BLAS buffer). One wider GEMM
+// on zeros before a thread's first GEMM of each type does that.
 template <typename T>
 void prime_thread_buffer() {
   thread_local bool primed = false;
