@@ -1,39 +1,54 @@
 #!/usr/bin/env bash
 # Everything about the CUDA backend that needs a GPU, in one call of under ten minutes, on a machine with
-# no network: Python 3.12, torch (CUDA 13), CuPy, nvcc 13, nvidia-cublas and compute-sanitizer
-# installed, one GPU. Steps (each logged with its time; the first failure stops the script):
-#   1. build and install fusedrnn as users get it: the CPU package with FUSEDRNN_CUDA=OFF (as its
-#      wheels), then the plugin fusedrnn-cuda13's wheel for this GPU's architecture (ptxas's report
-#      kept) and that wheel with its dependencies (the machine's nvidia-cublas), all with
-#      --no-build-isolation --no-index, so the builds use what is installed; build tools missing there
-#      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh and carried along;
-#   2. the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN, streams,
-#      the persistent kernel), the modules moved to the GPU (tests/test_device_modules.py) and the
-#      emulated device tests; then fusedrnn.jax's CUDA handlers (tests/test_jax_cuda.py: against the
-#      CPU handlers, the projected LSTM included, and a lax.scan reference, grads, jit, vmap, run-time
-#      errors), in a process of their own with JAX's memory preallocation off;
-#   3. compute-sanitizer memcheck, racecheck and synccheck on a small case of every kernel
-#      (bench/gpu_small_case.py);
-#   4. `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
-#      against torch.nn on cuDNN with TF32 off and on, default shapes, then larger ones, then LSTMs with
-#      a projection (--set projection).
-# Logs and the benchmark's JSON go to $OUT (or ./gpu_check_out).
+# no network: Python 3.12, torch (CUDA 13), CuPy, JAX with CUDA, nvcc 13, nvidia-cublas and
+# compute-sanitizer installed, one GPU. `bench/gpu_check.sh [CHECK...]` builds and installs fusedrnn,
+# then runs the checks named (default: all, in the order below). The build is the only step whose
+# failure stops the script; each check runs under a time limit, never past GPU_CHECK_SECONDS (default
+# 570) from the start, and the script ends with what passed, failed or was not reached, exiting non-zero
+# unless all passed. GPU_CHECK_INSTALLED=1 skips the build, for a second call on the same machine.
+#   build: fusedrnn's wheels as users get them, both with --no-build-isolation --no-index so the builds
+#      use what is installed: the CPU package with FUSEDRNN_CUDA=OFF, then the plugin fusedrnn-cuda13
+#      for this GPU's architecture (ptxas's report kept, register spills fail the build); both installed
+#      (the plugin's dependency nvidia-cublas is the machine's). Build and test tools the machine lacks
+#      come from bench/wheelhouse, made on a machine with network by bench/gpu_wheels.sh, carried along;
+#   tests: the GPU tests (tests/test_cuda.py: CuPy and torch CUDA against the CPU path and cuDNN,
+#      streams, the persistent kernel), the modules moved to the GPU (tests/test_device_modules.py) and
+#      the emulated device tests;
+#   bench: `fusedrnn bench --device cuda`: fusedrnn (auto, per step, per step replayed as CUDA Graphs)
+#      against torch.nn on cuDNN with TF32 off and on, default shapes;
+#   jax: fusedrnn.jax's CUDA handlers (tests/test_jax_cuda.py: against the CPU handlers, the projected
+#      LSTM included, and a lax.scan reference, grads, jit, vmap, run-time errors), in a process of
+#      their own with JAX's memory preallocation off;
+#   memcheck: compute-sanitizer memcheck on a small case of every kernel (bench/gpu_small_case.py);
+#   persistent: the persistent kernels forced, against the per-step path and cuDNN, at batch sizes
+#      around their threshold, and B=16, H=768 (a forward step against FlashRNN's published figure);
+#   threads: the CPU kernels on 1, 2, 4, 8 and 16 threads (up to the machine's cores) against torch.nn
+#      on as many, the GPU idle;
+#   racecheck, synccheck: compute-sanitizer's other tools on the small case;
+#   large, projection: larger shapes, then LSTMs with a projection (--set projection), against cuDNN.
+# Logs, the benchmarks' JSON and the two wheels go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 out="${OUT:-$repo/gpu_check_out}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 python="${PYTHON:-python3}"
 start=$(date +%s)
+deadline=$((start + ${GPU_CHECK_SECONDS:-570}))
 log() { printf '\n== [%ss] %s\n' "$(($(date +%s) - start))" "$*" | tee -a "$out/steps.log"; }
+export repo out python
 
 log "machine"
-nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+# nvcc and compute-sanitizer live beside the toolkit, which not every image puts on PATH.
+command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 nvcc --version | tail -2
+{ lscpu | grep -E "Model name|^CPU\(s\)" || true; } | tee -a "$out/gpu.txt"
 "$python" - <<'EOF' | tee -a "$out/gpu.txt"
-import importlib, platform
-print("python", platform.python_version())
-for name in ("torch", "cupy", "numpy"):
+import importlib, platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "cupy", "numpy", "jax", "jaxlib", "scikit_build_core", "pybind11"):
     try:
         print(name, importlib.import_module(name).__version__)
     except ImportError:
@@ -41,14 +56,15 @@ for name in ("torch", "cupy", "numpy"):
 EOF
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.[:space:]')
 
-log "build tools"
-# A virtual environment that sees the machine's packages (torch, CuPy, nvidia-cublas), so nothing
-# installed there changes; what the build or tests need and the machine lacks comes from the wheelhouse.
-venv="$(mktemp -d)/venv"
-"$python" -m venv --system-site-packages "$venv"
-# shellcheck disable=SC1091
-source "$venv/bin/activate"
-missing=$(python - <<'EOF'
+checks=("$@")
+((${#checks[@]})) || checks=(tests bench jax memcheck persistent threads racecheck synccheck large projection)
+
+if [[ "${GPU_CHECK_INSTALLED:-0}" != 1 ]]; then
+  log "build tools"
+  # The machine's own Python, not a virtual environment: the image's python3 is itself a virtual
+  # environment, and one made from it would not see its packages (torch, CuPy, JAX, nvidia-cublas). The
+  # machine is discarded after the run, so what is installed here changes nothing that lasts.
+  missing=$("$python" - <<'EOF'
 import importlib.util
 wanted = {"scikit_build_core": "scikit-build-core", "pybind11": "pybind11", "scipy_openblas32": "scipy-openblas32",
           "tqdm": "tqdm", "pytest": "pytest", "pytest_timeout": "pytest-timeout", "hypothesis": "hypothesis",
@@ -61,89 +77,145 @@ if "scikit-build-core" not in missing:
         missing.append("scikit-build-core>=0.12")
 print(" ".join(missing))
 EOF
-)
-if ! command -v cmake >/dev/null && [[ "$missing" != *cmake* ]]; then missing="$missing cmake"; fi
-if [[ -n "${missing// }" ]]; then
-  echo "not installed here: $missing"
-  if [[ ! -d bench/wheelhouse ]]; then
-    echo "gpu_check: no bench/wheelhouse to install them from (make it with bench/gpu_wheels.sh)" >&2
+  )
+  if ! command -v cmake >/dev/null && [[ "$missing" != *cmake* ]]; then missing="$missing cmake"; fi
+  if [[ -n "${missing// }" ]]; then
+    echo "not installed here: $missing"
+    if [[ ! -d bench/wheelhouse ]]; then
+      echo "gpu_check: no bench/wheelhouse to install them from (make it with bench/gpu_wheels.sh)" >&2
+      exit 1
+    fi
+    # shellcheck disable=SC2086
+    "$python" -m pip install -q --no-index --find-links bench/wheelhouse $missing
+  fi
+
+  log "the CPU package's wheel (FUSEDRNN_CUDA=OFF), then the plugin fusedrnn-cuda13's for sm_$arch"
+  scratch="$(mktemp -d)"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+  export CMAKE_BUILD_PARALLEL_LEVEL
+  FUSEDRNN_CUDA=OFF "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index --wheel-dir "$scratch/dist" \
+    --config-settings=build-dir="$scratch/build-cpu" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+    . >"$out/build_cpu.log" 2>&1 ||
+    { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
+  FUSEDRNN_CUDA_PTXAS_VERBOSE=ON "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index \
+    --wheel-dir "$scratch/dist" --config-settings=build-dir="$scratch/build-plugin" \
+    --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
+    plugins/cuda13 >"$out/build.log" 2>&1 ||
+    { tail -40 "$out/build.log"; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
+  grep "fusedrnn: CUDA module" "$out/build.log"
+  grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda" "$out/build.log"
+  if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
+    echo "gpu_check: a kernel spills registers (above)" >&2
     exit 1
   fi
-  # shellcheck disable=SC2086
-  python -m pip install -q --no-index --find-links bench/wheelhouse $missing
+  "$python" -m pip install -q --no-index --no-deps --force-reinstall "$scratch"/dist/fusedrnn-*.whl
+  "$python" -m pip install -q --no-index "$scratch"/dist/fusedrnn_cuda13-*.whl
+  cp "$scratch"/dist/*.whl "$out"/
 fi
-
-log "the CPU package (FUSEDRNN_CUDA=OFF), then the plugin fusedrnn-cuda13 for sm_$arch"
-scratch="$(dirname "$venv")"
-CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-export CMAKE_BUILD_PARALLEL_LEVEL
-FUSEDRNN_CUDA=OFF python -m pip install -v --no-deps --no-build-isolation --no-index \
-  --config-settings=build-dir="$scratch/build-cpu" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
-  . >"$out/build_cpu.log" 2>&1 ||
-  { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
-FUSEDRNN_CUDA_PTXAS_VERBOSE=ON python -m pip wheel -v --no-deps --no-build-isolation --no-index \
-  --wheel-dir "$scratch/dist" --config-settings=build-dir="$scratch/build-plugin" \
-  --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
-  plugins/cuda13 >"$out/build.log" 2>&1 ||
-  { tail -40 "$out/build.log"; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
-grep "fusedrnn: CUDA module" "$out/build.log"
-grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda" "$out/build.log"
-if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
-  echo "gpu_check: a kernel spills registers (above)" >&2
-  exit 1
-fi
-python -m pip install --no-index "$scratch"/dist/fusedrnn_cuda13-*.whl
 cd "$out"  # from here on `import fusedrnn` is the installed package, never the source tree
-python -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info)
+"$python" -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info)
 assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__ and info['devices'] > 0, info"
 
-log "GPU tests and emulated device tests"
-if ! python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs "$repo/tests/test_cuda.py" \
-    "$repo/tests/test_device_modules.py" "$repo/tests/test_emulated_device.py" >"$out/tests.log" 2>&1; then
-  tail -40 "$out/tests.log"
-  echo "gpu_check: tests failed" >&2
-  exit 1
-fi
-tail -8 "$out/tests.log"
-if grep -q "SKIPPED.*needs a GPU" "$out/tests.log"; then
-  echo "gpu_check: GPU tests were skipped on a GPU machine (see tests.log)" >&2
-  exit 1
-fi
+# check NAME SECONDS FUNCTION: runs FUNCTION (below) in a shell of its own for at most SECONDS, fewer
+# when the deadline is nearer, and goes on whatever its outcome; skips it when under 20 s are left.
+passed=() failed=() not_run=()
+check() {
+  local name=$1 cap=$2 fn=$3 left status
+  left=$((deadline - $(date +%s)))
+  if ((left < 20)); then
+    log "$name: not run (${left}s left)"
+    not_run+=("$name")
+    return
+  fi
+  ((cap > left)) && cap=$left
+  log "$name (at most ${cap}s)"
+  status=0
+  timeout -k 5 "$cap" bash -c "set -euo pipefail; $(declare -f "$fn"); $fn" || status=$?
+  if ((status == 0)); then passed+=("$name"); else failed+=("$name (exit $status)"); fi
+}
 
-log "fusedrnn.jax on the GPU"
-if ! XLA_PYTHON_CLIENT_PREALLOCATE=false python -m pytest -q -p no:cacheprovider -x --timeout=300 -rs \
-    "$repo/tests/test_jax_cuda.py" >"$out/tests_jax.log" 2>&1; then
-  tail -40 "$out/tests_jax.log"
-  echo "gpu_check: fusedrnn.jax GPU tests failed" >&2
-  exit 1
-fi
-tail -8 "$out/tests_jax.log"
-if grep -q "SKIPPED.*needs a jax GPU device" "$out/tests_jax.log"; then
-  echo "gpu_check: fusedrnn.jax GPU tests were skipped on a GPU machine (see tests_jax.log)" >&2
-  exit 1
-fi
-
-log "compute-sanitizer on a small case"
-for tool in memcheck racecheck synccheck; do
+# A pytest run whose log is kept; the tail is shown, and a run that skipped a GPU test fails.
+run_pytest() {
+  local name=$1 skip_pattern=$2 status=0
+  shift 2
+  "$python" -m pytest -q -p no:cacheprovider --timeout=120 -rs "$@" >"$out/$name.log" 2>&1 || status=$?
+  tail -15 "$out/$name.log"
+  if grep -q "$skip_pattern" "$out/$name.log"; then
+    echo "gpu_check: GPU tests were skipped on a GPU machine (see $name.log)" >&2
+    return 1
+  fi
+  return "$status"
+}
+check_tests() {
+  run_pytest tests "SKIPPED.*needs a GPU" "$repo/tests/test_cuda.py" "$repo/tests/test_device_modules.py" \
+    "$repo/tests/test_emulated_device.py"
+}
+check_jax() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false run_pytest tests_jax "SKIPPED.*needs a jax GPU device" \
+    "$repo/tests/test_jax_cuda.py"
+}
+sanitize() {
+  local tool=$1
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-    python "$repo/bench/gpu_small_case.py" >"$out/sanitizer_$tool.log" 2>&1 ||
-    { tail -30 "$out/sanitizer_$tool.log"; echo "gpu_check: compute-sanitizer $tool failed" >&2; exit 1; }
+    "$python" "$repo/bench/gpu_small_case.py" >"$out/sanitizer_$tool.log" 2>&1 ||
+    { tail -30 "$out/sanitizer_$tool.log"; return 1; }
   tail -2 "$out/sanitizer_$tool.log"
+}
+check_memcheck() { sanitize memcheck; }
+check_racecheck() { sanitize racecheck; }
+check_synccheck() { sanitize synccheck; }
+bench() {
+  local name=$1
+  shift
+  "$python" -m fusedrnn bench --no-progress --json "$out/$name.json" "$@" | tee "$out/$name.txt"
+}
+check_bench() {
+  bench bench_cuda --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn torch-cudnn-tf32 \
+    --rounds 5 --repeats 10
+}
+# The persistent kernels forced (inference times the forward's, training both) at batch sizes around
+# their threshold (persistent.h, kPersistentMaxBatch), and B=16, H=768.
+check_persistent() {
+  bench bench_cuda_persistent --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-step fusedrnn-cuda torch-cudnn \
+    --cell lstm gru --shape 100,1,256,256 100,4,256,256 100,16,256,256 100,64,256,256 100,4,1024,1024 \
+    256,16,768,768 --rounds 3 --repeats 5
+}
+check_large() {
+  bench bench_cuda_large --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
+    --shape 50,16,512,512 25,64,1024,1024 200,32,1024,1024 --rounds 3 --repeats 5
+}
+check_projection() {
+  bench bench_cuda_projection --device cuda --set projection --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --rounds 3 \
+    --repeats 5
+}
+# The CPU kernels' thread curve: fusedrnn's team and torch's intra-op pool of the same size.
+check_threads() {
+  local n
+  for n in 1 2 4 8 16; do
+    ((n <= $(nproc))) || break
+    bench "bench_threads_$n" --device cpu --peers fusedrnn torch --threads "$n" --cell lstm gru \
+      --shape 100,32,256,256 50,64,512,512 --rounds 3 --repeats 3
+  done
+}
+export -f run_pytest sanitize bench
+
+declare -A titles=(
+  [tests]="GPU tests and emulated device tests" [bench]="benchmark against cuDNN, default shapes"
+  [jax]="fusedrnn.jax on the GPU" [memcheck]="compute-sanitizer memcheck"
+  [persistent]="the persistent kernels against cuDNN" [threads]="CPU threads against torch.nn"
+  [racecheck]="compute-sanitizer racecheck" [synccheck]="compute-sanitizer synccheck"
+  [large]="larger shapes against cuDNN" [projection]="LSTMs with a projection against cuDNN")
+declare -A limits=([tests]=200 [bench]=120 [jax]=90 [memcheck]=90 [persistent]=90 [threads]=150 [racecheck]=90
+  [synccheck]=60 [large]=60 [projection]=60)
+for name in "${checks[@]}"; do
+  [[ -n "${titles[$name]:-}" ]] || { echo "gpu_check: no check named $name" >&2; exit 2; }
+  check "$name: ${titles[$name]}" "${limits[$name]}" "check_$name"
 done
 
-log "benchmark against cuDNN"
-fusedrnn bench --device cuda --peers fusedrnn-cuda fusedrnn-cuda-per-step fusedrnn-cuda-graphs torch-cudnn \
-  torch-cudnn-tf32 \
-  --rounds 5 --repeats 10 --no-progress --json "$out/bench_cuda.json" | tee "$out/bench_cuda.txt"
-# The persistent kernels, forced (inference times the forward's, training both), against the per-step
-# path and cuDNN at batch sizes around their threshold (persistent.h, kPersistentMaxBatch).
-fusedrnn bench --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-step torch-cudnn --cell lstm gru \
-  --shape 100,1,256,256 100,4,256,256 100,16,256,256 100,64,256,256 100,4,1024,1024 --rounds 3 --repeats 5 \
-  --no-progress --json "$out/bench_cuda_persistent.json" | tee "$out/bench_cuda_persistent.txt"
-fusedrnn bench --device cuda --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --cell lstm gru \
-  --shape 50,16,512,512 25,64,1024,1024 --rounds 3 --repeats 5 --no-progress \
-  --json "$out/bench_cuda_large.json" | tee "$out/bench_cuda_large.txt"
-fusedrnn bench --device cuda --set projection --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --rounds 3 \
-  --repeats 5 --no-progress --json "$out/bench_cuda_projection.json" | tee "$out/bench_cuda_projection.txt"
-
-log "passed"
+log "summary"
+{
+  for name in "${passed[@]}"; do echo "passed: $name"; done
+  for name in "${failed[@]}"; do echo "FAILED: $name"; done
+  for name in "${not_run[@]}"; do echo "not run: $name"; done
+} | tee -a "$out/steps.log"
+((${#failed[@]} == 0 && ${#not_run[@]} == 0))
