@@ -38,6 +38,7 @@ start=$(date +%s)
 deadline=$((start + ${GPU_CHECK_SECONDS:-570}))
 log() { printf '\n== [%ss] %s\n' "$(($(date +%s) - start))" "$*" | tee -a "$out/steps.log"; }
 export repo out python
+export PYTHONFAULTHANDLER=1  # a crash shows where in Python it happened
 
 log "machine"
 # nvcc and compute-sanitizer live beside the toolkit, which not every image puts on PATH.
@@ -57,7 +58,7 @@ EOF
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.[:space:]')
 
 checks=("$@")
-((${#checks[@]})) || checks=(tests bench jax memcheck persistent threads racecheck synccheck large projection)
+((${#checks[@]})) || checks=(tests bench jax persistent threads large projection memcheck racecheck synccheck)
 
 if [[ "${GPU_CHECK_INSTALLED:-0}" != 1 ]]; then
   log "build tools"
@@ -113,6 +114,12 @@ EOF
   cp "$scratch"/dist/*.whl "$out"/
 fi
 cd "$out"  # from here on `import fusedrnn` is the installed package, never the source tree
+# What each module exports (its init function and a few template instances, nothing of a static
+# libstdc++) and which shared libraries it needs.
+for so in $("$python" -c "import fusedrnn._core as a, fusedrnn_cuda13._cuda as b; print(a.__file__, b.__file__)"); do
+  echo "$(basename "$so"): $(nm -D --defined-only "$so" | wc -l) symbols exported; needs" \
+    "$(readelf -d "$so" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+done || true
 "$python" -c "import fusedrnn; info = fusedrnn.cuda_info(); print(info)
 assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__ and info['devices'] > 0, info"
 
@@ -194,7 +201,7 @@ check_threads() {
   for n in 1 2 4 8 16; do
     ((n <= $(nproc))) || break
     bench "bench_threads_$n" --device cpu --peers fusedrnn torch --threads "$n" --cell lstm gru \
-      --shape 100,32,256,256 50,64,512,512 --rounds 3 --repeats 3
+      --shape 100,32,256,256 --rounds 3 --repeats 5
   done
 }
 export -f run_pytest sanitize bench

@@ -29,10 +29,15 @@ class CudaDevice {
  public:
   CudaDevice(void* stream, ffi::ScratchAllocator& scratch) : stream_(stream), scratch_(scratch) {}
 
+  // XLA's scratch allocator takes alignments up to 16 bytes only, so the 256 the kernels and cuBLAS
+  // want comes from asking for that much more and rounding up.
   void* workspace(std::size_t bytes) {
     if (bytes == 0) return nullptr;
-    const std::optional<void*> p = scratch_.Allocate(bytes, 256);
-    return p ? *p : nullptr;
+    constexpr std::size_t kAlignment = 256;
+    const std::optional<void*> p = scratch_.Allocate(bytes + kAlignment - 1, 16);
+    if (!p) return nullptr;
+    const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(*p);
+    return reinterpret_cast<void*>((address + kAlignment - 1) / kAlignment * kAlignment);
   }
   void to_host(void* to, const void* from, std::size_t bytes) { cuda::copy_to_host(to, from, bytes, stream_); }
   void to_device(void* to, const void* from, std::size_t bytes) { cuda::copy_to_device(to, from, bytes, stream_); }

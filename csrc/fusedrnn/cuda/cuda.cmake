@@ -115,6 +115,7 @@ else()
     string(REPLACE ";" "," _architectures "${CMAKE_CUDA_ARCHITECTURES}")
     pybind11_add_module(_cuda MODULE csrc/bindings/cuda_module.cpp)
     target_link_libraries(_cuda PRIVATE fusedrnn_cuda_device)
+    target_link_options(_cuda PRIVATE ${FUSEDRNN_MODULE_LINK_OPTIONS})
     target_compile_definitions(_cuda PRIVATE
       FUSEDRNN_CUDA_ARCHITECTURES="${_architectures}"
       FUSEDRNN_CUDA_COMPILER_VERSION="${CMAKE_CUDA_COMPILER_VERSION}")
