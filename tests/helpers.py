@@ -69,12 +69,13 @@ def tolerances(dtype, expected):
     return 1e-5, 1e-5 * max(scale, 1e-3)
 
 
-def assert_close(actual, expected, dtype, name=""):
+def assert_close(actual, expected, dtype, name="", factor=1.0):
+    """`factor` widens the tolerances, for a reference less exact than the kernels."""
     assert actual is not None and expected is not None, name
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     rtol, atol = tolerances(dtype, expected)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
+    np.testing.assert_allclose(actual, expected, rtol=rtol * factor, atol=atol * factor, err_msg=name)
 
 
 def numerical_gradient(f, arr, indices, eps=1e-6):

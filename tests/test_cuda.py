@@ -14,6 +14,9 @@ from fusedrnn import functional as F
 from helpers import CELLS, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
 
 CUDA = fusedrnn.build_info()["cuda"]
+# cuDNN's float32 activations are less exact than the kernels' (an RNN_TANH output 7e-5 relative apart
+# on an H200), so comparisons with cuDNN allow ten times the usual float32 tolerance.
+CUDNN_FACTOR = 10
 needs_module = pytest.mark.skipif(not CUDA["loaded"], reason="no CUDA module that loads")
 
 
@@ -242,7 +245,8 @@ def test_cupy_projected_layer_matches_cpu(rng, dtype, shape, reverse, recurrence
                                             recurrence, weight_hr=d["weight_hr"])
     assert y.shape == (shape[0], shape[1], shape[4]) and tape.proj_size == shape[4]
     grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
-    host = F.layer_forward("lstm", a["x"], *w.values(), a["h0"], a["c0"], lengths=a["lengths"], reverse=reverse)
+    host = F.layer_forward("lstm", a["x"], w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], a["h0"], a["c0"],
+                           lengths=a["lengths"], reverse=reverse, weight_hr=w["weight_hr"])
     host_grads = F.layer_backward(host.tape, a["dy"], a["dh_n"], a["dc_n"])
     _compare_runs("lstm", dtype, (F.LayerOutput(y, h_n, c_n, tape), grads), (host, host_grads))
     assert_close(_to_host(grads.weight_hr), host_grads.weight_hr, dtype, "weight_hr")
@@ -338,7 +342,7 @@ def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
         y_cudnn, _ = module(t["x"], hx)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN")
+    assert_close(_to_host(out.y), _to_host(y_cudnn), dtype, "y against cuDNN", factor=CUDNN_FACTOR)
 
 
 @needs_torch_cuda

@@ -28,6 +28,14 @@ for _name, _capsule in _core.jax_ffi_emulated_device_targets.items():
     jax.ffi.register_ffi_target(_name + _EMULATED, _capsule, platform="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _cpu_by_default():
+    """Arrays not put on the GPU explicitly live on the CPU, where the targets registered here for the
+    CPU (the emulated device's, the unavailable ones) are found, also where jax's default is a GPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @contextlib.contextmanager
 def _targets(suffix):
     """fusedrnn.jax's calls go to the handlers registered as the usual names + suffix."""

@@ -182,6 +182,7 @@ class CudaDevice {
   }
 
   std::size_t max_shared_bytes() const { return max_shared_; }
+  Index multiprocessors() const { return multiprocessors_; }
 
   template <typename F>
   void sequence(const std::vector<std::int64_t>& key, F&& enqueue) {

@@ -13,6 +13,7 @@
 //       all blocks must be resident at once; cooperative_blocks says how many can be).
 //   cooperative_blocks<Kernel>(threads, shared_bytes): blocks of that size that can be resident at once.
 //   max_shared_bytes(): shared memory a block may use.
+//   multiprocessors(): the device's multiprocessors (blocks that run at the same time, one each).
 //   sequence(key, enqueue): enqueues what enqueue() enqueues. A device may record it the first time a
 //       key is seen and replay the recording for an equal key instead of calling enqueue() (CUDA
 //       Graphs), so the key must hold every value the work depends on (layer_impl.h, SequenceKey).

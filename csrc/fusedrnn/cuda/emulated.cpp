@@ -80,6 +80,7 @@ class EmulatedDevice {
     return kMultiprocessors * (by_threads < by_shared ? by_threads : by_shared);
   }
   std::size_t max_shared_bytes() const { return kSharedPerBlock; }
+  Index multiprocessors() const { return kMultiprocessors; }
 
   template <typename F>
   void sequence(const std::vector<std::int64_t>& /*key*/, F&& enqueue) {

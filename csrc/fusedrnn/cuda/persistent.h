@@ -3,7 +3,7 @@
 // dominate. Block q owns a contiguous range of hidden units and keeps a slice of W_hh in shared memory
 // for the whole sequence (read from global memory once); each step has one grid-wide barrier.
 //
-// Forward: the slice is its units' G gate rows, (G*units, H). Its phases (device.h):
+// Forward: the slice is its units' G gate rows, stored transposed, (H, G*units). Its phases (device.h):
 //   0          load its slice of W_hh into shared memory                     then a block barrier
 //   1 + 2i     step i's recurrent projection for its units: hg = h_{t-1} W_hh^T, from shared memory
 //                                                                           then a block barrier
@@ -64,10 +64,13 @@ struct PersistentForward {
     const Index u0 = static_cast<Index>(at.block) * shape.units;
     const Index u1 = u0 + shape.units < H ? u0 + shape.units : H;
     const Index units = u1 > u0 ? u1 - u0 : 0;
-    T* w = reinterpret_cast<T*>(shared);  // (G*units, H): row k*units + j is gate k of unit u0 + j
+    // (H, G*units): column k*units + j is gate k of unit u0 + j, so the threads of a warp, each on its
+    // own gate row, read consecutive words (no bank conflicts).
+    T* w = reinterpret_cast<T*>(shared);
+    const Index rows = G * units;
     if (phase == 0) {
-      for (Index e = at.thread; e < G * units * H; e += at.threads) {
-        const Index r = e / H, q = e % H;
+      for (Index e = at.thread; e < rows * H; e += at.threads) {
+        const Index q = e / rows, r = e % rows;
         w[e] = w_hh.data[((r / units) * H + u0 + r % units) * w_hh.stride[0] + q * w_hh.stride[1]];
       }
       return;
@@ -77,12 +80,11 @@ struct PersistentForward {
     const Index state = B * H;
     const T* h_prev = state_slot<T>(hs, prev_slot(reverse, t), state, training);
     if (phase % 2 == 1) {
-      for (Index e = at.thread; e < B * G * units; e += at.threads) {
-        const Index b = e / (G * units), r = e % (G * units);
+      for (Index e = at.thread; e < B * rows; e += at.threads) {
+        const Index b = e / rows, r = e % rows;
         const T* h = h_prev + b * H;
-        const T* wr = w + r * H;
         T sum = T(0);
-        for (Index q = 0; q < H; ++q) sum += h[q] * wr[q];
+        for (Index q = 0; q < H; ++q) sum += h[q] * w[q * rows + r];
         hg[b * G * H + (r / units) * H + u0 + r % units] = sum;
       }
       return;
@@ -122,8 +124,13 @@ PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePat
   const std::size_t row_bytes = static_cast<std::size_t>(Cell::kGates) * s.hidden * sizeof(T);
   const Index max_units = static_cast<Index>(dev.max_shared_bytes() / row_bytes);
   if (max_units < 1) return p;
-  const Index blocks = (s.hidden + max_units - 1) / max_units;
-  const Index units = (s.hidden + blocks - 1) / blocks;
+  // A block per multiprocessor, so each step's dot products run on all of them; more blocks with
+  // fewer units each only where a slice would not fit.
+  const Index spread = s.hidden < dev.multiprocessors() ? s.hidden : dev.multiprocessors();
+  Index units = (s.hidden + spread - 1) / spread;
+  if (units > max_units) units = max_units;
+  const Index blocks = (s.hidden + units - 1) / units;
+  units = (s.hidden + blocks - 1) / blocks;
   const std::size_t shared = static_cast<std::size_t>(units) * row_bytes;
   if (dev.template cooperative_blocks<PersistentForward<Cell, T>>(p.threads, shared) < blocks) return p;
   p.blocks = static_cast<unsigned>(blocks);
