@@ -19,13 +19,13 @@
 #   jax: fusedrnn.jax's CUDA handlers (tests/test_jax_cuda.py: against the CPU handlers, the projected
 #      LSTM included, and a lax.scan reference, grads, jit, vmap, run-time errors), in a process of
 #      their own with JAX's memory preallocation off;
-#   memcheck: compute-sanitizer memcheck on a small case of every kernel (bench/gpu_small_case.py);
 #   persistent: the persistent kernels forced, against the per-step path and cuDNN, at batch sizes
 #      around their threshold, and B=16, H=768 (a forward step against FlashRNN's published figure);
 #   threads: the CPU kernels on 1, 2, 4, 8 and 16 threads (up to the machine's cores) against torch.nn
 #      on as many, the GPU idle;
-#   racecheck, synccheck: compute-sanitizer's other tools on the small case;
-#   large, projection: larger shapes, then LSTMs with a projection (--set projection), against cuDNN.
+#   large, projection: larger shapes, then LSTMs with a projection (--set projection), against cuDNN;
+#   memcheck, racecheck, synccheck: compute-sanitizer's tools on a small case of every kernel
+#      (bench/gpu_small_case.py).
 # Logs, the benchmarks' JSON and the two wheels go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."

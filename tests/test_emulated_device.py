@@ -209,7 +209,7 @@ def _run_counting_launches(cell, w, a, *, reverse, backward_path=None):
 def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recurrence):
     """The forced persistent path launches one cooperative kernel per layer call, forward and backward;
     a layer whose W_hh slices need more blocks than the (emulated H200's) multiprocessors hold runs per
-    step instead, both ways. 'auto' takes the persistent kernels only for small batches."""
+    step instead, both ways. 'auto' takes the persistent kernels only for small batches and layers."""
     cell, dtype = "lstm", np.float64
 
     def launches_for(shape):
@@ -224,6 +224,7 @@ def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recu
     _core.set_emulated_recurrence_path("auto")
     assert launches_for((3, 16, 3, 20)) == (1, 1)
     assert launches_for((3, 17, 3, 20)) == (0, 0)
+    assert launches_for((2, 4, 3, 257)) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])

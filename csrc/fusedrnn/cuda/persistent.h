@@ -104,13 +104,16 @@ struct PersistentForward {
   }
 };
 
-// How a call runs its recurrence. kAuto: persistently where the batch is small and the kernel fits,
+// How a call runs its recurrence. kAuto: persistently where the layer is small and the kernel fits,
 // else per step; tests force either (a forced persistent path that does not fit still runs per step).
 enum class RecurrencePath { kAuto, kPerStep, kPersistent };
 
-// Up to this batch the per-step path's GEMMs leave most of the GPU idle and launch latency dominates a
-// step. An estimate to be measured on a GPU (bench/gpu_check.sh).
+// Where 'auto' runs persistently: small batches, where the per-step path's GEMMs leave most of the GPU
+// idle and launch latency dominates a step, and small layers, since each thread's dot products run the
+// whole of H serially. Measured on an H200 (bench/NOTES.md): ahead of the per-step path at H = 256 up
+// to B = 16, behind it at H = 768 and 1024.
 constexpr Index kPersistentMaxBatch = 16;
+constexpr Index kPersistentMaxHidden = 256;
 
 // The persistent kernel's shape for this layer, or blocks = 0 where it should not or cannot run: every
 // block's W_hh slice must fit its shared memory and every block be resident at once (occupancy). It
@@ -118,7 +121,8 @@ constexpr Index kPersistentMaxBatch = 16;
 template <typename Cell, typename T, typename Device>
 PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
   PersistentShape p;
-  if (path == RecurrencePath::kPerStep || (path == RecurrencePath::kAuto && s.batch > kPersistentMaxBatch))
+  if (path == RecurrencePath::kPerStep ||
+      (path == RecurrencePath::kAuto && (s.batch > kPersistentMaxBatch || s.hidden > kPersistentMaxHidden)))
     return p;
   if (s.proj > 0) return p;
   const std::size_t row_bytes = static_cast<std::size_t>(Cell::kGates) * s.hidden * sizeof(T);
