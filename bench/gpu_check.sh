@@ -181,7 +181,7 @@ check_bench() {
     --rounds 5 --repeats 10
 }
 # The persistent kernels forced (inference times the forward's, training both) at batch sizes around
-# their threshold (persistent.h, kPersistentMaxBatch), and B=16, H=768.
+# their threshold (persistent.h, kPersistentMaxBatch and kPersistentMaxHidden), and B=16, H=768.
 check_persistent() {
   bench bench_cuda_persistent --device cuda --peers fusedrnn-cuda-persistent fusedrnn-cuda-per-step fusedrnn-cuda torch-cudnn \
     --cell lstm gru --shape 100,1,256,256 100,4,256,256 100,16,256,256 100,64,256,256 100,4,1024,1024 \
