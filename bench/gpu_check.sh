@@ -201,7 +201,7 @@ check_threads() {
   for n in 1 2 4 8 16; do
     ((n <= $(nproc))) || break
     bench "bench_threads_$n" --device cpu --peers fusedrnn torch --threads "$n" --cell lstm gru \
-      --shape 100,32,256,256 --rounds 3 --repeats 5
+      --shape 100,32,256,256 50,64,512,512 --rounds 3 --repeats 5
   done
 }
 export -f run_pytest sanitize bench
@@ -212,7 +212,7 @@ declare -A titles=(
   [persistent]="the persistent kernels against cuDNN" [threads]="CPU threads against torch.nn"
   [racecheck]="compute-sanitizer racecheck" [synccheck]="compute-sanitizer synccheck"
   [large]="larger shapes against cuDNN" [projection]="LSTMs with a projection against cuDNN")
-declare -A limits=([tests]=200 [bench]=120 [jax]=90 [memcheck]=90 [persistent]=90 [threads]=150 [racecheck]=90
+declare -A limits=([tests]=200 [bench]=120 [jax]=90 [memcheck]=90 [persistent]=90 [threads]=240 [racecheck]=90
   [synccheck]=60 [large]=60 [projection]=60)
 for name in "${checks[@]}"; do
   [[ -n "${titles[$name]:-}" ]] || { echo "gpu_check: no check named $name" >&2; exit 2; }
