@@ -211,6 +211,42 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
     assert _core.get_weight_grad_split() == "auto"
 
 
+def test_larger_teams_never_give_the_recurrence_fewer_ranks():
+    """Teams of 2 to 16 (more than this machine's cores): by rows, the team stops at the most ranks that
+    still get enough rows each (4 where units could be shared, 32 where W_hh streams from beyond L2)
+    instead of falling back to units; rows win while they give at least as many ranks as units."""
+    l2 = fusedrnn.build_info()["l2_cache_bytes"]
+    previous = fusedrnn.get_num_threads()
+    try:
+        for cell in CELLS:
+            for dtype in (np.float32, np.float64):
+                for batch in (1, 4, 8, 13, 32, 64, 100, 256):
+                    for hidden in (64, 128, 256, 512, 1024):
+                        fits = GATES[cell] * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
+                        splits = []
+                        for team in range(2, 17):
+                            fusedrnn.set_num_threads(team)
+                            splits.append(_core.layer_split(cell, batch, hidden, dtype))
+                        case = (cell, np.dtype(dtype).name, batch, hidden, splits)
+                        ranks = [r for r, _ in splits]
+                        assert ranks == sorted(ranks), case
+                        if 2 * batch * GATES[cell] * hidden * hidden < 3e4:
+                            assert set(splits) == {(1, "units")}, case
+                            continue
+                        units = [min(team, max(1, hidden // 64)) for team in range(2, 17)]
+                        rows = [min(team, batch // 2, batch // 32 if not fits else batch,
+                                    batch // 4 if u > 1 else batch) for team, u in zip(range(2, 17), units)]
+                        want = [(r, "rows") if r > 1 and r >= u else (u, "units") for r, u in zip(rows, units)]
+                        assert splits == want, case
+        # The 16-core case that showed the fall-back: LSTM (B=32, H=256) in float32 kept 8 ranks by rows
+        # where its weights fit (1 MB in half an L2 of 2 MB), instead of 4 by units.
+        fusedrnn.set_num_threads(16)
+        fits = 4 * 256 * 256 * 4 <= l2 / 2
+        assert _core.layer_split("lstm", 32, 256, np.float32) == ((8, "rows") if fits else (4, "units"))
+    finally:
+        fusedrnn.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_arrays_the_ranks_write_start_on_cache_lines(rng, cell):
     """Ranks own 64-byte-aligned ranges of units in each row; arrays aligned to 64 bytes keep the two

@@ -362,13 +362,18 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   const double weight_bytes = weight_values * value_bytes;
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
-  const Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
   const Index unit_ranks = std::min<Index>(team_threads, std::max<Index>(1, hidden / kMinUnitsPerRank));
-  const bool rows_pay = row_ranks > 1 && (weights_fit || batch / row_ranks >= kMinRowsToStreamWeights) &&
-                        (unit_ranks == 1 || batch / row_ranks >= kMinRowsPerRankOverUnits);
-  if (row_ranks > 1 && preference != SplitPreference::kUnits && (rows_pay || preference == SplitPreference::kRows))
-    return {static_cast<int>(row_ranks), true};
-  return {static_cast<int>(unit_ranks), false};
+  Index row_ranks = std::min<Index>(team_threads, batch / kMinRowsPerRank);
+  const LayerSplit by_units{static_cast<int>(unit_ranks), false};
+  if (preference == SplitPreference::kUnits) return by_units;
+  if (preference == SplitPreference::kRows && row_ranks > 1) return {static_cast<int>(row_ranks), true};
+  // The most ranks rows pay on, rather than all or none: a larger team must never leave the recurrence
+  // fewer ranks than a smaller one would (32 rows on 16 ranks would give 2 a rank, too few; 8 ranks
+  // with 4 each still pay). Rows win while they give at least as many ranks as units do.
+  if (!weights_fit) row_ranks = std::min<Index>(row_ranks, batch / kMinRowsToStreamWeights);
+  if (unit_ranks > 1) row_ranks = std::min<Index>(row_ranks, batch / kMinRowsPerRankOverUnits);
+  if (row_ranks > 1 && row_ranks >= unit_ranks) return {static_cast<int>(row_ranks), true};
+  return by_units;
 }
 
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
