@@ -2,8 +2,8 @@
 # The packages users install, checked as they get them:
 #   1. wheel: built as pip builds it, repaired with auditwheel (a manylinux tag, every library placed
 #      inside the wheel or fail), then installed into a fresh virtual environment on a PATH that holds no
-#      compiler or build tool, where `fusedrnn info`, `fusedrnn demo` and the test suite run against it
-#      from a directory the source tree cannot shadow;
+#      compiler or build tool, where `fusedrnn info`, `fusedrnn demo` and the tests of what packaging
+#      can break run against it from a directory the source tree cannot shadow;
 #   2. sdist: built, installed in another fresh environment (compiled there, with FUSEDRNN_X86_SIMD=OFF:
 #      the portable kernels alone, the build every non-x86 machine gets), then `fusedrnn info`, a forward
 #      pass against the float64 reference, and the kernels' tests on that generic path.
@@ -106,10 +106,15 @@ assert fusedrnn.build_info()['blas_library'].startswith(site), fusedrnn.build_in
 part=$(date +%s)
 "${bare_env[@]}" fusedrnn demo
 echo "demo in $(seconds_since "$part") s"
+# The whole suite ran against the source build before this script in .ci/run (the same compiler, flags and
+# sources); here, what packaging can break: the module and its bundled BLAS loading beside numpy, torch
+# and jax, every SIMD level's kernels against the reference, the torch custom op and its threads, the
+# XLA FFI handlers and the entry points.
 part=$(date +%s)
-"${bare_env[@]}" python -m pytest -p no:cacheprovider -q
+"${bare_env[@]}" python -m pytest -p no:cacheprovider -q tests/test_packaging.py tests/test_reference.py \
+  tests/test_torch_dropin.py tests/test_torch_threads.py tests/test_jax.py tests/test_cli.py
 wheel_tests=$(seconds_since "$part")
-echo "wheel: test suite in $wheel_tests s"
+echo "wheel: tests in $wheel_tests s"
 cd "$repo"
 
 # ---- 2. sdist -----------------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ err = float(np.abs(y - want).max())
 assert err < 1e-5, err
 print(f"sdist install: LSTM forward on the generic kernels within {err:.1e} of the float64 reference")
 EOF
-# The tests of the kernels themselves (the whole suite ran against the wheel above): the reference,
+# The tests of the kernels themselves (the whole suite ran against the source build): the reference,
 # odd sizes, thread teams and torch parity, on the generic path alone.
 part=$(date +%s)
 FUSEDRNN_TEST_REQUIRES="$requires" "$sdist_python" -m pytest -p no:cacheprovider -q tests/test_reference.py \
