@@ -195,9 +195,20 @@ check_projection() {
   bench bench_cuda_projection --device cuda --set projection --peers fusedrnn-cuda torch-cudnn torch-cudnn-tf32 --rounds 3 \
     --repeats 5
 }
-# The CPU kernels' thread curve: fusedrnn's team and torch's intra-op pool of the same size.
+# The CPU kernels' thread curve: fusedrnn's team and torch's intra-op pool of the same size, after the
+# split the layers' recurrence takes at each size (ranks, rows or units).
 check_threads() {
   local n
+  "$python" - <<'EOF' | tee "$out/threads_splits.txt"
+import numpy as np
+import fusedrnn
+from fusedrnn import _core
+print("L2", fusedrnn.build_info()["l2_cache_bytes"], "bytes")
+for n in (1, 2, 4, 8, 16):
+    fusedrnn.set_num_threads(n)
+    print(n, "threads:", *(f"{cell} B={b} H={h} {_core.layer_split(cell, b, h, np.float32)}"
+                           for cell in ("lstm", "gru") for b, h in ((32, 256), (64, 512))))
+EOF
   for n in 1 2 4 8 16; do
     ((n <= $(nproc))) || break
     bench "bench_threads_$n" --device cpu --peers fusedrnn torch --threads "$n" --cell lstm gru \
