@@ -311,6 +311,62 @@ def test_cupy_repeats_are_bit_identical(rng, recurrence):
 
 
 @needs_torch_cuda
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_graphs_replay_inside_a_torch_training_loop(rng, cell):
+    """A drop-in model (two layers, a Linear head, MSE, Adam, clip_grad_norm_) trained on the per-step
+    path with CUDA Graphs on and off, from the same weights on the same batches, each batch moved to the
+    GPU at its step as a data loader's would be: the same losses and parameters bit for bit; and once
+    the first steps have recorded, torch's caching allocator hands each step the same blocks, so later
+    steps replay instead of recording anew (what graphs on by default would rely on)."""
+    torch = torch_cuda
+    import fusedrnn.torch as frt
+    from fusedrnn import _cuda_layer
+    _cuda = _cuda_layer.cuda_module()
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    batches = [(torch.from_numpy(rng.standard_normal((8, 20, 16)).astype(np.float32)),
+                torch.from_numpy(rng.standard_normal((8, 20, 1)).astype(np.float32))) for _ in range(6)]
+    torch.manual_seed(0)
+    initial = frt.convert(torch.nn.ModuleDict({"rnn": kind(16, 32, num_layers=2, batch_first=True),
+                                               "head": torch.nn.Linear(32, 1)})).state_dict()
+
+    def train(graphs):
+        model = frt.convert(torch.nn.ModuleDict({"rnn": kind(16, 32, num_layers=2, batch_first=True),
+                                                 "head": torch.nn.Linear(32, 1)}))
+        model.load_state_dict(initial)
+        model.cuda()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses, counts = [], []
+        previous, previous_graphs = _cuda_layer.set_recurrence("per_step"), _cuda.graphs()
+        _cuda.set_graphs(graphs)
+        try:
+            for x, target in batches:
+                x, target = x.cuda(), target.cuda()
+                before = _cuda.graph_counts()
+                optimizer.zero_grad()
+                y, _ = model["rnn"](x)
+                loss = torch.nn.functional.mse_loss(model["head"](y), target)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+                counts.append(tuple(np.subtract(_cuda.graph_counts(), before)))
+        finally:
+            _cuda_layer.set_recurrence(previous)
+            _cuda.set_graphs(previous_graphs)
+        return losses, {k: _to_host(v) for k, v in model.state_dict().items()}, counts
+
+    losses_off, params_off, counts_off = train(False)
+    losses_on, params_on, counts_on = train(True)
+    assert all(c == (0, 0) for c in counts_off), counts_off
+    assert losses_on == losses_off
+    for name, value in params_off.items():
+        assert np.array_equal(params_on[name], value), name
+    recorded_late = sum(c[0] for c in counts_on[2:])
+    replayed_late = sum(c[1] for c in counts_on[2:])
+    assert recorded_late == 0 and replayed_late > 0, f"(recorded, replayed) per step: {counts_on}"
+
+
+@needs_torch_cuda
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_torch_cuda_tensors_match_cpu_and_cudnn(rng, cell, dtype):
