@@ -219,6 +219,8 @@ def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recu
         return launches
 
     assert launches_for((3, 2, 3, 129)) == ((1, 1) if recurrence == "persistent" else (0, 0))
+    # 70 rows x 4 gates: more sums than a block's threads, so the forward's are not split.
+    assert launches_for((2, 70, 2, 20)) == ((1, 1) if recurrence == "persistent" else (0, 0))
     # 4 gates x 1024 units of float64: 7 units (229 KB) a block, 147 blocks, one resident per SM.
     assert launches_for((2, 1, 2, 1024)) == (0, 0)
     _core.set_emulated_recurrence_path("auto")
@@ -227,13 +229,34 @@ def test_persistent_kernel_runs_where_it_fits_and_falls_back_where_not(rng, recu
     assert launches_for((2, 4, 3, 257)) == (0, 0)
 
 
+def test_persistent_kernels_split_their_sums_over_idle_threads(recurrence):
+    """A block per multiprocessor (132 on the emulated H200), each with a few units; where a step's sums
+    (forward: over H, for B rows x G*units gate rows; backward: over the G*H gate rows, for B rows x
+    units) are fewer than the block's 256 threads, each is split over as many threads as are free, the
+    partial sums in shared memory beside the W_hh slice."""
+    def shapes(cell, batch, hidden, dtype):
+        forward, backward = _core.emulated_persistent_shapes(cell, batch, hidden, dtype)
+        return [(p["blocks"], p["units"], p["parts"]) for p in (forward, backward)]
+
+    if recurrence == "per_step":
+        assert shapes("lstm", 2, 101, np.float64) == [(0, 0, 1), (0, 0, 1)]
+        return
+    assert shapes("lstm", 2, 101, np.float64) == [(101, 1, 32), (101, 1, 128)]   # 8 and 2 sums a block
+    assert shapes("gru", 1, 5, np.float32) == [(5, 1, 5), (5, 1, 15)]            # at most one term a part
+    assert shapes("lstm", 16, 256, np.float32) == [(128, 2, 2), (128, 2, 8)]     # 128 and 32 sums a block
+    assert shapes("lstm", 70, 20, np.float64) == [(20, 1, 1), (20, 1, 3)]        # 280 sums: none split
+    # The slice (one unit's 4 x 64 weights), then the parts: 21 x 12 sums forward, 85 x 3 backward.
+    forward, backward = _core.emulated_persistent_shapes("lstm", 3, 64, np.float64)
+    assert (forward["parts"], forward["shared_bytes"]) == (21, 4 * 64 * 8 + 21 * 12 * 8)
+    assert (backward["parts"], backward["shared_bytes"]) == (85, 4 * 64 * 8 + 85 * 3 * 8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_persistent_backward_matches_cpu_and_repeats_bit_identically(rng, cell, dtype, recurrence):
     """The persistent backward, where the fixture forces it, on an odd size, lengths and both
     directions: the CPU backend's values to float tolerances and, run again on the same tape, the same
-    bits. The float64 LSTM and GRU take two blocks of 51 and 50 units and split each unit's sum over the
-    gate rows in two; the other cases one block and whole sums."""
+    bits. Each of its 101 blocks has one unit and splits its sums over the gate rows."""
     w, a = _layer_case(rng, cell, (5, 2, 7, 101), dtype)
     expected = (1, 1) if recurrence == "persistent" else (0, 0)
     for reverse in (False, True):

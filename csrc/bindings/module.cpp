@@ -704,6 +704,24 @@ PYBIND11_MODULE(_core, m) {
              "'auto' (by the layer's size, the default).");
   m.def("emulated_cooperative_launches", &gpu::emulated::cooperative_launches,
         "Tests only: cooperative (grid-barrier) kernel launches the emulated device backend has run.");
+  m.def("emulated_persistent_shapes", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
+    fusedrnn::LayerShape shape;
+    shape.steps = 1;
+    shape.batch = batch;
+    shape.input = 1;
+    shape.hidden = hidden;
+    const gpu::RecurrencePath path = get_emulated_recurrence_path();
+    const gpu::emulated::PersistentShapes shapes =
+        float_item_size(dtype) == sizeof(float) ? gpu::emulated::persistent_shapes<float>(parse_cell(cell), shape, path)
+                                                : gpu::emulated::persistent_shapes<double>(parse_cell(cell), shape, path);
+    const auto as_dict = [](const gpu::PersistentShape& p) {
+      return py::dict(py::arg("blocks") = p.blocks, py::arg("units") = p.units, py::arg("parts") = p.parts,
+                      py::arg("shared_bytes") = p.shared_bytes);
+    };
+    return py::make_tuple(as_dict(shapes.forward), as_dict(shapes.backward));
+  }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
+        "Tests only: the persistent (forward, backward) kernels' shapes on the emulated device under the "
+        "emulated recurrence path, each {blocks, units, parts, shared_bytes}; blocks 0: runs per step.");
   m.def("simd_level", [] { return std::string(cpu::active_kernels().name); },
         "The SIMD level the recurrence kernels run at.");
   m.def("set_simd_level", [](const std::string& name) {

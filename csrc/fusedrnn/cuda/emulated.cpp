@@ -132,10 +132,23 @@ void flag_non_finite(const T* data, Index count, int* flag) {
 
 std::int64_t cooperative_launches() { return cooperative_launch_count.load(); }
 
+template <typename T>
+PersistentShapes persistent_shapes(CellKind cell, const LayerShape& shape, RecurrencePath path) {
+  EmulatedDevice dev;
+  PersistentShapes out;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    out = {persistent_shape<Cell, T>(dev, shape, path), persistent_backward_shape<Cell, T>(dev, shape, path)};
+  });
+  return out;
+}
+
 template void layer_forward<float>(const LayerForwardParams<float>&, RecurrencePath);
 template void layer_forward<double>(const LayerForwardParams<double>&, RecurrencePath);
 template void layer_backward<float>(const LayerBackwardParams<float>&, RecurrencePath);
 template void layer_backward<double>(const LayerBackwardParams<double>&, RecurrencePath);
+template PersistentShapes persistent_shapes<float>(CellKind, const LayerShape&, RecurrencePath);
+template PersistentShapes persistent_shapes<double>(CellKind, const LayerShape&, RecurrencePath);
 template void flag_non_finite<float>(const float*, Index, int*);
 template void flag_non_finite<double>(const double*, Index, int*);
 template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);

@@ -37,4 +37,12 @@ void flag_non_finite(const T* data, Index count, int* flag);
 // Cooperative (grid-barrier) launches so far in this process: tests check a path was taken.
 std::int64_t cooperative_launches();
 
+// The persistent forward and backward kernels' shapes for a layer of this cell and value type on the
+// emulated device (blocks = 0: that direction runs per step).
+struct PersistentShapes {
+  PersistentShape forward, backward;
+};
+template <typename T>
+PersistentShapes persistent_shapes(CellKind cell, const LayerShape& shape, RecurrencePath path);
+
 }  // namespace fusedrnn::gpu::emulated

@@ -5,9 +5,12 @@
 //
 // Forward: the slice is its units' G gate rows, stored transposed, (H, G*units). Its phases (device.h):
 //   0          load its slice of W_hh into shared memory                     then a block barrier
-//   1 + 2i     step i's recurrent projection for its units: hg = h_{t-1} W_hh^T, from shared memory
-//                                                                           then a block barrier
-//   2 + 2i     step i's pointwise update of its units (forward_unit)          then a GRID barrier
+//   1 + 2i     step i's recurrent projection for its units, hg = h_{t-1} W_hh^T from shared memory:
+//              each (row, gate row)'s sum over H split into `parts` consecutive ranges, one thread
+//              each, where threads would otherwise idle (small B * G * units); whole sums go to hg,
+//              partial sums to shared memory                                  then a block barrier
+//   2 + 2i     step i's pointwise update of its units: hg = the partial sums added in order (where
+//              split), then forward_unit                                      then a GRID barrier
 // so every unit of h_t is written before any block reads it. The input projection is the per-step
 // path's one GEMM before the launch.
 //
@@ -36,7 +39,7 @@ struct PersistentShape {
   unsigned blocks = 0;  // 0: the layer does not run persistently
   unsigned threads = kBlockThreads;
   Index units = 0;      // hidden units per block (the last block may have fewer)
-  Index parts = 1;      // backward: threads sharing each (row, unit)'s sum over the gate rows
+  Index parts = 1;      // threads sharing each of a step's sums (forward over H, backward over the gate rows)
   std::size_t shared_bytes = 0;
   LaunchShape launch() const { return {blocks, threads, shared_bytes}; }
 };
@@ -79,13 +82,19 @@ struct PersistentForward {
     const Index t = reverse ? steps - 1 - i : i;
     const Index state = B * H;
     const T* h_prev = state_slot<T>(hs, prev_slot(reverse, t), state, training);
+    const Index items = B * rows, parts = shape.parts;  // item e: row e / rows, gate row e % rows
+    T* partial = w + H * G * shape.units;                // (parts, items) beside the slice, where parts > 1
     if (phase % 2 == 1) {
-      for (Index e = at.thread; e < B * rows; e += at.threads) {
-        const Index b = e / rows, r = e % rows;
+      for (Index e = at.thread; e < parts * items; e += at.threads) {
+        const Index k = e / items, b = e % items / rows, r = e % rows;
         const T* h = h_prev + b * H;
+        const Index q1 = (k + 1) * H / parts;
         T sum = T(0);
-        for (Index q = 0; q < H; ++q) sum += h[q] * w[q * rows + r];
-        hg[b * G * H + (r / units) * H + u0 + r % units] = sum;
+        for (Index q = k * H / parts; q < q1; ++q) sum += h[q] * w[q * rows + r];
+        if (parts == 1)
+          hg[b * G * H + (r / units) * H + u0 + r % units] = sum;
+        else
+          partial[e] = sum;
       }
       return;
     }
@@ -100,7 +109,18 @@ struct PersistentForward {
     s.c_next = state_slot<T>(cs, next_slot(reverse, t), state, training);
     s.saved = saved ? saved + t * B * Cell::kSaved * H : nullptr;
     s.y = {y.data + t * y.stride[0], {y.stride[1], y.stride[2]}};
-    for (Index e = at.thread; e < B * units; e += at.threads) forward_unit<Cell, T>(s, e / units, u0 + e % units);
+    for (Index e = at.thread; e < B * units; e += at.threads) {
+      const Index b = e / units, j = e % units;
+      if (parts > 1) {
+        for (Index g = 0; g < G; ++g) {
+          const Index item = b * rows + g * units + j;
+          T sum = partial[item];
+          for (Index k = 1; k < parts; ++k) sum += partial[k * items + item];
+          hg[b * G * H + g * H + u0 + j] = sum;
+        }
+      }
+      forward_unit<Cell, T>(s, b, u0 + j);
+    }
   }
 };
 
@@ -115,11 +135,11 @@ enum class RecurrencePath { kAuto, kPerStep, kPersistent };
 constexpr Index kPersistentMaxBatch = 16;
 constexpr Index kPersistentMaxHidden = 256;
 
-// The persistent kernel's shape for this layer, or blocks = 0 where it should not or cannot run: every
-// block's W_hh slice must fit its shared memory and every block be resident at once (occupancy). It
-// keeps no W_hr, so a projected layer (LayerShape::proj) runs per step.
+// The blocks and each one's units and W_hh slice for this layer, or blocks = 0 where the persistent
+// kernels should not or cannot run: every block's slice must fit its shared memory. They keep no W_hr,
+// so a projected layer (LayerShape::proj) runs per step.
 template <typename Cell, typename T, typename Device>
-PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
+PersistentShape persistent_slices(Device& dev, const LayerShape& s, RecurrencePath path) {
   PersistentShape p;
   if (path == RecurrencePath::kPerStep ||
       (path == RecurrencePath::kAuto && (s.batch > kPersistentMaxBatch || s.hidden > kPersistentMaxHidden)))
@@ -135,12 +155,36 @@ PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePat
   if (units > max_units) units = max_units;
   const Index blocks = (s.hidden + units - 1) / units;
   units = (s.hidden + blocks - 1) / blocks;
-  const std::size_t shared = static_cast<std::size_t>(units) * row_bytes;
-  if (dev.template cooperative_blocks<PersistentForward<Cell, T>>(p.threads, shared) < blocks) return p;
   p.blocks = static_cast<unsigned>(blocks);
   p.units = units;
-  p.shared_bytes = shared;
+  p.shared_bytes = static_cast<std::size_t>(units) * row_bytes;
   return p;
+}
+
+// Completes a kernel's shape: each block's `items` sums of `terms` terms split over as many of its
+// threads as are free (at most one term a part) while the partial sums fit beside the slice; blocks = 0
+// where the kernel cannot have every block resident at once (occupancy).
+template <typename Kernel, typename T, typename Device>
+PersistentShape with_split_sums(Device& dev, PersistentShape p, Index items, Index terms) {
+  if (p.blocks == 0) return p;
+  const std::size_t part_bytes = static_cast<std::size_t>(items) * sizeof(T);
+  Index parts = static_cast<Index>(p.threads) / items;
+  const Index by_shared = static_cast<Index>((dev.max_shared_bytes() - p.shared_bytes) / part_bytes);
+  if (parts > by_shared) parts = by_shared;
+  if (parts > terms) parts = terms;
+  if (parts > 1) {
+    p.parts = parts;
+    p.shared_bytes += static_cast<std::size_t>(parts) * part_bytes;
+  }
+  if (dev.template cooperative_blocks<Kernel>(p.threads, p.shared_bytes) < p.blocks) p.blocks = 0;
+  return p;
+}
+
+// The persistent forward kernel's shape: its sums over H for B rows x G*units gate rows a block.
+template <typename Cell, typename T, typename Device>
+PersistentShape persistent_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
+  const PersistentShape p = persistent_slices<Cell, T>(dev, s, path);
+  return with_split_sums<PersistentForward<Cell, T>, T>(dev, p, s.batch * Cell::kGates * p.units, s.hidden);
 }
 
 // The backward recurrence (phases above). dy, the tape and the buffers are the per-step path's.
@@ -220,27 +264,12 @@ struct PersistentBackward {
   }
 };
 
-// The persistent backward kernel's shape: the forward's (a block's slice is the same units x G*H values
-// of W_hh, only transposed), its sums split over as many of the block's threads as are free (at most
-// one part a gate row) and the partial sums fit beside the slice, where its own kernel can have as many
-// blocks resident at once.
+// The persistent backward kernel's shape: the forward's slices (the same units x G*H values of W_hh,
+// only transposed), its sums over the G*H gate rows for B rows x units a block.
 template <typename Cell, typename T, typename Device>
 PersistentShape persistent_backward_shape(Device& dev, const LayerShape& s, RecurrencePath path) {
-  PersistentShape p = persistent_shape<Cell, T>(dev, s, path);
-  if (p.blocks == 0) return p;
-  const Index items = s.batch * p.units, gate_rows = Cell::kGates * s.hidden;
-  const std::size_t part_bytes = static_cast<std::size_t>(items) * sizeof(T);
-  Index parts = static_cast<Index>(p.threads) / items;
-  const Index by_shared = static_cast<Index>((dev.max_shared_bytes() - p.shared_bytes) / part_bytes);
-  if (parts > by_shared) parts = by_shared;
-  if (parts > gate_rows) parts = gate_rows;
-  if (parts > 1) {
-    p.parts = parts;
-    p.shared_bytes += static_cast<std::size_t>(parts) * part_bytes;
-  }
-  if (dev.template cooperative_blocks<PersistentBackward<Cell, T>>(p.threads, p.shared_bytes) < p.blocks)
-    p.blocks = 0;
-  return p;
+  const PersistentShape p = persistent_slices<Cell, T>(dev, s, path);
+  return with_split_sums<PersistentBackward<Cell, T>, T>(dev, p, s.batch * p.units, Cell::kGates * s.hidden);
 }
 
 }  // namespace fusedrnn::gpu
