@@ -3,8 +3,7 @@
 # directory (never the repository's build/):
 #   1. AddressSanitizer + UndefinedBehaviorSanitizer: the test suite, every SIMD level the build compiles;
 #      torch's two test files only with SANITIZE_TORCH=1 (see below).
-#   2. ThreadSanitizer: the thread team's stress tests, test_concurrency.py and test_threads.py (teams of
-#      two ranks or more).
+#   2. ThreadSanitizer: the thread team's stress tests, test_concurrency.py and test_threads.py.
 # Any sanitizer report or failing test fails the script; the last line sums up both parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -238,14 +237,12 @@ tsan_env=(
   OPENBLAS_NUM_THREADS=1
   PYTHONDONTWRITEBYTECODE=1
 )
-# Not the cases on a team of one ("t1"): its one rank runs the job on the calling thread, with nothing
-# to race against, and they are a quarter of these files' cases.
 log "ThreadSanitizer: tests"
 part=$(date +%s)
 tsan_rc=0
 env "${tsan_env[@]}" "$work/venv-tsan/bin/python" -m pytest -p no:cacheprovider -q --capture=sys \
-  --junitxml="$work/tsan.xml" -k "not t1" tests/test_concurrency.py tests/test_threads.py 2>&1 \
-  | tee "$work/tsan.out" || tsan_rc=$?
+  --junitxml="$work/tsan.xml" tests/test_concurrency.py tests/test_threads.py 2>&1 | tee "$work/tsan.out" \
+  || tsan_rc=$?
 tsan_seconds=$(seconds_since "$part")
 read -r tsan_passed tsan_failed < <(counts "$work/tsan.xml") || true
 tsan_reports=$(reports tsan "$work/tsan.out")

@@ -325,13 +325,16 @@ def test_cuda_graphs_replay_inside_a_torch_training_loop(rng, cell):
     kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     batches = [(torch.from_numpy(rng.standard_normal((8, 20, 16)).astype(np.float32)),
                 torch.from_numpy(rng.standard_normal((8, 20, 1)).astype(np.float32))) for _ in range(6)]
+
+    def make_model():
+        return frt.convert(torch.nn.ModuleDict({"rnn": kind(16, 32, num_layers=2, batch_first=True),
+                                                "head": torch.nn.Linear(32, 1)}))
+
     torch.manual_seed(0)
-    initial = frt.convert(torch.nn.ModuleDict({"rnn": kind(16, 32, num_layers=2, batch_first=True),
-                                               "head": torch.nn.Linear(32, 1)})).state_dict()
+    initial = make_model().state_dict()
 
     def train(graphs):
-        model = frt.convert(torch.nn.ModuleDict({"rnn": kind(16, 32, num_layers=2, batch_first=True),
-                                                 "head": torch.nn.Linear(32, 1)}))
+        model = make_model()
         model.load_state_dict(initial)
         model.cuda()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
