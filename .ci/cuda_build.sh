@@ -11,13 +11,20 @@
 #      manylinux tag and hold the module and its package, no CUDA library;
 #   4. install the CPU package built with FUSEDRNN_CUDA=OFF (no _cuda of its own; _core links no CUDA
 #      library) and the plugin's wheel beside it: fusedrnn must load the plugin's module and say so, and
-#      the module must export fusedrnn.jax's CUDA handlers, built against jaxlib 0.7.1;
+#      the module must export fusedrnn.jax's CUDA handlers, built against jaxlib 0.7.1. The CPU package
+#      is the wheel given as the first argument (.ci/run passes the one .ci/wheel_check.sh repaired, so
+#      it is not compiled twice), or else built here;
 #   5. run the emulated device tests, the CUDA tests (which skip without a GPU) and the loader's tests,
 #      and fusedrnn.jax's device handler tests (their body over the emulated device; GPU parts skip);
 #   6. configure with FUSEDRNN_CUDA=ON and as the plugin where cuBLAS is missing (must fail) and with
 #      AUTO (must say why not).
 # Needs nvcc (a CUDA 13 toolkit) on PATH; the GPU itself is not needed.
 set -euo pipefail
+cpu_wheel="${1:+$(realpath "$1")}"
+if [[ -n "$cpu_wheel" && ! -f "$cpu_wheel" ]]; then
+  echo "cuda_build: no CPU wheel at $1" >&2
+  exit 1
+fi
 cd "$(dirname "$0")/.."
 
 python="${PYTHON:-python3}"
@@ -80,9 +87,14 @@ print(f"{os.path.basename(sys.argv[1])}: {', '.join(package)}; no CUDA library i
 PYTHON
 
 log "the CPU package (FUSEDRNN_CUDA=OFF) and the plugin's wheel beside it"
-FUSEDRNN_CUDA=OFF python -m pip install -q --no-deps --no-build-isolation \
-  --config-settings=build-dir="$work/build-cpu" . >"$work/build-cpu.log" 2>&1 ||
-  { tail -50 "$work/build-cpu.log"; echo "cuda_build: the CPU package's build failed" >&2; exit 1; }
+if [[ -n "$cpu_wheel" ]]; then
+  echo "the CPU package: $(basename "$cpu_wheel")"
+  python -m pip install -q --no-deps "$cpu_wheel"
+else
+  FUSEDRNN_CUDA=OFF python -m pip install -q --no-deps --no-build-isolation \
+    --config-settings=build-dir="$work/build-cpu" . >"$work/build-cpu.log" 2>&1 ||
+    { tail -50 "$work/build-cpu.log"; echo "cuda_build: the CPU package's build failed" >&2; exit 1; }
+fi
 site=$(python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 if compgen -G "$site/fusedrnn/_cuda.*" >/dev/null; then
   echo "cuda_build: FUSEDRNN_CUDA=OFF installed a CUDA module" >&2

@@ -2,14 +2,17 @@
 # The packages users install, checked as they get them:
 #   1. wheel: built as pip builds it, repaired with auditwheel (a manylinux tag, every library placed
 #      inside the wheel or fail), then installed into a fresh virtual environment on a PATH that holds no
-#      compiler or build tool, where `fusedrnn info`, `fusedrnn demo` and the tests of what packaging
+#      compiler or build tool, where `fusedrnn info`, a short `fusedrnn demo` and the tests of what packaging
 #      can break run against it from a directory the source tree cannot shadow;
 #   2. sdist: built, installed in another fresh environment (compiled there, with FUSEDRNN_X86_SIMD=OFF:
 #      the portable kernels alone, the build every non-x86 machine gets), then `fusedrnn info`, a forward
 #      pass against the float64 reference, and the kernels' tests on that generic path.
 # Both are compiled from scratch in build trees of their own (never the repository's build/), in
 # isolated build environments as pip makes them. The last line sums up; any failure fails the script.
+# With a directory as the first argument, the repaired wheel is also copied there (.ci/run hands it to
+# .ci/cuda_build.sh, to install beside the CUDA plugin).
 set -euo pipefail
+keep_wheel_in="${1:+$(realpath "$1")}"
 cd "$(dirname "$0")/.."
 repo="$PWD"
 
@@ -64,6 +67,10 @@ assert not cuda, f"the CPU wheel holds a CUDA module: {cuda}"
 print(f"wheel holds {blas[0]}, no grafted library and no CUDA module")
 EOF
 echo "wheel: $(basename "$wheel"), $(du -k "$wheel" | cut -f1) KiB"
+if [[ -n "$keep_wheel_in" ]]; then
+  mkdir -p "$keep_wheel_in"
+  cp "$wheel" "$keep_wheel_in/"
+fi
 
 log "wheel: fresh environment without a compiler"
 # A PATH of the fresh environment's bin/ and a folder of basic commands, nothing more. Everything below
@@ -103,9 +110,11 @@ site = '$work/wheel-env/lib/'
 assert fusedrnn.__file__.startswith(site), fusedrnn.__file__
 assert fusedrnn.build_info()['blas_library'].startswith(site), fusedrnn.build_info()['blas_library']"
 "${bare_env[@]}" fusedrnn info
+# The README's demo through the wheel's entry point, shortened: the main job ran it in full from the
+# source build, and tests/test_cli.py below checks what it prints.
 part=$(date +%s)
-"${bare_env[@]}" fusedrnn demo
-echo "demo in $(seconds_since "$part") s"
+"${bare_env[@]}" fusedrnn demo --epochs 5 --members 1 --no-progress
+echo "demo (5 epochs, one member) in $(seconds_since "$part") s"
 # The whole suite ran against the source build before this script in .ci/run (the same compiler, flags and
 # sources); here, what packaging can break: the module and its bundled BLAS loading beside numpy, torch
 # and jax, every SIMD level's kernels against the reference, the torch custom op and its threads, the

@@ -2,6 +2,7 @@
 units) gives the reference's answer on sizes that split unevenly across ranks and leave partial row
 blocks and weight panels; repeats are bit-identical; small layers run on fewer threads."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -216,28 +217,29 @@ def test_larger_teams_never_give_the_recurrence_fewer_ranks():
     still get enough rows each (4 where units could be shared, 32 where W_hh streams from beyond L2)
     instead of falling back to units; rows win while they give at least as many ranks as units."""
     l2 = fusedrnn.build_info()["l2_cache_bytes"]
+    teams = range(2, 17)
+    shapes = list(itertools.product(CELLS, (np.float32, np.float64), (1, 4, 8, 13, 32, 64, 100, 256),
+                                    (64, 128, 256, 512, 1024)))
     previous = fusedrnn.get_num_threads()
     try:
-        for cell in CELLS:
-            for dtype in (np.float32, np.float64):
-                for batch in (1, 4, 8, 13, 32, 64, 100, 256):
-                    for hidden in (64, 128, 256, 512, 1024):
-                        fits = GATES[cell] * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
-                        splits = []
-                        for team in range(2, 17):
-                            fusedrnn.set_num_threads(team)
-                            splits.append(_core.layer_split(cell, batch, hidden, dtype))
-                        case = (cell, np.dtype(dtype).name, batch, hidden, splits)
-                        ranks = [r for r, _ in splits]
-                        assert ranks == sorted(ranks), case
-                        if 2 * batch * GATES[cell] * hidden * hidden < 3e4:
-                            assert set(splits) == {(1, "units")}, case
-                            continue
-                        units = [min(team, max(1, hidden // 64)) for team in range(2, 17)]
-                        rows = [min(team, batch // 2, batch // 32 if not fits else batch,
-                                    batch // 4 if u > 1 else batch) for team, u in zip(range(2, 17), units)]
-                        want = [(r, "rows") if r > 1 and r >= u else (u, "units") for r, u in zip(rows, units)]
-                        assert splits == want, case
+        splits = {shape: [] for shape in shapes}
+        for team in teams:  # resizing starts and stops threads: once a size, not once a shape
+            fusedrnn.set_num_threads(team)
+            for cell, dtype, batch, hidden in shapes:
+                splits[cell, dtype, batch, hidden].append(_core.layer_split(cell, batch, hidden, dtype))
+        for (cell, dtype, batch, hidden), got in splits.items():
+            fits = GATES[cell] * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
+            case = (cell, np.dtype(dtype).name, batch, hidden, got)
+            ranks = [r for r, _ in got]
+            assert ranks == sorted(ranks), case
+            if 2 * batch * GATES[cell] * hidden * hidden < 3e4:
+                assert set(got) == {(1, "units")}, case
+                continue
+            units = [min(team, max(1, hidden // 64)) for team in teams]
+            rows = [min(team, batch // 2, batch // 32 if not fits else batch, batch // 4 if u > 1 else batch)
+                    for team, u in zip(teams, units)]
+            want = [(r, "rows") if r > 1 and r >= u else (u, "units") for r, u in zip(rows, units)]
+            assert got == want, case
         # The 16-core case that showed the fall-back: LSTM (B=32, H=256) in float32 kept 8 ranks by rows
         # where its weights fit (1 MB in half an L2 of 2 MB), instead of 4 by units.
         fusedrnn.set_num_threads(16)
