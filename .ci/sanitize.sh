@@ -209,8 +209,8 @@ tsan_build=$!
 torch_files=()
 [[ "$with_torch" == 1 ]] || torch_files=(--ignore=tests/test_torch_parity.py --ignore=tests/test_torch_dropin.py)
 # Also left to the main job: the command line's files (the calls they make run in the other files) and
-# the longest stress case (46 s here), whose resizing path test_concurrent_callers_while_the_team_is_resized
-# also takes under ASan and which TSan runs below.
+# the longest stress case, resizing the team while layers run: test_concurrent_callers_while_the_team_is_resized
+# takes the same path here, and TSan runs the case itself below.
 asan_skips=(--ignore=tests/test_cli.py --ignore=tests/test_bench_cli.py
             --deselect=tests/test_concurrency.py::test_resizing_while_a_layer_runs_gives_the_planned_answer)
 log "AddressSanitizer + UndefinedBehaviorSanitizer: tests"

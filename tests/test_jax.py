@@ -200,7 +200,7 @@ def test_outputs_and_gradients_match_a_lax_scan_reference(rng, cell, dtype):
 
         args = (params, x, h0, c0)
         (_, out), grads = jax.value_and_grad(fused, argnums=(0, 1, 2, 3), has_aux=True)(*args)
-        # The fused call runs eagerly, as users call it; the reference jitted takes half the time.
+        # The fused call runs eagerly, as users call it; the reference is jitted to compile its scans once.
         (_, out_ref), grads_ref = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2, 3), has_aux=True))(*args)
     for name, a, b in zip(("y", "h_n", "c_n"), out, out_ref):
         assert_close(a, b, dtype, name)
