@@ -15,7 +15,8 @@ Targets per row (float32, ratio = best peer time / fusedrnn time):
   in this run would be more than sgemm itself reaches (where torch's oneDNN kernel runs near the FMA
   peak, as LSTM inference does at a and b on CPUs with full-width 512-bit FMAs). The sgemm rate is
   measured in the same process before and after the rows (the higher of the two counts): 284-454 GF/s
-  on a 2-vCPU Intel Xeon host of bench/NOTES.md (by its neighbours' load), about 480 on the AMD Zen 5 one;
+  on a 2-vCPU Intel Xeon host of bench/NOTES.md (by its neighbours' load), about 480 on the AMD Zen 5
+  one;
 - small batch c, e: >= 2.0x.
 Each row also reports the bytes kept for backward by fusedrnn and torch.nn (training rows).
 `--deepbench N` adds the first N rows of the DeepBench sets that fit 2 cores (T*B*H*H*G < 5e9).
