@@ -71,20 +71,33 @@ def test_one_row_shared_by_units_matches_reference(rng, simd_level, team_size, c
 
 @pytest.fixture
 def projection(request):
-    """Forces where forward projects x: 'in_steps' or 'up_front'."""
+    """Forces where forward projects x: 'in_steps', 'up_front' or 'up_front_by_rank'."""
     yield from set_for_the_test(_core.get_input_projection, _core.set_input_projection, request.param)
 
 
-@pytest.mark.parametrize("projection", ["in_steps", "up_front"], indirect=True)
+@pytest.mark.parametrize("projection", ["in_steps", "up_front", "up_front_by_rank"], indirect=True)
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
 @pytest.mark.parametrize("team_size", [1, 2], indirect=True, ids=["t1", "t2"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=["B13-H129", "T2-unpacked"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_both_input_projections_match_reference(rng, simd_level, team_size, split, projection, cell, shape):
-    """Forward projects x onto W_ih either in one GEMM before the sequence or inside each step, each
-    rank for its own share (by default where its weights fit in L2 beside W_hh); both give the
-    reference's answer whichever way the step is shared, and on a team of one."""
+    """Forward projects x onto W_ih in one GEMM before the sequence, or each rank for its own share
+    inside each step (by default where its weights fit in L2 beside W_hh) or for every step before the
+    first (by default by units, where its W_ih slice fits in half the L2); all give the reference's
+    answer whichever way the step is shared, and on a team of one."""
     check_against_reference(rng, cell, shape)
+
+
+@pytest.mark.parametrize("projection", ["up_front_by_rank"], indirect=True)
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
+@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_projection_by_rank_in_chunks_matches_reference(rng, simd_level, team_size, split, projection, cell):
+    """A rank projecting every step before the first takes its rows of x in chunks that stay in L2
+    (160 inputs: 204 rows of float64 a chunk, so 30 steps of 7 rows by units take two passes, the last
+    one step), or step by step when it has only some of each step's rows. (ReLU's unbounded states
+    over 160 inputs leave the float64 tolerance whichever way x is projected.)"""
+    check_against_reference(rng, cell, (30, 7, 160, 128))
 
 
 @pytest.fixture
@@ -204,7 +217,8 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
         _core.layer_split("lstm", 8, 64, np.int32)
     with pytest.raises(ValueError, match="^kind: expected 'auto', 'rows' or 'units', got 'cols'"):
         _core.set_layer_split("cols")
-    with pytest.raises(ValueError, match="^kind: expected 'auto', 'in_steps' or 'up_front', got 'later'"):
+    with pytest.raises(ValueError, match="^kind: expected 'auto', 'in_steps', 'up_front' or 'up_front_by_rank', "
+                                         "got 'later'"):
         _core.set_input_projection("later")
     assert _core.get_input_projection() == "auto"
     with pytest.raises(ValueError, match="^kind: expected 'auto', 'rows' or 'gate_rows', got 'cols'"):

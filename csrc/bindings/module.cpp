@@ -64,7 +64,8 @@ constexpr Named<cpu::SplitPreference> kSplitNames[] = {{"auto", cpu::SplitPrefer
 constexpr Named<cpu::ProjectionPreference> kProjectionNames[] = {
     {"auto", cpu::ProjectionPreference::kAuto},
     {"in_steps", cpu::ProjectionPreference::kInSteps},
-    {"up_front", cpu::ProjectionPreference::kUpFront}};
+    {"up_front", cpu::ProjectionPreference::kUpFront},
+    {"up_front_by_rank", cpu::ProjectionPreference::kUpFrontByRank}};
 constexpr Named<cpu::WeightGradPreference> kWeightGradNames[] = {
     {"auto", cpu::WeightGradPreference::kAuto},
     {"rows", cpu::WeightGradPreference::kRows},
@@ -660,8 +661,9 @@ PYBIND11_MODULE(_core, m) {
   def_choice(m, "input_projection", kProjectionNames, &cpu::set_projection_preference,
              &cpu::projection_preference,
              "Forces where forward projects x onto W_ih: 'in_steps' (each rank its own rows or units, "
-             "inside each step), 'up_front' (one GEMM before the sequence), or 'auto' (by the layer's "
-             "split and size, the default).");
+             "inside each step), 'up_front' (one GEMM before the sequence), 'up_front_by_rank' (before "
+             "the sequence, each rank its own rows or units with the packed kernel), or 'auto' (by the "
+             "layer's split and size, the default).");
   def_choice(m, "weight_grad_split", kWeightGradNames, &cpu::set_weight_grad_preference,
              &cpu::weight_grad_preference,
              "Forces how backward splits the weight gradients across the team: 'rows' (each thread its "

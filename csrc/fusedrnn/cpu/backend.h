@@ -53,8 +53,9 @@ Index l2_cache_bytes();
 enum class SplitPreference { kAuto, kRows, kUnits };
 void set_split_preference(SplitPreference preference);
 SplitPreference split_preference();
-// Where forward projects x onto W_ih (kernels.h): inside each step, or as one GEMM before the sequence.
-enum class ProjectionPreference { kAuto, kInSteps, kUpFront };
+// Where forward projects x onto W_ih (kernels.h): inside each step, as one GEMM before the sequence, or
+// before the sequence by each rank for its own gate columns.
+enum class ProjectionPreference { kAuto, kInSteps, kUpFront, kUpFrontByRank };
 void set_projection_preference(ProjectionPreference preference);
 ProjectionPreference projection_preference();
 // How backward splits the weight gradients' GEMMs across the team: kRows (each rank its share of all

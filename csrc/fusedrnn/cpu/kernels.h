@@ -11,7 +11,9 @@
 // that publishes the ranks' units of the new state to the others; or by rows (every rank takes all
 // units and the whole W_hh), where no state crosses cores and the ranks never wait for each other
 // until the sequence ends. By rows, where W_ih fits in L2 beside W_hh, each rank also projects its own
-// rows of x inside each step (see ForwardPlan); otherwise one BLAS GEMM projects every step first.
+// rows of x inside each step (see ForwardPlan); by units, where the rank's slice of W_ih fits in half
+// the L2, it projects its own gate columns of every step before the first; otherwise one BLAS GEMM
+// projects every step first.
 //
 // With a projection (layer.h), each step has a second phase: once the cell outputs r of the step are
 // written (by units: after a barrier), each rank computes its share of the columns of h = r W_hr^T,
@@ -76,7 +78,7 @@ struct RankScratch {
   T* packed = nullptr;
   T* tile = nullptr;
   T* packed_ih = nullptr;
-  T* tile_x = nullptr;
+  T* tile_x = nullptr;  // (rows, kPanel-rounded G*units), or (T, rows, ...) when projected up front
   T* bias_x = nullptr;
   T* packed_hr = nullptr;
   T* tile_hr = nullptr;
@@ -103,12 +105,14 @@ struct PlanCommon {
   bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
 };
 
-// The input projection x W_ih^T + b_ih (+ the b_hh the cell lets fold in) arrives one of two ways:
-// computed for every step before the job (gx), or by each rank for its own rows inside each step, with
-// its packed W_ih beside W_hh in cache (gx null; x, w_ih and gx_bias set).
+// The input projection x W_ih^T + b_ih (+ the b_hh the cell lets fold in) arrives one of three ways:
+// computed for every step before the job (gx); or, gx null (x, w_ih and gx_bias set), by each rank for
+// its own share with its packed W_ih, either inside each step, beside W_hh in cache, or for every step
+// before the first (projected_up_front), into its scratch tile_x, which then holds every step's.
 template <typename T>
 struct ForwardPlan : PlanCommon<T> {
   const T* gx = nullptr;           // (T, B, G*H) or null
+  bool projected_up_front = false;  // gx null: each rank projects every step before the first
   Rows<const T> x;                 // (T*B, I) rows, read when gx is null
   Index input = 0;
   Rows<const T> w_ih;              // (G*H, I), read when gx is null

@@ -407,6 +407,26 @@ void project_outputs(const ForwardPlan<T>& pl, Index t, const RankShare& sh, con
   }
 }
 
+// Rows of x a rank projects per panel pass when it projects every step before the first: the chunk's
+// rows stay in L2 while each packed W_ih panel passes over them.
+constexpr std::size_t kProjectionChunkBytes = 256 * 1024;
+
+// A rank's projection of its share of x for every step, each step's rows at tile_x + t*rows*ldt (the
+// bias in every row). By units a rank's rows of successive steps are successive rows of x, projected
+// in chunks; by rows, step by step.
+template <typename T>
+void project_every_step(const ForwardPlan<T>& pl, const RankShare& sh, const RankScratch<T>& scratch, Index panels,
+                        Index ldt) {
+  const Index rows = sh.rows();
+  const Index chunk_rows = std::max<Index>(1, static_cast<Index>(kProjectionChunkBytes / sizeof(T)) / pl.input);
+  const Index steps_per_pass = rows == pl.batch ? std::max<Index>(1, chunk_rows / rows) : 1;
+  for (Index t = 0; t < pl.steps; t += steps_per_pass) {
+    const Index n = std::min(steps_per_pass, pl.steps - t);
+    panel_gemm<T>(n * rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
+                  scratch.tile_x + t * rows * ldt, ldt, PanelOrder::kAscending, scratch.bias_x);
+  }
+}
+
 template <typename Cell, typename T, bool kProjected>
 void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   constexpr int G = Cell::kGates;
@@ -432,6 +452,7 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   if constexpr (kProjected)
     if (busy_outputs && pl.pack_weights)
       pack_panels<T>(H, sh.outputs(), 1, scratch.packed_hr, [&](Index n) { return pl.w_hr.row(sh.o0 + n); });
+  if (busy && pl.projected_up_front) project_every_step(pl, sh, scratch, panels, ldt);
   if (busy_outputs) copy_h_share(state_rows(pl.hs.at(first), R), pl.h0, sh);
   if constexpr (Cell::kHasCellState)
     if (busy) copy_c_share(state_rows(pl.cs.at(first), H), pl.c0, sh);
@@ -454,13 +475,15 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
                       scratch.tile_x, ldt, order, scratch.bias_x);
       };
+      const bool project_now = project && !pl.projected_up_front;
       GateRows<const T> xs;
-      if (project) {
+      if (project_now) {
         if (order == PanelOrder::kAscending) project_step();
         xs = {scratch.tile_x, ldt, units};
       } else {
-        xs = {pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
-        for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * H, rows, G * H, units);
+        xs = project ? GateRows<const T>{scratch.tile_x + t * rows * ldt, ldt, units}
+                     : GateRows<const T>{pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
+        for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * xs.gate_stride, rows, xs.ld, units);
       }
       if (pl.pack_weights)
         panel_gemm<T>(rows, R, panels, h_rows, R, scratch.packed, scratch.tile, ldt, order);
@@ -468,7 +491,7 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         for (int k = 0; k < G; ++k)
           blas::gemm<T>(false, true, rows, units, R, T(1), h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
                         T(0), scratch.tile + k * units, ldt);
-      if (project && order == PanelOrder::kDescending) project_step();
+      if (project_now && order == PanelOrder::kDescending) project_step();
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       const GateRows<T> hs = {scratch.tile, ldt, units};
       if (pl.saved)

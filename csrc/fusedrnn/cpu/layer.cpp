@@ -94,14 +94,17 @@ struct PanelShape {
   Index depth = 0, columns = 0;
 };
 
-// Of one rank: its recurrent weights (W_hh), those for projecting x inside the steps (W_ih, with the
-// bias in its column order) and those of a projection (W_hr).
+// Of one rank: its recurrent weights (W_hh), those for projecting x itself (W_ih, with the bias in its
+// column order) and those of a projection (W_hr); the steps whose projection of x its tile holds at
+// once (all of them when it projects before the first).
 struct RankPanels {
   PanelShape recurrent, input, projection;
+  Index input_tile_steps = 1;
 };
 
 // Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries:
-// for each shape of `panels_of(share)` with depth > 0, the packed panels and a (rows, columns) tile.
+// for each shape of `panels_of(share)` with depth > 0, the packed panels and a (rows, columns) tile
+// (the input's: input_tile_steps such tiles).
 template <typename T, typename PanelsOf>
 std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width,
                                          const PanelsOf& panels_of) {
@@ -114,8 +117,9 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
     panels[r] = panels_of(shares[r]);
     for (PanelShape* p : {&panels[r].recurrent, &panels[r].input, &panels[r].projection}) {
       p->columns = round_up(p->columns, panel_width);
+      const Index tiles = p == &panels[r].input ? panels[r].input_tile_steps : 1;
       if (p->depth > 0)
-        total += round_up(p->depth * p->columns, align) + round_up(shares[r].rows() * p->columns, align);
+        total += round_up(p->depth * p->columns, align) + round_up(tiles * shares[r].rows() * p->columns, align);
     }
     if (panels[r].input.depth > 0) total += round_up(panels[r].input.columns, align);
   }
@@ -134,7 +138,7 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
     out[r].tile = carve(rows * p.recurrent.columns);
     if (p.input.depth > 0) {
       out[r].packed_ih = carve(p.input.depth * p.input.columns);
-      out[r].tile_x = carve(rows * p.input.columns);
+      out[r].tile_x = carve(p.input_tile_steps * rows * p.input.columns);
       out[r].bias_x = carve(p.input.columns);
     }
     if (p.projection.depth > 0) {
@@ -160,22 +164,47 @@ void require_blas_range(std::initializer_list<Index> dims) {
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
-// Each rank can project its own share of x inside each step with the panel kernel, its packed W_ih
-// beside W_hh, instead of one BLAS GEMM before the sequence whose output each step reads back from L3
-// or memory (see bench/NOTES.md, "Figures behind the code", input projection). That pays where the
-// rank's packed weights stay in L2 between steps: by rows, both whole weights in half the L2, as for
-// sharing rows at all; by units, the rank's columns of both in the L2, with enough rows that each
-// weight read from it serves as many FMAs as streaming from L3 needs (a B=1 step would read W_ih
-// just to multiply one row).
-bool project_in_steps(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
-  const ProjectionPreference preference = projection_preference();
-  if (preference != ProjectionPreference::kAuto) return preference == ProjectionPreference::kInSteps;
-  if (s.steps < kMinStepsToPack) return false;
+// Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
+// have no per-step barrier, so they use the whole team even where the recurrence uses fewer ranks,
+// once each thread gets enough work to pay for waking it and joining it again.
+int gemm_threads(double flops, int team_threads) {
+  constexpr double kMinFlopsPerThread = 4e6;
+  const double useful = std::max(1.0, flops / kMinFlopsPerThread);
+  return static_cast<int>(std::min<double>(team_threads, useful));
+}
+
+// Where forward projects x onto W_ih (see bench/NOTES.md, "Figures behind the code", input
+// projection). Each rank can project its own share of x inside each step with the panel kernel, its
+// packed W_ih beside W_hh, instead of one BLAS GEMM before the sequence whose output each step reads
+// back from L3 or memory. That pays where the rank's packed weights stay in L2 between steps: by rows,
+// both whole weights in half the L2, as for sharing rows at all; by units, the rank's columns of both
+// in the L2, with enough rows that each weight read from it serves as many FMAs as streaming from L3
+// needs (a B=1 step would read W_ih just to multiply one row). Short of that, by units each rank can
+// still project its own gate columns of every step before the first with the panel kernel: the
+// result then sits in the rank's own cache, where the shared GEMM, split by steps, leaves each rank's
+// share of later steps in the other core's. That pays where the rank's W_ih slice stays in half the
+// L2, and where BLAS would use no more threads than the recurrence's ranks.
+enum class InputProjection { kUpFront, kUpFrontByRank, kInSteps };
+
+InputProjection input_projection(CellKind cell, const LayerShape& s, const LayerSplit& split,
+                                 std::size_t value_bytes, int team_threads) {
+  switch (projection_preference()) {
+    case ProjectionPreference::kInSteps: return InputProjection::kInSteps;
+    case ProjectionPreference::kUpFront: return InputProjection::kUpFront;
+    case ProjectionPreference::kUpFrontByRank: return InputProjection::kUpFrontByRank;
+    case ProjectionPreference::kAuto: break;
+  }
+  if (s.steps < kMinStepsToPack) return InputProjection::kUpFront;
   const double gate_rows = static_cast<double>(cell_facts(cell).gates) * s.hidden;
-  const double weight_bytes = (gate_rows * (s.input + s.state_size()) + s.proj * s.hidden) * value_bytes;
+  const double ih_bytes = gate_rows * s.input * value_bytes;
+  const double weight_bytes = ih_bytes + (gate_rows * s.state_size() + s.proj * s.hidden) * value_bytes;
   const double l2 = static_cast<double>(l2_cache_bytes());
-  if (split.by_rows) return weight_bytes <= 0.5 * l2;
-  return split.ranks > 1 && s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2;
+  if (split.by_rows) return weight_bytes <= 0.5 * l2 ? InputProjection::kInSteps : InputProjection::kUpFront;
+  if (split.ranks == 1) return InputProjection::kUpFront;
+  if (s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2) return InputProjection::kInSteps;
+  const double gemm_flops = 2.0 * static_cast<double>(s.steps * s.batch) * gate_rows * s.input;
+  const bool by_rank = ih_bytes / split.ranks <= 0.5 * l2 && gemm_threads(gemm_flops, team_threads) <= split.ranks;
+  return by_rank ? InputProjection::kUpFrontByRank : InputProjection::kUpFront;
 }
 
 // The team layout of one call: the split, each rank's share and scratch. The packed panels: forward,
@@ -187,13 +216,15 @@ struct TeamLayout {
   LayerSplit split;
   std::vector<RankShare> shares;
   std::vector<RankScratch<T>> buffers;
-  bool project_in_steps = false;
+  InputProjection input_projection = InputProjection::kUpFront;
 };
 
 template <typename T>
 TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, bool forward) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), team.size(), s.proj);
-  const bool project = forward && project_in_steps(cell, s, split, sizeof(T));
+  const InputProjection projection =
+      forward ? input_projection(cell, s, split, sizeof(T), team.size()) : InputProjection::kUpFront;
+  const bool project = projection != InputProjection::kUpFront;
   const Index gates = cell_facts(cell).gates, state = s.state_size();
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, state, split);
   std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, [&](const RankShare& sh) {
@@ -201,6 +232,7 @@ TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape
     if (forward) {
       p.recurrent = {state, gates * sh.units()};
       if (project) p.input = {s.input, gates * sh.units()};
+      if (projection == InputProjection::kUpFrontByRank) p.input_tile_steps = s.steps;
       if (s.proj > 0) p.projection = {s.hidden, sh.outputs()};
     } else {
       p.recurrent = {gates * s.hidden, sh.outputs()};
@@ -208,7 +240,7 @@ TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape
     }
     return p;
   });
-  return {split, std::move(shares), std::move(buffers), project};
+  return {split, std::move(shares), std::move(buffers), projection};
 }
 
 template <typename T>
@@ -376,15 +408,6 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   return by_units;
 }
 
-// Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
-// have no per-step barrier, so they use the whole team even where the recurrence uses fewer ranks,
-// once each thread gets enough work to pay for waking it and joining it again.
-int gemm_threads(double flops, int team_threads) {
-  constexpr double kMinFlopsPerThread = 4e6;
-  const double useful = std::max(1.0, flops / kMinFlopsPerThread);
-  return static_cast<int>(std::min<double>(team_threads, useful));
-}
-
 // Runs `gemms(rank, of)` on `gemm_ranks` threads and the recurrence `recur(rank)` on `ranks`, in the
 // order given by `gemms_first`: one job when the counts match (no extra wake-up), two otherwise.
 template <typename Gemms, typename Recur>
@@ -448,12 +471,13 @@ void layer_forward(const LayerForwardParams<T>& a) {
     if (b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias[n] += b_hh[n];
   }
   if (!b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
-  const bool up_front = !layout.project_in_steps;
+  const bool up_front = layout.input_projection == InputProjection::kUpFront;
   T* gx = up_front ? scratch<T>(ScratchSlot::kGatesX, rows * gh_width) : nullptr;
 
   ForwardPlan<T> plan;
   fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
   plan.gx = gx;
+  plan.projected_up_front = layout.input_projection == InputProjection::kUpFrontByRank;
   plan.x = x;
   plan.input = input;
   plan.w_ih = w_ih;
