@@ -418,7 +418,8 @@ template <typename T>
 void project_every_step(const ForwardPlan<T>& pl, const RankShare& sh, const RankScratch<T>& scratch, Index panels,
                         Index ldt) {
   const Index rows = sh.rows();
-  const Index chunk_rows = std::max<Index>(1, static_cast<Index>(kProjectionChunkBytes / sizeof(T)) / pl.input);
+  const Index values = static_cast<Index>(kProjectionChunkBytes / sizeof(T));
+  const Index chunk_rows = std::max<Index>(1, values / std::max<Index>(1, pl.input));
   const Index steps_per_pass = rows == pl.batch ? std::max<Index>(1, chunk_rows / rows) : 1;
   for (Index t = 0; t < pl.steps; t += steps_per_pass) {
     const Index n = std::min(steps_per_pass, pl.steps - t);
