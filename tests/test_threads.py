@@ -287,7 +287,9 @@ def test_arrays_the_ranks_write_start_on_cache_lines(rng, cell):
 def test_team_follows_the_callers_cpu_mask():
     """The workers are kept off the caller's CPU within the caller's affinity mask. Confined to one
     CPU after the team started, a two-rank layer sharing its units must still finish (its ranks take
-    turns at each step's barrier) and give the one-rank answer."""
+    turns at each step's barrier) and give the two-rank answer unconfined, bit for bit, and the
+    one-rank answer to float32 rounding (two ranks project x by their own gate columns, one rank in
+    one GEMM: the sums run in different orders)."""
     code = textwrap.dedent("""
         import os
         import numpy as np
@@ -303,12 +305,12 @@ def test_team_follows_the_callers_cpu_mask():
         spread = F.layer_forward("lstm", x, *w, training=False).y
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         confined = F.layer_forward("lstm", x, *w, training=False).y
-        print(_core.layer_split("lstm", 4, 128)[0], np.abs(spread - one).max(), np.abs(confined - one).max())
+        print(_core.layer_split("lstm", 4, 128)[0], np.abs(spread - one).max(), np.array_equal(confined, spread))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    ranks, spread_err, confined_err = out.stdout.split()
+    ranks, spread_err, confined_same = out.stdout.split()
     assert ranks == "2"
-    assert float(spread_err) < 1e-6 and float(confined_err) < 1e-6
+    assert float(spread_err) < 1e-5 and confined_same == "True"
 
 
 def test_import_starts_no_blas_threads():
