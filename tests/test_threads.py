@@ -90,14 +90,13 @@ def test_both_input_projections_match_reference(rng, simd_level, team_size, spli
 
 @pytest.mark.parametrize("projection", ["up_front_by_rank"], indirect=True)
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
-@pytest.mark.parametrize("team_size", [2, 3], indirect=True, ids=["t2", "t3"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("team_size", [2], indirect=True, ids=["t2"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_projection_by_rank_in_chunks_matches_reference(rng, simd_level, team_size, split, projection, cell):
     """A rank projecting every step before the first takes its rows of x in chunks that stay in L2
-    (160 inputs: 204 rows of float64 a chunk, so 30 steps of 7 rows by units take two passes, the last
-    one step), or step by step when it has only some of each step's rows. (ReLU's unbounded states
-    over 160 inputs leave the float64 tolerance whichever way x is projected.)"""
-    check_against_reference(rng, cell, (30, 7, 160, 128))
+    (600 inputs: 54 rows of float64 a chunk, so 10 steps of 7 rows by units take two passes, of 7
+    steps and 3), or step by step when it has only some of each step's rows."""
+    check_against_reference(rng, cell, (10, 7, 600, 128))
 
 
 @pytest.fixture
