@@ -588,24 +588,34 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
 
 // Adds a rank's gate gradients of one step (its rows, its units of each gate) into its column sums,
 // in double, while they are still in L1: the bias gradients, without a pass over every step's
-// gradients after the recurrence. Blocks of columns
-// keep their sums in registers across the rows; a row's values go in in row order either way.
+// gradients after the recurrence. Each block of two double vectors of columns stays in registers across
+// the rows; a column's values go in in row order either way (deterministic).
 template <int G, typename T>
 void add_column_sums(const T* dg_t, Index H, const RankShare& sh, double* __restrict sums) {
-  constexpr Index kBlock = 16;
-  const Index units = sh.units(), ld = G * H;
+  using D = Simd<double>;
+  using Wide = typename D::Vec;
+  constexpr int L = D::kLanes;
+  typedef T Narrow __attribute__((vector_size(L * sizeof(T))));
+  auto widened = [](const T* p) {
+    Narrow v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, Wide);
+  };
+  const Index units = sh.units(), rows = sh.rows(), ld = G * H;
   for (int k = 0; k < G; ++k) {
     const T* __restrict from = dg_t + sh.b0 * ld + k * H + sh.u0;
     double* __restrict to = sums + k * H + sh.u0;
     Index j = 0;
-    for (; j + kBlock <= units; j += kBlock) {  // a constant trip count: acc stays in vector registers
-      double acc[kBlock];
-      for (Index q = 0; q < kBlock; ++q) acc[q] = to[j + q];
-      for (Index b = 0; b < sh.rows(); ++b)
-        for (Index q = 0; q < kBlock; ++q) acc[q] += from[b * ld + j + q];
-      for (Index q = 0; q < kBlock; ++q) to[j + q] = acc[q];
+    for (; j + 2 * L <= units; j += 2 * L) {
+      Wide low = D::load(to + j), high = D::load(to + j + L);
+      for (Index b = 0; b < rows; ++b) {
+        low += widened(from + b * ld + j);
+        high += widened(from + b * ld + j + L);
+      }
+      D::store(to + j, low);
+      D::store(to + j + L, high);
     }
-    for (Index b = 0; b < sh.rows(); ++b)
+    for (Index b = 0; b < rows; ++b)
       for (Index q = j; q < units; ++q) to[q] += from[b * ld + q];
   }
 }
