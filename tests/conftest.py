@@ -31,10 +31,22 @@ def split(request):
     yield from set_for_the_test(fusedrnn._core.get_layer_split, fusedrnn._core.set_layer_split, request.param)
 
 
-@pytest.fixture(params=fusedrnn.build_info()["simd_supported"])
+def simd_levels_under_test():
+    """The SIMD levels this machine supports, or the subset FUSEDRNN_TEST_SIMD_LEVELS names (comma-
+    separated). The ThreadSanitizer run takes one (.ci/sanitize.sh): the ranks' shares of the arrays they
+    exchange do not depend on the level."""
+    supported = fusedrnn.build_info()["simd_supported"]
+    named = [n.strip() for n in os.environ.get("FUSEDRNN_TEST_SIMD_LEVELS", "").split(",") if n.strip()]
+    unsupported = [n for n in named if n not in supported]
+    if unsupported:
+        raise pytest.UsageError(f"FUSEDRNN_TEST_SIMD_LEVELS names {unsupported}; this machine supports {supported}")
+    return [n for n in supported if n in named] if named else supported
+
+
+@pytest.fixture(params=simd_levels_under_test())
 def simd_level(request):
     """Runs a test once per SIMD level of the kernels this machine supports (the portable fallback
-    included), restoring the level in use afterwards."""
+    included; see simd_levels_under_test), restoring the level in use afterwards."""
     previous = fusedrnn.build_info()["simd"]
     fusedrnn.set_simd_level(request.param)
     yield request.param
