@@ -108,11 +108,14 @@ struct PlanCommon {
 // The input projection x W_ih^T + b_ih (+ the b_hh the cell lets fold in) arrives one of three ways:
 // computed for every step before the job (gx); or, gx null (x, w_ih and gx_bias set), by each rank for
 // its own share with its packed W_ih, either inside each step, beside W_hh in cache, or for every step
-// before the first (projected_up_front), into its scratch tile_x, which then holds every step's.
+// before the first (projected_up_front), into its scratch tile_x, which then holds every step's. Inside
+// each step, a cell that reads only each gate's sum of the two projections takes both in one pass
+// (stacked_input): W_ih packed above W_hh in the same panels, x_t and h_{t-1} side by side.
 template <typename T>
 struct ForwardPlan : PlanCommon<T> {
   const T* gx = nullptr;           // (T, B, G*H) or null
   bool projected_up_front = false;  // gx null: each rank projects every step before the first
+  bool stacked_input = false;       // gx null: inside each step, in the pass over W_hh's panels
   Rows<const T> x;                 // (T*B, I) rows, read when gx is null
   Index input = 0;
   Rows<const T> w_ih;              // (G*H, I), read when gx is null

@@ -58,11 +58,21 @@ inline void prefetch_panel_row(const T* row) {
     __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, 0, 3);
 }
 
-// c[r][0..kPanel) = init[0..kPanel) + sum_k a[r*lda + k] * panel[k][0..kPanel) for r < MR (init null:
-// zeros). KS independent accumulator sets split the k loop, so few rows still keep enough FMAs in
-// flight to hide their latency; the sets are summed in a fixed order (deterministic).
+// The left operand of a panel pass: row r's values at a[r*ld + k] for k < depth.
+template <typename T>
+struct PanelRows {
+  const T* a = nullptr;
+  Index ld = 0, depth = 0;
+  PanelRows from(Index row) const { return {depth > 0 ? a + row * ld : a, ld, depth}; }
+};
+
+// c[r][0..kPanel) = init[0..kPanel) + sum_k top[r][k] * panel[k][0..kPanel) for r < MR (init null:
+// zeros), plus, when `below` has depth, sum_k below[r][k] * panel[top.depth + k][...]: two operands
+// side by side without copying them together. KS independent accumulator sets split the k loop, so
+// few rows still keep enough FMAs in flight to hide their latency; the sets are summed in a fixed order
+// (deterministic).
 template <typename T, int MR, int KS>
-inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T* __restrict panel,
+inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restrict panel,
                          const T* __restrict init, T* __restrict c, Index ldc) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
@@ -75,28 +85,32 @@ inline void panel_kernel(Index depth, const T* __restrict a, Index lda, const T*
       acc[0][r][0] = S::load(init);
       acc[0][r][1] = S::load(init + L);
     }
-  Index k = 0;
-  for (; k + KS <= depth; k += KS) {
-    for (int s = 0; s < KS; ++s) {
-      prefetch_panel_row<T>(panel + (k + s + kPrefetchRows) * S::kPanel);
-      const Vec b0 = S::load(panel + (k + s) * S::kPanel);
-      const Vec b1 = S::load(panel + (k + s) * S::kPanel + L);
-      for (int r = 0; r < MR; ++r) {
-        const T av = a[r * lda + k + s];
-        acc[s][r][0] += av * b0;
-        acc[s][r][1] += av * b1;
+  auto accumulate = [&acc](const T* __restrict a, Index lda, Index depth, const T* __restrict rows_of_panel) {
+    Index k = 0;
+    for (; k + KS <= depth; k += KS) {
+      for (int s = 0; s < KS; ++s) {
+        prefetch_panel_row<T>(rows_of_panel + (k + s + kPrefetchRows) * S::kPanel);
+        const Vec b0 = S::load(rows_of_panel + (k + s) * S::kPanel);
+        const Vec b1 = S::load(rows_of_panel + (k + s) * S::kPanel + L);
+        for (int r = 0; r < MR; ++r) {
+          const T av = a[r * lda + k + s];
+          acc[s][r][0] += av * b0;
+          acc[s][r][1] += av * b1;
+        }
       }
     }
-  }
-  for (; k < depth; ++k) {
-    const Vec b0 = S::load(panel + k * S::kPanel);
-    const Vec b1 = S::load(panel + k * S::kPanel + L);
-    for (int r = 0; r < MR; ++r) {
-      const T av = a[r * lda + k];
-      acc[0][r][0] += av * b0;
-      acc[0][r][1] += av * b1;
+    for (; k < depth; ++k) {
+      const Vec b0 = S::load(rows_of_panel + k * S::kPanel);
+      const Vec b1 = S::load(rows_of_panel + k * S::kPanel + L);
+      for (int r = 0; r < MR; ++r) {
+        const T av = a[r * lda + k];
+        acc[0][r][0] += av * b0;
+        acc[0][r][1] += av * b1;
+      }
     }
-  }
+  };
+  accumulate(top.a, top.ld, top.depth, panel);
+  if (below.depth > 0) accumulate(below.a, below.ld, below.depth, panel + top.depth * S::kPanel);
   for (int s = 1; s < KS; ++s)
     for (int r = 0; r < MR; ++r) {
       acc[0][r][0] += acc[s][r][0];
@@ -121,11 +135,11 @@ constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
 
 // Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
 template <typename T, int MR>
-inline void panel_rows_tail(Index rows, Index depth, const T* a, Index lda, const T* panel, const T* init,
+inline void panel_rows_tail(Index rows, PanelRows<T> top, PanelRows<T> below, const T* panel, const T* init,
                             T* c, Index ldc) {
   if constexpr (MR > 1) {
-    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(depth, a, lda, panel, init, c, ldc);
-    panel_rows_tail<T, MR - 1>(rows, depth, a, lda, panel, init, c, ldc);
+    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(top, below, panel, init, c, ldc);
+    panel_rows_tail<T, MR - 1>(rows, top, below, panel, init, c, ldc);
   }
 }
 
@@ -140,21 +154,23 @@ inline PanelOrder panel_order(Index step_index) {
 
 // c (rows, panels*kPanel) = a (rows, depth) @ packed (+ column_init in every row, if not null), where
 // packed holds `panels` panels of (depth, kPanel), visited in `order`. Each panel is reused across all
-// row blocks while it is in L1/L2.
+// row blocks while it is in L1/L2. With `below` (rows, below.depth), the panels are depth + below.depth
+// deep and c = [a below] @ packed.
 template <typename T>
 void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
-                Index ldc, PanelOrder order, const T* column_init = nullptr) {
+                Index ldc, PanelOrder order, const T* column_init = nullptr, PanelRows<T> below = {}) {
   constexpr int P = Simd<T>::kPanel;
   constexpr int MR = kBlockRows;
+  const PanelRows<T> top{a, lda, depth};
   for (Index visit = 0; visit < panels; ++visit) {
     const Index p = order == PanelOrder::kAscending ? visit : panels - 1 - visit;
-    const T* pp = packed + p * depth * P;
+    const T* pp = packed + p * (depth + below.depth) * P;
     const T* init = column_init ? column_init + p * P : nullptr;
     T* cp = c + p * P;
     Index r = 0;
     for (; r + MR <= rows; r += MR)
-      panel_kernel<T, MR, 1>(depth, a + r * lda, lda, pp, init, cp + r * ldc, ldc);
-    if (r < rows) panel_rows_tail<T, MR>(rows - r, depth, a + r * lda, lda, pp, init, cp + r * ldc, ldc);
+      panel_kernel<T, MR, 1>(top.from(r), below.from(r), pp, init, cp + r * ldc, ldc);
+    if (r < rows) panel_rows_tail<T, MR>(rows - r, top.from(r), below.from(r), pp, init, cp + r * ldc, ldc);
   }
 }
 
@@ -201,17 +217,20 @@ inline void transpose_tile(typename Simd<T>::Vec* v) {
 // padding. Two layouts have a fast path, the rest go value by value: a panel's columns side by side in
 // memory (backward: a copy of kPanel values per k), and each column contiguous in k (forward: rows of
 // W, transposed a kLanes x kLanes tile at a time in registers); value by value, packing cost as much
-// as a few steps of a small layer.
+// as a few steps of a small layer. A `panel_depth` above `depth` spaces the panels that many rows apart,
+// for another call to pack the rows below these.
 template <typename T, typename ColumnStart>
-void pack_panels(Index depth, Index columns, Index k_stride, T* packed, ColumnStart column_start) {
+void pack_panels(Index depth, Index columns, Index k_stride, T* packed, ColumnStart column_start,
+                 Index panel_depth = 0) {
   using S = Simd<T>;
   constexpr int P = S::kPanel;
   constexpr int L = S::kLanes;
   const Index panels = panel_count<T>(columns);
+  if (panel_depth == 0) panel_depth = depth;
   for (Index p = 0; p < panels; ++p) {
     const T* start[P];
     for (int c = 0; c < P; ++c) start[c] = p * P + c < columns ? column_start(p * P + c) : nullptr;
-    T* dst = packed + p * depth * P;
+    T* dst = packed + p * panel_depth * P;
     bool side_by_side = true;
     for (int c = 0; c < P; ++c) side_by_side = side_by_side && start[c] == start[0] + c;
     if (side_by_side) {
@@ -444,10 +463,18 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   // Column n of this rank's gates is gate n / units of unit u0 + n % units: that row of W_hh and W_ih,
   // read along k.
   auto gate_row = [&](Index n) { return (n / units) * H + u0 + n % units; };
+  // Stacked: each panel holds the input's rows of W_ih, then W_hh's.
+  const Index stacked_depth = pl.input + R;
+  T* const packed_hh = pl.stacked_input ? scratch.packed + pl.input * Simd<T>::kPanel : scratch.packed;
   if (busy && pl.pack_weights)
-    pack_panels<T>(R, columns, 1, scratch.packed, [&](Index n) { return pl.w_hh.row(gate_row(n)); });
+    pack_panels<T>(R, columns, 1, packed_hh, [&](Index n) { return pl.w_hh.row(gate_row(n)); },
+                   pl.stacked_input ? stacked_depth : R);
   if (busy && project) {
-    pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, [&](Index n) { return pl.w_ih.row(gate_row(n)); });
+    auto ih_row = [&](Index n) { return pl.w_ih.row(gate_row(n)); };
+    if (pl.stacked_input)
+      pack_panels<T>(pl.input, columns, 1, scratch.packed, ih_row, stacked_depth);
+    else
+      pack_panels<T>(pl.input, columns, 1, scratch.packed_ih, ih_row);
     for (Index n = 0; n < ldt; ++n) scratch.bias_x[n] = n < columns ? pl.gx_bias[gate_row(n)] : T(0);
   }
   if constexpr (kProjected)
@@ -470,29 +497,36 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     if (busy) {
       const T* h_rows = h_prev + sh.b0 * R;
       if (pl.exchange_state) prefetch_lines(h_rows, rows * R);
-      // Packed W_ih then W_hh, each in the step's panel order; a descending step takes them in the
-      // reverse order too, so it starts where the previous step ended.
-      auto project_step = [&] {
-        panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
-                      scratch.tile_x, ldt, order, scratch.bias_x);
-      };
-      const bool project_now = project && !pl.projected_up_front;
       GateRows<const T> xs;
-      if (project_now) {
-        if (order == PanelOrder::kAscending) project_step();
-        xs = {scratch.tile_x, ldt, units};
+      if (pl.stacked_input) {
+        // One pass: [x_t h_{t-1}] by the stacked panels; the bias joins in the pointwise pass.
+        panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed,
+                      scratch.tile, ldt, order, nullptr, PanelRows<T>{h_rows, R, R});
+        xs = {scratch.bias_x, 0, units};
       } else {
-        xs = project ? GateRows<const T>{scratch.tile_x + t * rows * ldt, ldt, units}
-                     : GateRows<const T>{pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
-        for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * xs.gate_stride, rows, xs.ld, units);
+        // Packed W_ih then W_hh, each in the step's panel order; a descending step takes them in the
+        // reverse order too, so it starts where the previous step ended.
+        auto project_step = [&] {
+          panel_gemm<T>(rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,
+                        scratch.tile_x, ldt, order, scratch.bias_x);
+        };
+        const bool project_now = project && !pl.projected_up_front;
+        if (project_now) {
+          if (order == PanelOrder::kAscending) project_step();
+          xs = {scratch.tile_x, ldt, units};
+        } else {
+          xs = project ? GateRows<const T>{scratch.tile_x + t * rows * ldt, ldt, units}
+                       : GateRows<const T>{pl.gx + (t * pl.batch + sh.b0) * G * H + u0, G * H, H};
+          for (int k = 0; k < G; ++k) prefetch_block_l2(xs.first + k * xs.gate_stride, rows, xs.ld, units);
+        }
+        if (pl.pack_weights)
+          panel_gemm<T>(rows, R, panels, h_rows, R, scratch.packed, scratch.tile, ldt, order);
+        else  // this rank's rows of each gate block of W_hh, read in place
+          for (int k = 0; k < G; ++k)
+            blas::gemm<T>(false, true, rows, units, R, T(1), h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
+                          T(0), scratch.tile + k * units, ldt);
+        if (project_now && order == PanelOrder::kDescending) project_step();
       }
-      if (pl.pack_weights)
-        panel_gemm<T>(rows, R, panels, h_rows, R, scratch.packed, scratch.tile, ldt, order);
-      else  // this rank's rows of each gate block of W_hh, read in place
-        for (int k = 0; k < G; ++k)
-          blas::gemm<T>(false, true, rows, units, R, T(1), h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
-                        T(0), scratch.tile + k * units, ldt);
-      if (project_now && order == PanelOrder::kDescending) project_step();
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
       const GateRows<T> hs = {scratch.tile, ldt, units};
       if (pl.saved)

@@ -100,11 +100,12 @@ struct PanelShape {
 struct RankPanels {
   PanelShape recurrent, input, projection;
   Index input_tile_steps = 1;
+  bool stacked_input = false;  // W_ih stacked on W_hh in `recurrent`, with the input's bias row
 };
 
 // Per-rank packed-weight and tile buffers, carved from one scratch block at 64-byte boundaries:
 // for each shape of `panels_of(share)` with depth > 0, the packed panels and a (rows, columns) tile
-// (the input's: input_tile_steps such tiles).
+// (the input's: input_tile_steps such tiles); with an input, own or stacked, its bias row.
 template <typename T, typename PanelsOf>
 std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width,
                                          const PanelsOf& panels_of) {
@@ -122,6 +123,7 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
         total += round_up(p->depth * p->columns, align) + round_up(tiles * shares[r].rows() * p->columns, align);
     }
     if (panels[r].input.depth > 0) total += round_up(panels[r].input.columns, align);
+    if (panels[r].stacked_input) total += round_up(panels[r].recurrent.columns, align);
   }
   T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align);
   base += (align - (reinterpret_cast<std::uintptr_t>(base) / sizeof(T)) % align) % align;
@@ -141,6 +143,7 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
       out[r].tile_x = carve(p.input_tile_steps * rows * p.input.columns);
       out[r].bias_x = carve(p.input.columns);
     }
+    if (p.stacked_input) out[r].bias_x = carve(p.recurrent.columns);
     if (p.projection.depth > 0) {
       out[r].packed_hr = carve(p.projection.depth * p.projection.columns);
       out[r].tile_hr = carve(rows * p.projection.columns);
@@ -217,7 +220,17 @@ struct TeamLayout {
   std::vector<RankShare> shares;
   std::vector<RankScratch<T>> buffers;
   InputProjection input_projection = InputProjection::kUpFront;
+  bool stacked_input = false;
 };
+
+// Projecting x inside the steps, a cell that reads only each gate's sum of the two projections (all
+// but GRU, whose n gate scales its recurrent part by r) takes both in one pass over panels holding W_ih
+// above W_hh: each panel's accumulators start and end once a step instead of twice, which pays at
+// short depths (see bench/NOTES.md, "Figures behind the code", input projection).
+bool stacks_input(CellKind cell, const LayerShape& s, InputProjection projection) {
+  return projection == InputProjection::kInSteps && s.steps >= kMinStepsToPack &&
+         !cell_facts(cell).split_recurrent_grad;
+}
 
 template <typename T>
 TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, bool forward) {
@@ -225,13 +238,15 @@ TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape
   const InputProjection projection =
       forward ? input_projection(cell, s, split, sizeof(T), team.size()) : InputProjection::kUpFront;
   const bool project = projection != InputProjection::kUpFront;
+  const bool stacked = forward && stacks_input(cell, s, projection);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, state, split);
   std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, [&](const RankShare& sh) {
     RankPanels p;
     if (forward) {
-      p.recurrent = {state, gates * sh.units()};
-      if (project) p.input = {s.input, gates * sh.units()};
+      p.recurrent = {state + (stacked ? s.input : 0), gates * sh.units()};
+      if (project && !stacked) p.input = {s.input, gates * sh.units()};
+      p.stacked_input = stacked;
       if (projection == InputProjection::kUpFrontByRank) p.input_tile_steps = s.steps;
       if (s.proj > 0) p.projection = {s.hidden, sh.outputs()};
     } else {
@@ -240,7 +255,7 @@ TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape
     }
     return p;
   });
-  return {split, std::move(shares), std::move(buffers), projection};
+  return {split, std::move(shares), std::move(buffers), projection, stacked};
 }
 
 template <typename T>
@@ -478,6 +493,7 @@ void layer_forward(const LayerForwardParams<T>& a) {
   fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
   plan.gx = gx;
   plan.projected_up_front = layout.input_projection == InputProjection::kUpFrontByRank;
+  plan.stacked_input = layout.stacked_input;
   plan.x = x;
   plan.input = input;
   plan.w_ih = w_ih;
