@@ -211,9 +211,9 @@ InputProjection input_projection(CellKind cell, const LayerShape& s, const Layer
 }
 
 // The team layout of one call: the split, each rank's share and scratch. The packed panels: forward,
-// W_hh R deep by G*units columns (W_ih the same I deep where x is projected inside the steps, W_hr H
-// deep by the rank's state columns); backward, W_hh G*H deep by the rank's state columns (W_hr P
-// deep by its units).
+// W_hh R deep by G*units columns (W_ih the same I deep where x is projected inside the steps, or
+// stacked above W_hh, I + R deep; W_hr H deep by the rank's state columns); backward, W_hh G*H deep by
+// the rank's state columns (W_hr P deep by its units).
 template <typename T>
 struct TeamLayout {
   LayerSplit split;
