@@ -90,13 +90,14 @@ def test_both_input_projections_match_reference(rng, simd_level, team_size, spli
 
 @pytest.mark.parametrize("projection", ["in_steps"], indirect=True)
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
-@pytest.mark.parametrize("team_size", [1, 2], indirect=True, ids=["t1", "t2"])
+@pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
 @pytest.mark.parametrize("cell, projected", [("lstm", True), ("rnn_relu", False)], ids=["lstm_proj", "rnn_relu"])
 def test_stacked_input_pass_matches_reference(rng, simd_level, team_size, split, projection, cell, projected):
     """Projecting x inside the steps, LSTM and the RNNs multiply x_t and h_{t-1} by one set of panels
     holding W_ih above W_hh (GRU, whose n gate keeps the two apart, takes two passes): 37 inputs above
     a 43-wide projected state or 129 units, so neither part fills whole vectors and the second part
-    starts mid-loop; 13 rows leave a 1-row remainder block."""
+    starts mid-loop; 13 rows leave a 1-row remainder block; three ranks are more than this machine's
+    cores."""
     hidden = 129
     check_against_reference(rng, cell, (4, 13, 37, hidden), proj_of(hidden, projected))
 
