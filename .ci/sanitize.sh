@@ -194,15 +194,38 @@ if [[ "$compiled" != "$supported" ]]; then
     <(tr , '\n' <<<"$supported" | sort) | paste -sd, -)"
 fi
 
-# The ThreadSanitizer build runs beside the ASan tests, which mostly keep one core busy.
+# OPENBLAS_NUM_THREADS=1: numpy's own OpenBLAS (the tests' float64 reference, not the BLAS fusedrnn
+# calls) hands work to its thread pool through its own spin flags, which TSan cannot see in uninstrumented
+# code, so its memsets on memory the main thread allocated read as races. One thread means no pool to
+# misreport; fusedrnn's BLAS runs single-threaded inside the team's jobs either way.
+# die_after_fork=0: test_fork_while_another_thread_computes forks while the team's threads run and the
+# child starts a fresh team; TSan otherwise kills any child that starts threads after a multi-threaded
+# fork. TSan does not vouch for such a child, so a report from one needs checking against that.
+# FUSEDRNN_TEST_SIMD_LEVELS: the SIMD-parametrized tests on this CPU's best level alone (the ASan run
+# below takes every level). What the ranks share (rows and units of h, c, y and the gate gradients) is
+# split the same on every level; a level changes only the sizes of each rank's own tiles and panels.
+tsan_env=(
+  LD_PRELOAD="$libtsan"
+  FUSEDRNN_TEST_SIMD_LEVELS="${supported##*,}"
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:log_path=$work/logs/tsan"
+  OPENBLAS_NUM_THREADS=1
+  PYTHONDONTWRITEBYTECODE=1
+)
+
+# The ThreadSanitizer build, then its tests (test_concurrency.py and test_threads.py), run beside the
+# ASan tests, which mostly keep one core busy; their output is shown once the ASan tests end.
 tsan_start=$(date +%s)
 (
-  status=0
-  build tsan "-fsanitize=thread -fno-omit-frame-pointer" || status=$?
+  build tsan "-fsanitize=thread -fno-omit-frame-pointer" || { echo build >"$work/tsan.failed"; exit 1; }
   date +%s >"$work/build-tsan.end"
-  exit "$status"
+  tsan_rc=0
+  env "${tsan_env[@]}" "$work/venv-tsan/bin/python" -m pytest -p no:cacheprovider -q --capture=sys \
+    --junitxml="$work/tsan.xml" tests/test_concurrency.py tests/test_threads.py >"$work/tsan.out" 2>&1 \
+    || tsan_rc=$?
+  date +%s >"$work/tests-tsan.end"
+  exit "$tsan_rc"
 ) &
-tsan_build=$!
+tsan_job=$!
 
 # torch's own test files (test_torch_parity.py, test_torch_dropin.py: ~1,560 tests) run only with
 # SANITIZE_TORCH=1: they pass under ASan, but add about a minute of tests and the 190 MB wheel's install
@@ -212,7 +235,7 @@ torch_files=()
 [[ "$with_torch" == 1 ]] || torch_files=(--ignore=tests/test_torch_parity.py --ignore=tests/test_torch_dropin.py)
 # Also left to the main job: the command line's files (the calls they make run in the other files) and
 # the longest stress case, resizing the team while layers run: test_concurrent_callers_while_the_team_is_resized
-# takes the same path here, and TSan runs the case itself below.
+# takes the same path here, and TSan runs the case itself.
 asan_skips=(--ignore=tests/test_cli.py --ignore=tests/test_bench_cli.py
             --deselect=tests/test_concurrency.py::test_resizing_while_a_layer_runs_gives_the_planned_answer)
 log "AddressSanitizer + UndefinedBehaviorSanitizer: tests"
@@ -227,34 +250,13 @@ echo "asan+ubsan: $asan_passed passed, $asan_failed failed, $asan_reports saniti
 [[ $asan_rc -eq 0 && $asan_reports -eq 0 ]] || status=1
 
 # ---- 2. ThreadSanitizer ---------------------------------------------------------------------------------
-log "ThreadSanitizer: build"
-wait "$tsan_build" || build_failed tsan
-echo "built in $(($(cat "$work/build-tsan.end") - tsan_start)) s, beside the ASan tests"
-
-# OPENBLAS_NUM_THREADS=1: numpy's own OpenBLAS (the tests' float64 reference, not the BLAS fusedrnn
-# calls) hands work to its thread pool through its own spin flags, which TSan cannot see in uninstrumented
-# code, so its memsets on memory the main thread allocated read as races. One thread means no pool to
-# misreport; fusedrnn's BLAS runs single-threaded inside the team's jobs either way.
-# die_after_fork=0: test_fork_while_another_thread_computes forks while the team's threads run and the
-# child starts a fresh team; TSan otherwise kills any child that starts threads after a multi-threaded
-# fork. TSan does not vouch for such a child, so a report from one needs checking against that.
-# FUSEDRNN_TEST_SIMD_LEVELS: the SIMD-parametrized tests on this CPU's best level alone (the ASan run
-# above takes every level). What the ranks share (rows and units of h, c, y and the gate gradients) is
-# split the same on every level; a level changes only the sizes of each rank's own tiles and panels.
-tsan_env=(
-  LD_PRELOAD="$libtsan"
-  FUSEDRNN_TEST_SIMD_LEVELS="${supported##*,}"
-  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:log_path=$work/logs/tsan"
-  OPENBLAS_NUM_THREADS=1
-  PYTHONDONTWRITEBYTECODE=1
-)
-log "ThreadSanitizer: tests"
-part=$(date +%s)
+log "ThreadSanitizer: build, then tests (beside the ASan tests)"
 tsan_rc=0
-env "${tsan_env[@]}" "$work/venv-tsan/bin/python" -m pytest -p no:cacheprovider -q --capture=sys \
-  --junitxml="$work/tsan.xml" tests/test_concurrency.py tests/test_threads.py 2>&1 | tee "$work/tsan.out" \
-  || tsan_rc=$?
-tsan_seconds=$(seconds_since "$part")
+wait "$tsan_job" || tsan_rc=$?
+[[ -e "$work/tsan.failed" ]] && build_failed tsan
+echo "built in $(($(cat "$work/build-tsan.end") - tsan_start)) s"
+cat "$work/tsan.out"
+tsan_seconds=$(($(cat "$work/tests-tsan.end") - $(cat "$work/build-tsan.end")))
 read -r tsan_passed tsan_failed < <(counts "$work/tsan.xml") || true
 tsan_reports=$(reports tsan "$work/tsan.out")
 echo "tsan: $tsan_passed passed, $tsan_failed failed, $tsan_reports sanitizer reports, tests $tsan_seconds s"
