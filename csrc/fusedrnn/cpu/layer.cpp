@@ -527,15 +527,20 @@ namespace {
 
 // The weight gradients sum over all steps' rows (K = T*B). Split by gate rows (M), each rank reads
 // only its columns of the gate gradients but gets a short M, which OpenBLAS runs markedly slower than
-// the whole M over half the rows (see bench/NOTES.md, "Figures behind the code", weight gradients). Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
-// while those partials are small beside L2. Large layers gained nothing by rows, so stay split by M.
+// the whole M over half the rows (see bench/NOTES.md, "Figures behind the code", weight gradients).
+// Split by rows, each further rank sums into a partial of its own, added after a barrier; worth it
+// while those partials are small beside L2, and while each rank sums enough rows that adding the
+// partials (as many values as the GEMM's output) costs little beside them. Large layers gained
+// nothing by rows, so stay split by M.
 bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t value_bytes) {
+  constexpr Index kMinRowsPerPartial = 256;
   if (ranks == 1) return false;
   const WeightGradPreference preference = weight_grad_preference();
   if (preference != WeightGradPreference::kAuto) return preference == WeightGradPreference::kRows;
   const double partial_bytes =
       static_cast<double>(ranks - 1) * gates * s.hidden * (s.input + s.state_size()) * value_bytes;
-  return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes());
+  return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes()) &&
+         s.steps * s.batch >= kMinRowsPerPartial * ranks;
 }
 
 }  // namespace
