@@ -119,9 +119,9 @@ echo "demo (5 epochs, one member) in $(seconds_since "$part") s"
 # sources); here, what packaging can break: the module and its bundled BLAS loading beside numpy, torch
 # and jax, every SIMD level's kernels against the reference, the torch custom op and its threads, the
 # XLA FFI handlers (registered, matching the NumPy modules bitwise for every cell, refusing bad input
-# at run time, called from several threads; the rest of test_jax.py is jax's tracing around them, a
-# minute the main job already spent) and the entry points. Tests named by node id: a renamed one fails
-# here instead of silently dropping out.
+# at run time, called from several threads; the rest of test_jax.py is jax's tracing around them,
+# which the main job runs) and the entry points. Tests named by node id: a renamed one fails here
+# instead of silently dropping out.
 part=$(date +%s)
 jax_tests=(test_info_reports_the_handlers_build test_outputs_and_gradients_equal_the_numpy_modules_bitwise
            test_nan_and_inf_raise_at_run_time_naming_the_argument
