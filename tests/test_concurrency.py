@@ -166,12 +166,15 @@ def test_workers_outside_a_job_never_run_it(team):
 
 
 def test_concurrent_callers_while_the_team_is_resized():
-    """Four Python threads run different cells and shapes at once through the functional API while a
-    fifth cycles the team through 1 to 8 threads; every result equals a quiet run's on some size."""
+    """Five Python threads run different cells and shapes at once through the functional API while a
+    sixth cycles the team through 1 to 8 threads; every result equals a quiet run's on some size. The
+    last layer has enough rows (320 a rank on 8) that its weight gradients split by rows, each further
+    rank summing into a partial of the calling thread's scratch."""
     counts = run_child("""
         sizes = range(1, 9)
         cases = [layer(0, "lstm", 5, 1, 8, 128), layer(1, "gru", 4, 9, 7, 129),
-                 layer(2, "rnn_relu", 6, 24, 5, 200), layer(3, "lstm", 3, 16, 33, 64)]
+                 layer(2, "rnn_relu", 6, 24, 5, 200), layer(3, "lstm", 3, 16, 33, 64),
+                 layer(4, "lstm", 64, 40, 8, 32)]
         want = expected_by_size(cases, sizes)
         results = [[0, 0] for _ in cases]
         def call(k):
@@ -187,7 +190,7 @@ def test_concurrent_callers_while_the_team_is_resized():
         print(json.dumps({"calls": sum(r[0] for r in results), "mismatches": sum(r[1] for r in results),
                           "resizes": resizer.count}))
     """)
-    assert counts["calls"] == 600 and counts["resizes"] > 10
+    assert counts["calls"] == 750 and counts["resizes"] > 10
     assert counts["mismatches"] == 0
 
 
