@@ -669,7 +669,7 @@ void layer_backward(const LayerBackwardParams<T>& a) {
       }
     if (grads_by_rows) {
       // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
-      tm.barrier().wait();
+      tm.barrier().wait(rank);
       for (int q = 0; q + 1 < of; ++q) {
         const T* partial_ih = partials + q * weight_values;
         const T* partial_hh = partial_ih + gh_width * input;

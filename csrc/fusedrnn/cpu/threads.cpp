@@ -96,6 +96,7 @@ void ThreadTeam::set_worker_delay_after_post(int microseconds) {
 void ThreadTeam::set_size(int threads) {
   std::lock_guard<std::mutex> hold(lease_mutex_);
   threads = std::clamp(threads, 1, kMaxSize);
+  barrier_.reserve(threads);
   if (threads == size() && static_cast<int>(workers_.size()) == threads - 1) return;
   stop_workers();
   start_workers(threads);

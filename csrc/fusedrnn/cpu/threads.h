@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -47,28 +48,44 @@ void spin_then_yield_until(const Done& done) {
   }
 }
 
-// Sense-reversing barrier for the ranks of one job; counter and phase on separate cache lines.
+// The ranks of one job meet here. Each rank counts its arrivals on a cache line of its own with a
+// plain store, then watches the other ranks' lines: arriving never waits, where a locked add on a
+// shared counter first drains the rank's pending stores and takes the counter's line from the rank
+// before (see bench/NOTES.md, "Figures behind the code", barrier).
 class SpinBarrier {
  public:
+  // Room for `ranks` parties; only while no job runs (it allocates).
+  void reserve(int ranks) {
+    if (ranks > capacity_) {
+      arrivals_ = std::make_unique<Arrivals[]>(static_cast<std::size_t>(ranks));
+      capacity_ = ranks;
+    }
+  }
+  // Before each job, on `parties` <= the reserved ranks.
   void reset(int parties) {
     parties_ = parties;
-    arrived_.store(0, std::memory_order_relaxed);
+    for (int r = 0; r < parties; ++r) arrivals_[r].count.store(0, std::memory_order_relaxed);
   }
-  void wait() {
+  // Returns once every rank of the job has called wait() as many times as `rank` has, this call
+  // included; what each rank wrote before its call is then visible to all.
+  void wait(int rank) {
     if (parties_ <= 1) return;
-    const int phase = phase_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      phase_.store(phase + 1, std::memory_order_release);
-      return;
-    }
-    spin_then_yield_until([&] { return phase_.load(std::memory_order_acquire) != phase; });
+    std::atomic<std::uint64_t>& mine = arrivals_[rank].count;
+    const std::uint64_t reached = mine.load(std::memory_order_relaxed) + 1;
+    mine.store(reached, std::memory_order_release);
+    for (int r = 0; r < parties_; ++r)
+      if (r != rank)
+        spin_then_yield_until(
+            [&] { return arrivals_[r].count.load(std::memory_order_acquire) >= reached; });
   }
 
  private:
+  struct alignas(64) Arrivals {
+    std::atomic<std::uint64_t> count{0};
+  };
   int parties_ = 1;
-  alignas(64) std::atomic<int> arrived_{0};
-  alignas(64) std::atomic<int> phase_{0};
+  int capacity_ = 0;
+  std::unique_ptr<Arrivals[]> arrivals_;
 };
 
 class ThreadTeam {

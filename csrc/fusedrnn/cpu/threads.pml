@@ -21,33 +21,37 @@
  * Waits. A worker spins on post_, then sleeps on wake_ with the predicate post_ != seen; both are one
  * blocking step here, a load of post_ once it differs from seen. No wake-up is lost: post() changes
  * post_ holding sleep_mutex_, which the sleeper holds from its predicate test until wait() has queued
- * it, and notify_all follows the change. The spins on pending_ and phase_ are blocking guards too.
+ * it, and notify_all follows the change. The spins on pending_ and on the other ranks' barrier counts
+ * are blocking guards too.
  *
  * Memory order. Promela interleaves whole steps (sequential consistency); the C++ uses acquire/release.
- * Every handoff in the protocol is message passing or a read-modify-write on one counter, never two
- * threads each storing one variable and loading the other's, the pattern where acquire/release allows
- * outcomes no interleaving has. job_, barrier_.reset() and pending_ are written before the release
- * store of post_ that a worker's acquire load reads; a rank's reads of job_ and the barrier precede its
- * acq_rel fetch_sub of pending_, and the caller's acquire load that reads 0 synchronizes with every
- * decrement (a release sequence), so it writes job_ and resets the barrier only after them; stopping_
- * is stored (seq_cst) before post(0), so a worker that loads the stop word reads it set; the barrier's
- * fetch_add is acq_rel and its phase_ store/load release/acquire, which orders the last arriver's
- * arrived_ = 0 before the next wait's fetch_add. A worker's load of post_ may return an older word
- * than the latest, but only one naming a job the worker is not in (the caller posts nothing while a
- * rank of its job is still counted), or a stop; that is the same load made earlier, while the word
- * was the latest, with the worker then delayed.
+ * The job handoff is message passing or a read-modify-write on one counter, never two threads each
+ * storing one variable and loading the other's, the pattern where acquire/release allows outcomes no
+ * interleaving has. job_, barrier_.reset() and pending_ are written before the release store of post_
+ * that a worker's acquire load reads; a rank's reads of job_ and the barrier precede its acq_rel
+ * fetch_sub of pending_, and the caller's acquire load that reads 0 synchronizes with every decrement
+ * (a release sequence), so it writes job_ and resets the barrier only after them; stopping_ is stored
+ * (seq_cst) before post(0), so a worker that loads the stop word reads it set. The barrier is that
+ * pattern (each rank stores its own count, then loads the others'), but a rank leaves only once it has
+ * read every other count at `reached` or more, and a count is written by its own rank alone and only
+ * grows, so such a load proves that rank has arrived whatever order the stores became visible in; a
+ * stale load only spins again. Reading the release store (or a later one of the same rank) makes that
+ * rank's writes before its arrival visible after the wait. A worker's load of post_ may return an
+ * older word than the latest, but only one naming a job the worker is not in (the caller posts
+ * nothing while a rank of its job is still counted), or a stop; that is the same load made earlier,
+ * while the word was the latest, with the worker then delayed.
  *
  * Scope. keep_workers_off_caller_cpu, FlushDenormals and the fork handlers change nothing the protocol
  * reads (a child's lost workers restart through start_workers, as in a resize). A job body is NB
  * barrier waits; the work between them touches no team state.
  *
- * State space (SPIN 6.5.2, the configuration below): 666,714 states, 1,390,389 transitions, depth 885,
- * 0 errors, under a second; the liveness search visits 1.33 million (state, claim) pairs, depth 1,735.
- * TEAM=5 with plan 2,5,3,1,4,-4,2,4,-5,5,3: 18,107,486 states, depth 951, 0 errors (40 s, 3 GB).
- * With -DOLD_PROTOCOL the depth-first search fails assertion (a) after 219,196 states; the shortest
- * trail (pan -i) has 169 steps: rank 2 takes generation 1 (a job of 2 ranks) and is delayed until the
- * job of 4 is set up, runs it, counts itself off, finds generation 2 new and starts it again. TEAM=3
- * with plan 2,3 fails the same way.
+ * State space (SPIN 6.5.2, the configuration below): 990,894 states, 1,828,217 transitions, depth
+ * 1,349, 0 errors, under a second; the liveness search visits 1.98 million (state, claim) pairs, depth
+ * 2,663. TEAM=5 with plan 2,5,3,1,4,-4,2,4,-5,5,3: 21,844,866 states, depth 1,574, 0 errors (22 s,
+ * 5.4 GB). With -DOLD_PROTOCOL the depth-first search fails assertion (a) after 326,438 states; the
+ * shortest trail (pan -i) has 247 steps: rank 2 takes generation 1 (a job of 2 ranks) and is delayed
+ * until the job of 4 is set up, runs it, counts itself off, finds generation 2 new and starts it
+ * again. TEAM=3 with plan 2,3 fails the same way.
  */
 
 /* The configuration checked; -D overrides any of it, as in
@@ -57,6 +61,9 @@
 #endif
 #ifndef NB
 #define NB     2   /* barrier waits per job */
+#endif
+#ifndef TEAM_MAX
+#define TEAM_MAX 5 /* the most ranks any call of PLAN uses (barrier_.reserve) */
 #endif
 /* The calls in order: n > 0 runs a job on n ranks; -n resizes the team to n. It has a job smaller
  * than the team before a larger one (2 then 4, 2 then 3: what the old protocol gets wrong), a job on
@@ -74,8 +81,7 @@ byte  job_;        /* job_: number of the current job (1 + its index in plan), 0
 short pending;     /* pending_ */
 bool  stopping;    /* stopping_ */
 byte  parties;     /* barrier_.parties_ */
-byte  arrived;     /* barrier_.arrived_ */
-byte  phase;       /* barrier_.phase_ */
+byte  count[TEAM_MAX];  /* barrier_.arrivals_[rank].count */
 #ifdef OLD_PROTOCOL
 byte  job_threads; /* job_threads_, a plain int beside the generation counter */
 #define SEEN(w) ((w) >> 16)   /* the old worker compared and kept the generation alone */
@@ -91,25 +97,27 @@ byte came[(NCALLS + 1) * NB];   /* ranks of job j that have arrived at its k-th 
 byte workers;                   /* worker threads that have not returned (what join waits for) */
 bool finished;
 
-/* SpinBarrier::wait(), the k-th call of job j (locals ph, old of the calling process). */
-inline barrier_wait(j, k) {
+/* SpinBarrier::wait(rank), the k-th call of job j (locals q, reached of the calling process). */
+inline barrier_wait(rank, j, k) {
   if
   :: atomic { parties <= 1 -> came[j * NB + k]++ }     /* `if (parties_ <= 1) return;` */
   :: else ->
-     ph = phase;                                        /* `phase = phase_.load(acquire)` */
-     d_step { old = arrived; arrived++; came[j * NB + k]++ }  /* `arrived_.fetch_add(1, acq_rel)` */
-     if
-     :: old == parties - 1 ->
-        arrived = 0;                                    /* `arrived_.store(0, relaxed)` */
-        phase = ph + 1                                  /* `phase_.store(phase + 1, release)` */
-     :: else ->
-        phase != ph                                     /* spin until `phase_.load(acquire) != phase` */
-     fi
+     d_step {
+       reached = count[rank] + 1;                       /* `reached = mine.load(relaxed) + 1` */
+       count[rank] = reached;                           /* `mine.store(reached, release)` */
+       came[j * NB + k]++
+     };
+     q = 0;
+     do
+     :: q < parties ->                                  /* spin until every other rank's */
+        (q == rank || count[q] >= reached); q++         /* `count.load(acquire) >= reached` */
+     :: else -> q = 0; break
+     od
   fi;
   assert(came[j * NB + k] == threads_of[j])             /* (d) */
 }
 
-/* job(rank) for job j, the job read from job_ (locals k, ph, old). */
+/* job(rank) for job j, the job read from job_ (locals k, q, reached). */
 inline run_job(rank, j) {
   d_step {
     assert(j != 0 && j == live);                                    /* (b) */
@@ -118,14 +126,14 @@ inline run_job(rank, j) {
   }
   k = 0;
   do
-  :: k < NB -> barrier_wait(j, k); k++
+  :: k < NB -> barrier_wait(rank, j, k); k++
   :: else -> break
   od;
   assert(j == live)                                                 /* (b) */
 }
 
 proctype worker(byte rank; int seen) {
-  byte j, k, ph, old;
+  byte j, k, q, reached;
   do
   :: /* worker_loop: `word = post_.load(acquire)` until `word != seen` (spinning, then in
       * `wake_.wait` with that predicate); `seen = word` */
@@ -144,7 +152,7 @@ proctype worker(byte rank; int seen) {
         j = job_;                                  /* `(*job_)(rank)` */
         run_job(rank, j);
         /* `pending_.fetch_sub(1, acq_rel)`; the locals are cleared so that idle states coincide */
-        d_step { assert(pending > 0); pending--; j = 0; k = 0; ph = 0; old = 0 }
+        d_step { assert(pending > 0); pending--; j = 0; k = 0; reached = 0 }
      :: else
      fi
   od;
@@ -172,7 +180,7 @@ inline stop_workers() {
 }
 
 active proctype caller() {
-  byte i, j, k, ph, old, r, size = TEAM;
+  byte i, j, k, q, reached, r, size = TEAM;
   short n;
   d_step { PLAN };
   start_workers(TEAM);                             /* ThreadTeam(): `set_size(default_thread_count())` */
@@ -181,12 +189,19 @@ active proctype caller() {
      d_step { n = plan[i]; j = i + 1 };
      if
      :: n < 0 ->                                   /* `set_size(-n)`, under lease_mutex_ */
+        assert(-n <= TEAM_MAX);                    /* `barrier_.reserve(threads)` */
         stop_workers();
         start_workers(-n);
         size = -n
      :: else ->                                    /* `lease.run(n, job)` */
         d_step { assert(1 <= n && n <= size); threads_of[j] = n; live = j };
-        parties = n; arrived = 0;                  /* run: `barrier_.reset(threads)` */
+        d_step {                                   /* run: `barrier_.reset(threads)` */
+          parties = n; r = 0;
+          do
+          :: r < n -> count[r] = 0; r++
+          :: else -> r = 0; break
+          od
+        };
         if
         :: n > 1 ->                                /* `if (threads == 1)`: job(0) alone, no post */
            job_ = j;                               /* run: `job_ = &job` */
@@ -200,7 +215,7 @@ active proctype caller() {
         run_job(0, j);                             /* run: `job(0)` */
         n == 1 || pending == 0;                    /* run: until `pending_.load(acquire) == 0` */
         /* Every rank has finished: run() may return and the job be destroyed from here on. */
-        d_step { assert(ran[j] == (1 << n) - 1); live = 0; k = 0; ph = 0; old = 0 };   /* (a) */
+        d_step { assert(ran[j] == (1 << n) - 1); live = 0; k = 0; reached = 0 };   /* (a) */
         job_ = 0                                   /* run: `job_ = nullptr` */
      fi;
      i++
