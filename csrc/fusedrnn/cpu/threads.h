@@ -73,10 +73,14 @@ class SpinBarrier {
     std::atomic<std::uint64_t>& mine = arrivals_[rank].count;
     const std::uint64_t reached = mine.load(std::memory_order_relaxed) + 1;
     mine.store(reached, std::memory_order_release);
-    for (int r = 0; r < parties_; ++r)
-      if (r != rank)
-        spin_then_yield_until(
-            [&] { return arrivals_[r].count.load(std::memory_order_acquire) >= reached; });
+    // One spin budget for all of them, so a rank left waiting behind a descheduled one yields as soon
+    // as with a single counter to watch.
+    int next = 0;
+    spin_then_yield_until([&] {
+      for (; next < parties_; ++next)
+        if (next != rank && arrivals_[next].count.load(std::memory_order_acquire) < reached) return false;
+      return true;
+    });
   }
 
  private:
