@@ -29,13 +29,16 @@ import numpy as np
 import fusedrnn
 from fusedrnn import _core, functional as F
 
-def layer(seed, cell, steps, batch, inp, hidden):
+# With directions=2, a bidirectional layer's two directions in one core call (w and dy one per
+# direction), which runs them at once where that pays.
+def layer(seed, cell, steps, batch, inp, hidden, directions=1):
     rng = np.random.default_rng(seed)
     gates = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[cell]
-    w = [rng.uniform(-0.3, 0.3, s).astype(np.float32)
-         for s in ((gates * hidden, inp), (gates * hidden, hidden), (gates * hidden,), (gates * hidden,))]
+    w = [[rng.uniform(-0.3, 0.3, s).astype(np.float32)
+          for s in ((gates * hidden, inp), (gates * hidden, hidden), (gates * hidden,), (gates * hidden,))]
+         for _ in range(directions)]
     x = rng.standard_normal((steps, batch, inp)).astype(np.float32)
-    dy = rng.standard_normal((steps, batch, hidden)).astype(np.float32)
+    dy = [rng.standard_normal((steps, batch, hidden)).astype(np.float32) for _ in range(directions)]
     return cell, x, w, dy
 
 def flat(parts):
@@ -43,12 +46,21 @@ def flat(parts):
 
 def forward(case, training):
     cell, x, w, dy = case
-    out = F.layer_forward(cell, x, *w, training=training)
-    return out, flat([out.y, out.h_n, out.c_n])
+    if len(w) == 1:
+        outs = [F.layer_forward(cell, x, *w[0], training=training)]
+    else:
+        y = [np.empty(d.shape, np.float32) for d in dy]
+        outs = F._forward_directions(cell, x, [(*wd, None) for wd in w], [None, None], [None, None], None,
+                                     training, y, None)
+    return outs, flat([a for o in outs for a in (o.y, o.h_n, o.c_n)])
 
-def backward(case, out):
-    g = F.layer_backward(out.tape, case[3])
-    return flat([g.dx, g.dh0, g.dc0, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, g.dh_norm.astype(np.float32)])
+def backward(case, outs):
+    if len(outs) == 1:
+        grads = [F.layer_backward(outs[0].tape, case[3][0])]
+    else:
+        grads = F._backward_directions([o.tape for o in outs], case[3], [None, None], [None, None], [None, None])
+    return flat([a for g in grads for a in (g.dx, g.dh0, g.dc0, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh,
+                                             g.dh_norm.astype(np.float32))])
 
 # One call's outputs: (forward's, backward's or None). The team may be resized between the two.
 def run(case, training=True):
@@ -150,7 +162,7 @@ def test_workers_outside_a_job_never_run_it(team):
         # LSTM by units: 2, 3 and 4 ranks (64 units a rank, capped by the team); RNN by rows: up to 8.
         cases = [layer(0, "lstm", 4, 1, 8, 128), layer(1, "lstm", 4, 1, 8, 192),
                  layer(2, "lstm", 3, 2, 8, 256), layer(3, "rnn_tanh", 3, 16, 8, 256)]
-        ranks = sorted({{_core.layer_split(c[0], c[1].shape[1], c[2][1].shape[1])[0] for c in cases}})
+        ranks = sorted({{_core.layer_split(c[0], c[1].shape[1], c[2][0][1].shape[1])[0] for c in cases}})
         want = expected_by_size(cases, [team])
         _core.set_team_worker_delay(300)
         calls = mismatches = 0
@@ -166,15 +178,16 @@ def test_workers_outside_a_job_never_run_it(team):
 
 
 def test_concurrent_callers_while_the_team_is_resized():
-    """Five Python threads run different cells and shapes at once through the functional API while a
-    sixth cycles the team through 1 to 8 threads; every result equals a quiet run's on some size. The
-    last layer has enough rows (320 a rank on 8) that its weight gradients split by rows, each further
-    rank summing into a partial of the calling thread's scratch."""
+    """Six Python threads run different cells and shapes at once through the functional API while a
+    seventh cycles the team through 1 to 8 threads; every result equals a quiet run's on some size. The
+    fifth layer has enough rows (320 a rank on 8) that its weight gradients split by rows, each further
+    rank summing into a partial of the calling thread's scratch; the sixth is bidirectional, its
+    directions run at once on the two parts of the team (each sharing units among its ranks)."""
     counts = run_child("""
         sizes = range(1, 9)
         cases = [layer(0, "lstm", 5, 1, 8, 128), layer(1, "gru", 4, 9, 7, 129),
                  layer(2, "rnn_relu", 6, 24, 5, 200), layer(3, "lstm", 3, 16, 33, 64),
-                 layer(4, "lstm", 64, 40, 8, 32)]
+                 layer(4, "lstm", 64, 40, 8, 32), layer(5, "gru", 6, 1, 8, 256, directions=2)]
         want = expected_by_size(cases, sizes)
         results = [[0, 0] for _ in cases]
         def call(k):
@@ -190,7 +203,7 @@ def test_concurrent_callers_while_the_team_is_resized():
         print(json.dumps({"calls": sum(r[0] for r in results), "mismatches": sum(r[1] for r in results),
                           "resizes": resizer.count}))
     """)
-    assert counts["calls"] == 750 and counts["resizes"] > 10
+    assert counts["calls"] == 900 and counts["resizes"] > 10
     assert counts["mismatches"] == 0
 
 

@@ -169,13 +169,87 @@ def check_against_reference(rng, cell, shape, proj=0):
             if has_cell_state(cell):
                 pairs += [("c_n", out.c_n, c_n), ("dc0", got.dc0, want["dc0"])]
             for name, actual, expected in pairs:
-                context = f"{name} ({np.dtype(dtype)}, reverse={reverse})"
-                if dtype == np.float64:
-                    forward_output = name in ("y", "h_n", "c_n")
-                    np.testing.assert_allclose(actual, expected, rtol=1e-12 if forward_output else 1e-11,
-                                               atol=1e-13 if forward_output else 1e-12, err_msg=context)
-                else:
-                    assert_close(actual, expected, dtype, context)
+                assert_matches_reference(name, actual, expected, dtype, f"reverse={reverse}")
+
+
+def assert_matches_reference(name, actual, expected, dtype, context):
+    """One output or gradient against the float64 reference: float64 to within a few hundred ulps,
+    float32 with the tolerances of helpers.tolerances."""
+    context = f"{name} ({np.dtype(dtype)}, {context})"
+    if dtype == np.float64:
+        forward_output = name in ("y", "h_n", "c_n")
+        np.testing.assert_allclose(actual, expected, rtol=1e-12 if forward_output else 1e-11,
+                                   atol=1e-13 if forward_output else 1e-12, err_msg=context)
+    else:
+        assert_close(actual, expected, dtype, context)
+
+
+@pytest.fixture
+def directions(request):
+    """Forces whether a bidirectional layer's directions run at once ('together') or in turn ('apart')."""
+    yield from set_for_the_test(_core.get_directions, _core.set_directions, request.param)
+
+
+@pytest.mark.parametrize("directions", ["together", "apart"], indirect=True)
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
+@pytest.mark.parametrize("team_size", [1, 2, 3, 5], indirect=True, ids=["t1", "t2", "t3", "t5"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_both_directions_in_one_call_match_reference(rng, simd_level, team_size, split, directions, cell,
+                                                     projected):
+    """Both directions of a bidirectional layer in one core call: at once, each on its part of the team
+    (1 and 1 ranks of 2, 1 and 2 of 3, 2 and 3 of 5, each meeting only its own ranks at the step
+    barriers), or one after the other on all of it. Each direction gives its reference's answer and
+    dx the sum of theirs, with 13 rows and 129 units splitting unevenly."""
+    check_directions_against_reference(rng, cell, (4, 13, 5, 129), proj_of(129, projected))
+
+
+@pytest.mark.parametrize("team_size", [2], indirect=True)
+def test_directions_run_together_where_a_direction_would_share_units_from_cache(team_size):
+    # The largest hidden size (a multiple of 64) whose LSTM W_hh (4H, H) float32 fits in half the L2.
+    fits = int((_core.l2_cache_bytes() / 2 / 16) ** 0.5) // 64 * 64
+    assert _core.directions_together("lstm", 1, 128)       # by units: a barrier a step
+    assert _core.directions_together("rnn_tanh", 2, 64)    # one rank: the other core idle
+    assert not _core.directions_together("lstm", 8, 128)   # by rows: no barrier inside the sequence
+    assert _core.directions_together("lstm", 4, fits)      # by units, W_hh in one rank's L2
+    assert not _core.directions_together("lstm", 4, 2 * fits)  # by units, but W_hh would stream from L3
+    fusedrnn.set_num_threads(1)
+    assert not _core.directions_together("lstm", 1, 128)   # nothing to divide
+
+
+def check_directions_against_reference(rng, cell, shape, proj=0):
+    steps, batch, inp, hidden = shape
+    width = proj or hidden
+    layers = [random_layer(rng, cell, inp, hidden, scale=0.3, proj_size=proj) for _ in range(2)]
+    x = rng.standard_normal((steps, batch, inp))
+    lengths = np.asarray(random_lengths(rng, steps, batch), np.int64)
+    h0, dy, dh_n = ([rng.standard_normal(s) for _ in range(2)]
+                    for s in ((batch, width), (steps, batch, width), (batch, width)))
+    c0, dc_n = ([rng.standard_normal((batch, hidden)) if has_cell_state(cell) else None for _ in range(2)]
+                for _ in range(2))
+    for dtype in (np.float64, np.float32):
+        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        weights = [tuple(cast(w.get(n)) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+                   for w in layers]
+        outs = F._forward_directions(cell, cast(x), weights, [cast(a) for a in h0], [cast(a) for a in c0],
+                                     lengths, True, [np.empty((steps, batch, width), dtype) for _ in range(2)],
+                                     None)
+        got = F._backward_directions([o.tape for o in outs], [cast(a) for a in dy], [cast(a) for a in dh_n],
+                                     [cast(a) for a in dc_n], [None, None])
+        dx = 0
+        for d in (0, 1):
+            y, h_n, c_n, cache = reference.forward(cell, cast(x), *weights[d][:4], cast(h0[d]), cast(c0[d]),
+                                                   lengths=lengths, reverse=d == 1, weight_hr=weights[d][4])
+            want = reference.backward(cache, cast(dy[d]), cast(dh_n[d]), cast(dc_n[d]))
+            dx = dx + want["dx"]
+            pairs = [("y", outs[d].y, y), ("h_n", outs[d].h_n, h_n)]
+            pairs += [(name, getattr(got[d], name), want[name])
+                      for name in ("dh0", "dh_norm") + GRAD_NAMES if want[name] is not None]
+            if has_cell_state(cell):
+                pairs += [("c_n", outs[d].c_n, c_n), ("dc0", got[d].dc0, want["dc0"])]
+            for name, actual, expected in pairs:
+                assert_matches_reference(name, actual, expected, dtype, f"direction {d}")
+        assert got[0].dx is got[1].dx
+        assert_matches_reference("dx", got[0].dx, dx, dtype, "both directions")
 
 
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)

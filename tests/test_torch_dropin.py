@@ -239,14 +239,15 @@ def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():
 
 
 def test_tensors_reach_the_core_without_copies(monkeypatch):
+    """A bidirectional layer's two directions reach the core in one call, on the tensors' own memory."""
     seen = []
-    original = _core.layer_forward
+    original = _core.layer_forward_directions
 
-    def spy(cell, x, weight_ih, weight_hh, *rest, **kwargs):
-        seen.append((x, weight_ih, weight_hh))
-        return original(cell, x, weight_ih, weight_hh, *rest, **kwargs)
+    def spy(cell, x, weights, *rest, **kwargs):
+        seen.extend((x, w[0], w[1]) for w in weights)
+        return original(cell, x, weights, *rest, **kwargs)
 
-    monkeypatch.setattr(_core, "layer_forward", spy)
+    monkeypatch.setattr(_core, "layer_forward_directions", spy)
     lstm = frt.LSTM(I, H, bidirectional=True)
     x = torch.randn(T, B, I, requires_grad=True)
     lstm(x)

@@ -71,6 +71,24 @@ struct AlignedScratch {
 // Inference under vmap with weights shared by every mapped element: the N mapped elements' rows are
 // one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
 // back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
+// One layer's directions on the CPU backend, through the call that may run both at once, as the NumPy
+// modules do (the same split, so the same bits).
+template <typename T>
+void run_directions(const std::vector<fusedrnn::LayerForwardParams<T>>& d) {
+  if (d.size() == 2)
+    cpu::layer_forward_directions<T>(d[0], d[1]);
+  else
+    cpu::layer_forward<T>(d[0]);
+}
+
+template <typename T>
+void run_directions(const std::vector<fusedrnn::LayerBackwardParams<T>>& d) {
+  if (d.size() == 2)
+    cpu::layer_backward_directions<T>(d[0], d[1]);
+  else
+    cpu::layer_backward<T>(d[0]);
+}
+
 template <typename T>
 ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index D = c.D;
@@ -109,10 +127,12 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
   const Index proj = c.weights.proj;
   fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false, proj};
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(c.cell, shape, false);
-  AlignedScratch<T> hs(layout.state_values), cs(layout.cell_state_values), rs(layout.output_values);
+  // An inference tape for each direction: they may run at once.
+  AlignedScratch<T> hs(D * layout.state_values), cs(D * layout.cell_state_values), rs(D * layout.output_values);
+  std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));
   for (Index d = 0; d < D; ++d) {
     const Index h_at = d * all * state, c_at = d * all * hidden;
-    fusedrnn::LayerForwardParams<T> p;
+    fusedrnn::LayerForwardParams<T>& p = params[static_cast<std::size_t>(d)];
     p.cell = c.cell;
     p.shape = {steps, all, input, hidden, {all_lengths.empty() ? nullptr : all_lengths.data(), 1}, d == 1, proj};
     p.weights = c.weights.at(d, 0, input);
@@ -122,11 +142,11 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
     p.y = {ys.data + d * state, {all * DR, DR, 1}};
     p.h_n = {hns.data + h_at, {state, 1}};
     if (has_c) p.c_n = {cns.data + c_at, {hidden, 1}};
-    // The directions run in turn, so they share the inference tape.
-    p.tape = {hs.data, cs.data, nullptr, false, rs.data};
+    p.tape = {hs.data + d * layout.state_values, cs.data ? cs.data + d * layout.cell_state_values : nullptr, nullptr,
+              false, rs.data ? rs.data + d * layout.output_values : nullptr};
     p.cell_clip = c.cell_clip;
-    cpu::layer_forward<T>(p);
   }
+  run_directions(params);
   for (Index n = 0; n < N; ++n) {
     scatter(ys.data, y.at(n), steps, DR, n);
     scatter(hns.data, h_n.at(n), D, state, n);
@@ -138,13 +158,20 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
 template <typename T>
 ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states) {
   if (!c.training && c.batch.count > 1 && c.shared_weights()) return forward_folded<T>(c, check_sequence, check_states);
-  // Inference keeps its tape (two state slots, the cell output) in scratch of the call; training writes
-  // the tape results.
-  AlignedScratch<T> scratch_hs(c.training ? 0 : c.layout.state_values);
-  AlignedScratch<T> scratch_cs(c.training ? 0 : c.layout.cell_state_values);
-  AlignedScratch<T> scratch_rs(c.training ? 0 : c.layout.output_values);
-  const fusedrnn::LayerTape<T> scratch{scratch_hs.data, scratch_cs.data, nullptr, false, scratch_rs.data};
+  // Inference keeps its tape (two state slots, the cell output) in scratch of the call, one for each
+  // direction, as they may run at once; training writes the tape results.
+  const Index D = c.D;
+  AlignedScratch<T> scratch_hs(c.training ? 0 : D * c.layout.state_values);
+  AlignedScratch<T> scratch_cs(c.training ? 0 : D * c.layout.cell_state_values);
+  AlignedScratch<T> scratch_rs(c.training ? 0 : D * c.layout.output_values);
+  auto scratch = [&](Index d) {
+    auto at = [d](T* base, Index values) { return base ? base + d * values : nullptr; };
+    return fusedrnn::LayerTape<T>{at(scratch_hs.data, c.layout.state_values),
+                                  at(scratch_cs.data, c.layout.cell_state_values), nullptr, false,
+                                  at(scratch_rs.data, c.layout.output_values)};
+  };
   std::vector<Index> lengths;
+  std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;
     if (ffi::Error e = first_failure({check_finite(check_sequence ? c.x.at(n) : nullptr, c.x.elements(), "x"),
@@ -152,9 +179,10 @@ ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states
                                       check_finite(check_states ? c.c0.at(n) : nullptr, c.c0.elements(), "c0")});
         e.failure())
       return e;
-    for (Index d = 0; d < c.D; ++d)
-      cpu::layer_forward<T>(c.params(n, d, lengths.empty() ? nullptr : lengths.data(),
-                                     c.training ? c.tape_at(n, d) : scratch));
+    for (Index d = 0; d < D; ++d)
+      params[static_cast<std::size_t>(d)] =
+          c.params(n, d, lengths.empty() ? nullptr : lengths.data(), c.training ? c.tape_at(n, d) : scratch(d));
+    run_directions(params);
   }
   return ffi::Error::Success();
 }
@@ -171,7 +199,9 @@ ffi::Error cpu_backward(const BackwardCall<T>& c, bool check_sequence, bool chec
       return e;
     // The backend accumulates into the weight gradients.
     for (const Batched<T>& g : c.grads) std::memset(g.at(n), 0, sizeof(T) * static_cast<std::size_t>(g.elements()));
-    for (Index d = 0; d < c.D; ++d) cpu::layer_backward<T>(c.params(n, d, lengths.empty() ? nullptr : lengths.data()));
+    std::vector<fusedrnn::LayerBackwardParams<T>> params;
+    for (Index d = 0; d < c.D; ++d) params.push_back(c.params(n, d, lengths.empty() ? nullptr : lengths.data()));
+    run_directions(params);
   }
   return ffi::Error::Success();
 }

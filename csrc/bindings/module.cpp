@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <atomic>
 #include <iterator>
 #include <sstream>
@@ -66,6 +67,10 @@ constexpr Named<cpu::ProjectionPreference> kProjectionNames[] = {
     {"in_steps", cpu::ProjectionPreference::kInSteps},
     {"up_front", cpu::ProjectionPreference::kUpFront},
     {"up_front_by_rank", cpu::ProjectionPreference::kUpFrontByRank}};
+constexpr Named<cpu::DirectionsPreference> kDirectionsNames[] = {
+    {"auto", cpu::DirectionsPreference::kAuto},
+    {"together", cpu::DirectionsPreference::kTogether},
+    {"apart", cpu::DirectionsPreference::kApart}};
 constexpr Named<cpu::WeightGradPreference> kWeightGradNames[] = {
     {"auto", cpu::WeightGradPreference::kAuto},
     {"rows", cpu::WeightGradPreference::kRows},
@@ -329,13 +334,22 @@ Index checked_projection(const py::object& w_hr_obj, CellKind cell, Index& hidde
   return proj;
 }
 
+// One direction's forward call, its arguments checked and its outputs made: `args` for the core, and
+// what the call returns once it has run, (y, h_n, c_n, tape).
 template <typename T>
-py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
-                        const py::object& w_hh_obj, const py::object& b_ih_obj,
-                        const py::object& b_hh_obj, const py::object& h0_obj,
-                        const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
-                        bool training, const py::object& out_obj, double cell_clip,
-                        const py::object& w_hr_obj) {
+struct ForwardCall {
+  fusedrnn::LayerForwardParams<T> args;
+  py::tuple result;
+  std::vector<py::object> arrays;  // every array args points into, alive until the call has run
+};
+
+template <typename T>
+ForwardCall<T> prepare_forward(Backend backend, CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
+                               const py::object& w_hh_obj, const py::object& b_ih_obj,
+                               const py::object& b_hh_obj, const py::object& h0_obj,
+                               const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
+                               bool training, const py::object& out_obj, double cell_clip,
+                               const py::object& w_hr_obj) {
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected a 3-D array (T, B, input_size), got " +
                           std::to_string(x_obj.ndim()) + "-D");
@@ -399,18 +413,29 @@ py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x_obj, 
                saved.is_none() ? nullptr : py::cast<Arr<T>>(saved).mutable_data(), training,
                rs.is_none() ? nullptr : py::cast<Arr<T>>(rs).mutable_data()};
   args.cell_clip = static_cast<T>(cell_clip);
-  {
-    py::gil_scoped_release release;
-    if (backend == Backend::kCpu)
-      cpu::layer_forward<T>(args);
-    else
-      gpu::emulated::layer_forward<T>(args, get_emulated_recurrence_path());
-  }
   py::object tape = py::none();
   if (training)
     tape = py::cast(Tape{cell, reverse, steps, batch, input, hidden, proj, x, w_ih, w_hh, b_ih, b_hh,
                          lengths, w_hr, hs, cs, saved, rs, cell_clip, backend});
-  return py::make_tuple(out, h_n, c_n, tape);
+  return {args, py::make_tuple(out, h_n, c_n, tape),
+          {x, w_ih, w_hh, w_hr, b_ih, b_hh, h0, c0, lengths, out, hs, cs, saved, rs, h_n, c_n}};
+}
+
+template <typename T>
+py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x, const py::object& w_ih,
+                        const py::object& w_hh, const py::object& b_ih, const py::object& b_hh,
+                        const py::object& h0, const py::object& c0, const py::object& lengths, bool reverse,
+                        bool training, const py::object& out, double cell_clip, const py::object& w_hr) {
+  const ForwardCall<T> call = prepare_forward<T>(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                                                 reverse, training, out, cell_clip, w_hr);
+  {
+    py::gil_scoped_release release;
+    if (backend == Backend::kCpu)
+      cpu::layer_forward<T>(call.args);
+    else
+      gpu::emulated::layer_forward<T>(call.args, get_emulated_recurrence_path());
+  }
+  return call.result;
 }
 
 py::tuple layer_forward(const std::string& cell_name, const py::object& x, const py::object& weight_ih,
@@ -432,12 +457,71 @@ py::tuple layer_forward(const std::string& cell_name, const py::object& x, const
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
+// The two items of a per-direction argument (a sequence of length 2).
+std::pair<py::object, py::object> per_direction(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::sequence>(obj) || py::len(obj) != 2)
+    throw py::type_error(std::string(name) + ": expected a sequence of two items, one per direction");
+  const py::sequence items = py::reinterpret_borrow<py::sequence>(obj);
+  return {items[0], items[1]};
+}
+
+// A direction's weights (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), each possibly None.
+std::array<py::object, 5> direction_weights(const py::object& obj) {
+  if (!py::isinstance<py::sequence>(obj) || py::len(obj) != 5)
+    throw py::type_error("weights: expected (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) per direction");
+  const py::sequence w = py::reinterpret_borrow<py::sequence>(obj);
+  return {w[0], w[1], w[2], w[3], w[4]};
+}
+
 template <typename T>
-py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
-                         const py::object& dc_n_obj, const py::object& dx_obj,
-                         const py::object& grad_w_ih, const py::object& grad_w_hh,
-                         const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
-                         const py::object& grad_w_hr) {
+py::tuple forward_directions_typed(CellKind cell, const py::array& x, const py::object& weights,
+                                   const py::object& h0, const py::object& c0, const py::object& lengths,
+                                   bool training, const py::object& out, double cell_clip) {
+  const auto [w0, w1] = per_direction(weights, "weights");
+  const auto [h0_0, h0_1] = per_direction(h0, "h0");
+  const auto [c0_0, c0_1] = per_direction(c0, "c0");
+  const auto [out0, out1] = per_direction(out, "out");
+  const std::array<py::object, 5> a = direction_weights(w0), b = direction_weights(w1);
+  const ForwardCall<T> d0 = prepare_forward<T>(Backend::kCpu, cell, x, a[0], a[1], a[2], a[3], h0_0, c0_0, lengths,
+                                               false, training, out0, cell_clip, a[4]);
+  const ForwardCall<T> d1 = prepare_forward<T>(Backend::kCpu, cell, x, b[0], b[1], b[2], b[3], h0_1, c0_1, lengths,
+                                               true, training, out1, cell_clip, b[4]);
+  if (d0.args.shape.hidden != d1.args.shape.hidden || d0.args.shape.proj != d1.args.shape.proj)
+    throw py::value_error("weights: the two directions' weights differ in shape");
+  {
+    py::gil_scoped_release release;
+    cpu::layer_forward_directions<T>(d0.args, d1.args);
+  }
+  return py::make_tuple(d0.result, d1.result);
+}
+
+py::tuple layer_forward_directions(const std::string& cell_name, const py::object& x, const py::object& weights,
+                                   const py::object& h0, const py::object& c0, const py::object& lengths,
+                                   bool training, const py::object& out, const py::object& cell_clip_obj) {
+  const CellKind cell = parse_cell(cell_name);
+  const double cell_clip = checked_cell_clip(cell_clip_obj, cell);
+  auto xa = require_array(x, "x");
+  if (holds<float>(xa))
+    return forward_directions_typed<float>(cell, xa, weights, h0, c0, lengths, training, out, cell_clip);
+  if (holds<double>(xa))
+    return forward_directions_typed<double>(cell, xa, weights, h0, c0, lengths, training, out, cell_clip);
+  throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
+}
+
+// One direction's backward call, as ForwardCall: `args` for the core, then (dh0, dc0, dh_norm).
+template <typename T>
+struct BackwardCall {
+  fusedrnn::LayerBackwardParams<T> args;
+  py::tuple result;
+  std::vector<py::object> arrays;  // every array args points into beside the tape's
+};
+
+template <typename T>
+BackwardCall<T> prepare_backward(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
+                                 const py::object& dc_n_obj, const py::object& dx_obj,
+                                 const py::object& grad_w_ih, const py::object& grad_w_hh,
+                                 const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
+                                 const py::object& grad_w_hr) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
   const Index proj = tape.proj, state = tape.state_size();
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
@@ -510,14 +594,63 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy_obj, const py::o
   if (has_c) args.dc0 = dense2(py::cast<Arr<T>>(dc0).mutable_data(), hidden);
   py::array_t<double> dh_norm(steps);
   args.dh_norm = dh_norm.mutable_data();
+  return {args, py::make_tuple(dh0, dc0, dh_norm), {dy, dh_n, dc_n, dx, dw_ih, dw_hh, dw_hr, db_ih, db_hh}};
+}
+
+template <typename T>
+py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
+                         const py::object& dx, const py::object& grad_w_ih, const py::object& grad_w_hh,
+                         const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
+                         const py::object& grad_w_hr) {
+  const BackwardCall<T> call = prepare_backward<T>(tape, dy, dh_n, dc_n, dx, grad_w_ih, grad_w_hh, grad_b_ih,
+                                                   grad_b_hh, accumulate_dx, grad_w_hr);
   {
     py::gil_scoped_release release;
     if (tape.backend == Backend::kCpu)
-      cpu::layer_backward<T>(args);
+      cpu::layer_backward<T>(call.args);
     else
-      gpu::emulated::layer_backward<T>(args, get_emulated_recurrence_path());
+      gpu::emulated::layer_backward<T>(call.args, get_emulated_recurrence_path());
   }
-  return py::make_tuple(dh0, dc0, dh_norm);
+  return call.result;
+}
+
+// Both directions' backward: `tapes`, `dy`, `dh_n`, `dc_n` and `grads` (grad_weight_ih, grad_weight_hh,
+// grad_bias_ih, grad_bias_hh, grad_weight_hr) one per direction; direction 1 adds into the dx that
+// direction 0 writes (or adds into, with accumulate_dx).
+template <typename T>
+py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::object& dy, const py::object& dh_n,
+                                    const py::object& dc_n, const py::object& dx, const py::object& grads,
+                                    bool accumulate_dx) {
+  const auto [dy0, dy1] = per_direction(dy, "dy");
+  const auto [dh_n0, dh_n1] = per_direction(dh_n, "dh_n");
+  const auto [dc_n0, dc_n1] = per_direction(dc_n, "dc_n");
+  const auto [g0, g1] = per_direction(grads, "grads");
+  const std::array<py::object, 5> a = direction_weights(g0), b = direction_weights(g1);
+  const BackwardCall<T> d0 =
+      prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4]);
+  const BackwardCall<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4]);
+  {
+    py::gil_scoped_release release;
+    cpu::layer_backward_directions<T>(d0.args, d1.args);
+  }
+  return py::make_tuple(d0.result, d1.result);
+}
+
+py::tuple layer_backward_directions(const py::object& tapes, const py::object& dy, const py::object& dh_n,
+                                    const py::object& dc_n, const py::object& dx, const py::object& grads,
+                                    bool accumulate_dx) {
+  const auto [first, second] = per_direction(tapes, "tapes");
+  const Tape& t0 = py::cast<const Tape&>(first);
+  const Tape& t1 = py::cast<const Tape&>(second);
+  if (t0.backend != Backend::kCpu || t1.backend != Backend::kCpu)
+    throw py::value_error("tapes: both directions together run on the CPU backend only");
+  if (t0.reverse || !t1.reverse || t0.cell != t1.cell || t0.steps != t1.steps || t0.batch != t1.batch ||
+      t0.input != t1.input || t0.hidden != t1.hidden || t0.proj != t1.proj ||
+      holds<float>(t0.x) != holds<float>(t1.x))
+    throw py::value_error("tapes: expected the forward and the reverse direction of one layer");
+  if (dx.is_none()) throw py::value_error("dx: both directions together need the buffer they share");
+  if (holds<float>(t0.x)) return backward_directions_typed<float>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx);
+  return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx);
 }
 
 }  // namespace
@@ -577,6 +710,30 @@ PYBIND11_MODULE(_core, m) {
         "Backpropagates one layer direction through time. Accumulates into the gradient buffers and "
         "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns "
         "(dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
+
+  m.def("layer_forward_directions", &layer_forward_directions, py::arg("cell"), py::arg("x"), py::arg("weights"),
+        py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("out"),
+        py::arg("cell_clip") = py::none(),
+        "Runs both directions of one bidirectional layer on the CPU: weights, h0, c0 and out one per "
+        "direction (the second reversed; weights as (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)). "
+        "Where it pays (directions_together) their recurrences run at once, each on part of the thread "
+        "team. Returns one (y, h_n, c_n, tape) per direction.");
+  m.def("layer_backward_directions", &layer_backward_directions, py::arg("tapes"), py::arg("dy"), py::arg("dh_n"),
+        py::arg("dc_n"), py::arg("dx"), py::arg("grads"), py::arg("accumulate_dx"),
+        "Backward of layer_forward_directions: tapes, dy, dh_n, dc_n and grads one per direction (grads "
+        "as (grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr)). Direction 0 "
+        "writes dx (accumulate_dx=False) or adds into it, direction 1 adds into it. Returns one "
+        "(dh0, dc0, dh_norm) per direction.");
+  m.def("directions_together", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
+    const fusedrnn::LayerShape shape{1, batch, hidden, hidden, {}, false, 0};
+    return cpu::directions_together(parse_cell(cell), shape, float_item_size(dtype), cpu::team_size());
+  }, py::arg("cell"), py::arg("batch"), py::arg("hidden"), py::arg("dtype") = "float32",
+        "Whether both directions of a bidirectional layer of this cell, batch and hidden size run at once "
+        "on the thread team as it is now (layer_forward_directions).");
+  def_choice(m, "directions", kDirectionsNames, &cpu::set_directions_preference, &cpu::directions_preference,
+             "Forces whether both directions of a bidirectional layer run at once, each on part of the "
+             "thread team: 'together', 'apart', or 'auto' (together where a direction would share its "
+             "recurrence by units or run on one thread, the default).");
 
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;

@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import _device
-from .functional import LayerGrads, _backward, _forward, has_cell_state
+from . import _core, _device
+from .functional import LayerGrads, _backward, _backward_directions, _forward, _forward_directions, has_cell_state
 
 
 class LayerWeights(NamedTuple):
@@ -86,6 +86,16 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
     x = _device.ascontiguous(x)  # every direction reads one contiguous host copy at most
     width = y.shape[2] // len(weights)
     tapes = []
+    if len(weights) == 2 and backend == "cpu" and not _device.is_cuda(x):
+        outs = _forward_directions(cell, x, [LayerWeights(*w) for w in weights], (_at(h0, 0), _at(h0, 1)),
+                                   (_at(c0, 0), _at(c0, 1)), lengths, training,
+                                   (direction(y, 0, width), direction(y, 1, width)), cell_clip)
+        for d, out in enumerate(outs):
+            h_n[d] = out.h_n
+            if c_n is not None:
+                c_n[d] = out.c_n
+            tapes.append(out.tape)
+        return tapes
     for d, w in enumerate(weights):
         w = LayerWeights(*w)
         out = _forward(cell, x, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, _at(h0, d), _at(c0, d),
@@ -104,23 +114,28 @@ def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None,
     (D, T) when given. `grads[d]` (a LayerWeights of gradients) is added into for direction d; without
     it each direction's are created. Returns (dx (T, B, I), [LayerGrads of each direction])."""
     width = tapes[0].proj_size or tapes[0].shape[3]
-    dx = None  # the first direction's backward writes it, the second adds into it
-    results = []
-    for d, tape in enumerate(tapes):
-        into = None
-        if grads is not None:
+    intos = [None] * len(tapes)
+    if grads is not None:
+        for d in range(len(tapes)):
             g = LayerWeights(*grads[d])
-            into = LayerGrads(None, None, None, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh,
-                              weight_hr=g.weight_hr)
-        g = _backward(tape, direction(dy, d, width), _at(dh_n, d), _at(dc_n, d), dx, into)
-        dx = g.dx
+            intos[d] = LayerGrads(None, None, None, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh,
+                                  weight_hr=g.weight_hr)
+    if len(tapes) == 2 and all(isinstance(t, _core.Tape) and t.backend == "cpu" for t in tapes):
+        results = _backward_directions(tapes, [direction(dy, d, width) for d in (0, 1)],
+                                       [_at(dh_n, d) for d in (0, 1)], [_at(dc_n, d) for d in (0, 1)], intos)
+    else:
+        dx = None  # the first direction's backward writes it, the second adds into it
+        results = []
+        for d, tape in enumerate(tapes):
+            results.append(_backward(tape, direction(dy, d, width), _at(dh_n, d), _at(dc_n, d), dx, intos[d]))
+            dx = results[-1].dx
+    for d, g in enumerate(results):
         dh0[d] = g.dh0
         if dc0 is not None:
             dc0[d] = g.dc0
         if dh_norm is not None:
             dh_norm[d] = g.dh_norm
-        results.append(g)
-    return dx, results
+    return results[-1].dx, results
 
 
 class StackOutput(NamedTuple):

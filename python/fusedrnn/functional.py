@@ -121,6 +121,16 @@ def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, r
                                             weight_hr=weight_hr))
 
 
+def _forward_directions(cell, x, weights, h0, c0, lengths, training, out, cell_clip) -> list:
+    """Both directions of a bidirectional layer on the CPU backend, as _forward on each (direction 1
+    reversed) but in one core call, which may run them at once: x a NumPy array; weights, h0, c0 and
+    out one per direction (weights in LayerWeights order: weight_ih, weight_hh, bias_ih, bias_hh,
+    weight_hr)."""
+    results = _core.layer_forward_directions(cell, x, [tuple(w) for w in weights], list(h0), list(c0), lengths,
+                                             training, list(out), cell_clip)
+    return [LayerOutput(*r) for r in results]
+
+
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
     """Backpropagation through time for one `layer_forward(..., training=True)`.
 
@@ -147,24 +157,43 @@ def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
                                                 None if grads is None else (grads.weight_ih, grads.weight_hh,
                                                                             grads.bias_ih, grads.bias_hh,
                                                                             getattr(grads, "weight_hr", None))))
-    steps, batch, inp, hidden = tape.shape
-    proj = tape.proj_size
-    dtype = tape.dtype
-    gh = GATES[tape.cell] * hidden
     accumulate_dx = dx is not None
-    if dx is None:
-        dx = np.empty((steps, batch, inp), dtype)  # written, not added to: no clearing pass
-    if grads is None:
-        has_bias = tape.has_bias
-        grads = LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, proj or hidden), dtype),
-                           np.zeros(gh, dtype) if has_bias else None,
-                           np.zeros(gh, dtype) if has_bias else None, None,
-                           np.zeros((proj, hidden), dtype) if proj else None)
+    dx = _dx_buffer(tape) if dx is None else dx
+    grads = _grad_buffers(tape) if grads is None else grads
     weight_hr = getattr(grads, "weight_hr", None)
     dh0, dc0, dh_norm = _core.layer_backward(tape, dy, dh_n, dc_n, dx, grads.weight_ih, grads.weight_hh,
                                              grads.bias_ih, grads.bias_hh, accumulate_dx, weight_hr)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
                       dh_norm, weight_hr)
+
+
+def _backward_directions(tapes, dy, dh_n, dc_n, grads) -> list:
+    """Backward of _forward_directions: tapes, dy, dh_n, dc_n and grads (LayerGrads-like or None) one per
+    direction. One dx for both, written by the first direction and added into by the second; returns
+    each direction's LayerGrads (the same dx in both)."""
+    dx = _dx_buffer(tapes[0])
+    grads = [_grad_buffers(t) if g is None else g for t, g in zip(tapes, grads)]
+    in_order = [(g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, getattr(g, "weight_hr", None)) for g in grads]
+    results = _core.layer_backward_directions(list(tapes), list(dy), list(dh_n), list(dc_n), dx, in_order, False)
+    return [LayerGrads(dx, dh0, dc0, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, dh_norm, w[4])
+            for (dh0, dc0, dh_norm), g, w in zip(results, grads, in_order)]
+
+
+def _dx_buffer(tape):
+    steps, batch, inp, _ = tape.shape
+    return np.empty((steps, batch, inp), tape.dtype)  # written, not added to: no clearing pass
+
+
+def _grad_buffers(tape) -> LayerGrads:
+    """Zeroed weight and bias gradients for the layer direction of `tape`."""
+    _, _, inp, hidden = tape.shape
+    proj = tape.proj_size
+    dtype = tape.dtype
+    gh = GATES[tape.cell] * hidden
+    has_bias = tape.has_bias
+    return LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, proj or hidden), dtype),
+                      np.zeros(gh, dtype) if has_bias else None, np.zeros(gh, dtype) if has_bias else None, None,
+                      np.zeros((proj, hidden), dtype) if proj else None)
 
 
 def _as_array(value):

@@ -25,6 +25,17 @@ void layer_forward(const LayerForwardParams<T>& params);
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params);
 
+// Both directions of a bidirectional layer (0 forward in time, 1 reversed; one cell and shape): where
+// directions_together holds, their recurrences run at once, each on its part of the team (the GEMMs
+// before and after on the whole team, direction 0's first); otherwise as the calls above in turn.
+// Backward: direction 1 accumulates into the dx direction 0 writes.
+template <typename T>
+void layer_forward_directions(const LayerForwardParams<T>& direction0, const LayerForwardParams<T>& direction1);
+template <typename T>
+void layer_backward_directions(const LayerBackwardParams<T>& direction0, const LayerBackwardParams<T>& direction1);
+// Whether a bidirectional layer of this shape runs its two directions at once on a team this size.
+bool directions_together(CellKind cell, const LayerShape& shape, std::size_t value_bytes, int team_threads);
+
 // The thread team's size (all native compute). A new size applies from the next layer call: one
 // already running finishes on the size it started with.
 int team_size();
@@ -58,6 +69,10 @@ SplitPreference split_preference();
 enum class ProjectionPreference { kAuto, kInSteps, kUpFront, kUpFrontByRank };
 void set_projection_preference(ProjectionPreference preference);
 ProjectionPreference projection_preference();
+// Whether a bidirectional layer's directions run at once (layer_forward_directions) or in turn.
+enum class DirectionsPreference { kAuto, kTogether, kApart };
+void set_directions_preference(DirectionsPreference preference);
+DirectionsPreference directions_preference();
 // How backward splits the weight gradients' GEMMs across the team: kRows (each rank its share of all
 // steps' rows, partials added after) or kGateRows (each rank its gate rows over all rows).
 enum class WeightGradPreference { kAuto, kRows, kGateRows };

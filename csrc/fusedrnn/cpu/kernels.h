@@ -154,8 +154,8 @@ struct BackwardPlan : PlanCommon<T> {
 template <typename T>
 struct RecurrenceKernels {
   int panel_width;  // columns per packed weight panel; scratch sizes depend on it
-  void (*forward)(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier);
-  void (*backward)(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier);
+  void (*forward)(const ForwardPlan<T>& plan, int rank, const RankGroup& group);
+  void (*backward)(const BackwardPlan<T>& plan, int rank, const RankGroup& group);
   // Whole-array passes (checks.h) at this level, over one rank's share (passes.h shares them out).
   bool (*all_finite)(const T* values, Index count);
   void (*add_into)(T* into, const T* from, Index count);

@@ -448,7 +448,7 @@ void project_every_step(const ForwardPlan<T>& pl, const RankShare& sh, const Ran
 }
 
 template <typename Cell, typename T, bool kProjected>
-void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
+void forward_rank(const ForwardPlan<T>& pl, int rank, const RankGroup& group) {
   constexpr int G = Cell::kGates;
   const Index H = pl.hidden, R = pl.state_size;
   const RankShare& sh = pl.shares[rank];
@@ -484,7 +484,7 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
   if (busy_outputs) copy_h_share(state_rows(pl.hs.at(first), R), pl.h0, sh);
   if constexpr (Cell::kHasCellState)
     if (busy) copy_c_share(state_rows(pl.cs.at(first), H), pl.c0, sh);
-  barrier.wait(rank);  // the input projection and every rank's initial state are in place
+  group.wait(rank);  // the input projection and every rank's initial state are in place
 
   const Index saved_step = pl.batch * Cell::kSaved * H;
   for (Index i = 0; i < pl.steps; ++i) {
@@ -537,10 +537,10 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
                                                   pl.cs.at(next), nullptr);
     }
     if constexpr (kProjected) {
-      if (pl.exchange_state) barrier.wait(rank);  // every unit of r_t is written before any rank reads it
+      if (pl.exchange_state) group.wait(rank);  // every unit of r_t is written before any rank reads it
       if (busy_outputs) project_outputs(pl, t, sh, scratch, order, outputs, h_prev, h_next);
     }
-    if (pl.exchange_state) barrier.wait(rank);  // every column of h_t is written before any rank reads it
+    if (pl.exchange_state) group.wait(rank);  // every column of h_t is written before any rank reads it
   }
   const Index last = pl.reverse ? 0 : pl.steps;
   if (busy_outputs) copy_h_share(pl.h_n, state_rows<const T>(pl.hs.at(last), R), sh);
@@ -685,7 +685,7 @@ double finish_projected_grads(const BackwardPlan<T>& pl, Index t, const RankShar
 }
 
 template <typename Cell, typename T, bool kProjected>
-void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
+void backward_rank(const BackwardPlan<T>& pl, int rank, const RankGroup& group) {
   constexpr int G = Cell::kGates;
   const Index H = pl.hidden, B = pl.batch, R = pl.state_size, P = pl.proj, gh_width = G * H;
   const RankShare& sh = pl.shares[rank];
@@ -719,7 +719,7 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     double norm_sq = 0.0;
     if constexpr (kProjected) {
       if (busy_outputs) norm_sq = finish_projected_grads(pl, t, sh, dh, dh_other);
-      if (pl.exchange_state) barrier.wait(rank);  // every column of the step's dh is in dhs
+      if (pl.exchange_state) group.wait(rank);  // every column of the step's dh is in dhs
       if (busy) {
         // dr = dh_t W_hr for this rank's rows and units.
         const T* dh_rows = pl.dhs + (t * B + sh.b0) * P;
@@ -741,7 +741,7 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
         add_column_sums<G>(pl.dgh + t * B * gh_width, H, sh, bias_sums + gh_width);
     }
     pl.dh_norm_partial[rank * pl.norm_stride + t] = norm_sq;
-    if (pl.exchange_state) barrier.wait(rank);  // every rank's gate gradients of step t are written
+    if (pl.exchange_state) group.wait(rank);  // every rank's gate gradients of step t are written
     if (busy_outputs) {
       const T* dgh_rows = pl.dgh + (t * B + sh.b0) * gh_width;
       if (pl.exchange_state) prefetch_lines(dgh_rows, rows * gh_width);
@@ -774,27 +774,27 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, SpinBarrier& barrier) {
     if (busy && pl.dc0) copy_c_share(pl.dc0, state_rows<const T>(pl.dc, H), sh);
   // The weight-gradient GEMMs that may follow in the same job read every rank's gate gradients; with
   // whole rows per rank no step ended at a barrier yet.
-  if (!pl.exchange_state) barrier.wait(rank);
+  if (!pl.exchange_state) group.wait(rank);
 }
 
 // The projected variants are compiled only for cells that take a projection.
 template <typename T>
-void forward_entry(const ForwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
+void forward_entry(const ForwardPlan<T>& plan, int rank, const RankGroup& group) {
   with_cell(plan.cell, [&](auto cell) {
     using Cell = decltype(cell);
     if constexpr (Cell::kProjection)
-      if (plan.proj > 0) return forward_rank<Cell, T, true>(plan, rank, barrier);
-    forward_rank<Cell, T, false>(plan, rank, barrier);
+      if (plan.proj > 0) return forward_rank<Cell, T, true>(plan, rank, group);
+    forward_rank<Cell, T, false>(plan, rank, group);
   });
 }
 
 template <typename T>
-void backward_entry(const BackwardPlan<T>& plan, int rank, SpinBarrier& barrier) {
+void backward_entry(const BackwardPlan<T>& plan, int rank, const RankGroup& group) {
   with_cell(plan.cell, [&](auto cell) {
     using Cell = decltype(cell);
     if constexpr (Cell::kProjection)
-      if (plan.proj > 0) return backward_rank<Cell, T, true>(plan, rank, barrier);
-    backward_rank<Cell, T, false>(plan, rank, barrier);
+      if (plan.proj > 0) return backward_rank<Cell, T, true>(plan, rank, group);
+    backward_rank<Cell, T, false>(plan, rank, group);
   });
 }
 

@@ -29,8 +29,11 @@ enum class ScratchSlot {
   kWeightGradPartial, kCount
 };
 
+// Two sets of every slot: the two directions of a layer run together each take one.
+constexpr int kScratchSets = 2;
+
 template <typename T>
-T* scratch(ScratchSlot slot, Index n) {
+T* scratch(ScratchSlot slot, Index n, int set = 0) {
   // 64-byte aligned: ranks write 64-byte-aligned ranges of units in each row (no shared cache lines).
   struct Free {
     void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
@@ -39,8 +42,8 @@ T* scratch(ScratchSlot slot, Index n) {
     std::unique_ptr<T[], Free> data;
     Index capacity = 0;
   };
-  thread_local Buffer buffers[static_cast<int>(ScratchSlot::kCount)];
-  Buffer& b = buffers[static_cast<int>(slot)];
+  thread_local Buffer buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
+  Buffer& b = buffers[set][static_cast<int>(slot)];
   if (n > b.capacity) {
     b.data.reset();  // release before allocating, so peak memory is not old + new
     b.data.reset(static_cast<T*>(::operator new[](static_cast<std::size_t>(n) * sizeof(T), std::align_val_t(64))));
@@ -107,7 +110,7 @@ struct RankPanels {
 // for each shape of `panels_of(share)` with depth > 0, the packed panels and a (rows, columns) tile
 // (the input's: input_tile_steps such tiles); with an input, own or stacked, its bias row.
 template <typename T, typename PanelsOf>
-std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width,
+std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, int panel_width, int scratch_set,
                                          const PanelsOf& panels_of) {
   constexpr Index align = 64 / sizeof(T);
   auto round_up = [](Index n, Index m) { return (n + m - 1) / m * m; };
@@ -125,7 +128,7 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
     if (panels[r].input.depth > 0) total += round_up(panels[r].input.columns, align);
     if (panels[r].stacked_input) total += round_up(panels[r].recurrent.columns, align);
   }
-  T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align);
+  T* base = scratch<T>(ScratchSlot::kRankBuffers, total + align, scratch_set);
   base += (align - (reinterpret_cast<std::uintptr_t>(base) / sizeof(T)) % align) % align;
   auto carve = [&](Index n) {
     T* p = base;
@@ -232,16 +235,18 @@ bool stacks_input(CellKind cell, const LayerShape& s, InputProjection projection
          !cell_facts(cell).split_recurrent_grad;
 }
 
+// `recurrence_threads` of the team's `team_threads` may share the recurrence; the GEMMs may use all.
 template <typename T>
-TeamLayout<T> team_layout(const TeamLease& team, CellKind cell, const LayerShape& s, int panel_width, bool forward) {
-  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), team.size(), s.proj);
+TeamLayout<T> team_layout(int team_threads, int recurrence_threads, CellKind cell, const LayerShape& s,
+                          int panel_width, int scratch_set, bool forward) {
+  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj);
   const InputProjection projection =
-      forward ? input_projection(cell, s, split, sizeof(T), team.size()) : InputProjection::kUpFront;
+      forward ? input_projection(cell, s, split, sizeof(T), team_threads) : InputProjection::kUpFront;
   const bool project = projection != InputProjection::kUpFront;
   const bool stacked = forward && stacks_input(cell, s, projection);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, state, split);
-  std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, [&](const RankShare& sh) {
+  std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, scratch_set, [&](const RankShare& sh) {
     RankPanels p;
     if (forward) {
       p.recurrent = {state + (stacked ? s.input : 0), gates * sh.units()};
@@ -384,8 +389,22 @@ void set_split_preference(SplitPreference preference) { preferred<SplitPreferenc
 SplitPreference split_preference() { return preferred<SplitPreference>.load(); }
 void set_projection_preference(ProjectionPreference preference) { preferred<ProjectionPreference>.store(preference); }
 ProjectionPreference projection_preference() { return preferred<ProjectionPreference>.load(); }
+void set_directions_preference(DirectionsPreference preference) { preferred<DirectionsPreference>.store(preference); }
+DirectionsPreference directions_preference() { return preferred<DirectionsPreference>.load(); }
 void set_weight_grad_preference(WeightGradPreference preference) { preferred<WeightGradPreference>.store(preference); }
 WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
+
+namespace {
+
+// The weights every step of the recurrence multiplies by: W_hh, and a projection's W_hr (P, H), with
+// which W_hh is (G*H, P).
+double recurrent_weight_bytes(CellKind cell, Index hidden, Index proj, std::size_t value_bytes) {
+  const double state = static_cast<double>(proj > 0 ? proj : hidden);
+  return (cell_facts(cell).gates * state + static_cast<double>(proj)) * static_cast<double>(hidden) *
+         static_cast<double>(value_bytes);
+}
+
+}  // namespace
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads,
                        Index proj) {
@@ -401,12 +420,9 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   // L3 it needs kMinRowsToStreamWeights a rank. Where units can be shared too, rows win from 4 a rank.
   constexpr Index kMinRowsPerRank = 2;
   constexpr Index kMinRowsPerRankOverUnits = 4;
-  // A projection's W_hr (P, H) joins W_hh, which is then (G*H, P).
-  const double state = static_cast<double>(proj > 0 ? proj : hidden);
-  const double weight_values = (cell_facts(cell).gates * state + static_cast<double>(proj)) * hidden;
-  const double step_flops = 2.0 * static_cast<double>(batch) * weight_values;
+  const double weight_bytes = recurrent_weight_bytes(cell, hidden, proj, value_bytes);
+  const double step_flops = 2.0 * static_cast<double>(batch) * weight_bytes / static_cast<double>(value_bytes);
   if (step_flops < kMinStepFlops || team_threads == 1) return {1, false};
-  const double weight_bytes = weight_values * value_bytes;
   const bool weights_fit = weight_bytes <= 0.5 * static_cast<double>(l2_cache_bytes());
   const SplitPreference preference = split_preference();
   const Index unit_ranks = std::min<Index>(team_threads, std::max<Index>(1, hidden / kMinUnitsPerRank));
@@ -448,79 +464,129 @@ void require_projection_fits(CellKind cell, const LayerShape& s) {
     throw std::invalid_argument("fusedrnn: a projection needs an LSTM and 0 < proj < hidden");
 }
 
+namespace {
+
+// One direction's forward, planned for `recurrence_threads` ranks of a team of `team_threads` (its
+// GEMMs may use them all): the caller's arrays staged, the layout and the kernels' plan. Its parts
+// run as jobs of the caller's lease: gemms() on gemm_ranks() ranks before recur() on ranks() ranks.
+// The plan points into the object, which therefore stays where it was made.
+template <typename T>
+class ForwardCall {
+ public:
+  ForwardCall(const LayerForwardParams<T>& a, int team_threads, int recurrence_threads, int scratch_set)
+      : kern_(kernels_for<T>(active_kernels())) {
+    const LayerShape& s = a.shape;
+    const Index steps = s.steps, batch = s.batch, hidden = s.hidden, proj = s.proj;
+    const Index state = s.state_size();
+    input_ = s.input;
+    gh_width_ = cell_facts(a.cell).gates * hidden;
+    rows_ = steps * batch;
+    require_projection_fits(a.cell, s);
+    require_blas_range({rows_, gh_width_, input_, hidden});
+
+    // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
+    x_ = st_.in(a.x, steps, batch, input_);
+    w_ih_ = st_.in(a.weights.w_ih, gh_width_, input_);
+    const Rows<const T> w_hh = st_.in(a.weights.w_hh, gh_width_, state);
+    const Rows<const T> w_hr = proj > 0 ? st_.in(a.weights.w_hr, proj, hidden) : Rows<const T>{};
+    const Index* lengths = st_.in(s.lengths, batch, lengths_copy_);
+    const T* b_ih = st_.in(a.weights.b_ih, gh_width_, b_ih_copy_);
+    const T* b_hh = st_.in(a.weights.b_hh, gh_width_, b_hh_copy_);
+    const Rows<T> y = st_.out(a.y, steps, batch, state, false);
+    layout_ = team_layout<T>(team_threads, recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, true);
+
+    // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
+    // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
+    // clears C for beta = 0. b_hh folds in where the cell allows (all but GRU's n gate).
+    has_bias_ = b_ih || b_hh;
+    gx_bias_.assign(static_cast<std::size_t>(gh_width_), T(0));
+    for (Index n = 0; n < gh_width_ && has_bias_; ++n) {
+      if (b_ih) gx_bias_[n] += b_ih[n];
+      if (b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias_[n] += b_hh[n];
+    }
+    if (!b_hh) zero_bias_.assign(static_cast<std::size_t>(gh_width_), T(0));
+    up_front_ = layout_.input_projection == InputProjection::kUpFront;
+    gx_ = up_front_ ? scratch<T>(ScratchSlot::kGatesX, rows_ * gh_width_, scratch_set) : nullptr;
+
+    fill_common(plan_, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout_);
+    plan_.gx = gx_;
+    plan_.projected_up_front = layout_.input_projection == InputProjection::kUpFrontByRank;
+    plan_.stacked_input = layout_.stacked_input;
+    plan_.x = x_;
+    plan_.input = input_;
+    plan_.w_ih = w_ih_;
+    plan_.gx_bias = gx_bias_.data();
+    plan_.b_hh = b_hh ? b_hh : zero_bias_.data();
+    plan_.h0 = st_.in(a.h0, batch, state);
+    plan_.c0 = st_.in(a.c0, batch, hidden);
+    plan_.saved = a.tape.saved;
+    plan_.y = y;
+    plan_.h_n = st_.out(a.h_n, batch, state, false);
+    plan_.c_n = st_.out(a.c_n, batch, hidden, false);
+    gemm_ranks_ = up_front_ ? std::max(ranks(), gemm_threads(2.0 * rows_ * gh_width_ * input_, team_threads))
+                            : ranks();
+  }
+  ForwardCall(const ForwardCall&) = delete;
+  ForwardCall& operator=(const ForwardCall&) = delete;
+
+  const LayerSplit& split() const { return layout_.split; }
+  int ranks() const { return layout_.split.ranks; }
+  int gemm_ranks() const { return gemm_ranks_; }
+  bool has_gemms() const { return up_front_; }
+
+  // Input projection of this rank's rows of all steps: gx = x W_ih^T + bias.
+  void gemms(int rank, int of) const {
+    if (!up_front_) return;
+    const auto [r0, r1] = share(rows_, of, rank);
+    if (has_bias_)
+      for (Index r = r0; r < r1; ++r) std::copy(gx_bias_.begin(), gx_bias_.end(), gx_ + r * gh_width_);
+    blas::gemm<T>(false, true, r1 - r0, gh_width_, input_, T(1), x_.row(r0), x_.ld, w_ih_.data, w_ih_.ld,
+                  has_bias_ ? T(1) : T(0), gx_ + r0 * gh_width_, gh_width_);
+  }
+  void recur(int rank, const RankGroup& group) const { kern_.forward(plan_, rank, group); }
+  // After the last job: outputs that were staged go back to the caller's arrays.
+  void finish() { st_.finish(); }
+
+ private:
+  const RecurrenceKernels<T>& kern_;
+  Staging<T> st_;
+  std::vector<Index> lengths_copy_;
+  std::vector<T> b_ih_copy_, b_hh_copy_, gx_bias_, zero_bias_;
+  Rows<const T> x_, w_ih_;
+  Index input_ = 0, gh_width_ = 0, rows_ = 0;
+  TeamLayout<T> layout_;
+  bool has_bias_ = false, up_front_ = false;
+  T* gx_ = nullptr;
+  int gemm_ranks_ = 1;
+  ForwardPlan<T> plan_;
+};
+
+}  // namespace
+
+namespace {
+
+// A call planned for the whole team of the lease (whose size holds for every job of the call): its
+// GEMMs before the recurrence (forward) or after it (backward).
+template <typename Call>
+void run_on_whole_team(TeamLease& tm, Call& call, bool gemms_first) {
+  run_phases(
+      tm, call.gemm_ranks(), call.ranks(), gemms_first, [&](int rank, int of) { call.gemms(rank, of); },
+      [&](int rank) { call.recur(rank, RankGroup(tm.barrier(), 0, call.ranks())); });
+  call.finish();
+}
+
+template <typename T>
+void run_forward(TeamLease& tm, const LayerForwardParams<T>& a) {
+  ForwardCall<T> call(a, tm.size(), tm.size(), 0);
+  run_on_whole_team(tm, call, true);
+}
+
+}  // namespace
+
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& a) {
-  const LayerShape& s = a.shape;
-  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden, proj = s.proj;
-  const Index state = s.state_size();
-  const int gates = cell_facts(a.cell).gates;
-  const Index gh_width = gates * hidden, rows = steps * batch;
-  require_projection_fits(a.cell, s);
-  require_blas_range({rows, gh_width, input, hidden});
-
-  // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
-  Staging<T> st;
-  const Rows<const T> x = st.in(a.x, steps, batch, input);
-  const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
-  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, state);
-  const Rows<const T> w_hr = proj > 0 ? st.in(a.weights.w_hr, proj, hidden) : Rows<const T>{};
-  std::vector<Index> lengths_copy;
-  const Index* lengths = st.in(s.lengths, batch, lengths_copy);
-  std::vector<T> b_ih_copy, b_hh_copy;
-  const T* b_ih = st.in(a.weights.b_ih, gh_width, b_ih_copy);
-  const T* b_hh = st.in(a.weights.b_hh, gh_width, b_hh_copy);
-  const Rows<T> y = st.out(a.y, steps, batch, state, false);
-
-  const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  TeamLease tm = team().lease();  // the plan below holds for every job of this call
-  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, true);
-  const int ranks = layout.split.ranks;
-
-  // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
-  // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
-  // clears C for beta = 0. b_hh folds in where the cell allows (all but GRU's n gate).
-  const bool has_bias = b_ih || b_hh;
-  std::vector<T> gx_bias(static_cast<std::size_t>(gh_width), T(0)), zero_bias;
-  for (Index n = 0; n < gh_width && has_bias; ++n) {
-    if (b_ih) gx_bias[n] += b_ih[n];
-    if (b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias[n] += b_hh[n];
-  }
-  if (!b_hh) zero_bias.assign(static_cast<std::size_t>(gh_width), T(0));
-  const bool up_front = layout.input_projection == InputProjection::kUpFront;
-  T* gx = up_front ? scratch<T>(ScratchSlot::kGatesX, rows * gh_width) : nullptr;
-
-  ForwardPlan<T> plan;
-  fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
-  plan.gx = gx;
-  plan.projected_up_front = layout.input_projection == InputProjection::kUpFrontByRank;
-  plan.stacked_input = layout.stacked_input;
-  plan.x = x;
-  plan.input = input;
-  plan.w_ih = w_ih;
-  plan.gx_bias = gx_bias.data();
-  plan.b_hh = b_hh ? b_hh : zero_bias.data();
-  plan.h0 = st.in(a.h0, batch, state);
-  plan.c0 = st.in(a.c0, batch, hidden);
-  plan.saved = a.tape.saved;
-  plan.y = y;
-  plan.h_n = st.out(a.h_n, batch, state, false);
-  plan.c_n = st.out(a.c_n, batch, hidden, false);
-
-  const int gemm_ranks =
-      up_front ? std::max(ranks, gemm_threads(2.0 * rows * gh_width * input, tm.size())) : ranks;
-  run_phases(
-      tm, gemm_ranks, ranks, true,
-      [&](int rank, int of) {
-        if (!up_front) return;
-        // Input projection of this rank's rows of all steps: gx = x W_ih^T + bias.
-        const auto [r0, r1] = share(rows, of, rank);
-        if (has_bias)
-          for (Index r = r0; r < r1; ++r) std::copy(gx_bias.begin(), gx_bias.end(), gx + r * gh_width);
-        blas::gemm<T>(false, true, r1 - r0, gh_width, input, T(1), x.row(r0), x.ld, w_ih.data, w_ih.ld,
-                      has_bias ? T(1) : T(0), gx + r0 * gh_width, gh_width);
-      },
-      [&](int rank) { kern.forward(plan, rank, tm.barrier()); });
-  st.finish();
+  TeamLease tm = team().lease();
+  run_forward(tm, a);
 }
 
 namespace {
@@ -543,150 +609,291 @@ bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t
          s.steps * s.batch >= kMinRowsPerPartial * ranks;
 }
 
+
+// One direction's backward, planned like ForwardCall: recur() on ranks() ranks, then gemms() (dx, the
+// weight and bias gradients) on gemm_ranks(); `barrier` is the team's, which gemms() meets at when
+// the weight gradients are summed by rows.
+template <typename T>
+class BackwardCall {
+ public:
+  BackwardCall(const LayerBackwardParams<T>& a, int team_threads, int recurrence_threads, int scratch_set,
+               SpinBarrier& barrier)
+      : a_(a), kern_(kernels_for<T>(active_kernels())), barrier_(barrier) {
+    const LayerShape& s = a.shape;
+    const Index steps = s.steps, batch = s.batch, hidden = s.hidden;
+    input_ = s.input;
+    proj_ = s.proj;
+    hidden_ = hidden;
+    width_ = s.state_size();  // R
+    const CellFacts& facts = cell_facts(a.cell);
+    const int gates = facts.gates;
+    gh_width_ = gates * hidden;
+    rows_ = steps * batch;
+    steps_ = steps;
+    if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
+    require_projection_fits(a.cell, s);
+    require_blas_range({rows_, gh_width_, input_, hidden});
+
+    // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
+    x_ = st_.in(a.x, steps, batch, input_);
+    w_ih_ = st_.in(a.weights.w_ih, gh_width_, input_);
+    const Rows<const T> w_hh = st_.in(a.weights.w_hh, gh_width_, width_);
+    const Rows<const T> w_hr = proj_ > 0 ? st_.in(a.weights.w_hr, proj_, hidden) : Rows<const T>{};
+    const Index* lengths = st_.in(s.lengths, batch, lengths_copy_);
+    const Rows<const T> dy = st_.in(a.dy, steps, batch, width_);
+    dx_ = st_.out(a.dx, steps, batch, input_, a.accumulate_dx);
+    dw_ih_ = st_.out(a.dw_ih, gh_width_, input_, true);
+    dw_hh_ = st_.out(a.dw_hh, gh_width_, width_, true);
+    dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, proj_, hidden, true) : Rows<T>{};
+    layout_ = team_layout<T>(team_threads, recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
+    const int ranks = layout_.split.ranks;
+
+    dgx_ = scratch<T>(ScratchSlot::kGradGates, rows_ * gh_width_, scratch_set);
+    dgh_ = facts.split_recurrent_grad ? scratch<T>(ScratchSlot::kGradGatesH, rows_ * gh_width_, scratch_set) : dgx_;
+    const Index dh_values = 2 * batch * width_;
+    T* grad_state = scratch<T>(ScratchSlot::kGradState, dh_values + (facts.has_cell_state ? batch * hidden : 0),
+                               scratch_set);
+    dhs_ = proj_ > 0 ? scratch<T>(ScratchSlot::kGradOutputs, rows_ * proj_, scratch_set) : nullptr;
+    norm_stride_ = (steps + 7) / 8 * 8;
+    norm_partial_ = scratch<double>(ScratchSlot::kNormPartial, norm_stride_ * ranks, scratch_set);
+    bias_grads_ = a.db_ih.data || a.db_hh.data;
+    const Index bias_columns = facts.split_recurrent_grad ? 2 * gh_width_ : gh_width_;  // dgx's, then dgh's
+    bias_stride_ = (bias_columns + 7) / 8 * 8;
+    bias_partial_ =
+        bias_grads_ ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride_ * ranks, scratch_set) : nullptr;
+    if (!dy) zero_row_.assign(static_cast<std::size_t>(width_), T(0));
+
+    fill_common(plan_, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout_);
+    plan_.saved = a.tape.saved;
+    plan_.dy = dy ? dy : Rows<const T>{zero_row_.data(), 0};
+    plan_.dh_n = st_.in(a.dh_n, batch, width_);
+    plan_.dc_n = st_.in(a.dc_n, batch, hidden);
+    plan_.dgx = dgx_;
+    plan_.dgh = dgh_;
+    plan_.dh = grad_state;
+    plan_.dc = facts.has_cell_state ? grad_state + dh_values : nullptr;
+    plan_.dhs = dhs_;
+    plan_.dh0 = st_.out(a.dh0, batch, width_, false);
+    plan_.dc0 = st_.out(a.dc0, batch, hidden, false);
+    plan_.dh_norm_partial = norm_partial_;
+    plan_.norm_stride = norm_stride_;
+    plan_.bias_grad_partial = bias_partial_;
+    plan_.bias_stride = bias_stride_;
+
+    // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
+    h_prev_rows_ = plan_.hs.at(prev_slot(s.reverse, 0));
+    const double gemm_flops =
+        2.0 * rows_ * (gh_width_ * (2 * input_ + width_) + static_cast<double>(proj_) * hidden);
+    gemm_ranks_ = std::max(ranks, gemm_threads(gemm_flops, team_threads));
+    weight_values_ = gh_width_ * (input_ + width_);
+    grads_by_rows_ = weight_grads_by_rows(s, gates, gemm_ranks_, sizeof(T));
+    partials_ = grads_by_rows_
+                    ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks_ - 1) * weight_values_, scratch_set)
+                    : nullptr;
+  }
+  BackwardCall(const BackwardCall&) = delete;
+  BackwardCall& operator=(const BackwardCall&) = delete;
+
+  const LayerSplit& split() const { return layout_.split; }
+  int ranks() const { return layout_.split.ranks; }
+  int gemm_ranks() const { return gemm_ranks_; }
+
+  void recur(int rank, const RankGroup& group) const { kern_.backward(plan_, rank, group); }
+
+  // The recurrence ended at a barrier after its last pointwise pass, so every gate gradient is in
+  // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
+  // weight gradients by rows or gate rows (weight_grads_by_rows), the bias gradients by gate rows.
+  void gemms(int rank, int of) const {
+    const Index gh_width = gh_width_, input = input_, width = width_, rows = rows_;
+    const T* const dgx = dgx_;
+    const T* const dgh = dgh_;
+    const auto [r0, r1] = share(rows, of, rank);
+    if (dx_)
+      blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width, w_ih_.data,
+                    w_ih_.ld, a_.accumulate_dx ? T(1) : T(0), dx_.row(r0), dx_.ld);
+    const auto [g0, g1] = share(gh_width, of, rank);
+    if (grads_by_rows_) {
+      // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
+      T* const partial = rank == 0 ? nullptr : partials_ + (rank - 1) * weight_values_;
+      const Rows<T> into_ih = rank == 0 ? dw_ih_ : Rows<T>{partial, input};
+      const Rows<T> into_hh = rank == 0 ? dw_hh_ : Rows<T>{partial + gh_width * input, width};
+      const T beta = rank == 0 ? T(1) : T(0);
+      if (r1 > r0) {
+        blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width, x_.row(r0),
+                      x_.ld, beta, into_ih.data, into_ih.ld);
+        blas::gemm<T>(true, false, gh_width, width, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
+                      h_prev_rows_ + r0 * width, width, beta, into_hh.data, into_hh.ld);
+      } else if (rank > 0) {
+        std::fill(partial, partial + weight_values_, T(0));
+      }
+    } else {
+      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x_.data, x_.ld, T(1),
+                    dw_ih_.row(g0), dw_ih_.ld);
+      blas::gemm<T>(true, false, g1 - g0, width, rows, T(1), dgh + g0, gh_width, h_prev_rows_, width,
+                    T(1), dw_hh_.row(g0), dw_hh_.ld);
+    }
+    // dW_hr += sum over all steps' rows of dh^T r, each rank its share of W_hr's rows.
+    if (proj_ > 0) {
+      const auto [p0, p1] = share(proj_, of, rank);
+      if (p1 > p0)
+        blas::gemm<T>(true, false, p1 - p0, hidden_, rows, T(1), dhs_ + p0, proj_, a_.tape.rs, hidden_, T(1),
+                      dw_hr_.row(p0), dw_hr_.ld);
+    }
+    // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
+    if (bias_grads_)
+      for (Index c = g0; c < g1; ++c) {
+        double from_x = 0.0, from_h = 0.0;
+        for (int r = 0; r < ranks(); ++r) {
+          from_x += bias_partial_[r * bias_stride_ + c];
+          if (dgh != dgx) from_h += bias_partial_[r * bias_stride_ + gh_width + c];
+        }
+        if (a_.db_ih.data) a_.db_ih.data[c * a_.db_ih.stride] += static_cast<T>(from_x);
+        if (a_.db_hh.data) a_.db_hh.data[c * a_.db_hh.stride] += static_cast<T>(dgh != dgx ? from_h : from_x);
+      }
+    if (grads_by_rows_) {
+      // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
+      RankGroup(barrier_, 0, of).wait(rank);
+      for (int q = 0; q + 1 < of; ++q) {
+        const T* partial_ih = partials_ + q * weight_values_;
+        const T* partial_hh = partial_ih + gh_width * input;
+        for (Index g = g0; g < g1; ++g) {
+          for (Index i = 0; i < input; ++i) dw_ih_.row(g)[i] += partial_ih[g * input + i];
+          for (Index i = 0; i < width; ++i) dw_hh_.row(g)[i] += partial_hh[g * width + i];
+        }
+      }
+    }
+  }
+
+  // After the last job: the gradient norms, and staged outputs back to the caller's arrays.
+  void finish() {
+    if (a_.dh_norm)
+      for (Index t = 0; t < steps_; ++t) {
+        double sum = 0.0;
+        for (int r = 0; r < ranks(); ++r) sum += norm_partial_[r * norm_stride_ + t];
+        a_.dh_norm[t] = std::sqrt(sum);
+      }
+    st_.finish();
+  }
+
+ private:
+  const LayerBackwardParams<T>& a_;
+  const RecurrenceKernels<T>& kern_;
+  SpinBarrier& barrier_;
+  Staging<T> st_;
+  std::vector<Index> lengths_copy_;
+  std::vector<T> zero_row_;
+  Rows<const T> x_, w_ih_;
+  Rows<T> dx_, dw_ih_, dw_hh_, dw_hr_;
+  Index input_ = 0, proj_ = 0, hidden_ = 0, width_ = 0, gh_width_ = 0, rows_ = 0, steps_ = 0;
+  TeamLayout<T> layout_;
+  T *dgx_ = nullptr, *dgh_ = nullptr, *dhs_ = nullptr, *partials_ = nullptr;
+  const T* h_prev_rows_ = nullptr;
+  Index norm_stride_ = 0, bias_stride_ = 0, weight_values_ = 0;
+  double *norm_partial_ = nullptr, *bias_partial_ = nullptr;
+  bool bias_grads_ = false, grads_by_rows_ = false;
+  int gemm_ranks_ = 1;
+  BackwardPlan<T> plan_;
+};
+
+}  // namespace
+
+namespace {
+
+template <typename T>
+void run_backward(TeamLease& tm, const LayerBackwardParams<T>& a) {
+  BackwardCall<T> call(a, tm.size(), tm.size(), 0, tm.barrier());
+  run_on_whole_team(tm, call, false);
+}
+
 }  // namespace
 
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& a) {
-  const LayerShape& s = a.shape;
-  const Index steps = s.steps, batch = s.batch, input = s.input, hidden = s.hidden, proj = s.proj;
-  const Index width = s.state_size();  // R
-  const CellFacts& facts = cell_facts(a.cell);
-  const int gates = facts.gates;
-  const Index gh_width = gates * hidden, rows = steps * batch;
-  if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
-  require_projection_fits(a.cell, s);
-  require_blas_range({rows, gh_width, input, hidden});
+  TeamLease tm = team().lease();
+  run_backward(tm, a);
+}
 
-  // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
-  Staging<T> st;
-  const Rows<const T> x = st.in(a.x, steps, batch, input);
-  const Rows<const T> w_ih = st.in(a.weights.w_ih, gh_width, input);
-  const Rows<const T> w_hh = st.in(a.weights.w_hh, gh_width, width);
-  const Rows<const T> w_hr = proj > 0 ? st.in(a.weights.w_hr, proj, hidden) : Rows<const T>{};
-  std::vector<Index> lengths_copy;
-  const Index* lengths = st.in(s.lengths, batch, lengths_copy);
-  const Rows<const T> dy = st.in(a.dy, steps, batch, width);
-  const Rows<T> dx = st.out(a.dx, steps, batch, input, a.accumulate_dx);
-  const Rows<T> dw_ih = st.out(a.dw_ih, gh_width, input, true);
-  const Rows<T> dw_hh = st.out(a.dw_hh, gh_width, width, true);
-  const Rows<T> dw_hr = proj > 0 ? st.out(a.dw_hr, proj, hidden, true) : Rows<T>{};
-  T* const db_ih = a.db_ih.data;
-  T* const db_hh = a.db_hh.data;
-  const Index db_ih_stride = a.db_ih.stride, db_hh_stride = a.db_hh.stride;
-  const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
-  TeamLease tm = team().lease();  // the plan below holds for every job of this call
-  const TeamLayout<T> layout = team_layout<T>(tm, a.cell, s, kern.panel_width, false);
-  const int ranks = layout.split.ranks;
+namespace {
 
-  T* dgx = scratch<T>(ScratchSlot::kGradGates, rows * gh_width);
-  T* dgh = facts.split_recurrent_grad ? scratch<T>(ScratchSlot::kGradGatesH, rows * gh_width) : dgx;
-  const Index dh_values = 2 * batch * width;
-  T* grad_state =
-      scratch<T>(ScratchSlot::kGradState, dh_values + (facts.has_cell_state ? batch * hidden : 0));
-  T* dhs = proj > 0 ? scratch<T>(ScratchSlot::kGradOutputs, rows * proj) : nullptr;
-  const Index norm_stride = (steps + 7) / 8 * 8;
-  double* norm_partial = scratch<double>(ScratchSlot::kNormPartial, norm_stride * ranks);
-  const bool bias_grads = db_ih || db_hh;
-  const Index bias_columns = facts.split_recurrent_grad ? 2 * gh_width : gh_width;  // dgx's, then dgh's
-  const Index bias_stride = (bias_columns + 7) / 8 * 8;
-  double* bias_partial =
-      bias_grads ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride * ranks) : nullptr;
-  std::vector<T> zero_row;
-  if (!dy) zero_row.assign(static_cast<std::size_t>(width), T(0));
+// The team's parts for two directions at once: its first half (rounded down) and the rest.
+int first_part(int team_threads) { return team_threads / 2; }
 
-  BackwardPlan<T> plan;
-  fill_common(plan, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout);
-  plan.saved = a.tape.saved;
-  plan.dy = dy ? dy : Rows<const T>{zero_row.data(), 0};
-  plan.dh_n = st.in(a.dh_n, batch, width);
-  plan.dc_n = st.in(a.dc_n, batch, hidden);
-  plan.dgx = dgx;
-  plan.dgh = dgh;
-  plan.dh = grad_state;
-  plan.dc = facts.has_cell_state ? grad_state + dh_values : nullptr;
-  plan.dhs = dhs;
-  plan.dh0 = st.out(a.dh0, batch, width, false);
-  plan.dc0 = st.out(a.dc0, batch, hidden, false);
-  plan.dh_norm_partial = norm_partial;
-  plan.norm_stride = norm_stride;
-  plan.bias_grad_partial = bias_partial;
-  plan.bias_stride = bias_stride;
+}  // namespace
 
-  // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
-  const T* h_prev_rows = plan.hs.at(prev_slot(s.reverse, 0));
-  const double gemm_flops = 2.0 * rows * (gh_width * (2 * input + width) + static_cast<double>(proj) * hidden);
-  const int gemm_ranks = std::max(ranks, gemm_threads(gemm_flops, tm.size()));
-  const Index weight_values = gh_width * (input + width);
-  const bool grads_by_rows = weight_grads_by_rows(s, gates, gemm_ranks, sizeof(T));
-  T* partials =
-      grads_by_rows ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks - 1) * weight_values) : nullptr;
-  run_phases(tm, gemm_ranks, ranks, false, [&](int rank, int of) {
-    // The recurrence ended at a barrier after its last pointwise pass, so every gate gradient is in
-    // place. Everything that does not feed the recurrence is split across the ranks: dx by rows, the
-    // weight gradients by rows or gate rows (weight_grads_by_rows), the bias gradients by gate rows.
-    const auto [r0, r1] = share(rows, of, rank);
-    if (dx)
-      blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width, w_ih.data,
-                    w_ih.ld, a.accumulate_dx ? T(1) : T(0), dx.row(r0), dx.ld);
-    const auto [g0, g1] = share(gh_width, of, rank);
-    if (grads_by_rows) {
-      // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
-      T* const partial = rank == 0 ? nullptr : partials + (rank - 1) * weight_values;
-      const Rows<T> into_ih = rank == 0 ? dw_ih : Rows<T>{partial, input};
-      const Rows<T> into_hh = rank == 0 ? dw_hh : Rows<T>{partial + gh_width * input, width};
-      const T beta = rank == 0 ? T(1) : T(0);
-      if (r1 > r0) {
-        blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width, x.row(r0),
-                      x.ld, beta, into_ih.data, into_ih.ld);
-        blas::gemm<T>(true, false, gh_width, width, r1 - r0, T(1), dgh + r0 * gh_width, gh_width,
-                      h_prev_rows + r0 * width, width, beta, into_hh.data, into_hh.ld);
-      } else if (rank > 0) {
-        std::fill(partial, partial + weight_values, T(0));
-      }
-    } else {
-      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x.data, x.ld, T(1),
-                    dw_ih.row(g0), dw_ih.ld);
-      blas::gemm<T>(true, false, g1 - g0, width, rows, T(1), dgh + g0, gh_width, h_prev_rows, width,
-                    T(1), dw_hh.row(g0), dw_hh.ld);
-    }
-    // dW_hr += sum over all steps' rows of dh^T r, each rank its share of W_hr's rows.
-    if (proj > 0) {
-      const auto [p0, p1] = share(proj, of, rank);
-      if (p1 > p0)
-        blas::gemm<T>(true, false, p1 - p0, hidden, rows, T(1), dhs + p0, proj, a.tape.rs, hidden, T(1),
-                      dw_hr.row(p0), dw_hr.ld);
-    }
-    // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
-    if (bias_grads)
-      for (Index c = g0; c < g1; ++c) {
-        double from_x = 0.0, from_h = 0.0;
-        for (int r = 0; r < ranks; ++r) {
-          from_x += bias_partial[r * bias_stride + c];
-          if (dgh != dgx) from_h += bias_partial[r * bias_stride + gh_width + c];
-        }
-        if (db_ih) db_ih[c * db_ih_stride] += static_cast<T>(from_x);
-        if (db_hh) db_hh[c * db_hh_stride] += static_cast<T>(dgh != dgx ? from_h : from_x);
-      }
-    if (grads_by_rows) {
-      // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).
-      tm.barrier().wait(rank);
-      for (int q = 0; q + 1 < of; ++q) {
-        const T* partial_ih = partials + q * weight_values;
-        const T* partial_hh = partial_ih + gh_width * input;
-        for (Index g = g0; g < g1; ++g) {
-          for (Index i = 0; i < input; ++i) dw_ih.row(g)[i] += partial_ih[g * input + i];
-          for (Index i = 0; i < width; ++i) dw_hh.row(g)[i] += partial_hh[g * width + i];
-        }
-      }
-    }
-  }, [&](int rank) { kern.backward(plan, rank, tm.barrier()); });
-  if (a.dh_norm)
-    for (Index t = 0; t < steps; ++t) {
-      double sum = 0.0;
-      for (int r = 0; r < ranks; ++r) sum += norm_partial[r * norm_stride + t];
-      a.dh_norm[t] = std::sqrt(sum);
-    }
-  st.finish();
+// Two directions at once, each on its part of the team, pay where a direction would share its
+// recurrence by units or run on one rank, and its ranks' weights still fit in half their L2 on the
+// part: each rank given up spares a barrier a step, or a core idle beside the recurrence. Where the
+// weights then stream from L3, fewer ranks read them more slowly; split by rows, a direction already
+// uses the team with no barrier inside the sequence. In both cases they stay in turn (see
+// bench/NOTES.md, "Figures behind the code", directions).
+bool directions_together(CellKind cell, const LayerShape& s, std::size_t value_bytes, int team_threads) {
+  if (team_threads < 2) return false;
+  switch (directions_preference()) {
+    case DirectionsPreference::kTogether: return true;
+    case DirectionsPreference::kApart: return false;
+    case DirectionsPreference::kAuto: break;
+  }
+  if (layer_split(cell, s.batch, s.hidden, value_bytes, team_threads, s.proj).by_rows) return false;
+  const int part_ranks = layer_split(cell, s.batch, s.hidden, value_bytes, first_part(team_threads), s.proj).ranks;
+  return recurrent_weight_bytes(cell, s.hidden, s.proj, value_bytes) / part_ranks <=
+         0.5 * static_cast<double>(l2_cache_bytes());
+}
+
+namespace {
+
+// Both directions' recurrences in one job, direction 0 on the first ranks and 1 on the rest, each
+// meeting only its own ranks.
+template <typename Call>
+void recur_together(TeamLease& tm, const Call& c0, const Call& c1) {
+  const int r0 = c0.ranks(), r1 = c1.ranks();
+  tm.run(r0 + r1, [&](int rank) {
+    if (rank < r0)
+      c0.recur(rank, RankGroup(tm.barrier(), 0, r0));
+    else
+      c1.recur(rank - r0, RankGroup(tm.barrier(), r0, r1));
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwardParams<T>& d1) {
+  TeamLease tm = team().lease();
+  const int n = tm.size();
+  if (!directions_together(d0.cell, d0.shape, sizeof(T), n)) {
+    run_forward(tm, d0);
+    run_forward(tm, d1);
+    return;
+  }
+  ForwardCall<T> c0(d0, n, first_part(n), 0);
+  ForwardCall<T> c1(d1, n, n - first_part(n), 1);
+  for (const ForwardCall<T>* c : {&c0, &c1})
+    if (c->has_gemms()) tm.run(c->gemm_ranks(), [&](int rank) { c->gemms(rank, c->gemm_ranks()); });
+  recur_together(tm, c0, c1);
+  c0.finish();
+  c1.finish();
+}
+
+// Direction 1's dx adds into what direction 0's writes, so its GEMMs run after 0's; and where dx had
+// to be staged (a copy made when the call is planned) the directions run in turn.
+template <typename T>
+void layer_backward_directions(const LayerBackwardParams<T>& d0, const LayerBackwardParams<T>& d1) {
+  TeamLease tm = team().lease();
+  const int n = tm.size();
+  const LayerShape& s = d1.shape;
+  const bool dx_in_place = !d1.dx.data || rows_in_place(d1.dx, s.steps, s.batch, s.input);
+  if (!dx_in_place || !directions_together(d0.cell, d0.shape, sizeof(T), n)) {
+    run_backward(tm, d0);
+    run_backward(tm, d1);
+    return;
+  }
+  BackwardCall<T> c0(d0, n, first_part(n), 0, tm.barrier());
+  BackwardCall<T> c1(d1, n, n - first_part(n), 1, tm.barrier());
+  recur_together(tm, c0, c1);
+  for (const BackwardCall<T>* c : {&c0, &c1})
+    tm.run(c->gemm_ranks(), [&](int rank) { c->gemms(rank, c->gemm_ranks()); });
+  c0.finish();
+  c1.finish();
 }
 
 int team_size() { return team().size(); }
@@ -699,5 +906,10 @@ template void layer_forward<float>(const LayerForwardParams<float>&);
 template void layer_forward<double>(const LayerForwardParams<double>&);
 template void layer_backward<float>(const LayerBackwardParams<float>&);
 template void layer_backward<double>(const LayerBackwardParams<double>&);
+template void layer_forward_directions<float>(const LayerForwardParams<float>&, const LayerForwardParams<float>&);
+template void layer_forward_directions<double>(const LayerForwardParams<double>&, const LayerForwardParams<double>&);
+template void layer_backward_directions<float>(const LayerBackwardParams<float>&, const LayerBackwardParams<float>&);
+template void layer_backward_directions<double>(const LayerBackwardParams<double>&,
+                                                const LayerBackwardParams<double>&);
 
 }  // namespace fusedrnn::cpu

@@ -68,16 +68,19 @@ class SpinBarrier {
   }
   // Returns once every rank of the job has called wait() as many times as `rank` has, this call
   // included; what each rank wrote before its call is then visible to all.
-  void wait(int rank) {
-    if (parties_ <= 1) return;
+  void wait(int rank) { wait(rank, 0, parties_); }
+  // The same among ranks first..first+count-1 of the job alone (`rank` one of them): groups of ranks
+  // that work apart meet apart.
+  void wait(int rank, int first, int count) {
+    if (count <= 1) return;
     std::atomic<std::uint64_t>& mine = arrivals_[rank].count;
     const std::uint64_t reached = mine.load(std::memory_order_relaxed) + 1;
     mine.store(reached, std::memory_order_release);
     // One spin budget for all of them, so a rank left waiting behind a descheduled one yields as soon
     // as with a single counter to watch.
-    int next = 0;
+    int next = first;
     spin_then_yield_until([&] {
-      for (; next < parties_; ++next)
+      for (; next < first + count; ++next)
         if (next != rank && arrivals_[next].count.load(std::memory_order_acquire) < reached) return false;
       return true;
     });
@@ -90,6 +93,18 @@ class SpinBarrier {
   int parties_ = 1;
   int capacity_ = 0;
   std::unique_ptr<Arrivals[]> arrivals_;
+};
+
+// Ranks first..first+count-1 of a job, working apart from its other ranks: their code knows them by
+// local ranks 0..count-1 and they meet only among themselves.
+class RankGroup {
+ public:
+  RankGroup(SpinBarrier& barrier, int first, int count) : barrier_(&barrier), first_(first), count_(count) {}
+  void wait(int local_rank) const { barrier_->wait(first_ + local_rank, first_, count_); }
+
+ private:
+  SpinBarrier* barrier_;
+  int first_, count_;
 };
 
 class ThreadTeam {

@@ -43,7 +43,9 @@
  *
  * Scope. keep_workers_off_caller_cpu, FlushDenormals and the fork handlers change nothing the protocol
  * reads (a child's lost workers restart through start_workers, as in a resize). A job body is NB
- * barrier waits; the work between them touches no team state.
+ * barrier waits; the work between them touches no team state. A RankGroup's wait (some ranks of a
+ * job meeting apart from the others, as a bidirectional layer's two halves do) is the same protocol
+ * on the group's count lines alone; the model checks it on the whole job's.
  *
  * State space (SPIN 6.5.2, the configuration below): 990,894 states, 1,828,217 transitions, depth
  * 1,349, 0 errors, under a second; the liveness search visits 1.98 million (state, claim) pairs, depth
