@@ -337,14 +337,14 @@ Index checked_projection(const py::object& w_hr_obj, CellKind cell, Index& hidde
 // One direction's forward call, its arguments checked and its outputs made: `args` for the core, and
 // what the call returns once it has run, (y, h_n, c_n, tape).
 template <typename T>
-struct ForwardCall {
+struct PreparedForward {
   fusedrnn::LayerForwardParams<T> args;
   py::tuple result;
   std::vector<py::object> arrays;  // every array args points into, alive until the call has run
 };
 
 template <typename T>
-ForwardCall<T> prepare_forward(Backend backend, CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
+PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::array& x_obj, const py::object& w_ih_obj,
                                const py::object& w_hh_obj, const py::object& b_ih_obj,
                                const py::object& b_hh_obj, const py::object& h0_obj,
                                const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
@@ -426,8 +426,8 @@ py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x, cons
                         const py::object& w_hh, const py::object& b_ih, const py::object& b_hh,
                         const py::object& h0, const py::object& c0, const py::object& lengths, bool reverse,
                         bool training, const py::object& out, double cell_clip, const py::object& w_hr) {
-  const ForwardCall<T> call = prepare_forward<T>(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
-                                                 reverse, training, out, cell_clip, w_hr);
+  const PreparedForward<T> call = prepare_forward<T>(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
+                                                     reverse, training, out, cell_clip, w_hr);
   {
     py::gil_scoped_release release;
     if (backend == Backend::kCpu)
@@ -482,10 +482,10 @@ py::tuple forward_directions_typed(CellKind cell, const py::array& x, const py::
   const auto [c0_0, c0_1] = per_direction(c0, "c0");
   const auto [out0, out1] = per_direction(out, "out");
   const std::array<py::object, 5> a = direction_weights(w0), b = direction_weights(w1);
-  const ForwardCall<T> d0 = prepare_forward<T>(Backend::kCpu, cell, x, a[0], a[1], a[2], a[3], h0_0, c0_0, lengths,
-                                               false, training, out0, cell_clip, a[4]);
-  const ForwardCall<T> d1 = prepare_forward<T>(Backend::kCpu, cell, x, b[0], b[1], b[2], b[3], h0_1, c0_1, lengths,
-                                               true, training, out1, cell_clip, b[4]);
+  const PreparedForward<T> d0 = prepare_forward<T>(Backend::kCpu, cell, x, a[0], a[1], a[2], a[3], h0_0, c0_0,
+                                                   lengths, false, training, out0, cell_clip, a[4]);
+  const PreparedForward<T> d1 = prepare_forward<T>(Backend::kCpu, cell, x, b[0], b[1], b[2], b[3], h0_1, c0_1,
+                                                   lengths, true, training, out1, cell_clip, b[4]);
   if (d0.args.shape.hidden != d1.args.shape.hidden || d0.args.shape.proj != d1.args.shape.proj)
     throw py::value_error("weights: the two directions' weights differ in shape");
   {
@@ -508,16 +508,16 @@ py::tuple layer_forward_directions(const std::string& cell_name, const py::objec
   throw py::type_error("x: expected dtype float32 or float64, got " + std::string(py::str(xa.dtype())));
 }
 
-// One direction's backward call, as ForwardCall: `args` for the core, then (dh0, dc0, dh_norm).
+// One direction's backward call, as PreparedForward: `args` for the core, then (dh0, dc0, dh_norm).
 template <typename T>
-struct BackwardCall {
+struct PreparedBackward {
   fusedrnn::LayerBackwardParams<T> args;
   py::tuple result;
   std::vector<py::object> arrays;  // every array args points into beside the tape's
 };
 
 template <typename T>
-BackwardCall<T> prepare_backward(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
+PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj, const py::object& dh_n_obj,
                                  const py::object& dc_n_obj, const py::object& dx_obj,
                                  const py::object& grad_w_ih, const py::object& grad_w_hh,
                                  const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
@@ -602,8 +602,8 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::objec
                          const py::object& dx, const py::object& grad_w_ih, const py::object& grad_w_hh,
                          const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
                          const py::object& grad_w_hr) {
-  const BackwardCall<T> call = prepare_backward<T>(tape, dy, dh_n, dc_n, dx, grad_w_ih, grad_w_hh, grad_b_ih,
-                                                   grad_b_hh, accumulate_dx, grad_w_hr);
+  const PreparedBackward<T> call = prepare_backward<T>(tape, dy, dh_n, dc_n, dx, grad_w_ih, grad_w_hh, grad_b_ih,
+                                                       grad_b_hh, accumulate_dx, grad_w_hr);
   {
     py::gil_scoped_release release;
     if (tape.backend == Backend::kCpu)
@@ -626,9 +626,9 @@ py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::ob
   const auto [dc_n0, dc_n1] = per_direction(dc_n, "dc_n");
   const auto [g0, g1] = per_direction(grads, "grads");
   const std::array<py::object, 5> a = direction_weights(g0), b = direction_weights(g1);
-  const BackwardCall<T> d0 =
+  const PreparedBackward<T> d0 =
       prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4]);
-  const BackwardCall<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4]);
+  const PreparedBackward<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4]);
   {
     py::gil_scoped_release release;
     cpu::layer_backward_directions<T>(d0.args, d1.args);

@@ -85,26 +85,20 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
     backend for NumPy arrays (functional._forward)."""
     x = _device.ascontiguous(x)  # every direction reads one contiguous host copy at most
     width = y.shape[2] // len(weights)
-    tapes = []
+    weights = [LayerWeights(*w) for w in weights]
+    dirs = range(len(weights))
     if len(weights) == 2 and backend == "cpu" and not _device.is_cuda(x):
-        outs = _forward_directions(cell, x, [LayerWeights(*w) for w in weights], (_at(h0, 0), _at(h0, 1)),
-                                   (_at(c0, 0), _at(c0, 1)), lengths, training,
-                                   (direction(y, 0, width), direction(y, 1, width)), cell_clip)
-        for d, out in enumerate(outs):
-            h_n[d] = out.h_n
-            if c_n is not None:
-                c_n[d] = out.c_n
-            tapes.append(out.tape)
-        return tapes
-    for d, w in enumerate(weights):
-        w = LayerWeights(*w)
-        out = _forward(cell, x, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, _at(h0, d), _at(c0, d),
-                       lengths, d == 1, training, direction(y, d, width), cell_clip, w.weight_hr, backend)
+        outs = _forward_directions(cell, x, weights, [_at(h0, d) for d in dirs], [_at(c0, d) for d in dirs],
+                                   lengths, training, [direction(y, d, width) for d in dirs], cell_clip)
+    else:
+        outs = [_forward(cell, x, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh, _at(h0, d), _at(c0, d),
+                         lengths, d == 1, training, direction(y, d, width), cell_clip, w.weight_hr, backend)
+                for d, w in enumerate(weights)]
+    for d, out in enumerate(outs):
         h_n[d] = out.h_n
         if c_n is not None:
             c_n[d] = out.c_n
-        tapes.append(out.tape)
-    return tapes
+    return [out.tape for out in outs]
 
 
 def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None, dh_norm=None,

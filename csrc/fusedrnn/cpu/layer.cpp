@@ -529,7 +529,6 @@ class ForwardCall {
   ForwardCall(const ForwardCall&) = delete;
   ForwardCall& operator=(const ForwardCall&) = delete;
 
-  const LayerSplit& split() const { return layout_.split; }
   int ranks() const { return layout_.split.ranks; }
   int gemm_ranks() const { return gemm_ranks_; }
   bool has_gemms() const { return up_front_; }
@@ -560,10 +559,6 @@ class ForwardCall {
   int gemm_ranks_ = 1;
   ForwardPlan<T> plan_;
 };
-
-}  // namespace
-
-namespace {
 
 // A call planned for the whole team of the lease (whose size holds for every job of the call): its
 // GEMMs before the recurrence (forward) or after it (backward).
@@ -608,7 +603,6 @@ bool weight_grads_by_rows(const LayerShape& s, int gates, int ranks, std::size_t
   return partial_bytes <= 0.25 * static_cast<double>(l2_cache_bytes()) &&
          s.steps * s.batch >= kMinRowsPerPartial * ranks;
 }
-
 
 // One direction's backward, planned like ForwardCall: recur() on ranks() ranks, then gemms() (dx, the
 // weight and bias gradients) on gemm_ranks(); `barrier` is the team's, which gemms() meets at when
@@ -694,7 +688,6 @@ class BackwardCall {
   BackwardCall(const BackwardCall&) = delete;
   BackwardCall& operator=(const BackwardCall&) = delete;
 
-  const LayerSplit& split() const { return layout_.split; }
   int ranks() const { return layout_.split.ranks; }
   int gemm_ranks() const { return gemm_ranks_; }
 
@@ -795,10 +788,6 @@ class BackwardCall {
   BackwardPlan<T> plan_;
 };
 
-}  // namespace
-
-namespace {
-
 template <typename T>
 void run_backward(TeamLease& tm, const LayerBackwardParams<T>& a) {
   BackwardCall<T> call(a, tm.size(), tm.size(), 0, tm.barrier());
@@ -817,6 +806,19 @@ namespace {
 
 // The team's parts for two directions at once: its first half (rounded down) and the rest.
 int first_part(int team_threads) { return team_threads / 2; }
+
+// Both directions' recurrences in one job, direction 0 on the first ranks and 1 on the rest, each
+// meeting only its own ranks.
+template <typename Call>
+void recur_together(TeamLease& tm, const Call& c0, const Call& c1) {
+  const int r0 = c0.ranks(), r1 = c1.ranks();
+  tm.run(r0 + r1, [&](int rank) {
+    if (rank < r0)
+      c0.recur(rank, RankGroup(tm.barrier(), 0, r0));
+    else
+      c1.recur(rank - r0, RankGroup(tm.barrier(), r0, r1));
+  });
+}
 
 }  // namespace
 
@@ -838,23 +840,6 @@ bool directions_together(CellKind cell, const LayerShape& s, std::size_t value_b
   return recurrent_weight_bytes(cell, s.hidden, s.proj, value_bytes) / part_ranks <=
          0.5 * static_cast<double>(l2_cache_bytes());
 }
-
-namespace {
-
-// Both directions' recurrences in one job, direction 0 on the first ranks and 1 on the rest, each
-// meeting only its own ranks.
-template <typename Call>
-void recur_together(TeamLease& tm, const Call& c0, const Call& c1) {
-  const int r0 = c0.ranks(), r1 = c1.ranks();
-  tm.run(r0 + r1, [&](int rank) {
-    if (rank < r0)
-      c0.recur(rank, RankGroup(tm.barrier(), 0, r0));
-    else
-      c1.recur(rank - r0, RankGroup(tm.barrier(), r0, r1));
-  });
-}
-
-}  // namespace
 
 template <typename T>
 void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwardParams<T>& d1) {

@@ -63,14 +63,11 @@ class SpinBarrier {
   }
   // Before each job, on `parties` <= the reserved ranks.
   void reset(int parties) {
-    parties_ = parties;
     for (int r = 0; r < parties; ++r) arrivals_[r].count.store(0, std::memory_order_relaxed);
   }
-  // Returns once every rank of the job has called wait() as many times as `rank` has, this call
-  // included; what each rank wrote before its call is then visible to all.
-  void wait(int rank) { wait(rank, 0, parties_); }
-  // The same among ranks first..first+count-1 of the job alone (`rank` one of them): groups of ranks
-  // that work apart meet apart.
+  // Returns once each of ranks first..first+count-1 of the job (`rank` one of them; all of the job's,
+  // or a group working apart, RankGroup) has called wait() as many times as `rank` has, this call
+  // included; what each of them wrote before its call is then visible to all of them.
   void wait(int rank, int first, int count) {
     if (count <= 1) return;
     std::atomic<std::uint64_t>& mine = arrivals_[rank].count;
@@ -90,7 +87,6 @@ class SpinBarrier {
   struct alignas(64) Arrivals {
     std::atomic<std::uint64_t> count{0};
   };
-  int parties_ = 1;
   int capacity_ = 0;
   std::unique_ptr<Arrivals[]> arrivals_;
 };

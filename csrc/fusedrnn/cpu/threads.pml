@@ -82,7 +82,7 @@ int   post;        /* post_: (generation << 16) | threads; threads 0 posts a sto
 byte  job_;        /* job_: number of the current job (1 + its index in plan), 0 = nullptr */
 short pending;     /* pending_ */
 bool  stopping;    /* stopping_ */
-byte  parties;     /* barrier_.parties_ */
+byte  parties;     /* the job's ranks: a wait's `count` (the whole job's group) */
 byte  count[TEAM_MAX];  /* barrier_.arrivals_[rank].count */
 #ifdef OLD_PROTOCOL
 byte  job_threads; /* job_threads_, a plain int beside the generation counter */
@@ -102,7 +102,7 @@ bool finished;
 /* SpinBarrier::wait(rank), the k-th call of job j (locals q, reached of the calling process). */
 inline barrier_wait(rank, j, k) {
   if
-  :: atomic { parties <= 1 -> came[j * NB + k]++ }     /* `if (parties_ <= 1) return;` */
+  :: atomic { parties <= 1 -> came[j * NB + k]++ }     /* `if (count <= 1) return;` */
   :: else ->
      d_step {
        reached = count[rank] + 1;                       /* `reached = mine.load(relaxed) + 1` */
