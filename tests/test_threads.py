@@ -204,12 +204,13 @@ def test_both_directions_in_one_call_match_reference(rng, simd_level, team_size,
 
 
 @pytest.mark.parametrize("team_size", [2], indirect=True)
-def test_directions_run_together_where_a_direction_would_share_units_from_cache(team_size):
+def test_directions_run_together_where_a_direction_would_do_little_per_weight_read(team_size):
     # The largest hidden size (a multiple of 64) whose LSTM W_hh (4H, H) float32 fits in half the L2.
     fits = int((_core.l2_cache_bytes() / 2 / 16) ** 0.5) // 64 * 64
     assert _core.directions_together("lstm", 1, 128)       # by units: a barrier a step
     assert _core.directions_together("rnn_tanh", 2, 64)    # one rank: the other core idle
-    assert not _core.directions_together("lstm", 8, 128)   # by rows: no barrier inside the sequence
+    assert _core.directions_together("lstm", 8, 128)       # by rows, 4 a rank: W_hh read for few rows
+    assert not _core.directions_together("lstm", 16, 128)  # by rows, 8 a rank: no barrier inside the sequence
     assert _core.directions_together("lstm", 4, fits)      # by units, W_hh in one rank's L2
     assert not _core.directions_together("lstm", 4, 2 * fits)  # by units, but W_hh would stream from L3
     fusedrnn.set_num_threads(1)

@@ -733,7 +733,7 @@ PYBIND11_MODULE(_core, m) {
   def_choice(m, "directions", kDirectionsNames, &cpu::set_directions_preference, &cpu::directions_preference,
              "Forces whether both directions of a bidirectional layer run at once, each on part of the "
              "thread team: 'together', 'apart', or 'auto' (together where a direction would share its "
-             "recurrence by units or run on one thread, the default).");
+             "recurrence by units, run on one thread or have few rows a thread, the default).");
 
   m.def("all_finite", [](const py::array& a) {
     const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;

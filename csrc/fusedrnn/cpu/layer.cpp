@@ -182,18 +182,21 @@ int gemm_threads(double flops, int team_threads) {
 // Where forward projects x onto W_ih (see bench/NOTES.md, "Figures behind the code", input
 // projection). Each rank can project its own share of x inside each step with the panel kernel, its
 // packed W_ih beside W_hh, instead of one BLAS GEMM before the sequence whose output each step reads
-// back from L3 or memory. That pays where the rank's packed weights stay in L2 between steps: by rows,
-// both whole weights in half the L2, as for sharing rows at all; by units, the rank's columns of both
+// back from L3 or memory. That pays where the rank's packed weights stay in L2 between steps: where
+// each rank holds whole rows (by rows, or one rank), both whole weights in half the L2, as for sharing
+// rows at all, and a few rows a rank to share each weight read; by units, the rank's columns of both
 // in the L2, with enough rows that each weight read from it serves as many FMAs as streaming from L3
 // needs (a B=1 step would read W_ih just to multiply one row). Short of that, by units each rank can
 // still project its own gate columns of every step before the first with the panel kernel: the
 // result then sits in the rank's own cache, where the shared GEMM, split by steps, leaves each rank's
 // share of later steps in the other core's. That pays where the rank's W_ih slice stays in half the
-// L2, and where BLAS would use no more threads than the recurrence's ranks.
+// L2, and where BLAS would use no more of the direction's threads (the team, or its part where both
+// directions run at once) than the recurrence's ranks.
 enum class InputProjection { kUpFront, kUpFrontByRank, kInSteps };
 
 InputProjection input_projection(CellKind cell, const LayerShape& s, const LayerSplit& split,
-                                 std::size_t value_bytes, int team_threads) {
+                                 std::size_t value_bytes, int direction_threads) {
+  constexpr Index kMinRowsPerRankInSteps = 4;
   switch (projection_preference()) {
     case ProjectionPreference::kInSteps: return InputProjection::kInSteps;
     case ProjectionPreference::kUpFront: return InputProjection::kUpFront;
@@ -205,11 +208,15 @@ InputProjection input_projection(CellKind cell, const LayerShape& s, const Layer
   const double ih_bytes = gate_rows * s.input * value_bytes;
   const double weight_bytes = ih_bytes + (gate_rows * s.state_size() + s.proj * s.hidden) * value_bytes;
   const double l2 = static_cast<double>(l2_cache_bytes());
-  if (split.by_rows) return weight_bytes <= 0.5 * l2 ? InputProjection::kInSteps : InputProjection::kUpFront;
-  if (split.ranks == 1) return InputProjection::kUpFront;
-  if (s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2) return InputProjection::kInSteps;
+  const bool whole_rows = split.by_rows || split.ranks == 1;
+  if (whole_rows && weight_bytes <= 0.5 * l2 && s.batch / split.ranks >= kMinRowsPerRankInSteps)
+    return InputProjection::kInSteps;
+  if (split.by_rows) return InputProjection::kUpFront;
+  if (split.ranks > 1 && s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2)
+    return InputProjection::kInSteps;
   const double gemm_flops = 2.0 * static_cast<double>(s.steps * s.batch) * gate_rows * s.input;
-  const bool by_rank = ih_bytes / split.ranks <= 0.5 * l2 && gemm_threads(gemm_flops, team_threads) <= split.ranks;
+  const bool by_rank =
+      ih_bytes / split.ranks <= 0.5 * l2 && gemm_threads(gemm_flops, direction_threads) <= split.ranks;
   return by_rank ? InputProjection::kUpFrontByRank : InputProjection::kUpFront;
 }
 
@@ -235,13 +242,14 @@ bool stacks_input(CellKind cell, const LayerShape& s, InputProjection projection
          !cell_facts(cell).split_recurrent_grad;
 }
 
-// `recurrence_threads` of the team's `team_threads` may share the recurrence; the GEMMs may use all.
+// `recurrence_threads` (the team, or its part where both directions run at once) may share the
+// recurrence; the GEMMs may use the whole team.
 template <typename T>
-TeamLayout<T> team_layout(int team_threads, int recurrence_threads, CellKind cell, const LayerShape& s,
-                          int panel_width, int scratch_set, bool forward) {
+TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, int panel_width,
+                          int scratch_set, bool forward) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj);
   const InputProjection projection =
-      forward ? input_projection(cell, s, split, sizeof(T), team_threads) : InputProjection::kUpFront;
+      forward ? input_projection(cell, s, split, sizeof(T), recurrence_threads) : InputProjection::kUpFront;
   const bool project = projection != InputProjection::kUpFront;
   const bool stacked = forward && stacks_input(cell, s, projection);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
@@ -493,7 +501,7 @@ class ForwardCall {
     const T* b_ih = st_.in(a.weights.b_ih, gh_width_, b_ih_copy_);
     const T* b_hh = st_.in(a.weights.b_hh, gh_width_, b_hh_copy_);
     const Rows<T> y = st_.out(a.y, steps, batch, state, false);
-    layout_ = team_layout<T>(team_threads, recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, true);
+    layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, true);
 
     // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
     // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
@@ -639,7 +647,7 @@ class BackwardCall {
     dw_ih_ = st_.out(a.dw_ih, gh_width_, input_, true);
     dw_hh_ = st_.out(a.dw_hh, gh_width_, width_, true);
     dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, proj_, hidden, true) : Rows<T>{};
-    layout_ = team_layout<T>(team_threads, recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
+    layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
     const int ranks = layout_.split.ranks;
 
     dgx_ = scratch<T>(ScratchSlot::kGradGates, rows_ * gh_width_, scratch_set);
@@ -822,22 +830,26 @@ void recur_together(TeamLease& tm, const Call& c0, const Call& c1) {
 
 }  // namespace
 
-// Two directions at once, each on its part of the team, pay where a direction would share its
-// recurrence by units or run on one rank, and its ranks' weights still fit in half their L2 on the
-// part: each rank given up spares a barrier a step, or a core idle beside the recurrence. Where the
-// weights then stream from L3, fewer ranks read them more slowly; split by rows, a direction already
-// uses the team with no barrier inside the sequence. In both cases they stay in turn (see
-// bench/NOTES.md, "Figures behind the code", directions).
+// Two directions at once, each on its part of the team, pay where a direction's ranks would each do
+// little per weight read: sharing units (a barrier a step, spared for each rank given up), one rank
+// (a core idle beside the recurrence), or sharing rows with few rows a rank (each step streams all of
+// W_hh for them; a part's ranks get twice the rows). And only while each rank's weights still fit in
+// half its L2 on the part: streamed from L3, fewer ranks read them more slowly. A direction with
+// enough rows a rank already uses the team with no barrier inside the sequence: the directions stay
+// in turn (see bench/NOTES.md, "Figures behind the code", directions).
 bool directions_together(CellKind cell, const LayerShape& s, std::size_t value_bytes, int team_threads) {
+  constexpr Index kMinRowsPerRankApart = 8;
   if (team_threads < 2) return false;
   switch (directions_preference()) {
     case DirectionsPreference::kTogether: return true;
     case DirectionsPreference::kApart: return false;
     case DirectionsPreference::kAuto: break;
   }
-  if (layer_split(cell, s.batch, s.hidden, value_bytes, team_threads, s.proj).by_rows) return false;
-  const int part_ranks = layer_split(cell, s.batch, s.hidden, value_bytes, first_part(team_threads), s.proj).ranks;
-  return recurrent_weight_bytes(cell, s.hidden, s.proj, value_bytes) / part_ranks <=
+  const LayerSplit whole = layer_split(cell, s.batch, s.hidden, value_bytes, team_threads, s.proj);
+  if (whole.by_rows && s.batch / whole.ranks >= kMinRowsPerRankApart) return false;
+  const LayerSplit part = layer_split(cell, s.batch, s.hidden, value_bytes, first_part(team_threads), s.proj);
+  const int weight_shares = part.by_rows ? 1 : part.ranks;
+  return recurrent_weight_bytes(cell, s.hidden, s.proj, value_bytes) / weight_shares <=
          0.5 * static_cast<double>(l2_cache_bytes());
 }
 
