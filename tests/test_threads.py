@@ -203,6 +203,20 @@ def test_both_directions_in_one_call_match_reference(rng, simd_level, team_size,
     check_directions_against_reference(rng, cell, (4, 13, 5, 129), proj_of(129, projected))
 
 
+@pytest.mark.parametrize("team_size", [1, 2], indirect=True)
+def test_ranks_holding_whole_rows_project_inside_the_steps_from_four_rows_each(team_size):
+    # LSTM, I = H = 64: both weights 128 KB, in half of any L2 here. On one thread the recurrence has
+    # one rank; on two, 8 rows are shared by rows.
+    rows = 4 * team_size
+    assert _core.input_projection_choice("lstm", 100, rows, 64, 64) == "in_steps"
+    fewer = _core.input_projection_choice("lstm", 100, rows - 1, 64, 64)
+    assert fewer == ("up_front_by_rank" if team_size == 1 else "up_front")
+    assert _core.input_projection_choice("lstm", 2, rows, 64, 64) == "up_front"  # too few steps to pack
+    # Both weights four times half the L2: they would stream from L3 every step.
+    wide = int((_core.l2_cache_bytes() / 64) ** 0.5) * 2
+    assert _core.input_projection_choice("lstm", 100, rows, wide, wide) != "in_steps"
+
+
 @pytest.mark.parametrize("team_size", [2], indirect=True)
 def test_directions_run_together_where_a_direction_would_do_little_per_weight_read(team_size):
     # The largest hidden size (a multiple of 64) whose LSTM W_hh (4H, H) float32 fits in half the L2.

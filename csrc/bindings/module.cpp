@@ -821,6 +821,15 @@ PYBIND11_MODULE(_core, m) {
              "inside each step), 'up_front' (one GEMM before the sequence), 'up_front_by_rank' (before "
              "the sequence, each rank its own rows or units with the packed kernel), or 'auto' (by the "
              "layer's split and size, the default).");
+  m.def("input_projection_choice", [](const std::string& cell, Index steps, Index batch, Index input, Index hidden,
+                                      const py::object& dtype) {
+    const fusedrnn::LayerShape shape{steps, batch, input, hidden, {}, false, 0};
+    return name_of(cpu::input_projection_choice(parse_cell(cell), shape, float_item_size(dtype), cpu::team_size()),
+                   kProjectionNames);
+  }, py::arg("cell"), py::arg("steps"), py::arg("batch"), py::arg("input"), py::arg("hidden"),
+        py::arg("dtype") = "float32",
+        "Where forward projects x for one direction of this cell and shape on the thread team as it is "
+        "now: 'in_steps', 'up_front' or 'up_front_by_rank' (set_input_projection).");
   def_choice(m, "weight_grad_split", kWeightGradNames, &cpu::set_weight_grad_preference,
              &cpu::weight_grad_preference,
              "Forces how backward splits the weight gradients across the team: 'rows' (each thread its "

@@ -69,6 +69,10 @@ SplitPreference split_preference();
 enum class ProjectionPreference { kAuto, kInSteps, kUpFront, kUpFrontByRank };
 void set_projection_preference(ProjectionPreference preference);
 ProjectionPreference projection_preference();
+// Where forward projects x for one direction of this shape whose recurrence has `threads` threads (the
+// team, or its part where both directions run at once): the forced choice where one is set; never kAuto.
+ProjectionPreference input_projection_choice(CellKind cell, const LayerShape& shape, std::size_t value_bytes,
+                                             int threads);
 // Whether a bidirectional layer's directions run at once (layer_forward_directions) or in turn.
 enum class DirectionsPreference { kAuto, kTogether, kApart };
 void set_directions_preference(DirectionsPreference preference);

@@ -893,6 +893,17 @@ void layer_backward_directions(const LayerBackwardParams<T>& d0, const LayerBack
   c1.finish();
 }
 
+ProjectionPreference input_projection_choice(CellKind cell, const LayerShape& s, std::size_t value_bytes,
+                                             int threads) {
+  const LayerSplit split = layer_split(cell, s.batch, s.hidden, value_bytes, threads, s.proj);
+  switch (input_projection(cell, s, split, value_bytes, threads)) {
+    case InputProjection::kInSteps: return ProjectionPreference::kInSteps;
+    case InputProjection::kUpFrontByRank: return ProjectionPreference::kUpFrontByRank;
+    case InputProjection::kUpFront: break;
+  }
+  return ProjectionPreference::kUpFront;
+}
+
 int team_size() { return team().size(); }
 void set_team_size(int threads) { team().set_size(threads); }
 void use_openmp_runtime(const std::string& library) { team().use_openmp_runtime(library); }
