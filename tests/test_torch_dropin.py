@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fusedrnn.torch as frt  # noqa: E402
 import torch_ddp_worker  # noqa: E402
@@ -529,6 +530,45 @@ def test_torch_export_traces_the_fused_operator():
     assert targets.count("fusedrnn.rnn_layer.default") == 5  # 2 LSTM layers + GRU + 2 RNNs
     for got, want in zip(exported.module()(*args), model(*args)):
         assert torch.equal(got, want)
+
+
+class _OperatorLog(TorchDispatchMode):
+    """Records the operators a call dispatches (as make_fx's tracing mode would see them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["no_grad", "recording"])
+def test_eager_calls_skip_the_dispatcher_and_traced_ones_see_the_operator(record):
+    torch.manual_seed(6)
+    model = Stack()
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=record)
+    h0, c0 = torch.randn(4, B, H, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64)
+    with torch.set_grad_enabled(record):
+        calls = []
+        original = _ops.rnn_layer
+        _ops.rnn_layer = lambda *args: calls.append(args) or original(*args)
+        try:
+            eager = model(x, h0, c0)
+            assert not calls  # the operator's function was called directly
+            with _OperatorLog() as log:
+                traced = model(x, h0, c0)
+        finally:
+            _ops.rnn_layer = original
+        assert len(calls) == 5 and log.ops.count("fusedrnn.rnn_layer.default") == 5
+    for got, want in zip(traced, eager):
+        assert torch.equal(got, want)
+    if record:
+        leaves = [x, *model.parameters()]
+        grads = [torch.autograd.grad(y.square().sum() + h.sum(), leaves) for y, h in (eager, traced)]
+        for got, want in zip(*grads):
+            assert torch.equal(got, want)
 
 
 # ---- training ---------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
     backend for NumPy arrays (functional._forward)."""
     x = _device.ascontiguous(x)  # every direction reads one contiguous host copy at most
     width = y.shape[2] // len(weights)
-    weights = [LayerWeights(*w) for w in weights]
+    weights = [w if isinstance(w, LayerWeights) else LayerWeights(*w) for w in weights]
     dirs = range(len(weights))
     if len(weights) == 2 and backend == "cpu" and not _device.is_cuda(x):
         outs = _forward_directions(cell, x, weights, [_at(h0, d) for d in dirs], [_at(c0, d) for d in dirs],

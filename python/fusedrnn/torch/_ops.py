@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from .. import _checks, _device, _stack
 from ..functional import has_cell_state
@@ -91,8 +92,7 @@ def _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell):
     return (steps, batch, dirs * width), (dirs, batch, width), cell_state
 
 
-@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types=("cpu", "cuda"))
-def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
               bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
               weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
               bias_hh_reverse: Optional[Tensor], weight_hr_reverse: Optional[Tensor], h0: Optional[Tensor],
@@ -114,14 +114,16 @@ def rnn_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional
         for name, t in (("input", x), ("h_0", h0), ("c_0", c0)):
             if t is not None:
                 _checks.finite(name, _array(t))
-    y, h_n, c_n = (torch.empty(shape, dtype=x.dtype, device=x.device)
-                   for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
+    y, h_n, c_n = (x.new_empty(shape) for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
     lens = _checks.lengths(None if lengths is None else lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
     tapes = _stack.forward_layer(cell, xa, _by_direction(weights), _array(h0), _array(c0), lengths=lens,
                                  training=record, y=_array(y), h_n=_array(h_n),
                                  c_n=_array(c_n) if has_cell_state(cell) else None)
-    handle = _tape_handle(tapes) if record else torch.tensor(_NO_TAPE)
+    handle = _tape_handle(tapes) if record else torch.full((), _NO_TAPE, dtype=torch.int64)
     return y, h_n, c_n, handle
+
+
+rnn_layer = torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types=("cpu", "cuda"))(_layer)
 
 
 @rnn_layer.register_fake
@@ -203,6 +205,15 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 rnn_layer_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
+def _eager(x: Tensor) -> bool:
+    """Whether a call on x runs as it is, with nothing tracing it (torch.compile, torch.export, a
+    dispatch mode such as make_fx's) or transforming it (torch.func), so that the operator's function
+    can be called without the dispatcher (~20 us a call, more than a one-step layer's compute)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling()
+            and _python_dispatch._get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active())
+
+
 class _RecordedLayer(torch.autograd.Function):
     """rnn_layer with the autograd formula registered on it above. torch's autograd wrapper of a custom
     operator binds every argument to the schema again on each call that records, at a cost that grows
@@ -211,16 +222,16 @@ class _RecordedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):
-        return rnn_layer(*args)
+        return _layer(*args)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
 def call_layer(*args):
-    """rnn_layer(*args), eager calls that record for backward through _RecordedLayer; compiled and
-    exported code sees the operator itself."""
+    """rnn_layer(*args): eager calls straight to the operator's function, through _RecordedLayer where
+    they record for backward; traced and transformed code sees the operator itself."""
+    if not _eager(args[0]):
+        return rnn_layer(*args)
     record = args[-2]  # rnn_layer's arguments end (..., cell, record, check_finite)
-    if record and not torch.compiler.is_compiling():
-        return _RecordedLayer.apply(*args)
-    return rnn_layer(*args)
+    return _RecordedLayer.apply(*args) if record else _layer(*args)
