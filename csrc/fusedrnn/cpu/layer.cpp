@@ -508,9 +508,12 @@ class ForwardCall {
     // clears C for beta = 0. b_hh folds in where the cell allows (all but GRU's n gate).
     has_bias_ = b_ih || b_hh;
     gx_bias_.assign(static_cast<std::size_t>(gh_width_), T(0));
-    for (Index n = 0; n < gh_width_ && has_bias_; ++n) {
-      if (b_ih) gx_bias_[n] += b_ih[n];
-      if (b_hh && !recurrent_bias_apart(a.cell, static_cast<int>(n / hidden))) gx_bias_[n] += b_hh[n];
+    for (int gate = 0; gate < cell_facts(a.cell).gates && has_bias_; ++gate) {
+      const bool fold_hh = b_hh && !recurrent_bias_apart(a.cell, gate);
+      for (Index n = gate * hidden; n < (gate + 1) * hidden; ++n) {
+        if (b_ih) gx_bias_[n] += b_ih[n];
+        if (fold_hh) gx_bias_[n] += b_hh[n];
+      }
     }
     if (!b_hh) zero_bias_.assign(static_cast<std::size_t>(gh_width_), T(0));
     up_front_ = layout_.input_projection == InputProjection::kUpFront;
