@@ -40,6 +40,15 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
     check_against_reference(rng, cell, shape, proj)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 37, 70), (2, 16, 9, 33), (1, 17, 5, 40)], ids=["T1-B3", "T2-B16", "T1-B17"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_short_calls_multiply_the_weights_in_place_match_reference(rng, simd_level, cell, projected, shape):
+    """Calls too short to pack the weights (T < 3) multiply them as they are: up to 16 rows with the
+    few-rows kernel (here with row and column remainders in its blocks, and depths that are no multiple
+    of the vector width), more with BLAS, in the input projection and each step."""
+    check_against_reference(rng, cell, shape, proj_of(shape[3], projected))
+
+
 # (T, B, I, H, P) for teams larger than the machine: by units each of 8 ranks gets 64 or 72 units and
 # the P columns split unevenly, some ranks getting none (P = 1: all but one); T=2 reads the weights
 # in place.

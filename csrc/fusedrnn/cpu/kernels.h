@@ -159,6 +159,10 @@ struct RecurrenceKernels {
   // Whole-array passes (checks.h) at this level, over one rank's share (passes.h shares them out).
   bool (*all_finite)(const T* values, Index count);
   void (*add_into)(T* into, const T* from, Index count);
+  // c (rows, columns) = a (rows, depth) w^T, added into c where `accumulate`, w (columns, depth)
+  // row-major and read in place (not packed): the GEMM for operands used once.
+  void (*times_weights)(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
+                        bool accumulate, T* c, Index ldc);
 };
 
 struct KernelTable {

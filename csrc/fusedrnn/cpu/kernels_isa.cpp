@@ -213,6 +213,115 @@ inline void transpose_tile(typename Simd<T>::Vec* v) {
   if constexpr (W > 1) transpose_tile<T, W / 2>(v);
 }
 
+// One stage of sum_lanes_each: Count vectors into Count/2, each W-lane block of a result the sum of two
+// blocks of one of the pair.
+template <typename T, int W, int Count>
+inline void sum_block_pairs(typename Simd<T>::Vec* u) {
+  constexpr int L = Simd<T>::kLanes;
+#pragma GCC unroll 32
+  for (int j = 0; j < Count / 2; ++j)
+    u[j] = swap_blocks<T, W, false>(u[2 * j], u[2 * j + 1], std::make_index_sequence<L>{}) +
+           swap_blocks<T, W, true>(u[2 * j], u[2 * j + 1], std::make_index_sequence<L>{});
+  if constexpr (W > 1) sum_block_pairs<T, W / 2, Count / 2>(u);
+}
+
+constexpr int bit_reversed(int i, int lanes) {
+  int reversed = 0;
+  for (int bit = 1, to = lanes / 2; bit < lanes; bit *= 2, to /= 2)
+    if (i & bit) reversed |= to;
+  return reversed;
+}
+
+// Lane q of the result is the sum of v[q]'s lanes (v: kLanes vectors), in a fixed order: log2(kLanes)
+// stages of block sums, 2*(kLanes-1) shuffles in all. The stages leave the sums in bit-reversed order,
+// so the vectors go in bit-reversed.
+template <typename T, std::size_t... I>
+inline typename Simd<T>::Vec sum_lanes_each(const typename Simd<T>::Vec* v, std::index_sequence<I...>) {
+  constexpr int L = Simd<T>::kLanes;
+  typename Simd<T>::Vec u[L] = {v[bit_reversed(static_cast<int>(I), L)]...};
+  if constexpr (L > 1) sum_block_pairs<T, L / 2, L>(u);
+  return u[0];
+}
+
+// One block of few_rows_times_weights: rows m0..m0+MR of a against kLanes/MR rows of W from n0 (the
+// first `valid` of them real; the rest repeat the last and are not stored), one accumulator per pair,
+// down the depth in vectors; sum_lanes_each then gives the block's outputs as one vector.
+template <typename T, int MR>
+inline void rows_times_weight_block(Index m0, Index n0, int valid, Index depth, const T* a, Index lda, const T* w,
+                                    Index ldw, bool accumulate, T* c, Index ldc) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  constexpr int L = S::kLanes;
+  constexpr int NR = L / MR;
+  const T* ar[MR];
+  const T* wr[NR];
+  for (int i = 0; i < MR; ++i) ar[i] = a + (m0 + i) * lda;
+  for (int j = 0; j < NR; ++j) wr[j] = w + (n0 + std::min(j, valid - 1)) * ldw;
+  Vec acc[L];
+#pragma GCC unroll 64
+  for (int q = 0; q < L; ++q) acc[q] = Vec{};
+  const Index vector_depth = depth - depth % L;
+  for (Index k = 0; k < vector_depth; k += L) {
+    Vec wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = S::load(wr[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const Vec av = S::load(ar[i] + k);
+      for (int j = 0; j < NR; ++j) acc[i * NR + j] += av * wv[j];
+    }
+  }
+  T sum[L];
+  S::store(sum, sum_lanes_each<T>(acc, std::make_index_sequence<L>{}));
+  for (Index k = vector_depth; k < depth; ++k)
+    for (int q = 0; q < L; ++q) sum[q] += ar[q / NR][k] * wr[q % NR][k];
+  for (int i = 0; i < MR; ++i) {
+    T* out = c + (m0 + i) * ldc + n0;
+    for (int j = 0; j < valid; ++j) out[j] = accumulate ? out[j] + sum[i * NR + j] : sum[i * NR + j];
+  }
+}
+
+// Rows m0.. of a (MR at a time, up to `rows`) against all of W, the blocks of W outermost so that
+// each stays in L1 while the blocks of rows pass. Returns the first row not done.
+template <typename T, int MR>
+Index rows_times_weights_pass(Index m0, Index rows, Index columns, Index depth, const T* a, Index lda, const T* w,
+                              Index ldw, bool accumulate, T* c, Index ldc) {
+  constexpr int NR = Simd<T>::kLanes / MR;
+  const Index m_end = m0 + (rows - m0) / MR * MR;
+  for (Index n0 = 0; n0 < columns && m0 < m_end; n0 += NR) {
+    const int valid = static_cast<int>(std::min<Index>(NR, columns - n0));
+    for (Index m = m0; m < m_end; m += MR)
+      rows_times_weight_block<T, MR>(m, n0, valid, depth, a, lda, w, ldw, accumulate, c, ldc);
+  }
+  return m_end;
+}
+
+// c[m][n] (+)= sum_k a[m][k] * w[n][k] for m < rows, n < columns (accumulate: added into c): a few
+// rows against weights read in place, W row-major with its rows as the product's columns, kLanes dot
+// products at a time. Blocks of 4 rows of a (fewer loads per FMA), then of 2 and 1 for the last rows
+// (no row computed twice): W is read once per pass, at most three.
+template <typename T>
+void few_rows_times_weights(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
+                            bool accumulate, T* c, Index ldc) {
+  constexpr int L = Simd<T>::kLanes;
+  Index m = 0;
+  if constexpr (L >= 4) m = rows_times_weights_pass<T, 4>(m, rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
+  if constexpr (L >= 2) m = rows_times_weights_pass<T, 2>(m, rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
+  rows_times_weights_pass<T, 1>(m, rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
+}
+
+// few_rows_times_weights where the rows are few enough for a's rows to stay in L1 beside each block of
+// W, BLAS's GEMM beyond. For calls too short to pack W (kMinStepsToPack): BLAS packs all of W on each
+// call, a few rows reading it from memory twice more than once (see bench/NOTES.md, "Figures behind the
+// code", few rows).
+template <typename T>
+void times_weights_in_place(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
+                            bool accumulate, T* c, Index ldc) {
+  constexpr Index kMaxFewRows = 16;
+  if (rows <= kMaxFewRows)
+    few_rows_times_weights<T>(rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
+  else
+    blas::gemm<T>(false, true, rows, columns, depth, T(1), a, lda, w, ldw, accumulate ? T(1) : T(0), c, ldc);
+}
+
 // packed[p][k][c] = column_start(n)[k * k_stride] for column n = p*kPanel + c < `columns`, zero in the
 // padding. Two layouts have a fast path, the rest go value by value: a panel's columns side by side in
 // memory (backward: a copy of kPanel values per k), and each column contiguous in k (forward: rows of
@@ -410,8 +519,8 @@ void project_outputs(const ForwardPlan<T>& pl, Index t, const RankShare& sh, con
   if (pl.pack_weights)
     panel_gemm<T>(sh.rows(), H, panels, r_rows, H, scratch.packed_hr, scratch.tile_hr, ldt, order);
   else  // this rank's rows of W_hr, read in place
-    blas::gemm<T>(false, true, sh.rows(), outputs, H, T(1), r_rows, H, pl.w_hr.row(sh.o0), pl.w_hr.ld, T(0),
-                  scratch.tile_hr, ldt);
+    times_weights_in_place<T>(sh.rows(), outputs, H, r_rows, H, pl.w_hr.row(sh.o0), pl.w_hr.ld, false,
+                              scratch.tile_hr, ldt);
   for (Index b = sh.b0; b < sh.b1; ++b) {
     T* yr = pl.y.row(t * pl.batch + b) + sh.o0;
     T* h = h_next + b * R + sh.o0;
@@ -523,8 +632,8 @@ void forward_rank(const ForwardPlan<T>& pl, int rank, const RankGroup& group) {
           panel_gemm<T>(rows, R, panels, h_rows, R, scratch.packed, scratch.tile, ldt, order);
         else  // this rank's rows of each gate block of W_hh, read in place
           for (int k = 0; k < G; ++k)
-            blas::gemm<T>(false, true, rows, units, R, T(1), h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld,
-                          T(0), scratch.tile + k * units, ldt);
+            times_weights_in_place<T>(rows, units, R, h_rows, R, pl.w_hh.row(k * H + u0), pl.w_hh.ld, false,
+                                      scratch.tile + k * units, ldt);
         if (project_now && order == PanelOrder::kDescending) project_step();
       }
       const Index prev = prev_slot(pl.reverse, t), next = next_slot(pl.reverse, t);
@@ -810,9 +919,9 @@ extern const KernelTable kTable;
 const KernelTable kTable = {
     FUSEDRNN_ISA_NAME,
     {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>, &all_finite_here<float>,
-     &add_into_here<float>},
+     &add_into_here<float>, &times_weights_in_place<float>},
     {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>, &all_finite_here<double>,
-     &add_into_here<double>},
+     &add_into_here<double>, &times_weights_in_place<double>},
 };
 
 }  // namespace FUSEDRNN_ISA

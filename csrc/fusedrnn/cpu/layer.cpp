@@ -550,8 +550,8 @@ class ForwardCall {
     const auto [r0, r1] = share(rows_, of, rank);
     if (has_bias_)
       for (Index r = r0; r < r1; ++r) std::copy(gx_bias_.begin(), gx_bias_.end(), gx_ + r * gh_width_);
-    blas::gemm<T>(false, true, r1 - r0, gh_width_, input_, T(1), x_.row(r0), x_.ld, w_ih_.data, w_ih_.ld,
-                  has_bias_ ? T(1) : T(0), gx_ + r0 * gh_width_, gh_width_);
+    kern_.times_weights(r1 - r0, gh_width_, input_, x_.row(r0), x_.ld, w_ih_.data, w_ih_.ld, has_bias_,
+                        gx_ + r0 * gh_width_, gh_width_);
   }
   void recur(int rank, const RankGroup& group) const { kern_.forward(plan_, rank, group); }
   // After the last job: outputs that were staged go back to the caller's arrays.
