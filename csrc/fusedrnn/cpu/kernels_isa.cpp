@@ -308,9 +308,9 @@ void few_rows_times_weights(Index rows, Index columns, Index depth, const T* a, 
   rows_times_weights_pass<T, 1>(m, rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
 }
 
-// few_rows_times_weights where the rows are few enough for a's rows to stay in L1 beside each block of
-// W, BLAS's GEMM beyond. For calls too short to pack W (kMinStepsToPack): BLAS packs all of W on each
-// call, a few rows reading it from memory twice more than once (see bench/NOTES.md, "Figures behind the
+// c (+)= a W^T with W used once (a call too short to pack it, kMinStepsToPack, or an input projection
+// of few rows): few_rows_times_weights up to kMaxFewRows rows, BLAS's GEMM beyond. BLAS packs all of W
+// on each call, which costs more than a few rows' products (see bench/NOTES.md, "Figures behind the
 // code", few rows).
 template <typename T>
 void times_weights_in_place(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
