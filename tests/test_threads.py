@@ -40,12 +40,16 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
     check_against_reference(rng, cell, shape, proj)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 37, 70), (2, 16, 9, 33), (1, 17, 5, 40)], ids=["T1-B3", "T2-B16", "T1-B17"])
+@pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
+@pytest.mark.parametrize("shape", [(1, 3, 37, 70), (2, 16, 9, 33), (1, 17, 5, 40), (1, 5, 1000, 150)],
+                         ids=["T1-B3", "T2-B16", "T1-B17", "T1-wide-input"])
 @pytest.mark.parametrize("cell, projected", CELL_CASES)
-def test_short_calls_multiply_the_weights_in_place_match_reference(rng, simd_level, cell, projected, shape):
+def test_short_calls_multiply_the_weights_in_place_match_reference(rng, simd_level, team_size, cell, projected,
+                                                                   shape):
     """Calls too short to pack the weights (T < 3) multiply them as they are: up to 16 rows with the
     few-rows kernel (here with row and column remainders in its blocks, and depths that are no multiple
-    of the vector width), more with BLAS, in the input projection and each step."""
+    of the vector width), more with BLAS, in the input projection and each step. A wide W_ih (600 KB
+    and more) is shared out by its rows among the ranks, unevenly on three."""
     check_against_reference(rng, cell, shape, proj_of(shape[3], projected))
 
 

@@ -151,6 +151,9 @@ struct BackwardPlan : PlanCommon<T> {
   Index bias_stride = 0;
 };
 
+// times_weights multiplies up to this many rows with a kernel that reads w once, in place (BLAS beyond).
+constexpr Index kMaxFewRows = 16;
+
 template <typename T>
 struct RecurrenceKernels {
   int panel_width;  // columns per packed weight panel; scratch sizes depend on it

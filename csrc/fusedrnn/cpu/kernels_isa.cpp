@@ -315,7 +315,6 @@ void few_rows_times_weights(Index rows, Index columns, Index depth, const T* a, 
 template <typename T>
 void times_weights_in_place(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
                             bool accumulate, T* c, Index ldc) {
-  constexpr Index kMaxFewRows = 16;
   if (rows <= kMaxFewRows)
     few_rows_times_weights<T>(rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
   else

@@ -534,8 +534,15 @@ class ForwardCall {
     plan_.y = y;
     plan_.h_n = st_.out(a.h_n, batch, state, false);
     plan_.c_n = st_.out(a.c_n, batch, hidden, false);
-    gemm_ranks_ = up_front_ ? std::max(ranks(), gemm_threads(2.0 * rows_ * gh_width_ * input_, team_threads))
-                            : ranks();
+    // Few rows: the projection's cost is reading W_ih, so the ranks share its rows (the product's
+    // columns) instead of the product's rows, as many as get enough of it to pay for waking them.
+    constexpr double kMinWeightBytesPerThread = 256 * 1024;
+    by_columns_ = up_front_ && rows_ <= kMaxFewRows;
+    const int useful = by_columns_ ? static_cast<int>(std::min<double>(
+                                         team_threads, static_cast<double>(gh_width_ * input_ * sizeof(T)) /
+                                                           kMinWeightBytesPerThread))
+                                   : gemm_threads(2.0 * rows_ * gh_width_ * input_, team_threads);
+    gemm_ranks_ = up_front_ ? std::max(ranks(), useful) : ranks();
   }
   ForwardCall(const ForwardCall&) = delete;
   ForwardCall& operator=(const ForwardCall&) = delete;
@@ -544,14 +551,16 @@ class ForwardCall {
   int gemm_ranks() const { return gemm_ranks_; }
   bool has_gemms() const { return up_front_; }
 
-  // Input projection of this rank's rows of all steps: gx = x W_ih^T + bias.
+  // Input projection of this rank's rows of all steps (or its columns of every row): gx = x W_ih^T + bias.
   void gemms(int rank, int of) const {
     if (!up_front_) return;
-    const auto [r0, r1] = share(rows_, of, rank);
+    const auto [r0, r1] = by_columns_ ? std::pair<Index, Index>{0, rows_} : share(rows_, of, rank);
+    const auto [c0, c1] = by_columns_ ? share(gh_width_, of, rank) : std::pair<Index, Index>{0, gh_width_};
     if (has_bias_)
-      for (Index r = r0; r < r1; ++r) std::copy(gx_bias_.begin(), gx_bias_.end(), gx_ + r * gh_width_);
-    kern_.times_weights(r1 - r0, gh_width_, input_, x_.row(r0), x_.ld, w_ih_.data, w_ih_.ld, has_bias_,
-                        gx_ + r0 * gh_width_, gh_width_);
+      for (Index r = r0; r < r1; ++r)
+        std::copy(gx_bias_.begin() + c0, gx_bias_.begin() + c1, gx_ + r * gh_width_ + c0);
+    kern_.times_weights(r1 - r0, c1 - c0, input_, x_.row(r0), x_.ld, w_ih_.row(c0), w_ih_.ld, has_bias_,
+                        gx_ + r0 * gh_width_ + c0, gh_width_);
   }
   void recur(int rank, const RankGroup& group) const { kern_.forward(plan_, rank, group); }
   // After the last job: outputs that were staged go back to the caller's arrays.
@@ -565,7 +574,7 @@ class ForwardCall {
   Rows<const T> x_, w_ih_;
   Index input_ = 0, gh_width_ = 0, rows_ = 0;
   TeamLayout<T> layout_;
-  bool has_bias_ = false, up_front_ = false;
+  bool has_bias_ = false, up_front_ = false, by_columns_ = false;
   T* gx_ = nullptr;
   int gemm_ranks_ = 1;
   ForwardPlan<T> plan_;
