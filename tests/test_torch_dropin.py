@@ -7,6 +7,7 @@ import copy
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -568,6 +569,19 @@ def test_eager_calls_skip_the_dispatcher_and_traced_ones_see_the_operator(record
         leaves = [x, *model.parameters()]
         grads = [torch.autograd.grad(y.square().sum() + h.sum(), leaves) for y, h in (eager, traced)]
         for got, want in zip(*grads):
+            assert torch.equal(got, want)
+
+
+def test_torch_jit_trace_records_the_operator():
+    torch.manual_seed(7)
+    model = frt.GRU(I, H, dtype=torch.float64).eval()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated, and warns about numpy inside
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        assert "fusedrnn::rnn_layer" in [node.kind() for node in traced.graph.nodes()]
+        other = torch.randn(T, B, I, dtype=torch.float64)
+        for got, want in zip(traced(other), model(other)):
             assert torch.equal(got, want)
 
 

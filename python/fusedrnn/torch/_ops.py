@@ -206,10 +206,11 @@ rnn_layer_backward.register_autograd(_no_double_backward, setup_context=_setup_n
 
 
 def _eager(x: Tensor) -> bool:
-    """Whether a call on x runs as it is, with nothing tracing it (torch.compile, torch.export, a
-    dispatch mode such as make_fx's) or transforming it (torch.func), so that the operator's function
-    can be called without the dispatcher (~20 us a call, more than a one-step layer's compute)."""
-    return (type(x) is Tensor and not torch.compiler.is_compiling()
+    """Whether a call on x runs as it is, with nothing tracing it (torch.compile, torch.export,
+    torch.jit.trace, a dispatch mode such as make_fx's) or transforming it (torch.func), so that the
+    operator's function can be called without the dispatcher (~20 us a call, more than a one-step
+    layer's compute)."""
+    return (type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and _python_dispatch._get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active())
 
