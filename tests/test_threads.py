@@ -41,15 +41,17 @@ def test_every_team_size_matches_reference(rng, simd_level, team_size, split, ce
 
 
 @pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
-@pytest.mark.parametrize("shape", [(1, 3, 37, 70), (2, 16, 9, 33), (1, 17, 5, 40), (1, 5, 1000, 150)],
-                         ids=["T1-B3", "T2-B16", "T1-B17", "T1-wide-input"])
+@pytest.mark.parametrize("shape", [(1, 3, 37, 70), (2, 16, 9, 33), (1, 17, 5, 40), (1, 5, 1000, 150),
+                                   (5, 2, 20, 300)],
+                         ids=["T1-B3", "T2-B16", "T1-B17", "T1-wide-input", "T5-B2-wide"])
 @pytest.mark.parametrize("cell, projected", CELL_CASES)
 def test_short_calls_multiply_the_weights_in_place_match_reference(rng, simd_level, team_size, cell, projected,
                                                                    shape):
-    """Calls too short to pack the weights (T < 3) multiply them as they are: up to 16 rows with the
-    few-rows kernel (here with row and column remainders in its blocks, and depths that are no multiple
-    of the vector width), more with BLAS, in the input projection and each step. A wide W_ih (600 KB
-    and more) is shared out by its rows among the ranks, unevenly on three."""
+    """Calls too short to pack the weights (T < 3, or a few steps of one or two rows with wide
+    recurrent weights) multiply them as they are: up to 16 rows with the few-rows kernel (here with row
+    and column remainders in its blocks, and depths that are no multiple of the vector width), more
+    with BLAS, in the input projection and each step. A wide W_ih (600 KB and more) is shared out by
+    its rows among the ranks, unevenly on three."""
     check_against_reference(rng, cell, shape, proj_of(shape[3], projected))
 
 
@@ -225,6 +227,12 @@ def test_ranks_holding_whole_rows_project_inside_the_steps_from_four_rows_each(t
     fewer = _core.input_projection_choice("lstm", 100, rows - 1, 64, 64)
     assert fewer == ("up_front_by_rank" if team_size == 1 else "up_front")
     assert _core.input_projection_choice("lstm", 2, rows, 64, 64) == "up_front"  # too few steps to pack
+    # One row, a narrow input and W_hh more than an eighth of the L2 a rank: from 9 steps the weights
+    # are packed and each rank projects its own columns with them; for fewer they are multiplied in
+    # place, x projected up front.
+    wide = int((_core.l2_cache_bytes() / 64) ** 0.5) // 64 * 64 + 128
+    assert _core.input_projection_choice("lstm", 9, 1, 16, wide) == "up_front_by_rank"
+    assert _core.input_projection_choice("lstm", 8, 1, 16, wide) == "up_front"
     # Both weights four times half the L2: they would stream from L3 every step.
     wide = int((_core.l2_cache_bytes() / 64) ** 0.5) * 2
     assert _core.input_projection_choice("lstm", 100, rows, wide, wide) != "in_steps"

@@ -159,6 +159,30 @@ std::vector<RankScratch<T>> rank_scratch(const std::vector<RankShare>& shares, i
 // internally; from this many steps on, packing once wins.
 constexpr Index kMinStepsToPack = 3;
 
+// The weights every step of the recurrence multiplies by: W_hh, and a projection's W_hr (P, H), with
+// which W_hh is (G*H, P).
+double recurrent_weight_bytes(CellKind cell, Index hidden, Index proj, std::size_t value_bytes) {
+  const double state = static_cast<double>(proj > 0 ? proj : hidden);
+  return (cell_facts(cell).gates * state + static_cast<double>(proj)) * static_cast<double>(hidden) *
+         static_cast<double>(value_bytes);
+}
+
+// Whether forward packs its ranks' recurrent weights once for the call (else each step multiplies
+// them in place with the few-rows kernel). From kMinStepsToPack steps, except for a few steps more
+// where each rank has one or two rows and a slice of more than an eighth of the L2: there the pass
+// that packs it costs more than the steps gain from reading it packed (see bench/NOTES.md, "Figures
+// behind the code", few rows).
+bool packs_forward_weights(CellKind cell, const LayerShape& s, const LayerSplit& split, std::size_t value_bytes) {
+  constexpr Index kMaxStepsInPlace = 8;
+  constexpr Index kMaxRowsInPlace = 2;
+  if (s.steps < kMinStepsToPack) return false;
+  if (s.steps > kMaxStepsInPlace) return true;
+  const Index rows_per_rank = split.by_rows ? (s.batch + split.ranks - 1) / split.ranks : s.batch;
+  const double slice_bytes =
+      recurrent_weight_bytes(cell, s.hidden, s.proj, value_bytes) / (split.by_rows ? 1 : split.ranks);
+  return rows_per_rank > kMaxRowsInPlace || slice_bytes <= l2_cache_bytes() / 8.0;
+}
+
 // Streaming weights from L3 every step keeps up with the FMAs only when each weight serves enough
 // rows: 32 rows make 16 flops a byte.
 constexpr Index kMinRowsToStreamWeights = 32;
@@ -195,7 +219,7 @@ int gemm_threads(double flops, int team_threads) {
 enum class InputProjection { kUpFront, kUpFrontByRank, kInSteps };
 
 InputProjection input_projection(CellKind cell, const LayerShape& s, const LayerSplit& split,
-                                 std::size_t value_bytes, int direction_threads) {
+                                 std::size_t value_bytes, int direction_threads, bool packs_weights) {
   constexpr Index kMinRowsPerRankInSteps = 4;
   switch (projection_preference()) {
     case ProjectionPreference::kInSteps: return InputProjection::kInSteps;
@@ -203,7 +227,7 @@ InputProjection input_projection(CellKind cell, const LayerShape& s, const Layer
     case ProjectionPreference::kUpFrontByRank: return InputProjection::kUpFrontByRank;
     case ProjectionPreference::kAuto: break;
   }
-  if (s.steps < kMinStepsToPack) return InputProjection::kUpFront;
+  if (!packs_weights) return InputProjection::kUpFront;
   const double gate_rows = static_cast<double>(cell_facts(cell).gates) * s.hidden;
   const double ih_bytes = gate_rows * s.input * value_bytes;
   const double weight_bytes = ih_bytes + (gate_rows * s.state_size() + s.proj * s.hidden) * value_bytes;
@@ -231,15 +255,15 @@ struct TeamLayout {
   std::vector<RankScratch<T>> buffers;
   InputProjection input_projection = InputProjection::kUpFront;
   bool stacked_input = false;
+  bool pack_weights = false;  // the ranks pack their recurrent weights once (else multiply them in place)
 };
 
 // Projecting x inside the steps, a cell that reads only each gate's sum of the two projections (all
 // but GRU, whose n gate scales its recurrent part by r) takes both in one pass over panels holding W_ih
 // above W_hh: each panel's accumulators start and end once a step instead of twice, which pays at
 // short depths (see bench/NOTES.md, "Figures behind the code", input projection).
-bool stacks_input(CellKind cell, const LayerShape& s, InputProjection projection) {
-  return projection == InputProjection::kInSteps && s.steps >= kMinStepsToPack &&
-         !cell_facts(cell).split_recurrent_grad;
+bool stacks_input(CellKind cell, InputProjection projection, bool packs_weights) {
+  return projection == InputProjection::kInSteps && packs_weights && !cell_facts(cell).split_recurrent_grad;
 }
 
 // `recurrence_threads` (the team, or its part where both directions run at once) may share the
@@ -248,10 +272,12 @@ template <typename T>
 TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, int panel_width,
                           int scratch_set, bool forward) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj);
+  // Backward's in-place products are BLAS's (no few-rows kernel for them): it packs from kMinStepsToPack.
+  const bool pack = forward ? packs_forward_weights(cell, s, split, sizeof(T)) : s.steps >= kMinStepsToPack;
   const InputProjection projection =
-      forward ? input_projection(cell, s, split, sizeof(T), recurrence_threads) : InputProjection::kUpFront;
+      forward ? input_projection(cell, s, split, sizeof(T), recurrence_threads, pack) : InputProjection::kUpFront;
   const bool project = projection != InputProjection::kUpFront;
-  const bool stacked = forward && stacks_input(cell, s, projection);
+  const bool stacked = forward && stacks_input(cell, projection, pack);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
   std::vector<RankShare> shares = rank_shares<T>(s.batch, s.hidden, state, split);
   std::vector<RankScratch<T>> buffers = rank_scratch<T>(shares, panel_width, scratch_set, [&](const RankShare& sh) {
@@ -268,7 +294,7 @@ TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShap
     }
     return p;
   });
-  return {split, std::move(shares), std::move(buffers), projection, stacked};
+  return {split, std::move(shares), std::move(buffers), projection, stacked, pack};
 }
 
 template <typename T>
@@ -291,7 +317,7 @@ void fill_common(PlanCommon<T>& plan, CellKind cell, const LayerShape& s, const 
   plan.shares = layout.shares.data();
   plan.exchange_state = !layout.split.by_rows && layout.split.ranks > 1;
   plan.scratch = layout.buffers.data();
-  plan.pack_weights = s.steps >= kMinStepsToPack;
+  plan.pack_weights = layout.pack_weights;
 }
 
 bool recurrent_bias_apart(CellKind cell, int gate) {
@@ -402,17 +428,6 @@ DirectionsPreference directions_preference() { return preferred<DirectionsPrefer
 void set_weight_grad_preference(WeightGradPreference preference) { preferred<WeightGradPreference>.store(preference); }
 WeightGradPreference weight_grad_preference() { return preferred<WeightGradPreference>.load(); }
 
-namespace {
-
-// The weights every step of the recurrence multiplies by: W_hh, and a projection's W_hr (P, H), with
-// which W_hh is (G*H, P).
-double recurrent_weight_bytes(CellKind cell, Index hidden, Index proj, std::size_t value_bytes) {
-  const double state = static_cast<double>(proj > 0 ? proj : hidden);
-  return (cell_facts(cell).gates * state + static_cast<double>(proj)) * static_cast<double>(hidden) *
-         static_cast<double>(value_bytes);
-}
-
-}  // namespace
 
 LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t value_bytes, int team_threads,
                        Index proj) {
@@ -908,7 +923,7 @@ void layer_backward_directions(const LayerBackwardParams<T>& d0, const LayerBack
 ProjectionPreference input_projection_choice(CellKind cell, const LayerShape& s, std::size_t value_bytes,
                                              int threads) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, value_bytes, threads, s.proj);
-  switch (input_projection(cell, s, split, value_bytes, threads)) {
+  switch (input_projection(cell, s, split, value_bytes, threads, packs_forward_weights(cell, s, split, value_bytes))) {
     case InputProjection::kInSteps: return ProjectionPreference::kInSteps;
     case InputProjection::kUpFrontByRank: return ProjectionPreference::kUpFrontByRank;
     case InputProjection::kUpFront: break;
