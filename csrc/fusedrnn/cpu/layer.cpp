@@ -553,9 +553,9 @@ class ForwardCall {
     // columns) instead of the product's rows, as many as get enough of it to pay for waking them.
     constexpr double kMinWeightBytesPerThread = 256 * 1024;
     by_columns_ = up_front_ && rows_ <= kMaxFewRows;
-    const int useful = by_columns_ ? static_cast<int>(std::min<double>(
-                                         team_threads, static_cast<double>(gh_width_ * input_ * sizeof(T)) /
-                                                           kMinWeightBytesPerThread))
+    const double ih_bytes = static_cast<double>(gh_width_ * input_ * sizeof(T));
+    const double ranks_by_bytes = std::min<double>(team_threads, ih_bytes / kMinWeightBytesPerThread);
+    const int useful = by_columns_ ? static_cast<int>(ranks_by_bytes)
                                    : gemm_threads(2.0 * rows_ * gh_width_ * input_, team_threads);
     gemm_ranks_ = up_front_ ? std::max(ranks(), useful) : ranks();
   }

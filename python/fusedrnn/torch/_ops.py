@@ -93,11 +93,11 @@ def _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell):
 
 
 def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
-              bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
-              weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
-              bias_hh_reverse: Optional[Tensor], weight_hr_reverse: Optional[Tensor], h0: Optional[Tensor],
-              c0: Optional[Tensor], lengths: Optional[Tensor], cell: str, record: bool,
-              check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+           bias_hh: Optional[Tensor], weight_hr: Optional[Tensor], weight_ih_reverse: Optional[Tensor],
+           weight_hh_reverse: Optional[Tensor], bias_ih_reverse: Optional[Tensor],
+           bias_hh_reverse: Optional[Tensor], weight_hr_reverse: Optional[Tensor], h0: Optional[Tensor],
+           c0: Optional[Tensor], lengths: Optional[Tensor], cell: str, record: bool,
+           check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One recurrent layer over a sequence, every direction given weights.
 
     x (T, B, I) sequence-major; weights in torch.nn's layout (see WEIGHT_SLOTS; weight_hr (P, H) for an
