@@ -155,7 +155,7 @@ def test_torch_modules_say_why_a_cuda_tensor_cannot_run(no_cuda_module):
     pytest.importorskip("torch")
     from fusedrnn.torch import modules
 
-    on_gpu = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))  # all the check looks at
+    on_gpu = types.SimpleNamespace(is_cuda=True, is_cpu=False)  # all the check looks at
     with pytest.raises(NotImplementedError, match=rf"input: a CUDA tensor, and fusedrnn {re.escape(VERSION)} has "
                                                   r"no CUDA module: pip install 'fusedrnn\[cuda\]'"):
         modules._check_placement("input", on_gpu)

@@ -174,7 +174,7 @@ def test_repeated_calls_are_bit_identical(rng, cell):
         assert np.array_equal(getattr(first[1], name), getattr(again[1], name)), name
 
 
-def test_backward_accumulates_and_writes_dx_as_asked(rng):
+def test_backward_accumulates_and_writes_dx_and_gradients_as_asked(rng):
     cell, dtype = "gru", np.float64
     w, a = _layer_case(rng, cell, (4, 3, 5, 6), dtype)
     out, _ = _run("emulated_device", cell, w, a, reverse=False, training=True)
@@ -188,6 +188,10 @@ def test_backward_accumulates_and_writes_dx_as_asked(rng):
     written = np.full_like(a["x"], np.nan)
     _core.layer_backward(out.tape, a["dy"], None, None, written, *(np.zeros_like(v) for v in w.values()), False)
     assert_close(written, once.dx, dtype, "dx written")
+    written_grads = [np.full_like(v, np.nan) for v in w.values()]
+    _core.layer_backward(out.tape, a["dy"], None, None, None, *written_grads, accumulate_grads=False)
+    for name, got in zip(PARAM_NAMES, written_grads):
+        assert_close(got, getattr(once, name), dtype, f"{name} written")
 
 
 def _run_counting_launches(cell, w, a, *, reverse, backward_path=None):

@@ -145,6 +145,46 @@ def test_both_weight_grad_splits_match_reference(rng, simd_level, team_size, wei
     check_against_reference(rng, cell, shape)
 
 
+@pytest.mark.parametrize("weight_grad_split", ["rows", "gate_rows"], indirect=True)
+@pytest.mark.parametrize("team_size", [1, 2, 3], indirect=True, ids=["t1", "t2", "t3"])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 200), (2, 3, 4, 129)], ids=["one-row", "T2-B3"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_written_weight_gradients_ignore_what_the_buffers_held(rng, team_size, weight_grad_split, cell, projected,
+                                                               shape):
+    """accumulate_grads=False (what a backward without gradient buffers of the caller's runs): the
+    weight, bias and weight_hr gradients are written, and whatever the buffers held (NaN here) does not
+    reach them; they equal, bit for bit, the gradients added into zeros. With one row and two or three
+    ranks splitting by rows, the rank that sums into the gradients has no rows of its own. Both
+    directions of a layer at once as well."""
+    steps, batch, inp, hidden = shape
+    proj = proj_of(hidden, projected)
+    w = random_layer(rng, cell, inp, hidden, scale=0.3, proj_size=proj)
+    w_hr = w.pop("weight_hr", None)
+    x = rng.standard_normal((steps, batch, inp))
+    dy = rng.standard_normal((steps, batch, proj or hidden))
+    layer = (w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], w_hr)
+    tapes = [F.layer_forward(cell, x, *layer[:4], reverse=reverse, weight_hr=w_hr).tape for reverse in (False, True)]
+
+    def buffers(fill):
+        return [None if v is None else np.full_like(v, fill) for v in layer]
+
+    for tape in tapes:
+        added, written = buffers(0.0), buffers(np.nan)
+        for grads, accumulate in ((added, True), (written, False)):
+            _core.layer_backward(tape, dy, None, None, np.empty_like(x), *grads[:4], False, grads[4], accumulate)
+        for name, a, b in zip(GRAD_NAMES, written, added):
+            if b is not None:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, reverse={tape.reverse}")
+    added, written = [buffers(0.0), buffers(0.0)], [buffers(np.nan), buffers(np.nan)]
+    for grads, accumulate in ((added, True), (written, False)):
+        _core.layer_backward_directions(tapes, [dy, dy], [None, None], [None, None], np.empty_like(x), grads, False,
+                                        accumulate)
+    for d in (0, 1):
+        for name, a, b in zip(GRAD_NAMES, written[d], added[d]):
+            if b is not None:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name}, both directions, direction {d}")
+
+
 def check_against_reference(rng, cell, shape, proj=0):
     """Forward and backward of one layer, each direction, in float64 and float32, against the float64
     reference on the same (rounded) inputs: every output (y, h_n, c_n), every gradient (dx, dh0, dc0,

@@ -240,6 +240,25 @@ def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():
     assert_close(fused(x.double())[0].detach().numpy(), ref(x.double())[0].detach().numpy(), np.float64)
 
 
+@pytest.mark.parametrize("norm", ["parametrization", "hook"])
+def test_weight_norm_on_a_weight_matches_torch(norm):
+    """Weight normalisation of W_hh, as speech models apply it: through torch.nn.utils.parametrize (the
+    weight becomes a property computed each call) or the older forward-pre-hook version (a plain
+    attribute set before each call). Outputs and the gradients of what is normalised match torch.nn."""
+    ref, fused = module_pair("lstm", I, H, dtype=torch.float64)
+    apply = (nn.utils.parametrizations.weight_norm if norm == "parametrization" else nn.utils.weight_norm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook version is deprecated in favour of the other
+        ref, fused = apply(ref, "weight_hh_l0"), apply(fused, "weight_hh_l0")
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    out_ref, out_fused = ref(x)[0], fused(x)[0]
+    assert_close(out_fused.detach().numpy(), out_ref.detach().numpy(), np.float64)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert_close(b.grad.numpy(), a.grad.numpy(), np.float64, name)
+
+
 def test_tensors_reach_the_core_without_copies(monkeypatch):
     """A bidirectional layer's two directions reach the core in one call, on the tensors' own memory."""
     seen = []

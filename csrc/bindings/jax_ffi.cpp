@@ -197,8 +197,6 @@ ffi::Error cpu_backward(const BackwardCall<T>& c, bool check_sequence, bool chec
                                       check_finite(check_states ? c.dc_n.at(n) : nullptr, c.dc_n.elements(), "dc_n")});
         e.failure())
       return e;
-    // The backend accumulates into the weight gradients.
-    for (const Batched<T>& g : c.grads) std::memset(g.at(n), 0, sizeof(T) * static_cast<std::size_t>(g.elements()));
     std::vector<fusedrnn::LayerBackwardParams<T>> params;
     for (Index d = 0; d < c.D; ++d) params.push_back(c.params(n, d, lengths.empty() ? nullptr : lengths.data()));
     run_directions(params);
@@ -251,7 +249,6 @@ class EmulatedDevice {
   }
   void to_host(void* to, const void* from, std::size_t bytes) { std::memcpy(to, from, bytes); }
   void to_device(void* to, const void* from, std::size_t bytes) { std::memcpy(to, from, bytes); }
-  void zero(void* data, std::size_t bytes) { std::memset(data, 0, bytes); }
   template <typename T>
   void flag_non_finite(const T* data, Index count, int* flag) {
     fusedrnn::gpu::emulated::flag_non_finite(data, count, flag);

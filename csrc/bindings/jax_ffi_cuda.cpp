@@ -41,7 +41,6 @@ class CudaDevice {
   }
   void to_host(void* to, const void* from, std::size_t bytes) { cuda::copy_to_host(to, from, bytes, stream_); }
   void to_device(void* to, const void* from, std::size_t bytes) { cuda::copy_to_device(to, from, bytes, stream_); }
-  void zero(void* data, std::size_t bytes) { cuda::zero(data, bytes, stream_); }
   template <typename T>
   void flag_non_finite(const T* data, Index count, int* flag) {
     cuda::flag_non_finite(data, count, flag, stream_);

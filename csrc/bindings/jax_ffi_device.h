@@ -7,7 +7,6 @@
 //   void* workspace(std::size_t bytes)            device memory for the call (null: none to be had)
 //   void to_host(void* to, const void* from, std::size_t bytes)    returns once the bytes are there
 //   void to_device(void* to, const void* from, std::size_t bytes)  `from` may be reused on return
-//   void zero(void* data, std::size_t bytes)
 //   flag_non_finite(data, count, flag)            *flag (device memory) = 1 if data has NaN or infinity
 //   forward_workspace_bytes / backward_workspace_bytes (params), forward / backward (params, workspace)
 //
@@ -168,8 +167,6 @@ ffi::Error device_backward(Device& dev, const BackwardCall<T>& c, bool check_seq
   if (ffi::Error e = check_finite_on_device(dev, checked, ws.flags); e.failure()) return e;
 
   for (Index n = 0; n < N; ++n) {
-    // The backend accumulates into the weight gradients.
-    for (const Batched<T>& g : c.grads) dev.zero(g.at(n), sizeof(T) * static_cast<std::size_t>(g.elements()));
     const Index* length_values = stage_lengths(dev, lengths[n], ws.lengths + n * c.rows);
     for (Index d = 0; d < c.D; ++d) dev.backward(c.params(n, d, length_values), ws.layer);
   }

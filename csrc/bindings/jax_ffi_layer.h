@@ -444,8 +444,8 @@ struct BackwardCall {
     return ffi::Error::Success();
   }
 
-  // Mapped element n, direction d. The weight gradients are accumulated into (the handler zeroes them
-  // first); the first direction writes dx and the second adds into it.
+  // Mapped element n, direction d. The weight gradients are written (each direction has its own); the
+  // first direction writes dx and the second adds into it.
   LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
     const Index h_at = d * rows * state, c_at = d * rows * hidden;
     const std::size_t i = weights.per * static_cast<std::size_t>(d);
@@ -463,6 +463,7 @@ struct BackwardCall {
     if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + c_at, {hidden, 1}};
     p.dx = {dx.at(n), {rows * input, input, 1}};
     p.accumulate_dx = d > 0;
+    p.accumulate_weight_grads = false;
     p.dh0 = {dh0.at(n) + h_at, {state, 1}};
     if (!dc0.empty()) p.dc0 = {dc0.at(n) + c_at, {hidden, 1}};
     p.dw_ih = {grads[i].at(n), {input, 1}};

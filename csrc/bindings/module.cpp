@@ -521,7 +521,7 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
                                  const py::object& dc_n_obj, const py::object& dx_obj,
                                  const py::object& grad_w_ih, const py::object& grad_w_hh,
                                  const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
-                                 const py::object& grad_w_hr) {
+                                 const py::object& grad_w_hr, bool accumulate_grads) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
   const Index proj = tape.proj, state = tape.state_size();
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
@@ -554,7 +554,7 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   args.dh_n = in2_or_null<T>(dh_n);
   args.dc_n = in2_or_null<T>(dc_n);
 
-  // The gradient buffers the caller accumulates into: C-contiguous (the API's rule for them).
+  // The gradient buffers the caller accumulates into (or has written): C-contiguous (the API's rule).
   auto out_buffer = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> py::object {
     if (obj.is_none()) return py::none();
     auto arr = require_array(obj, name);
@@ -580,6 +580,7 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   auto as_array = [](const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); };
   if (!dx.is_none()) args.dx = out3<T>(as_array(dx));
   args.accumulate_dx = accumulate_dx;
+  args.accumulate_weight_grads = accumulate_grads;
   args.dw_ih = out2<T>(as_array(dw_ih));
   args.dw_hh = out2<T>(as_array(dw_hh));
   if (proj > 0) args.dw_hr = out2<T>(as_array(dw_hr));
@@ -601,9 +602,9 @@ template <typename T>
 py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
                          const py::object& dx, const py::object& grad_w_ih, const py::object& grad_w_hh,
                          const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
-                         const py::object& grad_w_hr) {
+                         const py::object& grad_w_hr, bool accumulate_grads) {
   const PreparedBackward<T> call = prepare_backward<T>(tape, dy, dh_n, dc_n, dx, grad_w_ih, grad_w_hh, grad_b_ih,
-                                                       grad_b_hh, accumulate_dx, grad_w_hr);
+                                                       grad_b_hh, accumulate_dx, grad_w_hr, accumulate_grads);
   {
     py::gil_scoped_release release;
     if (tape.backend == Backend::kCpu)
@@ -616,19 +617,21 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::objec
 
 // Both directions' backward: `tapes`, `dy`, `dh_n`, `dc_n` and `grads` (grad_weight_ih, grad_weight_hh,
 // grad_bias_ih, grad_bias_hh, grad_weight_hr) one per direction; direction 1 adds into the dx that
-// direction 0 writes (or adds into, with accumulate_dx).
+// direction 0 writes (or adds into, with accumulate_dx); each direction's gradients are added into
+// (accumulate_grads) or written.
 template <typename T>
 py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::object& dy, const py::object& dh_n,
                                     const py::object& dc_n, const py::object& dx, const py::object& grads,
-                                    bool accumulate_dx) {
+                                    bool accumulate_dx, bool accumulate_grads) {
   const auto [dy0, dy1] = per_direction(dy, "dy");
   const auto [dh_n0, dh_n1] = per_direction(dh_n, "dh_n");
   const auto [dc_n0, dc_n1] = per_direction(dc_n, "dc_n");
   const auto [g0, g1] = per_direction(grads, "grads");
   const std::array<py::object, 5> a = direction_weights(g0), b = direction_weights(g1);
   const PreparedBackward<T> d0 =
-      prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4]);
-  const PreparedBackward<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4]);
+      prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4], accumulate_grads);
+  const PreparedBackward<T> d1 =
+      prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4], accumulate_grads);
   {
     py::gil_scoped_release release;
     cpu::layer_backward_directions<T>(d0.args, d1.args);
@@ -638,7 +641,7 @@ py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::ob
 
 py::tuple layer_backward_directions(const py::object& tapes, const py::object& dy, const py::object& dh_n,
                                     const py::object& dc_n, const py::object& dx, const py::object& grads,
-                                    bool accumulate_dx) {
+                                    bool accumulate_dx, bool accumulate_grads) {
   const auto [first, second] = per_direction(tapes, "tapes");
   const Tape& t0 = py::cast<const Tape&>(first);
   const Tape& t1 = py::cast<const Tape&>(second);
@@ -649,8 +652,9 @@ py::tuple layer_backward_directions(const py::object& tapes, const py::object& d
       holds<float>(t0.x) != holds<float>(t1.x))
     throw py::value_error("tapes: expected the forward and the reverse direction of one layer");
   if (dx.is_none()) throw py::value_error("dx: both directions together need the buffer they share");
-  if (holds<float>(t0.x)) return backward_directions_typed<float>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx);
-  return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx);
+  if (holds<float>(t0.x))
+    return backward_directions_typed<float>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads);
+  return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads);
 }
 
 }  // namespace
@@ -699,17 +703,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("layer_backward",
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
-           const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx, const py::object& gw_hr) {
+           const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx, const py::object& gw_hr,
+           bool accumulate_grads) {
           if (holds<float>(tape.x))
-            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
-          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr);
+            return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr,
+                                         accumulate_grads);
+          return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr,
+                                        accumulate_grads);
         },
         py::arg("tape"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
         py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true, py::arg("grad_weight_hr") = py::none(),
-        "Backpropagates one layer direction through time. Accumulates into the gradient buffers and "
-        "into dx (accumulate_dx=False: writes dx, whose old values are never read); returns "
-        "(dh0, dc0, dh_norm) with dh_norm[t] the norm of dL/dh_t.");
+        py::arg("accumulate_grads") = true,
+        "Backpropagates one layer direction through time. Accumulates into the gradient buffers "
+        "(accumulate_grads=False: writes them, their old values never read) and into dx "
+        "(accumulate_dx=False: writes dx likewise); returns (dh0, dc0, dh_norm) with dh_norm[t] the norm "
+        "of dL/dh_t.");
 
   m.def("layer_forward_directions", &layer_forward_directions, py::arg("cell"), py::arg("x"), py::arg("weights"),
         py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("out"),
@@ -720,10 +729,12 @@ PYBIND11_MODULE(_core, m) {
         "team. Returns one (y, h_n, c_n, tape) per direction.");
   m.def("layer_backward_directions", &layer_backward_directions, py::arg("tapes"), py::arg("dy"), py::arg("dh_n"),
         py::arg("dc_n"), py::arg("dx"), py::arg("grads"), py::arg("accumulate_dx"),
+        py::arg("accumulate_grads") = true,
         "Backward of layer_forward_directions: tapes, dy, dh_n, dc_n and grads one per direction (grads "
         "as (grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr)). Direction 0 "
-        "writes dx (accumulate_dx=False) or adds into it, direction 1 adds into it. Returns one "
-        "(dh0, dc0, dh_norm) per direction.");
+        "writes dx (accumulate_dx=False) or adds into it, direction 1 adds into it; the gradients are "
+        "added into, or written with accumulate_grads=False. Returns one (dh0, dc0, dh_norm) per "
+        "direction.");
   m.def("directions_together", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
     const fusedrnn::LayerShape shape{1, batch, hidden, hidden, {}, false, 0};
     return cpu::directions_together(parse_cell(cell), shape, float_item_size(dtype), cpu::team_size());

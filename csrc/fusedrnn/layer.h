@@ -188,10 +188,11 @@ struct LayerBackwardParams {
   View3<const T> dy;        // (T, B, R) gradient of y, or data null: zero
   View2<const T> dh_n;      // (B, R), or data null: zero
   View2<const T> dc_n;      // (B, H), or data null: zero; cells with a cell state only
-  // Outputs. Accumulated (+=): dx (unless accumulate_dx is false) and the weight and bias gradients.
-  // Written: dh0, dc0, dh_norm.
+  // Outputs. Accumulated (+=): dx and the weight and bias gradients, unless their accumulate_ flag is
+  // false. Written: dh0, dc0, dh_norm.
   View3<T> dx;              // (T, B, I), or data null: not wanted
   bool accumulate_dx = true;  // false: dx is written, so its old values are never read
+  bool accumulate_weight_grads = true;  // false: dw_*, db_* are written, their old values never read
   View2<T> dh0;             // (B, R), or data null
   View2<T> dc0;             // (B, H), or data null; cells with a cell state only
   View2<T> dw_ih;           // (G*H, I), required

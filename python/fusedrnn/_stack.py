@@ -68,8 +68,11 @@ def over_layers(run_layer: Callable, x, h0=None, c0=None, *, num_layers: int, nu
     Returns the last layer's y and the lists of each layer's h_n_l and c_n_l, in layer order."""
     h_n, c_n = [], []
     for layer in range(num_layers):
-        rows = layer_rows(layer, num_directions)
-        x, h, c = run_layer(layer, x, _at(h0, rows), _at(c0, rows))
+        if num_layers == 1:  # the whole state: no view to make
+            x, h, c = run_layer(layer, x, h0, c0)
+        else:
+            rows = layer_rows(layer, num_directions)
+            x, h, c = run_layer(layer, x, _at(h0, rows), _at(c0, rows))
         h_n.append(h)
         c_n.append(c)
         if between is not None and layer < num_layers - 1:

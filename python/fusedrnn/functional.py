@@ -150,19 +150,19 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
     """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
-    from ._cuda_layer import CudaTape
-    if isinstance(tape, CudaTape):
+    if not isinstance(tape, _core.Tape):  # a CudaTape, told apart without importing _cuda_layer each call
         from . import _cuda_layer
         return LayerGrads(*_cuda_layer.backward(tape, dy, dh_n, dc_n, dx,
                                                 None if grads is None else (grads.weight_ih, grads.weight_hh,
                                                                             grads.bias_ih, grads.bias_hh,
                                                                             getattr(grads, "weight_hr", None))))
-    accumulate_dx = dx is not None
+    accumulate_dx, accumulate_grads = dx is not None, grads is not None
     dx = _dx_buffer(tape) if dx is None else dx
     grads = _grad_buffers(tape) if grads is None else grads
     weight_hr = getattr(grads, "weight_hr", None)
     dh0, dc0, dh_norm = _core.layer_backward(tape, dy, dh_n, dc_n, dx, grads.weight_ih, grads.weight_hh,
-                                             grads.bias_ih, grads.bias_hh, accumulate_dx, weight_hr)
+                                             grads.bias_ih, grads.bias_hh, accumulate_dx, weight_hr,
+                                             accumulate_grads)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
                       dh_norm, weight_hr)
 
@@ -172,9 +172,11 @@ def _backward_directions(tapes, dy, dh_n, dc_n, grads) -> list:
     direction. One dx for both, written by the first direction and added into by the second; returns
     each direction's LayerGrads (the same dx in both)."""
     dx = _dx_buffer(tapes[0])
-    grads = [_grad_buffers(t) if g is None else g for t, g in zip(tapes, grads)]
+    accumulate_grads = any(g is not None for g in grads)  # else both directions' are written, not added to
+    grads = [_grad_buffers(t, zeroed=accumulate_grads) if g is None else g for t, g in zip(tapes, grads)]
     in_order = [(g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, getattr(g, "weight_hr", None)) for g in grads]
-    results = _core.layer_backward_directions(list(tapes), list(dy), list(dh_n), list(dc_n), dx, in_order, False)
+    results = _core.layer_backward_directions(list(tapes), list(dy), list(dh_n), list(dc_n), dx, in_order, False,
+                                              accumulate_grads)
     return [LayerGrads(dx, dh0, dc0, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, dh_norm, w[4])
             for (dh0, dc0, dh_norm), g, w in zip(results, grads, in_order)]
 
@@ -184,16 +186,17 @@ def _dx_buffer(tape):
     return np.empty((steps, batch, inp), tape.dtype)  # written, not added to: no clearing pass
 
 
-def _grad_buffers(tape) -> LayerGrads:
-    """Zeroed weight and bias gradients for the layer direction of `tape`."""
+def _grad_buffers(tape, zeroed: bool = False) -> LayerGrads:
+    """Weight and bias gradients for the layer direction of `tape`: uninitialised, for a backward that
+    writes them (accumulate_grads=False: a memset of the weights' size saved), or zeroed."""
     _, _, inp, hidden = tape.shape
     proj = tape.proj_size
     dtype = tape.dtype
     gh = GATES[tape.cell] * hidden
-    has_bias = tape.has_bias
-    return LayerGrads(None, None, None, np.zeros((gh, inp), dtype), np.zeros((gh, proj or hidden), dtype),
-                      np.zeros(gh, dtype) if has_bias else None, np.zeros(gh, dtype) if has_bias else None, None,
-                      np.zeros((proj, hidden), dtype) if proj else None)
+    new = np.zeros if zeroed else np.empty
+    bias = (new(gh, dtype), new(gh, dtype)) if tape.has_bias else (None, None)
+    return LayerGrads(None, None, None, new((gh, inp), dtype), new((gh, proj or hidden), dtype), *bias, None,
+                      new((proj, hidden), dtype) if proj else None)
 
 
 def _as_array(value):

@@ -671,9 +671,9 @@ class BackwardCall {
     const Index* lengths = st_.in(s.lengths, batch, lengths_copy_);
     const Rows<const T> dy = st_.in(a.dy, steps, batch, width_);
     dx_ = st_.out(a.dx, steps, batch, input_, a.accumulate_dx);
-    dw_ih_ = st_.out(a.dw_ih, gh_width_, input_, true);
-    dw_hh_ = st_.out(a.dw_hh, gh_width_, width_, true);
-    dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, proj_, hidden, true) : Rows<T>{};
+    dw_ih_ = st_.out(a.dw_ih, gh_width_, input_, a.accumulate_weight_grads);
+    dw_hh_ = st_.out(a.dw_hh, gh_width_, width_, a.accumulate_weight_grads);
+    dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, proj_, hidden, a.accumulate_weight_grads) : Rows<T>{};
     layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
     const int ranks = layout_.split.ranks;
 
@@ -740,12 +740,14 @@ class BackwardCall {
       blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width, w_ih_.data,
                     w_ih_.ld, a_.accumulate_dx ? T(1) : T(0), dx_.row(r0), dx_.ld);
     const auto [g0, g1] = share(gh_width, of, rank);
+    const bool add = a_.accumulate_weight_grads;
+    const T grads_beta = add ? T(1) : T(0);
     if (grads_by_rows_) {
-      // Rank 0 accumulates into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
+      // Rank 0 sums into the gradients, rank q > 0 into partial q - 1: (G*H, I) then (G*H, H).
       T* const partial = rank == 0 ? nullptr : partials_ + (rank - 1) * weight_values_;
       const Rows<T> into_ih = rank == 0 ? dw_ih_ : Rows<T>{partial, input};
       const Rows<T> into_hh = rank == 0 ? dw_hh_ : Rows<T>{partial + gh_width * input, width};
-      const T beta = rank == 0 ? T(1) : T(0);
+      const T beta = rank == 0 ? grads_beta : T(0);
       if (r1 > r0) {
         blas::gemm<T>(true, false, gh_width, input, r1 - r0, T(1), dgx + r0 * gh_width, gh_width, x_.row(r0),
                       x_.ld, beta, into_ih.data, into_ih.ld);
@@ -753,19 +755,24 @@ class BackwardCall {
                       h_prev_rows_ + r0 * width, width, beta, into_hh.data, into_hh.ld);
       } else if (rank > 0) {
         std::fill(partial, partial + weight_values_, T(0));
+      } else if (!add) {  // rank 0 without rows still starts the sums the partials are added to
+        for (Index g = 0; g < gh_width; ++g) {
+          std::fill(dw_ih_.row(g), dw_ih_.row(g) + input, T(0));
+          std::fill(dw_hh_.row(g), dw_hh_.row(g) + width, T(0));
+        }
       }
     } else {
-      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x_.data, x_.ld, T(1),
+      blas::gemm<T>(true, false, g1 - g0, input, rows, T(1), dgx + g0, gh_width, x_.data, x_.ld, grads_beta,
                     dw_ih_.row(g0), dw_ih_.ld);
       blas::gemm<T>(true, false, g1 - g0, width, rows, T(1), dgh + g0, gh_width, h_prev_rows_, width,
-                    T(1), dw_hh_.row(g0), dw_hh_.ld);
+                    grads_beta, dw_hh_.row(g0), dw_hh_.ld);
     }
-    // dW_hr += sum over all steps' rows of dh^T r, each rank its share of W_hr's rows.
+    // dW_hr (+)= sum over all steps' rows of dh^T r, each rank its share of W_hr's rows.
     if (proj_ > 0) {
       const auto [p0, p1] = share(proj_, of, rank);
       if (p1 > p0)
-        blas::gemm<T>(true, false, p1 - p0, hidden_, rows, T(1), dhs_ + p0, proj_, a_.tape.rs, hidden_, T(1),
-                      dw_hr_.row(p0), dw_hr_.ld);
+        blas::gemm<T>(true, false, p1 - p0, hidden_, rows, T(1), dhs_ + p0, proj_, a_.tape.rs, hidden_,
+                      grads_beta, dw_hr_.row(p0), dw_hr_.ld);
     }
     // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
     if (bias_grads_)
@@ -775,8 +782,9 @@ class BackwardCall {
           from_x += bias_partial_[r * bias_stride_ + c];
           if (dgh != dgx) from_h += bias_partial_[r * bias_stride_ + gh_width + c];
         }
-        if (a_.db_ih.data) a_.db_ih.data[c * a_.db_ih.stride] += static_cast<T>(from_x);
-        if (a_.db_hh.data) a_.db_hh.data[c * a_.db_hh.stride] += static_cast<T>(dgh != dgx ? from_h : from_x);
+        const auto sum_into = [add](T& grad, double sum) { grad = (add ? grad : T(0)) + static_cast<T>(sum); };
+        if (a_.db_ih.data) sum_into(a_.db_ih.data[c * a_.db_ih.stride], from_x);
+        if (a_.db_hh.data) sum_into(a_.db_hh.data[c * a_.db_hh.stride], dgh != dgx ? from_h : from_x);
       }
     if (grads_by_rows_) {
       // Every partial is complete; each rank adds its gate rows of them, in rank order (deterministic).

@@ -89,10 +89,6 @@ void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream) {
   check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
 }
 
-void zero(void* data, std::size_t bytes, void* stream) {
-  if (bytes) check(cudaMemsetAsync(data, 0, bytes, static_cast<cudaStream_t>(stream)), "cudaMemsetAsync");
-}
-
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");

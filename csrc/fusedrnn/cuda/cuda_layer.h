@@ -40,7 +40,6 @@ void* allocate(std::size_t bytes, void* stream);  // stream-ordered
 void release(void* pointer, void* stream);
 void copy_to_device(void* to, const void* from, std::size_t bytes, void* stream);
 void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream);  // waits for the copy
-void zero(void* data, std::size_t bytes, void* stream);
 int runtime_version();
 // Per-step loops recorded as CUDA Graphs and replayed for calls with the same arrays and sizes (see
 // cuda_device.cuh); off by default.

@@ -327,8 +327,9 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
   Carver carve(workspace);
   const BackwardPlan<T> p = plan_backward(a, carve);
-  for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh, &p.w_hr, &p.dw_hr})
-    gather(dev, *o);
+  for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.w_hr}) gather(dev, *o);
+  if (a.accumulate_weight_grads)
+    for (const Operand<T>* o : {&p.dw_ih, &p.dw_hh, &p.db_ih, &p.db_hh, &p.dw_hr}) gather(dev, *o);
   if (a.accumulate_dx) gather(dev, p.dx);
   copy2<T>(dev, a.dh_n, dense2(p.dh[0], R), B, R);
   if (p.dc) copy2<T>(dev, a.dc_n, dense2(p.dc, H), B, H);
@@ -405,20 +406,24 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   if (p.dx.data)
     dev.template gemm<T>(false, false, rows, s.input, gh, T(1), p.dgx, gh, p.w_ih.data, p.w_ih.ld,
                          a.accumulate_dx ? T(1) : T(0), p.dx.data, p.dx.ld);
-  dev.template gemm<T>(true, false, gh, s.input, rows, T(1), p.dgx, gh, p.x.data, p.x.ld, T(1), p.dw_ih.data,
-                       p.dw_ih.ld);
-  dev.template gemm<T>(true, false, gh, R, rows, T(1), p.dgh, gh, h_prev_rows, R, T(1), p.dw_hh.data, p.dw_hh.ld);
-  // dW_hr (P, H) += dL/dh^T (P, T*B) x r (T*B, H); both are zero at invalid rows.
+  const T grads_beta = a.accumulate_weight_grads ? T(1) : T(0);
+  dev.template gemm<T>(true, false, gh, s.input, rows, T(1), p.dgx, gh, p.x.data, p.x.ld, grads_beta,
+                       p.dw_ih.data, p.dw_ih.ld);
+  dev.template gemm<T>(true, false, gh, R, rows, T(1), p.dgh, gh, h_prev_rows, R, grads_beta, p.dw_hh.data,
+                       p.dw_hh.ld);
+  // dW_hr (P, H) (+)= dL/dh^T (P, T*B) x r (T*B, H); both are zero at invalid rows.
   if (P > 0)
-    dev.template gemm<T>(true, false, P, H, rows, T(1), p.dh_total, P, a.tape.rs, H, T(1), p.dw_hr.data,
+    dev.template gemm<T>(true, false, P, H, rows, T(1), p.dh_total, P, a.tape.rs, H, grads_beta, p.dw_hr.data,
                          p.dw_hr.ld);
   if (p.ones) {
     dev.launch(Fill<T>{p.ones, rows, T(1)}, covering(rows));
-    // db (G*H, 1) += dg^T (G*H, T*B) x ones (T*B, 1).
+    // db (G*H, 1) (+)= dg^T (G*H, T*B) x ones (T*B, 1).
     if (p.db_ih.data)
-      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgx, gh, p.ones, 1, T(1), p.db_ih.data, p.db_ih.ld);
+      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgx, gh, p.ones, 1, grads_beta, p.db_ih.data,
+                           p.db_ih.ld);
     if (p.db_hh.data)
-      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgh, gh, p.ones, 1, T(1), p.db_hh.data, p.db_hh.ld);
+      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgh, gh, p.ones, 1, grads_beta, p.db_hh.data,
+                           p.db_hh.ld);
   }
   if (a.dh_norm) {
     const RowNorms<T> norms{p.dh_total, B * R, a.dh_norm};

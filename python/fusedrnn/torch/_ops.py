@@ -67,6 +67,14 @@ def _tensor(a) -> Tensor:
     return a if isinstance(a, Tensor) else torch.from_numpy(a)
 
 
+def _empty(like: Tensor, shape) -> Tuple[Tensor, object]:
+    """An uninitialised tensor of `shape` beside `like`, and what the layer-stack driver writes it
+    through (_array of it). torch's allocator rather than a tensor over a NumPy array: cheaper per call
+    but slower in a training loop (bench/NOTES.md, "One-step calls through the drop-in")."""
+    t = like.new_empty(shape)
+    return t, _array(t)
+
+
 # The weights of a layer as separate operator arguments, each direction's torch.nn parameters in
 # _stack.LayerWeights' order: the reverse direction's None when the layer is unidirectional, the biases
 # None without bias, weight_hr None without a projection. (Separate tensors rather than a Tensor[]
@@ -108,17 +116,18 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
     in x, h0 and c0 with a ValueError."""
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
-    _device.common_device(input=x, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
-    xa = _device.ascontiguous(_array(x))  # the driver's directions read this one copy
+    if not all(t is None or t.is_cpu for t in (x, *weights, h0, c0)):  # the common case, checked first
+        _device.common_device(input=x, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
+    xa, h0a, c0a = _array(x), _array(h0), _array(c0)
     if check_finite:
-        for name, t in (("input", x), ("h_0", h0), ("c_0", c0)):
-            if t is not None:
-                _checks.finite(name, _array(t))
-    y, h_n, c_n = (x.new_empty(shape) for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
+        for name, a in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
+            if a is not None:
+                _checks.finite(name, a)
+    (y, ya), (h_n, h_na), (c_n, c_na) = (_empty(x, shape)
+                                         for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
     lens = _checks.lengths(None if lengths is None else lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
-    tapes = _stack.forward_layer(cell, xa, _by_direction(weights), _array(h0), _array(c0), lengths=lens,
-                                 training=record, y=_array(y), h_n=_array(h_n),
-                                 c_n=_array(c_n) if has_cell_state(cell) else None)
+    tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record, y=ya,
+                                 h_n=h_na, c_n=c_na if has_cell_state(cell) else None)
     handle = _tape_handle(tapes) if record else torch.full((), _NO_TAPE, dtype=torch.int64)
     return y, h_n, c_n, handle
 
@@ -134,28 +143,32 @@ def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse, w
             torch.empty((), dtype=torch.int64))  # the tape handle lives on the host whatever x's device
 
 
-@torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def rnn_layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                       bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
-                       weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
-                       bias_ih_reverse: Optional[Tensor], bias_hh_reverse: Optional[Tensor],
-                       weight_hr_reverse: Optional[Tensor], dy: Optional[Tensor], dh_n: Optional[Tensor],
-                       dc_n: Optional[Tensor], cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
+def _layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                    bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], weight_hr: Optional[Tensor],
+                    weight_ih_reverse: Optional[Tensor], weight_hh_reverse: Optional[Tensor],
+                    bias_ih_reverse: Optional[Tensor], bias_hh_reverse: Optional[Tensor],
+                    weight_hr_reverse: Optional[Tensor], dy: Optional[Tensor], dh_n: Optional[Tensor],
+                    dc_n: Optional[Tensor], cell: str) -> Tuple[(Tensor,) * (3 + len(WEIGHT_SLOTS))]:
     """Backpropagation through time for one `rnn_layer(..., record=True)`, whose x and weights are
     passed again for the shapes of the gradients. dy (T, B, D*R), dh_n (D, B, R), dc_n (D, B, H) or
     None (zero). Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of
     absent weights are empty tensors."""
     tapes = _tapes_of(tape)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
-    dh0, dc0 = (torch.empty(shape, dtype=x.dtype, device=x.device) for shape in (state, cell_state))
-    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=_array(dh0),
-                                              dc0=_array(dc0) if has_cell_state(cell) else None)
-    grads = [x.new_empty(0) for _ in WEIGHT_SLOTS]  # distinct tensors: outputs may not alias
+    (dh0, dh0a), (dc0, dc0a) = _empty(x, state), _empty(x, cell_state)
+    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0a,
+                                              dc0=dc0a if has_cell_state(cell) else None)
+    grads = [None] * len(WEIGHT_SLOTS)
     for d, g in enumerate(per_direction):
         for k, value in enumerate(getattr(g, name) for name in PARAMETERS):
             if value is not None:
                 grads[d * SLOTS_PER_DIRECTION + k] = _tensor(value)
-    return (_tensor(dx), dh0, dc0, *grads)
+    # Distinct empty tensors for the absent weights: outputs may not alias.
+    return (_tensor(dx), dh0, dc0, *(_empty(x, (0,))[0] if g is None else g for g in grads))
+
+
+rnn_layer_backward = torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(),
+                                             device_types=("cpu", "cuda"))(_layer_backward)
 
 
 @rnn_layer_backward.register_fake
@@ -187,7 +200,10 @@ def _backward(ctx, dy, dh_n, dc_n, _dtape):
     weights = [next(present) if here else None for here in ctx.present]
     if dc_n is not None and dc_n.numel() == 0:
         dc_n = None
-    dx, dh0, dc0, *grads = rnn_layer_backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
+    # The operator where anything traces this backward or records it (create_graph: its own formula
+    # refuses double backward); its function directly otherwise, as for the forward.
+    backward = _layer_backward if _eager(x) and not torch.is_grad_enabled() else rnn_layer_backward
+    dx, dh0, dc0, *grads = backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
     return (dx, *(g if here else None for g, here in zip(grads, ctx.present)),
             dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None, None, None, None, None)
 
@@ -219,13 +235,15 @@ class _RecordedLayer(torch.autograd.Function):
     """rnn_layer with the autograd formula registered on it above. torch's autograd wrapper of a custom
     operator binds every argument to the schema again on each call that records, at a cost that grows
     with the square of the argument count (~50 us for these 17, more than a short layer's compute);
-    Function.apply skips it."""
+    Function.apply skips it. The context is set up inside forward rather than by a separate
+    setup_context, which apply would pay for with an inspect.signature binding on every call."""
 
     @staticmethod
-    def forward(*args):
-        return _layer(*args)
+    def forward(ctx, *args):
+        output = _layer(*args)
+        _setup_context(ctx, args, output)
+        return output
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
