@@ -69,8 +69,8 @@ def _tensor(a) -> Tensor:
 
 def _empty(like: Tensor, shape) -> Tuple[Tensor, object]:
     """An uninitialised tensor of `shape` beside `like`, and what the layer-stack driver writes it
-    through (_array of it). torch's allocator rather than a tensor over a NumPy array: cheaper per call
-    but slower in a training loop (bench/NOTES.md, "One-step calls through the drop-in")."""
+    through (_array of it). From torch's allocator, not over a NumPy array (see bench/NOTES.md, "The
+    per-call Python")."""
     t = like.new_empty(shape)
     return t, _array(t)
 
@@ -164,7 +164,7 @@ def _layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tenso
             if value is not None:
                 grads[d * SLOTS_PER_DIRECTION + k] = _tensor(value)
     # Distinct empty tensors for the absent weights: outputs may not alias.
-    return (_tensor(dx), dh0, dc0, *(_empty(x, (0,))[0] if g is None else g for g in grads))
+    return (_tensor(dx), dh0, dc0, *(x.new_empty(0) if g is None else g for g in grads))
 
 
 rnn_layer_backward = torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(),
