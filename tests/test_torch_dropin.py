@@ -240,6 +240,27 @@ def test_flat_weights_follow_parameter_reassignment_and_dtype_changes():
     assert_close(fused(x.double())[0].detach().numpy(), ref(x.double())[0].detach().numpy(), np.float64)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inference_mode_and_anomaly_detection_match_torch(cell):
+    """Under torch.inference_mode() the outputs are inference tensors equal to torch.nn's; under
+    torch.autograd.detect_anomaly() forward and backward run and the gradients equal torch.nn's."""
+    ref, fused = module_pair(cell, I, H, num_layers=2, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with torch.inference_mode():
+        out_ref, out_fused = ref(x)[0], fused(x)[0]
+    assert out_fused.is_inference()
+    assert_close(out_fused.numpy(), out_ref.numpy(), np.float64)
+    grads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anomaly detection warns that it is slow
+        with torch.autograd.detect_anomaly():
+            for module in (ref, fused):
+                xg = x.clone().requires_grad_()
+                module(xg)[0].square().sum().backward()
+                grads.append(xg.grad.numpy())
+    assert_close(grads[1], grads[0], np.float64)
+
+
 @pytest.mark.parametrize("norm", ["parametrization", "hook"])
 def test_weight_norm_on_a_weight_matches_torch(norm):
     """Weight normalisation of W_hh, as speech models apply it: through torch.nn.utils.parametrize (the
