@@ -151,7 +151,8 @@ struct BackwardPlan : PlanCommon<T> {
   Index bias_stride = 0;
 };
 
-// times_weights multiplies up to this many rows with a kernel that reads w once, in place (BLAS beyond).
+// times_weights and times_matrix multiply up to this many rows with kernels that read w in place, once
+// per block of rows (BLAS beyond).
 constexpr Index kMaxFewRows = 16;
 
 template <typename T>
@@ -166,6 +167,10 @@ struct RecurrenceKernels {
   // row-major and read in place (not packed): the GEMM for operands used once.
   void (*times_weights)(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
                         bool accumulate, T* c, Index ldc);
+  // c (rows, columns) = a (rows, depth) w, added into c where `accumulate`, w (depth, columns)
+  // row-major and read in place: the same for the other orientation (backward's products with W).
+  void (*times_matrix)(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
+                       bool accumulate, T* c, Index ldc);
 };
 
 struct KernelTable {

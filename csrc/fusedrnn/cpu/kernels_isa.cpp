@@ -67,31 +67,37 @@ struct PanelRows {
 };
 
 // c[r][0..kPanel) = init[0..kPanel) + sum_k top[r][k] * panel[k][0..kPanel) for r < MR (init null:
-// zeros), plus, when `below` has depth, sum_k below[r][k] * panel[top.depth + k][...]: two operands
-// side by side without copying them together. KS independent accumulator sets split the k loop, so
-// few rows still keep enough FMAs in flight to hide their latency; the sets are summed in a fixed order
+// zeros; `accumulate`: c's own values instead), plus, when `below` has depth, sum_k below[r][k] *
+// panel[top.depth + k][...]: two operands side by side without copying them together. Panel row k
+// starts at panel + k * panel_ld: kPanel when kDense (packed panels; a constant in the loop), else the
+// row stride of a matrix read in place. KS independent accumulator sets split the k loop, so few rows
+// still keep enough FMAs in flight to hide their latency; the sets are summed in a fixed order
 // (deterministic).
-template <typename T, int MR, int KS>
-inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restrict panel,
-                         const T* __restrict init, T* __restrict c, Index ldc) {
+template <typename T, int MR, int KS, bool kDense>
+inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restrict panel, Index row_stride,
+                         const T* __restrict init, bool accumulate, T* __restrict c, Index ldc) {
   using S = Simd<T>;
   using Vec = typename S::Vec;
   constexpr int L = S::kLanes;
+  const Index panel_ld = kDense ? Index{S::kPanel} : row_stride;
   Vec acc[KS][MR][2];
   for (int s = 0; s < KS; ++s)
     for (int r = 0; r < MR; ++r) acc[s][r][0] = acc[s][r][1] = Vec{};
-  if (init)
-    for (int r = 0; r < MR; ++r) {
-      acc[0][r][0] = S::load(init);
-      acc[0][r][1] = S::load(init + L);
+  for (int r = 0; r < MR; ++r) {
+    const T* start = accumulate ? c + r * ldc : init;
+    if (start) {
+      acc[0][r][0] = S::load(start);
+      acc[0][r][1] = S::load(start + L);
     }
-  auto accumulate = [&acc](const T* __restrict a, Index lda, Index depth, const T* __restrict rows_of_panel) {
+  }
+  auto add_products = [&acc, panel_ld](const T* __restrict a, Index lda, Index depth,
+                                       const T* __restrict rows_of_panel) {
     Index k = 0;
     for (; k + KS <= depth; k += KS) {
       for (int s = 0; s < KS; ++s) {
-        prefetch_panel_row<T>(rows_of_panel + (k + s + kPrefetchRows) * S::kPanel);
-        const Vec b0 = S::load(rows_of_panel + (k + s) * S::kPanel);
-        const Vec b1 = S::load(rows_of_panel + (k + s) * S::kPanel + L);
+        prefetch_panel_row<T>(rows_of_panel + (k + s + kPrefetchRows) * panel_ld);
+        const Vec b0 = S::load(rows_of_panel + (k + s) * panel_ld);
+        const Vec b1 = S::load(rows_of_panel + (k + s) * panel_ld + L);
         for (int r = 0; r < MR; ++r) {
           const T av = a[r * lda + k + s];
           acc[s][r][0] += av * b0;
@@ -100,8 +106,8 @@ inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restri
       }
     }
     for (; k < depth; ++k) {
-      const Vec b0 = S::load(rows_of_panel + k * S::kPanel);
-      const Vec b1 = S::load(rows_of_panel + k * S::kPanel + L);
+      const Vec b0 = S::load(rows_of_panel + k * panel_ld);
+      const Vec b1 = S::load(rows_of_panel + k * panel_ld + L);
       for (int r = 0; r < MR; ++r) {
         const T av = a[r * lda + k];
         acc[0][r][0] += av * b0;
@@ -109,8 +115,8 @@ inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restri
       }
     }
   };
-  accumulate(top.a, top.ld, top.depth, panel);
-  if (below.depth > 0) accumulate(below.a, below.ld, below.depth, panel + top.depth * S::kPanel);
+  add_products(top.a, top.ld, top.depth, panel);
+  if (below.depth > 0) add_products(below.a, below.ld, below.depth, panel + top.depth * panel_ld);
   for (int s = 1; s < KS; ++s)
     for (int r = 0; r < MR; ++r) {
       acc[0][r][0] += acc[s][r][0];
@@ -134,12 +140,14 @@ constexpr int kKSplit = MR >= kRowsForOneSet ? 1 : (MR >= 2 ? 2 : 4);
 constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
 
 // Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
-template <typename T, int MR>
-inline void panel_rows_tail(Index rows, PanelRows<T> top, PanelRows<T> below, const T* panel, const T* init,
-                            T* c, Index ldc) {
+template <typename T, int MR, bool kDense>
+inline void panel_rows_tail(Index rows, PanelRows<T> top, PanelRows<T> below, const T* panel, Index row_stride,
+                            const T* init, bool accumulate, T* c, Index ldc) {
   if constexpr (MR > 1) {
-    if (rows == MR - 1) return panel_kernel<T, MR - 1, kKSplit<MR - 1>>(top, below, panel, init, c, ldc);
-    panel_rows_tail<T, MR - 1>(rows, top, below, panel, init, c, ldc);
+    if (rows == MR - 1)
+      return panel_kernel<T, MR - 1, kKSplit<MR - 1>, kDense>(top, below, panel, row_stride, init, accumulate, c,
+                                                              ldc);
+    panel_rows_tail<T, MR - 1, kDense>(rows, top, below, panel, row_stride, init, accumulate, c, ldc);
   }
 }
 
@@ -152,26 +160,58 @@ inline PanelOrder panel_order(Index step_index) {
   return step_index % 2 == 0 ? PanelOrder::kAscending : PanelOrder::kDescending;
 }
 
-// c (rows, panels*kPanel) = a (rows, depth) @ packed (+ column_init in every row, if not null), where
-// packed holds `panels` panels of (depth, kPanel), visited in `order`. Each panel is reused across all
-// row blocks while it is in L1/L2. With `below` (rows, below.depth), the panels are depth + below.depth
-// deep and c = [a below] @ packed.
+// Where the panels of a panel_gemm are: panel p's row k at data + p * panel_stride + k * row_stride.
 template <typename T>
-void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c,
-                Index ldc, PanelOrder order, const T* column_init = nullptr, PanelRows<T> below = {}) {
+struct Panels {
+  const T* data;
+  Index panel_stride, row_stride;
+  // Packed by pack_panels: each panel's (depth, kPanel) values contiguous.
+  static Panels packed(const T* data, Index depth) { return {data, depth * Simd<T>::kPanel, Simd<T>::kPanel}; }
+  // A row-major (depth, columns) matrix read in place: panel p is its columns p*kPanel.. of each row.
+  static Panels in_place(const T* data, Index ld) { return {data, Simd<T>::kPanel, ld}; }
+};
+
+template <typename T, bool kDense>
+void panel_passes(Index rows, Index depth, Index panels, const T* a, Index lda, Panels<T> source, T* c, Index ldc,
+                  PanelOrder order, const T* column_init, PanelRows<T> below, bool accumulate) {
   constexpr int P = Simd<T>::kPanel;
   constexpr int MR = kBlockRows;
   const PanelRows<T> top{a, lda, depth};
+  const Index ld = source.row_stride;
   for (Index visit = 0; visit < panels; ++visit) {
     const Index p = order == PanelOrder::kAscending ? visit : panels - 1 - visit;
-    const T* pp = packed + p * (depth + below.depth) * P;
+    const T* pp = source.data + p * source.panel_stride;
     const T* init = column_init ? column_init + p * P : nullptr;
     T* cp = c + p * P;
     Index r = 0;
     for (; r + MR <= rows; r += MR)
-      panel_kernel<T, MR, 1>(top.from(r), below.from(r), pp, init, cp + r * ldc, ldc);
-    if (r < rows) panel_rows_tail<T, MR>(rows - r, top.from(r), below.from(r), pp, init, cp + r * ldc, ldc);
+      panel_kernel<T, MR, 1, kDense>(top.from(r), below.from(r), pp, ld, init, accumulate, cp + r * ldc, ldc);
+    if (r < rows)
+      panel_rows_tail<T, MR, kDense>(rows - r, top.from(r), below.from(r), pp, ld, init, accumulate, cp + r * ldc,
+                                     ldc);
   }
+}
+
+// c (rows, panels*kPanel) = a (rows, depth) @ the panels (+ column_init in every row, if not null;
+// added into c where `accumulate`), `panels` panels of (depth, kPanel) visited in `order`. Each panel
+// is reused across all row blocks while it is in L1/L2. With `below` (rows, below.depth), the panels
+// are depth + below.depth deep and c = [a below] @ panels.
+template <typename T>
+void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, Panels<T> source, T* c, Index ldc,
+                PanelOrder order, const T* column_init = nullptr, PanelRows<T> below = {},
+                bool accumulate = false) {
+  if (source.row_stride == Simd<T>::kPanel)
+    panel_passes<T, true>(rows, depth, panels, a, lda, source, c, ldc, order, column_init, below, accumulate);
+  else
+    panel_passes<T, false>(rows, depth, panels, a, lda, source, c, ldc, order, column_init, below, accumulate);
+}
+
+// The same with panels packed by pack_panels, depth + below.depth deep.
+template <typename T>
+void panel_gemm(Index rows, Index depth, Index panels, const T* a, Index lda, const T* packed, T* c, Index ldc,
+                PanelOrder order, const T* column_init = nullptr, PanelRows<T> below = {}) {
+  panel_gemm<T>(rows, depth, panels, a, lda, Panels<T>::packed(packed, depth + below.depth), c, ldc, order,
+                column_init, below);
 }
 
 template <typename T>
@@ -319,6 +359,25 @@ void times_weights_in_place(Index rows, Index columns, Index depth, const T* a, 
     few_rows_times_weights<T>(rows, columns, depth, a, lda, w, ldw, accumulate, c, ldc);
   else
     blas::gemm<T>(false, true, rows, columns, depth, T(1), a, lda, w, ldw, accumulate ? T(1) : T(0), c, ldc);
+}
+
+// c (rows, columns) (+)= a (rows, depth) w, w (depth, columns) row-major and read in place (backward's
+// products in calls too short to pack W, kMinStepsToPack): from 2 to kMaxFewRows rows the panel kernel
+// reads W's rows as they are, a panel's kPanel columns at a time, BLAS taking the columns short of a
+// panel; BLAS otherwise, which packs all of W on each call but streams W's rows whole for one row (see
+// bench/NOTES.md, "Figures behind the code", few rows).
+template <typename T>
+void times_matrix_in_place(Index rows, Index columns, Index depth, const T* a, Index lda, const T* w, Index ldw,
+                           bool accumulate, T* c, Index ldc) {
+  constexpr int P = Simd<T>::kPanel;
+  const Index panels = rows >= 2 && rows <= kMaxFewRows ? columns / P : 0;
+  if (panels > 0)
+    panel_gemm<T>(rows, depth, panels, a, lda, Panels<T>::in_place(w, ldw), c, ldc, PanelOrder::kAscending,
+                  nullptr, {}, accumulate);
+  const Index done = panels * P;
+  if (done < columns)
+    blas::gemm<T>(false, false, rows, columns - done, depth, T(1), a, lda, w + done, ldw,
+                  accumulate ? T(1) : T(0), c + done, ldc);
 }
 
 // packed[p][k][c] = column_start(n)[k * k_stride] for column n = p*kPanel + c < `columns`, zero in the
@@ -834,8 +893,8 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, const RankGroup& group) 
         if (pl.pack_weights)
           panel_gemm<T>(rows, P, panels_hr, dh_rows, P, scratch.packed_hr, scratch.tile_hr, ldt_hr, panel_order(i));
         else
-          blas::gemm<T>(false, false, rows, units, P, T(1), dh_rows, P, pl.w_hr.data + u0, pl.w_hr.ld, T(0),
-                        scratch.tile_hr, ldt_hr);
+          times_matrix_in_place<T>(rows, units, P, dh_rows, P, pl.w_hr.data + u0, pl.w_hr.ld, false,
+                                   scratch.tile_hr, ldt_hr);
         backward_units<Cell, T, true>(pl, t, sh, saved_t, nullptr, pl.cs.at(prev), nullptr, pl.cs.at(next),
                                       nullptr, nullptr, scratch.tile_hr, ldt_hr);
       }
@@ -867,8 +926,8 @@ void backward_rank(const BackwardPlan<T>& pl, int rank, const RankGroup& group) 
         panel_gemm<T>(rows, gh_width, panels, dgh_rows, gh_width, scratch.packed, scratch.tile, ldt,
                       panel_order(i));
       else
-        blas::gemm<T>(false, false, rows, outputs, gh_width, T(1), dgh_rows, gh_width, pl.w_hh.data + sh.o0,
-                      pl.w_hh.ld, T(0), scratch.tile, ldt);
+        times_matrix_in_place<T>(rows, outputs, gh_width, dgh_rows, gh_width, pl.w_hh.data + sh.o0, pl.w_hh.ld,
+                                 false, scratch.tile, ldt);
       for (Index b = sh.b0; b < sh.b1; ++b) {
         T* __restrict out = dh_other + b * R + sh.o0;
         const T* __restrict add = scratch.tile + (b - sh.b0) * ldt;
@@ -918,9 +977,9 @@ extern const KernelTable kTable;
 const KernelTable kTable = {
     FUSEDRNN_ISA_NAME,
     {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>, &all_finite_here<float>,
-     &add_into_here<float>, &times_weights_in_place<float>},
+     &add_into_here<float>, &times_weights_in_place<float>, &times_matrix_in_place<float>},
     {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>, &all_finite_here<double>,
-     &add_into_here<double>, &times_weights_in_place<double>},
+     &add_into_here<double>, &times_weights_in_place<double>, &times_matrix_in_place<double>},
 };
 
 }  // namespace FUSEDRNN_ISA

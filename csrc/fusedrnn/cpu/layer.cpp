@@ -272,7 +272,7 @@ template <typename T>
 TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, int panel_width,
                           int scratch_set, bool forward) {
   const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj);
-  // Backward's in-place products are BLAS's (no few-rows kernel for them): it packs from kMinStepsToPack.
+  // Backward packs from kMinStepsToPack steps (shorter calls read W in place: times_matrix).
   const bool pack = forward ? packs_forward_weights(cell, s, split, sizeof(T)) : s.steps >= kMinStepsToPack;
   const InputProjection projection =
       forward ? input_projection(cell, s, split, sizeof(T), recurrence_threads, pack) : InputProjection::kUpFront;
@@ -737,8 +737,8 @@ class BackwardCall {
     const T* const dgh = dgh_;
     const auto [r0, r1] = share(rows, of, rank);
     if (dx_)
-      blas::gemm<T>(false, false, r1 - r0, input, gh_width, T(1), dgx + r0 * gh_width, gh_width, w_ih_.data,
-                    w_ih_.ld, a_.accumulate_dx ? T(1) : T(0), dx_.row(r0), dx_.ld);
+      kern_.times_matrix(r1 - r0, input, gh_width, dgx + r0 * gh_width, gh_width, w_ih_.data, w_ih_.ld,
+                         a_.accumulate_dx, dx_.row(r0), dx_.ld);
     const auto [g0, g1] = share(gh_width, of, rank);
     const bool add = a_.accumulate_weight_grads;
     const T grads_beta = add ? T(1) : T(0);
