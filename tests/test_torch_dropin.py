@@ -496,6 +496,140 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
         y.sum().backward()
 
 
+# ---- torch.func -----------------------------------------------------------------------------------------
+
+
+def functional_pair(cell, projected, **kwargs):
+    """The module pair in float64 and, for each, f(params, x, hx) -> (y, h_n[, c_n]) through
+    torch.func.functional_call, with one parameter dict that both take."""
+    if projected:
+        kwargs["proj_size"] = proj_of(H, projected)
+    pair = module_pair(cell, I, H, dtype=torch.float64, **kwargs)
+
+    def functional(module):
+        def f(params, x, hx=None):
+            y, state = torch.func.functional_call(module, params, (x, hx))
+            return (y, *state) if isinstance(state, tuple) else (y, state)
+        return f
+
+    params = {n: p.detach() for n, p in pair[0].named_parameters()}
+    return [functional(m) for m in pair], params
+
+
+def initial_state(cell, projected, lead, batch, gen):
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    h0 = r(lead, batch, proj_of(H, projected) or H)
+    return (h0, r(lead, batch, H)) if has_cell_state(cell) else h0
+
+
+def weighted_sum(outputs, weights):
+    return sum((o * w).sum() for o, w in zip(outputs, weights))
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_func_grad_vjp_and_jacrev_match_torch_nn(cell, projected):
+    (ref, fused), params = functional_pair(cell, projected, num_layers=2, bidirectional=True)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+    hx = initial_state(cell, projected, 4, B, gen)
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in ref(params, x, hx)]
+
+    def loss(f):
+        return lambda params, x, hx: weighted_sum(f(params, x, hx), weights)
+
+    got = torch.func.grad(loss(fused), argnums=(0, 1, 2))(params, x, hx)
+    want = torch.func.grad(loss(ref), argnums=(0, 1, 2))(params, x, hx)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert_close(g.numpy(), w.numpy(), np.float64)
+
+    outputs, pullback = torch.func.vjp(lambda x: fused(params, x, hx), x)
+    for o, w in zip(outputs, ref(params, x, hx)):
+        assert_close(o.numpy(), w.numpy(), np.float64)
+    (dx,) = pullback(tuple(weights))
+    assert_close(dx.numpy(), want[1].numpy(), np.float64)
+
+    # jacrev: one forward, then a vmap over the backward with the tape shared by every slice.
+    jacobian = torch.func.jacrev(lambda x: fused(params, x, hx)[0])(x)
+    expected = torch.autograd.functional.jacobian(lambda x: ref(params, x, hx)[0], x)
+    assert_close(jacobian.numpy(), expected.numpy(), np.float64)
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_per_sample_gradients_by_vmap_of_grad_match_torch_nn(cell, projected):
+    (ref, fused), params = functional_pair(cell, projected, batch_first=True)
+    gen = torch.Generator().manual_seed(12)
+    xs = torch.randn(B, 1, T, I, generator=gen, dtype=torch.float64)  # B samples, each a batch of one
+    targets = torch.randn(B, 1, T, proj_of(H, projected) or H, generator=gen, dtype=torch.float64)
+
+    def loss(f):
+        return lambda params, x, target: (f(params, x)[0] - target).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(loss(fused)), in_dims=(None, 0, 0))(params, xs, targets)
+    for k in range(B):  # torch.nn sample by sample
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        want = torch.autograd.grad(loss(ref)(leaves, xs[k], targets[k]), list(leaves.values()))
+        for name, w in zip(leaves, want):
+            assert got[name].shape == (B, *params[name].shape)
+            assert_close(got[name][k].numpy(), w.numpy(), np.float64, name)
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_vmap_over_inputs_and_over_an_ensemble_of_modules(cell, projected):
+    gen = torch.Generator().manual_seed(13)
+    (_, fused), params = functional_pair(cell, projected)
+    xs = torch.randn(T, 2, B, I, generator=gen, dtype=torch.float64)  # the vmapped dim second
+    outputs = torch.func.vmap(lambda x: fused(params, x), in_dims=1)(xs)
+    for k in range(2):
+        for got, want in zip(outputs, fused(params, xs[:, k])):
+            assert torch.equal(got[k], want)
+
+    # Three modules' parameters stacked (torch.func.stack_module_state), one input: the forward and
+    # the gradient of the summed loss with respect to every module's parameters.
+    modules = [functional_pair(cell, projected)[0][1] for _ in range(3)]
+    members = [{n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
+               for _ in modules]
+    stacked = {n: torch.stack([m[n] for m in members]) for n in params}
+    x = xs[:, 0]
+
+    def ensemble_loss(stacked):
+        return torch.func.vmap(lambda p: fused(p, x)[0], in_dims=(0,))(stacked).square().sum()
+
+    grads = torch.func.grad(ensemble_loss)(stacked)
+    for k, member in enumerate(members):
+        leaves = {n: p.clone().requires_grad_() for n, p in member.items()}
+        loss = fused(leaves, x)[0].square().sum()
+        want = torch.autograd.grad(loss, list(leaves.values()))
+        for (name, g), w in zip(leaves.items(), want):
+            assert_close(grads[name][k].numpy(), w.numpy(), np.float64, name)
+
+
+def test_forward_mode_and_second_order_transforms_raise():
+    (_, fused), params = functional_pair("lstm", False)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    f = lambda x: fused(params, x)[0]  # noqa: E731
+    forward_mode = [
+        lambda: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+        lambda: torch.func.jacfwd(f)(x),
+        lambda: torch.func.hessian(lambda x: f(x).sum())(x),
+    ]
+    slots = [params.get(f"{n}_l0") for n in _ops.PARAMETERS] + [None] * len(_ops.PARAMETERS)
+    operator = lambda x: frt.rnn_layer(x, *slots, None, None, None, "lstm", False, True)[0]  # noqa: E731
+    forward_mode.append(lambda: torch.func.jvp(operator, (x,), (torch.ones_like(x),)))
+    for call in forward_mode:
+        with pytest.raises(NotImplementedError, match="forward-mode AD"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)  # torch.func.jvp's
+            call()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(dual)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.jacrev(torch.func.jacrev(lambda x: f(x).sum()))(x)
+    nested = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda x: f(x).sum())))
+    with pytest.raises(NotImplementedError, match="nested torch.func.vmap"):
+        nested(x.reshape(T, B, 1, 1, I).permute(1, 2, 0, 3, 4))
+
+
 # ---- torch.compile, torch.export -----------------------------------------------------------------------
 
 

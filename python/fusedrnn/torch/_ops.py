@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils import _python_dispatch
 
 from .. import _checks, _device, _stack
@@ -37,6 +38,7 @@ class _TapeArray(np.ndarray):
 _live_tapes: "weakref.WeakValueDictionary[int, _TapeArray]" = weakref.WeakValueDictionary()
 _tape_keys = itertools.count(1)
 _NO_TAPE = 0
+_UNDER_NESTED_VMAP = -1  # see _stacked_handles
 
 
 def _tape_handle(tapes) -> Tensor:
@@ -48,7 +50,11 @@ def _tape_handle(tapes) -> Tensor:
 
 
 def _tapes_of(handle: Tensor) -> list:
-    holder = _live_tapes.get(int(handle))
+    key = int(handle)
+    if key == _UNDER_NESTED_VMAP:
+        raise NotImplementedError("fusedrnn: backward through the fused recurrent layer under nested "
+                                  "torch.func.vmap is not supported (one vmap level is)")
+    holder = _live_tapes.get(key)
     if holder is None:
         raise RuntimeError("fusedrnn::rnn_layer_backward: this forward recorded nothing for backward "
                            "(it ran with record=False, or its tape handle was freed)")
@@ -114,6 +120,11 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
     length), h_n (D, B, R), c_n (D, B, H) for a cell with a cell state and an empty tensor otherwise,
     and a tape handle for rnn_layer_backward (meaningful when `record`). `check_finite` rejects NaN/inf
     in x, h0 and c0 with a ValueError."""
+    if _forward_ad._current_level >= 0:
+        # torch's custom operators drop tangents without a word; no forward-mode formula is written here.
+        raise NotImplementedError("fusedrnn: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                                  "torch.autograd.forward_ad) through the fused recurrent layer is not "
+                                  "supported; reverse mode (backward, torch.func.grad, vjp, jacrev) is")
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
     if not all(t is None or t.is_cpu for t in (x, *weights, h0, c0)):  # the common case, checked first
@@ -200,10 +211,7 @@ def _backward(ctx, dy, dh_n, dc_n, _dtape):
     weights = [next(present) if here else None for here in ctx.present]
     if dc_n is not None and dc_n.numel() == 0:
         dc_n = None
-    # The operator where anything traces this backward or records it (create_graph: its own formula
-    # refuses double backward); its function directly otherwise, as for the forward.
-    backward = _layer_backward if _eager(x) and not torch.is_grad_enabled() else rnn_layer_backward
-    dx, dh0, dc0, *grads = backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
+    dx, dh0, dc0, *grads = _call_backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
     return (dx, *(g if here else None for g, here in zip(grads, ctx.present)),
             dh0 if ctx.has_h0 else None, dc0 if ctx.has_c0 else None, None, None, None, None)
 
@@ -221,14 +229,18 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 rnn_layer_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
-def _eager(x: Tensor) -> bool:
-    """Whether a call on x runs as it is, with nothing tracing it (torch.compile, torch.export,
-    torch.jit.trace, a dispatch mode such as make_fx's) or transforming it (torch.func), so that the
-    operator's function can be called without the dispatcher (~20 us a call, more than a one-step
-    layer's compute)."""
-    return (type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _python_dispatch._get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active())
+def _traced(x: Tensor) -> bool:
+    """Whether anything traces a call on x (torch.compile, torch.export, torch.jit.trace, a dispatch mode
+    such as make_fx's): such calls must reach the operator itself."""
+    return (type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _python_dispatch._get_current_dispatch_mode() is not None)
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is active. torch refuses custom
+    operators' autograd formulas under them, so these calls go through autograd.Functions that torch.func
+    accepts (_TransformableLayer, _BackwardOnce)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 class _RecordedLayer(torch.autograd.Function):
@@ -247,10 +259,81 @@ class _RecordedLayer(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+def _stacked_handles(handles) -> Tensor:
+    """The tape handles of a vmap's slices as one batched handle whose storage keeps every slice's tapes
+    alive. Slices that are themselves batched (nested vmap) cannot be held this way: their handles
+    become _UNDER_NESTED_VMAP, which _tapes_of refuses."""
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(h) for h in handles):
+        return torch.full_like(torch.stack(handles), _UNDER_NESTED_VMAP)
+    holder = np.array([int(h) for h in handles], np.int64).view(_TapeArray)
+    holder.tapes = handles  # each slice's handle tensor, whose storage holds that slice's tapes
+    return torch.from_numpy(holder)
+
+
+def _by_slices(function, info, in_dims, args, handle_output=None):
+    """A vmap rule: `function` on each slice of the batched arguments, the outputs stacked along dim 0.
+    The fused kernels already run a batch; a vmap's batch may also split the weights (an ensemble) or
+    need a weight gradient per slice (per-sample gradients), which one fused call cannot give."""
+    per_slice = [function(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                 for i in range(info.batch_size)]
+    outputs = tuple(_stacked_handles(column) if k == handle_output else torch.stack(column)
+                    for k, column in enumerate(zip(*per_slice)))
+    return outputs, (0,) * len(outputs)
+
+
+class _TransformableLayer(torch.autograd.Function):
+    """rnn_layer as torch.func transforms take it: the same function and autograd formula, the context
+    set up apart, and a vmap rule."""
+
+    forward = staticmethod(_layer)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _by_slices(_record_if_needed, info, in_dims, args, handle_output=3)
+
+
+def _record_if_needed(*args):
+    """call_layer on a vmap's slice, recording where the caller asked (a grad transform above the vmap)
+    or where the slice's tensors require grad: a batched tensor does not say whether it does (a grad
+    transform below the vmap), its slices do."""
+    record = args[-2] or (torch.is_grad_enabled()
+                          and any(isinstance(a, Tensor) and a.requires_grad for a in args))
+    return call_layer(*args[:-2], record, args[-1])
+
+
+class _BackwardOnce(torch.autograd.Function):
+    """rnn_layer_backward where its call is recorded (create_graph) or transformed: its own backward
+    refuses double backward, as the operator's registered formula does."""
+
+    forward = staticmethod(_layer_backward)
+    setup_context = staticmethod(_setup_nothing)
+    backward = staticmethod(_no_double_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _by_slices(_call_backward, info, in_dims, args)
+
+
 def call_layer(*args):
-    """rnn_layer(*args): eager calls straight to the operator's function, through _RecordedLayer where
-    they record for backward; traced and transformed code sees the operator itself."""
-    if not _eager(args[0]):
+    """rnn_layer(*args): traced code sees the operator itself, torch.func transforms
+    _TransformableLayer, and eager calls go straight to the operator's function (~20 us a call less
+    than the dispatcher, more than a one-step layer's compute), through _RecordedLayer where they
+    record for backward."""
+    if _traced(args[0]):
         return rnn_layer(*args)
+    if _transformed():
+        return _TransformableLayer.apply(*args)
     record = args[-2]  # rnn_layer's arguments end (..., cell, record, check_finite)
     return _RecordedLayer.apply(*args) if record else _layer(*args)
+
+
+def _call_backward(*args):
+    """rnn_layer_backward(*args), routed as call_layer routes the forward; a backward that is recorded
+    (create_graph) records a node that refuses double backward."""
+    if _traced(args[1]):
+        return rnn_layer_backward(*args)
+    if _transformed() or torch.is_grad_enabled():
+        return _BackwardOnce.apply(*args)
+    return _layer_backward(*args)
