@@ -261,6 +261,20 @@ def test_inference_mode_and_anomaly_detection_match_torch(cell):
     assert_close(grads[1], grads[0], np.float64)
 
 
+def test_autocast_leaves_the_layer_in_its_parameters_dtype():
+    # torch.nn's CPU LSTM returns bfloat16 under autocast; the fused layer runs and returns float32.
+    torch.manual_seed(8)
+    lstm = frt.LSTM(I, H, num_layers=2)
+    x = torch.randn(T, B, I, requires_grad=True)
+    y, (h_n, c_n) = lstm(x)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_cast, (h_cast, c_cast) = lstm(x)
+        (dx_cast,) = torch.autograd.grad(y_cast.square().sum(), x)
+    for got, want in ((y_cast, y), (h_cast, h_n), (c_cast, c_n), (dx_cast, dx)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("norm", ["parametrization", "hook"])
 def test_weight_norm_on_a_weight_matches_torch(norm):
     """Weight normalisation of W_hh, as speech models apply it: through torch.nn.utils.parametrize (the
