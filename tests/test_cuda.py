@@ -432,6 +432,33 @@ def test_torch_dropin_on_cuda_matches_torch_nn(rng, cell):
 
 
 @needs_torch_cuda
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_func_grad_and_per_sample_grads_on_cuda_match_the_cpu(rng, cell):
+    torch = torch_cuda
+    import fusedrnn.torch as frt
+    kind = {"lstm": frt.LSTM, "gru": frt.GRU}.get(cell, frt.RNN)
+    extra = {} if kind is not frt.RNN else {"nonlinearity": cell.split("_")[1]}
+    module = kind(6, 8, num_layers=2, batch_first=True, dtype=torch.float64, **extra)
+    xs = torch.from_numpy(rng.standard_normal((3, 1, 7, 6)))  # 3 samples, each a batch of one
+
+    def loss(params, x):
+        return torch.func.functional_call(module, params, (x,))[0].square().sum()
+
+    results = []
+    for device in ("cpu", "cuda"):
+        params = {n: p.detach().to(device) for n, p in module.named_parameters()}
+        x = xs.to(device)
+        whole = torch.func.grad(loss)(params, x[:, 0].contiguous())
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        results.append((whole, per_sample))
+    (whole, per_sample), (whole_gpu, per_sample_gpu) = results
+    for name in whole:
+        assert whole_gpu[name].is_cuda and per_sample_gpu[name].shape == (3, *whole[name].shape)
+        assert_close(_to_host(whole_gpu[name]), whole[name].numpy(), np.float64, name)
+        assert_close(_to_host(per_sample_gpu[name]), per_sample[name].numpy(), np.float64, name)
+
+
+@needs_torch_cuda
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("proj_size", [1, 5, 7])
 def test_torch_dropin_projected_lstm_on_cuda_matches_torch_nn(rng, proj_size, dtype):
