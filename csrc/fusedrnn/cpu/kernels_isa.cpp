@@ -19,7 +19,8 @@
 #endif
 
 // The units of a pointwise pass are independent, but the compiler cannot prove that a gate's saved
-// values (offset by k*H) never overlap another's and gives up on runtime alias checks; say so.
+// values (offset by k*H) never overlap another's and gives up on runtime alias checks; say so. The
+// marker also names the loops .ci/check_vectorised.sh requires vectorised at every SIMD level.
 #if defined(__clang__)
 #define FUSEDRNN_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)
