@@ -3,6 +3,7 @@
 Every result is compared with torch.nn's own module on the same weights: outputs, final states and
 the gradients of the input, the initial states and every parameter."""
 
+import contextlib
 import copy
 import socket
 import subprocess
@@ -499,6 +500,31 @@ def test_module_and_operator_record_the_same_gradients_and_refuse_double_backwar
         (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             dx.sum().backward()
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint", "checkpoint_reentrant", "save_on_cpu"])
+def test_activation_checkpointing_and_saved_tensor_hooks_give_the_same_gradients(wrap):
+    torch.manual_seed(9)
+    lstm = frt.LSTM(I, H, num_layers=2, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    run = lambda x: lstm(x)[0]  # noqa: E731
+    wrapped = {
+        "checkpoint": lambda x: torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False),
+        "checkpoint_reentrant": lambda x: torch.utils.checkpoint.checkpoint(run, x, use_reentrant=True),
+        "save_on_cpu": run,
+    }[wrap]
+
+    def gradients(f):  # by .backward(): reentrant checkpointing refuses torch.autograd.grad
+        lstm.zero_grad()
+        leaf = x.clone().requires_grad_()
+        f(leaf).square().sum().backward()
+        return [leaf.grad, *(p.grad for p in lstm.parameters())]
+
+    want = gradients(run)
+    with torch.autograd.graph.save_on_cpu() if wrap == "save_on_cpu" else contextlib.nullcontext():
+        got = gradients(wrapped)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 def test_in_place_change_of_a_weight_before_backward_is_detected():
