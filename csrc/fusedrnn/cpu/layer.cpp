@@ -775,6 +775,7 @@ class BackwardCall {
                       grads_beta, dw_hr_.row(p0), dw_hr_.ld);
     }
     // The bias gradients: the ranks' column sums of dgx and (cells that split them) dgh, in rank order.
+    const auto sum_into = [add](T& grad, double sum) { grad = (add ? grad : T(0)) + static_cast<T>(sum); };
     if (bias_grads_)
       for (Index c = g0; c < g1; ++c) {
         double from_x = 0.0, from_h = 0.0;
@@ -782,7 +783,6 @@ class BackwardCall {
           from_x += bias_partial_[r * bias_stride_ + c];
           if (dgh != dgx) from_h += bias_partial_[r * bias_stride_ + gh_width + c];
         }
-        const auto sum_into = [add](T& grad, double sum) { grad = (add ? grad : T(0)) + static_cast<T>(sum); };
         if (a_.db_ih.data) sum_into(a_.db_ih.data[c * a_.db_ih.stride], from_x);
         if (a_.db_hh.data) sum_into(a_.db_hh.data[c * a_.db_hh.stride], dgh != dgx ? from_h : from_x);
       }
