@@ -207,3 +207,23 @@ def test_linear_errors():
         lin.backward(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="out_features: expected an int >= 1"):
         fusedrnn.Linear(3, 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated_device"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_passes_no_gradient_where_inactive_even_an_infinite_one(rng, simd_level, backend, dtype):
+    # torch.nn's rule: where the relu is inactive the gradient is 0, whatever arrives there.
+    steps, batch, inp, hidden = 5, 3, 4, 19
+    w = {k: v.astype(dtype) for k, v in random_layer(rng, "rnn_relu", inp, hidden).items()}
+    x = rng.standard_normal((steps, batch, inp)).astype(dtype)
+    out = F._forward("rnn_relu", x, *w.values(), None, None, None, False, True, None, None, backend=backend)
+    inactive = out.y == 0
+    assert inactive.any() and not inactive.all()
+    dy = np.where(inactive, np.inf, rng.standard_normal(out.y.shape)).astype(dtype)
+    got = F._backward(out.tape, dy, None, None)
+    assert all(np.isfinite(g).all() for g in (got.dx, got.dh0, got.weight_ih, got.weight_hh, got.bias_ih))
+    _, _, _, cache = reference.forward("rnn_relu", x.astype(np.float64), *(v.astype(np.float64) for v in w.values()))
+    want = reference.backward(cache, dy.astype(np.float64))
+    tol = TOL64 if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    for name in ("dx", "dh0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        np.testing.assert_allclose(getattr(got, name), want[name], **tol, err_msg=name)
