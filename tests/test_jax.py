@@ -671,6 +671,23 @@ def test_bad_traced_lengths_raise_at_run_time(rng):
         jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
 
 
+def test_wide_traced_lengths_are_not_narrowed_into_range(rng):
+    params = _params(rng, "gru", 3, 4, 1, True)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    f = jax.jit(lambda lens: fj.gru(params, x, lengths=lens)[0])
+    want = np.asarray(fj.gru(params, x, lengths=[3, 5])[0])
+    with _enable_x64(True):  # int64 lengths exist only with x64; 2**32 + 3 would wrap to 3 in int32
+        for value in (2**32 + 3, -(2**32) + 3):
+            with pytest.raises(RUNTIME_ERRORS, match=rf"got {value} at index 0"):
+                jax.block_until_ready(f(jnp.array([value, 5], jnp.int64)))
+        np.testing.assert_array_equal(np.asarray(f(jnp.array([3, 5], jnp.int64))), want)
+    # Unsigned 32-bit lengths past int32 stay out of range (reported as T + 1), small ones run as given.
+    with pytest.raises(RUNTIME_ERRORS, match=r"got 6 at index 0"):
+        jax.block_until_ready(f(jnp.array([2**31 + 3, 5], jnp.uint32)))
+    for dtype in (jnp.uint32, jnp.uint8, jnp.int16):
+        np.testing.assert_array_equal(np.asarray(f(jnp.array([3, 5], dtype))), want)
+
+
 def test_forward_mode_and_second_derivatives_raise_clear_errors(rng):
     params = _params(rng, "rnn_tanh", 3, 4)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)

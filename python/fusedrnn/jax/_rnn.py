@@ -133,9 +133,20 @@ def _checked_lengths(lengths, steps: int, batch: int):
             raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {lengths.shape}")
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
-        return lengths.astype(jnp.int32)
+        return _int_lengths(lengths, steps)
     checked = _checks.lengths(np.asarray(lengths), steps, batch)
     return None if checked is None else jnp.asarray(checked, jnp.int32)
+
+
+def _int_lengths(lengths, steps: int):
+    """Traced integer lengths as the kernel call reads them (int32 or int64), never narrowed into range:
+    the call's run-time check must see a value outside [1, T] as outside."""
+    if lengths.dtype in (jnp.int32, jnp.int64):
+        return lengths
+    info = jnp.iinfo(lengths.dtype)
+    if info.min >= -2**31 and info.max < 2**31:
+        return lengths.astype(jnp.int32)
+    return jnp.minimum(lengths, steps + 1).astype(jnp.int32)  # uint32/uint64: large values stay past T
 
 
 def _checked_cell_clip(value, cell):
@@ -191,9 +202,10 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     width = proj or hidden
     expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional,
                             proj_size=proj)
-    if params["weight_ih_l0"].shape[1:] != (features,):
-        raise ValueError(f"x: expected input_size {params['weight_ih_l0'].shape[-1]} in the last dimension "
-                         f"(weight_ih_l0 is {tuple(params['weight_ih_l0'].shape)}), got {features}")
+    w_ih0 = _array("weight_ih_l0", params["weight_ih_l0"], dtype)
+    if w_ih0.ndim == 2 and w_ih0.shape[1] != features:  # another rank is weight_ih_l0's own error, below
+        raise ValueError(f"x: expected input_size {w_ih0.shape[1]} in the last dimension "
+                         f"(weight_ih_l0 is {tuple(w_ih0.shape)}), got {features}")
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
     kinds += ("weight_hr",) if projected else ()
     weights = []
