@@ -87,6 +87,15 @@ def test_clipping_errors():
         G.clip_grad_norm(3.0, 1.0)
 
 
+def test_clipping_a_read_only_gradient_raises_before_changing_any():
+    big, read_only = np.full(3, 10.0), np.ones(3)
+    read_only.flags.writeable = False
+    for clip in (lambda g: G.clip_grad_norm(g, 1.0), lambda g: G.clip_grad_value(g, 0.5)):
+        with pytest.raises(ValueError, match=r"^grads\['b'\]: array is read-only"):
+            clip({"a": big, "b": read_only})
+        np.testing.assert_array_equal(big, 10.0)
+
+
 # ---- gradient-flow verdicts on synthetic profiles ---------------------------------------------------
 
 

@@ -497,6 +497,9 @@ def test_functional_rejects_bad_weights(cell):
         (dict(weight_hh=a["weight_hh"][:-1]), ValueError, rf"^weight_hh: expected shape \({g * H}, {H}\)"),
         (dict(weight_hh=np.zeros((g * H, 0))), ValueError, r"^weight_hh: hidden_size must be >= 1"),
         (dict(weight_hh=a["weight_hh"].astype(np.float32)), TypeError, r"^weight_hh: expected dtype float64"),
+        # hidden_size comes from weight_hh's columns: one too many is weight_hh's error, not weight_ih's.
+        (dict(weight_hh=np.zeros((g * H, H + 1))), ValueError,
+         rf"^weight_hh: expected shape \({g * (H + 1)}, {H + 1}\), got \({g * H}, {H + 1}\)"),
         (dict(bias_ih=a["bias_ih"][:-1]), ValueError, rf"^bias_ih: expected shape \({g * H},\)"),
         (dict(bias_hh=a["bias_hh"][None]), ValueError, r"^bias_hh: expected shape"),
         (dict(bias_hh=a["bias_hh"].astype(np.float32)), TypeError, r"^bias_hh: expected dtype float64"),
@@ -513,6 +516,8 @@ def test_functional_rejects_bad_states(cell):
         (dict(h0=np.zeros((B, H + 1))), ValueError, r"^h0: expected shape \(3, 2\), got \(3, 3\)"),
         (dict(h0=np.zeros((1, B, H))), ValueError, r"^h0: expected shape"),
         (dict(h0=np.zeros((B, H), np.float32)), TypeError, r"^h0: expected dtype float64"),
+        (dict(h0="abc"), TypeError, r"^h0: expected dtype float32 or float64, got <U3"),
+        (dict(h0=np.zeros((B, H), bool)), TypeError, r"^h0: expected dtype float32 or float64, got bool"),
     ]
     if has_cell_state(cell):
         cases += [(dict(c0=np.zeros((B + 1, H))), ValueError, r"^c0: expected shape"),
@@ -558,6 +563,8 @@ def test_functional_rejects_bad_out(cell):
         (np.zeros((T, B, H), np.float32), TypeError, r"^out: expected dtype float64"),
         (np.zeros((T, B, 2 * H))[:, :, ::2], ValueError, r"^out: needs a contiguous last dimension"),
         (np.zeros((T, B, H))[::-1], ValueError, r"^out: needs a contiguous last dimension"),
+        (1.0, TypeError, r"^out: expected a NumPy array, got float"),
+        (np.zeros((T, B, H)).tolist(), TypeError, r"^out: expected a NumPy array, got list"),
     ]
     read_only = np.zeros((T, B, H))
     read_only.flags.writeable = False
@@ -565,6 +572,22 @@ def test_functional_rejects_bad_out(cell):
     for out, exc, match in cases:
         with pytest.raises(exc, match=match):
             _forward(cell, out=out)
+
+
+def test_functional_refuses_outputs_sharing_memory_with_what_the_call_reads(cell):
+    # The team would read values it is overwriting: a race, not an in-place update.
+    a = _layer_args(cell)
+    wide = np.zeros((T, B, 2 * H))
+    for name, out in (("x", a["x"][:, :, :H]), ("h0", np.broadcast_to(a["h0"], (T, B, H))), ("weight_hh", None)):
+        if out is None:  # out's memory inside weight_hh's
+            buffer = np.zeros((T * B * H + a["weight_hh"].size,))
+            a["weight_hh"] = buffer[:a["weight_hh"].size].reshape(a["weight_hh"].shape)
+            out = buffer[:T * B * H].reshape(T, B, H)
+        args = dict(a, out=out)
+        with pytest.raises(ValueError, match=rf"^out: shares memory with {name}"):
+            _forward(cell, **args)
+    out = _forward(cell, out=wide[:, :, H:])  # a slice of an array the call does not read: fine
+    assert out.y.base is not None and np.array_equal(wide[:, :, H:], out.y)
 
 
 def _tape(cell):
@@ -611,6 +634,29 @@ def test_functional_backward_rejects_bad_gradients(cell):
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
             F.layer_backward(tape, **kwargs)
+
+
+def test_functional_backward_refuses_bad_grads_and_overlapping_buffers(cell):
+    tape, g = _tape(cell), GATES[cell]
+    for grads in ({"weight_ih": np.zeros((g * H, I))}, (np.zeros((g * H, I)),)):
+        with pytest.raises(TypeError, match=r"^grads: expected an object with the attributes weight_ih"):
+            F.layer_backward(tape, grads=grads)
+    dy = np.zeros((T, B, H + I))
+    buffers = F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), np.zeros(g * H),
+                           np.zeros(g * H))
+    cases = [(dict(dy=dy[:, :, :H], dx=dy[:, :, H:].copy()), None),  # apart: runs
+             (dict(dy=dy[:, :, :H], dx=np.ascontiguousarray(dy[:, :, :I])), None)]
+    shared = np.zeros(T * B * max(H, I) + g * H)
+    cases += [(dict(dy=shared[:T * B * H].reshape(T, B, H), dx=shared[:T * B * I].reshape(T, B, I)), "dx"),
+              (dict(dy=shared[:T * B * H].reshape(T, B, H),
+                    grads=buffers._replace(bias_ih=shared[:g * H])), "grads.bias_ih"),
+              (dict(grads=buffers._replace(bias_hh=buffers.bias_ih)), "grads.bias_ih")]
+    for kwargs, name in cases:
+        if name is None:
+            F.layer_backward(_tape(cell), **kwargs)
+        else:
+            with pytest.raises(ValueError, match=rf"^{name}: shares memory with "):
+                F.layer_backward(tape, **kwargs)
 
 
 # ---- the projection (proj_size, weight_hr) -------------------------------------------------------------
@@ -677,7 +723,7 @@ def test_functional_rejects_bad_projection(cell):
         (dict(weight_hr=np.zeros((0, 3))), ValueError, r"^weight_hr: expected shape \(proj_size, hidden_size\)"),
         (dict(weight_hr=a["weight_hr"].astype(np.float32)), TypeError, r"^weight_hr: expected dtype float64"),
         (dict(weight_hr=np.zeros((2, 3))), ValueError, r"^weight_hh: expected shape \(12, 2\), got \(12, 1\)"),
-        (dict(weight_hr=np.zeros((1, 4))), ValueError, r"^weight_ih: expected shape \(16, 5\)"),
+        (dict(weight_hr=np.zeros((1, 4))), ValueError, r"^weight_hh: expected shape \(16, 1\), got \(12, 1\)"),
         (dict(h0=np.zeros((B, 3))), ValueError, r"^h0: expected shape \(3, 1\), got \(3, 3\)"),
         (dict(c0=np.zeros((B, 1))), ValueError, r"^c0: expected shape \(3, 3\), got \(3, 1\)"),
         (dict(out=np.zeros((T, B, 3))), ValueError, r"^out: expected shape \(4, 3, 1\)"),

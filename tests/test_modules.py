@@ -598,3 +598,66 @@ def test_pickled_and_copied_modules_compute_the_same(rng, cell, projected):
         np.testing.assert_array_equal(clone.backward(np.ones_like(got))[0], dx)
         if projected:
             assert clone.weight_hr_l1.shape == (2, 6)
+
+
+# ---- the input kept by reference for backward ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("team_size", [1, 2, 3, 8], indirect=True, ids=["t1", "t2", "t3", "t8"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fingerprint_sees_changes_and_not_the_team(rng, simd_level, team_size, dtype):
+    # Large enough to be shared out over the team (passes.cpp), with a tail past the unrolled chains.
+    a = rng.standard_normal(3 * (1 << 16) + 5).astype(dtype)
+    first = fusedrnn._core.fingerprint(a)
+    assert fusedrnn._core.fingerprint(a.copy()) == first
+    assert fusedrnn._core.fingerprint(a.reshape(5, -1) if a.size % 5 == 0 else a[None]) == first
+    changed = [a.copy() for _ in range(4)]
+    changed[0][-1] = np.nextafter(a[-1], np.inf, dtype=dtype)   # the last bit of the last value
+    changed[1][[7, 70001]] = a[[70001, 7]]                        # two values swapped, across shares
+    changed[2][1 << 16] = -a[1 << 16]                             # a sign, at a share's edge
+    changed[3][:] = np.roll(a, 1)
+    assert all(fusedrnn._core.fingerprint(c) != first for c in changed)
+    fusedrnn.set_num_threads(1)
+    assert fusedrnn._core.fingerprint(a) == first
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_changing_x_in_place_before_backward_raises(rng, cell):
+    m = make_module(cell, 4, 5, num_layers=2, bidirectional=True, seed=0)
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    m(x)
+    x[2, 1, 3] += 1e-3  # a refilled input buffer, say
+    with pytest.raises(RuntimeError, match=r"^backward: x was changed in place after the forward"):
+        m.backward(np.ones((6, 3, 10), np.float32))
+    with pytest.raises(RuntimeError, match="no training-mode forward"):  # consumed: run the forward again
+        m.backward(np.ones((6, 3, 10), np.float32))
+    for layout in ("unbatched", "batch_first"):  # unbatched: x itself; batch_first: a copy, free to change
+        b = make_module(cell, 4, 5, batch_first=layout == "batch_first", seed=0)
+        x = rng.standard_normal((6, 4) if layout == "unbatched" else (3, 6, 4)).astype(np.float32)
+        y, _ = b(x)
+        want = make_module(cell, 4, 5, batch_first=layout == "batch_first", seed=0)
+        want(x.copy())
+        x[0, 0] += 1.0
+        if layout == "unbatched":
+            with pytest.raises(RuntimeError, match="x was changed in place"):
+                b.backward(np.ones_like(y))
+        else:
+            dx, _ = b.backward(np.ones_like(y))
+            np.testing.assert_array_equal(dx, want.backward(np.ones_like(y))[0])
+            np.testing.assert_array_equal(b.grads["weight_ih_l0"], want.grads["weight_ih_l0"])
+
+
+def test_linear_keeps_its_input_safe_from_changes_in_place(rng):
+    lin = fusedrnn.Linear(4, 2, seed=0)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    lin(x)
+    x[1, 1] = 0.0
+    with pytest.raises(RuntimeError, match="x was changed in place"):
+        lin.backward(np.ones((5, 2), np.float32))
+    strided = rng.standard_normal((4, 5)).astype(np.float32).T  # not contiguous: kept as a copy
+    want = strided.copy()
+    lin(strided)
+    strided[:] = 0.0
+    lin.zero_grad()
+    lin.backward(np.ones((5, 2), np.float32))
+    np.testing.assert_allclose(lin.grads["weight"], np.ones((5, 2), np.float32).T @ want, rtol=1e-6)

@@ -371,8 +371,9 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
   const bool has_c = facts.has_cell_state;
 
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
-  auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
+  // weight_hh first: hidden_size is read from its columns, so a mismatch there is reported against it.
   auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden});
+  auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
   py::object w_hr = optional_input<T>(w_hr_obj, "weight_hr", {proj, hidden});
   py::object b_ih = optional_input<T>(b_ih_obj, "bias_ih", {gh});
   py::object b_hh = optional_input<T>(b_hh_obj, "bias_hh", {gh});
@@ -383,8 +384,7 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
   py::object c0 = optional_input<T>(c0_obj, "c0", {batch, hidden});
   py::object lengths = checked_lengths(lengths_obj, steps, batch);
 
-  py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, state}))
-                                    : py::reinterpret_borrow<py::array>(out_obj);
+  py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, state})) : require_array(out_obj, "out");
   checked_output<T>(out, "out", {steps, batch, state});  // its view (strides) goes to the core as it is
 
   fusedrnn::LayerForwardParams<T> args;
@@ -657,6 +657,26 @@ py::tuple layer_backward_directions(const py::object& tapes, const py::object& d
   return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads);
 }
 
+// pass(values, size) over a contiguous, aligned float32/float64 array, without the GIL.
+template <typename Pass>
+auto whole_array_pass(const py::array& a, const Pass& pass) {
+  const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
+  if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % a.itemsize() != 0) throw py::type_error("a: expected an aligned array");
+  const Index size = a.size();
+  if (holds<float>(a)) {
+    const auto* values = static_cast<const float*>(a.data());
+    py::gil_scoped_release release;
+    return pass(values, size);
+  }
+  if (holds<double>(a)) {
+    const auto* values = static_cast<const double*>(a.data());
+    py::gil_scoped_release release;
+    return pass(values, size);
+  }
+  throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -747,22 +767,14 @@ PYBIND11_MODULE(_core, m) {
              "recurrence by units, run on one thread or have few rows a thread, the default).");
 
   m.def("all_finite", [](const py::array& a) {
-    const bool dense = (a.flags() & (py::array::c_style | py::array::f_style)) != 0;
-    if (!dense) throw py::type_error("a: expected a C- or Fortran-contiguous array");
-    if (reinterpret_cast<std::uintptr_t>(a.data()) % a.itemsize() != 0)
-      throw py::type_error("a: expected an aligned array");
-    const void* data = a.data();
-    const Index size = a.size();
-    if (holds<float>(a)) {
-      py::gil_scoped_release release;
-      return cpu::parallel_all_finite(static_cast<const float*>(data), size);
-    }
-    if (holds<double>(a)) {
-      py::gil_scoped_release release;
-      return cpu::parallel_all_finite(static_cast<const double*>(data), size);
-    }
-    throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
+    return whole_array_pass(a, [](const auto* values, Index size) { return cpu::parallel_all_finite(values, size); });
   }, py::arg("a"), "True when a contiguous float32/float64 array holds no NaN or infinity.");
+  m.def("fingerprint", [](const py::array& a) {
+    return whole_array_pass(a, [](const auto* values, Index size) { return cpu::parallel_fingerprint(values, size); });
+  }, py::arg("a"),
+        "A fingerprint of a contiguous float32/float64 array's values and their places in memory order "
+        "(a change to a value or its place changes it, but for a chance of about 2**-32): whether an "
+        "array kept by reference was changed in place since.");
 
   m.def("add_into", [](py::array& into, const py::array& from) {
     const auto c_order = py::array::c_style;

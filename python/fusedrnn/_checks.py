@@ -93,6 +93,8 @@ def finite(name: str, arr: np.ndarray) -> None:
     if _device.is_cuda(arr):
         from . import _cuda_layer
         ok = _cuda_layer.library_of(arr).all_finite(arr)
+    elif arr.dtype.kind != "f":
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {arr.dtype}")
     elif arr.size == 0:
         return
     elif arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
@@ -102,6 +104,19 @@ def finite(name: str, arr: np.ndarray) -> None:
         ok = np.isfinite(arr.min()) and np.isfinite(arr.max())
     if not ok:
         raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def apart(written: dict, read: dict) -> None:
+    """No array a call writes (`written`, name -> array or None) shares memory with another it writes or
+    with one it reads (`read`): the thread team would read values it is overwriting. NumPy arrays only;
+    anything else is left to the argument's own checks."""
+    outputs = [(name, a) for name, a in written.items() if isinstance(a, np.ndarray)]
+    others = outputs + [(name, a) for name, a in read.items() if isinstance(a, np.ndarray)]
+    for i, (name, a) in enumerate(outputs):
+        for other, b in others[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{name}: shares memory with {other}; the call writes {name} while it reads "
+                                 f"or writes {other}")
 
 
 def lengths(value, steps: int, batch: int) -> np.ndarray | None:

@@ -80,6 +80,8 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
     cell_clip = _checks.cell_clip(cell_clip, cell)
+    _checks.apart(dict(out=out), dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
+                                      bias_hh=bias_hh, h0=h0, c0=c0, weight_hr=weight_hr))
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
@@ -140,11 +142,20 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
     h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction."""
     from ._cuda_layer import CudaTape
+    grad_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    if grads is not None and not all(hasattr(grads, name) for name in grad_names):
+        raise TypeError(f"grads: expected an object with the attributes {', '.join(grad_names)} (and weight_hr "
+                        f"with a projection), such as a LayerGrads, got {type(grads).__name__}")
     if isinstance(tape, CudaTape):
         return _backward(tape, dy, dh_n, dc_n, dx, grads)
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
+    written = {"dx": dx}
+    if grads is not None:
+        written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
+                        if getattr(grads, name, None) is not None})
+    _checks.apart(written, dict(dy=dy, dh_n=dh_n, dc_n=dc_n))
     return _backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx, grads)
 
 

@@ -20,11 +20,15 @@ from ._optional import require
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
 
 
-def _grad_arrays(grads) -> list:
+def _grad_arrays(grads, *, changed: bool = False) -> list:
+    """The gradients as (key, array) pairs, each checked; with `changed`, also that every one can be
+    written, before any is (a failed clip leaves them all as they were)."""
     named = _checks.named_arrays("grads", grads)
     for key, g in named:
         if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
             raise TypeError(f"grads[{key!r}]: expected a float ndarray (changed in place), got {type(g).__name__}")
+        if changed and isinstance(g, np.ndarray) and not g.flags.writeable:
+            raise ValueError(f"grads[{key!r}]: array is read-only (clipping changes it in place)")
     return named
 
 
@@ -72,7 +76,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonf
     finite entries): check `math.isfinite(total)` or `nonfinite_grads` and skip that step."""
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
         raise ValueError(f"max_norm: expected a number >= 0, got {max_norm!r}")
-    named = _grad_arrays(grads)
+    named = _grad_arrays(grads, changed=True)
     total = _total_norm(named, _norm_type(norm_type))
     if not math.isfinite(total) and error_if_nonfinite:
         raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; non-finite gradients in "
@@ -90,7 +94,7 @@ def clip_grad_value(grads, clip_value: float) -> None:
     torch.nn.utils.clip_grad_value_."""
     if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real) or not clip_value >= 0:
         raise ValueError(f"clip_value: expected a number >= 0, got {clip_value!r}")
-    for _, g in _grad_arrays(grads):
+    for _, g in _grad_arrays(grads, changed=True):
         _device.array_module(g).clip(g, -clip_value, clip_value, out=g)
 
 

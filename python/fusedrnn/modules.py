@@ -17,8 +17,10 @@ from .functional import CELLS, GATES, has_cell_state
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes, device):
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes, device,
+                 input_guard):
         self.device = device                  # where the forward ran: the module's device then
+        self.input_guard = input_guard        # _InputGuard of the caller's x where the tapes read it in place
         self.tapes = tapes                    # tapes[layer][direction]
         self.dropout_masks = dropout_masks    # mask applied to layer l's output, l < num_layers-1 (or None)
         self.batch_first = batch_first
@@ -29,6 +31,30 @@ class _Context:
         # referenced, not copied, so they do not count.
         self.saved_nbytes = (sum(t.nbytes for layer in tapes for t in layer) + inner_inputs_nbytes
                              + sum(m.nbytes for m in dropout_masks if m is not None))
+
+
+class _InputGuard:
+    """The caller's input as a forward keeps it for backward: by reference where the backward reads the
+    caller's memory (no copy, so nothing more is kept than torch.nn keeps), with a fingerprint of it
+    (_core.fingerprint, one pass) so that a change made in place before backward is an error, not
+    wrong gradients."""
+
+    def __init__(self, x):
+        self.x, self.fingerprint = x, _core.fingerprint(x)
+
+    @staticmethod
+    def of(x, device):
+        """A guard of x where backward will read x's own memory: a C-contiguous, aligned host array. A
+        device array, or one the core copies on the way in, gets None."""
+        if device != "cpu" or not (x.flags.c_contiguous and x.flags.aligned):
+            return None
+        return _InputGuard(x)
+
+    def check(self) -> None:
+        if _core.fingerprint(self.x) != self.fingerprint:
+            raise RuntimeError("backward: x was changed in place after the forward, which keeps it by "
+                               "reference for backward; the gradients would be wrong. Run the forward again, "
+                               "or change a copy of x")
 
 
 class _Module:
@@ -304,7 +330,11 @@ class RNNBase(_Module):
 
         After `to("cuda")`, x and hx are CUDA device arrays on the module's device (CuPy, or anything
         with __cuda_array_interface__ or a CUDA __dlpack_device__); the call runs there on CuPy's current
-        stream, and the results are CuPy arrays."""
+        stream, and the results are CuPy arrays.
+
+        In training mode x is kept for backward by reference: changing it in place before backward makes
+        backward raise RuntimeError (on the host; on a device, do not). The parameters are not checked:
+        change them after backward."""
         h0_in, c0_in = self._split_hx(hx)
         self._check_on_module_device(x=x, **{"h0" if self._has_cell_state else "hx": h0_in}, c0=c0_in)
         x = x_given = _checks.array("x", x, self.dtype, (2, 3))
@@ -339,7 +369,7 @@ class RNNBase(_Module):
         if training:
             inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
-                                     inner_inputs_nbytes, device)
+                                     inner_inputs_nbytes, device, _InputGuard.of(x, device))
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
             c_n = None if c_n is None else c_n[:, 0, :]
@@ -388,6 +418,8 @@ class RNNBase(_Module):
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
         self._pending = None  # the tapes are consumed, as torch frees its graph
+        if ctx.input_guard is not None:
+            ctx.input_guard.check()
         with self._grads_lock:
             return self._backward(ctx, dy, dh_n, dc_n)
 
@@ -502,19 +534,24 @@ class Linear(_Module):
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
-        self._pending = x if self.training else None
+        self._pending = None
+        if self.training:  # x as backward reads it: the caller's memory, guarded, or a copy of it
+            guard = _InputGuard.of(x, self.device)
+            self._pending = (x, guard) if guard is not None or self.device != "cpu" else (x.copy(), None)
         y = x @ self._params["weight"].T
         return y + self._params["bias"] if "bias" in self._params else y
 
     def backward(self, dy) -> np.ndarray:
         """Adds the parameter gradients to `grads` and returns dL/dx."""
-        x = self._pending
-        if x is None:
+        if self._pending is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through (on the same thread)")
+        x, guard = self._pending
         self._pending = None
         self._check_on_module_device(dy=dy)
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
+        if guard is not None:
+            guard.check()
         flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
         weight_grad = flat_dy.T @ flat_x
         bias_grad = flat_dy.sum(axis=0) if "bias" in self.grads else None

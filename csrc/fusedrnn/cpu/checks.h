@@ -45,6 +45,26 @@ FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
   return true;
 }
 
+// A fingerprint of the values' memory: over its 32-bit words w[j], the sum of w[j] * (2 * (first + j) + 1)
+// wrapping at 32 bits, with `first` the index of values[0]'s first word in the whole array, so the
+// shares of a split array add up to the whole's (in any order) and a value moved elsewhere changes it.
+// A check that an array kept by reference was not changed in place, not a hash against tampering; 32-bit
+// words for both dtypes because a 32-bit multiply vectorises at every level (a 64-bit one not before
+// AVX-512).
+template <typename T>
+FUSEDRNN_ALWAYS_INLINE std::uint32_t fingerprint(const T* values, std::int64_t count, std::int64_t first) {
+  static_assert(sizeof(T) % 4 == 0, "values of whole 32-bit words");
+  constexpr std::int64_t kWords = sizeof(T) / 4;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(values);
+  std::uint32_t sum = 0, weight = static_cast<std::uint32_t>(2 * first * kWords + 1);
+  for (std::int64_t j = 0; j < count * kWords; ++j, weight += 2) {
+    std::uint32_t word;
+    std::memcpy(&word, bytes + 4 * j, 4);
+    sum += word * weight;
+  }
+  return sum;
+}
+
 // into[i] += from[i].
 template <typename T>
 FUSEDRNN_ALWAYS_INLINE void add_into(T* __restrict into, const T* __restrict from, std::int64_t count) {

@@ -162,6 +162,7 @@ struct RecurrenceKernels {
   void (*backward)(const BackwardPlan<T>& plan, int rank, const RankGroup& group);
   // Whole-array passes (checks.h) at this level, over one rank's share (passes.h shares them out).
   bool (*all_finite)(const T* values, Index count);
+  std::uint32_t (*fingerprint)(const T* values, Index count, Index first);
   void (*add_into)(T* into, const T* from, Index count);
   // c (rows, columns) = a (rows, depth) w^T, added into c where `accumulate`, w (columns, depth)
   // row-major and read in place (not packed): the GEMM for operands used once.

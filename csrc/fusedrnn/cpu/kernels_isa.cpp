@@ -970,6 +970,9 @@ template <typename T>
 bool all_finite_here(const T* values, Index count) { return all_finite(values, count); }
 
 template <typename T>
+std::uint32_t fingerprint_here(const T* values, Index count, Index first) { return fingerprint(values, count, first); }
+
+template <typename T>
 void add_into_here(T* into, const T* from, Index count) { add_into(into, from, count); }
 
 }  // namespace
@@ -978,9 +981,9 @@ extern const KernelTable kTable;
 const KernelTable kTable = {
     FUSEDRNN_ISA_NAME,
     {Simd<float>::kPanel, &forward_entry<float>, &backward_entry<float>, &all_finite_here<float>,
-     &add_into_here<float>, &times_weights_in_place<float>, &times_matrix_in_place<float>},
+     &fingerprint_here<float>, &add_into_here<float>, &times_weights_in_place<float>, &times_matrix_in_place<float>},
     {Simd<double>::kPanel, &forward_entry<double>, &backward_entry<double>, &all_finite_here<double>,
-     &add_into_here<double>, &times_weights_in_place<double>, &times_matrix_in_place<double>},
+     &fingerprint_here<double>, &add_into_here<double>, &times_weights_in_place<double>, &times_matrix_in_place<double>},
 };
 
 }  // namespace FUSEDRNN_ISA

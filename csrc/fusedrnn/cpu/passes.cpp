@@ -46,6 +46,16 @@ bool parallel_all_finite(const T* values, std::int64_t count) {
 }
 
 template <typename T>
+std::uint32_t parallel_fingerprint(const T* values, std::int64_t count) {
+  const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
+  std::atomic<std::uint32_t> total{0};  // a wrapping sum: the ranks' shares add up in any order
+  share_out(count, [&](std::int64_t begin, std::int64_t end) {
+    total.fetch_add(kern.fingerprint(values + begin, end - begin, begin), std::memory_order_relaxed);
+  });
+  return total.load(std::memory_order_relaxed);
+}
+
+template <typename T>
 void parallel_add_into(T* into, const T* from, std::int64_t count) {
   const RecurrenceKernels<T>& kern = kernels_for<T>(active_kernels());
   share_out(count, [&](std::int64_t begin, std::int64_t end) {
@@ -55,6 +65,8 @@ void parallel_add_into(T* into, const T* from, std::int64_t count) {
 
 template bool parallel_all_finite<float>(const float*, std::int64_t);
 template bool parallel_all_finite<double>(const double*, std::int64_t);
+template std::uint32_t parallel_fingerprint<float>(const float*, std::int64_t);
+template std::uint32_t parallel_fingerprint<double>(const double*, std::int64_t);
 template void parallel_add_into<float>(float*, const float*, std::int64_t);
 template void parallel_add_into<double>(double*, const double*, std::int64_t);
 

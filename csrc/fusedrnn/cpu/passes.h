@@ -11,6 +11,10 @@ namespace fusedrnn::cpu {
 template <typename T>
 bool parallel_all_finite(const T* values, std::int64_t count);
 
+// checks.h's fingerprint of the whole array; the same for any split of it, so for any team.
+template <typename T>
+std::uint32_t parallel_fingerprint(const T* values, std::int64_t count);
+
 // into[i] += from[i] for i < count.
 template <typename T>
 void parallel_add_into(T* into, const T* from, std::int64_t count);
