@@ -98,3 +98,20 @@ def test_loss_errors_name_the_argument():
         losses.cross_entropy(np.zeros((2, 3)), np.zeros(2))
     with pytest.raises(ValueError, match=r"targets: expected shape \(2,\)"):
         losses.cross_entropy(np.zeros((2, 3)), np.zeros(3, int))
+
+
+def test_masked_positions_never_reach_the_loss_even_when_they_overflow():
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, grad = losses.mse_loss(np.array([1.0, 1e308]), np.array([0.0, -1e308]), mask=np.array([True, False]))
+        assert loss == 1.0 and np.array_equal(grad, [2.0, 0.0])
+        logits = np.array([[5.0, 1.0], [-1e308, 1e308]])
+        loss, grad = losses.cross_entropy(logits, np.array([0, 0]), mask=np.array([True, False]))
+    want_loss, want_grad = losses.cross_entropy(logits[:1], np.array([0]))
+    assert loss == want_loss and np.array_equal(grad[0], want_grad[0]) and not grad[1].any()
+
+
+def test_empty_inputs_name_themselves_not_a_mask():
+    with pytest.raises(ValueError, match=r"^prediction: no elements"):
+        losses.mse_loss(np.zeros((0, 3)), np.zeros((0, 3)))
+    with pytest.raises(ValueError, match=r"^logits: no elements"):
+        losses.cross_entropy(np.zeros((0, 3)), np.zeros(0, int))

@@ -112,3 +112,22 @@ def test_optimiser_errors():
         opt.step([np.zeros(2)])
     with pytest.raises(ValueError, match=r"grads: expected 1 gradients \(one per parameter\), got 2"):
         opt.step([np.zeros(3), np.zeros(3)])
+
+
+def test_bad_gradients_change_nothing():
+    a, b = np.zeros(3), np.zeros(2)
+    opt = optim.Adam([a, b], lr=0.1)
+    for bad in (np.array(["x", "y"]), np.array([None, None]), np.array([1 + 5j, 2j]), np.array([1, 2])):
+        with pytest.raises(TypeError, match=r"^grads\[1\]: expected a float array, got dtype"):
+            opt.step([np.ones(3), bad])
+    assert opt.steps == 0 and not a.any() and not b.any()
+
+
+def test_module_gradients_are_matched_by_name_not_order(rng):
+    lstm = fusedrnn.LSTM(4, 4, dtype=np.float64, seed=0)
+    before = {k: v.copy() for k, v in lstm.named_parameters()}
+    grads = {k: rng.standard_normal(v.shape) for k, v in lstm.named_parameters()}
+    lstm.grads = dict(reversed(list(grads.items())))  # the same keys, another order (shapes alike at I == H)
+    optim.SGD(lstm, lr=1.0).step()
+    for k, v in lstm.named_parameters():
+        np.testing.assert_array_equal(v, before[k] - grads[k])

@@ -190,3 +190,42 @@ def test_window_errors():
         S.next_step_chunks(np.zeros(4), 4)
     with pytest.raises(TypeError, match="stride: expected an int"):
         S.sliding_windows(np.zeros(5), 2, stride=1.5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_major", "batch_first"])
+def test_windows_are_new_arrays_of_their_own(batch_first):
+    # One window, windows back to back and overlapping ones alike: never the caller's series, never
+    # inputs and targets in one buffer.
+    for make in (lambda s: S.next_step_chunks(s, 10, batch_first=batch_first),
+                 lambda s: S.next_step_chunks(s, 4, batch_first=batch_first),
+                 lambda s: S.sliding_windows(s, 3, 1, stride=4, batch_first=batch_first),
+                 lambda s: S.sliding_windows(s, 3, 2, stride=1, batch_first=batch_first)):
+        series = np.arange(11.0)
+        x, y = make(series)
+        want_x, want_y = x.copy(), y.copy()
+        assert x.flags.writeable and y.flags.writeable and x.flags.c_contiguous and y.flags.c_contiguous
+        series -= 100.0
+        x += 1000.0
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_array_equal(x, want_x + 1000.0)
+
+
+def test_padding_and_bucket_options_are_checked_where_they_are_given():
+    seqs = [np.ones((3, 2), np.float32), np.ones((1, 2), np.float32)]
+    cases = [(lambda: S.BucketBatches(seqs, 2, seed=-1), ValueError, r"^seed: expected an int >= 0"),
+             (lambda: S.BucketBatches(seqs, 2, seed=1.5), TypeError, r"^seed: expected an int"),
+             (lambda: S.BucketBatches(seqs, 2, seed=np.random.default_rng(0)), TypeError, r"^seed: expected an int"),
+             (lambda: S.BucketBatches(seqs, 2, dtype="foo"), TypeError, r"^dtype: expected a numeric dtype"),
+             (lambda: S.pad_sequences(seqs, dtype=str), TypeError, r"^dtype: expected a numeric dtype"),
+             (lambda: S.pad_sequences(seqs, padding_value=None), TypeError, r"^padding_value: expected a number"),
+             (lambda: S.pad_sequences(seqs, padding_value="x"), TypeError, r"^padding_value: expected a number"),
+             (lambda: S.pad_sequences([np.ones(3, int), np.ones(1, int)], padding_value=0.5), ValueError,
+              r"^padding_value: 0.5 is not a value of the padded dtype"),
+             (lambda: S.length_mask([1e300]), ValueError, r"^lengths: each length must be in \[1, 2147483647\]")]
+    for make, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            make()
+    padded, _ = S.pad_sequences(seqs, padding_value=np.nan)  # NaN padding, asked for, is the caller's choice
+    assert np.isnan(padded[1:, 1]).all() and not np.isnan(padded[:, 0]).any()
+    assert S.pad_sequences([np.ones(3, int), np.ones(1, int)], padding_value=-1.0)[0][2, 1] == -1
+    assert next(iter(S.BucketBatches(seqs, 2, seed=None, dtype=np.float64))).x.dtype == np.float64

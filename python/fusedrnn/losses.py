@@ -51,8 +51,10 @@ def _reduction(reduction: str) -> str:
     return reduction
 
 
-def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str, xp) -> tuple[np.ndarray, float]:
-    """Per-element weights broadcastable to `shape` (1 where kept, 0 where masked) and the divisor."""
+def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str, xp,
+             name: str) -> tuple[np.ndarray, float]:
+    """Per-element weights broadcastable to `shape` (1 where kept, 0 where masked) and the divisor.
+    `name`: the argument whose elements these are."""
     if mask is None:
         keep = xp.ones((1,) * len(shape))
         count = float(np.prod(shape))
@@ -62,6 +64,8 @@ def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str, xp
     if reduction == "sum":
         return keep, 1.0
     if count == 0:
+        if mask is None:
+            raise ValueError(f"{name}: no elements; the mean of nothing is undefined")
         raise ValueError("mask: masks out every element; the mean of nothing is undefined")
     return keep, count
 
@@ -73,8 +77,9 @@ def mse_loss(prediction, target, mask=None, reduction: str = "mean") -> tuple[fl
     tgt = _float_array("target", target, xp)
     if tgt.shape != pred.shape:
         raise ValueError(f"target: expected the prediction's shape {pred.shape}, got {tgt.shape}")
-    keep, count = _weights(_mask(mask, pred.shape, xp), pred.shape, _reduction(reduction), xp)
-    diff = (pred.astype(np.float64) - tgt) * keep
+    keep, count = _weights(_mask(mask, pred.shape, xp), pred.shape, _reduction(reduction), xp, "prediction")
+    # Selected, not multiplied: a masked position's overflow (inf * 0) must not reach the loss.
+    diff = xp.where(keep != 0, pred.astype(np.float64) - tgt, 0.0)
     loss = float(xp.sum(diff * diff)) / count
     return loss, (2.0 / count * diff).astype(pred.dtype)
 
@@ -93,7 +98,7 @@ def cross_entropy(logits, targets, mask=None, reduction: str = "mean") -> tuple[
     if t.shape != z.shape[:-1]:
         raise ValueError(f"targets: expected shape {z.shape[:-1]} (logits without the class axis), got {t.shape}")
     m = _mask(mask, t.shape, xp)
-    keep, count = _weights(m, t.shape, _reduction(reduction), xp)
+    keep, count = _weights(m, t.shape, _reduction(reduction), xp, "logits")
     kept = xp.ones(t.shape, bool) if m is None else xp.broadcast_to(keep != 0, t.shape)
     classes = z.shape[-1]
     bad = kept & ((t < 0) | (t >= classes))
@@ -105,8 +110,8 @@ def cross_entropy(logits, targets, mask=None, reduction: str = "mean") -> tuple[
     shifted = z64 - z64.max(axis=-1, keepdims=True)          # log-sum-exp without overflow
     log_prob = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
     picked = xp.take_along_axis(log_prob, t[..., None], axis=-1)[..., 0]
-    loss = float(-xp.sum(picked * keep)) / count
+    loss = float(-xp.sum(xp.where(kept, picked, 0.0))) / count  # selected, as in mse_loss
     grad = xp.exp(log_prob)
     xp.put_along_axis(grad, t[..., None], xp.take_along_axis(grad, t[..., None], axis=-1) - 1.0, axis=-1)
-    grad *= keep[..., None] / count
+    grad = xp.where(kept[..., None], grad / count, 0.0)
     return loss, grad.astype(z.dtype)

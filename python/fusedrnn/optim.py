@@ -76,7 +76,9 @@ class Optimizer:
         if grads is None:
             if self._modules is None:
                 raise TypeError("grads: expected the gradients (these parameters are not a module's)")
-            grads = [g for m in self._modules for g in m.grads.values()]
+            # By name, as the parameters were listed: never by the order of a grads dict.
+            several = len(self._modules) > 1
+            grads = {(f"{i}.{n}" if several else n): g for i, m in enumerate(self._modules) for n, g in m.grads.items()}
         if hasattr(grads, "keys"):
             missing = [n for n, _ in self._named if n not in grads]
             if missing:
@@ -95,6 +97,8 @@ class Optimizer:
                 raise ValueError(f"grads[{name!r}]: on {on}, but its parameter is on {_device.device_of(p)}")
             g = g if _device.is_cuda(g) else np.asarray(g)
             _checks.shape(f"grads[{name!r}]", g, p.shape)
+            if g.dtype.kind != "f":  # every gradient checked before any parameter changes
+                raise TypeError(f"grads[{name!r}]: expected a float array, got dtype {g.dtype}")
             out.append(g)
         return out
 

@@ -7,11 +7,15 @@ A sequence is an array of shape (length, *features); a batch is sequence-major (
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _checks
+
+_MAX_STEPS = 2**31 - 1  # the longest length a mask is made for
 
 
 def _sequence(name: str, index: int, value) -> np.ndarray:
@@ -41,6 +45,19 @@ def _checked_sequences(name: str, sequences) -> list[np.ndarray]:
     return seqs
 
 
+def _padding_dtype(dtype) -> np.dtype | None:
+    """The dtype a padded array is made in: None (the sequences'), or a numeric or boolean dtype."""
+    if dtype is None:
+        return None
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"dtype: expected a numeric dtype, got {dtype!r}") from err
+    if dt.kind not in "fiub":
+        raise TypeError(f"dtype: expected a numeric dtype, got {dt}")
+    return dt
+
+
 def pad_sequences(sequences, *, steps: int | None = None, batch_first: bool = False,
                   padding_value: float = 0.0, dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """Stacks sequences of shapes (L_b, *features) into one padded array (T, B, *features) (or
@@ -57,7 +74,11 @@ def pad_sequences(sequences, *, steps: int | None = None, batch_first: bool = Fa
         if too_long.size:
             i = int(too_long[0])
             raise ValueError(f"sequences[{i}]: length {lengths[i]} does not fit in steps={steps}")
-    dtype = np.result_type(*seqs) if dtype is None else np.dtype(dtype)
+    dtype = _padding_dtype(dtype) or np.result_type(*seqs)
+    if isinstance(padding_value, bool) or not isinstance(padding_value, numbers.Real):
+        raise TypeError(f"padding_value: expected a number, got {padding_value!r}")
+    if dtype.kind in "iub" and not (math.isfinite(padding_value) and padding_value == int(padding_value)):
+        raise ValueError(f"padding_value: {padding_value} is not a value of the padded dtype {dtype}")
     out = np.full((len(seqs), steps) + seqs[0].shape[1:], padding_value, dtype)
     for b, s in enumerate(seqs):
         out[b, :s.shape[0]] = s
@@ -87,8 +108,8 @@ def length_mask(lengths, steps: int | None = None, *, batch_first: bool = False)
     if lens.ndim != 1 or lens.size == 0:
         raise ValueError(f"lengths: expected a non-empty 1-D array, got shape {lens.shape}")
     if steps is None:
-        longest = lens.max()  # NaN or < 1 is reported by the check below
-        steps = int(longest) if np.isfinite(longest) and longest >= 1 else 1
+        _checks.lengths(lens, _MAX_STEPS, lens.shape[0])  # whole, positive and of a size a mask can have
+        steps = int(lens.max())
     else:
         steps = _checks.positive_int("steps", steps)
     _checks.lengths(lens, steps, lens.shape[0])
@@ -144,10 +165,12 @@ class BucketBatches:
                     raise ValueError(f"step_targets[{i}]: length {t.shape[0]} differs from sequences[{i}]'s "
                                      f"{s.shape[0]}")
         self.shuffle = bool(shuffle)
+        if seed is not None:
+            seed = _checks.positive_int("seed", seed, minimum=0)
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.batch_first = bool(batch_first)
-        self.dtype = dtype
+        self.dtype = _padding_dtype(dtype)
         self.epoch = 0
         self.padding_fraction: float | None = None
 
@@ -210,13 +233,14 @@ def _series(series) -> np.ndarray:
 
 
 def _windows(arr: np.ndarray, size: int, stride: int, count: int) -> np.ndarray:
-    # (count, size, features): count windows starting every `stride` steps, copied out of the view.
+    # (count, size, features): count windows starting every `stride` steps, a read-only view of arr.
     view = np.lib.stride_tricks.sliding_window_view(arr, size, axis=0)[::stride][:count]
-    return np.ascontiguousarray(np.moveaxis(view, -1, 1))
+    return np.moveaxis(view, -1, 1)
 
 
-def _layout(arr: np.ndarray, batch_first: bool) -> np.ndarray:
-    return arr if batch_first else np.ascontiguousarray(arr.swapaxes(0, 1))
+def _layout(windows: np.ndarray, batch_first: bool) -> np.ndarray:
+    # Always a new array: never the caller's series, nor memory shared between inputs and targets.
+    return (windows if batch_first else windows.swapaxes(0, 1)).copy()
 
 
 def sliding_windows(series, window: int, horizon: int = 1, *, stride: int = 1,
