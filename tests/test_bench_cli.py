@@ -276,6 +276,10 @@ def test_bad_sweep_names_the_option(capsys, sweep):
     assert "sweep: expected AXIS=V1,V2,..." in capsys.readouterr().err
 
 
+VALID_REPORT = ('{"meta": {"peers": ["fusedrnn"]}, "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, '
+                '"mode": "training", "fusedrnn_times_ms": [[1.0]]}]}')
+
+
 def write(tmp_path, text):
     path = tmp_path / "old.json"
     path.write_text(text)
@@ -291,9 +295,29 @@ def write(tmp_path, text):
     (["--compare", '{"rows": [{"cell": "GRU"}]}'], "lacks T, B, I, H, mode"),
     (["--compare", '{"meta": {"peers": ["fusedrnn"]}, "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, '
                    '"mode": "training", "fusedrnn_ms": 1.0}]}'], "has no per-call times"),
-    (["--cell", "gru", "--threshold", "-1"], "threshold: expected a percentage >= 0"),
+    (["--compare", VALID_REPORT, "--threshold", "-1"], "threshold: expected a percentage >= 0"),
+    (["--cell", "gru", "--threshold", "5"], "threshold, fail-on-slower: they judge a --compare"),
+    (["--cell", "gru", "--fail-on-slower"], "threshold, fail-on-slower: they judge a --compare"),
     (["--cell", "gru", "--plot", "/nonexistent/plot.png"], "plot: the folder '/nonexistent' does not exist"),
     (["--cell", "gru", "--plot", "plot.xyz"], "plot: expected a file name ending in one of"),
+    (["--cell", "gru", "--plot", "/"], "plot: '/' is a folder, not a file name"),
+    (["--cell", "gru", "--json", "/nonexistent/out.json"], "json: the folder '/nonexistent' does not exist"),
+    (["--cell", "gru", "--json", "/"], "json: '/' is a folder, not a file name"),
+    (["--cell", "gru", "--peers", "fusedrnn", "numpy", "fusedrnn"], "peers: 'fusedrnn' given more than once"),
+    (["--cell", "gru", "--mode", "training", "training"], "mode: each mode once"),
+    (["--cell", "gru", "--shape", "\u00b2,1,2,2"], "shape: expected T,B,I,H as four positive integers"),
+    (["--compare", VALID_REPORT.replace('"GRU"', "5")], "row 0: cell 5 is none of"),
+    (["--compare", VALID_REPORT.replace('"T": 1', '"T": 2.5')], "row 0: T = 2.5, expected an int >= 1"),
+    (["--compare", VALID_REPORT.replace('"training"', '"bogus"')], "row 0: mode 'bogus' is neither of"),
+    (["--compare", VALID_REPORT.replace("[[1.0]]", "[[0]]")], "row 0: fusedrnn_times_ms is not a list of rounds"),
+    (["--compare", VALID_REPORT.replace("[[1.0]]", "[1.0]")], "row 0: fusedrnn_times_ms is not a list of rounds"),
+    (["--compare", VALID_REPORT.replace('["fusedrnn"]', '["fusedrnn", "bogus"]')],
+     "row 0: bogus_times_ms is not a list of rounds"),
+    (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "Q", "values": [1, 2]}, "peers"')],
+     "meta.sweep: expected"),
+    (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "B"}, "peers"')], "meta.sweep: expected"),
+    (["--compare", '{"meta": [], "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, "mode": "training"}]}'],
+     "'meta' is not an object"),
 ])
 def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, message):
     def never(*args, **kwargs):
@@ -312,3 +336,37 @@ def test_compare_reruns_projected_lstm_rows_as_such():
     assert _bench_report.report_cases({"rows": rows}) == [
         benchmark.Case("lstm", 1, 1, 3, 4, modes=("training",), proj_size=2),
         benchmark.Case("lstm", 1, 1, 3, 4, modes=("training",))]
+
+
+def test_numeric_options_refuse_what_is_not_an_int_in_range(capsys):
+    for argv in (["--rounds", "abc"], ["--rounds", "0"], ["--threads", "5000"], ["--repeats", "\u00b2"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["bench", *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {argv[0]}: " in err and "_positive_int" not in err
+
+
+def test_projection_cases_leave_out_peers_without_one(monkeypatch):
+    projection = benchmark.named_cases("projection")
+    assert all(benchmark.PEERS[p].projection for p in benchmark.available_peers("cpu", projection))
+    monkeypatch.setitem(benchmark.PEERS, "plain", benchmark.Peer("plain", lambda problem: None, projection=False))
+    assert "plain" in benchmark.available_peers("cpu") and "plain" not in benchmark.available_peers("cpu", projection)
+    with pytest.raises(ValueError, match="peers: 'plain' has no LSTM with a projection"):
+        benchmark.check_peers(["fusedrnn", "plain"], "cpu", projection)
+
+
+def test_mode_applies_to_sets_and_compared_reports(monkeypatch, tmp_path):
+    timed = []
+
+    def record(case, peers, **kwargs):
+        timed.append(case)
+        return []
+
+    monkeypatch.setattr(benchmark, "run_case", record)
+    assert cli.main(["bench", "--set", "projection", "--mode", "training", "--peers", "fusedrnn"]) == 0
+    assert timed and all(c.modes == ("training",) for c in timed)
+    timed.clear()
+    report = write(tmp_path, VALID_REPORT)
+    assert cli.main(["bench", "--compare", report, "--mode", "inference"]) == 2  # its one row is training only
+    assert not timed

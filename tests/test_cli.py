@@ -225,3 +225,16 @@ def test_info_via_python_dash_m():
                  f"CUDA: {cuda['source']}, built for sm {cuda['architectures']}")
     assert cuda_line in out and info["blas"] in out
     assert "Benchmark peers available: fusedrnn, numpy" in out
+
+
+def test_cli_demo_checks_its_plot_path_before_training(capsys, monkeypatch):
+    from fusedrnn import demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained although --plot was wrong")
+
+    monkeypatch.setattr(demo, "train_forecaster", never)
+    monkeypatch.setattr(demo, "gradient_profiles", never)
+    for argv in (["--plot", "/nonexistent/d.png"], ["--plot", "noext"], ["--gradients", "--plot", "/"]):
+        assert cli.main(["demo", "--no-progress", *argv]) == 2
+        assert "plot: " in capsys.readouterr().err

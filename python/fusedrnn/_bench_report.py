@@ -9,13 +9,15 @@ their min-max range.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
 from ._optional import require
-from .benchmark import Case, parse_label
+from .benchmark import MODES, Case, parse_label
+from .functional import CELLS
 
 SHAPE_KEYS = ("T", "B", "I", "H")
 AXIS_NAMES = {"steps": "T", "batch": "B", "input": "I", "hidden": "H"}
@@ -50,7 +52,7 @@ def parse_sweep(text: str) -> Sweep:
     name = name.strip()
     axis = AXIS_NAMES.get(name.lower(), name.upper() if name.upper() in SHAPE_KEYS else None)
     parts = [p.strip() for p in values.split(",")]
-    if not sep or axis is None or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if not sep or axis is None or not all(p.isdecimal() and int(p) > 0 for p in parts):
         raise ValueError(usage)
     numbers = tuple(int(p) for p in parts)
     if len(numbers) < 2 or len(set(numbers)) != len(numbers):
@@ -90,11 +92,54 @@ def load_report(path: str) -> dict:
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
             raise ValueError(f"compare: a row of {path!r} lacks {', '.join(missing)}")
+    meta = report.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"compare: {path!r}: 'meta' is not an object")
+    peers = meta.get("peers")
+    if peers is not None and (not isinstance(peers, list) or not all(isinstance(p, str) for p in peers)):
+        raise ValueError(f"compare: {path!r}: meta.peers is not a list of peer names")
     peers = report_peers(report)
-    if not peers or any(f"{p}_times_ms" not in row for p in peers for row in rows):
+    if not peers or not any(f"{p}_times_ms" in row for p in peers for row in rows):
         raise ValueError(f"compare: {path!r} has no per-call times ({{peer}}_times_ms); it was written by an "
                          "older version: rerun it with this one")
+    for i, row in enumerate(rows):
+        _check_row(row, peers, f"compare: {path!r}, row {i}")
+    _check_sweep(meta.get("sweep"), f"compare: {path!r}, meta.sweep")
     return report
+
+
+def _check_row(row: dict, peers: Sequence[str], where: str) -> None:
+    """The fields of a report's row as this version writes them, or a ValueError saying which is not."""
+    cell = row["cell"]
+    if not isinstance(cell, str) or parse_label(cell)[0] not in CELLS:
+        raise ValueError(f"{where}: cell {cell!r} is none of {', '.join(CELLS)} (or LSTMP<n>)")
+    for key in SHAPE_KEYS:
+        if not _positive_int(row[key]):
+            raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int >= 1")
+    if row["mode"] not in MODES:
+        raise ValueError(f"{where}: mode {row['mode']!r} is neither of {', '.join(MODES)}")
+    for peer in peers:
+        times = row.get(f"{peer}_times_ms")
+        if not (isinstance(times, list) and times and all(
+                isinstance(r, list) and r and all(_positive_number(t) for t in r) for r in times)):
+            raise ValueError(f"{where}: {peer}_times_ms is not a list of rounds, each a list of times > 0 in ms")
+
+
+def _check_sweep(sweep, where: str) -> None:
+    if sweep is None:
+        return
+    values = sweep.get("values") if isinstance(sweep, dict) else None
+    if (not isinstance(sweep, dict) or sweep.get("axis") not in SHAPE_KEYS or not isinstance(values, list)
+            or len(values) < 2 or not all(_positive_int(v) for v in values)):
+        raise ValueError(f"{where}: expected {{'axis': one of {', '.join(SHAPE_KEYS)}, 'values': ints >= 1}}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def row_key(row: dict) -> tuple:
@@ -263,15 +308,25 @@ def _errorbars(ax, positions, rows, peers, first, horizontal):
         ax.errorbar(xs, ys, fmt="o" if horizontal else "o-", capsize=3, label=peer, color=f"C{k}", **bars)
 
 
+def check_output_path(path: str, option: str) -> None:
+    """ValueError naming `option` where a file could not be written at `path`: its folder missing or not
+    writable, or the path a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option}: the folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: {path!r} is a folder, not a file name")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option}: {path!r} cannot be written here")
+
+
 def check_plot_path(path: str) -> None:
     """Raises ImportError without matplotlib, ValueError where the plot could not be written: its folder
     missing, or a format matplotlib does not write (known by the extension)."""
     require("matplotlib", "plot")
     from matplotlib.figure import Figure
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"plot: the folder {folder!r} does not exist")
+    check_output_path(path, "plot")
     formats = Figure().canvas.get_supported_filetypes()
     extension = os.path.splitext(path)[1][1:].lower()
     if extension not in formats:

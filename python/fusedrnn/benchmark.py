@@ -89,6 +89,7 @@ class Peer:
     set_threads: Callable[[int], None] | None = None  # called once before timing
     version: Callable[[], str] | None = None
     device: str = "cpu"                               # or "cuda"
+    projection: bool = True                           # runs an LSTM with a projection (proj_size)
 
     def available(self) -> bool:
         if self.requires is not None and importlib.util.find_spec(self.requires) is None:
@@ -101,13 +102,16 @@ PEERS: dict[str, Peer] = {}
 
 def register_peer(name: str, factory: Callable[[Problem], Runners], *, requires: str | None = None,
                   set_threads: Callable[[int], None] | None = None,
-                  version: Callable[[], str] | None = None, device: str = "cpu") -> None:
+                  version: Callable[[], str] | None = None, device: str = "cpu", projection: bool = True) -> None:
     """Adds a peer (replacing one of the same name)."""
-    PEERS[name] = Peer(name, factory, requires, set_threads, version, device)
+    PEERS[name] = Peer(name, factory, requires, set_threads, version, device, projection)
 
 
-def available_peers(device: str = "cpu") -> list[str]:
-    return [name for name, peer in PEERS.items() if peer.device == device and peer.available()]
+def available_peers(device: str = "cpu", cases: Sequence[Case] = ()) -> list[str]:
+    """The installed peers for `device` that can run every one of `cases`."""
+    projected = any(c.proj_size for c in cases)
+    return [name for name, peer in PEERS.items()
+            if peer.device == device and peer.available() and (peer.projection or not projected)]
 
 
 def _cuda_ready() -> bool:
@@ -363,7 +367,7 @@ register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
 if hasattr(_core, "jax_ffi_targets"):  # a build with fusedrnn.jax's handlers
     register_peer("fusedrnn.jax", _fusedrnn_jax_runners, requires="jax", set_threads=_set_fusedrnn_threads,
                   version=_jax_version)
-register_peer("flax", _flax_runners, requires="flax", version=_flax_version)
+register_peer("flax", _flax_runners, requires="flax", version=_flax_version, projection=False)
 
 
 # ---- CUDA peers: torch CUDA tensors on the current device --------------------------------------------
@@ -677,9 +681,13 @@ def script_arguments(doc: str, default_repeats: int):
     return parser
 
 
-def check_peers(peers: Sequence[str], device: str = "cpu") -> list[str]:
+def check_peers(peers: Sequence[str], device: str = "cpu", cases: Sequence[Case] = ()) -> list[str]:
+    """The peers, each known, installed, for `device` and able to run every one of `cases`, given once."""
     if device == "cuda" and not _cuda_ready():
         raise ValueError("device: 'cuda' needs fusedrnn's CUDA module, torch and a visible GPU")
+    twice = sorted({name for name in peers if list(peers).count(name) > 1})
+    if twice:
+        raise ValueError(f"peers: {', '.join(map(repr, twice))} given more than once")
     for name in peers:
         if name not in PEERS:
             raise ValueError(f"peers: unknown peer {name!r}; known: {sorted(PEERS)}")
@@ -687,6 +695,8 @@ def check_peers(peers: Sequence[str], device: str = "cpu") -> list[str]:
             raise ValueError(f"peers: {name!r} runs on {PEERS[name].device}, not {device} (--device)")
         if not PEERS[name].available():
             raise ValueError(f"peers: {name!r} is not installed (needs the {PEERS[name].requires} package)")
+        if not PEERS[name].projection and any(c.proj_size for c in cases):
+            raise ValueError(f"peers: {name!r} has no LSTM with a projection (proj_size), which these cases use")
     return list(peers)
 
 
@@ -745,11 +755,15 @@ class Table:
         self.peers = list(peers)
         self.show_input_size = show_input_size
 
+    @staticmethod
+    def _width(peer: str) -> int:
+        return max(12, len(peer) + 5)  # "{peer} ms" and a space before it
+
     def header(self) -> str:
         inp = f"{'I':>5}" if self.show_input_size else ""
         head = f"{'cell':9}{'T':>5}{'B':>4}{inp}{'H':>5} {'mode':10}"
         for name in self.peers:
-            head += f"{name + ' ms':>12}{'spread':>8}{'GF/s':>7}"
+            head += f"{name + ' ms':>{self._width(name)}}{'spread':>8}{'GF/s':>7}"
             if name != self.peers[0]:
                 head += f"{'speedup':>9}"
         return head
@@ -758,7 +772,8 @@ class Table:
         inp = f"{row['I']:>5}" if self.show_input_size else ""
         text = f"{row['cell']:9}{row['T']:>5}{row['B']:>4}{inp}{row['H']:>5} {row['mode']:10}"
         for name in self.peers:
-            text += f"{row[f'{name}_ms']:>12.3f}{row[f'{name}_spread_pct']:>7.0f}%{row[f'{name}_gflops']:>7.1f}"
+            text += (f"{row[f'{name}_ms']:>{self._width(name)}.3f}{row[f'{name}_spread_pct']:>7.0f}%"
+                     f"{row[f'{name}_gflops']:>7.1f}")
             if f"speedup_vs_{name}" in row:
                 text += f"{row[f'speedup_vs_{name}']:>8.2f}x"
         return text

@@ -4,21 +4,35 @@ against its peers), `info` (how this installation was built)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
+import os
 import sys
 
 from tqdm import tqdm
 
+from . import _MAX_THREADS as MAX_THREADS
 from . import _bench_report, benchmark, build_info, set_num_threads
 from .functional import CELLS
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: a decimal int in [low, high]."""
+    def parse(text: str) -> int:
+        if not text.strip().lstrip("-").isdecimal():
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}")
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an int in [{low}, {high}], got {value}" if high is not None
+                                             else f"expected an int >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's "invalid int value" for what int() refuses
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_thread_count = _int_at_least(1, MAX_THREADS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--cell", default="lstm", choices=CELLS)
     demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden size (default 64)")
     demo.add_argument("--epochs", type=_positive_int, default=150, help="training epochs (default 150)")
-    demo.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="initialisation and shuffling seed (default 0)")
     demo.add_argument("--members", type=_positive_int, default=3,
                       help="forecasters trained from different seeds and averaged (default 3)")
-    demo.add_argument("--threads", type=_positive_int, default=1,
+    demo.add_argument("--threads", type=_thread_count, default=1,
                       help="native threads (default 1: the layers here are small)")
     demo.add_argument("--device", default="cpu",
                       help="where to train: cpu (default), cuda or cuda:N (CuPy and the CUDA module)")
@@ -52,13 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--cell", nargs="+", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
     bench.add_argument("--shape", nargs="+", metavar="T,B,I,H", default=None,
                        help="shapes as T,B,I,H (e.g. 100,32,256,256)")
-    bench.add_argument("--mode", nargs="+", default=list(benchmark.MODES), choices=benchmark.MODES)
+    bench.add_argument("--mode", nargs="+", default=None, choices=benchmark.MODES,
+                       help="inference, training or both (default both), for every case, --set and --compare's too")
     bench.add_argument("--peers", nargs="+", default=None,
                        help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                        help="cpu (default) or cuda: the CUDA peers (fusedrnn-cuda, torch-cudnn with TF32 off "
                             "and on, fusedrnn.torch-cuda) on the current GPU")
-    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--threads", type=_thread_count, default=2)
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
     bench.add_argument("--json", metavar="OUT.json",
@@ -90,7 +105,7 @@ def _report_arguments(bench) -> None:
                        help="compare with an earlier --json output (without --set/--cell/--shape/--sweep: "
                        "rerun its cases and peers). By round medians, " + _bench_report.COMPARE_RULE
                        + ". The exit status stays 0 unless --fail-on-slower")
-    bench.add_argument("--threshold", metavar="PCT", type=float, default=5.0,
+    bench.add_argument("--threshold", metavar="PCT", type=float, default=None,
                        help="--compare: the least change in %% of the median that counts (default 5)")
     bench.add_argument("--fail-on-slower", action="store_true",
                        help="--compare: exit with status 1 when a row got slower")
@@ -103,6 +118,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, ImportError) as err:
         print(f"fusedrnn {args.command}: {err}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"fusedrnn {args.command}: not enough memory for these sizes", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout (| head) went away: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _progress_off(args):
@@ -116,6 +137,8 @@ def _progress_off(args):
 def _demo(args) -> int:
     from . import demo
 
+    if args.plot:  # before the training, not after
+        _bench_report.check_plot_path(args.plot)
     set_num_threads(args.threads)
     if args.gradients:
         return _demo_gradients(args, demo)
@@ -170,7 +193,7 @@ def _demo_gradients(args, demo) -> int:
 
 def _parse_shape(text: str) -> tuple:
     parts = text.split(",")
-    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 4 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
         raise ValueError(f"shape: expected T,B,I,H as four positive integers, got {text!r}")
     return tuple(int(p) for p in parts)
 
@@ -180,7 +203,9 @@ def _bench_cases(args, old_report) -> tuple:
     --compare stands alone."""
     if args.set and (args.cell or args.shape or args.sweep):
         raise ValueError("set: give either --set or --cell/--shape/--sweep, not both")
-    modes = args.mode
+    modes = args.mode or benchmark.MODES
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"mode: each mode once, got {' '.join(modes)}")
     cells = args.cell or benchmark.DEFAULT_CELLS
     if args.sweep:
         sweep = _bench_report.parse_sweep(args.sweep)
@@ -192,25 +217,37 @@ def _bench_cases(args, old_report) -> tuple:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else benchmark.DEFAULT_SHAPES
         return benchmark.cases_for(cells, shapes, modes), None
     if old_report is not None and not args.set:
-        return _bench_report.report_cases(old_report), _bench_report.report_sweep(old_report)
-    return benchmark.named_cases(args.set or "default"), None
+        cases, sweep = _bench_report.report_cases(old_report), _bench_report.report_sweep(old_report)
+    else:
+        cases, sweep = benchmark.named_cases(args.set or "default"), None
+    if args.mode:  # the modes asked for, of those each case has
+        cases = [dataclasses.replace(c, modes=tuple(m for m in c.modes if m in modes)) for c in cases]
+        cases = [c for c in cases if c.modes]
+        if not cases:
+            raise ValueError(f"mode: no case of these has the mode {' or '.join(modes)}")
+    return cases, sweep
 
 
 def _bench(args) -> int:
     # Every argument is checked, and the optional packages found, before anything is timed.
     old_report = _bench_report.load_report(args.compare) if args.compare else None
-    if not args.threshold >= 0:
-        raise ValueError(f"threshold: expected a percentage >= 0, got {args.threshold}")
+    if old_report is None and (args.threshold is not None or args.fail_on_slower):
+        raise ValueError("threshold, fail-on-slower: they judge a --compare; give one")
+    threshold = 5.0 if args.threshold is None else args.threshold
+    if not threshold >= 0:
+        raise ValueError(f"threshold: expected a percentage >= 0, got {threshold}")
     if args.plot:
         _bench_report.check_plot_path(args.plot)
+    if args.json and args.json != "-":
+        _bench_report.check_output_path(args.json, "json")
     cases, sweep = _bench_cases(args, old_report)
     if args.peers:
         peers = args.peers
     elif old_report is not None:
         peers = _bench_report.report_peers(old_report)
     else:
-        peers = benchmark.available_peers(args.device)
-    peers = benchmark.check_peers(peers, args.device)
+        peers = benchmark.available_peers(args.device, cases)
+    peers = benchmark.check_peers(peers, args.device, cases)
     benchmark.set_threads(peers, args.threads)
     to_stdout = args.json == "-"
     say = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
@@ -247,9 +284,9 @@ def _bench(args) -> int:
         say(f"Plot written to {args.plot}")
     status = 0
     if old_report is not None:
-        changes = _bench_report.compare_reports(old_report, report, args.threshold / 100)
+        changes = _bench_report.compare_reports(old_report, report, threshold / 100)
         say(f"\nAgainst {args.compare}:")
-        say(_bench_report.format_comparison(changes, old_report, report, args.threshold / 100))
+        say(_bench_report.format_comparison(changes, old_report, report, threshold / 100))
         if args.fail_on_slower and any(c.verdict == "slower" for c in changes):
             status = 1
     return status
