@@ -224,15 +224,16 @@ def format_comparison(changes: list[Change], old: dict, new: dict, threshold: fl
     if not changes:
         lines.append("compare: no row and peer in common with the earlier run")
         return "\n".join(lines)
-    lines.append(f"{'cell':9}{'T':>5}{'B':>4}{'I':>5}{'H':>5} {'mode':10}{'peer':>15}"
-                 f"{'old ms':>10}{'range':>18}{'new ms':>10}{'range':>18}{'change':>8}  verdict")
+    peer_width = max(15, 1 + max(len(c.peer) for c in changes))
+    lines.append(f"{'cell':9}{'T':>5}{'B':>4}{'I':>5}{'H':>5} {'mode':10}{'peer':>{peer_width}}"
+                 f"{'old ms':>11}{'range':>20}{'new ms':>11}{'range':>20}{'change':>10}  verdict")
     for c in changes:
         cell, t, b, i, h, mode = c.key
-        text = f"{cell:9}{t:>5}{b:>4}{i:>5}{h:>5} {mode:10}{c.peer:>15}"
+        text = f"{cell:9}{t:>5}{b:>4}{i:>5}{h:>5} {mode:10}{c.peer:>{peer_width}}"
         for rounds in (c.old, c.new):
             span = f"{min(rounds):.3f}-{max(rounds):.3f}"
-            text += f"{statistics.median(rounds):>10.3f}{span:>18}"
-        text += f"{(c.new_ms / c.old_ms - 1) * 100:>+7.0f}%  {c.verdict}"
+            text += f"{statistics.median(rounds):>11.3f}{span:>20}"
+        text += f"{(c.new_ms / c.old_ms - 1) * 100:>+9.0f}%  {c.verdict}"
         lines.append(text)
     counts = {v: sum(c.verdict == v for c in changes) for v in ("slower", "faster", "same")}
     lines.append(f"{counts['slower']} slower, {counts['faster']} faster, {counts['same']} within spread or "
