@@ -588,6 +588,11 @@ def test_functional_refuses_outputs_sharing_memory_with_what_the_call_reads(cell
             _forward(cell, **args)
     out = _forward(cell, out=wide[:, :, H:])  # a slice of an array the call does not read: fine
     assert out.y.base is not None and np.array_equal(wide[:, :, H:], out.y)
+    # x and out as interleaved columns of one buffer: their bounds overlap, their elements do not.
+    both = np.zeros((T, B, I + H))
+    both[:, :, :I] = a["x"]
+    out = _forward(cell, x=both[:, :, :I], out=both[:, :, I:])
+    np.testing.assert_array_equal(out.y, _forward(cell).y)
 
 
 def _tape(cell):
