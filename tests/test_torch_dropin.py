@@ -276,6 +276,21 @@ def test_autocast_leaves_the_layer_in_its_parameters_dtype():
         assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
+def test_autocast_outputs_reaching_the_layer_run_in_its_parameters_dtype():
+    # A Linear under autocast hands the layer bfloat16; the layer takes it back to float32, and outside
+    # autocast the same tensor is a dtype mismatch.
+    torch.manual_seed(8)
+    linear, lstm = nn.Linear(I, I), frt.LSTM(I, H)
+    x = torch.randn(T, B, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = linear(x)
+        y, (h_n, _) = lstm(z, (torch.zeros(1, B, H, dtype=torch.bfloat16), torch.zeros(1, B, H)))
+    assert z.dtype == torch.bfloat16 and y.dtype == torch.float32
+    assert torch.equal(y, lstm(z.float())[0])
+    with pytest.raises(NotImplementedError, match=r"^input: fusedrnn supports float32 and float64, got torch.bfloat16"):
+        lstm(z)
+
+
 @pytest.mark.parametrize("norm", ["parametrization", "hook"])
 def test_weight_norm_on_a_weight_matches_torch(norm):
     """Weight normalisation of W_hh, as speech models apply it: through torch.nn.utils.parametrize (the
@@ -735,6 +750,49 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(got, want)
 
 
+def test_torch_compile_fullgraph_with_dropout_in_training_matches_eager():
+    torch.manual_seed(4)
+    model = frt.LSTM(I, H, num_layers=3, dropout=0.3, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(11)
+    got = compiled(x)[0]
+    torch.manual_seed(11)
+    want = model(x)[0]
+    assert torch.equal(got, want)
+
+
+def _traced_where_nothing_recorded(how, model, x):
+    def trace():
+        if how.startswith("export"):
+            return torch.export.export(model, (x,)).module()
+        with warnings.catch_warnings():  # torch.jit.trace is deprecated, and warns of what it cannot trace
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(model, (x,), check_trace=False)
+
+    if how.endswith("no_grad"):
+        with torch.no_grad():
+            return trace()
+    model.requires_grad_(False)  # traced frozen, trained (or explained) later
+    traced = trace()
+    model.requires_grad_(True)
+    return traced
+
+
+@pytest.mark.parametrize("how", ["jit.trace, no_grad", "export, no_grad", "jit.trace, frozen", "export, frozen"])
+def test_programs_traced_where_nothing_recorded_still_differentiate(how):
+    # The traced program holds record=False; where autograd needs the backward, the layer records anyway.
+    ref, fused = module_pair("gru", I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    traced = _traced_where_nothing_recorded(how, fused, x)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    traced(xs[0])[0].square().sum().backward()
+    ref(xs[1])[0].square().sum().backward()
+    assert_close(xs[0].grad.numpy(), xs[1].grad.numpy(), np.float64)
+    if how == "jit.trace, frozen":  # the parameters the trace holds learn too
+        assert_close(fused.weight_hh_l0.grad.numpy(), ref.weight_hh_l0.grad.numpy(), np.float64)
+
+
 def test_torch_export_traces_the_fused_operator():
     torch.manual_seed(5)
     model = Stack().eval()
@@ -855,3 +913,55 @@ def test_import_fusedrnn_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "fusedrnn"
+
+
+def test_torch_func_grad_under_a_tracer_matches_plain_grad():
+    # make_fx or a dispatch mode around a grad transform: the transform's Function, with the operator
+    # inside it for the tracer.
+    from torch.func import functional_call, grad
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(3)
+    fused = frt.GRU(I, H, dtype=torch.float64)
+    params = {k: v.detach() for k, v in fused.named_parameters()}
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    loss = grad(lambda p, x: functional_call(fused, p, (x,))[0].square().sum())
+    want = loss(params, x)
+    with FlopCounterMode(display=False):
+        under_mode = loss(params, x)
+    graph = make_fx(loss)(params, x)
+    assert "fusedrnn.rnn_layer" in str(graph.graph) and "fusedrnn.rnn_layer_backward" in str(graph.graph)
+    for got in (under_mode, graph(params, x)):
+        for name in params:
+            assert torch.equal(got[name], want[name])
+
+
+def test_autograds_own_batched_gradients_are_refused_by_name():
+    fused = frt.GRU(2, 3, dtype=torch.float64)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = fused(x)[0]
+    with pytest.raises(NotImplementedError, match="batched gradients through autograd's own vmap"):
+        torch.autograd.grad(y, x, torch.randn(5, *y.shape, dtype=torch.float64), is_grads_batched=True)
+
+
+def test_fx_symbolic_trace_says_how_to_trace_the_layer():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = frt.GRU(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    model = Model()
+    with pytest.raises(TypeError, match=r"^input: torch.fx.symbolic_trace cannot trace into fusedrnn.torch.GRU"):
+        torch.fx.symbolic_trace(model)
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, frt.GRU) or super().is_leaf_module(m, name)
+
+    graph = torch.fx.GraphModule(model, Leaves().trace(model))
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(graph(x), model(x))

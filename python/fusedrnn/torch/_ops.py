@@ -197,15 +197,26 @@ _WEIGHTS_AT = slice(1, 1 + len(WEIGHT_SLOTS))  # where the weights sit among rnn
 
 def _setup_context(ctx, inputs, output):
     x, weights = inputs[0], inputs[_WEIGHTS_AT]
-    h0, c0, _lengths, cell, _record, _check = inputs[_WEIGHTS_AT.stop:]
+    h0, c0, _lengths, cell, record, _check = inputs[_WEIGHTS_AT.stop:]
     ctx.cell, ctx.has_h0, ctx.has_c0 = cell, h0 is not None, c0 is not None
     ctx.present = [w is not None for w in weights]
+    tape = output[3]
+    if not record and not _traced(x):
+        # A program traced where nothing recorded (torch.jit.trace or torch.export under no_grad, or with
+        # frozen parameters) holds record=False as a constant; run where autograd needs this call's
+        # backward, the call runs again recording (the same outputs, bit for bit) for its tape.
+        tape = _layer(*inputs[:-2], True, False)[3]
     # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
-    ctx.save_for_backward(output[3], x, *(w for w in weights if w is not None))
+    ctx.save_for_backward(tape, x, *(w for w in weights if w is not None))
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dtape):
+    if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in (dy, dh_n, dc_n)):
+        raise NotImplementedError("fusedrnn: batched gradients through autograd's own vmap "
+                                  "(torch.autograd.grad(is_grads_batched=True), autograd.functional.jacobian("
+                                  "vectorize=True), gradcheck(check_batched_grad=True)) are not supported; "
+                                  "torch.func.vmap over torch.func.vjp, or torch.func.jacrev, is")
     tape, x, *saved = ctx.saved_tensors
     present = iter(saved)
     weights = [next(present) if here else None for here in ctx.present]
@@ -281,11 +292,21 @@ def _by_slices(function, info, in_dims, args, handle_output=None):
     return outputs, (0,) * len(outputs)
 
 
+def _layer_or_operator(*args):
+    """rnn_layer's function, or the operator itself where something also traces the call (its fake
+    implementation then gives the outputs' shapes)."""
+    return rnn_layer(*args) if _traced(args[0]) else _layer(*args)
+
+
+def _backward_or_operator(*args):
+    return rnn_layer_backward(*args) if _traced(args[1]) else _layer_backward(*args)
+
+
 class _TransformableLayer(torch.autograd.Function):
     """rnn_layer as torch.func transforms take it: the same function and autograd formula, the context
     set up apart, and a vmap rule."""
 
-    forward = staticmethod(_layer)
+    forward = staticmethod(_layer_or_operator)
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
@@ -307,7 +328,7 @@ class _BackwardOnce(torch.autograd.Function):
     """rnn_layer_backward where its call is recorded (create_graph) or transformed: its own backward
     refuses double backward, as the operator's registered formula does."""
 
-    forward = staticmethod(_layer_backward)
+    forward = staticmethod(_backward_or_operator)
     setup_context = staticmethod(_setup_nothing)
     backward = staticmethod(_no_double_backward)
 
@@ -321,10 +342,10 @@ def call_layer(*args):
     _TransformableLayer, and eager calls go straight to the operator's function (~20 us a call less
     than the dispatcher, more than a one-step layer's compute), through _RecordedLayer where they
     record for backward."""
+    if _transformed():  # first: a transform may also be traced (compile or make_fx of grad)
+        return _TransformableLayer.apply(*args)
     if _traced(args[0]):
         return rnn_layer(*args)
-    if _transformed():
-        return _TransformableLayer.apply(*args)
     record = args[-2]  # rnn_layer's arguments end (..., cell, record, check_finite)
     return _RecordedLayer.apply(*args) if record else _layer(*args)
 
@@ -332,8 +353,10 @@ def call_layer(*args):
 def _call_backward(*args):
     """rnn_layer_backward(*args), routed as call_layer routes the forward; a backward that is recorded
     (create_graph) records a node that refuses double backward."""
+    if _transformed():
+        return _BackwardOnce.apply(*args)
     if _traced(args[1]):
         return rnn_layer_backward(*args)
-    if _transformed() or torch.is_grad_enabled():
+    if torch.is_grad_enabled():
         return _BackwardOnce.apply(*args)
     return _layer_backward(*args)

@@ -56,17 +56,25 @@ class _FusedRNNBase(nn.RNNBase):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            if data.dtype != dtype:
+                data = _out_of_autocast(data, dtype)
             _check_input(data, dtype, self.input_size, (2,), "PackedSequence data")
             # Padded, sequence-major and in the packing's (sorted) batch order: row b runs lengths[b] steps.
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             unbatched = False
         else:
             if not isinstance(input, Tensor):
+                if isinstance(input, torch.fx.Proxy):
+                    raise TypeError(f"input: torch.fx.symbolic_trace cannot trace into fusedrnn.torch.{type(self).__name__}"
+                                    "; make it a leaf module (Tracer.is_leaf_module), or trace with torch.export "
+                                    "or make_fx, which see its operator")
                 raise TypeError(f"input: expected a Tensor or a PackedSequence, got {type(input).__name__}")
+            if input.dtype != dtype:
+                input = _out_of_autocast(input, dtype)
             _check_input(input, dtype, self.input_size, (2, 3), "input")
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-            lengths = sorted_indices = unsorted_indices = None
+            lengths = batch_sizes = sorted_indices = unsorted_indices = None
         steps, batch = x.shape[0], x.shape[1]
         if steps == 0 or batch == 0:
             raise ValueError(f"input: empty sequence or batch (T={steps}, B={batch})")
@@ -88,7 +96,7 @@ class _FusedRNNBase(nn.RNNBase):
             return y, h, c
 
         def dropout(layer, y):
-            return _dropout(y, self.dropout, batch_sizes if packed else None)
+            return _dropout(y, self.dropout, batch_sizes)
 
         x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
                                          between=dropout if self.training and self.dropout > 0 else None)
@@ -123,15 +131,20 @@ class _FusedRNNBase(nn.RNNBase):
             states = (hx,)
         lead = self.num_layers * (2 if self.bidirectional else 1)
         widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        checked = []
         for name, s, width in zip(names, states, widths):
             want = (lead, width) if unbatched else (lead, batch, width)
             if not isinstance(s, Tensor):
                 raise TypeError(f"{name}: expected a Tensor, got {type(s).__name__}")
+            if s.dtype != dtype:
+                s = _out_of_autocast(s, dtype)
             _check_placement(name, s)
             if s.dtype != dtype:
                 raise TypeError(f"{name}: expected dtype {dtype} (the parameters'), got {s.dtype}")
             if s.shape != want:
                 raise ValueError(f"{name}: expected shape {want}, got {tuple(s.shape)}")
+            checked.append(s)
+        states = tuple(checked)
         if unbatched:
             states = tuple(s.unsqueeze(1) for s in states)
         return states if has_cell_state else (states[0], None)
@@ -165,6 +178,14 @@ def _check_placement(name: str, t: Tensor) -> None:
         raise NotImplementedError(f"{name}: fusedrnn runs on the CPU and on CUDA devices, got a tensor on {t.device}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
+
+
+def _out_of_autocast(t: Tensor, dtype) -> Tensor:
+    """A tensor an autocast region made in lower precision (a Linear's output before the layer), cast back
+    to the parameters' dtype, which the layer runs in with or without autocast; anything else as it is."""
+    if t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(t.device.type):
+        return t.to(dtype)
+    return t
 
 
 def _check_input(t: Tensor, dtype, input_size: int, ranks, name: str) -> None:
