@@ -338,11 +338,11 @@ class _BackwardOnce(torch.autograd.Function):
 
 
 def call_layer(*args):
-    """rnn_layer(*args): traced code sees the operator itself, torch.func transforms
-    _TransformableLayer, and eager calls go straight to the operator's function (~20 us a call less
-    than the dispatcher, more than a one-step layer's compute), through _RecordedLayer where they
-    record for backward."""
-    if _transformed():  # first: a transform may also be traced (compile or make_fx of grad)
+    """rnn_layer(*args): torch.func transforms see _TransformableLayer (with the operator inside where
+    they are traced in turn), other traced code the operator itself, and eager calls go straight to
+    the operator's function (~20 us a call less than the dispatcher, more than a one-step layer's
+    compute), through _RecordedLayer where they record for backward."""
+    if _transformed():  # first: a transform may also be traced (make_fx of grad)
         return _TransformableLayer.apply(*args)
     if _traced(args[0]):
         return rnn_layer(*args)
