@@ -41,6 +41,13 @@ def _modules(params) -> list | None:
     return None
 
 
+def _module_items(modules: list, items) -> list:
+    """(name, value) of `items(module)` for every module, a name prefixed by its module's index where there
+    are several: the names a list of modules' parameters and gradients go by."""
+    several = len(modules) > 1
+    return [(f"{i}.{n}" if several else n, v) for i, m in enumerate(modules) for n, v in items(m)]
+
+
 class Optimizer:
     """The shared part: parameter bookkeeping and gradient lookup. Subclasses define
     `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state, with xp
@@ -49,8 +56,7 @@ class Optimizer:
     def __init__(self, params, lr: float):
         self._modules = _modules(params)
         if self._modules is not None:
-            named = [(f"{i}.{n}" if len(self._modules) > 1 else n, p)
-                     for i, m in enumerate(self._modules) for n, p in m.named_parameters()]
+            named = _module_items(self._modules, lambda m: m.named_parameters())
         else:
             named = _checks.named_arrays("params", params)
         if not named:
@@ -77,8 +83,7 @@ class Optimizer:
             if self._modules is None:
                 raise TypeError("grads: expected the gradients (these parameters are not a module's)")
             # By name, as the parameters were listed: never by the order of a grads dict.
-            several = len(self._modules) > 1
-            grads = {(f"{i}.{n}" if several else n): g for i, m in enumerate(self._modules) for n, g in m.grads.items()}
+            grads = dict(_module_items(self._modules, lambda m: m.grads.items()))
         if hasattr(grads, "keys"):
             missing = [n for n, _ in self._named if n not in grads]
             if missing:

@@ -112,7 +112,7 @@ def length_mask(lengths, steps: int | None = None, *, batch_first: bool = False)
         steps = int(lens.max())
     else:
         steps = _checks.positive_int("steps", steps)
-    _checks.lengths(lens, steps, lens.shape[0])
+        _checks.lengths(lens, steps, lens.shape[0])
     mask = np.arange(steps)[:, None] < lens[None, :]
     return np.ascontiguousarray(mask.T) if batch_first else mask
 
