@@ -142,8 +142,7 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
     p.y = {ys.data + d * state, {all * DR, DR, 1}};
     p.h_n = {hns.data + h_at, {state, 1}};
     if (has_c) p.c_n = {cns.data + c_at, {hidden, 1}};
-    p.tape = {hs.data + d * layout.state_values, cs.data ? cs.data + d * layout.cell_state_values : nullptr, nullptr,
-              false, rs.data ? rs.data + d * layout.output_values : nullptr};
+    p.tape = fusedrnn::direction_tape<T>(layout, d, false, hs.data, cs.data, nullptr, rs.data);
     p.cell_clip = c.cell_clip;
   }
   run_directions(params);
@@ -165,10 +164,7 @@ ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states
   AlignedScratch<T> scratch_cs(c.training ? 0 : D * c.layout.cell_state_values);
   AlignedScratch<T> scratch_rs(c.training ? 0 : D * c.layout.output_values);
   auto scratch = [&](Index d) {
-    auto at = [d](T* base, Index values) { return base ? base + d * values : nullptr; };
-    return fusedrnn::LayerTape<T>{at(scratch_hs.data, c.layout.state_values),
-                                  at(scratch_cs.data, c.layout.cell_state_values), nullptr, false,
-                                  at(scratch_rs.data, c.layout.output_values)};
+    return fusedrnn::direction_tape<T>(c.layout, d, false, scratch_hs.data, scratch_cs.data, nullptr, scratch_rs.data);
   };
   std::vector<Index> lengths;
   std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));

@@ -137,8 +137,8 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
   if (ffi::Error e = read_lengths_on_host(dev, c.lengths, N, c.steps, lengths); e.failure()) return e;
   if (ffi::Error e = check_finite_on_device(dev, checked, ws.flags); e.failure()) return e;
 
-  const LayerTape<T> scratch{static_cast<T*>(ws.hs), c.layout.has_cell_state ? static_cast<T*>(ws.cs) : nullptr,
-                             nullptr, false, c.layout.output_values ? static_cast<T*>(ws.rs) : nullptr};
+  const LayerTape<T> scratch = direction_tape<T>(c.layout, 0, false, static_cast<T*>(ws.hs), static_cast<T*>(ws.cs),
+                                                 nullptr, static_cast<T*>(ws.rs));
   for (Index n = 0; n < N; ++n) {
     const Index* length_values = stage_lengths(dev, lengths[n], ws.lengths + n * c.rows);
     for (Index d = 0; d < c.D; ++d)

@@ -285,6 +285,38 @@ struct Weights {
   }
 };
 
+// The tape of a call as buffers (training forward's results, backward's arguments): hs, cs, saved, rs,
+// each (D, the layout's count of values), absent ones empty.
+template <typename E>
+struct TapeBuffers {
+  Batched<E> hs, cs, saved, rs;
+
+  TapeBuffers(const ffi::AnyBuffer& hs_buf, const ffi::AnyBuffer& cs_buf, const ffi::AnyBuffer& saved_buf,
+              const ffi::AnyBuffer& rs_buf, const Batch& batch)
+      : hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch) {}
+
+  ffi::Error check(const TapeLayout& layout, Index directions) const {
+    if (ffi::Error e = first_failure({expect(hs, "hs", {directions, layout.state_values}),
+                                      expect_optional(cs, "cs", {directions, layout.cell_state_values}),
+                                      expect_optional(saved, "saved", {directions, layout.saved_values}),
+                                      expect_optional(rs, "rs", {directions, layout.output_values})});
+        e.failure())
+      return e;
+    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
+        (layout.output_values == 0) != rs.empty())
+      return shape_error("tape", "does not match tape_layout()");
+    return ffi::Error::Success();
+  }
+
+  // Direction d's part of mapped element n's tape. The backend takes the tape's pointers as writable
+  // (forward writes them); backward only reads them.
+  template <typename T>
+  LayerTape<T> at(const TapeLayout& layout, Index n, Index d) const {
+    auto writable = [n](const Batched<E>& b) { return const_cast<T*>(b.at(n)); };
+    return direction_tape(layout, d, true, writable(hs), writable(cs), writable(saved), writable(rs));
+  }
+};
+
 // A forward call: its buffers decoded and checked (check()), and the layer call of each mapped element
 // and direction (params()).
 template <typename T>
@@ -295,7 +327,8 @@ struct ForwardCall {
   T cell_clip;
   Batch batch;
   Batched<const T> x, h0, c0;
-  Batched<T> y, h_n, c_n, hs, cs, saved, rs;
+  Batched<T> y, h_n, c_n;
+  TapeBuffers<T> tape;
   Lengths lengths;
   Weights<T> weights;
   Index steps = 0, rows = 0, input = 0, hidden = 0;
@@ -309,8 +342,7 @@ struct ForwardCall {
               const ffi::AnyBuffer& rs_buf)
       : cell(cell_), D(directions), training(training_), cell_clip(static_cast<T>(clip)), batch(batch_of(y_buf, 3)),
         x(x_buf, batch), h0(h0_buf, batch), c0(c0_buf, batch), y(y_buf, batch), h_n(h_n_buf, batch),
-        c_n(c_n_buf, batch), hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch),
-        lengths(lengths_buf, batch) {}
+        c_n(c_n_buf, batch), tape(hs_buf, cs_buf, saved_buf, rs_buf, batch), lengths(lengths_buf, batch) {}
 
   // Every shape, the weights (from `args`) and the tape checked; fills the sizes.
   ffi::Error check(const ffi::RemainingArgs& args) {
@@ -334,29 +366,13 @@ struct ForwardCall {
     if (cell_facts(cell).has_cell_state == c_n.empty())
       return shape_error("c_n", "expected one for a cell with a cell state");
     layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, training);
-    if (training) {
-      if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
-                                        expect_optional(cs, "cs", {D, layout.cell_state_values}),
-                                        expect_optional(saved, "saved", {D, layout.saved_values}),
-                                        expect_optional(rs, "rs", {D, layout.output_values})});
-          e.failure())
-        return e;
-      if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
-          (layout.output_values == 0) != rs.empty())
-        return shape_error("tape", "does not match tape_layout()");
-    }
-    return ffi::Error::Success();
+    return training ? tape.check(layout, D) : ffi::Error::Success();
   }
 
   bool shared_weights() const { return weights.shared(); }
 
   // Training: direction d's part of mapped element n's tape results.
-  LayerTape<T> tape_at(Index n, Index d) const {
-    return {hs.at(n) + d * layout.state_values,
-            layout.has_cell_state ? cs.at(n) + d * layout.cell_state_values : nullptr,
-            layout.saved_values ? saved.at(n) + d * layout.saved_values : nullptr, true,
-            layout.output_values ? rs.at(n) + d * layout.output_values : nullptr};
-  }
+  LayerTape<T> tape_at(Index n, Index d) const { return tape.template at<T>(layout, n, d); }
 
   // Mapped element n, direction d: `length_values` (B, stride 1; null: every row full length) in the
   // memory the backend reads, `tape` from tape_at() or the handler's scratch.
@@ -385,7 +401,9 @@ struct BackwardCall {
   Index D;
   T cell_clip;
   Batch batch;
-  Batched<const T> x, hs, cs, saved, rs, dy, dh_n, dc_n;
+  Batched<const T> x;
+  TapeBuffers<const T> tape;
+  Batched<const T> dy, dh_n, dc_n;
   Batched<T> dx, dh0, dc0;
   Lengths lengths;
   Weights<T> weights;
@@ -399,7 +417,7 @@ struct BackwardCall {
                const ffi::AnyBuffer& dh_n_buf, const ffi::AnyBuffer& dc_n_buf, const ffi::AnyBuffer& dx_buf,
                const ffi::AnyBuffer& dh0_buf, const ffi::AnyBuffer& dc0_buf)
       : cell(cell_), D(directions), cell_clip(static_cast<T>(clip)), batch(batch_of(dx_buf, 3)), x(x_buf, batch),
-        hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch), dy(dy_buf, batch),
+        tape(hs_buf, cs_buf, saved_buf, rs_buf, batch), dy(dy_buf, batch),
         dh_n(dh_n_buf, batch), dc_n(dc_n_buf, batch), dx(dx_buf, batch), dh0(dh0_buf, batch), dc0(dc0_buf, batch),
         lengths(lengths_buf, batch) {}
 
@@ -432,16 +450,7 @@ struct BackwardCall {
         return shape_error("weight gradients", "expected one per weight, of its shape");
     }
     layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, true);
-    if (ffi::Error e = first_failure({expect(hs, "hs", {D, layout.state_values}),
-                                      expect_optional(cs, "cs", {D, layout.cell_state_values}),
-                                      expect_optional(saved, "saved", {D, layout.saved_values}),
-                                      expect_optional(rs, "rs", {D, layout.output_values})});
-        e.failure())
-      return e;
-    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
-        (layout.output_values == 0) != rs.empty())
-      return shape_error("tape", "does not match tape_layout()");
-    return ffi::Error::Success();
+    return tape.check(layout, D);
   }
 
   // Mapped element n, direction d. The weight gradients are written (each direction has its own); the
@@ -454,10 +463,7 @@ struct BackwardCall {
     p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
     p.weights = weights.at(d, n, input);
     p.x = {x.at(n), {rows * input, input, 1}};
-    p.tape = {const_cast<T*>(hs.at(n)) + d * layout.state_values,
-              layout.has_cell_state ? const_cast<T*>(cs.at(n)) + d * layout.cell_state_values : nullptr,
-              layout.saved_values ? const_cast<T*>(saved.at(n)) + d * layout.saved_values : nullptr, true,
-              layout.output_values ? const_cast<T*>(rs.at(n)) + d * layout.output_values : nullptr};
+    p.tape = tape.template at<T>(layout, n, d);
     p.dy = {dy.at(n) + d * state, {rows * D * state, D * state, 1}};
     p.dh_n = {dh_n.at(n) + h_at, {state, 1}};
     if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + c_at, {hidden, 1}};

@@ -157,6 +157,15 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
   return l;
 }
 
+// Direction d's tape where arrays hold every direction's back to back (each `layout`'s count of values a
+// direction); an array the layout has no values for is null, whatever pointer is given.
+template <typename T>
+LayerTape<T> direction_tape(const TapeLayout& layout, Index d, bool training, T* hs, T* cs, T* saved, T* rs) {
+  auto at = [d](T* base, Index values) { return values > 0 && base ? base + d * values : nullptr; };
+  return {at(hs, layout.state_values), at(cs, layout.cell_state_values), at(saved, layout.saved_values), training,
+          at(rs, layout.output_values)};
+}
+
 // The slot of the state read (prev) and written (next) at time t: see "State slots" above.
 FUSEDRNN_HD Index prev_slot(bool reverse, Index t) { return reverse ? t + 1 : t; }
 FUSEDRNN_HD Index next_slot(bool reverse, Index t) { return reverse ? t : t + 1; }
