@@ -68,9 +68,6 @@ struct AlignedScratch {
   }
 };
 
-// Inference under vmap with weights shared by every mapped element: the N mapped elements' rows are
-// one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
-// back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
 // One layer's directions on the CPU backend, through the call that may run both at once, as the NumPy
 // modules do (the same split, so the same bits).
 template <typename T>
@@ -89,6 +86,9 @@ void run_directions(const std::vector<fusedrnn::LayerBackwardParams<T>>& d) {
     cpu::layer_backward<T>(d[0]);
 }
 
+// Inference under vmap with weights shared by every mapped element: the N mapped elements' rows are
+// one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
+// back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
 template <typename T>
 ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index D = c.D;
