@@ -13,7 +13,8 @@ An LSTM's projection (torch.nn.LSTM's proj_size P) follows from `weight_hr_l{k}`
 `fusedrnn.jax.flax_params` converts parameters to and from Flax's OptimizedLSTMCell/GRUCell. Arrays on
 the CPU run the CPU kernels; arrays on an NVIDIA GPU run the CUDA backend when fusedrnn's CUDA module
 loads with its handlers (else the call fails saying what to install). Forward-mode differentiation
-(jvp, jacfwd) and second derivatives raise an error.
+(jvp, jacfwd) and second derivatives raise an error. `jax.export` takes programs that call the layers
+given `disabled_checks=fj.export_disabled_checks()`.
 """
 
 from .._optional import require
@@ -21,8 +22,9 @@ from .._optional import require
 require("jax", "jax")
 
 from . import _ffi  # noqa: E402
+from ._ffi import export_disabled_checks  # noqa: E402
 from ._rnn import CELLS, forward, gru, init, lstm, param_names, param_shapes, rnn  # noqa: E402
 
 _ffi.register()
 
-__all__ = ["CELLS", "forward", "lstm", "gru", "rnn", "init", "param_names", "param_shapes"]
+__all__ = ["CELLS", "forward", "lstm", "gru", "rnn", "init", "param_names", "param_shapes", "export_disabled_checks"]

@@ -64,6 +64,16 @@ def register() -> None:
         _registered = True
 
 
+def export_disabled_checks() -> list:
+    """What `jax.export.export(fn, disabled_checks=...)` takes to export a program that runs fusedrnn's
+    layers. jax.export refuses custom calls it does not know to keep a stable interface across releases,
+    and fusedrnn's handlers keep theirs within one fusedrnn version: run such an export where the same
+    fusedrnn version is installed and `fusedrnn.jax` imported (which registers the handlers)."""
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(name) for name in (_FORWARD, _BACKWARD)]
+
+
 def unavailable_message(why_not: str) -> str:
     """The error of a call on a GPU when the CUDA handlers cannot be used, `why_not` saying why."""
     from .._cuda_layer import HOW_TO_GET
@@ -172,6 +182,22 @@ def sizes(spec: LayerSpec, weights) -> tuple[int, int]:
     return (weights[per - 1].shape[1] if per % 2 else state), state
 
 
+TAPE_ARRAYS = ("hs", "cs", "saved", "rs")
+
+
+def tape_counts(cell: str, steps, batch, hidden: int, proj: int) -> dict:
+    """The values a direction's training tape holds in each of its arrays (the native tape_layout()),
+    for the arrays the layer has. Each count is batch * (a * steps + b), so sizes that are symbolic
+    (jax.export's shape polymorphism) get theirs from the rule's counts at one row and one and two
+    steps."""
+    if isinstance(steps, int) and isinstance(batch, int):
+        counts = _core.tape_layout(cell, steps, batch, hidden, True, proj_size=proj)
+        return {name: counts[name] for name in TAPE_ARRAYS if counts[name]}
+    one, two = (_core.tape_layout(cell, t, 1, hidden, True, proj_size=proj) for t in (1, 2))
+    return {name: batch * ((two[name] - one[name]) * steps + 2 * one[name] - two[name])
+            for name in TAPE_ARRAYS if one[name]}
+
+
 def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     steps, batch, _ = x.shape
     hidden, width = sizes(spec, weights)
@@ -181,9 +207,9 @@ def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     cell_state = _result((dirs, batch, hidden), dtype, x) if has_c else _none(dtype, x)
     tape = [_none(dtype, x)] * 4  # hs, cs, saved, rs
     if training:
-        counts = _core.tape_layout(spec.cell, steps, batch, hidden, True, proj_size=0 if width == hidden else width)
-        tape = [_result((dirs, counts[name]), dtype, x) if counts[name] else _none(dtype, x)
-                for name in ("hs", "cs", "saved", "rs")]
+        counts = tape_counts(spec.cell, steps, batch, hidden, 0 if width == hidden else width)
+        tape = [_result((dirs, counts[name]), dtype, x) if name in counts else _none(dtype, x)
+                for name in TAPE_ARRAYS]
     results = (_result((steps, batch, dirs * width), dtype, x), state, cell_state, *tape)
     call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
     return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False))
