@@ -5,6 +5,7 @@ the gradients of the input, the initial states and every parameter."""
 
 import contextlib
 import copy
+import io
 import socket
 import subprocess
 import sys
@@ -401,6 +402,39 @@ def test_convert_changes_nothing_when_a_module_is_unsupported():
     assert type(model[0]) is nn.GRU
     with pytest.raises(TypeError, match="model"):
         frt.convert("not a module")
+
+
+def test_revert_gives_back_torch_nn_modules_for_exports_and_pickles_without_fusedrnn():
+    torch.manual_seed(3)
+    model = Encoder()
+    model.blocks[1].eval()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    want = model(x).detach()
+    params = dict(model.named_parameters())
+    frt.convert(model)
+    model.extra = type("OwnLSTM", (frt.LSTM,), {})(I, H)  # a subclass of the fused class: left alone
+    calls = []
+    model.lstm.register_forward_hook(lambda *args: calls.append("hook"))
+
+    assert frt.revert(model) is model
+    assert type(model.lstm) is nn.LSTM and type(model.blocks[0][0]) is nn.GRU and type(model.blocks[1]) is nn.RNN
+    assert type(model.extra).__name__ == "OwnLSTM"
+    del model.extra
+    assert model.blocks[1].nonlinearity == "relu" and model.lstm.training and not model.blocks[1].training
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same objects
+    assert torch.equal(model(x), want)  # torch.nn's own computation again
+    assert calls == ["hook"]
+    with warnings.catch_warnings():  # torch.nn's RNNs refresh _flat_weights under export, and torch warns
+        warnings.filterwarnings("ignore", "The tensor attributes .*_flat_weights", UserWarning)
+        exported = torch.export.export(model, (x,))  # what ONNX export and AOTInductor take: torch's own ops
+    assert "fusedrnn" not in str(exported.graph)
+    assert_close(exported.module()(x).detach().numpy(), want.numpy(), np.float64)
+    pickled = io.BytesIO()
+    torch.save(model.blocks, pickled)
+    assert b"fusedrnn" not in pickled.getvalue()
+    assert type(frt.revert(frt.GRU(I, H))) is nn.GRU  # a bare module comes back reverted
+    with pytest.raises(TypeError, match="model"):
+        frt.revert(None)
 
 
 # ---- what is not supported, and bad input --------------------------------------------------------

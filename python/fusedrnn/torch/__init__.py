@@ -3,6 +3,7 @@
     import fusedrnn.torch as frt
     model.encoder = frt.LSTM(256, 512, num_layers=2, batch_first=True, bidirectional=True)
     frt.convert(model)   # or swap every torch.nn.LSTM/GRU/RNN inside a model, weights kept
+    frt.revert(model)    # and back, for ONNX export or a pickle without fusedrnn
 
 The modules are torch.nn modules with torch's constructor, parameters, state_dict and forward
 signature (PackedSequence included). The fused layer is a torch.library operator
@@ -24,9 +25,9 @@ if not hasattr(_torch.library, "custom_op"):
 
 from ._ops import rnn_layer, rnn_layer_backward  # noqa: E402
 from ._threads import torch_openmp_runtime, use_torch_threads  # noqa: E402
-from .modules import GRU, LSTM, RNN, convert  # noqa: E402
+from .modules import GRU, LSTM, RNN, convert, revert  # noqa: E402
 
 use_torch_threads()
 
-__all__ = ["LSTM", "GRU", "RNN", "convert", "rnn_layer", "rnn_layer_backward", "use_torch_threads",
+__all__ = ["LSTM", "GRU", "RNN", "convert", "revert", "rnn_layer", "rnn_layer_backward", "use_torch_threads",
            "torch_openmp_runtime"]

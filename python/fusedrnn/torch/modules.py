@@ -245,6 +245,7 @@ class RNN(_FusedRNNBase):
 
 
 _FUSED = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+_TORCH_NN = {fused: original for original, fused in _FUSED.items()}
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -253,23 +254,36 @@ def convert(model: nn.Module) -> nn.Module:
     itself is one). The replacement takes over the module's state as it is: the same Parameter objects
     (so an optimizer built earlier still updates them), buffers, hooks, training mode, device and dtype.
     Raises NotImplementedError, changing nothing, if any of them is not supported."""
+    return _swap_all(model, _FUSED, check=True)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """convert's inverse: replaces every fusedrnn.torch LSTM, GRU and RNN inside `model` (exact types) by
+    its torch.nn counterpart, in place, taking over its state in the same way, and returns the model (or
+    the replacement). For what needs torch's own operators: ONNX export, AOTInductor packages, a pickled
+    model loadable where fusedrnn is not installed."""
+    return _swap_all(model, _TORCH_NN, check=False)
+
+
+def _swap_all(model: nn.Module, classes: dict, check: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if type(model) in _FUSED:
-        return _fused_copy(model)
+    if type(model) in classes:
+        return _copy_as(model, classes[type(model)], check)
     swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) in _FUSED]
-    replacements = [_fused_copy(child) for _, _, child in swaps]  # all checked before any swap
-    for (parent, name, _), fused in zip(swaps, replacements):
-        setattr(parent, name, fused)
+             for name, child in parent.named_children() if type(child) in classes]
+    replacements = [_copy_as(child, classes[type(child)], check) for _, _, child in swaps]  # all checked first
+    for (parent, name, _), replacement in zip(swaps, replacements):
+        setattr(parent, name, replacement)
     return model
 
 
-def _fused_copy(module: nn.RNNBase) -> nn.RNNBase:
-    fused = _FUSED[type(module)].__new__(_FUSED[type(module)])
+def _copy_as(module: nn.RNNBase, cls: type, check: bool) -> nn.RNNBase:
+    copied = cls.__new__(cls)
     # The module's own state with its containers copied (their contents shared), so the two objects
     # stay independent; RNNBase.__setstate__ rebuilds the weight references.
     state = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in module.__getstate__().items()}
-    fused.__setstate__(state)
-    fused._check_supported()
-    return fused
+    copied.__setstate__(state)
+    if check:
+        copied._check_supported()
+    return copied
