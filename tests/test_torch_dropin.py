@@ -839,6 +839,26 @@ def test_torch_export_traces_the_fused_operator():
         assert torch.equal(got, want)
 
 
+def test_exported_program_with_dynamic_batch_and_time_saves_and_loads():
+    torch.manual_seed(5)
+    model = Stack().eval()
+    batch, steps = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("steps", min=1, max=512)
+
+    def args(b, t):
+        return (torch.randn(b, t, I, dtype=torch.float64), torch.randn(4, b, H, dtype=torch.float64),
+                torch.randn(4, b, H, dtype=torch.float64))
+
+    exported = torch.export.export(model, args(B, T), dynamic_shapes=({0: batch, 1: steps}, {1: batch}, {1: batch}))
+    saved = io.BytesIO()
+    torch.export.save(exported, saved)
+    saved.seek(0)
+    loaded = torch.export.load(saved).module()
+    for b, t in ((B, T), (1, 1), (5, 11)):
+        call = args(b, t)
+        for got, want in zip(loaded(*call), model(*call)):
+            assert torch.equal(got, want)
+
+
 class _OperatorLog(TorchDispatchMode):
     """Records the operators a call dispatches (as make_fx's tracing mode would see them)."""
 
