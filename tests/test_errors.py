@@ -1,6 +1,7 @@
 """Every public entry point rejects bad input with ValueError/TypeError (RuntimeError for a backward with
 nothing to backpropagate through) whose message starts with the name of the offending argument."""
 
+import re
 import warnings
 
 import numpy as np
@@ -775,3 +776,68 @@ def test_layer_split_checks_proj_size():
                               ("gru", 4, r"^proj_size: only an LSTM takes a projection")):
         with pytest.raises(ValueError, match=match):
             _core.layer_split(cell, 8, 128, np.float32, proj)
+
+
+# ---- arguments NumPy cannot read -------------------------------------------------------------------------
+
+
+class Unreadable:
+    """An array-like whose conversion fails, as a torch tensor that requires grad does."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("cannot be viewed as an array")
+
+
+def _unreadable_calls():
+    """(name, call(bad)): every public entry point taking an array, with `bad` in one argument."""
+    from fusedrnn import bptt, gradients, losses, optim, sequences
+
+    lstm = make_module("lstm", I, H, num_layers=1, seed=0)
+    w = lstm.state_dict()
+    x = f32(T, B, I)
+    trained = make_module("lstm", I, H, num_layers=1, seed=0).train()
+    trained(x)
+    linear = fusedrnn.Linear(I, 1)
+    sgd = optim.SGD({"w": np.zeros(3)}, lr=0.1)
+    return [
+        ("x", lambda bad: lstm(bad)),
+        ("h0", lambda bad: lstm(x, (bad, f32(1, B, H)))),
+        ("lengths", lambda bad: lstm(x, lengths=bad)),
+        ("dy", lambda bad: trained.backward(bad)),
+        ("x", lambda bad: linear(bad)),
+        ("x", lambda bad: F.layer_forward("lstm", bad, w["weight_ih_l0"], w["weight_hh_l0"])),
+        ("weight_ih", lambda bad: F.layer_forward("lstm", x, bad, w["weight_hh_l0"])),
+        ("h0", lambda bad: F.layer_forward("lstm", x, w["weight_ih_l0"], w["weight_hh_l0"], h0=bad)),
+        ("state_dict['weight_ih_l0']", lambda bad: lstm.load_state_dict(dict(w, weight_ih_l0=bad))),
+        ("grads['w']", lambda bad: sgd.step({"w": bad})),
+        ("prediction", lambda bad: losses.mse_loss(bad, f32(B, 1))),
+        ("target", lambda bad: losses.mse_loss(f32(B, 1), bad)),
+        ("mask", lambda bad: losses.mse_loss(f32(T, B, 1), f32(T, B, 1), mask=bad)),
+        ("targets", lambda bad: losses.cross_entropy(f32(B, 3), bad)),
+        ("sequences[0]", lambda bad: sequences.pad_sequences([bad])),
+        ("padded", lambda bad: sequences.unpad_sequences(bad, [1])),
+        ("lengths", lambda bad: sequences.length_mask(bad)),
+        ("series", lambda bad: sequences.sliding_windows(bad, 3)),
+        ("norms", lambda bad: gradients.diagnose_gradient_flow(bad)),
+        ("loss_fn's gradient", lambda bad: bptt.truncated_bptt(trained, x, 2, lambda y, start, stop: (0.0, bad))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_unreadable_calls())))
+def test_an_argument_numpy_cannot_read_is_named(case):
+    name, call = _unreadable_calls()[case]
+    prefix = "^" + re.escape(name)
+    with pytest.raises(TypeError, match=prefix + ": cannot be read as an array: cannot be viewed"):
+        call(Unreadable())
+    if name not in ("lengths", "norms", "mask", "targets", "grads['w']"):
+        with pytest.raises(ValueError, match=prefix + ": setting an array element with a sequence"):
+            call([[[1.0, 2.0], [1.0]]])  # ragged
+
+
+def test_a_torch_tensor_that_requires_grad_is_named_with_torchs_advice():
+    torch = pytest.importorskip("torch")
+    module = make_module("gru", I, H, num_layers=1, seed=0)
+    with pytest.raises(TypeError, match=r"^x: cannot be read as an array: .*detach\(\)"):
+        module(torch.zeros(T, B, I, requires_grad=True))
+    y, _ = module(torch.zeros(T, B, I))  # a CPU tensor that does not require grad is read in place
+    assert isinstance(y, np.ndarray) and y.shape == (T, B, H)

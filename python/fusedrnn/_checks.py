@@ -67,6 +67,19 @@ def float_dtype(name: str, dtype) -> np.dtype:
     return dt
 
 
+def as_array(name: str, value, xp=np):
+    """xp.asarray(value) (xp numpy or cupy) for a caller's argument, a failure naming it: a ragged nested
+    list is a ValueError, what the library cannot read (a torch tensor that requires grad, ...) a TypeError."""
+    if xp is np and type(value) is np.ndarray:
+        return value
+    try:
+        return xp.asarray(value)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(f"{name}: cannot be read as an array: {err}") from err
+
+
 def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.ndarray:
     """`value` as an ndarray of exactly `dtype` (never silently cast) with one of the given ranks. A
     CUDA device array stays on its device, as a CuPy array."""
@@ -74,7 +87,7 @@ def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.
         from . import _cuda_layer
         arr = _cuda_layer.as_cupy(value)
     else:
-        arr = np.asarray(value)
+        arr = as_array(name, value)
     if arr.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
     ranks = (ndim,) if isinstance(ndim, int) else ndim
@@ -133,7 +146,7 @@ def lengths(value, steps: int, batch: int) -> np.ndarray | None:
     """Sequence lengths as int64 (B,), each in [1, T]; None when absent or all equal to T."""
     if value is None:
         return None
-    arr = np.asarray(_device.to_host(value))
+    arr = as_array("lengths", _device.to_host(value))
     if arr.ndim != 1 or arr.shape[0] != batch:
         raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {arr.shape}")
     if arr.dtype.kind == "f":

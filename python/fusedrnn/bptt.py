@@ -89,7 +89,7 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
         if _device.device_of(dy) != _device.device_of(x):
             raise ValueError(f"loss_fn: returned a gradient on {_device.device_of(dy)}, but x is on "
                              f"{_device.device_of(x)}")
-        dy = xp.asarray(dy)
+        dy = _checks.as_array("loss_fn's gradient", dy, xp)
         if dy.shape != y_chunk.shape:
             raise ValueError(f"loss_fn: returned a gradient of shape {dy.shape}, expected the chunk "
                              f"output's {y_chunk.shape}")

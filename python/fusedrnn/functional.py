@@ -75,7 +75,7 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     if device != "cpu":
         return _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse,
                                   training, out, check_finite, cell_clip, weight_hr)
-    x = np.asarray(x)
+    x = _checks.as_array("x", x)
     if x.ndim != 3:
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
@@ -85,10 +85,11 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
-                _checks.finite(name, np.asarray(value))
-    return _forward(cell, x, _as_array(weight_ih), _as_array(weight_hh), _as_optional(bias_ih),
-                    _as_optional(bias_hh), _as_optional(h0), _as_optional(c0), lens, bool(reverse),
-                    bool(training), out, cell_clip, _as_optional(weight_hr))
+                _checks.finite(name, _checks.as_array(name, value))
+    return _forward(cell, x, _checks.as_array("weight_ih", weight_ih), _checks.as_array("weight_hh", weight_hh),
+                    _as_optional("bias_ih", bias_ih), _as_optional("bias_hh", bias_hh), _as_optional("h0", h0),
+                    _as_optional("c0", c0), lens, bool(reverse), bool(training), out, cell_clip,
+                    _as_optional("weight_hr", weight_hr))
 
 
 def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
@@ -156,7 +157,7 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
         written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
                         if getattr(grads, name, None) is not None})
     _checks.apart(written, dict(dy=dy, dh_n=dh_n, dc_n=dc_n))
-    return _backward(tape, _as_optional(dy), _as_optional(dh_n), _as_optional(dc_n), dx, grads)
+    return _backward(tape, _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n), dx, grads)
 
 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
@@ -210,9 +211,5 @@ def _grad_buffers(tape, zeroed: bool = False) -> LayerGrads:
                       new((proj, hidden), dtype) if proj else None)
 
 
-def _as_array(value):
-    return value if isinstance(value, np.ndarray) else np.asarray(value)
-
-
-def _as_optional(value):
-    return None if value is None else _as_array(value)
+def _as_optional(name: str, value):
+    return None if value is None else _checks.as_array(name, value)

@@ -108,6 +108,13 @@ class GradientFlow(NamedTuple):
     norms: np.ndarray        # the profile diagnosed, (T,)
 
 
+def _norm_profile(name: str, norms) -> np.ndarray:
+    arr = _checks.as_array(name, norms)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected real numbers, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
 def diagnose_gradient_flow(norms, *, reverse: bool = False, vanishing_below: float = 1e-3,
                            exploding_above: float = 1e3) -> GradientFlow:
     """Reads a profile of ||dL/dh_t|| (a module's `hidden_grad_norms[k]` after backward) whose gradient
@@ -118,7 +125,7 @@ def diagnose_gradient_flow(norms, *, reverse: bool = False, vanishing_below: flo
     back in time, and `span` = factor ** (T - 1) what reaches the far end. span below
     `vanishing_below` is "vanishing", above `exploding_above` "exploding", else "healthy". A norm that
     is exactly zero before the far end (underflow, dead units) counts as vanishing."""
-    arr = np.asarray(norms, np.float64)
+    arr = _norm_profile("norms", norms)
     if arr.ndim != 1 or arr.size < 2:
         raise ValueError(f"norms: expected a 1-D profile of at least 2 steps, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
@@ -147,7 +154,7 @@ def plot_gradient_flow(profiles: Mapping[str, np.ndarray], path=None, *, title: 
     fig = require("matplotlib.figure", "plot").Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     for label, norms in profiles.items():
-        arr = np.asarray(norms, np.float64)
+        arr = _norm_profile(f"profiles[{label!r}]", norms)
         ax.semilogy(np.arange(arr.size), np.where(arr > 0, arr, np.nan), label=label)
     ax.set_xlabel("time step t")
     ax.set_ylabel("||dL/dh_t||")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _device
+from . import _checks, _device
 
 REDUCTIONS = ("mean", "sum")
 
@@ -26,7 +26,7 @@ def _array_module(**arrays):
 
 
 def _float_array(name: str, value, xp) -> np.ndarray:
-    arr = xp.asarray(value)
+    arr = _checks.as_array(name, value, xp)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
     if not bool(xp.isfinite(arr).all()):
@@ -37,7 +37,7 @@ def _float_array(name: str, value, xp) -> np.ndarray:
 def _mask(mask, lead_shape: tuple[int, ...], xp) -> np.ndarray | None:
     if mask is None:
         return None
-    m = xp.asarray(mask)
+    m = _checks.as_array("mask", mask, xp)
     if m.dtype != bool:
         raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
     if m.shape != lead_shape[:m.ndim] or m.ndim == 0:
@@ -92,7 +92,7 @@ def cross_entropy(logits, targets, mask=None, reduction: str = "mean") -> tuple[
     z = _float_array("logits", logits, xp)
     if z.ndim < 1 or z.shape[-1] == 0:
         raise ValueError(f"logits: expected shape (..., classes) with classes >= 1, got {z.shape}")
-    t = xp.asarray(targets)
+    t = _checks.as_array("targets", targets, xp)
     if t.dtype.kind not in "iu":
         raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
     if t.shape != z.shape[:-1]:

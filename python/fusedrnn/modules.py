@@ -257,7 +257,7 @@ class RNNBase(_Module):
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
                 value = value.detach().cpu()
-            arr = np.asarray(_device.to_host(value))
+            arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)

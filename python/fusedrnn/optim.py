@@ -100,7 +100,7 @@ class Optimizer:
             on = _device.device_of(g)
             if on != _device.device_of(p):
                 raise ValueError(f"grads[{name!r}]: on {on}, but its parameter is on {_device.device_of(p)}")
-            g = g if _device.is_cuda(g) else np.asarray(g)
+            g = g if _device.is_cuda(g) else _checks.as_array(f"grads[{name!r}]", g)
             _checks.shape(f"grads[{name!r}]", g, p.shape)
             if g.dtype.kind != "f":  # every gradient checked before any parameter changes
                 raise TypeError(f"grads[{name!r}]: expected a float array, got dtype {g.dtype}")

@@ -19,7 +19,7 @@ _MAX_STEPS = 2**31 - 1  # the longest length a mask is made for
 
 
 def _sequence(name: str, index: int, value) -> np.ndarray:
-    seq = np.asarray(value)
+    seq = _checks.as_array(f"{name}[{index}]", value)
     if seq.dtype.kind not in "fiub":
         raise TypeError(f"{name}[{index}]: expected a numeric array, got dtype {seq.dtype}")
     if seq.ndim == 0:
@@ -87,7 +87,7 @@ def pad_sequences(sequences, *, steps: int | None = None, batch_first: bool = Fa
 
 def unpad_sequences(padded, lengths, *, batch_first: bool = False) -> list[np.ndarray]:
     """The inverse of pad_sequences: a list of B arrays (lengths[b], *features), views into `padded`."""
-    arr = np.asarray(padded)
+    arr = _checks.as_array("padded", padded)
     if arr.ndim < 2:
         raise ValueError(f"padded: expected an array of shape (T, B, ...), got shape {arr.shape}")
     if not batch_first:
@@ -102,7 +102,7 @@ def unpad_sequences(padded, lengths, *, batch_first: bool = False) -> list[np.nd
 def length_mask(lengths, steps: int | None = None, *, batch_first: bool = False) -> np.ndarray:
     """Boolean mask (T, B) (or (B, T)): True where step t < lengths[b], i.e. at real, unpadded steps.
     T is `steps`, or the longest length."""
-    lens = np.asarray(lengths)
+    lens = _checks.as_array("lengths", lengths)
     if lens.dtype.kind not in "iuf":
         raise TypeError(f"lengths: expected integers, got dtype {lens.dtype}")
     if lens.ndim != 1 or lens.size == 0:
@@ -150,7 +150,7 @@ class BucketBatches:
         self.lengths = np.array([s.shape[0] for s in self._seqs], np.int64)
         self._targets = None
         if targets is not None:
-            self._targets = np.asarray(targets)
+            self._targets = _checks.as_array("targets", targets)
             if self._targets.ndim == 0 or self._targets.shape[0] != count:
                 raise ValueError(f"targets: expected one target per sequence ({count}), got shape "
                                  f"{self._targets.shape}")
@@ -219,7 +219,7 @@ class BucketBatches:
 
 
 def _series(series) -> np.ndarray:
-    arr = np.asarray(series)
+    arr = _checks.as_array("series", series)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"series: expected a numeric array, got dtype {arr.dtype}")
     if arr.ndim == 1:
