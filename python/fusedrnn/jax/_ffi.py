@@ -205,7 +205,7 @@ def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     has_c = has_cell_state(spec.cell)
     state = _result((dirs, batch, width), dtype, x)
     cell_state = _result((dirs, batch, hidden), dtype, x) if has_c else _none(dtype, x)
-    tape = [_none(dtype, x)] * 4  # hs, cs, saved, rs
+    tape = [_none(dtype, x)] * len(TAPE_ARRAYS)
     if training:
         counts = tape_counts(spec.cell, steps, batch, hidden, 0 if width == hidden else width)
         tape = [_result((dirs, counts[name]), dtype, x) if name in counts else _none(dtype, x)
