@@ -49,6 +49,23 @@ def layer_rows(layer: int, num_directions: int) -> slice:
     return slice(layer * num_directions, (layer + 1) * num_directions)
 
 
+_weight_names: dict = {}
+
+
+def weight_names(num_layers: int, bidirectional: bool) -> tuple:
+    """torch.nn's parameter names of each layer and direction, [layer][direction] -> a name per
+    LayerWeights field, formatted once per configuration (a one-step call would spend microseconds on
+    them). A plain dict rather than functools.lru_cache, which torch.compile warns about."""
+    key = (num_layers, bidirectional)
+    names = _weight_names.get(key)
+    if names is None:
+        suffixes = ("", "_reverse") if bidirectional else ("",)
+        names = _weight_names[key] = tuple(
+            tuple(tuple(f"{n}_l{layer}{suffix}" for n in LayerWeights._fields) for suffix in suffixes)
+            for layer in range(num_layers))
+    return names
+
+
 def direction(a, d: int, width: int):
     """Direction d's (T, B, R) view of a layer's (T, B, D*R) output or its gradient (None: None)."""
     return None if a is None else a[:, :, d * width:(d + 1) * width]

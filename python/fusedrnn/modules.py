@@ -231,8 +231,8 @@ class RNNBase(_Module):
         """`source`'s arrays (the parameters or their gradients) as the driver takes them:
         [layer][direction] -> _stack.LayerWeights, None for the biases without bias and for weight_hr
         without a projection."""
-        return [[_stack.LayerWeights(*(source.get(f"{n}_l{layer}{suffix}") for n in _stack.LayerWeights._fields))
-                 for suffix in self._direction_suffixes()] for layer in range(self.num_layers)]
+        return [[_stack.LayerWeights(*map(source.get, names)) for names in layer]
+                for layer in _stack.weight_names(self.num_layers, self.bidirectional)]
 
     def __getattr__(self, name):
         params = self.__dict__.get("_params")

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
-from ._ops import PARAMETERS, call_layer
+from ._ops import call_layer
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
@@ -86,11 +86,12 @@ class _FusedRNNBase(nn.RNNBase):
 
         dirs = 2 if self.bidirectional else 1
         grad_on, cell = torch.is_grad_enabled(), self._cell
+        slot_names = _stack.weight_names(self.num_layers, True)  # both directions' slots, always
 
         def run_layer(layer, x, h0_l, c0_l):
-            # rnn_layer's weight arguments: each direction's parameters in PARAMETERS' order, None where
-            # the layer has none (no bias, no projection, no reverse direction).
-            w = [weights.get(f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse") for name in PARAMETERS]
+            # rnn_layer's weight arguments: each direction's parameters in LayerWeights' order (the
+            # operator's PARAMETERS), None where the layer has none (no bias, projection or reverse).
+            w = [weights.get(name) for names in slot_names[layer] for name in names]
             record = grad_on and any(t is not None and t.requires_grad for t in (x, *w, h0_l, c0_l))
             y, h, c, _ = call_layer(x, *w, h0_l, c0_l, lengths, cell, record, layer == 0)
             return y, h, c
