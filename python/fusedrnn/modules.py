@@ -213,19 +213,13 @@ class RNNBase(_Module):
 
     def _parameter_shapes(self):
         gh = GATES[self.cell] * self.hidden_size
-        for layer in range(self.num_layers):
+        for layer, directions in enumerate(_stack.weight_names(self.num_layers, self.bidirectional)):
             layer_input = self.input_size if layer == 0 else self._state_size * self.num_directions
-            for suffix in self._direction_suffixes():
-                yield f"weight_ih_l{layer}{suffix}", (gh, layer_input)
-                yield f"weight_hh_l{layer}{suffix}", (gh, self._state_size)
-                if self.bias:
-                    yield f"bias_ih_l{layer}{suffix}", (gh,)
-                    yield f"bias_hh_l{layer}{suffix}", (gh,)
-                if self.proj_size:
-                    yield f"weight_hr_l{layer}{suffix}", (self.proj_size, self.hidden_size)
-
-    def _direction_suffixes(self):
-        return ("", "_reverse") if self.bidirectional else ("",)
+            shapes = _stack.LayerWeights((gh, layer_input), (gh, self._state_size),
+                                         (gh,) if self.bias else None, (gh,) if self.bias else None,
+                                         (self.proj_size, self.hidden_size) if self.proj_size else None)
+            for names in directions:
+                yield from ((name, shape) for name, shape in zip(names, shapes) if shape is not None)
 
     def _stack_weights(self, source) -> list:
         """`source`'s arrays (the parameters or their gradients) as the driver takes them:

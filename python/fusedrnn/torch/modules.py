@@ -255,7 +255,7 @@ def convert(model: nn.Module) -> nn.Module:
     itself is one). The replacement takes over the module's state as it is: the same Parameter objects
     (so an optimizer built earlier still updates them), buffers, hooks, training mode, device and dtype.
     Raises NotImplementedError, changing nothing, if any of them is not supported."""
-    return _swap_all(model, _FUSED, check=True)
+    return _swap_all(model, _FUSED)
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -263,28 +263,28 @@ def revert(model: nn.Module) -> nn.Module:
     its torch.nn counterpart, in place, taking over its state in the same way, and returns the model (or
     the replacement). For what needs torch's own operators: ONNX export, AOTInductor packages, a pickled
     model loadable where fusedrnn is not installed."""
-    return _swap_all(model, _TORCH_NN, check=False)
+    return _swap_all(model, _TORCH_NN)
 
 
-def _swap_all(model: nn.Module, classes: dict, check: bool) -> nn.Module:
+def _swap_all(model: nn.Module, classes: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model) in classes:
-        return _copy_as(model, classes[type(model)], check)
+        return _copy_as(model, classes[type(model)])
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if type(child) in classes]
-    replacements = [_copy_as(child, classes[type(child)], check) for _, _, child in swaps]  # all checked first
+    replacements = [_copy_as(child, classes[type(child)]) for _, _, child in swaps]  # all checked first
     for (parent, name, _), replacement in zip(swaps, replacements):
         setattr(parent, name, replacement)
     return model
 
 
-def _copy_as(module: nn.RNNBase, cls: type, check: bool) -> nn.RNNBase:
+def _copy_as(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     copied = cls.__new__(cls)
     # The module's own state with its containers copied (their contents shared), so the two objects
     # stay independent; RNNBase.__setstate__ rebuilds the weight references.
     state = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in module.__getstate__().items()}
     copied.__setstate__(state)
-    if check:
+    if isinstance(copied, _FusedRNNBase):  # what the fused kernels cannot run is refused here
         copied._check_supported()
     return copied
