@@ -68,4 +68,69 @@ for cell, proj in [(cell, 0) for cell in fj.CELLS] + [("lstm", 2)]:
         _, g, _ = sharded(p, x_s, target_s, lengths_s)
         p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
     assert float(sharded(p, x_s, target_s, lengths_s)[0]) < float(loss)
+
+# Plain jit, no shard_map: the batch-sharded inputs' shardings alone make each device run the kernels on
+# its own rows, forward and backward (the weight gradients summed over the devices), with nothing
+# gathered. Inputs split along time instead run whole on each device. Against the same step on one
+# device.
+def fused_calls(compiled_text):
+    """(target, rows) of every fusedrnn custom call in a compiled program (its first result is y or dx,
+    (T, rows, ...))."""
+    found = []
+    for line in compiled_text.splitlines():
+        target = re.search(r'custom_call_target="(fusedrnn_layer_\w+)"', line)
+        if target:
+            found.append((target.group(1), int(re.search(r"= \(f32\[\d+,(\d+)", line).group(1))))
+    return found
+
+
+for cell, proj in [(cell, 0) for cell in fj.CELLS] + [("lstm", 2)]:
+    params = fj.init(jax.random.key(1), cell, inp, hidden, num_layers=2, bidirectional=True, proj_size=proj)
+    width = proj or hidden
+    x = jnp.asarray(rng.standard_normal((steps, batch, inp)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((steps, batch, 2 * width)), jnp.float32)
+    lengths = jnp.asarray(rng.integers(1, steps + 1, batch), jnp.int32)
+    h0 = jnp.asarray(rng.standard_normal((4, batch, width)), jnp.float32)
+    hx = (h0, jnp.asarray(rng.standard_normal((4, batch, hidden)), jnp.float32)) if cell == "lstm" else h0
+
+    def step(p, x, target, lengths, hx):
+        def loss_fn(p):
+            y, state = fj.forward(cell, p, x, hx, lengths=lengths)
+            return jnp.mean((y - target) ** 2), y
+        (loss, y), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        return loss, grads, y
+
+    jitted = jax.jit(step)
+    (loss_1, grads_1, y_1) = jitted(params, x, target, lengths, hx)
+    rows = NamedSharding(mesh, P(None, "data"))
+    by_rows = (jax.device_put(x, rows), jax.device_put(target, rows),
+               jax.device_put(lengths, NamedSharding(mesh, P("data"))), jax.device_put(hx, rows))
+    by_time = (jax.device_put(x, NamedSharding(mesh, P("data"))), target, lengths, hx)
+    for inputs in (by_rows, by_time):
+        loss, grads, y = jitted(params, *inputs)
+        np.testing.assert_allclose(float(loss), float(loss_1), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_1), rtol=1e-6, atol=1e-6)
+        for name in params:
+            np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(grads_1[name]), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"plain jit {cell} {name}")
+        compiled = jitted.lower(params, *inputs).compile().as_text()
+        calls = fused_calls(compiled)
+        # Two layers, one forward and one backward call each, every one on half of the rows (all of them
+        # where time was split).
+        rows_each = batch // 2 if inputs is by_rows else batch
+        assert len(calls) == 4 and all(r == rows_each for _, r in calls), calls
+        if inputs is by_rows:
+            assert "all-gather" not in compiled, [l for l in compiled.splitlines() if "all-gather" in l]
+            assert y.sharding.spec[1] == "data", y.sharding
+    # Run to run, the same bits.
+    again = jitted(params, *by_rows)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(jitted(params, *by_rows))))
+
+# vmap of the jitted layer and jit of its vmap still map the call (custom_partitioning has no vmap rule).
+params = fj.init(jax.random.key(2), "gru", inp, hidden)
+xs = jnp.asarray(rng.standard_normal((3, steps, batch, inp)), jnp.float32)
+each = np.stack([np.asarray(fj.forward("gru", params, xs[i])[0]) for i in range(3)])
+for mapped in (jax.vmap(jax.jit(lambda x: fj.forward("gru", params, x)[0])),
+               jax.jit(jax.vmap(lambda x: fj.forward("gru", params, x)[0]))):
+    np.testing.assert_allclose(np.asarray(mapped(xs)), each, rtol=1e-6, atol=1e-6)
 print("OK")

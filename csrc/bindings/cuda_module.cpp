@@ -141,6 +141,10 @@ struct Arrays {
     }
     return static_cast<T*>(a.data);
   }
+  // One of the tape's arrays (layer.h), C-contiguous; null where the call has none.
+  T* tape(const py::object& obj, const char* name, const fusedrnn::TapeArray& shape) {
+    return shape.values() > 0 ? dense_out(obj, name, {shape.leading, shape.batch, shape.width}) : nullptr;
+  }
 };
 
 // Runs `enqueue(workspace)` on the arrays' device with `bytes` of stream-ordered workspace.
@@ -205,12 +209,12 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
     throw py::value_error("y, h_n, c_n: output arrays are required");
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, p.shape, training);
   p.tape.training = training;
-  p.tape.hs = arr.dense_out(hs, "hs", {layout.slots, B, R});
-  p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {layout.slots, B, H}) : nullptr;
-  p.tape.saved = layout.saved_values > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
-  p.tape.rs = P > 0 ? arr.dense_out(rs, "rs", {training ? T_ : 1, B, H}) : nullptr;
-  if (!p.tape.hs || (f.has_cell_state && !p.tape.cs) || (layout.saved_values > 0 && !p.tape.saved) ||
-      (P > 0 && !p.tape.rs))
+  p.tape.hs = arr.tape(hs, "hs", layout.hs);
+  p.tape.cs = arr.tape(cs, "cs", layout.cs);
+  p.tape.saved = arr.tape(saved, "saved", layout.saved);
+  p.tape.rs = arr.tape(rs, "rs", layout.rs);
+  if (!p.tape.hs || (layout.cs.values() > 0 && !p.tape.cs) || (layout.saved.values() > 0 && !p.tape.saved) ||
+      (layout.rs.values() > 0 && !p.tape.rs))
     throw py::value_error("hs, cs, saved, rs: the tape's arrays are required");
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::forward_workspace_bytes(p), stream,
@@ -243,11 +247,12 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
   if (!lengths.is_none())
     p.shape.lengths =
         view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
+  const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, p.shape, true);
   p.tape.training = true;
-  p.tape.hs = arr.dense_out(hs, "hs", {T_ + 1, B, R});
-  p.tape.cs = f.has_cell_state ? arr.dense_out(cs, "cs", {T_ + 1, B, H}) : nullptr;
-  p.tape.saved = f.saved > 0 ? arr.dense_out(saved, "saved", {T_, B, f.saved * H}) : nullptr;
-  p.tape.rs = P > 0 ? arr.dense_out(rs, "rs", {T_, B, H}) : nullptr;
+  p.tape.hs = arr.tape(hs, "hs", layout.hs);
+  p.tape.cs = arr.tape(cs, "cs", layout.cs);
+  p.tape.saved = arr.tape(saved, "saved", layout.saved);
+  p.tape.rs = arr.tape(rs, "rs", layout.rs);
   p.dy = arr.template in<fusedrnn::View3<const T>>(dy, "dy", {T_, B, R});
   p.dh_n = arr.template in<fusedrnn::View2<const T>>(dh_n, "dh_n", {B, R});
   p.dc_n = arr.template in<fusedrnn::View2<const T>>(dc_n, "dc_n", {B, H});

@@ -128,7 +128,7 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
   fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false, proj};
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(c.cell, shape, false);
   // An inference tape for each direction: they may run at once.
-  AlignedScratch<T> hs(D * layout.state_values), cs(D * layout.cell_state_values), rs(D * layout.output_values);
+  AlignedScratch<T> hs(D * layout.hs.values()), cs(D * layout.cs.values()), rs(D * layout.rs.values());
   std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));
   for (Index d = 0; d < D; ++d) {
     const Index h_at = d * all * state, c_at = d * all * hidden;
@@ -160,9 +160,9 @@ ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states
   // Inference keeps its tape (two state slots, the cell output) in scratch of the call, one for each
   // direction, as they may run at once; training writes the tape results.
   const Index D = c.D;
-  AlignedScratch<T> scratch_hs(c.training ? 0 : D * c.layout.state_values);
-  AlignedScratch<T> scratch_cs(c.training ? 0 : D * c.layout.cell_state_values);
-  AlignedScratch<T> scratch_rs(c.training ? 0 : D * c.layout.output_values);
+  AlignedScratch<T> scratch_hs(c.training ? 0 : D * c.layout.hs.values());
+  AlignedScratch<T> scratch_cs(c.training ? 0 : D * c.layout.cs.values());
+  AlignedScratch<T> scratch_rs(c.training ? 0 : D * c.layout.rs.values());
   auto scratch = [&](Index d) {
     return fusedrnn::direction_tape<T>(c.layout, d, false, scratch_hs.data, scratch_cs.data, nullptr, scratch_rs.data);
   };

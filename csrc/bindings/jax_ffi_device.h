@@ -121,9 +121,9 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
   add_checked(checked, check_states, c.c0, N, "c0");
   // Inference keeps its tape (two state slots, the cell output) in the workspace; training writes the
   // tape results.
-  const Index states = c.training ? 0 : c.layout.state_values;
-  const Index cell_states = c.training ? 0 : c.layout.cell_state_values;
-  const Index outputs = c.training ? 0 : c.layout.output_values;
+  const Index states = c.training ? 0 : c.layout.hs.values();
+  const Index cell_states = c.training ? 0 : c.layout.cs.values();
+  const Index outputs = c.training ? 0 : c.layout.rs.values();
   std::size_t layer_bytes = 0;
   for (Index d = 0; d < c.D; ++d)
     layer_bytes = std::max(layer_bytes, dev.forward_workspace_bytes(c.params(0, d, nullptr, LayerTape<T>{})));

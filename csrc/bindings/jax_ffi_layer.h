@@ -295,15 +295,20 @@ struct TapeBuffers {
               const ffi::AnyBuffer& rs_buf, const Batch& batch)
       : hs(hs_buf, batch), cs(cs_buf, batch), saved(saved_buf, batch), rs(rs_buf, batch) {}
 
+  // Each array (D, leading, B, width): every direction's tape_layout() array, the batch a dimension of
+  // its own, so that a batch split across devices splits the tape with it.
   ffi::Error check(const TapeLayout& layout, Index directions) const {
-    if (ffi::Error e = first_failure({expect(hs, "hs", {directions, layout.state_values}),
-                                      expect_optional(cs, "cs", {directions, layout.cell_state_values}),
-                                      expect_optional(saved, "saved", {directions, layout.saved_values}),
-                                      expect_optional(rs, "rs", {directions, layout.output_values})});
+    auto expect_array = [directions](const Batched<E>& b, const char* name, const TapeArray& a, bool optional) {
+      if (optional && b.empty()) return ffi::Error::Success();
+      return expect(b, name, {directions, a.leading, a.batch, a.width});
+    };
+    if (ffi::Error e = first_failure({expect_array(hs, "hs", layout.hs, false), expect_array(cs, "cs", layout.cs, true),
+                                      expect_array(saved, "saved", layout.saved, true),
+                                      expect_array(rs, "rs", layout.rs, true)});
         e.failure())
       return e;
-    if (layout.has_cell_state == cs.empty() || (layout.saved_values == 0) != saved.empty() ||
-        (layout.output_values == 0) != rs.empty())
+    if (layout.has_cell_state == cs.empty() || (layout.saved.values() == 0) != saved.empty() ||
+        (layout.rs.values() == 0) != rs.empty())
       return shape_error("tape", "does not match tape_layout()");
     return ffi::Error::Success();
   }

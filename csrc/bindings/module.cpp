@@ -391,14 +391,12 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
   args.cell = cell;
   args.shape = {steps, batch, input, hidden, in1_or_null<Index>(lengths), reverse, proj};
   const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(cell, args.shape, training);
-  Arr<T> hs = aligned_array<T>({layout.slots, batch, state});
-  py::object cs = has_c ? py::object(aligned_array<T>({layout.slots, batch, hidden})) : py::none();
-  py::object saved = layout.saved_values == 0
-                         ? py::none()
-                         : py::object(aligned_array<T>({steps, batch, facts.saved * hidden}));
-  py::object rs = layout.output_values == 0
-                      ? py::none()
-                      : py::object(aligned_array<T>({training ? steps : 1, batch, hidden}));
+  auto tape_array = [](const fusedrnn::TapeArray& shape) {
+    return shape.values() == 0 ? py::none()
+                               : py::object(aligned_array<T>({shape.leading, shape.batch, shape.width}));
+  };
+  Arr<T> hs = py::cast<Arr<T>>(tape_array(layout.hs));
+  py::object cs = tape_array(layout.cs), saved = tape_array(layout.saved), rs = tape_array(layout.rs);
   Arr<T> h_n = aligned_array<T>({batch, state});
   py::object c_n = has_c ? py::object(aligned_array<T>({batch, hidden})) : py::none();
 
@@ -868,18 +866,17 @@ PYBIND11_MODULE(_core, m) {
                           Index proj_size) {
     const fusedrnn::LayerShape shape{steps, batch, 1, hidden, {}, false, proj_size};
     const fusedrnn::TapeLayout l = fusedrnn::tape_layout(parse_cell(cell), shape, training);
-    py::dict counts;
-    counts["slots"] = l.slots;
-    counts["hs"] = l.state_values;
-    counts["cs"] = l.cell_state_values;
-    counts["saved"] = l.saved_values;
-    counts["rs"] = l.output_values;
-    return counts;
+    py::dict shapes;
+    const std::pair<const char*, const fusedrnn::TapeArray*> arrays[] = {
+        {"hs", &l.hs}, {"cs", &l.cs}, {"saved", &l.saved}, {"rs", &l.rs}};
+    for (const auto& [name, a] : arrays)
+      if (a->values() > 0) shapes[name] = py::make_tuple(a->leading, a->batch, a->width);
+    return shapes;
   }, py::arg("cell"), py::arg("steps"), py::arg("batch"), py::arg("hidden"), py::arg("training"),
         py::arg("proj_size") = 0,
-        "Element counts of one layer direction's tape (layer.h), for callers that allocate it themselves: "
-        "a dict of slots and the values of hs, cs (0 without a cell state), saved and rs (0 without a "
-        "projection).");
+        "The shapes of one layer direction's tape arrays (layer.h), for callers that allocate them "
+        "themselves: a dict of (leading, batch, width) for each of hs, cs, saved and rs the call has (cs "
+        "with a cell state, saved in training, rs with a projection), the batch always in the middle.");
 #ifdef FUSEDRNN_WITH_XLA_FFI
   fusedrnn::bindings::def_jax_ffi(m);
 #endif

@@ -134,14 +134,22 @@ struct LayerTape {
   T* rs = nullptr;
 };
 
-// Element counts of the tape's arrays for a call, so any caller (an FFI handler declaring its outputs,
-// a device allocator) sizes them from the one rule above.
+// One array of a direction's tape: `leading` blocks (state slots, or steps) of B rows of `width`
+// values. The batch is the middle dimension of every array, so the tape of a batch split by rows into
+// several calls is their tapes side by side along it.
+struct TapeArray {
+  Index leading = 0, batch = 0, width = 0;  // all 0: the call has no such array
+  Index values() const { return leading * batch * width; }
+};
+
+// The shapes of the tape's arrays for a call, so any caller (an FFI handler declaring its outputs, a
+// device allocator, a binding) sizes them from the one rule above.
 struct TapeLayout {
-  Index slots = 0;         // T+1 (training) or 2
-  Index state_values = 0;  // hs: slots*B*R
-  Index cell_state_values = 0;  // cs: slots*B*H when has_cell_state, else 0
-  Index saved_values = 0;  // T*B*S*H in training, else 0
-  Index output_values = 0;  // rs with a projection: T*B*H in training, B*H in inference; else 0
+  Index slots = 0;  // T+1 (training) or 2
+  TapeArray hs;     // (slots, B, R)
+  TapeArray cs;     // (slots, B, H) when has_cell_state
+  TapeArray saved;  // (T, B, S*H) in training
+  TapeArray rs;     // with a projection: (T, B, H) in training, (1, B, H) in inference
   bool has_cell_state = false;
 };
 
@@ -149,10 +157,10 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
   const CellFacts& f = cell_facts(cell);
   TapeLayout l;
   l.slots = training ? s.steps + 1 : 2;
-  l.state_values = l.slots * s.batch * s.state_size();
-  l.cell_state_values = f.has_cell_state ? l.slots * s.batch * s.hidden : 0;
-  l.saved_values = training ? s.steps * s.batch * f.saved * s.hidden : 0;
-  l.output_values = s.proj > 0 ? (training ? s.steps : 1) * s.batch * s.hidden : 0;
+  l.hs = {l.slots, s.batch, s.state_size()};
+  if (f.has_cell_state) l.cs = {l.slots, s.batch, s.hidden};
+  if (training && f.saved > 0) l.saved = {s.steps, s.batch, f.saved * s.hidden};
+  if (s.proj > 0) l.rs = {training ? s.steps : 1, s.batch, s.hidden};
   l.has_cell_state = f.has_cell_state;
   return l;
 }
@@ -162,8 +170,8 @@ inline TapeLayout tape_layout(CellKind cell, const LayerShape& s, bool training)
 template <typename T>
 LayerTape<T> direction_tape(const TapeLayout& layout, Index d, bool training, T* hs, T* cs, T* saved, T* rs) {
   auto at = [d](T* base, Index values) { return values > 0 && base ? base + d * values : nullptr; };
-  return {at(hs, layout.state_values), at(cs, layout.cell_state_values), at(saved, layout.saved_values), training,
-          at(rs, layout.output_values)};
+  return {at(hs, layout.hs.values()), at(cs, layout.cs.values()), at(saved, layout.saved.values()), training,
+          at(rs, layout.rs.values())};
 }
 
 // The slot of the state read (prev) and written (next) at time t: see "State slots" above.

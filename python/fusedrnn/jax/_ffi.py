@@ -10,6 +10,8 @@ shares it across the mapped elements, so weights are never copied per element.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import threading
 from functools import partial
@@ -18,6 +20,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import _core
 from ..functional import has_cell_state
@@ -185,20 +190,18 @@ def sizes(spec: LayerSpec, weights) -> tuple[int, int]:
 TAPE_ARRAYS = ("hs", "cs", "saved", "rs")
 
 
-def tape_counts(cell: str, steps, batch, hidden: int, proj: int) -> dict:
-    """The values a direction's training tape holds in each of its arrays (the native tape_layout()),
-    for the arrays the layer has. Each count is batch * (a * steps + b), so sizes that are symbolic
-    (jax.export's shape polymorphism) get theirs from the rule's counts at one row and one and two
-    steps."""
+def tape_shapes(cell: str, steps, batch, hidden: int, proj: int) -> dict:
+    """The shapes (leading, batch, width) of a direction's training tape arrays (the native
+    tape_layout()), for the arrays the layer has. Only the leading size depends on the steps (steps, or
+    steps + 1 for the state slots), so symbolic sizes (jax.export's shape polymorphism) get theirs
+    from the rule at one step and one row."""
     if isinstance(steps, int) and isinstance(batch, int):
-        counts = _core.tape_layout(cell, steps, batch, hidden, True, proj_size=proj)
-        return {name: counts[name] for name in TAPE_ARRAYS if counts[name]}
-    one, two = (_core.tape_layout(cell, t, 1, hidden, True, proj_size=proj) for t in (1, 2))
-    return {name: batch * ((two[name] - one[name]) * steps + 2 * one[name] - two[name])
-            for name in TAPE_ARRAYS if one[name]}
+        return _core.tape_layout(cell, steps, batch, hidden, True, proj_size=proj)
+    at_one = _core.tape_layout(cell, 1, 1, hidden, True, proj_size=proj)
+    return {name: (steps + leading - 1, batch, width) for name, (leading, _, width) in at_one.items()}
 
 
-def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
+def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, *weights):
     steps, batch, _ = x.shape
     hidden, width = sizes(spec, weights)
     dirs, dtype = spec.directions, x.dtype
@@ -207,12 +210,124 @@ def _forward_call(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     cell_state = _result((dirs, batch, hidden), dtype, x) if has_c else _none(dtype, x)
     tape = [_none(dtype, x)] * len(TAPE_ARRAYS)
     if training:
-        counts = tape_counts(spec.cell, steps, batch, hidden, 0 if width == hidden else width)
-        tape = [_result((dirs, counts[name]), dtype, x) if name in counts else _none(dtype, x)
+        shapes = tape_shapes(spec.cell, steps, batch, hidden, 0 if width == hidden else width)
+        tape = [_result((dirs, *shapes[name]), dtype, x) if name in shapes else _none(dtype, x)
                 for name in TAPE_ARRAYS]
     results = (_result((steps, batch, dirs * width), dtype, x), state, cell_state, *tape)
     call = jax.ffi.ffi_call(_FORWARD, results, vmap_method="expand_dims")
-    return call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False))
+    return tuple(call(x, h0, c0, lengths, *weights, training=bool(training), **_attrs(spec, False)))
+
+
+def _backward_call(spec: LayerSpec, _options, x, lengths, hs, cs, saved, rs, dy, dh_n, dc_n, *weights):
+    batch = x.shape[1]
+    hidden, width = sizes(spec, weights)
+    results = (_result(x.shape, x.dtype, x), _result((spec.directions, batch, width), x.dtype, x),
+               _result((spec.directions, batch, hidden), x.dtype, x) if has_cell_state(spec.cell)
+               else _none(x.dtype, x),
+               *(_result(w.shape, w.dtype, x) for w in weights))
+    call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
+    return tuple(call(x, lengths, hs, cs, saved, rs, dy, dh_n, dc_n, *weights, **_attrs(spec, True)))
+
+
+# Under jit the FFI calls are operations that jit partitions by the batch: where jit's shardings split
+# the batch's rows across devices, each device runs the kernels on its own rows, the weights whole and
+# the weight gradients summed over the devices, instead of XLA gathering every operand onto each
+# device. Each array's batch is a dimension of its own (the tape's too: tape_layout() puts it in the
+# middle), so the per-device calls' outputs side by side are one call's on the whole batch.
+# custom_partitioning has no vmap rule, so it sits inside a custom_vmap whose rule is the plain FFI
+# call's (vmap_method="expand_dims").
+
+def _row_axis(array) -> int | None:
+    """Where an operand or result keeps the batch's rows: (T or D, B, ...) arrays in dimension 1, the
+    tape's (D, leading, B, width) in 2; weights, their gradients and empty placeholders have none."""
+    return {3: 1, 4: 2}.get(len(array.shape))
+
+
+def _batch_split(arg_shapes, in_axes):
+    """The mesh axes the rows of the first batched operand are split over, or None where they are not
+    split, or not evenly (each device must get whole rows of every batched operand)."""
+    axis, first = next((a, shape) for shape, a in zip(arg_shapes, in_axes) if a is not None)
+    spec = getattr(first.sharding, "spec", None)
+    if spec is None or axis >= len(spec) or spec[axis] is None:
+        return None
+    split = spec[axis]
+    devices = math.prod(first.sharding.mesh.shape[name] for name in (split if isinstance(split, tuple) else (split,)))
+    if any(a is not None and shape.shape[a] % devices for shape, a in zip(arg_shapes, in_axes)):
+        return None
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(call):
+    """call(spec, options, *arrays) -> tuple of arrays, as one operation that jit partitions by rows."""
+
+    def run(spec, options, axes, *arrays):
+        return call(spec, options, *arrays)
+
+    def partition(spec, options, axes, mesh, arg_shapes, result_shapes):
+        in_axes, out_axes, summed = axes
+        split = _batch_split(arg_shapes, in_axes)
+
+        def sharding(shape, axis):
+            parts = [None] * len(shape.shape)
+            if axis is not None:
+                parts[axis] = split
+            return NamedSharding(mesh, PartitionSpec(*parts))
+
+        def per_device(*arrays):
+            outputs = call(spec, options, *arrays)
+            if split is None:
+                return outputs
+            return tuple(jax.lax.psum(o, split) if add else o for o, add in zip(outputs, summed))
+
+        return (mesh, per_device, tuple(sharding(s, a) for s, a in zip(result_shapes, out_axes)),
+                tuple(sharding(s, a) for s, a in zip(arg_shapes, in_axes)))
+
+    def sharding_rule(spec, options, axes, mesh, operand_types, result_types):
+        in_axes, out_axes, _ = axes
+        factors = itertools.count()
+
+        def dims(t, axis):
+            return " ".join("b" if i == axis else f"d{next(factors)}" for i in range(len(t.shape)))
+
+        return (", ".join(dims(t, a) for t, a in zip(operand_types, in_axes)) + " -> "
+                + ", ".join(dims(t, a) for t, a in zip(result_types, out_axes)))
+
+    partitioned = custom_partitioning(run, static_argnums=(0, 1, 2))
+    partitioned.def_partition(partition=partition, sharding_rule=sharding_rule)
+    return partitioned
+
+
+def _by_rows(call, spec, options, arrays, lengths_at: int, summed=()):
+    """call(spec, options, *arrays), the FFI call itself where nothing traces it or where it already
+    runs per device (inside shard_map), and under jit the operation partitioned by rows. arrays[lengths_at]
+    is the lengths (B,), or an empty placeholder; results flagged in `summed` (the weight gradients)
+    are summed over the devices that split the rows."""
+    if not any(isinstance(a, jax.core.Tracer) for a in arrays) or any(_varying_axes(a) for a in arrays):
+        return call(spec, options, *arrays)
+    in_axes = [_row_axis(a) for a in arrays]
+    in_axes[lengths_at] = None if arrays[lengths_at].shape == (0,) else 0
+    results = jax.eval_shape(functools.partial(call, spec, options), *arrays)
+    out_axes = tuple(_row_axis(r) for r in results)
+    axes = (tuple(in_axes), out_axes, tuple(summed) + (False,) * (len(results) - len(summed)))
+    partitioned = _partitioned(call)
+
+    @custom_vmap
+    def by_rows(*arrays):
+        return partitioned(spec, options, axes, *arrays)
+
+    @by_rows.def_vmap
+    def _(axis_size, in_batched, *arrays):
+        mapped = tuple(0 if b else None for b in in_batched)
+        outputs = jax.vmap(functools.partial(call, spec, options), in_axes=mapped, axis_size=axis_size)(*arrays)
+        return outputs, (True,) * len(outputs)
+
+    return by_rows(*arrays)
+
+
+def _forward(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
+    """y, h_n, c_n and the tape's arrays (empty unless training)."""
+    return _by_rows(_forward_call, spec, training, (x, h0, c0, lengths, *weights), lengths_at=3)
 
 
 def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
@@ -225,7 +340,7 @@ def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layer(spec: LayerSpec, x, h0, c0, lengths, weights):
-    y, h_n, c_n, *_ = _forward_call(spec, False, x, h0, c0, lengths, weights)
+    y, h_n, c_n, *_ = _forward(spec, False, x, h0, c0, lengths, weights)
     return y, h_n, c_n
 
 
@@ -236,7 +351,7 @@ _SECOND_DERIVATIVES = ("fusedrnn.jax: second derivatives (the gradient of a grad
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _training_forward(spec, x, h0, c0, lengths, weights):
     """The forward that writes the tape, as the first half of `layer`'s derivative."""
-    return _forward_call(spec, True, x, h0, c0, lengths, weights)
+    return _forward(spec, True, x, h0, c0, lengths, weights)
 
 
 @_training_forward.defjvp
@@ -267,14 +382,8 @@ def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
     """The fused backward kernel on one layer's tape (hs, cs, saved, rs as the training forward wrote
     them): returns (dx, dh0, dc0, weight gradients)."""
     x, lengths, tape, dy, dh_n, dc_n, weights = vary_alike(x, lengths, tape, dy, dh_n, dc_n, weights)
-    batch = x.shape[1]
-    hidden, width = sizes(spec, weights)
-    results = (_result(x.shape, x.dtype, x), _result((spec.directions, batch, width), x.dtype, x),
-               _result((spec.directions, batch, hidden), x.dtype, x) if has_cell_state(spec.cell)
-               else _none(x.dtype, x),
-               *(_result(w.shape, w.dtype, x) for w in weights))
-    call = jax.ffi.ffi_call(_BACKWARD, results, vmap_method="expand_dims")
-    dx, dh0, dc0, *grads = call(x, lengths, *tape, dy, dh_n, dc_n, *weights, **_attrs(spec, True))
+    dx, dh0, dc0, *grads = _by_rows(_backward_call, spec, None, (x, lengths, *tape, dy, dh_n, dc_n, *weights),
+                                    lengths_at=1, summed=(False,) * 3 + (True,) * len(weights))
     return dx, dh0, dc0, tuple(grads)
 
 
