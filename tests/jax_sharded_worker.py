@@ -1,8 +1,8 @@
 """Run by test_jax_sharded.py in a child process whose XLA_FLAGS give the CPU two devices (the flag must
 be set before jax initialises). Data-parallel training steps with the batch sharded across the
-devices by shard_map, each device running the fused kernels on its own rows, against the same step
-on one device, for every cell and the LSTM with a projection. Prints OK and exits 0 when everything
-matches."""
+devices, by shard_map and by plain jit's input shardings, each device running the fused kernels on its
+own rows, against the same step on one device, for every cell and the LSTM with a projection. Prints
+OK and exits 0 when everything matches."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Data-parallel training with fusedrnn.jax across two CPU devices (shard_map over the batch). The
-device count is fixed by XLA_FLAGS before jax initialises, so the steps run in a child process
-(jax_sharded_worker.py)."""
+"""Data-parallel training with fusedrnn.jax across two CPU devices, the batch split by shard_map and by
+plain jit's input shardings. The device count is fixed by XLA_FLAGS before jax initialises, so the
+steps run in a child process (jax_sharded_worker.py)."""
 
 from __future__ import annotations
 
