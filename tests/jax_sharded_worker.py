@@ -133,4 +133,29 @@ each = np.stack([np.asarray(fj.forward("gru", params, xs[i])[0]) for i in range(
 for mapped in (jax.vmap(jax.jit(lambda x: fj.forward("gru", params, x)[0])),
                jax.jit(jax.vmap(lambda x: fj.forward("gru", params, x)[0]))):
     np.testing.assert_allclose(np.asarray(mapped(xs)), each, rtol=1e-6, atol=1e-6)
+# jax.export: a program split across devices by shard_map exports and runs from its serialized form; one
+# split by plain jit's shardings is refused (jax cannot serialize the partitioning's callback).
+from jax import export  # noqa: E402
+
+rows = NamedSharding(mesh, P(None, "data"))
+x = jnp.asarray(rng.standard_normal((steps, batch, inp)), jnp.float32)
+x_spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
+by_shard_map = jax.jit(jax.shard_map(lambda p, x: fj.forward("gru", p, x)[0], mesh=mesh,
+                                     in_specs=(P(), P(None, "data")), out_specs=P(None, "data")))
+exported = export.export(by_shard_map, disabled_checks=fj.export_disabled_checks())(params, x_spec)
+try:
+    import flatbuffers  # noqa: F401  (what serialize() needs; the test extra has it)
+
+    restored = export.deserialize(exported.serialize())
+except ImportError:
+    restored = exported
+np.testing.assert_allclose(np.asarray(restored.call(params, jax.device_put(x, rows))),
+                           np.asarray(fj.forward("gru", params, x)[0]), rtol=1e-6, atol=1e-6)
+by_jit = jax.jit(lambda p, x: fj.forward("gru", p, x)[0], in_shardings=(None, rows))
+try:
+    export.export(by_jit, disabled_checks=fj.export_disabled_checks())(params, x_spec)
+except NotImplementedError as err:
+    assert "host_callbacks" in str(err), err
+else:
+    raise AssertionError("a program partitioned by plain jit exported")
 print("OK")

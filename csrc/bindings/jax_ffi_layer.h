@@ -8,7 +8,7 @@
 //                  then per direction weight_ih (G*H, I), weight_hh (G*H, R) [, bias_ih, bias_hh (G*H)]
 //                  [, weight_hr (P, H)] (torch.nn's order: an odd count per direction has a projection)
 //            rets  y (T, B, D*R), h_n (D, B, R), c_n (D, B, H), and the tape (tape_layout(); training
-//                  only): hs (D, slots*B*R), cs (D, slots*B*H), saved (D, T*B*S*H), rs (D, T*B*H)
+//                  only): hs (D, T+1, B, R), cs (D, T+1, B, H), saved (D, T, B, S*H), rs (D, T, B, H)
 //   backward args  x, lengths, hs, cs, saved, rs (as forward had them), dy (T, B, D*R), dh_n (D, B, R),
 //                  dc_n (D, B, H), then the weights as forward had them
 //            rets  dx (T, B, I), dh0 (D, B, R), dc0 (D, B, H), then one gradient per weight, in the
@@ -286,7 +286,7 @@ struct Weights {
 };
 
 // The tape of a call as buffers (training forward's results, backward's arguments): hs, cs, saved, rs,
-// each (D, the layout's count of values), absent ones empty.
+// absent ones empty.
 template <typename E>
 struct TapeBuffers {
   Batched<E> hs, cs, saved, rs;
