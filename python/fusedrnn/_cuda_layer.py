@@ -260,15 +260,12 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
     steps, batch, inp = x.shape
     width = weight_hh.shape[1]  # R: P with a projection, else H
     proj, hidden = (0, width) if weight_hr is None else tuple(weight_hr.shape)
-    facts = _core.cells[cell]
-    slots = steps + 1 if training else 2
     y = lib.empty(x, (steps, batch, width)) if out is None else out
     h_n = lib.empty(x, (batch, width))
-    c_n = lib.empty(x, (batch, hidden)) if facts["has_cell_state"] else None
-    hs = lib.empty(x, (slots, batch, width))
-    cs = lib.empty(x, (slots, batch, hidden)) if facts["has_cell_state"] else None
-    saved = lib.empty(x, (steps, batch, facts["saved"] * hidden)) if training and facts["saved"] else None
-    rs = lib.empty(x, (steps if training else 1, batch, hidden)) if proj else None
+    c_n = lib.empty(x, (batch, hidden)) if _core.cells[cell]["has_cell_state"] else None
+    tape_shapes = _core.tape_layout(cell, steps, batch, hidden, training, proj_size=proj)
+    hs, cs, saved, rs = (lib.empty(x, tape_shapes[name]) if name in tape_shapes else None
+                         for name in ("hs", "cs", "saved", "rs"))
     lens = None if lengths is None else lib.from_host(x, np.ascontiguousarray(lengths, np.int64))
     dtype = lib.dtype_name(x)
     shape = (steps, batch, inp, hidden, proj)
