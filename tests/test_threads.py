@@ -276,6 +276,10 @@ def test_ranks_holding_whole_rows_project_inside_the_steps_from_four_rows_each(t
     # Both weights four times half the L2: they would stream from L3 every step.
     wide = int((_core.l2_cache_bytes() / 64) ** 0.5) * 2
     assert _core.input_projection_choice("lstm", 100, rows, wide, wide) != "in_steps"
+    # Shared by units, 32 rows make each weight read serve enough FMAs to stream it from L3: inside the
+    # steps after all.
+    if team_size == 2:
+        assert _core.input_projection_choice("lstm", 100, 32, wide, wide) == "in_steps"
 
 
 @pytest.mark.parametrize("team_size", [2], indirect=True)
@@ -366,7 +370,7 @@ def test_small_layers_use_fewer_threads(team_size):
 @pytest.mark.parametrize("team_size", [2], indirect=True)
 def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
     """By rows, every rank streams the whole W_hh each step: rows are shared while it fits in half the
-    L2, or else while each rank has 32 rows to use every weight on; units are shared otherwise."""
+    L2; beyond, units are, each rank streaming only its columns."""
     l2 = fusedrnn.build_info()["l2_cache_bytes"]
     assert l2 >= 1 << 16
     for cell, batch, hidden in [("lstm", 8, 64), ("lstm", 32, 256), ("gru", 64, 512), ("gru", 62, 512),
@@ -374,7 +378,7 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
         gates = GATES[cell]
         for dtype in (np.float32, np.float64):
             fits = gates * hidden * hidden * np.dtype(dtype).itemsize <= l2 / 2
-            want = (2, "rows") if fits or batch >= 64 else (2, "units")
+            want = (2, "rows") if fits else (2, "units")
             assert _core.layer_split(cell, batch, hidden, dtype) == want, (cell, batch, hidden, dtype)
     with pytest.raises(TypeError, match=r"^dtype: expected float32 or float64, got int32"):
         _core.layer_split("lstm", 8, 64, np.int32)
@@ -392,7 +396,8 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
 def test_larger_teams_never_give_the_recurrence_fewer_ranks():
     """Teams of 2 to 16 (more than this machine's cores): by rows, the team stops at the most ranks that
     still get enough rows each (4 where units could be shared, 32 where W_hh streams from beyond L2)
-    instead of falling back to units; rows win while they give at least as many ranks as units."""
+    instead of falling back to units; rows win while they give at least as many ranks as units, except
+    where W_hh streams from beyond L2 and units can be shared: units then."""
     l2 = fusedrnn.build_info()["l2_cache_bytes"]
     teams = range(2, 17)
     shapes = list(itertools.product(CELLS, (np.float32, np.float64), (1, 4, 8, 13, 32, 64, 100, 256),
@@ -415,7 +420,8 @@ def test_larger_teams_never_give_the_recurrence_fewer_ranks():
             units = [min(team, max(1, hidden // 64)) for team in teams]
             rows = [min(team, batch // 2, batch // 32 if not fits else batch, batch // 4 if u > 1 else batch)
                     for team, u in zip(teams, units)]
-            want = [(r, "rows") if r > 1 and r >= u else (u, "units") for r, u in zip(rows, units)]
+            want = [(u, "units") if (not fits and u > 1) or not (r > 1 and r >= u) else (r, "rows")
+                    for r, u in zip(rows, units)]
             assert got == want, case
         # The 16-core case that showed the fall-back: LSTM (B=32, H=256) in float32 kept 8 ranks by rows
         # where its weights fit (1 MB in half an L2 of 2 MB), instead of 4 by units.

@@ -206,11 +206,11 @@ int gemm_threads(double flops, int team_threads) {
 // Where forward projects x onto W_ih (see bench/NOTES.md, "Figures behind the code", input
 // projection). Each rank can project its own share of x inside each step with the panel kernel, its
 // packed W_ih beside W_hh, instead of one BLAS GEMM before the sequence whose output each step reads
-// back from L3 or memory. That pays where the rank's packed weights stay in L2 between steps: where
+// back from L3 or memory. That pays where each step's read of the rank's packed weights is cheap: where
 // each rank holds whole rows (by rows, or one rank), both whole weights in half the L2, as for sharing
-// rows at all, and a few rows a rank to share each weight read; by units, the rank's columns of both
-// in the L2, with enough rows that each weight read from it serves as many FMAs as streaming from L3
-// needs (a B=1 step would read W_ih just to multiply one row). Short of that, by units each rank can
+// rows at all, and a few rows a rank to share each weight read; by units, enough rows that each weight
+// read serves as many FMAs as streaming it from L3 needs, wherever the rank's columns of both weights
+// are (a B=1 step would read W_ih just to multiply one row). Short of that, by units each rank can
 // still project its own gate columns of every step before the first with the panel kernel: the
 // result then sits in the rank's own cache, where the shared GEMM, split by steps, leaves each rank's
 // share of later steps in the other core's. That pays where the rank's W_ih slice stays in half the
@@ -236,8 +236,7 @@ InputProjection input_projection(CellKind cell, const LayerShape& s, const Layer
   if (whole_rows && weight_bytes <= 0.5 * l2 && s.batch / split.ranks >= kMinRowsPerRankInSteps)
     return InputProjection::kInSteps;
   if (split.by_rows) return InputProjection::kUpFront;
-  if (split.ranks > 1 && s.batch >= kMinRowsToStreamWeights && weight_bytes / split.ranks <= l2)
-    return InputProjection::kInSteps;
+  if (split.ranks > 1 && s.batch >= kMinRowsToStreamWeights) return InputProjection::kInSteps;
   const double gemm_flops = 2.0 * static_cast<double>(s.steps * s.batch) * gate_rows * s.input;
   const bool by_rank =
       ih_bytes / split.ranks <= 0.5 * l2 && gemm_threads(gemm_flops, direction_threads) <= split.ranks;
@@ -440,7 +439,8 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   constexpr Index kMinUnitsPerRank = 64;
   // By rows, the ranks never meet inside the sequence, but each streams the whole W_hh every step.
   // From L2 (when it takes at most half, leaving room for the step's other data) that is cheap. From
-  // L3 it needs kMinRowsToStreamWeights a rank. Where units can be shared too, rows win from 4 a rank.
+  // L3 it needs kMinRowsToStreamWeights a rank, and where units can be shared, they win: each rank
+  // streams only its columns, for every row. Where W_hh fits, rows win from 4 a rank.
   constexpr Index kMinRowsPerRank = 2;
   constexpr Index kMinRowsPerRankOverUnits = 4;
   const double weight_bytes = recurrent_weight_bytes(cell, hidden, proj, value_bytes);
@@ -456,6 +456,7 @@ LayerSplit layer_split(CellKind cell, Index batch, Index hidden, std::size_t val
   // The most ranks rows pay on, rather than all or none: a larger team must never leave the recurrence
   // fewer ranks than a smaller one would (32 rows on 16 ranks would give 2 a rank, too few; 8 ranks
   // with 4 each still pay). Rows win while they give at least as many ranks as units do.
+  if (!weights_fit && unit_ranks > 1) return by_units;
   if (!weights_fit) row_ranks = std::min<Index>(row_ranks, batch / kMinRowsToStreamWeights);
   if (unit_ranks > 1) row_ranks = std::min<Index>(row_ranks, batch / kMinRowsPerRankOverUnits);
   if (row_ranks > 1 && row_ranks >= unit_ranks) return {static_cast<int>(row_ranks), true};
