@@ -265,7 +265,7 @@ def _partitioned(call):
         return call(spec, options, *arrays)
 
     def partition(spec, options, axes, mesh, arg_shapes, result_shapes):
-        in_axes, out_axes, summed = axes
+        in_axes, summed_from = axes
         split = _batch_split(arg_shapes, in_axes)
 
         def sharding(shape, axis):
@@ -276,40 +276,38 @@ def _partitioned(call):
 
         def per_device(*arrays):
             outputs = call(spec, options, *arrays)
-            if split is None:
+            if split is None or summed_from is None:
                 return outputs
-            return tuple(jax.lax.psum(o, split) if add else o for o, add in zip(outputs, summed))
+            return outputs[:summed_from] + tuple(jax.lax.psum(o, split) for o in outputs[summed_from:])
 
-        return (mesh, per_device, tuple(sharding(s, a) for s, a in zip(result_shapes, out_axes)),
+        return (mesh, per_device, tuple(sharding(s, _row_axis(s)) for s in result_shapes),
                 tuple(sharding(s, a) for s, a in zip(arg_shapes, in_axes)))
 
     def sharding_rule(spec, options, axes, mesh, operand_types, result_types):
-        in_axes, out_axes, _ = axes
+        in_axes, _ = axes
         factors = itertools.count()
 
         def dims(t, axis):
             return " ".join("b" if i == axis else f"d{next(factors)}" for i in range(len(t.shape)))
 
         return (", ".join(dims(t, a) for t, a in zip(operand_types, in_axes)) + " -> "
-                + ", ".join(dims(t, a) for t, a in zip(result_types, out_axes)))
+                + ", ".join(dims(t, _row_axis(t)) for t in result_types))
 
     partitioned = custom_partitioning(run, static_argnums=(0, 1, 2))
     partitioned.def_partition(partition=partition, sharding_rule=sharding_rule)
     return partitioned
 
 
-def _by_rows(call, spec, options, arrays, lengths_at: int, summed=()):
+def _by_rows(call, spec, options, arrays, lengths_at: int, summed_from: int | None = None):
     """call(spec, options, *arrays), the FFI call itself where nothing traces it or where it already
     runs per device (inside shard_map), and under jit the operation partitioned by rows. arrays[lengths_at]
-    is the lengths (B,), or an empty placeholder; results flagged in `summed` (the weight gradients)
-    are summed over the devices that split the rows."""
+    is the lengths (B,), or an empty placeholder; the results from `summed_from` on (the weight
+    gradients) are summed over the devices that split the rows."""
     if not any(isinstance(a, jax.core.Tracer) for a in arrays) or any(_varying_axes(a) for a in arrays):
         return call(spec, options, *arrays)
     in_axes = [_row_axis(a) for a in arrays]
     in_axes[lengths_at] = None if arrays[lengths_at].shape == (0,) else 0
-    results = jax.eval_shape(functools.partial(call, spec, options), *arrays)
-    out_axes = tuple(_row_axis(r) for r in results)
-    axes = (tuple(in_axes), out_axes, tuple(summed) + (False,) * (len(results) - len(summed)))
+    axes = (tuple(in_axes), summed_from)
     partitioned = _partitioned(call)
 
     @custom_vmap
@@ -383,7 +381,7 @@ def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
     them): returns (dx, dh0, dc0, weight gradients)."""
     x, lengths, tape, dy, dh_n, dc_n, weights = vary_alike(x, lengths, tape, dy, dh_n, dc_n, weights)
     dx, dh0, dc0, *grads = _by_rows(_backward_call, spec, None, (x, lengths, *tape, dy, dh_n, dc_n, *weights),
-                                    lengths_at=1, summed=(False,) * 3 + (True,) * len(weights))
+                                    lengths_at=1, summed_from=3)
     return dx, dh0, dc0, tuple(grads)
 
 
