@@ -104,20 +104,25 @@ def shape(name: str, arr: np.ndarray, expected: tuple[int, ...]) -> None:
 
 def finite(name: str, arr: np.ndarray) -> None:
     """No NaN or infinity in `arr`: a NumPy array, or a CUDA array (CuPy, torch), checked on its device."""
-    if _device.is_cuda(arr):
+    if type(arr) is not np.ndarray and _device.is_cuda(arr):
         from . import _cuda_layer
         ok = _cuda_layer.library_of(arr).all_finite(arr)
     elif arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected dtype float32 or float64, got {arr.dtype}")
     elif arr.size == 0:
         return
-    elif arr.dtype in FLOAT_DTYPES and arr.flags.aligned and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+    elif arr.dtype in FLOAT_DTYPES and _dense(arr.flags):
         ok = _core.all_finite(arr)  # one native pass (fusedrnn/checks.h), shared by the team when large
     else:
         # min and max propagate NaN and expose +-inf: two vectorised passes, no temporary array.
         ok = np.isfinite(arr.min()) and np.isfinite(arr.max())
     if not ok:
         raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def _dense(flags) -> bool:
+    """Aligned and contiguous in C or Fortran order, from an array's flags."""
+    return flags.aligned and (flags.c_contiguous or flags.f_contiguous)
 
 
 def apart(written: dict, read: dict) -> None:

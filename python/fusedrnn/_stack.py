@@ -67,8 +67,11 @@ def weight_names(num_layers: int, bidirectional: bool) -> tuple:
 
 
 def direction(a, d: int, width: int):
-    """Direction d's (T, B, R) view of a layer's (T, B, D*R) output or its gradient (None: None)."""
-    return None if a is None else a[:, :, d * width:(d + 1) * width]
+    """Direction d's (T, B, R) view of a layer's (T, B, D*R) output or its gradient (None: None); the
+    array itself where it holds one direction."""
+    if a is None or a.shape[2] == width:
+        return a
+    return a[:, :, d * width:(d + 1) * width]
 
 
 def _at(a, index):

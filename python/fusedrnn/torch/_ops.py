@@ -66,7 +66,15 @@ def _array(t: Optional[Tensor]):
     is (detached)."""
     if t is None:
         return None
-    return t.detach() if t.is_cuda else t.detach().numpy()
+    return t.detach() if t.is_cuda else t.numpy(force=True)  # force: detached (shares memory on the CPU)
+
+
+def _all_on_cpu(tensors) -> bool:
+    """Every tensor given (None skipped) is on the CPU."""
+    for t in tensors:
+        if t is not None and not t.is_cpu:
+            return False
+    return True
 
 
 def _tensor(a) -> Tensor:
@@ -77,7 +85,7 @@ def _empty(like: Tensor, shape) -> Tuple[Tensor, object]:
     """An uninitialised tensor of `shape` beside `like`, and what the layer-stack driver writes it
     through (_array of it). From torch's allocator, not over a NumPy array (see bench/NOTES.md, "The
     per-call Python")."""
-    t = like.new_empty(shape)
+    t = like.new_empty(*shape)  # the sizes as arguments: torch parses them faster than a tuple
     return t, _array(t)
 
 
@@ -88,12 +96,13 @@ def _empty(like: Tensor, shape) -> Tuple[Tensor, object]:
 PARAMETERS = _stack.LayerWeights._fields
 WEIGHT_SLOTS = PARAMETERS + tuple(f"{name}_reverse" for name in PARAMETERS)
 SLOTS_PER_DIRECTION = len(PARAMETERS)
+_DIRECTION_STARTS = range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION)
 
 
 def _by_direction(weights):
     """The LayerWeights (arrays) of each direction present, as the driver takes them."""
-    return [_stack.LayerWeights(*(_array(t) for t in weights[d:d + SLOTS_PER_DIRECTION]))
-            for d in range(0, len(WEIGHT_SLOTS), SLOTS_PER_DIRECTION) if weights[d] is not None]
+    return [_stack.LayerWeights(*map(_array, weights[d:d + SLOTS_PER_DIRECTION]))
+            for d in _DIRECTION_STARTS if weights[d] is not None]
 
 
 def _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell):
@@ -127,18 +136,24 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
                                   "supported; reverse mode (backward, torch.func.grad, vjp, jacrev) is")
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
-    if not all(t is None or t.is_cpu for t in (x, *weights, h0, c0)):  # the common case, checked first
+    if not _all_on_cpu((x, *weights, h0, c0)):  # the common case, checked first
         _device.common_device(input=x, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
     xa, h0a, c0a = _array(x), _array(h0), _array(c0)
     if check_finite:
-        for name, a in (("input", xa), ("h_0", h0a), ("c_0", c0a)):
-            if a is not None:
-                _checks.finite(name, a)
-    (y, ya), (h_n, h_na), (c_n, c_na) = (_empty(x, shape)
-                                         for shape in _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell))
-    lens = _checks.lengths(None if lengths is None else lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
+        _checks.finite("input", xa)
+        if h0a is not None:
+            _checks.finite("h_0", h0a)
+        if c0a is not None:
+            _checks.finite("c_0", c0a)
+    y_shape, state_shape, cell_shape = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
+    (y, ya), (h_n, h_na) = _empty(x, y_shape), _empty(x, state_shape)
+    if has_cell_state(cell):
+        c_n, c_na = _empty(x, cell_shape)
+    else:
+        c_n, c_na = x.new_empty(*cell_shape), None
+    lens = None if lengths is None else _checks.lengths(lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
     tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record, y=ya,
-                                 h_n=h_na, c_n=c_na if has_cell_state(cell) else None)
+                                 h_n=h_na, c_n=c_na)
     handle = _tape_handle(tapes) if record else torch.full((), _NO_TAPE, dtype=torch.int64)
     return y, h_n, c_n, handle
 
@@ -166,9 +181,9 @@ def _layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tenso
     absent weights are empty tensors."""
     tapes = _tapes_of(tape)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
-    (dh0, dh0a), (dc0, dc0a) = _empty(x, state), _empty(x, cell_state)
-    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0a,
-                                              dc0=dc0a if has_cell_state(cell) else None)
+    dh0, dh0a = _empty(x, state)
+    dc0, dc0a = _empty(x, cell_state) if has_cell_state(cell) else (x.new_empty(*cell_state), None)
+    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0a, dc0=dc0a)
     grads = [None] * len(WEIGHT_SLOTS)
     for d, g in enumerate(per_direction):
         for k, value in enumerate(getattr(g, name) for name in PARAMETERS):

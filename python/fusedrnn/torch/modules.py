@@ -79,13 +79,15 @@ class _FusedRNNBase(nn.RNNBase):
         if steps == 0 or batch == 0:
             raise ValueError(f"input: empty sequence or batch (T={steps}, B={batch})")
 
-        h0, c0 = self._initial_states(hx, batch, unbatched, dtype)
+        cell = self._cell
+        cell_state = has_cell_state(cell)
+        h0, c0 = self._initial_states(hx, batch, unbatched, dtype, cell_state)
         if sorted_indices is not None:  # hx is in the caller's batch order; the rows run sorted
             h0 = None if h0 is None else h0.index_select(1, sorted_indices)
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
         dirs = 2 if self.bidirectional else 1
-        grad_on, cell = torch.is_grad_enabled(), self._cell
+        grad_on = torch.is_grad_enabled()
         slot_names = _stack.weight_names(self.num_layers, True)  # both directions' slots, always
 
         def run_layer(layer, x, h0_l, c0_l):
@@ -102,7 +104,7 @@ class _FusedRNNBase(nn.RNNBase):
         x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
                                          between=dropout if self.training and self.dropout > 0 else None)
         h_n = torch.cat(h_n) if self.num_layers > 1 else h_n[0]
-        c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if self._has_cell_state else None
+        c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if cell_state else None
 
         if packed:
             output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes, sorted_indices,
@@ -115,14 +117,13 @@ class _FusedRNNBase(nn.RNNBase):
             c_n = None if c_n is None else c_n.squeeze(1)
         else:
             output = x.transpose(0, 1) if self.batch_first else x
-        return output, ((h_n, c_n) if self._has_cell_state else h_n)
+        return output, ((h_n, c_n) if cell_state else h_n)
 
-    def _initial_states(self, hx, batch: int, unbatched: bool, dtype):
+    def _initial_states(self, hx, batch: int, unbatched: bool, dtype, has_cell_state: bool):
         """(h0, c0) as (L*D, B, R) and (L*D, B, H) tensors or None (R: proj_size with a projection,
         else hidden_size), checked against the input."""
         if hx is None:
             return None, None
-        has_cell_state = self._has_cell_state
         names = ("h_0", "c_0") if has_cell_state else ("hx",)
         if has_cell_state:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
