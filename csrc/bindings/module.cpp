@@ -519,8 +519,13 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
                                  const py::object& dc_n_obj, const py::object& dx_obj,
                                  const py::object& grad_w_ih, const py::object& grad_w_hh,
                                  const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
-                                 const py::object& grad_w_hr, bool accumulate_grads) {
+                                 const py::object& grad_w_hr, bool accumulate_grads, Index grad_groups) {
   const Index steps = tape.steps, batch = tape.batch, input = tape.input, hidden = tape.hidden;
+  if (grad_groups < 1 || batch % grad_groups != 0)
+    throw py::value_error("grad_groups: expected a divisor of the batch (" + std::to_string(batch) + "), got " +
+                          std::to_string(grad_groups));
+  if (grad_groups > 1 && tape.backend != Backend::kCpu)
+    throw py::value_error("grad_groups: gradients per group of rows run on the CPU backend only");
   const Index proj = tape.proj, state = tape.state_size();
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
   const Index gh = facts.gates * hidden;
@@ -553,38 +558,52 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   args.dc_n = in2_or_null<T>(dc_n);
 
   // The gradient buffers the caller accumulates into (or has written): C-contiguous (the API's rule).
+  // Per group of rows, the weight and bias gradients gain a leading dimension of grad_groups.
   auto out_buffer = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> py::object {
     if (obj.is_none()) return py::none();
     auto arr = require_array(obj, name);
     const Index ld = checked_output<T>(arr, name, shape);
-    if (ld != shape.back() && shape.size() > 1)
+    if ((ld != shape.back() && shape.size() > 1) || (shape.size() > 2 && !(arr.flags() & py::array::c_style)))
       throw py::value_error(std::string(name) + ": must be C-contiguous");
     return std::move(arr);
   };
+  auto grouped = [grad_groups](std::vector<Index> shape) {
+    if (grad_groups > 1) shape.insert(shape.begin(), grad_groups);
+    return shape;
+  };
   py::object dx = out_buffer(dx_obj, "dx", {steps, batch, input});
-  py::object dw_ih = out_buffer(grad_w_ih, "grad_weight_ih", {gh, input});
-  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", {gh, state});
+  py::object dw_ih = out_buffer(grad_w_ih, "grad_weight_ih", grouped({gh, input}));
+  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", grouped({gh, state}));
   if (dw_ih.is_none() || dw_hh.is_none())
     throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
-  py::object dw_hr = proj > 0 ? out_buffer(grad_w_hr, "grad_weight_hr", {proj, hidden}) : py::none();
+  py::object dw_hr = proj > 0 ? out_buffer(grad_w_hr, "grad_weight_hr", grouped({proj, hidden})) : py::none();
   if (proj > 0 && dw_hr.is_none())
     throw py::value_error("grad_weight_hr: the layer has a projection, so its gradient buffer is required");
   if (proj == 0 && !grad_w_hr.is_none())
     throw py::value_error("grad_weight_hr: the layer has no projection");
-  py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grad_bias_ih", {gh}) : py::none();
-  py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", {gh}) : py::none();
+  py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grad_bias_ih", grouped({gh})) : py::none();
+  py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", grouped({gh})) : py::none();
   if (has_bias && (db_ih.is_none() || db_hh.is_none()))
     throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
   auto as_array = [](const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); };
   if (!dx.is_none()) args.dx = out3<T>(as_array(dx));
   args.accumulate_dx = accumulate_dx;
   args.accumulate_weight_grads = accumulate_grads;
-  args.dw_ih = out2<T>(as_array(dw_ih));
-  args.dw_hh = out2<T>(as_array(dw_hh));
-  if (proj > 0) args.dw_hr = out2<T>(as_array(dw_hr));
+  args.grad_groups = grad_groups;
+  // Grouped, each buffer is dense: its groups' gradients one after another as rows.
+  auto matrix = [grad_groups, &as_array](const py::object& obj, Index cols) {
+    return grad_groups > 1 ? dense2(static_cast<T*>(as_array(obj).mutable_data()), cols) : out2<T>(as_array(obj));
+  };
+  auto vector = [grad_groups, &as_array](const py::object& obj) {
+    return grad_groups > 1 ? fusedrnn::View1<T>{static_cast<T*>(as_array(obj).mutable_data()), 1}
+                           : out1<T>(as_array(obj));
+  };
+  args.dw_ih = matrix(dw_ih, input);
+  args.dw_hh = matrix(dw_hh, state);
+  if (proj > 0) args.dw_hr = matrix(dw_hr, hidden);
   if (has_bias) {
-    args.db_ih = out1<T>(as_array(db_ih));
-    args.db_hh = out1<T>(as_array(db_hh));
+    args.db_ih = vector(db_ih);
+    args.db_hh = vector(db_hh);
   }
 
   Arr<T> dh0 = aligned_array<T>({batch, state});
@@ -600,9 +619,10 @@ template <typename T>
 py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
                          const py::object& dx, const py::object& grad_w_ih, const py::object& grad_w_hh,
                          const py::object& grad_b_ih, const py::object& grad_b_hh, bool accumulate_dx,
-                         const py::object& grad_w_hr, bool accumulate_grads) {
+                         const py::object& grad_w_hr, bool accumulate_grads, Index grad_groups) {
   const PreparedBackward<T> call = prepare_backward<T>(tape, dy, dh_n, dc_n, dx, grad_w_ih, grad_w_hh, grad_b_ih,
-                                                       grad_b_hh, accumulate_dx, grad_w_hr, accumulate_grads);
+                                                       grad_b_hh, accumulate_dx, grad_w_hr, accumulate_grads,
+                                                       grad_groups);
   {
     py::gil_scoped_release release;
     if (tape.backend == Backend::kCpu)
@@ -620,16 +640,17 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::objec
 template <typename T>
 py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::object& dy, const py::object& dh_n,
                                     const py::object& dc_n, const py::object& dx, const py::object& grads,
-                                    bool accumulate_dx, bool accumulate_grads) {
+                                    bool accumulate_dx, bool accumulate_grads, Index grad_groups) {
   const auto [dy0, dy1] = per_direction(dy, "dy");
   const auto [dh_n0, dh_n1] = per_direction(dh_n, "dh_n");
   const auto [dc_n0, dc_n1] = per_direction(dc_n, "dc_n");
   const auto [g0, g1] = per_direction(grads, "grads");
   const std::array<py::object, 5> a = direction_weights(g0), b = direction_weights(g1);
   const PreparedBackward<T> d0 =
-      prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4], accumulate_grads);
-  const PreparedBackward<T> d1 =
-      prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4], accumulate_grads);
+      prepare_backward<T>(t0, dy0, dh_n0, dc_n0, dx, a[0], a[1], a[2], a[3], accumulate_dx, a[4], accumulate_grads,
+                          grad_groups);
+  const PreparedBackward<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4],
+                                                     accumulate_grads, grad_groups);
   {
     py::gil_scoped_release release;
     cpu::layer_backward_directions<T>(d0.args, d1.args);
@@ -639,7 +660,7 @@ py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::ob
 
 py::tuple layer_backward_directions(const py::object& tapes, const py::object& dy, const py::object& dh_n,
                                     const py::object& dc_n, const py::object& dx, const py::object& grads,
-                                    bool accumulate_dx, bool accumulate_grads) {
+                                    bool accumulate_dx, bool accumulate_grads, Index grad_groups) {
   const auto [first, second] = per_direction(tapes, "tapes");
   const Tape& t0 = py::cast<const Tape&>(first);
   const Tape& t1 = py::cast<const Tape&>(second);
@@ -651,8 +672,10 @@ py::tuple layer_backward_directions(const py::object& tapes, const py::object& d
     throw py::value_error("tapes: expected the forward and the reverse direction of one layer");
   if (dx.is_none()) throw py::value_error("dx: both directions together need the buffer they share");
   if (holds<float>(t0.x))
-    return backward_directions_typed<float>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads);
-  return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads);
+    return backward_directions_typed<float>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads,
+                                            grad_groups);
+  return backward_directions_typed<double>(t0, t1, dy, dh_n, dc_n, dx, grads, accumulate_dx, accumulate_grads,
+                                           grad_groups);
 }
 
 // pass(values, size) over a contiguous, aligned float32/float64 array, without the GIL.
@@ -722,21 +745,22 @@ PYBIND11_MODULE(_core, m) {
         [](const Tape& tape, const py::object& dy, const py::object& dh_n, const py::object& dc_n,
            const py::object& dx, const py::object& gw_ih, const py::object& gw_hh,
            const py::object& gb_ih, const py::object& gb_hh, bool accumulate_dx, const py::object& gw_hr,
-           bool accumulate_grads) {
+           bool accumulate_grads, Index grad_groups) {
           if (holds<float>(tape.x))
             return backward_typed<float>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr,
-                                         accumulate_grads);
+                                         accumulate_grads, grad_groups);
           return backward_typed<double>(tape, dy, dh_n, dc_n, dx, gw_ih, gw_hh, gb_ih, gb_hh, accumulate_dx, gw_hr,
-                                        accumulate_grads);
+                                        accumulate_grads, grad_groups);
         },
         py::arg("tape"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"), py::arg("dx"),
         py::arg("grad_weight_ih"), py::arg("grad_weight_hh"), py::arg("grad_bias_ih"),
         py::arg("grad_bias_hh"), py::arg("accumulate_dx") = true, py::arg("grad_weight_hr") = py::none(),
-        py::arg("accumulate_grads") = true,
+        py::arg("accumulate_grads") = true, py::arg("grad_groups") = 1,
         "Backpropagates one layer direction through time. Accumulates into the gradient buffers "
         "(accumulate_grads=False: writes them, their old values never read) and into dx "
         "(accumulate_dx=False: writes dx likewise); returns (dh0, dc0, dh_norm) with dh_norm[t] the norm "
-        "of dL/dh_t.");
+        "of dL/dh_t. grad_groups=Q > 1 (CPU backend): the batch's rows in Q consecutive groups, each "
+        "group's weight and bias gradients apart, the buffers (Q, ...) C-contiguous.");
 
   m.def("layer_forward_directions", &layer_forward_directions, py::arg("cell"), py::arg("x"), py::arg("weights"),
         py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("training"), py::arg("out"),
@@ -747,12 +771,12 @@ PYBIND11_MODULE(_core, m) {
         "team. Returns one (y, h_n, c_n, tape) per direction.");
   m.def("layer_backward_directions", &layer_backward_directions, py::arg("tapes"), py::arg("dy"), py::arg("dh_n"),
         py::arg("dc_n"), py::arg("dx"), py::arg("grads"), py::arg("accumulate_dx"),
-        py::arg("accumulate_grads") = true,
+        py::arg("accumulate_grads") = true, py::arg("grad_groups") = 1,
         "Backward of layer_forward_directions: tapes, dy, dh_n, dc_n and grads one per direction (grads "
         "as (grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr)). Direction 0 "
         "writes dx (accumulate_dx=False) or adds into it, direction 1 adds into it; the gradients are "
-        "added into, or written with accumulate_grads=False. Returns one (dh0, dc0, dh_norm) per "
-        "direction.");
+        "added into, or written with accumulate_grads=False, per group of rows with grad_groups as in "
+        "layer_backward. Returns one (dh0, dc0, dh_norm) per direction.");
   m.def("directions_together", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype) {
     const fusedrnn::LayerShape shape{1, batch, hidden, hidden, {}, false, 0};
     return cpu::directions_together(parse_cell(cell), shape, float_item_size(dtype), cpu::team_size());

@@ -219,6 +219,11 @@ struct LayerBackwardParams {
   View2<T> dw_hr;           // (P, H): required with a projection, else null
   double* dh_norm = nullptr;  // (T) dense, or null: L2 norm over (B, R) of dL/dh_t (valid rows), time order
   T cell_clip = std::numeric_limits<T>::infinity();  // as in forward
+  // Weight and bias gradients per group of rows (per-sample gradients in one call): with grad_groups =
+  // Q > 1, the batch's rows form Q consecutive groups of B/Q rows, and dw_ih, dw_hh, dw_hr, db_ih and
+  // db_hh each hold Q gradients one after another, dense ((Q*G*H, I), (Q*G*H, R), (Q*P, H), (Q*G*H)),
+  // each summed over its group's rows alone. CPU backend only.
+  Index grad_groups = 1;
 };
 
 }  // namespace fusedrnn

@@ -125,11 +125,12 @@ def forward_layer(cell: str, x, weights, h0=None, c0=None, *, lengths=None, trai
 
 
 def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None, dh_norm=None,
-                   grads=None):
+                   grads=None, grad_groups: int = 1):
     """Backward of one forward_layer(training=True): dy (T, B, D*R), dh_n (D, B, R) and dc_n (D, B, H)
     or None (zero). Writes dh0 (D, B, R), dc0 (D, B, H; only for a cell with a cell state) and dh_norm
     (D, T) when given. `grads[d]` (a LayerWeights of gradients) is added into for direction d; without
-    it each direction's are created. Returns (dx (T, B, I), [LayerGrads of each direction])."""
+    it each direction's are created. `grad_groups` as in functional.layer_backward. Returns (dx (T, B, I),
+    [LayerGrads of each direction])."""
     width = tapes[0].proj_size or tapes[0].shape[3]
     intos = [None] * len(tapes)
     if grads is not None:
@@ -139,12 +140,14 @@ def backward_layer(tapes: list, dy=None, dh_n=None, dc_n=None, *, dh0, dc0=None,
                                   weight_hr=g.weight_hr)
     if len(tapes) == 2 and all(isinstance(t, _core.Tape) and t.backend == "cpu" for t in tapes):
         results = _backward_directions(tapes, [direction(dy, d, width) for d in (0, 1)],
-                                       [_at(dh_n, d) for d in (0, 1)], [_at(dc_n, d) for d in (0, 1)], intos)
+                                       [_at(dh_n, d) for d in (0, 1)], [_at(dc_n, d) for d in (0, 1)], intos,
+                                       grad_groups)
     else:
         dx = None  # the first direction's backward writes it, the second adds into it
         results = []
         for d, tape in enumerate(tapes):
-            results.append(_backward(tape, direction(dy, d, width), _at(dh_n, d), _at(dc_n, d), dx, intos[d]))
+            results.append(_backward(tape, direction(dy, d, width), _at(dh_n, d), _at(dc_n, d), dx, intos[d],
+                                     grad_groups))
             dx = results[-1].dx
     for d, g in enumerate(results):
         dh0[d] = g.dh0

@@ -134,21 +134,28 @@ def _forward_directions(cell, x, weights, h0, c0, lengths, training, out, cell_c
     return [LayerOutput(*r) for r in results]
 
 
-def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None) -> LayerGrads:
+def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None,
+                   grad_groups: int = 1) -> LayerGrads:
     """Backpropagation through time for one `layer_forward(..., training=True)`.
 
     dy (T, B, R), dh_n (B, R) and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the
     arrays in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a
     projection, weight_hr) are accumulated into when given, and created otherwise. The result's
     dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
-    h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction."""
+    h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction.
+
+    `grad_groups` Q > 1 (CPU tapes): the batch's rows form Q consecutive groups of B/Q rows, and the
+    weight and bias gradients of each group come apart, with a leading dimension Q (weight_ih
+    (Q, G*H, I), bias_ih (Q, G*H), ...; buffers in `grads` of those shapes, C-contiguous): Q = B gives
+    per-sample gradients in one call. dx, dh0 and dc0 are as without."""
     from ._cuda_layer import CudaTape
+    grad_groups = _checks.positive_int("grad_groups", grad_groups)
     grad_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     if grads is not None and not all(hasattr(grads, name) for name in grad_names):
         raise TypeError(f"grads: expected an object with the attributes {', '.join(grad_names)} (and weight_hr "
                         f"with a projection), such as a LayerGrads, got {type(grads).__name__}")
     if isinstance(tape, CudaTape):
-        return _backward(tape, dy, dh_n, dc_n, dx, grads)
+        return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
     if not isinstance(tape, _core.Tape):
         raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
                         f"{type(tape).__name__}")
@@ -157,12 +164,15 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
         written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
                         if getattr(grads, name, None) is not None})
     _checks.apart(written, dict(dy=dy, dh_n=dh_n, dc_n=dc_n))
-    return _backward(tape, _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n), dx, grads)
+    return _backward(tape, _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n), dx, grads,
+                     grad_groups)
 
 
-def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
+def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None, grad_groups: int = 1) -> LayerGrads:
     """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
     if not isinstance(tape, _core.Tape):  # a CudaTape, told apart without importing _cuda_layer each call
+        if grad_groups != 1:
+            raise ValueError("grad_groups: gradients per group of rows run on the CPU backend only")
         from . import _cuda_layer
         return LayerGrads(*_cuda_layer.backward(tape, dy, dh_n, dc_n, dx,
                                                 None if grads is None else (grads.weight_ih, grads.weight_hh,
@@ -170,25 +180,26 @@ def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None) -> LayerGrads:
                                                                             getattr(grads, "weight_hr", None))))
     accumulate_dx, accumulate_grads = dx is not None, grads is not None
     dx = _dx_buffer(tape) if dx is None else dx
-    grads = _grad_buffers(tape) if grads is None else grads
+    grads = _grad_buffers(tape, groups=grad_groups) if grads is None else grads
     weight_hr = getattr(grads, "weight_hr", None)
     dh0, dc0, dh_norm = _core.layer_backward(tape, dy, dh_n, dc_n, dx, grads.weight_ih, grads.weight_hh,
                                              grads.bias_ih, grads.bias_hh, accumulate_dx, weight_hr,
-                                             accumulate_grads)
+                                             accumulate_grads, grad_groups)
     return LayerGrads(dx, dh0, dc0, grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
                       dh_norm, weight_hr)
 
 
-def _backward_directions(tapes, dy, dh_n, dc_n, grads) -> list:
+def _backward_directions(tapes, dy, dh_n, dc_n, grads, grad_groups: int = 1) -> list:
     """Backward of _forward_directions: tapes, dy, dh_n, dc_n and grads (LayerGrads-like or None) one per
     direction. One dx for both, written by the first direction and added into by the second; returns
-    each direction's LayerGrads (the same dx in both)."""
+    each direction's LayerGrads (the same dx in both). `grad_groups` as in layer_backward."""
     dx = _dx_buffer(tapes[0])
     accumulate_grads = any(g is not None for g in grads)  # else both directions' are written, not added to
-    grads = [_grad_buffers(t, zeroed=accumulate_grads) if g is None else g for t, g in zip(tapes, grads)]
+    grads = [_grad_buffers(t, zeroed=accumulate_grads, groups=grad_groups) if g is None else g
+             for t, g in zip(tapes, grads)]
     in_order = [(g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, getattr(g, "weight_hr", None)) for g in grads]
     results = _core.layer_backward_directions(list(tapes), list(dy), list(dh_n), list(dc_n), dx, in_order, False,
-                                              accumulate_grads)
+                                              accumulate_grads, grad_groups)
     return [LayerGrads(dx, dh0, dc0, g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh, dh_norm, w[4])
             for (dh0, dc0, dh_norm), g, w in zip(results, grads, in_order)]
 
@@ -198,17 +209,19 @@ def _dx_buffer(tape):
     return np.empty((steps, batch, inp), tape.dtype)  # written, not added to: no clearing pass
 
 
-def _grad_buffers(tape, zeroed: bool = False) -> LayerGrads:
+def _grad_buffers(tape, zeroed: bool = False, groups: int = 1) -> LayerGrads:
     """Weight and bias gradients for the layer direction of `tape`: uninitialised, for a backward that
-    writes them (accumulate_grads=False: a memset of the weights' size saved), or zeroed."""
+    writes them (accumulate_grads=False: a memset of the weights' size saved), or zeroed; with a
+    leading dimension of `groups` where it is more than one (layer_backward's grad_groups)."""
     _, _, inp, hidden = tape.shape
     proj = tape.proj_size
     dtype = tape.dtype
     gh = GATES[tape.cell] * hidden
+    lead = (groups,) if groups > 1 else ()
     new = np.zeros if zeroed else np.empty
-    bias = (new(gh, dtype), new(gh, dtype)) if tape.has_bias else (None, None)
-    return LayerGrads(None, None, None, new((gh, inp), dtype), new((gh, proj or hidden), dtype), *bias, None,
-                      new((proj, hidden), dtype) if proj else None)
+    bias = (new((*lead, gh), dtype), new((*lead, gh), dtype)) if tape.has_bias else (None, None)
+    return LayerGrads(None, None, None, new((*lead, gh, inp), dtype), new((*lead, gh, proj or hidden), dtype), *bias,
+                      None, new((*lead, proj, hidden), dtype) if proj else None)
 
 
 def _as_optional(name: str, value):

@@ -660,7 +660,11 @@ class BackwardCall {
     gh_width_ = gates * hidden;
     rows_ = steps * batch;
     steps_ = steps;
+    batch_ = batch;
+    groups_ = a.grad_groups;
     if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
+    if (groups_ < 1 || batch % groups_ != 0)
+      throw std::invalid_argument("fusedrnn: grad_groups must divide the batch into groups of equal size");
     require_projection_fits(a.cell, s);
     require_blas_range({rows_, gh_width_, input_, hidden});
 
@@ -672,9 +676,9 @@ class BackwardCall {
     const Index* lengths = st_.in(s.lengths, batch, lengths_copy_);
     const Rows<const T> dy = st_.in(a.dy, steps, batch, width_);
     dx_ = st_.out(a.dx, steps, batch, input_, a.accumulate_dx);
-    dw_ih_ = st_.out(a.dw_ih, gh_width_, input_, a.accumulate_weight_grads);
-    dw_hh_ = st_.out(a.dw_hh, gh_width_, width_, a.accumulate_weight_grads);
-    dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, proj_, hidden, a.accumulate_weight_grads) : Rows<T>{};
+    dw_ih_ = st_.out(a.dw_ih, groups_ * gh_width_, input_, a.accumulate_weight_grads);
+    dw_hh_ = st_.out(a.dw_hh, groups_ * gh_width_, width_, a.accumulate_weight_grads);
+    dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, groups_ * proj_, hidden, a.accumulate_weight_grads) : Rows<T>{};
     layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
     const int ranks = layout_.split.ranks;
 
@@ -716,7 +720,7 @@ class BackwardCall {
         2.0 * rows_ * (gh_width_ * (2 * input_ + width_) + static_cast<double>(proj_) * hidden);
     gemm_ranks_ = std::max(ranks, gemm_threads(gemm_flops, team_threads));
     weight_values_ = gh_width_ * (input_ + width_);
-    grads_by_rows_ = weight_grads_by_rows(s, gates, gemm_ranks_, sizeof(T));
+    grads_by_rows_ = groups_ == 1 && weight_grads_by_rows(s, gates, gemm_ranks_, sizeof(T));
     partials_ = grads_by_rows_
                     ? scratch<T>(ScratchSlot::kWeightGradPartial, (gemm_ranks_ - 1) * weight_values_, scratch_set)
                     : nullptr;
@@ -740,6 +744,7 @@ class BackwardCall {
     if (dx_)
       kern_.times_matrix(r1 - r0, input, gh_width, dgx + r0 * gh_width, gh_width, w_ih_.data, w_ih_.ld,
                          a_.accumulate_dx, dx_.row(r0), dx_.ld);
+    if (groups_ > 1) return grouped_grads(rank, of);
     const auto [g0, g1] = share(gh_width, of, rank);
     const bool add = a_.accumulate_weight_grads;
     const T grads_beta = add ? T(1) : T(0);
@@ -801,6 +806,52 @@ class BackwardCall {
     }
   }
 
+  // The weight and bias gradients of each group of rows apart (grad_groups > 1), each rank its share of
+  // the groups. A row's steps sit B rows apart in the gate gradients, x and the states, so each row's
+  // sums are GEMMs over its T steps with the leading dimensions times B; a group's rows add into its
+  // gradients in row order (deterministic whatever the team).
+  void grouped_grads(int rank, int of) const {
+    const Index gh_width = gh_width_, input = input_, width = width_, batch = batch_, steps = steps_;
+    const Index group_rows = batch / groups_;
+    const T* const dgx = dgx_;
+    const T* const dgh = dgh_;
+    const bool add = a_.accumulate_weight_grads;
+    const bool split_bias = dgh != dgx;
+    std::vector<double> bias_sums(bias_grads_ ? (split_bias ? 2 : 1) * gh_width : 0);
+    const auto [q0, q1] = share(groups_, of, rank);
+    for (Index q = q0; q < q1; ++q) {
+      std::fill(bias_sums.begin(), bias_sums.end(), 0.0);
+      for (Index j = 0; j < group_rows; ++j) {
+        const Index b = q * group_rows + j;
+        const T beta = add || j > 0 ? T(1) : T(0);
+        blas::gemm<T>(true, false, gh_width, input, steps, T(1), dgx + b * gh_width, batch * gh_width, x_.row(b),
+                      batch * x_.ld, beta, dw_ih_.row(q * gh_width), dw_ih_.ld);
+        blas::gemm<T>(true, false, gh_width, width, steps, T(1), dgh + b * gh_width, batch * gh_width,
+                      h_prev_rows_ + b * width, batch * width, beta, dw_hh_.row(q * gh_width), dw_hh_.ld);
+        if (proj_ > 0)
+          blas::gemm<T>(true, false, proj_, hidden_, steps, T(1), dhs_ + b * proj_, batch * proj_,
+                        a_.tape.rs + b * hidden_, batch * hidden_, beta, dw_hr_.row(q * proj_), dw_hr_.ld);
+        if (bias_grads_)
+          for (Index t = 0; t < steps; ++t) {
+            const T* from_x = dgx + (t * batch + b) * gh_width;
+            const T* from_h = dgh + (t * batch + b) * gh_width;
+            for (Index c = 0; c < gh_width; ++c) bias_sums[c] += static_cast<double>(from_x[c]);
+            if (split_bias)
+              for (Index c = 0; c < gh_width; ++c) bias_sums[gh_width + c] += static_cast<double>(from_h[c]);
+          }
+      }
+      if (!bias_grads_) continue;
+      for (Index c = 0; c < gh_width; ++c) {
+        const double from_x = bias_sums[c], from_h = split_bias ? bias_sums[gh_width + c] : from_x;
+        for (const auto& [grad, sum] : {std::pair{a_.db_ih, from_x}, std::pair{a_.db_hh, from_h}}) {
+          if (!grad.data) continue;
+          T& into = grad.data[(q * gh_width + c) * grad.stride];
+          into = (add ? into : T(0)) + static_cast<T>(sum);
+        }
+      }
+    }
+  }
+
   // After the last job: the gradient norms, and staged outputs back to the caller's arrays.
   void finish() {
     if (a_.dh_norm)
@@ -821,7 +872,8 @@ class BackwardCall {
   std::vector<T> zero_row_;
   Rows<const T> x_, w_ih_;
   Rows<T> dx_, dw_ih_, dw_hh_, dw_hr_;
-  Index input_ = 0, proj_ = 0, hidden_ = 0, width_ = 0, gh_width_ = 0, rows_ = 0, steps_ = 0;
+  Index input_ = 0, proj_ = 0, hidden_ = 0, width_ = 0, gh_width_ = 0, rows_ = 0, steps_ = 0, batch_ = 0;
+  Index groups_ = 1;
   TeamLayout<T> layout_;
   T *dgx_ = nullptr, *dgh_ = nullptr, *dhs_ = nullptr, *partials_ = nullptr;
   const T* h_prev_rows_ = nullptr;

@@ -325,6 +325,8 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   const Index B = s.batch, H = s.hidden, R = s.state_size(), P = s.proj, gh = cell_facts(a.cell).gates * H;
   const Index rows = s.steps * B;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
+  if (a.grad_groups != 1)
+    throw std::invalid_argument("fusedrnn: weight gradients per group of rows run on the CPU backend only");
   Carver carve(workspace);
   const BackwardPlan<T> p = plan_backward(a, carve);
   for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.w_hr}) gather(dev, *o);
