@@ -663,14 +663,59 @@ def test_per_sample_gradients_by_vmap_of_grad_match_torch_nn(cell, projected):
 
 
 @pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_per_sample_gradients_run_as_one_batch(cell, projected, monkeypatch):
+    # vmap(grad) over the inputs, the weights shared: one fused forward over every sample's rows and one
+    # backward giving each sample's weight gradients apart, equal to each sample's own gradients; the
+    # same with initial states batched or shared, and under a second vmap.
+    (_, fused), params = functional_pair(cell, projected, num_layers=2, bidirectional=True)
+    gen = torch.Generator().manual_seed(14)
+    samples, rows = 3, 2
+    xs = torch.randn(samples, T, rows, I, generator=gen, dtype=torch.float64)
+    hx = initial_state(cell, projected, 4, rows, gen)
+
+    def loss(p, x, hx):
+        y, *state = fused(p, x, hx)
+        return y.square().sum() + sum(s.sum() for s in state)
+
+    groups = []
+    by_groups = _ops._backward_by_groups
+    monkeypatch.setattr(_ops, "_backward_by_groups", lambda n, *a: groups.append(n) or by_groups(n, *a))
+    got = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, 0, None))(params, xs, hx)
+    assert groups == [samples, samples]  # one backward a layer, each giving every sample's gradients
+    for k in range(samples):
+        want = torch.func.grad(loss, argnums=(0, 1))(params, xs[k], hx)
+        for name, w in want[0].items():
+            assert got[0][name].shape == (samples, *w.shape)
+            assert_close(got[0][name][k].numpy(), w.numpy(), np.float64, name)
+        assert_close(got[1][k].numpy(), want[1].numpy(), np.float64, "x")
+
+    # Initial states batched with the samples.
+    hxs = initial_state(cell, projected, 4, samples * rows, gen)
+    hxs = tuple(h.unflatten(1, (samples, rows)).movedim(1, 0) for h in hxs) if isinstance(hxs, tuple) else (
+        hxs.unflatten(1, (samples, rows)).movedim(1, 0))
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs, hxs)
+    for k in range(samples):
+        want = torch.func.grad(loss)(params, xs[k], tuple(h[k] for h in hxs) if isinstance(hxs, tuple) else hxs[k])
+        for name, w in want.items():
+            assert_close(got[name][k].numpy(), w.numpy(), np.float64, name)
+
+    nested = torch.func.vmap(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None)), in_dims=(None, 0, None))
+    got = nested(params, xs.unflatten(0, (samples, 1)), hx)
+    for k in range(samples):
+        want = torch.func.grad(loss)(params, xs[k], hx)
+        for name, w in want.items():
+            assert_close(got[name][k, 0].numpy(), w.numpy(), np.float64, name)
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
 def test_vmap_over_inputs_and_over_an_ensemble_of_modules(cell, projected):
     gen = torch.Generator().manual_seed(13)
     (_, fused), params = functional_pair(cell, projected)
     xs = torch.randn(T, 2, B, I, generator=gen, dtype=torch.float64)  # the vmapped dim second
     outputs = torch.func.vmap(lambda x: fused(params, x), in_dims=1)(xs)
-    for k in range(2):
+    for k in range(2):  # the slices ran as one batch of 2*B rows: the same values, not the same bits
         for got, want in zip(outputs, fused(params, xs[:, k])):
-            assert torch.equal(got[k], want)
+            assert_close(got[k].numpy(), want.numpy(), np.float64)
 
     # Three modules' parameters stacked (torch.func.stack_module_state), one input: the forward and
     # the gradient of the summed loss with respect to every module's parameters.
@@ -714,9 +759,15 @@ def test_forward_mode_and_second_order_transforms_raise():
             f(dual)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.func.jacrev(torch.func.jacrev(lambda x: f(x).sum()))(x)
-    nested = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda x: f(x).sum())))
+    # Nested vmaps over the inputs run (the outer one as one batch, below); over an ensemble of modules
+    # whose inputs are vmapped again, the backward is refused.
+    def loss(p, x):
+        return fused(p, x)[0].square().sum()
+
+    stacked = {n: torch.stack([p, 2 * p]) for n, p in params.items()}
+    nested = torch.func.vmap(lambda p: torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(p, x[:, :2, None]))
     with pytest.raises(NotImplementedError, match="nested torch.func.vmap"):
-        nested(x.reshape(T, B, 1, 1, I).permute(1, 2, 0, 3, 4))
+        nested(stacked)
 
 
 # ---- torch.compile, torch.export -----------------------------------------------------------------------

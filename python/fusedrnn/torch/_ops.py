@@ -30,9 +30,11 @@ from ..functional import has_cell_state
 
 
 class _TapeArray(np.ndarray):
-    """A 0-d int64 array (the handle's key) that carries the tapes of one layer call."""
+    """A 0-d int64 array (the handle's key) that carries the tapes of one layer call, and, for a call
+    that ran a vmap's slices as one batch, which vmap that was (_merged_forward)."""
 
     tapes: list
+    merged_slices: Optional[tuple] = None
 
 
 _live_tapes: "weakref.WeakValueDictionary[int, _TapeArray]" = weakref.WeakValueDictionary()
@@ -179,18 +181,31 @@ def _layer_backward(tape: Tensor, x: Tensor, weight_ih: Tensor, weight_hh: Tenso
     passed again for the shapes of the gradients. dy (T, B, D*R), dh_n (D, B, R), dc_n (D, B, H) or
     None (zero). Returns dx, dh0, dc0 and the gradient of each weight slot; dc0 and the gradients of
     absent weights are empty tensors."""
+    return _backward_by_groups(1, tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse,
+                               weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, dy, dh_n,
+                               dc_n, cell)
+
+
+def _backward_by_groups(groups: int, tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse,
+                        weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, dy, dh_n, dc_n,
+                        cell):
+    """_layer_backward with the weight gradients of `groups` consecutive groups of the batch's rows
+    apart (functional.layer_backward's grad_groups), each with a leading dimension `groups` where it is
+    more than one."""
     tapes = _tapes_of(tape)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     dh0, dh0a = _empty(x, state)
     dc0, dc0a = _empty(x, cell_state) if has_cell_state(cell) else (x.new_empty(*cell_state), None)
-    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0a, dc0=dc0a)
+    dx, per_direction = _stack.backward_layer(tapes, _array(dy), _array(dh_n), _array(dc_n), dh0=dh0a, dc0=dc0a,
+                                              grad_groups=groups)
     grads = [None] * len(WEIGHT_SLOTS)
     for d, g in enumerate(per_direction):
         for k, value in enumerate(getattr(g, name) for name in PARAMETERS):
             if value is not None:
                 grads[d * SLOTS_PER_DIRECTION + k] = _tensor(value)
     # Distinct empty tensors for the absent weights: outputs may not alias.
-    return (_tensor(dx), dh0, dc0, *(x.new_empty(0) if g is None else g for g in grads))
+    absent = (groups, 0) if groups > 1 else (0,)
+    return (_tensor(dx), dh0, dc0, *(x.new_empty(*absent) if g is None else g for g in grads))
 
 
 rnn_layer_backward = torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(),
@@ -208,6 +223,7 @@ def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reve
 
 
 _WEIGHTS_AT = slice(1, 1 + len(WEIGHT_SLOTS))  # where the weights sit among rnn_layer's arguments
+_BACKWARD_WEIGHTS_AT = slice(2, 2 + len(WEIGHT_SLOTS))  # and among rnn_layer_backward's
 
 
 def _setup_context(ctx, inputs, output):
@@ -327,7 +343,87 @@ class _TransformableLayer(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
+        if _merges_forward(in_dims, args):
+            return _merged_forward(info, in_dims, args)
         return _by_slices(_record_if_needed, info, in_dims, args, handle_output=3)
+
+
+# A vmap over the inputs alone (the weights shared), with no other transform beneath it on the CPU, runs
+# its slices as one batch: the slices' rows one after another, one fused call. Its backward, under the
+# same vmap, then gives each slice's weight gradients apart in one call (the core's gradients per group
+# of rows): per-sample gradients, vmap(grad(loss)), at the cost of one batched step. The tape's holder
+# records the vmap's input (the batched x, its place and layout), by which the backward knows the vmap.
+
+
+def _mergeable(in_dims, x: Tensor, weight_dims) -> bool:
+    return (in_dims[0] is not None and all(d is None for d in weight_dims) and x.is_cpu
+            and torch._C._functorch.maybe_current_level() is None)
+
+
+def _merges_forward(in_dims, args) -> bool:
+    """Packed input (lengths) never reaches here under vmap: torch cannot vmap the packing."""
+    return _mergeable(in_dims, args[0], in_dims[_WEIGHTS_AT]) and args[_WEIGHTS_AT.stop + 2] is None
+
+
+def _merged_rows(t: Optional[Tensor], dim: Optional[int], slices: int) -> Optional[Tensor]:
+    """A vmap's (T or D, rows, F) tensor with its slices' rows one after another: the vmapped dimension
+    `dim` folded into the rows, or an unbatched tensor repeated for every slice."""
+    if t is None:
+        return None
+    t = t.unsqueeze(1).expand(t.shape[0], slices, *t.shape[1:]) if dim is None else t.movedim(dim, 1)
+    return t.flatten(1, 2)
+
+
+def _by_slice(t: Tensor, slices: int, rows: int) -> Tuple[Tensor, int]:
+    """A merged call's (T or D, slices*rows, F) output as the vmap's (T or D, slices, rows, F) and its
+    vmapped dimension; an empty one (no cell state) as one per slice."""
+    if t.numel() == 0:
+        return t.new_empty(slices, 0), 0
+    return t.unflatten(1, (slices, rows)), 1
+
+
+def _batched_x_key(x: Tensor, dim: int) -> tuple:
+    return dim, x.data_ptr(), tuple(x.shape), x.stride()
+
+
+def _merged_forward(info, in_dims, args):
+    x, x_dim = args[0], in_dims[0]
+    slices, rows = info.batch_size, x.select(x_dim, 0).shape[1]
+    h0_dim, c0_dim = in_dims[_WEIGHTS_AT.stop:_WEIGHTS_AT.stop + 2]
+    h0, c0 = args[_WEIGHTS_AT.stop:_WEIGHTS_AT.stop + 2]
+    merged = (_merged_rows(x, x_dim, slices), *args[_WEIGHTS_AT], _merged_rows(h0, h0_dim, slices),
+              _merged_rows(c0, c0_dim, slices), None, *args[-3:])
+    *outputs, handle = _record_if_needed(*merged)
+    holder = _live_tapes.get(int(handle))
+    if holder is not None:
+        holder.merged_slices = (slices, _batched_x_key(x, x_dim))
+    outputs, dims = zip(*(_by_slice(t, slices, rows) for t in outputs))
+    return (*outputs, handle), (*dims, None)
+
+
+def _merged_backward(info, in_dims, args):
+    """_BackwardOnce's vmap rule for the tape of a _merged_forward under the same vmap: one backward,
+    each slice's weight gradients apart."""
+    tape, x, weights = args[0], args[1], args[_BACKWARD_WEIGHTS_AT]
+    dy, dh_n, dc_n, cell = args[_BACKWARD_WEIGHTS_AT.stop:]
+    slices, x_dim = info.batch_size, in_dims[1]
+    rows = x.select(x_dim, 0).shape[1]
+    dy_dim, dh_dim, dc_dim = in_dims[_BACKWARD_WEIGHTS_AT.stop:_BACKWARD_WEIGHTS_AT.stop + 3]
+    dx, dh0, dc0, *grads = _backward_by_groups(
+        slices, tape, _merged_rows(x, x_dim, slices), *weights, _merged_rows(dy, dy_dim, slices),
+        _merged_rows(dh_n, dh_dim, slices), _merged_rows(dc_n, dc_dim, slices), cell)
+    outputs, dims = zip(*(_by_slice(t, slices, rows) for t in (dx, dh0, dc0)))
+    return (*outputs, *grads), (*dims, *(0,) * len(grads))  # the gradients (slices, ...) already
+
+
+def _merged_in(info, in_dims, args) -> bool:
+    """Whether _BackwardOnce's vmap rule runs the backward of a _merged_forward under the same vmap."""
+    tape, x = args[0], args[1]
+    if in_dims[0] is not None or not _mergeable(in_dims[1:], x, in_dims[_BACKWARD_WEIGHTS_AT]):
+        return False
+    holder = _live_tapes.get(int(tape))
+    merged = None if holder is None else holder.merged_slices
+    return merged == (info.batch_size, _batched_x_key(x, in_dims[1]))
 
 
 def _record_if_needed(*args):
@@ -349,6 +445,8 @@ class _BackwardOnce(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
+        if _merged_in(info, in_dims, args):
+            return _merged_backward(info, in_dims, args)
         return _by_slices(_call_backward, info, in_dims, args)
 
 
