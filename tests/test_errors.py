@@ -642,6 +642,31 @@ def test_functional_backward_rejects_bad_gradients(cell):
             F.layer_backward(tape, **kwargs)
 
 
+def test_functional_backward_rejects_bad_grad_groups(cell):
+    tape, g = _tape(cell), GATES[cell]
+    for groups, exc, match in ((2, ValueError, r"^grad_groups: expected a divisor of the batch \(3\), got 2"),
+                               (0, ValueError, r"^grad_groups: expected an int >= 1"),
+                               (True, TypeError, r"^grad_groups: expected an int"),
+                               (1.5, TypeError, r"^grad_groups: expected an int")):
+        with pytest.raises(exc, match=match):
+            F.layer_backward(tape, grad_groups=groups)
+    per_group = F.LayerGrads(None, None, None, np.zeros((B, g * H, I)), np.zeros((B, g * H, H)), np.zeros((B, g * H)),
+                             np.zeros((B, g * H)))
+    cases = [(per_group._replace(weight_ih=np.zeros((g * H, I))), ValueError, r"^grad_weight_ih: expected shape"),
+             (per_group._replace(bias_hh=np.zeros((B + 1, g * H))), ValueError, r"^grad_bias_hh: expected shape"),
+             (per_group._replace(weight_hh=np.zeros((g * H, B, H)).transpose(1, 0, 2)), ValueError,
+              r"^grad_weight_hh: needs a contiguous last dimension")]
+    for grads, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            F.layer_backward(tape, grads=grads, grad_groups=B)
+    F.layer_backward(tape, grads=per_group, grad_groups=B)  # the baseline the cases break
+    a = _layer_args(cell)
+    emulated = F._forward(cell, a["x"], a["weight_ih"], a["weight_hh"], a["bias_ih"], a["bias_hh"], a["h0"], a["c0"],
+                          None, False, True, None, None, backend="emulated_device").tape
+    with pytest.raises(ValueError, match=r"^grad_groups: gradients per group of rows run on the CPU backend only"):
+        F.layer_backward(emulated, grad_groups=B)
+
+
 def test_functional_backward_refuses_bad_grads_and_overlapping_buffers(cell):
     tape, g = _tape(cell), GATES[cell]
     for grads in ({"weight_ih": np.zeros((g * H, I))}, (np.zeros((g * H, I)),)):

@@ -119,6 +119,43 @@ def test_backward_accumulates_into_given_buffers(rng, cell):
     np.testing.assert_array_equal(acc.dh0, once.dh0)
 
 
+@pytest.mark.parametrize("groups", [4, 2], ids=["per_row", "pairs"])
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_weight_gradients_per_group_of_rows(rng, cell, projected, reverse, lengths, groups):
+    # grad_groups: each group of consecutive rows gets the weight and bias gradients the reference gives
+    # its rows alone; dx, dh0 and dc0 are the whole batch's, as without groups; into given buffers, they
+    # are added to.
+    proj = proj_of(H, projected)
+    w, x, h0, c0 = _inputs(rng, cell, True, True, proj=proj)
+    dy, dh_n, dc_n = _upstream(rng, cell, proj=proj)
+    params, weight_hr = [w[n] for n in PARAM_NAMES], w.get("weight_hr")
+    out = F.layer_forward(cell, x, *params, h0, c0, lengths=lengths, reverse=reverse, weight_hr=weight_hr)
+    got = F.layer_backward(out.tape, dy, dh_n, dc_n, grad_groups=groups)
+    whole = F.layer_backward(out.tape, dy, dh_n, dc_n)
+    for name in ("dx", "dh0", "dc0"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
+    rows = B // groups
+    for q in range(groups):
+        part = slice(q * rows, (q + 1) * rows)
+        _, _, _, cache = reference.forward(cell, x[:, part], *params, h0[part], None if c0 is None else c0[part],
+                                           lengths=None if lengths is None else lengths[part], reverse=reverse,
+                                           weight_hr=weight_hr)
+        want = reference.backward(cache, dy[:, part], dh_n[part], None if dc_n is None else dc_n[part])
+        for name in GRAD_NAMES:
+            if want[name] is None:
+                assert getattr(got, name) is None, name
+            else:
+                assert getattr(got, name).shape == (groups, *want[name].shape), name
+                np.testing.assert_allclose(getattr(got, name)[q], want[name], err_msg=name, **REF_TOL)
+    start = {name: rng.standard_normal(getattr(got, name).shape) for name in GRAD_NAMES if getattr(got, name) is not None}
+    buffers = F.LayerGrads(None, None, None, None, None, None, None)._replace(**{n: start[n].copy() for n in start})
+    acc = F.layer_backward(out.tape, dy, dh_n, dc_n, grads=buffers, grad_groups=groups)
+    for name in start:
+        np.testing.assert_allclose(getattr(acc, name), start[name] + getattr(got, name), err_msg=name, **REF_TOL)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_written_dx_ignores_what_the_buffer_held(rng, cell):
     # Without a dx to add into, the core writes dx (no clearing pass first): values already in the

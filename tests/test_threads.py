@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _core
+from fusedrnn import _core, _stack
 from fusedrnn import functional as F
 from fusedrnn import reference
 from fusedrnn.modules import make_module
@@ -330,6 +330,41 @@ def check_directions_against_reference(rng, cell, shape, proj=0):
                 assert_matches_reference(name, actual, expected, dtype, f"direction {d}")
         assert got[0].dx is got[1].dx
         assert_matches_reference("dx", got[0].dx, dx, dtype, "both directions")
+
+
+@pytest.mark.parametrize("split", ["rows", "units"], indirect=True)
+@pytest.mark.parametrize("team_size", [1, 2, 3, 5], indirect=True, ids=["t1", "t2", "t3", "t5"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_gradients_per_group_of_rows_on_every_team(rng, team_size, split, cell, projected):
+    """grad_groups with 7 groups of 2 rows, split unevenly across the ranks, lengths and both
+    directions (at once, through the layer-stack driver): each group's weight and bias gradients are
+    the reference's for its rows alone, and a repeat gives the same bits."""
+    steps, batch, inp, hidden, groups = 5, 14, 6, 129, 7
+    proj = proj_of(hidden, projected)
+    w = random_layer(rng, cell, inp, hidden, scale=0.3, proj_size=proj)
+    layer = _stack.LayerWeights(w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"], w.get("weight_hr"))
+    x = rng.standard_normal((steps, batch, inp))
+    lengths = random_lengths(rng, steps, batch)
+    dy = rng.standard_normal((steps, batch, 2 * (proj or hidden)))
+    y, h_n = np.empty_like(dy), np.empty((2, batch, proj or hidden))
+    c_n = np.empty((2, batch, hidden)) if has_cell_state(cell) else None
+    tapes = _stack.forward_layer(cell, x, [layer, layer], lengths=lengths, training=True, y=y, h_n=h_n, c_n=c_n)
+    runs = [_stack.backward_layer(tapes, dy, dh0=np.empty_like(h_n), dc0=None if c_n is None else np.empty_like(c_n),
+                                  grad_groups=groups)[1] for _ in range(2)]
+    rows = batch // groups
+    for d, reverse in enumerate((False, True)):
+        for name in GRAD_NAMES:
+            got = getattr(runs[0][d], name)
+            assert (got is None and getattr(runs[1][d], name) is None) or np.array_equal(got, getattr(runs[1][d], name))
+        for q in range(groups):
+            part = slice(q * rows, (q + 1) * rows)
+            *_, cache = reference.forward(cell, x[:, part], *layer[:4], lengths=lengths[part], reverse=reverse,
+                                          weight_hr=layer.weight_hr)
+            want = reference.backward(cache, _stack.direction(dy, d, proj or hidden)[:, part])
+            for name in GRAD_NAMES:
+                if want[name] is not None:
+                    assert_matches_reference(name, getattr(runs[0][d], name)[q], want[name], np.float64,
+                                             f"direction {d}, group {q}")
 
 
 @pytest.mark.parametrize("split", ["rows", "units"], indirect=True)

@@ -563,7 +563,7 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
     if (obj.is_none()) return py::none();
     auto arr = require_array(obj, name);
     const Index ld = checked_output<T>(arr, name, shape);
-    if ((ld != shape.back() && shape.size() > 1) || (shape.size() > 2 && !(arr.flags() & py::array::c_style)))
+    if (ld != shape.back() && shape.size() > 1)
       throw py::value_error(std::string(name) + ": must be C-contiguous");
     return std::move(arr);
   };
