@@ -351,8 +351,9 @@ class _TransformableLayer(torch.autograd.Function):
 # A vmap over the inputs alone (the weights shared), with no other transform beneath it on the CPU, runs
 # its slices as one batch: the slices' rows one after another, one fused call. Its backward, under the
 # same vmap, then gives each slice's weight gradients apart in one call (the core's gradients per group
-# of rows): per-sample gradients, vmap(grad(loss)), at the cost of one batched step. The tape's holder
-# records the vmap's input (the batched x, its place and layout), by which the backward knows the vmap.
+# of rows): per-sample gradients, vmap(grad(loss)), at a small multiple of one batched step's cost. The
+# tape's holder records the vmap's input (the batched x, its place and layout), by which the backward
+# knows the vmap.
 
 
 def _mergeable(in_dims, x: Tensor, weight_dims) -> bool:
@@ -361,7 +362,8 @@ def _mergeable(in_dims, x: Tensor, weight_dims) -> bool:
 
 
 def _merges_forward(in_dims, args) -> bool:
-    """Packed input (lengths) never reaches here under vmap: torch cannot vmap the packing."""
+    """Whether _TransformableLayer's vmap rule runs the slices as one batch. Not with lengths: packed
+    input never reaches a vmap rule (torch cannot vmap its packing)."""
     return _mergeable(in_dims, args[0], in_dims[_WEIGHTS_AT]) and args[_WEIGHTS_AT.stop + 2] is None
 
 
