@@ -22,6 +22,11 @@ threads and no environment variables; torch.nn against the same model after fuse
 with fusedrnn's jobs on torch's OpenMP threads (the default), on fusedrnn's own workers, and on one
 thread of its own.
 
+Then per-sample gradients (`per_sample_gradients`): torch.func.vmap(torch.func.grad(loss)) over N
+sequences through fusedrnn.torch against torch.nn sample by sample (a backward each: torch.nn's own
+vmap takes a slow fallback for LSTM and fails for GRU), with one training step of the whole batch
+(summed gradients) as the floor.
+
 Then the adapter's own cost at (T=100, B=32, I=H=256) LSTM: the module's time minus the time of the
 bare fusedrnn.functional calls on the same arrays, and the time a module call spends outside the
 native layer calls, each as a share of the module's time.
@@ -214,6 +219,56 @@ def training_loop(rounds: int, repeats: int) -> list[dict]:
     return rows
 
 
+PER_SAMPLE_CASES = [(cell, steps, samples, hidden) for cell in ("lstm", "gru")
+                    for steps, samples, hidden in ((50, 32, 128), (100, 16, 256), (20, 64, 64))]
+
+
+def per_sample_gradients(rounds: int, repeats: int) -> list[dict]:
+    """Every sample's weight gradients, ms per call for all N samples (float32, batch_first, I = H, an
+    MSE loss on y): fusedrnn.torch under vmap(grad), torch.nn sample by sample, and one batched step."""
+    rows = []
+    for cell, steps, samples, hidden in PER_SAMPLE_CASES:
+        torch.manual_seed(0)
+        reference = getattr(torch.nn, cell.upper())(hidden, hidden, batch_first=True)
+        fused = frt.convert(copy.deepcopy(reference))
+        params = {name: p.detach() for name, p in reference.named_parameters()}
+        xs, targets = torch.randn(samples, 1, steps, hidden), torch.randn(samples, 1, steps, hidden)
+
+        def loss(p, x, target):
+            y, _ = torch.func.functional_call(fused, p, (x,))
+            return (y - target).square().sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+
+        def torch_nn_loop():
+            for k in range(samples):
+                reference.zero_grad()
+                y, _ = reference(xs[k])
+                (y - targets[k]).square().sum().backward()
+                [p.grad.clone() for p in reference.parameters()]
+
+        x_all, target_all = xs.flatten(0, 1), targets.flatten(0, 1)
+
+        def batched_step():
+            fused.zero_grad()
+            y, _ = fused(x_all)
+            (y - target_all).square().sum().backward()
+
+        fns = {"fused_vmap_grad": lambda: per_sample(params, xs, targets), "torch_nn_loop": torch_nn_loop,
+               "batched_step": batched_step}
+        medians = benchmark.alternate_rounds(fns, rounds, repeats)
+        row = {"cell": cell.upper(), "T": steps, "N": samples, "I": hidden, "H": hidden}
+        for name in fns:
+            row.update(benchmark.timing_fields(name, medians[name]))
+        row["vs_torch_nn_loop"] = row["torch_nn_loop_ms"] / row["fused_vmap_grad_ms"]
+        rows.append(row)
+        print(f"per-sample gradients {cell.upper()} T={steps} N={samples} I=H={hidden}: fusedrnn vmap(grad) "
+              f"{row['fused_vmap_grad_ms']:.2f} ms ({row['fused_vmap_grad_spread_pct']:.0f}%); torch.nn sample by "
+              f"sample {row['torch_nn_loop_ms']:.2f} ms ({row['vs_torch_nn_loop']:.2f}x); one batched step "
+              f"{row['batched_step_ms']:.2f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = benchmark.script_arguments(__doc__, default_repeats=5)
     parser.add_argument("--loop-only", action="store_true", help="time only the training loop")
@@ -229,13 +284,14 @@ def main() -> None:
             rows.append(row)
             print(table.line(row), flush=True)
     loop = training_loop(args.rounds, args.repeats)
+    per_sample = None if args.loop_only else per_sample_gradients(args.rounds, args.repeats)
     overhead = None if args.loop_only else adapter_overhead(args.rounds, args.repeats)
 
     if args.json:
         meta = benchmark.metadata(PEERS, args.threads, args.rounds, args.repeats)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "training_loop": loop, "adapter_overhead": overhead}, f,
-                      indent=1)
+            json.dump({"meta": meta, "rows": rows, "training_loop": loop, "per_sample_gradients": per_sample,
+                       "adapter_overhead": overhead}, f, indent=1)
 
 
 if __name__ == "__main__":
