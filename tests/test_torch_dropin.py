@@ -9,6 +9,7 @@ import io
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -705,6 +706,35 @@ def test_per_sample_gradients_run_as_one_batch(cell, projected, monkeypatch):
         want = torch.func.grad(loss)(params, xs[k], hx)
         for name, w in want.items():
             assert_close(got[name][k, 0].numpy(), w.numpy(), np.float64, name)
+
+
+def test_per_sample_gradients_from_several_threads_at_once():
+    # Four threads, each computing per-sample gradients of its own inputs with a module of its own (the
+    # same weights: torch.func.functional_call swaps a module's parameters while it runs, so threads
+    # cannot share one), get a quiet run's gradients, bit for bit.
+    modules = [functional_pair("lstm", False) for _ in range(4)]
+    params = modules[0][1]
+    gen = torch.Generator().manual_seed(15)
+    inputs = [torch.randn(3, T, 1, I, generator=gen, dtype=torch.float64) for _ in range(4)]
+    per_sample = [torch.func.vmap(torch.func.grad(lambda p, x, f=fused: f(p, x)[0].square().sum()), in_dims=(None, 0))
+                  for (_, fused), _ in modules]
+    want = [per_sample[0](params, x) for x in inputs]
+    errors = []
+
+    def run(k):
+        try:
+            for _ in range(5):
+                got = per_sample[k](params, inputs[k])
+                assert all(torch.equal(got[name], want[k][name]) for name in got)
+        except BaseException as e:  # noqa: BLE001 - reported on the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
 
 
 @pytest.mark.parametrize("cell, projected", CELL_CASES)
