@@ -149,7 +149,8 @@ def test_weight_gradients_per_group_of_rows(rng, cell, projected, reverse, lengt
             else:
                 assert getattr(got, name).shape == (groups, *want[name].shape), name
                 np.testing.assert_allclose(getattr(got, name)[q], want[name], err_msg=name, **REF_TOL)
-    start = {name: rng.standard_normal(getattr(got, name).shape) for name in GRAD_NAMES if getattr(got, name) is not None}
+    start = {name: rng.standard_normal(getattr(got, name).shape)
+             for name in GRAD_NAMES if getattr(got, name) is not None}
     buffers = F.LayerGrads(None, None, None, None, None, None, None)._replace(**{n: start[n].copy() for n in start})
     acc = F.layer_backward(out.tape, dy, dh_n, dc_n, grads=buffers, grad_groups=groups)
     for name in start:

@@ -670,6 +670,10 @@ class BackwardCall {
 
     // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
     x_ = st_.in(a.x, steps, batch, input_);
+    // Per group of rows, each row's GEMMs step B rows at a time through the gate gradients, x and the states.
+    if (groups_ > 1)
+      require_blas_range({groups_ * gh_width_, batch * gh_width_, batch * x_.ld, batch * width_,
+                          batch * std::max(proj_, hidden)});
     w_ih_ = st_.in(a.weights.w_ih, gh_width_, input_);
     const Rows<const T> w_hh = st_.in(a.weights.w_hh, gh_width_, width_);
     const Rows<const T> w_hr = proj_ > 0 ? st_.in(a.weights.w_hr, proj_, hidden) : Rows<const T>{};
