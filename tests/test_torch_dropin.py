@@ -708,6 +708,27 @@ def test_per_sample_gradients_run_as_one_batch(cell, projected, monkeypatch):
             assert_close(got[name][k, 0].numpy(), w.numpy(), np.float64, name)
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_float32_per_sample_gradients_match_torch_nn_sample_by_sample(cell):
+    # Two bidirectional layers, two rows a sample: each sample's gradients from the one grouped
+    # backward against torch.nn's backward on that sample alone.
+    torch.manual_seed(16)
+    ref = getattr(nn, cell)(I, H, num_layers=2, bidirectional=True, batch_first=True)
+    fused = frt.convert(copy.deepcopy(ref))
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    xs, targets = torch.randn(5, 2, T, I), torch.randn(5, 2, T, 2 * H)
+
+    def loss(p, x, target):
+        return (torch.func.functional_call(fused, p, (x,))[0] - target).square().mean()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs, targets)
+    for k in range(len(xs)):
+        ref.zero_grad()
+        (ref(xs[k])[0] - targets[k]).square().mean().backward()
+        for name, p in ref.named_parameters():
+            assert_close(got[name][k].numpy(), p.grad.numpy(), np.float32, f"{name}, sample {k}")
+
+
 def test_per_sample_gradients_from_several_threads_at_once():
     # Four threads, each computing per-sample gradients of its own inputs with a module of its own (the
     # same weights: torch.func.functional_call swaps a module's parameters while it runs, so threads
