@@ -411,9 +411,11 @@ def _merged_backward(info, in_dims, args):
     slices, x_dim = info.batch_size, in_dims[1]
     rows = x.select(x_dim, 0).shape[1]
     dy_dim, dh_dim, dc_dim = in_dims[_BACKWARD_WEIGHTS_AT.stop:_BACKWARD_WEIGHTS_AT.stop + 3]
+    # x stands only for the shapes of dx and the states (the tape holds the forward's x): a view, no copy.
+    x_shape = x.select(x_dim, 0)[:, :1].expand(-1, slices * rows, -1)
     dx, dh0, dc0, *grads = _backward_by_groups(
-        slices, tape, _merged_rows(x, x_dim, slices), *weights, _merged_rows(dy, dy_dim, slices),
-        _merged_rows(dh_n, dh_dim, slices), _merged_rows(dc_n, dc_dim, slices), cell)
+        slices, tape, x_shape, *weights, _merged_rows(dy, dy_dim, slices), _merged_rows(dh_n, dh_dim, slices),
+        _merged_rows(dc_n, dc_dim, slices), cell)
     outputs, dims = zip(*(_by_slice(t, slices, rows) for t in (dx, dh0, dc0)))
     return (*outputs, *grads), (*dims, *(0,) * len(grads))  # the gradients (slices, ...) already
 
