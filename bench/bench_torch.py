@@ -203,10 +203,8 @@ def training_loop(rounds: int, repeats: int) -> list[dict]:
         fns = {"torch": _optimizer_step(reference, x, target)}
         for name, variant in variants.items():
             fns[name] = variant(_optimizer_step(frt.convert(copy.deepcopy(reference)), x, target))
-        medians = benchmark.alternate_rounds(fns, rounds, repeats)
-        row = {"cell": cell.upper(), "layers": layers, "T": steps, "B": batch, "I": inputs, "H": hidden}
-        for name in fns:
-            row.update(benchmark.timing_fields(name, medians[name]))
+        row = benchmark.timed_row(fns, rounds, repeats, cell=cell.upper(), layers=layers, T=steps, B=batch, I=inputs,
+                                  H=hidden)
         for name in variants:
             row[f"{name}_vs_torch"] = row["torch_ms"] / row[f"{name}_ms"]
         rows.append(row)
@@ -256,10 +254,7 @@ def per_sample_gradients(rounds: int, repeats: int) -> list[dict]:
 
         fns = {"fused_vmap_grad": lambda: per_sample(params, xs, targets), "torch_nn_loop": torch_nn_loop,
                "batched_step": batched_step}
-        medians = benchmark.alternate_rounds(fns, rounds, repeats)
-        row = {"cell": cell.upper(), "T": steps, "N": samples, "I": hidden, "H": hidden}
-        for name in fns:
-            row.update(benchmark.timing_fields(name, medians[name]))
+        row = benchmark.timed_row(fns, rounds, repeats, cell=cell.upper(), T=steps, N=samples, I=hidden, H=hidden)
         row["vs_torch_nn_loop"] = row["torch_nn_loop_ms"] / row["fused_vmap_grad_ms"]
         rows.append(row)
         print(f"per-sample gradients {cell.upper()} T={steps} N={samples} I=H={hidden}: fusedrnn vmap(grad) "

@@ -297,12 +297,67 @@ def test_vmap_over_inputs_weights_and_cotangents_equals_a_loop(rng, cell, projec
         for name in params:
             np.testing.assert_array_equal(np.asarray(grads[0][name][i]), np.asarray(g_p[name]), err_msg=name)
 
-    # jacrev vmaps the backward over cotangents while the tape stays unmapped.
+    # jacrev vmaps the backward over cotangents while the tape stays unmapped: with the weights shared
+    # and two rows, the cotangents' backwards fold into one call (another batch size: to rounding).
     x0 = xs[0]
     jac = jax.jacrev(lambda x: f(params, x, None)[0][-1, 0])(x0)
     for unit in (0, jac.shape[0] - 1):
         row = jax.grad(lambda x: f(params, x, None)[0][-1, 0, unit])(x0)
-        np.testing.assert_array_equal(np.asarray(jac[unit]), np.asarray(row))
+        assert_close(jac[unit], row, np.float32, f"jacobian row {unit}")
+
+
+_GRAD_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_per_sample_gradients_run_every_sample_in_one_call(rng, cell, projected):
+    # vmap(grad) over samples of one row or two, the weights shared: one training forward and one
+    # backward over every sample's rows, each sample's weight gradients apart (functional's
+    # grad_groups): bit for bit those calls, and each sample's own gradients to float32 rounding.
+    hidden = 5
+    proj = proj_of(hidden, projected)
+    params = _params(rng, cell, 3, hidden, proj_size=proj)
+    weights = [params[f"{n}_l0"] for n in _GRAD_NAMES[:4]]
+
+    def loss(p, x, dy, lens):
+        return jnp.sum(fj.forward(cell, p, x, lengths=lens)[0] * dy)
+
+    per_sample = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0, 0)))
+    for samples, rows in ((4, 1), (3, 2)):
+        xs = rng.standard_normal((samples, 6, rows, 3)).astype(np.float32)
+        dys = rng.standard_normal((samples, 6, rows, proj or hidden)).astype(np.float32)
+        lengths = rng.integers(1, 7, (samples, rows))
+        grads, dxs = per_sample(params, xs, dys, lengths)
+
+        x_all, dy_all = (np.concatenate(list(a), axis=1) for a in (xs, dys))
+        tape = fusedrnn.functional.layer_forward(cell, x_all, *weights, lengths=lengths.reshape(-1),
+                                                 weight_hr=params.get("weight_hr_l0")).tape
+        want = fusedrnn.functional.layer_backward(tape, dy_all, grad_groups=samples)
+        for name in _GRAD_NAMES[:5 if proj else 4]:
+            np.testing.assert_array_equal(np.asarray(grads[f"{name}_l0"]), getattr(want, name), err_msg=name)
+        for i in range(samples):
+            np.testing.assert_array_equal(np.asarray(dxs[i]), want.dx[:, i * rows:(i + 1) * rows])
+            own, own_dx = jax.grad(loss, argnums=(0, 1))(params, xs[i], dys[i], lengths[i])
+            assert_close(dxs[i], own_dx, np.float32, f"sample {i} dx")
+            for name in own:
+                assert_close(grads[name][i], own[name], np.float32, f"sample {i} {name}")
+
+
+def test_per_sample_gradients_of_a_deep_bidirectional_stack(rng, x64):
+    # Two bidirectional layers, initial states per sample: every layer's backward folds its samples
+    # (both directions at once); float64 against each sample's own gradients.
+    params = _params(rng, "lstm", 3, 4, num_layers=2, bidirectional=True, dtype=np.float64)
+    xs = rng.standard_normal((5, 7, 1, 3))
+    h0s, c0s = rng.standard_normal((2, 5, 4, 1, 4))
+
+    def loss(p, x, h0, c0):
+        y, (h_n, c_n) = fj.lstm(p, x, (h0, c0))
+        return jnp.sum(jnp.sin(y)) + jnp.sum(h_n * c_n)
+
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3)), in_axes=(None, 0, 0, 0)))(params, xs, h0s, c0s)
+    for i in range(5):
+        own = jax.grad(loss, argnums=(0, 1, 2, 3))(params, xs[i], h0s[i], c0s[i])
+        jax.tree.map(lambda a, b: assert_close(a[i], b, np.float64, f"sample {i}"), grads, own)
 
 
 def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
@@ -669,6 +724,24 @@ def test_bad_traced_lengths_raise_at_run_time(rng):
     x_nan[1, 2, 0, 1] = np.nan
     with pytest.raises(RUNTIME_ERRORS, match="x: contains NaN"):
         jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
+
+
+def test_per_sample_gradients_raise_run_time_errors_naming_the_argument(rng):
+    # The folded training calls check each sample as the call a sample did.
+    params = _params(rng, "lstm", 3, 4)
+    xs = rng.standard_normal((3, 5, 1, 3)).astype(np.float32)
+    dys = rng.standard_normal((3, 5, 1, 4)).astype(np.float32)
+    loss = lambda p, x, dy, lens: jnp.sum(fj.lstm(p, x, lengths=lens)[0] * dy)  # noqa: E731
+    per_sample = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0)))
+    lengths = np.array([[5], [2], [3]])
+    jax.block_until_ready(per_sample(params, xs, dys, lengths))
+    with pytest.raises(RUNTIME_ERRORS, match=r"lengths: each length must be in \[1, 5\] \(T\), got 6 at index 0"):
+        jax.block_until_ready(per_sample(params, xs, dys, np.array([[5], [6], [3]])))
+    for bad_x, bad_dy, name in ((True, False, "x"), (False, True, "dy")):
+        x_bad, dy_bad = xs.copy(), dys.copy()
+        (x_bad if bad_x else dy_bad)[2, 1, 0, 0] = np.nan
+        with pytest.raises(RUNTIME_ERRORS, match=f"{name}: contains NaN"):
+            jax.block_until_ready(per_sample(params, x_bad, dy_bad, lengths))
 
 
 def test_wide_traced_lengths_are_not_narrowed_into_range(rng):

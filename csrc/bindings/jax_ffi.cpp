@@ -8,9 +8,8 @@
 // handlers (jax_ffi_device.h) over the emulated device, as CPU targets for the tests, and, for the
 // CUDA platform, handlers that only say why the CUDA module's cannot be used (registered then).
 //
-// Under jax.vmap the handlers run the layer once per mapped element, except inference with shared
-// weights, which folds the mapped elements into the batch (forward_folded). Training cannot fold: each
-// mapped element needs its own weight gradients.
+// Under jax.vmap the handlers run the layer once per mapped element, or, with weights shared by every
+// element, fold the elements into the batch of one call (Fold).
 //
 // Run-time checks that shapes cannot express (lengths in [1, T], NaN or infinity in the inputs) return an
 // INVALID_ARGUMENT error naming the argument, which JAX raises as an exception from the call. The
@@ -23,6 +22,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <limits>
+#include <array>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -55,17 +57,51 @@ ffi::Error read_lengths(const Lengths& lengths, Index n, Index steps, std::vecto
   return lengths.empty() ? ffi::Error::Success() : lengths.widen(lengths.at(n), steps, out);
 }
 
-// Scratch that starts on a 64-byte boundary (the backend's ranks write neighbouring ranges of units).
-template <typename T>
-struct AlignedScratch {
-  std::unique_ptr<unsigned char[]> storage;
-  T* data = nullptr;
-  explicit AlignedScratch(Index count) {
-    if (count == 0) return;
-    storage.reset(new unsigned char[static_cast<std::size_t>(count) * sizeof(T) + 64]);
-    const auto raw = reinterpret_cast<std::uintptr_t>(storage.get());
-    data = reinterpret_cast<T*>(storage.get() + (64 - raw % 64) % 64);
+// A handler call's scratch arrays, each starting on a 64-byte boundary (the backend's ranks write
+// neighbouring ranges of units), kept per calling thread for the next call: a fresh multi-megabyte
+// allocation is a fresh mmap whose page faults cost a visible share of a call. A call takes its arrays
+// in order through one CallScratch, the only one alive on its thread.
+class CallScratch {
+ public:
+  CallScratch() {
+    if (in_use()) throw std::logic_error("fusedrnn: a handler call's scratch is already in use on this thread");
+    in_use() = true;
   }
+  ~CallScratch() { in_use() = false; }
+  CallScratch(const CallScratch&) = delete;
+  CallScratch& operator=(const CallScratch&) = delete;
+
+  // `count` values, uninitialised; null when count is 0.
+  template <typename T>
+  T* take(Index count) {
+    if (count == 0) return nullptr;
+    std::vector<Buffer>& buffers = pool();
+    if (next_ == buffers.size()) buffers.emplace_back();
+    Buffer& b = buffers[next_++];
+    const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(T);
+    if (bytes > b.capacity) {
+      b.storage.reset();  // release before allocating, so peak memory is not old + new
+      b.storage.reset(new unsigned char[bytes + 64]);
+      b.capacity = bytes;
+    }
+    const auto raw = reinterpret_cast<std::uintptr_t>(b.storage.get());
+    return reinterpret_cast<T*>(b.storage.get() + (64 - raw % 64) % 64);
+  }
+
+ private:
+  struct Buffer {
+    std::unique_ptr<unsigned char[]> storage;
+    std::size_t capacity = 0;
+  };
+  static std::vector<Buffer>& pool() {
+    thread_local std::vector<Buffer> buffers;
+    return buffers;
+  }
+  static bool& in_use() {
+    thread_local bool flag = false;
+    return flag;
+  }
+  std::size_t next_ = 0;
 };
 
 // One layer's directions on the CPU backend, through the call that may run both at once, as the NumPy
@@ -86,95 +122,185 @@ void run_directions(const std::vector<fusedrnn::LayerBackwardParams<T>>& d) {
     cpu::layer_backward<T>(d[0]);
 }
 
-// Inference under vmap with weights shared by every mapped element: the N mapped elements' rows are
-// one layer call of N*B rows (their inputs gathered into one (T, N*B, I) array, the outputs scattered
-// back), since a step's recurrent GEMM over N*B rows costs far less than N calls of B rows.
+// Under vmap with weights shared by every mapped element, the N elements' rows run as one layer call
+// of N*B rows, element n's rows at n*B.. of every (outer, N*B, width) array: a step's recurrent GEMM over
+// N*B rows costs far less than N calls of B rows while B is small. The inputs (and the tape, for the
+// backward) are gathered into scratch and the outputs (and the tape, from a training forward) scattered
+// back, so the buffers keep their per-element layout whichever way either call ran. The backward writes
+// each element's weight gradients apart (grad_groups = N), straight into its results.
+class Fold {
+ public:
+  Fold(Index elements, Index rows) : elements_(elements), rows_(rows) {}
+
+  // Whether a call folds: inference whenever the weights are shared; training only where each element
+  // has at most kMaxTrainingRows rows, since the tape's gathers and scatters and each element's own
+  // weight-gradient GEMMs cost more than the folded recurrence saves once an element's own rows keep a
+  // step's GEMM busy (bench/NOTES.md, "Per-sample gradients through fusedrnn.jax").
+  template <typename Call>
+  static bool applies(const Call& c, bool training) {
+    const Index all = c.batch.count * c.rows;
+    const Index widest = std::max({c.input, cell_facts(c.cell).gates * c.hidden, c.state});
+    const Index blas_max = std::numeric_limits<std::int32_t>::max();
+    return c.batch.count > 1 && c.rows > 0 && c.weights.shared() && (!training || c.rows <= kMaxTrainingRows) &&
+           c.steps * all <= blas_max && all * widest <= blas_max;
+  }
+
+  Index all() const { return elements_ * rows_; }
+
+  // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one.
+  template <typename T>
+  void gather(const T* from, T* to, Index outer, Index width, Index n) const {
+    if (!from) return;
+    for (Index o = 0; o < outer; ++o)
+      std::copy(from + o * rows_ * width, from + (o + 1) * rows_ * width, to + (o * all() + n * rows_) * width);
+  }
+  template <typename T>
+  void scatter(const T* from, T* to, Index outer, Index width, Index n) const {
+    if (!to) return;
+    for (Index o = 0; o < outer; ++o)
+      std::copy(from + (o * all() + n * rows_) * width, from + (o * all() + n * rows_ + rows_) * width,
+                to + o * rows_ * width);
+  }
+
+  // Every element's lengths side by side, checked; empty when the call has none.
+  ffi::Error lengths(const Lengths& lengths, Index steps, std::vector<Index>& all_lengths) const {
+    all_lengths.clear();
+    if (lengths.empty()) return ffi::Error::Success();
+    std::vector<Index> one;
+    for (Index n = 0; n < elements_; ++n) {
+      if (ffi::Error e = read_lengths(lengths, n, steps, one); e.failure()) return e;
+      all_lengths.insert(all_lengths.end(), one.begin(), one.end());
+    }
+    return ffi::Error::Success();
+  }
+
+  // Every direction's tape (hs, cs, saved, rs as `layout` has them for B rows) of mapped element n, to
+  // or from the folded tape.
+  template <typename T>
+  void gather_tape(const fusedrnn::TapeLayout& layout, Index directions, const std::array<const T*, 4>& from,
+                   const std::array<T*, 4>& to, Index n) const {
+    for (std::size_t k = 0; k < 4; ++k)
+      gather(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n);
+  }
+  template <typename T>
+  void scatter_tape(const fusedrnn::TapeLayout& layout, Index directions, const std::array<T*, 4>& from,
+                    const std::array<T*, 4>& to, Index n) const {
+    for (std::size_t k = 0; k < 4; ++k)
+      scatter(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n);
+  }
+
+ private:
+  static constexpr Index kMaxTrainingRows = 2;
+  static std::array<fusedrnn::TapeArray, 4> tape_arrays(const fusedrnn::TapeLayout& l) { return {l.hs, l.cs, l.saved, l.rs}; }
+  Index elements_, rows_;
+};
+
+// The tape of a folded call (N*B rows) in `scratch`: every direction's arrays back to back, as the
+// directions may run at once.
+template <typename T>
+struct FoldedTape {
+  bool training;
+  fusedrnn::TapeLayout layout;  // of one direction
+  std::array<T*, 4> arrays;     // hs, cs, saved, rs; null where the layout has none
+
+  template <typename Call>
+  FoldedTape(const Call& c, Index all, bool training_, CallScratch& scratch)
+      : training(training_),
+        layout(fusedrnn::tape_layout(
+            c.cell, fusedrnn::LayerShape{c.steps, all, c.input, c.hidden, {}, false, c.weights.proj}, training_)),
+        arrays{scratch.take<T>(c.D * layout.hs.values()), scratch.take<T>(c.D * layout.cs.values()),
+               scratch.take<T>(c.D * layout.saved.values()), scratch.take<T>(c.D * layout.rs.values())} {}
+
+  fusedrnn::LayerTape<T> direction(Index d) const {
+    return fusedrnn::direction_tape<T>(layout, d, training, arrays[0], arrays[1], arrays[2], arrays[3]);
+  }
+};
+
+// NaN or infinity in a mapped element's inputs where asked for: the sequence (x forward, dy backward)
+// and the states (h0, c0 forward; dh_n, dc_n backward).
+template <typename T>
+ffi::Error check_inputs(const ForwardCall<T>& c, const ForwardArrays<T>& one, bool check_sequence, bool check_states) {
+  return first_failure({check_finite(check_sequence ? one.x : nullptr, c.x.elements(), "x"),
+                        check_finite(check_states ? one.h0 : nullptr, c.h0.elements(), "h0"),
+                        check_finite(check_states ? one.c0 : nullptr, c.c0.elements(), "c0")});
+}
+
+template <typename T>
+ffi::Error check_inputs(const BackwardCall<T>& c, const BackwardArrays<T>& one, bool check_sequence, bool check_states) {
+  return first_failure({check_finite(check_sequence ? one.dy : nullptr, c.dy.elements(), "dy"),
+                        check_finite(check_states ? one.dh_n : nullptr, c.dh_n.elements(), "dh_n"),
+                        check_finite(check_states ? one.dc_n : nullptr, c.dc_n.elements(), "dc_n")});
+}
+
+// Gathers every mapped element's inputs and the lengths into the folded call's arrays, checking each
+// element's inputs first; gather(one, n) moves element n's.
+template <typename Call, typename Gather>
+ffi::Error fold_inputs(const Call& c, const Fold& fold, bool check_sequence, bool check_states,
+                       std::vector<Index>& all_lengths, const Gather& gather) {
+  if (ffi::Error e = fold.lengths(c.lengths, c.steps, all_lengths); e.failure()) return e;
+  for (Index n = 0; n < c.batch.count; ++n) {
+    const auto one = c.arrays(n);
+    if (ffi::Error e = check_inputs(c, one, check_sequence, check_states); e.failure()) return e;
+    gather(one, n);
+  }
+  return ffi::Error::Success();
+}
+
 template <typename T>
 ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool check_states) {
-  const Index D = c.D;
-  const Batched<const T>&x = c.x, &h0 = c.h0, &c0 = c.c0;
-  const Batched<T>&y = c.y, &h_n = c.h_n, &c_n = c.c_n;
-  const Index steps = c.steps, rows = c.rows, input = c.input, hidden = c.hidden, state = c.state;
-  const Index N = c.batch.count, all = N * rows, DR = D * state;
-  const bool has_c = !c_n.empty();
-  AlignedScratch<T> xs(steps * all * input), ys(steps * all * DR), h0s(h0.empty() ? 0 : D * all * state),
-      c0s(c0.empty() ? 0 : D * all * hidden), hns(D * all * state), cns(has_c ? D * all * hidden : 0);
-  std::vector<Index> lengths, all_lengths;
-  // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one.
-  auto gather = [&](const T* from, T* to, Index outer, Index width, Index n) {
-    for (Index o = 0; o < outer; ++o)
-      std::copy(from + o * rows * width, from + (o + 1) * rows * width, to + (o * all + n * rows) * width);
-  };
-  auto scatter = [&](const T* from, T* to, Index outer, Index width, Index n) {
-    for (Index o = 0; o < outer; ++o)
-      std::copy(from + (o * all + n * rows) * width, from + (o * all + n * rows + rows) * width, to + o * rows * width);
-  };
-  for (Index n = 0; n < N; ++n) {
-    if (ffi::Error e = read_lengths(c.lengths, n, steps, lengths); e.failure()) return e;
-    if (!lengths.empty()) {
-      all_lengths.resize(static_cast<std::size_t>(all), steps);
-      std::copy(lengths.begin(), lengths.end(), all_lengths.begin() + n * rows);
-    }
-    if (ffi::Error e = first_failure({check_finite(check_sequence ? x.at(n) : nullptr, x.elements(), "x"),
-                                      check_finite(check_states ? h0.at(n) : nullptr, h0.elements(), "h0"),
-                                      check_finite(check_states ? c0.at(n) : nullptr, c0.elements(), "c0")});
-        e.failure())
-      return e;
-    gather(x.at(n), xs.data, steps, input, n);
-    if (!h0.empty()) gather(h0.at(n), h0s.data, D, state, n);
-    if (!c0.empty()) gather(c0.at(n), c0s.data, D, hidden, n);
-  }
-  const Index proj = c.weights.proj;
-  fusedrnn::LayerShape shape{steps, all, input, hidden, {}, false, proj};
-  const fusedrnn::TapeLayout layout = fusedrnn::tape_layout(c.cell, shape, false);
-  // An inference tape for each direction: they may run at once.
-  AlignedScratch<T> hs(D * layout.hs.values()), cs(D * layout.cs.values()), rs(D * layout.rs.values());
-  std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));
-  for (Index d = 0; d < D; ++d) {
-    const Index h_at = d * all * state, c_at = d * all * hidden;
-    fusedrnn::LayerForwardParams<T>& p = params[static_cast<std::size_t>(d)];
-    p.cell = c.cell;
-    p.shape = {steps, all, input, hidden, {all_lengths.empty() ? nullptr : all_lengths.data(), 1}, d == 1, proj};
-    p.weights = c.weights.at(d, 0, input);
-    p.x = {xs.data, {all * input, input, 1}};
-    if (!h0.empty()) p.h0 = {h0s.data + h_at, {state, 1}};
-    if (!c0.empty()) p.c0 = {c0s.data + c_at, {hidden, 1}};
-    p.y = {ys.data + d * state, {all * DR, DR, 1}};
-    p.h_n = {hns.data + h_at, {state, 1}};
-    if (has_c) p.c_n = {cns.data + c_at, {hidden, 1}};
-    p.tape = fusedrnn::direction_tape<T>(layout, d, false, hs.data, cs.data, nullptr, rs.data);
-    p.cell_clip = c.cell_clip;
-  }
+  const Index N = c.batch.count, D = c.D, steps = c.steps, DR = D * c.state;
+  const Fold fold(N, c.rows);
+  const Index all = fold.all();
+  CallScratch scratch;
+  T* const xs = scratch.take<T>(steps * all * c.input);
+  T* const h0s = scratch.take<T>(c.h0.empty() ? 0 : D * all * c.state);
+  T* const c0s = scratch.take<T>(c.c0.empty() ? 0 : D * all * c.hidden);
+  const ForwardArrays<T> folded{xs, h0s, c0s, scratch.take<T>(steps * all * DR), scratch.take<T>(D * all * c.state),
+                                scratch.take<T>(c.c_n.empty() ? 0 : D * all * c.hidden), all};
+  const FoldedTape<T> tape(c, all, c.training, scratch);
+  std::vector<Index> all_lengths;
+  if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
+                                 [&](const ForwardArrays<T>& one, Index n) {
+                                   fold.gather(one.x, xs, steps, c.input, n);
+                                   fold.gather(one.h0, h0s, D, c.state, n);
+                                   fold.gather(one.c0, c0s, D, c.hidden, n);
+                                 });
+      e.failure())
+    return e;
+  std::vector<fusedrnn::LayerForwardParams<T>> params;
+  for (Index d = 0; d < D; ++d)
+    params.push_back(c.params(folded, 0, d, all_lengths.empty() ? nullptr : all_lengths.data(), tape.direction(d)));
   run_directions(params);
   for (Index n = 0; n < N; ++n) {
-    scatter(ys.data, y.at(n), steps, DR, n);
-    scatter(hns.data, h_n.at(n), D, state, n);
-    if (has_c) scatter(cns.data, c_n.at(n), D, hidden, n);
+    const ForwardArrays<T> one = c.arrays(n);
+    fold.scatter<T>(folded.y, one.y, steps, DR, n);
+    fold.scatter<T>(folded.h_n, one.h_n, D, c.state, n);
+    fold.scatter<T>(folded.c_n, one.c_n, D, c.hidden, n);
+    if (c.training)
+      fold.scatter_tape<T>(c.layout, D, tape.arrays, {c.tape.hs.at(n), c.tape.cs.at(n), c.tape.saved.at(n), c.tape.rs.at(n)},
+                           n);
   }
   return ffi::Error::Success();
 }
 
 template <typename T>
 ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states) {
-  if (!c.training && c.batch.count > 1 && c.shared_weights()) return forward_folded<T>(c, check_sequence, check_states);
+  if (Fold::applies(c, c.training)) return forward_folded<T>(c, check_sequence, check_states);
   // Inference keeps its tape (two state slots, the cell output) in scratch of the call, one for each
   // direction, as they may run at once; training writes the tape results.
   const Index D = c.D;
-  AlignedScratch<T> scratch_hs(c.training ? 0 : D * c.layout.hs.values());
-  AlignedScratch<T> scratch_cs(c.training ? 0 : D * c.layout.cs.values());
-  AlignedScratch<T> scratch_rs(c.training ? 0 : D * c.layout.rs.values());
+  CallScratch call_scratch;
+  T* const scratch_hs = call_scratch.take<T>(c.training ? 0 : D * c.layout.hs.values());
+  T* const scratch_cs = call_scratch.take<T>(c.training ? 0 : D * c.layout.cs.values());
+  T* const scratch_rs = call_scratch.take<T>(c.training ? 0 : D * c.layout.rs.values());
   auto scratch = [&](Index d) {
-    return fusedrnn::direction_tape<T>(c.layout, d, false, scratch_hs.data, scratch_cs.data, nullptr, scratch_rs.data);
+    return fusedrnn::direction_tape<T>(c.layout, d, false, scratch_hs, scratch_cs, nullptr, scratch_rs);
   };
   std::vector<Index> lengths;
   std::vector<fusedrnn::LayerForwardParams<T>> params(static_cast<std::size_t>(D));
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;
-    if (ffi::Error e = first_failure({check_finite(check_sequence ? c.x.at(n) : nullptr, c.x.elements(), "x"),
-                                      check_finite(check_states ? c.h0.at(n) : nullptr, c.h0.elements(), "h0"),
-                                      check_finite(check_states ? c.c0.at(n) : nullptr, c.c0.elements(), "c0")});
-        e.failure())
-      return e;
+    if (ffi::Error e = check_inputs(c, c.arrays(n), check_sequence, check_states); e.failure()) return e;
     for (Index d = 0; d < D; ++d)
       params[static_cast<std::size_t>(d)] =
           c.params(n, d, lengths.empty() ? nullptr : lengths.data(), c.training ? c.tape_at(n, d) : scratch(d));
@@ -184,15 +310,52 @@ ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states
 }
 
 template <typename T>
+ffi::Error backward_folded(const BackwardCall<T>& c, bool check_sequence, bool check_states) {
+  const Index N = c.batch.count, D = c.D, steps = c.steps, DR = D * c.state;
+  const Fold fold(N, c.rows);
+  const Index all = fold.all();
+  CallScratch scratch;
+  T* const xs = scratch.take<T>(steps * all * c.input);
+  T* const dys = scratch.take<T>(steps * all * DR);
+  T* const dhns = scratch.take<T>(D * all * c.state);
+  T* const dcns = scratch.take<T>(c.dc_n.empty() ? 0 : D * all * c.hidden);
+  const FoldedTape<T> tape(c, all, true, scratch);
+  const std::array<const T*, 4> tape_in{tape.arrays[0], tape.arrays[1], tape.arrays[2], tape.arrays[3]};
+  const BackwardArrays<T> folded{xs, dys, dhns, dcns, scratch.take<T>(steps * all * c.input),
+                                 scratch.take<T>(D * all * c.state),
+                                 scratch.take<T>(c.dc0.empty() ? 0 : D * all * c.hidden), tape_in,
+                                 c.arrays(0).grads, all, N};
+  std::vector<Index> all_lengths;
+  if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
+                                 [&](const BackwardArrays<T>& one, Index n) {
+                                   fold.gather(one.x, xs, steps, c.input, n);
+                                   fold.gather(one.dy, dys, steps, DR, n);
+                                   fold.gather(one.dh_n, dhns, D, c.state, n);
+                                   fold.gather(one.dc_n, dcns, D, c.hidden, n);
+                                   fold.gather_tape<T>(c.layout, D, one.tape, tape.arrays, n);
+                                 });
+      e.failure())
+    return e;
+  std::vector<fusedrnn::LayerBackwardParams<T>> params;
+  for (Index d = 0; d < D; ++d)
+    params.push_back(c.params(folded, 0, d, all_lengths.empty() ? nullptr : all_lengths.data()));
+  run_directions(params);
+  for (Index n = 0; n < N; ++n) {
+    const BackwardArrays<T> one = c.arrays(n);
+    fold.scatter<T>(folded.dx, one.dx, steps, c.input, n);
+    fold.scatter<T>(folded.dh0, one.dh0, D, c.state, n);
+    fold.scatter<T>(folded.dc0, one.dc0, D, c.hidden, n);
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T>
 ffi::Error cpu_backward(const BackwardCall<T>& c, bool check_sequence, bool check_states) {
+  if (Fold::applies(c, true)) return backward_folded<T>(c, check_sequence, check_states);
   std::vector<Index> lengths;
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;
-    if (ffi::Error e = first_failure({check_finite(check_sequence ? c.dy.at(n) : nullptr, c.dy.elements(), "dy"),
-                                      check_finite(check_states ? c.dh_n.at(n) : nullptr, c.dh_n.elements(), "dh_n"),
-                                      check_finite(check_states ? c.dc_n.at(n) : nullptr, c.dc_n.elements(), "dc_n")});
-        e.failure())
-      return e;
+    if (ffi::Error e = check_inputs(c, c.arrays(n), check_sequence, check_states); e.failure()) return e;
     std::vector<fusedrnn::LayerBackwardParams<T>> params;
     for (Index d = 0; d < c.D; ++d) params.push_back(c.params(n, d, lengths.empty() ? nullptr : lengths.data()));
     run_directions(params);

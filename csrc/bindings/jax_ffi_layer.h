@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -322,6 +323,25 @@ struct TapeBuffers {
   }
 };
 
+// Where one layer call's arrays lie: a mapped element's part of the buffers (a call's arrays(n)), or
+// the handler's scratch holding every element's rows side by side (a folded call). Absent arrays are null.
+template <typename T>
+struct ForwardArrays {
+  const T *x, *h0, *c0;
+  T *y, *h_n, *c_n;
+  Index rows;
+};
+
+template <typename T>
+struct BackwardArrays {
+  const T *x, *dy, *dh_n, *dc_n;
+  T *dx, *dh0, *dc0;
+  std::array<const T*, 4> tape;  // hs, cs, saved, rs: every direction's, back to back
+  std::vector<T*> grads;         // one per weight, holding grad_groups gradients one after another
+  Index rows;
+  Index grad_groups;  // LayerBackwardParams::grad_groups
+};
+
 // A forward call: its buffers decoded and checked (check()), and the layer call of each mapped element
 // and direction (params()).
 template <typename T>
@@ -379,23 +399,32 @@ struct ForwardCall {
   // Training: direction d's part of mapped element n's tape results.
   LayerTape<T> tape_at(Index n, Index d) const { return tape.template at<T>(layout, n, d); }
 
-  // Mapped element n, direction d: `length_values` (B, stride 1; null: every row full length) in the
-  // memory the backend reads, `tape` from tape_at() or the handler's scratch.
-  LayerForwardParams<T> params(Index n, Index d, const Index* length_values, const LayerTape<T>& tape) const {
-    const Index h_at = d * rows * state, c_at = d * rows * hidden;
+  // Mapped element n's part of the buffers.
+  ForwardArrays<T> arrays(Index n) const { return {x.at(n), h0.at(n), c0.at(n), y.at(n), h_n.at(n), c_n.at(n), rows}; }
+
+  // Direction d of the layer call on `a` with mapped element n's weights: `length_values` (a.rows,
+  // stride 1; null: every row full length) in the memory the backend reads, `tape` from tape_at() or the
+  // handler's scratch.
+  LayerForwardParams<T> params(const ForwardArrays<T>& a, Index n, Index d, const Index* length_values,
+                               const LayerTape<T>& tape) const {
+    const Index h_at = d * a.rows * state, c_at = d * a.rows * hidden;
     LayerForwardParams<T> p;
     p.cell = cell;
-    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
+    p.shape = {steps, a.rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
     p.weights = weights.at(d, n, input);
-    p.x = {x.at(n), {rows * input, input, 1}};
-    if (!h0.empty()) p.h0 = {h0.at(n) + h_at, {state, 1}};
-    if (!c0.empty()) p.c0 = {c0.at(n) + c_at, {hidden, 1}};
-    p.y = {y.at(n) + d * state, {rows * D * state, D * state, 1}};
-    p.h_n = {h_n.at(n) + h_at, {state, 1}};
-    if (!c_n.empty()) p.c_n = {c_n.at(n) + c_at, {hidden, 1}};
+    p.x = {a.x, {a.rows * input, input, 1}};
+    if (a.h0) p.h0 = {a.h0 + h_at, {state, 1}};
+    if (a.c0) p.c0 = {a.c0 + c_at, {hidden, 1}};
+    p.y = {a.y + d * state, {a.rows * D * state, D * state, 1}};
+    p.h_n = {a.h_n + h_at, {state, 1}};
+    if (a.c_n) p.c_n = {a.c_n + c_at, {hidden, 1}};
     p.tape = tape;
     p.cell_clip = cell_clip;
     return p;
+  }
+
+  LayerForwardParams<T> params(Index n, Index d, const Index* length_values, const LayerTape<T>& tape) const {
+    return params(arrays(n), n, d, length_values, tape);
   }
 };
 
@@ -458,34 +487,50 @@ struct BackwardCall {
     return tape.check(layout, D);
   }
 
-  // Mapped element n, direction d. The weight gradients are written (each direction has its own); the
-  // first direction writes dx and the second adds into it.
-  LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
-    const Index h_at = d * rows * state, c_at = d * rows * hidden;
+  // Mapped element n's part of the buffers.
+  BackwardArrays<T> arrays(Index n) const {
+    BackwardArrays<T> a{x.at(n), dy.at(n), dh_n.at(n), dc_n.at(n), dx.at(n), dh0.at(n), dc0.at(n), {}, {}, rows, 1};
+    a.tape = {tape.hs.at(n), tape.cs.at(n), tape.saved.at(n), tape.rs.at(n)};
+    for (const Batched<T>& g : grads) a.grads.push_back(g.at(n));
+    return a;
+  }
+
+  // Direction d of the layer call on `a` with mapped element n's weights. The weight gradients are
+  // written (each direction has its own); the first direction writes dx and the second adds into it.
+  LayerBackwardParams<T> params(const BackwardArrays<T>& a, Index n, Index d, const Index* length_values) const {
+    const Index h_at = d * a.rows * state, c_at = d * a.rows * hidden;
     const std::size_t i = weights.per * static_cast<std::size_t>(d);
+    const TapeLayout a_layout = tape_layout(cell, LayerShape{steps, a.rows, input, hidden, {}, false, weights.proj}, true);
     LayerBackwardParams<T> p;
     p.cell = cell;
-    p.shape = {steps, rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
+    p.shape = {steps, a.rows, input, hidden, {length_values, 1}, d == 1, weights.proj};
     p.weights = weights.at(d, n, input);
-    p.x = {x.at(n), {rows * input, input, 1}};
-    p.tape = tape.template at<T>(layout, n, d);
-    p.dy = {dy.at(n) + d * state, {rows * D * state, D * state, 1}};
-    p.dh_n = {dh_n.at(n) + h_at, {state, 1}};
-    if (!dc_n.empty()) p.dc_n = {dc_n.at(n) + c_at, {hidden, 1}};
-    p.dx = {dx.at(n), {rows * input, input, 1}};
+    p.x = {a.x, {a.rows * input, input, 1}};
+    auto writable = [](const T* from) { return const_cast<T*>(from); };
+    p.tape = direction_tape(a_layout, d, true, writable(a.tape[0]), writable(a.tape[1]), writable(a.tape[2]),
+                            writable(a.tape[3]));
+    p.dy = {a.dy + d * state, {a.rows * D * state, D * state, 1}};
+    p.dh_n = {a.dh_n + h_at, {state, 1}};
+    if (a.dc_n) p.dc_n = {a.dc_n + c_at, {hidden, 1}};
+    p.dx = {a.dx, {a.rows * input, input, 1}};
     p.accumulate_dx = d > 0;
     p.accumulate_weight_grads = false;
-    p.dh0 = {dh0.at(n) + h_at, {state, 1}};
-    if (!dc0.empty()) p.dc0 = {dc0.at(n) + c_at, {hidden, 1}};
-    p.dw_ih = {grads[i].at(n), {input, 1}};
-    p.dw_hh = {grads[i + 1].at(n), {state, 1}};
+    p.dh0 = {a.dh0 + h_at, {state, 1}};
+    if (a.dc0) p.dc0 = {a.dc0 + c_at, {hidden, 1}};
+    p.dw_ih = {a.grads[i], {input, 1}};
+    p.dw_hh = {a.grads[i + 1], {state, 1}};
     if (weights.has_bias()) {
-      p.db_ih = {grads[i + 2].at(n), 1};
-      p.db_hh = {grads[i + 3].at(n), 1};
+      p.db_ih = {a.grads[i + 2], 1};
+      p.db_hh = {a.grads[i + 3], 1};
     }
-    if (weights.projected()) p.dw_hr = {grads[i + weights.per - 1].at(n), {hidden, 1}};
+    if (weights.projected()) p.dw_hr = {a.grads[i + weights.per - 1], {hidden, 1}};
     p.cell_clip = cell_clip;
+    p.grad_groups = a.grad_groups;
     return p;
+  }
+
+  LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
+    return params(arrays(n), n, d, length_values);
   }
 };
 

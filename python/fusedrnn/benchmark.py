@@ -248,9 +248,10 @@ def _torch_single_thread_runners(problem: Problem) -> Runners:
     return Runners(on_one_thread(runners.infer), on_one_thread(runners.train))
 
 
-def _jax_runners(problem: Problem) -> Runners:
-    """The same cell as `jax.jit` over `lax.scan`, the input projection of all steps hoisted out of the
-    scan as the fused kernels do; training is `jax.grad` of sum(y * dy) for the weights and x."""
+def jax_scan_forward(problem: Problem):
+    """(forward, params): the problem's layer in plain JAX, forward(params, x) -> y (T, B, H), a
+    `lax.scan` over the steps with the input projection of all steps hoisted out of it, as the fused
+    kernels do; params the problem's weights as a tuple."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -258,7 +259,6 @@ def _jax_runners(problem: Problem) -> Runners:
     c = problem.case
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if c.proj_size else ())
     params = tuple(jnp.asarray(problem.state_dict[f"{n}_l0"]) for n in names)
-    x, dy = jnp.asarray(problem.x), jnp.asarray(problem.dy)
 
     def step(carry, xg_t, w_hh, b_hh, w_hr):
         h, cs = carry
@@ -287,7 +287,16 @@ def _jax_runners(problem: Problem) -> Runners:
         _, ys = lax.scan(lambda carry, xg_t: step(carry, xg_t, w_hh, b_hh, w_hr), (h0, c0), xg)
         return ys
 
-    return jax_runners(forward, params, x, dy)
+    return forward, params
+
+
+def _jax_runners(problem: Problem) -> Runners:
+    """The same cell as `jax.jit` over `lax.scan` (jax_scan_forward); training is `jax.grad` of
+    sum(y * dy) for the weights and x."""
+    import jax.numpy as jnp
+
+    forward, params = jax_scan_forward(problem)
+    return jax_runners(forward, params, jnp.asarray(problem.x), jnp.asarray(problem.dy))
 
 
 def _jax_version() -> str:
@@ -623,6 +632,14 @@ def sgemm_gflops(threads: int, size: int = 4096, repeats: int = 3) -> float:
     finally:
         lib.scipy_openblas_set_num_threads(1)  # fusedrnn calls its BLAS from its own team, one thread each
     return 2.0 * size**3 / best / 1e9
+
+
+def timed_row(fns: dict, rounds: int, repeats: int, **fields) -> dict:
+    """`fields` with each of `fns`' timing_fields, the functions timed by alternate_rounds."""
+    medians = alternate_rounds(fns, rounds, repeats)
+    for name in fns:
+        fields.update(timing_fields(name, medians[name]))
+    return fields
 
 
 def timing_fields(name: str, round_medians: Sequence[float], work: float | None = None) -> dict:
