@@ -143,11 +143,11 @@ class CudaModule:
     def layer_backward(self, cell, dtype, shape, reverse, x, weight_ih, weight_hh, bias_ih, bias_hh, lengths, hs, cs,
                        saved, dy, dh_n, dc_n, dx, accumulate_dx, dh0, dc0, grad_weight_ih, grad_weight_hh,
                        grad_bias_ih, grad_bias_hh, dh_norm, cell_clip, stream, recurrence="auto", weight_hr=None,
-                       rs=None, grad_weight_hr=None):
+                       rs=None, grad_weight_hr=None, grad_groups=1):
         grads = F.LayerGrads(None, None, None, *map(_plain, (grad_weight_ih, grad_weight_hh, grad_bias_ih,
                                                              grad_bias_hh)), None, _plain(grad_weight_hr))
         g = F._backward(hs.emulated_tape, *map(_plain, (dy, dh_n, dc_n)), _plain(dx) if accumulate_dx else None,
-                        grads)
+                        grads, grad_groups)
         if not accumulate_dx:
             dx[...] = _asarray(g.dx)
         dh0[...], dh_norm[...] = _asarray(g.dh0), _asarray(g.dh_norm)

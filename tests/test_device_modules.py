@@ -141,6 +141,43 @@ def test_eval_mode_and_unbatched_input_on_device(cp, rng):
     assert on_device.saved_nbytes == 0
 
 
+@pytest.mark.parametrize("cell, projected", [("gru", False), ("lstm", True)])
+def test_per_sample_gradients_on_device_match_the_host(cp, rng, cell, projected):
+    """functional.layer_backward(grad_groups=B) on device arrays: each row's weight and bias gradients,
+    created or added into given device buffers, as on the host; a buffer of the wrong shape or not
+    C-contiguous is refused by name."""
+    from fusedrnn import functional as F
+    from helpers import random_layer
+    proj = proj_of(7, projected)
+    w = random_layer(rng, cell, 5, 7, proj_size=proj)
+    x, dy = rng.standard_normal((6, 4, 5)), rng.standard_normal((6, 4, proj or 7))
+    lengths = np.array([6, 2, 5, 1])
+    grads = []
+    for lib in (np, cp):
+        out = F.layer_forward(cell, lib.asarray(x), *(lib.asarray(w[n]) for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                                                  "bias_hh")),
+                              lengths=lengths, weight_hr=None if not proj else lib.asarray(w["weight_hr"]))
+        grads.append(F.layer_backward(out.tape, lib.asarray(dy), grad_groups=4))
+    host, device = grads
+    names = [n for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr") if getattr(host, n) is not None]
+    for name in names:
+        assert isinstance(getattr(device, name), cp.ndarray) and getattr(device, name).shape[0] == 4, name
+        assert_close(cp.asnumpy(getattr(device, name)), getattr(host, name), np.float64, name)
+    assert_close(cp.asnumpy(device.dx), host.dx, np.float64, "dx")
+    start = {n: rng.standard_normal(getattr(host, n).shape) for n in names}
+    buffers = F.LayerGrads(None, None, None, None, None, None, None)._replace(
+        **{n: cp.asarray(v) for n, v in start.items()})
+    added = F.layer_backward(out.tape, cp.asarray(dy), grads=buffers, grad_groups=4)
+    for name in names:
+        assert_close(cp.asnumpy(getattr(added, name)), start[name] + getattr(host, name), np.float64, f"{name} added")
+    wrong = buffers._replace(weight_hh=cp.asarray(np.zeros((2, *host.weight_hh.shape[1:]))))
+    with pytest.raises(ValueError, match=r"^grad_weight_hh: "):
+        F.layer_backward(out.tape, cp.asarray(dy), grads=wrong, grad_groups=4)
+    strided = buffers._replace(weight_ih=cp.asarray(np.zeros((4, *host.weight_ih.shape[1:])))[:, :, ::-1])
+    with pytest.raises(ValueError, match=r"^grad_weight_ih: "):
+        F.layer_backward(out.tape, cp.asarray(dy), grads=strided, grad_groups=4)
+
+
 # ---- devices mixed ----------------------------------------------------------------------------------
 
 def test_inputs_on_another_device_are_refused_by_name(cp, rng):

@@ -194,6 +194,31 @@ def test_backward_accumulates_and_writes_dx_and_gradients_as_asked(rng):
         assert_close(got, getattr(once, name), dtype, f"{name} written")
 
 
+@pytest.mark.parametrize("groups", [6, 2], ids=["per_row", "triples"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("cell, proj", [(c, 0) for c in CELLS] + [("lstm", 3)])
+def test_gradients_per_group_of_rows_match_cpu(rng, cell, proj, dtype, reverse, groups):
+    """grad_groups on the device: each group's weight and bias gradients (batched GEMMs over the
+    groups, a group's rows adding in turn) as the CPU backend's, written and added into given buffers."""
+    w, a = _layer_case(rng, cell, (5, 6, 4, 7), dtype, proj=proj)
+    results = {}
+    for backend in ("cpu", "emulated_device"):
+        out, _ = _run(backend, cell, w, a, reverse=reverse)
+        results[backend] = (out.tape, F.layer_backward(out.tape, a["dy"], a["dh_n"], a["dc_n"], grad_groups=groups))
+    (tape, got), (_, want) = results["emulated_device"], results["cpu"]
+    for name in ("dx", "dh0", "dc0") + GRAD_NAMES:
+        if getattr(want, name) is not None:
+            assert getattr(got, name).shape == getattr(want, name).shape, name
+            assert_close(getattr(got, name), getattr(want, name), dtype, name)
+    start = {n: rng.standard_normal(getattr(want, n).shape).astype(dtype) for n in GRAD_NAMES
+             if getattr(want, n) is not None}
+    buffers = F.LayerGrads(None, None, None, None, None, None, None)._replace(**{n: v.copy() for n, v in start.items()})
+    added = F.layer_backward(tape, a["dy"], a["dh_n"], a["dc_n"], grads=buffers, grad_groups=groups)
+    for name in start:
+        assert_close(getattr(added, name), start[name] + getattr(want, name), dtype, f"{name} added")
+
+
 def _run_counting_launches(cell, w, a, *, reverse, backward_path=None):
     """_run on the emulated device, with the cooperative launches of its forward and of its backward;
     the backward on `backward_path` where given (the forward's path restored after)."""

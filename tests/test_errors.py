@@ -660,11 +660,6 @@ def test_functional_backward_rejects_bad_grad_groups(cell):
         with pytest.raises(exc, match=match):
             F.layer_backward(tape, grads=grads, grad_groups=B)
     F.layer_backward(tape, grads=per_group, grad_groups=B)  # the baseline the cases break
-    a = _layer_args(cell)
-    emulated = F._forward(cell, a["x"], a["weight_ih"], a["weight_hh"], a["bias_ih"], a["bias_hh"], a["h0"], a["c0"],
-                          None, False, True, None, None, backend="emulated_device").tape
-    with pytest.raises(ValueError, match=r"^grad_groups: gradients per group of rows run on the CPU backend only"):
-        F.layer_backward(emulated, grad_groups=B)
 
 
 def test_functional_backward_refuses_bad_grads_and_overlapping_buffers(cell):

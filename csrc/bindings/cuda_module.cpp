@@ -230,8 +230,11 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
                     const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
                     const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
                     gpu::RecurrencePath path, const py::object& w_hr, const py::object& rs,
-                    const py::object& dw_hr) {
+                    const py::object& dw_hr, Index grad_groups) {
   const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3], P = dims[4], R = P > 0 ? P : H;
+  if (grad_groups < 1 || B % grad_groups != 0)
+    throw py::value_error("grad_groups: expected a divisor of the batch (" + std::to_string(B) + "), got " +
+                          std::to_string(grad_groups));
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
   Arrays<T> arr;
@@ -260,14 +263,25 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
   p.accumulate_dx = accumulate_dx;
   p.dh0 = arr.template out<fusedrnn::View2<T>>(dh0, "dh0", {B, R});
   p.dc0 = arr.template out<fusedrnn::View2<T>>(dc0, "dc0", {B, H});
-  p.dw_ih = arr.template out<fusedrnn::View2<T>>(dw_ih, "grad_weight_ih", {gh, I});
-  p.dw_hh = arr.template out<fusedrnn::View2<T>>(dw_hh, "grad_weight_hh", {gh, R});
+  // With grad_groups Q > 1 each weight and bias gradient is (Q, ...), C-contiguous: Q gradients one after
+  // another.
+  p.grad_groups = grad_groups;
+  const auto matrix = [&](const py::object& obj, const char* name, Index rows, Index cols) -> fusedrnn::View2<T> {
+    if (grad_groups == 1) return arr.template out<fusedrnn::View2<T>>(obj, name, {rows, cols});
+    return {arr.dense_out(obj, name, {grad_groups, rows, cols}), {cols, 1}};
+  };
+  const auto vector = [&](const py::object& obj, const char* name, Index rows) -> fusedrnn::View1<T> {
+    if (grad_groups == 1) return arr.template out<fusedrnn::View1<T>>(obj, name, {rows});
+    return {arr.dense_out(obj, name, {grad_groups, rows}), 1};
+  };
+  p.dw_ih = matrix(dw_ih, "grad_weight_ih", gh, I);
+  p.dw_hh = matrix(dw_hh, "grad_weight_hh", gh, R);
   if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
-  p.dw_hr = arr.template out<fusedrnn::View2<T>>(dw_hr, "grad_weight_hr", {P, H});
+  p.dw_hr = matrix(dw_hr, "grad_weight_hr", P, H);
   if ((P > 0) != (p.weights.w_hr.data && p.tape.rs && p.dw_hr.data))
     throw py::value_error("weight_hr, rs, grad_weight_hr: required exactly when shape has a projection size P > 0");
-  p.db_ih = arr.template out<fusedrnn::View1<T>>(db_ih, "grad_bias_ih", {gh});
-  p.db_hh = arr.template out<fusedrnn::View1<T>>(db_hh, "grad_bias_hh", {gh});
+  p.db_ih = vector(db_ih, "grad_bias_ih", gh);
+  p.db_hh = vector(db_hh, "grad_bias_hh", gh);
   if ((p.weights.b_ih.data != nullptr) != (p.db_ih.data != nullptr && p.db_hh.data != nullptr))
     throw py::value_error("grad_bias_ih, grad_bias_hh: required exactly when the layer has biases");
   if (!dh_norm.is_none()) {
@@ -339,18 +353,19 @@ PYBIND11_MODULE(_cuda, m) {
            const py::object& dx, bool accumulate_dx, const py::object& dh0, const py::object& dc0,
            const py::object& dw_ih, const py::object& dw_hh, const py::object& db_ih, const py::object& db_hh,
            const py::object& dh_norm, const py::object& cell_clip, std::uintptr_t stream,
-           const std::string& recurrence, const py::object& w_hr, const py::object& rs, const py::object& dw_hr) {
+           const std::string& recurrence, const py::object& w_hr, const py::object& rs, const py::object& dw_hr,
+           Index grad_groups) {
           const CellKind kind = parse_cell(cell);
           const std::vector<Index> dims = layer_dims(shape, kind);
           const gpu::RecurrencePath path = parse_path(recurrence);
           if (dtype == "float32")
             backward_typed<float>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                   dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                  stream, path, w_hr, rs, dw_hr);
+                                  stream, path, w_hr, rs, dw_hr, grad_groups);
           else if (dtype == "float64")
             backward_typed<double>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                    dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,
-                                   stream, path, w_hr, rs, dw_hr);
+                                   stream, path, w_hr, rs, dw_hr, grad_groups);
           else
             throw py::type_error("dtype: expected float32 or float64, got " + dtype);
         },
@@ -360,11 +375,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("accumulate_dx"), py::arg("dh0"), py::arg("dc0"), py::arg("grad_weight_ih"),
         py::arg("grad_weight_hh"), py::arg("grad_bias_ih"), py::arg("grad_bias_hh"), py::arg("dh_norm"),
         py::arg("cell_clip"), py::arg("stream"), py::arg("recurrence") = "auto", py::arg("weight_hr") = py::none(),
-        py::arg("rs") = py::none(), py::arg("grad_weight_hr") = py::none(),
+        py::arg("rs") = py::none(), py::arg("grad_weight_hr") = py::none(), py::arg("grad_groups") = 1,
         "Enqueues the backward of one layer_forward(training=True) on `stream`: accumulates into the weight "
         "and bias gradients (and grad_weight_hr with a projection; dx unless accumulate_dx is False), "
         "writes dh0, dc0 and dh_norm. `recurrence` as layer_forward's: 'auto', 'per_step' or 'persistent' "
-        "(where it fits).");
+        "(where it fits). grad_groups=Q > 1: the batch's rows in Q consecutive groups, each group's weight "
+        "and bias gradients apart, the gradient buffers (Q, ...) C-contiguous.");
 
   m.def("device_count", &gpu::cuda::device_count, "CUDA devices visible (0 without a driver or GPU).");
   m.def("device_name", &gpu::cuda::device_name, py::arg("device"));

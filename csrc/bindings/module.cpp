@@ -524,8 +524,6 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   if (grad_groups < 1 || batch % grad_groups != 0)
     throw py::value_error("grad_groups: expected a divisor of the batch (" + std::to_string(batch) + "), got " +
                           std::to_string(grad_groups));
-  if (grad_groups > 1 && tape.backend != Backend::kCpu)
-    throw py::value_error("grad_groups: gradients per group of rows run on the CPU backend only");
   const Index proj = tape.proj, state = tape.state_size();
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(tape.cell);
   const Index gh = facts.gates * hidden;
@@ -759,7 +757,7 @@ PYBIND11_MODULE(_core, m) {
         "Backpropagates one layer direction through time. Accumulates into the gradient buffers "
         "(accumulate_grads=False: writes them, their old values never read) and into dx "
         "(accumulate_dx=False: writes dx likewise); returns (dh0, dc0, dh_norm) with dh_norm[t] the norm "
-        "of dL/dh_t. grad_groups=Q > 1 (CPU backend): the batch's rows in Q consecutive groups, each "
+        "of dL/dh_t. grad_groups=Q > 1: the batch's rows in Q consecutive groups, each "
         "group's weight and bias gradients apart, the buffers (Q, ...) C-contiguous.");
 
   m.def("layer_forward_directions", &layer_forward_directions, py::arg("cell"), py::arg("x"), py::arg("weights"),

@@ -222,7 +222,7 @@ struct LayerBackwardParams {
   // Weight and bias gradients per group of rows (per-sample gradients in one call): with grad_groups =
   // Q > 1, the batch's rows form Q consecutive groups of B/Q rows, and dw_ih, dw_hh, dw_hr, db_ih and
   // db_hh each hold Q gradients one after another, dense ((Q*G*H, I), (Q*G*H, R), (Q*P, H), (Q*G*H)),
-  // each summed over its group's rows alone. CPU backend only.
+  // each summed over its group's rows alone.
   Index grad_groups = 1;
 };
 

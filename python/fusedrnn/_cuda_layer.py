@@ -282,9 +282,10 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
     return y, h_n, c_n, tape
 
 
-def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
+def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None, grad_groups: int = 1):
     """functional._backward on a CudaTape; grads: (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    to add into, or None. Returns (dx, dh0, dc0, weight_ih, weight_hh, bias_ih, bias_hh, dh_norm,
+    to add into, or None; grad_groups as functional.layer_backward's (the gradients gain a leading
+    dimension of that size). Returns (dx, dh0, dc0, weight_ih, weight_hh, bias_ih, bias_hh, dh_norm,
     weight_hr) as functional.LayerGrads orders them."""
     cuda = cuda_module()
     lib, a = tape.lib, tape.arrays
@@ -299,9 +300,11 @@ def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
     if dx is None:
         dx = lib.empty(x, (steps, batch, inp))
     if grads is None:
-        grads = (lib.zeros(x, (gh, inp)), lib.zeros(x, (gh, width)),
-                 lib.zeros(x, (gh,)) if tape.has_bias else None, lib.zeros(x, (gh,)) if tape.has_bias else None,
-                 lib.zeros(x, (proj, hidden)) if proj else None)
+        lead = (grad_groups,) if grad_groups > 1 else ()
+        grads = (lib.zeros(x, (*lead, gh, inp)), lib.zeros(x, (*lead, gh, width)),
+                 lib.zeros(x, (*lead, gh)) if tape.has_bias else None,
+                 lib.zeros(x, (*lead, gh)) if tape.has_bias else None,
+                 lib.zeros(x, (*lead, proj, hidden)) if proj else None)
     else:
         grads = tuple(lib.adopt(g) for g in grads)
     dh0 = lib.empty(x, (batch, width))
@@ -310,5 +313,6 @@ def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None):
     cuda.layer_backward(tape.cell, tape.dtype, (*tape.shape, proj), tape.reverse, x, a["weight_ih"], a["weight_hh"],
                         a["bias_ih"], a["bias_hh"], a["lengths"], a["hs"], a["cs"], a["saved"], dy, dh_n, dc_n,
                         dx, accumulate_dx, dh0, dc0, *grads[:4], dh_norm, tape.cell_clip, lib.stream(x),
-                        tape.recurrence, weight_hr=a["weight_hr"], rs=a["rs"], grad_weight_hr=grads[4])
+                        tape.recurrence, weight_hr=a["weight_hr"], rs=a["rs"], grad_weight_hr=grads[4],
+                        grad_groups=grad_groups)
     return (dx, dh0, dc0, *grads[:4], dh_norm, grads[4])

@@ -144,7 +144,7 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
     h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction.
 
-    `grad_groups` Q > 1 (CPU tapes): the batch's rows form Q consecutive groups of B/Q rows, and the
+    `grad_groups` Q > 1: the batch's rows form Q consecutive groups of B/Q rows, and the
     weight and bias gradients of each group come apart, with a leading dimension Q (weight_ih
     (Q, G*H, I), bias_ih (Q, G*H), ...; buffers in `grads` of those shapes, C-contiguous): Q = B gives
     per-sample gradients in one call. dx, dh0 and dc0 are as without."""
@@ -171,13 +171,12 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None, grad_groups: int = 1) -> LayerGrads:
     """layer_backward on a tape known to be one; the rest as layer_backward takes it."""
     if not isinstance(tape, _core.Tape):  # a CudaTape, told apart without importing _cuda_layer each call
-        if grad_groups != 1:
-            raise ValueError("grad_groups: gradients per group of rows run on the CPU backend only")
         from . import _cuda_layer
         return LayerGrads(*_cuda_layer.backward(tape, dy, dh_n, dc_n, dx,
                                                 None if grads is None else (grads.weight_ih, grads.weight_hh,
                                                                             grads.bias_ih, grads.bias_hh,
-                                                                            getattr(grads, "weight_hr", None))))
+                                                                            getattr(grads, "weight_hr", None)),
+                                                grad_groups))
     accumulate_dx, accumulate_grads = dx is not None, grads is not None
     dx = _dx_buffer(tape) if dx is None else dx
     grads = _grad_buffers(tape, groups=grad_groups) if grads is None else grads

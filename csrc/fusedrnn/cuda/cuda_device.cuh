@@ -152,6 +152,22 @@ class CudaDevice {
       check(cublasDgemm_64(blas_, op_b, op_a, n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc), "cublasDgemm");
   }
 
+  template <typename T>
+  void gemm_batched(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* a, Index lda,
+                    Index stride_a, const T* b, Index ldb, Index stride_b, T beta, T* c, Index ldc, Index stride_c,
+                    Index count) {
+    if (m == 0 || n == 0 || count == 0) return;
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if constexpr (std::is_same_v<T, float>)
+      check(cublasSgemmStridedBatched_64(blas_, op_b, op_a, n, m, k, &alpha, b, ldb, stride_b, a, lda, stride_a,
+                                         &beta, c, ldc, stride_c, count),
+            "cublasSgemmStridedBatched");
+    else
+      check(cublasDgemmStridedBatched_64(blas_, op_b, op_a, n, m, k, &alpha, b, ldb, stride_b, a, lda, stride_a,
+                                         &beta, c, ldc, stride_c, count),
+            "cublasDgemmStridedBatched");
+  }
+
   template <typename Kernel>
   void launch(const Kernel& kernel, const LaunchShape& shape) {
     allow_shared(reinterpret_cast<const void*>(&run_phases<Kernel>), shape.shared_bytes);

@@ -5,6 +5,9 @@
 // A Device provides, all enqueued in order on the device's one stream (the host is never synchronised):
 //   gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 //       row-major C (m x n, row stride ldc) = alpha op(A) op(B) + beta C, as cpu/blas.h's gemm.
+//   gemm_batched<T>(trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, beta, c, ldc,
+//                   stride_c, count)
+//       count such GEMMs, the i-th on a + i*stride_a, b + i*stride_b and c + i*stride_c.
 //   launch(kernel, LaunchShape)
 //       runs a kernel body (below) over shape.blocks blocks of shape.threads threads, each block with
 //       shape.shared_bytes of shared memory; the threads of a block meet at a barrier between phases.

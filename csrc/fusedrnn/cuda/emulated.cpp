@@ -42,6 +42,14 @@ class EmulatedDevice {
     cpu::blas::gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
+  template <typename T>
+  void gemm_batched(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* a, Index lda,
+                    Index stride_a, const T* b, Index ldb, Index stride_b, T beta, T* c, Index ldc, Index stride_c,
+                    Index count) {
+    for (Index i = 0; i < count; ++i)
+      gemm<T>(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+  }
+
   // Block by block; within a block each phase for every thread before the next (a block barrier).
   template <typename Kernel>
   void launch(const Kernel& kernel, const LaunchShape& shape) {

@@ -292,16 +292,18 @@ BackwardPlan<T> plan_backward(const LayerBackwardParams<T>& a, Carver& carve) {
   p.w_ih = operand<T>(a.weights.w_ih, gh, s.input, carve);
   p.w_hh = operand<T>(a.weights.w_hh, gh, R, carve);
   p.dx = operand<T>(a.dx, s.steps, s.batch, s.input, carve);
-  p.dw_ih = operand<T>(a.dw_ih, gh, s.input, carve);
-  p.dw_hh = operand<T>(a.dw_hh, gh, R, carve);
+  // With grad_groups Q, each weight gradient is Q of them one after another.
+  const Index groups = a.grad_groups;
+  p.dw_ih = operand<T>(a.dw_ih, groups * gh, s.input, carve);
+  p.dw_hh = operand<T>(a.dw_hh, groups * gh, R, carve);
   if (s.proj > 0) {
     p.w_hr = operand<T>(a.weights.w_hr, s.proj, s.hidden, carve);
-    p.dw_hr = operand<T>(a.dw_hr, s.proj, s.hidden, carve);
+    p.dw_hr = operand<T>(a.dw_hr, groups * s.proj, s.hidden, carve);
     p.dr = carve.template take<T>(state);
   }
   // A bias gradient is the (G*H, 1) result of one GEMM, its stride the leading dimension.
-  p.db_ih = operand<T>(as_column(a.db_ih), 1, gh, 1, carve);
-  p.db_hh = operand<T>(as_column(a.db_hh), 1, gh, 1, carve);
+  p.db_ih = operand<T>(as_column(a.db_ih), 1, groups * gh, 1, carve);
+  p.db_hh = operand<T>(as_column(a.db_hh), 1, groups * gh, 1, carve);
   p.dgx = carve.template take<T>(rows * gh);
   p.dgh = f.split_recurrent_grad ? carve.template take<T>(rows * gh) : p.dgx;
   p.dh[0] = carve.template take<T>(h_state);
@@ -325,8 +327,8 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   const Index B = s.batch, H = s.hidden, R = s.state_size(), P = s.proj, gh = cell_facts(a.cell).gates * H;
   const Index rows = s.steps * B;
   if (!a.tape.training) throw std::logic_error("fusedrnn: backward needs a tape recorded in training");
-  if (a.grad_groups != 1)
-    throw std::invalid_argument("fusedrnn: weight gradients per group of rows run on the CPU backend only");
+  if (a.grad_groups < 1 || B % a.grad_groups != 0)
+    throw std::invalid_argument("fusedrnn: grad_groups must divide the batch into groups of equal size");
   Carver carve(workspace);
   const BackwardPlan<T> p = plan_backward(a, carve);
   for (const Operand<T>* o : {&p.x, &p.w_ih, &p.w_hh, &p.w_hr}) gather(dev, *o);
@@ -408,24 +410,32 @@ void layer_backward(Device& dev, const LayerBackwardParams<T>& a, void* workspac
   if (p.dx.data)
     dev.template gemm<T>(false, false, rows, s.input, gh, T(1), p.dgx, gh, p.w_ih.data, p.w_ih.ld,
                          a.accumulate_dx ? T(1) : T(0), p.dx.data, p.dx.ld);
-  const T grads_beta = a.accumulate_weight_grads ? T(1) : T(0);
-  dev.template gemm<T>(true, false, gh, s.input, rows, T(1), p.dgx, gh, p.x.data, p.x.ld, grads_beta,
-                       p.dw_ih.data, p.dw_ih.ld);
-  dev.template gemm<T>(true, false, gh, R, rows, T(1), p.dgh, gh, h_prev_rows, R, grads_beta, p.dw_hh.data,
-                       p.dw_hh.ld);
+  // A weight gradient (m, n) (+)= A^T B summed over the rows of A (lda apart) and B (ldb apart). With
+  // grad_groups Q, the Q groups' gradients one after another: row j of every group at once (a batched
+  // GEMM over the groups, K over that row's steps, the leading dimensions times B), the rows of a group
+  // adding in row order.
+  const Index groups = a.grad_groups, group_rows = B / groups;
+  const auto weight_grad = [&](Index m, Index n, const T* a_rows, Index lda, const T* b_rows, Index ldb, T* c,
+                               Index ldc) {
+    if (groups == 1) {
+      dev.template gemm<T>(true, false, m, n, rows, T(1), a_rows, lda, b_rows, ldb,
+                           a.accumulate_weight_grads ? T(1) : T(0), c, ldc);
+      return;
+    }
+    for (Index j = 0; j < group_rows; ++j)
+      dev.template gemm_batched<T>(true, false, m, n, s.steps, T(1), a_rows + j * lda, B * lda, group_rows * lda,
+                                   b_rows + j * ldb, B * ldb, group_rows * ldb,
+                                   a.accumulate_weight_grads || j > 0 ? T(1) : T(0), c, ldc, m * ldc, groups);
+  };
+  weight_grad(gh, s.input, p.dgx, gh, p.x.data, p.x.ld, p.dw_ih.data, p.dw_ih.ld);
+  weight_grad(gh, R, p.dgh, gh, h_prev_rows, R, p.dw_hh.data, p.dw_hh.ld);
   // dW_hr (P, H) (+)= dL/dh^T (P, T*B) x r (T*B, H); both are zero at invalid rows.
-  if (P > 0)
-    dev.template gemm<T>(true, false, P, H, rows, T(1), p.dh_total, P, a.tape.rs, H, grads_beta, p.dw_hr.data,
-                         p.dw_hr.ld);
+  if (P > 0) weight_grad(P, H, p.dh_total, P, a.tape.rs, H, p.dw_hr.data, p.dw_hr.ld);
   if (p.ones) {
     dev.launch(Fill<T>{p.ones, rows, T(1)}, covering(rows));
     // db (G*H, 1) (+)= dg^T (G*H, T*B) x ones (T*B, 1).
-    if (p.db_ih.data)
-      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgx, gh, p.ones, 1, grads_beta, p.db_ih.data,
-                           p.db_ih.ld);
-    if (p.db_hh.data)
-      dev.template gemm<T>(true, false, gh, 1, rows, T(1), p.dgh, gh, p.ones, 1, grads_beta, p.db_hh.data,
-                           p.db_hh.ld);
+    if (p.db_ih.data) weight_grad(gh, 1, p.dgx, gh, p.ones, 1, p.db_ih.data, p.db_ih.ld);
+    if (p.db_hh.data) weight_grad(gh, 1, p.dgh, gh, p.ones, 1, p.db_hh.data, p.db_hh.ld);
   }
   if (a.dh_norm) {
     const RowNorms<T> norms{p.dh_total, B * R, a.dh_norm};
