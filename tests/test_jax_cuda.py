@@ -124,12 +124,14 @@ def test_emulated_device_handlers_under_vmap_match_the_cpu_handlers(rng, proj):
     stacked = {k: np.stack([v, v * 0.5, -v]) for k, v in params.items()}
 
     def run():
-        # Shared weights in inference (folded into one batch on the CPU, one call per element on the
-        # device), and per-element weights with their gradients.
+        # Shared weights, inference and per-sample gradients (the elements folded into one layer call
+        # of all their rows: on the CPU with at most two rows an element in training, on the device
+        # always), and per-element weights with their gradients (a call an element).
         shared = jax.jit(jax.vmap(lambda x, n: fj.lstm(params, x, lengths=n)[0]))(xs, lengths)
         loss = lambda p, x, n: jnp.sum(fj.lstm(p, x, lengths=n)[0] ** 2)  # noqa: E731
+        per_sample = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0)))(params, xs, lengths)
         grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(stacked, xs, lengths)
-        return jax.device_get((shared, grads))
+        return jax.device_get((shared, per_sample, grads))
 
     expected = run()
     with _targets(_EMULATED):
@@ -157,6 +159,12 @@ def test_emulated_device_handlers_raise_run_time_errors_naming_the_argument(rng)
         grad = jax.jit(jax.grad(lambda x: jnp.sum(fj.gru(params, x)[0] * dy)))
         with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: dy: contains NaN or infinite"):
             jax.block_until_ready(grad(x))
+        # Folded under vmap (per-sample gradients), each element is checked as before.
+        per_sample = jax.jit(jax.vmap(jax.grad(lambda x, dy: jnp.sum(fj.gru(params, x)[0] * dy))))
+        with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN or infinite"):
+            jax.block_until_ready(per_sample(np.stack([x, x_nan]), np.ones((2, 5, 3, 8), np.float32)))
+        with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: dy: contains NaN or infinite"):
+            jax.block_until_ready(per_sample(np.stack([x, x]), np.stack([np.ones_like(dy), dy])))
         # The same call with good input runs, and equals the CPU handlers' below.
         good = np.asarray(f(x, jnp.array([5, 2, 3])))
     np.testing.assert_allclose(good, np.asarray(fj.gru(params, x, lengths=[5, 2, 3])[0]), rtol=1e-5, atol=1e-6)
@@ -278,8 +286,9 @@ def test_cuda_handlers_under_vmap_match_the_cpu_handlers(rng, cell, proj):
         p, s, x, n = _on(device, (params, stacked, xs, lengths))
         shared = jax.jit(jax.vmap(lambda x, n: fj.forward(cell, p, x, lengths=n)[0]))(x, n)
         loss = lambda p, x, n: jnp.sum(fj.forward(cell, p, x, lengths=n)[0] ** 2)  # noqa: E731
+        per_sample = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0)))(p, x, n)
         grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(s, x, n)
-        return jax.device_get((shared, grads))
+        return jax.device_get((shared, per_sample, grads))
 
     _assert_trees_close(run(GPU), run(jax.devices("cpu")[0]), np.float32)
 

@@ -122,78 +122,31 @@ void run_directions(const std::vector<fusedrnn::LayerBackwardParams<T>>& d) {
     cpu::layer_backward<T>(d[0]);
 }
 
-// Under vmap with weights shared by every mapped element, the N elements' rows run as one layer call
-// of N*B rows, element n's rows at n*B.. of every (outer, N*B, width) array: a step's recurrent GEMM over
-// N*B rows costs far less than N calls of B rows while B is small. The inputs (and the tape, for the
-// backward) are gathered into scratch and the outputs (and the tape, from a training forward) scattered
-// back, so the buffers keep their per-element layout whichever way either call ran. The backward writes
-// each element's weight gradients apart (grad_groups = N), straight into its results.
-class Fold {
- public:
-  Fold(Index elements, Index rows) : elements_(elements), rows_(rows) {}
+// Training folds on the CPU only where each element has at most kMaxFoldedTrainingRows rows: beyond
+// that the tape's gathers and scatters and each element's own weight-gradient GEMMs cost more than the
+// folded recurrence saves, since an element's own rows already keep a step's GEMM busy (bench/NOTES.md,
+// "Per-sample gradients through fusedrnn.jax").
+constexpr Index kMaxFoldedTrainingRows = 2;
 
-  // Whether a call folds: inference whenever the weights are shared; training only where each element
-  // has at most kMaxTrainingRows rows, since the tape's gathers and scatters and each element's own
-  // weight-gradient GEMMs cost more than the folded recurrence saves once an element's own rows keep a
-  // step's GEMM busy (bench/NOTES.md, "Per-sample gradients through fusedrnn.jax").
-  template <typename Call>
-  static bool applies(const Call& c, bool training) {
-    const Index all = c.batch.count * c.rows;
-    const Index widest = std::max({c.input, cell_facts(c.cell).gates * c.hidden, c.state});
-    const Index blas_max = std::numeric_limits<std::int32_t>::max();
-    return c.batch.count > 1 && c.rows > 0 && c.weights.shared() && (!training || c.rows <= kMaxTrainingRows) &&
-           c.steps * all <= blas_max && all * widest <= blas_max;
-  }
-
-  Index all() const { return elements_ * rows_; }
-
-  // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one.
+// Fold's copies in host memory.
+struct HostCopy {
   template <typename T>
-  void gather(const T* from, T* to, Index outer, Index width, Index n) const {
-    if (!from) return;
-    for (Index o = 0; o < outer; ++o)
-      std::copy(from + o * rows_ * width, from + (o + 1) * rows_ * width, to + (o * all() + n * rows_) * width);
+  void operator()(T* to, Index to_pitch, const T* from, Index from_pitch, Index values, Index count) const {
+    for (Index r = 0; r < count; ++r) std::copy_n(from + r * from_pitch, values, to + r * to_pitch);
   }
-  template <typename T>
-  void scatter(const T* from, T* to, Index outer, Index width, Index n) const {
-    if (!to) return;
-    for (Index o = 0; o < outer; ++o)
-      std::copy(from + (o * all() + n * rows_) * width, from + (o * all() + n * rows_ + rows_) * width,
-                to + o * rows_ * width);
-  }
-
-  // Every element's lengths side by side, checked; empty when the call has none.
-  ffi::Error lengths(const Lengths& lengths, Index steps, std::vector<Index>& all_lengths) const {
-    all_lengths.clear();
-    if (lengths.empty()) return ffi::Error::Success();
-    std::vector<Index> one;
-    for (Index n = 0; n < elements_; ++n) {
-      if (ffi::Error e = read_lengths(lengths, n, steps, one); e.failure()) return e;
-      all_lengths.insert(all_lengths.end(), one.begin(), one.end());
-    }
-    return ffi::Error::Success();
-  }
-
-  // Every direction's tape (hs, cs, saved, rs as `layout` has them for B rows) of mapped element n, to
-  // or from the folded tape.
-  template <typename T>
-  void gather_tape(const fusedrnn::TapeLayout& layout, Index directions, const std::array<const T*, 4>& from,
-                   const std::array<T*, 4>& to, Index n) const {
-    for (std::size_t k = 0; k < 4; ++k)
-      gather(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n);
-  }
-  template <typename T>
-  void scatter_tape(const fusedrnn::TapeLayout& layout, Index directions, const std::array<T*, 4>& from,
-                    const std::array<T*, 4>& to, Index n) const {
-    for (std::size_t k = 0; k < 4; ++k)
-      scatter(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n);
-  }
-
- private:
-  static constexpr Index kMaxTrainingRows = 2;
-  static std::array<fusedrnn::TapeArray, 4> tape_arrays(const fusedrnn::TapeLayout& l) { return {l.hs, l.cs, l.saved, l.rs}; }
-  Index elements_, rows_;
 };
+
+// Every element's lengths side by side, checked; empty when the call has none.
+ffi::Error fold_lengths(const Lengths& lengths, Index elements, Index steps, std::vector<Index>& all_lengths) {
+  all_lengths.clear();
+  if (lengths.empty()) return ffi::Error::Success();
+  std::vector<Index> one;
+  for (Index n = 0; n < elements; ++n) {
+    if (ffi::Error e = read_lengths(lengths, n, steps, one); e.failure()) return e;
+    all_lengths.insert(all_lengths.end(), one.begin(), one.end());
+  }
+  return ffi::Error::Success();
+}
 
 // The tape of a folded call (N*B rows) in `scratch`: every direction's arrays back to back, as the
 // directions may run at once.
@@ -237,7 +190,7 @@ ffi::Error check_inputs(const BackwardCall<T>& c, const BackwardArrays<T>& one, 
 template <typename Call, typename Gather>
 ffi::Error fold_inputs(const Call& c, const Fold& fold, bool check_sequence, bool check_states,
                        std::vector<Index>& all_lengths, const Gather& gather) {
-  if (ffi::Error e = fold.lengths(c.lengths, c.steps, all_lengths); e.failure()) return e;
+  if (ffi::Error e = fold_lengths(c.lengths, c.batch.count, c.steps, all_lengths); e.failure()) return e;
   for (Index n = 0; n < c.batch.count; ++n) {
     const auto one = c.arrays(n);
     if (ffi::Error e = check_inputs(c, one, check_sequence, check_states); e.failure()) return e;
@@ -261,9 +214,9 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
   std::vector<Index> all_lengths;
   if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
                                  [&](const ForwardArrays<T>& one, Index n) {
-                                   fold.gather(one.x, xs, steps, c.input, n);
-                                   fold.gather(one.h0, h0s, D, c.state, n);
-                                   fold.gather(one.c0, c0s, D, c.hidden, n);
+                                   fold.gather(one.x, xs, steps, c.input, n, HostCopy{});
+                                   fold.gather(one.h0, h0s, D, c.state, n, HostCopy{});
+                                   fold.gather(one.c0, c0s, D, c.hidden, n, HostCopy{});
                                  });
       e.failure())
     return e;
@@ -273,19 +226,19 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
   run_directions(params);
   for (Index n = 0; n < N; ++n) {
     const ForwardArrays<T> one = c.arrays(n);
-    fold.scatter<T>(folded.y, one.y, steps, DR, n);
-    fold.scatter<T>(folded.h_n, one.h_n, D, c.state, n);
-    fold.scatter<T>(folded.c_n, one.c_n, D, c.hidden, n);
+    fold.scatter<T>(folded.y, one.y, steps, DR, n, HostCopy{});
+    fold.scatter<T>(folded.h_n, one.h_n, D, c.state, n, HostCopy{});
+    fold.scatter<T>(folded.c_n, one.c_n, D, c.hidden, n, HostCopy{});
     if (c.training)
       fold.scatter_tape<T>(c.layout, D, tape.arrays, {c.tape.hs.at(n), c.tape.cs.at(n), c.tape.saved.at(n), c.tape.rs.at(n)},
-                           n);
+                           n, HostCopy{});
   }
   return ffi::Error::Success();
 }
 
 template <typename T>
 ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states) {
-  if (Fold::applies(c, c.training)) return forward_folded<T>(c, check_sequence, check_states);
+  if (Fold::applies(c, c.training, kMaxFoldedTrainingRows)) return forward_folded<T>(c, check_sequence, check_states);
   // Inference keeps its tape (two state slots, the cell output) in scratch of the call, one for each
   // direction, as they may run at once; training writes the tape results.
   const Index D = c.D;
@@ -328,11 +281,11 @@ ffi::Error backward_folded(const BackwardCall<T>& c, bool check_sequence, bool c
   std::vector<Index> all_lengths;
   if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
                                  [&](const BackwardArrays<T>& one, Index n) {
-                                   fold.gather(one.x, xs, steps, c.input, n);
-                                   fold.gather(one.dy, dys, steps, DR, n);
-                                   fold.gather(one.dh_n, dhns, D, c.state, n);
-                                   fold.gather(one.dc_n, dcns, D, c.hidden, n);
-                                   fold.gather_tape<T>(c.layout, D, one.tape, tape.arrays, n);
+                                   fold.gather(one.x, xs, steps, c.input, n, HostCopy{});
+                                   fold.gather(one.dy, dys, steps, DR, n, HostCopy{});
+                                   fold.gather(one.dh_n, dhns, D, c.state, n, HostCopy{});
+                                   fold.gather(one.dc_n, dcns, D, c.hidden, n, HostCopy{});
+                                   fold.gather_tape<T>(c.layout, D, one.tape, tape.arrays, n, HostCopy{});
                                  });
       e.failure())
     return e;
@@ -342,16 +295,16 @@ ffi::Error backward_folded(const BackwardCall<T>& c, bool check_sequence, bool c
   run_directions(params);
   for (Index n = 0; n < N; ++n) {
     const BackwardArrays<T> one = c.arrays(n);
-    fold.scatter<T>(folded.dx, one.dx, steps, c.input, n);
-    fold.scatter<T>(folded.dh0, one.dh0, D, c.state, n);
-    fold.scatter<T>(folded.dc0, one.dc0, D, c.hidden, n);
+    fold.scatter<T>(folded.dx, one.dx, steps, c.input, n, HostCopy{});
+    fold.scatter<T>(folded.dh0, one.dh0, D, c.state, n, HostCopy{});
+    fold.scatter<T>(folded.dc0, one.dc0, D, c.hidden, n, HostCopy{});
   }
   return ffi::Error::Success();
 }
 
 template <typename T>
 ffi::Error cpu_backward(const BackwardCall<T>& c, bool check_sequence, bool check_states) {
-  if (Fold::applies(c, true)) return backward_folded<T>(c, check_sequence, check_states);
+  if (Fold::applies(c, true, kMaxFoldedTrainingRows)) return backward_folded<T>(c, check_sequence, check_states);
   std::vector<Index> lengths;
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;
@@ -403,11 +356,17 @@ ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, b
 class EmulatedDevice {
  public:
   void* workspace(std::size_t bytes) {
-    storage_.resize((bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
-    return storage_.data();
+    storage_.emplace_back((bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+    return storage_.back().data();
   }
   void to_host(void* to, const void* from, std::size_t bytes) { std::memcpy(to, from, bytes); }
   void to_device(void* to, const void* from, std::size_t bytes) { std::memcpy(to, from, bytes); }
+  void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch, std::size_t row_bytes,
+                 std::size_t rows) {
+    for (std::size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<unsigned char*>(to) + r * to_pitch, static_cast<const unsigned char*>(from) + r * from_pitch,
+                  row_bytes);
+  }
   template <typename T>
   void flag_non_finite(const T* data, Index count, int* flag) {
     fusedrnn::gpu::emulated::flag_non_finite(data, count, flag);
@@ -430,7 +389,7 @@ class EmulatedDevice {
   }
 
  private:
-  std::vector<std::max_align_t> storage_;
+  std::vector<std::vector<std::max_align_t>> storage_;  // one per workspace asked for
 };
 
 ffi::Error emulated_forward(std::string_view cell_name, std::int64_t directions, bool training, bool check_sequence,

@@ -41,6 +41,10 @@ class CudaDevice {
   }
   void to_host(void* to, const void* from, std::size_t bytes) { cuda::copy_to_host(to, from, bytes, stream_); }
   void to_device(void* to, const void* from, std::size_t bytes) { cuda::copy_to_device(to, from, bytes, stream_); }
+  void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch, std::size_t row_bytes,
+                 std::size_t rows) {
+    cuda::copy_rows(to, to_pitch, from, from_pitch, row_bytes, rows, stream_);
+  }
   template <typename T>
   void flag_non_finite(const T* data, Index count, int* flag) {
     cuda::flag_non_finite(data, count, flag, stream_);

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -532,6 +533,64 @@ struct BackwardCall {
   LayerBackwardParams<T> params(Index n, Index d, const Index* length_values) const {
     return params(arrays(n), n, d, length_values);
   }
+};
+
+// Under vmap with weights shared by every mapped element, a handler may run the N elements' rows as one
+// layer call of N*B rows ("folding"), element n's rows at n*B.. of every (outer, N*B, width) array: a
+// step's work over N*B rows costs far less than N calls of B rows while B is small. The inputs (and
+// the tape, for the backward) are gathered into the call's scratch and the outputs (and the tape, from
+// a training forward) scattered back, so the buffers keep their per-element layout whichever way
+// either call ran. The backward writes each element's weight gradients apart (grad_groups = N),
+// straight into its results. The copies go through copy(to, to_pitch, from, from_pitch, values,
+// count): `count` runs of `values` values, the pitches in values, in the memory the handler's backend
+// uses.
+class Fold {
+ public:
+  Fold(Index elements, Index rows) : elements_(elements), rows_(rows) {}
+
+  // Whether a call folds: weights shared by more than one element, the folded sizes within the 32-bit
+  // BLAS's range, and in training at most `max_training_rows` rows an element.
+  template <typename Call>
+  static bool applies(const Call& c, bool training, Index max_training_rows) {
+    const Index all = c.batch.count * c.rows;
+    const Index widest = std::max({c.input, cell_facts(c.cell).gates * c.hidden, c.state});
+    const Index blas_max = std::numeric_limits<std::int32_t>::max();
+    return c.batch.count > 1 && c.rows > 0 && c.weights.shared() && (!training || c.rows <= max_training_rows) &&
+           c.steps * all <= blas_max && all * widest <= blas_max;
+  }
+
+  Index all() const { return elements_ * rows_; }
+
+  // Moves mapped element n's (outer, B, width) block to or from rows n*B.. of an (outer, N*B, width) one;
+  // nothing for an absent array.
+  template <typename T, typename Copy>
+  void gather(const T* from, T* to, Index outer, Index width, Index n, const Copy& copy) const {
+    if (from) copy(to + n * rows_ * width, all() * width, from, rows_ * width, rows_ * width, outer);
+  }
+  template <typename T, typename Copy>
+  void scatter(const T* from, T* to, Index outer, Index width, Index n, const Copy& copy) const {
+    if (to) copy(to, rows_ * width, from + n * rows_ * width, all() * width, rows_ * width, outer);
+  }
+
+  // Every direction's tape (hs, cs, saved, rs as `layout` has them for B rows) of mapped element n, to
+  // or from the folded tape.
+  template <typename T, typename Copy>
+  void gather_tape(const TapeLayout& layout, Index directions, const std::array<const T*, 4>& from,
+                   const std::array<T*, 4>& to, Index n, const Copy& copy) const {
+    for (std::size_t k = 0; k < 4; ++k)
+      gather(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n, copy);
+  }
+  template <typename T, typename Copy>
+  void scatter_tape(const TapeLayout& layout, Index directions, const std::array<T*, 4>& from,
+                    const std::array<T*, 4>& to, Index n, const Copy& copy) const {
+    for (std::size_t k = 0; k < 4; ++k)
+      scatter<T>(from[k], to[k], directions * tape_arrays(layout)[k].leading, tape_arrays(layout)[k].width, n,
+                 copy);
+  }
+
+ private:
+  static std::array<TapeArray, 4> tape_arrays(const TapeLayout& l) { return {l.hs, l.cs, l.saved, l.rs}; }
+  Index elements_, rows_;
 };
 
 // The handlers' signatures, bound once for every platform: a device's binding adds its context

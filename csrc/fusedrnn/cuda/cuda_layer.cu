@@ -89,6 +89,14 @@ void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream) {
   check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
 }
 
+void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch, std::size_t row_bytes,
+               std::size_t rows, void* stream) {
+  if (rows == 0 || row_bytes == 0) return;
+  check(cudaMemcpy2DAsync(to, to_pitch, from, from_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice,
+                          static_cast<cudaStream_t>(stream)),
+        "cudaMemcpy2DAsync");
+}
+
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");

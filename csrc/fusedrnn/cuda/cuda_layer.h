@@ -40,6 +40,9 @@ void* allocate(std::size_t bytes, void* stream);  // stream-ordered
 void release(void* pointer, void* stream);
 void copy_to_device(void* to, const void* from, std::size_t bytes, void* stream);
 void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream);  // waits for the copy
+// `rows` runs of `row_bytes` from device memory `from_pitch` bytes apart to device memory `to_pitch` apart.
+void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch, std::size_t row_bytes,
+               std::size_t rows, void* stream);
 int runtime_version();
 // Per-step loops recorded as CUDA Graphs and replayed for calls with the same arrays and sizes (see
 // cuda_device.cuh); off by default.
