@@ -238,7 +238,7 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
 
 template <typename T>
 ffi::Error cpu_forward(ForwardCall<T>& c, bool check_sequence, bool check_states) {
-  if (Fold::applies(c, c.training, kMaxFoldedTrainingRows)) return forward_folded<T>(c, check_sequence, check_states);
+  if (Fold::applies(c, kMaxFoldedTrainingRows)) return forward_folded<T>(c, check_sequence, check_states);
   // Inference keeps its tape (two state slots, the cell output) in scratch of the call, one for each
   // direction, as they may run at once; training writes the tape results.
   const Index D = c.D;
@@ -304,7 +304,7 @@ ffi::Error backward_folded(const BackwardCall<T>& c, bool check_sequence, bool c
 
 template <typename T>
 ffi::Error cpu_backward(const BackwardCall<T>& c, bool check_sequence, bool check_states) {
-  if (Fold::applies(c, true, kMaxFoldedTrainingRows)) return backward_folded<T>(c, check_sequence, check_states);
+  if (Fold::applies(c, kMaxFoldedTrainingRows)) return backward_folded<T>(c, check_sequence, check_states);
   std::vector<Index> lengths;
   for (Index n = 0; n < c.batch.count; ++n) {
     if (ffi::Error e = read_lengths(c.lengths, n, c.steps, lengths); e.failure()) return e;

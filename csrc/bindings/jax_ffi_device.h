@@ -168,7 +168,7 @@ const Index* stage_all_lengths(Device& dev, const std::vector<std::vector<Index>
 template <typename T, typename Device>
 ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index N = c.batch.count, D = c.D, steps = c.steps;
-  const bool folded = Fold::applies(c, c.training, std::numeric_limits<Index>::max());
+  const bool folded = Fold::applies(c, std::numeric_limits<Index>::max());
   const Fold fold(N, c.rows);
   const Index rows = folded ? fold.all() : c.rows;  // of each layer call
   std::vector<Checked<T>> checked;
@@ -248,7 +248,7 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
 template <typename T, typename Device>
 ffi::Error device_backward(Device& dev, const BackwardCall<T>& c, bool check_sequence, bool check_states) {
   const Index N = c.batch.count, D = c.D, steps = c.steps;
-  const bool folded = Fold::applies(c, true, std::numeric_limits<Index>::max());
+  const bool folded = Fold::applies(c, std::numeric_limits<Index>::max());
   const Fold fold(N, c.rows);
   const Index rows = folded ? fold.all() : c.rows;
   std::vector<Checked<T>> checked;

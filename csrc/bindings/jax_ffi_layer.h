@@ -114,6 +114,12 @@ class Batched {
       if (d != 1) return false;
     return true;
   }
+  // Whether every mapped element has data of its own (no leading dimension of 1 standing for several).
+  bool per_element() const {
+    for (std::size_t i = 0; i < lead_.size(); ++i)
+      if (lead_[i] != batch_->dims[i]) return false;
+    return true;
+  }
   Index dim(std::size_t i) const { return own_[i]; }
   std::size_t rank() const { return own_.size(); }
   Index elements() const { return elements_; }  // of one mapped element
@@ -549,14 +555,16 @@ class Fold {
   Fold(Index elements, Index rows) : elements_(elements), rows_(rows) {}
 
   // Whether a call folds: weights shared by more than one element, the folded sizes within the 32-bit
-  // BLAS's range, and in training at most `max_training_rows` rows an element.
-  template <typename Call>
-  static bool applies(const Call& c, bool training, Index max_training_rows) {
-    const Index all = c.batch.count * c.rows;
-    const Index widest = std::max({c.input, cell_facts(c.cell).gates * c.hidden, c.state});
-    const Index blas_max = std::numeric_limits<std::int32_t>::max();
-    return c.batch.count > 1 && c.rows > 0 && c.weights.shared() && (!training || c.rows <= max_training_rows) &&
-           c.steps * all <= blas_max && all * widest <= blas_max;
+  // BLAS's range, and in training at most `max_training_rows` rows an element. A backward also needs a
+  // tape of each element's own: one tape shared by the elements (a jacrev's cotangents) would be
+  // gathered once for each, N times its memory, where each element's call reads it in place.
+  template <typename T>
+  static bool applies(const ForwardCall<T>& c, Index max_training_rows) {
+    return shared_and_in_range(c, c.training, max_training_rows);
+  }
+  template <typename T>
+  static bool applies(const BackwardCall<T>& c, Index max_training_rows) {
+    return c.tape.hs.per_element() && shared_and_in_range(c, true, max_training_rows);
   }
 
   Index all() const { return elements_ * rows_; }
@@ -589,6 +597,14 @@ class Fold {
   }
 
  private:
+  template <typename Call>
+  static bool shared_and_in_range(const Call& c, bool training, Index max_training_rows) {
+    const Index all = c.batch.count * c.rows;
+    const Index widest = std::max({c.input, cell_facts(c.cell).gates * c.hidden, c.state});
+    const Index blas_max = std::numeric_limits<std::int32_t>::max();
+    return c.batch.count > 1 && c.rows > 0 && c.weights.shared() && (!training || c.rows <= max_training_rows) &&
+           c.steps * all <= blas_max && all * widest <= blas_max;
+  }
   static std::array<TapeArray, 4> tape_arrays(const TapeLayout& l) { return {l.hs, l.cs, l.saved, l.rs}; }
   Index elements_, rows_;
 };

@@ -5,7 +5,8 @@ Buffers and their layout are described in csrc/bindings/jax_ffi_layer.h. Optiona
 lengths, c_n/dc0/cs for a cell without a cell state, rs without a projection) travel as empty (0,)
 arrays. Under jax.vmap the calls
 use vmap_method="expand_dims": an unmapped argument keeps a leading dimension of 1 and the handler
-shares it across the mapped elements, so weights are never copied per element.
+shares it across the mapped elements, so weights are never copied per element; with the weights
+shared, the handler may run the elements as one call of all their rows (Fold in jax_ffi_layer.h).
 """
 
 from __future__ import annotations
