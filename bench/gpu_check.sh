@@ -25,7 +25,10 @@
 #      on as many, the GPU idle;
 #   large, projection: larger shapes, then LSTMs with a projection (--set projection), against cuDNN;
 #   memcheck, racecheck, synccheck: compute-sanitizer's tools on a small case of every kernel
-#      (bench/gpu_small_case.py).
+#      (bench/gpu_small_case.py);
+#   per_sample: per-sample gradients through fusedrnn.jax on the GPU (jit(vmap(grad)), the samples
+#      folded into one layer call) against a call a sample, jit over lax.scan and one batched step
+#      (bench/bench_jax.py's per-sample section, two of its rows).
 # Logs, the benchmarks' JSON and the two wheels go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +61,8 @@ EOF
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.[:space:]')
 
 checks=("$@")
-((${#checks[@]})) || checks=(tests bench jax persistent threads large projection memcheck racecheck synccheck)
+((${#checks[@]})) || checks=(tests bench jax persistent threads large projection memcheck racecheck synccheck
+  per_sample)
 
 if [[ "${GPU_CHECK_INSTALLED:-0}" != 1 ]]; then
   log "build tools"
@@ -215,6 +219,18 @@ EOF
       --shape 100,32,256,256 50,64,512,512 --rounds 3 --repeats 5
   done
 }
+check_per_sample() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$python" - <<'EOF' | tee "$out/per_sample_jax.txt"
+import json, os, sys
+sys.path.insert(0, os.path.join(os.environ["repo"], "bench"))
+import jax
+import bench_jax
+print("jax's default device:", jax.devices()[0])
+bench_jax.PER_SAMPLE_CASES = [case for case in bench_jax.PER_SAMPLE_CASES if case[1:] == (50, 32, 1, 128)]
+with open(os.path.join(os.environ["out"], "per_sample_jax.json"), "w") as f:
+    json.dump(bench_jax.per_sample_gradients(3, 3), f, indent=1)
+EOF
+}
 export -f run_pytest sanitize bench
 
 declare -A titles=(
@@ -222,9 +238,10 @@ declare -A titles=(
   [jax]="fusedrnn.jax on the GPU" [memcheck]="compute-sanitizer memcheck"
   [persistent]="the persistent kernels against cuDNN" [threads]="CPU threads against torch.nn"
   [racecheck]="compute-sanitizer racecheck" [synccheck]="compute-sanitizer synccheck"
-  [large]="larger shapes against cuDNN" [projection]="LSTMs with a projection against cuDNN")
+  [large]="larger shapes against cuDNN" [projection]="LSTMs with a projection against cuDNN"
+  [per_sample]="per-sample gradients through fusedrnn.jax on the GPU")
 declare -A limits=([tests]=200 [bench]=120 [jax]=90 [memcheck]=90 [persistent]=90 [threads]=240 [racecheck]=90
-  [synccheck]=60 [large]=60 [projection]=60)
+  [synccheck]=60 [large]=60 [projection]=60 [per_sample]=90)
 for name in "${checks[@]}"; do
   [[ -n "${titles[$name]:-}" ]] || { echo "gpu_check: no check named $name" >&2; exit 2; }
   check "$name: ${titles[$name]}" "${limits[$name]}" "check_$name"
