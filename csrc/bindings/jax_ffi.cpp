@@ -20,12 +20,12 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <limits>
-#include <array>
 #include <memory>
+#include <stdexcept>
 #include <string_view>
 #include <vector>
 
