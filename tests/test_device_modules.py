@@ -178,6 +178,24 @@ def test_per_sample_gradients_on_device_match_the_host(cp, rng, cell, projected)
         F.layer_backward(out.tape, cp.asarray(dy), grads=strided, grad_groups=4)
 
 
+def test_per_sample_backward_on_device_matches_the_host(cp, rng):
+    """A module on the device gives the host module's per-sample gradients (grad_groups on the device),
+    and sum_clipped_per_sample clips and sums them where they are."""
+    on_host, on_device = _pair("lstm", projected=True)
+    x, lengths = rng.standard_normal((5, 3, 6)), np.array([5, 1, 4])
+    dy = rng.standard_normal((5, 3, 2 * on_host.proj_size))
+    for lib, module in ((np, on_host), (cp, on_device)):
+        module(lib.asarray(x), lengths=lengths)
+        module.backward(lib.asarray(dy), per_sample=True)
+    sums = [fusedrnn.gradients.sum_clipped_per_sample(m.per_sample_grads, 0.3) for m in (on_host, on_device)]
+    np.testing.assert_allclose(sums[1][1], sums[0][1], rtol=1e-10)
+    for name, g in on_host.per_sample_grads.items():
+        got = on_device.per_sample_grads[name]
+        assert isinstance(got, cp.ndarray) and isinstance(sums[1][0][name], cp.ndarray), name
+        assert_close(cp.asnumpy(got), g, np.float64, name)
+        assert_close(cp.asnumpy(sums[1][0][name]), sums[0][0][name], np.float64, f"{name} clipped sum")
+
+
 # ---- devices mixed ----------------------------------------------------------------------------------
 
 def test_inputs_on_another_device_are_refused_by_name(cp, rng):

@@ -661,3 +661,65 @@ def test_linear_keeps_its_input_safe_from_changes_in_place(rng):
     lin.zero_grad()
     lin.backward(np.ones((5, 2), np.float32))
     np.testing.assert_allclose(lin.grads["weight"], np.ones((5, 2), np.float32).T @ want, rtol=1e-6)
+
+
+# ---- per-sample gradients ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_per_sample_backward_gives_each_rows_gradients_from_one_backward(rng, cell, projected):
+    """backward(per_sample=True): per_sample_grads[name][b] equals the gradients of row b run alone (two
+    bidirectional layers, lengths, batch_first), `grads` is untouched, dx is the usual one; then
+    sum_clipped_per_sample clips and sums them as by hand."""
+    kwargs = dict(num_layers=2, bidirectional=True, dtype=np.float64, seed=3, batch_first=True)
+    if projected:
+        kwargs["proj_size"] = 3
+    m = make_module(cell, 4, 5, **kwargs)
+    width = 2 * (m.proj_size or 5)
+    x, dy = rng.standard_normal((3, 6, 4)), rng.standard_normal((3, 6, width))
+    lengths = np.array([6, 2, 5])
+    m(x, lengths=lengths)
+    whole_dx, _ = m.backward(dy)
+    summed = {k: v.copy() for k, v in m.grads.items()}
+    m.zero_grad()
+    m(x, lengths=lengths)
+    dx, _ = m.backward(dy, per_sample=True)
+    np.testing.assert_allclose(dx, whole_dx, **TOL64)
+    assert all(not g.any() for g in m.grads.values())
+    for name, g in m.per_sample_grads.items():
+        assert g.shape == (3, *m.state_dict()[name].shape), name
+        np.testing.assert_allclose(g.sum(axis=0), summed[name], **TOL64, err_msg=name)
+    per_sample = {k: v.copy() for k, v in m.per_sample_grads.items()}
+    for b in range(3):
+        m.zero_grad()
+        m(x[b:b + 1], lengths=lengths[b:b + 1])
+        m.backward(dy[b:b + 1])
+        for name, g in m.grads.items():
+            np.testing.assert_allclose(per_sample[name][b], g, **TOL64, err_msg=f"row {b} {name}")
+
+    sums, norms = fusedrnn.gradients.sum_clipped_per_sample(per_sample, 0.5)
+    want_norms = np.sqrt(sum((g.reshape(3, -1) ** 2).sum(axis=1) for g in per_sample.values()))
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-12)
+    scale = np.minimum(0.5 / (want_norms + 1e-6), 1.0)
+    for name, g in per_sample.items():
+        np.testing.assert_allclose(sums[name], np.tensordot(scale, g, axes=1), rtol=1e-12, atol=1e-15)
+
+
+def test_per_sample_backward_of_one_row_and_bad_arguments(rng):
+    m = fusedrnn.GRU(3, 4, dtype=np.float64, seed=1)
+    x = rng.standard_normal((5, 3))  # unbatched: one row
+    m(x)
+    m.backward(rng.standard_normal((5, 4)), per_sample=True)
+    assert all(g.shape == (1, *p.shape) for g, p in zip(m.per_sample_grads.values(), m.parameters()))
+    assert any(g.any() for g in m.per_sample_grads.values())
+    m(x)
+    with pytest.raises(TypeError, match=r"^per_sample: expected a bool"):
+        m.backward(None, per_sample=1)
+    G = fusedrnn.gradients
+    with pytest.raises(ValueError, match=r"^max_norm: expected a number >= 0"):
+        G.sum_clipped_per_sample(m.per_sample_grads, -1.0)
+    with pytest.raises(TypeError, match=r"^per_sample_grads: expected a non-empty mapping"):
+        G.sum_clipped_per_sample({}, 1.0)
+    with pytest.raises(ValueError, match=r"^per_sample_grads\['b'\]: expected a leading sample dimension of 2"):
+        G.sum_clipped_per_sample({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, 1.0)
+    m.zero_grad()
+    assert m.per_sample_grads == {}

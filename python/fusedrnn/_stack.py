@@ -171,6 +171,7 @@ class StackGrads(NamedTuple):
     dh0: np.ndarray            # (L*D, B, R)
     dc0: np.ndarray | None     # (L*D, B, H) for a cell with a cell state, else None
     dh_norm: np.ndarray        # (L*D, T) float64: each layer direction's gradient norms, time order
+    weight_grads: list | None = None  # [layer][direction] LayerGrads, where backward made them (grads=None)
 
 
 def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
@@ -210,10 +211,12 @@ def _tape_input(tape):
     return tape.arrays["x"] if hasattr(tape, "arrays") else np.empty(0, tape.dtype)
 
 
-def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads) -> StackGrads:
+def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads,
+             grad_groups: int = 1) -> StackGrads:
     """Backward of forward(training=True) on its tapes and dropout masks: dy (T, B, D*R), dh_n (L*D, B, R)
     and dc_n (L*D, B, H) or None (zero). `grads[layer][direction]` (LayerWeights of gradients) are added
-    into."""
+    into, or with grads=None written into new arrays, returned as weight_grads; `grad_groups` as in
+    functional.layer_backward (the gradients then (Q, ...))."""
     num_layers, dirs = len(tapes), len(tapes[0])
     first = tapes[0][0]
     steps, batch, _, hidden = first.shape
@@ -222,11 +225,13 @@ def backward(tapes: list, dy=None, dh_n=None, dc_n=None, *, dropout_masks, grads
     dc0 = _device.empty(like, (num_layers * dirs, batch, hidden)) if has_cell_state(first.cell) else None
     dh_norm = _device.empty(like, (num_layers * dirs, steps), "float64")
     grad_out = dy
+    made = [None] * num_layers
     for layer in reversed(range(num_layers)):
         rows = layer_rows(layer, dirs)
-        dx, _ = backward_layer(tapes[layer], grad_out, _at(dh_n, rows), _at(dc_n, rows), dh0=dh0[rows],
-                               dc0=_at(dc0, rows), dh_norm=dh_norm[rows], grads=grads[layer])
+        dx, made[layer] = backward_layer(tapes[layer], grad_out, _at(dh_n, rows), _at(dc_n, rows), dh0=dh0[rows],
+                                         dc0=_at(dc0, rows), dh_norm=dh_norm[rows],
+                                         grads=None if grads is None else grads[layer], grad_groups=grad_groups)
         if layer > 0 and dropout_masks[layer - 1] is not None:
             dx *= dropout_masks[layer - 1]
         grad_out = dx
-    return StackGrads(grad_out, dh0, dc0, dh_norm)
+    return StackGrads(grad_out, dh0, dc0, dh_norm, made if grads is None else None)

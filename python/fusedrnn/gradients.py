@@ -1,5 +1,6 @@
-"""Gradient clipping with torch.nn.utils' semantics, a report of non-finite gradients (to skip a step
-rather than write NaN into the weights), and a diagnosis of how the gradient flows back through time.
+"""Gradient clipping with torch.nn.utils' semantics, per-example clipping of per-sample gradients, a
+report of non-finite gradients (to skip a step rather than write NaN into the weights), and a diagnosis
+of how the gradient flows back through time.
 
 `grads` everywhere is a module's `grads` mapping, any mapping name -> array, a list of arrays or one
 array: NumPy arrays, or CuPy arrays on a CUDA device (a module moved there), worked on where they are.
@@ -96,6 +97,36 @@ def clip_grad_value(grads, clip_value: float) -> None:
         raise ValueError(f"clip_value: expected a number >= 0, got {clip_value!r}")
     for _, g in _grad_arrays(grads, changed=True):
         _device.array_module(g).clip(g, -clip_value, clip_value, out=g)
+
+
+def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
+    """Per-example clipping, as differentially private SGD does it: each sample's gradients (a module's
+    `per_sample_grads` after `backward(..., per_sample=True)`, or any mapping name -> array whose first
+    dimension is the sample) scaled so that the sample's total L2 norm over all arrays is at most
+    `max_norm` (by min(1, max_norm / (norm + 1e-6)), clip_grad_norm's rule), then summed over the
+    samples. Returns (sums, norms): name -> the sum (the array without its sample dimension, on the
+    arrays' device), and each sample's norm before clipping ((N,) float64, on the host). The inputs are
+    not changed; noise, if any, is the caller's to add."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
+        raise ValueError(f"max_norm: expected a number >= 0, got {max_norm!r}")
+    if not isinstance(per_sample_grads, Mapping) or not per_sample_grads:
+        raise TypeError("per_sample_grads: expected a non-empty mapping name -> array with a leading sample "
+                        f"dimension, got {type(per_sample_grads).__name__}")
+    named = _grad_arrays(per_sample_grads)
+    samples = None
+    for key, g in named:
+        if g.ndim == 0 or (samples is not None and g.shape[0] != samples):
+            raise ValueError(f"per_sample_grads[{key!r}]: expected a leading sample dimension of "
+                             f"{samples if samples is not None else 'the same size in every array'}, got shape "
+                             f"{g.shape}")
+        samples = g.shape[0]
+    xp = _device.array_module(named[0][1])
+    squares = sum(xp.sum(xp.square(g.reshape(samples, -1).astype(np.float64)), axis=1) for _, g in named)
+    norms = xp.sqrt(squares)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coef = xp.minimum(float(max_norm) / (norms + CLIP_EPS), 1.0)
+    sums = {key: xp.tensordot(coef.astype(g.dtype), g, axes=1) for key, g in named}
+    return sums, _device.to_host(norms)
 
 
 # ---- gradient flow through time ------------------------------------------------------------------------

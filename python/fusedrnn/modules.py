@@ -263,13 +263,16 @@ class RNNBase(_Module):
             _device.copy_into(self._params[name], arr)
 
     def zero_grad(self) -> None:
-        """Resets the accumulated gradients of the parameters, the input and the initial states."""
+        """Resets the accumulated gradients of the parameters, the input and the initial states, and
+        drops the last per-sample gradients."""
         super().zero_grad()
         self.input_grads = {}
+        self.per_sample_grads = OrderedDict()
 
     def _move_arrays(self, device: str) -> None:
         super()._move_arrays(device)
         self.input_grads = {k: _device.move(v, device) for k, v in self.input_grads.items()}
+        self.per_sample_grads = OrderedDict((k, _device.move(v, device)) for k, v in self.per_sample_grads.items())
 
     def __repr__(self) -> str:
         extra = ""
@@ -383,12 +386,17 @@ class RNNBase(_Module):
         scale = 0.0 if self.dropout >= 1.0 else 1.0 / (1.0 - self.dropout)
         return (keep * scale).astype(self.dtype)
 
-    def backward(self, dy=None, dhx=None):
+    def backward(self, dy=None, dhx=None, *, per_sample: bool = False):
         """Backpropagates through the last training-mode forward. dy has y's shape; dhx is dh_n, or
         (dh_n, dc_n) for LSTM, in h_n's shape (None: zero), on the module's device. Accumulates
         parameter gradients into
         `grads` and input/initial-state gradients into `input_grads`; returns this call's
-        (dx, dh0) or, for LSTM, (dx, (dh0, dc0))."""
+        (dx, dh0) or, for LSTM, (dx, (dh0, dc0)).
+
+        per_sample=True: each batch row's parameter gradients apart, in `per_sample_grads` (name ->
+        (B, *shape), new arrays each call, on the module's device), `grads` left as it is; for
+        per-example clipping (gradients.sum_clipped_per_sample), as differentially private training
+        needs. One backward computes them all."""
         ctx = self._pending
         if ctx is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
@@ -414,12 +422,26 @@ class RNNBase(_Module):
         self._pending = None  # the tapes are consumed, as torch frees its graph
         if ctx.input_guard is not None:
             ctx.input_guard.check()
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
         with self._grads_lock:
-            return self._backward(ctx, dy, dh_n, dc_n)
+            return self._backward(ctx, dy, dh_n, dc_n, per_sample)
 
-    def _backward(self, ctx: _Context, dy, dh_n, dc_n):
-        dx, dh0, dc0, dh_norms = _stack.backward(ctx.tapes, dy, dh_n, dc_n, dropout_masks=ctx.dropout_masks,
-                                                 grads=self._stack_weights(self.grads))
+    def _backward(self, ctx: _Context, dy, dh_n, dc_n, per_sample: bool = False):
+        batch = ctx.input_shape[1]
+        # Per sample, the gradients are written into new arrays (not added into zeroed ones: on fresh
+        # pages that costs each page two faults, a read and a write).
+        dx, dh0, dc0, dh_norms, made = _stack.backward(ctx.tapes, dy, dh_n, dc_n, dropout_masks=ctx.dropout_masks,
+                                                       grads=None if per_sample else self._stack_weights(self.grads),
+                                                       grad_groups=batch if per_sample else 1)
+        if per_sample:
+            self.per_sample_grads = OrderedDict(
+                (name, g if batch > 1 else g[None])
+                for layer_names, layer_grads in zip(_stack.weight_names(self.num_layers, self.bidirectional), made)
+                for names, grads in zip(layer_names, layer_grads)
+                for name, g in zip(names, (grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
+                                           grads.weight_hr))
+                if name in self._params)
         unbatched = ctx.unbatched
         self.hidden_grad_norms = _device.to_host(dh_norms)
         if unbatched:
