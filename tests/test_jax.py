@@ -817,3 +817,30 @@ def test_finiteness_checks_name_the_callers_arrays_not_those_between_layers(rng)
     h0[1, 1, 1] = np.inf                                 # the second layer's state is the caller's
     with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: h0: contains NaN"):
         jax.block_until_ready(fj.rnn(_params(rng, "rnn_relu", 3, 4, 2), x, h0, nonlinearity="relu")[0])
+
+
+def test_per_sample_gradients_from_threads_on_an_oversized_team_are_bit_identical(rng):
+    # Folded calls take per-thread scratch: eight threads at once, on a team of five (more ranks than
+    # these machines' cores), each get a quiet run's bits.
+    params = _params(rng, "gru", 6, 16, 2, True)
+    xs = rng.standard_normal((4, 12, 9, 1, 6)).astype(np.float32)
+    per_sample = jax.jit(jax.vmap(jax.grad(lambda p, x: jnp.sum(fj.gru(p, x)[0] ** 2)), in_axes=(None, 0)))
+    previous = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(5)
+    try:
+        expected = [jax.tree.map(np.asarray, per_sample(params, x)) for x in xs]
+        results = [None] * 8
+
+        def worker(i):
+            results[i] = jax.tree.map(np.asarray, per_sample(params, xs[i % 4]))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        fusedrnn.set_num_threads(previous)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(8):
+        jax.tree.map(np.testing.assert_array_equal, results[i], expected[i % 4])

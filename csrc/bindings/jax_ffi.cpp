@@ -159,8 +159,7 @@ struct FoldedTape {
   template <typename Call>
   FoldedTape(const Call& c, Index all, bool training_, CallScratch& scratch)
       : training(training_),
-        layout(fusedrnn::tape_layout(
-            c.cell, fusedrnn::LayerShape{c.steps, all, c.input, c.hidden, {}, false, c.weights.proj}, training_)),
+        layout(layout_for_rows(c, all, training_)),
         arrays{scratch.take<T>(c.D * layout.hs.values()), scratch.take<T>(c.D * layout.cs.values()),
                scratch.take<T>(c.D * layout.saved.values()), scratch.take<T>(c.D * layout.rs.values())} {}
 

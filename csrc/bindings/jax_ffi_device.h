@@ -178,9 +178,7 @@ ffi::Error device_forward(Device& dev, const ForwardCall<T>& c, bool check_seque
   add_checked(checked, check_states, c.c0, N, "c0");
   // The tape a layer call keeps in the workspace: inference's (two state slots, the cell output; the
   // directions in turn), or a folded training call's (every direction's, scattered after).
-  const TapeLayout layout =
-      folded ? tape_layout(c.cell, LayerShape{steps, rows, c.input, c.hidden, {}, false, c.weights.proj}, c.training)
-             : c.layout;
+  const TapeLayout layout = folded ? layout_for_rows(c, rows, c.training) : c.layout;
   const Index tapes = !c.training ? 1 : folded ? D : 0;
   std::vector<Index> counts{tapes * layout.hs.values(), tapes * layout.cs.values(), tapes * layout.saved.values(),
                             tapes * layout.rs.values()};
@@ -256,8 +254,7 @@ ffi::Error device_backward(Device& dev, const BackwardCall<T>& c, bool check_seq
   add_checked(checked, check_sequence, c.dy, N, "dy");
   add_checked(checked, check_states, c.dh_n, N, "dh_n");
   add_checked(checked, check_states, c.dc_n, N, "dc_n");
-  const TapeLayout layout =
-      tape_layout(c.cell, LayerShape{steps, rows, c.input, c.hidden, {}, false, c.weights.proj}, true);
+  const TapeLayout layout = layout_for_rows(c, rows, true);
   std::vector<Index> counts;
   if (folded)
     counts = {D * layout.hs.values(), D * layout.cs.values(), D * layout.saved.values(), D * layout.rs.values(),

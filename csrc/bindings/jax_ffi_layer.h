@@ -330,6 +330,12 @@ struct TapeBuffers {
   }
 };
 
+// One direction's tape layout for a call's layer over `rows` rows: its own B, or a folded call's N*B.
+template <typename Call>
+TapeLayout layout_for_rows(const Call& c, Index rows, bool training) {
+  return tape_layout(c.cell, LayerShape{c.steps, rows, c.input, c.hidden, {}, false, c.weights.proj}, training);
+}
+
 // Where one layer call's arrays lie: a mapped element's part of the buffers (a call's arrays(n)), or
 // the handler's scratch holding every element's rows side by side (a folded call). Absent arrays are null.
 template <typename T>
@@ -397,7 +403,7 @@ struct ForwardCall {
       return e;
     if (cell_facts(cell).has_cell_state == c_n.empty())
       return shape_error("c_n", "expected one for a cell with a cell state");
-    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, training);
+    layout = layout_for_rows(*this, rows, training);
     return training ? tape.check(layout, D) : ffi::Error::Success();
   }
 
@@ -490,7 +496,7 @@ struct BackwardCall {
       if (grads.back().elements() != w[i].elements() || !grads.back().well_batched())
         return shape_error("weight gradients", "expected one per weight, of its shape");
     }
-    layout = tape_layout(cell, LayerShape{steps, rows, input, hidden, {}, false, weights.proj}, true);
+    layout = layout_for_rows(*this, rows, true);
     return tape.check(layout, D);
   }
 
@@ -507,7 +513,7 @@ struct BackwardCall {
   LayerBackwardParams<T> params(const BackwardArrays<T>& a, Index n, Index d, const Index* length_values) const {
     const Index h_at = d * a.rows * state, c_at = d * a.rows * hidden;
     const std::size_t i = weights.per * static_cast<std::size_t>(d);
-    const TapeLayout a_layout = tape_layout(cell, LayerShape{steps, a.rows, input, hidden, {}, false, weights.proj}, true);
+    const TapeLayout a_layout = layout_for_rows(*this, a.rows, true);
     LayerBackwardParams<T> p;
     p.cell = cell;
     p.shape = {steps, a.rows, input, hidden, {length_values, 1}, d == 1, weights.proj};

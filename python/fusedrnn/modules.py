@@ -439,8 +439,7 @@ class RNNBase(_Module):
                 (name, g if batch > 1 else g[None])
                 for layer_names, layer_grads in zip(_stack.weight_names(self.num_layers, self.bidirectional), made)
                 for names, grads in zip(layer_names, layer_grads)
-                for name, g in zip(names, (grads.weight_ih, grads.weight_hh, grads.bias_ih, grads.bias_hh,
-                                           grads.weight_hr))
+                for name, g in zip(names, map(grads._asdict().get, _stack.LayerWeights._fields))
                 if name in self._params)
         unbatched = ctx.unbatched
         self.hidden_grad_norms = _device.to_host(dh_norms)
