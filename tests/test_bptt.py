@@ -168,5 +168,21 @@ def test_truncated_bptt_errors(rng):
         truncated_bptt(m, x, 2, _mse_against(target), hx=np.zeros((1, 3, 4)))
     with pytest.raises(ValueError, match=r"loss_fn: returned a gradient of shape \(2, 4\)"):
         truncated_bptt(m, x, 2, lambda y, s, e: (0.0, np.zeros((2, 4))))
+    for loss_fn, exc, match in ((lambda y, s, e: (0.0, None), TypeError, r"^loss_fn: returned no gradient \(None\)"),
+                                (lambda y, s, e: ("abc", y), TypeError, r"^loss_fn: returned a loss that is not a number"),
+                                (lambda y, s, e: 0.0, TypeError, r"^loss_fn: expected \(loss, the loss's gradient"),
+                                (lambda y, s, e: (0.0, y, y), TypeError, r"^loss_fn: expected \(loss,")):
+        before = {k: v.copy() for k, v in m.grads.items()}
+        with pytest.raises(exc, match=match):
+            truncated_bptt(m, x, 2, loss_fn)
+        for k, v in m.grads.items():  # refused before its chunk's backward
+            np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(ValueError, match=r"^x: empty input"):
+        truncated_bptt(m, x[:0], 2, _mse_against(target))
+    with pytest.raises(ValueError, match=r"^x: empty input"):
+        truncated_bptt(m, x[:, :0], 2, _mse_against(target))
+    for other in (fusedrnn.Linear(3, 4), object(), "gru"):
+        with pytest.raises(TypeError, match=r"^module: expected a fusedrnn LSTM, GRU or RNN"):
+            truncated_bptt(other, x, 2, _mse_against(target))
     with pytest.raises(TypeError, match=r"hx: expected a tuple \(h0, c0\) for an LSTM"):
         truncated_bptt(fusedrnn.LSTM(3, 4, dtype=np.float64), x, 2, _mse_against(target), hx=np.zeros((1, 2, 4)))

@@ -81,7 +81,7 @@ def test_clipping_errors():
         G.clip_grad_norm([np.zeros(2)], 1.0, norm_type=0)
     with pytest.raises(ValueError, match="clip_value: expected a number >= 0"):
         G.clip_grad_value([np.zeros(2)], float("nan"))
-    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float ndarray"):
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float array"):
         G.clip_grad_norm([[1.0, 2.0]], 1.0)
     with pytest.raises(TypeError, match="grads: expected an array, a list of arrays or a mapping"):
         G.clip_grad_norm(3.0, 1.0)

@@ -298,6 +298,8 @@ def test_failed_backward_keeps_the_tape(module, cell):
     module(x)
     with pytest.raises(ValueError, match=r"^dy: "):
         module.backward(dy[:, :, :1])
+    with pytest.raises(TypeError, match=r"^per_sample: expected a bool, got str"):
+        module.backward(dy, per_sample="yes")
     dx, _ = module.backward(dy)
     grads = {k: v.copy() for k, v in module.grads.items()}
     module.zero_grad()
@@ -307,6 +309,22 @@ def test_failed_backward_keeps_the_tape(module, cell):
     for k, v in module.grads.items():
         np.testing.assert_array_equal(grads[k], v)
     assert np.any(dx != 0)
+
+
+def test_linear_rejects_bad_input_and_keeps_its_forward():
+    lin = fusedrnn.Linear(3, 2, seed=0)
+    x = np.ones((4, 3), np.float32)
+    for bad, match in ((np.float32(1), r"^x: expected a 1-D to 32-D array, got shape \(\)"),
+                       (np.where(np.eye(4, 3) > 0, np.inf, x).astype(np.float32), r"^x: contains NaN or infinite")):
+        with pytest.raises(ValueError, match=match):
+            lin(bad)
+    y = lin(x)
+    for bad, match in ((np.ones((4, 5), np.float32), r"^dy: expected shape \(4, 2\)"),
+                       (np.full((4, 2), np.nan, np.float32), r"^dy: contains NaN")):
+        with pytest.raises(ValueError, match=match):
+            lin.backward(bad)
+    dx = lin.backward(np.ones_like(y))  # the forward was kept through the rejected calls
+    np.testing.assert_allclose(dx, np.ones((4, 2)) @ lin.state_dict()["weight"], rtol=1e-6)
 
 
 # ---- constructors ---------------------------------------------------------------------------------------
@@ -330,12 +348,20 @@ def test_failed_backward_keeps_the_tape(module, cell):
     (dict(dtype=np.float16), TypeError, r"^dtype: expected float32 or float64"),
     (dict(dtype=np.complex64), TypeError, r"^dtype: expected float32 or float64"),
     (dict(dtype="not a dtype"), TypeError, r"^dtype: expected float32 or float64"),
+    (dict(seed="x"), TypeError, r"^seed: expected an int, got str"),
+    (dict(seed=-1), ValueError, r"^seed: expected an int >= 0, got -1"),
+    (dict(seed=1.0), TypeError, r"^seed: expected an int, got float"),
 ], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
 def test_constructor_rejects_bad_arguments(cell, kwargs, exc, match):
     args = dict(input_size=3, hidden_size=4)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         make_module(cell, args.pop("input_size"), args.pop("hidden_size"), **args)
+
+
+def test_linear_rejects_a_bad_seed():
+    with pytest.raises(ValueError, match=r"^seed: expected an int >= 0, got -2"):
+        fusedrnn.Linear(3, 2, seed=-2)
 
 
 @pytest.mark.parametrize("nonlinearity", ["sigmoid", "Tanh", None])
@@ -615,7 +641,7 @@ def test_functional_backward_rejects_bad_gradients(cell):
     cases = [
         (dict(dy=np.zeros((T, B, H + 1))), ValueError, r"^dy: expected shape \(4, 3, 2\)"),
         (dict(dy=np.zeros((T, B, H), np.float32)), TypeError, r"^dy: expected dtype float64"),
-        (dict(dy="dy"), TypeError, r"^dy: expected dtype float64"),
+        (dict(dy="dy"), TypeError, r"^dy: expected dtype float"),
         (dict(dh_n=np.zeros((B, H + 1))), ValueError, r"^dh_n: expected shape \(3, 2\)"),
         (dict(dh_n=np.zeros((B, H), np.float32)), TypeError, r"^dh_n: expected dtype float64"),
         (dict(dx=np.zeros((T, B, I + 1))), ValueError, r"^dx: expected shape \(4, 3, 5\)"),
@@ -685,6 +711,70 @@ def test_functional_backward_refuses_bad_grads_and_overlapping_buffers(cell):
                 F.layer_backward(tape, **kwargs)
 
 
+def test_functional_backward_refuses_buffers_sharing_the_forwards_arrays(cell):
+    # Backward reads the forward's x and weights again (the tape references them): writing dx or a
+    # gradient into them would change what the weight gradients are computed from.
+    a = _layer_args(cell)
+    g = GATES[cell]
+    tape = _forward(cell, **a).tape
+    buffers = F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), np.zeros(g * H),
+                           np.zeros(g * H))
+    cases = [(dict(dx=a["x"]), "dx", "x"),
+             (dict(dx=np.zeros(T * B * I + g * H * I)[g * H * I:].reshape(T, B, I)), None, None),
+             (dict(grads=buffers._replace(weight_ih=a["weight_ih"])), "grads.weight_ih", "weight_ih"),
+             (dict(grads=buffers._replace(bias_hh=a["bias_ih"])), "grads.bias_hh", "bias_ih")]
+    for kwargs, name, other in cases:
+        if name is None:
+            F.layer_backward(tape, **kwargs)
+        else:
+            with pytest.raises(ValueError, match=rf"^{name}: shares memory with the forward's {other}"):
+                F.layer_backward(tape, **kwargs)
+    both = np.zeros(g * H * I + T * B * I)  # dx inside weight_ih's memory
+    a["weight_ih"] = both[:g * H * I].reshape(g * H, I)
+    a["weight_ih"][...] = _layer_args(cell)["weight_ih"]
+    with pytest.raises(ValueError, match=r"^dx: shares memory with the forward's weight_ih"):
+        F.layer_backward(_forward(cell, **a).tape, dx=both[g * H * I - 1:-1].reshape(T, B, I))
+
+
+def test_functional_backward_rejects_nonfinite_gradients(cell):
+    dy, dh_n, dc_n = np.zeros((T, B, H)), np.zeros((B, H)), np.zeros((B, H))
+    for name, arr in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
+        if name == "dc_n" and not has_cell_state(cell):
+            continue
+        arr.flat[1] = np.nan if name != "dh_n" else -np.inf
+        kwargs = dict(dy=dy, dh_n=dh_n, dc_n=dc_n if has_cell_state(cell) else None)
+        with pytest.raises(ValueError, match=rf"^{name}: contains NaN or infinite values"):
+            F.layer_backward(_tape(cell), **kwargs)
+        arr.flat[1] = 0.0
+    dy[0, 0, 0] = np.nan
+    grads = F.layer_backward(_tape(cell), dy, check_finite=False)  # the caller's choice: NaN propagates
+    assert np.isnan(grads.weight_hh).any()
+
+
+def test_functional_backward_rejects_bias_gradients_of_a_layer_without_biases(cell):
+    g = GATES[cell]
+    tape = _forward(cell, bias_ih=None, bias_hh=None).tape
+    grads = F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), np.zeros(g * H), None)
+    with pytest.raises(ValueError, match=r"^grad_bias_ih, grad_bias_hh: the layer has no biases"):
+        F.layer_backward(tape, grads=grads)
+    got = F.layer_backward(tape, np.ones((T, B, H)), grads=grads._replace(bias_ih=None))
+    assert got.bias_ih is None and got.weight_hh.any()
+
+
+def test_functional_backward_refuses_a_huge_grad_groups_before_allocating(cell):
+    for groups in (2**40, 2**63):
+        with pytest.raises(ValueError, match=rf"^grad_groups: expected a divisor of the batch \(3\), got {groups}"):
+            F.layer_backward(_tape(cell), grad_groups=groups)
+
+
+@pytest.mark.parametrize("name", ["reverse", "training", "check_finite"])
+def test_functional_forward_flags_must_be_bools(cell, name):
+    for value in ("no", 1, None, np.array([True])):
+        with pytest.raises(TypeError, match=rf"^{name}: expected a bool, got"):
+            _forward(cell, **{name: value})
+    assert _forward(cell, **{name: np.bool_(True)}).y.shape == (T, B, H)
+
+
 # ---- the projection (proj_size, weight_hr) -------------------------------------------------------------
 
 
@@ -749,7 +839,9 @@ def test_functional_rejects_bad_projection(cell):
         (dict(weight_hr=np.zeros((0, 3))), ValueError, r"^weight_hr: expected shape \(proj_size, hidden_size\)"),
         (dict(weight_hr=a["weight_hr"].astype(np.float32)), TypeError, r"^weight_hr: expected dtype float64"),
         (dict(weight_hr=np.zeros((2, 3))), ValueError, r"^weight_hh: expected shape \(12, 2\), got \(12, 1\)"),
-        (dict(weight_hr=np.zeros((1, 4))), ValueError, r"^weight_hh: expected shape \(16, 1\), got \(12, 1\)"),
+        (dict(weight_hr=np.zeros((1, 4))), ValueError,
+         r"^weight_hr, weight_hh: weight_hr's columns give hidden_size 4, so weight_hh needs gates\*hidden_size = 16 "
+         r"rows, got shape \(12, 1\)"),
         (dict(h0=np.zeros((B, 3))), ValueError, r"^h0: expected shape \(3, 1\), got \(3, 3\)"),
         (dict(c0=np.zeros((B, 1))), ValueError, r"^c0: expected shape \(3, 3\), got \(3, 1\)"),
         (dict(out=np.zeros((T, B, 3))), ValueError, r"^out: expected shape \(4, 3, 1\)"),

@@ -135,6 +135,34 @@ def test_layer_non_contiguous_everything(rng, cell, projected, kind):
     np.testing.assert_array_equal(x, x_before)  # inputs are never written
 
 
+@pytest.mark.parametrize("team_size", [1, 2, 5], indirect=True)
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_rows_further_apart_than_blas_indexes(rng, tmp_path, cell, team_size):
+    # Rows 2^31 + 64 elements apart (views of a sparse file): the 32-bit BLAS takes no such leading
+    # dimension, so the core copies them instead of reading them in place, on any rank.
+    steps, batch, inp, hidden = 2, 2, 4, 256  # wide enough for every rank of the team to take a share
+    stride = 2**31 + 64
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(steps * batch * stride * 4 + 4096)
+    big = np.memmap(path, np.float32, "r+")
+    view = lambda offset, width: np.lib.stride_tricks.as_strided(  # noqa: E731
+        big[offset:], (steps, batch, width), (batch * stride * 4, stride * 4, 4))
+    x, dy = view(0, inp), view(inp, hidden)
+    x[...] = rng.standard_normal(x.shape)
+    dy[...] = rng.standard_normal(dy.shape)
+    w = random_layer(rng, cell, inp, hidden, dtype=np.float32)
+    args = (w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"])
+    out = F.layer_forward(cell, x, *args)
+    grads = F.layer_backward(out.tape, dy)
+    dense = F.layer_forward(cell, np.array(x), *args)
+    want = F.layer_backward(dense.tape, np.array(dy))
+    np.testing.assert_array_equal(out.y, dense.y)
+    np.testing.assert_array_equal(grads.dx, want.dx)
+    np.testing.assert_array_equal(grads.weight_ih, want.weight_ih)
+    np.testing.assert_array_equal(grads.weight_hh, want.weight_hh)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_dy_column_slice_of_wider_gradient(rng, cell):
     # The modules pass one direction's half of a (T, B, 2H) gradient; a slice must read the right columns.

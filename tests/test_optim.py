@@ -112,6 +112,9 @@ def test_optimiser_errors():
         opt.step([np.zeros(2)])
     with pytest.raises(ValueError, match=r"grads: expected 1 gradients \(one per parameter\), got 2"):
         opt.step([np.zeros(3), np.zeros(3)])
+    for missing in ([None], {"a": None}):
+        with pytest.raises(TypeError, match=r"^grads\['a'\]: expected a gradient array, got None"):
+            opt.step(missing)
 
 
 def test_bad_gradients_change_nothing():

@@ -370,6 +370,10 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
   const Index gh = facts.gates * hidden;
   const bool has_c = facts.has_cell_state;
 
+  if (proj > 0 && py::reinterpret_borrow<py::array>(w_hh_obj).shape(0) != gh)
+    throw py::value_error("weight_hr, weight_hh: weight_hr's columns give hidden_size " + std::to_string(hidden) +
+                          ", so weight_hh needs gates*hidden_size = " + std::to_string(gh) + " rows, got shape " +
+                          shape_str(shape_of(py::reinterpret_borrow<py::array>(w_hh_obj))));
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
   // weight_hh first: hidden_size is read from its columns, so a mismatch there is reported against it.
   auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden});
@@ -583,6 +587,8 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", grouped({gh})) : py::none();
   if (has_bias && (db_ih.is_none() || db_hh.is_none()))
     throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
+  if (!has_bias && (!grad_b_ih.is_none() || !grad_b_hh.is_none()))
+    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has no biases, so it has no bias gradients");
   auto as_array = [](const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); };
   if (!dx.is_none()) args.dx = out3<T>(as_array(dx));
   args.accumulate_dx = accumulate_dx;
@@ -723,6 +729,15 @@ PYBIND11_MODULE(_core, m) {
       })
       .def_property_readonly("proj_size", [](const Tape& t) { return t.proj; },
                              "The projection size P (h has P features), 0 without a projection.")
+      .def_property_readonly("inputs", [](const Tape& t) {
+        py::dict inputs;
+        inputs["x"] = t.x;
+        inputs["weight_ih"] = t.w_ih;
+        inputs["weight_hh"] = t.w_hh;
+        for (const auto& [name, a] : {std::pair{"bias_ih", &t.b_ih}, {"bias_hh", &t.b_hh}, {"weight_hr", &t.w_hr}})
+          if (!a->is_none()) inputs[name] = *a;
+        return inputs;
+      }, "The forward's arrays that backward reads again (referenced, not copied), by layer_forward's names.")
       .def_property_readonly("nbytes", [](const Tape& t) {
         Index n = t.hs.nbytes();
         for (const py::object* a : {&t.cs, &t.saved, &t.rs})

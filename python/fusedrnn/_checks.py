@@ -57,6 +57,13 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def flag(name: str, value) -> bool:
+    """A yes/no option: a bool (NumPy's too), never any truthy value ("no" is not False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def float_dtype(name: str, dtype) -> np.dtype:
     try:
         dt = np.dtype(dtype)
@@ -92,7 +99,8 @@ def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.
         raise TypeError(f"{name}: expected dtype {dtype}, got {arr.dtype}")
     ranks = (ndim,) if isinstance(ndim, int) else ndim
     if arr.ndim not in ranks:
-        want = " or ".join(f"{r}-D" for r in ranks)
+        consecutive = len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1))
+        want = f"{ranks[0]}-D to {ranks[-1]}-D" if consecutive else " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{name}: expected a {want} array, got shape {arr.shape}")
     return arr
 

@@ -46,16 +46,22 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     With `lengths`, a row takes part in the chunks its length reaches; its state stays as it was at
     its own last step. Chunks past the longest length are not run. With k >= T this is exactly one
     forward and one backward over the whole sequence."""
-    if getattr(module, "bidirectional", False):
+    from .modules import RNNBase
+    if not isinstance(module, RNNBase):
+        raise TypeError(f"module: expected a fusedrnn LSTM, GRU or RNN (fusedrnn.LSTM, ...), got "
+                        f"{type(module).__module__}.{type(module).__qualname__}")
+    if module.bidirectional:
         raise ValueError("module: truncated BPTT needs a unidirectional module; a reverse direction "
                          "inside a chunk would see only that chunk")
-    if not getattr(module, "training", False):
+    if not module.training:
         raise ValueError("module: truncated BPTT trains the module; call module.train() first")
     k = _checks.positive_int("k", k)
     x = _checks.array("x", x, module.dtype, 3)
     t_axis = 1 if module.batch_first else 0
     b_axis = 1 - t_axis
     steps, batch = x.shape[t_axis], x.shape[b_axis]
+    if steps == 0 or batch == 0:
+        raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {x.shape}")
     lens = _checks.lengths(lengths, steps, batch)
     stateful = module._has_cell_state
     h, c = _initial_state(module, x, hx, batch, stateful)
@@ -85,19 +91,36 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
             h[:, active], c[:, active] = hx_out
         else:
             h[:, active] = hx_out
-        loss, dy = loss_fn(y_chunk, start, stop)
-        if _device.device_of(dy) != _device.device_of(x):
-            raise ValueError(f"loss_fn: returned a gradient on {_device.device_of(dy)}, but x is on "
-                             f"{_device.device_of(x)}")
-        dy = _checks.as_array("loss_fn's gradient", dy, xp)
-        if dy.shape != y_chunk.shape:
-            raise ValueError(f"loss_fn: returned a gradient of shape {dy.shape}, expected the chunk "
-                             f"output's {y_chunk.shape}")
+        loss, dy = _loss_and_gradient(loss_fn(y_chunk, start, stop), y_chunk, x)
         module.backward(xp.ascontiguousarray(dy[rows], module.dtype))
-        losses.append(float(loss))
+        losses.append(loss)
         if after_chunk is not None:
             after_chunk(index)
     return TruncatedBPTTResult(y, (h, c) if stateful else h, losses)
+
+
+def _loss_and_gradient(result, y_chunk, x) -> tuple:
+    """loss_fn's (loss, dloss/dy_chunk) checked: a number, and an array of the chunk output's shape on
+    x's device."""
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise TypeError(f"loss_fn: expected (loss, the loss's gradient with respect to the chunk's output), "
+                        f"got {type(result).__name__}")
+    loss, dy = result
+    try:
+        loss = float(loss)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"loss_fn: returned a loss that is not a number: {loss!r}") from err
+    if dy is None:
+        raise TypeError(f"loss_fn: returned no gradient (None); expected an array of the chunk output's shape "
+                        f"{y_chunk.shape}")
+    if _device.device_of(dy) != _device.device_of(x):
+        raise ValueError(f"loss_fn: returned a gradient on {_device.device_of(dy)}, but x is on "
+                         f"{_device.device_of(x)}")
+    dy = _checks.as_array("loss_fn's gradient", dy, _device.array_module(x))
+    if dy.shape != y_chunk.shape:
+        raise ValueError(f"loss_fn: returned a gradient of shape {dy.shape}, expected the chunk "
+                         f"output's {y_chunk.shape}")
+    return loss, dy
 
 
 def _initial_state(module, x, hx, batch: int, stateful: bool):

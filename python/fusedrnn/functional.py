@@ -70,6 +70,8 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     array) run on their device and the array library's current stream, and the results are that
     library's arrays; every array of a call must be on one device (lengths may be host or device)."""
     _checks.cell(cell)
+    reverse, training = _checks.flag("reverse", reverse), _checks.flag("training", training)
+    check_finite = _checks.flag("check_finite", check_finite)
     device = _device.common_device(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                                    bias_hh=bias_hh, h0=h0, c0=c0, out=out, weight_hr=weight_hr)
     if device != "cpu":
@@ -89,7 +91,7 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
                 _checks.finite(name, value)
     return _forward(cell, x, _checks.as_array("weight_ih", weight_ih), _checks.as_array("weight_hh", weight_hh),
                     _as_optional("bias_ih", bias_ih), _as_optional("bias_hh", bias_hh), h0, c0, lens,
-                    bool(reverse), bool(training), out, cell_clip, _as_optional("weight_hr", weight_hr))
+                    reverse, training, out, cell_clip, _as_optional("weight_hr", weight_hr))
 
 
 def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
@@ -135,37 +137,52 @@ def _forward_directions(cell, x, weights, h0, c0, lengths, training, out, cell_c
 
 
 def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, grads=None,
-                   grad_groups: int = 1) -> LayerGrads:
+                   grad_groups: int = 1, check_finite: bool = True) -> LayerGrads:
     """Backpropagation through time for one `layer_forward(..., training=True)`.
 
-    dy (T, B, R), dh_n (B, R) and dc_n (B, H) are the gradients of the outputs (None: zero). dx and the
-    arrays in `grads` (a LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a
-    projection, weight_hr) are accumulated into when given, and created otherwise. The result's
-    dh_norm[t] is the L2 norm over the valid rows and hidden features of the total gradient reaching
-    h_t (dy_t plus what flows back from later steps): the gradient-flow profile of this direction.
+    dy (T, B, R), dh_n (B, R) and dc_n (B, H) are the gradients of the outputs (None: zero); NaN or
+    infinity in them raises ValueError unless check_finite=False. dx and the arrays in `grads` (a
+    LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a projection,
+    weight_hr; the biases None for a layer without them) are accumulated into when given, and created
+    otherwise; none of them may share memory with an array the call reads, the forward's x and weights
+    included. The result's dh_norm[t] is the L2 norm over the valid rows and hidden features of the
+    total gradient reaching h_t (dy_t plus what flows back from later steps): the gradient-flow profile
+    of this direction.
 
     `grad_groups` Q > 1: the batch's rows form Q consecutive groups of B/Q rows, and the
     weight and bias gradients of each group come apart, with a leading dimension Q (weight_ih
     (Q, G*H, I), bias_ih (Q, G*H), ...; buffers in `grads` of those shapes, C-contiguous): Q = B gives
     per-sample gradients in one call. dx, dh0 and dc0 are as without."""
     from ._cuda_layer import CudaTape
+    on_device = isinstance(tape, CudaTape)
+    if not on_device and not isinstance(tape, _core.Tape):
+        raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
+                        f"{type(tape).__name__}")
     grad_groups = _checks.positive_int("grad_groups", grad_groups)
+    check_finite = _checks.flag("check_finite", check_finite)
+    batch = tape.shape[1]
+    if batch % grad_groups:
+        raise ValueError(f"grad_groups: expected a divisor of the batch ({batch}), got {grad_groups}")
     grad_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     if grads is not None and not all(hasattr(grads, name) for name in grad_names):
         raise TypeError(f"grads: expected an object with the attributes {', '.join(grad_names)} (and weight_hr "
                         f"with a projection), such as a LayerGrads, got {type(grads).__name__}")
-    if isinstance(tape, CudaTape):
+    if not on_device:
+        dy, dh_n, dc_n = _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n)
+    if check_finite:
+        for name, value in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
+            if value is not None and (not on_device or _device.is_cuda(value)):  # else refused as on no device
+                _checks.finite(name, value)
+    if on_device:
         return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
-    if not isinstance(tape, _core.Tape):
-        raise TypeError(f"tape: expected the tape returned by layer_forward(training=True), got "
-                        f"{type(tape).__name__}")
     written = {"dx": dx}
     if grads is not None:
         written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
                         if getattr(grads, name, None) is not None})
-    _checks.apart(written, dict(dy=dy, dh_n=dh_n, dc_n=dc_n))
-    return _backward(tape, _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n), dx, grads,
-                     grad_groups)
+    if any(a is not None for a in written.values()):
+        read = dict(dy=dy, dh_n=dh_n, dc_n=dc_n, **{f"the forward's {n}": a for n, a in tape.inputs.items()})
+        _checks.apart(written, read)
+    return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
 
 
 def _backward(tape, dy, dh_n, dc_n, dx=None, grads=None, grad_groups: int = 1) -> LayerGrads:

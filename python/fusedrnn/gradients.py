@@ -21,15 +21,17 @@ from ._optional import require
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
 
 
-def _grad_arrays(grads, *, changed: bool = False) -> list:
+def _grad_arrays(grads, *, changed: bool = False, name: str = "grads") -> list:
     """The gradients as (key, array) pairs, each checked; with `changed`, also that every one can be
-    written, before any is (a failed clip leaves them all as they were)."""
-    named = _checks.named_arrays("grads", grads)
+    written, before any is (a failed clip leaves them all as they were). `name`: the argument's."""
+    named = _checks.named_arrays(name, grads)
     for key, g in named:
         if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
-            raise TypeError(f"grads[{key!r}]: expected a float ndarray (changed in place), got {type(g).__name__}")
+            got = f"an array of {g.dtype}" if hasattr(g, "dtype") else type(g).__name__
+            raise TypeError(f"{name}[{key!r}]: expected a float array{' (changed in place)' if changed else ''}, "
+                            f"got {got}")
         if changed and isinstance(g, np.ndarray) and not g.flags.writeable:
-            raise ValueError(f"grads[{key!r}]: array is read-only (clipping changes it in place)")
+            raise ValueError(f"{name}[{key!r}]: array is read-only (clipping changes it in place)")
     return named
 
 
@@ -112,7 +114,7 @@ def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
     if not isinstance(per_sample_grads, Mapping) or not per_sample_grads:
         raise TypeError("per_sample_grads: expected a non-empty mapping name -> array with a leading sample "
                         f"dimension, got {type(per_sample_grads).__name__}")
-    named = _grad_arrays(per_sample_grads)
+    named = _grad_arrays(per_sample_grads, name="per_sample_grads")
     samples = None
     for key, g in named:
         if g.ndim == 0 or (samples is not None and g.shape[0] != samples):
@@ -121,7 +123,8 @@ def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
                              f"{g.shape}")
         samples = g.shape[0]
     xp = _device.array_module(named[0][1])
-    squares = sum(xp.sum(xp.square(g.reshape(samples, -1).astype(np.float64)), axis=1) for _, g in named)
+    squares = sum(xp.sum(xp.square(g.reshape(samples, math.prod(g.shape[1:])).astype(np.float64)), axis=1)
+                  for _, g in named)  # no samples: sums of zeros
     norms = xp.sqrt(squares)
     with np.errstate(invalid="ignore", divide="ignore"):
         coef = xp.minimum(float(max_norm) / (norms + CLIP_EPS), 1.0)

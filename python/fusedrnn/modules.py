@@ -57,6 +57,11 @@ class _InputGuard:
                                "or change a copy of x")
 
 
+def _seed(seed):
+    """A module's `seed`: an int >= 0, or None for fresh entropy."""
+    return None if seed is None else _checks.positive_int("seed", seed, minimum=0)
+
+
 class _Module:
     """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
     alike, both on the module's device, and a training flag.
@@ -184,7 +189,7 @@ class RNNBase(_Module):
         # ||dL/dh_t|| of each layer direction (L*D, T), in time order, from the last backward.
         self.hidden_grad_norms: np.ndarray | None = None
         self.training = True
-        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        init_seq, dropout_seq = np.random.SeedSequence(_seed(seed)).spawn(2)
         self._dropout_rng = np.random.default_rng(dropout_seq)
         self._params: OrderedDict[str, np.ndarray] = OrderedDict()
         init_rng = np.random.default_rng(init_seq)
@@ -419,11 +424,11 @@ class RNNBase(_Module):
             dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
         self._pending = None  # the tapes are consumed, as torch frees its graph
         if ctx.input_guard is not None:
             ctx.input_guard.check()
-        if not isinstance(per_sample, bool):
-            raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
         with self._grads_lock:
             return self._backward(ctx, dy, dh_n, dc_n, per_sample)
 
@@ -531,7 +536,7 @@ class Linear(_Module):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
         self.dtype = _checks.float_dtype("dtype", dtype)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(_seed(seed))
         bound = 1.0 / math.sqrt(self.in_features)   # torch.nn.Linear's default initialisation range
         self._params: OrderedDict[str, np.ndarray] = OrderedDict(
             weight=rng.uniform(-bound, bound, (self.out_features, self.in_features)).astype(self.dtype))
@@ -549,6 +554,7 @@ class Linear(_Module):
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
+        _checks.finite("x", x)
         self._pending = None
         if self.training:  # x as backward reads it: the caller's memory, guarded, or a copy of it
             guard = _InputGuard.of(x, self.device)
@@ -561,10 +567,11 @@ class Linear(_Module):
         if self._pending is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through (on the same thread)")
         x, guard = self._pending
-        self._pending = None
         self._check_on_module_device(dy=dy)
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
+        _checks.finite("dy", dy)
+        self._pending = None  # consumed only once every argument is good, as the recurrent modules do
         if guard is not None:
             guard.check()
         flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)

@@ -97,6 +97,8 @@ class Optimizer:
             listed = [(pn, g) for (pn, _), (_, g) in zip(self._named, listed)]
         out = []
         for (name, p), (_, g) in zip(self._named, listed):
+            if g is None:
+                raise TypeError(f"grads[{name!r}]: expected a gradient array, got None")
             on = _device.device_of(g)
             if on != _device.device_of(p):
                 raise ValueError(f"grads[{name!r}]: on {on}, but its parameter is on {_device.device_of(p)}")

@@ -32,6 +32,9 @@ enum class ScratchSlot {
 // Two sets of every slot: the two directions of a layer run together each take one.
 constexpr int kScratchSets = 2;
 
+// The largest dimension or leading dimension the 32-bit BLAS (scipy-openblas32) takes.
+constexpr Index kMaxBlasIndex = std::numeric_limits<std::int32_t>::max();
+
 template <typename T>
 T* scratch(ScratchSlot slot, Index n, int set = 0) {
   // 64-byte aligned: ranks write 64-byte-aligned ranges of units in each row (no shared cache lines).
@@ -190,7 +193,7 @@ constexpr Index kMinRowsToStreamWeights = 32;
 // The 32-bit BLAS takes no dimension past INT_MAX; refuse before the job starts (jobs must not throw).
 void require_blas_range(std::initializer_list<Index> dims) {
   for (Index d : dims)
-    if (d > std::numeric_limits<std::int32_t>::max())
+    if (d > kMaxBlasIndex)
       throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
 }
 
@@ -326,10 +329,12 @@ bool recurrent_bias_apart(CellKind cell, int gate) {
 }
 
 // A view (layer.h) read as rows (kernels.h) where row_stride (layer.h) allows, else null.
+// A view is read in place where its rows are evenly spaced at a leading dimension the 32-bit BLAS takes;
+// one spaced further apart is copied, so that no job meets a dimension BLAS refuses (jobs must not throw).
 template <typename T>
 Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width) {
   const Index ld = row_stride(v, n0, n1, width);
-  return ld < 0 ? Rows<T>{} : Rows<T>{v.data, ld};
+  return ld < 0 || ld > kMaxBlasIndex ? Rows<T>{} : Rows<T>{v.data, ld};
 }
 
 // The caller's arrays of one call as the kernels read them: in place where rows_in_place allows, else
