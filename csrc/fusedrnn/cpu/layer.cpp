@@ -702,8 +702,6 @@ class BackwardCall {
     bias_grads_ = a.db_ih.data || a.db_hh.data;
     const Index bias_columns = facts.split_recurrent_grad ? 2 * gh_width_ : gh_width_;  // dgx's, then dgh's
     bias_stride_ = (bias_columns + 7) / 8 * 8;
-    bias_partial_ =
-        bias_grads_ ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride_ * ranks, scratch_set) : nullptr;
     if (!dy) zero_row_.assign(static_cast<std::size_t>(width_), T(0));
 
     fill_common(plan_, a.cell, s, lengths, w_hh, w_hr, a.cell_clip, a.tape, layout_);
@@ -720,7 +718,6 @@ class BackwardCall {
     plan_.dc0 = st_.out(a.dc0, batch, hidden, false);
     plan_.dh_norm_partial = norm_partial_;
     plan_.norm_stride = norm_stride_;
-    plan_.bias_grad_partial = bias_partial_;
     plan_.bias_stride = bias_stride_;
 
     // Rows of all steps' previous hidden states: slot 0 (forward) or 1 (reverse), contiguous.
@@ -728,6 +725,12 @@ class BackwardCall {
     const double gemm_flops =
         2.0 * rows_ * (gh_width_ * (2 * input_ + width_) + static_cast<double>(proj_) * hidden);
     gemm_ranks_ = std::max(ranks, gemm_threads(gemm_flops, team_threads));
+    // A row of column sums a rank: the recurrence's ranks sum every step's, or per group of rows each
+    // GEMM rank sums its groups' (grouped_grads), after the recurrence.
+    const int bias_rows = groups_ > 1 ? gemm_ranks_ : ranks;
+    bias_partial_ =
+        bias_grads_ ? scratch<double>(ScratchSlot::kBiasGradPartial, bias_stride_ * bias_rows, scratch_set) : nullptr;
+    plan_.bias_grad_partial = bias_partial_;
     weight_values_ = gh_width_ * (input_ + width_);
     grads_by_rows_ = groups_ == 1 && weight_grads_by_rows(s, gates, gemm_ranks_, sizeof(T));
     partials_ = grads_by_rows_
@@ -826,10 +829,10 @@ class BackwardCall {
     const T* const dgh = dgh_;
     const bool add = a_.accumulate_weight_grads;
     const bool split_bias = dgh != dgx;
-    std::vector<double> bias_sums(bias_grads_ ? (split_bias ? 2 : 1) * gh_width : 0);
+    double* const bias_sums = bias_grads_ ? bias_partial_ + rank * bias_stride_ : nullptr;
     const auto [q0, q1] = share(groups_, of, rank);
     for (Index q = q0; q < q1; ++q) {
-      std::fill(bias_sums.begin(), bias_sums.end(), 0.0);
+      if (bias_sums) std::fill(bias_sums, bias_sums + (split_bias ? 2 : 1) * gh_width, 0.0);
       for (Index j = 0; j < group_rows; ++j) {
         const Index b = q * group_rows + j;
         const T beta = add || j > 0 ? T(1) : T(0);
