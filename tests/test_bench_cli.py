@@ -307,7 +307,17 @@ def write(tmp_path, text):
     (["--cell", "gru", "--mode", "training", "training"], "mode: each mode once"),
     (["--cell", "gru", "--shape", "\u00b2,1,2,2"], "shape: expected T,B,I,H as four positive integers"),
     (["--compare", VALID_REPORT.replace('"GRU"', "5")], "row 0: cell 5 is none of"),
-    (["--compare", VALID_REPORT.replace('"T": 1', '"T": 2.5')], "row 0: T = 2.5, expected an int >= 1"),
+    (["--compare", VALID_REPORT.replace('"T": 1', '"T": 2.5')], "row 0: T = 2.5, expected an int in [1, 2147483647]"),
+    (["--compare", VALID_REPORT.replace('"T": 1', '"T": 1' + "0" * 30)], "row 0: T = 1" + "0" * 30),
+    (["--compare", VALID_REPORT.replace('"GRU"', '"LSTMP8"').replace('"H": 1', '"H": 4')],
+     "row 0: cell 'LSTMP8' projects to 8 features, expected fewer than H = 4"),
+    (["--compare", VALID_REPORT.replace('"GRU"', '"LSTMP0"')], "row 0: cell 'LSTMP0' is none of"),
+    (["--compare", VALID_REPORT.replace('"GRU"', '"LSTMP02"')], "row 0: cell 'LSTMP02' is none of"),
+    (["--compare", "[" * 100000 + "]" * 100000], "is not JSON that `fusedrnn bench --json` writes"),
+    (["--compare", '{"rows": [' + "1" * 5000 + "]}"], "is not JSON that `fusedrnn bench --json` writes"),
+    (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "B", "values": [2, 2]}, "peers"')],
+     "meta.sweep: expected"),
+    (["--cell", "gru", "--json", ""], "json: expected a file name, got an empty one"),
     (["--compare", VALID_REPORT.replace('"training"', '"bogus"')], "row 0: mode 'bogus' is neither of"),
     (["--compare", VALID_REPORT.replace("[[1.0]]", "[[0]]")], "row 0: fusedrnn_times_ms is not a list of rounds"),
     (["--compare", VALID_REPORT.replace("[[1.0]]", "[1.0]")], "row 0: fusedrnn_times_ms is not a list of rounds"),
@@ -328,6 +338,13 @@ def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, 
         argv = ["--compare", write(tmp_path, argv[1]), *argv[2:]]
     assert cli.main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compare_names_a_file_that_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "old.json"
+    path.write_bytes(b'{"rows": "\xff\xfe"}')
+    assert cli.main(["bench", "--compare", str(path)]) == 2
+    assert f"compare: {str(path)!r} is not JSON that `fusedrnn bench --json` writes" in capsys.readouterr().err
 
 
 def test_compare_reruns_projected_lstm_rows_as_such():

@@ -176,6 +176,9 @@ def test_cli_demo_gradients(capsys):
     factors = {cell: float(r[1]) for cell, r in rows.items()}
     assert factors["RNN_TANH"] < factors["LSTM"]   # the plain RNN loses the gradient fastest
     assert all(r[3] in ("vanishing", "healthy", "exploding") for r in rows.values())
+    # The training's options do not apply to it: refused, not ignored.
+    assert cli.main(["demo", "--gradients", "--cell", "gru", "--epochs", "3", "--device", "cuda"]) == 2
+    assert "cell, epochs, device: not taken with --gradients" in capsys.readouterr().err
 
 
 def test_cli_bench_json(capsys):

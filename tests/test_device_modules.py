@@ -194,6 +194,11 @@ def test_per_sample_backward_on_device_matches_the_host(cp, rng):
         assert isinstance(got, cp.ndarray) and isinstance(sums[1][0][name], cp.ndarray), name
         assert_close(cp.asnumpy(got), g, np.float64, name)
         assert_close(cp.asnumpy(sums[1][0][name]), sums[0][0][name], np.float64, f"{name} clipped sum")
+    mixed = {"weight_ih_l0": on_device.per_sample_grads["weight_ih_l0"],
+             "weight_hh_l0": on_host.per_sample_grads["weight_hh_l0"]}
+    with pytest.raises(ValueError, match=r"^per_sample_grads\['weight_hh_l0'\]: on cpu, but "
+                                         r"per_sample_grads\['weight_ih_l0'\] is on cuda"):
+        fusedrnn.gradients.sum_clipped_per_sample(mixed, 0.3)
 
 
 # ---- devices mixed ----------------------------------------------------------------------------------
@@ -216,6 +221,35 @@ def test_inputs_on_another_device_are_refused_by_name(cp, rng):
         on_device.backward(y, (cp.zeros((1, 2, 8)), np.zeros((1, 2, 8))))
     dx, _ = on_device.backward(y)  # the refusals left the forward to backpropagate through
     assert dx.shape == x.shape
+
+
+def test_functional_backward_refuses_arrays_off_the_tapes_device(cp, rng):
+    from fusedrnn import functional as F
+    x, w = rng.standard_normal((5, 3, 4)), [rng.standard_normal((24, 4)), rng.standard_normal((24, 6))]
+    dy = rng.standard_normal((5, 3, 6))
+    on_device = F.layer_forward("lstm", cp.asarray(x), *map(cp.asarray, w)).tape
+    on_host = F.layer_forward("lstm", x, *w).tape
+    device = _device.device_of(cp.asarray(x))
+    with pytest.raises(ValueError, match=rf"^dy: on cpu, but the tape is on {device}"):
+        F.layer_backward(on_device, dy)
+    with pytest.raises(ValueError, match=rf"^dh_n: on cpu, but the tape is on {device}"):
+        F.layer_backward(on_device, cp.asarray(dy), np.zeros((3, 6)))
+    with pytest.raises(ValueError, match=rf"^dy: on {device}, but the tape is on cpu"):
+        F.layer_backward(on_host, cp.asarray(dy))
+    with pytest.raises(ValueError, match=rf"^dx: on cpu, but the tape is on {device}"):
+        F.layer_backward(on_device, cp.asarray(dy), dx=np.zeros((5, 3, 4)))
+    bad = dy.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^dy: contains NaN"):
+        F.layer_backward(on_device, cp.asarray(bad))
+    if cp.ndarray is fake_cuda.DeviceArray or cp.cuda.runtime.getDeviceCount() > 1:
+        with cp.cuda.Device(1):
+            elsewhere = cp.asarray(dy)
+        with pytest.raises(ValueError, match=rf"^dy: on cuda:1, but the tape is on {device}"):
+            F.layer_backward(on_device, elsewhere)
+    got = F.layer_backward(on_device, cp.asarray(dy))
+    want = F.layer_backward(on_host, dy)
+    np.testing.assert_allclose(_device.to_host(got.weight_hh), want.weight_hh, rtol=1e-10, atol=1e-12)
 
 
 def test_other_device_number_is_refused(cp, rng):

@@ -668,6 +668,15 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
         (lambda: fj.forward("lstmx", params, x), ValueError, "cell: expected one of"),
         (lambda: jax.jit(lambda l: fj.lstm(params, x, lengths=l))(np.array([1.0, 2.0], np.float32)), TypeError,
          "lengths: expected integers"),
+        (lambda: fj.lstm({**params, "weight_ih_l1": None}, x), TypeError,
+         "weight_ih_l1: expected a JAX or NumPy array, got NoneType"),
+        (lambda: fj.lstm({**params, "bias_hh_l0": "b"}, x), TypeError, "bias_hh_l0: expected a JAX or NumPy array"),
+        (lambda: fj.lstm(params, x, dropout=0.5, dropout_key=3), TypeError, "dropout_key: expected a PRNG key"),
+        (lambda: fj.lstm(params, x, dropout=0.5, dropout_key=jax.random.split(jax.random.key(0), 3)), ValueError,
+         "dropout_key: expected one PRNG key"),
+        (lambda: fj.lstm(params, x, dropout="0.5"), TypeError, "dropout: expected a float in [0, 1], got str"),
+        (lambda: jax.jit(lambda b: fj.lstm(params, x, batch_first=b))(True), TypeError,
+         "batch_first: expected a bool, got"),
     ]
     for call, error, message in cases:
         with pytest.raises(error) as info:

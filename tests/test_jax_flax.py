@@ -117,6 +117,19 @@ def test_converters_refuse_what_they_cannot_map():
     tree = {**flax_params.to_flax("gru", gru), "proj": {"kernel": jnp.zeros((3, 1))}}
     with pytest.raises(ValueError, match="flax_params: expected the entries"):
         flax_params.from_flax("gru", tree)
+    with pytest.raises(ValueError, match=r"params: no 'weight_ih_l3' for layer 3 \(the params hold"):
+        flax_params.to_flax("gru", gru, layer=3)
+    with pytest.raises(ValueError, match=r"params: no 'weight_ih_l0_reverse' for layer 0 reverse"):
+        flax_params.to_flax("gru", gru, reverse=True)
+
+
+def test_nnx_modules_check_dropout_and_its_stream_at_construction():
+    with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\], got 2.0"):
+        fnnx.LSTM(2, 3, num_layers=2, dropout=2.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^rngs: dropout needs a 'dropout' stream"):
+        fnnx.GRU(2, 3, num_layers=2, dropout=0.5, rngs=nnx.Rngs(params=0))
+    model = fnnx.GRU(2, 3, num_layers=2, dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    assert model(jnp.ones((4, 1, 2)))[0].shape == (4, 1, 3)
 
 
 def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_optax(rng):

@@ -396,6 +396,20 @@ def test_convert_takes_projected_lstms():
     assert params["0.weight_hr_l1_reverse"].shape == (2, H)
 
 
+def test_convert_and_revert_keep_a_module_shared_between_slots_shared():
+    shared = nn.LSTM(I, H, dtype=torch.float64)
+    model = nn.Module()
+    model.a = model.b = shared
+    model.stack = nn.Sequential(shared, nn.ModuleList([shared]))
+    assert len(list(model.modules())) == 4
+    for swap, cls in ((frt.convert, frt.LSTM), (frt.revert, nn.LSTM)):
+        swap(model)
+        one = model.a
+        assert type(one) is cls and model.b is one and model.stack[0] is one and model.stack[1][0] is one
+        assert len(list(model.modules())) == 4
+        assert one.weight_hh_l0 is shared.weight_hh_l0
+
+
 def test_convert_changes_nothing_when_a_module_is_unsupported():
     model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2, dtype=torch.float16))
     with pytest.raises(NotImplementedError, match="float16"):

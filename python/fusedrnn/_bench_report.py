@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
@@ -79,12 +80,12 @@ def report_peers(report: dict) -> list[str]:
 def load_report(path: str) -> dict:
     """Reads and checks the JSON a `fusedrnn bench --json` run wrote."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             report = json.load(f)
     except OSError as err:
         raise ValueError(f"compare: cannot read {path!r}: {err.strerror}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"compare: {path!r} is not JSON ({err})") from err
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, numbers or nesting past Python's limits
+        raise ValueError(f"compare: {path!r} is not JSON that `fusedrnn bench --json` writes ({err})") from err
     rows = report.get("rows") if isinstance(report, dict) else None
     if not rows or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"compare: {path!r} has no rows; expected what `fusedrnn bench --json` writes")
@@ -111,11 +112,14 @@ def load_report(path: str) -> dict:
 def _check_row(row: dict, peers: Sequence[str], where: str) -> None:
     """The fields of a report's row as this version writes them, or a ValueError saying which is not."""
     cell = row["cell"]
-    if not isinstance(cell, str) or parse_label(cell)[0] not in CELLS:
-        raise ValueError(f"{where}: cell {cell!r} is none of {', '.join(CELLS)} (or LSTMP<n>)")
+    if not isinstance(cell, str) or parse_label(cell)[0] not in CELLS or re.fullmatch(r"(?i)lstmp0\d*", cell):
+        raise ValueError(f"{where}: cell {cell!r} is none of {', '.join(CELLS)} (or LSTMP<n>, n >= 1)")
     for key in SHAPE_KEYS:
         if not _positive_int(row[key]):
-            raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int >= 1")
+            raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int in [1, {_MAX_SIZE}]")
+    proj = parse_label(cell)[1]
+    if proj >= row["H"]:
+        raise ValueError(f"{where}: cell {cell!r} projects to {proj} features, expected fewer than H = {row['H']}")
     if row["mode"] not in MODES:
         raise ValueError(f"{where}: mode {row['mode']!r} is neither of {', '.join(MODES)}")
     for peer in peers:
@@ -130,12 +134,17 @@ def _check_sweep(sweep, where: str) -> None:
         return
     values = sweep.get("values") if isinstance(sweep, dict) else None
     if (not isinstance(sweep, dict) or sweep.get("axis") not in SHAPE_KEYS or not isinstance(values, list)
-            or len(values) < 2 or not all(_positive_int(v) for v in values)):
-        raise ValueError(f"{where}: expected {{'axis': one of {', '.join(SHAPE_KEYS)}, 'values': ints >= 1}}")
+            or len(values) < 2 or not all(_positive_int(v) for v in values) or len(set(values)) < len(values)):
+        raise ValueError(f"{where}: expected {{'axis': one of {', '.join(SHAPE_KEYS)}, 'values': distinct ints "
+                         f"in [1, {_MAX_SIZE}]}}")
+
+
+# A size no benchmark row reaches, past which a row is refused rather than tried.
+_MAX_SIZE = 2**31 - 1
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_SIZE
 
 
 def _positive_number(value) -> bool:
@@ -311,7 +320,9 @@ def _errorbars(ax, positions, rows, peers, first, horizontal):
 
 def check_output_path(path: str, option: str) -> None:
     """ValueError naming `option` where a file could not be written at `path`: its folder missing or not
-    writable, or the path a folder."""
+    writable, the path a folder, or no path at all."""
+    if not path:
+        raise ValueError(f"{option}: expected a file name, got an empty one")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: the folder {folder!r} does not exist")

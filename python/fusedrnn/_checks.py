@@ -57,6 +57,15 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def probability(name: str, value) -> float:
+    """A probability in [0, 1] (a dropout rate), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
+    return float(value)
+
+
 def flag(name: str, value) -> bool:
     """A yes/no option: a bool (NumPy's too), never any truthy value ("no" is not False)."""
     if not isinstance(value, (bool, np.bool_)):

@@ -35,6 +35,10 @@ _positive_int = _int_at_least(1)
 _thread_count = _int_at_least(1, MAX_THREADS)
 
 
+# The demo's training options and their defaults.
+_DEMO_DEFAULTS = {"cell": "lstm", "hidden": 64, "epochs": 150, "members": 3, "device": "cpu"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,15 +48,17 @@ def _parser() -> argparse.ArgumentParser:
                           "(truncated BPTT, gradient clipping, Adam) and prints its RMSE on held-out "
                           "years next to two baselines. With --gradients: trains nothing, shows how the "
                           "gradient fades back through time in an RNN, a GRU and an LSTM.")
-    demo.add_argument("--cell", default="lstm", choices=CELLS)
-    demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden size (default 64)")
-    demo.add_argument("--epochs", type=_positive_int, default=150, help="training epochs (default 150)")
+    demo.add_argument("--cell", default=_DEMO_DEFAULTS["cell"], choices=CELLS)
+    demo.add_argument("--hidden", type=_positive_int, default=_DEMO_DEFAULTS["hidden"],
+                      help="hidden size (default 64)")
+    demo.add_argument("--epochs", type=_positive_int, default=_DEMO_DEFAULTS["epochs"],
+                      help="training epochs (default 150)")
     demo.add_argument("--seed", type=_int_at_least(0), default=0, help="initialisation and shuffling seed (default 0)")
-    demo.add_argument("--members", type=_positive_int, default=3,
+    demo.add_argument("--members", type=_positive_int, default=_DEMO_DEFAULTS["members"],
                       help="forecasters trained from different seeds and averaged (default 3)")
     demo.add_argument("--threads", type=_thread_count, default=1,
                       help="native threads (default 1: the layers here are small)")
-    demo.add_argument("--device", default="cpu",
+    demo.add_argument("--device", default=_DEMO_DEFAULTS["device"],
                       help="where to train: cpu (default), cuda or cuda:N (CuPy and the CUDA module)")
     demo.add_argument("--plot", metavar="OUT.png", help="draw the forecasts (or gradient profiles) to a file")
     demo.add_argument("--gradients", action="store_true", help="show gradient flow instead of training")
@@ -137,6 +143,12 @@ def _progress_off(args):
 def _demo(args) -> int:
     from . import demo
 
+    if args.gradients:  # every cell, untrained, on the host: the training's options would be ignored
+        training_options = ("cell", "hidden", "epochs", "members", "device")
+        given = [name for name in training_options if getattr(args, name) != _DEMO_DEFAULTS[name]]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not taken with --gradients, which trains nothing (it compares "
+                             "every cell, untrained, on the CPU)")
     if args.plot:  # before the training, not after
         _bench_report.check_plot_path(args.plot)
     set_num_threads(args.threads)
@@ -238,7 +250,7 @@ def _bench(args) -> int:
         raise ValueError(f"threshold: expected a percentage >= 0, got {threshold}")
     if args.plot:
         _bench_report.check_plot_path(args.plot)
-    if args.json and args.json != "-":
+    if args.json is not None and args.json != "-":
         _bench_report.check_output_path(args.json, "json")
     cases, sweep = _bench_cases(args, old_report)
     if args.peers:

@@ -145,9 +145,9 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     LayerGrads-like object with weight_ih, weight_hh, bias_ih, bias_hh and, with a projection,
     weight_hr; the biases None for a layer without them) are accumulated into when given, and created
     otherwise; none of them may share memory with an array the call reads, the forward's x and weights
-    included. The result's dh_norm[t] is the L2 norm over the valid rows and hidden features of the
-    total gradient reaching h_t (dy_t plus what flows back from later steps): the gradient-flow profile
-    of this direction.
+    included. Every array must be on the tape's device. The result's dh_norm[t] is the L2 norm over
+    the valid rows and hidden features of the total gradient reaching h_t (dy_t plus what flows back
+    from later steps): the gradient-flow profile of this direction.
 
     `grad_groups` Q > 1: the batch's rows form Q consecutive groups of B/Q rows, and the
     weight and bias gradients of each group come apart, with a leading dimension Q (weight_ih
@@ -167,18 +167,21 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     if grads is not None and not all(hasattr(grads, name) for name in grad_names):
         raise TypeError(f"grads: expected an object with the attributes {', '.join(grad_names)} (and weight_hr "
                         f"with a projection), such as a LayerGrads, got {type(grads).__name__}")
-    if not on_device:
-        dy, dh_n, dc_n = _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n)
-    if check_finite:
-        for name, value in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
-            if value is not None and (not on_device or _device.is_cuda(value)):  # else refused as on no device
-                _checks.finite(name, value)
-    if on_device:
-        return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
     written = {"dx": dx}
     if grads is not None:
         written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
                         if getattr(grads, name, None) is not None})
+    # The tape's device first: every array of the call must be there.
+    _device.common_device(**{"the tape": tape.arrays["x"] if on_device else tape.inputs["x"]},
+                          dy=dy, dh_n=dh_n, dc_n=dc_n, **written)
+    if not on_device:
+        dy, dh_n, dc_n = _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n)
+    if check_finite:
+        for name, value in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
+            if value is not None:
+                _checks.finite(name, value)
+    if on_device:
+        return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
     if any(a is not None for a in written.values()):
         read = dict(dy=dy, dh_n=dh_n, dc_n=dc_n, **{f"the forward's {n}": a for n, a in tape.inputs.items()})
         _checks.apart(written, read)

@@ -122,6 +122,7 @@ def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
                              f"{samples if samples is not None else 'the same size in every array'}, got shape "
                              f"{g.shape}")
         samples = g.shape[0]
+    _device.common_device(**{f"per_sample_grads[{key!r}]": g for key, g in named})
     xp = _device.array_module(named[0][1])
     squares = sum(xp.sum(xp.square(g.reshape(samples, math.prod(g.shape[1:])).astype(np.float64)), axis=1)
                   for _, g in named)  # no samples: sums of zeros

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from collections import OrderedDict
 from typing import Iterator
@@ -179,11 +178,7 @@ class RNNBase(_Module):
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"dropout: expected a float in [0, 1], got {type(dropout).__name__}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
-        self.dropout = float(dropout)
+        self.dropout = _checks.probability("dropout", dropout)
         self.dtype = _checks.float_dtype("dtype", dtype)
         self.cell_clip = _checks.cell_clip(cell_clip, cell)
         # ||dL/dh_t|| of each layer direction (L*D, T), in time order, from the last backward.

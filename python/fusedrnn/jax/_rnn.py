@@ -11,7 +11,6 @@ The loop over layers is the shared layer-stack driver's (fusedrnn._stack.over_la
 from __future__ import annotations
 
 import math
-import numbers
 import re
 
 import jax
@@ -96,13 +95,29 @@ def _structure(params) -> tuple[int, bool, bool, bool]:
 def _array(name: str, value, dtype=None):
     """`value` as a JAX array, of exactly `dtype` when given. The dtype the caller passed is compared,
     before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix."""
-    given = getattr(value, "dtype", None)
-    arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
+    try:
+        arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
+        given = np.dtype(getattr(value, "dtype", arr.dtype))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name}: expected a JAX or NumPy array, got {type(value).__name__}") from err
     if dtype is not None:
         for got in (arr.dtype, given):
-            if got is not None and np.dtype(got) != np.dtype(dtype):
+            if np.dtype(got) != np.dtype(dtype):
                 raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (x's), got {np.dtype(got)}")
     return arr
+
+
+def _checked_dropout_key(key):
+    """One PRNG key (jax.random.key's, or a raw uint32 key of jax.random.PRNGKey), or None."""
+    if key is None:
+        return None
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"dropout_key: expected a PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (key.shape == () if typed else key.dtype == jnp.uint32 and key.ndim == 1):
+        raise ValueError(f"dropout_key: expected one PRNG key (jax.random.key(seed)), got dtype {key.dtype} and "
+                         f"shape {tuple(key.shape)}")
+    return key
 
 
 def _shape(name: str, arr, expected) -> None:
@@ -172,6 +187,9 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features (D*P with a projection, as
     h_n has P)."""
     _checks.cell(cell)
+    batch_first = _checks.flag("batch_first", batch_first)  # a static option: a traced value is refused here
+    dropout = _checks.probability("dropout", dropout)
+    dropout_key = _checked_dropout_key(dropout_key)
     num_layers, bidirectional, bias, projected = _structure(params)
     if projected and not takes_projection(cell):
         raise ValueError(f"weight_hr_l0: {cell!r} takes no projection (proj_size; only an LSTM does)")
@@ -238,10 +256,6 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
         raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
     lens = _checked_lengths(lengths, steps, batch)
     cell_clip = _checked_cell_clip(cell_clip, cell)
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout: expected a float in [0, 1], got {type(dropout).__name__}")
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
 
     check = bool(check_finite)
     specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,

@@ -35,6 +35,10 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
     weight_hr (a projection)."""
     gates = _cell_gates(cell)
     s = _suffix(layer, reverse)
+    for name in ("weight_ih" + s, "weight_hh" + s):
+        if name not in params:
+            raise ValueError(f"params: no {name!r} for layer {layer}{' reverse' if reverse else ''} (the params hold "
+                             f"{sorted(params)})")
     w_ih, w_hh = jnp.asarray(params["weight_ih" + s]), jnp.asarray(params["weight_hh" + s])
     hidden = w_hh.shape[0] // len(gates)
     zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)

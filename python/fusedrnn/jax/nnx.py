@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .. import _checks
 from .._optional import require
 from ._rnn import forward, init, param_names
 
 nnx = require("flax.nnx", "flax")
+
+
+def _dropout_stream(rngs: nnx.Rngs):
+    """The Rngs' "dropout" stream (its default one where it has no such stream)."""
+    try:
+        return rngs["dropout"]
+    except (KeyError, AttributeError) as err:
+        raise ValueError("rngs: dropout needs a 'dropout' stream (nnx.Rngs(params=..., dropout=...), or "
+                         "nnx.Rngs(seed) for one default stream)") from err
 
 
 class RNNBase(nnx.Module):
@@ -24,6 +34,7 @@ class RNNBase(nnx.Module):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  cell_clip: float | None = None, proj_size: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+        dropout = _checks.probability("dropout", dropout)
         params = init(rngs.params(), cell, input_size, hidden_size, num_layers, bias=bias,
                       bidirectional=bidirectional, proj_size=proj_size, dtype=dtype)
         for name, value in params.items():
@@ -32,9 +43,9 @@ class RNNBase(nnx.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
         self.proj_size = int(proj_size)
-        self.dropout, self.cell_clip = float(dropout), cell_clip
+        self.dropout, self.cell_clip = dropout, cell_clip
         self.deterministic = False
-        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
+        self.rngs = _dropout_stream(rngs).fork() if dropout > 0 else nnx.data(None)
 
     def param_names(self) -> list[str]:
         return param_names(self.num_layers, bias=self.bias, bidirectional=self.bidirectional,
@@ -64,7 +75,7 @@ class RNNBase(nnx.Module):
             source = rngs if rngs is not None else self.rngs
             if source is None:
                 raise ValueError("rngs: dropout needs a 'dropout' stream, given at construction or to the call")
-            key = source["dropout"]() if isinstance(source, nnx.Rngs) else source()
+            key = _dropout_stream(source)() if isinstance(source, nnx.Rngs) else source()
         return forward(self.cell, self.state_dict(), x, hx, lengths=lengths, batch_first=self.batch_first,
                        dropout=self.dropout, dropout_key=key, cell_clip=self.cell_clip)
 

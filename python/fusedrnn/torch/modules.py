@@ -272,11 +272,16 @@ def _swap_all(model: nn.Module, classes: dict) -> nn.Module:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model) in classes:
         return _copy_as(model, classes[type(model)])
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) in classes]
-    replacements = [_copy_as(child, classes[type(child)]) for _, _, child in swaps]  # all checked first
-    for (parent, name, _), replacement in zip(swaps, replacements):
-        setattr(parent, name, replacement)
+    # Every slot holding one (named_children names a module held twice only once), and one replacement
+    # per module, put in each of its slots: a module shared between slots stays shared.
+    slots = [(parent, name, child) for parent in model.modules()
+             for name, child in parent._modules.items() if type(child) in classes]
+    replacements = {}
+    for _, _, child in slots:  # all made, and so checked, before any is put in place
+        if id(child) not in replacements:
+            replacements[id(child)] = _copy_as(child, classes[type(child)])
+    for parent, name, child in slots:
+        setattr(parent, name, replacements[id(child)])
     return model
 
 
