@@ -227,3 +227,29 @@ def test_relu_passes_no_gradient_where_inactive_even_an_infinite_one(rng, simd_l
     tol = TOL64 if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
     for name in ("dx", "dh0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"):
         np.testing.assert_allclose(getattr(got, name), want[name], **tol, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated_device"])
+def test_a_gate_saturated_off_stays_off_against_huge_states(simd_level, backend):
+    # sigmoid(-200) is 0 in float32 arithmetic: a forget gate (LSTM) or update gate (GRU) that far off
+    # must pass nothing of a state of 1e30 or more along, forward or backward, as in float64.
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    x = np.ones((1, 1, 1), np.float32)
+    for cell, gate, h0, c0 in (("lstm", 1, 1e30, 1e30), ("gru", 1, 1e36, None)):
+        gates = 4 if cell == "lstm" else 3
+        b_ih = zeros(gates)
+        b_ih[gate] = -200.0
+        b_ih[gates - 1] = 0.5  # an output (o) or candidate (n) gate that is on
+        args = (x, zeros(gates, 1), zeros(gates, 1), b_ih, zeros(gates), np.full((1, 1), h0, np.float32),
+                None if c0 is None else np.full((1, 1), c0, np.float32))
+        out = F._forward(cell, *args, None, False, True, None, None, backend=backend)
+        want_y, want_h, want_c, cache = reference.forward(cell, *(None if a is None else a.astype(np.float64)
+                                                                  for a in args))
+        np.testing.assert_allclose(out.h_n, want_h, rtol=1e-6, err_msg=cell)
+        if c0 is not None:
+            assert out.c_n[0, 0] == 0.0 and want_c[0, 0] == 0.0
+        dc_n = np.ones((1, 1), np.float32) if c0 is not None else None
+        got = F._backward(out.tape, np.ones((1, 1, 1), np.float32), None, dc_n)
+        want = reference.backward(cache, np.ones((1, 1, 1)), None, None if dc_n is None else dc_n.astype(np.float64))
+        for name in ("weight_ih", "weight_hh", "bias_ih", "dh0"):
+            np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-5, atol=1e-6, err_msg=f"{cell} {name}")
