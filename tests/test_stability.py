@@ -253,3 +253,26 @@ def test_a_gate_saturated_off_stays_off_against_huge_states(simd_level, backend)
         want = reference.backward(cache, np.ones((1, 1, 1)), None, None if dc_n is None else dc_n.astype(np.float64))
         for name in ("weight_ih", "weight_hh", "bias_ih", "dh0"):
             np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-5, atol=1e-6, err_msg=f"{cell} {name}")
+
+
+def test_relu_passes_the_gradient_through_a_nan_unit_as_torch_does(rng):
+    # After an overflow (or with check_finite=False) a unit can be NaN; torch's relu backward zeroes
+    # only where the output is <= 0, so the gradient flows on through a NaN unit, and so it does here.
+    steps, batch, inp, hidden = 4, 2, 3, 5
+    w = random_layer(rng, "rnn_relu", inp, hidden)
+    x = rng.standard_normal((steps, batch, inp))
+    x[1, 0, 2] = np.nan  # row 0 is NaN from step 1 on
+    out = F.layer_forward("rnn_relu", x, *w.values(), check_finite=False)
+    dy = np.ones((steps, batch, hidden))
+    got = F.layer_backward(out.tape, dy)
+    _, _, _, cache = reference.forward("rnn_relu", x, *w.values())
+    want = reference.backward(cache, dy)
+    assert np.isnan(out.y[1:, 0]).all() and np.isfinite(got.dx).all() and got.dx[1:, 0].any()
+    for name in ("dx", "dh0", "weight_ih", "weight_hh", "bias_ih"):
+        np.testing.assert_allclose(getattr(got, name), want[name], **TOL64, err_msg=name)
+    torch = pytest.importorskip("torch")
+    module = torch.nn.RNN(inp, hidden, nonlinearity="relu", dtype=torch.float64)
+    module.load_state_dict({f"{k}_l0": torch.from_numpy(v) for k, v in w.items()})
+    xt = torch.from_numpy(x).requires_grad_()
+    module(xt)[0].backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(got.dx, xt.grad.numpy(), **TOL64)

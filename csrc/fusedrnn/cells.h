@@ -274,9 +274,9 @@ struct RnnCell {
   static FUSEDRNN_HD void backward(const T* /*saved*/, T /*h_prev*/, T /*c_prev*/, T h, T /*c*/,
                                    T /*cell_clip*/, T dh, T /*dc*/, T* dxg, T* dhg, T& dh_prev,
                                    T& dc_prev) {
-    // relu passes dh where it is active and 0 elsewhere, an infinite dh included (torch's rule), so
-    // a select rather than dh times a 0/1 slope.
-    const T da = kAct == Nonlinearity::kTanh ? dh * (T(1) - h * h) : (h > T(0) ? dh : T(0));
+    // relu passes dh except where it is inactive (h <= 0), an infinite dh included, and where h is NaN
+    // (torch's rule), so a select rather than dh times a 0/1 slope.
+    const T da = kAct == Nonlinearity::kTanh ? dh * (T(1) - h * h) : (h <= T(0) ? T(0) : dh);
     dxg[0] = dhg[0] = da;
     dh_prev = T(0);
     dc_prev = T(0);

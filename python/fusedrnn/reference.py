@@ -56,7 +56,7 @@ def rnn_backward(act, saved, h, c, dh_new, dc_new):
     if act == "tanh":
         da = dh_new * (1.0 - saved["h_new"] ** 2)
     else:
-        da = np.where(saved["a"] > 0.0, dh_new, 0.0)  # 0 where inactive, even for an infinite dh_new
+        da = np.where(saved["a"] <= 0.0, 0.0, dh_new)  # 0 where inactive, even for an infinite dh_new; NaN passes
     return da, da, np.zeros_like(h), None
 
 
