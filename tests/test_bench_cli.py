@@ -317,6 +317,8 @@ def write(tmp_path, text):
     (["--compare", '{"rows": [' + "1" * 5000 + "]}"], "is not JSON that `fusedrnn bench --json` writes"),
     (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "B", "values": [2, 2]}, "peers"')],
      "meta.sweep: expected"),
+    (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "B", "values": [1, 2]}, "peers"')],
+     "meta.sweep: values [1, 2] are not the rows' B values [1]"),
     (["--cell", "gru", "--json", ""], "json: expected a file name, got an empty one"),
     (["--compare", VALID_REPORT.replace('"training"', '"bogus"')], "row 0: mode 'bogus' is neither of"),
     (["--compare", VALID_REPORT.replace("[[1.0]]", "[[0]]")], "row 0: fusedrnn_times_ms is not a list of rounds"),

@@ -105,7 +105,13 @@ def load_report(path: str) -> dict:
                          "older version: rerun it with this one")
     for i, row in enumerate(rows):
         _check_row(row, peers, f"compare: {path!r}, row {i}")
-    _check_sweep(meta.get("sweep"), f"compare: {path!r}, meta.sweep")
+    sweep = meta.get("sweep")
+    _check_sweep(sweep, f"compare: {path!r}, meta.sweep")
+    if sweep is not None:
+        on_axis = sorted({row[sweep["axis"]] for row in rows})
+        if on_axis != sorted(sweep["values"]):
+            raise ValueError(f"compare: {path!r}, meta.sweep: values {sorted(sweep['values'])} are not the rows' "
+                             f"{sweep['axis']} values {on_axis}")
     return report
 
 
