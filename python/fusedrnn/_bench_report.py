@@ -21,6 +21,8 @@ from .benchmark import MODES, Case, parse_label
 from .functional import CELLS
 
 SHAPE_KEYS = ("T", "B", "I", "H")
+# A size no benchmark row reaches, past which a row is refused rather than tried.
+_MAX_SIZE = 2**31 - 1
 AXIS_NAMES = {"steps": "T", "batch": "B", "input": "I", "hidden": "H"}
 AXIS_WORDS = {letter: word for word, letter in AXIS_NAMES.items()}
 ROW_KEYS = ("cell", *SHAPE_KEYS, "mode")
@@ -143,10 +145,6 @@ def _check_sweep(sweep, where: str) -> None:
             or len(values) < 2 or not all(_positive_int(v) for v in values) or len(set(values)) < len(values)):
         raise ValueError(f"{where}: expected {{'axis': one of {', '.join(SHAPE_KEYS)}, 'values': distinct ints "
                          f"in [1, {_MAX_SIZE}]}}")
-
-
-# A size no benchmark row reaches, past which a row is refused rather than tried.
-_MAX_SIZE = 2**31 - 1
 
 
 def _positive_int(value) -> bool:

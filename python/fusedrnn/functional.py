@@ -106,8 +106,8 @@ def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, 
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
                 _checks.finite(name, lib.adopt(value))
-    return _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, bool(reverse),
-                    bool(training), out, cell_clip, weight_hr)
+    return _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, reverse, training, out,
+                    cell_clip, weight_hr)
 
 
 def _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
@@ -171,9 +171,9 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     if grads is not None:
         written.update({f"grads.{name}": getattr(grads, name) for name in (*grad_names, "weight_hr")
                         if getattr(grads, name, None) is not None})
+    inputs = tape.arrays if on_device else tape.inputs  # the forward's x and weights, by their names
     # The tape's device first: every array of the call must be there.
-    _device.common_device(**{"the tape": tape.arrays["x"] if on_device else tape.inputs["x"]},
-                          dy=dy, dh_n=dh_n, dc_n=dc_n, **written)
+    _device.common_device(**{"the tape": inputs["x"]}, dy=dy, dh_n=dh_n, dc_n=dc_n, **written)
     if not on_device:
         dy, dh_n, dc_n = _as_optional("dy", dy), _as_optional("dh_n", dh_n), _as_optional("dc_n", dc_n)
     if check_finite:
@@ -183,7 +183,7 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
     if on_device:
         return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
     if any(a is not None for a in written.values()):
-        read = dict(dy=dy, dh_n=dh_n, dc_n=dc_n, **{f"the forward's {n}": a for n, a in tape.inputs.items()})
+        read = dict(dy=dy, dh_n=dh_n, dc_n=dc_n, **{f"the forward's {n}": a for n, a in inputs.items()})
         _checks.apart(written, read)
     return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
 
