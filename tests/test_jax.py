@@ -763,8 +763,11 @@ def test_wide_traced_lengths_are_not_narrowed_into_range(rng):
             with pytest.raises(RUNTIME_ERRORS, match=rf"got {value} at index 0"):
                 jax.block_until_ready(f(jnp.array([value, 5], jnp.int64)))
         np.testing.assert_array_equal(np.asarray(f(jnp.array([3, 5], jnp.int64))), want)
-    # Unsigned 32-bit lengths past int32 stay out of range (reported as T + 1), small ones run as given.
-    with pytest.raises(RUNTIME_ERRORS, match=r"got 6 at index 0"):
+        with pytest.raises(RUNTIME_ERRORS, match=rf"got {2**64 - 3} at index 1"):  # past int64's range
+            jax.block_until_ready(f(jnp.array([3, 2**64 - 3], jnp.uint64)))
+        np.testing.assert_array_equal(np.asarray(f(jnp.array([3, 5], jnp.uint64))), want)
+    # Unsigned 32-bit lengths past int32 are read as they are, and reported so; small ones run as given.
+    with pytest.raises(RUNTIME_ERRORS, match=rf"got {2**31 + 3} at index 0"):
         jax.block_until_ready(f(jnp.array([2**31 + 3, 5], jnp.uint32)))
     for dtype in (jnp.uint32, jnp.uint8, jnp.int16):
         np.testing.assert_array_equal(np.asarray(f(jnp.array([3, 5], dtype))), want)

@@ -4,7 +4,7 @@
 //
 // Buffers (D directions; every buffer dense, row-major, as XLA passes them; R is the width of h: P for
 // an LSTM with a projection, else H):
-//   forward  args  x (T, B, I), h0 (D, B, R), c0 (D, B, H), lengths (B) int32/int64,
+//   forward  args  x (T, B, I), h0 (D, B, R), c0 (D, B, H), lengths (B) 32- or 64-bit ints,
 //                  then per direction weight_ih (G*H, I), weight_hh (G*H, R) [, bias_ih, bias_hh (G*H)]
 //                  [, weight_hr (P, H)] (torch.nn's order: an odd count per direction has a projection)
 //            rets  y (T, B, D*R), h_n (D, B, R), c_n (D, B, H), and the tape (tape_layout(); training
@@ -176,7 +176,8 @@ ffi::Error first_failure(std::initializer_list<T> errors) {
   return ffi::Error::Success();
 }
 
-// The optional lengths (B) of a call, int32 or int64, in whatever memory the buffer is.
+// The optional lengths (B) of a call, 32- or 64-bit integers, signed or not, in whatever memory the
+// buffer is. Unsigned ones are read as they are, so a value past the signed range is reported as given.
 class Lengths {
  public:
   Lengths(const ffi::AnyBuffer& buffer, const Batch& batch)
@@ -184,37 +185,42 @@ class Lengths {
 
   ffi::Error check(Index rows) const {
     if (empty()) return ffi::Error::Success();
-    if (type_ == ffi::DataType::S32) return expect(narrow_, "lengths", {rows});
-    if (type_ == ffi::DataType::S64) return expect(wide_, "lengths", {rows});
-    return ffi::Error::InvalidArgument("lengths: expected int32 or int64");
+    if (narrow()) return expect(narrow_, "lengths", {rows});
+    if (type_ == ffi::DataType::S64 || type_ == ffi::DataType::U64) return expect(wide_, "lengths", {rows});
+    return ffi::Error::InvalidArgument("lengths: expected 32- or 64-bit integers");
   }
   bool empty() const { return narrow_.empty(); }
-  const void* at(Index n) const {
-    if (type_ == ffi::DataType::S32) return narrow_.at(n);
-    return wide_.at(n);
-  }
-  std::size_t bytes() const {
-    return static_cast<std::size_t>(narrow_.elements()) * (type_ == ffi::DataType::S32 ? 4 : 8);
-  }
+  const void* at(Index n) const { return narrow() ? static_cast<const void*>(narrow_.at(n)) : wide_.at(n); }
+  std::size_t bytes() const { return static_cast<std::size_t>(narrow_.elements()) * (narrow() ? 4 : 8); }
 
   // One mapped element's lengths, read from host memory `values` (bytes() of them), as int64 checked to
   // lie in [1, T].
   ffi::Error widen(const void* values, Index steps, std::vector<Index>& out) const {
     const Index rows = narrow_.elements();
     out.resize(static_cast<std::size_t>(rows));
-    if (type_ == ffi::DataType::S32)
-      std::copy_n(static_cast<const std::int32_t*>(values), rows, out.begin());
-    else
-      std::copy_n(static_cast<const std::int64_t*>(values), rows, out.begin());
-    for (Index b = 0; b < rows; ++b)
+    for (Index b = 0; b < rows; ++b) {
+      std::string given;
+      switch (type_) {
+        case ffi::DataType::S32: out[b] = static_cast<const std::int32_t*>(values)[b]; break;
+        case ffi::DataType::U32: out[b] = static_cast<const std::uint32_t*>(values)[b]; break;
+        case ffi::DataType::S64: out[b] = static_cast<const std::int64_t*>(values)[b]; break;
+        default: {
+          const std::uint64_t value = static_cast<const std::uint64_t*>(values)[b];
+          out[b] = value > static_cast<std::uint64_t>(steps) ? steps + 1 : static_cast<Index>(value);
+          given = std::to_string(value);
+        }
+      }
       if (out[b] < 1 || out[b] > steps)
         return ffi::Error::InvalidArgument("lengths: each length must be in [1, " + std::to_string(steps) +
-                                           "] (T), got " + std::to_string(out[b]) + " at index " +
-                                           std::to_string(b));
+                                           "] (T), got " + (given.empty() ? std::to_string(out[b]) : given) +
+                                           " at index " + std::to_string(b));
+    }
     return ffi::Error::Success();
   }
 
  private:
+  bool narrow() const { return type_ == ffi::DataType::S32 || type_ == ffi::DataType::U32; }
+
   ffi::DataType type_;
   Batched<const std::int32_t> narrow_;
   Batched<const std::int64_t> wide_;

@@ -148,20 +148,17 @@ def _checked_lengths(lengths, steps: int, batch: int):
             raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {lengths.shape}")
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
-        return _int_lengths(lengths, steps)
+        return _int_lengths(lengths)
     checked = _checks.lengths(np.asarray(lengths), steps, batch)
     return None if checked is None else jnp.asarray(checked, jnp.int32)
 
 
-def _int_lengths(lengths, steps: int):
-    """Traced integer lengths as the kernel call reads them (int32 or int64), never narrowed into range:
-    the call's run-time check must see a value outside [1, T] as outside."""
-    if lengths.dtype in (jnp.int32, jnp.int64):
+def _int_lengths(lengths):
+    """Traced integer lengths as the kernel call reads them (32- or 64-bit, signed or not), never narrowed
+    into range: the call's run-time check must see, and report, a value outside [1, T] as given."""
+    if jnp.dtype(lengths.dtype).itemsize >= 4:
         return lengths
-    info = jnp.iinfo(lengths.dtype)
-    if info.min >= -2**31 and info.max < 2**31:
-        return lengths.astype(jnp.int32)
-    return jnp.minimum(lengths, steps + 1).astype(jnp.int32)  # uint32/uint64: large values stay past T
+    return lengths.astype(jnp.int32)
 
 
 def _checked_cell_clip(value, cell):
