@@ -410,6 +410,25 @@ def test_convert_and_revert_keep_a_module_shared_between_slots_shared():
         assert one.weight_hh_l0 is shared.weight_hh_l0
 
 
+def test_hook_handles_still_remove_their_hooks_after_convert_and_revert():
+    model = nn.Sequential(nn.GRU(I, H))
+    calls = []
+    handles = [model[0].register_forward_pre_hook(lambda m, args: calls.append("pre")),
+               model[0].register_forward_hook(lambda m, args, out: calls.append("hook")),
+               model[0].register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))]
+    x = torch.randn(T, B, I, requires_grad=True)
+    for swap in (frt.convert, frt.revert):
+        swap(model)
+        model(x)[0].sum().backward()
+        assert calls == ["pre", "hook", "backward"]
+        calls.clear()
+    frt.convert(model)
+    for handle in handles:
+        handle.remove()
+    model(x)[0].sum().backward()
+    assert calls == []
+
+
 def test_convert_changes_nothing_when_a_module_is_unsupported():
     model = nn.Sequential(nn.GRU(I, H), nn.LSTM(H, H, proj_size=2, dtype=torch.float16))
     with pytest.raises(NotImplementedError, match="float16"):
@@ -486,6 +505,8 @@ def test_bad_input_raises_errors_naming_the_argument():
         (ValueError, "c_0.*shape", lambda: lstm(x, (h, torch.zeros(2, B + 1, H)))),
         (TypeError, "h_0.*dtype", lambda: lstm(x, (h.double(), h))),
         (ValueError, "h_0.*NaN", lambda: lstm(x, (h + float("inf"), h))),
+        (ValueError, "h_0.*NaN", lambda: lstm(x, (torch.cat([h[:1], h[1:] + float("nan")]), h))),  # layer 1's
+        (ValueError, "c_0.*NaN", lambda: lstm(x, (h, torch.cat([h[:1], h[1:] + float("inf")])))),
         (ValueError, "nonlinearity", lambda: frt.RNN(I, H, nonlinearity="gelu")),
         (ValueError, "dropout", lambda: frt.GRU(I, H, dropout=1.5)),
     ]
@@ -589,6 +610,41 @@ def test_activation_checkpointing_and_saved_tensor_hooks_give_the_same_gradients
         got = gradients(wrapped)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_saved_tensor_hooks_that_copy_and_changes_allowed_on_saved_tensors_give_torch_gradients(kind):
+    """The tape reads the forward's memory; hooks that hand backward copies (a clone, an offload) or
+    allow_mutation_on_saved_tensors after an in-place change must still give torch.nn's gradients."""
+    torch.manual_seed(10)
+    ref = getattr(nn, kind)(I, H, num_layers=2, dtype=torch.float64)
+    fused = getattr(frt, kind)(I, H, num_layers=2, dtype=torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+
+    def gradients(module, context, change):
+        module.zero_grad()
+        leaf = x.clone().requires_grad_()
+        with context():
+            inner = leaf * 1.0
+            y, _ = module(inner)
+            if change:
+                with torch.no_grad():
+                    module.weight_hh_l1.mul_(0.5)
+                    inner.add_(1.0)
+            y.square().sum().backward()
+        if change:
+            with torch.no_grad():
+                module.weight_hh_l1.mul_(2.0)
+        return [leaf.grad, *(p.grad for p in module.parameters())]
+
+    copying = lambda: torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t)  # noqa: E731
+    for context, change in ((copying, False), (torch.autograd.graph.allow_mutation_on_saved_tensors, True)):
+        for got, want in zip(gradients(fused, context, change), gradients(ref, context, change)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    live = len(_ops._live_tapes)
+    gradients(fused, copying, False)
+    assert len(_ops._live_tapes) == live  # the tapes run again for backward are freed with it
 
 
 def test_in_place_change_of_a_weight_before_backward_is_detected():

@@ -238,8 +238,28 @@ def _setup_context(ctx, inputs, output):
         # backward, the call runs again recording (the same outputs, bit for bit) for its tape.
         tape = _layer(*inputs[:-2], True, False)[3]
     # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
-    ctx.save_for_backward(tape, x, *(w for w in weights if w is not None))
+    saved = (tape, x, *(w for w in weights if w is not None))
+    ctx.read_in_place = None
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        # Saved-tensor hooks may hand backward copies (offloading, allow_mutation_on_saved_tensors) while
+        # the tape reads the forward's memory, which can change, or a copied handle that holds no tapes;
+        # what backward needs to run the forward again from the saved values is saved too.
+        ctx.read_in_place = [(weakref.ref(t), t._version) for t in saved[1:]]
+        saved += (h0, c0, _lengths)
+    ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
+
+
+def _tape_for_backward(ctx, tape, x, weights, h0, c0, lengths) -> Tensor:
+    """The tape to run backward on. Under saved-tensor hooks the forward runs again, recording, from the
+    saved values where the tape no longer holds them: its handle came back as a copy whose tapes are
+    gone, or an array it reads was changed in place after the forward."""
+    alive = _live_tapes.get(int(tape)) is not None
+    changed = any(t is not None and t._version != version for t, version in
+                  ((ref(), version) for ref, version in ctx.read_in_place))
+    if alive and not changed:
+        return tape
+    return _layer(x, *weights, h0, c0, lengths, ctx.cell, True, False)[3]
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dtape):
@@ -251,6 +271,8 @@ def _backward(ctx, dy, dh_n, dc_n, _dtape):
     tape, x, *saved = ctx.saved_tensors
     present = iter(saved)
     weights = [next(present) if here else None for here in ctx.present]
+    if ctx.read_in_place is not None:
+        tape = _tape_for_backward(ctx, tape, x, weights, *present)
     if dc_n is not None and dc_n.numel() == 0:
         dc_n = None
     dx, dh0, dc0, *grads = _call_backward(tape, x, *weights, dy, dh_n, dc_n, ctx.cell)
@@ -452,6 +474,17 @@ class _BackwardOnce(torch.autograd.Function):
         if _merged_in(info, in_dims, args):
             return _merged_backward(info, in_dims, args)
         return _by_slices(_call_backward, info, in_dims, args)
+
+
+def check_later_states(h0: Optional[Tensor], c0: Optional[Tensor], first: int) -> None:
+    """NaN/inf in the initial states from row `first` on: the layers above the first, whose calls check
+    no states (what they check is their input, the layer below's output). Eager calls only; traced and
+    transformed ones check the first layer's states inside its call, with the input."""
+    states = [(name, t) for name, t in (("h_0", h0), ("c_0", c0)) if t is not None]
+    if not states or _transformed() or _traced(states[0][1]):
+        return
+    for name, state in states:
+        _checks.finite(name, _array(state[first:]))
 
 
 def call_layer(*args):

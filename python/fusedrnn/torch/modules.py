@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
-from ._ops import call_layer
+from ._ops import call_layer, check_later_states
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
@@ -87,6 +87,7 @@ class _FusedRNNBase(nn.RNNBase):
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
         dirs = 2 if self.bidirectional else 1
+        check_later_states(h0, c0, first=dirs)
         grad_on = torch.is_grad_enabled()
         slot_names = _stack.weight_names(self.num_layers, True)  # both directions' slots, always
 
@@ -288,8 +289,10 @@ def _swap_all(model: nn.Module, classes: dict) -> nn.Module:
 def _copy_as(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     copied = cls.__new__(cls)
     # The module's own state with its containers copied (their contents shared), so the two objects
-    # stay independent; RNNBase.__setstate__ rebuilds the weight references.
-    state = {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in module.__getstate__().items()}
+    # stay independent; RNNBase.__setstate__ rebuilds the weight references. The hook dictionaries are
+    # taken over as they are: a hook's handle removes it from the dictionary it was registered in.
+    state = {k: copy.copy(v) if isinstance(v, (dict, list)) and "hooks" not in k else v
+             for k, v in module.__getstate__().items()}
     copied.__setstate__(state)
     if isinstance(copied, _FusedRNNBase):  # what the fused kernels cannot run is refused here
         copied._check_supported()
