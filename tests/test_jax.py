@@ -714,6 +714,8 @@ def test_nan_and_inf_raise_at_run_time_naming_the_argument(rng, where):
         assert np.isnan(np.asarray(y)).any()
     if where == "c0":
         assert not np.isfinite(np.asarray(c_n)).all()
+    with pytest.raises(TypeError, match="check_finite: expected a bool, got .*Tracer"):  # jit traces keywords
+        jax.jit(lambda x, check: fj.lstm(params, x, check_finite=check))(bad["x"], False)
 
 
 def test_bad_traced_lengths_raise_at_run_time(rng):

@@ -121,6 +121,16 @@ def test_converters_refuse_what_they_cannot_map():
         flax_params.to_flax("gru", gru, layer=3)
     with pytest.raises(ValueError, match=r"params: no 'weight_ih_l0_reverse' for layer 0 reverse"):
         flax_params.to_flax("gru", gru, reverse=True)
+    # Another cell's parameters, or a shape that disagrees, are refused by name, not converted.
+    lstm = fj.init(jax.random.key(0), "lstm", 3, 6)
+    with pytest.raises(ValueError, match=r"weight_hh_l0: expected shape \(24, 8\) for a gru of hidden size 8"):
+        flax_params.to_flax("gru", lstm)
+    with pytest.raises(ValueError, match=r"weight_hh_l0: expected 4\*hidden_size rows"):
+        flax_params.to_flax("lstm", fj.init(jax.random.key(0), "gru", 3, 5))
+    with pytest.raises(ValueError, match=r"bias_ih_l0: expected shape \(9,\)"):
+        flax_params.to_flax("gru", {**gru, "bias_ih_l0": jnp.zeros(8)})
+    with pytest.raises(ValueError, match=r"weight_hr_l0: expected shape \(2, 6\)"):
+        flax_params.to_flax("lstm", {**lstm, "weight_hh_l0": jnp.zeros((24, 2)), "weight_hr_l0": jnp.zeros((2, 5))})
 
 
 def test_nnx_modules_check_dropout_and_its_stream_at_construction():
@@ -244,6 +254,24 @@ def test_linen_dropout_draws_from_the_dropout_stream_and_needs_it(rng):
     np.testing.assert_array_equal(np.asarray(eval_model.apply(variables, x)[0]), np.asarray(y_eval))
     with pytest.raises(ValueError, match="nonlinearity: expected 'tanh' or 'relu'"):
         flinen.RNN(4, nonlinearity="sigmoid").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\], got 1.5"):
+        flinen.GRU(8, num_layers=2, dropout=1.5).init(jax.random.key(0), x)
+
+
+def test_nnx_view_and_a_key_as_rngs_work_as_for_nnx_dropout(rng):
+    model = fnnx.LSTM(2, 3, num_layers=2, dropout=0.5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((4, 2, 2)).astype(np.float32))
+    want = fj.lstm(model.state_dict(), x)[0]
+    view = nnx.view(model, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(view(x)[0]), np.asarray(want))
+    assert not model.deterministic  # the view is a copy; the model still drops out
+    key = jax.random.key(5)
+    y = model(x, rngs=key)[0]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(model(x, rngs=key)[0]))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(
+        fj.lstm(model.state_dict(), x, dropout=0.5, dropout_key=key)[0]))
+    with pytest.raises(TypeError, match="rngs: expected an nnx.Rngs, an nnx.RngStream or a PRNG key, got int"):
+        model(x, rngs=3)
 
 
 def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_and_baselines():

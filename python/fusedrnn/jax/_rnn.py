@@ -254,7 +254,7 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     lens = _checked_lengths(lengths, steps, batch)
     cell_clip = _checked_cell_clip(cell_clip, cell)
 
-    check = bool(check_finite)
+    check = _checks.flag("check_finite", check_finite)
     specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,
                             check_dy=check and layer == num_layers - 1, check_states=check)
              for layer in range(num_layers)]

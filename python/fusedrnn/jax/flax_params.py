@@ -40,9 +40,23 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
             raise ValueError(f"params: no {name!r} for layer {layer}{' reverse' if reverse else ''} (the params hold "
                              f"{sorted(params)})")
     w_ih, w_hh = jnp.asarray(params["weight_ih" + s]), jnp.asarray(params["weight_hh" + s])
+    if w_hh.ndim != 2 or w_hh.shape[0] == 0 or w_hh.shape[0] % len(gates):
+        raise ValueError(f"weight_hh{s}: expected {len(gates)}*hidden_size rows (a {cell}'s {len(gates)} gates), "
+                         f"got shape {tuple(w_hh.shape)}")
     hidden = w_hh.shape[0] // len(gates)
+    w_hr = jnp.asarray(params["weight_hr" + s]) if "weight_hr" + s in params else None
+    if w_hr is not None and cell != "lstm":
+        raise ValueError(f"params: weight_hr{s} given, but {cell!r} takes no projection (only an LSTM does)")
+    width = w_hr.shape[0] if w_hr is not None and w_hr.ndim == 2 else hidden  # h's: the projection's if any
     zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)
     b_ih, b_hh = jnp.asarray(params.get("bias_ih" + s, zeros)), jnp.asarray(params.get("bias_hh" + s, zeros))
+    expected = {"weight_hh": (len(gates) * hidden, width), "weight_ih": (len(gates) * hidden, w_ih.shape[1] if w_ih.ndim == 2 else "input_size"),
+                "bias_ih": (len(gates) * hidden,), "bias_hh": (len(gates) * hidden,), "weight_hr": (width, hidden)}
+    for name, value in (("weight_hh", w_hh), ("weight_ih", w_ih), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                        ("weight_hr", w_hr)):
+        if value is not None and tuple(value.shape) != expected[name]:
+            raise ValueError(f"{name}{s}: expected shape {expected[name]} for a {cell} of hidden size {hidden} "
+                             f"(from weight_hh{s}), got {tuple(value.shape)}")
     rows = {g: slice(k * hidden, (k + 1) * hidden) for k, g in enumerate(gates)}
     out = {}
     for g, r in rows.items():
@@ -56,10 +70,8 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
             out["i" + g]["bias"] = b_ih[rows[g]] + b_hh[rows[g]]
         out["in"]["bias"] = b_ih[rows["n"]]
         out["hn"]["bias"] = b_hh[rows["n"]]
-    if "weight_hr" + s in params:
-        if cell != "lstm":
-            raise ValueError(f"params: weight_hr{s} given, but {cell!r} takes no projection (only an LSTM does)")
-        out["proj"] = {"kernel": jnp.asarray(params["weight_hr" + s]).T}
+    if w_hr is not None:
+        out["proj"] = {"kernel": w_hr.T}
     return out
 
 

@@ -5,7 +5,7 @@ init. LSTM takes torch's proj_size (weight_hr_l{k} (proj_size, hidden_size); h a
 direction). Needs flax.
 
     model = fusedrnn.jax.linen.LSTM(64, num_layers=2, dropout=0.1)
-    variables = model.init(jax.random.key(0), x)                       # x (T, B, I)
+    variables = model.init(jax.random.key(0), x, deterministic=True)   # x (T, B, I)
     y, (h_n, c_n) = model.apply(variables, x, deterministic=True)
     y, _ = model.apply(variables, x, rngs={"dropout": key})             # dropout between layers
 """
@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .. import _checks
 from .._optional import require
 from ._rnn import forward, param_shapes
 
@@ -59,8 +60,9 @@ class RNNBase(nn.Module):
 
         params = {name: self.param(name, uniform, shape, self.param_dtype) for name, shape in shapes.items()}
         deterministic = self.deterministic if deterministic is None else deterministic
+        dropout = _checks.probability("dropout", self.dropout)
         key = None
-        if self.dropout > 0 and not deterministic and self.num_layers > 1:
+        if dropout > 0 and not deterministic and self.num_layers > 1:
             if not self.has_rng("dropout"):
                 raise ValueError("rngs: dropout needs a 'dropout' stream (apply(..., rngs={'dropout': key})), "
                                  "or deterministic=True")

@@ -8,6 +8,7 @@ proj_size (weight_hr_l{k} (proj_size, hidden_size); h and y proj_size wide per d
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from .. import _checks
@@ -68,14 +69,28 @@ class RNNBase(nnx.Module):
                                  f"{value.dtype} {value.shape}")
             param[...] = value
 
+    def set_view(self, deterministic: bool | None = None):
+        """What `nnx.view(model, deterministic=...)` sets, as for nnx.Dropout: True turns dropout off."""
+        if deterministic is not None:
+            self.deterministic = _checks.flag("deterministic", deterministic)
+
     def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
+        """rngs: an nnx.Rngs (its "dropout" stream), an RngStream or a PRNG key, as nnx.Dropout takes."""
         deterministic = self.deterministic if deterministic is None else deterministic
         key = None
         if self.dropout > 0 and not deterministic and self.num_layers > 1:
             source = rngs if rngs is not None else self.rngs
             if source is None:
                 raise ValueError("rngs: dropout needs a 'dropout' stream, given at construction or to the call")
-            key = _dropout_stream(source)() if isinstance(source, nnx.Rngs) else source()
+            if isinstance(source, nnx.Rngs):
+                key = _dropout_stream(source)()
+            elif isinstance(source, nnx.RngStream):
+                key = source()
+            elif isinstance(source, jax.Array):
+                key = source
+            else:
+                raise TypeError(f"rngs: expected an nnx.Rngs, an nnx.RngStream or a PRNG key, got "
+                                f"{type(source).__name__}")
         return forward(self.cell, self.state_dict(), x, hx, lengths=lengths, batch_first=self.batch_first,
                        dropout=self.dropout, dropout_key=key, cell_clip=self.cell_clip)
 
