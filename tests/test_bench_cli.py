@@ -304,7 +304,11 @@ def write(tmp_path, text):
     (["--cell", "gru", "--json", "/nonexistent/out.json"], "json: the folder '/nonexistent' does not exist"),
     (["--cell", "gru", "--json", "/"], "json: '/' is a folder, not a file name"),
     (["--cell", "gru", "--peers", "fusedrnn", "numpy", "fusedrnn"], "peers: 'fusedrnn' given more than once"),
-    (["--cell", "gru", "--mode", "training", "training"], "mode: each mode once"),
+    (["--cell", "gru", "--mode", "training", "training"], "mode: 'training' given more than once"),
+    (["--cell", "gru", "lstm", "gru"], "cell: 'gru' given more than once"),
+    (["--cell", "gru", "--shape", "5,2,3,4", "5, 2,3,4"], "shape: (5, 2, 3, 4) given more than once"),
+    (["--cell", "gru", "--plot", ""], "plot: expected a file name, got an empty one"),
+    (["--compare", "/dev/zero"], "compare: '/dev/zero' is not a regular file"),
     (["--cell", "gru", "--shape", "\u00b2,1,2,2"], "shape: expected T,B,I,H as four positive integers"),
     (["--compare", VALID_REPORT.replace('"GRU"', "5")], "row 0: cell 5 is none of"),
     (["--compare", VALID_REPORT.replace('"T": 1', '"T": 2.5')], "row 0: T = 2.5, expected an int in [1, 2147483647]"),
@@ -340,6 +344,22 @@ def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, 
         argv = ["--compare", write(tmp_path, argv[1]), *argv[2:]]
     assert cli.main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compare_refuses_a_file_far_larger_than_any_report(capsys, tmp_path):
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:  # sparse: the size without the disk
+        f.truncate(_bench_report._MAX_REPORT_BYTES + 1)
+    assert cli.main(["bench", "--compare", str(path)]) == 2
+    assert f"compare: {str(path)!r} is larger than 64 MiB" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_written_is_one_line_and_exit_1(capsys, monkeypatch):
+    """A disk that fills while the rows are timed: the rows already printed stay, the error is one line."""
+    monkeypatch.setattr(benchmark, "run_case", lambda case, *args, **kwargs: [])
+    assert cli.main(["bench", "--cell", "gru", "--shape", "1,1,1,1", "--json", "/dev/full"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fusedrnn bench: cannot write '/dev/full': No space left on device")
 
 
 def test_compare_names_a_file_that_is_not_utf8(capsys, tmp_path):

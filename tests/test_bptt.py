@@ -58,6 +58,14 @@ def test_k_at_least_t_is_full_bptt_exactly(rng, cell, projected, with_lengths):
         np.testing.assert_array_equal(_states(cell, res.hx), _states(cell, hx_n))
         for name in full.grads:
             np.testing.assert_array_equal(m.grads[name], full.grads[name], err_msg=name)
+        # The gradients reaching x and hx, returned and added into input_grads as one backward adds them.
+        np.testing.assert_array_equal(res.dx, full.input_grads["x"])
+        dhx = (res.dhx,) if not has_cell_state(cell) else res.dhx
+        for got, name in zip(dhx, ("h0", "c0")):
+            np.testing.assert_array_equal(got, full.input_grads[name])
+        assert set(m.input_grads) == set(full.input_grads)
+        for name, g in m.input_grads.items():
+            np.testing.assert_array_equal(g, full.input_grads[name], err_msg=name)
 
 
 def _chunked_by_hand(cell, params, x, target, hx, lengths, k, layers):
@@ -66,7 +74,7 @@ def _chunked_by_hand(cell, params, x, target, hx, lengths, k, layers):
     steps, batch, _ = x.shape
     lens = np.full(batch, steps) if lengths is None else lengths
     h, c = (hx if has_cell_state(cell) else (hx, None))
-    grads, losses = {}, []
+    grads, losses, dx = {}, [], np.zeros_like(x)
     for start in range(0, int(lens.max()), k):
         stop = min(start + k, steps)
         chunk_lens = np.clip(lens - start, 0, stop - start)
@@ -74,10 +82,12 @@ def _chunked_by_hand(cell, params, x, target, hx, lengths, k, layers):
                                                   lengths=chunk_lens)
         loss, dy = mse_loss(y, target[start:stop], reduction="sum")
         losses.append(loss)
-        _, _, _, g, _ = reference.stack_backward(caches, dy, num_layers=layers)
+        dx[start:stop], dh, dc, g, _ = reference.stack_backward(caches, dy, num_layers=layers)
+        if start == 0:
+            dhx = (dh, dc) if has_cell_state(cell) else dh
         for name, value in g.items():
             grads[name] = grads.get(name, 0.0) + value
-    return grads, losses, h, c
+    return grads, losses, h, c, dx, dhx
 
 
 @pytest.mark.parametrize("k", [1, 3, 4])
@@ -86,12 +96,15 @@ def _chunked_by_hand(cell, params, x, target, hx, lengths, k, layers):
 def test_chunked_gradient_matches_the_chunked_graph(rng, cell, projected, with_lengths, k):
     m, x, target, hx = _setup(rng, cell, projected=projected)
     lengths = np.array([11, 3, 7, 1]) if with_lengths else None
-    want, want_losses, h_n, c_n = _chunked_by_hand(cell, m.state_dict(), x, target, hx, lengths, k, 2)
+    want, want_losses, h_n, c_n, dx, dhx = _chunked_by_hand(cell, m.state_dict(), x, target, hx, lengths, k, 2)
     res = truncated_bptt(m, x, k, _mse_against(target), hx=hx, lengths=lengths)
     np.testing.assert_allclose(res.losses, want_losses, **TOL)
     assert len(res.losses) == -(-11 // k)
     for name, g in want.items():
         np.testing.assert_allclose(m.grads[name], g, err_msg=name, **TOL)
+    np.testing.assert_allclose(res.dx, dx, **TOL)
+    np.testing.assert_allclose(_states(cell, res.dhx), _states(cell, dhx), **TOL)
+    np.testing.assert_array_equal(m.input_grads["x"], res.dx)
     np.testing.assert_allclose(_states(cell, res.hx), _states(cell, (h_n, c_n) if has_cell_state(cell) else h_n),
                                **TOL)
     # The truncation is real: the gradient differs from full BPTT's.
@@ -184,5 +197,11 @@ def test_truncated_bptt_errors(rng):
     for other in (fusedrnn.Linear(3, 4), object(), "gru"):
         with pytest.raises(TypeError, match=r"^module: expected a fusedrnn LSTM, GRU or RNN"):
             truncated_bptt(other, x, 2, _mse_against(target))
+    for name, value in (("loss_fn", None), ("after_chunk", 5)):
+        before = {k: v.copy() for k, v in m.grads.items()}
+        with pytest.raises(TypeError, match=f"^{name}: expected a function, got"):
+            truncated_bptt(m, x, 2, **{"loss_fn": _mse_against(target), name: value})
+        for k, v in m.grads.items():  # refused before any chunk ran
+            np.testing.assert_array_equal(v, before[k])
     with pytest.raises(TypeError, match=r"hx: expected a tuple \(h0, c0\) for an LSTM"):
         truncated_bptt(fusedrnn.LSTM(3, 4, dtype=np.float64), x, 2, _mse_against(target), hx=np.zeros((1, 2, 4)))

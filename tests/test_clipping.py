@@ -55,6 +55,8 @@ def test_nonfinite_gradients_are_reported_and_can_raise(rng):
     grads["b"][2] = np.nan
     assert G.nonfinite_grads(grads) == ["b"]
     assert G.nonfinite_grads(list(grads.values())) == [1]
+    with pytest.raises(RuntimeError, match=r"non-finite gradients in \[1\]"):  # a generator is read once
+        G.clip_grad_norm(iter(list(grads.values())), 1.0, error_if_nonfinite=True)
     with pytest.raises(RuntimeError, match=r"grads: the total 2.0-norm is nan; non-finite gradients in \['b'\]"):
         G.clip_grad_norm(grads, 1.0, error_if_nonfinite=True)
     # Without the error torch's arithmetic runs on (NaN spreads); the returned norm says to skip.
@@ -122,6 +124,11 @@ def test_gradient_flow_zeros_mean_vanishing_and_errors():
         G.diagnose_gradient_flow([1.0])
     with pytest.raises(ValueError, match="vanishing_below, exploding_above"):
         G.diagnose_gradient_flow([1.0, 1.0], vanishing_below=2.0)
+    with pytest.raises(TypeError, match="vanishing_below: expected a number, got str"):
+        G.diagnose_gradient_flow([1.0, 1.0], vanishing_below="0.001")
+    # A growth past float range over the profile is exploding, not an OverflowError.
+    flow = G.diagnose_gradient_flow(np.logspace(300, -300, 1000))
+    assert flow.verdict == "exploding" and flow.span == math.inf
 
 
 def test_plot_gradient_flow_writes_a_figure(tmp_path):

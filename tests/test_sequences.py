@@ -48,6 +48,21 @@ def test_pad_to_fixed_steps_and_dtype():
     # The common dtype when none is given: int and float mix to float.
     mixed, _ = S.pad_sequences([np.ones(2, np.int64), np.ones(1, np.float32)])
     assert mixed.dtype == np.float64
+    # A value the padded dtype cannot hold is refused by name, never wrapped, truncated or made infinite.
+    for seqs, dtype, padding_value, message in (
+            ([np.array([1.7, 2.0])], np.int8, 0, r"sequences\[0\]: 1.7 is not a value of the padded dtype int8"),
+            ([np.array([1.0]), np.array([300.0])], np.int8, 0, r"sequences\[1\]: 300.0 is not a value"),
+            ([np.array([-1])], np.uint8, 0, r"sequences\[0\]: -1 is not a value of the padded dtype uint8"),
+            ([np.array([1e10])], np.float16, 0, r"sequences\[0\]: 10000000000.0 is not a value .* float16"),
+            ([np.ones(2, np.int8)], None, 1000, "padding_value: 1000 is not a value of the padded dtype int8"),
+            ([np.ones(2, np.uint8)], None, -1, "padding_value: -1 is not a value of the padded dtype uint8"),
+            ([np.ones(2, np.float32)], None, 1e300, "padding_value: 1e[+]300 is not a value .* float32"),
+            ([np.ones(2, np.int32)], None, 0.5, "padding_value: 0.5 is not a value of the padded dtype int32")):
+        with pytest.raises(ValueError, match=message):
+            S.pad_sequences(seqs, steps=3, dtype=dtype, padding_value=padding_value)
+    # Rounding is not refused, and an infinite or NaN padding stays what it was asked to be.
+    rounded, _ = S.pad_sequences([np.array([0.1])], steps=2, dtype=np.float32, padding_value=np.inf)
+    assert rounded[0, 0] == np.float32(0.1) and rounded[1, 0] == np.inf
 
 
 def test_length_mask():

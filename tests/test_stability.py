@@ -192,6 +192,13 @@ def test_linear_matches_torch(rng):
     np.testing.assert_allclose(lin.backward(dy), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lin.grads["weight"], ref.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lin.grads["bias"], ref.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+    # torch's state dict loads as it is, checked before anything is written.
+    other = torch.nn.Linear(6, 2)
+    lin.load_state_dict(other.state_dict())
+    np.testing.assert_array_equal(lin.state_dict()["weight"], other.weight.detach().numpy())
+    with pytest.raises(ValueError, match=r"state_dict\['bias'\]: expected shape \(2,\)"):
+        lin.load_state_dict({"weight": np.zeros((2, 6)), "bias": np.zeros(3)})
+    np.testing.assert_array_equal(lin.state_dict()["weight"], other.weight.detach().numpy())
 
 
 def test_linear_errors():

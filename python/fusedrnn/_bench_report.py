@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,6 +27,7 @@ _MAX_SIZE = 2**31 - 1
 AXIS_NAMES = {"steps": "T", "batch": "B", "input": "I", "hidden": "H"}
 AXIS_WORDS = {letter: word for word, letter in AXIS_NAMES.items()}
 ROW_KEYS = ("cell", *SHAPE_KEYS, "mode")
+_MAX_REPORT_BYTES = 64 << 20  # far past any report `fusedrnn bench --json` writes
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------------
@@ -82,10 +84,18 @@ def report_peers(report: dict) -> list[str]:
 def load_report(path: str) -> dict:
     """Reads and checks the JSON a `fusedrnn bench --json` run wrote."""
     try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
+        with open(path, "rb") as f:
+            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+            text = f.read(_MAX_REPORT_BYTES + 1) if regular else b""
     except OSError as err:
         raise ValueError(f"compare: cannot read {path!r}: {err.strerror}") from err
+    if not regular:
+        raise ValueError(f"compare: {path!r} is not a regular file")
+    if len(text) > _MAX_REPORT_BYTES:
+        raise ValueError(f"compare: {path!r} is larger than {_MAX_REPORT_BYTES >> 20} MiB, far past what "
+                         "`fusedrnn bench --json` writes")
+    try:
+        report = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, numbers or nesting past Python's limits
         raise ValueError(f"compare: {path!r} is not JSON that `fusedrnn bench --json` writes ({err})") from err
     rows = report.get("rows") if isinstance(report, dict) else None

@@ -57,6 +57,14 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def distinct(name: str, values) -> None:
+    """A ValueError naming `name` where one of `values` is given more than once."""
+    values = list(values)
+    twice = sorted({v for v in values if values.count(v) > 1}, key=repr)
+    if twice:
+        raise ValueError(f"{name}: {', '.join(map(repr, twice))} given more than once")
+
+
 def probability(name: str, value) -> float:
     """A probability in [0, 1] (a dropout rate), as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _checks, _core
 from .datasets import deepbench_shapes
 from .functional import CELLS, GATES
 
@@ -702,9 +702,7 @@ def check_peers(peers: Sequence[str], device: str = "cpu", cases: Sequence[Case]
     """The peers, each known, installed, for `device` and able to run every one of `cases`, given once."""
     if device == "cuda" and not _cuda_ready():
         raise ValueError("device: 'cuda' needs fusedrnn's CUDA module, torch and a visible GPU")
-    twice = sorted({name for name in peers if list(peers).count(name) > 1})
-    if twice:
-        raise ValueError(f"peers: {', '.join(map(repr, twice))} given more than once")
+    _checks.distinct("peers", peers)
     for name in peers:
         if name not in PEERS:
             raise ValueError(f"peers: unknown peer {name!r}; known: {sorted(PEERS)}")
@@ -758,8 +756,11 @@ def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> d
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    try:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    except OSError as err:  # a full disk fails at the write or the close, with no file name
+        raise OSError(err.errno, err.strerror, path) from err
 
 
 # ---- the table ------------------------------------------------------------------------------------------

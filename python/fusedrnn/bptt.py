@@ -28,6 +28,8 @@ class TruncatedBPTTResult(NamedTuple):
     y: np.ndarray      # the whole output, in the module's layout; zero past each row's length
     hx: object         # the final state: h_n, or (h_n, c_n) for an LSTM
     losses: list       # the loss of each chunk, in order
+    dx: np.ndarray     # the gradient reaching x, each chunk's at its steps; zero past each row's length
+    dhx: object        # the gradient reaching hx (through the first chunk): dh0, or (dh0, dc0) for an LSTM
 
 
 LossFn = Callable[[np.ndarray, int, int], tuple]
@@ -42,6 +44,8 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     module's layout, zero past each row's length), then `module.backward(dy)`, which adds the chunk's
     parameter gradients to `module.grads`, then `after_chunk(chunk_index)` if given: the place to clip,
     take an optimiser step and zero the gradients. Without it the gradients of all chunks add up.
+    The gradients reaching x and hx are the result's `dx` and `dhx`; they are added into
+    `module.input_grads` once, at the end, as one backward over the whole of x adds its own.
 
     With `lengths`, a row takes part in the chunks its length reaches; its state stays as it was at
     its own last step. Chunks past the longest length are not run. With k >= T this is exactly one
@@ -56,6 +60,9 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     if not module.training:
         raise ValueError("module: truncated BPTT trains the module; call module.train() first")
     k = _checks.positive_int("k", k)
+    for name, value in (("loss_fn", loss_fn), ("after_chunk", after_chunk)):
+        if not callable(value) and not (name == "after_chunk" and value is None):
+            raise TypeError(f"{name}: expected a function, got {type(value).__name__}")
     x = _checks.array("x", x, module.dtype, 3)
     t_axis = 1 if module.batch_first else 0
     b_axis = 1 - t_axis
@@ -69,6 +76,8 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     out_shape = list(x.shape)
     out_shape[2] = module.num_directions * module._state_size
     y = _device.zeros(x, tuple(out_shape))
+    dx = _device.zeros(x, x.shape)
+    dh0 = dc0 = None
     xp = _device.array_module(x)
     losses = []
     last = steps if lens is None else int(lens.max())
@@ -92,11 +101,16 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
         else:
             h[:, active] = hx_out
         loss, dy = _loss_and_gradient(loss_fn(y_chunk, start, stop), y_chunk, x)
-        module.backward(xp.ascontiguousarray(dy[rows], module.dtype))
+        dx_active, dh0_chunk, dc0_chunk = module._gradients(xp.ascontiguousarray(dy[rows], module.dtype), None)
+        dx[time][rows] = dx_active
+        if index == 0:  # every row takes part in the first chunk
+            dh0, dc0 = dh0_chunk, dc0_chunk
         losses.append(loss)
         if after_chunk is not None:
             after_chunk(index)
-    return TruncatedBPTTResult(y, (h, c) if stateful else h, losses)
+    with module._grads_lock:
+        module._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
+    return TruncatedBPTTResult(y, (h, c) if stateful else h, losses, dx, (dh0, dc0) if stateful else dh0)
 
 
 def _loss_and_gradient(result, y_chunk, x) -> tuple:

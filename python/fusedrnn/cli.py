@@ -13,7 +13,7 @@ import sys
 from tqdm import tqdm
 
 from . import _MAX_THREADS as MAX_THREADS
-from . import _bench_report, benchmark, build_info, set_num_threads
+from . import _bench_report, _checks, benchmark, build_info, set_num_threads
 from .functional import CELLS
 
 
@@ -128,8 +128,21 @@ def main(argv=None) -> int:
         print(f"fusedrnn {args.command}: not enough memory for these sizes", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout (| head) went away: nothing left to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return 0
+    except OSError as err:  # a file or stdout that cannot be written: a full disk, no permission
+        where = repr(err.filename) if err.filename else "the output"
+        print(f"fusedrnn {args.command}: cannot write {where}: {err.strerror or err}", file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _drop_stdout()
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Points stdout at the null device, so that the flush at exit has nowhere left to fail."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _progress_off(args):
@@ -149,7 +162,7 @@ def _demo(args) -> int:
         if given:
             raise ValueError(f"{', '.join(given)}: not taken with --gradients, which trains nothing (it compares "
                              "every cell, untrained, on the CPU)")
-    if args.plot:  # before the training, not after
+    if args.plot is not None:  # before the training, not after
         _bench_report.check_plot_path(args.plot)
     set_num_threads(args.threads)
     if args.gradients:
@@ -178,7 +191,7 @@ def _demo(args) -> int:
               f"({(1 - result.rmse['model'] / best_baseline) * 100:.1f}% below the better one).")
     else:
         print(f"The {args.cell.upper()} does not beat the better baseline this time.")
-    if args.plot:
+    if args.plot is not None:
         demo.plot_forecast(result, args.plot, args.cell)
         print(f"Forecast plot written to {args.plot}")
     return 0
@@ -194,7 +207,7 @@ def _demo_gradients(args, demo) -> int:
         print(f"  {cell.upper():9}{flow.factor_per_step:>12.3f}{flow.span:>13.2e}  {flow.verdict}")
     print("factor/step: fitted change of ||dL/dh_t|| per step back in time; first/last: that factor over "
           "the whole sequence.")
-    if args.plot:
+    if args.plot is not None:
         demo.plot_gradient_profiles(profiles, args.plot)
         print(f"Gradient profiles written to {args.plot}")
     return 0
@@ -216,9 +229,9 @@ def _bench_cases(args, old_report) -> tuple:
     if args.set and (args.cell or args.shape or args.sweep):
         raise ValueError("set: give either --set or --cell/--shape/--sweep, not both")
     modes = args.mode or benchmark.MODES
-    if len(set(modes)) != len(modes):
-        raise ValueError(f"mode: each mode once, got {' '.join(modes)}")
     cells = args.cell or benchmark.DEFAULT_CELLS
+    for name, values in (("mode", modes), ("cell", cells), ("shape", [_parse_shape(s) for s in args.shape or ()])):
+        _checks.distinct(name, values)
     if args.sweep:
         sweep = _bench_report.parse_sweep(args.sweep)
         if args.shape and len(args.shape) != 1:
@@ -248,7 +261,7 @@ def _bench(args) -> int:
     threshold = 5.0 if args.threshold is None else args.threshold
     if not threshold >= 0:
         raise ValueError(f"threshold: expected a percentage >= 0, got {threshold}")
-    if args.plot:
+    if args.plot is not None:
         _bench_report.check_plot_path(args.plot)
     if args.json is not None and args.json != "-":
         _bench_report.check_output_path(args.json, "json")
@@ -291,7 +304,7 @@ def _bench(args) -> int:
         print()
     elif args.json:
         benchmark.write_json(args.json, meta, rows)
-    if args.plot:
+    if args.plot is not None:
         _bench_report.plot_rows(rows, peers, args.plot, sweep)
         say(f"Plot written to {args.plot}")
     status = 0

@@ -37,7 +37,11 @@ def _grad_arrays(grads, *, changed: bool = False, name: str = "grads") -> list:
 
 def nonfinite_grads(grads) -> list:
     """The keys (names, or positions in a list) of the gradients holding NaN or infinity; [] if none."""
-    return [key for key, g in _grad_arrays(grads) if g.size and not _device.array_module(g).isfinite(g).all()]
+    return _nonfinite(_grad_arrays(grads))
+
+
+def _nonfinite(named) -> list:
+    return [key for key, g in named if g.size and not _device.array_module(g).isfinite(g).all()]
 
 
 def _norm_type(norm_type) -> float:
@@ -83,7 +87,7 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonf
     total = _total_norm(named, _norm_type(norm_type))
     if not math.isfinite(total) and error_if_nonfinite:
         raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; non-finite gradients in "
-                           f"{nonfinite_grads(grads)}")
+                           f"{_nonfinite(named)}")
     with np.errstate(invalid="ignore", divide="ignore"):
         coef = min(float(max_norm) / (total + CLIP_EPS), 1.0) if not math.isnan(total) else math.nan
         if coef < 1.0 or math.isnan(coef):
@@ -166,6 +170,9 @@ def diagnose_gradient_flow(norms, *, reverse: bool = False, vanishing_below: flo
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError("norms: expected finite norms >= 0 (an overflow already means exploding "
                          "gradients; lower the scale to measure it)")
+    for name, value in (("vanishing_below", vanishing_below), ("exploding_above", exploding_above)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not 0 < vanishing_below < 1 < exploding_above:
         raise ValueError(f"vanishing_below, exploding_above: expected 0 < vanishing_below < 1 < "
                          f"exploding_above, got {vanishing_below}, {exploding_above}")
@@ -175,7 +182,8 @@ def diagnose_gradient_flow(norms, *, reverse: bool = False, vanishing_below: flo
     zeros = np.flatnonzero(back == 0)
     reach = back[:zeros[0]] if zeros.size else back   # the fit stops where the gradient hit zero
     factor = float(np.exp(np.polyfit(np.arange(reach.size), np.log(reach), 1)[0])) if reach.size >= 2 else 0.0
-    span = factor ** (arr.size - 1)
+    with np.errstate(over="ignore"):
+        span = float(np.power(factor, arr.size - 1))  # inf past float range: exploding all the same
     if zeros.size or span < vanishing_below:
         verdict = "vanishing"
     else:

@@ -107,6 +107,34 @@ class _Module:
         """A copy of every parameter on the module's device, keyed exactly as torch.nn names them."""
         return OrderedDict((k, v.copy()) for k, v in self._params.items())
 
+    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+        """Loads parameters in place from a mapping of name -> array-like on any device (a torch
+        state_dict works as is), onto the module's device. Shapes must match; values are cast to the
+        module's dtype and must be finite."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        missing = [k for k in self._params if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in self._params]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        loaded = {}
+        for name, current in self._params.items():
+            if name not in state_dict:
+                continue
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
+                value = value.detach().cpu()
+            arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
+            _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected next
+                arr = arr.astype(self.dtype)
+            _checks.finite(f"state_dict[{name!r}]", arr)
+            loaded[name] = arr
+        for name, arr in loaded.items():  # all checked before any is written
+            _device.copy_into(self._params[name], arr)
+
     def zero_grad(self) -> None:
         """Resets the accumulated parameter gradients."""
         self.grads = OrderedDict((k, _device.zeros(v, v.shape)) for k, v in self._params.items())
@@ -233,34 +261,6 @@ class RNNBase(_Module):
         if params is not None and name in params:
             return params[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
-
-    def load_state_dict(self, state_dict, strict: bool = True) -> None:
-        """Loads parameters in place from a mapping of name -> array-like on any device (a torch
-        state_dict works as is), onto the module's device. Shapes must match; values are cast to the
-        module's dtype and must be finite."""
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
-        missing = [k for k in self._params if k not in state_dict]
-        unexpected = [k for k in state_dict.keys() if k not in self._params]
-        if strict and (missing or unexpected):
-            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        loaded = {}
-        for name, current in self._params.items():
-            if name not in state_dict:
-                continue
-            value = state_dict[name]
-            if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
-                value = value.detach().cpu()
-            arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
-            if arr.dtype.kind not in "fiu":
-                raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
-            _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
-            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected next
-                arr = arr.astype(self.dtype)
-            _checks.finite(f"state_dict[{name!r}]", arr)
-            loaded[name] = arr
-        for name, arr in loaded.items():  # all checked before any is written
-            _device.copy_into(self._params[name], arr)
 
     def zero_grad(self) -> None:
         """Resets the accumulated gradients of the parameters, the input and the initial states, and
@@ -397,6 +397,13 @@ class RNNBase(_Module):
         (B, *shape), new arrays each call, on the module's device), `grads` left as it is; for
         per-example clipping (gradients.sum_clipped_per_sample), as differentially private training
         needs. One backward computes them all."""
+        dx, dh0, dc0 = self._gradients(dy, dhx, per_sample)
+        with self._grads_lock:
+            self._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
+        return (dx, (dh0, dc0)) if self._has_cell_state else (dx, dh0)
+
+    def _gradients(self, dy, dhx, per_sample: bool = False) -> tuple:
+        """backward's work but the adding into `input_grads`: (dx, dh0, dc0), dc0 None without a cell state."""
         ctx = self._pending
         if ctx is None:
             raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
@@ -448,8 +455,7 @@ class RNNBase(_Module):
             dc0 = None if dc0 is None else dc0[:, 0, :]
         elif ctx.batch_first:
             dx = dx.transpose(1, 0, 2)
-        self._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
-        return (dx, (dh0, dc0)) if self._has_cell_state else (dx, dh0)
+        return dx, dh0, dc0
 
     def _accumulate_input_grads(self, **grads) -> None:
         # Accumulated in place like the parameters' while the shapes stay the same (a new array each
@@ -524,7 +530,8 @@ def make_module(cell: str, input_size: int, hidden_size: int, **kwargs) -> RNNBa
 class Linear(_Module):
     """A dense layer y = x W^T + b over the last axis (any leading axes), as torch.nn.Linear: the readout
     on top of a recurrent module. Same interface as the recurrent modules: `named_parameters()`,
-    `grads` (accumulated until `zero_grad()`), `backward(dy)` returning dx, `state_dict()`."""
+    `grads` (accumulated until `zero_grad()`), `backward(dy)` returning dx, `state_dict()`,
+    `load_state_dict()` (torch.nn.Linear's state dict loads as is)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=np.float32,
                  seed: int | None = None):

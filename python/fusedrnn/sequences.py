@@ -7,7 +7,6 @@ A sequence is an array of shape (length, *features); a batch is sequence-major (
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Iterator, NamedTuple, Sequence
 
@@ -58,12 +57,26 @@ def _padding_dtype(dtype) -> np.dtype | None:
     return dt
 
 
+def _exactly_in(name: str, values, dtype: np.dtype) -> np.ndarray:
+    """`values` cast to `dtype`, refused where the cast would change a value beyond rounding: into an
+    integer or boolean dtype every value must be one of its values; into a float dtype none may overflow."""
+    arr = np.asarray(values)
+    with np.errstate(all="ignore"):
+        cast = arr.astype(dtype)
+        changed = (~np.isfinite(cast) & np.isfinite(arr)) if dtype.kind == "f" else cast != arr
+    if changed.any():
+        value = arr[np.unravel_index(int(np.argmax(changed)), arr.shape)] if arr.ndim else arr
+        raise ValueError(f"{name}: {value.item()} is not a value of the padded dtype {dtype}")
+    return cast
+
+
 def pad_sequences(sequences, *, steps: int | None = None, batch_first: bool = False,
                   padding_value: float = 0.0, dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """Stacks sequences of shapes (L_b, *features) into one padded array (T, B, *features) (or
     (B, T, *features) with batch_first) and returns it with `lengths` (B,) int64. T is the longest
     length, or `steps` when given (every sequence must fit). The dtype is the sequences' common one
-    unless `dtype` is given."""
+    unless `dtype` is given; a value it cannot hold (a fraction or an out-of-range integer in an integer
+    dtype, a finite value past a float dtype's range), padding_value included, raises ValueError."""
     seqs = _checked_sequences("sequences", sequences)
     lengths = np.array([s.shape[0] for s in seqs], np.int64)
     if steps is None:
@@ -77,11 +90,9 @@ def pad_sequences(sequences, *, steps: int | None = None, batch_first: bool = Fa
     dtype = _padding_dtype(dtype) or np.result_type(*seqs)
     if isinstance(padding_value, bool) or not isinstance(padding_value, numbers.Real):
         raise TypeError(f"padding_value: expected a number, got {padding_value!r}")
-    if dtype.kind in "iub" and not (math.isfinite(padding_value) and padding_value == int(padding_value)):
-        raise ValueError(f"padding_value: {padding_value} is not a value of the padded dtype {dtype}")
-    out = np.full((len(seqs), steps) + seqs[0].shape[1:], padding_value, dtype)
+    out = np.full((len(seqs), steps) + seqs[0].shape[1:], _exactly_in("padding_value", padding_value, dtype), dtype)
     for b, s in enumerate(seqs):
-        out[b, :s.shape[0]] = s
+        out[b, :s.shape[0]] = _exactly_in(f"sequences[{b}]", s, dtype)
     return (out if batch_first else np.ascontiguousarray(out.swapaxes(0, 1))), lengths
 
 
