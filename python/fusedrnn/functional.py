@@ -58,7 +58,8 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     """Runs one layer over a sequence. With `lengths` (B,), row b stops at its own last step: later
     outputs are zero and h_n/c_n hold its state there (reverse=True starts each row at its last step).
     `out` may be a (T, B, H) view with a row stride, e.g. one direction's half of a (T, B, 2H) array.
-    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False. `cell_clip` (a positive
+    NaN or infinity in x, h0 or c0 raises ValueError unless check_finite=False (then a non-finite
+    value in x's padding, past a row's length, still reaches weight_ih's gradient: 0 * NaN is NaN). `cell_clip` (a positive
     finite number; only for a cell with a cell state) bounds the cell state to [-cell_clip, cell_clip]
     after every update; no gradient flows through an element whose update reached the bound.
     `weight_hr` (P, H), for an LSTM only: the projection of the hidden state (module docstring).
