@@ -6,6 +6,7 @@ Each test runs twice: on the host stand-ins for CuPy and the CUDA module (fake_c
 host emulation on NumPy memory that says it is on a CUDA device), everywhere; and on a real GPU with
 CuPy, skipped cleanly without one."""
 
+import re
 import sys
 
 import numpy as np
@@ -250,6 +251,63 @@ def test_functional_backward_refuses_arrays_off_the_tapes_device(cp, rng):
     got = F.layer_backward(on_device, cp.asarray(dy))
     want = F.layer_backward(on_host, dy)
     np.testing.assert_allclose(_device.to_host(got.weight_hh), want.weight_hh, rtol=1e-10, atol=1e-12)
+
+
+def test_functional_calls_on_device_refuse_outputs_sharing_memory_with_what_they_read(cp, rng):
+    """The tape reads the forward's x and weights again in backward: an output written over them would
+    change the weight gradients silently, as on the host."""
+    from fusedrnn import functional as F
+    x, w = cp.asarray(rng.standard_normal((5, 3, 6))), [cp.asarray(rng.standard_normal((24, n))) for n in (6, 6)]
+    with pytest.raises(ValueError, match=r"^out: shares memory with x"):
+        F.layer_forward("lstm", x, *w, out=x)
+    with pytest.raises(ValueError, match=r"^out: shares memory with weight_hh"):
+        F.layer_forward("lstm", x, *w, out=w[1][:15].reshape(5, 3, 6))
+    tape = F.layer_forward("lstm", x, *w).tape
+    dy = cp.asarray(rng.standard_normal((5, 3, 6)))
+    with pytest.raises(ValueError, match=r"^dx: shares memory with the forward's x"):
+        F.layer_backward(tape, dy, dx=x)
+    grads = F.LayerGrads(None, None, None, w[0], cp.zeros((24, 6)), None, None, None)
+    with pytest.raises(ValueError, match=r"^grads.weight_ih: shares memory with the forward's weight_ih"):
+        F.layer_backward(tape, dy, grads=grads)
+    with pytest.raises(ValueError, match=r"^dx: shares memory with dy"):
+        F.layer_backward(tape, dy, dx=dy)
+    for name, weights, shape in (("weight_hh", dict(weight_ih=w[0], weight_hh=w[1].ravel()), "shape (144,)"),
+                                 ("weight_hh", dict(weight_ih=w[0], weight_hh=None), "NoneType"),
+                                 ("weight_hr", dict(weight_ih=w[0], weight_hh=w[1][:, :2], weight_hr=w[1][0]),
+                                  "shape (6,)")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a 2-D array, got {re.escape(shape)}"):
+            F.layer_forward("lstm", x, **weights)
+    with pytest.raises(ValueError, match=r"^out: expected shape \(5, 3, 6\), got \(5, 3, 7\)"):
+        F.layer_forward("lstm", x, *w, out=cp.zeros((5, 3, 7)))
+    if cp.ndarray is not fake_cuda.DeviceArray:  # the CUDA module's own check of every output
+        expanded = cp.broadcast_to(cp.zeros((1, 3, 6)), (5, 3, 6))
+        with pytest.raises(ValueError, match=r"^out: its elements overlap"):
+            F.layer_forward("lstm", x, *w, out=expanded)
+
+
+class _CudaInterface:
+    """A stand-in exposing only __cuda_array_interface__ (the form CuPy arrays and torch CUDA tensors share)."""
+
+    def __init__(self, address, shape, strides=None, typestr="<f4"):
+        self.__cuda_array_interface__ = dict(data=(address, False), shape=shape, strides=strides, typestr=typestr,
+                                             version=3)
+
+
+def test_memory_overlap_of_cuda_arrays_is_told_by_their_byte_ranges():
+    from fusedrnn import _checks
+    base = 1 << 40
+    rows = _CudaInterface(base, (4, 8))  # C order: bytes [base, base + 128)
+    for other, overlaps in ((_CudaInterface(base + 128, (2,)), False),
+                            (_CudaInterface(base + 124, (2,)), True),
+                            (_CudaInterface(base + 96, (3,), strides=(-32,)), True),   # reaches back to base + 32
+                            (_CudaInterface(base - 8, (1,), typestr="<f8"), False),
+                            (_CudaInterface(base - 8, (2,), typestr="<f8"), True),
+                            (_CudaInterface(base, (0, 8)), False)):               # empty: no memory
+        if overlaps:
+            with pytest.raises(ValueError, match="^out: shares memory with x"):
+                _checks.apart(dict(out=rows), dict(x=other))
+        else:
+            _checks.apart(dict(out=rows), dict(x=other))
 
 
 def test_other_device_number_is_refused(cp, rng):

@@ -6,11 +6,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fusedrnn/cells.h"
@@ -104,6 +106,23 @@ DeviceArray device_array(const py::handle& obj, const char* name, const char* ty
   return a;
 }
 
+// Whether two indices of `a` address one element: a zero stride on a dimension longer than one (a
+// broadcast or expanded view), or strides too short for the dimensions inside them. Dimensions taken by
+// stride, each must step past everything the shorter ones reach (sufficient, and what any view cut
+// from one dense array meets). An output like that would be written by many threads at once.
+bool overlaps_itself(const DeviceArray& a) {
+  std::vector<std::pair<Index, Index>> dims;  // (|stride|, extent) of the dimensions longer than one
+  for (std::size_t d = 0; d < a.shape.size(); ++d)
+    if (a.shape[d] > 1) dims.emplace_back(a.strides[d] < 0 ? -a.strides[d] : a.strides[d], a.shape[d]);
+  std::sort(dims.begin(), dims.end());
+  Index reach = 0;  // how far the dimensions so far step from the first element
+  for (const auto& [stride, extent] : dims) {
+    if (stride <= reach) return true;
+    reach += stride * (extent - 1);
+  }
+  return false;
+}
+
 template <typename V>
 V view(const DeviceArray& a) {
   V v;
@@ -129,7 +148,11 @@ struct Arrays {
   template <typename V>
   V out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
     if (obj.is_none()) return V{};
-    return view<V>(device_array(obj, name, typestr, sizeof(T), shape, true, device));
+    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device);
+    if (overlaps_itself(a))
+      throw py::value_error(std::string(name) + ": its elements overlap (a broadcast or expanded view); an output "
+                            "needs memory of its own for every element");
+    return view<V>(a);
   }
   T* dense_out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
     if (obj.is_none()) return nullptr;
@@ -202,7 +225,7 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
         view<fusedrnn::View1<const Index>>(device_array(lengths, "lengths", "<i8", 8, {B}, false, arr.device));
   if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data)
     throw py::value_error("x, weight_ih, weight_hh: required");
-  p.y = arr.template out<fusedrnn::View3<T>>(y, "y", {T_, B, R});
+  p.y = arr.template out<fusedrnn::View3<T>>(y, "out", {T_, B, R});
   p.h_n = arr.template out<fusedrnn::View2<T>>(h_n, "h_n", {B, R});
   p.c_n = arr.template out<fusedrnn::View2<T>>(c_n, "c_n", {B, H});
   if (!p.y.data || !p.h_n.data || (f.has_cell_state && !p.c_n.data))

@@ -152,20 +152,43 @@ def _dense(flags) -> bool:
 
 def apart(written: dict, read: dict) -> None:
     """No array a call writes (`written`, name -> array or None) shares memory with another it writes or
-    with one it reads (`read`): the thread team would read values it is overwriting. NumPy arrays only;
-    anything else is left to the argument's own checks."""
-    outputs = [(name, a) for name, a in written.items() if isinstance(a, np.ndarray)]
-    others = outputs + [(name, a) for name, a in read.items() if isinstance(a, np.ndarray)]
+    with one it reads (`read`): the call would read values it is overwriting. NumPy arrays, and CUDA
+    arrays by their __cuda_array_interface__; anything else is left to the argument's own checks."""
+    known = lambda arrays: [(n, a) for n, a in arrays.items() if a is not None and _extent(a) is not None]  # noqa: E731
+    outputs = known(written)
+    others = outputs + known(read)
     for i, (name, a) in enumerate(outputs):
         for other, b in others[i + 1:]:
-            if np.may_share_memory(a, b) and _overlap(a, b):
+            if _overlap(a, b):
                 raise ValueError(f"{name}: shares memory with {other}; the call writes {name} while it reads "
                                  f"or writes {other}")
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays whose memory bounds overlap share an element (interleaved columns of one buffer
-    need not); where that is too hard to tell quickly, assume they do."""
+def _extent(a) -> tuple[int, int] | None:
+    """[first byte, past the last byte) of an array's elements, for NumPy arrays and CUDA arrays (whose
+    addresses are unique across devices); None for anything else or an empty array."""
+    if isinstance(a, np.ndarray):
+        start, shape, strides, itemsize = a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize
+    else:
+        interface = getattr(a, "__cuda_array_interface__", None) if _device.is_cuda(a) else None
+        if not interface:
+            return None
+        start, shape, itemsize = interface["data"][0], interface["shape"], np.dtype(interface["typestr"]).itemsize
+        strides = interface.get("strides") or tuple(itemsize * math.prod(shape[k + 1:]) for k in range(len(shape)))
+    if 0 in shape:
+        return None
+    reach = [(n - 1) * s for n, s in zip(shape, strides)]
+    return start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize
+
+
+def _overlap(a, b) -> bool:
+    """Whether two arrays share an element (interleaved columns of one buffer need not); where that is
+    too hard to tell quickly, or for CUDA arrays whose memory bounds overlap, assume they do."""
+    (a_low, a_high), (b_low, b_high) = _extent(a), _extent(b)
+    if a_low >= b_high or b_low >= a_high:
+        return False
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return True
     try:
         return np.shares_memory(a, b, max_work=100_000)
     except _TOO_HARD:

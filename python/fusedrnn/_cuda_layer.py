@@ -260,6 +260,8 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
     steps, batch, inp = x.shape
     width = weight_hh.shape[1]  # R: P with a projection, else H
     proj, hidden = (0, width) if weight_hr is None else tuple(weight_hr.shape)
+    if out is not None and tuple(out.shape) != (steps, batch, width):
+        raise ValueError(f"out: expected shape {(steps, batch, width)}, got {tuple(out.shape)}")
     y = lib.empty(x, (steps, batch, width)) if out is None else out
     h_n = lib.empty(x, (batch, width))
     c_n = lib.empty(x, (batch, hidden)) if _core.cells[cell]["has_cell_state"] else None

@@ -103,6 +103,12 @@ def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, 
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {tuple(x.shape)}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])  # checked on the host, copied over by the call
     cell_clip = _checks.cell_clip(cell_clip, cell)
+    for name, w in (("weight_ih", weight_ih), ("weight_hh", weight_hh), ("weight_hr", weight_hr)):
+        if (w is not None or name != "weight_hr") and len(getattr(w, "shape", ())) != 2:
+            got = f"shape {tuple(w.shape)}" if hasattr(w, "shape") else type(w).__name__
+            raise ValueError(f"{name}: expected a 2-D array, got {got}")
+    _checks.apart(dict(out=out), dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
+                                      bias_hh=bias_hh, h0=h0, c0=c0, weight_hr=weight_hr))
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
@@ -181,8 +187,6 @@ def layer_backward(tape: _core.Tape, dy=None, dh_n=None, dc_n=None, *, dx=None, 
         for name, value in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
             if value is not None:
                 _checks.finite(name, value)
-    if on_device:
-        return _backward(tape, dy, dh_n, dc_n, dx, grads, grad_groups)
     if any(a is not None for a in written.values()):
         read = dict(dy=dy, dh_n=dh_n, dc_n=dc_n, **{f"the forward's {n}": a for n, a in inputs.items()})
         _checks.apart(written, read)
