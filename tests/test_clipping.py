@@ -83,8 +83,15 @@ def test_clipping_errors():
         G.clip_grad_norm([np.zeros(2)], 1.0, norm_type=0)
     with pytest.raises(ValueError, match="clip_value: expected a number >= 0"):
         G.clip_grad_value([np.zeros(2)], float("nan"))
-    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float array"):
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float array, got list \(NumPy or CUDA float"):
         G.clip_grad_norm([[1.0, 2.0]], 1.0)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected a float array, got torch.Tensor of torch.float32 "
+                                        r"\(.*a CPU torch tensor as t.numpy\(\)\)"):
+        G.clip_grad_value([torch.zeros(2)], 1.0)
+    grad = torch.full((2,), 4.0)
+    G.clip_grad_value([grad.numpy()], 1.0)  # the tensor's memory, changed in place
+    assert grad.tolist() == [1.0, 1.0]
     with pytest.raises(TypeError, match="grads: expected an array, a list of arrays or a mapping"):
         G.clip_grad_norm(3.0, 1.0)
 

@@ -254,6 +254,10 @@ def test_linen_dropout_draws_from_the_dropout_stream_and_needs_it(rng):
     np.testing.assert_array_equal(np.asarray(eval_model.apply(variables, x)[0]), np.asarray(y_eval))
     with pytest.raises(ValueError, match="nonlinearity: expected 'tanh' or 'relu'"):
         flinen.RNN(4, nonlinearity="sigmoid").init(jax.random.key(0), x)
+    # torch's positional order past num_layers would fill other fields here: refused, never run silently.
+    for make in (lambda: flinen.RNN(6, 1, "relu"), lambda: flinen.LSTM(6, 1, True), lambda: flinen.GRU(6, 1, True)):
+        with pytest.raises(TypeError, match="positional argument"):
+            make()
     with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\], got 1.5"):
         flinen.GRU(8, num_layers=2, dropout=1.5).init(jax.random.key(0), x)
 

@@ -95,7 +95,7 @@ def test_optimiser_errors():
         optim.SGD([p], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match=r"betas\[1\]: expected a value in \[0.0, 1.0\)"):
         optim.Adam([p], betas=(0.9, 1.0))
-    with pytest.raises(TypeError, match=r"params\[0\]: expected a float ndarray"):
+    with pytest.raises(TypeError, match=r"params\[0\]: expected a float array, got list \(NumPy or CUDA"):
         optim.SGD([[1.0, 2.0]], lr=0.1)
     with pytest.raises(ValueError, match="params: expected at least one parameter"):
         optim.SGD([], lr=0.1)

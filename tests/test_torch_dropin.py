@@ -410,6 +410,14 @@ def test_convert_and_revert_keep_a_module_shared_between_slots_shared():
         assert one.weight_hh_l0 is shared.weight_hh_l0
 
 
+def test_torchscript_is_refused_with_the_alternatives():
+    for model in (frt.GRU(I, H), nn.Sequential(frt.LSTM(I, H))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with pytest.raises(NotImplementedError, match=r"TorchScript \(torch.jit.script\) cannot compile"):
+                torch.jit.script(model)
+
+
 def test_hook_handles_still_remove_their_hooks_after_convert_and_revert():
     model = nn.Sequential(nn.GRU(I, H))
     calls = []

@@ -36,7 +36,8 @@ __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_thr
 
 def set_num_threads(n: int) -> None:
     """Sets the number of native threads all fusedrnn compute uses (its one thread team; BLAS runs
-    single-threaded inside it). Small layers use fewer: see build_info()."""
+    single-threaded inside it). Small layers use fewer: `fusedrnn._core.layer_split(cell, batch, hidden,
+    dtype)` tells how a layer is shared (README, "How it is built")."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
     if not 1 <= n <= _MAX_THREADS:

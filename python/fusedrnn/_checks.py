@@ -65,6 +65,17 @@ def distinct(name: str, values) -> None:
         raise ValueError(f"{name}: {', '.join(map(repr, twice))} given more than once")
 
 
+def described(value) -> str:
+    """What `value` is, for an error message: its type (with its package outside NumPy's and Python's
+    own) and dtype."""
+    kind = type(value)
+    got = kind.__name__ if kind.__module__ in ("builtins", "numpy") else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+    return f"{got} of {value.dtype}" if getattr(value, "dtype", None) is not None else got
+
+
+IN_PLACE = "NumPy or CUDA float arrays are changed in place; a CPU torch tensor as t.numpy()"
+
+
 def probability(name: str, value) -> float:
     """A probability in [0, 1] (a dropout rate), as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

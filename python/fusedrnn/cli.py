@@ -13,7 +13,7 @@ import sys
 from tqdm import tqdm
 
 from . import _MAX_THREADS as MAX_THREADS
-from . import _bench_report, _checks, benchmark, build_info, set_num_threads
+from . import _bench_report, _checks, _device, benchmark, build_info, set_num_threads
 from .functional import CELLS
 
 
@@ -39,8 +39,15 @@ _thread_count = _int_at_least(1, MAX_THREADS)
 _DEMO_DEFAULTS = {"cell": "lstm", "hidden": 64, "epochs": 150, "members": 3, "device": "cpu"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes on one line, as the command's own are (the usage is --help's)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedrnn", description=__doc__)
+    parser = _Parser(prog="fusedrnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a recurrent forecaster of the yearly sunspot numbers",
@@ -79,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                        help="cpu (default) or cuda: the CUDA peers (fusedrnn-cuda, torch-cudnn with TF32 off "
                             "and on, fusedrnn.torch-cuda) on the current GPU")
-    bench.add_argument("--threads", type=_thread_count, default=2)
-    bench.add_argument("--rounds", type=_positive_int, default=5)
-    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round")
+    bench.add_argument("--threads", type=_thread_count, default=2, help="native threads (default 2)")
+    bench.add_argument("--rounds", type=_positive_int, default=5,
+                       help="rounds, each timing every peer in turn (default 5)")
+    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round (default 10)")
     bench.add_argument("--json", metavar="OUT.json",
                        help="write the rows as JSON ('-': to stdout, no table), with every call's time and "
                        "the host CPU, threads and versions")
@@ -169,6 +177,7 @@ def _demo(args) -> int:
         return _demo_gradients(args, demo)
     config = demo.ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
                                  members=args.members, device=args.device)
+    _device.canonical_device(config.device)  # a bad name, or CUDA without CuPy, before the header
     print(f"Forecasting yearly sunspot numbers with a {args.cell.upper()} (hidden {config.hidden}): trained on "
           f"1700-{2008 - config.held_out_years}, judged on the {config.held_out_years} held-out years after.")
     print(f"Training: windows of {config.window} years, truncated BPTT in chunks of {config.chunk} steps, "

@@ -27,9 +27,8 @@ def _grad_arrays(grads, *, changed: bool = False, name: str = "grads") -> list:
     named = _checks.named_arrays(name, grads)
     for key, g in named:
         if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
-            got = f"an array of {g.dtype}" if hasattr(g, "dtype") else type(g).__name__
-            raise TypeError(f"{name}[{key!r}]: expected a float array{' (changed in place)' if changed else ''}, "
-                            f"got {got}")
+            raise TypeError(f"{name}[{key!r}]: expected a float array, got {_checks.described(g)}"
+                            + (f" ({_checks.IN_PLACE})" if changed else ""))
         if changed and isinstance(g, np.ndarray) and not g.flags.writeable:
             raise ValueError(f"{name}[{key!r}]: array is read-only (clipping changes it in place)")
     return named

@@ -63,8 +63,8 @@ class Optimizer:
             raise ValueError("params: expected at least one parameter, got none")
         for name, p in named:
             if not (isinstance(p, np.ndarray) or _device.is_cuda(p)) or p.dtype.kind != "f":
-                raise TypeError(f"params[{name!r}]: expected a float ndarray (updated in place), got "
-                                f"{type(p).__name__}")
+                raise TypeError(f"params[{name!r}]: expected a float array, got {_checks.described(p)} "
+                                f"({_checks.IN_PLACE})")
             if not getattr(p.flags, "writeable", True):
                 raise ValueError(f"params[{name!r}]: the array is read-only and cannot be updated in place")
         self._named = named

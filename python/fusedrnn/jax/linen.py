@@ -12,6 +12,7 @@ direction). Needs flax.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,6 +33,9 @@ class RNNBase(nn.Module):
 
     hidden_size: int
     num_layers: int = 1
+    # The rest by keyword: torch's positional order (nonlinearity or proj_size among them) cannot be kept
+    # by fields a subclass adds after these, and a value in the wrong field would run silently.
+    _: dataclasses.KW_ONLY
     bias: bool = True
     batch_first: bool = False
     dropout: float = 0.0
@@ -72,6 +76,7 @@ class RNNBase(nn.Module):
 
 
 class LSTM(RNNBase):
+    _: dataclasses.KW_ONLY
     proj_size: int = 0
 
     def cell_name(self) -> str:
@@ -82,11 +87,14 @@ class LSTM(RNNBase):
 
 
 class GRU(RNNBase):
+    _: dataclasses.KW_ONLY
+
     def cell_name(self) -> str:
         return "gru"
 
 
 class RNN(RNNBase):
+    _: dataclasses.KW_ONLY
     nonlinearity: str = "tanh"
 
     def cell_name(self) -> str:

@@ -33,6 +33,12 @@ class _FusedRNNBase(nn.RNNBase):
         super().__init__(mode, *args, **kwargs)
         self._check_supported()
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script asks every module first: say so here rather than fail inside its compiler.
+        raise NotImplementedError(f"fusedrnn.torch.{type(self).__name__}: TorchScript (torch.jit.script) cannot "
+                                  "compile the fused modules; use torch.compile, torch.export or torch.jit.trace, "
+                                  "or frt.revert(model) for torch.nn's modules")
+
     def _check_supported(self) -> None:
         """NotImplementedError for what the fused kernels do not run (instead of running something else)."""
         name = type(self).__name__
