@@ -123,6 +123,14 @@ bool overlaps_itself(const DeviceArray& a) {
   return false;
 }
 
+// Every array of the tape that its layout has: hs always; cs, saved and rs where the cell and shape have them.
+template <typename Tape>
+void require_tape(const Tape& tape, const fusedrnn::TapeLayout& layout) {
+  if (!tape.hs || (layout.cs.values() > 0 && !tape.cs) || (layout.saved.values() > 0 && !tape.saved) ||
+      (layout.rs.values() > 0 && !tape.rs))
+    throw py::value_error("hs, cs, saved, rs: the tape's arrays are required");
+}
+
 template <typename V>
 V view(const DeviceArray& a) {
   V v;
@@ -236,9 +244,7 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
   p.tape.cs = arr.tape(cs, "cs", layout.cs);
   p.tape.saved = arr.tape(saved, "saved", layout.saved);
   p.tape.rs = arr.tape(rs, "rs", layout.rs);
-  if (!p.tape.hs || (layout.cs.values() > 0 && !p.tape.cs) || (layout.saved.values() > 0 && !p.tape.saved) ||
-      (layout.rs.values() > 0 && !p.tape.rs))
-    throw py::value_error("hs, cs, saved, rs: the tape's arrays are required");
+  require_tape(p.tape, layout);
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::forward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_forward(p, workspace, reinterpret_cast<void*>(stream), path); });
@@ -312,8 +318,8 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
     if (T_ > 1 && norms.strides[0] != 1) throw py::value_error("dh_norm: must be contiguous");
     p.dh_norm = static_cast<double*>(norms.data);
   }
-  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data || !p.tape.hs)
-    throw py::value_error("x, weight_ih, weight_hh, hs: required");
+  if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data) throw py::value_error("x, weight_ih, weight_hh: required");
+  require_tape(p.tape, layout);
   p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
   on_device(arr.device, gpu::cuda::backward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream), path); });
