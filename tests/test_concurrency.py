@@ -211,12 +211,13 @@ def test_concurrent_callers_while_the_team_is_resized():
 def test_fork_while_another_thread_computes():
     """A fork copies the team's locks and its condition variable as they are, but not the threads that
     hold or wait on them. A child forked while another thread is mid-call (it hung before, on a lock
-    nobody would release), or while the workers sleep, computes normally on a fresh team."""
+    nobody would release), or while the workers sleep, computes normally on a fresh team, also after
+    resizing it first (which started a second set of workers beside the replaced ones: two per rank
+    ran each job, a crash, a hang or a wrong answer)."""
     counts = run_child("""
         import os, signal
-        fusedrnn.set_num_threads(3)
         cases = [layer(0, "lstm", 6, 1, 8, 192), layer(1, "gru", 4, 12, 8, 96)]
-        want = expected_by_size(cases, [3])
+        want = expected_by_size(cases, [5, 3])
         stop = threading.Event()
         def compute():
             while not stop.is_set():
@@ -232,7 +233,11 @@ def test_fork_while_another_thread_computes():
             pid = os.fork()
             if pid == 0:
                 signal.alarm(10)  # a hung child ends itself, even if this process is killed first
-                ok = all(matches_some_size(run(c), want, k) for k, c in enumerate(cases))
+                if i % 2:
+                    fusedrnn.set_num_threads(5)
+                ok = all(matches_some_size(run(c), want, k) for k, c in enumerate(cases) for _ in range(20))
+                if os.path.isdir("/proc/self/task"):  # the calling thread and a worker per other rank
+                    ok = ok and len(os.listdir("/proc/self/task")) == (5 if i % 2 else 3)
                 os._exit(0 if ok else 1)
             deadline = time.monotonic() + 10
             while True:

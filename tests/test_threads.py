@@ -567,3 +567,26 @@ def test_unsupported_simd_environment_value_warns():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "FUSEDRNN_SIMD='sse9' is not a SIMD level this machine supports" in out.stderr
     assert out.stdout.strip() == fusedrnn.build_info()["simd_supported"][-1]
+
+
+def test_release_scratch_frees_the_calling_threads_scratch_and_later_calls_give_the_same_bits(rng):
+    import threading
+    x = rng.standard_normal((40, 16, 24)).astype(np.float32)
+    weights = random_layer(rng, "lstm", 24, 64, dtype=np.float32)
+
+    def step():
+        out = F.layer_forward("lstm", x, **weights)
+        return out.y, F.layer_backward(out.tape, np.ones_like(out.y)).weight_hh
+
+    fusedrnn.release_scratch()
+    want = step()
+    assert fusedrnn.release_scratch() > 0
+    assert fusedrnn.release_scratch() == 0  # nothing kept after a release
+    for got, expected in zip(step(), want):
+        np.testing.assert_array_equal(got, expected)
+    fusedrnn.release_scratch()
+    freed = {}
+    other = threading.Thread(target=lambda: (step(), freed.setdefault("other", fusedrnn.release_scratch())))
+    other.start()
+    other.join()
+    assert freed["other"] > 0 and fusedrnn.release_scratch() == 0  # each thread's own

@@ -839,6 +839,8 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
+  m.def("release_scratch", &cpu::release_scratch,
+        "Frees the calling thread's scratch (kept between its layer calls); returns the bytes freed.");
   m.def("use_openmp_runtime", [](const std::string& library) {
     py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
     try {

@@ -30,8 +30,16 @@ __version__ = "0.1.0"
 _MAX_THREADS = 1024
 
 __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_threads", "get_num_threads",
-           "build_info", "cuda_info", "set_simd_level", "bptt", "gradients", "losses", "optim", "reference", "sequences",
+           "build_info", "cuda_info", "set_simd_level", "release_scratch", "bptt", "gradients", "losses", "optim", "reference", "sequences",
            "truncated_bptt", "clip_grad_norm", "clip_grad_value"]
+
+
+def release_scratch() -> int:
+    """Frees the scratch memory the calling thread's layer calls keep between calls (grown to its
+    largest call, so that a training loop allocates it once) and returns the bytes freed; the next call
+    allocates afresh. Other threads keep theirs until they end or call this themselves; under
+    fusedrnn.jax, XLA's threads keep theirs."""
+    return int(_core.release_scratch())
 
 
 def set_num_threads(n: int) -> None:

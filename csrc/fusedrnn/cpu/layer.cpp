@@ -35,18 +35,27 @@ constexpr int kScratchSets = 2;
 // The largest dimension or leading dimension the 32-bit BLAS (scipy-openblas32) takes.
 constexpr Index kMaxBlasIndex = std::numeric_limits<std::int32_t>::max();
 
+// A scratch array, 64-byte aligned: ranks write 64-byte-aligned ranges of units in each row (no shared
+// cache lines).
 template <typename T>
-T* scratch(ScratchSlot slot, Index n, int set = 0) {
-  // 64-byte aligned: ranks write 64-byte-aligned ranges of units in each row (no shared cache lines).
+struct ScratchBuffer {
   struct Free {
     void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
   };
-  struct Buffer {
-    std::unique_ptr<T[], Free> data;
-    Index capacity = 0;
-  };
-  thread_local Buffer buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
-  Buffer& b = buffers[set][static_cast<int>(slot)];
+  std::unique_ptr<T[], Free> data;
+  Index capacity = 0;
+};
+
+// The calling thread's scratch of one value type: kept between its calls, grown to the largest.
+template <typename T>
+ScratchBuffer<T> (&scratch_buffers())[kScratchSets][static_cast<int>(ScratchSlot::kCount)] {
+  thread_local ScratchBuffer<T> buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
+  return buffers;
+}
+
+template <typename T>
+T* scratch(ScratchSlot slot, Index n, int set = 0) {
+  ScratchBuffer<T>& b = scratch_buffers<T>()[set][static_cast<int>(slot)];
   if (n > b.capacity) {
     b.data.reset();  // release before allocating, so peak memory is not old + new
     b.data.reset(static_cast<T*>(::operator new[](static_cast<std::size_t>(n) * sizeof(T), std::align_val_t(64))));
@@ -1009,6 +1018,20 @@ void set_team_size(int threads) { team().set_size(threads); }
 void use_openmp_runtime(const std::string& library) { team().use_openmp_runtime(library); }
 std::string openmp_runtime() { return team().openmp_runtime(); }
 void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
+
+template <typename T>
+std::size_t release_scratch_of() {
+  std::size_t bytes = 0;
+  for (auto& set : scratch_buffers<T>())
+    for (ScratchBuffer<T>& b : set) {
+      bytes += static_cast<std::size_t>(b.capacity) * sizeof(T);
+      b.data.reset();
+      b.capacity = 0;
+    }
+  return bytes;
+}
+
+std::size_t release_scratch() { return release_scratch_of<float>() + release_scratch_of<double>(); }
 
 template void layer_forward<float>(const LayerForwardParams<float>&);
 template void layer_forward<double>(const LayerForwardParams<double>&);

@@ -155,6 +155,7 @@ bool ThreadTeam::run_on_openmp(int threads, const Job& job) {
 }
 
 void ThreadTeam::start_workers(int threads) {
+  workers_lost_ = false;  // whoever starts the workers, a fork's lost ones are replaced once
   stopping_.store(false);
   // The post is read here, not in the new thread: a job posted before the thread first runs must
   // still count as new to it.
@@ -185,10 +186,7 @@ void ThreadTeam::run(int threads, const Job& job) {
   if (threads < 1 || threads > size())
     throw std::logic_error("fusedrnn: a job asked for " + std::to_string(threads) + " threads of a team of " +
                            std::to_string(size()));
-  if (workers_lost_) {
-    workers_lost_ = false;
-    start_workers(size());
-  }
+  if (workers_lost_) start_workers(size());
   barrier_.reset(threads);
   if (threads == 1) {
     FlushDenormals ftz;
