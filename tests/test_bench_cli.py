@@ -359,7 +359,7 @@ def test_a_file_that_cannot_be_written_is_one_line_and_exit_1(capsys, monkeypatc
     monkeypatch.setattr(benchmark, "run_case", lambda case, *args, **kwargs: [])
     assert cli.main(["bench", "--cell", "gru", "--shape", "1,1,1,1", "--json", "/dev/full"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "fusedrnn bench: cannot write '/dev/full': No space left on device")
+        "fusedrnn bench: '/dev/full': cannot be written (No space left on device)")
 
 
 def test_compare_names_a_file_that_is_not_utf8(capsys, tmp_path):

@@ -293,9 +293,32 @@ class _CudaInterface:
                                              version=3)
 
 
+class _RequiresGrad(_CudaInterface):
+    """As a torch CUDA tensor that requires grad: its interface only through detach()."""
+
+    def __dlpack_device__(self):
+        return 2, 0  # kDLCUDA, device 0
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+    @__cuda_array_interface__.setter
+    def __cuda_array_interface__(self, value):
+        self._interface = value
+
+    def detach(self):
+        plain = _CudaInterface(0, (1,))
+        plain.__cuda_array_interface__ = self._interface
+        return plain
+
+
 def test_memory_overlap_of_cuda_arrays_is_told_by_their_byte_ranges():
     from fusedrnn import _checks
     base = 1 << 40
+    _checks.apart(dict(out=_CudaInterface(base, (4,))), dict(weight=_RequiresGrad(base + 16, (4,))))
+    with pytest.raises(ValueError, match="^out: shares memory with weight"):
+        _checks.apart(dict(out=_CudaInterface(base, (4,))), dict(weight=_RequiresGrad(base + 12, (4,))))
     rows = _CudaInterface(base, (4, 8))  # C order: bytes [base, base + 128)
     for other, overlaps in ((_CudaInterface(base + 128, (2,)), False),
                             (_CudaInterface(base + 124, (2,)), True),

@@ -276,6 +276,9 @@ def test_nnx_view_and_a_key_as_rngs_work_as_for_nnx_dropout(rng):
         fj.lstm(model.state_dict(), x, dropout=0.5, dropout_key=key)[0]))
     with pytest.raises(TypeError, match="rngs: expected an nnx.Rngs, an nnx.RngStream or a PRNG key, got int"):
         model(x, rngs=3)
+    assert "deterministic" in str(nnx.view_info(nnx.Sequential(model)))
+    with pytest.raises(TypeError, match=r"^rngs: expected an nnx.Rngs \(its 'params' stream"):
+        fnnx.GRU(2, 3, rngs=key)
 
 
 def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_and_baselines():

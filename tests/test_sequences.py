@@ -57,12 +57,16 @@ def test_pad_to_fixed_steps_and_dtype():
             ([np.ones(2, np.int8)], None, 1000, "padding_value: 1000 is not a value of the padded dtype int8"),
             ([np.ones(2, np.uint8)], None, -1, "padding_value: -1 is not a value of the padded dtype uint8"),
             ([np.ones(2, np.float32)], None, 1e300, "padding_value: 1e[+]300 is not a value .* float32"),
-            ([np.ones(2, np.int32)], None, 0.5, "padding_value: 0.5 is not a value of the padded dtype int32")):
+            ([np.ones(2, np.int32)], None, 0.5, "padding_value: 0.5 is not a value of the padded dtype int32"),
+            ([np.ones(2, np.int64)], None, 2**70, f"padding_value: {2**70} is not a value of the padded dtype int64"),
+            ([np.ones(2, np.float32)], None, 10**400, "padding_value: 1000+ is not a value .* float32")):
         with pytest.raises(ValueError, match=message):
             S.pad_sequences(seqs, steps=3, dtype=dtype, padding_value=padding_value)
     # Rounding is not refused, and an infinite or NaN padding stays what it was asked to be.
     rounded, _ = S.pad_sequences([np.array([0.1])], steps=2, dtype=np.float32, padding_value=np.inf)
     assert rounded[0, 0] == np.float32(0.1) and rounded[1, 0] == np.inf
+    big, _ = S.pad_sequences([np.ones(1, np.float32)], steps=2, padding_value=2**70)
+    assert big[1] == np.float32(2.0**70)
 
 
 def test_length_mask():

@@ -655,6 +655,18 @@ def test_saved_tensor_hooks_that_copy_and_changes_allowed_on_saved_tensors_give_
     assert len(_ops._live_tapes) == live  # the tapes run again for backward are freed with it
 
 
+def test_training_runs_where_torch_cannot_tell_the_saved_tensor_hooks(monkeypatch):
+    """torch before 2.8 has no way to ask for the hooks in force: the layer then does not look for them."""
+    monkeypatch.setattr(_ops, "_saved_tensor_hooks", None)
+    gru = frt.GRU(I, H, dtype=torch.float64)
+    ref = nn.GRU(I, H, dtype=torch.float64)
+    ref.load_state_dict(gru.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for module in (gru, ref):
+        module(x)[0].square().sum().backward()
+    torch.testing.assert_close(gru.weight_hh_l0.grad, ref.weight_hh_l0.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_in_place_change_of_a_weight_before_backward_is_detected():
     rnn = frt.RNN(I, H)
     y, _ = rnn(torch.randn(T, B, I))

@@ -164,10 +164,11 @@ def _dense(flags) -> bool:
 def apart(written: dict, read: dict) -> None:
     """No array a call writes (`written`, name -> array or None) shares memory with another it writes or
     with one it reads (`read`): the call would read values it is overwriting. NumPy arrays, and CUDA
-    arrays by their __cuda_array_interface__; anything else is left to the argument's own checks."""
-    known = lambda arrays: [(n, a) for n, a in arrays.items() if a is not None and _extent(a) is not None]  # noqa: E731
-    outputs = known(written)
-    others = outputs + known(read)
+    arrays by their byte ranges; anything else is left to the argument's own checks."""
+    outputs = [(name, a) for name, a in written.items() if _addressable(a)]
+    if not outputs:
+        return
+    others = outputs + [(name, a) for name, a in read.items() if _addressable(a)]
     for i, (name, a) in enumerate(outputs):
         for other, b in others[i + 1:]:
             if _overlap(a, b):
@@ -175,35 +176,38 @@ def apart(written: dict, read: dict) -> None:
                                  f"or writes {other}")
 
 
-def _extent(a) -> tuple[int, int] | None:
-    """[first byte, past the last byte) of an array's elements, for NumPy arrays and CUDA arrays (whose
-    addresses are unique across devices); None for anything else or an empty array."""
-    if isinstance(a, np.ndarray):
-        start, shape, strides, itemsize = a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize
-    else:
-        interface = getattr(a, "__cuda_array_interface__", None) if _device.is_cuda(a) else None
-        if not interface:
-            return None
-        start, shape, itemsize = interface["data"][0], interface["shape"], np.dtype(interface["typestr"]).itemsize
-        strides = interface.get("strides") or tuple(itemsize * math.prod(shape[k + 1:]) for k in range(len(shape)))
-    if 0 in shape:
-        return None
-    reach = [(n - 1) * s for n, s in zip(shape, strides)]
-    return start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize
+def _addressable(a) -> bool:
+    return isinstance(a, np.ndarray) or (a is not None and _device.is_cuda(a))
 
 
 def _overlap(a, b) -> bool:
     """Whether two arrays share an element (interleaved columns of one buffer need not); where that is
-    too hard to tell quickly, or for CUDA arrays whose memory bounds overlap, assume they do."""
-    (a_low, a_high), (b_low, b_high) = _extent(a), _extent(b)
-    if a_low >= b_high or b_low >= a_high:
+    too hard to tell quickly, or for CUDA arrays whose byte ranges overlap, assume they do."""
+    host_a, host_b = isinstance(a, np.ndarray), isinstance(b, np.ndarray)
+    if host_a and host_b:
+        if not np.may_share_memory(a, b):
+            return False
+        try:
+            return np.shares_memory(a, b, max_work=100_000)
+        except _TOO_HARD:
+            return True
+    if host_a or host_b:  # host and device memory are apart
         return False
-    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
-        return True
-    try:
-        return np.shares_memory(a, b, max_work=100_000)
-    except _TOO_HARD:
-        return True
+    (a_low, a_high), (b_low, b_high) = _device_bytes(a), _device_bytes(b)
+    return a_low < b_high and b_low < a_high
+
+
+def _device_bytes(a) -> tuple[int, int]:
+    """[first byte, past the last byte) of a CUDA array's elements (addresses are unique across devices),
+    from its __cuda_array_interface__; an empty array spans none."""
+    interface = (a.detach() if hasattr(a, "detach") else a).__cuda_array_interface__  # torch's needs no grad
+    start, shape = interface["data"][0], interface["shape"]
+    itemsize = np.dtype(interface["typestr"]).itemsize
+    if 0 in shape:
+        return start, start
+    strides = interface.get("strides") or tuple(itemsize * math.prod(shape[k + 1:]) for k in range(len(shape)))
+    reach = [(n - 1) * s for n, s in zip(shape, strides)]
+    return start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize
 
 
 def lengths(value, steps: int, batch: int) -> np.ndarray | None:

@@ -760,7 +760,7 @@ def write_json(path: str, meta: dict, rows: list[dict]) -> None:
         with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     except OSError as err:  # a full disk fails at the write or the close, with no file name
-        raise OSError(err.errno, err.strerror, path) from err
+        raise OSError(err.errno, f"cannot be written ({err.strerror})", path) from err
 
 
 # ---- the table ------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
 
     For each chunk of steps [start, stop): forward from the carried state, then
     `loss, dy = loss_fn(y_chunk, start, stop)` with y_chunk the chunk's output (the whole batch, in the
-    module's layout, zero past each row's length), then `module.backward(dy)`, which adds the chunk's
-    parameter gradients to `module.grads`, then `after_chunk(chunk_index)` if given: the place to clip,
+    module's layout, zero past each row's length), then the module's backward of dy, which adds the
+    chunk's parameter gradients to `module.grads`, then `after_chunk(chunk_index)` if given: the place to clip,
     take an optimiser step and zero the gradients. Without it the gradients of all chunks add up.
     The gradients reaching x and hx are the result's `dx` and `dhx`; they are added into
     `module.input_grads` once, at the end, as one backward over the whole of x adds its own.

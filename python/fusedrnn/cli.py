@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader of stdout (| head) went away: nothing left to say
         _drop_stdout()
         return 0
-    except OSError as err:  # a file or stdout that cannot be written: a full disk, no permission
-        where = repr(err.filename) if err.filename else "the output"
-        print(f"fusedrnn {args.command}: cannot write {where}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # a file or stdout that cannot be written (a full disk), or read
+        where = f"{err.filename!r}: " if err.filename else ""
+        print(f"fusedrnn {args.command}: {where}{err.strerror or err}", file=sys.stderr)
         try:
             sys.stdout.flush()
         except OSError:

@@ -61,6 +61,10 @@ def _exactly_in(name: str, values, dtype: np.dtype) -> np.ndarray:
     """`values` cast to `dtype`, refused where the cast would change a value beyond rounding: into an
     integer or boolean dtype every value must be one of its values; into a float dtype none may overflow."""
     arr = np.asarray(values)
+    if arr.dtype == object:  # a Python int past every NumPy integer type
+        if dtype.kind != "f" or abs(values) > int(np.finfo(dtype).max):
+            raise ValueError(f"{name}: {values} is not a value of the padded dtype {dtype}")
+        arr = np.asarray(float(values))
     with np.errstate(all="ignore"):
         cast = arr.astype(dtype)
         changed = (~np.isfinite(cast) & np.isfinite(arr)) if dtype.kind == "f" else cast != arr

@@ -36,6 +36,9 @@ class RNNBase(nnx.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  cell_clip: float | None = None, proj_size: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
         dropout = _checks.probability("dropout", dropout)
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs: expected an nnx.Rngs (its 'params' stream draws the weights), got "
+                            f"{type(rngs).__name__}")
         params = init(rngs.params(), cell, input_size, hidden_size, num_layers, bias=bias,
                       bidirectional=bidirectional, proj_size=proj_size, dtype=dtype)
         for name, value in params.items():
@@ -70,7 +73,11 @@ class RNNBase(nnx.Module):
             param[...] = value
 
     def set_view(self, deterministic: bool | None = None):
-        """What `nnx.view(model, deterministic=...)` sets, as for nnx.Dropout: True turns dropout off."""
+        """Used by ``nnx.view``, as nnx.Dropout's.
+
+        Args:
+          deterministic: if True, turns dropout between layers off.
+        """
         if deterministic is not None:
             self.deterministic = _checks.flag("deterministic", deterministic)
 

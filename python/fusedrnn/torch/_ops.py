@@ -59,7 +59,8 @@ def _tapes_of(handle: Tensor) -> list:
     holder = _live_tapes.get(key)
     if holder is None:
         raise RuntimeError("fusedrnn::rnn_layer_backward: this forward recorded nothing for backward "
-                           "(it ran with record=False, or its tape handle was freed)")
+                           "(it ran with record=False, or its tape handle was freed: saved-tensor hooks that "
+                           "copy what autograd saves work in eager mode only, not under torch.compile)")
     return holder.tapes
 
 
@@ -226,6 +227,10 @@ _WEIGHTS_AT = slice(1, 1 + len(WEIGHT_SLOTS))  # where the weights sit among rnn
 _BACKWARD_WEIGHTS_AT = slice(2, 2 + len(WEIGHT_SLOTS))  # and among rnn_layer_backward's
 
 
+# The saved-tensor hooks in force, where torch can tell (2.8 on); before, hooks are not looked for.
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _setup_context(ctx, inputs, output):
     x, weights = inputs[0], inputs[_WEIGHTS_AT]
     h0, c0, _lengths, cell, record, _check = inputs[_WEIGHTS_AT.stop:]
@@ -240,7 +245,7 @@ def _setup_context(ctx, inputs, output):
     # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
     saved = (tape, x, *(w for w in weights if w is not None))
     ctx.read_in_place = None
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if _saved_tensor_hooks is not None and _saved_tensor_hooks(False) is not None:
         # Saved-tensor hooks may hand backward copies (offloading, allow_mutation_on_saved_tensors) while
         # the tape reads the forward's memory, which can change, or a copied handle that holds no tapes;
         # what backward needs to run the forward again from the saved values is saved too.

@@ -36,8 +36,8 @@ class _FusedRNNBase(nn.RNNBase):
     def __prepare_scriptable__(self):
         # torch.jit.script asks every module first: say so here rather than fail inside its compiler.
         raise NotImplementedError(f"fusedrnn.torch.{type(self).__name__}: TorchScript (torch.jit.script) cannot "
-                                  "compile the fused modules; use torch.compile, torch.export or torch.jit.trace, "
-                                  "or frt.revert(model) for torch.nn's modules")
+                                  "compile the fused modules; use torch.compile, torch.export or torch.jit.trace("
+                                  "..., check_trace=False), or frt.revert(model) for torch.nn's modules")
 
     def _check_supported(self) -> None:
         """NotImplementedError for what the fused kernels do not run (instead of running something else)."""
@@ -93,7 +93,8 @@ class _FusedRNNBase(nn.RNNBase):
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
         dirs = 2 if self.bidirectional else 1
-        check_later_states(h0, c0, first=dirs)
+        if self.num_layers > 1:
+            check_later_states(h0, c0, first=dirs)
         grad_on = torch.is_grad_enabled()
         slot_names = _stack.weight_names(self.num_layers, True)  # both directions' slots, always
 
@@ -296,7 +297,8 @@ def _copy_as(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     copied = cls.__new__(cls)
     # The module's own state with its containers copied (their contents shared), so the two objects
     # stay independent; RNNBase.__setstate__ rebuilds the weight references. The hook dictionaries are
-    # taken over as they are: a hook's handle removes it from the dictionary it was registered in.
+    # taken over as they are (a hook's handle removes it from the dictionary it was registered in), so
+    # the old module, if still used, shares its hooks with the new one.
     state = {k: copy.copy(v) if isinstance(v, (dict, list)) and "hooks" not in k else v
              for k, v in module.__getstate__().items()}
     copied.__setstate__(state)
