@@ -23,16 +23,7 @@ fi
 # The build requirements pyproject.toml names (jaxlib left out: the kernels do not include its headers).
 "$python" -m venv "$work/venv"
 "$work/venv/bin/python" -c 'import tomllib' 2>/dev/null || "$work/venv/bin/python" -m pip install -qq tomli
-mapfile -t reqs < <("$work/venv/bin/python" - <<'EOF'
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib
-with open("pyproject.toml", "rb") as f:
-    requires = tomllib.load(f)["build-system"]["requires"]
-print("\n".join(r for r in requires if not r.replace(" ", "").lower().startswith("jaxlib")))
-EOF
-)
+mapfile -t reqs < <("$work/venv/bin/python" .ci/requirements.py --build --without jaxlib)
 "$work/venv/bin/python" -m pip install -qq cmake ninja "${reqs[@]}"
 
 "$work/venv/bin/cmake" -S "$repo" -B "$work/build" -G Ninja -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \

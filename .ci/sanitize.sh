@@ -44,35 +44,18 @@ if [[ ! -f "$libasan" || ! -f "$libtsan" || ! -f "$(runtime libubsan.so)" || ! -
 fi
 
 # ---- environments -------------------------------------------------------------------------------------
-# The build requirements, the runtime dependencies and the test extra, read from pyproject.toml so they
-# follow it (torch only where asked for). cmake and ninja come from PyPI because the build runs without
-# isolation.
-requirements() {  # venv-python with-torch
-  SANITIZE_TORCH="$2" "$1" - <<'EOF'
-import os
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib
-with open("pyproject.toml", "rb") as f:
-    project = tomllib.load(f)
-reqs = (project["build-system"]["requires"] + project["project"]["dependencies"]
-        + project["project"]["optional-dependencies"]["test"])
-torch = os.environ["SANITIZE_TORCH"] == "1"
-# Nor jax: its jaxlib is not built with the sanitizers, and the build's exact jaxlib (for the FFI
-# headers) and the test extra's would clash in one install. Without it fusedrnn builds without the
-# XLA FFI handlers and the test_jax files skip themselves.
-jax = ("jax", "jaxlib", "flax", "optax")
-print("\n".join(r for r in reqs if (torch or not r.replace(" ", "").lower().startswith("torch"))
-                and r.replace(" ", "").lower().split(";")[0].split("=")[0].split(">")[0] not in jax))
-EOF
-}
-
+# The build requirements, the runtime dependencies and the test extra as pyproject.toml names them
+# (.ci/requirements.py), torch only where asked for. Nor jax: its jaxlib is not built with the
+# sanitizers, and the build's exact jaxlib (for the FFI headers) and the test extra's would clash in one
+# install. Without it fusedrnn builds without the XLA FFI handlers and the test_jax files skip
+# themselves. cmake and ninja come from PyPI because the build runs without isolation.
 make_venv() {  # name with-torch
   local venv="$work/venv-$1" reqs
   "$python" -m venv "$venv"
   "$venv/bin/python" -c 'import tomllib' 2>/dev/null || "$venv/bin/python" -m pip install -qq tomli
-  mapfile -t reqs < <(requirements "$venv/bin/python" "$2")
+  local without=jax,jaxlib,flax,optax
+  [[ "$2" == 1 ]] || without+=,torch
+  mapfile -t reqs < <("$venv/bin/python" .ci/requirements.py --build --runtime --test --without "$without")
   # -qq: errors only; pip's warnings about this machine's package indexes say nothing about the project.
   "$venv/bin/python" -m pip install -qq cmake ninja "${reqs[@]}"
 }

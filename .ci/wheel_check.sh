@@ -5,8 +5,9 @@
 #      compiler or build tool, where `fusedrnn info`, a short `fusedrnn demo` and the tests of what packaging
 #      can break run against it from a directory the source tree cannot shadow;
 #   2. sdist: built, installed in another fresh environment (compiled there, with FUSEDRNN_X86_SIMD=OFF:
-#      the portable kernels alone, the build every non-x86 machine gets), then `fusedrnn info`, a forward
-#      pass against the float64 reference, and the kernels' tests on that generic path.
+#      the portable kernels alone, the build every non-x86 machine gets) beside the oldest numpy and tqdm
+#      that pyproject.toml allows, then `fusedrnn info`, a forward pass against the float64 reference,
+#      the kernels' tests on that generic path and the tests of what reads and checks NumPy arrays.
 # Both are compiled from scratch in build trees of their own (never the repository's build/), in
 # isolated build environments as pip makes them. The last line sums up; any failure fails the script.
 # With a directory as the first argument, the repaired wheel is also copied there (.ci/run hands it to
@@ -141,14 +142,28 @@ sdist=("$work"/dist/fusedrnn-*.tar.gz)
 sdist="${sdist[0]}"
 echo "sdist: $(basename "$sdist"), $(du -k "$sdist" | cut -f1) KiB"
 
-log "sdist: install in a fresh environment (compiled here, portable kernels only)"
+log "sdist: install in a fresh environment (compiled here, portable kernels only, the oldest numpy and tqdm)"
 part=$(date +%s)
 "$python" -m venv "$work/sdist-env"
 sdist_python="$work/sdist-env/bin/python"
 "$sdist_python" -m pip install -qq --upgrade pip
-"$sdist_python" -m pip install -qq -C cmake.define.FUSEDRNN_X86_SIMD=OFF "$sdist[test]" >"$work/install-sdist.log" 2>&1 \
-  || { tail -n 60 "$work/install-sdist.log"; fail "installing the sdist failed"; }
-echo "installed (compiled) with the test extra in $(seconds_since "$part") s"
+# The runtime dependencies at their floors (every install above resolved to numpy 2) and the test extra
+# without jax and matplotlib, which need a newer numpy than the floor.
+mapfile -t floor_reqs < <("$python" .ci/requirements.py --runtime --floor --test \
+  --without jax,jaxlib,flax,optax,flatbuffers,matplotlib)
+"$sdist_python" -m pip install -qq -C cmake.define.FUSEDRNN_X86_SIMD=OFF "$sdist" "${floor_reqs[@]}" \
+  >"$work/install-sdist.log" 2>&1 || { tail -n 60 "$work/install-sdist.log"; fail "installing the sdist failed"; }
+echo "installed (compiled) with: ${floor_reqs[*]} in $(seconds_since "$part") s"
+"$sdist_python" - "${floor_reqs[@]}" <<'EOF'
+import sys
+from importlib.metadata import version
+for pin in sys.argv[1:]:
+    name, _, want = pin.partition(";")[0].partition("==")
+    if name in ("numpy", "tqdm"):
+        assert version(name).split(".")[:2] == want.split(".")[:2], (name, version(name), want)
+        print(f"{name} {version(name)}: the floor")
+EOF
+floor_requires=$("$python" -c 'import sys; print("torch" if sys.version_info >= (3, 10) else "")')
 cd "$run"
 "$work/sdist-env/bin/fusedrnn" info
 "$sdist_python" - <<'EOF'
@@ -169,12 +184,15 @@ assert err < 1e-5, err
 print(f"sdist install: LSTM forward on the generic kernels within {err:.1e} of the float64 reference")
 EOF
 # The tests of the kernels themselves (the whole suite ran against the source build): the reference,
-# odd sizes, thread teams and torch parity, on the generic path alone.
+# odd sizes, thread teams and torch parity, on the generic path alone; and on the oldest numpy, the
+# modules, argument checks, sequences, losses, optimisers, clipping and truncated BPTT.
 part=$(date +%s)
-FUSEDRNN_TEST_REQUIRES="$requires" "$sdist_python" -m pytest -p no:cacheprovider -q tests/test_reference.py \
-  tests/test_odd_sizes.py tests/test_threads.py tests/test_torch_parity.py tests/test_packaging.py
+FUSEDRNN_TEST_REQUIRES="$floor_requires" "$sdist_python" -m pytest -p no:cacheprovider -q tests/test_reference.py \
+  tests/test_odd_sizes.py tests/test_threads.py tests/test_torch_parity.py tests/test_packaging.py \
+  tests/test_modules.py tests/test_errors.py tests/test_sequences.py tests/test_losses.py tests/test_optim.py \
+  tests/test_clipping.py tests/test_bptt.py
 sdist_tests=$(seconds_since "$part")
-echo "sdist (generic kernels): kernel tests in $sdist_tests s"
+echo "sdist (generic kernels, oldest numpy and tqdm): tests in $sdist_tests s"
 cd "$repo"
 
 echo

@@ -52,6 +52,16 @@ def test_every_example_is_run_here():
         assert sum(code.lstrip().startswith(s) for s in starts) == 1, code[:200]
 
 
+def test_stated_requirements_are_pyprojects():
+    """The wheels' requirements as the README states them are the ones pyproject.toml declares."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    with open(README.with_name("pyproject.toml"), "rb") as f:
+        declared = tomllib.load(f)["project"]["dependencies"]
+    stated = re.search(r"\*\*What they need\*\*: (.*?), nothing else", README.read_text(encoding="utf-8"))
+    assert stated, "the README's 'What they need' line is gone"
+    assert re.findall(r"`([^`]+)`", stated.group(1)) == declared
+
+
 def test_numpy_modules_example():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
