@@ -181,6 +181,10 @@ def test_truncated_bptt_errors(rng):
         truncated_bptt(m, x, 2, _mse_against(target), hx=np.zeros((1, 3, 4)))
     with pytest.raises(ValueError, match=r"loss_fn: returned a gradient of shape \(2, 4\)"):
         truncated_bptt(m, x, 2, lambda y, s, e: (0.0, np.zeros((2, 4))))
+    for dtype in (np.float32, bool, np.int64, np.complex128, object):  # never cast, as backward casts none
+        with pytest.raises(TypeError, match=rf"^loss_fn: returned a gradient of dtype {np.dtype(dtype)}, "
+                                            r"expected the chunk output's float64"):
+            truncated_bptt(m, x, 2, lambda y, s, e: (0.0, np.zeros(y.shape, dtype)))
     for loss_fn, exc, match in ((lambda y, s, e: (0.0, None), TypeError, r"^loss_fn: returned no gradient \(None\)"),
                                 (lambda y, s, e: ("abc", y), TypeError, r"^loss_fn: returned a loss that is not a number"),
                                 (lambda y, s, e: 0.0, TypeError, r"^loss_fn: expected \(loss, the loss's gradient"),

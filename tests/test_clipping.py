@@ -67,6 +67,27 @@ def test_nonfinite_gradients_are_reported_and_can_raise(rng):
     assert np.isnan(inf_grads["a"][0]) and inf_grads["a"][1] == 0.0  # as torch: multiplied by 0
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass is not the recommended way:PendingDeprecationWarning")
+def test_matrix_gradients_are_clipped_as_plain_arrays(rng):
+    """np.matrix gradients (whose ** is a matrix power) give the norms and clipping of plain arrays."""
+    g = rng.standard_normal((2, 3))
+    for norm_type in (1.0, 2.0, 3.0, math.inf):
+        assert G.grad_norm([np.asmatrix(g)], norm_type) == G.grad_norm([g], norm_type)
+        plain, matrix = g.copy(), np.asmatrix(g.copy())
+        G.clip_grad_norm([plain], 0.5, norm_type)
+        G.clip_grad_norm([matrix], 0.5, norm_type)
+        np.testing.assert_array_equal(np.asarray(matrix), plain)
+    for samples in (1, 2):
+        sums, norms = G.sum_clipped_per_sample({"w": np.asmatrix(g[:samples])}, 1.0)
+        want_sums, want_norms = G.sum_clipped_per_sample({"w": g[:samples]}, 1.0)
+        assert sums["w"].shape == (3,) and type(norms) is np.ndarray
+        np.testing.assert_array_equal(sums["w"], want_sums["w"])
+        np.testing.assert_array_equal(norms, want_norms)
+    masked = np.ma.masked_array(g, mask=g > 0)
+    with pytest.raises(TypeError, match=r"^grads\[0\]: a masked array"):
+        G.clip_grad_norm([masked], 1.0)
+
+
 def test_clip_grad_value(rng):
     torch = pytest.importorskip("torch")
     grads = _grads(rng, scale=3.0)

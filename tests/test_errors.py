@@ -300,7 +300,7 @@ def test_failed_backward_keeps_the_tape(module, cell):
         module.backward(dy[:, :, :1])
     with pytest.raises(TypeError, match=r"^per_sample: expected a bool, got str"):
         module.backward(dy, per_sample="yes")
-    dx, _ = module.backward(dy)
+    dx, _ = module.backward(dy, per_sample=np.False_)  # NumPy's bools are bools, as for every flag
     grads = {k: v.copy() for k, v in module.grads.items()}
     module.zero_grad()
     module(x)
@@ -941,9 +941,34 @@ def test_an_argument_numpy_cannot_read_is_named(case):
     prefix = "^" + re.escape(name)
     with pytest.raises(TypeError, match=prefix + ": cannot be read as an array: cannot be viewed"):
         call(Unreadable())
+    # A masked array would be read without its mask: refused where an entry is masked.
+    with pytest.raises(TypeError, match=prefix + ": a masked array, whose mask would be ignored"):
+        call(np.ma.masked_array(np.zeros((2, 2)), mask=[[False, True], [False, False]]))
     if name not in ("lengths", "norms", "mask", "targets", "grads['w']"):
         with pytest.raises(ValueError, match=prefix + ": setting an array element with a sequence"):
             call([[[1.0, 2.0], [1.0]]])  # ragged
+
+
+def test_tensors_without_memory_are_named():
+    """torch's meta tensors (lazy initialisation) hold no values: named, not DLPack's bare error."""
+    torch = pytest.importorskip("torch")
+    module = make_module("lstm", I, H, num_layers=1, seed=0)
+    with pytest.raises(ValueError, match=r"^x: arrays on meta are not supported \(CPU or CUDA only\)"):
+        module(torch.zeros(T, B, I, device="meta"))
+    with pytest.raises(ValueError, match=r"^h0: on meta, but x is on cpu"):
+        module(np.zeros((T, B, I), np.float32), (torch.zeros(1, B, H, device="meta"),) * 2)
+    before = module.state_dict()
+    lazy = {k: torch.zeros(v.shape, device="meta") for k, v in before.items()}
+    with pytest.raises(TypeError, match=r"^state_dict\['weight_ih_l0'\]: cannot be read as an array"):
+        module.load_state_dict(lazy)
+    for k, v in module.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_masked_arrays_without_masked_entries_are_read_as_their_values():
+    module = make_module("gru", I, H, num_layers=1, seed=0)
+    x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+    np.testing.assert_array_equal(module(np.ma.masked_array(x))[0], module(x)[0])
 
 
 def test_a_torch_tensor_that_requires_grad_is_named_with_torchs_advice():

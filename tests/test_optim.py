@@ -117,6 +117,35 @@ def test_optimiser_errors():
             opt.step(missing)
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass is not the recommended way:PendingDeprecationWarning")
+def test_array_subclasses_update_as_plain_arrays_and_shared_or_masked_elements_are_refused(rng):
+    """np.matrix parameters (whose * is a matrix product: Adam's weight decay gave NaN) and memmaps update
+    as plain arrays do; a parameter whose elements share memory (every row would get the last row's
+    update) and a masked array (its masked entries would be updated) are refused."""
+    p, g = rng.standard_normal((2, 2)), rng.standard_normal((2, 2))
+    for make in (optim.SGD, optim.Adam):
+        kwargs = dict(lr=0.1, weight_decay=0.5)
+        plain, matrix = p.copy(), np.asmatrix(p.copy())
+        for target in (plain, matrix):
+            opt = make([target], **kwargs)
+            for _ in range(3):
+                opt.step([g])
+        assert type(matrix) is np.matrix
+        np.testing.assert_array_equal(np.asarray(matrix), plain)
+    as_strided = np.lib.stride_tricks.as_strided
+    for shared in (as_strided(np.arange(3.0), (4, 3), (0, 8)),   # a row broadcast down, writable
+                   as_strided(np.zeros(6), (4, 3), (8, 8))):      # rows one element apart
+        with pytest.raises(ValueError, match=r"^params\[0\]: elements share memory"):
+            optim.SGD([shared], lr=0.1)
+    apart = np.zeros((4, 6))
+    for view in (apart[:, ::2], apart[::-1, 1::2], apart.T, apart[:, :3]):
+        optim.SGD([view], lr=0.1).step([np.ones(view.shape)])
+    np.testing.assert_array_equal(apart[:, :3], np.full((4, 3), -0.1 - 0.1 - 0.1))  # each view once
+    masked = np.ma.masked_array(np.zeros(3), mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"^params\[0\]: a masked array, whose mask would be ignored"):
+        optim.SGD([masked], lr=0.1)
+
+
 def test_bad_gradients_change_nothing():
     a, b = np.zeros(3), np.zeros(2)
     opt = optim.Adam([a, b], lr=0.1)

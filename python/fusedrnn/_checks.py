@@ -107,12 +107,45 @@ def as_array(name: str, value, xp=np):
     list is a ValueError, what the library cannot read (a torch tensor that requires grad, ...) a TypeError."""
     if xp is np and type(value) is np.ndarray:
         return value
+    refuse_masked(name, value)
     try:
         return xp.asarray(value)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
     except (TypeError, RuntimeError) as err:
         raise TypeError(f"{name}: cannot be read as an array: {err}") from err
+
+
+def refuse_masked(name: str, value) -> None:
+    """A TypeError for a NumPy masked array with masked entries: the kernels and the update rules would
+    use the values under its mask as if nothing were masked."""
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        raise TypeError(f"{name}: a masked array, whose mask would be ignored; pass the array's .filled(value) "
+                        f"(and leave masked steps out with lengths= or a loss's mask=)")
+
+
+def plain_view(a):
+    """A host ndarray subclass (np.matrix, whose * and ** are matrix products; a memmap) as a plain
+    ndarray over the same memory, so arithmetic and writes act element by element; anything else as
+    it is."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray and not _device.is_cuda(a):
+        return np.asarray(a)
+    return a
+
+
+def elements_apart(name: str, arr) -> None:
+    """A ValueError where elements of an array written in place may share memory (a broadcast or an
+    overlapping strided view): each would be written once for every element over it, the last write
+    kept. Decided from the strides: the axes, ordered by stride, must each step past the ones inside."""
+    if 0 in arr.shape:
+        return
+    reach = arr.dtype.itemsize  # bytes spanned by the axes checked so far
+    for stride, size in sorted((abs(s), n) for n, s in zip(arr.shape, arr.strides) if n > 1):
+        if stride < reach:
+            raise ValueError(f"{name}: elements share memory (strides {arr.strides} for shape {arr.shape}: a "
+                             f"broadcast or overlapping view); an array changed in place needs memory of "
+                             f"its own for every element: pass a copy")
+        reach += stride * (size - 1)
 
 
 def array(name: str, value, dtype: np.dtype, ndim: int | tuple[int, ...]) -> np.ndarray:

@@ -26,7 +26,10 @@ def device_of(a) -> str | None:
         return "cpu"
     dlpack_device = getattr(type(a), "__dlpack_device__", None)
     if dlpack_device is not None:
-        kind, index = dlpack_device(a)
+        try:
+            kind, index = dlpack_device(a)
+        except (BufferError, RuntimeError, TypeError, ValueError):  # torch's meta tensors: no memory at all
+            return str(getattr(a, "device", "a device DLPack cannot name"))
         if kind in (_DL_CUDA, _DL_CUDA_MANAGED):
             return f"cuda:{int(index)}"
         if kind in (_DL_CPU, _DL_CUDA_HOST):

@@ -131,6 +131,9 @@ def _loss_and_gradient(result, y_chunk, x) -> tuple:
         raise ValueError(f"loss_fn: returned a gradient on {_device.device_of(dy)}, but x is on "
                          f"{_device.device_of(x)}")
     dy = _checks.as_array("loss_fn's gradient", dy, _device.array_module(x))
+    if dy.dtype != y_chunk.dtype:  # never cast silently, as the module's backward
+        raise TypeError(f"loss_fn: returned a gradient of dtype {dy.dtype}, expected the chunk output's "
+                        f"{y_chunk.dtype}")
     if dy.shape != y_chunk.shape:
         raise ValueError(f"loss_fn: returned a gradient of shape {dy.shape}, expected the chunk "
                          f"output's {y_chunk.shape}")

@@ -26,12 +26,13 @@ def _grad_arrays(grads, *, changed: bool = False, name: str = "grads") -> list:
     written, before any is (a failed clip leaves them all as they were). `name`: the argument's."""
     named = _checks.named_arrays(name, grads)
     for key, g in named:
+        _checks.refuse_masked(f"{name}[{key!r}]", g)
         if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
             raise TypeError(f"{name}[{key!r}]: expected a float array, got {_checks.described(g)}"
                             + (f" ({_checks.IN_PLACE})" if changed else ""))
         if changed and isinstance(g, np.ndarray) and not g.flags.writeable:
             raise ValueError(f"{name}[{key!r}]: array is read-only (clipping changes it in place)")
-    return named
+    return [(key, _checks.plain_view(g)) for key, g in named]
 
 
 def nonfinite_grads(grads) -> list:

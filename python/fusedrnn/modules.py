@@ -123,7 +123,10 @@ class _Module:
                 continue
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
-                value = value.detach().cpu()
+                try:
+                    value = value.detach().cpu()
+                except (NotImplementedError, RuntimeError) as err:  # a meta tensor holds no values
+                    raise TypeError(f"state_dict[{name!r}]: cannot be read as an array: {err}") from err
             arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
@@ -426,8 +429,7 @@ class RNNBase(_Module):
             dy = dy[:, None, :] if unbatched else (dy.transpose(1, 0, 2) if ctx.batch_first else dy)
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
-        if not isinstance(per_sample, bool):
-            raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
+        per_sample = _checks.flag("per_sample", per_sample)
         self._pending = None  # the tapes are consumed, as torch frees its graph
         if ctx.input_guard is not None:
             ctx.input_guard.check()

@@ -62,11 +62,14 @@ class Optimizer:
         if not named:
             raise ValueError("params: expected at least one parameter, got none")
         for name, p in named:
+            _checks.refuse_masked(f"params[{name!r}]", p)
             if not (isinstance(p, np.ndarray) or _device.is_cuda(p)) or p.dtype.kind != "f":
                 raise TypeError(f"params[{name!r}]: expected a float array, got {_checks.described(p)} "
                                 f"({_checks.IN_PLACE})")
             if not getattr(p.flags, "writeable", True):
                 raise ValueError(f"params[{name!r}]: the array is read-only and cannot be updated in place")
+            if hasattr(p, "strides"):  # NumPy's and CuPy's, in bytes
+                _checks.elements_apart(f"params[{name!r}]", p)
         self._named = named
         self.lr = _hyper("lr", lr)
         self.state: list[dict] = [{} for _ in named]
@@ -116,6 +119,7 @@ class Optimizer:
         gradients = self._gradients(grads)
         self.steps += 1
         for (_, p), g, state in zip(self._named, gradients, self.state):
+            p = _checks.plain_view(p)
             p[...] = self._update(p.astype(np.float64), g.astype(np.float64), state, _device.array_module(p))
 
 
