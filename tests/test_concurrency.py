@@ -207,6 +207,34 @@ def test_concurrent_callers_while_the_team_is_resized():
     assert counts["mismatches"] == 0
 
 
+@pytest.mark.parametrize("ending", ["return", "sys.exit(3)", "raise"])
+def test_daemon_threads_computing_at_exit_leave_the_exit_status_alone(ending):
+    """Daemon threads still in layer calls (forward and backward) when the program ends: each waits in
+    the core for the process to end instead of aborting it (SIGABRT from std::terminate, as Python
+    before 3.14 ends such threads through pthread_exit while they take the GIL back), so the process
+    exits with the status the program gave: 0, 3, or 1 for an uncaught exception. Three runs a case:
+    with three threads taking turns at the GIL, the old behaviour aborted every run."""
+    body = f"""
+        import sys
+        cell, x, w, dy = layer(0, "lstm", 40, 4, 32, 64)
+        def loop():
+            while True:
+                out = F.layer_forward(cell, x, *w[0], training=True)
+                F.layer_backward(out.tape, dy[0])
+        for _ in range(3):
+            threading.Thread(target=loop, daemon=True).start()
+        time.sleep(0.3)
+        print("main ends", flush=True)
+        {"pass" if ending == "return" else "raise RuntimeError('the program failed')" if ending == "raise" else ending}
+    """
+    want = {"return": 0, "sys.exit(3)": 3, "raise": 1}[ending]
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                             timeout=CHILD_TIMEOUT_S)
+        assert (out.returncode, out.stdout) == (want, "main ends\n"), out.stderr[-3000:]
+        assert "terminate called" not in out.stderr
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
 def test_fork_while_another_thread_computes():
     """A fork copies the team's locks and its condition variable as they are, but not the threads that
@@ -368,3 +396,36 @@ def test_a_pending_forward_belongs_to_its_thread(rng):
     t.join()
     assert errors and "on the same thread" in errors[0]
     assert module.backward()[0].shape == (2, 1, 3)  # the forward is still there for its own thread
+
+
+def test_gradients_entered_again_by_their_own_thread_raise_while_other_threads_wait(rng):
+    """A signal handler that runs a module's backward while that module's backward runs on the same
+    thread found the gradients' lock held by its own thread and waited for itself forever. Now it gets
+    a RuntimeError; another thread still waits its turn and then adds its gradients."""
+    module = fusedrnn.GRU(3, 8, seed=0)
+    x = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    dy = rng.standard_normal((4, 2, 8)).astype(np.float32)
+    module(x)
+    with module._grads_lock:  # what a handler finds inside backward
+        with pytest.raises(RuntimeError, match="^this module's gradients are being changed by this thread"):
+            module.backward(dy)
+    module.zero_grad()
+    module(x)
+    module.backward(dy)
+    once = {k: v.copy() for k, v in module.grads.items()}
+
+    done = threading.Event()
+
+    def other_thread():
+        module(x)
+        module.backward(dy)
+        done.set()
+
+    with module._grads_lock:
+        t = threading.Thread(target=other_thread)
+        t.start()
+        assert not done.wait(0.3)  # waiting for the lock, not refused
+    t.join(CHILD_TIMEOUT_S)
+    assert done.is_set()
+    for k, v in module.grads.items():
+        np.testing.assert_array_equal(v, 2 * once[k])

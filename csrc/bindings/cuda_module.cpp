@@ -18,6 +18,7 @@
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cuda/cuda_layer.h"
 #include "fusedrnn/layer.h"
+#include "gil.h"
 #ifdef FUSEDRNN_WITH_XLA_FFI
 #include "jax_ffi_cuda.h"
 #endif
@@ -182,7 +183,7 @@ struct Arrays {
 template <typename F>
 void on_device(const CallDevice& device, std::size_t bytes, std::uintptr_t stream_handle, F&& enqueue) {
   void* stream = reinterpret_cast<void*>(stream_handle);
-  py::gil_scoped_release release;
+  fusedrnn::bindings::ReleasedGil release;
   const int previous = gpu::cuda::current_device();
   if (device.device >= 0 && device.device != previous) gpu::cuda::set_current_device(device.device);
   void* workspace = nullptr;

@@ -23,6 +23,7 @@
 #include "fusedrnn/cpu/passes.h"
 #include "fusedrnn/cuda/emulated.h"
 #include "fusedrnn/layer.h"
+#include "gil.h"
 #ifdef FUSEDRNN_WITH_XLA_FFI
 #include "jax_ffi.h"
 #endif
@@ -431,7 +432,7 @@ py::tuple forward_typed(Backend backend, CellKind cell, const py::array& x, cons
   const PreparedForward<T> call = prepare_forward<T>(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths,
                                                      reverse, training, out, cell_clip, w_hr);
   {
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     if (backend == Backend::kCpu)
       cpu::layer_forward<T>(call.args);
     else
@@ -491,7 +492,7 @@ py::tuple forward_directions_typed(CellKind cell, const py::array& x, const py::
   if (d0.args.shape.hidden != d1.args.shape.hidden || d0.args.shape.proj != d1.args.shape.proj)
     throw py::value_error("weights: the two directions' weights differ in shape");
   {
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     cpu::layer_forward_directions<T>(d0.args, d1.args);
   }
   return py::make_tuple(d0.result, d1.result);
@@ -628,7 +629,7 @@ py::tuple backward_typed(const Tape& tape, const py::object& dy, const py::objec
                                                        grad_b_hh, accumulate_dx, grad_w_hr, accumulate_grads,
                                                        grad_groups);
   {
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     if (tape.backend == Backend::kCpu)
       cpu::layer_backward<T>(call.args);
     else
@@ -656,7 +657,7 @@ py::tuple backward_directions_typed(const Tape& t0, const Tape& t1, const py::ob
   const PreparedBackward<T> d1 = prepare_backward<T>(t1, dy1, dh_n1, dc_n1, dx, b[0], b[1], b[2], b[3], true, b[4],
                                                      accumulate_grads, grad_groups);
   {
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     cpu::layer_backward_directions<T>(d0.args, d1.args);
   }
   return py::make_tuple(d0.result, d1.result);
@@ -691,12 +692,12 @@ auto whole_array_pass(const py::array& a, const Pass& pass) {
   const Index size = a.size();
   if (holds<float>(a)) {
     const auto* values = static_cast<const float*>(a.data());
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     return pass(values, size);
   }
   if (holds<double>(a)) {
     const auto* values = static_cast<const double*>(a.data());
-    py::gil_scoped_release release;
+    fusedrnn::bindings::ReleasedGil release;
     return pass(values, size);
   }
   throw py::type_error("a: expected float32 or float64, got " + std::string(py::str(a.dtype())));
@@ -823,10 +824,10 @@ PYBIND11_MODULE(_core, m) {
     const void* added = from.data();
     const Index size = into.size();
     if (holds<float>(into)) {
-      py::gil_scoped_release release;
+      fusedrnn::bindings::ReleasedGil release;
       cpu::parallel_add_into(static_cast<float*>(to), static_cast<const float*>(added), size);
     } else if (holds<double>(into)) {
-      py::gil_scoped_release release;
+      fusedrnn::bindings::ReleasedGil release;
       cpu::parallel_add_into(static_cast<double*>(to), static_cast<const double*>(added), size);
     } else {
       throw py::type_error("into: expected float32 or float64, got " + std::string(py::str(into.dtype())));
@@ -835,14 +836,14 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
-    py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
+    fusedrnn::bindings::ReleasedGil release;  // waits for a call in progress on another thread to finish
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
   m.def("release_scratch", &cpu::release_scratch,
         "Frees the calling thread's scratch (kept between its layer calls); returns the bytes freed.");
   m.def("use_openmp_runtime", [](const std::string& library) {
-    py::gil_scoped_release release;  // waits for a call in progress on another thread to finish
+    fusedrnn::bindings::ReleasedGil release;  // waits for a call in progress on another thread to finish
     try {
       cpu::use_openmp_runtime(library);
     } catch (const std::invalid_argument& e) {

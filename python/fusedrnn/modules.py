@@ -61,6 +61,30 @@ def _seed(seed):
     return None if seed is None else _checks.positive_int("seed", seed, minimum=0)
 
 
+class _GradientsLock:
+    """The lock under which a module's gradients change: other threads wait for it; the thread holding
+    it, entering again (a signal handler that runs the module while the module runs), gets a
+    RuntimeError instead of waiting for itself forever. Re-entry is told by the depth counted inside an
+    RLock, so a handler arriving between the acquire and the count, or between the count and the
+    release, runs whole before or after the interrupted writes."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def __enter__(self):
+        self._lock.acquire()
+        if self._depth:
+            self._lock.release()
+            raise RuntimeError("this module's gradients are being changed by this thread already: a signal "
+                               "handler called the module while it was running; call it outside the handler")
+        self._depth = 1
+
+    def __exit__(self, *exc):
+        self._depth = 0
+        self._lock.release()
+
+
 class _Module:
     """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
     alike, both on the module's device, and a training flag.
@@ -78,7 +102,7 @@ class _Module:
 
     def _init_thread_state(self) -> None:
         self._per_thread = threading.local()   # .pending: this thread's forward, kept for its backward
-        self._grads_lock = threading.Lock()
+        self._grads_lock = _GradientsLock()
 
     @property
     def _pending(self):

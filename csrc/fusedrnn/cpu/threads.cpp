@@ -43,9 +43,12 @@ class FlushDenormals {
 
 }  // namespace
 
+// Never destroyed: a call may still be running on the team when the process exits (a daemon thread's,
+// which Python does not wait for), and its ranks must not find the barrier and job slots freed under
+// them by exit's destructors. The idle workers end with the process.
 ThreadTeam& ThreadTeam::instance() {
-  static ThreadTeam team;
-  return team;
+  static ThreadTeam* team = new ThreadTeam;
+  return *team;
 }
 
 ThreadTeam::ThreadTeam() {
@@ -84,8 +87,6 @@ void ThreadTeam::after_fork_in_child() {
   team.sleep_mutex_.unlock();
   team.lease_mutex_.unlock();
 }
-
-ThreadTeam::~ThreadTeam() { stop_workers(); }
 
 ThreadTeam::Lease ThreadTeam::lease() { return Lease(*this); }
 

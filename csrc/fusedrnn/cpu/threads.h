@@ -112,7 +112,6 @@ class ThreadTeam {
   static constexpr int kMaxSize = 1 << 15;
 
   static ThreadTeam& instance();
-  ~ThreadTeam();
 
   // Team size: threads a job may use (the caller included). Changing it joins or starts workers; it
   // waits for the lease in force, so a call already running finishes on the size it planned with and

@@ -3,7 +3,7 @@
  * replaced (the generation in one atomic, job_threads_ and job_ read in later loads), which fails.
  *
  * Processes. `caller` is the thread holding the lease (rank 0): it makes the calls of PLAN in order,
- * jobs and resizes alike, then stops the team as ~ThreadTeam does. Callers on several threads take
+ * jobs and resizes alike, then stops the team as a resize does. Callers on several threads take
  * turns on lease_mutex_, whose unlock/lock orders each call after the last, so one process stands for
  * them all. Each `worker` is one worker_loop thread (ranks 1..size-1); a resize joins them and starts
  * new ones. Each step's comment quotes the threads.cpp (or threads.h) statement it models.
@@ -223,7 +223,7 @@ active proctype caller() {
      i++
   :: else -> break
   od;
-  stop_workers();                                  /* ~ThreadTeam */
+  stop_workers();                                  /* set_size: `stop_workers()` */
   finished = true
 }
 
