@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import fusedrnn
 from fusedrnn import _bench_memory, _bench_report, benchmark, cli
 
 row_key = _bench_report.row_key
@@ -54,6 +55,8 @@ def test_json_keeps_every_call_and_the_host(capsys):
     meta = report["meta"]
     assert meta["peers"] == ["fusedrnn", "numpy"] and meta["threads"] == 2 and meta["rounds"] == 3
     assert meta["cpu"] == benchmark.cpu_model() and meta["cpu"]
+    info = fusedrnn.build_info()
+    assert meta["simd"] == info["simd"] and meta["blas"] == info["blas"] and meta["blas"].startswith("OpenBLAS ")
     assert meta["numpy"] == np.__version__ and meta["python"].count(".") == 2
     for row in report["rows"]:
         for peer in ("fusedrnn", "numpy"):
@@ -217,12 +220,15 @@ def test_compare_reports_matches_rows_and_peers_by_name():
     def row(cell, h, times):
         return {"cell": cell, "T": 1, "B": 1, "I": 1, "H": h, "mode": "training", "a_times_ms": times}
 
-    old = {"meta": {"peers": ["a"], "cpu": "X"}, "rows": [row("GRU", 4, [[1.0], [1.0]]), row("GRU", 8, [[1.0]])]}
-    new = {"meta": {"peers": ["a"], "cpu": "Y"}, "rows": [row("GRU", 8, [[2.0]]), row("LSTM", 4, [[9.0]])]}
+    old = {"meta": {"peers": ["a"], "cpu": "X", "blas": "OpenBLAS Haswell"},
+           "rows": [row("GRU", 4, [[1.0], [1.0]]), row("GRU", 8, [[1.0]])]}
+    new = {"meta": {"peers": ["a"], "cpu": "Y", "blas": "OpenBLAS SkylakeX"},
+           "rows": [row("GRU", 8, [[2.0]]), row("LSTM", 4, [[9.0]])]}
     (change,) = _bench_report.compare_reports(old, new, 0.05)
     assert change.key == ("GRU", 1, 1, 1, 8, "training") and change.verdict == "slower"
     text = _bench_report.format_comparison([change], old, new, 0.05)
     assert "note: the runs differ in cpu: X then, Y now" in text
+    assert "note: the runs differ in blas: OpenBLAS Haswell then, OpenBLAS SkylakeX now" in text
     assert "1 slower, 0 faster, 0 within spread or under 5%" in text
 
 

@@ -2,6 +2,7 @@
 `fusedrnn` command (demo, bench, info) run in-process on tiny settings."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -228,6 +229,20 @@ def test_info_via_python_dash_m():
                  f"CUDA: {cuda['source']}, built for sm {cuda['architectures']}")
     assert cuda_line in out and info["blas"] in out
     assert "Benchmark peers available: fusedrnn, numpy" in out
+    assert "set in the environment" not in out or "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ
+
+
+def test_info_names_openblas_kernels_forced_by_the_environment():
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    plain = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True,
+                           env=env).stdout
+    assert "set in the environment" not in plain
+    forced = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True,
+                            env={**env, "OPENBLAS_CORETYPE": "Prescott"}).stdout
+    assert "set in the environment: OPENBLAS_CORETYPE=Prescott" in forced
+    def blas_line(out):
+        return out.split("BLAS: ", 1)[1].split("\n", 1)[0]
+    assert blas_line(forced) != blas_line(plain)  # the build string names the kernels in use
 
 
 def test_cli_demo_checks_its_plot_path_before_training(capsys, monkeypatch):

@@ -241,7 +241,7 @@ def compare_reports(old: dict, new: dict, threshold: float) -> list[Change]:
 def format_comparison(changes: list[Change], old: dict, new: dict, threshold: float) -> str:
     lines = []
     old_meta, new_meta = old.get("meta", {}), new.get("meta", {})
-    for key in ("cpu", "threads", *sorted(set(report_peers(old)) & set(report_peers(new)))):
+    for key in ("cpu", "simd", "blas", "threads", *sorted(set(report_peers(old)) & set(report_peers(new)))):
         if key in old_meta and key in new_meta and old_meta[key] != new_meta[key]:
             lines.append(f"note: the runs differ in {key}: {old_meta[key]} then, {new_meta[key]} now")
     if not changes:

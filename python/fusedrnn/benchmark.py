@@ -745,9 +745,11 @@ def cpu_model() -> str:
 
 def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> dict:
     """What a later reader (and `--compare`) needs to judge the rows: the peers in column order, the
-    run's settings, the host CPU and the version of every peer."""
+    run's settings, the host CPU, fusedrnn's SIMD level and BLAS (OpenBLAS's build string names the
+    kernels it picked, or those OPENBLAS_CORETYPE forced) and the version of every peer."""
     meta = {"peers": list(peers), "threads": threads, "rounds": rounds, "repeats": repeats,
             "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+            "simd": _core.simd_level(), "blas": _core.blas_config(),
             "python": platform.python_version(), "platform": sys.platform}
     for name in peers:
         if PEERS[name].version is not None:
