@@ -511,6 +511,13 @@ def test_functional_rejects_bad_x(cell):
             _forward(cell, **overrides)
 
 
+def test_functional_says_x_decides_the_dtype(cell):
+    """A nested list for x converts to float64: float32 weights are told why float64 was expected."""
+    a = _layer_args(cell, np.float32)
+    with pytest.raises(TypeError, match=r"^weight_hh: expected dtype float64 \(x's\), got float32$"):
+        F.layer_forward(cell, a["x"].tolist(), a["weight_ih"], a["weight_hh"])
+
+
 def test_functional_rejects_bad_weights(cell):
     g = GATES[cell]
     a = _layer_args(cell)
@@ -518,7 +525,7 @@ def test_functional_rejects_bad_weights(cell):
         (dict(weight_ih=a["weight_ih"][:-1]), ValueError, rf"^weight_ih: expected shape \({g * H}, {I}\)"),
         (dict(weight_ih=a["weight_ih"].T), ValueError, r"^weight_ih: expected shape"),
         (dict(weight_ih=a["weight_ih"].astype(np.float32)), TypeError,
-         r"^weight_ih: expected dtype float64, got float32"),
+         r"^weight_ih: expected dtype float64 \(x's\), got float32$"),
         (dict(weight_hh=a["weight_hh"][:, 0]), ValueError, r"^weight_hh: expected a 2-D array"),
         (dict(weight_hh=None), ValueError, r"^weight_hh: expected a 2-D array"),
         (dict(weight_hh=a["weight_hh"][:-1]), ValueError, rf"^weight_hh: expected shape \({g * H}, {H}\)"),
@@ -640,7 +647,8 @@ def test_functional_backward_rejects_bad_gradients(cell):
     g = GATES[cell]
     cases = [
         (dict(dy=np.zeros((T, B, H + 1))), ValueError, r"^dy: expected shape \(4, 3, 2\)"),
-        (dict(dy=np.zeros((T, B, H), np.float32)), TypeError, r"^dy: expected dtype float64"),
+        (dict(dy=np.zeros((T, B, H), np.float32)), TypeError,
+         r"^dy: expected dtype float64 \(the forward's\), got float32$"),
         (dict(dy="dy"), TypeError, r"^dy: expected dtype float"),
         (dict(dh_n=np.zeros((B, H + 1))), ValueError, r"^dh_n: expected shape \(3, 2\)"),
         (dict(dh_n=np.zeros((B, H), np.float32)), TypeError, r"^dh_n: expected dtype float64"),

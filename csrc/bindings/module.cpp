@@ -161,11 +161,16 @@ Index row_stride(const py::array& arr) {
   return ld < 0 ? width : ld;
 }
 
+// What decides the dtype every other array of a call must have, said in a dtype mismatch's message.
+constexpr const char* kDtypeOfX = "x's";
+constexpr const char* kDtypeOfTape = "the forward's";
+
 template <typename T>
-void check_dtype_and_shape(const py::array& arr, const char* name, const std::vector<Index>& shape) {
+void check_dtype_and_shape(const py::array& arr, const char* name, const std::vector<Index>& shape,
+                           const char* dtype_rule = nullptr) {
   if (!holds<T>(arr))
-    throw py::type_error(std::string(name) + ": expected dtype " +
-                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         (dtype_rule ? std::string(" (") + dtype_rule + ")" : "") + ", got " +
                          std::string(py::str(arr.dtype())));
   if (shape_of(arr) != shape)
     throw py::value_error(std::string(name) + ": expected shape " + shape_str(shape) + ", got " +
@@ -181,8 +186,9 @@ py::array require_array(const py::handle& obj, const char* name) {
 
 // An output array the core writes into (possibly a column slice of a wider one). Returns its row stride.
 template <typename T>
-Index checked_output(const py::array& arr, const char* name, const std::vector<Index>& shape) {
-  check_dtype_and_shape<T>(arr, name, shape);
+Index checked_output(const py::array& arr, const char* name, const std::vector<Index>& shape,
+                     const char* dtype_rule = nullptr) {
+  check_dtype_and_shape<T>(arr, name, shape, dtype_rule);
   if (!arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
   const Index ld = row_stride<T>(arr);
   if (ld < 0) throw py::value_error(std::string(name) + ": needs a contiguous last dimension and evenly spaced rows");
@@ -255,9 +261,10 @@ Arr<T> aligned_array(const std::vector<Index>& shape) {
 
 // The array behind `obj`, checked for dtype and shape, as it is (any strides; see element_addressable).
 template <typename T>
-py::array checked_input(const py::handle& obj, const char* name, const std::vector<Index>& shape) {
+py::array checked_input(const py::handle& obj, const char* name, const std::vector<Index>& shape,
+                        const char* dtype_rule = nullptr) {
   auto arr = require_array(obj, name);
-  check_dtype_and_shape<T>(arr, name, shape);
+  check_dtype_and_shape<T>(arr, name, shape, dtype_rule);
   return element_addressable<T>(arr);
 }
 
@@ -294,9 +301,10 @@ double checked_cell_clip(const py::object& obj, CellKind cell) {
 }
 
 template <typename T>
-py::object optional_input(const py::object& obj, const char* name, const std::vector<Index>& shape) {
+py::object optional_input(const py::object& obj, const char* name, const std::vector<Index>& shape,
+                          const char* dtype_rule) {
   if (obj.is_none()) return py::none();
-  return checked_input<T>(obj, name, shape);
+  return checked_input<T>(obj, name, shape, dtype_rule);
 }
 
 py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
@@ -377,20 +385,20 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
                           shape_str(shape_of(py::reinterpret_borrow<py::array>(w_hh_obj))));
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
   // weight_hh first: hidden_size is read from its columns, so a mismatch there is reported against it.
-  auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden});
-  auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input});
-  py::object w_hr = optional_input<T>(w_hr_obj, "weight_hr", {proj, hidden});
-  py::object b_ih = optional_input<T>(b_ih_obj, "bias_ih", {gh});
-  py::object b_hh = optional_input<T>(b_hh_obj, "bias_hh", {gh});
+  auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden}, kDtypeOfX);
+  auto w_ih = checked_input<T>(w_ih_obj, "weight_ih", {gh, input}, kDtypeOfX);
+  py::object w_hr = optional_input<T>(w_hr_obj, "weight_hr", {proj, hidden}, kDtypeOfX);
+  py::object b_ih = optional_input<T>(b_ih_obj, "bias_ih", {gh}, kDtypeOfX);
+  py::object b_hh = optional_input<T>(b_hh_obj, "bias_hh", {gh}, kDtypeOfX);
   if (b_ih.is_none() != b_hh.is_none())
     throw py::value_error("bias_ih, bias_hh: pass both or neither");
-  py::object h0 = optional_input<T>(h0_obj, "h0", {batch, state});
+  py::object h0 = optional_input<T>(h0_obj, "h0", {batch, state}, kDtypeOfX);
   if (!has_c && !c0_obj.is_none()) throw py::value_error("c0: only an LSTM has a cell state");
-  py::object c0 = optional_input<T>(c0_obj, "c0", {batch, hidden});
+  py::object c0 = optional_input<T>(c0_obj, "c0", {batch, hidden}, kDtypeOfX);
   py::object lengths = checked_lengths(lengths_obj, steps, batch);
 
   py::array out = out_obj.is_none() ? py::array(aligned_array<T>({steps, batch, state})) : require_array(out_obj, "out");
-  checked_output<T>(out, "out", {steps, batch, state});  // its view (strides) goes to the core as it is
+  checked_output<T>(out, "out", {steps, batch, state}, kDtypeOfX);  // its view (strides) goes to the core as it is
 
   fusedrnn::LayerForwardParams<T> args;
   args.cell = cell;
@@ -551,12 +559,12 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   // The output gradients as they are: a column slice of a wider gradient, a broadcast, any strides.
   py::array dy;
   if (!dy_obj.is_none()) {
-    dy = checked_input<T>(dy_obj, "dy", {steps, batch, state});
+    dy = checked_input<T>(dy_obj, "dy", {steps, batch, state}, kDtypeOfTape);
     args.dy = in3<T>(dy);
   }
-  const py::object dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, state});
+  const py::object dh_n = optional_input<T>(dh_n_obj, "dh_n", {batch, state}, kDtypeOfTape);
   if (!has_c && !dc_n_obj.is_none()) throw py::value_error("dc_n: only an LSTM has a cell state");
-  const py::object dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden});
+  const py::object dc_n = optional_input<T>(dc_n_obj, "dc_n", {batch, hidden}, kDtypeOfTape);
   args.dh_n = in2_or_null<T>(dh_n);
   args.dc_n = in2_or_null<T>(dc_n);
 
@@ -565,7 +573,7 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
   auto out_buffer = [](const py::object& obj, const char* name, const std::vector<Index>& shape) -> py::object {
     if (obj.is_none()) return py::none();
     auto arr = require_array(obj, name);
-    const Index ld = checked_output<T>(arr, name, shape);
+    const Index ld = checked_output<T>(arr, name, shape, kDtypeOfTape);
     if (ld != shape.back() && shape.size() > 1)
       throw py::value_error(std::string(name) + ": must be C-contiguous");
     return std::move(arr);
