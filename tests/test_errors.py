@@ -986,3 +986,34 @@ def test_a_torch_tensor_that_requires_grad_is_named_with_torchs_advice():
         module(torch.zeros(T, B, I, requires_grad=True))
     y, _ = module(torch.zeros(T, B, I))  # a CPU tensor that does not require grad is read in place
     assert isinstance(y, np.ndarray) and y.shape == (T, B, H)
+
+
+# ---- sizes past the 32-bit BLAS ---------------------------------------------------------------------------
+
+
+def test_sizes_past_the_blas_range_are_refused_by_name():
+    """steps*batch rows past INT_MAX: a broadcast x costs no memory, and the refusal names the product."""
+    rng = np.random.default_rng(0)
+    w_ih, w_hh = rng.standard_normal((4, 1), np.float32), rng.standard_normal((4, 1), np.float32)
+    x = np.broadcast_to(np.float32(0.5), (2**16 + 1, 2**15, 1))
+    with pytest.raises(ValueError, match=r"^steps\*batch: 2147516416 exceeds the 32-bit BLAS index range"):
+        F.layer_forward("lstm", x, w_ih, w_hh, check_finite=False, training=False)
+
+
+def test_grouped_gradients_of_an_x_with_rows_far_apart():
+    """Per-group gradients step B rows of x at a time: an x whose rows are 2^30 + 1 elements apart is
+    copied for them, not refused (the buffer is virtual memory, untouched but for two pages)."""
+    from numpy.lib.stride_tricks import as_strided
+
+    gap = 2**30 + 1
+    buffer = np.zeros(gap + 1, np.float32)
+    x = as_strided(buffer, shape=(1, 2, 1), strides=(2 * gap * 4, gap * 4, 4))
+    x[0, 0, 0], x[0, 1, 0] = 0.5, -1.0
+    rng = np.random.default_rng(0)
+    w_ih, w_hh = rng.standard_normal((4, 1), np.float32), rng.standard_normal((4, 1), np.float32)
+    grads = [F.layer_backward(F.layer_forward("lstm", xx, w_ih, w_hh).tape, np.ones((1, 2, 1), np.float32),
+                              grad_groups=2) for xx in (np.ascontiguousarray(x), x)]
+    for dense, strided in zip(*grads):
+        if dense is not None:
+            np.testing.assert_array_equal(strided, dense)
+    assert np.any(grads[0].weight_ih != 0)

@@ -199,11 +199,23 @@ bool packs_forward_weights(CellKind cell, const LayerShape& s, const LayerSplit&
 // rows: 32 rows make 16 flops a byte.
 constexpr Index kMinRowsToStreamWeights = 32;
 
-// The 32-bit BLAS takes no dimension past INT_MAX; refuse before the job starts (jobs must not throw).
-void require_blas_range(std::initializer_list<Index> dims) {
-  for (Index d : dims)
-    if (d > kMaxBlasIndex)
-      throw std::length_error("fusedrnn: a matrix dimension exceeds the 32-bit BLAS index range");
+// The 32-bit BLAS takes no dimension past INT_MAX; refuse before the job starts (jobs must not throw),
+// naming the size that is too large.
+struct BlasDimension {
+  const char* what;
+  Index value;
+};
+void require_blas_range(std::initializer_list<BlasDimension> dims) {
+  for (const BlasDimension& d : dims)
+    if (d.value > kMaxBlasIndex)
+      throw std::length_error(std::string(d.what) + ": " + std::to_string(d.value) +
+                              " exceeds the 32-bit BLAS index range (" + std::to_string(kMaxBlasIndex) + ")");
+}
+
+// The sizes every layer's GEMMs pass to BLAS.
+void require_layer_blas_range(Index steps, Index batch, Index gate_rows, Index input, Index hidden) {
+  require_blas_range({{"steps*batch", steps * batch}, {"gates*hidden_size", gate_rows}, {"input_size", input},
+                      {"hidden_size", hidden}});
 }
 
 // Threads for the large GEMMs outside the recurrence (input projection, dx, weight gradients). They
@@ -338,12 +350,13 @@ bool recurrent_bias_apart(CellKind cell, int gate) {
 }
 
 // A view (layer.h) read as rows (kernels.h) where row_stride (layer.h) allows, else null.
-// A view is read in place where its rows are evenly spaced at a leading dimension the 32-bit BLAS takes;
-// one spaced further apart is copied, so that no job meets a dimension BLAS refuses (jobs must not throw).
+// A view is read in place where its rows are evenly spaced at a leading dimension the 32-bit BLAS takes
+// (at most max_ld); one spaced further apart is copied, so that no job meets a dimension BLAS refuses
+// (jobs must not throw).
 template <typename T>
-Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width) {
+Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width, Index max_ld = kMaxBlasIndex) {
   const Index ld = row_stride(v, n0, n1, width);
-  return ld < 0 || ld > kMaxBlasIndex ? Rows<T>{} : Rows<T>{v.data, ld};
+  return ld < 0 || ld > max_ld ? Rows<T>{} : Rows<T>{v.data, ld};
 }
 
 // The caller's arrays of one call as the kernels read them: in place where rows_in_place allows, else
@@ -352,9 +365,9 @@ Rows<T> rows_in_place(const View3<T>& v, Index n0, Index n1, Index width) {
 template <typename T>
 class Staging {
  public:
-  Rows<const T> in(const View3<const T>& v, Index n0, Index n1, Index width) {
+  Rows<const T> in(const View3<const T>& v, Index n0, Index n1, Index width, Index max_ld = kMaxBlasIndex) {
     if (!v.data) return {};
-    if (const Rows<const T> r = rows_in_place(v, n0, n1, width)) return r;
+    if (const Rows<const T> r = rows_in_place(v, n0, n1, width, max_ld)) return r;
     std::vector<T>& copy = buffers_.emplace_back(static_cast<std::size_t>(n0 * n1 * width));
     gather(v, n0, n1, width, copy.data());
     return {copy.data(), width};
@@ -520,7 +533,7 @@ class ForwardCall {
     gh_width_ = cell_facts(a.cell).gates * hidden;
     rows_ = steps * batch;
     require_projection_fits(a.cell, s);
-    require_blas_range({rows_, gh_width_, input_, hidden});
+    require_layer_blas_range(steps, batch, gh_width_, input_, hidden);
 
     // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
     x_ = st_.in(a.x, steps, batch, input_);
@@ -680,14 +693,18 @@ class BackwardCall {
     if (groups_ < 1 || batch % groups_ != 0)
       throw std::invalid_argument("fusedrnn: grad_groups must divide the batch into groups of equal size");
     require_projection_fits(a.cell, s);
-    require_blas_range({rows_, gh_width_, input_, hidden});
+    require_layer_blas_range(steps, batch, gh_width_, input_, hidden);
 
-    // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
-    x_ = st_.in(a.x, steps, batch, input_);
-    // Per group of rows, each row's GEMMs step B rows at a time through the gate gradients, x and the states.
+    // The caller's arrays as rows, copied only where a view's layout needs it (backend.h). Per group
+    // of rows, each row's GEMMs step B rows at a time through the gate gradients, x and the states, so
+    // there x is also copied where B of its row strides would pass the BLAS range.
+    x_ = st_.in(a.x, steps, batch, input_, groups_ > 1 ? kMaxBlasIndex / batch : kMaxBlasIndex);
     if (groups_ > 1)
-      require_blas_range({groups_ * gh_width_, batch * gh_width_, batch * x_.ld, batch * width_,
-                          batch * std::max(proj_, hidden)});
+      require_blas_range({{"grad_groups*gates*hidden_size", groups_ * gh_width_},
+                          {"batch*gates*hidden_size", batch * gh_width_},
+                          {"batch*input_size", batch * x_.ld},
+                          {"batch*state_size", batch * width_},
+                          {"batch*hidden_size", batch * std::max(proj_, hidden)}});
     w_ih_ = st_.in(a.weights.w_ih, gh_width_, input_);
     const Rows<const T> w_hh = st_.in(a.weights.w_hh, gh_width_, width_);
     const Rows<const T> w_hr = proj_ > 0 ? st_.in(a.weights.w_hr, proj_, hidden) : Rows<const T>{};

@@ -36,8 +36,8 @@ template <typename Kernel>
 __global__ void run_phases(Kernel kernel) {
   extern __shared__ __align__(16) unsigned char shared[];
   const ThreadIndex at{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};
-  const int phases = kernel.phases(blockDim.x);
-  for (int p = 0; p < phases; ++p) {
+  const Index phases = phase_count(kernel, blockDim.x);
+  for (Index p = 0; p < phases; ++p) {
     if (p > 0) __syncthreads();
     kernel(at, p, shared);
   }
@@ -47,8 +47,8 @@ template <typename Kernel>
 __global__ void run_phases_grid(Kernel kernel) {
   extern __shared__ __align__(16) unsigned char shared[];
   const ThreadIndex at{blockIdx.x, gridDim.x, threadIdx.x, blockDim.x};
-  const int phases = kernel.phases(blockDim.x);
-  for (int p = 0; p < phases; ++p) {
+  const Index phases = phase_count(kernel, blockDim.x);
+  for (Index p = 0; p < phases; ++p) {
     if (p > 0) {
       if (kernel.grid_barrier_after(p - 1))
         cooperative_groups::this_grid().sync();

@@ -23,14 +23,15 @@
 // Memory is set and copied by kernels (kernels.h: Copy3, Fill), which also read any strides.
 //
 // A kernel body is a plain struct of device pointers and sizes (copied to the device by value) with
-//   FUSEDRNN_HD int phases(unsigned threads) const;   // barrier-separated phases, >= 1
-//   FUSEDRNN_HD void operator()(const ThreadIndex&, int phase, unsigned char* shared) const;
+//   FUSEDRNN_HD Index phases(unsigned threads) const;   // barrier-separated phases, >= 1
+//   FUSEDRNN_HD void operator()(const ThreadIndex&, Index phase, unsigned char* shared) const;
 // A value that must outlive its phase lives in shared or global memory, never in a local variable: the
 // emulation runs each phase of a block (or of the grid) for every thread before the next phase starts.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "fusedrnn/cells.h"
 #include "fusedrnn/layer.h"
@@ -43,6 +44,14 @@ struct ThreadIndex {
   FUSEDRNN_HD Index global() const { return static_cast<Index>(block) * threads + thread; }
   FUSEDRNN_HD Index grid_threads() const { return static_cast<Index>(blocks) * threads; }
 };
+
+// The phases a launch of `kernel` runs, counted in Index: a persistent kernel runs 1 + 3T of them, which
+// overflows 32 bits from T ~ 7e8 (and a negative count would run none, silently).
+template <typename Kernel>
+FUSEDRNN_HD Index phase_count(const Kernel& kernel, unsigned threads) {
+  static_assert(std::is_same_v<decltype(kernel.phases(threads)), Index>, "a kernel's phases() returns Index");
+  return kernel.phases(threads);
+}
 
 struct LaunchShape {
   unsigned blocks = 1;

@@ -54,9 +54,9 @@ class EmulatedDevice {
   template <typename Kernel>
   void launch(const Kernel& kernel, const LaunchShape& shape) {
     SharedMemory shared(1, shape.shared_bytes);
-    const int phases = kernel.phases(shape.threads);
+    const Index phases = phase_count(kernel, shape.threads);
     for (unsigned b = 0; b < shape.blocks; ++b)
-      for (int p = 0; p < phases; ++p)
+      for (Index p = 0; p < phases; ++p)
         for (unsigned t = 0; t < shape.threads; ++t)
           kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(0));
   }
@@ -68,12 +68,12 @@ class EmulatedDevice {
   void launch_cooperative(const Kernel& kernel, const LaunchShape& shape) {
     cooperative_launch_count.fetch_add(1);
     SharedMemory shared(shape.blocks, shape.shared_bytes);
-    const int phases = kernel.phases(shape.threads);
-    for (int first = 0; first < phases;) {
-      int last = first;
+    const Index phases = phase_count(kernel, shape.threads);
+    for (Index first = 0; first < phases;) {
+      Index last = first;
       while (last + 1 < phases && !kernel.grid_barrier_after(last)) ++last;
       for (unsigned b = 0; b < shape.blocks; ++b)
-        for (int p = first; p <= last; ++p)
+        for (Index p = first; p <= last; ++p)
           for (unsigned t = 0; t < shape.threads; ++t)
             kernel(ThreadIndex{b, shape.blocks, t, shape.threads}, p, shared.block(b));
       first = last + 1;

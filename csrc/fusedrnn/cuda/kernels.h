@@ -38,8 +38,8 @@ struct Copy3 {
   View3<T> to;
   Index n0 = 0, n1 = 0, n2 = 0;
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     const Index n = n0 * n1 * n2;
     for (Index e = at.global(); e < n; e += at.grid_threads()) {
       const Index k = e % n2, j = (e / n2) % n1, i = e / (n1 * n2);
@@ -56,8 +56,8 @@ struct Fill {
   Index n = 0;
   T value = T(0);
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     for (Index e = at.global(); e < n; e += at.grid_threads()) to[e] = value;
   }
 };
@@ -70,8 +70,8 @@ struct FlagNonFinite {
   Index n = 0;
   int* flag = nullptr;
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     // v - v is exactly 0 for a finite v and NaN for NaN or infinity, on the host and the device alike.
     for (Index e = at.global(); e < n; e += at.grid_threads())
       if (!(data[e] - data[e] == T(0))) *flag = 1;
@@ -150,8 +150,8 @@ struct ProjectedOutput {
   T* h_next = nullptr;
   View2<T> y;                 // this step's (B, P) of y
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     const Index e = at.global();
     if (e >= batch * proj) return;
     const Index b = e / proj, j = e % proj;
@@ -236,8 +236,8 @@ struct ProjectedStateGrad {
   T* dh_out = nullptr;       // (B, P)
   T* dh_total = nullptr;     // (B, P)
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     const Index e = at.global();
     if (e >= batch * proj) return;
     const Index b = e / proj, j = e % proj;
@@ -255,8 +255,8 @@ struct ProjectedStateGrad {
 template <typename Cell, typename T>
 struct ForwardPointwise {
   ForwardStep<T> step;
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     const Index e = at.global();
     if (e < step.batch * step.hidden) forward_unit<Cell, T>(step, e / step.hidden, e % step.hidden);
   }
@@ -265,8 +265,8 @@ struct ForwardPointwise {
 template <typename Cell, typename T>
 struct BackwardPointwise {
   BackwardStep<T> step;
-  FUSEDRNN_HD int phases(unsigned) const { return 1; }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int, unsigned char*) const {
+  FUSEDRNN_HD Index phases(unsigned) const { return 1; }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index, unsigned char*) const {
     const Index e = at.global();
     if (e < step.batch * step.hidden) backward_unit<Cell, T>(step, e / step.hidden, e % step.hidden);
   }
@@ -287,8 +287,8 @@ struct RowNorms {
     while ((1u << l) < v) ++l;
     return l;
   }
-  FUSEDRNN_HD int phases(unsigned threads) const { return 1 + log2(threads); }
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int phase, unsigned char* shared) const {
+  FUSEDRNN_HD Index phases(unsigned threads) const { return 1 + log2(threads); }
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index phase, unsigned char* shared) const {
     double* sums = reinterpret_cast<double*>(shared);
     if (phase == 0) {
       const T* row = rows + static_cast<Index>(at.block) * width;

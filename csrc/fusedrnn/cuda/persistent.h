@@ -59,10 +59,10 @@ struct PersistentForward {
   View3<T> y;
   PersistentShape shape;
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1 + 2 * static_cast<int>(steps); }
-  FUSEDRNN_HD bool grid_barrier_after(int phase) const { return phase > 0 && phase % 2 == 0; }
+  FUSEDRNN_HD Index phases(unsigned) const { return 1 + 2 * steps; }
+  FUSEDRNN_HD bool grid_barrier_after(Index phase) const { return phase > 0 && phase % 2 == 0; }
 
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int phase, unsigned char* shared) const {
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index phase, unsigned char* shared) const {
     const Index H = step.hidden, B = step.batch, G = Cell::kGates;
     const Index u0 = static_cast<Index>(at.block) * shape.units;
     const Index u1 = u0 + shape.units < H ? u0 + shape.units : H;
@@ -204,10 +204,10 @@ struct PersistentBackward {
   T* dh_total = nullptr;     // (T, B*H)
   PersistentShape shape;
 
-  FUSEDRNN_HD int phases(unsigned) const { return 1 + 3 * static_cast<int>(steps); }
-  FUSEDRNN_HD bool grid_barrier_after(int phase) const { return phase % 3 == 1; }
+  FUSEDRNN_HD Index phases(unsigned) const { return 1 + 3 * steps; }
+  FUSEDRNN_HD bool grid_barrier_after(Index phase) const { return phase % 3 == 1; }
 
-  FUSEDRNN_HD void operator()(const ThreadIndex& at, int phase, unsigned char* shared) const {
+  FUSEDRNN_HD void operator()(const ThreadIndex& at, Index phase, unsigned char* shared) const {
     const Index H = step.hidden, B = step.batch, GH = Cell::kGates * H;
     const Index u0 = static_cast<Index>(at.block) * shape.units;
     const Index u1 = u0 + shape.units < H ? u0 + shape.units : H;
@@ -219,7 +219,7 @@ struct PersistentBackward {
       return;
     }
     const Index i = (phase - 1) / 3, t = reverse ? i : steps - 1 - i;
-    const int kind = (phase - 1) % 3;
+    const int kind = static_cast<int>((phase - 1) % 3);
     const Index items = B * units, parts = shape.parts;  // item e: row e / units, unit u0 + e % units
     T* dh_out = dh[1 - i % 2];
     T* partial = w + GH * shape.units;  // (parts, items) beside the slice, where parts > 1
