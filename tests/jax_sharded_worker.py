@@ -158,4 +158,44 @@ except NotImplementedError as err:
     assert "host_callbacks" in str(err), err
 else:
     raise AssertionError("a program partitioned by plain jit exported")
+# A run-time check failing on one device's rows (NaN in x, h0 or dy, a length outside [1, T]) fails on
+# every device: none is left waiting at a collective for one that stopped (XLA's CPU collectives abort
+# the process after such a wait), and the error names the offending argument and value.
+params = fj.init(jax.random.key(3), "lstm", inp, hidden)
+rows, by_batch = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P("data"))
+
+
+def train_loss(p, x, lengths, h0, scale):
+    y, _ = fj.forward("lstm", p, x, (h0, jnp.zeros_like(h0)), lengths=lengths)
+    return jnp.sum(jnp.sin(y) ** 2 * scale)  # scale's NaN reaches backward's dy alone
+
+
+def sharded_loss(p, x, lengths, h0, scale):
+    return jax.lax.pmean(jax.grad(train_loss)(p, x, lengths, h0, scale), "data")
+
+
+programs = {"plain jit": jax.jit(jax.grad(train_loss)),
+            "shard_map": jax.jit(jax.shard_map(sharded_loss, mesh=mesh, out_specs=P(),
+                                               in_specs=(P(), P(None, "data"), P("data"), P(None, "data"),
+                                                         P(None, "data"))))}
+clean = (np.asarray(rng.standard_normal((steps, batch, inp)), np.float32), np.full(batch, steps, np.int32),
+         np.asarray(rng.standard_normal((1, batch, hidden)), np.float32), np.ones((steps, batch, hidden), np.float32))
+shardings = (rows, by_batch, rows, rows)
+for name, program in programs.items():
+    for broken, message in ((0, "x: contains NaN"), (1, rf"lengths: each length must be in \[1, {steps}\] \(T\), got 9 "),
+                            (2, "h0: contains NaN"), (3, "dy: contains NaN")):
+        arrays = [a.copy() for a in clean]
+        if broken == 1:
+            arrays[1][-1] = 9
+        else:
+            arrays[broken][..., -1, 0] = np.nan  # the last batch row: the second device's
+        placed = [jax.device_put(a, s) for a, s in zip(arrays, shardings)]
+        try:
+            jax.block_until_ready(program(params, *placed))
+        except Exception as err:  # noqa: BLE001  (jax's runtime error class differs between versions)
+            assert re.search(message, str(err)), (name, str(err))
+        else:
+            raise AssertionError(f"{name}: {message} did not raise")
+    # A clean step still runs after the failed ones.
+    jax.block_until_ready(program(params, *[jax.device_put(a, s) for a, s in zip(clean, shardings)]))
 print("OK")

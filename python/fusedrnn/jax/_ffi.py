@@ -266,7 +266,7 @@ def _partitioned(call):
         return call(spec, options, *arrays)
 
     def partition(spec, options, axes, mesh, arg_shapes, result_shapes):
-        in_axes, summed_from = axes
+        in_axes, summed_from, checks = axes
         split = _batch_split(arg_shapes, in_axes)
 
         def sharding(shape, axis):
@@ -276,6 +276,8 @@ def _partitioned(call):
             return NamedSharding(mesh, PartitionSpec(*parts))
 
         def per_device(*arrays):
+            if split is not None:
+                arrays = _fail_together(arrays, checks, split)
             outputs = call(spec, options, *arrays)
             if split is None or summed_from is None:
                 return outputs
@@ -285,7 +287,7 @@ def _partitioned(call):
                 tuple(sharding(s, a) for s, a in zip(arg_shapes, in_axes)))
 
     def sharding_rule(spec, options, axes, mesh, operand_types, result_types):
-        in_axes, _ = axes
+        in_axes, _, _ = axes
         factors = itertools.count()
 
         def dims(t, axis):
@@ -299,16 +301,52 @@ def _partitioned(call):
     return partitioned
 
 
-def _by_rows(call, spec, options, arrays, lengths_at: int, summed_from: int | None = None):
+class _Checks(NamedTuple):
+    """What the handler of a call refuses at run time: NaN or infinity in the arrays at `finite`, a length
+    outside [1, T] in the array at `lengths` (an empty placeholder where there are none); x is first."""
+    finite: tuple
+    lengths: int
+
+
+def _fail_together(arrays, checks: _Checks, axes):
+    """The arrays of one device's call where several devices run it side by side (mesh `axes`): where
+    any device's call would fail a run-time check, every device's fails it, its own operand made to
+    fail the same check. A device whose call failed alone would leave the others waiting at the next
+    collective (the weight gradients' sum, the loss's mean), and XLA's CPU collectives end such a wait
+    by aborting the process."""
+    flags = [jnp.logical_not(jnp.all(jnp.isfinite(arrays[i]))) for i in checks.finite]
+    lengths = arrays[checks.lengths]
+    if lengths.shape != (0,):
+        outside = (lengths < 1) | (lengths > arrays[0].shape[0])
+        flags.append(jnp.any(outside))
+        # A device failing for another's length names that length.
+        offending = jax.lax.pmax(jnp.max(jnp.where(outside, lengths, jnp.iinfo(lengths.dtype).min)), axes)
+    if not flags:
+        return arrays
+    local = jnp.stack(flags)
+    anywhere = jax.lax.pmax(local.astype(jnp.int32), axes) > 0
+    fail = anywhere & jnp.logical_not(local)
+    out = list(arrays)
+    for k, i in enumerate(checks.finite):
+        out[i] = jnp.where(fail[k], jnp.asarray(jnp.nan, arrays[i].dtype), arrays[i])
+    if lengths.shape != (0,):
+        out[checks.lengths] = jnp.where(fail[-1], offending, lengths)
+    return tuple(out)
+
+
+def _by_rows(call, spec, options, arrays, checks: _Checks, summed_from: int | None = None):
     """call(spec, options, *arrays), the FFI call itself where nothing traces it or where it already
-    runs per device (inside shard_map), and under jit the operation partitioned by rows. arrays[lengths_at]
-    is the lengths (B,), or an empty placeholder; the results from `summed_from` on (the weight
-    gradients) are summed over the devices that split the rows."""
-    if not any(isinstance(a, jax.core.Tracer) for a in arrays) or any(_varying_axes(a) for a in arrays):
+    runs per device (inside shard_map), and under jit the operation partitioned by rows; wherever
+    devices run it side by side, they fail its run-time checks together (_fail_together). The results
+    from `summed_from` on (the weight gradients) are summed over the devices that split the rows."""
+    if not any(isinstance(a, jax.core.Tracer) for a in arrays):
         return call(spec, options, *arrays)
+    varying = frozenset().union(*(_varying_axes(a) for a in arrays))
+    if varying:
+        return call(spec, options, *_fail_together(arrays, checks, tuple(sorted(varying))))
     in_axes = [_row_axis(a) for a in arrays]
-    in_axes[lengths_at] = None if arrays[lengths_at].shape == (0,) else 0
-    axes = (tuple(in_axes), summed_from)
+    in_axes[checks.lengths] = None if arrays[checks.lengths].shape == (0,) else 0
+    axes = (tuple(in_axes), summed_from, checks)
     partitioned = _partitioned(call)
 
     @custom_vmap
@@ -326,7 +364,9 @@ def _by_rows(call, spec, options, arrays, lengths_at: int, summed_from: int | No
 
 def _forward(spec: LayerSpec, training: bool, x, h0, c0, lengths, weights):
     """y, h_n, c_n and the tape's arrays (empty unless training)."""
-    return _by_rows(_forward_call, spec, training, (x, h0, c0, lengths, *weights), lengths_at=3)
+    checked = [(0, spec.check_x), (1, spec.check_states), (2, spec.check_states)]
+    return _by_rows(_forward_call, spec, training, (x, h0, c0, lengths, *weights),
+                    _Checks(tuple(i for i, on in checked if on), lengths=3))
 
 
 def layer(spec: LayerSpec, x, h0, c0, lengths, weights):
@@ -381,8 +421,10 @@ def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
     """The fused backward kernel on one layer's tape (hs, cs, saved, rs as the training forward wrote
     them): returns (dx, dh0, dc0, weight gradients)."""
     x, lengths, tape, dy, dh_n, dc_n, weights = vary_alike(x, lengths, tape, dy, dh_n, dc_n, weights)
+    at_dy = 2 + len(tape)
+    checked = [(at_dy, spec.check_dy), (at_dy + 1, spec.check_states), (at_dy + 2, spec.check_states)]
     dx, dh0, dc0, *grads = _by_rows(_backward_call, spec, None, (x, lengths, *tape, dy, dh_n, dc_n, *weights),
-                                    lengths_at=1, summed_from=3)
+                                    _Checks(tuple(i for i, on in checked if on), lengths=1), summed_from=3)
     return dx, dh0, dc0, tuple(grads)
 
 
