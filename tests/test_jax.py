@@ -858,3 +858,25 @@ def test_per_sample_gradients_from_threads_on_an_oversized_team_are_bit_identica
     assert not any(t.is_alive() for t in threads)
     for i in range(8):
         jax.tree.map(np.testing.assert_array_equal, results[i], expected[i % 4])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_training_tape_holds_no_stale_values_at_padded_steps(cell):
+    """Backward never reads the tape's gate values at a row's padded steps, but the tape is the forward
+    call's result: jax.debug_nans checks every value of it, so it must not be whatever the memory held
+    (freed NaN here)."""
+    params = fj.init(jax.random.key(0), cell, 4, 6, bidirectional=True)
+    x = jax.random.normal(jax.random.key(1), (5, 3, 4))
+    lengths = jnp.array([5, 1, 3])
+
+    def loss(p):
+        return jnp.sum(fj.forward(cell, p, x, lengths=lengths)[0] ** 2)
+
+    expected = jax.grad(loss)(params)
+    for _ in range(3):
+        stale = jnp.full((5, 3, 64), jnp.nan).block_until_ready()
+        del stale
+        with jax.debug_nans(True):
+            got = jax.grad(loss)(params)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])

@@ -520,6 +520,11 @@ void forward_units(const ForwardPlan<T>& pl, Index t, const RankShare& sh, GateR
         std::fill(yr, yr + units, T(0));
       }
       if constexpr (Cell::kHasCellState) std::copy(c_prev + row, c_prev + row + units, c_next + row);
+      // Zeros rather than whatever the tape's memory held: backward never reads them, but the tape is
+      // its caller's array too (JAX's NaN checks read every value of a call's results).
+      if constexpr (kRecord && Cell::kSaved > 0)
+        for (int k = 0; k < Cell::kSaved; ++k)
+          std::fill_n(saved + (b * Cell::kSaved + k) * H + u0, units, T(0));
       continue;
     }
     const T* __restrict xr = xs.first + (b - sh.b0) * xs.ld;

@@ -110,6 +110,8 @@ FUSEDRNN_HD void forward_unit(const ForwardStep<T>& s, Index b, Index j) {
   const T c_prev = Cell::kHasCellState ? s.c_prev[state] : T(0);
   if (!row_valid(s.lengths, s.t, b)) {  // the state carries over; the output is zero
     if (Cell::kHasCellState) s.c_next[state] = c_prev;
+    if (s.saved)  // unread by backward, but the tape is its caller's array too (JAX's NaN checks)
+      for (int k = 0; k < Cell::kSaved; ++k) s.saved[(b * Cell::kSaved + k) * H + j] = T(0);
     if (projected) {
       s.r[state] = T(0);
       return;
