@@ -198,4 +198,22 @@ for name, program in programs.items():
             raise AssertionError(f"{name}: {message} did not raise")
     # A clean step still runs after the failed ones.
     jax.block_until_ready(program(params, *[jax.device_put(a, s) for a, s in zip(clean, shardings)]))
+# A mesh with explicit axes (jax.set_mesh), where arrays' types name their sharding: the layer runs
+# whole on each device, and the gradients come back with their primals' types.
+if hasattr(jax, "set_mesh") and hasattr(jax.sharding, "reshard"):
+    params = fj.init(jax.random.key(4), "gru", inp, hidden)
+    x = np.asarray(rng.standard_normal((steps, batch, inp)), np.float32)
+
+    def explicit_loss(p, x):
+        return jnp.sum(fj.forward("gru", p, x)[0] ** 2)
+
+    expected = jax.grad(explicit_loss, argnums=(0, 1))(params, x)
+    explicit = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        x_s = jax.device_put(x, NamedSharding(explicit, P(None, "data")))
+        grads, dx = jax.jit(jax.grad(explicit_loss, argnums=(0, 1)))(params, x_s)
+        assert jax.typeof(dx).sharding.spec == jax.typeof(x_s).sharding.spec, jax.typeof(dx)
+    for name in params:
+        np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(expected[0][name]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(expected[1]), rtol=1e-5, atol=1e-6)
 print("OK")

@@ -403,6 +403,19 @@ def _layer_fwd(spec, x, h0, c0, lengths, weights):
     return (y, h_n, c_n), (x, h0, c0, lengths, weights, tuple(tape))
 
 
+def _sharded_like(grad, primal):
+    """grad with its primal's sharding in its type where the two differ: under a mesh with explicit
+    axes (jax.set_mesh) a primal's type names its sharding, the FFI call's results name none, and a
+    custom_vjp's gradients must have their primals' types."""
+    want = getattr(jax.typeof(primal), "sharding", None)
+    have = getattr(jax.typeof(grad), "sharding", None)
+    explicit = getattr(jax.sharding, "AxisType", None)
+    axis_types = getattr(getattr(want, "mesh", None), "axis_types", ())
+    if explicit is None or explicit.Explicit not in axis_types or want.spec == getattr(have, "spec", None):
+        return grad
+    return jax.sharding.reshard(grad, want)
+
+
 def _layer_bwd(spec, residuals, cotangents):
     x, h0, c0, lengths, weights, tape = residuals
     dy, dh_n, dc_n = cotangents
@@ -410,7 +423,8 @@ def _layer_bwd(spec, residuals, cotangents):
     # An absent initial state (an empty array) gets an empty gradient.
     dh0 = dh0 if h0.size else jnp.zeros_like(h0)
     dc0 = dc0 if c0.size else jnp.zeros_like(c0)
-    return dx, dh0, dc0, None, weight_grads
+    return (_sharded_like(dx, x), _sharded_like(dh0, h0), _sharded_like(dc0, c0), None,
+            jax.tree.map(_sharded_like, weight_grads, weights))
 
 
 _layer.defvjp(_layer_fwd, _layer_bwd)
