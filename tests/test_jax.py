@@ -687,6 +687,14 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
             fj.lstm(params, x.astype(np.float64))
 
 
+def test_torch_tensors_are_refused_naming_the_argument(rng):
+    torch = pytest.importorskip("torch")
+    params = _params(rng, "gru", 3, 4)
+    for x in (torch.zeros(5, 2, 3), torch.zeros(5, 2, 3, requires_grad=True)):
+        with pytest.raises(TypeError, match=r"^x: expected a JAX or NumPy array, got Tensor"):
+            fj.gru(params, x)
+
+
 @pytest.mark.parametrize("where", ["x", "h0", "c0", "dy"])
 def test_nan_and_inf_raise_at_run_time_naming_the_argument(rng, where):
     params = _params(rng, "lstm", 3, 4)

@@ -98,7 +98,7 @@ def _array(name: str, value, dtype=None):
     try:
         arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
         given = np.dtype(getattr(value, "dtype", arr.dtype))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a torch tensor that requires grad
         raise TypeError(f"{name}: expected a JAX or NumPy array, got {type(value).__name__}") from err
     if dtype is not None:
         for got in (arr.dtype, given):
