@@ -611,11 +611,14 @@ def test_fingerprint_sees_changes_and_not_the_team(rng, simd_level, team_size, d
     first = fusedrnn._core.fingerprint(a)
     assert fusedrnn._core.fingerprint(a.copy()) == first
     assert fusedrnn._core.fingerprint(a.reshape(5, -1) if a.size % 5 == 0 else a[None]) == first
-    changed = [a.copy() for _ in range(4)]
+    changed = [a.copy() for _ in range(7)]
     changed[0][-1] = np.nextafter(a[-1], np.inf, dtype=dtype)   # the last bit of the last value
     changed[1][[7, 70001]] = a[[70001, 7]]                        # two values swapped, across shares
     changed[2][1 << 16] = -a[1 << 16]                             # a sign, at a share's edge
     changed[3][:] = np.roll(a, 1)
+    changed[4][:-1] *= -1                                         # every sign but one: an even count
+    changed[5][[3, 9]] *= -1                                      # two signs
+    changed[6][:] = np.abs(a)
     assert all(fusedrnn._core.fingerprint(c) != first for c in changed)
     fusedrnn.set_num_threads(1)
     assert fusedrnn._core.fingerprint(a) == first
@@ -630,6 +633,10 @@ def test_changing_x_in_place_before_backward_raises(rng, cell):
     with pytest.raises(RuntimeError, match=r"^backward: x was changed in place after the forward"):
         m.backward(np.ones((6, 3, 10), np.float32))
     with pytest.raises(RuntimeError, match="no training-mode forward"):  # consumed: run the forward again
+        m.backward(np.ones((6, 3, 10), np.float32))
+    m(x)
+    x *= -1  # every sign, an even count of them
+    with pytest.raises(RuntimeError, match=r"^backward: x was changed in place after the forward"):
         m.backward(np.ones((6, 3, 10), np.float32))
     for layout in ("unbatched", "batch_first"):  # unbatched: x itself; batch_first: a copy, free to change
         b = make_module(cell, 4, 5, batch_first=layout == "batch_first", seed=0)

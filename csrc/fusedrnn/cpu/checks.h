@@ -45,12 +45,21 @@ FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
   return true;
 }
 
-// A fingerprint of the values' memory: over its 32-bit words w[j], the sum of w[j] * (2 * (first + j) + 1)
-// wrapping at 32 bits, with `first` the index of values[0]'s first word in the whole array, so the
-// shares of a split array add up to the whole's (in any order) and a value moved elsewhere changes it.
+// A fingerprint of the values' memory: over its 32-bit words w[j], the sum of mix(w[j]) * (2 * (first +
+// j) + 1) wrapping at 32 bits, with `first` the index of values[0]'s first word in the whole array, so
+// the shares of a split array add up to the whole's (in any order) and a value moved elsewhere changes
+// it. mix is a nonlinear bijection (xor-shifts around an odd multiply): with the words themselves, a
+// change that adds the same amount to several words could cancel (two sign bits flipped add 2^32).
 // A check that an array kept by reference was not changed in place, not a hash against tampering; 32-bit
 // words for both dtypes because a 32-bit multiply vectorises at every level (a 64-bit one not before
 // AVX-512).
+FUSEDRNN_ALWAYS_INLINE std::uint32_t mix_word(std::uint32_t w) {
+  w ^= w >> 16;
+  w *= 0x7feb352dU;
+  w ^= w >> 15;
+  return w;
+}
+
 template <typename T>
 FUSEDRNN_ALWAYS_INLINE std::uint32_t fingerprint(const T* values, std::int64_t count, std::int64_t first) {
   static_assert(sizeof(T) % 4 == 0, "values of whole 32-bit words");
@@ -60,7 +69,7 @@ FUSEDRNN_ALWAYS_INLINE std::uint32_t fingerprint(const T* values, std::int64_t c
   for (std::int64_t j = 0; j < count * kWords; ++j, weight += 2) {
     std::uint32_t word;
     std::memcpy(&word, bytes + 4 * j, 4);
-    sum += word * weight;
+    sum += mix_word(word) * weight;
   }
   return sum;
 }
