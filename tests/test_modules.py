@@ -735,3 +735,23 @@ def test_per_sample_backward_of_one_row_and_bad_arguments(rng):
     assert not sums["a"].any() and not sums["b"].any()
     m.zero_grad()
     assert m.per_sample_grads == {}
+
+
+@pytest.mark.parametrize("make, name", [(lambda: fusedrnn.GRU(3, 4, seed=0), "weight_ih_l0"),
+                                        (lambda: fusedrnn.Linear(3, 2, seed=0), "weight"),
+                                        (lambda: fusedrnn.Linear(3, 2, seed=0), "bias")])
+def test_assigning_a_parameter_attribute_is_refused(make, name):
+    """An attribute of a parameter's name would shadow the array the forward, state_dict() and the
+    optimisers keep using (a silent no-op); writing into the parameter, or loading it, is the way."""
+    m = make()
+    held = m.state_dict()[name]
+    with pytest.raises(TypeError, match=rf"^{name}: a parameter is not replaced by assignment"):
+        setattr(m, name, np.zeros_like(held))
+    np.testing.assert_array_equal(getattr(m, name), held)
+    assert getattr(m, name) is dict(m.named_parameters())[name]
+    getattr(m, name)[...] = 0.5
+    np.testing.assert_array_equal(m.state_dict()[name], np.full_like(held, 0.5))
+    m.load_state_dict({name: np.zeros_like(held)}, strict=False)
+    assert not m.state_dict()[name].any()
+    m.training = False  # other attributes stay assignable
+    assert not m.training

@@ -121,6 +121,22 @@ class _Module:
         self.__dict__.update(state)
         self._init_thread_state()
 
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __setattr__(self, name, value) -> None:
+        # An attribute of a parameter's name would shadow the array that the forward, the gradients,
+        # state_dict() and the optimisers keep using.
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            raise TypeError(f"{name}: a parameter is not replaced by assignment; write into it "
+                            f"(module.{name}[...] = value) or load it (module.load_state_dict({{{name!r}: "
+                            f"value}}, strict=False))")
+        super().__setattr__(name, value)
+
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
         return iter(self._params.items())
 
@@ -282,12 +298,6 @@ class RNNBase(_Module):
         without a projection."""
         return [[_stack.LayerWeights(*map(source.get, names)) for names in layer]
                 for layer in _stack.weight_names(self.num_layers, self.bidirectional)]
-
-    def __getattr__(self, name):
-        params = self.__dict__.get("_params")
-        if params is not None and name in params:
-            return params[name]
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def zero_grad(self) -> None:
         """Resets the accumulated gradients of the parameters, the input and the initial states, and
