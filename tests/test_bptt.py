@@ -209,3 +209,23 @@ def test_truncated_bptt_errors(rng):
             np.testing.assert_array_equal(v, before[k])
     with pytest.raises(TypeError, match=r"hx: expected a tuple \(h0, c0\) for an LSTM"):
         truncated_bptt(fusedrnn.LSTM(3, 4, dtype=np.float64), x, 2, _mse_against(target), hx=np.zeros((1, 2, 4)))
+
+
+def test_non_finite_input_is_refused_before_any_chunk_runs(rng):
+    """NaN in a late chunk of x (or in hx) raises before the first chunk changes the module: no
+    gradients added, no after_chunk (an optimiser step) run."""
+    m = fusedrnn.GRU(3, 4, dtype=np.float64, seed=0)
+    x = rng.standard_normal((8, 2, 3))
+    target = np.zeros((8, 2, 4))
+    for name, bad_x, hx in (("x", x.copy(), None), ("hx", x, np.full((1, 2, 4), np.inf))):
+        if hx is None:
+            bad_x[6, 1, 0] = np.nan
+        before = {k: v.copy() for k, v in m.grads.items()}
+        chunks = []
+        with pytest.raises(ValueError, match=rf"^{name}: contains NaN or infinite values"):
+            truncated_bptt(m, bad_x, 2, _mse_against(target), hx=hx, after_chunk=chunks.append)
+        assert chunks == []
+        for k, v in m.grads.items():
+            np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(ValueError, match=r"^loss_fn's gradient: contains NaN or infinite values"):
+        truncated_bptt(m, x, 2, lambda y, s, e: (0.0, np.full(y.shape, np.nan)))

@@ -226,8 +226,7 @@ def test_backward_after_eval_forward_raises(module):
         module.backward(f32(T, B, H))
 
 
-def test_eval_forward_discards_an_earlier_training_tape(module):
-    module(f32(T, B, I))
+def test_eval_forward_keeps_no_tape_of_its_own(module):
     module.eval()
     module(f32(T, B, I))
     with pytest.raises(RuntimeError, match=r"^backward: "):

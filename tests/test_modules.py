@@ -257,6 +257,7 @@ def test_eval_matches_train_without_dropout_and_keeps_no_tape(rng, cell):
     x, h0, c0, _, _, _ = _data(rng, cell, m)
     assert m.training
     y_train, s_train = m(x, _hx(cell, h0, c0), lengths=[5, 3, 1])
+    m.backward(np.ones_like(y_train))
     assert m.eval() is m and not m.training
     y_eval, s_eval = m(x, _hx(cell, h0, c0), lengths=[5, 3, 1])
     np.testing.assert_allclose(y_eval, y_train, **TOL64)
@@ -755,3 +756,23 @@ def test_assigning_a_parameter_attribute_is_refused(make, name):
     assert not m.state_dict()[name].any()
     m.training = False  # other attributes stay assignable
     assert not m.training
+
+
+@pytest.mark.parametrize("make", [lambda: fusedrnn.GRU(3, 5, seed=0), lambda: fusedrnn.Linear(3, 5, seed=0)])
+def test_an_eval_forward_leaves_the_pending_training_forward(rng, make):
+    """backward runs through the last training-mode forward: a monitoring call in eval mode between
+    them does not discard it (as torch keeps its graph); a second training forward replaces it."""
+    m, ref = make(), make()
+    x = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    first = m(x)
+    ref(x)
+    m.eval()
+    m(x + 1)
+    m.train()
+    y = first[0] if isinstance(first, tuple) else first
+    m.backward(np.ones_like(y))
+    ref.backward(np.ones_like(y))
+    for name, g in ref.grads.items():
+        np.testing.assert_array_equal(m.grads[name], g)
+    with pytest.raises(RuntimeError, match=r"^backward: no training-mode forward .* each backward needs a forward"):
+        m.backward(np.ones_like(y))

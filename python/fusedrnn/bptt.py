@@ -72,6 +72,12 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
     lens = _checks.lengths(lengths, steps, batch)
     stateful = module._has_cell_state
     h, c = _initial_state(module, x, hx, batch, stateful)
+    # All of x and the state before the first chunk changes the module (its gradients, after_chunk's
+    # optimiser steps), as the module's own forward checks its whole input before it runs.
+    _checks.finite("x", x)
+    for name, value in (("h0" if stateful else "hx", h), ("c0", c)):
+        if value is not None:
+            _checks.finite(name, value)
 
     out_shape = list(x.shape)
     out_shape[2] = module.num_directions * module._state_size
@@ -101,7 +107,9 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
         else:
             h[:, active] = hx_out
         loss, dy = _loss_and_gradient(loss_fn(y_chunk, start, stop), y_chunk, x)
-        dx_active, dh0_chunk, dc0_chunk = module._gradients(xp.ascontiguousarray(dy[rows], module.dtype), None)
+        dy_active = xp.ascontiguousarray(dy[rows], module.dtype)
+        _checks.finite("loss_fn's gradient", dy_active)  # the rows backward reads, named as the caller knows them
+        dx_active, dh0_chunk, dc0_chunk = module._gradients(dy_active, None)
         dx[time][rows] = dx_active
         if index == 0:  # every row takes part in the first chunk
             dh0, dc0 = dh0_chunk, dc0_chunk

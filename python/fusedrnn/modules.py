@@ -399,8 +399,7 @@ class RNNBase(_Module):
             dropout = lambda shape: _device.move(self._dropout_mask(shape), device)  # noqa: E731
         y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, weights, h0, c0, lengths=lens, training=training,
                                                    cell_clip=self.cell_clip, dropout=dropout)
-        self._pending = None
-        if training:
+        if training:  # replaces an earlier training forward's pending backward; eval forwards leave it
             inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
                                      inner_inputs_nbytes, device, _InputGuard.of(x, device))
@@ -424,7 +423,8 @@ class RNNBase(_Module):
         return (keep * scale).astype(self.dtype)
 
     def backward(self, dy=None, dhx=None, *, per_sample: bool = False):
-        """Backpropagates through the last training-mode forward. dy has y's shape; dhx is dh_n, or
+        """Backpropagates through the last training-mode forward on this thread (each one replaces the
+        one before; eval-mode forwards leave it pending), once. dy has y's shape; dhx is dh_n, or
         (dh_n, dc_n) for LSTM, in h_n's shape (None: zero), on the module's device. Accumulates
         parameter gradients into
         `grads` and input/initial-state gradients into `input_grads`; returns this call's
@@ -443,8 +443,8 @@ class RNNBase(_Module):
         """backward's work but the adding into `input_grads`: (dx, dh0, dc0), dc0 None without a cell state."""
         ctx = self._pending
         if ctx is None:
-            raise RuntimeError("backward: no training-mode forward to backpropagate through; run the "
-                               "module in train() mode before each backward (on the same thread)")
+            raise RuntimeError("backward: no training-mode forward to backpropagate through; each backward "
+                               "needs a forward of its own in train() mode, on the same thread")
         if ctx.device != self.device:
             raise RuntimeError(f"backward: the module moved to {self.device} after its forward on {ctx.device}; "
                                "run the forward again where the module is")
@@ -593,7 +593,6 @@ class Linear(_Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
         _checks.finite("x", x)
-        self._pending = None
         if self.training:  # x as backward reads it: the caller's memory, guarded, or a copy of it
             guard = _InputGuard.of(x, self.device)
             self._pending = (x, guard) if guard is not None or self.device != "cpu" else (x.copy(), None)
@@ -603,7 +602,8 @@ class Linear(_Module):
     def backward(self, dy) -> np.ndarray:
         """Adds the parameter gradients to `grads` and returns dL/dx."""
         if self._pending is None:
-            raise RuntimeError("backward: no training-mode forward to backpropagate through (on the same thread)")
+            raise RuntimeError("backward: no training-mode forward to backpropagate through; each backward "
+                               "needs a forward of its own in train() mode, on the same thread")
         x, guard = self._pending
         self._check_on_module_device(dy=dy)
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
