@@ -776,3 +776,20 @@ def test_an_eval_forward_leaves_the_pending_training_forward(rng, make):
         np.testing.assert_array_equal(m.grads[name], g)
     with pytest.raises(RuntimeError, match=r"^backward: no training-mode forward .* each backward needs a forward"):
         m.backward(np.ones_like(y))
+
+
+def test_load_state_dict_reports_what_it_left_out():
+    m = fusedrnn.GRU(3, 4, seed=0)
+    full = m.state_dict()
+    assert m.load_state_dict(full) == ([], [])
+    got = m.load_state_dict({"rnn.weight_ih_l0": full["weight_ih_l0"], "bias_hh_l0": full["bias_hh_l0"]},
+                            strict=False)
+    assert got.missing_keys == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0"]
+    assert got.unexpected_keys == ["rnn.weight_ih_l0"]
+
+
+def test_linear_refuses_an_empty_batch():
+    lin = fusedrnn.Linear(3, 2, seed=0)
+    for shape in ((0, 3), (4, 0, 3)):
+        with pytest.raises(ValueError, match=r"^x: empty input"):
+            lin(np.ones(shape, np.float32))

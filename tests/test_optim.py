@@ -1,5 +1,7 @@
 """Optimisers: the same gradients give torch.optim's parameters step by step; module use; errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -163,3 +165,18 @@ def test_module_gradients_are_matched_by_name_not_order(rng):
     optim.SGD(lstm, lr=1.0).step()
     for k, v in lstm.named_parameters():
         np.testing.assert_array_equal(v, before[k] - grads[k])
+
+
+def test_a_parameter_listed_twice_is_refused(rng):
+    """Listed twice (the same array, views of one memory, a module twice), a parameter would take every
+    step twice; disjoint views of one buffer are separate parameters."""
+    p = rng.standard_normal((2, 3))
+    m = fusedrnn.GRU(3, 4, seed=0)
+    for params, names in (([p, p], ("1", "0")), ([p, p[:, 1:]], ("1", "0")), ([m, m], ("1.weight_ih_l0", "0.weight_ih_l0"))):
+        for make in (optim.SGD, optim.Adam):
+            with pytest.raises(ValueError, match=rf"^params\['?{re.escape(names[0])}'?\]: the same memory as "
+                                                 rf"params\['?{re.escape(names[1])}'?\]"):
+                make(params, lr=0.1)
+    buffer = np.zeros(6)
+    optim.SGD([buffer[:3], buffer[3:]], lr=0.1).step([np.ones(3), np.ones(3)])
+    np.testing.assert_array_equal(buffer, np.full(6, -0.1))

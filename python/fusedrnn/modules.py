@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -85,6 +85,13 @@ class _GradientsLock:
         self._lock.release()
 
 
+class IncompatibleKeys(NamedTuple):
+    """What load_state_dict(strict=False) left out: the module's keys the mapping lacks, and the mapping's
+    keys the module lacks."""
+    missing_keys: list
+    unexpected_keys: list
+
+
 class _Module:
     """What every module here has: parameters in `_params` (name -> array), gradients in `grads` keyed
     alike, both on the module's device, and a training flag.
@@ -147,10 +154,11 @@ class _Module:
         """A copy of every parameter on the module's device, keyed exactly as torch.nn names them."""
         return OrderedDict((k, v.copy()) for k, v in self._params.items())
 
-    def load_state_dict(self, state_dict, strict: bool = True) -> None:
+    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
         """Loads parameters in place from a mapping of name -> array-like on any device (a torch
         state_dict works as is), onto the module's device. Shapes must match; values are cast to the
-        module's dtype and must be finite."""
+        module's dtype and must be finite. Returns the keys the module has and the mapping lacks, and
+        the mapping's keys the module lacks (as torch does), empty unless strict=False."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
         missing = [k for k in self._params if k not in state_dict]
@@ -177,6 +185,7 @@ class _Module:
             loaded[name] = arr
         for name, arr in loaded.items():  # all checked before any is written
             _device.copy_into(self._params[name], arr)
+        return IncompatibleKeys(missing, unexpected)
 
     def zero_grad(self) -> None:
         """Resets the accumulated parameter gradients."""
@@ -590,6 +599,8 @@ class Linear(_Module):
     def forward(self, x) -> np.ndarray:
         self._check_on_module_device(x=x)
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
+        if x.size == 0:
+            raise ValueError(f"x: empty input, got shape {x.shape}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected {self.in_features} features in the last dimension, got {x.shape[-1]}")
         _checks.finite("x", x)

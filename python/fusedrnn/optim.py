@@ -70,6 +70,11 @@ class Optimizer:
                 raise ValueError(f"params[{name!r}]: the array is read-only and cannot be updated in place")
             if hasattr(p, "strides"):  # NumPy's and CuPy's, in bytes
                 _checks.elements_apart(f"params[{name!r}]", p)
+        for i, (name, p) in enumerate(named):  # a parameter listed twice would take every step twice
+            for other, q in named[:i]:
+                if p is q or (type(p) is type(q) is np.ndarray and np.shares_memory(p, q)):
+                    raise ValueError(f"params[{name!r}]: the same memory as params[{other!r}]; list each "
+                                     f"parameter once")
         self._named = named
         self.lr = _hyper("lr", lr)
         self.state: list[dict] = [{} for _ in named]
