@@ -1211,3 +1211,39 @@ def test_fx_symbolic_trace_says_how_to_trace_the_layer():
     graph = torch.fx.GraphModule(model, Leaves().trace(model))
     x = torch.randn(5, 2, 3)
     assert torch.equal(graph(x), model(x))
+
+
+def test_weights_of_another_size_are_refused_by_name():
+    """The kernels read the hidden size from the weights: a set replaced through .data (or substituted by
+    torch.func.functional_call) for another hidden or projection size, consistent in itself, would run a
+    layer of that size; torch.nn refuses it, and so does the drop-in, naming the parameter."""
+    x = torch.randn(4, 2, 3)
+
+    def resized(module, **shapes):
+        for name, shape in shapes.items():
+            getattr(module, name).data = torch.randn(shape)
+        return module
+
+    cases = [
+        (resized(frt.RNN(3, 5), weight_ih_l0=(6, 3), weight_hh_l0=(6, 6), bias_ih_l0=(6,), bias_hh_l0=(6,)),
+         r"^weight_ih_l0: expected shape \(5, 3\) for RNN\(input_size=3, hidden_size=5\), got \(6, 3\)"),
+        (resized(frt.LSTM(3, 5, proj_size=2), weight_hr_l0=(3, 5), weight_hh_l0=(20, 3)),
+         r"^weight_hh_l0: expected shape \(20, 2\) for LSTM\(input_size=3, hidden_size=5, proj_size=2\)"),
+        (resized(frt.GRU(3, 5, num_layers=2, bidirectional=True), weight_hh_l1_reverse=(15, 4)),
+         r"^weight_hh_l1_reverse: expected shape \(15, 5\)"),
+        (resized(frt.LSTM(3, 5, proj_size=2, num_layers=2), weight_ih_l1=(24, 2), weight_hh_l1=(24, 2),
+                 weight_hr_l1=(2, 6), bias_ih_l1=(24,), bias_hh_l1=(24,)),  # the output's width unchanged
+         r"^weight_ih_l1: expected shape \(20, 2\)"),
+        (resized(frt.GRU(3, 5, num_layers=2), weight_ih_l0=(18, 3), weight_hh_l0=(18, 6), bias_ih_l0=(18,),
+                 bias_hh_l0=(18,), weight_ih_l1=(15, 6)),  # a middle layer of another size
+         r"^weight_ih_l0: expected shape \(15, 3\)"),
+    ]
+    for module, message in cases:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=message):
+                module(x)
+    module = frt.GRU(3, 5)
+    params = {**dict(module.named_parameters()), "weight_hh_l0": torch.randn(18, 6), "weight_ih_l0": torch.randn(18, 3),
+              "bias_ih_l0": torch.randn(18), "bias_hh_l0": torch.randn(18)}
+    with pytest.raises(ValueError, match=r"^weight_ih_l0: expected shape \(15, 3\)"):
+        torch.func.functional_call(module, params, (x,))

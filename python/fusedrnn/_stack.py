@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from . import _core, _device
-from .functional import LayerGrads, _backward, _backward_directions, _forward, _forward_directions, has_cell_state
+from .functional import GATES, LayerGrads, _backward, _backward_directions, _forward, _forward_directions, has_cell_state
 
 
 class LayerWeights(NamedTuple):
@@ -64,6 +64,19 @@ def weight_names(num_layers: int, bidirectional: bool) -> tuple:
             tuple(tuple(f"{n}_l{layer}{suffix}" for n in LayerWeights._fields) for suffix in suffixes)
             for layer in range(num_layers))
     return names
+
+
+def weight_shapes(cell: str, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool,
+                  bias: bool, proj_size: int = 0):
+    """(name, shape) of every parameter of a stack as torch.nn lays it out, layer by layer."""
+    gh = GATES[cell] * hidden_size
+    state = proj_size or hidden_size
+    for layer, directions in enumerate(weight_names(num_layers, bidirectional)):
+        layer_input = input_size if layer == 0 else state * (2 if bidirectional else 1)
+        shapes = LayerWeights((gh, layer_input), (gh, state), (gh,) if bias else None, (gh,) if bias else None,
+                              (proj_size, hidden_size) if proj_size else None)
+        for names in directions:
+            yield from ((name, shape) for name, shape in zip(names, shapes) if shape is not None)
 
 
 def direction(a, d: int, width: int):

@@ -10,7 +10,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from . import _checks, _core, _device, _stack
-from .functional import CELLS, GATES, has_cell_state
+from .functional import CELLS, has_cell_state
 
 
 class _Context:
@@ -292,14 +292,8 @@ class RNNBase(_Module):
         return self.proj_size or self.hidden_size
 
     def _parameter_shapes(self):
-        gh = GATES[self.cell] * self.hidden_size
-        for layer, directions in enumerate(_stack.weight_names(self.num_layers, self.bidirectional)):
-            layer_input = self.input_size if layer == 0 else self._state_size * self.num_directions
-            shapes = _stack.LayerWeights((gh, layer_input), (gh, self._state_size),
-                                         (gh,) if self.bias else None, (gh,) if self.bias else None,
-                                         (self.proj_size, self.hidden_size) if self.proj_size else None)
-            for names in directions:
-                yield from ((name, shape) for name, shape in zip(names, shapes) if shape is not None)
+        return _stack.weight_shapes(self.cell, self.input_size, self.hidden_size, self.num_layers,
+                                    self.bidirectional, self.bias, self.proj_size)
 
     def _stack_weights(self, source) -> list:
         """`source`'s arrays (the parameters or their gradients) as the driver takes them:

@@ -109,8 +109,19 @@ class _FusedRNNBase(nn.RNNBase):
         def dropout(layer, y):
             return _dropout(y, self.dropout, batch_sizes)
 
-        x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
-                                         between=dropout if self.training and self.dropout > 0 else None)
+        try:
+            x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
+                                             between=dropout if self.training and self.dropout > 0 else None)
+        except ValueError:
+            self._check_weight_shapes(weights)  # names the parameter where the module's sizes are to blame
+            raise
+        # The kernels take the sizes from the weights: ones of another hidden or projection size, each
+        # consistent with the others, would run a layer of that size (checked only then: per-call cost).
+        hidden = self.hidden_size
+        state = self.proj_size or hidden
+        if (x.shape[-1] != dirs * state or not all([h.shape[-1] == state for h in h_n])
+                or (cell_state and not all([c.shape[-1] == hidden for c in c_n]))):
+            self._check_weight_shapes(weights)
         h_n = torch.cat(h_n) if self.num_layers > 1 else h_n[0]
         c_n = (torch.cat(c_n) if self.num_layers > 1 else c_n[0]) if cell_state else None
 
@@ -126,6 +137,17 @@ class _FusedRNNBase(nn.RNNBase):
         else:
             output = x.transpose(0, 1) if self.batch_first else x
         return output, ((h_n, c_n) if cell_state else h_n)
+
+    def _check_weight_shapes(self, weights: dict) -> None:
+        """A ValueError naming the first weight whose shape is not the one this module's sizes give (one
+        replaced through .data or substituted by torch.func.functional_call)."""
+        for name, shape in _stack.weight_shapes(self._cell, self.input_size, self.hidden_size, self.num_layers,
+                                                self.bidirectional, self.bias, self.proj_size):
+            if weights[name].shape != shape:
+                raise ValueError(f"{name}: expected shape {shape} for {type(self).__name__}(input_size="
+                                 f"{self.input_size}, hidden_size={self.hidden_size}"
+                                 f"{f', proj_size={self.proj_size}' if self.proj_size else ''}), got "
+                                 f"{tuple(weights[name].shape)}")
 
     def _initial_states(self, hx, batch: int, unbatched: bool, dtype, has_cell_state: bool):
         """(h0, c0) as (L*D, B, R) and (L*D, B, H) tensors or None (R: proj_size with a projection,
