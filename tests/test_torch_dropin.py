@@ -1247,3 +1247,27 @@ def test_weights_of_another_size_are_refused_by_name():
               "bias_ih_l0": torch.randn(18), "bias_hh_l0": torch.randn(18)}
     with pytest.raises(ValueError, match=r"^weight_ih_l0: expected shape \(15, 3\)"):
         torch.func.functional_call(module, params, (x,))
+
+
+def test_parametrized_modules_are_refused_by_convert_and_revert():
+    """torch.nn.utils.parametrize turns a module into a generated subclass holding its parametrizations,
+    which a swap would drop: convert and revert refuse it, naming it, and change nothing (they passed it
+    over silently). Parametrizing after convert works as with torch.nn."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.LSTM(3, 5), nn.GRU(5, 5))
+    parametrizations.weight_norm(model[0], "weight_hh_l0")
+    with pytest.raises(NotImplementedError, match=r"^model: the LSTM at '0' is parametrized \(weight_hh_l0\)"):
+        frt.convert(model)
+    assert type(model[1]) is nn.GRU  # nothing changed
+    fused = nn.Sequential(frt.LSTM(3, 5))
+    parametrizations.weight_norm(fused[0], "weight_hh_l0")
+    with pytest.raises(NotImplementedError, match=r"^model: the LSTM at '0' is parametrized"):
+        frt.revert(fused)
+    reference = nn.LSTM(3, 5)
+    reference.load_state_dict({k: v for k, v in fused[0].state_dict().items() if "parametrizations" not in k},
+                              strict=False)
+    parametrizations.weight_norm(reference, "weight_hh_l0")
+    reference.load_state_dict(fused[0].state_dict())
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(fused(x)[0], reference(x)[0])

@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _cuda_layer, _stack
@@ -297,9 +298,23 @@ def revert(model: nn.Module) -> nn.Module:
     return _swap_all(model, _TORCH_NN)
 
 
+def _refuse_parametrized(model: nn.Module, classes: dict) -> None:
+    """NotImplementedError for a module of `classes` that torch.nn.utils.parametrize made a subclass of
+    (weight_norm, spectral_norm, register_parametrization): its parametrizations live on that generated
+    class, which a swap would drop, and convert would otherwise pass it over without a word."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        if type(module) not in classes and type(module).__base__ in classes and parametrize.is_parametrized(module):
+            where = f" at {path!r}" if path else ""
+            raise NotImplementedError(
+                f"model: the {type(module).__base__.__name__}{where} is parametrized ({', '.join(module.parametrizations)}): "
+                "swap it before parametrizing (fusedrnn.torch's modules take parametrizations as torch.nn's do), "
+                "or remove the parametrizations (torch.nn.utils.parametrize.remove_parametrizations) first")
+
+
 def _swap_all(model: nn.Module, classes: dict) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _refuse_parametrized(model, classes)
     if type(model) in classes:
         return _copy_as(model, classes[type(model)])
     # Every slot holding one (named_children names a module held twice only once), and one replacement
