@@ -329,3 +329,24 @@ def test_bench_times_the_jax_peers(tmp_path):
                               rounds=1, repeats=1)
     assert [(row["cell"], row["mode"]) for row in rows] == [("LSTMP2", "inference"), ("LSTMP2", "training")]
     assert all(row[f"{peer}_ms"] > 0 for row in rows for peer in ("fusedrnn.jax", "jax", "fusedrnn"))
+
+
+def test_from_flax_checks_every_entry_by_name():
+    """A Flax tree whose entries disagree (a kernel or bias of another size, a Dense without its bias)
+    is refused naming the entry, as to_flax refuses torch-named parameters, not converted into
+    malformed weights or left to fail elsewhere."""
+    gru = flax_params.to_flax("gru", fj.init(jax.random.key(1), "gru", 4, 6))
+    lstm = flax_params.to_flax("lstm", fj.init(jax.random.key(1), "lstm", 4, 6, proj_size=3))
+    cases = [
+        ("gru", {**gru, "hz": {"kernel": jnp.ones((6, 7))}}, r"^flax_params\['hz'\]\['kernel'\]: expected shape \(6, 6\)"),
+        ("gru", {**gru, "ir": {"kernel": jnp.ones((4, 6))}}, r"^flax_params\['ir'\]: expected a 'bias' entry"),
+        ("gru", {**gru, "in": jnp.ones(3)}, r"^flax_params\['in'\]: expected a 'kernel' entry"),
+        ("lstm", {**lstm, "hi": {"kernel": lstm["hi"]["kernel"], "bias": jnp.ones(3)}},
+         r"^flax_params\['hi'\]\['bias'\]: expected shape \(6,\)"),
+        ("lstm", {**lstm, "proj": {"kernel": jnp.ones((5, 3))}}, r"^flax_params\['proj'\]\['kernel'\]: expected shape"),
+        ("lstm", {**lstm, "hf": {"kernel": jnp.ones((6, 6)), "bias": jnp.ones(6)}},  # h is P = 3 wide
+         r"^flax_params\['hf'\]\['kernel'\]: expected shape \(3, 6\)"),
+    ]
+    for cell, tree, message in cases:
+        with pytest.raises(ValueError, match=message):
+            flax_params.from_flax(cell, tree)

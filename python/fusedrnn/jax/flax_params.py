@@ -86,8 +86,27 @@ def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) 
         optional = " (and 'proj', a projection)" if cell == "lstm" else ""
         raise ValueError(f"flax_params: expected the entries {sorted(expected)}{optional} of a Flax {cell} cell, "
                          f"got {sorted(flax_params.keys())}")
-    kernel = lambda name: jnp.asarray(flax_params[name]["kernel"]).T  # noqa: E731
-    bias = lambda name: jnp.asarray(flax_params[name]["bias"])  # noqa: E731
+
+    def entry(name: str, field: str, shape=None):
+        """flax_params[name][field] as a JAX array, of `shape` where given (a size None: any)."""
+        try:
+            value = jnp.asarray(flax_params[name][field])
+        except (KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"flax_params[{name!r}]: expected a {field!r} entry (a Flax Dense's), got "
+                             f"{type(flax_params[name]).__name__} without it") from err
+        if shape is not None and (value.ndim != len(shape) or any(
+                want is not None and got != want for got, want in zip(value.shape, shape))):
+            raise ValueError(f"flax_params[{name!r}][{field!r}]: expected shape "
+                             f"{tuple('*' if w is None else w for w in shape)} (the sizes of flax_params"
+                             f"[{'i' + gates[0]!r}]['kernel']{' and proj' if projected else ''}), got "
+                             f"{tuple(value.shape)}")
+        return value
+
+    # The sizes from the first gate's kernels; every other entry must agree with them.
+    inp, hidden = entry("i" + gates[0], "kernel", (None, None)).shape
+    state = entry("proj", "kernel", (hidden, None)).shape[1] if projected else hidden
+    kernel = lambda name: entry(name, "kernel", (inp if name[0] == "i" else state, hidden)).T  # noqa: E731
+    bias = lambda name: entry(name, "bias", (hidden,))  # noqa: E731
     w_ih = jnp.concatenate([kernel("i" + g) for g in gates])
     w_hh = jnp.concatenate([kernel("h" + g) for g in gates])
     zeros = jnp.zeros(w_hh.shape[1], w_hh.dtype)
@@ -99,5 +118,5 @@ def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) 
         b_hh = jnp.concatenate([zeros, zeros, bias("hn")])
     out = {"weight_ih" + s: w_ih, "weight_hh" + s: w_hh, "bias_ih" + s: b_ih, "bias_hh" + s: b_hh}
     if projected:
-        out["weight_hr" + s] = kernel("proj")
+        out["weight_hr" + s] = entry("proj", "kernel").T
     return out
