@@ -282,8 +282,8 @@ def test_bad_sweep_names_the_option(capsys, sweep):
     assert "sweep: expected AXIS=V1,V2,..." in capsys.readouterr().err
 
 
-VALID_REPORT = ('{"meta": {"peers": ["fusedrnn"]}, "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, '
-                '"mode": "training", "fusedrnn_times_ms": [[1.0]]}]}')
+VALID_ROW = '{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, "mode": "training", "fusedrnn_times_ms": [[1.0]]}'
+VALID_REPORT = '{"meta": {"peers": ["fusedrnn"]}, "rows": [' + VALID_ROW + ']}'
 
 
 def write(tmp_path, text):
@@ -340,6 +340,12 @@ def write(tmp_path, text):
     (["--compare", VALID_REPORT.replace('{"peers"', '{"sweep": {"axis": "B"}, "peers"')], "meta.sweep: expected"),
     (["--compare", '{"meta": [], "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, "mode": "training"}]}'],
      "'meta' is not an object"),
+    (["--compare", VALID_REPORT.replace('"GRU"', '"gru"')], "row 0: cell 'gru', expected the label as `fusedrnn bench` "
+                                                             "writes it ('GRU')"),
+    (["--compare", VALID_REPORT.replace('"rows": [', '"rows": [' + VALID_ROW + ", ")],
+     "row 1: the same case and mode as row 0"),
+    (["--set", ""], "set: expected 'default', 'projection' or one of"),
+    (["--set", "", "--cell", "gru"], "set: give either --set or --cell/--shape/--sweep"),
 ])
 def test_bad_bench_options_name_the_option(capsys, tmp_path, monkeypatch, argv, message):
     def never(*args, **kwargs):
@@ -415,3 +421,13 @@ def test_mode_applies_to_sets_and_compared_reports(monkeypatch, tmp_path):
     report = write(tmp_path, VALID_REPORT)
     assert cli.main(["bench", "--compare", report, "--mode", "inference"]) == 2  # its one row is training only
     assert not timed
+
+
+def test_memory_counts_torch_only_where_torch_is_a_peer(monkeypatch):
+    """--memory times what the run's peers keep: a fusedrnn-only run never imports torch (a broken torch
+    install aborted it)."""
+    problem = benchmark.make_problem(benchmark.Case("lstm", 3, 2, 4, 5))
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch would raise ImportError
+    assert set(benchmark.saved_for_backward_nbytes(problem, {"fusedrnn"})) == {"fusedrnn"}
+    rows = benchmark.run_case(problem.case, ["fusedrnn"], rounds=1, repeats=1, memory=True)
+    assert rows[-1]["fusedrnn_saved_bytes"] > 0

@@ -78,7 +78,7 @@ def memory_fields(problem, fns: dict) -> dict:
     for (name, mode), fn in fns.items():
         fields[mode][f"{name}_peak_rss_bytes"] = peak_rss_growth(fn)
     if "training" in fields:
-        saved = saved_for_backward_nbytes(problem)
+        saved = saved_for_backward_nbytes(problem, {SAVED_BYTES_SOURCE.get(name) for name, _ in fns})
         for name, _ in fns:
             source = SAVED_BYTES_SOURCE.get(name)
             if source in saved:

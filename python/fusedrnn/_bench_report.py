@@ -115,8 +115,12 @@ def load_report(path: str) -> dict:
     if not peers or not any(f"{p}_times_ms" in row for p in peers for row in rows):
         raise ValueError(f"compare: {path!r} has no per-call times ({{peer}}_times_ms); it was written by an "
                          "older version: rerun it with this one")
+    seen = {}
     for i, row in enumerate(rows):
         _check_row(row, peers, f"compare: {path!r}, row {i}")
+        if row_key(row) in seen:  # as the command line refuses a shape given twice
+            raise ValueError(f"compare: {path!r}, row {i}: the same case and mode as row {seen[row_key(row)]}")
+        seen[row_key(row)] = i
     sweep = meta.get("sweep")
     _check_sweep(sweep, f"compare: {path!r}, meta.sweep")
     if sweep is not None:
@@ -132,6 +136,8 @@ def _check_row(row: dict, peers: Sequence[str], where: str) -> None:
     cell = row["cell"]
     if not isinstance(cell, str) or parse_label(cell)[0] not in CELLS or re.fullmatch(r"(?i)lstmp0\d*", cell):
         raise ValueError(f"{where}: cell {cell!r} is none of {', '.join(CELLS)} (or LSTMP<n>, n >= 1)")
+    if cell != cell.upper():  # rows are matched by the label as written
+        raise ValueError(f"{where}: cell {cell!r}, expected the label as `fusedrnn bench` writes it ({cell.upper()!r})")
     for key in SHAPE_KEYS:
         if not _positive_int(row[key]):
             raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int in [1, {_MAX_SIZE}]")

@@ -473,10 +473,10 @@ register_peer("fusedrnn.torch-cuda", _fusedrnn_torch_cuda_runners, requires="tor
               device="cuda")
 
 
-def saved_for_backward_nbytes(problem: Problem) -> dict:
-    """Bytes each library keeps for backward after a training forward of this problem, beyond the
-    input and weights it references: fusedrnn's tapes; torch.nn's autograd saved tensors (counted by
-    storage, once each, through saved_tensors_hooks)."""
+def saved_for_backward_nbytes(problem: Problem, libraries=("fusedrnn", "torch")) -> dict:
+    """Bytes each of `libraries` keeps for backward after a training forward of this problem, beyond
+    the input and weights it references: fusedrnn's tapes; torch.nn's autograd saved tensors (counted
+    by storage, once each, through saved_tensors_hooks), where torch is installed."""
     from .modules import make_module
 
     c = problem.case
@@ -485,7 +485,7 @@ def saved_for_backward_nbytes(problem: Problem) -> dict:
     m.train()
     m(problem.x)
     result = {"fusedrnn": m.saved_nbytes}
-    if importlib.util.find_spec("torch") is not None:
+    if "torch" in libraries and importlib.util.find_spec("torch") is not None:
         import torch
 
         tm = _torch_module(c)

@@ -235,7 +235,7 @@ def _parse_shape(text: str) -> tuple:
 def _bench_cases(args, old_report) -> tuple:
     """The cases to time and the sweep (or None), from the options; an earlier report's cases when
     --compare stands alone."""
-    if args.set and (args.cell or args.shape or args.sweep):
+    if args.set is not None and (args.cell or args.shape or args.sweep):
         raise ValueError("set: give either --set or --cell/--shape/--sweep, not both")
     modes = args.mode or benchmark.MODES
     cells = args.cell or benchmark.DEFAULT_CELLS
@@ -250,10 +250,10 @@ def _bench_cases(args, old_report) -> tuple:
     if args.cell or args.shape:
         shapes = [_parse_shape(s) for s in args.shape] if args.shape else benchmark.DEFAULT_SHAPES
         return benchmark.cases_for(cells, shapes, modes), None
-    if old_report is not None and not args.set:
+    if old_report is not None and args.set is None:
         cases, sweep = _bench_report.report_cases(old_report), _bench_report.report_sweep(old_report)
     else:
-        cases, sweep = benchmark.named_cases(args.set or "default"), None
+        cases, sweep = benchmark.named_cases("default" if args.set is None else args.set), None
     if args.mode:  # the modes asked for, of those each case has
         cases = [dataclasses.replace(c, modes=tuple(m for m in c.modes if m in modes)) for c in cases]
         cases = [c for c in cases if c.modes]
