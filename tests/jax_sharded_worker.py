@@ -182,8 +182,8 @@ clean = (np.asarray(rng.standard_normal((steps, batch, inp)), np.float32), np.fu
          np.asarray(rng.standard_normal((1, batch, hidden)), np.float32), np.ones((steps, batch, hidden), np.float32))
 shardings = (rows, by_batch, rows, rows)
 for name, program in programs.items():
-    for broken, message in ((0, "x: contains NaN"), (1, rf"lengths: each length must be in \[1, {steps}\] \(T\), got 9 "),
-                            (2, "h0: contains NaN"), (3, "dy: contains NaN")):
+    for broken, message in ((0, "x: contains NaN"), (2, "h0: contains NaN"), (3, "dy: contains NaN"),
+                            (1, rf"lengths: each length must be in \[1, {steps}\] \(T\), got 9 ")):
         arrays = [a.copy() for a in clean]
         if broken == 1:
             arrays[1][-1] = 9

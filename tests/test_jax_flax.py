@@ -338,7 +338,8 @@ def test_from_flax_checks_every_entry_by_name():
     gru = flax_params.to_flax("gru", fj.init(jax.random.key(1), "gru", 4, 6))
     lstm = flax_params.to_flax("lstm", fj.init(jax.random.key(1), "lstm", 4, 6, proj_size=3))
     cases = [
-        ("gru", {**gru, "hz": {"kernel": jnp.ones((6, 7))}}, r"^flax_params\['hz'\]\['kernel'\]: expected shape \(6, 6\)"),
+        ("gru", {**gru, "hz": {"kernel": jnp.ones((6, 7))}},
+         r"^flax_params\['hz'\]\['kernel'\]: expected shape \(6, 6\)"),
         ("gru", {**gru, "ir": {"kernel": jnp.ones((4, 6))}}, r"^flax_params\['ir'\]: expected a 'bias' entry"),
         ("gru", {**gru, "in": jnp.ones(3)}, r"^flax_params\['in'\]: expected a 'kernel' entry"),
         ("lstm", {**lstm, "hi": {"kernel": lstm["hi"]["kernel"], "bias": jnp.ones(3)}},

@@ -172,7 +172,8 @@ def test_a_parameter_listed_twice_is_refused(rng):
     step twice; disjoint views of one buffer are separate parameters."""
     p = rng.standard_normal((2, 3))
     m = fusedrnn.GRU(3, 4, seed=0)
-    for params, names in (([p, p], ("1", "0")), ([p, p[:, 1:]], ("1", "0")), ([m, m], ("1.weight_ih_l0", "0.weight_ih_l0"))):
+    twice = (([p, p], ("1", "0")), ([p, p[:, 1:]], ("1", "0")), ([m, m], ("1.weight_ih_l0", "0.weight_ih_l0")))
+    for params, names in twice:
         for make in (optim.SGD, optim.Adam):
             with pytest.raises(ValueError, match=rf"^params\['?{re.escape(names[0])}'?\]: the same memory as "
                                                  rf"params\['?{re.escape(names[1])}'?\]"):

@@ -306,8 +306,8 @@ def _refuse_parametrized(model: nn.Module, classes: dict) -> None:
         if type(module) not in classes and type(module).__base__ in classes and parametrize.is_parametrized(module):
             where = f" at {path!r}" if path else ""
             raise NotImplementedError(
-                f"model: the {type(module).__base__.__name__}{where} is parametrized ({', '.join(module.parametrizations)}): "
-                "swap it before parametrizing (fusedrnn.torch's modules take parametrizations as torch.nn's do), "
+                f"model: the {type(module).__base__.__name__}{where} is parametrized "
+                f"({', '.join(module.parametrizations)}): swap it before parametrizing (fusedrnn.torch's modules take parametrizations as torch.nn's do), "
                 "or remove the parametrizations (torch.nn.utils.parametrize.remove_parametrizations) first")
 
 
