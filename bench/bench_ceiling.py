@@ -40,7 +40,6 @@ SHAPES = {"a": (100, 32, 256), "b": (100, 64, 512), "c": (200, 1, 128), "d": (50
 LARGE, SMALL = {"a", "b", "d"}, {"c", "e"}
 FLOOR_OF_SGEMM = 0.9
 PEERS = ("torch", "torch-1t", "jax")
-OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def target(shape_name: str | None, peer_gflops: float, sgemm_gflops: float) -> tuple[float, float | None]:
@@ -67,14 +66,14 @@ def host_sgemm_gflops(threads: int, size: int = 4096) -> float:
     """benchmark.sgemm_gflops here, or, where the environment overrides OpenBLAS's choice of kernels,
     the higher of that and the same measured in a child process without the overrides."""
     here = benchmark.sgemm_gflops(threads, size)
-    overrides = [name for name in OPENBLAS_OVERRIDES if name in os.environ]
+    overrides = benchmark.openblas_overrides()
     if not overrides:
         return here
     env = {k: v for k, v in os.environ.items() if k not in overrides}
     code = f"from fusedrnn import benchmark; print(benchmark.sgemm_gflops({threads}, {size}))"
     native = float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                                   text=True).stdout)
-    print(f"OpenBLAS sgemm with {', '.join(f'{k}={os.environ[k]}' for k in overrides)} (fusedrnn's GEMMs run "
+    print(f"OpenBLAS sgemm with {', '.join(f'{k}={v}' for k, v in overrides.items())} (fusedrnn's GEMMs run "
           f"these kernels): {here:.0f} GF/s; without: {native:.0f} GF/s")
     return max(here, native)
 
@@ -169,7 +168,6 @@ def main() -> None:
     if args.json:
         meta = benchmark.metadata(everyone, args.threads, args.rounds, args.repeats)
         meta["sgemm_gflops"] = sgemm
-        meta["openblas_overrides"] = {k: os.environ[k] for k in OPENBLAS_OVERRIDES if k in os.environ}
         benchmark.write_json(args.json, meta, rows)
     if args.markdown:
         print("\n" + markdown_table(rows))

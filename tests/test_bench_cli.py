@@ -2,6 +2,7 @@
 --compare and --memory, on tiny shapes with one or two rounds."""
 
 import json
+import os
 import statistics
 import sys
 
@@ -57,6 +58,7 @@ def test_json_keeps_every_call_and_the_host(capsys):
     assert meta["cpu"] == benchmark.cpu_model() and meta["cpu"]
     info = fusedrnn.build_info()
     assert meta["simd"] == info["simd"] and meta["blas"] == info["blas"] and meta["blas"].startswith("OpenBLAS ")
+    assert meta["openblas_overrides"] == {k: v for k, v in os.environ.items() if k in benchmark.OPENBLAS_OVERRIDES}
     assert meta["numpy"] == np.__version__ and meta["python"].count(".") == 2
     for row in report["rows"]:
         for peer in ("fusedrnn", "numpy"):

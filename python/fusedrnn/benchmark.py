@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import os
 import platform
 import re
 import statistics
@@ -743,13 +744,22 @@ def cpu_model() -> str:
     return name
 
 
+# The environment variables that override OpenBLAS's own choice of kernels and blocking for this CPU.
+OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def openblas_overrides() -> dict:
+    """Those of OPENBLAS_OVERRIDES the environment sets, with their values."""
+    return {name: os.environ[name] for name in OPENBLAS_OVERRIDES if name in os.environ}
+
+
 def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> dict:
     """What a later reader (and `--compare`) needs to judge the rows: the peers in column order, the
     run's settings, the host CPU, fusedrnn's SIMD level and BLAS (OpenBLAS's build string names the
     kernels it picked, or those OPENBLAS_CORETYPE forced) and the version of every peer."""
     meta = {"peers": list(peers), "threads": threads, "rounds": rounds, "repeats": repeats,
             "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
-            "simd": _core.simd_level(), "blas": _core.blas_config(),
+            "simd": _core.simd_level(), "blas": _core.blas_config(), "openblas_overrides": openblas_overrides(),
             "python": platform.python_version(), "platform": sys.platform}
     for name in peers:
         if PEERS[name].version is not None:

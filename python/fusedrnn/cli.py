@@ -353,9 +353,10 @@ def _info(args) -> int:
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas_name']} ({info['blas']})")
     print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
-    forced = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if name in os.environ]
+    forced = benchmark.openblas_overrides()
     if forced:
-        print(f"    set in the environment: {', '.join(forced)} (OpenBLAS's kernels follow it, not only the CPU)")
+        print(f"    set in the environment: {', '.join(f'{k}={v}' for k, v in forced.items())} (OpenBLAS's "
+              "kernels follow it, not only the CPU)")
     print(f"  threads: {info['num_threads']}, on "
           f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
     print("Optional packages:")
