@@ -5,9 +5,9 @@ device, optimisers and clipping on device arrays, state dicts across devices) ru
   device N (its __dlpack_device__), on the device current when it was made (`cuda.Device(N)`). Like
   CuPy, an operation that mixes a host array (other than a scalar) or another device's array with it
   raises; unlike CuPy, np.asarray() of one does not (no test here can rely on that refusal).
-- The CUDA module: its layer_forward and layer_backward run the device code's host emulation
-  (_core's "emulated_device" backend) on the arrays' memory and write into the buffers the backend
-  handed it, as the real module writes into device memory.
+- The CUDA module: fusedrnn._cuda_emulated, the real module's bindings over the device code's host
+  emulation. A DeviceArray hands it its memory through __cuda_array_interface__, declaring that memory
+  to be on its device first, so the bindings' own checks (devices, shapes, dtypes, outputs) run too.
 
 `installed(monkeypatch)` puts both in place for one test."""
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import sys
 import types
+import weakref
 
 import numpy as np
 
-from fusedrnn import _core, _cuda_layer
-from fusedrnn import functional as F
+from fusedrnn import _cuda_emulated, _cuda_layer
 
 _DL_CUDA = 2
 _current_device = [0]
@@ -58,6 +58,13 @@ class DeviceArray(np.ndarray):
     def device(self):
         return _Device(self.device_id)
 
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        _declare(self)
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3,
+                "data": (self.__array_interface__["data"][0], not self.flags.writeable),
+                "strides": None if self.flags.c_contiguous else self.strides}
+
     def get(self) -> np.ndarray:
         return self.view(np.ndarray).copy()
 
@@ -85,6 +92,29 @@ class DeviceArray(np.ndarray):
         return super().__array_function__(func, types, args, kwargs)
 
 
+_declared: dict = {}  # first address -> the array owning that memory, while it lives
+
+
+def _declare(a: np.ndarray) -> None:
+    """Declares the memory under `a` (its owning array's, whole) as on a's device to the CUDA module,
+    until that array is freed."""
+    owner = a
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    address = owner.__array_interface__["data"][0]
+    known = _declared.get(address)
+    if known is not None and known() is owner:
+        return
+    _cuda_emulated.declare_device_memory(address, owner.nbytes, a.device_id)
+    _declared[address] = weakref.ref(owner)
+    weakref.finalize(owner, _forget, address)
+
+
+def _forget(address: int) -> None:
+    _declared.pop(address, None)
+    _cuda_emulated.forget_device_memory(address)
+
+
 def _asarray(a, dtype=None):
     if isinstance(a, DeviceArray) and (dtype is None or a.dtype == dtype):
         return a
@@ -102,6 +132,7 @@ def _module() -> types.ModuleType:
     cp.asnumpy = lambda a: a.get() if isinstance(a, DeviceArray) else np.asarray(a)
     cp.empty = lambda shape, dtype=np.float64: np.empty(shape, dtype).view(DeviceArray)
     cp.zeros = lambda shape, dtype=np.float64: np.zeros(shape, dtype).view(DeviceArray)
+    cp.broadcast_to = _broadcast_to
     cp.cuda = types.SimpleNamespace(Device=_Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
                                     get_current_stream=lambda: types.SimpleNamespace(ptr=0))
     # The rest of the NumPy-like namespace (ones, sqrt, clip, isfinite, ...): NumPy's, on DeviceArrays.
@@ -111,6 +142,13 @@ def _module() -> types.ModuleType:
         return _on_device(getattr(np, name))
     cp.__getattr__ = numpy_function
     return cp
+
+
+def _broadcast_to(a, shape):
+    """CuPy's broadcast_to: a view with zero strides that, unlike NumPy's, is writable."""
+    strides = np.broadcast_to(a, shape).strides
+    with _Device(a.device_id):
+        return np.lib.stride_tricks.as_strided(a, shape, strides).view(DeviceArray)
 
 
 def _on_device(function):
@@ -123,42 +161,10 @@ def _on_device(function):
     return on_device
 
 
-class CudaModule:
-    """The CUDA module's layer calls, on the host emulation of its device code."""
-
-    __name__ = "fake_cuda.CudaModule"
-
-    def layer_forward(self, cell, dtype, shape, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse,
-                      y, h_n, c_n, hs, cs, saved, training, cell_clip, stream, recurrence="auto", weight_hr=None,
-                      rs=None):
-        out = _core.layer_forward(cell, np.ascontiguousarray(_plain(x)), *map(_plain, (weight_ih, weight_hh, bias_ih,
-                                                                                       bias_hh, h0, c0, lengths)),
-                                  reverse, training, None, cell_clip, backend="emulated_device",
-                                  weight_hr=_plain(weight_hr))
-        y[...], h_n[...] = _asarray(out[0]), _asarray(out[1])
-        if c_n is not None:
-            c_n[...] = _asarray(out[2])
-        hs.emulated_tape = out[3]  # the buffer the tape's backward is handed again
-
-    def layer_backward(self, cell, dtype, shape, reverse, x, weight_ih, weight_hh, bias_ih, bias_hh, lengths, hs, cs,
-                       saved, dy, dh_n, dc_n, dx, accumulate_dx, dh0, dc0, grad_weight_ih, grad_weight_hh,
-                       grad_bias_ih, grad_bias_hh, dh_norm, cell_clip, stream, recurrence="auto", weight_hr=None,
-                       rs=None, grad_weight_hr=None, grad_groups=1):
-        grads = F.LayerGrads(None, None, None, *map(_plain, (grad_weight_ih, grad_weight_hh, grad_bias_ih,
-                                                             grad_bias_hh)), None, _plain(grad_weight_hr))
-        g = F._backward(hs.emulated_tape, *map(_plain, (dy, dh_n, dc_n)), _plain(dx) if accumulate_dx else None,
-                        grads, grad_groups)
-        if not accumulate_dx:
-            dx[...] = _asarray(g.dx)
-        dh0[...], dh_norm[...] = _asarray(g.dh0), _asarray(g.dh_norm)
-        if dc0 is not None:
-            dc0[...] = _asarray(g.dc0)
-
-
 def installed(monkeypatch):
     """Puts the stand-ins in place (undone with the monkeypatch); returns the fake cupy."""
     cp = _module()
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(_cuda_layer, "_module", CudaModule())
+    monkeypatch.setattr(_cuda_layer, "_module", _cuda_emulated)
     monkeypatch.setattr(_cuda_layer, "_libraries", {})
     return cp

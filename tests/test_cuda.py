@@ -1,7 +1,8 @@
 """The CUDA backend on CUDA arrays. The dispatch (which arrays are device arrays, mixed devices refused
-by argument name) and the CUDA module's argument checks run everywhere the module is built; the rest
-needs a GPU and CuPy or torch with CUDA, and skips cleanly without them (the emulated device tests,
-test_emulated_device.py, check the same device code on the host)."""
+by argument name) runs everywhere; the CUDA module's argument checks and the layer parity tests run on
+its bindings over the emulated device (fusedrnn._cuda_emulated, with fake_cuda's CuPy stand-in)
+everywhere, and again on the module built for GPUs where there is one. The rest needs a GPU and CuPy or
+torch with CUDA, and skips cleanly without them."""
 
 import ctypes
 
@@ -12,6 +13,8 @@ import fusedrnn
 from fusedrnn import _device, _stack
 from fusedrnn import functional as F
 from helpers import CELLS, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
+
+import fake_cuda
 
 CUDA = fusedrnn.build_info()["cuda"]
 # cuDNN's float32 activations are less exact than the kernels' (an RNN_TANH output 7e-5 relative apart
@@ -37,6 +40,29 @@ cp = _gpu_library("cupy")
 torch_cuda = _gpu_library("torch")
 needs_cupy = pytest.mark.skipif(cp is None, reason="needs a GPU, the CUDA module and CuPy")
 needs_torch_cuda = pytest.mark.skipif(torch_cuda is None, reason="needs a GPU, the CUDA module and torch with CUDA")
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def cupy(request, monkeypatch):
+    """CuPy on a GPU; or everywhere, the host stand-in for CuPy over the CUDA module's bindings on the
+    emulated device (fake_cuda), which runs the same calls through the same checks."""
+    if request.param == "emulated":
+        return fake_cuda.installed(monkeypatch)
+    if cp is None:
+        pytest.skip("needs a GPU, the CUDA module and CuPy")
+    return cp
+
+
+@pytest.fixture(params=["emulated", "built"])
+def cuda_bindings(request):
+    """The CUDA module's bindings: over the emulated device (always built), or the module built for GPUs."""
+    if request.param == "emulated":
+        from fusedrnn import _cuda_emulated
+        return _cuda_emulated
+    if not CUDA["loaded"]:
+        pytest.skip("no CUDA module that loads")
+    from fusedrnn._cuda_layer import cuda_module
+    return cuda_module()
 
 
 class _OnDevice:
@@ -104,10 +130,8 @@ def test_cuda_info_says_what_was_built():
         assert info["error"]
 
 
-@needs_module
-def test_cuda_module_checks_arguments_by_name():
-    from fusedrnn._cuda_layer import cuda_module
-    _cuda = cuda_module()
+def test_cuda_module_checks_arguments_by_name(cuda_bindings):
+    _cuda = cuda_bindings
     T, B, I, H = 2, 1, 3, 2
     host = {name: np.zeros(shape, np.float32) for name, shape in
             dict(x=(T, B, I), w_ih=(4 * H, I), w_hh=(4 * H, H), y=(T, B, H), s=(B, H), hs=(T + 1, B, H),
@@ -125,7 +149,7 @@ def test_cuda_module_checks_arguments_by_name():
     # earlier ones are left out (None) to reach the later ones' checks.
     with pytest.raises(ValueError, match="x: not CUDA device memory"):
         call()
-    with pytest.raises(TypeError, match="x: expected typestr <f4, got <f8"):
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 \(x's\), got float64"):
         call(x=_HostMemoryAsCuda(host["x"].astype(np.float64)))
     with pytest.raises(ValueError, match=r"weight_hh: expected shape \(8, 2\), got \(8, 3\)"):
         call(x=None, weight_ih=None, weight_hh=_HostMemoryAsCuda(np.zeros((8, 3), np.float32)))
@@ -179,9 +203,9 @@ def _host_run(cell, w, a, reverse):
 def _to_host(v):
     if v is None:
         return None
-    if cp is not None and isinstance(v, cp.ndarray):
-        return cp.asnumpy(v)
-    return v.detach().cpu().numpy()
+    if hasattr(v, "detach"):  # a torch tensor
+        return v.detach().cpu().numpy()
+    return v.get()  # a CuPy array (or the stand-in's)
 
 
 def _compare_runs(cell, dtype, got, want):
@@ -194,20 +218,19 @@ def _compare_runs(cell, dtype, got, want):
             assert_close(_to_host(getattr(grads, name)), getattr(ref_grads, name), dtype, name)
 
 
-@needs_cupy
 @pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cupy_layer_matches_cpu(rng, cell, dtype, shape, reverse, recurrence):
+def test_cupy_layer_matches_cpu(cupy, rng, cell, dtype, shape, reverse, recurrence):
     from fusedrnn import _cuda_layer
     w, a = _case(rng, cell, shape, dtype)
-    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     y, h_n, c_n, tape = _cuda_layer.forward(cell, d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
                                             d["bias_hh"], d["h0"], d["c0"], a["lengths"], reverse, True, None, None,
                                             recurrence)
-    assert isinstance(y, cp.ndarray) and y.device.id == d["x"].device.id
+    assert isinstance(y, cupy.ndarray) and y.device.id == d["x"].device.id
     grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
     _compare_runs(cell, dtype, (F.LayerOutput(y, h_n, c_n, tape), grads), _host_run(cell, w, a, reverse))
 
@@ -229,17 +252,16 @@ def _projected_case(rng, shape, dtype):
     return w, a
 
 
-@needs_cupy
 @pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", list(PROJ_SHAPES.values()), ids=list(PROJ_SHAPES))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_cupy_projected_layer_matches_cpu(rng, dtype, shape, reverse, recurrence):
+def test_cupy_projected_layer_matches_cpu(cupy, rng, dtype, shape, reverse, recurrence):
     """An LSTM with a projection on CuPy arrays: outputs and every gradient, weight_hr's too, as the CPU
     backend's (a forced persistent path runs per step: the persistent kernel takes no projection)."""
     from fusedrnn import _cuda_layer
     w, a = _projected_case(rng, shape, dtype)
-    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     y, h_n, c_n, tape = _cuda_layer.forward("lstm", d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
                                             d["bias_hh"], d["h0"], d["c0"], a["lengths"], reverse, True, None, None,
                                             recurrence, weight_hr=d["weight_hr"])
@@ -267,45 +289,43 @@ def test_cupy_through_the_functional_layer_on_a_side_stream(rng, cell):
     _compare_runs(cell, dtype, (out, grads), _host_run(cell, w, a, True))
 
 
-@needs_cupy
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_cupy_stack_of_bidirectional_layers_matches_cpu(rng, cell, dtype):
+def test_cupy_stack_of_bidirectional_layers_matches_cpu(cupy, rng, cell, dtype):
     steps, batch, inp, hidden, layers, dirs = 6, 4, 5, 7, 2, 2
     weights = [[tuple(random_layer(rng, cell, inp if layer == 0 else dirs * hidden, hidden, dtype=dtype).values())
                 for _ in range(dirs)] for layer in range(layers)]
     x = rng.standard_normal((steps, batch, inp)).astype(dtype)
     lengths = random_lengths(rng, steps, batch).astype(np.int64)
     dy = rng.standard_normal((steps, batch, dirs * hidden)).astype(dtype)
-    on_gpu = [[tuple(None if p is None else cp.asarray(p) for p in d) for d in layer] for layer in weights]
-    out = _stack.forward(cell, cp.asarray(x), on_gpu, lengths=lengths)
-    gpu_grads = [[tuple(None if p is None else cp.zeros_like(p) for p in d) for d in layer] for layer in on_gpu]
-    g = _stack.backward(out.tapes, cp.asarray(dy), dropout_masks=out.dropout_masks, grads=gpu_grads)
+    on_gpu = [[tuple(None if p is None else cupy.asarray(p) for p in d) for d in layer] for layer in weights]
+    out = _stack.forward(cell, cupy.asarray(x), on_gpu, lengths=lengths)
+    gpu_grads = [[tuple(None if p is None else cupy.zeros(p.shape, p.dtype) for p in d) for d in layer] for layer in on_gpu]
+    g = _stack.backward(out.tapes, cupy.asarray(dy), dropout_masks=out.dropout_masks, grads=gpu_grads)
     ref = _stack.forward(cell, x, weights, lengths=lengths)
     cpu_grads = [[tuple(None if p is None else np.zeros_like(p) for p in d) for d in layer] for layer in weights]
     ref_g = _stack.backward(ref.tapes, dy, dropout_masks=ref.dropout_masks, grads=cpu_grads)
     for name, got, want in [("y", out.y, ref.y), ("h_n", out.h_n, ref.h_n), ("dx", g.dx, ref_g.dx),
                             ("dh0", g.dh0, ref_g.dh0), ("dh_norm", g.dh_norm, ref_g.dh_norm)]:
-        assert_close(cp.asnumpy(got), want, dtype, name)
+        assert_close(cupy.asnumpy(got), want, dtype, name)
     for layer in range(layers):
         for d in range(dirs):
             for name, got, want in zip(PARAM_NAMES, gpu_grads[layer][d], cpu_grads[layer][d]):
-                assert_close(cp.asnumpy(got), want, dtype, f"{name} l{layer} d{d}")
+                assert_close(cupy.asnumpy(got), want, dtype, f"{name} l{layer} d{d}")
 
 
-@needs_cupy
 @pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
-def test_cupy_repeats_are_bit_identical(rng, recurrence):
+def test_cupy_repeats_are_bit_identical(cupy, rng, recurrence):
     from fusedrnn import _cuda_layer
     w, a = _case(rng, "lstm", (20, 8, 32, 64), np.float32)
-    d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}
+    d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     runs = []
     for _ in range(2):
         y, h_n, c_n, tape = _cuda_layer.forward("lstm", d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
                                                 d["bias_hh"], d["h0"], d["c0"], a["lengths"], False, True, None,
                                                 None, recurrence)
         grads = F.layer_backward(tape, d["dy"], d["dh_n"], d["dc_n"])
-        runs.append([cp.asnumpy(v) for v in (y, h_n, c_n, grads.dx, grads.weight_hh, grads.bias_ih, grads.dh_norm)])
+        runs.append([cupy.asnumpy(v) for v in (y, h_n, c_n, grads.dx, grads.weight_hh, grads.bias_ih, grads.dh_norm)])
     for first, again in zip(*runs):
         assert np.array_equal(first, again)
 

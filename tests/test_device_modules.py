@@ -253,6 +253,40 @@ def test_functional_backward_refuses_arrays_off_the_tapes_device(cp, rng):
     np.testing.assert_allclose(_device.to_host(got.weight_hh), want.weight_hh, rtol=1e-10, atol=1e-12)
 
 
+def test_functional_calls_on_device_refuse_what_the_host_refuses_with_its_words(cp, rng):
+    """Each bad argument gets, on device arrays, the host's error naming it (the CUDA module's own
+    shape argument is not the caller's), and a GRU's backward refuses a cell-state gradient there too
+    (it was ignored)."""
+    from fusedrnn import functional as F
+    x, wi, wh = rng.standard_normal((3, 2, 4)), rng.standard_normal((15, 4)), rng.standard_normal((15, 5))
+    lstm_w = rng.standard_normal((16, 4)), rng.standard_normal((16, 4))
+
+    def bad_calls(xp):
+        gru = F.layer_forward("gru", xp(x), xp(wi), xp(wh)).tape
+        lstm = F.layer_forward("lstm", xp(x), *map(xp, lstm_w)).tape
+        unprojected = F.LayerGrads(None, None, None, *(xp(np.zeros(s)) for s in ((16, 4), (16, 4), 16, 16)),
+                                   weight_hr=xp(np.zeros((2, 4))))
+        half = [xp(a.astype(np.float16)) for a in (x, wi, wh)]
+        return [lambda: F.layer_backward(gru, None, None, xp(np.ones((2, 5)))),
+                lambda: F.layer_forward("gru", xp(x[:, :0]), xp(wi), xp(wh)),
+                lambda: F.layer_forward("gru", xp(x[:0]), xp(wi), xp(wh)),
+                lambda: F.layer_forward("lstm", xp(x), *map(xp, lstm_w), weight_hr=xp(np.ones((4, 4)))),
+                lambda: F.layer_forward("gru", xp(x), xp(wi), xp(wh[:, :2]), weight_hr=xp(np.ones((2, 5)))),
+                lambda: F.layer_forward("gru", *half),
+                lambda: F.layer_forward("gru", xp(x), xp(wi.astype(np.float32)), xp(wh)),
+                lambda: F.layer_backward(lstm, xp(np.ones((3, 2, 4))), grads=unprojected)]
+
+    def error(call):
+        with pytest.raises((TypeError, ValueError)) as caught:
+            call()
+        return type(caught.value), str(caught.value)
+
+    on_host = [error(call) for call in bad_calls(lambda a: a)]
+    on_device = [error(call) for call in bad_calls(cp.asarray)]
+    assert on_device == on_host
+    assert on_host[0] == (ValueError, "dc_n: only an LSTM has a cell state")
+
+
 def test_functional_calls_on_device_refuse_outputs_sharing_memory_with_what_they_read(cp, rng):
     """The tape reads the forward's x and weights again in backward: an output written over them would
     change the weight gradients silently, as on the host."""
@@ -279,10 +313,9 @@ def test_functional_calls_on_device_refuse_outputs_sharing_memory_with_what_they
             F.layer_forward("lstm", x, **weights)
     with pytest.raises(ValueError, match=r"^out: expected shape \(5, 3, 6\), got \(5, 3, 7\)"):
         F.layer_forward("lstm", x, *w, out=cp.zeros((5, 3, 7)))
-    if cp.ndarray is not fake_cuda.DeviceArray:  # the CUDA module's own check of every output
-        expanded = cp.broadcast_to(cp.zeros((1, 3, 6)), (5, 3, 6))
-        with pytest.raises(ValueError, match=r"^out: its elements overlap"):
-            F.layer_forward("lstm", x, *w, out=expanded)
+    expanded = cp.broadcast_to(cp.zeros((1, 3, 6)), (5, 3, 6))  # the CUDA module's own check of every output
+    with pytest.raises(ValueError, match=r"^out: its elements overlap"):
+        F.layer_forward("lstm", x, *w, out=expanded)
 
 
 class _CudaInterface:

@@ -23,6 +23,16 @@
 #include "jax_ffi_cuda.h"
 #endif
 
+// The module's name: _cuda on the CUDA runtime; _cuda_emulated over cuda_emulated_runtime.cpp.
+#ifdef FUSEDRNN_EMULATED_RUNTIME
+#define FUSEDRNN_CUDA_MODULE _cuda_emulated
+namespace fusedrnn::bindings {
+void def_emulated_runtime(pybind11::module_& m);
+}
+#else
+#define FUSEDRNN_CUDA_MODULE _cuda
+#endif
+
 namespace py = pybind11;
 namespace gpu = fusedrnn::gpu;
 using fusedrnn::CellKind;
@@ -51,6 +61,15 @@ std::string shape_str(const std::vector<Index>& dims) {
   return s.str();
 }
 
+// A typestr ("<f4") as NumPy names its dtype ("float32"); the typestr itself where NumPy has no such dtype.
+std::string dtype_name(const std::string& typestr) {
+  try {
+    return py::str(py::module_::import("numpy").attr("dtype")(typestr).attr("name"));
+  } catch (const py::error_already_set&) {
+    return typestr;
+  }
+}
+
 // One argument's __cuda_array_interface__ (version 2 or 3), checked.
 struct DeviceArray {
   void* data = nullptr;
@@ -64,15 +83,17 @@ struct CallDevice {
   std::string first;
 };
 
+// `dtype_from`: what decides the dtype, for the message when it differs (" (x's)").
 DeviceArray device_array(const py::handle& obj, const char* name, const char* typestr, std::size_t item,
-                         const std::vector<Index>& shape, bool writable, CallDevice& call) {
+                         const std::vector<Index>& shape, bool writable, CallDevice& call,
+                         const char* dtype_from = "") {
   if (!py::hasattr(obj, "__cuda_array_interface__"))
     throw py::type_error(std::string(name) + ": expected a CUDA device array (one with __cuda_array_interface__), got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   const py::dict cai = obj.attr("__cuda_array_interface__");
   const std::string got_type = py::str(cai["typestr"]);
   if (got_type != typestr)
-    throw py::type_error(std::string(name) + ": expected typestr " + typestr + ", got " + got_type);
+    throw py::type_error(std::string(name) + ": expected dtype " + dtype_name(typestr) + dtype_from + ", got " + dtype_name(got_type));
   DeviceArray a;
   for (const py::handle d : py::tuple(cai["shape"])) a.shape.push_back(d.cast<Index>());
   if (a.shape != shape)
@@ -147,17 +168,20 @@ V view(const DeviceArray& a) {
 template <typename T>
 struct Arrays {
   const char* typestr = sizeof(T) == 4 ? "<f4" : "<f8";
+  const char* dtype_from;  // what decides T, for the messages: " (x's)" in forward
   CallDevice device;
+
+  explicit Arrays(const char* dtype_from) : dtype_from(dtype_from) {}
 
   template <typename V>
   V in(const py::object& obj, const char* name, const std::vector<Index>& shape) {
     if (obj.is_none()) return V{};
-    return view<V>(device_array(obj, name, typestr, sizeof(T), shape, false, device));
+    return view<V>(device_array(obj, name, typestr, sizeof(T), shape, false, device, dtype_from));
   }
   template <typename V>
   V out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
     if (obj.is_none()) return V{};
-    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device);
+    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device, dtype_from);
     if (overlaps_itself(a))
       throw py::value_error(std::string(name) + ": its elements overlap (a broadcast or expanded view); an output "
                             "needs memory of its own for every element");
@@ -165,7 +189,7 @@ struct Arrays {
   }
   T* dense_out(const py::object& obj, const char* name, const std::vector<Index>& shape) {
     if (obj.is_none()) return nullptr;
-    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device);
+    const DeviceArray a = device_array(obj, name, typestr, sizeof(T), shape, true, device, dtype_from);
     Index expected = 1;
     for (std::size_t d = shape.size(); d-- > 0;) {
       if (shape[d] > 1 && a.strides[d] != expected) throw py::value_error(std::string(name) + ": must be C-contiguous");
@@ -213,7 +237,7 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
   const Index T_ = dims[0], B = dims[1], I = dims[2], H = dims[3], P = dims[4], R = P > 0 ? P : H;
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
-  Arrays<T> arr;
+  Arrays<T> arr(" (x's)");
   fusedrnn::LayerForwardParams<T> p;
   p.cell = cell;
   p.shape = {T_, B, I, H, {}, reverse, P};
@@ -267,7 +291,7 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
                           std::to_string(grad_groups));
   const fusedrnn::CellFacts& f = fusedrnn::cell_facts(cell);
   const Index gh = f.gates * H;
-  Arrays<T> arr;
+  Arrays<T> arr(" (the forward's)");
   fusedrnn::LayerBackwardParams<T> p;
   p.cell = cell;
   p.shape = {T_, B, I, H, {}, reverse, P};
@@ -288,6 +312,7 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
   p.tape.rs = arr.tape(rs, "rs", layout.rs);
   p.dy = arr.template in<fusedrnn::View3<const T>>(dy, "dy", {T_, B, R});
   p.dh_n = arr.template in<fusedrnn::View2<const T>>(dh_n, "dh_n", {B, R});
+  if (!f.has_cell_state && !dc_n.is_none()) throw py::value_error("dc_n: only an LSTM has a cell state");
   p.dc_n = arr.template in<fusedrnn::View2<const T>>(dc_n, "dc_n", {B, H});
   p.dx = arr.template out<fusedrnn::View3<T>>(dx, "dx", {T_, B, I});
   p.accumulate_dx = accumulate_dx;
@@ -307,13 +332,19 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
   p.dw_ih = matrix(dw_ih, "grad_weight_ih", gh, I);
   p.dw_hh = matrix(dw_hh, "grad_weight_hh", gh, R);
   if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
+  if (P == 0 && !dw_hr.is_none()) throw py::value_error("grad_weight_hr: the layer has no projection");
   p.dw_hr = matrix(dw_hr, "grad_weight_hr", P, H);
-  if ((P > 0) != (p.weights.w_hr.data && p.tape.rs && p.dw_hr.data))
-    throw py::value_error("weight_hr, rs, grad_weight_hr: required exactly when shape has a projection size P > 0");
+  if (P > 0 && !p.dw_hr.data)
+    throw py::value_error("grad_weight_hr: the layer has a projection, so its gradient buffer is required");
+  if ((P > 0) != (p.weights.w_hr.data && p.tape.rs))
+    throw py::value_error("weight_hr, rs: required exactly when shape has a projection size P > 0");
+  const bool has_bias = p.weights.b_ih.data != nullptr;
+  if (!has_bias && (!db_ih.is_none() || !db_hh.is_none()))
+    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has no biases, so it has no bias gradients");
   p.db_ih = vector(db_ih, "grad_bias_ih", gh);
   p.db_hh = vector(db_hh, "grad_bias_hh", gh);
-  if ((p.weights.b_ih.data != nullptr) != (p.db_ih.data != nullptr && p.db_hh.data != nullptr))
-    throw py::value_error("grad_bias_ih, grad_bias_hh: required exactly when the layer has biases");
+  if (has_bias && (!p.db_ih.data || !p.db_hh.data))
+    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
   if (!dh_norm.is_none()) {
     const DeviceArray norms = device_array(dh_norm, "dh_norm", "<f8", 8, {T_}, true, arr.device);
     if (T_ > 1 && norms.strides[0] != 1) throw py::value_error("dh_norm: must be contiguous");
@@ -344,8 +375,11 @@ std::vector<Index> layer_dims(const py::tuple& shape, CellKind cell) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
   m.doc() = "fusedrnn CUDA backend: one layer, one direction per call, on device arrays";
+#ifdef FUSEDRNN_EMULATED_RUNTIME
+  fusedrnn::bindings::def_emulated_runtime(m);
+#endif
 
   m.def("layer_forward",
         [](const std::string& cell, const std::string& dtype, const py::tuple& shape, const py::object& x,

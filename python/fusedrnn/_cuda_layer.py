@@ -248,6 +248,33 @@ def set_recurrence(path: str) -> str:
     return previous
 
 
+def _layer_sizes(cell, lib, x, weight_hh, weight_hr) -> tuple:
+    """(steps, batch, input, hidden, proj) of a forward on device arrays (x 3-D, weights 2-D), refusing
+    what the CPU backend refuses by the argument's name where the CUDA module would only name its
+    shape argument (the rest, each array's shape and dtype against these sizes, the module checks)."""
+    steps, batch, inp = (int(n) for n in x.shape)
+    if steps < 1:
+        raise ValueError(f"x: expected at least one time step, got shape {tuple(x.shape)}")
+    if batch < 1:
+        raise ValueError(f"x: empty batch, got shape {tuple(x.shape)}")
+    if inp < 1:
+        raise ValueError(f"x: input_size must be >= 1, got shape {tuple(x.shape)}")
+    if lib.dtype_name(x) not in ("float32", "float64"):
+        raise TypeError(f"x: expected dtype float32 or float64, got {lib.dtype_name(x)}")
+    width = int(weight_hh.shape[1])  # R: P with a projection, else H
+    if width < 1:
+        raise ValueError(f"weight_hh: hidden_size must be >= 1, got shape {tuple(weight_hh.shape)}")
+    if weight_hr is None:
+        return steps, batch, inp, width, 0
+    if not _core.cells[cell]["projection"]:
+        raise ValueError("weight_hr: only an LSTM takes a projection (proj_size)")
+    proj, hidden = (int(n) for n in weight_hr.shape)
+    if not 0 < proj < hidden:
+        raise ValueError("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < hidden_size, "
+                         f"got {tuple(weight_hr.shape)}")
+    return steps, batch, inp, hidden, proj
+
+
 def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
             cell_clip, recurrence: str | None = None, weight_hr=None):
     """functional._forward on device arrays (lengths: checked host int64 or None). Returns
@@ -257,9 +284,8 @@ def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, re
     lib = library_of(x)
     x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out, weight_hr = (
         lib.adopt(a) for a in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, out, weight_hr))
-    steps, batch, inp = x.shape
-    width = weight_hh.shape[1]  # R: P with a projection, else H
-    proj, hidden = (0, width) if weight_hr is None else tuple(weight_hr.shape)
+    steps, batch, inp, hidden, proj = _layer_sizes(cell, lib, x, weight_hh, weight_hr)
+    width = proj or hidden  # R, the width of h
     if out is not None and tuple(out.shape) != (steps, batch, width):
         raise ValueError(f"out: expected shape {(steps, batch, width)}, got {tuple(out.shape)}")
     y = lib.empty(x, (steps, batch, width)) if out is None else out

@@ -23,6 +23,18 @@ if(NOT FUSEDRNN_CUDA_PLUGIN)
   set_target_properties(fusedrnn_emulated_device PROPERTIES POSITION_INDEPENDENT_CODE ON)
   target_compile_options(fusedrnn_emulated_device PRIVATE ${FUSEDRNN_WARNINGS})
   target_link_libraries(_core PRIVATE fusedrnn_emulated_device)
+
+  # The module _cuda_emulated: _cuda's bindings over a runtime seam of host memory and the emulation,
+  # so the tests reach the bindings and the Python layer above them without a GPU.
+  pybind11_add_module(_cuda_emulated MODULE ${CMAKE_SOURCE_DIR}/csrc/bindings/cuda_module.cpp
+                      ${CMAKE_SOURCE_DIR}/csrc/bindings/cuda_emulated_runtime.cpp)
+  target_link_libraries(_cuda_emulated PRIVATE fusedrnn_emulated_device)
+  target_link_options(_cuda_emulated PRIVATE ${FUSEDRNN_MODULE_LINK_OPTIONS})
+  target_compile_definitions(_cuda_emulated PRIVATE FUSEDRNN_EMULATED_RUNTIME
+    FUSEDRNN_CUDA_ARCHITECTURES="emulated" FUSEDRNN_CUDA_COMPILER_VERSION="none")
+  target_compile_options(_cuda_emulated PRIVATE ${FUSEDRNN_WARNINGS})
+  set_target_properties(_cuda_emulated PROPERTIES INSTALL_RPATH "$ORIGIN/lib" BUILD_WITH_INSTALL_RPATH OFF)
+  install(TARGETS _cuda_emulated LIBRARY DESTINATION fusedrnn)
 endif()
 
 set(FUSEDRNN_CUDA "AUTO" CACHE STRING "Build the CUDA module fusedrnn._cuda: AUTO, ON or OFF")
