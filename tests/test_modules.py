@@ -625,6 +625,23 @@ def test_fingerprint_sees_changes_and_not_the_team(rng, simd_level, team_size, d
     assert fusedrnn._core.fingerprint(a) == first
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fingerprint_sees_one_hot_rows_moved(rng, dtype):
+    """Values of two kinds (zeros and ones): rows swapped, time reversed, or tokens moved by +k and -k
+    keep the sum of the ones' positions, which the fingerprint once reduced to."""
+    x = np.eye(5, dtype=dtype)[rng.integers(0, 5, (6, 4))]  # (T, B, V) one-hot
+    first = fusedrnn._core.fingerprint(x)
+    moved = [x[::-1].copy(), x[:, ::-1].copy(), x.copy(), x.copy()]
+    moved[2][0, [0, 1]] = x[0, [1, 0]]
+    moved[3][2, 0], moved[3][3, 0] = np.roll(x[2, 0], 1), np.roll(x[3, 0], -1)
+    moved = [m for m in moved if not np.array_equal(m, x)]
+    assert len(moved) >= 3
+    assert all(fusedrnn._core.fingerprint(m) != first for m in moved)
+    refills = [np.eye(5, dtype=dtype)[rng.integers(0, 5, (6, 4))] for _ in range(2000)]
+    missed = sum(fusedrnn._core.fingerprint(r) == first for r in refills if not np.array_equal(r, x))
+    assert missed == 0
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_changing_x_in_place_before_backward_raises(rng, cell):
     m = make_module(cell, 4, 5, num_layers=2, bidirectional=True, seed=0)

@@ -130,6 +130,26 @@ def test_module_reports_hidden_grad_norms_per_layer_and_direction(rng, cell):
     np.testing.assert_allclose(m.hidden_grad_norms, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+@pytest.mark.parametrize("cell", [*CELLS, "lstm_projected"])
+def test_float32_hidden_grad_norms_hold_tiny_and_huge_gradients(rng, cell, scale):
+    """The squares of float32 gradients below ~1e-19 flush to zero and above ~2e19 overflow; the norms
+    are float64 (as the reference's and the CUDA backend's), so a finite gradient has a finite, nonzero
+    norm: the same as in float64, scaled."""
+    proj_size = 2 if cell == "lstm_projected" else 0
+    cell = cell.replace("_projected", "")
+    kwargs = dict(num_layers=1, seed=3, proj_size=proj_size) if proj_size else dict(num_layers=1, seed=3)
+    single, double = (make_module(cell, 3, 5, dtype=dtype, **kwargs) for dtype in (np.float32, np.float64))
+    x = rng.standard_normal((4, 2, 3))
+    dy = rng.standard_normal((4, 2, proj_size or 5))
+    single(x.astype(np.float32))
+    single.backward((dy * scale).astype(np.float32))
+    double(x)
+    double.backward(dy)
+    assert np.all(single.hidden_grad_norms > 0) and np.all(np.isfinite(single.hidden_grad_norms))
+    np.testing.assert_allclose(single.hidden_grad_norms / scale, double.hidden_grad_norms, rtol=1e-4)
+
+
 def _loss_at_last_step(m, x):
     """Backward from a loss on the last step's output only; the forward direction's profile."""
     y, _ = m(x)

@@ -45,11 +45,14 @@ FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
   return true;
 }
 
-// A fingerprint of the values' memory: over its 32-bit words w[j], the sum of mix(w[j]) * (2 * (first +
-// j) + 1) wrapping at 32 bits, with `first` the index of values[0]'s first word in the whole array, so
-// the shares of a split array add up to the whole's (in any order) and a value moved elsewhere changes
-// it. mix is a nonlinear bijection (xor-shifts around an odd multiply): with the words themselves, a
-// change that adds the same amount to several words could cancel (two sign bits flipped add 2^32).
+// A fingerprint of the values' memory: over its 32-bit words w[j] at positions p = first + j (`first` the
+// index of values[0]'s first word in the whole array), the sum of mix(w[j] ^ key(p)) * (2p + 1) wrapping
+// at 32 bits, so the shares of a split array add up to the whole's (in any order) and a value moved
+// elsewhere changes it. mix is a nonlinear bijection (xor-shifts around an odd multiply): with the words
+// themselves, a change that adds the same amount to several words could cancel (two sign bits flipped add
+// 2^32). The position goes into the mix too (key(p) = (2p + 1) * 0x9e3779b9): with only the weight
+// 2p + 1 outside it, values of few kinds (one-hot rows: zeros, mix(0) = 0, and ones) summed to mix(1.0) *
+// the sum of the ones' weights, which any move keeping that sum (two rows swapped) left unchanged.
 // A check that an array kept by reference was not changed in place, not a hash against tampering; 32-bit
 // words for both dtypes because a 32-bit multiply vectorises at every level (a 64-bit one not before
 // AVX-512).
@@ -65,11 +68,13 @@ FUSEDRNN_ALWAYS_INLINE std::uint32_t fingerprint(const T* values, std::int64_t c
   static_assert(sizeof(T) % 4 == 0, "values of whole 32-bit words");
   constexpr std::int64_t kWords = sizeof(T) / 4;
   const auto* bytes = reinterpret_cast<const unsigned char*>(values);
+  constexpr std::uint32_t kKeyStep = 0x9e3779b9U;
   std::uint32_t sum = 0, weight = static_cast<std::uint32_t>(2 * first * kWords + 1);
-  for (std::int64_t j = 0; j < count * kWords; ++j, weight += 2) {
+  std::uint32_t key = weight * kKeyStep;
+  for (std::int64_t j = 0; j < count * kWords; ++j, weight += 2, key += 2 * kKeyStep) {
     std::uint32_t word;
     std::memcpy(&word, bytes + 4 * j, 4);
-    sum += mix_word(word) * weight;
+    sum += mix_word(word ^ key) * weight;
   }
   return sum;
 }

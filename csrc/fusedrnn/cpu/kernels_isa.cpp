@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -452,6 +453,23 @@ void prefetch_block_l2(const T* first, Index rows, Index ld, Index width) {
 
 inline bool step_valid(const Index* lengths, Index b, Index t) { return !lengths || t < lengths[b]; }
 
+// A row's sum of squares of dh_t (dh[j] + dy[j], or dh[j] alone with dy null) for dh_norm, from its sum
+// in T as the pointwise loop adds it up (vectorised: a double accumulator there would not be) where that
+// is exact enough. In float32 the squares of values below ~1e-19 flush to zero and above ~2e19 overflow,
+// so a row whose sum is not finite, or small enough that flushed squares could matter, is summed again in
+// double.
+template <typename T>
+double row_squares(T sum_in_t, const T* dh, const T* dy, Index n) {
+  const T small = static_cast<T>(n) * std::numeric_limits<T>::min() * static_cast<T>(1 << 24);
+  if (sum_in_t >= small && sum_in_t <= std::numeric_limits<T>::max()) return static_cast<double>(sum_in_t);
+  double sum = 0.0;
+  for (Index j = 0; j < n; ++j) {
+    const double v = static_cast<double>(dh[j]) + (dy ? static_cast<double>(dy[j]) : 0.0);
+    sum += v * v;
+  }
+  return sum;
+}
+
 template <typename T>
 void copy_or_zero(T* dst, const T* src, Index n) {
   if (src)
@@ -788,7 +806,7 @@ double backward_units(const BackwardPlan<T>& pl, Index t, const RankShare& sh,
       if constexpr (!kProjected) dh_prev[row + j] = dhp;
       if constexpr (Cell::kHasCellState) dc[row + j] = dcp;
     }
-    norm_sq += static_cast<double>(row_sq);
+    if constexpr (!kProjected) norm_sq += row_squares(row_sq, dh + row, dyr, units);
   }
   return norm_sq;
 }
@@ -852,7 +870,7 @@ double finish_projected_grads(const BackwardPlan<T>& pl, Index t, const RankShar
       row_sq += total * total;
       dh_prev[row + j] = T(0);
     }
-    norm_sq += static_cast<double>(row_sq);
+    norm_sq += row_squares(row_sq, into, static_cast<const T*>(nullptr), outputs);
   }
   return norm_sq;
 }
