@@ -619,6 +619,15 @@ def test_functional_refuses_outputs_sharing_memory_with_what_the_call_reads(cell
         args = dict(a, out=out)
         with pytest.raises(ValueError, match=rf"^out: shares memory with {name}"):
             _forward(cell, **args)
+    for name in ("weight_hh", "h0"):  # the memory read as another array type: a CPU torch tensor, a memoryview
+        torch = pytest.importorskip("torch")
+        buffer = np.zeros((T * B * H + a[name].size,))
+        shared = buffer[:a[name].size].reshape(a[name].shape)
+        shared[...] = a[name]
+        out = buffer[:T * B * H].reshape(T, B, H)
+        for read_as in (torch.from_numpy(shared), memoryview(shared)):
+            with pytest.raises(ValueError, match=rf"^out: shares memory with {name}"):
+                _forward(cell, **dict(a, out=out, **{name: read_as}))
     out = _forward(cell, out=wide[:, :, H:])  # a slice of an array the call does not read: fine
     assert out.y.base is not None and np.array_equal(wide[:, :, H:], out.y)
     # x and out as interleaved columns of one buffer: their bounds overlap, their elements do not.

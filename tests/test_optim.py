@@ -167,12 +167,14 @@ def test_module_gradients_are_matched_by_name_not_order(rng):
         np.testing.assert_array_equal(v, before[k] - grads[k])
 
 
-def test_a_parameter_listed_twice_is_refused(rng):
+def test_a_parameter_listed_twice_is_refused(rng, tmp_path):
     """Listed twice (the same array, views of one memory, a module twice), a parameter would take every
     step twice; disjoint views of one buffer are separate parameters."""
     p = rng.standard_normal((2, 3))
     m = fusedrnn.GRU(3, 4, seed=0)
-    twice = (([p, p], ("1", "0")), ([p, p[:, 1:]], ("1", "0")), ([m, m], ("1.weight_ih_l0", "0.weight_ih_l0")))
+    mapped = np.memmap(tmp_path / "p.dat", dtype=np.float64, mode="w+", shape=(4,))  # an ndarray subclass
+    twice = (([p, p], ("1", "0")), ([p, p[:, 1:]], ("1", "0")), ([m, m], ("1.weight_ih_l0", "0.weight_ih_l0")),
+             ([mapped[:2], mapped[:2]], ("1", "0")), ([mapped[:3], np.asarray(mapped)[2:]], ("1", "0")))
     for params, names in twice:
         for make in (optim.SGD, optim.Adam):
             with pytest.raises(ValueError, match=rf"^params\['?{re.escape(names[0])}'?\]: the same memory as "

@@ -204,7 +204,7 @@ def apart(written: dict, read: dict) -> None:
     others = outputs + [(name, a) for name, a in read.items() if _addressable(a)]
     for i, (name, a) in enumerate(outputs):
         for other, b in others[i + 1:]:
-            if _overlap(a, b):
+            if overlap(a, b):
                 raise ValueError(f"{name}: shares memory with {other}; the call writes {name} while it reads "
                                  f"or writes {other}")
 
@@ -213,7 +213,7 @@ def _addressable(a) -> bool:
     return isinstance(a, np.ndarray) or (a is not None and _device.is_cuda(a))
 
 
-def _overlap(a, b) -> bool:
+def overlap(a, b) -> bool:
     """Whether two arrays share an element (interleaved columns of one buffer need not); where that is
     too hard to tell quickly, or for CUDA arrays whose byte ranges overlap, assume they do."""
     host_a, host_b = isinstance(a, np.ndarray), isinstance(b, np.ndarray)

@@ -83,16 +83,19 @@ def layer_forward(cell: str, x, weight_ih, weight_hh, bias_ih=None, bias_hh=None
         raise ValueError(f"x: expected a 3-D array (T, B, input_size), got shape {x.shape}")
     lens = _checks.lengths(lengths, x.shape[0], x.shape[1])
     cell_clip = _checks.cell_clip(cell_clip, cell)
+    # As arrays before the overlap check, which sees memory only through them (a CPU torch tensor too).
+    weight_ih, weight_hh = _checks.as_array("weight_ih", weight_ih), _checks.as_array("weight_hh", weight_hh)
+    bias_ih, bias_hh, weight_hr = (_as_optional("bias_ih", bias_ih), _as_optional("bias_hh", bias_hh),
+                                   _as_optional("weight_hr", weight_hr))
+    h0, c0 = _as_optional("h0", h0), _as_optional("c0", c0)
     _checks.apart(dict(out=out), dict(x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
                                       bias_hh=bias_hh, h0=h0, c0=c0, weight_hr=weight_hr))
-    h0, c0 = _as_optional("h0", h0), _as_optional("c0", c0)
     if check_finite:
         for name, value in (("x", x), ("h0", h0), ("c0", c0)):
             if value is not None:
                 _checks.finite(name, value)
-    return _forward(cell, x, _checks.as_array("weight_ih", weight_ih), _checks.as_array("weight_hh", weight_hh),
-                    _as_optional("bias_ih", bias_ih), _as_optional("bias_hh", bias_hh), h0, c0, lens,
-                    reverse, training, out, cell_clip, _as_optional("weight_hr", weight_hr))
+    return _forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lens, reverse, training, out,
+                    cell_clip, weight_hr)
 
 
 def _forward_on_device(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,

@@ -72,7 +72,7 @@ class Optimizer:
                 _checks.elements_apart(f"params[{name!r}]", p)
         for i, (name, p) in enumerate(named):  # a parameter listed twice would take every step twice
             for other, q in named[:i]:
-                if p is q or (type(p) is type(q) is np.ndarray and np.shares_memory(p, q)):
+                if p is q or _checks.overlap(p, q):
                     raise ValueError(f"params[{name!r}]: the same memory as params[{other!r}]; list each "
                                      f"parameter once")
         self._named = named

@@ -258,9 +258,10 @@ def _setup_context(ctx, inputs, output):
 def _tape_for_backward(ctx, tape, x, weights, h0, c0, lengths) -> Tensor:
     """The tape to run backward on. Under saved-tensor hooks the forward runs again, recording, from the
     saved values where the tape no longer holds them: its handle came back as a copy whose tapes are
-    gone, or an array it reads was changed in place after the forward."""
+    gone, or an array it reads was changed in place after the forward, or is gone so that its version can
+    no longer be read (a temporary view: its memory may have changed through the tensor it viewed)."""
     alive = _live_tapes.get(int(tape)) is not None
-    changed = any(t is not None and t._version != version for t, version in
+    changed = any(t is None or t._version != version for t, version in
                   ((ref(), version) for ref, version in ctx.read_in_place))
     if alive and not changed:
         return tape
