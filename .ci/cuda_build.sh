@@ -17,7 +17,7 @@
 #   5. run the emulated device tests, the CUDA tests (which skip without a GPU) and the loader's tests,
 #      and fusedrnn.jax's device handler tests (their body over the emulated device; GPU parts skip);
 #   6. configure with FUSEDRNN_CUDA=ON and as the plugin where cuBLAS is missing (must fail) and with
-#      AUTO (must say why not).
+#      AUTO (must say why not); FUSEDRNN_JAX_FFI=on where jaxlib is missing and =sometimes must fail.
 # Needs nvcc (a CUDA 13 toolkit) on PATH; the GPU itself is not needed.
 set -euo pipefail
 cpu_wheel="${1:+$(realpath "$1")}"
@@ -80,7 +80,8 @@ names = [n for n in zipfile.ZipFile(sys.argv[1]).namelist() if not n.endswith("/
 package = sorted(n for n in names if ".dist-info/" not in n)
 module = [n for n in package if re.fullmatch(r"fusedrnn_cuda13/_cuda\.cpython-[^/]+\.so", n)]
 assert len(module) == 1, f"expected the module once, found {package}"
-assert package == sorted(["fusedrnn_cuda13/__init__.py", "fusedrnn_cuda13/_version.py", *module]), package
+assert package == sorted(["fusedrnn_cuda13/__init__.py", "fusedrnn_cuda13/_version.py", "fusedrnn_cuda13/LICENSE",
+                          "fusedrnn_cuda13/NOTICE", *module]), package
 libraries = [n for n in names if re.search(r"cublas|cudart|nvrtc|\.libs/", n, re.IGNORECASE)]
 assert not libraries, f"the plugin's wheel carries libraries: {libraries}"
 print(f"{os.path.basename(sys.argv[1])}: {', '.join(package)}; no CUDA library inside")
@@ -143,4 +144,15 @@ for switch in -DFUSEDRNN_CUDA=ON -DFUSEDRNN_CUDA_PLUGIN=fusedrnn_cuda13; do
 done
 configure -DFUSEDRNN_CUDA=AUTO
 grep "fusedrnn: CUDA module not built (no cuBLAS" "$work/configure.log"
+# The switches' values in any case (off is OFF), anything else refused.
+if configure -DFUSEDRNN_JAX_FFI=on; then
+  echo "cuda_build: FUSEDRNN_JAX_FFI=on configured without jaxlib" >&2
+  exit 1
+fi
+grep -q "FUSEDRNN_JAX_FFI=ON but jaxlib's XLA FFI headers were not found" "$work/configure.log"
+if configure -DFUSEDRNN_JAX_FFI=sometimes; then
+  echo "cuda_build: FUSEDRNN_JAX_FFI=sometimes configured" >&2
+  exit 1
+fi
+grep -q "FUSEDRNN_JAX_FFI: expected AUTO, ON or OFF, got 'sometimes'" "$work/configure.log"
 echo "cuda_build: passed in $(($(date +%s) - start)) s"

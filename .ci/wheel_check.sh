@@ -62,6 +62,8 @@ blas = [n for n in names if n.startswith("fusedrnn/lib/libscipy_openblas")]
 grafted = [n for n in names if n.startswith("fusedrnn.libs/")]
 assert len(blas) == 1, f"expected the BLAS library once in fusedrnn/lib, found {blas}"
 assert "fusedrnn/lib/LICENSE-scipy-openblas32.txt" in names, "the BLAS license is missing"
+for notice in ("LICENSE", "NOTICE"):  # fusedrnn's own, and what its binaries contain of others'
+    assert any(n.endswith(f".dist-info/licenses/{notice}") for n in names), f"{notice} is not in the wheel's metadata"
 assert not grafted, f"auditwheel grafted libraries in: {grafted}"
 cuda = [n for n in names if n.startswith("fusedrnn/_cuda.")]
 assert not cuda, f"the CPU wheel holds a CUDA module: {cuda}"

@@ -246,6 +246,7 @@ def test_info_names_openblas_kernels_forced_by_the_environment():
 
 
 def test_cli_demo_checks_its_plot_path_before_training(capsys, monkeypatch):
+    pytest.importorskip("matplotlib")  # without it, --plot is refused for that first
     from fusedrnn import demo
 
     def never(*args, **kwargs):

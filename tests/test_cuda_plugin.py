@@ -118,13 +118,26 @@ def test_a_module_that_does_not_load_says_which_and_why(no_cuda_module, tmp_path
 def test_a_broken_plugin_package_is_reported_not_raised(no_cuda_module, tmp_path, capsys):
     fake_plugin(no_cuda_module, tmp_path, VERSION)
     (tmp_path / "fusedrnn_cuda13" / "_version.py").unlink()
-    want = r"fusedrnn-cuda13 is installed, but its package does not import \(No module named 'fusedrnn_cuda13\._version"
+    want = (r"fusedrnn-cuda13 is installed, but its package does not import as the plugin \(No module named "
+            r"'fusedrnn_cuda13\._version")
     with pytest.raises(ImportError, match=want):
         _cuda_layer.cuda_module()
     info = fusedrnn.cuda_info()
     assert info["installed"] and not info["loaded"] and info["source"] == "fusedrnn-cuda13"
     assert re.search(want, info["error"])
     assert info_line(capsys).startswith("CUDA: fusedrnn-cuda13, does not load: fusedrnn-cuda13 is installed")
+
+
+def test_a_folder_named_as_the_plugin_is_reported_not_raised(no_cuda_module, tmp_path, capsys):
+    """A folder fusedrnn_cuda13 on sys.path with no __init__.py imports as a namespace package, without
+    the plugin's __version__."""
+    fake_plugin(no_cuda_module, tmp_path, VERSION)
+    for name in ("__init__.py", "_version.py"):
+        (tmp_path / "fusedrnn_cuda13" / name).unlink()
+    with pytest.raises(ImportError, match=r"does not import as the plugin \(.*has no attribute '__version__'"):
+        _cuda_layer.cuda_module()
+    assert not fusedrnn.cuda_info()["loaded"] and "__version__" in fusedrnn.build_info()["cuda"]["error"]
+    assert info_line(capsys).startswith("CUDA: fusedrnn-cuda13, does not load")
 
 
 def test_without_a_cuda_module_the_error_says_how_to_get_one(no_cuda_module, capsys):

@@ -44,9 +44,9 @@ def locate_cuda_module() -> tuple[str, str | None] | None:
         return None
     try:
         plugin_version = importlib.import_module(PLUGIN_PACKAGE).__version__
-    except ImportError as err:
-        raise ImportError(f"{PLUGIN_DISTRIBUTION} is installed, but its package does not import ({err}): reinstall "
-                          f"it (pip install --force-reinstall '{PLUGIN_DISTRIBUTION}=={_version()}')") from err
+    except (ImportError, AttributeError) as err:  # AttributeError: a folder of that name, not the plugin
+        raise ImportError(f"{PLUGIN_DISTRIBUTION} is installed, but its package does not import as the plugin ({err}): "
+                          f"reinstall it (pip install --force-reinstall '{PLUGIN_DISTRIBUTION}=={_version()}')") from err
     return f"{PLUGIN_PACKAGE}._cuda", plugin_version
 
 

@@ -137,6 +137,9 @@ else()
       INSTALL_RPATH "$ORIGIN/../nvidia/cu13/lib"
       BUILD_WITH_INSTALL_RPATH OFF)
     install(TARGETS _cuda LIBRARY DESTINATION ${_fusedrnn_cuda_package})
+    if(FUSEDRNN_CUDA_PLUGIN)  # the plugin's wheel is built from outside its folder: its notices go in its package
+      install(FILES ${CMAKE_SOURCE_DIR}/LICENSE ${CMAKE_SOURCE_DIR}/NOTICE DESTINATION ${_fusedrnn_cuda_package})
+    endif()
     set(FUSEDRNN_CUDA_BUILT ON)
     message(STATUS "fusedrnn: CUDA module ${_fusedrnn_cuda_package}._cuda built for architectures "
                    "${CMAKE_CUDA_ARCHITECTURES} (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, cuBLAS ${FUSEDRNN_CUBLAS_LIBRARY})")
