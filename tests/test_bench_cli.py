@@ -294,6 +294,26 @@ def write(tmp_path, text):
     return str(path)
 
 
+def test_output_paths_are_tried_where_the_file_would_be_written(capsys, tmp_path, monkeypatch):
+    """A link to a folder that does not exist, and a file system no file can be made in (access() says
+    yes there to root), are refused before anything is timed; a path that can be written is left as it was."""
+    def never(*args, **kwargs):
+        raise AssertionError("measured although an option was wrong")
+
+    monkeypatch.setattr(benchmark, "run_case", never)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "missing" / "out.json")
+    for path, message in ((str(dangling), "json: the folder"), ("/proc/fusedrnn-out.json", "cannot be written")):
+        assert cli.main(["bench", "--cell", "gru", "--json", path]) == 2
+        assert message in capsys.readouterr().err
+    from fusedrnn import _bench_report
+    fresh, kept = tmp_path / "fresh.json", tmp_path / "kept.json"
+    kept.write_text("old")
+    for path in (fresh, kept):
+        _bench_report.check_output_path(str(path), "json")
+    assert not fresh.exists() and kept.read_text() == "old"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sweep", "batch=1,2", "--shape", "1,1,1,1", "2,2,2,2"], "sweep: give one base --shape to vary, got 2"),
     (["--set", "default", "--sweep", "batch=1,2"], "set: give either --set or --cell/--shape/--sweep"),
@@ -317,7 +337,9 @@ def write(tmp_path, text):
     (["--cell", "gru", "--shape", "5,2,3,4", "5, 2,3,4"], "shape: (5, 2, 3, 4) given more than once"),
     (["--cell", "gru", "--plot", ""], "plot: expected a file name, got an empty one"),
     (["--compare", "/dev/zero"], "compare: '/dev/zero' is not a regular file"),
-    (["--cell", "gru", "--shape", "\u00b2,1,2,2"], "shape: expected T,B,I,H as four positive integers"),
+    (["--cell", "gru", "--shape", "\u00b2,1,2,2"], "shape: expected T,B,I,H as four integers in [1, 2147483647]"),
+    (["--cell", "gru", "--shape", "99999999999999999999,1,1,1"], "shape: expected T,B,I,H as four integers in"),
+    (["--cell", "gru", "--sweep", "B=1,99999999999999999999"], "sweep: expected AXIS=V1,V2,..."),
     (["--compare", VALID_REPORT.replace('"GRU"', "5")], "row 0: cell 5 is none of"),
     (["--compare", VALID_REPORT.replace('"T": 1', '"T": 2.5')], "row 0: T = 2.5, expected an int in [1, 2147483647]"),
     (["--compare", VALID_REPORT.replace('"T": 1', '"T": 1' + "0" * 30)], "row 0: T = 1" + "0" * 30),

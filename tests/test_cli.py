@@ -147,6 +147,17 @@ def test_forecaster_short_run(rng):
         demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
 
 
+@pytest.mark.parametrize("field, value, error", [
+    ("members", 0, "members: expected an int >= 1"), ("epochs", 0, "epochs: expected an int >= 1"),
+    ("hidden", -3, "hidden: expected an int >= 1"), ("seed", -1, "seed: expected an int >= 0"),
+    ("hidden", 2.0, "hidden: expected an int, got float"), ("warmup", 64, r"warmup: expected fewer steps than window"),
+    ("lr", float("nan"), "lr: expected a positive finite number"), ("average_last", 0, "average_last: expected")])
+def test_forecast_config_refuses_what_would_train_nothing(field, value, error):
+    """members=0 averaged no forecast (an RMSE of nan), epochs=0 scored an untrained model."""
+    with pytest.raises((TypeError, ValueError), match=f"^{error}"):
+        demo.ForecastConfig(**{field: value})
+
+
 def test_forecast_is_the_members_average():
     small = dict(hidden=4, epochs=2, held_out_years=20, batch=64)
     both = demo.train_forecaster(demo.ForecastConfig(seed=0, members=2, **small))
@@ -239,7 +250,7 @@ def test_info_names_openblas_kernels_forced_by_the_environment():
     assert "set in the environment" not in plain
     forced = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True,
                             env={**env, "OPENBLAS_CORETYPE": "Prescott"}).stdout
-    assert "set in the environment: OPENBLAS_CORETYPE=Prescott" in forced
+    assert "set in the environment: OPENBLAS_CORETYPE=Prescott (OpenBLAS reads them as it loads" in forced
     def blas_line(out):
         return out.split("BLAS: ", 1)[1].split("\n", 1)[0]
     assert blas_line(forced) != blas_line(plain)  # the build string names the kernels in use

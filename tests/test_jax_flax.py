@@ -306,6 +306,16 @@ def test_optax_sunspot_demo_short_run_learns_and_shares_the_numpy_demos_split_an
         jax_demo.train_forecaster(demo.ForecastConfig(cell="transformer"))
 
 
+def test_jax_demo_refuses_bad_numbers_in_one_line(capsys):
+    from fusedrnn.jax import demo as jax_demo
+    for argv, error in ((["--members", "0"], "members: expected an int >= 1"),
+                        (["--hidden", "0"], "hidden: expected an int >= 1"),
+                        (["--seed", "-1"], "seed: expected an int >= 0")):
+        with pytest.raises(SystemExit) as stop:
+            jax_demo.main(argv)
+        assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(error + ", got " + argv[1])
+
+
 def test_bench_times_the_jax_peers(tmp_path):
     import json
 

@@ -867,6 +867,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype,
                           Index proj_size) {
     const CellKind kind = parse_cell(cell);
+    if (batch < 1) throw py::value_error("batch: expected an int >= 1, got " + std::to_string(batch));
+    if (hidden < 1) throw py::value_error("hidden: expected an int >= 1, got " + std::to_string(hidden));
     if (proj_size < 0 || (proj_size > 0 && proj_size >= hidden))
       throw py::value_error("proj_size: expected 0 (none) or 0 < proj_size < hidden, got " +
                             std::to_string(proj_size));

@@ -22,8 +22,9 @@ from .benchmark import MODES, Case, parse_label
 from .functional import CELLS
 
 SHAPE_KEYS = ("T", "B", "I", "H")
-# A size no benchmark row reaches, past which a row is refused rather than tried.
-_MAX_SIZE = 2**31 - 1
+# A size of one dimension no benchmark case reaches, past which a shape, sweep or row is refused rather
+# than tried.
+MAX_SIZE = 2**31 - 1
 AXIS_NAMES = {"steps": "T", "batch": "B", "input": "I", "hidden": "H"}
 AXIS_WORDS = {letter: word for word, letter in AXIS_NAMES.items()}
 ROW_KEYS = ("cell", *SHAPE_KEYS, "mode")
@@ -50,14 +51,14 @@ class Sweep:
 
 def parse_sweep(text: str) -> Sweep:
     """AXIS=V1,V2,... with AXIS one of steps, batch, input, hidden (or T, B, I, H) and at least two
-    distinct positive integer values."""
+    distinct integer values in [1, MAX_SIZE]."""
     usage = ("sweep: expected AXIS=V1,V2,... with AXIS one of steps, batch, input, hidden (or T, B, I, H) "
-             f"and at least two distinct positive integers, e.g. batch=1,8,32; got {text!r}")
+             f"and at least two distinct integers in [1, {MAX_SIZE}], e.g. batch=1,8,32; got {text!r}")
     name, sep, values = text.partition("=")
     name = name.strip()
     axis = AXIS_NAMES.get(name.lower(), name.upper() if name.upper() in SHAPE_KEYS else None)
     parts = [p.strip() for p in values.split(",")]
-    if not sep or axis is None or not all(p.isdecimal() and int(p) > 0 for p in parts):
+    if not sep or axis is None or not all(p.isdecimal() and 0 < int(p) <= MAX_SIZE for p in parts):
         raise ValueError(usage)
     numbers = tuple(int(p) for p in parts)
     if len(numbers) < 2 or len(set(numbers)) != len(numbers):
@@ -140,7 +141,7 @@ def _check_row(row: dict, peers: Sequence[str], where: str) -> None:
         raise ValueError(f"{where}: cell {cell!r}, expected the label as `fusedrnn bench` writes it ({cell.upper()!r})")
     for key in SHAPE_KEYS:
         if not _positive_int(row[key]):
-            raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int in [1, {_MAX_SIZE}]")
+            raise ValueError(f"{where}: {key} = {row[key]!r}, expected an int in [1, {MAX_SIZE}]")
     proj = parse_label(cell)[1]
     if proj >= row["H"]:
         raise ValueError(f"{where}: cell {cell!r} projects to {proj} features, expected fewer than H = {row['H']}")
@@ -160,11 +161,11 @@ def _check_sweep(sweep, where: str) -> None:
     if (not isinstance(sweep, dict) or sweep.get("axis") not in SHAPE_KEYS or not isinstance(values, list)
             or len(values) < 2 or not all(_positive_int(v) for v in values) or len(set(values)) < len(values)):
         raise ValueError(f"{where}: expected {{'axis': one of {', '.join(SHAPE_KEYS)}, 'values': distinct ints "
-                         f"in [1, {_MAX_SIZE}]}}")
+                         f"in [1, {MAX_SIZE}]}}")
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_SIZE
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
 
 
 def _positive_number(value) -> bool:
@@ -343,13 +344,23 @@ def check_output_path(path: str, option: str) -> None:
     writable, the path a folder, or no path at all."""
     if not path:
         raise ValueError(f"{option}: expected a file name, got an empty one")
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)  # where a link (even one to nothing yet) has the file written
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise ValueError(f"{option}: the folder {folder!r} does not exist")
-    if os.path.isdir(path):
+    if os.path.isdir(target):
         raise ValueError(f"{option}: {path!r} is a folder, not a file name")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
         raise ValueError(f"{option}: {path!r} cannot be written here")
+    existed = os.path.exists(target)
+    if not existed or os.path.isfile(target):  # opened as it will be (a pipe or device is left alone)
+        try:
+            with open(target, "a"):
+                pass
+        except OSError as err:  # what access() does not see: a read-only or special file system, as root
+            raise ValueError(f"{option}: {path!r} cannot be written here ({err.strerror})") from err
+        if not existed:
+            os.remove(target)
 
 
 def check_plot_path(path: str) -> None:

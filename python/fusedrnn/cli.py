@@ -227,8 +227,8 @@ def _demo_gradients(args, demo) -> int:
 
 def _parse_shape(text: str) -> tuple:
     parts = text.split(",")
-    if len(parts) != 4 or not all(p.strip().isdecimal() and int(p) > 0 for p in parts):
-        raise ValueError(f"shape: expected T,B,I,H as four positive integers, got {text!r}")
+    if len(parts) != 4 or not all(p.strip().isdecimal() and 0 < int(p) <= _bench_report.MAX_SIZE for p in parts):
+        raise ValueError(f"shape: expected T,B,I,H as four integers in [1, {_bench_report.MAX_SIZE}], got {text!r}")
     return tuple(int(p) for p in parts)
 
 
@@ -355,8 +355,9 @@ def _info(args) -> int:
     print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
     forced = benchmark.openblas_overrides()
     if forced:
-        print(f"    set in the environment: {', '.join(f'{k}={v}' for k, v in forced.items())} (OpenBLAS's "
-              "kernels follow it, not only the CPU)")
+        # What OpenBLAS made of them (a name it maps to another, or ignores) shows only in its build string.
+        print(f"    set in the environment: {', '.join(f'{k}={v}' for k, v in forced.items())} (OpenBLAS reads "
+              "them as it loads: the kernels it runs are those its build string above names)")
     print(f"  threads: {info['num_threads']}, on "
           f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
     print("Optional packages:")

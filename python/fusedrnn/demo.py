@@ -15,12 +15,13 @@ depending on its seed.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from . import _device, datasets, losses, optim, sequences
+from . import _checks, _device, datasets, losses, optim, sequences
 from .bptt import truncated_bptt
 from .functional import CELLS
 from .gradients import clip_grad_norm, diagnose_gradient_flow, plot_gradient_flow
@@ -46,6 +47,24 @@ class ForecastConfig:
     average_last: float = 0.3
     members: int = 3          # forecasters trained from different seeds, their forecasts averaged
     device: str = "cpu"       # where the modules train: "cpu", or "cuda"/"cuda:N" (CuPy arrays)
+
+    def __post_init__(self):
+        """Each field checked by name: a bad one would train nothing, or average no forecast (nan)."""
+        if self.cell not in FORECAST_CELLS:
+            raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {self.cell!r}")
+        for name in ("hidden", "epochs", "window", "chunk", "batch", "members", "held_out_years"):
+            _checks.positive_int(name, getattr(self, name))
+        for name in ("seed", "warmup"):
+            _checks.positive_int(name, getattr(self, name), minimum=0)
+        if self.warmup >= self.window:
+            raise ValueError(f"warmup: expected fewer steps than window ({self.window}), got {self.warmup}")
+        for name in ("lr", "clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+        if isinstance(self.average_last, bool) or not isinstance(self.average_last, numbers.Real) \
+                or not 0 < self.average_last <= 1:
+            raise ValueError(f"average_last: expected a fraction of the epochs in (0, 1], got {self.average_last!r}")
 
 
 @dataclass
@@ -100,8 +119,6 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
     forecasts of the held-out years; `on_epoch(n, loss)` after each of the members * epochs epochs.
     `train_member(config, seed, z, n_train, record)` trains one (default: the NumPy modules')."""
     train_member = _train_member if train_member is None else train_member
-    if config.cell not in FORECAST_CELLS:
-        raise ValueError(f"cell: expected one of {FORECAST_CELLS}, got {config.cell!r}")
     _device.canonical_device(config.device)  # a bad name, or CUDA without CuPy, refused before any training
     years, series = datasets.sunspots()
     n_train = len(series) - config.held_out_years

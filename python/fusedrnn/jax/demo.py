@@ -92,8 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--members", type=int, default=defaults.members)
     args = parser.parse_args(argv)
-    config = ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
-                            members=args.members)
+    try:
+        config = ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
+                                members=args.members)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))  # one line and exit status 2, as fusedrnn demo's
     result = train_forecaster(config)
     print(f"held-out years {int(result.years[0])}-{int(result.years[-1])}, one-year-ahead RMSE:")
     for name, value in result.rmse.items():
