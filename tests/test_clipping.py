@@ -117,6 +117,20 @@ def test_clipping_errors():
         G.clip_grad_norm(3.0, 1.0)
 
 
+def test_norms_of_finite_gradients_past_float64s_squares_stay_finite():
+    """The squares of 1e200 overflow float64 and those of 1e-200 vanish; the norms of such gradients are
+    finite and nonzero, and a total past float64's range is told apart from a NaN."""
+    for values in ([1e200], [3e200, -4e200], [1e-200, 2e-200]):
+        largest = max(abs(v) for v in values)
+        for p in (2.0, 3.0):
+            want = largest * sum((abs(v) / largest) ** p for v in values) ** (1 / p)
+            assert G.grad_norm([np.array(values)], p) == pytest.approx(want, rel=1e-12)
+    grad = np.array([1e200])
+    assert G.clip_grad_norm([grad], 1.0, error_if_nonfinite=True) == 1e200 and grad[0] == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match=r"every gradient is finite, but their norm exceeds float64's range"):
+        G.clip_grad_norm([np.full(4, 1.7e308)], 1.0, error_if_nonfinite=True)
+
+
 def test_clipping_a_read_only_gradient_raises_before_changing_any():
     big, read_only = np.full(3, 10.0), np.ones(3)
     read_only.flags.writeable = False

@@ -539,6 +539,9 @@ def test_functional_rejects_bad_weights(cell):
         (dict(bias_hh=None), ValueError, r"^bias_ih, bias_hh: pass both or neither"),
         (dict(bias_ih=None), ValueError, r"^bias_ih, bias_hh: pass both or neither"),
     ]
+    if cell == "lstm":  # an empty projection is weight_hr's error: with one, weight_hh's columns are its size
+        cases += [(dict(weight_hh=np.zeros((g * H, 0)), weight_hr=np.zeros((0, H))), ValueError,
+                   r"^weight_hr: expected shape \(proj_size, hidden_size\) with 0 < proj_size < hidden_size, got \(0, 2\)")]
     for overrides, exc, match in cases:
         with pytest.raises(exc, match=match):
             _forward(cell, **overrides)

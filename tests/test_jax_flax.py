@@ -131,6 +131,14 @@ def test_converters_refuse_what_they_cannot_map():
         flax_params.to_flax("gru", {**gru, "bias_ih_l0": jnp.zeros(8)})
     with pytest.raises(ValueError, match=r"weight_hr_l0: expected shape \(2, 6\)"):
         flax_params.to_flax("lstm", {**lstm, "weight_hh_l0": jnp.zeros((24, 2)), "weight_hr_l0": jnp.zeros((2, 5))})
+    for proj in (6, 7):  # a projection no narrower than the cell: torch.nn and fusedrnn.jax refuse it too
+        projected = {**lstm, "weight_hh_l0": jnp.zeros((24, proj)), "weight_hr_l0": jnp.zeros((proj, 6))}
+        with pytest.raises(ValueError, match=rf"weight_hr_l0: expected shape \(proj_size, 6\) with 0 < proj_size"):
+            flax_params.to_flax("lstm", projected)
+        tree = {**flax_params.to_flax("lstm", lstm), "proj": {"kernel": jnp.zeros((6, proj))}}
+        tree.update({"h" + g: {**tree["h" + g], "kernel": jnp.zeros((proj, 6))} for g in "ifgo"})
+        with pytest.raises(ValueError, match=r"flax_params\['proj'\]\['kernel'\]: expected shape \(6, proj_size\)"):
+            flax_params.from_flax("lstm", tree)
 
 
 def test_nnx_modules_check_dropout_and_its_stream_at_construction():

@@ -115,3 +115,7 @@ def test_empty_inputs_name_themselves_not_a_mask():
         losses.mse_loss(np.zeros((0, 3)), np.zeros((0, 3)))
     with pytest.raises(ValueError, match=r"^logits: no elements"):
         losses.cross_entropy(np.zeros((0, 3)), np.zeros(0, int))
+    with pytest.raises(ValueError, match=r"^prediction: no elements"):  # a mask that keeps every (empty) row
+        losses.mse_loss(np.zeros((3, 0)), np.zeros((3, 0)), mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match=r"^mask: expected an array of at least one dimension"):
+        losses.cross_entropy(np.zeros(4), 2, mask=True)

@@ -248,3 +248,12 @@ def test_padding_and_bucket_options_are_checked_where_they_are_given():
     assert np.isnan(padded[1:, 1]).all() and not np.isnan(padded[:, 0]).any()
     assert S.pad_sequences([np.ones(3, int), np.ones(1, int)], padding_value=-1.0)[0][2, 1] == -1
     assert next(iter(S.BucketBatches(seqs, 2, seed=None, dtype=np.float64))).x.dtype == np.float64
+    fractions = [np.array([1.0, 2.0]), np.array([3.0]), np.array([4.5, 5.0, 6.0])]
+    with pytest.raises(ValueError, match=r"^sequences\[2\]: 4.5 is not a value of the padded dtype int64"):
+        S.BucketBatches(fractions, 1, shuffle=False, dtype=np.int64)  # when made, by its own index
+    batches = S.BucketBatches(seqs, 1)
+    for epoch, exc in ((-1, ValueError), (1.5, TypeError), ("a", TypeError)):
+        with pytest.raises(exc, match="^epoch: expected an int"):
+            batches.batch_indices(epoch)
+    with pytest.raises(ValueError, match=r"^padded: no time steps"):
+        S.unpad_sequences(np.zeros((0, 2)), [1, 1])

@@ -373,9 +373,11 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(cell);
   // R, the width of h: weight_hh's columns (hidden_size, or proj_size with a projection).
   const Index state = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
-  if (state < 1) throw py::value_error("weight_hh: hidden_size must be >= 1");
   Index hidden = state;
-  const Index proj = checked_projection(w_hr_obj, cell, hidden);
+  const Index proj = checked_projection(w_hr_obj, cell, hidden);  // first: with one, weight_hh's columns are P
+  if (state < 1)
+    throw py::value_error("weight_hh: hidden_size must be >= 1, got shape " +
+                          shape_str(shape_of(py::reinterpret_borrow<py::array>(w_hh_obj))));
   const Index gh = facts.gates * hidden;
   const bool has_c = facts.has_cell_state;
 

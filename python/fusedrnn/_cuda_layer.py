@@ -262,9 +262,9 @@ def _layer_sizes(cell, lib, x, weight_hh, weight_hr) -> tuple:
     if lib.dtype_name(x) not in ("float32", "float64"):
         raise TypeError(f"x: expected dtype float32 or float64, got {lib.dtype_name(x)}")
     width = int(weight_hh.shape[1])  # R: P with a projection, else H
-    if width < 1:
-        raise ValueError(f"weight_hh: hidden_size must be >= 1, got shape {tuple(weight_hh.shape)}")
     if weight_hr is None:
+        if width < 1:
+            raise ValueError(f"weight_hh: hidden_size must be >= 1, got shape {tuple(weight_hh.shape)}")
         return steps, batch, inp, width, 0
     if not _core.cells[cell]["projection"]:
         raise ValueError("weight_hr: only an LSTM takes a projection (proj_size)")

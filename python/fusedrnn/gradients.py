@@ -57,6 +57,16 @@ def _vector_norm(values, p: float) -> float:
         return 0.0
     if p == math.inf:
         return float(a.max())
+    with np.errstate(over="ignore", under="ignore"):
+        total = _sum_norm(xp, a, p)
+        if math.isinf(total) or total == 0.0:  # the powers of finite values past float64's range, either way
+            largest = float(a.max())
+            if 0.0 < largest < math.inf:
+                return largest * _sum_norm(xp, a / largest, p)
+    return total
+
+
+def _sum_norm(xp, a, p: float) -> float:
     if p == 2.0:
         # Not np.dot: a BLAS call here wakes NumPy's BLAS threads, which then fight the kernels' for cores.
         return float(xp.sqrt(xp.sum(xp.square(a))))
@@ -86,8 +96,10 @@ def clip_grad_norm(grads, max_norm: float, norm_type: float = 2.0, error_if_nonf
     named = _grad_arrays(grads, changed=True)
     total = _total_norm(named, _norm_type(norm_type))
     if not math.isfinite(total) and error_if_nonfinite:
-        raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; non-finite gradients in "
-                           f"{_nonfinite(named)}")
+        culprits = _nonfinite(named)
+        raise RuntimeError(f"grads: the total {norm_type}-norm is {total}; " +
+                           (f"non-finite gradients in {culprits}" if culprits else
+                            "every gradient is finite, but their norm exceeds float64's range"))
     with np.errstate(invalid="ignore", divide="ignore"):
         coef = min(float(max_norm) / (total + CLIP_EPS), 1.0) if not math.isnan(total) else math.nan
         if coef < 1.0 or math.isnan(coef):

@@ -40,8 +40,11 @@ def _mask(mask, lead_shape: tuple[int, ...], xp) -> np.ndarray | None:
     m = _checks.as_array("mask", mask, xp)
     if m.dtype != bool:
         raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
-    if m.shape != lead_shape[:m.ndim] or m.ndim == 0:
-        raise ValueError(f"mask: expected a shape that leads the prediction's {lead_shape}, got {m.shape}")
+    if m.ndim == 0:
+        raise ValueError(f"mask: expected an array of at least one dimension, the leading ones of {lead_shape}, "
+                         f"got a scalar")
+    if m.shape != lead_shape[:m.ndim]:
+        raise ValueError(f"mask: expected a shape that leads {lead_shape}, got {m.shape}")
     return m
 
 
@@ -64,7 +67,7 @@ def _weights(mask: np.ndarray | None, shape: tuple[int, ...], reduction: str, xp
     if reduction == "sum":
         return keep, 1.0
     if count == 0:
-        if mask is None:
+        if mask is None or np.prod(shape) == 0:
             raise ValueError(f"{name}: no elements; the mean of nothing is undefined")
         raise ValueError("mask: masks out every element; the mean of nothing is undefined")
     return keep, count

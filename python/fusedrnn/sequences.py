@@ -108,6 +108,8 @@ def unpad_sequences(padded, lengths, *, batch_first: bool = False) -> list[np.nd
     if not batch_first:
         arr = arr.swapaxes(0, 1)
     batch, steps = arr.shape[:2]
+    if steps == 0:
+        raise ValueError(f"padded: no time steps, got shape {arr.shape}{' (batch_first)' if batch_first else ''}")
     lens = _checks.lengths(lengths, steps, batch)
     if lens is None:
         lens = np.full(batch, steps, np.int64)
@@ -186,6 +188,9 @@ class BucketBatches:
         self.drop_last = bool(drop_last)
         self.batch_first = bool(batch_first)
         self.dtype = _padding_dtype(dtype)
+        if self.dtype is not None:  # every value checked now, by its index here, not a batch's way through a pass
+            for i, seq in enumerate(self._seqs):
+                _exactly_in(f"sequences[{i}]", seq, self.dtype)
         self.epoch = 0
         self.padding_fraction: float | None = None
 
@@ -195,6 +200,7 @@ class BucketBatches:
 
     def batch_indices(self, epoch: int) -> list[np.ndarray]:
         """The batches (as index arrays) of pass `epoch`, without building them."""
+        epoch = _checks.positive_int("epoch", epoch, minimum=0)
         if not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
             return self._split(order)

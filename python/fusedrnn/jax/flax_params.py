@@ -48,6 +48,9 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
     if w_hr is not None and cell != "lstm":
         raise ValueError(f"params: weight_hr{s} given, but {cell!r} takes no projection (only an LSTM does)")
     width = w_hr.shape[0] if w_hr is not None and w_hr.ndim == 2 else hidden  # h's: the projection's if any
+    if w_hr is not None and not 0 < width < hidden:
+        raise ValueError(f"weight_hr{s}: expected shape (proj_size, {hidden}) with 0 < proj_size < hidden_size "
+                         f"({hidden}, from weight_hh{s}), got {tuple(w_hr.shape)}")
     zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)
     b_ih, b_hh = jnp.asarray(params.get("bias_ih" + s, zeros)), jnp.asarray(params.get("bias_hh" + s, zeros))
     expected = {"weight_hh": (len(gates) * hidden, width), "weight_ih": (len(gates) * hidden, w_ih.shape[1] if w_ih.ndim == 2 else "input_size"),
@@ -105,6 +108,9 @@ def from_flax(cell: str, flax_params, *, layer: int = 0, reverse: bool = False) 
     # The sizes from the first gate's kernels; every other entry must agree with them.
     inp, hidden = entry("i" + gates[0], "kernel", (None, None)).shape
     state = entry("proj", "kernel", (hidden, None)).shape[1] if projected else hidden
+    if projected and not 0 < state < hidden:
+        raise ValueError(f"flax_params['proj']['kernel']: expected shape ({hidden}, proj_size) with 0 < proj_size < "
+                         f"hidden_size ({hidden}), got {tuple(flax_params['proj']['kernel'].shape)}")
     kernel = lambda name: entry(name, "kernel", (inp if name[0] == "i" else state, hidden)).T  # noqa: E731
     bias = lambda name: entry(name, "bias", (hidden,))  # noqa: E731
     w_ih = jnp.concatenate([kernel("i" + g) for g in gates])
