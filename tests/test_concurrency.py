@@ -285,6 +285,38 @@ def test_fork_while_another_thread_computes():
     assert counts == {"forks": 20, "bad": 0}
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_fork_while_another_thread_adds_a_modules_gradients():
+    """A child forked while another thread holds a module's gradients lock (inside its backward) got
+    that lock held by a thread it does not have: its own backward waited forever. Children start with
+    every module's lock free."""
+    status = run_child("""
+        import os, signal
+        module = fusedrnn.LSTM(3, 4, seed=0)
+        x = np.ones((2, 1, 3), np.float32)
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():
+            inside.set()
+            release.wait()
+
+        holder = threading.Thread(target=module._grads_lock.run, args=(hold,))
+        holder.start()
+        inside.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # a hung child ends itself
+            y, _ = module(x)
+            module.backward(np.ones_like(y))
+            os._exit(0 if np.isfinite(module.grads["weight_hh_l0"]).all() else 1)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        holder.join()
+        print(json.dumps(status))
+    """)
+    assert status == 0
+
+
 @pytest.mark.parametrize("team", [3, 4, 6, 8])
 @pytest.mark.parametrize("cell", CELLS)
 def test_oversubscribed_teams_match_reference(rng, team, cell):
@@ -406,9 +438,12 @@ def test_gradients_entered_again_by_their_own_thread_raise_while_other_threads_w
     x = rng.standard_normal((4, 2, 3)).astype(np.float32)
     dy = rng.standard_normal((4, 2, 8)).astype(np.float32)
     module(x)
-    with module._grads_lock:  # what a handler finds inside backward
+
+    def handler_inside_backward():  # what a handler finds inside backward
         with pytest.raises(RuntimeError, match="^this module's gradients are being changed by this thread"):
             module.backward(dy)
+
+    module._grads_lock.run(handler_inside_backward)
     module.zero_grad()
     module(x)
     module.backward(dy)
@@ -421,10 +456,13 @@ def test_gradients_entered_again_by_their_own_thread_raise_while_other_threads_w
         module.backward(dy)
         done.set()
 
-    with module._grads_lock:
-        t = threading.Thread(target=other_thread)
-        t.start()
+    def start_other_thread():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
         assert not done.wait(0.3)  # waiting for the lock, not refused
+        return thread
+
+    t = module._grads_lock.run(start_other_thread)
     t.join(CHILD_TIMEOUT_S)
     assert done.is_set()
     for k, v in module.grads.items():

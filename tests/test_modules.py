@@ -248,6 +248,20 @@ def test_constructor_positional_order_follows_torch():
         fusedrnn.LSTM(3, 4, 1, True, False, 0.0, False, 0, np.float64)  # dtype is keyword-only
 
 
+def test_yes_no_options_take_bools_only():
+    """batch_first="False" (read from a configuration file, say) ran batch-first, on the wrong axis of a
+    (T, B, I) input with no error; torch.nn refuses it."""
+    for name in ("bias", "batch_first", "bidirectional"):
+        for value in ("False", None, 0):
+            with pytest.raises(TypeError, match=rf"^{name}: expected a bool"):
+                fusedrnn.GRU(3, 4, **{name: value})
+    with pytest.raises(TypeError, match=r"^mode: expected a bool"):
+        fusedrnn.LSTM(3, 4).train("False")
+    assert fusedrnn.GRU(3, 4, batch_first=np.bool_(True)).train(np.bool_(False)).training is False
+    assert repr(fusedrnn.Linear(3, 2)) == "Linear(in_features=3, out_features=2, bias=True)"
+    assert repr(fusedrnn.Linear(3, 2, bias=False)) == "Linear(in_features=3, out_features=2, bias=False)"
+
+
 # ---- train / eval ---------------------------------------------------------------------------------------
 
 
@@ -287,9 +301,13 @@ def test_dropout_changes_training_outputs_only(rng, cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_zero_dropout_and_single_layer_dropout_are_identity(rng, cell):
-    # dropout acts between layers only: none with p=0, none with one layer (as torch.nn).
+    # dropout acts between layers only: none with p=0, none with one layer, which warns (as torch.nn).
     for kwargs in (dict(num_layers=3, dropout=0.0), dict(num_layers=1, dropout=0.7)):
-        m = make_module(cell, 4, 6, dtype=np.float64, seed=3, **kwargs)
+        if kwargs["num_layers"] == 1:
+            with pytest.warns(UserWarning, match=r"^dropout=0.7 with num_layers=1 does nothing"):
+                m = make_module(cell, 4, 6, dtype=np.float64, seed=3, **kwargs)
+        else:
+            m = make_module(cell, 4, 6, dtype=np.float64, seed=3, **kwargs)
         x, _, _, _, _, _ = _data(rng, cell, m)
         y_train, _ = m(x)
         m.eval()

@@ -237,6 +237,16 @@ def test_load_state_dict_casts_torch_float32_into_float64_module(rng):
         np.testing.assert_array_equal(getattr(m, name), p.detach().numpy().astype(np.float64))
 
 
+def test_load_state_dict_takes_a_bfloat16_torch_state_dict():
+    """NumPy has no bfloat16; such a state dict (torch.nn.LSTM(...).to(torch.bfloat16)) loads as torch.nn
+    loads it, cast to the module's dtype."""
+    tm = torch_module("lstm", 3, 4, np.float32, seed=3).to(torch.bfloat16)
+    m = make_module("lstm", 3, 4, dtype=np.float32)
+    m.load_state_dict(tm.state_dict())
+    for name, p in tm.named_parameters():
+        np.testing.assert_array_equal(getattr(m, name), p.detach().float().numpy())
+
+
 def test_load_state_dict_accepts_parameters_requiring_grad():
     # A dict built from named_parameters() holds tensors with requires_grad=True.
     tm = torch_module("gru", 3, 4, np.float64, seed=4)

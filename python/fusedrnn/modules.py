@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
+import weakref
 from collections import OrderedDict
 from typing import Iterator, NamedTuple
 
@@ -64,25 +67,44 @@ def _seed(seed):
 class _GradientsLock:
     """The lock under which a module's gradients change: other threads wait for it; the thread holding
     it, entering again (a signal handler that runs the module while the module runs), gets a
-    RuntimeError instead of waiting for itself forever. Re-entry is told by the depth counted inside an
-    RLock, so a handler arriving between the acquire and the count, or between the count and the
-    release, runs whole before or after the interrupted writes."""
+    RuntimeError instead of waiting for itself forever. `run` takes the lock by `with` on the RLock
+    itself, whose acquire and release are C calls: an exception arriving between them in Python code
+    (Ctrl-C, a thread-timeout library's) would leave the lock held and every other thread waiting. A
+    forked child starts with every lock free (_renew_after_fork): a lock some parent thread held would
+    never be released there."""
 
     def __init__(self):
         self._lock = threading.RLock()
         self._depth = 0
+        _gradient_locks.add(self)
 
-    def __enter__(self):
-        self._lock.acquire()
-        if self._depth:
-            self._lock.release()
-            raise RuntimeError("this module's gradients are being changed by this thread already: a signal "
-                               "handler called the module while it was running; call it outside the handler")
-        self._depth = 1
+    def run(self, work, *args):
+        """work(*args) under the lock, its result returned."""
+        with self._lock:
+            if self._depth:
+                raise RuntimeError("this module's gradients are being changed by this thread already: a signal "
+                                   "handler called the module while it was running; call it outside the handler")
+            try:
+                self._depth = 1
+                return work(*args)
+            finally:
+                self._depth = 0
 
-    def __exit__(self, *exc):
+    def _renew(self) -> None:
+        self._lock = threading.RLock()
         self._depth = 0
-        self._lock.release()
+
+
+_gradient_locks: "weakref.WeakSet[_GradientsLock]" = weakref.WeakSet()
+
+
+def _renew_after_fork() -> None:
+    for lock in list(_gradient_locks):
+        lock._renew()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -175,6 +197,8 @@ class _Module:
                     value = value.detach().cpu()
                 except (NotImplementedError, RuntimeError) as err:  # a meta tensor holds no values
                     raise TypeError(f"state_dict[{name!r}]: cannot be read as an array: {err}") from err
+                if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds it exactly
+                    value = value.float()
             arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
@@ -203,8 +227,7 @@ class _Module:
         module."""
         target = _device.canonical_device(device)
         if target != self.device:
-            with self._grads_lock:
-                self._move_arrays(target)
+            self._grads_lock.run(self._move_arrays, target)
         return self
 
     def cuda(self, device: int | None = None):
@@ -232,7 +255,7 @@ class _Module:
                              f"input, or the module ({hint})")
 
     def train(self, mode: bool = True):
-        self.training = bool(mode)
+        self.training = _checks.flag("mode", mode)
         return self
 
     def eval(self):
@@ -255,10 +278,13 @@ class RNNBase(_Module):
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
         self.proj_size = _checks.proj_size(proj_size, self.hidden_size, cell)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
-        self.bidirectional = bool(bidirectional)
+        self.bias = _checks.flag("bias", bias)
+        self.batch_first = _checks.flag("batch_first", batch_first)
+        self.bidirectional = _checks.flag("bidirectional", bidirectional)
         self.dropout = _checks.probability("dropout", dropout)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(f"dropout={self.dropout} with num_layers=1 does nothing: dropout goes between stacked "
+                          "layers, after all but the last (as torch.nn's)", UserWarning, stacklevel=3)
         self.dtype = _checks.float_dtype("dtype", dtype)
         self.cell_clip = _checks.cell_clip(cell_clip, cell)
         # ||dL/dh_t|| of each layer direction (L*D, T), in time order, from the last backward.
@@ -438,8 +464,7 @@ class RNNBase(_Module):
         per-example clipping (gradients.sum_clipped_per_sample), as differentially private training
         needs. One backward computes them all."""
         dx, dh0, dc0 = self._gradients(dy, dhx, per_sample)
-        with self._grads_lock:
-            self._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
+        self._grads_lock.run(lambda: self._accumulate_input_grads(x=dx, h0=dh0, c0=dc0))
         return (dx, (dh0, dc0)) if self._has_cell_state else (dx, dh0)
 
     def _gradients(self, dy, dhx, per_sample: bool = False) -> tuple:
@@ -470,8 +495,7 @@ class RNNBase(_Module):
         self._pending = None  # the tapes are consumed, as torch frees its graph
         if ctx.input_guard is not None:
             ctx.input_guard.check()
-        with self._grads_lock:
-            return self._backward(ctx, dy, dh_n, dc_n, per_sample)
+        return self._grads_lock.run(self._backward, ctx, dy, dh_n, dc_n, per_sample)
 
     def _backward(self, ctx: _Context, dy, dh_n, dc_n, per_sample: bool = False):
         batch = ctx.input_shape[1]
@@ -587,6 +611,9 @@ class Linear(_Module):
         self._init_thread_state()
         self.zero_grad()
 
+    def __repr__(self) -> str:
+        return f"Linear(in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self._params})"
+
     def __call__(self, x):
         return self.forward(x)
 
@@ -620,8 +647,10 @@ class Linear(_Module):
         flat_dy, flat_x = dy.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
         weight_grad = flat_dy.T @ flat_x
         bias_grad = flat_dy.sum(axis=0) if "bias" in self.grads else None
-        with self._grads_lock:
-            self.grads["weight"] += weight_grad
-            if bias_grad is not None:
-                self.grads["bias"] += bias_grad
+        self._grads_lock.run(self._add_grads, weight_grad, bias_grad)
         return dy @ self._params["weight"]
+
+    def _add_grads(self, weight_grad, bias_grad) -> None:
+        self.grads["weight"] += weight_grad
+        if bias_grad is not None:
+            self.grads["bias"] += bias_grad
