@@ -71,6 +71,15 @@ class CallScratch {
   CallScratch(const CallScratch&) = delete;
   CallScratch& operator=(const CallScratch&) = delete;
 
+  // Frees this thread's kept arrays (none while a call holds them) and returns their bytes.
+  static std::size_t release() {
+    if (in_use()) return 0;
+    std::size_t bytes = 0;
+    for (const Buffer& b : pool()) bytes += b.capacity;
+    std::vector<Buffer>().swap(pool());
+    return bytes;
+  }
+
   // `count` values, uninitialised; null when count is 0.
   template <typename T>
   T* take(Index count) {
@@ -436,6 +445,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerForwardUnavailable, unavailable, forw
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedrnnLayerBackwardUnavailable, unavailable, backward_binding());
 
 namespace fusedrnn::bindings {
+
+std::size_t release_jax_call_scratch() { return CallScratch::release(); }
 
 void def_jax_ffi(py::module_& m) {
   py::dict targets;

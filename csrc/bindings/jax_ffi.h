@@ -4,9 +4,15 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstddef>
+
 namespace fusedrnn::bindings {
 
 // Adds jax_ffi_targets (name -> handler capsule), jax_ffi_api_version and jax_ffi_built_with_jaxlib.
 void def_jax_ffi(pybind11::module_& m);
+
+// Frees the scratch the handlers keep on the calling thread (XLA runs a CPU call's handler on the
+// thread that calls the jitted function) and returns its bytes: none while a handler runs there.
+std::size_t release_jax_call_scratch();
 
 }  // namespace fusedrnn::bindings

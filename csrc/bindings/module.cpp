@@ -850,8 +850,14 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
-  m.def("release_scratch", &cpu::release_scratch,
-        "Frees the calling thread's scratch (kept between its layer calls); returns the bytes freed.");
+  m.def("release_scratch", [] {
+    std::size_t freed = cpu::release_scratch();
+#ifdef FUSEDRNN_WITH_XLA_FFI
+    freed += fusedrnn::bindings::release_jax_call_scratch();
+#endif
+    return freed;
+  }, "Frees the calling thread's scratch (kept between its layer calls, fusedrnn.jax's handlers' too); returns "
+     "the bytes freed.");
   m.def("use_openmp_runtime", [](const std::string& library) {
     fusedrnn::bindings::ReleasedGil release;  // waits for a call in progress on another thread to finish
     try {

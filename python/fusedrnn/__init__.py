@@ -37,8 +37,9 @@ __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_thr
 def release_scratch() -> int:
     """Frees the scratch memory the calling thread's layer calls keep between calls (grown to its
     largest call, so that a training loop allocates it once) and returns the bytes freed; the next call
-    allocates afresh. Other threads keep theirs until they end or call this themselves; under
-    fusedrnn.jax, XLA's threads keep theirs."""
+    allocates afresh. That includes fusedrnn.jax's calls that XLA ran on this thread (on the CPU, a jitted
+    function's calls run on the thread calling it). Other threads keep theirs until they end or call
+    this themselves; XLA's own threads keep theirs."""
     return int(_core.release_scratch())
 
 

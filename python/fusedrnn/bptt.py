@@ -116,8 +116,7 @@ def truncated_bptt(module, x, k: int, loss_fn: LossFn, *, hx=None, lengths=None,
         losses.append(loss)
         if after_chunk is not None:
             after_chunk(index)
-    with module._grads_lock:
-        module._accumulate_input_grads(x=dx, h0=dh0, c0=dc0)
+    module._grads_lock.run(lambda: module._accumulate_input_grads(x=dx, h0=dh0, c0=dc0))
     return TruncatedBPTTResult(y, (h, c) if stateful else h, losses, dx, (dh0, dc0) if stateful else dh0)
 
 
