@@ -113,10 +113,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         with open(args.render) as f:
-            print(markdown_table(json.load(f)["rows"]))
+            rows = json.load(f).get("rows", [])
+        if not rows or any("verdict" not in row for row in rows):
+            parser.error(f"render: {args.render} is not a report this script wrote (its rows carry verdicts)")
+        print(markdown_table(rows))
         return
 
+    unknown = [name for name in filter(None, args.shapes.split(",")) if name not in SHAPES]
+    if unknown:
+        parser.error(f"shapes: {', '.join(unknown)} not among {', '.join(SHAPES)}")
     peers = [p for p in PEERS if benchmark.PEERS[p].available()]
+    if not peers:
+        parser.error(f"no peer to judge against: install one of {', '.join(PEERS)} (torch, or jax)")
     everyone = ["fusedrnn"] + peers
     benchmark.set_threads(everyone, args.threads)
     cases = []
@@ -141,7 +149,7 @@ def main() -> None:
             tgt = f"{row['target_ratio']:.2f}x" + (f"/{row['target_gflops']:.0f}" if row["target_gflops"] else "")
             mem = ""
             if "saved_bytes" in row:
-                mem = "  " + "/".join(f"{v / 2**20:.1f}" for v in row["saved_bytes"].values())
+                mem = "  " + "/".join(f"{v / 1e6:.1f}" for v in row["saved_bytes"].values())  # MB as --memory's
             print(f"{row['shape']:6}{row['cell']:9}{row['T']:>5}{row['B']:>4}{row['H']:>6} {row['mode']:10}"
                   f"{row['fusedrnn_ms']:>12.3f}{row['fusedrnn_spread_pct']:>6.0f}%{row['fusedrnn_gflops']:>7.1f}"
                   f"{row['best_peer']:>10}{row[row['best_peer'] + '_ms']:>10.3f}{row['ratio_to_best']:>6.2f}x"

@@ -60,3 +60,21 @@ def test_yardstick_measured_again_without_the_overrides(ceiling, monkeypatch, ca
     out = capsys.readouterr().out
     assert "OPENBLAS_CORETYPE=Prescott" in out and "without:" in out
     assert rate > 1e-6  # the child's real rate, not the in-process one
+
+
+def test_mistakes_are_refused_before_anything_is_timed(ceiling, monkeypatch, tmp_path, capsys):
+    """An unknown shape letter (a KeyError after the yardstick), a report of another kind for --render (a
+    KeyError) and no peer to judge against (min() of nothing, after the first row) end in one line each."""
+    monkeypatch.setattr(ceiling, "host_sgemm_gflops", lambda *a: pytest.fail("timed although a choice was wrong"))
+    other = tmp_path / "bench.json"
+    other.write_text('{"rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, "mode": "training"}]}')
+    monkeypatch.setattr(ceiling.benchmark.PEERS["torch"], "available", lambda: False)
+    monkeypatch.setattr(ceiling.benchmark.PEERS["torch-1t"], "available", lambda: False)
+    monkeypatch.setattr(ceiling.benchmark.PEERS["jax"], "available", lambda: False)
+    for argv, message in ((["--shapes", "a,z"], "shapes: z not among a, b, c, d, e"),
+                          (["--render", str(other)], "is not a report this script wrote"),
+                          (["--shapes", "c"], "no peer to judge against")):
+        monkeypatch.setattr("sys.argv", ["bench_ceiling.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            ceiling.main()
+        assert stop.value.code == 2 and message in capsys.readouterr().err

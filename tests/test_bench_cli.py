@@ -190,6 +190,10 @@ def test_judge_needs_both_medians_outside_and_the_threshold():
     assert _bench_report.judge(old, [1.2, 3.0, 0.95], 0.05) == "same"      # old median inside the new range
     assert _bench_report.judge([1.0], [1.03], 0.05) == "same"              # outside, but under the threshold
     assert _bench_report.judge([1.0], [1.03], 0.0) == "slower"
+    # The threshold is a change of the median as printed, new / old - 1, both ways: -4.8% is under 5%.
+    assert _bench_report.judge([100.0, 100.5, 99.5], [95.2, 95.3, 95.1], 0.05) == "same"
+    assert _bench_report.judge([100.0, 100.5, 99.5], [94.9, 95.0, 94.8], 0.05) == "faster"
+    assert _bench_report.judge([100.0, 100.5, 99.5], [66.6, 66.7, 66.5], 0.5) == "same"
 
 
 def test_compare_flags_a_row_made_slower_and_not_one_within_spread(capsys, tmp_path):
@@ -324,6 +328,7 @@ def test_output_paths_are_tried_where_the_file_would_be_written(capsys, tmp_path
     (["--compare", '{"meta": {"peers": ["fusedrnn"]}, "rows": [{"cell": "GRU", "T": 1, "B": 1, "I": 1, "H": 1, '
                    '"mode": "training", "fusedrnn_ms": 1.0}]}'], "has no per-call times"),
     (["--compare", VALID_REPORT, "--threshold", "-1"], "threshold: expected a percentage >= 0"),
+    (["--compare", VALID_REPORT.replace('[[1.0]]', '[[1' + "0" * 400 + ']]')], "is not a list of rounds"),
     (["--cell", "gru", "--threshold", "5"], "threshold, fail-on-slower: they judge a --compare"),
     (["--cell", "gru", "--fail-on-slower"], "threshold, fail-on-slower: they judge a --compare"),
     (["--cell", "gru", "--plot", "/nonexistent/plot.png"], "plot: the folder '/nonexistent' does not exist"),

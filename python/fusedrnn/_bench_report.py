@@ -169,7 +169,12 @@ def _positive_int(value) -> bool:
 
 
 def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an int past every float
+        return False
 
 
 def row_key(row: dict) -> tuple:
@@ -198,8 +203,8 @@ def report_cases(report: dict) -> list[Case]:
 # ---- comparison -----------------------------------------------------------------------------------------
 
 COMPARE_RULE = ("a row got slower (faster) when its new median lies above (below) every old round median, "
-                "its old median lies below (above) every new round median, and the medians differ by at "
-                "least the threshold")
+                "its old median lies below (above) every new round median, and the change of the median "
+                "(new / old - 1) is at least the threshold (at most minus the threshold)")
 
 
 @dataclass
@@ -224,7 +229,7 @@ def judge(old: Sequence[float], new: Sequence[float], threshold: float) -> str:
     old_ms, new_ms = statistics.median(old), statistics.median(new)
     if new_ms > max(old) and old_ms < min(new) and new_ms >= old_ms * (1 + threshold):
         return "slower"
-    if new_ms < min(old) and old_ms > max(new) and old_ms >= new_ms * (1 + threshold):
+    if new_ms < min(old) and old_ms > max(new) and new_ms <= old_ms * (1 - threshold):
         return "faster"
     return "same"
 

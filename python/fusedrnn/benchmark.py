@@ -3,8 +3,9 @@ process, alternating round by round so drift on a shared machine hits all alike.
 
 Each case times inference (forward) and/or training (forward + backward). A row reports, per peer, the
 median over rounds of the per-round median time, the spread (max - min of the round medians, as % of
-the median), GFLOP/s from the standard count (forward 2*T*B*(I+H)*G*H, training 3x that), and the ratio
-peer time / fusedrnn time (> 1: fusedrnn is faster).
+the median), GFLOP/s from the standard count (forward 2*T*B*(I+R)*G*H, R = H or, with a projection P,
+2*T*B*((I+P)*4H + P*H); training 3x that), and beside every peer but the first the "speedup" peer time /
+first peer's time (> 1: the first peer, fusedrnn unless --peers names another first, is faster).
 
 A row also keeps every timed call ({peer}_times_ms: per round, the repeats' times in ms), and the JSON's
 meta the peers, threads, host CPU (/proc/cpuinfo's model name) and versions, so a later run can be
