@@ -113,8 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         with open(args.render) as f:
-            rows = json.load(f).get("rows", [])
-        if not rows or any("verdict" not in row for row in rows):
+            report = json.load(f)
+        rows = report.get("rows") if isinstance(report, dict) else None
+        if not isinstance(rows, list) or not rows or any(not isinstance(r, dict) or "verdict" not in r for r in rows):
             parser.error(f"render: {args.render} is not a report this script wrote (its rows carry verdicts)")
         print(markdown_table(rows))
         return

@@ -71,8 +71,11 @@ def test_mistakes_are_refused_before_anything_is_timed(ceiling, monkeypatch, tmp
     monkeypatch.setattr(ceiling.benchmark.PEERS["torch"], "available", lambda: False)
     monkeypatch.setattr(ceiling.benchmark.PEERS["torch-1t"], "available", lambda: False)
     monkeypatch.setattr(ceiling.benchmark.PEERS["jax"], "available", lambda: False)
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
     for argv, message in ((["--shapes", "a,z"], "shapes: z not among a, b, c, d, e"),
                           (["--render", str(other)], "is not a report this script wrote"),
+                          (["--render", str(listing)], "is not a report this script wrote"),
                           (["--shapes", "c"], "no peer to judge against")):
         monkeypatch.setattr("sys.argv", ["bench_ceiling.py", *argv])
         with pytest.raises(SystemExit) as stop:

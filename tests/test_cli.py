@@ -158,6 +158,12 @@ def test_forecast_config_refuses_what_would_train_nothing(field, value, error):
         demo.ForecastConfig(**{field: value})
 
 
+def test_forecaster_refuses_a_split_that_leaves_no_window_to_train_on():
+    with pytest.raises(ValueError, match=r"^held_out_years: 299 of the series' \d+ years leave \d+ to train on, "
+                                         r"fewer than window \+ 1 = 65"):
+        demo.train_forecaster(demo.ForecastConfig(held_out_years=299, epochs=1, members=1, hidden=2))
+
+
 def test_forecast_is_the_members_average():
     small = dict(hidden=4, epochs=2, held_out_years=20, batch=64)
     both = demo.train_forecaster(demo.ForecastConfig(seed=0, members=2, **small))

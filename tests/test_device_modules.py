@@ -275,6 +275,9 @@ def test_functional_calls_on_device_refuse_what_the_host_refuses_with_its_words(
                 lambda: F.layer_forward("gru", *half),
                 lambda: F.layer_forward("gru", xp(x), xp(wi.astype(np.float32)), xp(wh)),
                 lambda: F.layer_forward("gru", xp(x), xp(wi), xp(np.zeros((15, 0)))),
+                lambda: F.layer_forward("lstm", xp(x), xp(lstm_w[0]), xp(np.ones((16, 5)))),  # weight_hh's own
+                lambda: F.layer_forward("lstm", xp(x), xp(lstm_w[0]), xp(np.ones((16, 2))), weight_hr=xp(np.ones((2, 5)))),
+                lambda: F.layer_backward(gru, xp(np.ones((3, 2, 5), np.int64))),
                 lambda: F.layer_forward("lstm", xp(x), xp(lstm_w[0]), xp(np.zeros((16, 0))), weight_hr=xp(np.zeros((0, 4)))),
                 lambda: F.layer_backward(lstm, xp(np.ones((3, 2, 4))), grads=unprojected)]
 

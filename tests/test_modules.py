@@ -258,6 +258,8 @@ def test_yes_no_options_take_bools_only():
     with pytest.raises(TypeError, match=r"^mode: expected a bool"):
         fusedrnn.LSTM(3, 4).train("False")
     assert fusedrnn.GRU(3, 4, batch_first=np.bool_(True)).train(np.bool_(False)).training is False
+    with pytest.raises(TypeError, match=r"^bias: expected a bool"):
+        fusedrnn.Linear(3, 2, bias="False")
     assert repr(fusedrnn.Linear(3, 2)) == "Linear(in_features=3, out_features=2, bias=True)"
     assert repr(fusedrnn.Linear(3, 2, bias=False)) == "Linear(in_features=3, out_features=2, bias=False)"
 

@@ -255,5 +255,5 @@ def test_padding_and_bucket_options_are_checked_where_they_are_given():
     for epoch, exc in ((-1, ValueError), (1.5, TypeError), ("a", TypeError)):
         with pytest.raises(exc, match="^epoch: expected an int"):
             batches.batch_indices(epoch)
-    with pytest.raises(ValueError, match=r"^padded: no time steps"):
+    with pytest.raises(ValueError, match=r"^padded: no time steps, got shape \(0, 2\)$"):  # as given, (T, B)
         S.unpad_sequences(np.zeros((0, 2)), [1, 1])

@@ -242,8 +242,9 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
   p.cell = cell;
   p.shape = {T_, B, I, H, {}, reverse, P};
   p.x = arr.template in<fusedrnn::View3<const T>>(x, "x", {T_, B, I});
-  p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
+  // weight_hh first: the caller reads hidden_size from its columns, so a mismatch there is reported against it.
   p.weights.w_hh = arr.template in<fusedrnn::View2<const T>>(w_hh, "weight_hh", {gh, R});
+  p.weights.w_ih = arr.template in<fusedrnn::View2<const T>>(w_ih, "weight_ih", {gh, I});
   p.weights.w_hr = arr.template in<fusedrnn::View2<const T>>(w_hr, "weight_hr", {P, H});
   if ((P > 0) != (p.weights.w_hr.data != nullptr))
     throw py::value_error("weight_hr: required exactly when shape has a projection size P > 0");

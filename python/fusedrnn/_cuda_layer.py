@@ -272,6 +272,10 @@ def _layer_sizes(cell, lib, x, weight_hh, weight_hr) -> tuple:
     if not 0 < proj < hidden:
         raise ValueError("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < hidden_size, "
                          f"got {tuple(weight_hr.shape)}")
+    rows = _core.cells[cell]["gates"] * hidden
+    if weight_hh.shape[0] != rows:
+        raise ValueError(f"weight_hr, weight_hh: weight_hr's columns give hidden_size {hidden}, so weight_hh needs "
+                         f"gates*hidden_size = {rows} rows, got shape {tuple(weight_hh.shape)}")
     return steps, batch, inp, hidden, proj
 
 
@@ -324,6 +328,9 @@ def backward(tape: CudaTape, dy, dh_n, dc_n, dx=None, grads=None, grad_groups: i
     gh = _core.cells[tape.cell]["gates"] * hidden
     has_c = _core.cells[tape.cell]["has_cell_state"]
     dy, dh_n, dc_n, dx = (lib.adopt(v) for v in (dy, dh_n, dc_n, dx))
+    for name, value in (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)):
+        if value is not None and lib.dtype_name(value) not in ("float32", "float64"):
+            raise TypeError(f"{name}: expected dtype float32 or float64, got {lib.dtype_name(value)}")
     accumulate_dx = dx is not None
     if dx is None:
         dx = lib.empty(x, (steps, batch, inp))

@@ -122,6 +122,9 @@ def train_forecaster(config: ForecastConfig = ForecastConfig(),
     _device.canonical_device(config.device)  # a bad name, or CUDA without CuPy, refused before any training
     years, series = datasets.sunspots()
     n_train = len(series) - config.held_out_years
+    if n_train <= config.window:  # the training years must hold one window and its next year
+        raise ValueError(f"held_out_years: {config.held_out_years} of the series' {len(series)} years leave "
+                         f"{n_train} to train on, fewer than window + 1 = {config.window + 1}")
     mean, std = series[:n_train].mean(), series[:n_train].std()
     z = ((series - mean) / std).astype(np.float32)
 

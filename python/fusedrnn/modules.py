@@ -600,6 +600,7 @@ class Linear(_Module):
                  seed: int | None = None):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
+        bias = _checks.flag("bias", bias)
         self.dtype = _checks.float_dtype("dtype", dtype)
         rng = np.random.default_rng(_seed(seed))
         bound = 1.0 / math.sqrt(self.in_features)   # torch.nn.Linear's default initialisation range

@@ -105,11 +105,12 @@ def unpad_sequences(padded, lengths, *, batch_first: bool = False) -> list[np.nd
     arr = _checks.as_array("padded", padded)
     if arr.ndim < 2:
         raise ValueError(f"padded: expected an array of shape (T, B, ...), got shape {arr.shape}")
+    given = arr.shape
     if not batch_first:
         arr = arr.swapaxes(0, 1)
     batch, steps = arr.shape[:2]
     if steps == 0:
-        raise ValueError(f"padded: no time steps, got shape {arr.shape}{' (batch_first)' if batch_first else ''}")
+        raise ValueError(f"padded: no time steps, got shape {given}{' (batch_first)' if batch_first else ''}")
     lens = _checks.lengths(lengths, steps, batch)
     if lens is None:
         lens = np.full(batch, steps, np.int64)
