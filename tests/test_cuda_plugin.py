@@ -129,11 +129,12 @@ def test_a_broken_plugin_package_is_reported_not_raised(no_cuda_module, tmp_path
 
 
 def test_a_folder_named_as_the_plugin_is_reported_not_raised(no_cuda_module, tmp_path, capsys):
-    """A folder fusedrnn_cuda13 on sys.path with no __init__.py imports as a namespace package, without
-    the plugin's __version__."""
+    """A package fusedrnn_cuda13 on sys.path that is not the plugin (a folder of that name, with or
+    without an __init__.py) imports without the plugin's __version__. (The empty __init__.py keeps this
+    one ahead of a real plugin installed further along sys.path.)"""
     fake_plugin(no_cuda_module, tmp_path, VERSION)
-    for name in ("__init__.py", "_version.py"):
-        (tmp_path / "fusedrnn_cuda13" / name).unlink()
+    (tmp_path / "fusedrnn_cuda13" / "__init__.py").write_text("")
+    (tmp_path / "fusedrnn_cuda13" / "_version.py").unlink()
     with pytest.raises(ImportError, match=r"does not import as the plugin \(.*has no attribute '__version__'"):
         _cuda_layer.cuda_module()
     assert not fusedrnn.cuda_info()["loaded"] and "__version__" in fusedrnn.build_info()["cuda"]["error"]
