@@ -46,13 +46,13 @@ FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
 }
 
 // A fingerprint of the values' memory: over its 32-bit words w[j] at positions p = first + j (`first` the
-// index of values[0]'s first word in the whole array), the sum of mix(w[j] ^ key(p)) * (2p + 1) wrapping
-// at 32 bits, so the shares of a split array add up to the whole's (in any order) and a value moved
-// elsewhere changes it. mix is a nonlinear bijection (xor-shifts around an odd multiply): with the words
-// themselves, a change that adds the same amount to several words could cancel (two sign bits flipped add
-// 2^32). The position goes into the mix too (key(p) = (2p + 1) * 0x9e3779b9): with only the weight
-// 2p + 1 outside it, values of few kinds (one-hot rows: zeros, mix(0) = 0, and ones) summed to mix(1.0) *
-// the sum of the ones' weights, which any move keeping that sum (two rows swapped) left unchanged.
+// index of values[0]'s first word in the whole array), the sum of mix(w[j] ^ key(p)) wrapping at 32 bits,
+// key(p) = (2p + 1) * 0x9e3779b9, so the shares of a split array add up to the whole's (in any order) and
+// a value moved elsewhere changes it. mix is a nonlinear bijection (xor-shifts around an odd multiply):
+// with the words themselves, a change that adds the same amount to several words could cancel (two sign
+// bits flipped add 2^32). The position goes into the mix, not as a weight outside it: values of few kinds
+// (one-hot rows: zeros, mix(0) = 0, and ones) would sum to mix(1.0) times the ones' weights, which a move
+// keeping that sum (two rows swapped) leaves unchanged.
 // A check that an array kept by reference was not changed in place, not a hash against tampering; 32-bit
 // words for both dtypes because a 32-bit multiply vectorises at every level (a 64-bit one not before
 // AVX-512).
@@ -69,12 +69,11 @@ FUSEDRNN_ALWAYS_INLINE std::uint32_t fingerprint(const T* values, std::int64_t c
   constexpr std::int64_t kWords = sizeof(T) / 4;
   const auto* bytes = reinterpret_cast<const unsigned char*>(values);
   constexpr std::uint32_t kKeyStep = 0x9e3779b9U;
-  std::uint32_t sum = 0, weight = static_cast<std::uint32_t>(2 * first * kWords + 1);
-  std::uint32_t key = weight * kKeyStep;
-  for (std::int64_t j = 0; j < count * kWords; ++j, weight += 2, key += 2 * kKeyStep) {
+  std::uint32_t sum = 0, key = static_cast<std::uint32_t>(2 * first * kWords + 1) * kKeyStep;
+  for (std::int64_t j = 0; j < count * kWords; ++j, key += 2 * kKeyStep) {
     std::uint32_t word;
     std::memcpy(&word, bytes + 4 * j, 4);
-    sum += mix_word(word ^ key) * weight;
+    sum += mix_word(word ^ key);
   }
   return sum;
 }
