@@ -325,22 +325,44 @@ py::object checked_lengths(const py::object& obj, Index steps, Index batch) {
   return std::move(arr);
 }
 
-// The projection size P of weight_hr (P, H) (None: 0, no projection), checked against the cell and
-// torch.nn's rule 0 < P < H; H comes from weight_hr's second dimension.
-Index checked_projection(const py::object& w_hr_obj, CellKind cell, Index& hidden) {
-  if (w_hr_obj.is_none()) return 0;
-  if (!fusedrnn::cell_facts(cell).projection)
-    throw py::value_error("weight_hr: only an LSTM takes a projection (proj_size)");
-  const py::array w_hr = require_array(w_hr_obj, "weight_hr");
-  if (w_hr.ndim() != 2)
-    throw py::value_error("weight_hr: expected a 2-D array (proj_size, hidden_size), got shape " +
-                          shape_str(shape_of(w_hr)));
-  const Index proj = w_hr.shape(0);
-  hidden = w_hr.shape(1);
-  if (proj < 1 || proj >= hidden)
-    throw py::value_error("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < "
-                          "hidden_size, got " + shape_str(shape_of(w_hr)));
-  return proj;
+// A layer's sizes from the shapes of x (T, B, I), weight_hh (G*H, R) and weight_hr (P, H; null: none),
+// checked against each other, the cell and torch.nn's rule 0 < P < H: the one home of these refusals,
+// for the host call and (through layer_sizes) the CUDA backend's, so both name the argument alike.
+struct LayerSizes {
+  Index steps, batch, input, hidden, proj;
+};
+
+LayerSizes checked_layer_sizes(CellKind cell, const std::vector<Index>& x, const std::vector<Index>& w_hh,
+                               const std::vector<Index>* w_hr) {
+  if (x.size() != 3)
+    throw py::value_error("x: expected a 3-D array (T, B, input_size), got " + std::to_string(x.size()) + "-D");
+  if (x[0] < 1) throw py::value_error("x: expected at least one time step, got shape " + shape_str(x));
+  if (x[1] < 1) throw py::value_error("x: empty batch, got shape " + shape_str(x));
+  if (x[2] < 1) throw py::value_error("x: input_size must be >= 1, got shape " + shape_str(x));
+  if (w_hh.size() != 2)
+    throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size or proj_size)");
+  const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(cell);
+  // R, the width of h: weight_hh's columns (hidden_size, or proj_size with a projection, whose own
+  // columns then give hidden_size: checked first).
+  const Index state = w_hh[1];
+  Index hidden = state, proj = 0;
+  if (w_hr) {
+    if (!facts.projection) throw py::value_error("weight_hr: only an LSTM takes a projection (proj_size)");
+    if (w_hr->size() != 2)
+      throw py::value_error("weight_hr: expected a 2-D array (proj_size, hidden_size), got shape " + shape_str(*w_hr));
+    proj = (*w_hr)[0];
+    hidden = (*w_hr)[1];
+    if (proj < 1 || proj >= hidden)
+      throw py::value_error("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < "
+                            "hidden_size, got " + shape_str(*w_hr));
+  }
+  if (state < 1) throw py::value_error("weight_hh: hidden_size must be >= 1, got shape " + shape_str(w_hh));
+  const Index gh = facts.gates * hidden;
+  if (proj > 0 && w_hh[0] != gh)
+    throw py::value_error("weight_hr, weight_hh: weight_hr's columns give hidden_size " + std::to_string(hidden) +
+                          ", so weight_hh needs gates*hidden_size = " + std::to_string(gh) + " rows, got shape " +
+                          shape_str(w_hh));
+  return {x[0], x[1], x[2], hidden, proj};
 }
 
 // One direction's forward call, its arguments checked and its outputs made: `args` for the core, and
@@ -359,32 +381,17 @@ PreparedForward<T> prepare_forward(Backend backend, CellKind cell, const py::arr
                                const py::object& c0_obj, const py::object& lengths_obj, bool reverse,
                                bool training, const py::object& out_obj, double cell_clip,
                                const py::object& w_hr_obj) {
-  if (x_obj.ndim() != 3)
-    throw py::value_error("x: expected a 3-D array (T, B, input_size), got " +
-                          std::to_string(x_obj.ndim()) + "-D");
-  const Index steps = x_obj.shape(0), batch = x_obj.shape(1), input = x_obj.shape(2);
-  if (steps < 1) throw py::value_error("x: expected at least one time step, got shape " +
-                                       shape_str(shape_of(x_obj)));
-  if (batch < 1) throw py::value_error("x: empty batch, got shape " + shape_str(shape_of(x_obj)));
-  if (input < 1) throw py::value_error("x: input_size must be >= 1, got shape " +
-                                       shape_str(shape_of(x_obj)));
-  if (!py::isinstance<py::array>(w_hh_obj) || py::reinterpret_borrow<py::array>(w_hh_obj).ndim() != 2)
-    throw py::value_error("weight_hh: expected a 2-D array (gates*hidden_size, hidden_size or proj_size)");
   const fusedrnn::CellFacts& facts = fusedrnn::cell_facts(cell);
-  // R, the width of h: weight_hh's columns (hidden_size, or proj_size with a projection).
-  const Index state = py::reinterpret_borrow<py::array>(w_hh_obj).shape(1);
-  Index hidden = state;
-  const Index proj = checked_projection(w_hr_obj, cell, hidden);  // first: with one, weight_hh's columns are P
-  if (state < 1)
-    throw py::value_error("weight_hh: hidden_size must be >= 1, got shape " +
-                          shape_str(shape_of(py::reinterpret_borrow<py::array>(w_hh_obj))));
+  std::vector<Index> w_hh_shape, w_hr_shape;  // empty where not an array: refused as not 2-D
+  if (py::isinstance<py::array>(w_hh_obj)) w_hh_shape = shape_of(py::reinterpret_borrow<py::array>(w_hh_obj));
+  if (!w_hr_obj.is_none() && facts.projection) w_hr_shape = shape_of(require_array(w_hr_obj, "weight_hr"));
+  const LayerSizes sizes =
+      checked_layer_sizes(cell, shape_of(x_obj), w_hh_shape, w_hr_obj.is_none() ? nullptr : &w_hr_shape);
+  const Index steps = sizes.steps, batch = sizes.batch, input = sizes.input, hidden = sizes.hidden;
+  const Index proj = sizes.proj, state = proj > 0 ? proj : hidden;
   const Index gh = facts.gates * hidden;
   const bool has_c = facts.has_cell_state;
 
-  if (proj > 0 && py::reinterpret_borrow<py::array>(w_hh_obj).shape(0) != gh)
-    throw py::value_error("weight_hr, weight_hh: weight_hr's columns give hidden_size " + std::to_string(hidden) +
-                          ", so weight_hh needs gates*hidden_size = " + std::to_string(gh) + " rows, got shape " +
-                          shape_str(shape_of(py::reinterpret_borrow<py::array>(w_hh_obj))));
   auto x = checked_input<T>(x_obj, "x", {steps, batch, input});
   // weight_hh first: hidden_size is read from its columns, so a mismatch there is reported against it.
   auto w_hh = checked_input<T>(w_hh_obj, "weight_hh", {gh, proj > 0 ? proj : hidden}, kDtypeOfX);
@@ -872,6 +879,16 @@ PYBIND11_MODULE(_core, m) {
         "The OpenMP runtime the team's jobs run on, \"\" for the team's own workers.");
   m.def("set_team_worker_delay", &cpu::set_team_worker_delay, py::arg("microseconds"),
         "Tests only: the team's workers pause this long after each job is posted, before acting on it.");
+  m.def("layer_sizes", [](const std::string& cell, const std::vector<Index>& x_shape,
+                          const std::vector<Index>& weight_hh_shape, const py::object& weight_hr_shape) {
+    std::vector<Index> w_hr;
+    if (!weight_hr_shape.is_none()) w_hr = weight_hr_shape.cast<std::vector<Index>>();
+    const LayerSizes s = checked_layer_sizes(parse_cell(cell), x_shape, weight_hh_shape,
+                                             weight_hr_shape.is_none() ? nullptr : &w_hr);
+    return py::make_tuple(s.steps, s.batch, s.input, s.hidden, s.proj);
+  }, py::arg("cell"), py::arg("x_shape"), py::arg("weight_hh_shape"), py::arg("weight_hr_shape") = py::none(),
+        "(steps, batch, input, hidden, proj) of a layer from the shapes of x, weight_hh and weight_hr (None: "
+        "no projection), checked as layer_forward checks them (the CUDA backend's calls use it).");
   m.def("layer_split", [](const std::string& cell, Index batch, Index hidden, const py::object& dtype,
                           Index proj_size) {
     const CellKind kind = parse_cell(cell);

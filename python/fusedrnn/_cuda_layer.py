@@ -249,34 +249,13 @@ def set_recurrence(path: str) -> str:
 
 
 def _layer_sizes(cell, lib, x, weight_hh, weight_hr) -> tuple:
-    """(steps, batch, input, hidden, proj) of a forward on device arrays (x 3-D, weights 2-D), refusing
-    what the CPU backend refuses by the argument's name where the CUDA module would only name its
-    shape argument (the rest, each array's shape and dtype against these sizes, the module checks)."""
-    steps, batch, inp = (int(n) for n in x.shape)
-    if steps < 1:
-        raise ValueError(f"x: expected at least one time step, got shape {tuple(x.shape)}")
-    if batch < 1:
-        raise ValueError(f"x: empty batch, got shape {tuple(x.shape)}")
-    if inp < 1:
-        raise ValueError(f"x: input_size must be >= 1, got shape {tuple(x.shape)}")
+    """(steps, batch, input, hidden, proj) of a forward on device arrays, checked as the host call checks
+    them (_core.layer_sizes, with its words) where the CUDA module would only name its shape argument;
+    the rest, each array's shape and dtype against these sizes, the module checks."""
     if lib.dtype_name(x) not in ("float32", "float64"):
         raise TypeError(f"x: expected dtype float32 or float64, got {lib.dtype_name(x)}")
-    width = int(weight_hh.shape[1])  # R: P with a projection, else H
-    if weight_hr is None:
-        if width < 1:
-            raise ValueError(f"weight_hh: hidden_size must be >= 1, got shape {tuple(weight_hh.shape)}")
-        return steps, batch, inp, width, 0
-    if not _core.cells[cell]["projection"]:
-        raise ValueError("weight_hr: only an LSTM takes a projection (proj_size)")
-    proj, hidden = (int(n) for n in weight_hr.shape)
-    if not 0 < proj < hidden:
-        raise ValueError("weight_hr: expected shape (proj_size, hidden_size) with 0 < proj_size < hidden_size, "
-                         f"got {tuple(weight_hr.shape)}")
-    rows = _core.cells[cell]["gates"] * hidden
-    if weight_hh.shape[0] != rows:
-        raise ValueError(f"weight_hr, weight_hh: weight_hr's columns give hidden_size {hidden}, so weight_hh needs "
-                         f"gates*hidden_size = {rows} rows, got shape {tuple(weight_hh.shape)}")
-    return steps, batch, inp, hidden, proj
+    return _core.layer_sizes(cell, tuple(x.shape), tuple(weight_hh.shape),
+                             None if weight_hr is None else tuple(weight_hr.shape))
 
 
 def forward(cell, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training, out,
