@@ -330,6 +330,63 @@ def test_cupy_repeats_are_bit_identical(cupy, rng, recurrence):
         assert np.array_equal(first, again)
 
 
+def test_threads_that_end_hand_their_resources_on_to_later_threads(cupy, rng):
+    """A host thread holds a set of resources per device (on a GPU: a cuBLAS handle, and the stream and
+    graphs of its recordings) and hands it back when it ends, so threads that come and go reuse sets
+    rather than each leaving one behind."""
+    import threading
+    import time
+    from fusedrnn import _cuda_layer
+    module = _cuda_layer.cuda_module()
+    w, a = _case(rng, "gru", SHAPES["B1"], np.float32)
+    d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
+    errors = []
+
+    def layer_call():
+        try:
+            out = F.layer_forward("gru", d["x"], *(d[k] for k in w), d["h0"], None)
+            F.layer_backward(out.tape, d["dy"], d["dh_n"], None)
+        except Exception as e:  # reported by the assertions below, not lost in the thread
+            errors.append(e)
+
+    def held_once_settled(expected):
+        # A thread hands its set back as it ends, which can be just after join() returns.
+        deadline = time.monotonic() + 10
+        while module.thread_resources()[1] != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return module.thread_resources()[1]
+
+    layer_call()
+    made, held = module.thread_resources()
+    assert made >= held >= 1
+    for _ in range(8):
+        thread = threading.Thread(target=layer_call)
+        thread.start()
+        thread.join()
+        assert held_once_settled(held) == held
+    assert module.thread_resources()[0] <= made + 1
+
+    for _ in range(2):  # four at once hold four sets; the second time, the first time's are reused
+        all_called, may_end = threading.Barrier(5, timeout=60), threading.Barrier(5, timeout=60)
+
+        def call_and_wait():
+            layer_call()
+            all_called.wait()
+            may_end.wait()
+
+        threads = [threading.Thread(target=call_and_wait) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        all_called.wait()
+        assert module.thread_resources()[1] == held + 4
+        may_end.wait()
+        for thread in threads:
+            thread.join()
+        assert held_once_settled(held) == held
+        assert module.thread_resources()[0] <= made + 4
+    assert not errors
+
+
 @needs_torch_cuda
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cuda_graphs_replay_inside_a_torch_training_loop(rng, cell):

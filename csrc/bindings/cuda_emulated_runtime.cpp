@@ -39,6 +39,14 @@ std::mutex memory_mutex;
 std::map<std::uintptr_t, MemoryRange> memory;
 thread_local int current = 0;
 
+// What stands in for a GPU thread's cuBLAS handle and graphs: each layer call leases a set as the CUDA
+// runtime does, so the lending and the return at a thread's end run where there is no GPU.
+struct StandInResources {};
+
+void lease_this_threads_resources() {
+  ThreadLeases<StandInResources>::of_this_thread(current, [] { return StandInResources{}; });
+}
+
 }  // namespace
 
 template <typename T>
@@ -53,16 +61,19 @@ std::size_t backward_workspace_bytes(const LayerBackwardParams<T>& params) {
 
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& params, void* workspace, void*, RecurrencePath path) {
+  lease_this_threads_resources();
   emulated::layer_forward(params, workspace, path);
 }
 
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& params, void* workspace, void*, RecurrencePath path) {
+  lease_this_threads_resources();
   emulated::layer_backward(params, workspace, path);
 }
 
 template <typename T>
 void flag_non_finite(const T* data, Index count, int* flag, void*) {
+  lease_this_threads_resources();
   emulated::flag_non_finite(data, count, flag);
 }
 
@@ -119,6 +130,7 @@ void set_graphs(bool) {}
 bool graphs() { return false; }
 std::int64_t graphs_recorded() { return 0; }
 std::int64_t graphs_replayed() { return 0; }
+LeaseCounts thread_resource_counts() { return ThreadLeases<StandInResources>::counts(); }
 
 }  // namespace fusedrnn::gpu::cuda
 

@@ -456,6 +456,15 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
   m.def("graphs", &gpu::cuda::graphs);
   m.def("graph_counts", [] { return py::make_tuple(gpu::cuda::graphs_recorded(), gpu::cuda::graphs_replayed()); },
         "(recorded, replayed): per-step loops recorded as CUDA Graphs and replays of them so far.");
+  m.def(
+      "thread_resources",
+      [] {
+        const gpu::LeaseCounts counts = gpu::cuda::thread_resource_counts();
+        return py::make_tuple(counts.made, counts.held);
+      },
+      "(made, held): sets of per-thread resources (a cuBLAS handle, a stream and the graphs recorded on "
+      "it) made so far, and held by threads now. A thread holds one set per device it has called on and "
+      "hands it back when it ends, for a later thread to reuse.");
   m.attr("architectures") = FUSEDRNN_CUDA_ARCHITECTURES;
   m.attr("compiler_version") = FUSEDRNN_CUDA_COMPILER_VERSION;
 #ifdef FUSEDRNN_WITH_XLA_FFI

@@ -10,13 +10,13 @@
 #include <atomic>
 #include <cstdint>
 #include <list>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "fusedrnn/cuda/device.h"
+#include "fusedrnn/cuda/thread_leases.h"
 
 namespace fusedrnn::gpu::cuda {
 
@@ -59,20 +59,6 @@ __global__ void run_phases_grid(Kernel kernel) {
   }
 }
 
-// One cuBLAS handle per device and host thread, made on first use and kept for the process (destroying
-// handles at exit races the driver's own teardown).
-inline cublasHandle_t blas_handle() {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  thread_local std::map<int, cublasHandle_t> handles;
-  auto found = handles.find(device);
-  if (found != handles.end()) return found->second;
-  cublasHandle_t handle = nullptr;
-  check(cublasCreate(&handle), "cublasCreate");
-  handles[device] = handle;
-  return handle;
-}
-
 // Whether per-step loops are recorded as CUDA Graphs and replayed (Device::sequence); off by default
 // until measured on a GPU (bench/gpu_check.sh times both).
 inline std::atomic<bool>& graphs_enabled() {
@@ -89,17 +75,12 @@ inline GraphCounts& graph_counts() {
   return counts;
 }
 
-// Instantiated graphs of one host thread and device, by sequence key, the least recently used dropped
-// beyond kCapacity. Recording needs a stream other than the legacy default one, so each thread records
-// on a stream of its own and launches the graph on the caller's.
+// Instantiated graphs by sequence key, the least recently used dropped beyond kCapacity. Recording needs
+// a stream other than the legacy default one, so each cache records on a stream of its own and launches
+// the graph on the caller's.
 class GraphCache {
  public:
   static constexpr std::size_t kCapacity = 32;
-
-  static GraphCache& of_this_thread(int device) {
-    thread_local std::map<int, GraphCache> caches;
-    return caches[device];
-  }
 
   cudaStream_t recording_stream() {
     if (!recording_) check(cudaStreamCreateWithFlags(&recording_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -128,9 +109,17 @@ class GraphCache {
   cudaStream_t recording_ = nullptr;
 };
 
+// What a host thread uses on one device (thread_leases.h).
+struct ThreadResources {
+  cublasHandle_t blas = nullptr;
+  GraphCache graphs;
+};
+using ThreadResourceLeases = ThreadLeases<ThreadResources>;
+
 class CudaDevice {
  public:
-  explicit CudaDevice(cudaStream_t stream) : stream_(stream), blas_(blas_handle()) {
+  explicit CudaDevice(cudaStream_t stream)
+      : stream_(stream), resources_(resources_of_this_thread()), blas_(resources_.blas) {
     check(cublasSetStream(blas_, stream_), "cublasSetStream");
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");
@@ -206,9 +195,7 @@ class CudaDevice {
       enqueue();
       return;
     }
-    int device = 0;
-    check(cudaGetDevice(&device), "cudaGetDevice");
-    GraphCache& cache = GraphCache::of_this_thread(device);
+    GraphCache& cache = resources_.graphs;
     cudaGraphExec_t exec = cache.find(key);
     if (!exec) {
       exec = record(cache.recording_stream(), std::forward<F>(enqueue));
@@ -221,6 +208,16 @@ class CudaDevice {
   }
 
  private:
+  static ThreadResources& resources_of_this_thread() {
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    return ThreadResourceLeases::of_this_thread(device, [] {
+      ThreadResources made;
+      check(cublasCreate(&made.blas), "cublasCreate");
+      return made;
+    });
+  }
+
   // Captures what enqueue() enqueues (on `recording`, cuBLAS included) into an instantiated graph.
   template <typename F>
   cudaGraphExec_t record(cudaStream_t recording, F&& enqueue) {
@@ -258,6 +255,7 @@ class CudaDevice {
   }
 
   cudaStream_t stream_;
+  ThreadResources& resources_;
   cublasHandle_t blas_;
   int multiprocessors_ = 0;
   std::size_t max_shared_ = 0;

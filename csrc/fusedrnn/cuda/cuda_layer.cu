@@ -107,6 +107,7 @@ void set_graphs(bool enabled) { graphs_enabled().store(enabled); }
 bool graphs() { return graphs_enabled().load(); }
 std::int64_t graphs_recorded() { return graph_counts().recorded.load(); }
 std::int64_t graphs_replayed() { return graph_counts().replayed.load(); }
+LeaseCounts thread_resource_counts() { return ThreadResourceLeases::counts(); }
 
 template std::size_t forward_workspace_bytes<float>(const LayerForwardParams<float>&);
 template std::size_t forward_workspace_bytes<double>(const LayerForwardParams<double>&);

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "fusedrnn/cuda/persistent.h"
+#include "fusedrnn/cuda/thread_leases.h"
 #include "fusedrnn/layer.h"
 
 namespace fusedrnn::gpu::cuda {
@@ -50,5 +51,8 @@ void set_graphs(bool enabled);
 bool graphs();
 std::int64_t graphs_recorded();
 std::int64_t graphs_replayed();
+// The sets of per-thread resources (a cuBLAS handle, a recording stream and its graphs) made so far and
+// held by threads now (thread_leases.h).
+LeaseCounts thread_resource_counts();
 
 }  // namespace fusedrnn::gpu::cuda
