@@ -1,7 +1,11 @@
 """Every public entry point rejects bad input with ValueError/TypeError (RuntimeError for a backward with
 nothing to backpropagate through) whose message starts with the name of the offending argument."""
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -129,8 +133,10 @@ def test_forward_rejects_bad_x_batch_first(cell):
     m = make_module(cell, I, H, batch_first=True)
     with pytest.raises(ValueError, match=r"^x: expected input_size"):
         m(f32(B, T, I + 2))
-    with pytest.raises(ValueError, match=r"^x: empty input"):
-        m(f32(0, T, I))
+    with pytest.raises(ValueError, match=rf"^x: empty input .*, got shape \(0, {T}, {I}\)$"):
+        m(f32(0, T, I))  # the shape as given, not as transposed to (T, B, I)
+    with pytest.raises(ValueError, match=rf"^x: empty input .*, got shape \(0, {I}\)$"):
+        make_module(cell, I, H)(f32(0, I))  # unbatched: no batch axis added to the shape shown
 
 
 def test_forward_rejects_bad_hidden_state(module, cell):
@@ -1009,6 +1015,45 @@ def test_sizes_past_the_blas_range_are_refused_by_name():
     x = np.broadcast_to(np.float32(0.5), (2**16 + 1, 2**15, 1))
     with pytest.raises(ValueError, match=r"^steps\*batch: 2147516416 exceeds the 32-bit BLAS index range"):
         F.layer_forward("lstm", x, w_ih, w_hh, check_finite=False, training=False)
+
+
+def test_outputs_past_the_address_space_are_refused_as_memory_errors():
+    """y of 2^61 values (a broadcast x and weights cost no memory): its byte count would wrap, which
+    numpy reported as "negative dimensions are not allowed"."""
+    z = np.zeros((1, 1, 1), np.float32)
+    x = np.broadcast_to(z, (2**40, 1, 1))
+    w_ih, w_hh = np.broadcast_to(z[0], (2**21, 1)), np.broadcast_to(z[0], (2**21, 2**21))
+    for training in (False, True):
+        with pytest.raises(MemoryError, match=r"^fusedrnn: a result or tape array: \d+ values of 4 bytes are "
+                                              r"past the address space"):
+            F.layer_forward("rnn_tanh", x, w_ih, w_hh, training=training, check_finite=False)
+
+
+ASAN_PRELOADED = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.skipif(ASAN_PRELOADED, reason="ASan's operator new aborts the process where it would throw")
+def test_a_call_out_of_memory_leaves_later_calls_working():
+    """A call whose scratch (x projected onto W_ih: 2^48 bytes, past any address space) cannot be
+    allocated raises MemoryError naming the bytes; the thread's smaller scratch kept from an earlier
+    call was released first, and the next small call on the thread must not find a null buffer that
+    claims the old size (it crashed the process). Run in a child, so such a crash fails the test."""
+    code = textwrap.dedent("""
+        import numpy as np, fusedrnn
+        m = fusedrnn.LSTM(1, 2**22, proj_size=1).eval()
+        small = np.ones((2, 1, 1), np.float32)
+        before = m(small)[0]
+        try:
+            m(np.ones((2**22, 1, 1), np.float32))
+        except MemoryError as e:
+            print("MemoryError:", e)
+        print("again equal:", np.array_equal(m(small)[0], before))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"MemoryError: fusedrnn: out of memory allocating 281474976710656 bytes \(262144\.0 GiB\) "
+                     r"for a layer call's scratch", out.stdout), out.stdout
+    assert "again equal: True" in out.stdout, out.stdout
 
 
 def test_grouped_gradients_of_an_x_with_rows_far_apart():

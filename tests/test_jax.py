@@ -4,6 +4,11 @@ and from several threads at once; bad input."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -386,6 +391,30 @@ def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
         y_i, (h_i, c_i) = run(h0s[i], lengths[i])
         assert_close(ys[i], y_i, np.float32, "y")
         assert_close(c_n[i], c_i, np.float32, "c_n")
+
+
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="ASan's operator new aborts the process where it would throw")
+def test_a_call_out_of_memory_leaves_later_calls_working():
+    """As the NumPy modules' test of this name (test_errors.py), through an XLA call: the scratch of
+    x projected onto W_ih (2^48 bytes) cannot be allocated; the error names the bytes and the next
+    small call on the thread works (it crashed the process)."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        import fusedrnn.jax as fj
+        params = fj.init(jax.random.key(0), "lstm", 1, 2**22, proj_size=1)
+        small = jnp.ones((2, 1, 1), jnp.float32)
+        before = np.asarray(fj.lstm(params, small)[0])
+        try:
+            fj.lstm(params, jnp.ones((2**22, 1, 1), jnp.float32))[0].block_until_ready()
+        except Exception as e:
+            print(type(e).__name__, e)
+        print("again equal:", np.array_equal(np.asarray(fj.lstm(params, small)[0]), before))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"out of memory allocating 281474976710656 bytes \(262144\.0 GiB\)", out.stdout), out.stdout
+    assert "again equal: True" in out.stdout, out.stdout
 
 
 def test_release_scratch_frees_what_mapped_calls_kept_on_this_thread(rng):

@@ -29,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "fusedrnn/allocation.h"
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cpu/backend.h"
 #include "fusedrnn/cpu/passes.h"
@@ -87,10 +88,16 @@ class CallScratch {
     std::vector<Buffer>& buffers = pool();
     if (next_ == buffers.size()) buffers.emplace_back();
     Buffer& b = buffers[next_++];
-    const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(T);
+    const std::size_t bytes =
+        fusedrnn::checked_bytes(static_cast<std::uint64_t>(count), sizeof(T), 64, "a handler call's scratch");
     if (bytes > b.capacity) {
-      b.storage.reset();  // release before allocating, so peak memory is not old + new
-      b.storage.reset(new unsigned char[bytes + 64]);
+      // Released before allocating, so peak memory is not old + new; the capacity follows, so a failed
+      // allocation leaves an empty buffer rather than a null one of the old size.
+      b.storage.reset();
+      b.capacity = 0;
+      b.storage.reset(fusedrnn::allocate_named(bytes, "a handler call's scratch", [](std::size_t size) {
+        return new unsigned char[size];
+      }));
       b.capacity = bytes;
     }
     const auto raw = reinterpret_cast<std::uintptr_t>(b.storage.get());

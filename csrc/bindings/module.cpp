@@ -16,6 +16,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "fusedrnn/allocation.h"
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cpu/backend.h"
 #include "fusedrnn/cpu/blas.h"
@@ -251,9 +252,12 @@ fusedrnn::View2<T> dense2(T* data, Index cols) { return {data, {cols, 1}}; }
 template <typename T>
 Arr<T> aligned_array(const std::vector<Index>& shape) {
   constexpr std::size_t kAlign = 64;
-  std::size_t count = 1;
-  for (Index d : shape) count *= static_cast<std::size_t>(d);
-  py::array_t<std::uint8_t> storage(static_cast<py::ssize_t>(count * sizeof(T) + kAlign));
+  std::uint64_t count = 1;
+  for (Index d : shape)
+    if (__builtin_mul_overflow(count, static_cast<std::uint64_t>(d), &count))
+      count = std::numeric_limits<std::uint64_t>::max();  // past any size: refused just below
+  py::array_t<std::uint8_t> storage(
+      static_cast<py::ssize_t>(fusedrnn::checked_bytes(count, sizeof(T), kAlign, "a result or tape array")));
   std::uint8_t* raw = storage.mutable_data();
   const std::size_t offset = (kAlign - reinterpret_cast<std::uintptr_t>(raw) % kAlign) % kAlign;
   return Arr<T>(shape, reinterpret_cast<T*>(raw + offset), storage);

@@ -408,7 +408,7 @@ class RNNBase(_Module):
             x = x.transpose(1, 0, 2)
         steps, batch, features = x.shape
         if steps == 0 or batch == 0:
-            raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {x.shape}")
+            raise ValueError(f"x: empty input (no time steps or an empty batch), got shape {x_given.shape}")
         if features != self.input_size:
             raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, got {features}")
         _checks.finite("x", x_given)  # before any transpose: the native scan needs contiguous memory

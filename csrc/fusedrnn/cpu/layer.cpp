@@ -12,6 +12,7 @@
 
 #include <unistd.h>
 
+#include "fusedrnn/allocation.h"
 #include "fusedrnn/cpu/backend.h"
 #include "fusedrnn/cpu/blas.h"
 #include "fusedrnn/cpu/kernels.h"
@@ -57,8 +58,14 @@ template <typename T>
 T* scratch(ScratchSlot slot, Index n, int set = 0) {
   ScratchBuffer<T>& b = scratch_buffers<T>()[set][static_cast<int>(slot)];
   if (n > b.capacity) {
-    b.data.reset();  // release before allocating, so peak memory is not old + new
-    b.data.reset(static_cast<T*>(::operator new[](static_cast<std::size_t>(n) * sizeof(T), std::align_val_t(64))));
+    // Released before allocating, so peak memory is not old + new; the capacity follows, so a failed
+    // allocation leaves an empty buffer rather than a null one of the old size.
+    b.data.reset();
+    b.capacity = 0;
+    const std::size_t bytes = checked_bytes(static_cast<std::uint64_t>(n), sizeof(T), 0, "a layer call's scratch");
+    b.data.reset(static_cast<T*>(allocate_named(bytes, "a layer call's scratch", [](std::size_t size) {
+      return ::operator new[](size, std::align_val_t(64));
+    })));
     b.capacity = n;
   }
   return b.data.get();
