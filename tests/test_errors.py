@@ -425,14 +425,16 @@ def test_load_state_dict_rejects_non_finite(module, bad):
 
 
 def test_load_state_dict_rejects_values_beyond_the_dtype_range():
-    # 1e39 has no float32 value. It must be refused like any non-finite value, naming the key, and
-    # without a NumPy overflow warning escaping first (warnings are errors here, as in strict test runs).
+    # 1e39 has no float32 value. It must be refused naming the key and the range (the caller's array
+    # holds no NaN or infinity), without a NumPy overflow warning escaping first (warnings are errors
+    # here, as in strict test runs).
     module = fusedrnn.LSTM(I, H, num_layers=2)
     sd = {k: v.astype(np.float64) for k, v in module.state_dict().items()}
     sd["weight_ih_l1"][0, 0] = 1e39
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ValueError, match=r"^state_dict\['weight_ih_l1'\]: contains NaN or infinite"):
+        with pytest.raises(ValueError, match=r"^state_dict\['weight_ih_l1'\]: holds values past float32's range "
+                                             r"\(largest magnitude 3\.403e\+38\)$"):
             module.load_state_dict(sd)
 
 

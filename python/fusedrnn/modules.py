@@ -203,9 +203,13 @@ class _Module:
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
-            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected next
+            if arr.dtype.kind == "f":
+                _checks.finite(f"state_dict[{name!r}]", arr)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused next
                 arr = arr.astype(self.dtype)
-            _checks.finite(f"state_dict[{name!r}]", arr)
+            if not np.isfinite(arr.min()) or not np.isfinite(arr.max()):
+                raise ValueError(f"state_dict[{name!r}]: holds values past {self.dtype.name}'s range "
+                                 f"(largest magnitude {np.finfo(self.dtype).max:.4g})")
             loaded[name] = arr
         for name, arr in loaded.items():  # all checked before any is written
             _device.copy_into(self._params[name], arr)
