@@ -485,8 +485,6 @@ def test_revert_gives_back_torch_nn_modules_for_exports_and_pickles_without_fuse
 def test_unsupported_configurations_raise_not_implemented_at_construction():
     with pytest.raises(NotImplementedError, match="float16"):
         frt.GRU(I, H, dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="CPU"):
-        frt.RNN(I, H, device="meta")
 
 
 def test_unsupported_tensors_raise_not_implemented_at_forward():
@@ -1260,6 +1258,53 @@ def test_weights_of_another_size_are_refused_by_name():
               "bias_ih_l0": torch.randn(18), "bias_hh_l0": torch.randn(18)}
     with pytest.raises(ValueError, match=r"^weight_ih_l0: expected shape \(15, 3\)"):
         torch.func.functional_call(module, params, (x,))
+
+
+def test_a_parameter_of_another_dtype_or_device_is_named():
+    """The first parameter gives the dtype and device the call is checked against, so one parameter
+    converted or moved alone was blamed on the input ("expected dtype float64 (the parameters')") or on
+    a kernel slot ("bias_hh: ..."), without its layer or direction."""
+    x = torch.randn(4, 2, 3)
+
+    def changed(module, name, to):
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().to(to)))
+        return module
+
+    cases = [
+        (changed(frt.GRU(3, 4, num_layers=2), "bias_hh_l1", torch.float64), x, TypeError,
+         r"^bias_hh_l1: dtype torch.float64, where the module's other parameters have torch.float32$"),
+        (changed(frt.LSTM(3, 4, bidirectional=True, num_layers=2), "weight_hh_l1_reverse", torch.float64), x,
+         TypeError, r"^weight_hh_l1_reverse: dtype torch.float64, where"),
+        (changed(frt.RNN(3, 4), "weight_ih_l0", torch.float64), x, TypeError, r"^weight_ih_l0: dtype torch.float64"),
+        (changed(frt.RNN(3, 4), "weight_ih_l0", torch.float64), x.double(), TypeError, r"^weight_ih_l0: dtype"),
+        (changed(frt.GRU(3, 4, num_layers=2), "bias_hh_l1", "meta"), x, ValueError,
+         r"^bias_hh_l1: device meta, where the module's other parameters have cpu$"),
+    ]
+    for module, given, error, message in cases:
+        with pytest.raises(error, match=message):
+            module(given)
+
+
+def test_modules_built_on_the_meta_device_run_once_given_real_parameters():
+    """torch.nn's lazy construction: built under torch.device("meta") (no memory, no initialisation),
+    then to_empty() and a checkpoint loaded; convert() of such a model too. A meta tensor still cannot run."""
+    reference = nn.LSTM(3, 4, num_layers=2, proj_size=2)
+    x = torch.randn(5, 2, 3)
+    with torch.device("meta"):
+        lazy = frt.LSTM(3, 4, num_layers=2, proj_size=2)
+        model = nn.Sequential(nn.GRU(3, 4))
+    with pytest.raises(NotImplementedError, match="got a tensor on meta"):
+        lazy(x)
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(reference.state_dict())
+    for got, want in zip(torch.utils._pytree.tree_leaves(lazy(x)), torch.utils._pytree.tree_leaves(reference(x))):
+        torch.testing.assert_close(got, want)
+    converted = frt.convert(model)
+    assert isinstance(converted[0], frt.GRU) and converted[0].weight_ih_l0.is_meta
+    converted.to_empty(device="cpu")
+    assert converted[0](x)[0].shape == (5, 2, 4)
+    with torch.device("meta"), pytest.raises(NotImplementedError, match="float16"):
+        frt.GRU(3, 4, dtype=torch.float16)
 
 
 def test_parametrized_modules_are_refused_by_convert_and_revert():

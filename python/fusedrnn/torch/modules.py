@@ -11,6 +11,7 @@ between layers) is the layer-stack driver's (fusedrnn._stack.over_layers), as fo
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import torch
@@ -41,10 +42,12 @@ class _FusedRNNBase(nn.RNNBase):
                                   "..., check_trace=False), or frt.revert(model) for torch.nn's modules")
 
     def _check_supported(self) -> None:
-        """NotImplementedError for what the fused kernels do not run (instead of running something else)."""
+        """NotImplementedError for what the fused kernels do not run (instead of running something else).
+        Meta parameters pass: a module built on the meta device gets real ones (to_empty) before it runs,
+        and forward refuses meta tensors."""
         name = type(self).__name__
         for weight in self._flat_weights:
-            _check_placement(f"fusedrnn.torch.{name} parameters", weight)
+            (_check_dtype if weight.is_meta else _check_placement)(f"fusedrnn.torch.{name} parameters", weight)
 
     @property
     def _cell(self) -> str:
@@ -55,8 +58,17 @@ class _FusedRNNBase(nn.RNNBase):
         return has_cell_state(self._cell)
 
     def forward(self, input, hx=None):
+        weights = _by_name(self, self._flat_weights_names)
+        try:
+            return self._forward(input, hx, weights)
+        except (TypeError, ValueError, NotImplementedError):
+            # The first parameter gives the dtype and device everything is checked against: one
+            # converted or moved alone is named here rather than blamed on the input or a kernel slot.
+            self._check_weights_agree(weights)
+            raise
+
+    def _forward(self, input, hx, weights: dict):
         names = self._flat_weights_names
-        weights = _by_name(self, names)
         first = weights[names[0]]
         _check_placement(f"fusedrnn.torch.{type(self).__name__} parameters", first)
         dtype = first.dtype
@@ -139,6 +151,18 @@ class _FusedRNNBase(nn.RNNBase):
             output = x.transpose(0, 1) if self.batch_first else x
         return output, ((h_n, c_n) if cell_state else h_n)
 
+    def _check_weights_agree(self, weights: dict) -> None:
+        """A TypeError (dtype) or ValueError (device) naming the parameters whose dtype or device differs
+        from the most of the module's (one converted or moved alone, or substituted through
+        torch.func.functional_call)."""
+        for attribute, error in (("dtype", TypeError), ("device", ValueError)):
+            counts = collections.Counter(getattr(t, attribute) for t in weights.values() if isinstance(t, Tensor))
+            if len(counts) > 1:
+                usual = counts.most_common(1)[0][0]
+                odd = [name for name, t in weights.items() if isinstance(t, Tensor) and getattr(t, attribute) != usual]
+                others = ", ".join(sorted({str(getattr(weights[name], attribute)) for name in odd}))
+                raise error(f"{', '.join(odd)}: {attribute} {others}, where the module's other parameters have {usual}")
+
     def _check_weight_shapes(self, weights: dict) -> None:
         """A ValueError naming the first weight whose shape is not the one this module's sizes give (one
         replaced through .data or substituted by torch.func.functional_call)."""
@@ -209,6 +233,10 @@ def _check_placement(name: str, t: Tensor) -> None:
             raise NotImplementedError(f"{name}: a CUDA tensor, and {err}") from err
     elif not t.is_cpu:
         raise NotImplementedError(f"{name}: fusedrnn runs on the CPU and on CUDA devices, got a tensor on {t.device}")
+    _check_dtype(name, t)
+
+
+def _check_dtype(name: str, t: Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
 
