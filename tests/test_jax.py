@@ -836,10 +836,45 @@ def test_forward_mode_and_second_derivatives_raise_clear_errors(rng):
         jax.jvp(f, (x,), (x,))
     with pytest.raises(TypeError, match="forward-mode autodiff"):
         jax.jacfwd(f)(x)
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.hessian(f)(x)  # forward over reverse
     with pytest.raises(NotImplementedError, match="second derivatives"):
         jax.grad(lambda x: jnp.sum(jax.grad(f)(x)))(x)
     with pytest.raises(NotImplementedError, match="second derivatives"):
-        jax.hessian(f)(x)
+        jax.grad(lambda x: jnp.sum(jax.grad(f)(x) * x))(x)  # a gradient penalty's shape
+    with pytest.raises(NotImplementedError, match="second derivatives"):  # the gradient used beside the value
+        jax.grad(lambda x: sum(jax.tree.leaves(jax.tree.map(jnp.sum, jax.value_and_grad(f)(x)))))(x)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_first_derivatives_of_programs_that_take_a_gradient_match_the_reference(x64, rng, cell):
+    """A derivative of a program that takes a gradient is still a first derivative where that gradient
+    is cut by stop_gradient (an adversarial example, a sharpness-aware step) or only its value is used;
+    these were refused as second derivatives."""
+    params = _params(rng, cell, 3, 4, 2, dtype=np.float64)
+    x = rng.standard_normal((6, 3, 3))
+    fused = lambda p, x: fj.forward(cell, p, x)[0]  # noqa: E731
+    lax_scan = lambda p, x: reference(cell, p, x, num_layers=2)[0]  # noqa: E731
+    results = []
+    for run in (fused, lax_scan):
+        def loss(p, x):
+            return jnp.sum(jnp.sin(run(p, x)))
+
+        def adversarial(p):
+            step = jax.lax.stop_gradient(jax.grad(loss, argnums=1)(p, x))
+            return loss(p, x + 0.1 * jnp.sign(step))
+
+        def sharpness_aware(p):
+            step = jax.lax.stop_gradient(jax.grad(loss)(p, x))
+            return loss(jax.tree.map(lambda w, g: w + 0.05 * g, p, step), x)
+
+        def value_only(p):
+            return jax.value_and_grad(loss)(p, x)[0]
+
+        results.append([jax.grad(f)(params) for f in (adversarial, sharpness_aware, value_only)])
+    for got, want in zip(*results):
+        for name in params:
+            assert_close(got[name], want[name], np.float64, name)
 
 
 def test_handlers_built_for_a_newer_jaxlib_are_refused_with_advice(monkeypatch):

@@ -13,8 +13,9 @@ An LSTM's projection (torch.nn.LSTM's proj_size P) follows from `weight_hr_l{k}`
 `fusedrnn.jax.flax_params` converts parameters to and from Flax's OptimizedLSTMCell/GRUCell. Arrays on
 the CPU run the CPU kernels; arrays on an NVIDIA GPU run the CUDA backend when fusedrnn's CUDA module
 loads with its handlers (else the call fails saying what to install). Forward-mode differentiation
-(jvp, jacfwd) and second derivatives raise an error. `jax.export` takes programs that call the layers
-given `disabled_checks=fj.export_disabled_checks()`.
+(jvp, jacfwd, hessian) and second derivatives raise an error; a derivative of a program that takes a
+gradient it cuts with stop_gradient, or uses only the value of, runs. `jax.export` takes programs
+that call the layers given `disabled_checks=fj.export_disabled_checks()`.
 """
 
 from .._optional import require

@@ -383,19 +383,50 @@ def _layer(spec: LayerSpec, x, h0, c0, lengths, weights):
     return y, h_n, c_n
 
 
-_SECOND_DERIVATIVES = ("fusedrnn.jax: second derivatives (the gradient of a gradient, hessian, jacfwd of a "
-                       "gradient) are not supported: the fused backward kernel has no derivative of its own")
+_SECOND_DERIVATIVES = ("fusedrnn.jax: second derivatives (the gradient of a gradient) are not supported: the "
+                       "fused backward kernel has no derivative of its own")
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _values(primals):
+    """The values of a symbolic_zeros custom_vjp's primals (each leaf a CustomVJPPrimal: value, perturbed)."""
+    primal = jax.custom_derivatives.CustomVJPPrimal
+    return jax.tree.map(lambda p: p.value, tuple(primals), is_leaf=lambda p: isinstance(p, primal))
+
+
+def _is_zero(cotangent) -> bool:
+    return isinstance(cotangent, jax.custom_derivatives.SymbolicZero)
+
+
+def _refuse_second_derivatives(cotangents) -> None:
+    """Zero cotangents (symbolic) are all a derivative of `layer`'s own derivative may send the calls
+    that make it up: what they computed does not count there (cut by stop_gradient, as adversarial
+    examples and sharpness-aware steps do, or unused beside a value_and_grad's value). Others ask for
+    a second derivative."""
+    if not all(_is_zero(c) for c in jax.tree.leaves(cotangents, is_leaf=_is_zero)):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _training_forward(spec, x, h0, c0, lengths, weights):
-    """The forward that writes the tape, as the first half of `layer`'s derivative."""
+    """The forward that writes the tape, as the first half of `layer`'s derivative. Its own derivative
+    is `layer`'s, where nothing asks for the tape's."""
     return _forward(spec, True, x, h0, c0, lengths, weights)
 
 
-@_training_forward.defjvp
-def _training_forward_jvp(spec, primals, tangents):
-    raise NotImplementedError(_SECOND_DERIVATIVES)
+def _training_forward_fwd(spec, *primals):
+    x, h0, c0, lengths, weights = _values(primals)
+    y, h_n, c_n, *tape = _forward(spec, True, x, h0, c0, lengths, weights)
+    return (y, h_n, c_n, *tape), (x, h0, c0, lengths, weights, tuple(tape))
+
+
+def _training_forward_bwd(spec, residuals, cotangents):
+    dy, dh_n, dc_n, *d_tape = cotangents
+    _refuse_second_derivatives(d_tape)
+    dense = tuple(jnp.zeros(c.aval.shape, c.aval.dtype) if _is_zero(c) else c for c in (dy, dh_n, dc_n))
+    return _layer_bwd(spec, residuals, dense)
+
+
+_training_forward.defvjp(_training_forward_fwd, _training_forward_bwd, symbolic_zeros=True)
 
 
 def _layer_fwd(spec, x, h0, c0, lengths, weights):
@@ -430,7 +461,7 @@ def _layer_bwd(spec, residuals, cotangents):
 _layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
 def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
     """The fused backward kernel on one layer's tape (hs, cs, saved, rs as the training forward wrote
     them): returns (dx, dh0, dc0, weight gradients)."""
@@ -442,6 +473,14 @@ def layer_backward(spec: LayerSpec, x, lengths, tape, dy, dh_n, dc_n, weights):
     return dx, dh0, dc0, tuple(grads)
 
 
-@layer_backward.defjvp
-def _layer_backward_jvp(spec, primals, tangents):
-    raise NotImplementedError(_SECOND_DERIVATIVES)
+def _layer_backward_fwd(spec, *primals):
+    values = _values(primals)
+    return layer_backward(spec, *values), jax.tree.map(lambda _: None, values)
+
+
+def _layer_backward_bwd(spec, zeros, cotangents):
+    _refuse_second_derivatives(cotangents)
+    return zeros
+
+
+layer_backward.defvjp(_layer_backward_fwd, _layer_backward_bwd, symbolic_zeros=True)
