@@ -721,7 +721,14 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
          "dropout_key: expected one PRNG key"),
         (lambda: fj.lstm(params, x, dropout="0.5"), TypeError, "dropout: expected a float in [0, 1], got str"),
         (lambda: jax.jit(lambda b: fj.lstm(params, x, batch_first=b))(True), TypeError,
-         "batch_first: expected a bool, got"),
+         "batch_first: expected a Python bool (a static option: pass it outside the transformed function, or "
+         "name it in jit's static_argnames), got a traced value"),
+        (lambda: jax.jit(lambda c: fj.lstm(params, x, check_finite=c))(False), TypeError,
+         "check_finite: expected a Python bool (a static option"),
+        (lambda: jax.grad(lambda p: fj.lstm(params, x, dropout=p)[0].sum())(0.1), TypeError,
+         "dropout: expected a Python float (a static option"),
+        (lambda: jax.jit(lambda c: fj.lstm(params, x, cell_clip=c))(1.0), TypeError,
+         "cell_clip: expected a Python float (a static option"),
     ]
     for call, error, message in cases:
         with pytest.raises(error) as info:

@@ -161,10 +161,13 @@ def _int_lengths(lengths):
     return lengths.astype(jnp.int32)
 
 
-def _checked_cell_clip(value, cell):
+def _static(name: str, value, kind: str):
+    """`value` as given, where a traced one (an option passed through jit, grad or vmap) is refused:
+    the options choose what is compiled."""
     if isinstance(value, jax.core.Tracer):
-        raise TypeError("cell_clip: expected a Python float (a static option), got a traced value")
-    return _checks.cell_clip(value, cell)
+        raise TypeError(f"{name}: expected a Python {kind} (a static option: pass it outside the "
+                        "transformed function, or name it in jit's static_argnames), got a traced value")
+    return value
 
 
 def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = False, dropout: float = 0.0,
@@ -184,8 +187,8 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features (D*P with a projection, as
     h_n has P)."""
     _checks.cell(cell)
-    batch_first = _checks.flag("batch_first", batch_first)  # a static option: a traced value is refused here
-    dropout = _checks.probability("dropout", dropout)
+    batch_first = _checks.flag("batch_first", _static("batch_first", batch_first, "bool"))
+    dropout = _checks.probability("dropout", _static("dropout", dropout, "float"))
     dropout_key = _checked_dropout_key(dropout_key)
     num_layers, bidirectional, bias, projected = _structure(params)
     if projected and not takes_projection(cell):
@@ -252,9 +255,9 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     if unbatched and lengths is not None:
         raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
     lens = _checked_lengths(lengths, steps, batch)
-    cell_clip = _checked_cell_clip(cell_clip, cell)
+    cell_clip = _checks.cell_clip(_static("cell_clip", cell_clip, "float"), cell)
 
-    check = _checks.flag("check_finite", check_finite)
+    check = _checks.flag("check_finite", _static("check_finite", check_finite, "bool"))
     specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,
                             check_dy=check and layer == num_layers - 1, check_states=check)
              for layer in range(num_layers)]
