@@ -426,6 +426,26 @@ def test_training_steps_on_device_match_the_host(cp, rng, make_optimizer):
     assert all(not cp.asnumpy(g).any() for g in on_device.grads.values())
 
 
+def test_optimizer_state_moves_between_host_and_device(cp, rng):
+    """A state saved on the device is a device copy; loaded into an optimiser of host parameters it
+    lands on the host, and back: the steps after agree."""
+    host = [rng.standard_normal((3, 2))]
+    device = [cp.asarray(host[0])]
+    optimizers = [optim.Adam(host, lr=0.1, amsgrad=True), optim.Adam(device, lr=0.1, amsgrad=True)]
+    optimizers[1].step([cp.ones((3, 2))])
+    saved = optimizers[1].state_dict()
+    assert isinstance(saved["state"][0]["exp_avg"], cp.ndarray)
+    optimizers[0].load_state_dict(saved)
+    assert type(optimizers[0].state[0]["exp_avg"]) is np.ndarray
+    optimizers[1].load_state_dict(optimizers[0].state_dict())
+    assert isinstance(optimizers[1].state[0]["max_exp_avg_sq"], cp.ndarray)
+    host[0][...] = cp.asnumpy(device[0])
+    grad = rng.standard_normal((3, 2))
+    optimizers[0].step([grad])
+    optimizers[1].step([cp.asarray(grad)])
+    np.testing.assert_array_equal(cp.asnumpy(device[0]), host[0])
+
+
 def test_optimizer_made_before_a_move_refuses_to_step(cp):
     module = fusedrnn.RNN(2, 3)
     opt = optim.SGD(module, lr=0.1)

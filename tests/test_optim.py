@@ -183,3 +183,110 @@ def test_a_parameter_listed_twice_is_refused(rng, tmp_path):
     buffer = np.zeros(6)
     optim.SGD([buffer[:3], buffer[3:]], lr=0.1).step([np.ones(3), np.ones(3)])
     np.testing.assert_array_equal(buffer, np.full(6, -0.1))
+
+
+# ---- state_dict: resuming -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: optim.Adam(m, lr=0.01, weight_decay=0.01, amsgrad=True),
+    lambda m: optim.SGD(m, lr=0.1, momentum=0.9, nesterov=True),
+], ids=["adam", "sgd"])
+def test_a_restored_optimiser_resumes_bit_for_bit(rng, make):
+    """Six steps straight, against three, a save (module and optimiser), a fresh module and optimiser
+    (other hyperparameters) restored from it, and three more: the same parameters, bit for bit."""
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    target = rng.standard_normal((5, 3, 6)).astype(np.float32)
+
+    def train(module, opt, steps):
+        for _ in range(steps):
+            module.zero_grad()
+            y, _ = module(x)
+            module.backward(y - target)
+            opt.step()
+
+    straight = fusedrnn.GRU(4, 6, num_layers=2)
+    start = straight.state_dict()
+    opt = make(straight)
+    train(straight, opt, 6)
+
+    first = fusedrnn.GRU(4, 6, num_layers=2)
+    first.load_state_dict(start)
+    opt = make(first)
+    train(first, opt, 3)
+    saved_module, saved_opt = first.state_dict(), opt.state_dict()
+    assert saved_opt["steps"] == 3 and set(saved_opt["state"]) == set(saved_module)
+
+    resumed = fusedrnn.GRU(4, 6, num_layers=2)
+    resumed.load_state_dict(saved_module)
+    opt = make(resumed)
+    hyperparameters = dict(saved_opt["hyperparameters"])
+    opt.lr = 123.0  # restored from the state below
+    opt.load_state_dict(saved_opt)
+    assert opt.lr == hyperparameters["lr"] and opt.steps == 3
+    train(resumed, opt, 3)
+    for name, value in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
+
+
+def test_optimiser_state_dicts_are_copies_both_ways(rng):
+    p = rng.standard_normal(4)
+    opt = optim.Adam([p], lr=0.1)
+    opt.step([np.ones(4)])
+    saved = opt.state_dict()
+    saved["state"][0]["exp_avg"][...] = 99.0  # the copy given out
+    assert not np.any(opt.state[0]["exp_avg"] == 99.0)
+    opt.load_state_dict(saved)
+    saved["state"][0]["exp_avg"][...] = -1.0  # the mapping loaded from
+    assert np.all(opt.state[0]["exp_avg"] == 99.0)
+
+
+def test_optimiser_load_state_dict_refuses_by_name_and_changes_nothing(rng):
+    torch = pytest.importorskip("torch")
+    p = rng.standard_normal((2, 3))
+    opt = optim.Adam({"w": p}, lr=0.1)
+    opt.step({"w": np.ones((2, 3))})
+    good = opt.state_dict()
+    before = opt.state_dict()
+
+    def changed(path, value):
+        sd = {**good, "hyperparameters": dict(good["hyperparameters"]),
+              "state": {"w": dict(good["state"]["w"])}}
+        *outer, last = path
+        target = sd
+        for key in outer:
+            target = target[key]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+        return sd
+
+    cases = [
+        ([], TypeError, r"^state_dict: expected a mapping \(an optimiser's state_dict\(\)\), got list"),
+        (changed(["optimizer"], "SGD"), ValueError, r"^state_dict\['optimizer'\]: the state of a SGD, but this "
+                                                    r"optimiser is a Adam"),
+        (changed(["steps"], -1), ValueError, r"^state_dict\['steps'\]: expected a whole number >= 0"),
+        (changed(["steps"], True), ValueError, r"^state_dict\['steps'\]"),
+        (changed(["hyperparameters", "lr"], -1.0), ValueError, r"^lr: expected a value in"),
+        (changed(["hyperparameters", "amsgrad"], "no"), TypeError, r"^amsgrad: expected a bool"),
+        (changed(["hyperparameters", "momentum"], 0.9), ValueError,
+         r"^state_dict\['hyperparameters'\]: missing keys \[\], unexpected keys \['momentum'\]"),
+        (changed(["state", "v"], {}), ValueError, r"^state_dict\['state'\]: missing keys \[\], unexpected keys \['v'\]"),
+        (changed(["state", "w", "momentum_buffer"], np.zeros((2, 3))), ValueError,
+         r"^state_dict\['state'\]\['w'\]: unexpected keys \['momentum_buffer'\] \(this optimiser keeps"),
+        (changed(["state", "w", "exp_avg"], np.zeros((3, 2))), ValueError,
+         r"^state_dict\['state'\]\['w'\]\['exp_avg'\]: expected shape \(2, 3\), got \(3, 2\)"),
+        (changed(["state", "w", "exp_avg_sq"], np.full((2, 3), np.nan)), ValueError,
+         r"^state_dict\['state'\]\['w'\]\['exp_avg_sq'\]: contains NaN"),
+        (changed(["state", "w", "exp_avg"], np.full((2, 3), "a")), TypeError, r"\['exp_avg'\]: expected a real"),
+    ]
+    for sd, error, message in cases:
+        with pytest.raises(error, match=message):
+            opt.load_state_dict(sd)
+        after = opt.state_dict()
+        assert after["steps"] == before["steps"] and after["hyperparameters"] == before["hyperparameters"]
+        np.testing.assert_array_equal(after["state"]["w"]["exp_avg"], before["state"]["w"]["exp_avg"])
+    # torch tensors and float32 arrays load, as float64
+    opt.load_state_dict(changed(["state", "w", "exp_avg"], torch.ones((2, 3), dtype=torch.float32)))
+    assert opt.state[0]["exp_avg"].dtype == np.float64 and np.all(opt.state[0]["exp_avg"] == 1.0)

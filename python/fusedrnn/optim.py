@@ -6,6 +6,8 @@ An optimiser takes a module (anything with `named_parameters()` and a `grads` ma
 `step()` reads the modules' `grads`; for arrays, `step(grads)` takes gradients in the same order (a
 list) or with the same names (a mapping).
 The state (momentum, moments) is kept in float64 beside each parameter and the result cast to its dtype.
+`state_dict()` and `load_state_dict()` save and restore it (with the steps taken and the
+hyperparameters), so training resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ class Optimizer:
     `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state, with xp
     the arrays' module (numpy or cupy)."""
 
-    def __init__(self, params, lr: float):
+    # The names of a parameter's state (momentum, moments) this optimiser may keep.
+    _STATE_NAMES: tuple[str, ...] = ()
+
+    def __init__(self, params, **hyperparameters):
         self._modules = _modules(params)
         if self._modules is not None:
             named = _module_items(self._modules, lambda m: m.named_parameters())
@@ -76,9 +81,59 @@ class Optimizer:
                     raise ValueError(f"params[{name!r}]: the same memory as params[{other!r}]; list each "
                                      f"parameter once")
         self._named = named
-        self.lr = _hyper("lr", lr)
+        self._set_hyperparameters(self._checked_hyperparameters(**hyperparameters))
         self.state: list[dict] = [{} for _ in named]
         self.steps = 0
+
+    @staticmethod
+    def _checked_hyperparameters(**given) -> dict:
+        """The hyperparameters by name, each checked (ValueError/TypeError naming it): a subclass's own."""
+        raise NotImplementedError
+
+    def _set_hyperparameters(self, hyperparameters: dict) -> None:
+        self._hyperparameter_names = tuple(hyperparameters)
+        for name, value in hyperparameters.items():
+            setattr(self, name, value)
+
+    def state_dict(self) -> dict:
+        """What load_state_dict needs to resume: the optimiser's kind, the steps taken, the
+        hyperparameters and each parameter's state by the parameter's name (copies, on its device). As
+        torch.optim's state_dict, keyed by name rather than by position."""
+        return {"optimizer": type(self).__name__, "steps": self.steps,
+                "hyperparameters": {name: getattr(self, name) for name in self._hyperparameter_names},
+                "state": {name: {key: value.copy() for key, value in state.items()}
+                          for (name, _), state in zip(self._named, self.state)}}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restores what state_dict() gave (saved from an optimiser of this kind over parameters of the
+        same names and shapes), its arrays on any device copied onto each parameter's. Everything is
+        checked before anything changes."""
+        where = "state_dict"
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"{where}: expected a mapping (an optimiser's state_dict()), got "
+                            f"{type(state_dict).__name__}")
+        _exact_keys(where, state_dict, ("optimizer", "steps", "hyperparameters", "state"))
+        if state_dict["optimizer"] != type(self).__name__:
+            raise ValueError(f"{where}['optimizer']: the state of a {state_dict['optimizer']}, but this optimiser "
+                             f"is a {type(self).__name__}")
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"{where}['steps']: expected a whole number >= 0, got {steps!r}")
+        given = state_dict["hyperparameters"]
+        if not hasattr(given, "keys"):
+            raise TypeError(f"{where}['hyperparameters']: expected a mapping, got {type(given).__name__}")
+        _exact_keys(f"{where}['hyperparameters']", given, self._hyperparameter_names)
+        hyperparameters = self._checked_hyperparameters(**given)
+        saved = state_dict["state"]
+        if not hasattr(saved, "keys"):
+            raise TypeError(f"{where}['state']: expected a mapping, got {type(saved).__name__}")
+        _exact_keys(f"{where}['state']", saved, [name for name, _ in self._named])
+        state = [{key: _loaded_state(f"{where}['state'][{name!r}][{key!r}]", value, p)
+                  for key, value in _state_entries(f"{where}['state'][{name!r}]", saved[name], self._STATE_NAMES)}
+                 for name, p in self._named]
+        self._set_hyperparameters(hyperparameters)
+        self.steps = int(steps)
+        self.state = state
 
     def _check_modules_unmoved(self) -> None:
         current = [p for m in self._modules for _, p in m.named_parameters()]
@@ -128,6 +183,37 @@ class Optimizer:
             p[...] = self._update(p.astype(np.float64), g.astype(np.float64), state, _device.array_module(p))
 
 
+def _exact_keys(where: str, mapping, want) -> None:
+    missing = [k for k in want if k not in mapping]
+    unexpected = [k for k in mapping.keys() if k not in want]
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+
+
+def _state_entries(where: str, entries, names) -> list:
+    """The (name, value) pairs of one parameter's saved state, each name one this optimiser keeps."""
+    if not hasattr(entries, "keys"):
+        raise TypeError(f"{where}: expected a mapping of state name -> array, got {type(entries).__name__}")
+    unknown = [k for k in entries.keys() if k not in names]
+    if unknown:
+        raise ValueError(f"{where}: unexpected keys {unknown} (this optimiser keeps {list(names)})")
+    return list(entries.items())
+
+
+def _loaded_state(where: str, value, param):
+    """A saved state array (any device, a torch tensor too) as a float64 copy on `param`'s device."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+    host = _checks.as_array(where, _device.to_host(value))
+    if host.dtype.kind not in "fiu":
+        raise TypeError(f"{where}: expected a real numeric array, got dtype {host.dtype}")
+    _checks.shape(where, host, param.shape)
+    host = np.array(host, dtype=np.float64)  # a copy: the caller's array stays theirs
+    if not np.isfinite(host).all():
+        raise ValueError(f"{where}: contains NaN or infinite values")
+    return _device.move(host, _device.device_of(param))
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, dampening, Nesterov momentum and L2 weight
     decay, as torch.optim.SGD:
@@ -138,15 +224,21 @@ class SGD(Optimizer):
         p = p - lr * g
     """
 
+    _STATE_NAMES = ("momentum_buffer",)
+
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        super().__init__(params, lr)
-        self.momentum = _hyper("momentum", momentum)
-        self.dampening = _hyper("dampening", dampening)
-        self.weight_decay = _hyper("weight_decay", weight_decay)
-        self.nesterov = bool(nesterov)
-        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov)
+
+    @staticmethod
+    def _checked_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> dict:
+        checked = dict(lr=_hyper("lr", lr), momentum=_hyper("momentum", momentum),
+                       dampening=_hyper("dampening", dampening), weight_decay=_hyper("weight_decay", weight_decay),
+                       nesterov=_checks.flag("nesterov", nesterov))
+        if checked["nesterov"] and (checked["momentum"] == 0 or checked["dampening"] != 0):
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+        return checked
 
     def _update(self, p, g, state, xp):
         if self.weight_decay:
@@ -167,15 +259,20 @@ class Adam(Optimizer):
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     """
 
+    _STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False):
-        super().__init__(params, lr)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+    @staticmethod
+    def _checked_hyperparameters(lr, betas, eps, weight_decay, amsgrad) -> dict:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_hyper("betas[0]", betas[0], high=1.0), _hyper("betas[1]", betas[1], high=1.0))
-        self.eps = _hyper("eps", eps)
-        self.weight_decay = _hyper("weight_decay", weight_decay)
-        self.amsgrad = bool(amsgrad)
+        return dict(lr=_hyper("lr", lr), betas=(_hyper("betas[0]", betas[0], high=1.0),
+                                                _hyper("betas[1]", betas[1], high=1.0)),
+                    eps=_hyper("eps", eps), weight_decay=_hyper("weight_decay", weight_decay),
+                    amsgrad=_checks.flag("amsgrad", amsgrad))
 
     def _update(self, p, g, state, xp):
         beta1, beta2 = self.betas
