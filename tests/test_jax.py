@@ -774,7 +774,8 @@ def test_nan_and_inf_raise_at_run_time_naming_the_argument(rng, where):
         assert np.isnan(np.asarray(y)).any()
     if where == "c0":
         assert not np.isfinite(np.asarray(c_n)).all()
-    with pytest.raises(TypeError, match=r"check_finite: expected a Python bool \(a static option"):  # jit traces keywords
+    # jit traces keywords
+    with pytest.raises(TypeError, match=r"check_finite: expected a Python bool \(a static option"):
         jax.jit(lambda x, check: fj.lstm(params, x, check_finite=check))(bad["x"], False)
 
 

@@ -272,7 +272,8 @@ def test_optimiser_load_state_dict_refuses_by_name_and_changes_nothing(rng):
         (changed(["hyperparameters", "amsgrad"], "no"), TypeError, r"^amsgrad: expected a bool"),
         (changed(["hyperparameters", "momentum"], 0.9), ValueError,
          r"^state_dict\['hyperparameters'\]: missing keys \[\], unexpected keys \['momentum'\]"),
-        (changed(["state", "v"], {}), ValueError, r"^state_dict\['state'\]: missing keys \[\], unexpected keys \['v'\]"),
+        (changed(["state", "v"], {}), ValueError,
+         r"^state_dict\['state'\]: missing keys \[\], unexpected keys \['v'\]"),
         (changed(["state", "w", "momentum_buffer"], np.zeros((2, 3))), ValueError,
          r"^state_dict\['state'\]\['w'\]: unexpected keys \['momentum_buffer'\] \(this optimiser keeps"),
         (changed(["state", "w", "exp_avg"], np.zeros((3, 2))), ValueError,
@@ -280,6 +281,8 @@ def test_optimiser_load_state_dict_refuses_by_name_and_changes_nothing(rng):
         (changed(["state", "w", "exp_avg_sq"], np.full((2, 3), np.nan)), ValueError,
          r"^state_dict\['state'\]\['w'\]\['exp_avg_sq'\]: contains NaN"),
         (changed(["state", "w", "exp_avg"], np.full((2, 3), "a")), TypeError, r"\['exp_avg'\]: expected a real"),
+        (changed(["state", "w", "exp_avg_sq"], KeyError), ValueError,
+         r"^state_dict\['state'\]\['w'\]: missing keys \['exp_avg_sq'\], which every parameter has after a step"),
     ]
     for sd, error, message in cases:
         with pytest.raises(error, match=message):
@@ -287,6 +290,30 @@ def test_optimiser_load_state_dict_refuses_by_name_and_changes_nothing(rng):
         after = opt.state_dict()
         assert after["steps"] == before["steps"] and after["hyperparameters"] == before["hyperparameters"]
         np.testing.assert_array_equal(after["state"]["w"]["exp_avg"], before["state"]["w"]["exp_avg"])
+    fresh = optim.Adam({"w": p}, lr=0.1).state_dict()  # no steps taken: no state needed
+    assert fresh["state"] == {"w": {}}
+    opt.load_state_dict(fresh)
+    assert opt.steps == 0 and opt.state == [{}]
     # torch tensors and float32 arrays load, as float64
     opt.load_state_dict(changed(["state", "w", "exp_avg"], torch.ones((2, 3), dtype=torch.float32)))
     assert opt.state[0]["exp_avg"].dtype == np.float64 and np.all(opt.state[0]["exp_avg"] == 1.0)
+
+
+def test_an_optimiser_of_its_own_needs_only_its_update(rng):
+    """The base class, as its docstring offers it: a subclass with _update alone takes lr (positionally
+    too) and saves and restores it."""
+    class HalfStep(optim.Optimizer):
+        def _update(self, p, g, state, xp):
+            return p - 0.5 * self.lr * g
+
+    p = np.ones(3)
+    opt = HalfStep([p], 0.2)
+    opt.step([np.ones(3)])
+    np.testing.assert_allclose(p, 0.9)
+    saved = opt.state_dict()
+    assert saved["hyperparameters"] == {"lr": 0.2} and saved["steps"] == 1
+    other = HalfStep([p], lr=1.0)
+    other.load_state_dict(saved)
+    assert other.lr == 0.2
+    with pytest.raises(ValueError, match=r"^lr: expected a value in"):
+        HalfStep([p], lr=-1.0)

@@ -51,14 +51,16 @@ def _module_items(modules: list, items) -> list:
 
 
 class Optimizer:
-    """The shared part: parameter bookkeeping and gradient lookup. Subclasses define
+    """The shared part: parameter bookkeeping, gradient lookup, saving and restoring. Subclasses define
     `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state, with xp
-    the arrays' module (numpy or cupy)."""
+    the arrays' module (numpy or cupy); and, to have more hyperparameters than lr checked and saved,
+    `_checked_hyperparameters(**given)` and the state names they keep (`_STATE_NAMES`,
+    `_required_state`)."""
 
     # The names of a parameter's state (momentum, moments) this optimiser may keep.
     _STATE_NAMES: tuple[str, ...] = ()
 
-    def __init__(self, params, **hyperparameters):
+    def __init__(self, params, lr: float, **hyperparameters):
         self._modules = _modules(params)
         if self._modules is not None:
             named = _module_items(self._modules, lambda m: m.named_parameters())
@@ -81,14 +83,19 @@ class Optimizer:
                     raise ValueError(f"params[{name!r}]: the same memory as params[{other!r}]; list each "
                                      f"parameter once")
         self._named = named
-        self._set_hyperparameters(self._checked_hyperparameters(**hyperparameters))
+        self._set_hyperparameters(self._checked_hyperparameters(lr=lr, **hyperparameters))
         self.state: list[dict] = [{} for _ in named]
         self.steps = 0
 
     @staticmethod
-    def _checked_hyperparameters(**given) -> dict:
-        """The hyperparameters by name, each checked (ValueError/TypeError naming it): a subclass's own."""
-        raise NotImplementedError
+    def _checked_hyperparameters(lr) -> dict:
+        """The hyperparameters by name, each checked (ValueError/TypeError naming it)."""
+        return dict(lr=_hyper("lr", lr))
+
+    @staticmethod
+    def _required_state(hyperparameters: dict) -> tuple[str, ...]:
+        """The state names every parameter has after a step with these hyperparameters."""
+        return ()
 
     def _set_hyperparameters(self, hyperparameters: dict) -> None:
         self._hyperparameter_names = tuple(hyperparameters)
@@ -128,8 +135,10 @@ class Optimizer:
         if not hasattr(saved, "keys"):
             raise TypeError(f"{where}['state']: expected a mapping, got {type(saved).__name__}")
         _exact_keys(f"{where}['state']", saved, [name for name, _ in self._named])
+        required = self._required_state(hyperparameters) if steps else ()
         state = [{key: _loaded_state(f"{where}['state'][{name!r}][{key!r}]", value, p)
-                  for key, value in _state_entries(f"{where}['state'][{name!r}]", saved[name], self._STATE_NAMES)}
+                  for key, value in _state_entries(f"{where}['state'][{name!r}]", saved[name], self._STATE_NAMES,
+                                                   required)}
                  for name, p in self._named]
         self._set_hyperparameters(hyperparameters)
         self.steps = int(steps)
@@ -190,13 +199,17 @@ def _exact_keys(where: str, mapping, want) -> None:
         raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
 
 
-def _state_entries(where: str, entries, names) -> list:
-    """The (name, value) pairs of one parameter's saved state, each name one this optimiser keeps."""
+def _state_entries(where: str, entries, names, required) -> list:
+    """The (name, value) pairs of one parameter's saved state: each name one this optimiser keeps, and
+    those it has after a step all there once steps were taken."""
     if not hasattr(entries, "keys"):
         raise TypeError(f"{where}: expected a mapping of state name -> array, got {type(entries).__name__}")
     unknown = [k for k in entries.keys() if k not in names]
     if unknown:
         raise ValueError(f"{where}: unexpected keys {unknown} (this optimiser keeps {list(names)})")
+    missing = [k for k in required if k not in entries]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}, which every parameter has after a step")
     return list(entries.items())
 
 
@@ -228,7 +241,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        super().__init__(params, lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov)
 
     @staticmethod
@@ -239,6 +252,10 @@ class SGD(Optimizer):
         if checked["nesterov"] and (checked["momentum"] == 0 or checked["dampening"] != 0):
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
         return checked
+
+    @staticmethod
+    def _required_state(hyperparameters: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if hyperparameters["momentum"] else ()
 
     def _update(self, p, g, state, xp):
         if self.weight_decay:
@@ -263,7 +280,7 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
     @staticmethod
     def _checked_hyperparameters(lr, betas, eps, weight_decay, amsgrad) -> dict:
@@ -273,6 +290,10 @@ class Adam(Optimizer):
                                                 _hyper("betas[1]", betas[1], high=1.0)),
                     eps=_hyper("eps", eps), weight_decay=_hyper("weight_decay", weight_decay),
                     amsgrad=_checks.flag("amsgrad", amsgrad))
+
+    @staticmethod
+    def _required_state(hyperparameters: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hyperparameters["amsgrad"] else ())
 
     def _update(self, p, g, state, xp):
         beta1, beta2 = self.betas

@@ -4,7 +4,11 @@
 // keeps as many sets as it ran threads at once, not one for every thread it ever started. Nothing is
 // destroyed: the pool lives as long as the process, since destroying CUDA objects at exit races the
 // driver's own teardown. Needs no CUDA, so the emulated runtime leases through the same code.
+// A fork takes the pool's lock first, so the child never finds it held by a thread it does not have;
+// the sets of those threads stay counted as held there, and are not reused.
 #pragma once
+
+#include <pthread.h>
 
 #include <cstdint>
 #include <map>
@@ -68,6 +72,10 @@ class ThreadLeases {
       return counts_;
     }
 
+    // Around a fork (pthread_atfork), on the forking thread.
+    void lock() { mutex_.lock(); }
+    void unlock() { mutex_.unlock(); }
+
    private:
     std::mutex mutex_;
     std::map<int, std::vector<std::unique_ptr<Resources>>> waiting_;
@@ -76,7 +84,11 @@ class ThreadLeases {
 
   // Never destroyed (see above); a thread that ends during exit still finds it.
   static Pool& pool() {
-    static Pool* const instance = new Pool;
+    static Pool* const instance = [] {
+      auto* made = new Pool;
+      pthread_atfork([] { pool().lock(); }, [] { pool().unlock(); }, [] { pool().unlock(); });
+      return made;
+    }();
     return *instance;
   }
 
