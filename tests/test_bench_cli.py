@@ -220,6 +220,10 @@ def test_compare_flags_a_row_made_slower_and_not_one_within_spread(capsys, tmp_p
     assert len(verdicts) == 4
     assert cli.main(["bench", "--compare", str(path), "--fail-on-slower", *TINY]) == 1
     capsys.readouterr()
+    # Nothing in common to judge: a gate that compared nothing fails rather than passes.
+    assert cli.main(["bench", "--compare", str(path), "--fail-on-slower", "--cell", "lstm", "--shape", "2,1,3,3",
+                     "--peers", "fusedrnn", *TINY]) == 2
+    assert "fail-on-slower: nothing to judge, so this run fails" in capsys.readouterr().out
 
 
 def test_compare_reports_matches_rows_and_peers_by_name():

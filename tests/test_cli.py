@@ -214,9 +214,48 @@ def test_cli_bench_table_and_file(capsys, tmp_path):
             "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:5] == ["cell", "T", "B", "H", "mode"]
-    assert lines[1].split()[:5] == ["GRU", "2", "1", "3", "inference"]
+    assert lines[0] == benchmark.describe_run(json.loads(out_file.read_text())["meta"])
+    assert lines[0].endswith("; 2 threads for fusedrnn; 1 round of 1 calls, alternating peers")
+    assert lines[1].split()[:5] == ["cell", "T", "B", "H", "mode"]
+    assert lines[2].split()[:5] == ["GRU", "2", "1", "3", "inference"]
+    assert lines[2].split()[6] == "-"  # one round: no spread to show
     assert len(json.loads(out_file.read_text())["rows"]) == 1
+
+
+def test_cli_bench_says_which_peers_keep_their_own_threads_and_which_way_ratios_go(capsys):
+    argv = ["bench", "--cell", "gru", "--cell", "rnn_tanh", "--shape", "2,1,3,3", "--peers", "fusedrnn",
+            "--peers", "numpy", "--mode", "inference", "--rounds", "2", "--repeats", "1", "--threads", "1",
+            "--json", "-", "--no-progress"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert [r["cell"] for r in report["rows"]] == ["GRU", "RNN_TANH"]  # a repeated option adds to the first
+    assert report["meta"]["peer_threads"] == {"fusedrnn": 1, "numpy": "own"}
+    assert "1 threads for fusedrnn; numpy on its own thread pool" in captured.err
+    header = benchmark.Table(["fusedrnn", "numpy"], show_input_size=False).header()
+    assert header.split()[-1] == "numpy/fusedrnn"
+    assert cli.main(["bench", "--cell", "gru", "--cell", "gru", "--shape", "2,1,3,3"]) == 2
+    assert "cell: 'gru' given more than once" in capsys.readouterr().err
+
+
+def test_cli_bench_interrupted_writes_the_rows_so_far(capsys, tmp_path, monkeypatch):
+    calls = []
+    real = benchmark.run_case
+
+    def second_case_interrupted(case, *args, **kwargs):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_case", second_case_interrupted)
+    out_file = tmp_path / "partial.json"
+    argv = ["bench", "--cell", "gru", "lstm", "--shape", "2,1,3,3", "--peers", "fusedrnn", "--mode", "inference",
+            "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
+    assert cli.main(argv) == 130
+    report = json.loads(out_file.read_text())
+    assert [r["cell"] for r in report["rows"]] == ["GRU"] and report["meta"]["interrupted_after_rows"] == 1
+    assert "Interrupted: 1 of 2 rows timed; writing those" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,8 +4,9 @@ process, alternating round by round so drift on a shared machine hits all alike.
 Each case times inference (forward) and/or training (forward + backward). A row reports, per peer, the
 median over rounds of the per-round median time, the spread (max - min of the round medians, as % of
 the median), GFLOP/s from the standard count (forward 2*T*B*(I+R)*G*H, R = H or, with a projection P,
-2*T*B*((I+P)*4H + P*H); training 3x that), and beside every peer but the first the "speedup" peer time /
-first peer's time (> 1: the first peer, fusedrnn unless --peers names another first, is faster).
+2*T*B*((I+P)*4H + P*H); training 3x that), and beside every peer but the first the ratio of times
+peer / first peer (column "peer/first", JSON speedup_vs_{peer}; > 1: the first peer, fusedrnn unless
+--peers names another first, is faster).
 
 A row also keeps every timed call ({peer}_times_ms: per round, the repeats' times in ms), and the JSON's
 meta the peers, threads, host CPU (/proc/cpuinfo's model name) and versions, so a later run can be
@@ -723,6 +724,24 @@ def set_threads(peers: Sequence[str], threads: int) -> None:
             PEERS[name].set_threads(threads)
 
 
+def peer_threads(peers: Sequence[str], threads: int) -> dict:
+    """Each peer's threads: `threads` where the run sets them, else "own" (JAX's XLA and NumPy's BLAS
+    keep pools of their own, sized by the host)."""
+    return {name: threads if PEERS[name].set_threads is not None else "own" for name in peers}
+
+
+def describe_run(meta: dict) -> str:
+    """One line of what a table's figures depend on: the CPU, each peer's threads, rounds and repeats."""
+    set_to = [name for name, n in meta["peer_threads"].items() if n != "own"]
+    own = [name for name, n in meta["peer_threads"].items() if n == "own"]
+    threads = f"{meta['threads']} threads for {', '.join(set_to)}" if set_to else ""
+    if own:
+        pools = "its own thread pool" if len(own) == 1 else "their own thread pools"
+        threads += ("; " if threads else "") + f"{', '.join(own)} on {pools} ({os.cpu_count()} CPUs here)"
+    rounds = f"{meta['rounds']} round{'s' if meta['rounds'] != 1 else ''}"
+    return f"{meta['cpu']}; {threads}; {rounds} of {meta['repeats']} calls, alternating peers"
+
+
 def cpu_model() -> str:
     """The host CPU's model name as /proc/cpuinfo (and lscpu) give it, with its vendor, family and model
     numbers where Linux reports them: virtual machines often name only "AMD EPYC", and the family tells
@@ -758,7 +777,8 @@ def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> d
     """What a later reader (and `--compare`) needs to judge the rows: the peers in column order, the
     run's settings, the host CPU, fusedrnn's SIMD level and BLAS (OpenBLAS's build string names the
     kernels it picked, or those OPENBLAS_CORETYPE forced) and the version of every peer."""
-    meta = {"peers": list(peers), "threads": threads, "rounds": rounds, "repeats": repeats,
+    meta = {"peers": list(peers), "threads": threads, "peer_threads": peer_threads(peers, threads),
+            "rounds": rounds, "repeats": repeats,
             "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "simd": _core.simd_level(), "blas": _core.blas_config(), "openblas_overrides": openblas_overrides(),
             "python": platform.python_version(), "platform": sys.platform}
@@ -790,21 +810,28 @@ class Table:
     def _width(peer: str) -> int:
         return max(12, len(peer) + 5)  # "{peer} ms" and a space before it
 
+    def _ratio_label(self, peer: str) -> str:
+        """The ratio column beside `peer`: its time over the first peer's (> 1: the first is faster)."""
+        return f"{peer}/{self.peers[0]}"
+
     def header(self) -> str:
         inp = f"{'I':>5}" if self.show_input_size else ""
         head = f"{'cell':9}{'T':>5}{'B':>4}{inp}{'H':>5} {'mode':10}"
         for name in self.peers:
             head += f"{name + ' ms':>{self._width(name)}}{'spread':>8}{'GF/s':>7}"
             if name != self.peers[0]:
-                head += f"{'speedup':>9}"
+                label = self._ratio_label(name)
+                head += f"{label:>{max(9, len(label) + 1)}}"
         return head
 
     def line(self, row: dict) -> str:
         inp = f"{row['I']:>5}" if self.show_input_size else ""
         text = f"{row['cell']:9}{row['T']:>5}{row['B']:>4}{inp}{row['H']:>5} {row['mode']:10}"
         for name in self.peers:
-            text += (f"{row[f'{name}_ms']:>{self._width(name)}.3f}{row[f'{name}_spread_pct']:>7.0f}%"
-                     f"{row[f'{name}_gflops']:>7.1f}")
+            # One round has no spread to show (its 0 is no measure of stability).
+            spread = (f"{row[f'{name}_spread_pct']:>7.0f}%" if len(row.get(f"{name}_times_ms", ())) != 1
+                      else f"{'-':>8}")
+            text += f"{row[f'{name}_ms']:>{self._width(name)}.3f}{spread}{row[f'{name}_gflops']:>7.1f}"
             if f"speedup_vs_{name}" in row:
-                text += f"{row[f'speedup_vs_{name}']:>8.2f}x"
+                text += f"{row[f'speedup_vs_{name}']:>{max(9, len(self._ratio_label(name)) + 1) - 1}.2f}x"
         return text

@@ -76,17 +76,18 @@ def _parser() -> argparse.ArgumentParser:
                            description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--set", help="a named set of cases: 'default', 'projection' (LSTMs with proj_size), "
                        "or a DeepBench set (training_set, inference_server_set, inference_device_set)")
-    bench.add_argument("--cell", nargs="+", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
-    bench.add_argument("--shape", nargs="+", metavar="T,B,I,H", default=None,
+    bench.add_argument("--cell", nargs="+", action="extend", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
+    bench.add_argument("--shape", nargs="+", action="extend", metavar="T,B,I,H", default=None,
                        help="shapes as T,B,I,H (e.g. 100,32,256,256)")
-    bench.add_argument("--mode", nargs="+", default=None, choices=benchmark.MODES,
+    bench.add_argument("--mode", nargs="+", action="extend", default=None, choices=benchmark.MODES,
                        help="inference, training or both (default both), for every case, --set and --compare's too")
-    bench.add_argument("--peers", nargs="+", default=None,
+    bench.add_argument("--peers", nargs="+", action="extend", default=None,
                        help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                        help="cpu (default) or cuda: the CUDA peers (fusedrnn-cuda, torch-cudnn with TF32 off "
                             "and on, fusedrnn.torch-cuda) on the current GPU")
-    bench.add_argument("--threads", type=_thread_count, default=2, help="native threads (default 2)")
+    bench.add_argument("--threads", type=_thread_count, default=2,
+                       help="threads of fusedrnn and torch (default 2); JAX, Flax and NumPy keep their own pools")
     bench.add_argument("--rounds", type=_positive_int, default=5,
                        help="rounds, each timing every peer in turn (default 5)")
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per round (default 10)")
@@ -122,7 +123,8 @@ def _report_arguments(bench) -> None:
     bench.add_argument("--threshold", metavar="PCT", type=float, default=None,
                        help="--compare: the least change in %% of the median that counts (default 5)")
     bench.add_argument("--fail-on-slower", action="store_true",
-                       help="--compare: exit with status 1 when a row got slower")
+                       help="--compare: exit with status 1 when a row got slower (2 when no row could be "
+                       "compared)")
 
 
 def main(argv=None) -> int:
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, ImportError) as err:
         print(f"fusedrnn {args.command}: {err}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"fusedrnn {args.command}: not enough memory for these sizes", file=sys.stderr)
+    except MemoryError as err:
+        print(f"fusedrnn {args.command}: {err if str(err) else 'not enough memory for these sizes'}",
+              file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout (| head) went away: nothing left to say
         _drop_stdout()
@@ -286,20 +289,34 @@ def _bench(args) -> int:
     to_stdout = args.json == "-"
     say = (lambda text: print(text, file=sys.stderr)) if to_stdout else tqdm.write
     table = benchmark.Table(peers, show_input_size=any(c.input_size != c.hidden for c in cases))
+    meta = benchmark.metadata(peers, args.threads, args.rounds, args.repeats)
+    say(benchmark.describe_run(meta))
     if sweep is not None:
         say(f"Sweep of {sweep.describe((cases[0].steps, cases[0].batch, cases[0].input_size, cases[0].hidden))}")
     if not to_stdout:
         tqdm.write(table.header())
     rows = []
+    interrupted = False
     with tqdm(total=len(cases) * args.rounds, desc="timing", unit="round", disable=_progress_off(args),
               file=sys.stderr) as bar:
-        for case in cases:
-            for row in benchmark.run_case(case, peers, rounds=args.rounds, repeats=args.repeats,
-                                          on_round=bar.update, memory=args.memory):
-                rows.append(row)
-                if not to_stdout:
-                    tqdm.write(table.line(row))
-    meta = benchmark.metadata(peers, args.threads, args.rounds, args.repeats)
+        try:
+            for case in cases:
+                for row in benchmark.run_case(case, peers, rounds=args.rounds, repeats=args.repeats,
+                                              on_round=bar.update, memory=args.memory):
+                    rows.append(row)
+                    if not to_stdout:
+                        tqdm.write(table.line(row))
+        except KeyboardInterrupt:  # the rows so far are still written where asked
+            interrupted = True
+        except MemoryError as err:
+            raise MemoryError(f"not enough memory for {case.label} {case.steps},{case.batch},{case.input_size},"
+                              f"{case.hidden}") from err
+    if interrupted:
+        meta["interrupted_after_rows"] = len(rows)
+        say(f"Interrupted: {len(rows)} of {sum(len(c.modes) for c in cases)} rows timed"
+            + ("; writing those" if rows and (args.json or args.plot) else ""))
+        if not rows:
+            return 130
     if sweep is not None:
         meta["sweep"] = {"axis": sweep.axis, "values": list(sweep.values)}
     if args.memory:
@@ -323,7 +340,10 @@ def _bench(args) -> int:
         say(_bench_report.format_comparison(changes, old_report, report, threshold / 100))
         if args.fail_on_slower and any(c.verdict == "slower" for c in changes):
             status = 1
-    return status
+        elif args.fail_on_slower and not changes:
+            say("fail-on-slower: nothing to judge, so this run fails")
+            status = 2
+    return 130 if interrupted else status
 
 
 # ---- info -------------------------------------------------------------------------------------------
