@@ -1075,3 +1075,11 @@ def test_grouped_gradients_of_an_x_with_rows_far_apart():
         if dense is not None:
             np.testing.assert_array_equal(strided, dense)
     assert np.any(grads[0].weight_ih != 0)
+
+
+def test_cell_facts_refuse_an_unknown_cell_by_name():
+    for ask in (F.has_cell_state, F.takes_projection):
+        with pytest.raises(ValueError, match=r"^cell: expected one of \('rnn_tanh', 'rnn_relu', 'gru', 'lstm'\), "
+                                             r"got 'LSTM'$"):
+            ask("LSTM")
+    assert F.has_cell_state("lstm") and not F.takes_projection("gru")

@@ -693,10 +693,25 @@ def script_arguments(doc: str, default_repeats: int):
     parser, so a script can add its own."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=default_repeats, help="timed calls per round")
+    from . import _bench_report
+    from .cli import _positive_int, _thread_count
+
+    class ScriptParser(argparse.ArgumentParser):
+        def parse_args(self, *args, **kwargs):
+            """The options, --json's file tried before anything is timed."""
+            parsed = super().parse_args(*args, **kwargs)
+            if parsed.json is not None:
+                try:
+                    _bench_report.check_output_path(parsed.json, "--json")
+                except ValueError as err:
+                    self.error(str(err))
+            return parsed
+
+    parser = ScriptParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=_thread_count, default=2, help="threads of fusedrnn and torch (default 2)")
+    parser.add_argument("--rounds", type=_positive_int, default=5, help="rounds (default 5)")
+    parser.add_argument("--repeats", type=_positive_int, default=default_repeats,
+                        help=f"timed calls per round (default {default_repeats})")
     parser.add_argument("--json", help="also write the rows to this file")
     return parser
 

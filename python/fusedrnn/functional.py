@@ -25,12 +25,12 @@ GATES = {name: facts["gates"] for name, facts in _core.cells.items()}
 
 def has_cell_state(cell: str) -> bool:
     """Whether the cell carries a cell state c beside h (c0, c_n, dc0): True for "lstm"."""
-    return _core.cells[cell]["has_cell_state"]
+    return _core.cells[_checks.cell(cell)]["has_cell_state"]
 
 
 def takes_projection(cell: str) -> bool:
     """Whether the cell's hidden state may be projected (weight_hr, proj_size): True for "lstm"."""
-    return _core.cells[cell]["projection"]
+    return _core.cells[_checks.cell(cell)]["projection"]
 
 
 class LayerOutput(NamedTuple):
