@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import benchmark, cli, datasets, demo
+from fusedrnn import _bench_report, benchmark, cli, datasets, demo
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_cli_bench_table_and_file(capsys, tmp_path):
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == benchmark.describe_run(json.loads(out_file.read_text())["meta"])
-    assert lines[0].endswith("; 2 threads for fusedrnn; 1 round of 1 calls, alternating peers")
+    assert lines[0].endswith("; 2 threads for fusedrnn; 1 round of 1 call, alternating peers")
     assert lines[1].split()[:5] == ["cell", "T", "B", "H", "mode"]
     assert lines[2].split()[:5] == ["GRU", "2", "1", "3", "inference"]
     assert lines[2].split()[6] == "-"  # one round: no spread to show
@@ -231,7 +231,9 @@ def test_cli_bench_says_which_peers_keep_their_own_threads_and_which_way_ratios_
     report = json.loads(captured.out)
     assert [r["cell"] for r in report["rows"]] == ["GRU", "RNN_TANH"]  # a repeated option adds to the first
     assert report["meta"]["peer_threads"] == {"fusedrnn": 1, "numpy": "own"}
-    assert "1 threads for fusedrnn; numpy on its own thread pool" in captured.err
+    assert "1 thread for fusedrnn; numpy on its own thread pool" in captured.err
+    assert benchmark.peer_threads(["fusedrnn", "torch", "torch-1t", "jax"], 4) == {
+        "fusedrnn": 4, "torch": 4, "torch-1t": 1, "jax": "own"}
     header = benchmark.Table(["fusedrnn", "numpy"], show_input_size=False).header()
     assert header.split()[-1] == "numpy/fusedrnn"
     assert cli.main(["bench", "--cell", "gru", "--cell", "gru", "--shape", "2,1,3,3"]) == 2
@@ -256,6 +258,15 @@ def test_cli_bench_interrupted_writes_the_rows_so_far(capsys, tmp_path, monkeypa
     report = json.loads(out_file.read_text())
     assert [r["cell"] for r in report["rows"]] == ["GRU"] and report["meta"]["interrupted_after_rows"] == 1
     assert "Interrupted: 1 of 2 rows timed; writing those" in capsys.readouterr().out
+    # A sweep's partial report names only the values timed (here one: no sweep), so it serves as
+    # --compare's OLD.
+    calls.clear()
+    argv = ["bench", "--cell", "gru", "--shape", "2,1,3,3", "--sweep", "batch=1,2,4", "--peers", "fusedrnn",
+            "--mode", "inference", "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
+    assert cli.main(argv) == 130
+    assert "sweep" not in json.loads(out_file.read_text())["meta"]
+    assert len(_bench_report.report_cases(_bench_report.load_report(str(out_file)))) == 1
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("argv, message", [

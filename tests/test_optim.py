@@ -317,3 +317,22 @@ def test_an_optimiser_of_its_own_needs_only_its_update(rng):
     assert other.lr == 0.2
     with pytest.raises(ValueError, match=r"^lr: expected a value in"):
         HalfStep([p], lr=-1.0)
+
+    class CountedMomentum(optim.Optimizer):  # state it does not name: arrays and a count
+        def _update(self, p, g, state, xp):
+            state["count"] = state.get("count", 0) + 1
+            state["velocity"] = 0.9 * state.get("velocity", 0.0) + g
+            return p - self.lr * state["velocity"]
+
+    params = [np.ones(3), np.ones(3)]
+    opt = CountedMomentum([params[0]], 0.1)
+    for _ in range(2):
+        opt.step([np.arange(3.0)])
+    saved = opt.state_dict()
+    resumed = CountedMomentum([params[1]], 0.1)
+    params[1][...] = params[0]
+    resumed.load_state_dict(saved)
+    assert resumed.state[0]["count"] == 2
+    for o, p in ((opt, params[0]), (resumed, params[1])):
+        o.step([np.arange(3.0)])
+    np.testing.assert_array_equal(params[1], params[0])

@@ -319,9 +319,6 @@ def _log_if_wide(ax, which: str, values: Sequence[float]) -> None:
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) >= 10:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-        from matplotlib.ticker import NullFormatter
-        # Labels on the decades only: over a decade or two matplotlib labels the minor ticks, which overlap.
-        (ax.xaxis if which == "x" else ax.yaxis).set_minor_formatter(NullFormatter())
 
 
 def row_label(row: dict) -> str:

@@ -93,6 +93,7 @@ class Peer:
     version: Callable[[], str] | None = None
     device: str = "cpu"                               # or "cuda"
     projection: bool = True                           # runs an LSTM with a projection (proj_size)
+    threads: int | None = None                        # the threads it always runs on, where fixed
 
     def available(self) -> bool:
         if self.requires is not None and importlib.util.find_spec(self.requires) is None:
@@ -105,9 +106,10 @@ PEERS: dict[str, Peer] = {}
 
 def register_peer(name: str, factory: Callable[[Problem], Runners], *, requires: str | None = None,
                   set_threads: Callable[[int], None] | None = None,
-                  version: Callable[[], str] | None = None, device: str = "cpu", projection: bool = True) -> None:
+                  version: Callable[[], str] | None = None, device: str = "cpu", projection: bool = True,
+                  threads: int | None = None) -> None:
     """Adds a peer (replacing one of the same name)."""
-    PEERS[name] = Peer(name, factory, requires, set_threads, version, device, projection)
+    PEERS[name] = Peer(name, factory, requires, set_threads, version, device, projection, threads)
 
 
 def available_peers(device: str = "cpu", cases: Sequence[Case] = ()) -> list[str]:
@@ -372,7 +374,7 @@ def _flax_version() -> str:
     return flax.__version__
 
 
-register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version)
+register_peer("torch-1t", _torch_single_thread_runners, requires="torch", version=_torch_version, threads=1)
 register_peer("fusedrnn.torch", _fusedrnn_torch_runners, requires="torch", set_threads=_set_fusedrnn_threads,
               version=_fusedrnn_version)
 register_peer("jax", _jax_runners, requires="jax", version=_jax_version)
@@ -740,21 +742,39 @@ def set_threads(peers: Sequence[str], threads: int) -> None:
 
 
 def peer_threads(peers: Sequence[str], threads: int) -> dict:
-    """Each peer's threads: `threads` where the run sets them, else "own" (JAX's XLA and NumPy's BLAS
-    keep pools of their own, sized by the host)."""
-    return {name: threads if PEERS[name].set_threads is not None else "own" for name in peers}
+    """Each peer's host threads: `threads` where the run sets them, the peer's own fixed count (torch-1t:
+    1), "gpu" for a CUDA peer, else "own" (JAX's XLA and NumPy's BLAS keep pools of their own, sized by
+    the host)."""
+    def of(peer: Peer):
+        if peer.set_threads is not None:
+            return threads
+        if peer.threads is not None:
+            return peer.threads
+        return "gpu" if peer.device == "cuda" else "own"
+    return {name: of(PEERS[name]) for name in peers}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def describe_run(meta: dict) -> str:
-    """One line of what a table's figures depend on: the CPU, each peer's threads, rounds and repeats."""
-    set_to = [name for name, n in meta["peer_threads"].items() if n != "own"]
-    own = [name for name, n in meta["peer_threads"].items() if n == "own"]
-    threads = f"{meta['threads']} threads for {', '.join(set_to)}" if set_to else ""
-    if own:
-        pools = "its own thread pool" if len(own) == 1 else "their own thread pools"
-        threads += ("; " if threads else "") + f"{', '.join(own)} on {pools} ({os.cpu_count()} CPUs here)"
-    rounds = f"{meta['rounds']} round{'s' if meta['rounds'] != 1 else ''}"
-    return f"{meta['cpu']}; {threads}; {rounds} of {meta['repeats']} calls, alternating peers"
+    """One line of what a table's figures depend on: the CPU (or GPU), each peer's threads, rounds and
+    repeats."""
+    by_kind: dict = {}
+    for name, kind in meta["peer_threads"].items():
+        by_kind.setdefault(kind, []).append(name)
+    parts = []
+    for kind, names in by_kind.items():
+        if kind == "own":
+            pools = "its own thread pool" if len(names) == 1 else "their own thread pools"
+            parts.append(f"{', '.join(names)} on {pools} ({os.cpu_count()} CPUs here)")
+        elif kind == "gpu":
+            parts.append(f"{', '.join(names)} on {meta.get('gpu', 'the current GPU')}")
+        else:
+            parts.append(f"{_plural(kind, 'thread')} for {', '.join(names)}")
+    return (f"{meta['cpu']}; {'; '.join(parts)}; {_plural(meta['rounds'], 'round')} of "
+            f"{_plural(meta['repeats'], 'call')}, alternating peers")
 
 
 def cpu_model() -> str:
@@ -797,6 +817,9 @@ def metadata(peers: Sequence[str], threads: int, rounds: int, repeats: int) -> d
             "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "simd": _core.simd_level(), "blas": _core.blas_config(), "openblas_overrides": openblas_overrides(),
             "python": platform.python_version(), "platform": sys.platform}
+    if any(PEERS[name].device == "cuda" for name in peers):  # such peers need torch (_cuda_ready)
+        import torch
+        meta["gpu"] = torch.cuda.get_device_name()
     for name in peers:
         if PEERS[name].version is not None:
             meta[name] = PEERS[name].version()

@@ -318,7 +318,9 @@ def _bench(args) -> int:
         if not rows:
             return 130
     if sweep is not None:
-        meta["sweep"] = {"axis": sweep.axis, "values": list(sweep.values)}
+        timed = [v for v in sweep.values if v in {row[sweep.axis] for row in rows}]  # all, unless interrupted
+        if len(timed) > 1:  # else a report of plain cases
+            meta["sweep"] = {"axis": sweep.axis, "values": timed}
     if args.memory:
         from . import _bench_memory
         meta["memory"] = {"saved_bytes": _bench_memory.SAVED_METHOD, "peak_rss_bytes": _bench_memory.PEAK_METHOD}

@@ -52,13 +52,14 @@ def _module_items(modules: list, items) -> list:
 
 class Optimizer:
     """The shared part: parameter bookkeeping, gradient lookup, saving and restoring. Subclasses define
-    `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state, with xp
-    the arrays' module (numpy or cupy); and, to have more hyperparameters than lr checked and saved,
-    `_checked_hyperparameters(**given)` and the state names they keep (`_STATE_NAMES`,
-    `_required_state`)."""
+    `_update(p, g, state, xp)`: the new value of p (float64) from its gradient g and its state (a dict
+    of arrays of p's shape), with xp the arrays' module (numpy or cupy). To have more hyperparameters
+    than lr checked and saved, they define `_checked_hyperparameters(**given)`; to have the state's
+    names checked when loaded, `_STATE_NAMES` and `_required_state`."""
 
-    # The names of a parameter's state (momentum, moments) this optimiser may keep.
-    _STATE_NAMES: tuple[str, ...] = ()
+    # The names of a parameter's state (momentum, moments: arrays of its shape) this optimiser may keep;
+    # None: any (a subclass that does not say).
+    _STATE_NAMES: tuple[str, ...] | None = None
 
     def __init__(self, params, lr: float, **hyperparameters):
         self._modules = _modules(params)
@@ -108,7 +109,7 @@ class Optimizer:
         torch.optim's state_dict, keyed by name rather than by position."""
         return {"optimizer": type(self).__name__, "steps": self.steps,
                 "hyperparameters": {name: getattr(self, name) for name in self._hyperparameter_names},
-                "state": {name: {key: value.copy() for key, value in state.items()}
+                "state": {name: {key: value.copy() if hasattr(value, "copy") else value for key, value in state.items()}
                           for (name, _), state in zip(self._named, self.state)}}
 
     def load_state_dict(self, state_dict) -> None:
@@ -136,7 +137,7 @@ class Optimizer:
             raise TypeError(f"{where}['state']: expected a mapping, got {type(saved).__name__}")
         _exact_keys(f"{where}['state']", saved, [name for name, _ in self._named])
         required = self._required_state(hyperparameters) if steps else ()
-        state = [{key: _loaded_state(f"{where}['state'][{name!r}][{key!r}]", value, p)
+        state = [{key: _loaded_state(f"{where}['state'][{name!r}][{key!r}]", value, p, self._STATE_NAMES is None)
                   for key, value in _state_entries(f"{where}['state'][{name!r}]", saved[name], self._STATE_NAMES,
                                                    required)}
                  for name, p in self._named]
@@ -204,7 +205,7 @@ def _state_entries(where: str, entries, names, required) -> list:
     those it has after a step all there once steps were taken."""
     if not hasattr(entries, "keys"):
         raise TypeError(f"{where}: expected a mapping of state name -> array, got {type(entries).__name__}")
-    unknown = [k for k in entries.keys() if k not in names]
+    unknown = [k for k in entries.keys() if names is not None and k not in names]
     if unknown:
         raise ValueError(f"{where}: unexpected keys {unknown} (this optimiser keeps {list(names)})")
     missing = [k for k in required if k not in entries]
@@ -213,13 +214,18 @@ def _state_entries(where: str, entries, names, required) -> list:
     return list(entries.items())
 
 
-def _loaded_state(where: str, value, param):
-    """A saved state array (any device, a torch tensor too) as a float64 copy on `param`'s device."""
+def _loaded_state(where: str, value, param, scalars: bool):
+    """A saved state array (any device, a torch tensor too) as a float64 copy on `param`'s device; a
+    number too, where `scalars` (an optimiser that does not name its state may keep counts)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
     host = _checks.as_array(where, _device.to_host(value))
     if host.dtype.kind not in "fiu":
         raise TypeError(f"{where}: expected a real numeric array, got dtype {host.dtype}")
+    if scalars and host.ndim == 0:
+        if not np.isfinite(host):
+            raise ValueError(f"{where}: contains NaN or infinite values")
+        return host.item()
     _checks.shape(where, host, param.shape)
     host = np.array(host, dtype=np.float64)  # a copy: the caller's array stays theirs
     if not np.isfinite(host).all():
