@@ -324,3 +324,26 @@ def test_cli_demo_checks_its_plot_path_before_training(capsys, monkeypatch):
     for argv in (["--plot", "/nonexistent/d.png"], ["--plot", "noext"], ["--gradients", "--plot", "/"]):
         assert cli.main(["demo", "--no-progress", *argv]) == 2
         assert "plot: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:119] "
+                                                               "DefaultCPUAllocator: can't allocate memory")])
+def test_cli_bench_out_of_memory_names_the_case_and_keeps_the_rows_so_far(capsys, tmp_path, monkeypatch, error):
+    real, calls = benchmark.run_case, []
+
+    def second_case_out_of_memory(case, *args, **kwargs):
+        calls.append(case)
+        if len(calls) == 2:
+            raise error
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_case", second_case_out_of_memory)
+    out_file = tmp_path / "partial.json"
+    argv = ["bench", "--cell", "gru", "lstm", "--shape", "2,1,3,3", "--peers", "fusedrnn", "--mode", "training",
+            "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "Not enough memory for LSTM 2,1,3,3: 1 of 2 rows timed; writing those" in capsys.readouterr().out
+    assert [r["cell"] for r in json.loads(out_file.read_text())["rows"]] == ["GRU"]
+    monkeypatch.setattr(benchmark, "run_case", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # not an out-of-memory error: as it is
+        cli.main(argv)

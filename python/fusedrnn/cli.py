@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 
 from tqdm import tqdm
@@ -296,7 +297,7 @@ def _bench(args) -> int:
     if not to_stdout:
         tqdm.write(table.header())
     rows = []
-    interrupted = False
+    stopped = None  # why the timing stopped early (the rows so far are still written where asked), and the status
     with tqdm(total=len(cases) * args.rounds, desc="timing", unit="round", disable=_progress_off(args),
               file=sys.stderr) as bar:
         try:
@@ -306,17 +307,19 @@ def _bench(args) -> int:
                     rows.append(row)
                     if not to_stdout:
                         tqdm.write(table.line(row))
-        except KeyboardInterrupt:  # the rows so far are still written where asked
-            interrupted = True
-        except MemoryError as err:
-            raise MemoryError(f"not enough memory for {case.label} {case.steps},{case.batch},{case.input_size},"
-                              f"{case.hidden}") from err
-    if interrupted:
+        except KeyboardInterrupt:
+            stopped = "Interrupted", 130
+        except (MemoryError, RuntimeError) as err:  # torch reports running out as a RuntimeError
+            if not isinstance(err, MemoryError) and not re.search(r"can't allocate memory|out of memory", str(err)):
+                raise
+            stopped = (f"Not enough memory for {case.label} {case.steps},{case.batch},{case.input_size},"
+                       f"{case.hidden}"), 2
+    if stopped is not None:
         meta["interrupted_after_rows"] = len(rows)
-        say(f"Interrupted: {len(rows)} of {sum(len(c.modes) for c in cases)} rows timed"
+        say(f"{stopped[0]}: {len(rows)} of {sum(len(c.modes) for c in cases)} rows timed"
             + ("; writing those" if rows and (args.json or args.plot) else ""))
         if not rows:
-            return 130
+            return stopped[1]
     if sweep is not None:
         timed = [v for v in sweep.values if v in {row[sweep.axis] for row in rows}]  # all, unless interrupted
         if len(timed) > 1:  # else a report of plain cases
@@ -345,7 +348,7 @@ def _bench(args) -> int:
         elif args.fail_on_slower and not changes:
             say("fail-on-slower: nothing to judge, so this run fails")
             status = 2
-    return 130 if interrupted else status
+    return status if stopped is None else stopped[1]
 
 
 # ---- info -------------------------------------------------------------------------------------------
