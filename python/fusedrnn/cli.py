@@ -77,9 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                            description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--set", help="a named set of cases: 'default', 'projection' (LSTMs with proj_size), "
                        "or a DeepBench set (training_set, inference_server_set, inference_device_set)")
-    bench.add_argument("--cell", nargs="+", action="extend", default=None, help="cells: lstm gru rnn_tanh rnn_relu")
+    bench.add_argument("--cell", nargs="+", action="extend", default=None,
+                       help=f"cells: lstm gru rnn_tanh rnn_relu (default {' '.join(benchmark.DEFAULT_CELLS)})")
     bench.add_argument("--shape", nargs="+", action="extend", metavar="T,B,I,H", default=None,
-                       help="shapes as T,B,I,H (e.g. 100,32,256,256)")
+                       help="shapes as T,B,I,H (default "
+                       f"{' '.join(','.join(map(str, shape)) for shape in benchmark.DEFAULT_SHAPES)})")
     bench.add_argument("--mode", nargs="+", action="extend", default=None, choices=benchmark.MODES,
                        help="inference, training or both (default both), for every case, --set and --compare's too")
     bench.add_argument("--peers", nargs="+", action="extend", default=None,
