@@ -240,32 +240,50 @@ def test_cli_bench_says_which_peers_keep_their_own_threads_and_which_way_ratios_
     assert "cell: 'gru' given more than once" in capsys.readouterr().err
 
 
-def test_cli_bench_interrupted_writes_the_rows_so_far(capsys, tmp_path, monkeypatch):
-    calls = []
-    real = benchmark.run_case
+def _second_case_raises(monkeypatch, error):
+    """benchmark.run_case as it is, but for the second case, which raises `error`."""
+    real, calls = benchmark.run_case, []
 
-    def second_case_interrupted(case, *args, **kwargs):
+    def run_case(case, *args, **kwargs):
         calls.append(case)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise error
         return real(case, *args, **kwargs)
 
-    monkeypatch.setattr(benchmark, "run_case", second_case_interrupted)
+    monkeypatch.setattr(benchmark, "run_case", run_case)
+
+
+@pytest.mark.parametrize("error, status, said", [
+    (KeyboardInterrupt(), 130, "Interrupted"),
+    (MemoryError(), 2, "Not enough memory for LSTM 2,1,3,3"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory"), 2,
+     "Not enough memory for LSTM 2,1,3,3"),  # torch's
+], ids=["ctrl-c", "out-of-memory", "torch-out-of-memory"])
+def test_cli_bench_stopped_early_writes_the_rows_so_far(capsys, tmp_path, monkeypatch, error, status, said):
+    _second_case_raises(monkeypatch, error)
     out_file = tmp_path / "partial.json"
     argv = ["bench", "--cell", "gru", "lstm", "--shape", "2,1,3,3", "--peers", "fusedrnn", "--mode", "inference",
             "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
-    assert cli.main(argv) == 130
+    assert cli.main(argv) == status
     report = json.loads(out_file.read_text())
     assert [r["cell"] for r in report["rows"]] == ["GRU"] and report["meta"]["interrupted_after_rows"] == 1
-    assert "Interrupted: 1 of 2 rows timed; writing those" in capsys.readouterr().out
+    assert f"{said}: 1 of 2 rows timed; writing those" in capsys.readouterr().out
+
+
+def test_cli_bench_stopped_early_keeps_a_sweep_comparable_and_other_errors_as_they_are(capsys, tmp_path,
+                                                                                       monkeypatch):
     # A sweep's partial report names only the values timed (here one: no sweep), so it serves as
     # --compare's OLD.
-    calls.clear()
+    _second_case_raises(monkeypatch, KeyboardInterrupt())
+    out_file = tmp_path / "partial.json"
     argv = ["bench", "--cell", "gru", "--shape", "2,1,3,3", "--sweep", "batch=1,2,4", "--peers", "fusedrnn",
             "--mode", "inference", "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
     assert cli.main(argv) == 130
     assert "sweep" not in json.loads(out_file.read_text())["meta"]
     assert len(_bench_report.report_cases(_bench_report.load_report(str(out_file)))) == 1
+    _second_case_raises(monkeypatch, RuntimeError("other"))
+    with pytest.raises(RuntimeError, match="other"):  # not an out-of-memory error: as it is
+        cli.main(argv)
     capsys.readouterr()
 
 
@@ -324,26 +342,3 @@ def test_cli_demo_checks_its_plot_path_before_training(capsys, monkeypatch):
     for argv in (["--plot", "/nonexistent/d.png"], ["--plot", "noext"], ["--gradients", "--plot", "/"]):
         assert cli.main(["demo", "--no-progress", *argv]) == 2
         assert "plot: " in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:119] "
-                                                               "DefaultCPUAllocator: can't allocate memory")])
-def test_cli_bench_out_of_memory_names_the_case_and_keeps_the_rows_so_far(capsys, tmp_path, monkeypatch, error):
-    real, calls = benchmark.run_case, []
-
-    def second_case_out_of_memory(case, *args, **kwargs):
-        calls.append(case)
-        if len(calls) == 2:
-            raise error
-        return real(case, *args, **kwargs)
-
-    monkeypatch.setattr(benchmark, "run_case", second_case_out_of_memory)
-    out_file = tmp_path / "partial.json"
-    argv = ["bench", "--cell", "gru", "lstm", "--shape", "2,1,3,3", "--peers", "fusedrnn", "--mode", "training",
-            "--rounds", "1", "--repeats", "1", "--json", str(out_file), "--no-progress"]
-    assert cli.main(argv) == 2
-    assert "Not enough memory for LSTM 2,1,3,3: 1 of 2 rows timed; writing those" in capsys.readouterr().out
-    assert [r["cell"] for r in json.loads(out_file.read_text())["rows"]] == ["GRU"]
-    monkeypatch.setattr(benchmark, "run_case", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
-    with pytest.raises(RuntimeError, match="other"):  # not an out-of-memory error: as it is
-        cli.main(argv)
