@@ -448,7 +448,7 @@ def test_forks_while_threads_hand_their_resources_back_leave_working_children():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout)
-    assert counts["forks"] >= 50 and counts["bad"] == 0, counts
+    assert counts["forks"] >= 10 and counts["bad"] == 0, counts  # a few hundred here, under 50 with ASan
 
 
 @needs_torch_cuda
