@@ -76,7 +76,12 @@ def test_mistakes_are_refused_before_anything_is_timed(ceiling, monkeypatch, tmp
     for argv, message in ((["--shapes", "a,z"], "shapes: z not among a, b, c, d, e"),
                           (["--render", str(other)], "is not a report this script wrote"),
                           (["--render", str(listing)], "is not a report this script wrote"),
-                          (["--shapes", "c"], "no peer to judge against")):
+                          (["--shapes", "c"], "no peer to judge against"),
+                          # the options of every bench/ script (benchmark.script_arguments)
+                          (["--rounds", "0"], "argument --rounds: expected an int >= 1, got 0"),
+                          (["--threads", "0"], "argument --threads: expected an int in [1, "),
+                          (["--repeats", "x"], "argument --repeats: expected an int, got 'x'"),
+                          (["--json", str(tmp_path / "no" / "r.json")], "--json: the folder ")):
         monkeypatch.setattr("sys.argv", ["bench_ceiling.py", *argv])
         with pytest.raises(SystemExit) as stop:
             ceiling.main()
