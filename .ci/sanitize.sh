@@ -187,10 +187,11 @@ fi
 # FUSEDRNN_TEST_SIMD_LEVELS: the SIMD-parametrized tests on this CPU's best level alone (the ASan run
 # below takes every level). What the ranks share (rows and units of h, c, y and the gate gradients) is
 # split the same on every level; a level changes only the sizes of each rank's own tiles and panels.
+# suppressions: one report of glibc's own, explained in .ci/tsan.supp.
 tsan_env=(
   LD_PRELOAD="$libtsan"
   FUSEDRNN_TEST_SIMD_LEVELS="${supported##*,}"
-  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:log_path=$work/logs/tsan"
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:log_path=$work/logs/tsan:suppressions=$repo/.ci/tsan.supp"
   OPENBLAS_NUM_THREADS=1
   PYTHONDONTWRITEBYTECODE=1
 )
