@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,11 @@ from fusedrnn import _core
 # Re-exported: the cell facts come from the core's one list of cells (fusedrnn._core.cells).
 from fusedrnn.functional import CELLS, GATES, has_cell_state  # noqa: F401
 from fusedrnn.modules import make_module  # noqa: F401  (re-exported)
+
+# ASan's operator new aborts the process where it would throw std::bad_alloc: the tests of running out
+# of memory skip under .ci/sanitize.sh's ASan run (and run everywhere else).
+needs_throwing_new = pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                                        reason="ASan's operator new aborts the process where it would throw")
 
 PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 # With a projection, also weight_hr.

@@ -1,7 +1,6 @@
 """Every public entry point rejects bad input with ValueError/TypeError (RuntimeError for a backward with
 nothing to backpropagate through) whose message starts with the name of the offending argument."""
 
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 import fusedrnn
 from fusedrnn import functional as F
-from helpers import CELLS, GATES, has_cell_state, make_module
+from helpers import CELLS, GATES, has_cell_state, make_module, needs_throwing_new
 
 T, B, I, H = 4, 3, 5, 2
 
@@ -1031,10 +1030,7 @@ def test_outputs_past_the_address_space_are_refused_as_memory_errors():
             F.layer_forward("rnn_tanh", x, w_ih, w_hh, training=training, check_finite=False)
 
 
-ASAN_PRELOADED = "libasan" in os.environ.get("LD_PRELOAD", "")
-
-
-@pytest.mark.skipif(ASAN_PRELOADED, reason="ASan's operator new aborts the process where it would throw")
+@needs_throwing_new
 def test_a_call_out_of_memory_leaves_later_calls_working():
     """A call whose scratch (x projected onto W_ih: 2^48 bytes, past any address space) cannot be
     allocated raises MemoryError naming the bytes; the thread's smaller scratch kept from an earlier

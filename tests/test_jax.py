@@ -4,7 +4,6 @@ and from several threads at once; bad input."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from jax import lax  # noqa: E402
 import fusedrnn  # noqa: E402
 import fusedrnn.jax as fj  # noqa: E402
 from helpers import (CELL_CASES, CELLS, ODD_PROJECTED_SHAPES, assert_close, has_cell_state, make_module,  # noqa: E402
-                     proj_of, random_lengths)
+                     needs_throwing_new, proj_of, random_lengths)
 
 
 # jax.enable_x64 in recent jax, jax.experimental.enable_x64 in older ones (down to the supported floor).
@@ -393,8 +392,7 @@ def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
         assert_close(c_n[i], c_i, np.float32, "c_n")
 
 
-@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
-                    reason="ASan's operator new aborts the process where it would throw")
+@needs_throwing_new
 def test_a_call_out_of_memory_leaves_later_calls_working():
     """As the NumPy modules' test of this name (test_errors.py), through an XLA call: the scratch of
     x projected onto W_ih (2^48 bytes) cannot be allocated; the error names the bytes and the next
