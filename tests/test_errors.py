@@ -534,12 +534,14 @@ def test_functional_rejects_bad_weights(cell):
          r"^weight_ih: expected dtype float64 \(x's\), got float32$"),
         (dict(weight_hh=a["weight_hh"][:, 0]), ValueError, r"^weight_hh: expected a 2-D array"),
         (dict(weight_hh=None), ValueError, r"^weight_hh: expected a 2-D array"),
-        (dict(weight_hh=a["weight_hh"][:-1]), ValueError, rf"^weight_hh: expected shape \({g * H}, {H}\)"),
+        (dict(weight_hh=a["weight_hh"][:-1]), ValueError,
+         rf"^weight_hh: expected shape \({g}\*hidden_size, hidden_size\) for cell '{cell}', got \({g * H - 1}, {H}\)$"),
         (dict(weight_hh=np.zeros((g * H, 0))), ValueError, r"^weight_hh: hidden_size must be >= 1"),
         (dict(weight_hh=a["weight_hh"].astype(np.float32)), TypeError, r"^weight_hh: expected dtype float64"),
-        # hidden_size comes from weight_hh's columns: one too many is weight_hh's error, not weight_ih's.
+        # weight_hh alone shows it is not (G*h, h) for any h: its error names that rule, not a size
+        # derived from one of its two wrong dimensions.
         (dict(weight_hh=np.zeros((g * H, H + 1))), ValueError,
-         rf"^weight_hh: expected shape \({g * (H + 1)}, {H + 1}\), got \({g * H}, {H + 1}\)"),
+         rf"^weight_hh: expected shape \({g}\*hidden_size, hidden_size\) for cell '{cell}', got \({g * H}, {H + 1}\)$"),
         (dict(bias_ih=a["bias_ih"][:-1]), ValueError, rf"^bias_ih: expected shape \({g * H},\)"),
         (dict(bias_hh=a["bias_hh"][None]), ValueError, r"^bias_hh: expected shape"),
         (dict(bias_hh=a["bias_hh"].astype(np.float32)), TypeError, r"^bias_hh: expected dtype float64"),
@@ -675,15 +677,15 @@ def test_functional_backward_rejects_bad_gradients(cell):
         (dict(dx=np.zeros((T, B, 2 * I))[:, :, :I]), ValueError, r"^dx: must be C-contiguous"),
         (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I + 1)), np.zeros((g * H, H)),
                                  np.zeros(g * H), np.zeros(g * H))),
-         ValueError, r"^grad_weight_ih: expected shape"),
+         ValueError, r"^grads\.weight_ih: expected shape"),
         (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H), np.float32),
                                  np.zeros(g * H), np.zeros(g * H))),
-         TypeError, r"^grad_weight_hh: expected dtype float64"),
+         TypeError, r"^grads\.weight_hh: expected dtype float64"),
         (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), None, None)),
-         ValueError, r"^grad_bias_ih, grad_bias_hh: "),
+         ValueError, r"^grads\.bias_ih, grads\.bias_hh: "),
         (dict(grads=F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)),
                                  np.zeros(2 * g * H)[::2], np.zeros(g * H))),
-         ValueError, r"^grad_bias_ih: needs a contiguous last dimension"),
+         ValueError, r"^grads\.bias_ih: needs a contiguous last dimension"),
     ]
     if has_cell_state(cell):
         cases.append((dict(dc_n=np.zeros((B + 1, H))), ValueError, r"^dc_n: expected shape"))
@@ -704,10 +706,10 @@ def test_functional_backward_rejects_bad_grad_groups(cell):
             F.layer_backward(tape, grad_groups=groups)
     per_group = F.LayerGrads(None, None, None, np.zeros((B, g * H, I)), np.zeros((B, g * H, H)), np.zeros((B, g * H)),
                              np.zeros((B, g * H)))
-    cases = [(per_group._replace(weight_ih=np.zeros((g * H, I))), ValueError, r"^grad_weight_ih: expected shape"),
-             (per_group._replace(bias_hh=np.zeros((B + 1, g * H))), ValueError, r"^grad_bias_hh: expected shape"),
+    cases = [(per_group._replace(weight_ih=np.zeros((g * H, I))), ValueError, r"^grads\.weight_ih: expected shape"),
+             (per_group._replace(bias_hh=np.zeros((B + 1, g * H))), ValueError, r"^grads\.bias_hh: expected shape"),
              (per_group._replace(weight_hh=np.zeros((g * H, B, H)).transpose(1, 0, 2)), ValueError,
-              r"^grad_weight_hh: needs a contiguous last dimension")]
+              r"^grads\.weight_hh: needs a contiguous last dimension")]
     for grads, exc, match in cases:
         with pytest.raises(exc, match=match):
             F.layer_backward(tape, grads=grads, grad_groups=B)
@@ -781,7 +783,7 @@ def test_functional_backward_rejects_bias_gradients_of_a_layer_without_biases(ce
     g = GATES[cell]
     tape = _forward(cell, bias_ih=None, bias_hh=None).tape
     grads = F.LayerGrads(None, None, None, np.zeros((g * H, I)), np.zeros((g * H, H)), np.zeros(g * H), None)
-    with pytest.raises(ValueError, match=r"^grad_bias_ih, grad_bias_hh: the layer has no biases"):
+    with pytest.raises(ValueError, match=r"^grads\.bias_ih, grads\.bias_hh: the layer has no biases"):
         F.layer_backward(tape, grads=grads)
     got = F.layer_backward(tape, np.ones((T, B, H)), grads=grads._replace(bias_ih=None))
     assert got.bias_ih is None and got.weight_hh.any()
@@ -890,9 +892,9 @@ def test_functional_backward_rejects_bad_projection_gradients():
                             weight_hr=weight_hr)
 
     cases = [
-        (dict(grads=grads(None)), ValueError, r"^grad_weight_hr: the layer has a projection"),
-        (dict(grads=grads(np.zeros((3, 1)))), ValueError, r"^grad_weight_hr: expected shape \(1, 3\)"),
-        (dict(grads=grads(np.zeros((1, 3), np.float32))), TypeError, r"^grad_weight_hr: expected dtype float64"),
+        (dict(grads=grads(None)), ValueError, r"^grads\.weight_hr: the layer has a projection"),
+        (dict(grads=grads(np.zeros((3, 1)))), ValueError, r"^grads\.weight_hr: expected shape \(1, 3\)"),
+        (dict(grads=grads(np.zeros((1, 3), np.float32))), TypeError, r"^grads\.weight_hr: expected dtype float64"),
         (dict(dy=np.zeros((T, B, 3))), ValueError, r"^dy: expected shape \(4, 3, 1\)"),
         (dict(dh_n=np.zeros((B, 3))), ValueError, r"^dh_n: expected shape \(3, 1\)"),
         (dict(dc_n=np.zeros((B, 1))), ValueError, r"^dc_n: expected shape \(3, 3\)"),
@@ -901,7 +903,7 @@ def test_functional_backward_rejects_bad_projection_gradients():
         with pytest.raises(exc, match=match):
             F.layer_backward(tape, **kwargs)
     plain = _forward("lstm").tape
-    with pytest.raises(ValueError, match=r"^grad_weight_hr: the layer has no projection"):
+    with pytest.raises(ValueError, match=r"^grads\.weight_hr: the layer has no projection"):
         F.layer_backward(plain, grads=F.LayerGrads(None, None, None, np.zeros((4 * H, I)), np.zeros((4 * H, H)),
                                                    np.zeros(4 * H), np.zeros(4 * H), weight_hr=np.zeros((1, H))))
 

@@ -691,6 +691,9 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
         (lambda: fj.lstm(params, x[0, 0]), ValueError, "x: expected a 2-D or 3-D array"),
         (lambda: fj.lstm({**params, "weight_hh_l1": params["weight_hh_l1"][:, :3]}, x), ValueError,
          "weight_hh_l1: expected shape (16, 4)"),
+        # Layer 0's weight_hh gives hidden_size: a wrong width is its own error, not weight_ih_l0's.
+        (lambda: fj.lstm({**params, "weight_hh_l0": np.zeros((16, 5), np.float32)}, x), ValueError,
+         "weight_hh_l0: expected shape (4*hidden_size, hidden_size) for cell 'lstm', got (16, 5)"),
         (lambda: fj.lstm({k: v for k, v in params.items() if k != "bias_ih_l1"}, x), ValueError,
          "params: missing ['bias_ih_l1']"),
         (lambda: fj.lstm({**params, "weight": x}, x), ValueError, "params: expected torch.nn names"),

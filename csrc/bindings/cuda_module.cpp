@@ -330,22 +330,22 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
     if (grad_groups == 1) return arr.template out<fusedrnn::View1<T>>(obj, name, {rows});
     return {arr.dense_out(obj, name, {grad_groups, rows}), 1};
   };
-  p.dw_ih = matrix(dw_ih, "grad_weight_ih", gh, I);
-  p.dw_hh = matrix(dw_hh, "grad_weight_hh", gh, R);
-  if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
-  if (P == 0 && !dw_hr.is_none()) throw py::value_error("grad_weight_hr: the layer has no projection");
-  p.dw_hr = matrix(dw_hr, "grad_weight_hr", P, H);
+  p.dw_ih = matrix(dw_ih, "grads.weight_ih", gh, I);
+  p.dw_hh = matrix(dw_hh, "grads.weight_hh", gh, R);
+  if (!p.dw_ih.data || !p.dw_hh.data) throw py::value_error("grads.weight_ih, grads.weight_hh: gradient buffers are required");
+  if (P == 0 && !dw_hr.is_none()) throw py::value_error("grads.weight_hr: the layer has no projection");
+  p.dw_hr = matrix(dw_hr, "grads.weight_hr", P, H);
   if (P > 0 && !p.dw_hr.data)
-    throw py::value_error("grad_weight_hr: the layer has a projection, so its gradient buffer is required");
+    throw py::value_error("grads.weight_hr: the layer has a projection, so its gradient buffer is required");
   if ((P > 0) != (p.weights.w_hr.data && p.tape.rs))
     throw py::value_error("weight_hr, rs: required exactly when shape has a projection size P > 0");
   const bool has_bias = p.weights.b_ih.data != nullptr;
   if (!has_bias && (!db_ih.is_none() || !db_hh.is_none()))
-    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has no biases, so it has no bias gradients");
-  p.db_ih = vector(db_ih, "grad_bias_ih", gh);
-  p.db_hh = vector(db_hh, "grad_bias_hh", gh);
+    throw py::value_error("grads.bias_ih, grads.bias_hh: the layer has no biases, so it has no bias gradients");
+  p.db_ih = vector(db_ih, "grads.bias_ih", gh);
+  p.db_hh = vector(db_hh, "grads.bias_hh", gh);
   if (has_bias && (!p.db_ih.data || !p.db_hh.data))
-    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
+    throw py::value_error("grads.bias_ih, grads.bias_hh: the layer has biases, so both are required");
   if (!dh_norm.is_none()) {
     const DeviceArray norms = device_array(dh_norm, "dh_norm", "<f8", 8, {T_}, true, arr.device);
     if (T_ > 1 && norms.strides[0] != 1) throw py::value_error("dh_norm: must be contiguous");

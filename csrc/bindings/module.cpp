@@ -366,6 +366,9 @@ LayerSizes checked_layer_sizes(CellKind cell, const std::vector<Index>& x, const
     throw py::value_error("weight_hr, weight_hh: weight_hr's columns give hidden_size " + std::to_string(hidden) +
                           ", so weight_hh needs gates*hidden_size = " + std::to_string(gh) + " rows, got shape " +
                           shape_str(w_hh));
+  if (proj == 0 && w_hh[0] != gh)
+    throw py::value_error("weight_hh: expected shape (" + std::to_string(facts.gates) +
+                          "*hidden_size, hidden_size) for cell '" + facts.name + "', got " + shape_str(w_hh));
   return {x[0], x[1], x[2], hidden, proj};
 }
 
@@ -596,21 +599,21 @@ PreparedBackward<T> prepare_backward(const Tape& tape, const py::object& dy_obj,
     return shape;
   };
   py::object dx = out_buffer(dx_obj, "dx", {steps, batch, input});
-  py::object dw_ih = out_buffer(grad_w_ih, "grad_weight_ih", grouped({gh, input}));
-  py::object dw_hh = out_buffer(grad_w_hh, "grad_weight_hh", grouped({gh, state}));
+  py::object dw_ih = out_buffer(grad_w_ih, "grads.weight_ih", grouped({gh, input}));
+  py::object dw_hh = out_buffer(grad_w_hh, "grads.weight_hh", grouped({gh, state}));
   if (dw_ih.is_none() || dw_hh.is_none())
-    throw py::value_error("grad_weight_ih, grad_weight_hh: gradient buffers are required");
-  py::object dw_hr = proj > 0 ? out_buffer(grad_w_hr, "grad_weight_hr", grouped({proj, hidden})) : py::none();
+    throw py::value_error("grads.weight_ih, grads.weight_hh: gradient buffers are required");
+  py::object dw_hr = proj > 0 ? out_buffer(grad_w_hr, "grads.weight_hr", grouped({proj, hidden})) : py::none();
   if (proj > 0 && dw_hr.is_none())
-    throw py::value_error("grad_weight_hr: the layer has a projection, so its gradient buffer is required");
+    throw py::value_error("grads.weight_hr: the layer has a projection, so its gradient buffer is required");
   if (proj == 0 && !grad_w_hr.is_none())
-    throw py::value_error("grad_weight_hr: the layer has no projection");
-  py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grad_bias_ih", grouped({gh})) : py::none();
-  py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grad_bias_hh", grouped({gh})) : py::none();
+    throw py::value_error("grads.weight_hr: the layer has no projection");
+  py::object db_ih = has_bias ? out_buffer(grad_b_ih, "grads.bias_ih", grouped({gh})) : py::none();
+  py::object db_hh = has_bias ? out_buffer(grad_b_hh, "grads.bias_hh", grouped({gh})) : py::none();
   if (has_bias && (db_ih.is_none() || db_hh.is_none()))
-    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has biases, so both are required");
+    throw py::value_error("grads.bias_ih, grads.bias_hh: the layer has biases, so both are required");
   if (!has_bias && (!grad_b_ih.is_none() || !grad_b_hh.is_none()))
-    throw py::value_error("grad_bias_ih, grad_bias_hh: the layer has no biases, so it has no bias gradients");
+    throw py::value_error("grads.bias_ih, grads.bias_hh: the layer has no biases, so it has no bias gradients");
   auto as_array = [](const py::object& obj) { return py::reinterpret_borrow<py::array>(obj); };
   if (!dx.is_none()) args.dx = out3<T>(as_array(dx));
   args.accumulate_dx = accumulate_dx;

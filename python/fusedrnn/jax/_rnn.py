@@ -217,6 +217,9 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     hidden, proj = w_hh0.shape[1], 0
     if projected:
         hidden, proj = _projected_sizes(cell, w_hh0, _array("weight_hr_l0", params["weight_hr_l0"], dtype))
+    elif w_hh0.shape[0] != GATES[cell] * hidden:  # else every other shape would be judged by a wrong size
+        raise ValueError(f"weight_hh_l0: expected shape ({GATES[cell]}*hidden_size, hidden_size) for cell "
+                         f"{cell!r}, got {tuple(w_hh0.shape)}")
     width = proj or hidden
     expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional,
                             proj_size=proj)
