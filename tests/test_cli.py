@@ -317,6 +317,29 @@ def test_info_via_python_dash_m():
     assert "set in the environment" not in out or "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ
 
 
+def test_a_package_that_is_installed_but_fails_to_import_is_named_as_such(tmp_path):
+    # A flax whose own dependency is missing: found on the path, yet no peer or module can use it.
+    (tmp_path / "flax").mkdir()
+    (tmp_path / "flax" / "__init__.py").write_text("import a_dependency_flax_lost\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+    info = run("-m", "fusedrnn", "info")
+    assert info.returncode == 0, info.stderr
+    assert ("flax       installed, but fails to import (fusedrnn.jax.nnx, bench peer; the flax extra): "
+            "ModuleNotFoundError: No module named 'a_dependency_flax_lost'") in info.stdout
+    peers = info.stdout.split("Benchmark peers available: ", 1)[1].split("\n", 1)[0].split(", ")
+    assert "fusedrnn" in peers and "flax" not in peers
+    bench = run("-m", "fusedrnn", "bench", "--peers", "flax", "--shape", "2,1,2,2", "--rounds", "1")
+    assert bench.returncode == 2 and ("peers: 'flax' is not available: the flax package fails to import: "
+                                      "ModuleNotFoundError: No module named 'a_dependency_flax_lost'") in bench.stderr
+    module = run("-c", "import fusedrnn.jax.nnx")
+    assert ("ImportError: this needs flax, which is installed but fails to import: "
+            "No module named 'a_dependency_flax_lost'") in module.stderr
+
+
 def test_info_names_openblas_kernels_forced_by_the_environment():
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     plain = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, check=True,

@@ -67,6 +67,25 @@ def test_nonfinite_gradients_are_reported_and_can_raise(rng):
     assert np.isnan(inf_grads["a"][0]) and inf_grads["a"][1] == 0.0  # as torch: multiplied by 0
 
 
+def test_per_sample_norms_hold_squares_past_float64s_range():
+    # Each sample is clipped as clip_grad_norm clips it alone, even where its squares overflow or
+    # underflow float64; an infinite sample still spreads NaN.
+    g = {"w": np.array([[1e160, 1e160], [3.0, 4.0], [3e-170, 4e-170], [0.0, 0.0]]),
+         "b": np.array([[1e160], [0.0], [0.0], [0.0]])}
+    sums, norms = G.sum_clipped_per_sample(g, 1.0)
+    np.testing.assert_allclose(norms, [math.sqrt(3) * 1e160, 5.0, 5e-170, 0.0], rtol=1e-15)
+    clipped = [{k: v[i].copy() for k, v in g.items()} for i in range(4)]
+    for sample in clipped:
+        G.clip_grad_norm(sample, 1.0)
+    for k in g:
+        np.testing.assert_allclose(sums[k], sum(sample[k] for sample in clipped), rtol=1e-12)
+    assert sums["b"][0] > 0.5  # the overflowing sample is kept, at norm 1
+    g["w"][1, 0] = np.inf
+    with np.errstate(invalid="ignore"):
+        sums, norms = G.sum_clipped_per_sample(g, 1.0)
+    assert norms[1] == math.inf and np.isnan(sums["w"][0])  # inf * 0, as clip_grad_norm gives that sample
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass is not the recommended way:PendingDeprecationWarning")
 def test_matrix_gradients_are_clipped_as_plain_arrays(rng):
     """np.matrix gradients (whose ** is a matrix power) give the norms and clipping of plain arrays."""

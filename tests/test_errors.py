@@ -1,6 +1,7 @@
 """Every public entry point rejects bad input with ValueError/TypeError (RuntimeError for a backward with
 nothing to backpropagate through) whose message starts with the name of the offending argument."""
 
+import platform
 import re
 import subprocess
 import sys
@@ -96,6 +97,31 @@ def test_finite_check_finds_one_bad_value_anywhere(simd_level, dtype, layout):
                     with pytest.raises(ValueError, match=r"^a: contains NaN or infinite"):
                         _checks.finite("a", a)
     finally:
+        fusedrnn.set_num_threads(threads)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="FE_DOWNWARD's value is x86's")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_check_holds_when_the_caller_rounds_downward(dtype):
+    # x - x is -0, not +0, under downward rounding: a finite array must still pass, and NaN still fail.
+    import ctypes
+    import ctypes.util
+    from fusedrnn import _checks
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    to_nearest, downward = 0x000, 0x400
+    threads = fusedrnn.get_num_threads()
+    assert libm.fesetround(downward) == 0
+    try:
+        for team in (1, 2):
+            fusedrnn.set_num_threads(team)
+            for size in (7, 100000):
+                a = np.linspace(-3, 3, size).astype(dtype)
+                _checks.finite("a", a)
+                a[size // 2] = np.nan
+                with pytest.raises(ValueError, match=r"^a: contains NaN or infinite"):
+                    _checks.finite("a", a)
+    finally:
+        libm.fesetround(to_nearest)
         fusedrnn.set_num_threads(threads)
 
 

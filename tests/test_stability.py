@@ -282,6 +282,27 @@ def test_a_gate_saturated_off_stays_off_against_huge_states(simd_level, backend)
             np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-5, atol=1e-6, err_msg=f"{cell} {name}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "emulated_device"])
+def test_an_infinite_cell_state_without_a_bound_passes_nan_back_as_torch_does(rng, simd_level, backend):
+    # With no cell_clip nothing was clamped: an infinite c is not an element the clamp held, and the
+    # gradient through it is NaN (inf * 0 in the forget gate's), as in float64 and torch.nn.
+    steps, batch, inp, hidden = 3, 2, 2, 4
+    w = {k: v.astype(np.float32) for k, v in random_layer(rng, "lstm", inp, hidden, scale=0.5).items()}
+    x = rng.standard_normal((steps, batch, inp)).astype(np.float32)
+    h0, c0 = np.zeros((batch, hidden), np.float32), np.zeros((batch, hidden), np.float32)
+    c0[0, 1] = np.inf
+    out = F._forward("lstm", x, *w.values(), h0, c0, None, False, True, None, None, backend=backend)
+    dy = np.ones((steps, batch, hidden), np.float32)
+    got = F._backward(out.tape, dy, None, None)
+    with np.errstate(invalid="ignore"):
+        _, _, _, cache = reference.forward("lstm", *(a.astype(np.float64) for a in (x, *w.values(), h0, c0)))
+        want = reference.backward(cache, dy.astype(np.float64))
+    assert np.isnan(want["dc0"][0, 1]) and np.isfinite(want["dc0"][1]).all()
+    for name in ("dx", "dh0", "dc0", "weight_ih", "weight_hh", "bias_ih"):
+        np.testing.assert_array_equal(np.isnan(getattr(got, name)), np.isnan(want[name]), err_msg=name)
+        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_relu_passes_the_gradient_through_a_nan_unit_as_torch_does(rng):
     # After an overflow (or with check_finite=False) a unit can be NaN; torch's relu backward zeroes
     # only where the output is <= 0, so the gradient flows on through a NaN unit, and so it does here.

@@ -186,9 +186,10 @@ struct LstmCell {
                                    T dh, T dc, T* dxg, T* dhg, T& dh_prev, T& dc_prev) {
     const T i = saved[0], f = saved[1], g = saved[2], o = saved[3];
     const T tanh_c = tanh_(c);
-    // c is stored clamped, so |c| == cell_clip marks an element the clamp held (zero gradient).
+    // c is stored clamped, so |c| == cell_clip marks an element the clamp held (zero gradient). With no
+    // bound (+inf) an infinite c was not clamped: its gradient is NaN, as torch.nn's is.
     const T dc_clamped = dc + dh * o * (T(1) - tanh_c * tanh_c);
-    const T dc_total = std::fabs(c) >= cell_clip ? T(0) : dc_clamped;
+    const T dc_total = std::fabs(c) >= cell_clip && std::isfinite(cell_clip) ? T(0) : dc_clamped;
     dxg[0] = dc_total * g * i * (T(1) - i);
     dxg[1] = dc_total * c_prev * f * (T(1) - f);
     dxg[2] = dc_total * i * (T(1) - g * g);

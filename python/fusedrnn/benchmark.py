@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from . import _checks, _core
+from ._optional import import_problem
 from .datasets import deepbench_shapes
 from .functional import CELLS, GATES
 
@@ -96,7 +97,7 @@ class Peer:
     threads: int | None = None                        # the threads it always runs on, where fixed
 
     def available(self) -> bool:
-        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+        if self.requires is not None and import_problem(self.requires) is not None:
             return False
         return self.device == "cpu" or _cuda_ready()
 
@@ -729,7 +730,11 @@ def check_peers(peers: Sequence[str], device: str = "cpu", cases: Sequence[Case]
         if PEERS[name].device != device:
             raise ValueError(f"peers: {name!r} runs on {PEERS[name].device}, not {device} (--device)")
         if not PEERS[name].available():
-            raise ValueError(f"peers: {name!r} is not installed (needs the {PEERS[name].requires} package)")
+            requires = PEERS[name].requires
+            problem = requires and import_problem(requires)
+            why = ("no GPU is visible" if not problem else f"the {requires} package is not installed"
+                   if problem == "not installed" else f"the {requires} package fails to import: {problem}")
+            raise ValueError(f"peers: {name!r} is not available: {why}")
         if not PEERS[name].projection and any(c.proj_size for c in cases):
             raise ValueError(f"peers: {name!r} has no LSTM with a projection (proj_size), which these cases use")
     return list(peers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from . import _MAX_THREADS as MAX_THREADS
 from . import _bench_report, _checks, _device, benchmark, build_info, set_num_threads
+from ._optional import import_problem
 from .functional import CELLS
 
 
@@ -389,7 +389,8 @@ def _info(args) -> int:
           f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
     print("Optional packages:")
     for name, use in OPTIONAL.items():
-        found = importlib.util.find_spec(name) is not None
-        print(f"  {name:11}{'importable' if found else 'not installed':15}({use})")
+        problem = import_problem(name)
+        print(f"  {name:11}{problem or 'importable':15}({use})" if problem in (None, "not installed")
+              else f"  {name:11}installed, but fails to import ({use}): {problem}")
     print(f"Benchmark peers available: {', '.join(benchmark.available_peers())}")
     return 0

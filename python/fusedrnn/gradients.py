@@ -73,6 +73,21 @@ def _sum_norm(xp, a, p: float) -> float:
     return float(xp.sum(a**p) ** (1.0 / p))
 
 
+def _row_norms(xp, rows):
+    """The L2 norm of each row of a float64 (N, M) array, rescaled by the row's largest value where the
+    squares pass float64's range either way (as _vector_norm does)."""
+    with np.errstate(over="ignore", under="ignore"):
+        norms = xp.sqrt(xp.sum(xp.square(rows), axis=1))
+        suspect = (norms == 0) | xp.isinf(norms)
+        if rows.shape[1] and bool(suspect.any()):
+            largest = xp.abs(rows[suspect]).max(axis=1)
+            finite = (largest > 0) & xp.isfinite(largest)
+            redo = xp.flatnonzero(suspect)[finite]
+            scaled = rows[redo] / largest[finite][:, None]
+            norms[redo] = largest[finite] * xp.sqrt(xp.sum(xp.square(scaled), axis=1))
+    return norms
+
+
 def _total_norm(named: list, p: float) -> float:
     return _vector_norm(np.array([_vector_norm(g, p) for _, g in named]), p)
 
@@ -140,9 +155,8 @@ def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
         samples = g.shape[0]
     _device.common_device(**{f"per_sample_grads[{key!r}]": g for key, g in named})
     xp = _device.array_module(named[0][1])
-    squares = sum(xp.sum(xp.square(g.reshape(samples, math.prod(g.shape[1:])).astype(np.float64)), axis=1)
-                  for _, g in named)  # no samples: sums of zeros
-    norms = xp.sqrt(squares)
+    per_array = [_row_norms(xp, g.reshape(samples, math.prod(g.shape[1:])).astype(np.float64)) for _, g in named]
+    norms = _row_norms(xp, xp.stack(per_array, axis=1))  # no samples: an empty (0,)
     with np.errstate(invalid="ignore", divide="ignore"):
         coef = xp.minimum(float(max_norm) / (norms + CLIP_EPS), 1.0)
     sums = {key: xp.tensordot(coef.astype(g.dtype), g, axes=1) for key, g in named}

@@ -22,14 +22,16 @@ FUSEDRNN_ALWAYS_INLINE Bits bits_of(T value) {
   return bits;
 }
 
-// True when none of the `count` values is NaN or infinite. x - x is +0 (all bits clear) for every
-// finite x and NaN otherwise, so the OR of its bits over all values is zero exactly when all are finite:
+// True when none of the `count` values is NaN or infinite. x - x is zero for every finite x (-0 when
+// the caller's thread rounds downward: the sign bit is masked off) and NaN otherwise, so the OR of its
+// bits over all values is zero, but for the sign, exactly when all are finite:
 // one pass of a subtract and an OR a vector, in blocks, so a bad value ends the scan at its block's end,
 // where numpy's min and max take two passes with a setup each (see bench/NOTES.md, "Figures behind the code", whole-array passes).
 template <typename T>
 FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float32 or float64 values");
   using Bits = std::conditional_t<std::is_same_v<T, float>, std::uint32_t, std::uint64_t>;
+  constexpr Bits kSign = Bits(1) << (8 * sizeof(Bits) - 1);
   constexpr std::int64_t kBlock = 4096;
   constexpr int kChains = 8;  // independent ORs, so the loop is not one dependency chain
   for (std::int64_t start = 0; start < count; start += kBlock) {
@@ -40,7 +42,7 @@ FUSEDRNN_ALWAYS_INLINE bool all_finite(const T* values, std::int64_t count) {
       for (int c = 0; c < kChains; ++c) bad[c] |= bits_of<T, Bits>(values[i + c] - values[i + c]);
     for (; i < end; ++i) bad[0] |= bits_of<T, Bits>(values[i] - values[i]);
     for (int c = 1; c < kChains; ++c) bad[0] |= bad[c];
-    if (bad[0]) return false;
+    if (bad[0] & ~kSign) return false;
   }
   return true;
 }
