@@ -230,15 +230,19 @@ def test_compare_reports_matches_rows_and_peers_by_name():
     def row(cell, h, times):
         return {"cell": cell, "T": 1, "B": 1, "I": 1, "H": h, "mode": "training", "a_times_ms": times}
 
-    old = {"meta": {"peers": ["a"], "cpu": "X", "blas": "OpenBLAS Haswell"},
+    old = {"meta": {"peers": ["a"], "cpu": "X", "blas": "OpenBLAS Haswell", "rounds": 3, "repeats": 5,
+                    "peer_threads": {"a": 2}},
            "rows": [row("GRU", 4, [[1.0], [1.0]]), row("GRU", 8, [[1.0]])]}
-    new = {"meta": {"peers": ["a"], "cpu": "Y", "blas": "OpenBLAS SkylakeX"},
+    new = {"meta": {"peers": ["a"], "cpu": "Y", "blas": "OpenBLAS SkylakeX", "rounds": 3, "repeats": 1,
+                    "peer_threads": {"a": 1}},
            "rows": [row("GRU", 8, [[2.0]]), row("LSTM", 4, [[9.0]])]}
     (change,) = _bench_report.compare_reports(old, new, 0.05)
     assert change.key == ("GRU", 1, 1, 1, 8, "training") and change.verdict == "slower"
     text = _bench_report.format_comparison([change], old, new, 0.05)
     assert "note: the runs differ in cpu: X then, Y now" in text
     assert "note: the runs differ in blas: OpenBLAS Haswell then, OpenBLAS SkylakeX now" in text
+    assert "note: the runs differ in repeats: 5 then, 1 now" in text and "differ in rounds" not in text
+    assert "note: the runs differ in a's threads: 2 then, 1 now" in text
     assert "1 slower, 0 faster, 0 within spread or under 5%" in text
 
 

@@ -151,6 +151,8 @@ def test_cuda_module_checks_arguments_by_name(cuda_bindings):
         call()
     with pytest.raises(TypeError, match=r"x: expected dtype float32 \(x's\), got float64"):
         call(x=_HostMemoryAsCuda(host["x"].astype(np.float64)))
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 \(x's\), got >f4"):  # the other byte order
+        call(x=_HostMemoryAsCuda(host["x"].astype(">f4")))
     with pytest.raises(ValueError, match=r"weight_hh: expected shape \(8, 2\), got \(8, 3\)"):
         call(x=None, weight_ih=None, weight_hh=_HostMemoryAsCuda(np.zeros((8, 3), np.float32)))
     with pytest.raises(TypeError, match="h0: expected a CUDA device array"):

@@ -680,6 +680,22 @@ def test_concurrent_calls_in_one_program_and_from_threads_are_bit_identical(rng)
 
 # ---- bad input -----------------------------------------------------------------------------------------
 
+def test_numpy_arrays_of_the_other_byte_order_are_taken_as_their_values(rng):
+    # JAX refuses non-native byte order; the values are the same, so they run as the native arrays do.
+    from fusedrnn.jax import flax_params
+    params = _params(rng, "gru", 3, 4)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    swapped = lambda a: np.asarray(a).astype(np.asarray(a).dtype.newbyteorder(">"))  # noqa: E731
+    want = fj.gru(params, x)[0]
+    got = fj.gru({k: swapped(v) for k, v in params.items()}, swapped(x))[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    flax = flax_params.to_flax("gru", {k: swapped(v) for k, v in params.items()})
+    for name, entry in flax_params.to_flax("gru", params).items():
+        np.testing.assert_array_equal(np.asarray(flax[name]["kernel"]), np.asarray(entry["kernel"]), err_msg=name)
+    with pytest.raises(TypeError, match=r"^x: expected a JAX or NumPy array of numbers, got ndarray of dtype object"):
+        fj.gru(params, x.astype(object))
+
+
 def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
     params = _params(rng, "lstm", 3, 4, 2)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
@@ -715,7 +731,7 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
         (lambda: jax.jit(lambda l: fj.lstm(params, x, lengths=l))(np.array([1.0, 2.0], np.float32)), TypeError,
          "lengths: expected integers"),
         (lambda: fj.lstm({**params, "weight_ih_l1": None}, x), TypeError,
-         "weight_ih_l1: expected a JAX or NumPy array, got NoneType"),
+         "weight_ih_l1: expected a JAX or NumPy array of numbers, got NoneType"),
         (lambda: fj.lstm({**params, "bias_hh_l0": "b"}, x), TypeError, "bias_hh_l0: expected a JAX or NumPy array"),
         (lambda: fj.lstm(params, x, dropout=0.5, dropout_key=3), TypeError, "dropout_key: expected a PRNG key"),
         (lambda: fj.lstm(params, x, dropout=0.5, dropout_key=jax.random.split(jax.random.key(0), 3)), ValueError,
@@ -744,7 +760,7 @@ def test_torch_tensors_are_refused_naming_the_argument(rng):
     torch = pytest.importorskip("torch")
     params = _params(rng, "gru", 3, 4)
     for x in (torch.zeros(5, 2, 3), torch.zeros(5, 2, 3, requires_grad=True)):
-        with pytest.raises(TypeError, match=r"^x: expected a JAX or NumPy array, got Tensor"):
+        with pytest.raises(TypeError, match=r"^x: expected a JAX or NumPy array of numbers, got Tensor"):
             fj.gru(params, x)
 
 

@@ -168,6 +168,44 @@ def test_gradients_accumulate_across_backward_calls(rng, cell):
         np.testing.assert_array_equal(g, once[name], err_msg=name)
 
 
+def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng):
+    # grads' entries may be replaced (gradients into a buffer of one's own); one that cannot be added
+    # into is named, and nothing is added nor the forward consumed, so a retry with a good one works.
+    m = fusedrnn.LSTM(3, 4, num_layers=2, dtype=np.float64, seed=0)
+    head = fusedrnn.Linear(4, 2, dtype=np.float64, seed=1)
+    x = rng.standard_normal((5, 2, 3))
+    want = fusedrnn.LSTM(3, 4, num_layers=2, dtype=np.float64, seed=0)
+    want(x)
+    want.backward(np.ones((5, 2, 4)))
+    m(x)
+    name = "weight_ih_l0"
+    good = m.grads[name]
+    bad = [(np.zeros_like(good, order="F"), ValueError, "expected a writeable, aligned, C-contiguous array"),
+           (np.zeros(good.shape, np.float32), TypeError, r"expected dtype float64 \(the parameter's\), got float32"),
+           (np.zeros((1, *good.shape[1:])), ValueError, r"expected shape \(16, 3\) \(the parameter's\), got \(1, 3\)"),
+           (good.tolist(), TypeError, "expected an array like the parameter's, got list"),
+           (None, ValueError, "missing; zero_grad"),
+           (np.broadcast_to(np.zeros(1), good.shape), ValueError, "expected a writeable")]
+    for value, error, match in bad:
+        m.grads[name] = value
+        with pytest.raises(error, match=rf"^grads\['{name}'\]: {match}"):
+            m.backward(np.ones((5, 2, 4)))
+        assert all(not g.any() for g in m.grads.values() if isinstance(g, np.ndarray) and g is not value)
+    buffer = np.zeros(good.size + 1)[1:].reshape(good.shape)  # one's own buffer, offset in memory
+    m.grads[name] = buffer
+    m.backward(np.ones((5, 2, 4)))
+    assert m.grads[name] is buffer
+    for key, g in want.grads.items():
+        np.testing.assert_array_equal(m.grads[key], g, err_msg=key)
+    head(np.ones((3, 4)))
+    head.grads["bias"] = np.zeros(1)
+    with pytest.raises(ValueError, match=r"^grads\['bias'\]: expected shape \(2,\)"):
+        head.backward(np.ones((3, 2)))
+    head.grads["bias"] = np.zeros(2)
+    head.backward(np.ones((3, 2)))
+    np.testing.assert_array_equal(head.grads["bias"], [3.0, 3.0])
+
+
 def test_input_grads_restart_when_the_input_shape_changes(rng):
     m = fusedrnn.GRU(3, 4, dtype=np.float64, seed=0)
     x1, x2 = rng.standard_normal((5, 2, 3)), rng.standard_normal((6, 3, 3))
@@ -813,6 +851,17 @@ def test_an_eval_forward_leaves_the_pending_training_forward(rng, make):
         np.testing.assert_array_equal(m.grads[name], g)
     with pytest.raises(RuntimeError, match=r"^backward: no training-mode forward .* each backward needs a forward"):
         m.backward(np.ones_like(y))
+
+
+def test_load_state_dict_takes_jax_low_precision_arrays(rng):
+    # NumPy arrays of ml_dtypes' types (JAX's bfloat16, float8) load cast, as torch's bfloat16 tensors do.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    m = fusedrnn.GRU(3, 4, seed=0)
+    for dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
+        low = {k: (rng.standard_normal(v.shape) / 4).astype(dtype) for k, v in m.state_dict().items()}
+        m.load_state_dict(low)
+        for name, value in low.items():
+            np.testing.assert_array_equal(getattr(m, name), value.astype(np.float32), err_msg=name)
 
 
 def test_load_state_dict_reports_what_it_left_out():

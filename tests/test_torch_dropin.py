@@ -949,6 +949,43 @@ def test_operators_pass_opcheck(cell, proj):
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, backward_args, test_utils=checks)
 
 
+def test_operators_refuse_bad_operands_by_name_fake_implementations_too():
+    # Called directly, the operators name what is wrong before any kernel runs; a meta tensor beside CPU
+    # ones sends the call to the fake implementations, which refuse it likewise rather than return
+    # uninitialised tensors.
+    gen = torch.Generator().manual_seed(3)
+    x, w_ih, w_hh = (torch.randn(*s, generator=gen) for s in ((5, 4, 3), (18, 3), (18, 6)))
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+
+    def call(x=x, w_ih=w_ih, w_hh=w_hh, h0=None, lengths=None):
+        return torch.ops.fusedrnn.rnn_layer(x, w_ih, w_hh, None, None, None, None, None, None, None, None, h0,
+                                            None, lengths, "gru", True, True)
+
+    h0 = torch.zeros(1, 4, 6)
+    cases = [(dict(lengths=torch.tensor([5, 3, 2, 1], device="meta")), ValueError, r"^lengths: on meta, but input is on cpu"),
+             (dict(h0=meta(h0)), ValueError, r"^h_0: on meta, but input is on cpu"),
+             (dict(w_hh=meta(w_hh)), ValueError, r"^weight_hh: on meta, but input is on cpu"),
+             (dict(x=x.bfloat16()), TypeError, r"^input: expected dtype float32 or float64, got torch.bfloat16"),
+             (dict(h0=h0.bfloat16()), TypeError, r"^h_0: expected dtype torch.float32 \(the input's\), got torch.bfloat16"),
+             (dict(x=x[0]), ValueError, r"^input: expected a 3-D tensor \(T, B, input_size\), got shape \(4, 3\)"),
+             (dict(w_hh=w_hh[0]), ValueError, r"^weight_hh: expected a 2-D tensor"),
+             (dict(lengths=torch.tensor([5, 3, 2, 1.5], dtype=torch.bfloat16)), ValueError, r"^lengths: expected whole numbers")]
+    for overrides, error, match in cases:
+        with pytest.raises(error, match=match):
+            call(**overrides)
+    y, h_n, _, tape = call(lengths=torch.tensor([5, 3, 2, 1], dtype=torch.bfloat16))  # exact in bfloat16
+    np.testing.assert_array_equal(y.numpy(), call(lengths=torch.tensor([5, 3, 2, 1]))[0].numpy())
+    backward = lambda dy: torch.ops.fusedrnn.rnn_layer_backward(  # noqa: E731
+        tape, x, w_ih, w_hh, None, None, None, None, None, None, None, None, dy, None, None, "gru")
+    with pytest.raises(ValueError, match=r"^dy: on meta, but input is on cpu"):
+        backward(meta(y))
+    with pytest.raises(TypeError, match=r"^dy: expected dtype torch.float32 \(the input's\), got torch.bfloat16"):
+        backward(y.bfloat16())
+    # Every operand on meta: shapes only, as for any torch operator.
+    on_meta = torch.ops.fusedrnn.rnn_layer(meta(x), meta(w_ih), meta(w_hh), *[None] * 11, "gru", False, True)
+    assert on_meta[0].device.type == "meta" and on_meta[0].shape == (5, 4, 6)
+
+
 class Stack(nn.Module):
     """Every cell, one after the other, with initial states."""
 

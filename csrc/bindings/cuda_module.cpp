@@ -61,10 +61,11 @@ std::string shape_str(const std::vector<Index>& dims) {
   return s.str();
 }
 
-// A typestr ("<f4") as NumPy names its dtype ("float32"); the typestr itself where NumPy has no such dtype.
+// A typestr ("<f4") as NumPy names its dtype ("float32", ">f4" for the other byte order); the typestr
+// itself where NumPy has no such dtype.
 std::string dtype_name(const std::string& typestr) {
   try {
-    return py::str(py::module_::import("numpy").attr("dtype")(typestr).attr("name"));
+    return py::str(py::module_::import("numpy").attr("dtype")(typestr));
   } catch (const py::error_already_set&) {
     return typestr;
   }

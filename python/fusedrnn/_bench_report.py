@@ -253,9 +253,16 @@ def compare_reports(old: dict, new: dict, threshold: float) -> list[Change]:
 def format_comparison(changes: list[Change], old: dict, new: dict, threshold: float) -> str:
     lines = []
     old_meta, new_meta = old.get("meta", {}), new.get("meta", {})
-    for key in ("cpu", "simd", "blas", "threads", *sorted(set(report_peers(old)) & set(report_peers(new)))):
+    common = sorted(set(report_peers(old)) & set(report_peers(new)))
+    # Rounds and repeats too: the rule reads the spread of round medians, which more rounds widen.
+    for key in ("cpu", "gpu", "simd", "blas", "threads", "rounds", "repeats", *common):
         if key in old_meta and key in new_meta and old_meta[key] != new_meta[key]:
             lines.append(f"note: the runs differ in {key}: {old_meta[key]} then, {new_meta[key]} now")
+    old_threads, new_threads = old_meta.get("peer_threads", {}), new_meta.get("peer_threads", {})
+    for peer in common:
+        if peer in old_threads and peer in new_threads and old_threads[peer] != new_threads[peer]:
+            lines.append(f"note: the runs differ in {peer}'s threads: {old_threads[peer]} then, "
+                         f"{new_threads[peer]} now")
     if not changes:
         lines.append("compare: no row and peer in common with the earlier run")
         return "\n".join(lines)

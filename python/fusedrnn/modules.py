@@ -200,6 +200,8 @@ class _Module:
                 if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds it exactly
                     value = value.float()
             arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
+            if arr.dtype.kind == "V" and arr.dtype.type.__module__ == "ml_dtypes":  # JAX's bfloat16, float8, int4
+                arr = arr.astype(np.float32)  # which holds each of their values exactly
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
@@ -257,6 +259,28 @@ class _Module:
             hint = "module.to('cpu')" if device == "cpu" else f"module.to({device!r})"
             raise ValueError(f"{name}: on {device}, but the module's parameters are on {self.device}; move the "
                              f"input, or the module ({hint})")
+
+    def _check_grads(self) -> None:
+        """Every parameter's entry in `grads` (which code may have replaced) fit to be added into: checked
+        before a backward consumes its forward, so that a bad one changes nothing."""
+        grads = self.grads
+        for name, param in self._params.items():
+            key = f"grads[{name!r}]"
+            g = grads.get(name) if isinstance(grads, dict) else None
+            if g is None:
+                raise ValueError(f"{key}: missing; zero_grad() makes every entry afresh")
+            if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or not hasattr(g, "flags"):
+                raise TypeError(f"{key}: expected an array like the parameter's, got {type(g).__name__}")
+            if not _device.same_device(_device.device_of(g), self.device):
+                raise ValueError(f"{key}: on {_device.device_of(g)}, but the module's parameters are on {self.device}")
+            if g.dtype != param.dtype:
+                raise TypeError(f"{key}: expected dtype {param.dtype} (the parameter's), got {g.dtype}")
+            if g.shape != param.shape:
+                raise ValueError(f"{key}: expected shape {param.shape} (the parameter's), got {g.shape}")
+            flags = g.flags
+            if not (flags.c_contiguous and getattr(flags, "writeable", True) and getattr(flags, "aligned", True)):
+                raise ValueError(f"{key}: expected a writeable, aligned, C-contiguous array, as gradients are "
+                                 "added into it")
 
     def train(self, mode: bool = True):
         self.training = _checks.flag("mode", mode)
@@ -496,6 +520,8 @@ class RNNBase(_Module):
         dh_n = self._checked_state("dh_n", dh_in, batch, unbatched, self._state_size)
         dc_n = self._checked_state("dc_n", dc_in, batch, unbatched, self.hidden_size)
         per_sample = _checks.flag("per_sample", per_sample)
+        if not per_sample:
+            self._check_grads()
         self._pending = None  # the tapes are consumed, as torch frees its graph
         if ctx.input_guard is not None:
             ctx.input_guard.check()
@@ -646,6 +672,7 @@ class Linear(_Module):
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
         _checks.finite("dy", dy)
+        self._check_grads()
         self._pending = None  # consumed only once every argument is good, as the recurrent modules do
         if guard is not None:
             guard.check()

@@ -94,12 +94,17 @@ def _structure(params) -> tuple[int, bool, bool, bool]:
 
 def _array(name: str, value, dtype=None):
     """`value` as a JAX array, of exactly `dtype` when given. The dtype the caller passed is compared,
-    before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix."""
+    before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix.
+    A NumPy array of the other byte order is taken as its values (JAX takes the native order only)."""
+    if isinstance(value, np.ndarray) and not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
     try:
         arr = value if isinstance(value, jax.Array) else jnp.asarray(value)
         given = np.dtype(getattr(value, "dtype", arr.dtype))
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a torch tensor that requires grad
-        raise TypeError(f"{name}: expected a JAX or NumPy array, got {type(value).__name__}") from err
+        of_dtype = f" of dtype {value.dtype}" if isinstance(value, np.ndarray) else ""
+        raise TypeError(f"{name}: expected a JAX or NumPy array of numbers, got {type(value).__name__}"
+                        f"{of_dtype}") from err
     if dtype is not None:
         for got in (arr.dtype, given):
             if np.dtype(got) != np.dtype(dtype):
@@ -198,7 +203,7 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     x = _array("x", x)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: expected float32 or float64, got {x.dtype}")
-    if given is not None and np.dtype(given) != x.dtype:
+    if given is not None and np.dtype(given).newbyteorder("=") != x.dtype:
         raise TypeError(f"x: got dtype {np.dtype(given)}, which JAX runs as {x.dtype} without jax_enable_x64: "
                         f"pass {x.dtype}, or enable float64 (jax.config.update('jax_enable_x64', True))")
     if x.ndim not in (2, 3):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ._rnn import _array
+
 _GATES = {"lstm": "ifgo", "gru": "rzn"}
 
 
@@ -39,12 +41,12 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
         if name not in params:
             raise ValueError(f"params: no {name!r} for layer {layer}{' reverse' if reverse else ''} (the params hold "
                              f"{sorted(params)})")
-    w_ih, w_hh = jnp.asarray(params["weight_ih" + s]), jnp.asarray(params["weight_hh" + s])
+    w_ih, w_hh = (_array(name + s, params[name + s]) for name in ("weight_ih", "weight_hh"))
     if w_hh.ndim != 2 or w_hh.shape[0] == 0 or w_hh.shape[0] % len(gates):
         raise ValueError(f"weight_hh{s}: expected {len(gates)}*hidden_size rows (a {cell}'s {len(gates)} gates), "
                          f"got shape {tuple(w_hh.shape)}")
     hidden = w_hh.shape[0] // len(gates)
-    w_hr = jnp.asarray(params["weight_hr" + s]) if "weight_hr" + s in params else None
+    w_hr = _array("weight_hr" + s, params["weight_hr" + s]) if "weight_hr" + s in params else None
     if w_hr is not None and cell != "lstm":
         raise ValueError(f"params: weight_hr{s} given, but {cell!r} takes no projection (only an LSTM does)")
     width = w_hr.shape[0] if w_hr is not None and w_hr.ndim == 2 else hidden  # h's: the projection's if any
@@ -52,7 +54,7 @@ def to_flax(cell: str, params, *, layer: int = 0, reverse: bool = False) -> dict
         raise ValueError(f"weight_hr{s}: expected shape (proj_size, {hidden}) with 0 < proj_size < hidden_size "
                          f"({hidden}, from weight_hh{s}), got {tuple(w_hr.shape)}")
     zeros = jnp.zeros(w_hh.shape[0], w_hh.dtype)
-    b_ih, b_hh = jnp.asarray(params.get("bias_ih" + s, zeros)), jnp.asarray(params.get("bias_hh" + s, zeros))
+    b_ih, b_hh = (_array(name + s, params.get(name + s, zeros)) for name in ("bias_ih", "bias_hh"))
     expected = {"weight_hh": (len(gates) * hidden, width), "weight_ih": (len(gates) * hidden, w_ih.shape[1] if w_ih.ndim == 2 else "input_size"),
                 "bias_ih": (len(gates) * hidden,), "bias_hh": (len(gates) * hidden,), "weight_hr": (width, hidden)}
     for name, value in (("weight_hh", w_hh), ("weight_ih", w_ih), ("bias_ih", b_ih), ("bias_hh", b_hh),

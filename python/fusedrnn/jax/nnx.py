@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from .. import _checks
 from .._optional import require
-from ._rnn import forward, init, param_names
+from ._rnn import _array, forward, init, param_names
 
 nnx = require("flax.nnx", "flax")
 
@@ -66,7 +66,7 @@ class RNNBase(nnx.Module):
             raise ValueError(f"state_dict: expected exactly the keys {names}, got {sorted(state_dict.keys())}")
         for name in names:
             param = getattr(self, name)
-            value = jnp.asarray(state_dict[name])
+            value = _array(f"state_dict[{name!r}]", state_dict[name])
             if value.shape != param[...].shape or value.dtype != param[...].dtype:
                 raise ValueError(f"{name}: expected {param[...].dtype} {param[...].shape}, got "
                                  f"{value.dtype} {value.shape}")

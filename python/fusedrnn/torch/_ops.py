@@ -72,12 +72,57 @@ def _array(t: Optional[Tensor]):
     return t.detach() if t.is_cuda else t.numpy(force=True)  # force: detached (shares memory on the CPU)
 
 
-def _all_on_cpu(tensors) -> bool:
-    """Every tensor given (None skipped) is on the CPU."""
+def _plain_call(x: Tensor, tensors, weight_hh: Optional[Tensor] = None) -> bool:
+    """x a 3-D float32 or float64 CPU tensor, weight_hh (where given) 2-D, and every tensor given (None
+    skipped) on the CPU with x's dtype: the common case, told in one pass, with no need of
+    _check_operands."""
+    dtype = x.dtype
+    if x.dim() != 3 or dtype not in _FLOATS or (weight_hh is not None and weight_hh.dim() != 2):
+        return False
     for t in tensors:
-        if t is not None and not t.is_cpu:
+        if t is not None and (not t.is_cpu or t.dtype != dtype):
             return False
     return True
+
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _check_operands(x: Tensor, lengths: Optional[Tensor] = None, **named) -> None:
+    """The operators' refusals that come before the kernels' own, each naming its argument: an input
+    that is not a 3-D float32 or float64 tensor; a tensor (None skipped) of another dtype or on
+    another device than the input; lengths of integers on the input's device or the host. The fake
+    implementations make them too: a meta tensor beside real ones would run those and return
+    uninitialised tensors."""
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"input: expected dtype float32 or float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"input: expected a 3-D tensor (T, B, input_size), got shape {tuple(x.shape)}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but input is on {x.device}; every tensor of a call must "
+                             "be on one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    weight_hh = named.get("weight_hh")
+    if weight_hh is not None and weight_hh.dim() != 2:
+        raise ValueError(f"weight_hh: expected a 2-D tensor (gates*hidden_size, hidden_size or proj_size), got "
+                         f"shape {tuple(weight_hh.shape)}")
+    if lengths is not None:
+        if lengths.device not in (x.device, torch.device("cpu")):
+            raise ValueError(f"lengths: on {lengths.device}, but input is on {x.device}; lengths may be on the "
+                             "input's device or the host")
+
+
+def _host_numbers(t: Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array on the host, for checking as NumPy values are: float types
+    NumPy lacks (bfloat16, float8) widened to float64, which holds them exactly."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.double()
+    return t.numpy()
 
 
 def _tensor(a) -> Tensor:
@@ -139,8 +184,9 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
                                   "supported; reverse mode (backward, torch.func.grad, vjp, jacrev) is")
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
-    if not _all_on_cpu((x, *weights, h0, c0)):  # the common case, checked first
-        _device.common_device(input=x, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
+    if not _plain_call(x, (*weights, h0, c0), weight_hh):
+        _check_operands(x, lengths, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
+        _device.common_device(input=x)  # a device the kernels run on
     xa, h0a, c0a = _array(x), _array(h0), _array(c0)
     if check_finite:
         _checks.finite("input", xa)
@@ -154,7 +200,7 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
         c_n, c_na = _empty(x, cell_shape)
     else:
         c_n, c_na = x.new_empty(*cell_shape), None
-    lens = None if lengths is None else _checks.lengths(lengths.detach().cpu().numpy(), x.shape[0], x.shape[1])
+    lens = None if lengths is None else _checks.lengths(_host_numbers(lengths), x.shape[0], x.shape[1])
     tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record, y=ya,
                                  h_n=h_na, c_n=c_na)
     handle = _tape_handle(tapes) if record else torch.full((), _NO_TAPE, dtype=torch.int64)
@@ -167,6 +213,9 @@ rnn_layer = torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), devi
 @rnn_layer.register_fake
 def _(x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reverse, weight_hh_reverse,
       bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, h0, c0, lengths, cell, record, check_finite):
+    weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+               weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
+    _check_operands(x, lengths, **dict(zip(WEIGHT_SLOTS, weights)), h_0=h0, c_0=c0)
     shapes = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     return (*(x.new_empty(shape) for shape in shapes),
             torch.empty((), dtype=torch.int64))  # the tape handle lives on the host whatever x's device
@@ -194,6 +243,8 @@ def _backward_by_groups(groups: int, tape, x, weight_ih, weight_hh, bias_ih, bia
     apart (functional.layer_backward's grad_groups), each with a leading dimension `groups` where it is
     more than one."""
     tapes = _tapes_of(tape)
+    if not _plain_call(x, (dy, dh_n, dc_n)):
+        _check_operands(x, dy=dy, dh_n=dh_n, dc_n=dc_n)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     dh0, dh0a = _empty(x, state)
     dc0, dc0a = _empty(x, cell_state) if has_cell_state(cell) else (x.new_empty(*cell_state), None)
@@ -218,6 +269,7 @@ def _(tape, x, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weight_ih_reve
       bias_ih_reverse, bias_hh_reverse, weight_hr_reverse, dy, dh_n, dc_n, cell):
     weights = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                weight_ih_reverse, weight_hh_reverse, bias_ih_reverse, bias_hh_reverse, weight_hr_reverse)
+    _check_operands(x, **dict(zip(WEIGHT_SLOTS, weights)), dy=dy, dh_n=dh_n, dc_n=dc_n)
     _, state, cell_state = _state_shapes(x, weight_hh, weight_hr, weight_ih_reverse, cell)
     return (x.new_empty(x.shape), x.new_empty(state), x.new_empty(cell_state),
             *(x.new_empty(0) if w is None else w.new_empty(w.shape) for w in weights))
