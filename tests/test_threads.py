@@ -388,6 +388,27 @@ def test_repeats_are_bit_identical(rng, team_size, split, cell, projected):
 
 
 @pytest.mark.parametrize("team_size", [2], indirect=True)
+def test_blas_threads_set_by_another_library_are_reset_at_each_call(rng, team_size):
+    # threadpoolctl's limits reach every BLAS in the process, the bundled one too: its GEMMs must stay
+    # single-threaded inside the team's jobs (one pool, and the same bits as before).
+    import ctypes
+    blas = ctypes.CDLL(_core.blas_library())
+    w = random_layer(rng, "lstm", 256, 64, dtype=np.float32)
+    x = rng.standard_normal((100, 32, 256)).astype(np.float32)
+    dy = rng.standard_normal((100, 32, 64)).astype(np.float32)
+
+    def gradients():
+        return F.layer_backward(F.layer_forward("lstm", x, *w.values()).tape, dy)
+
+    before = gradients()
+    blas.scipy_openblas_set_num_threads(4)
+    after = gradients()
+    assert blas.scipy_openblas_get_num_threads() == 1
+    for name in ("dx",) + GRAD_NAMES:
+        assert np.array_equal(getattr(after, name), getattr(before, name)), name
+
+
+@pytest.mark.parametrize("team_size", [2], indirect=True)
 def test_small_layers_use_fewer_threads(team_size):
     assert _core.layer_split("lstm", 8, 4) == (1, "units")      # ~1K flops a step
     assert _core.layer_split("lstm", 1, 32) == (1, "units")     # ~8K flops a step: a barrier costs more

@@ -293,6 +293,19 @@ def test_autocast_outputs_reaching_the_layer_run_in_its_parameters_dtype():
         lstm(z)
 
 
+def test_inputs_of_no_floating_dtype_and_options_of_another_type_are_type_errors():
+    # As torch.nn has them: an integer, bool or complex input is a wrong argument (TypeError); options
+    # its kernels take as bools and ints are refused rather than read by their truth.
+    lstm = frt.LSTM(I, H)
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match=rf"^input: fusedrnn supports float32 and float64, got {dtype}"):
+            lstm(torch.zeros(T, B, I, dtype=dtype))
+    with pytest.raises(TypeError, match=r"^bidirectional: expected a bool, got str"):
+        frt.LSTM(I, H, bidirectional="no")
+    with pytest.raises(TypeError, match=r"^num_layers: expected an int, got bool"):
+        frt.GRU(I, H, num_layers=True)
+
+
 @pytest.mark.parametrize("norm", ["parametrization", "hook"])
 def test_weight_norm_on_a_weight_matches_torch(norm):
     """Weight normalisation of W_hh, as speech models apply it: through torch.nn.utils.parametrize (the

@@ -1,12 +1,13 @@
 """Loads the BLAS library that ships inside the package (fusedrnn/lib) before the extension needs it.
 
-The extension finds that library through its RPATH ($ORIGIN/lib) anyway; loading it here first, by its
-path, is for its threads. fusedrnn calls this BLAS only single-threaded, from its own thread team, but
-OpenBLAS starts its worker threads when the library loads, and they spin for a while before sleeping,
-on cores the team is about to use; asking for one thread during the load starts none.
+The extension opens that library by its path anyway (cpu/blas.cpp); loading it here first is for its
+threads. fusedrnn calls this BLAS only single-threaded, from its own thread team, but OpenBLAS starts
+its worker threads when the library loads, and they spin for a while before sleeping, on cores the
+team is about to use; asking for one thread during the load starts none.
 
-The library's functions carry a scipy_ prefix and it is loaded with RTLD_LOCAL, so it never stands in
-for, or is replaced by, the BLAS of numpy, torch or anything else in the process.
+The library is loaded with RTLD_LOCAL, by its path, and the extension looks its functions up in it
+(they carry a scipy_ prefix besides), so it never stands in for, or is replaced by, the BLAS of numpy,
+torch, scipy or anything else in the process, another copy of the same library included.
 """
 
 import ctypes

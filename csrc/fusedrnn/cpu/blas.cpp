@@ -1,9 +1,7 @@
 #include "fusedrnn/cpu/blas.h"
 
-#include <cblas.h>
-#if defined(__unix__) || defined(__APPLE__)
+#include <cblas.h>  // the types and declarations; the functions are looked up in the bundled library
 #include <dlfcn.h>
-#endif
 
 #include <limits>
 #include <new>
@@ -12,6 +10,54 @@
 
 namespace fusedrnn::cpu::blas {
 namespace {
+
+// The bundled OpenBLAS, opened by its path (lib/ beside the module this code is linked into) with
+// RTLD_LOCAL, its functions looked up in it. Not a link-time dependency: the loader would satisfy that
+// with any library of the same name (SONAME) loaded before, and bind its symbols in the global scope
+// first (another copy's, made global by RTLD_GLOBAL), so this copy could serve another library, or
+// another serve fusedrnn, at thread counts the other side set.
+struct Library {
+  std::string path;
+  decltype(&scipy_cblas_sgemm) sgemm = nullptr;
+  decltype(&scipy_cblas_dgemm) dgemm = nullptr;
+  decltype(&scipy_openblas_set_num_threads) set_num_threads = nullptr;
+  decltype(&scipy_openblas_get_num_threads) get_num_threads = nullptr;
+  decltype(&scipy_openblas_get_config) get_config = nullptr;
+};
+
+template <typename F>
+void look_up(void* handle, const Library& lib, const char* name, F& out) {
+  out = reinterpret_cast<F>(dlsym(handle, name));
+  if (!out) throw std::runtime_error("fusedrnn: the BLAS library " + lib.path + " lacks " + name);
+}
+
+Library open_library() {
+  Library lib;
+  Dl_info self{};
+  if (dladdr(reinterpret_cast<void*>(&open_library), &self) == 0 || self.dli_fname == nullptr)
+    throw std::runtime_error("fusedrnn: cannot tell where its extension was loaded from, to find its BLAS");
+  const std::string module = self.dli_fname;
+  const std::size_t slash = module.find_last_of('/');
+  lib.path = (slash == std::string::npos ? std::string(".") : module.substr(0, slash)) + "/lib/" FUSEDRNN_BLAS_FILE;
+  void* handle = dlopen(lib.path.c_str(), RTLD_NOW | RTLD_LOCAL);  // never closed: used until the process ends
+  if (!handle) {
+    const char* why = dlerror();
+    throw std::runtime_error("fusedrnn: cannot load its BLAS library: " + std::string(why ? why : lib.path));
+  }
+  look_up(handle, lib, "scipy_cblas_sgemm", lib.sgemm);
+  look_up(handle, lib, "scipy_cblas_dgemm", lib.dgemm);
+  look_up(handle, lib, "scipy_openblas_set_num_threads", lib.set_num_threads);
+  look_up(handle, lib, "scipy_openblas_get_num_threads", lib.get_num_threads);
+  look_up(handle, lib, "scipy_openblas_get_config", lib.get_config);
+  return lib;
+}
+
+// Opened on first use (keep_single_threaded, before any team job: a job must not throw); a failed
+// open is tried again on the next use.
+const Library& library() {
+  static const Library lib = open_library();
+  return lib;
+}
 
 // scipy-openblas32 takes 32-bit sizes; refuse (never truncate) a dimension past that.
 blasint checked(std::int64_t v) {
@@ -24,13 +70,13 @@ CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
 
 void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
           std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
-  scipy_cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
+  library().sgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
                     a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
 void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
           std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
-  scipy_cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
+  library().dgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
                     a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
@@ -68,19 +114,20 @@ template void gemm<float>(bool, bool, std::int64_t, std::int64_t, std::int64_t, 
 template void gemm<double>(bool, bool, std::int64_t, std::int64_t, std::int64_t, double, const double*,
                            std::int64_t, const double*, std::int64_t, double, double*, std::int64_t);
 
-void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
+void keep_single_threaded() {
+  const Library& lib = library();
+  if (lib.get_num_threads() != 1) lib.set_num_threads(1);
+}
 
-std::string config() { return scipy_openblas_get_config(); }
+std::string config() { return library().get_config(); }
 
 std::string name() { return FUSEDRNN_BLAS_NAME; }
 
 std::string library_path() {
-#if defined(__unix__) || defined(__APPLE__)
   Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&scipy_cblas_sgemm), &info) != 0 && info.dli_fname != nullptr)
+  if (dladdr(reinterpret_cast<void*>(library().sgemm), &info) != 0 && info.dli_fname != nullptr)
     return info.dli_fname;
-#endif
-  return "";
+  return library().path;
 }
 
 }  // namespace fusedrnn::cpu::blas

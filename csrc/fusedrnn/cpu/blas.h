@@ -13,7 +13,8 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha,
           const T* a, std::int64_t lda, const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc);
 
-void set_num_threads(int n);
+// Sets the BLAS to one thread where it is not (a read of its count where it is).
+void keep_single_threaded();
 std::string config();  // the BLAS build string, for diagnostics
 std::string name();    // the BLAS package and version the core was built against
 // The file the dynamic loader took the BLAS functions from ("" where the platform cannot say).

@@ -71,16 +71,18 @@ T* scratch(ScratchSlot slot, Index n, int set = 0) {
   return b.data.get();
 }
 
-// BLAS runs single-threaded inside team jobs: the team is the only pool.
-ThreadTeam& team() {
-  static ThreadTeam& t = [] () -> ThreadTeam& {
-    blas::set_num_threads(1);
-    return ThreadTeam::instance();
-  }();
-  return t;
-}
+ThreadTeam& team() { return ThreadTeam::instance(); }
 
 using TeamLease = ThreadTeam::Lease;
+
+// The team for one call, with BLAS single-threaded inside its jobs (the team is the only pool). Made
+// so at every lease: another library's thread limits (threadpoolctl's apply to every BLAS in the
+// process) may have changed it since the last call.
+TeamLease lease_team() {
+  TeamLease tm = team().lease();
+  blas::keep_single_threaded();
+  return tm;
+}
 
 // Rank r's share [begin, end) of n items split as evenly as possible.
 std::pair<Index, Index> share(Index n, int ranks, int r) {
@@ -650,7 +652,7 @@ void run_forward(TeamLease& tm, const LayerForwardParams<T>& a) {
 
 template <typename T>
 void layer_forward(const LayerForwardParams<T>& a) {
-  TeamLease tm = team().lease();
+  TeamLease tm = lease_team();
   run_forward(tm, a);
 }
 
@@ -939,7 +941,7 @@ void run_backward(TeamLease& tm, const LayerBackwardParams<T>& a) {
 
 template <typename T>
 void layer_backward(const LayerBackwardParams<T>& a) {
-  TeamLease tm = team().lease();
+  TeamLease tm = lease_team();
   run_backward(tm, a);
 }
 
@@ -988,7 +990,7 @@ bool directions_together(CellKind cell, const LayerShape& s, std::size_t value_b
 
 template <typename T>
 void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwardParams<T>& d1) {
-  TeamLease tm = team().lease();
+  TeamLease tm = lease_team();
   const int n = tm.size();
   if (!directions_together(d0.cell, d0.shape, sizeof(T), n)) {
     run_forward(tm, d0);
@@ -1008,7 +1010,7 @@ void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwar
 // to be staged (a copy made when the call is planned) the directions run in turn.
 template <typename T>
 void layer_backward_directions(const LayerBackwardParams<T>& d0, const LayerBackwardParams<T>& d1) {
-  TeamLease tm = team().lease();
+  TeamLease tm = lease_team();
   const int n = tm.size();
   const LayerShape& s = d1.shape;
   const bool dx_in_place = !d1.dx.data || rows_in_place(d1.dx, s.steps, s.batch, s.input);

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -56,6 +58,22 @@ ThreadTeam::ThreadTeam() {
 #if defined(__linux__)
   pthread_atfork(&ThreadTeam::before_fork, &ThreadTeam::after_fork_in_parent, &ThreadTeam::after_fork_in_child);
 #endif
+  std::atexit(&ThreadTeam::before_exit);
+}
+
+// Exit handlers run before the libraries' destructors, among them OpenBLAS's, which unmaps the
+// buffers its GEMMs work in. A call may still be running on the team then (a daemon thread's, which
+// Python does not wait for): exit waits for its lease to end and grants no other. The wait is bounded,
+// so that a call that never ends cannot hang the exit.
+void ThreadTeam::before_exit() {
+  ThreadTeam& team = instance();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!team.lease_mutex_.try_lock()) {
+    if (std::chrono::steady_clock::now() > give_up) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  team.exiting_ = true;
+  team.lease_mutex_.unlock();
 }
 
 // A fork copies the team's mutexes as they are, and the threads holding them do not exist in the
@@ -88,7 +106,11 @@ void ThreadTeam::after_fork_in_child() {
   team.lease_mutex_.unlock();
 }
 
-ThreadTeam::Lease ThreadTeam::lease() { return Lease(*this); }
+ThreadTeam::Lease ThreadTeam::lease() {
+  Lease held(*this);
+  if (exiting_) throw std::runtime_error("fusedrnn: the process is exiting");
+  return held;
+}
 
 void ThreadTeam::set_worker_delay_after_post(int microseconds) {
   worker_delay_after_post_us.store(std::max(0, microseconds), std::memory_order_relaxed);

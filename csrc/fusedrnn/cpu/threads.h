@@ -120,7 +120,8 @@ class ThreadTeam {
   // The size now. A call plans with its lease's size(), which cannot change under it.
   int size() const { return size_.load(std::memory_order_relaxed); }
 
-  // Exclusive use of the team for one call; waits while another caller holds it.
+  // Exclusive use of the team for one call; waits while another caller holds it. Throws
+  // std::runtime_error once the process has begun to exit (see before_exit).
   Lease lease();
 
   // Runs jobs on the threads of an OpenMP runtime already loaded in this process (`library`, as the
@@ -149,6 +150,7 @@ class ThreadTeam {
   static void before_fork();
   static void after_fork_in_parent();
   static void after_fork_in_child();
+  static void before_exit();
 
   // One word says which job is current: (generation << 16) | the job's thread count. A worker reads
   // both halves in one load, so it never pairs a new generation with an older job's thread count (or
@@ -167,6 +169,7 @@ class ThreadTeam {
   std::uint64_t generation_ = 0;  // of the last post; written only under lease_mutex_
   std::atomic<int> pending_{0};   // ranks of the current job other than the caller's still running
   std::atomic<bool> stopping_{false};
+  bool exiting_ = false;  // set at exit, under lease_mutex_: no lease is granted after
   // The current job: written before its post; read only by the ranks the post names, and left alone
   // until every one of them has counted itself off pending_.
   const Job* job_ = nullptr;

@@ -33,7 +33,6 @@ if(NOT FUSEDRNN_CUDA_PLUGIN)
   target_compile_definitions(_cuda_emulated PRIVATE FUSEDRNN_EMULATED_RUNTIME
     FUSEDRNN_CUDA_ARCHITECTURES="emulated" FUSEDRNN_CUDA_COMPILER_VERSION="none")
   target_compile_options(_cuda_emulated PRIVATE ${FUSEDRNN_WARNINGS})
-  set_target_properties(_cuda_emulated PROPERTIES INSTALL_RPATH "$ORIGIN/lib" BUILD_WITH_INSTALL_RPATH OFF)
   install(TARGETS _cuda_emulated LIBRARY DESTINATION fusedrnn)
 endif()
 

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import _cuda_layer, _stack
+from .. import _checks, _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
 from ._ops import call_layer, check_later_states
 
@@ -46,6 +46,11 @@ class _FusedRNNBase(nn.RNNBase):
         Meta parameters pass: a module built on the meta device gets real ones (to_empty) before it runs,
         and forward refuses meta tensors."""
         name = type(self).__name__
+        # torch.nn refuses these at its forward (its kernels take bools and ints); the fused layers
+        # would read any value by its truth.
+        _checks.flag("bidirectional", self.bidirectional)
+        if isinstance(self.num_layers, bool):
+            raise TypeError("num_layers: expected an int, got bool")
         for weight in self._flat_weights:
             (_check_dtype if weight.is_meta else _check_placement)(f"fusedrnn.torch.{name} parameters", weight)
 
@@ -237,8 +242,11 @@ def _check_placement(name: str, t: Tensor) -> None:
 
 
 def _check_dtype(name: str, t: Tensor) -> None:
+    """Float32 and float64 run; another floating dtype is one the kernels lack (NotImplementedError),
+    anything else (integers, bool, complex) a wrong argument, as torch.nn has it."""
     if t.dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
+        error = NotImplementedError if t.dtype.is_floating_point else TypeError
+        raise error(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
 
 
 def _out_of_autocast(t: Tensor, dtype) -> Tensor:
