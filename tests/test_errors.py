@@ -640,9 +640,16 @@ def test_functional_rejects_bad_out(cell):
     read_only = np.zeros((T, B, H))
     read_only.flags.writeable = False
     cases.append((read_only, ValueError, r"^out: array is read-only"))
+    unaligned = np.frombuffer(bytearray(T * B * H * 8 + 1), np.float64, T * B * H, offset=1).reshape(T, B, H)
+    cases.append((unaligned, ValueError, r"^out: its data is not aligned to its element size"))
     for out, exc, match in cases:
         with pytest.raises(exc, match=match):
             _forward(cell, out=out)
+    # Unaligned gradient buffers likewise (dx; the grads' arrays share the check).
+    out = _forward(cell, training=True)
+    dx = np.frombuffer(bytearray(T * B * I * 8 + 1), np.float64, T * B * I, offset=1).reshape(T, B, I)
+    with pytest.raises(ValueError, match=r"^dx: its data is not aligned to its element size"):
+        F.layer_backward(out.tape, np.ones((T, B, H)), dx=dx)
 
 
 def test_functional_refuses_outputs_sharing_memory_with_what_the_call_reads(cell):

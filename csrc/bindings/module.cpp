@@ -191,6 +191,9 @@ Index checked_output(const py::array& arr, const char* name, const std::vector<I
                      const char* dtype_rule = nullptr) {
   check_dtype_and_shape<T>(arr, name, shape, dtype_rule);
   if (!arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+  if (reinterpret_cast<std::uintptr_t>(arr.data()) % alignof(T) != 0)
+    throw py::value_error(std::string(name) + ": its data is not aligned to its element size (a view cut from "
+                          "a byte buffer at an odd offset), so the core cannot write it in place");
   const Index ld = row_stride<T>(arr);
   if (ld < 0) throw py::value_error(std::string(name) + ": needs a contiguous last dimension and evenly spaced rows");
   return ld;
