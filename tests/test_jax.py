@@ -644,6 +644,21 @@ def test_init_draws_torch_shapes_and_range():
     assert fj.init(jax.random.key(0), "rnn_tanh", 2, 3, dtype=np.float32)["weight_ih_l0"].dtype == np.float32
 
 
+def test_bias_and_bidirectional_take_bools_only():
+    # Truthiness would build biases for bias="no" and two directions for bidirectional="no".
+    for option in ("bias", "bidirectional"):
+        for value in ("no", None, 0):
+            message = rf"^{option}: expected a bool, got {type(value).__name__}$"
+            with pytest.raises(TypeError, match=message):
+                fj.init(jax.random.key(0), "lstm", 3, 4, **{option: value})
+            with pytest.raises(TypeError, match=message):
+                fj.param_names(2, **{option: value})
+            with pytest.raises(TypeError, match=message):
+                fj.param_shapes("gru", 3, 4, **{option: value})
+    assert fj.param_names(bias=np.bool_(False), bidirectional=np.bool_(True)) == [
+        "weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse", "weight_hh_l0_reverse"]
+
+
 # ---- concurrency -------------------------------------------------------------------------------------
 
 def test_concurrent_calls_in_one_program_and_from_threads_are_bit_identical(rng):
@@ -728,8 +743,8 @@ def test_bad_input_is_refused_at_trace_time_naming_the_argument(rng):
         (lambda: fj.lstm(params, x, dropout=1.5), ValueError, "dropout: expected a probability"),
         (lambda: fj.rnn(_params(rng, "rnn_tanh", 3, 4), x, nonlinearity="gelu"), ValueError, "nonlinearity"),
         (lambda: fj.forward("lstmx", params, x), ValueError, "cell: expected one of"),
-        (lambda: jax.jit(lambda l: fj.lstm(params, x, lengths=l))(np.array([1.0, 2.0], np.float32)), TypeError,
-         "lengths: expected integers"),
+        (lambda: jax.jit(lambda l: fj.lstm(params, x, lengths=l))(np.array([True, True])), TypeError,
+         "lengths: expected integers, got dtype bool"),
         (lambda: fj.lstm({**params, "weight_ih_l1": None}, x), TypeError,
          "weight_ih_l1: expected a JAX or NumPy array of numbers, got NoneType"),
         (lambda: fj.lstm({**params, "bias_hh_l0": "b"}, x), TypeError, "bias_hh_l0: expected a JAX or NumPy array"),
@@ -813,6 +828,56 @@ def test_bad_traced_lengths_raise_at_run_time(rng):
     x_nan[1, 2, 0, 1] = np.nan
     with pytest.raises(RUNTIME_ERRORS, match="x: contains NaN"):
         jax.block_until_ready(jax.vmap(lambda x: fj.gru(params, x)[0])(x_nan))
+
+
+def test_lengths_as_lists_and_whole_floats_run_alike_eager_and_under_jit(rng):
+    params = _params(rng, "gru", 3, 4, 1, True)
+    x = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    want = np.asarray(fj.gru(params, x, lengths=np.array([5, 1, 2]))[0])
+    f = jax.jit(lambda lens: fj.gru(params, x, lengths=lens)[0])
+    for lens in ([5, 1, 2], (5, 1, 2), np.array([5.0, 1.0, 2.0]), [5.0, 1.0, 2.0],
+                 np.array([5, 1, 2], np.float16)):
+        np.testing.assert_array_equal(np.asarray(fj.gru(params, x, lengths=lens)[0]), want)
+        np.testing.assert_array_equal(np.asarray(f(lens)), want)
+    # A traced float that is not a whole length in range is reported at its index at run time.
+    for lens, index in (([5.0, 1.5, 2.0], 1), ([5.0, 1.0, np.nan], 2), ([np.inf, 1.0, 2.0], 0), ([5.0, 1.0, 3e9], 2)):
+        with pytest.raises(ValueError, match=r"^lengths: "):
+            fj.gru(params, x, lengths=np.array(lens, np.float32))
+        with pytest.raises(RUNTIME_ERRORS, match=rf"lengths: each length must be in \[1, 5\] \(T\), got 0 at "
+                                                 rf"index {index}"):
+            jax.block_until_ready(f(np.array(lens, np.float32)))
+    with pytest.raises(RUNTIME_ERRORS, match=r"got 7 at index 0"):
+        jax.block_until_ready(f(np.array([7.0, 1.0, 2.0], np.float32)))
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(3,\)"):
+        f([5, 1])
+
+
+@pytest.mark.parametrize("where", ["x", "h0", "c0"])
+def test_eager_calls_refuse_nan_in_the_callers_arrays_with_a_value_error(rng, where):
+    """Arrays known at the call (no jit) are checked before it runs, so the error is a ValueError
+    whatever the call's history; JAX raises the kernel's run-time error as JaxRuntimeError or, on its
+    fast path for a call it ran before, as ValueError."""
+    params = _params(rng, "lstm", 3, 4)
+    good = {"x": rng.standard_normal((5, 2, 3)).astype(np.float32), "h0": np.zeros((1, 2, 4), np.float32),
+            "c0": np.zeros((1, 2, 4), np.float32)}
+    bad = dict(good, **{where: good[where].copy()})
+    bad[where][0, 1, 2] = np.nan if where != "c0" else -np.inf
+    for arrays in (bad, good, bad, {k: jnp.asarray(v) for k, v in bad.items()}):
+        if arrays is good:
+            jax.block_until_ready(fj.lstm(params, arrays["x"], (arrays["h0"], arrays["c0"])))
+            continue
+        with pytest.raises(ValueError, match=rf"^{where}: contains NaN or infinite values$"):
+            fj.lstm(params, arrays["x"], (arrays["h0"], arrays["c0"]))
+    # Under jax.grad with x known the check runs too; check_finite=False skips it.
+    with pytest.raises(ValueError, match=rf"^{where}: contains NaN"):
+        jax.grad(lambda p: jnp.sum(fj.lstm(p, bad["x"], (bad["h0"], bad["c0"]))[0]))(params)
+    y, (_, c_n) = fj.lstm(params, bad["x"], (bad["h0"], bad["c0"]), check_finite=False)
+    assert not np.isfinite(np.asarray(c_n if where == "c0" else y)).all()
+    # Unbatched input and a GRU's state, named as the call names them.
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        fj.gru(_params(rng, "gru", 3, 4), np.full((5, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"^hx: contains NaN"):
+        fj.gru(_params(rng, "gru", 3, 4), good["x"][:, 0], np.full((1, 4), np.nan, np.float32))
 
 
 def test_per_sample_gradients_raise_run_time_errors_naming_the_argument(rng):
@@ -938,12 +1003,18 @@ def test_finiteness_checks_name_the_callers_arrays_not_those_between_layers(rng)
     assert not np.isfinite(np.asarray(y)).all()        # as the NumPy modules: no check between layers
     x_bad = x.copy()
     x_bad[0, 0, 0] = np.nan
-    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN"):
-        jax.block_until_ready(fj.rnn(params, x_bad, nonlinearity="relu")[0])
     h0 = np.zeros((2, 2, 4), np.float32)
     h0[1, 1, 1] = np.inf                                 # the second layer's state is the caller's
+    finite_params = _params(rng, "rnn_relu", 3, 4, 2)
+    run = jax.jit(lambda p, x, h0: fj.rnn(p, x, h0, nonlinearity="relu")[0])
+    with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: x: contains NaN"):
+        jax.block_until_ready(run(params, x_bad, None))
     with pytest.raises(RUNTIME_ERRORS, match="INVALID_ARGUMENT: h0: contains NaN"):
-        jax.block_until_ready(fj.rnn(_params(rng, "rnn_relu", 3, 4, 2), x, h0, nonlinearity="relu")[0])
+        jax.block_until_ready(run(finite_params, x, h0))
+    with pytest.raises(ValueError, match="^x: contains NaN"):      # eager: checked before the call
+        fj.rnn(params, x_bad, nonlinearity="relu")
+    with pytest.raises(ValueError, match="^hx: contains NaN"):
+        fj.rnn(finite_params, x, h0, nonlinearity="relu")
 
 
 def test_per_sample_gradients_from_threads_on_an_oversized_team_are_bit_identical(rng):

@@ -183,8 +183,63 @@ def test_nnx_module_has_torch_names_matches_the_functional_call_and_trains_with_
 
     model.load_state_dict({k: jnp.zeros_like(v) for k, v in model.state_dict().items()})
     np.testing.assert_array_equal(np.asarray(model(x, deterministic=True)[0]), 0.0)
-    with pytest.raises(ValueError, match="state_dict: expected exactly the keys"):
+    with pytest.raises(ValueError, match=r"^state_dict: missing keys \['weight_hh_l0', .*\], unexpected keys \[\]$"):
         model.load_state_dict({"weight_ih_l0": jnp.zeros((24, 2))})
+
+
+def test_nnx_load_state_dict_checks_as_the_numpy_modules_do(rng):
+    from fusedrnn.modules import IncompatibleKeys
+
+    model = fnnx.LSTM(3, 4, rngs=nnx.Rngs(0))
+    before = model.state_dict()
+    new = {k: jnp.full_like(v, 0.5) for k, v in before.items()}
+    bad_cases = [
+        ([1, 2], TypeError, r"^state_dict: expected a mapping of name -> array, got list$"),
+        ({**new, "weight_hh_l0": np.zeros((16, 4), np.int32)}, TypeError,
+         r"^state_dict\['weight_hh_l0'\]: expected dtype float32, got int32$"),
+        ({**new, "bias_hh_l0": jnp.zeros(15)}, ValueError,
+         r"^state_dict\['bias_hh_l0'\]: expected shape \(16,\), got \(15,\)$"),
+        ({**new, "weight_hh_l0": new["weight_hh_l0"].at[3, 1].set(jnp.nan)}, ValueError,
+         r"^state_dict\['weight_hh_l0'\]: contains NaN or infinite values$"),
+        ({**new, "bias_ih_l0": np.full(16, np.inf, np.float32)}, ValueError,
+         r"^state_dict\['bias_ih_l0'\]: contains NaN"),
+        ({**new, "extra": jnp.zeros(1)}, ValueError, r"^state_dict: missing keys \[\], unexpected keys \['extra'\]$"),
+    ]
+    for state_dict, error, message in bad_cases:
+        with pytest.raises(error, match=message):
+            model.load_state_dict(state_dict)
+        for name, value in model.state_dict().items():  # all checked before any is written
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(before[name]), err_msg=name)
+    with pytest.raises(TypeError, match=r"^strict: expected a bool, got str$"):
+        model.load_state_dict(new, strict="no")
+    assert model.load_state_dict(new) == IncompatibleKeys([], [])
+    partial = {"weight_ih_l0": jnp.zeros((16, 3)), "extra": jnp.zeros(1)}
+    result = model.load_state_dict(partial, strict=False)
+    assert result == IncompatibleKeys(["weight_hh_l0", "bias_ih_l0", "bias_hh_l0"], ["extra"])
+    np.testing.assert_array_equal(np.asarray(model.weight_ih_l0[...]), 0.0)
+    np.testing.assert_array_equal(np.asarray(model.weight_hh_l0[...]), 0.5)
+
+
+def test_nnx_modules_check_every_option_at_construction():
+    cases = [
+        (lambda: fnnx.GRU(3, 4, cell_clip=1.0, rngs=nnx.Rngs(0)), ValueError, r"^cell_clip: 'gru' has no cell state"),
+        (lambda: fnnx.LSTM(3, 4, cell_clip=-1.0, rngs=nnx.Rngs(0)), ValueError,
+         r"^cell_clip: expected a positive finite bound, got -1.0"),
+        (lambda: fnnx.LSTM(3, 4, batch_first="no", rngs=nnx.Rngs(0)), TypeError,
+         r"^batch_first: expected a bool, got str"),
+        (lambda: fnnx.LSTM(3, 4, bias="no", rngs=nnx.Rngs(0)), TypeError, r"^bias: expected a bool, got str"),
+        (lambda: fnnx.GRU(3, 4, bias=None, rngs=nnx.Rngs(0)), TypeError, r"^bias: expected a bool, got NoneType"),
+        (lambda: fnnx.RNN(3, 4, bidirectional="no", rngs=nnx.Rngs(0)), TypeError,
+         r"^bidirectional: expected a bool, got str"),
+    ]
+    for make, error, message in cases:
+        with pytest.raises(error, match=message):
+            make()
+    model = fnnx.LSTM(3, 4, bias=np.bool_(False), bidirectional=np.bool_(True), cell_clip=2, rngs=nnx.Rngs(0))
+    assert sorted(model.state_dict()) == sorted(fj.param_names(bias=False, bidirectional=True))
+    assert model.bias is False and model.bidirectional is True and model.cell_clip == 2.0
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got str"):
+        model(jnp.ones((5, 2, 3)), deterministic="no")
 
 
 def test_nnx_lstm_with_a_projection_has_torchs_parameters_and_the_functional_gradients(rng):
@@ -268,6 +323,31 @@ def test_linen_dropout_draws_from_the_dropout_stream_and_needs_it(rng):
             make()
     with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\], got 1.5"):
         flinen.GRU(8, num_layers=2, dropout=1.5).init(jax.random.key(0), x)
+
+
+def test_linen_modules_refuse_bad_x_options_and_param_dtype_by_name(rng):
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    model = flinen.LSTM(4)
+    variables = model.init(jax.random.key(0), x)
+    for bad in (x[..., :2], np.zeros((5, 2, 5), np.float32)):   # flax would blame weight_ih_l0
+        with pytest.raises(ValueError, match=rf"^x: expected input_size 3 in the last dimension \(weight_ih_l0 is "
+                                             rf"\(16, 3\)\), got {bad.shape[-1]}\b"):
+            model.apply(variables, bad)
+    for bad in (x[:, 0, 0], x[None]):
+        with pytest.raises(ValueError, match=r"^x: expected a 2-D or 3-D array, got shape"):
+            model.apply(variables, bad)
+        with pytest.raises(ValueError, match=r"^x: expected a 2-D or 3-D array, got shape"):
+            model.init(jax.random.key(0), bad)
+    for dtype in (np.float16, "int32", jnp.bfloat16):
+        with pytest.raises(TypeError, match=r"^param_dtype: expected float32 or float64, got "):
+            flinen.LSTM(4, param_dtype=dtype).init(jax.random.key(0), x)
+    for option, value in (("bias", "no"), ("bidirectional", "no"), ("bias", None), ("deterministic", "no")):
+        with pytest.raises(TypeError, match=rf"^{option}: expected a bool, got {type(value).__name__}"):
+            flinen.GRU(4, num_layers=2, dropout=0.5, **{option: value}).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got str"):
+        model.apply(variables, x, deterministic="no")
+    no_bias = flinen.GRU(4, bias=np.bool_(False)).init(jax.random.key(0), x)["params"]
+    assert sorted(no_bias) == ["weight_hh_l0", "weight_ih_l0"]
 
 
 def test_nnx_view_and_a_key_as_rngs_work_as_for_nnx_dropout(rng):

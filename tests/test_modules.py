@@ -872,6 +872,8 @@ def test_load_state_dict_reports_what_it_left_out():
                             strict=False)
     assert got.missing_keys == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0"]
     assert got.unexpected_keys == ["rnn.weight_ih_l0"]
+    with pytest.raises(TypeError, match=r"^strict: expected a bool, got str"):  # "no" is not False
+        m.load_state_dict({"rnn.weight_ih_l0": full["weight_ih_l0"]}, strict="no")
 
 
 def test_linear_refuses_an_empty_batch():

@@ -185,7 +185,7 @@ class _Module:
             raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
         missing = [k for k in self._params if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in self._params]
-        if strict and (missing or unexpected):
+        if _checks.flag("strict", strict) and (missing or unexpected):
             raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
         loaded = {}
         for name, current in self._params.items():

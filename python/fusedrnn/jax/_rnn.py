@@ -29,6 +29,7 @@ def param_names(num_layers: int = 1, *, bias: bool = True, bidirectional: bool =
                 proj_size: int = 0) -> list[str]:
     """The parameter names of a stack, in torch.nn's order (weight_hr last in each direction when
     proj_size > 0)."""
+    bias, bidirectional = _checks.flag("bias", bias), _checks.flag("bidirectional", bidirectional)
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
     kinds += ("weight_hr",) if proj_size else ()
     suffixes = ("", "_reverse") if bidirectional else ("",)
@@ -45,6 +46,7 @@ def param_shapes(cell: str, input_size: int, hidden_size: int, num_layers: int =
     hidden_size = _checks.positive_int("hidden_size", hidden_size)
     num_layers = _checks.positive_int("num_layers", num_layers)
     proj_size = _checks.proj_size(proj_size, hidden_size, cell)
+    bias, bidirectional = _checks.flag("bias", bias), _checks.flag("bidirectional", bidirectional)
     width = proj_size or hidden_size
     gh = GATES[cell] * hidden_size
     dirs = 2 if bidirectional else 1
@@ -125,6 +127,19 @@ def _checked_dropout_key(key):
     return key
 
 
+def _check_x_rank(shape) -> None:
+    if len(shape) not in (2, 3):
+        raise ValueError(f"x: expected a 2-D or 3-D array, got shape {tuple(shape)}")
+
+
+def _check_x_width(features: int, w_ih0) -> None:
+    """x's last dimension is weight_ih_l0's input size (another rank of weight_ih_l0 is that parameter's
+    own error)."""
+    if w_ih0.ndim == 2 and w_ih0.shape[1] != features:
+        raise ValueError(f"x: expected input_size {w_ih0.shape[1]} in the last dimension "
+                         f"(weight_ih_l0 is {tuple(w_ih0.shape)}), got {features}")
+
+
 def _shape(name: str, arr, expected) -> None:
     if tuple(arr.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(arr.shape)}")
@@ -145,12 +160,20 @@ def _projected_sizes(cell: str, w_hh0, w_hr0) -> tuple[int, int]:
 
 def _checked_lengths(lengths, steps: int, batch: int):
     """int32 (B,) lengths, or None when absent. Known values (not traced) get the NumPy modules' checks;
-    traced ones are checked by the kernel call at run time."""
+    traced ones are checked by the kernel call at run time, where a traced float length that is not a
+    whole number within int32's range is reported as 0 at its index."""
     if lengths is None:
         return None
+    if not isinstance(lengths, jax.core.Tracer) and any(isinstance(v, jax.core.Tracer)
+                                                        for v in jax.tree.leaves(lengths)):
+        lengths = _array("lengths", lengths)  # a list passed through jit: traced entries
     if isinstance(lengths, jax.core.Tracer):
         if lengths.shape != (batch,):
             raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {lengths.shape}")
+        if jnp.issubdtype(lengths.dtype, jnp.floating):  # the NumPy modules' rule: whole numbers
+            wide = lengths.astype(jnp.promote_types(lengths.dtype, jnp.float32))  # holds 2**31 (float16 does not)
+            whole = (wide == jnp.round(wide)) & (jnp.abs(wide) < 2.0**31)  # NaN and inf are not
+            return jnp.where(whole, wide, 0).astype(jnp.int32)
         if not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
         return _int_lengths(lengths)
@@ -164,6 +187,21 @@ def _int_lengths(lengths):
     if jnp.dtype(lengths.dtype).itemsize >= 4:
         return lengths
     return lengths.astype(jnp.int32)
+
+
+def _finite_on_host(name: str, arr) -> bool:
+    """Refuses NaN or infinity in `arr` where its values are known and in the host's memory (an eager
+    call's array on one CPU device): a ValueError naming it, as the NumPy modules raise, where the
+    kernel's run-time error reaches Python as JaxRuntimeError or, from JAX's fast path for a call it ran
+    before, as ValueError. Returns whether it checked: a traced array, or one elsewhere (whose copy to
+    the host would cost more than the check), is left to the kernel."""
+    if isinstance(arr, jax.core.Tracer) or not arr.is_fully_addressable:
+        return False
+    devices = arr.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return False
+    _checks.finite(name, np.asarray(arr))  # a view of the CPU buffer, not a copy
+    return True
 
 
 def _static(name: str, value, kind: str):
@@ -183,11 +221,12 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
 
     x: (T, B, I), (B, T, I) with batch_first, or unbatched (T, I). hx: None (zeros); for LSTM a pair
     (h0, c0), else h0; each (L*D, B, H) ((L*D, H) unbatched), h0 (L*D, B, P) with a projection.
-    lengths: (B,) ints in [1, T]; row b stops at its own last step (later outputs zero, h_n its state
-    there). dropout: probability of zeroing each inner layer's output, applied only when `dropout_key`
-    (a PRNG key) is given. cell_clip: LSTM
-    only, bounds |c|. check_finite: NaN or infinity in x, the states or the incoming gradients raise
-    at run time (an error from the call).
+    lengths: (B,) ints (or whole-number floats) in [1, T]; row b stops at its own last step (later
+    outputs zero, h_n its state there). dropout: probability of zeroing each inner layer's output,
+    applied only when `dropout_key` (a PRNG key) is given. cell_clip: LSTM only, bounds |c|.
+    check_finite: NaN or infinity in x, the states or the incoming gradients raise at run time (an
+    error from the call); in x and the states of an eager call (arrays known, on one CPU device), a
+    ValueError before it runs.
 
     Returns (y, (h_n, c_n)) for LSTM, else (y, h_n); y has D*H features (D*P with a projection, as
     h_n has P)."""
@@ -206,8 +245,7 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     if given is not None and np.dtype(given).newbyteorder("=") != x.dtype:
         raise TypeError(f"x: got dtype {np.dtype(given)}, which JAX runs as {x.dtype} without jax_enable_x64: "
                         f"pass {x.dtype}, or enable float64 (jax.config.update('jax_enable_x64', True))")
-    if x.ndim not in (2, 3):
-        raise ValueError(f"x: expected a 2-D or 3-D array, got shape {tuple(x.shape)}")
+    _check_x_rank(x.shape)
     dtype = x.dtype
     unbatched = x.ndim == 2
     seq = x[:, None, :] if unbatched else (jnp.swapaxes(x, 0, 1) if batch_first else x)
@@ -228,10 +266,7 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     width = proj or hidden
     expected = param_shapes(cell, max(features, 1), hidden, num_layers, bias=bias, bidirectional=bidirectional,
                             proj_size=proj)
-    w_ih0 = _array("weight_ih_l0", params["weight_ih_l0"], dtype)
-    if w_ih0.ndim == 2 and w_ih0.shape[1] != features:  # another rank is weight_ih_l0's own error, below
-        raise ValueError(f"x: expected input_size {w_ih0.shape[1]} in the last dimension "
-                         f"(weight_ih_l0 is {tuple(w_ih0.shape)}), got {features}")
+    _check_x_width(features, _array("weight_ih_l0", params["weight_ih_l0"], dtype))
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
     kinds += ("weight_hr",) if projected else ()
     weights = []
@@ -253,12 +288,12 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
         h0, c0 = (None, None) if hx is None else hx
     else:
         h0, c0 = hx, None
+    state_names = ("h0" if has_c else "hx", "c0")
     states = []
-    for name, value, size in (("h0" if has_c else "hx", h0, width), ("c0", c0, hidden)):
+    for name, value, size in zip(state_names, (h0, c0), (width, hidden)):
         if value is not None:
             value = _array(name, value, dtype)
             _shape(name, value, (num_layers * dirs, size) if unbatched else (num_layers * dirs, batch, size))
-            value = value[:, None, :] if unbatched else value
         states.append(value)
     if unbatched and lengths is not None:
         raise ValueError("lengths: not meaningful for an unbatched (T, input_size) input")
@@ -266,7 +301,15 @@ def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = 
     cell_clip = _checks.cell_clip(_static("cell_clip", cell_clip, "float"), cell)
 
     check = _checks.flag("check_finite", _static("check_finite", check_finite, "bool"))
-    specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0,
+    # x checked here need not be again by the kernel; the states are (its flag covers dh_n, dc_n too).
+    x_checked = check and _finite_on_host("x", x)
+    if check:
+        for name, value in zip(state_names, states):
+            if value is not None:
+                _finite_on_host(name, value)
+    if unbatched:
+        states = [None if s is None else s[:, None, :] for s in states]
+    specs = [_ffi.LayerSpec(cell, dirs, cell_clip, check_x=check and layer == 0 and not x_checked,
                             check_dy=check and layer == num_layers - 1, check_states=check)
              for layer in range(num_layers)]
     empty = jnp.zeros((0,), dtype)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from .. import _checks
 from .._optional import require
-from ._rnn import forward, param_shapes
+from ._rnn import _check_x_rank, _check_x_width, forward, param_shapes
 
 nn = require("flax.linen", "flax")
 
@@ -54,7 +54,12 @@ class RNNBase(nn.Module):
     @nn.compact
     def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None):
         cell = self.cell_name()
+        # x is judged against the parameters here: flax would blame weight_ih_l0 for a wrong x.
+        _check_x_rank(jnp.shape(x))
         input_size = jnp.shape(x)[-1]
+        if self.has_variable("params", "weight_ih_l0"):
+            _check_x_width(input_size, self.get_variable("params", "weight_ih_l0"))
+        param_dtype = _checks.float_dtype("param_dtype", self.param_dtype)
         shapes = param_shapes(cell, input_size, self.hidden_size, self.num_layers, bias=self.bias,
                               bidirectional=self.bidirectional, proj_size=self.projection())
         bound = 1.0 / math.sqrt(self.hidden_size)
@@ -62,8 +67,9 @@ class RNNBase(nn.Module):
         def uniform(key, shape, dtype):
             return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-        params = {name: self.param(name, uniform, shape, self.param_dtype) for name, shape in shapes.items()}
+        params = {name: self.param(name, uniform, shape, param_dtype) for name, shape in shapes.items()}
         deterministic = self.deterministic if deterministic is None else deterministic
+        deterministic = deterministic is not None and _checks.flag("deterministic", deterministic)
         dropout = _checks.probability("dropout", self.dropout)
         key = None
         if dropout > 0 and not deterministic and self.num_layers > 1:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _checks
 from .._optional import require
+from ..modules import IncompatibleKeys
 from ._rnn import _array, forward, init, param_names
 
 nnx = require("flax.nnx", "flax")
@@ -35,7 +37,12 @@ class RNNBase(nnx.Module):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  cell_clip: float | None = None, proj_size: int = 0, dtype=jnp.float32, rngs: nnx.Rngs):
+        # Every option is checked here, as the NumPy modules do, not at the first call.
+        cell = _checks.cell(cell)
+        bias, batch_first = _checks.flag("bias", bias), _checks.flag("batch_first", batch_first)
+        bidirectional = _checks.flag("bidirectional", bidirectional)
         dropout = _checks.probability("dropout", dropout)
+        cell_clip = _checks.cell_clip(cell_clip, cell)
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs: expected an nnx.Rngs (its 'params' stream draws the weights), got "
                             f"{type(rngs).__name__}")
@@ -59,18 +66,33 @@ class RNNBase(nnx.Module):
         """name -> array, keyed as torch.nn's state_dict (what fusedrnn.jax.forward takes)."""
         return {name: getattr(self, name)[...] for name in self.param_names()}
 
-    def load_state_dict(self, state_dict) -> None:
-        """Replaces every parameter from a mapping keyed as torch.nn's (shapes and dtypes must match)."""
+    def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
+        """Loads parameters from a mapping keyed as torch.nn's, as the NumPy modules' load_state_dict:
+        shapes and dtypes must match and known (not traced) values be finite, all checked before any is
+        written. Returns the module's keys the mapping lacks and the mapping's keys the module lacks,
+        empty unless strict=False."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
         names = self.param_names()
-        if set(state_dict.keys()) != set(names):
-            raise ValueError(f"state_dict: expected exactly the keys {names}, got {sorted(state_dict.keys())}")
+        missing = [k for k in names if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in names]
+        if _checks.flag("strict", strict) and (missing or unexpected):
+            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        loaded = {}
         for name in names:
-            param = getattr(self, name)
-            value = _array(f"state_dict[{name!r}]", state_dict[name])
-            if value.shape != param[...].shape or value.dtype != param[...].dtype:
-                raise ValueError(f"{name}: expected {param[...].dtype} {param[...].shape}, got "
-                                 f"{value.dtype} {value.shape}")
-            param[...] = value
+            if name not in state_dict:
+                continue
+            key, current = f"state_dict[{name!r}]", getattr(self, name)[...]
+            value = _array(key, state_dict[name])
+            if value.dtype != current.dtype:
+                raise TypeError(f"{key}: expected dtype {current.dtype}, got {value.dtype}")
+            _checks.shape(key, value, current.shape)
+            if not isinstance(value, jax.core.Tracer):
+                _checks.finite(key, np.asarray(value))
+            loaded[name] = value
+        for name, value in loaded.items():
+            getattr(self, name)[...] = value
+        return IncompatibleKeys(missing, unexpected)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``, as nnx.Dropout's.
@@ -83,7 +105,7 @@ class RNNBase(nnx.Module):
 
     def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
         """rngs: an nnx.Rngs (its "dropout" stream), an RngStream or a PRNG key, as nnx.Dropout takes."""
-        deterministic = self.deterministic if deterministic is None else deterministic
+        deterministic = self.deterministic if deterministic is None else _checks.flag("deterministic", deterministic)
         key = None
         if self.dropout > 0 and not deterministic and self.num_layers > 1:
             source = rngs if rngs is not None else self.rngs
