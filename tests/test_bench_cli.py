@@ -243,6 +243,10 @@ def test_compare_reports_matches_rows_and_peers_by_name():
     assert "note: the runs differ in blas: OpenBLAS Haswell then, OpenBLAS SkylakeX now" in text
     assert "note: the runs differ in repeats: 5 then, 1 now" in text and "differ in rounds" not in text
     assert "note: the runs differ in a's threads: 2 then, 1 now" in text
+    # A peer on the run's --threads is said once, by the threads note.
+    old["meta"]["threads"], new["meta"]["threads"] = 2, 1
+    text = _bench_report.format_comparison([change], old, new, 0.05)
+    assert "note: the runs differ in threads: 2 then, 1 now" in text and "a's threads" not in text
     assert "1 slower, 0 faster, 0 within spread or under 5%" in text
 
 

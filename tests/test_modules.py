@@ -180,17 +180,23 @@ def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng)
     m(x)
     name = "weight_ih_l0"
     good = m.grads[name]
-    bad = [(np.zeros_like(good, order="F"), ValueError, "expected a writeable, aligned, C-contiguous array"),
+    bad = [(np.zeros_like(good, order="F"), ValueError, "expected an aligned, C-contiguous array"),
            (np.zeros(good.shape, np.float32), TypeError, r"expected dtype float64 \(the parameter's\), got float32"),
            (np.zeros((1, *good.shape[1:])), ValueError, r"expected shape \(16, 3\) \(the parameter's\), got \(1, 3\)"),
            (good.tolist(), TypeError, "expected an array like the parameter's, got list"),
            (None, ValueError, "missing; zero_grad"),
-           (np.broadcast_to(np.zeros(1), good.shape), ValueError, "expected a writeable")]
+           (np.broadcast_to(np.zeros(1), good.shape), ValueError, "expected a writeable array"),
+           (m.weight_ih_l0, ValueError, "shares memory with weight_ih_l0")]
     for value, error, match in bad:
         m.grads[name] = value
         with pytest.raises(error, match=rf"^grads\['{name}'\]: {match}"):
             m.backward(np.ones((5, 2, 4)))
         assert all(not g.any() for g in m.grads.values() if isinstance(g, np.ndarray) and g is not value)
+    m.grads[name] = good
+    m.grads["bias_hh_l0"] = m.grads["bias_ih_l0"]  # one sum would land in both
+    with pytest.raises(ValueError, match=r"^grads\['bias_ih_l0'\]: shares memory with grads\['bias_hh_l0'\]"):
+        m.backward(np.ones((5, 2, 4)))
+    m.grads["bias_hh_l0"] = np.zeros_like(good[:, 0])
     buffer = np.zeros(good.size + 1)[1:].reshape(good.shape)  # one's own buffer, offset in memory
     m.grads[name] = buffer
     m.backward(np.ones((5, 2, 4)))
@@ -202,8 +208,10 @@ def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng)
     with pytest.raises(ValueError, match=r"^grads\['bias'\]: expected shape \(2,\)"):
         head.backward(np.ones((3, 2)))
     head.grads["bias"] = np.zeros(2)
+    head.grads["weight"] = np.zeros((2, 4), order="F")  # NumPy adds into any layout
     head.backward(np.ones((3, 2)))
     np.testing.assert_array_equal(head.grads["bias"], [3.0, 3.0])
+    np.testing.assert_array_equal(head.grads["weight"], np.full((2, 4), 3.0))
 
 
 def test_input_grads_restart_when_the_input_shape_changes(rng):

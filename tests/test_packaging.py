@@ -72,6 +72,20 @@ print(fusedrnn.build_info()["blas_library"], other.scipy_openblas_get_num_thread
     assert other_threads == "3"
 
 
+def test_a_package_missing_its_blas_says_so_and_still_imports(tmp_path):
+    # A broken install: import and `fusedrnn info` work and name the problem; a layer call refuses.
+    copy = tmp_path / "fusedrnn"
+    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "libscipy_openblas*"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    info = subprocess.run([sys.executable, "-m", "fusedrnn", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert info.returncode == 0, info.stderr[-3000:]
+    assert "BLAS: scipy-openblas32" in info.stdout and "(cannot load: fusedrnn: cannot load its BLAS library" in info.stdout
+    call = subprocess.run([sys.executable, "-c", "import numpy as np, fusedrnn; fusedrnn.GRU(2, 3)(np.ones((2, 1, 2), np.float32))"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert call.returncode == 1 and "RuntimeError: fusedrnn: cannot load its BLAS library" in call.stderr, call.stderr
+
+
 def test_blas_is_no_runtime_dependency():
     requires = importlib.metadata.requires("fusedrnn") or []
     runtime = [r for r in requires if "extra ==" not in r]

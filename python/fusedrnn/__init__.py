@@ -104,6 +104,10 @@ def build_info() -> dict:
     the file it was loaded from), the thread team size, the OpenMP runtime whose threads run its jobs
 (None: fusedrnn's own workers; see fusedrnn.torch.use_torch_threads), and the L2 size per core that
     decides whether a layer's threads share its batch rows or its hidden units."""
+    try:
+        blas, blas_library = _core.blas_config(), _core.blas_library()
+    except RuntimeError as err:  # the bundled library missing or broken: every layer call says so too
+        blas, blas_library = f"cannot load: {err}", ""
     return {
         "version": __version__,
         "simd": _core.simd_level(),
@@ -111,9 +115,9 @@ def build_info() -> dict:
         "simd_compiled": list(_core.simd_levels_compiled()),
         "cuda": cuda_info(),
         "jax_ffi": getattr(_core, "jax_ffi_built_with_jaxlib", None),
-        "blas": _core.blas_config(),
+        "blas": blas,
         "blas_name": _core.blas_name(),
-        "blas_library": _core.blas_library(),
+        "blas_library": blas_library,
         "num_threads": _core.get_num_threads(),
         "openmp_runtime": _core.openmp_runtime() or None,
         "l2_cache_bytes": _core.l2_cache_bytes(),

@@ -259,8 +259,10 @@ def format_comparison(changes: list[Change], old: dict, new: dict, threshold: fl
         if key in old_meta and key in new_meta and old_meta[key] != new_meta[key]:
             lines.append(f"note: the runs differ in {key}: {old_meta[key]} then, {new_meta[key]} now")
     old_threads, new_threads = old_meta.get("peer_threads", {}), new_meta.get("peer_threads", {})
+    follows = (old_meta.get("threads"), new_meta.get("threads"))  # a peer on --threads: noted above
     for peer in common:
-        if peer in old_threads and peer in new_threads and old_threads[peer] != new_threads[peer]:
+        if peer in old_threads and peer in new_threads and old_threads[peer] != new_threads[peer] \
+                and (old_threads[peer], new_threads[peer]) != follows:
             lines.append(f"note: the runs differ in {peer}'s threads: {old_threads[peer]} then, "
                          f"{new_threads[peer]} now")
     if not changes:

@@ -21,7 +21,6 @@ device's.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import os
 import platform
@@ -124,7 +123,7 @@ def _cuda_ready() -> bool:
     """fusedrnn's CUDA module loads, and torch (which the CUDA peers' tensors come from) sees a GPU."""
     from . import cuda_info
 
-    if not cuda_info()["loaded"] or importlib.util.find_spec("torch") is None:
+    if not cuda_info()["loaded"] or import_problem("torch") is not None:
         return False
     import torch
     return torch.cuda.is_available()
@@ -491,7 +490,7 @@ def saved_for_backward_nbytes(problem: Problem, libraries=("fusedrnn", "torch"))
     m.train()
     m(problem.x)
     result = {"fusedrnn": m.saved_nbytes}
-    if "torch" in libraries and importlib.util.find_spec("torch") is not None:
+    if "torch" in libraries and import_problem("torch") is None:
         import torch
 
         tm = _torch_module(c)

@@ -219,7 +219,12 @@ class _Module:
 
     def zero_grad(self) -> None:
         """Resets the accumulated parameter gradients."""
-        self.grads = OrderedDict((k, _device.zeros(v, v.shape)) for k, v in self._params.items())
+        self._adopt_grads(OrderedDict((k, _device.zeros(v, v.shape)) for k, v in self._params.items()))
+
+    def _adopt_grads(self, grads: OrderedDict) -> None:
+        """`grads` as the module made them, which _check_grads then need not look into."""
+        self.grads = grads
+        self._grads_made = dict(grads)
 
     @property
     def device(self) -> str:
@@ -246,7 +251,7 @@ class _Module:
 
     def _move_arrays(self, device: str) -> None:
         self._params = OrderedDict((k, _device.move(v, device)) for k, v in self._params.items())
-        self.grads = OrderedDict((k, _device.move(v, device)) for k, v in self.grads.items())
+        self._adopt_grads(OrderedDict((k, _device.move(v, device)) for k, v in self.grads.items()))
 
     def _check_on_module_device(self, **arrays) -> None:
         """The given arrays (None skipped) are on one device, the module's: a ValueError naming the first
@@ -260,10 +265,13 @@ class _Module:
             raise ValueError(f"{name}: on {device}, but the module's parameters are on {self.device}; move the "
                              f"input, or the module ({hint})")
 
-    def _check_grads(self) -> None:
-        """Every parameter's entry in `grads` (which code may have replaced) fit to be added into: checked
-        before a backward consumes its forward, so that a bad one changes nothing."""
-        grads = self.grads
+    def _check_grads(self, native: bool = True) -> None:
+        """Every parameter's entry in `grads` (which code may have replaced) fit to be added into, by the
+        kernels (`native`: a C-contiguous array) or by NumPy: checked before a backward consumes its
+        forward, so that a bad one changes nothing. The arrays the module made pass at once."""
+        grads, made = self.grads, self._grads_made
+        if type(grads) is OrderedDict and len(grads) == len(made) and all(grads.get(k) is g for k, g in made.items()):
+            return
         for name, param in self._params.items():
             key = f"grads[{name!r}]"
             g = grads.get(name) if isinstance(grads, dict) else None
@@ -278,9 +286,13 @@ class _Module:
             if g.shape != param.shape:
                 raise ValueError(f"{key}: expected shape {param.shape} (the parameter's), got {g.shape}")
             flags = g.flags
-            if not (flags.c_contiguous and getattr(flags, "writeable", True) and getattr(flags, "aligned", True)):
-                raise ValueError(f"{key}: expected a writeable, aligned, C-contiguous array, as gradients are "
-                                 "added into it")
+            if not getattr(flags, "writeable", True):
+                raise ValueError(f"{key}: expected a writeable array, as gradients are added into it")
+            if native and not (flags.c_contiguous and getattr(flags, "aligned", True)):
+                raise ValueError(f"{key}: expected an aligned, C-contiguous array, as the kernels add gradients "
+                                 "into it")
+        # Nor may one share memory with another or with a parameter: a sum would land in both, or in a weight.
+        _checks.apart({f"grads[{k!r}]": grads[k] for k in self._params}, dict(self._params))
 
     def train(self, mode: bool = True):
         self.training = _checks.flag("mode", mode)
@@ -672,7 +684,7 @@ class Linear(_Module):
         dy = _checks.array("dy", dy, self.dtype, x.ndim)
         _checks.shape("dy", dy, x.shape[:-1] + (self.out_features,))
         _checks.finite("dy", dy)
-        self._check_grads()
+        self._check_grads(native=False)
         self._pending = None  # consumed only once every argument is good, as the recurrent modules do
         if guard is not None:
             guard.check()
