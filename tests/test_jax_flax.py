@@ -196,7 +196,10 @@ def test_nnx_load_state_dict_checks_as_the_numpy_modules_do(rng):
     bad_cases = [
         ([1, 2], TypeError, r"^state_dict: expected a mapping of name -> array, got list$"),
         ({**new, "weight_hh_l0": np.zeros((16, 4), np.int32)}, TypeError,
-         r"^state_dict\['weight_hh_l0'\]: expected dtype float32, got int32$"),
+         r"^state_dict\['weight_hh_l0'\]: expected dtype float32 \(the parameter's\), got int32$"),
+        # Compared as given: without jax_enable_x64 JAX would turn float64 into float32 first.
+        ({**new, "weight_hh_l0": np.zeros((16, 4))}, TypeError,
+         r"^state_dict\['weight_hh_l0'\]: expected dtype float32 \(the parameter's\), got float64$"),
         ({**new, "bias_hh_l0": jnp.zeros(15)}, ValueError,
          r"^state_dict\['bias_hh_l0'\]: expected shape \(16,\), got \(15,\)$"),
         ({**new, "weight_hh_l0": new["weight_hh_l0"].at[3, 1].set(jnp.nan)}, ValueError,
@@ -238,8 +241,15 @@ def test_nnx_modules_check_every_option_at_construction():
     model = fnnx.LSTM(3, 4, bias=np.bool_(False), bidirectional=np.bool_(True), cell_clip=2, rngs=nnx.Rngs(0))
     assert sorted(model.state_dict()) == sorted(fj.param_names(bias=False, bidirectional=True))
     assert model.bias is False and model.bidirectional is True and model.cell_clip == 2.0
+    # deterministic is read where dropout can run, and then must be a static bool; elsewhere it changes
+    # nothing and is not looked at (nnx.jit may pass it traced).
+    dropping = fnnx.LSTM(3, 4, num_layers=2, dropout=0.5, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got str"):
-        model(jnp.ones((5, 2, 3)), deterministic="no")
+        dropping(jnp.ones((5, 2, 3)), deterministic="no")
+    with pytest.raises(TypeError, match=r"^deterministic: expected a Python bool \(a static option"):
+        nnx.jit(lambda m, d: m(jnp.ones((5, 2, 3)), deterministic=d)[0])(dropping, True)
+    y = nnx.jit(lambda m, d: m(jnp.ones((5, 2, 3)), deterministic=d)[0])(model, True)
+    assert y.shape == (5, 2, 8)
 
 
 def test_nnx_lstm_with_a_projection_has_torchs_parameters_and_the_functional_gradients(rng):
@@ -344,8 +354,11 @@ def test_linen_modules_refuse_bad_x_options_and_param_dtype_by_name(rng):
     for option, value in (("bias", "no"), ("bidirectional", "no"), ("bias", None), ("deterministic", "no")):
         with pytest.raises(TypeError, match=rf"^{option}: expected a bool, got {type(value).__name__}"):
             flinen.GRU(4, num_layers=2, dropout=0.5, **{option: value}).init(jax.random.key(0), x)
+    dropping = flinen.GRU(4, num_layers=2, dropout=0.5)
     with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got str"):
-        model.apply(variables, x, deterministic="no")
+        dropping.apply(dropping.init(jax.random.key(0), x, deterministic=True), x, deterministic="no")
+    shapes = jax.eval_shape(flinen.GRU(4).init, jax.random.key(0), x, deterministic=True)  # traces the kwargs
+    assert shapes["params"]["weight_hh_l0"].shape == (12, 4)
     no_bias = flinen.GRU(4, bias=np.bool_(False)).init(jax.random.key(0), x)["params"]
     assert sorted(no_bias) == ["weight_hh_l0", "weight_ih_l0"]
 

@@ -193,6 +193,10 @@ def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng)
             m.backward(np.ones((5, 2, 4)))
         assert all(not g.any() for g in m.grads.values() if isinstance(g, np.ndarray) and g is not value)
     m.grads[name] = good
+    good.flags.writeable = False  # the module's own array, changed in place
+    with pytest.raises(ValueError, match=rf"^grads\['{name}'\]: expected a writeable array"):
+        m.backward(np.ones((5, 2, 4)))
+    good.flags.writeable = True
     m.grads["bias_hh_l0"] = m.grads["bias_ih_l0"]  # one sum would land in both
     with pytest.raises(ValueError, match=r"^grads\['bias_ih_l0'\]: shares memory with grads\['bias_hh_l0'\]"):
         m.backward(np.ones((5, 2, 4)))
@@ -870,6 +874,17 @@ def test_load_state_dict_takes_jax_low_precision_arrays(rng):
         m.load_state_dict(low)
         for name, value in low.items():
             np.testing.assert_array_equal(getattr(m, name), value.astype(np.float32), err_msg=name)
+
+
+def test_lengths_of_jax_low_precision_types_are_taken_as_their_values(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    m = fusedrnn.GRU(3, 4, seed=0)
+    x = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    want = m(x, lengths=np.array([5, 2, 4]))[0]
+    got = m(x, lengths=np.array([5, 2, 4]).astype(ml_dtypes.bfloat16))[0]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"^lengths: expected whole numbers"):
+        m(x, lengths=np.array([5, 2.5, 4]).astype(ml_dtypes.bfloat16))
 
 
 def test_load_state_dict_reports_what_it_left_out():

@@ -243,11 +243,19 @@ def _device_bytes(a) -> tuple[int, int]:
     return start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize
 
 
+def plain_numbers(arr: np.ndarray) -> np.ndarray:
+    """`arr`, or, of one of ml_dtypes' types (JAX's bfloat16, float8, int4: NumPy kind "V", which NumPy's
+    own checks do not take as numbers), its values as float64, which holds each of them exactly."""
+    if arr.dtype.kind == "V" and arr.dtype.type.__module__ == "ml_dtypes":
+        return arr.astype(np.float64)
+    return arr
+
+
 def lengths(value, steps: int, batch: int) -> np.ndarray | None:
     """Sequence lengths as int64 (B,), each in [1, T]; None when absent or all equal to T."""
     if value is None:
         return None
-    arr = as_array("lengths", _device.to_host(value))
+    arr = plain_numbers(as_array("lengths", _device.to_host(value)))
     if arr.ndim != 1 or arr.shape[0] != batch:
         raise ValueError(f"lengths: expected shape ({batch},) (one length per batch row), got {arr.shape}")
     if arr.dtype.kind == "f":

@@ -200,8 +200,7 @@ class _Module:
                 if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds it exactly
                     value = value.float()
             arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
-            if arr.dtype.kind == "V" and arr.dtype.type.__module__ == "ml_dtypes":  # JAX's bfloat16, float8, int4
-                arr = arr.astype(np.float32)  # which holds each of their values exactly
+            arr = _checks.plain_numbers(arr)
             if arr.dtype.kind not in "fiu":
                 raise TypeError(f"state_dict[{name!r}]: expected a real numeric array, got dtype {arr.dtype}")
             _checks.shape(f"state_dict[{name!r}]", arr, current.shape)
@@ -225,6 +224,17 @@ class _Module:
         """`grads` as the module made them, which _check_grads then need not look into."""
         self.grads = grads
         self._grads_made = dict(grads)
+
+    def _grads_are_own(self) -> bool:
+        """`grads` holds the arrays the module made, each still of its shape and writeable."""
+        grads, made = self.grads, self.__dict__.get("_grads_made", {})  # none in a module pickled before
+        if type(grads) is not OrderedDict or len(grads) != len(made):
+            return False
+        for name, g in made.items():
+            if grads.get(name) is not g or g.shape != self._params[name].shape or \
+                    not getattr(g.flags, "writeable", True):
+                return False
+        return True
 
     @property
     def device(self) -> str:
@@ -251,7 +261,11 @@ class _Module:
 
     def _move_arrays(self, device: str) -> None:
         self._params = OrderedDict((k, _device.move(v, device)) for k, v in self._params.items())
-        self._adopt_grads(OrderedDict((k, _device.move(v, device)) for k, v in self.grads.items()))
+        moved = OrderedDict((k, _device.move(v, device)) for k, v in self.grads.items())
+        if self._grads_are_own():
+            self._adopt_grads(moved)
+        else:
+            self.grads = moved  # still the caller's: checked at the next backward
 
     def _check_on_module_device(self, **arrays) -> None:
         """The given arrays (None skipped) are on one device, the module's: a ValueError naming the first
@@ -269,9 +283,9 @@ class _Module:
         """Every parameter's entry in `grads` (which code may have replaced) fit to be added into, by the
         kernels (`native`: a C-contiguous array) or by NumPy: checked before a backward consumes its
         forward, so that a bad one changes nothing. The arrays the module made pass at once."""
-        grads, made = self.grads, self._grads_made
-        if type(grads) is OrderedDict and len(grads) == len(made) and all(grads.get(k) is g for k, g in made.items()):
+        if self._grads_are_own():
             return
+        grads = self.grads
         for name, param in self._params.items():
             key = f"grads[{name!r}]"
             g = grads.get(name) if isinstance(grads, dict) else None

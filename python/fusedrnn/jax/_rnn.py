@@ -94,8 +94,8 @@ def _structure(params) -> tuple[int, bool, bool, bool]:
     return num_layers, bidirectional, bias, projected
 
 
-def _array(name: str, value, dtype=None):
-    """`value` as a JAX array, of exactly `dtype` when given. The dtype the caller passed is compared,
+def _array(name: str, value, dtype=None, whose: str = "x's"):
+    """`value` as a JAX array, of exactly `dtype` (`whose`) when given. The dtype the caller passed is compared,
     before JAX's canonicalisation (float64 becomes float32 without jax_enable_x64) could hide a mix.
     A NumPy array of the other byte order is taken as its values (JAX takes the native order only)."""
     if isinstance(value, np.ndarray) and not value.dtype.isnative:
@@ -110,7 +110,7 @@ def _array(name: str, value, dtype=None):
     if dtype is not None:
         for got in (arr.dtype, given):
             if np.dtype(got) != np.dtype(dtype):
-                raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (x's), got {np.dtype(got)}")
+                raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} ({whose}), got {np.dtype(got)}")
     return arr
 
 
@@ -211,6 +211,17 @@ def _static(name: str, value, kind: str):
         raise TypeError(f"{name}: expected a Python {kind} (a static option: pass it outside the "
                         "transformed function, or name it in jit's static_argnames), got a traced value")
     return value
+
+
+def dropout_on(deterministic, dropout: float, num_layers: int) -> bool:
+    """Whether the Flax modules' dropout between layers runs: dropout > 0, more than one layer, and not
+    `deterministic` (None: not). Only where dropout could run is `deterministic` read, and then it must
+    be a static bool; elsewhere it changes nothing (a traced one, as jax.eval_shape passes, included)."""
+    if dropout == 0 or num_layers == 1:
+        return False
+    if deterministic is None:
+        return True
+    return not _checks.flag("deterministic", _static("deterministic", deterministic, "bool"))
 
 
 def forward(cell: str, params, x, hx=None, *, lengths=None, batch_first: bool = False, dropout: float = 0.0,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from .. import _checks
 from .._optional import require
-from ._rnn import _check_x_rank, _check_x_width, forward, param_shapes
+from ._rnn import _check_x_rank, _check_x_width, dropout_on, forward, param_shapes
 
 nn = require("flax.linen", "flax")
 
@@ -69,10 +69,9 @@ class RNNBase(nn.Module):
 
         params = {name: self.param(name, uniform, shape, param_dtype) for name, shape in shapes.items()}
         deterministic = self.deterministic if deterministic is None else deterministic
-        deterministic = deterministic is not None and _checks.flag("deterministic", deterministic)
         dropout = _checks.probability("dropout", self.dropout)
         key = None
-        if dropout > 0 and not deterministic and self.num_layers > 1:
+        if dropout_on(deterministic, dropout, self.num_layers):
             if not self.has_rng("dropout"):
                 raise ValueError("rngs: dropout needs a 'dropout' stream (apply(..., rngs={'dropout': key})), "
                                  "or deterministic=True")

@@ -15,7 +15,7 @@ import numpy as np
 from .. import _checks
 from .._optional import require
 from ..modules import IncompatibleKeys
-from ._rnn import _array, forward, init, param_names
+from ._rnn import _array, dropout_on, forward, init, param_names
 
 nnx = require("flax.nnx", "flax")
 
@@ -83,9 +83,7 @@ class RNNBase(nnx.Module):
             if name not in state_dict:
                 continue
             key, current = f"state_dict[{name!r}]", getattr(self, name)[...]
-            value = _array(key, state_dict[name])
-            if value.dtype != current.dtype:
-                raise TypeError(f"{key}: expected dtype {current.dtype}, got {value.dtype}")
+            value = _array(key, state_dict[name], current.dtype, "the parameter's")
             _checks.shape(key, value, current.shape)
             if not isinstance(value, jax.core.Tracer):
                 _checks.finite(key, np.asarray(value))
@@ -105,9 +103,9 @@ class RNNBase(nnx.Module):
 
     def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
         """rngs: an nnx.Rngs (its "dropout" stream), an RngStream or a PRNG key, as nnx.Dropout takes."""
-        deterministic = self.deterministic if deterministic is None else _checks.flag("deterministic", deterministic)
+        deterministic = self.deterministic if deterministic is None else deterministic
         key = None
-        if self.dropout > 0 and not deterministic and self.num_layers > 1:
+        if dropout_on(deterministic, self.dropout, self.num_layers):
             source = rngs if rngs is not None else self.rngs
             if source is None:
                 raise ValueError("rngs: dropout needs a 'dropout' stream, given at construction or to the call")
