@@ -337,7 +337,7 @@ def test_a_package_that_is_installed_but_fails_to_import_is_named_as_such(tmp_pa
                                       "ModuleNotFoundError: No module named 'a_dependency_flax_lost'") in bench.stderr
     module = run("-c", "import fusedrnn.jax.nnx")
     assert ("ImportError: this needs flax, which is installed but fails to import: "
-            "No module named 'a_dependency_flax_lost'") in module.stderr
+            "ModuleNotFoundError: No module named 'a_dependency_flax_lost'") in module.stderr
 
 
 def test_info_names_openblas_kernels_forced_by_the_environment():

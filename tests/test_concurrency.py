@@ -236,9 +236,9 @@ def test_daemon_threads_computing_at_exit_leave_the_exit_status_alone(ending):
 
 
 def test_exit_waits_for_a_daemon_threads_gemm_before_the_blas_is_torn_down():
-    """exit() runs the libraries' destructors; OpenBLAS's unmaps the buffers its GEMMs work in. A daemon
-    thread's call running its input projections then crashed the process (SIGSEGV, about one exit in
-    twelve here); exit now waits for the call's team lease and grants no other."""
+    """exit() runs the libraries' destructors; OpenBLAS's unmaps the buffers its GEMMs work in. Daemon
+    threads whose calls are in their input projections at exit must not meet that: exit waits for the
+    running call's team lease and grants no other, so every run ends with the program's status."""
     body = """
         import sys
         x = np.random.default_rng(0).standard_normal((400, 32, 256)).astype(np.float32)

@@ -223,7 +223,7 @@ def test_nnx_load_state_dict_checks_as_the_numpy_modules_do(rng):
     np.testing.assert_array_equal(np.asarray(model.weight_hh_l0[...]), 0.5)
 
 
-def test_nnx_modules_check_every_option_at_construction():
+def test_nnx_modules_check_their_options():
     cases = [
         (lambda: fnnx.GRU(3, 4, cell_clip=1.0, rngs=nnx.Rngs(0)), ValueError, r"^cell_clip: 'gru' has no cell state"),
         (lambda: fnnx.LSTM(3, 4, cell_clip=-1.0, rngs=nnx.Rngs(0)), ValueError,

@@ -180,12 +180,12 @@ def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng)
     m(x)
     name = "weight_ih_l0"
     good = m.grads[name]
-    bad = [(np.zeros_like(good, order="F"), ValueError, "expected an aligned, C-contiguous array"),
+    bad = [(np.zeros_like(good, order="F"), ValueError, "must be C-contiguous, its data aligned"),
            (np.zeros(good.shape, np.float32), TypeError, r"expected dtype float64 \(the parameter's\), got float32"),
            (np.zeros((1, *good.shape[1:])), ValueError, r"expected shape \(16, 3\) \(the parameter's\), got \(1, 3\)"),
            (good.tolist(), TypeError, "expected an array like the parameter's, got list"),
            (None, ValueError, "missing; zero_grad"),
-           (np.broadcast_to(np.zeros(1), good.shape), ValueError, "expected a writeable array"),
+           (np.broadcast_to(np.zeros(1), good.shape), ValueError, "array is read-only"),
            (m.weight_ih_l0, ValueError, "shares memory with weight_ih_l0")]
     for value, error, match in bad:
         m.grads[name] = value
@@ -194,7 +194,7 @@ def test_a_replaced_grads_entry_is_checked_before_backward_changes_anything(rng)
         assert all(not g.any() for g in m.grads.values() if isinstance(g, np.ndarray) and g is not value)
     m.grads[name] = good
     good.flags.writeable = False  # the module's own array, changed in place
-    with pytest.raises(ValueError, match=rf"^grads\['{name}'\]: expected a writeable array"):
+    with pytest.raises(ValueError, match=rf"^grads\['{name}'\]: array is read-only"):
         m.backward(np.ones((5, 2, 4)))
     good.flags.writeable = True
     m.grads["bias_hh_l0"] = m.grads["bias_ih_l0"]  # one sum would land in both

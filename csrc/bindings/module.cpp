@@ -969,7 +969,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("blas_config", &cpu::blas::config, "OpenBLAS's build string: version, target, threading.");
   m.def("blas_name", &cpu::blas::name, "The BLAS package and version this build compiled against.");
   m.def("blas_library", &cpu::blas::library_path,
-        "The file the BLAS functions were loaded from (\"\" where the platform cannot tell).");
+        "The file the BLAS functions are taken from (RuntimeError where it cannot be loaded).");
   def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
              &get_emulated_recurrence_path,
              "Tests only: how the emulated device backend runs the recurrence, forward and backward: 'per_step' "

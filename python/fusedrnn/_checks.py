@@ -243,6 +243,18 @@ def _device_bytes(a) -> tuple[int, int]:
     return start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize
 
 
+def state_dict_keys(state_dict, names, strict) -> tuple[list, list]:
+    """The keys of a module (`names`) that `state_dict` lacks, and those it has that the module lacks,
+    as torch's load_state_dict reports them; with `strict`, either is a ValueError."""
+    if not hasattr(state_dict, "keys"):
+        raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+    missing = [k for k in names if k not in state_dict]
+    unexpected = [k for k in state_dict.keys() if k not in names]
+    if flag("strict", strict) and (missing or unexpected):
+        raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    return missing, unexpected
+
+
 def plain_numbers(arr: np.ndarray) -> np.ndarray:
     """`arr`, or, of one of ml_dtypes' types (JAX's bfloat16, float8, int4: NumPy kind "V", which NumPy's
     own checks do not take as numbers), its values as float64, which holds each of them exactly."""

@@ -151,6 +151,15 @@ def to_host(a):
     return _cuda_layer.as_cupy(a).get()
 
 
+def torch_values(t):
+    """A torch tensor's values on the host as a NumPy array (detached), its float types NumPy lacks
+    (bfloat16, float8) widened to float64, which holds each of their values exactly."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and str(t.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+        t = t.double()
+    return t.numpy()
+
+
 def ascontiguous(a):
     """A C-contiguous host array, or a device array as it is (the CUDA backend reads any strides)."""
     return a if is_cuda(a) else np.ascontiguousarray(a)

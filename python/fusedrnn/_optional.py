@@ -15,18 +15,21 @@ def require(module: str, extra: str):
         top = module.split(".")[0]
         if _missing_is(err, top):
             raise ImportError(f"this needs {top}: pip install 'fusedrnn[{extra}]'") from err
-        raise ImportError(f"this needs {top}, which is installed but fails to import: {err}") from err
+        raise ImportError(f"this needs {top}, which is installed but fails to import: {_one_line(err)}") from err
+
+
+NOT_INSTALLED = "not installed"
 
 
 @functools.lru_cache(maxsize=None)
 def import_problem(module: str) -> str | None:
-    """None where `module` imports; else why not: "not installed", or the error of an installed package
+    """None where `module` imports; else why not: NOT_INSTALLED, or the error of an installed package
     that fails to import (a missing or mismatched dependency of its own), on one line."""
     try:
         importlib.import_module(module)
     except ImportError as err:
         if _missing_is(err, module.split(".")[0]):
-            return "not installed"
+            return NOT_INSTALLED
         return _one_line(err)
     except Exception as err:  # a broken package may raise anything as it loads
         return _one_line(err)

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from . import _checks, _core
-from ._optional import import_problem
+from ._optional import NOT_INSTALLED, import_problem
 from .datasets import deepbench_shapes
 from .functional import CELLS, GATES
 
@@ -728,12 +728,11 @@ def check_peers(peers: Sequence[str], device: str = "cpu", cases: Sequence[Case]
             raise ValueError(f"peers: unknown peer {name!r}; known: {sorted(PEERS)}")
         if PEERS[name].device != device:
             raise ValueError(f"peers: {name!r} runs on {PEERS[name].device}, not {device} (--device)")
-        if not PEERS[name].available():
+        if not PEERS[name].available():  # a CUDA peer's GPU was checked above: its package is the cause
             requires = PEERS[name].requires
-            problem = requires and import_problem(requires)
-            why = ("no GPU is visible" if not problem else f"the {requires} package is not installed"
-                   if problem == "not installed" else f"the {requires} package fails to import: {problem}")
-            raise ValueError(f"peers: {name!r} is not available: {why}")
+            problem = import_problem(requires)
+            raise ValueError(f"peers: {name!r} is not available: the {requires} package "
+                             f"{'is not installed' if problem == NOT_INSTALLED else 'fails to import: ' + problem}")
         if not PEERS[name].projection and any(c.proj_size for c in cases):
             raise ValueError(f"peers: {name!r} has no LSTM with a projection (proj_size), which these cases use")
     return list(peers)

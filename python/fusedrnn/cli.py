@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import _MAX_THREADS as MAX_THREADS
 from . import _bench_report, _checks, _device, benchmark, build_info, set_num_threads
-from ._optional import import_problem
+from ._optional import NOT_INSTALLED, import_problem
 from .functional import CELLS
 
 
@@ -379,7 +379,8 @@ def _info(args) -> int:
     print(f"  XLA FFI handlers (fusedrnn.jax): "
           f"{'built against jaxlib ' + jax_ffi if jax_ffi else 'not compiled in (no jaxlib at build time)'}")
     print(f"  BLAS: {info['blas_name']} ({info['blas']})")
-    print(f"    loaded from {info['blas_library'] or 'an unknown file'}")
+    if info["blas_library"]:
+        print(f"    loaded from {info['blas_library']}")
     forced = benchmark.openblas_overrides()
     if forced:
         # What OpenBLAS made of them (a name it maps to another, or ignores) shows only in its build string.
@@ -390,7 +391,7 @@ def _info(args) -> int:
     print("Optional packages:")
     for name, use in OPTIONAL.items():
         problem = import_problem(name)
-        print(f"  {name:11}{problem or 'importable':15}({use})" if problem in (None, "not installed")
+        print(f"  {name:11}{problem or 'importable':15}({use})" if problem in (None, NOT_INSTALLED)
               else f"  {name:11}installed, but fails to import ({use}): {problem}")
     print(f"Benchmark peers available: {', '.join(benchmark.available_peers())}")
     return 0

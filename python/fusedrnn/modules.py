@@ -181,12 +181,7 @@ class _Module:
         state_dict works as is), onto the module's device. Shapes must match; values are cast to the
         module's dtype and must be finite. Returns the keys the module has and the mapping lacks, and
         the mapping's keys the module lacks (as torch does), empty unless strict=False."""
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
-        missing = [k for k in self._params if k not in state_dict]
-        unexpected = [k for k in state_dict.keys() if k not in self._params]
-        if _checks.flag("strict", strict) and (missing or unexpected):
-            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        missing, unexpected = _checks.state_dict_keys(state_dict, self._params, strict)
         loaded = {}
         for name, current in self._params.items():
             if name not in state_dict:
@@ -194,11 +189,9 @@ class _Module:
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor, possibly requiring grad
                 try:
-                    value = value.detach().cpu()
+                    value = _device.torch_values(value)
                 except (NotImplementedError, RuntimeError) as err:  # a meta tensor holds no values
                     raise TypeError(f"state_dict[{name!r}]: cannot be read as an array: {err}") from err
-                if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds it exactly
-                    value = value.float()
             arr = _checks.as_array(f"state_dict[{name!r}]", _device.to_host(value))
             arr = _checks.plain_numbers(arr)
             if arr.dtype.kind not in "fiu":
@@ -301,10 +294,10 @@ class _Module:
                 raise ValueError(f"{key}: expected shape {param.shape} (the parameter's), got {g.shape}")
             flags = g.flags
             if not getattr(flags, "writeable", True):
-                raise ValueError(f"{key}: expected a writeable array, as gradients are added into it")
+                raise ValueError(f"{key}: array is read-only (gradients are added into it)")
             if native and not (flags.c_contiguous and getattr(flags, "aligned", True)):
-                raise ValueError(f"{key}: expected an aligned, C-contiguous array, as the kernels add gradients "
-                                 "into it")
+                raise ValueError(f"{key}: must be C-contiguous, its data aligned to its element size (the "
+                                 "kernels add gradients into it)")
         # Nor may one share memory with another or with a parameter: a sum would land in both, or in a weight.
         _checks.apart({f"grads[{k!r}]": grads[k] for k in self._params}, dict(self._params))
 

@@ -71,13 +71,13 @@ CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
 void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, float alpha, const float* a,
           std::int64_t lda, const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
   library().sgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
-                    a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
+                  a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
 void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, double alpha, const double* a,
           std::int64_t lda, const double* b, std::int64_t ldb, double beta, double* c, std::int64_t ldc) {
   library().dgemm(CblasRowMajor, op(trans_a), op(trans_b), checked(m), checked(n), checked(k), alpha,
-                    a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
+                  a, checked(lda), b, checked(ldb), beta, c, checked(ldc));
 }
 
 // OpenBLAS packs operands into a buffer of the calling thread. On AMD Zen 1, GEMMs with few output
@@ -123,11 +123,6 @@ std::string config() { return library().get_config(); }
 
 std::string name() { return FUSEDRNN_BLAS_NAME; }
 
-std::string library_path() {
-  Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(library().sgemm), &info) != 0 && info.dli_fname != nullptr)
-    return info.dli_fname;
-  return library().path;
-}
+std::string library_path() { return library().path; }
 
 }  // namespace fusedrnn::cpu::blas

@@ -17,7 +17,8 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 void keep_single_threaded();
 std::string config();  // the BLAS build string, for diagnostics
 std::string name();    // the BLAS package and version the core was built against
-// The file the dynamic loader took the BLAS functions from ("" where the platform cannot say).
+// The file the BLAS functions are taken from. Like config(), opens the library on first use: throws
+// std::runtime_error where it cannot be loaded.
 std::string library_path();
 
 }  // namespace fusedrnn::cpu::blas

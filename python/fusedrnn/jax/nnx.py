@@ -71,13 +71,8 @@ class RNNBase(nnx.Module):
         shapes and dtypes must match and known (not traced) values be finite, all checked before any is
         written. Returns the module's keys the mapping lacks and the mapping's keys the module lacks,
         empty unless strict=False."""
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
         names = self.param_names()
-        missing = [k for k in names if k not in state_dict]
-        unexpected = [k for k in state_dict.keys() if k not in names]
-        if _checks.flag("strict", strict) and (missing or unexpected):
-            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        missing, unexpected = _checks.state_dict_keys(state_dict, names, strict)
         loaded = {}
         for name in names:
             if name not in state_dict:

@@ -72,12 +72,23 @@ def _array(t: Optional[Tensor]):
     return t.detach() if t.is_cuda else t.numpy(force=True)  # force: detached (shares memory on the CPU)
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_dtype(name: str, t: Tensor) -> None:
+    """Float32 and float64 run; another floating dtype is one the kernels lack (NotImplementedError),
+    anything else (integers, bool, complex) a wrong argument, as torch.nn has it."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        error = NotImplementedError if t.dtype.is_floating_point else TypeError
+        raise error(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
+
+
 def _plain_call(x: Tensor, tensors, weight_hh: Optional[Tensor] = None) -> bool:
     """x a 3-D float32 or float64 CPU tensor, weight_hh (where given) 2-D, and every tensor given (None
     skipped) on the CPU with x's dtype: the common case, told in one pass, with no need of
     _check_operands."""
     dtype = x.dtype
-    if x.dim() != 3 or dtype not in _FLOATS or (weight_hh is not None and weight_hh.dim() != 2):
+    if x.dim() != 3 or dtype not in SUPPORTED_DTYPES or (weight_hh is not None and weight_hh.dim() != 2):
         return False
     for t in tensors:
         if t is not None and (not t.is_cpu or t.dtype != dtype):
@@ -85,17 +96,14 @@ def _plain_call(x: Tensor, tensors, weight_hh: Optional[Tensor] = None) -> bool:
     return True
 
 
-_FLOATS = (torch.float32, torch.float64)
-
-
 def _check_operands(x: Tensor, lengths: Optional[Tensor] = None, **named) -> None:
     """The operators' refusals that come before the kernels' own, each naming its argument: an input
     that is not a 3-D float32 or float64 tensor; a tensor (None skipped) of another dtype or on
-    another device than the input; lengths of integers on the input's device or the host. The fake
+    another device than the input; lengths elsewhere than on the input's device or the host (their
+    values are checked with the call's, as NumPy values are). The fake
     implementations make them too: a meta tensor beside real ones would run those and return
     uninitialised tensors."""
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"input: expected dtype float32 or float64, got {x.dtype}")
+    check_dtype("input", x)
     if x.dim() != 3:
         raise ValueError(f"input: expected a 3-D tensor (T, B, input_size), got shape {tuple(x.shape)}")
     for name, t in named.items():
@@ -114,15 +122,6 @@ def _check_operands(x: Tensor, lengths: Optional[Tensor] = None, **named) -> Non
         if lengths.device not in (x.device, torch.device("cpu")):
             raise ValueError(f"lengths: on {lengths.device}, but input is on {x.device}; lengths may be on the "
                              "input's device or the host")
-
-
-def _host_numbers(t: Tensor) -> np.ndarray:
-    """A tensor's values as a NumPy array on the host, for checking as NumPy values are: float types
-    NumPy lacks (bfloat16, float8) widened to float64, which holds them exactly."""
-    t = t.detach().cpu()
-    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
-        t = t.double()
-    return t.numpy()
 
 
 def _tensor(a) -> Tensor:
@@ -200,7 +199,7 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
         c_n, c_na = _empty(x, cell_shape)
     else:
         c_n, c_na = x.new_empty(*cell_shape), None
-    lens = None if lengths is None else _checks.lengths(_host_numbers(lengths), x.shape[0], x.shape[1])
+    lens = None if lengths is None else _checks.lengths(_device.torch_values(lengths), x.shape[0], x.shape[1])
     tapes = _stack.forward_layer(cell, xa, _by_direction(weights), h0a, c0a, lengths=lens, training=record, y=ya,
                                  h_n=h_na, c_n=c_na)
     handle = _tape_handle(tapes) if record else torch.full((), _NO_TAPE, dtype=torch.int64)

@@ -22,9 +22,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _checks, _cuda_layer, _stack
 from ..functional import CELLS, has_cell_state
-from ._ops import call_layer, check_later_states
+from ._ops import call_layer, check_dtype, check_later_states
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _CELLS = {cell.upper(): cell for cell in CELLS}  # torch.nn.RNNBase's mode -> the cell's name
 
 
@@ -42,17 +41,16 @@ class _FusedRNNBase(nn.RNNBase):
                                   "..., check_trace=False), or frt.revert(model) for torch.nn's modules")
 
     def _check_supported(self) -> None:
-        """NotImplementedError for what the fused kernels do not run (instead of running something else).
-        Meta parameters pass: a module built on the meta device gets real ones (to_empty) before it runs,
-        and forward refuses meta tensors."""
+        """NotImplementedError for what the fused kernels do not run (instead of running something else),
+        TypeError for options and parameters of the wrong kind. Meta parameters pass: a module built on
+        the meta device gets real ones (to_empty) before it runs, and forward refuses meta tensors."""
         name = type(self).__name__
         # torch.nn refuses these at its forward (its kernels take bools and ints); the fused layers
         # would read any value by its truth.
         _checks.flag("bidirectional", self.bidirectional)
-        if isinstance(self.num_layers, bool):
-            raise TypeError("num_layers: expected an int, got bool")
+        _checks.positive_int("num_layers", self.num_layers)
         for weight in self._flat_weights:
-            (_check_dtype if weight.is_meta else _check_placement)(f"fusedrnn.torch.{name} parameters", weight)
+            (check_dtype if weight.is_meta else _check_placement)(f"fusedrnn.torch.{name} parameters", weight)
 
     @property
     def _cell(self) -> str:
@@ -238,15 +236,7 @@ def _check_placement(name: str, t: Tensor) -> None:
             raise NotImplementedError(f"{name}: a CUDA tensor, and {err}") from err
     elif not t.is_cpu:
         raise NotImplementedError(f"{name}: fusedrnn runs on the CPU and on CUDA devices, got a tensor on {t.device}")
-    _check_dtype(name, t)
-
-
-def _check_dtype(name: str, t: Tensor) -> None:
-    """Float32 and float64 run; another floating dtype is one the kernels lack (NotImplementedError),
-    anything else (integers, bool, complex) a wrong argument, as torch.nn has it."""
-    if t.dtype not in SUPPORTED_DTYPES:
-        error = NotImplementedError if t.dtype.is_floating_point else TypeError
-        raise error(f"{name}: fusedrnn supports float32 and float64, got {t.dtype}")
+    check_dtype(name, t)
 
 
 def _out_of_autocast(t: Tensor, dtype) -> Tensor:
