@@ -313,6 +313,7 @@ def test_info_via_python_dash_m():
                  f"CUDA: {cuda['source']}, does not load" if not cuda["loaded"] else
                  f"CUDA: {cuda['source']}, built for sm {cuda['architectures']}")
     assert cuda_line in out and info["blas"] in out
+    assert f"(default {info['default_num_threads']}: the CPUs this process may run on" in out
     assert "Benchmark peers available: fusedrnn, numpy" in out
     assert "set in the environment" not in out or "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ
 

@@ -538,6 +538,115 @@ def test_team_follows_the_callers_cpu_mask():
     assert float(spread_err) < 1e-5 and confined_same == "True"
 
 
+@pytest.mark.skipif(not (hasattr(os, "sched_getaffinity") and os.path.isdir("/proc/self/task")),
+                    reason="needs os.sched_getaffinity and /proc (Linux)")
+def test_a_team_larger_than_the_mask_spreads_over_all_of_it():
+    """Workers are kept off the caller's CPU only where the other CPUs hold them all: a team larger than
+    the caller's mask (set_num_threads past the CPUs, or a mask narrowed after) lets every worker run
+    anywhere in the mask, rather than stacking them all on the CPUs left over."""
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        others = set(os.listdir("/proc/self/task"))  # the main thread and numpy's BLAS threads
+        import fusedrnn
+        from fusedrnn import functional as F
+        cpus = sorted(os.sched_getaffinity(0))
+        x = np.ones((3, 8, 4), np.float32)
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        def worker_masks(threads):
+            fusedrnn.set_num_threads(threads)
+            F.layer_forward("lstm", x, *w, training=False)
+            workers = set(os.listdir("/proc/self/task")) - others
+            assert len(workers) == threads - 1, (len(workers), threads)
+            return {frozenset(os.sched_getaffinity(int(tid))) for tid in workers}
+        caller = frozenset(os.sched_getaffinity(0))
+        fitting = worker_masks(len(cpus))
+        larger = worker_masks(len(cpus) + 2)
+        off_one = len(fitting) == 1 and all(m < caller and len(m) == len(caller) - 1 for m in fitting)
+        print(len(cpus), off_one, larger == {caller})
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    cpus, fitting_off_one_cpu, larger_spread = out.stdout.split()
+    if int(cpus) > 1:  # one CPU: nothing to keep apart, the workers always share the caller's mask
+        assert fitting_off_one_cpu == "True"
+    assert larger_spread == "True"
+
+
+def _write_tree(root, files: dict) -> str:
+    for path, text in files.items():
+        full = os.path.join(root, path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w") as f:
+            f.write(text)
+    return str(root)
+
+
+_V2_MOUNT = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+_V1_CPU_MOUNT = "32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+
+
+@pytest.mark.parametrize("files, cpus", [
+    # cgroup v2 in a container (its own cgroup at the mount's top): `docker --cpus 2.5` rounds up.
+    ({"/proc/self/mountinfo": _V2_MOUNT, "/proc/self/cgroup": "0::/\n",
+      "/sys/fs/cgroup/cpu.max": "250000 100000\n"}, 3),
+    ({"/proc/self/mountinfo": _V2_MOUNT, "/proc/self/cgroup": "0::/\n",
+      "/sys/fs/cgroup/cpu.max": "max 100000\n"}, 0),
+    # cgroup v2 on a host: a parent's limit binds its child, the least one counts.
+    ({"/proc/self/mountinfo": _V2_MOUNT, "/proc/self/cgroup": "0::/pods/p1/c1\n",
+      "/sys/fs/cgroup/pods/cpu.max": "400000 100000\n", "/sys/fs/cgroup/pods/p1/cpu.max": "50000 100000\n",
+      "/sys/fs/cgroup/pods/p1/c1/cpu.max": "max 100000\n"}, 1),
+    # cgroup v1 bind-mounted into a container: the mount's top is the process's cgroup.
+    ({"/proc/self/mountinfo": _V1_CPU_MOUNT.format(root="/docker/abc") + _V2_MOUNT.replace("/cgroup ", "/cgroup/unified "),
+      "/proc/self/cgroup": "4:cpu,cpuacct:/docker/abc\n0::/docker/abc\n",
+      "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "400000\n",
+      "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 4),
+    # cgroup v1 without a limit (quota -1), and no cgroup file system at all.
+    ({"/proc/self/mountinfo": _V1_CPU_MOUNT.format(root="/"), "/proc/self/cgroup": "4:cpu,cpuacct:/user\n",
+      "/sys/fs/cgroup/cpu,cpuacct/user/cpu.cfs_quota_us": "-1\n",
+      "/sys/fs/cgroup/cpu,cpuacct/user/cpu.cfs_period_us": "100000\n"}, 0),
+    ({"/proc/self/mountinfo": "", "/proc/self/cgroup": ""}, 0),
+], ids=["v2-container", "v2-max", "v2-parent", "v1-container", "v1-unlimited", "none"])
+def test_cgroup_cpu_limit_reads_the_process_s_hierarchy(tmp_path, files, cpus):
+    assert _core.cgroup_cpu_limit(_write_tree(tmp_path, files)) == cpus
+
+
+def _cpu_cgroup_made_for_test():
+    """A new cgroup v1 cpu cgroup under the process's own, or None where cgroups cannot be made here
+    (not root, read-only, cgroup v2 without delegation)."""
+    with open("/proc/self/cgroup") as f:
+        own = next((line.split(":", 2)[2].strip() for line in f if "cpu" in line.split(":")[1].split(",")), None)
+    base = os.path.join("/sys/fs/cgroup/cpu", (own or "/").lstrip("/"))
+    path = os.path.join(base, f"fusedrnn-test-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    return path
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/cpu"), reason="needs a cgroup v1 cpu hierarchy (Linux)")
+def test_default_team_keeps_within_the_cgroup_cpu_limit():
+    """A process whose cgroup may use half a CPU starts with a one-thread team; without a limit, with
+    the CPUs of its mask."""
+    path = _cpu_cgroup_made_for_test()
+    if path is None:
+        pytest.skip("cannot make a cgroup here (needs root and a writable cgroup v1 cpu hierarchy)")
+    code = ("import os, fusedrnn; print(fusedrnn.get_num_threads(), len(os.sched_getaffinity(0)), "
+            "fusedrnn.build_info()['cgroup_cpu_limit'])")
+    try:
+        runs = {}
+        for quota in ("50000", "-1"):
+            with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+                f.write(quota)
+            shell = f'echo $$ > {path}/cgroup.procs && exec "{sys.executable}" -c "{code}"'
+            out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True, timeout=120)
+            runs[quota] = tuple(map(int, out.stdout.split()))
+    finally:
+        os.rmdir(path)
+    assert runs["50000"][0] == 1 and runs["50000"][2] == 1
+    assert runs["-1"][0] == runs["-1"][1] and runs["-1"][2] == 0
+
+
 def test_import_starts_no_blas_threads():
     """The BLAS runs single-threaded inside the team, so loading it starts none of its own workers
     (they would spin on the team's cores), and the caller's OPENBLAS_NUM_THREADS is left as it was.

@@ -20,8 +20,10 @@
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cpu/backend.h"
 #include "fusedrnn/cpu/blas.h"
+#include "fusedrnn/cpu/cpu_limit.h"
 #include "fusedrnn/cpu/kernels.h"
 #include "fusedrnn/cpu/passes.h"
+#include "fusedrnn/cpu/threads.h"
 #include "fusedrnn/cuda/emulated.h"
 #include "fusedrnn/layer.h"
 #include "gil.h"
@@ -867,6 +869,11 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
+  m.def("default_num_threads", &cpu::default_thread_count,
+        "The team size a process starts with: the CPUs it may run on, no more than its cgroups' CPU limit.");
+  m.def("cgroup_cpu_limit", &cpu::cgroup_cpu_limit, py::arg("root") = "",
+        "CPUs' worth of time the process's cgroups allow, rounded up; 0 where none is set. `root` prefixes "
+        "/proc and /sys.");
   m.def("release_scratch", [] {
     std::size_t freed = cpu::release_scratch();
 #ifdef FUSEDRNN_WITH_XLA_FFI

@@ -101,7 +101,9 @@ def build_info() -> dict:
     """How this fusedrnn was built and what it runs with: version, SIMD level in use and those
     supported/compiled, CUDA (see cuda_info), the jaxlib whose XLA FFI headers fusedrnn.jax's handlers
     were built against (None: not built), the BLAS (package and version, OpenBLAS's build string, and
-    the file it was loaded from), the thread team size, the OpenMP runtime whose threads run its jobs
+    the file it was loaded from), the thread team size and the size a process starts with (the CPUs
+    it may run on, no more than `cgroup_cpu_limit`, its cgroups' CPU limit rounded up, 0: none), the
+    OpenMP runtime whose threads run its jobs
 (None: fusedrnn's own workers; see fusedrnn.torch.use_torch_threads), and the L2 size per core that
     decides whether a layer's threads share its batch rows or its hidden units."""
     try:
@@ -119,6 +121,8 @@ def build_info() -> dict:
         "blas_name": _core.blas_name(),
         "blas_library": blas_library,
         "num_threads": _core.get_num_threads(),
+        "default_num_threads": _core.default_num_threads(),
+        "cgroup_cpu_limit": _core.cgroup_cpu_limit(),
         "openmp_runtime": _core.openmp_runtime() or None,
         "l2_cache_bytes": _core.l2_cache_bytes(),
     }

@@ -386,8 +386,11 @@ def _info(args) -> int:
         # What OpenBLAS made of them (a name it maps to another, or ignores) shows only in its build string.
         print(f"    set in the environment: {', '.join(f'{k}={v}' for k, v in forced.items())} (OpenBLAS reads "
               "them as it loads: the kernels it runs are those its build string above names)")
+    limit = info["cgroup_cpu_limit"]
     print(f"  threads: {info['num_threads']}, on "
-          f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'}")
+          f"{'the OpenMP runtime ' + info['openmp_runtime'] if info['openmp_runtime'] else 'its own workers'} "
+          f"(default {info['default_num_threads']}: the CPUs this process may run on"
+          f"{f', within its cgroup CPU limit of {limit}' if limit else ''})")
     print("Optional packages:")
     for name, use in OPTIONAL.items():
         problem = import_problem(name)

@@ -1,5 +1,7 @@
 #include "fusedrnn/cpu/threads.h"
 
+#include "fusedrnn/cpu/cpu_limit.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -244,8 +246,10 @@ void ThreadTeam::keep_workers_off_caller_cpu() {
   workers_avoid_cpu_ = cpu;
   cpu_set_t others = allowed;
   CPU_CLR(cpu, &others);
-  // With a single CPU allowed there is nothing to keep apart: the workers share the caller's mask.
-  const cpu_set_t& mask = CPU_COUNT(&others) > 0 ? others : allowed;
+  // Where the workers outnumber the other CPUs (one CPU allowed, or a team larger than the mask),
+  // keeping them off the caller's would stack them on the rest: they share the caller's mask instead.
+  const bool fits = CPU_COUNT(&others) >= static_cast<int>(workers_.size());
+  const cpu_set_t& mask = fits ? others : allowed;
   for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof mask, &mask);
 #endif
 }
@@ -281,15 +285,16 @@ void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
 }
 
 int default_thread_count() {
+  int cpus = 0;
 #if defined(__linux__)
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
+  if (sched_getaffinity(0, sizeof set, &set) == 0) cpus = CPU_COUNT(&set);
 #endif
-  const unsigned n = std::thread::hardware_concurrency();
-  return n > 0 ? static_cast<int>(n) : 1;
+  if (cpus <= 0) cpus = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  // Ranks beyond a cgroup's CPU limit would only take turns: the whole team is throttled together
+  // once the period's time is spent, and every step's barrier waits out the pause.
+  const int limit = cgroup_cpu_limit();
+  return limit > 0 ? std::min(cpus, limit) : cpus;
 }
 
 }  // namespace fusedrnn::cpu

@@ -208,7 +208,8 @@ class ThreadTeam::Lease {
   std::unique_lock<std::mutex> hold_;
 };
 
-// The thread count fusedrnn uses by default: the CPUs this process may run on.
+// The thread count fusedrnn uses by default: the CPUs this process may run on, no more than its cgroups'
+// CPU limit allows.
 int default_thread_count();
 
 }  // namespace fusedrnn::cpu
