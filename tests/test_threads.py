@@ -604,8 +604,11 @@ _V1_CPU_MOUNT = "32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgro
     ({"/proc/self/mountinfo": _V1_CPU_MOUNT.format(root="/"), "/proc/self/cgroup": "4:cpu,cpuacct:/user\n",
       "/sys/fs/cgroup/cpu,cpuacct/user/cpu.cfs_quota_us": "-1\n",
       "/sys/fs/cgroup/cpu,cpuacct/user/cpu.cfs_period_us": "100000\n"}, 0),
+    # A process moved out of its cgroup namespace's top sees a path above the mount: the mount's own.
+    ({"/proc/self/mountinfo": _V2_MOUNT, "/proc/self/cgroup": "0::/../other\n",
+      "/sys/fs/cgroup/cpu.max": "200000 100000\n", "/sys/other/cpu.max": "100000 100000\n"}, 2),
     ({"/proc/self/mountinfo": "", "/proc/self/cgroup": ""}, 0),
-], ids=["v2-container", "v2-max", "v2-parent", "v1-container", "v1-unlimited", "none"])
+], ids=["v2-container", "v2-max", "v2-parent", "v1-container", "v1-unlimited", "v2-outside", "none"])
 def test_cgroup_cpu_limit_reads_the_process_s_hierarchy(tmp_path, files, cpus):
     assert _core.cgroup_cpu_limit(_write_tree(tmp_path, files)) == cpus
 

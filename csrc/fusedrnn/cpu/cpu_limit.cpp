@@ -70,11 +70,12 @@ int cgroup_cpu_limit(const std::string& root) {
     if (v2 ? controllers.empty() : has_cpu_controller(controllers)) path = line.substr(second + 1);
   }
   // The part of the process's cgroup below the mount's top: none where the process's cgroup is the
-  // mount's top or lies outside it (then the mount's own limits are all there is to read).
+  // mount's top or lies outside it ("/.." from inside a cgroup namespace whose top it has left), and
+  // then the mount's own limits are all there is to read.
   if (mount_root == "/") mount_root.clear();
   std::string below;
   if (path.compare(0, mount_root.size(), mount_root) == 0 && path.size() > mount_root.size() &&
-      path[mount_root.size()] == '/')
+      path[mount_root.size()] == '/' && path.find("/..") == std::string::npos)
     below = path.substr(mount_root.size());
   while (!below.empty() && below.back() == '/') below.pop_back();
   const std::string top = root + mount_point;
