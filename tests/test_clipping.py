@@ -136,6 +136,28 @@ def test_clipping_errors():
         G.clip_grad_norm(3.0, 1.0)
 
 
+def test_functions_that_only_read_take_cpu_torch_tensors_and_jax_arrays():
+    """grad_norm, nonfinite_grads and sum_clipped_per_sample change nothing, so they read what NumPy
+    reads, as every other reading argument does: torch.func's per-sample gradients as they come."""
+    torch = pytest.importorskip("torch")
+    values = np.arange(12.0).reshape(4, 3)
+    per_sample = {"w": torch.tensor(values), "b": torch.ones(4, dtype=torch.float64)}
+    sums, norms = G.sum_clipped_per_sample(per_sample, 5.0)
+    want_sums, want_norms = G.sum_clipped_per_sample({k: v.numpy() for k, v in per_sample.items()}, 5.0)
+    np.testing.assert_array_equal(norms, want_norms)
+    for key in per_sample:
+        assert isinstance(sums[key], np.ndarray)
+        np.testing.assert_array_equal(sums[key], want_sums[key])
+    assert G.grad_norm([torch.tensor(values)]) == G.grad_norm([values]) == pytest.approx(np.sqrt((values**2).sum()))
+    assert G.nonfinite_grads({"a": torch.ones(2), "b": torch.tensor([1.0, math.nan])}) == ["b"]
+    with pytest.raises(TypeError, match=r"^grads\[0\]: cannot be read as an array: .*requires grad"):
+        G.grad_norm([torch.ones(2, requires_grad=True)])
+    with pytest.raises(TypeError, match=r"^grads\[0\]: expected a float array, got ndarray of int32"):
+        G.nonfinite_grads([torch.ones(2, dtype=torch.int32)])
+    jnp = pytest.importorskip("jax.numpy")
+    assert G.grad_norm({"w": jnp.asarray(values)}) == pytest.approx(G.grad_norm([values]))
+
+
 def test_norms_of_finite_gradients_past_float64s_squares_stay_finite():
     """The squares of 1e200 overflow float64 and those of 1e-200 vanish; the norms of such gradients are
     finite and nonzero, and a total past float64's range is told apart from a NaN."""

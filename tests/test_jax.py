@@ -659,6 +659,16 @@ def test_bias_and_bidirectional_take_bools_only():
         "weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse", "weight_hh_l0_reverse"]
 
 
+def test_param_names_refuses_impossible_stacks_as_param_shapes_does():
+    for num_layers, message in ((0, "got 0"), (-3, "got -3")):
+        with pytest.raises(ValueError, match=rf"^num_layers: expected an int >= 1, {message}$"):
+            fj.param_names(num_layers)
+    with pytest.raises(ValueError, match=r"^proj_size: expected an int >= 0, got -1$"):
+        fj.param_names(1, proj_size=-1)
+    with pytest.raises(TypeError, match=r"^num_layers: expected an int, got float$"):
+        fj.param_names(1.0)
+
+
 # ---- concurrency -------------------------------------------------------------------------------------
 
 def test_concurrent_calls_in_one_program_and_from_threads_are_bit_identical(rng):

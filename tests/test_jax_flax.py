@@ -363,6 +363,23 @@ def test_linen_modules_refuse_bad_x_options_and_param_dtype_by_name(rng):
     assert sorted(no_bias) == ["weight_hh_l0", "weight_ih_l0"]
 
 
+def test_flax_modules_take_check_finite_as_the_functional_call_does(rng):
+    """NaN in x is a ValueError by default (an eager call on the CPU); check_finite=False lets it
+    through to the outputs, as fusedrnn.jax.forward's option does."""
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    x[2, 1, 0] = np.nan
+    linen_model = flinen.GRU(4)
+    variables = linen_model.init(jax.random.key(0), np.zeros_like(x))
+    nnx_model = fnnx.GRU(3, 4, rngs=nnx.Rngs(0))
+    for run in (lambda **kw: linen_model.apply(variables, x, **kw), lambda **kw: nnx_model(x, **kw)):
+        with pytest.raises(ValueError, match=r"^x: contains NaN or infinite values"):
+            run()
+        y, h_n = run(check_finite=False)
+        assert np.isnan(y[2:, 1]).all() and np.isfinite(y[:, 0]).all() and np.isfinite(y[:2]).all()
+        with pytest.raises(TypeError, match=r"^check_finite: expected a bool, got str"):
+            run(check_finite="no")
+
+
 def test_nnx_view_and_a_key_as_rngs_work_as_for_nnx_dropout(rng):
     model = fnnx.LSTM(2, 3, num_layers=2, dropout=0.5, rngs=nnx.Rngs(0))
     x = jnp.asarray(rng.standard_normal((4, 2, 2)).astype(np.float32))

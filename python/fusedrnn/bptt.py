@@ -25,6 +25,8 @@ from . import _checks, _device
 
 
 class TruncatedBPTTResult(NamedTuple):
+    """What truncated_bptt returns (the fields' comments say what each holds)."""
+
     y: np.ndarray      # the whole output, in the module's layout; zero past each row's length
     hx: object         # the final state: h_n, or (h_n, c_n) for an LSTM
     losses: list       # the loss of each chunk, in order

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="shapes as T,B,I,H (default "
                        f"{' '.join(','.join(map(str, shape)) for shape in benchmark.DEFAULT_SHAPES)})")
     bench.add_argument("--mode", nargs="+", action="extend", default=None, choices=benchmark.MODES,
-                       help="inference, training or both (default both), for every case, --set and --compare's too")
+                       help="inference, training, or both named (the default), for every case, --set and --compare's too")
     bench.add_argument("--peers", nargs="+", action="extend", default=None,
                        help=f"peers to time (default: every installed one of {sorted(benchmark.PEERS)})")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"),

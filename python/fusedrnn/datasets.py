@@ -28,6 +28,8 @@ def sunspots() -> tuple[np.ndarray, np.ndarray]:
 
 
 class CO2Series(NamedTuple):
+    """The weekly Mauna Loa CO2 record as co2_weekly returns it."""
+
     dates: np.ndarray      # (N,) datetime64[D], one every 7 days
     ppm: np.ndarray        # (N,) float64, gaps filled by linear interpolation in time
     measured: np.ndarray   # (N,) bool, False where the week had no value and was filled
@@ -49,6 +51,8 @@ def co2_weekly() -> CO2Series:
 
 
 class DeepBenchShape(NamedTuple):
+    """One recurrent shape of DeepBench's sets, as deepbench_shapes returns them."""
+
     set: str        # training_set, inference_server_set or inference_device_set
     hidden: int
     batch: int

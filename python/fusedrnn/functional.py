@@ -34,6 +34,8 @@ def takes_projection(cell: str) -> bool:
 
 
 class LayerOutput(NamedTuple):
+    """What layer_forward returns: the outputs, the final states and the tape backward needs."""
+
     y: np.ndarray            # (T, B, R): R = P with a projection, else H
     h_n: np.ndarray          # (B, R)
     c_n: np.ndarray | None   # (B, H) for LSTM, else None
@@ -41,6 +43,10 @@ class LayerOutput(NamedTuple):
 
 
 class LayerGrads(NamedTuple):
+    """What layer_backward returns: the gradients of x and the initial states, each weight's (the
+    arrays of `grads` where given, accumulated into; (Q, *shape) with grad_groups Q > 1), and the
+    gradient-flow profile dh_norm."""
+
     dx: np.ndarray
     dh0: np.ndarray
     dc0: np.ndarray | None

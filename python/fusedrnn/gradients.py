@@ -4,7 +4,8 @@ of how the gradient flows back through time.
 
 `grads` everywhere is a module's `grads` mapping, any mapping name -> array, a list of arrays or one
 array: NumPy arrays, or CuPy arrays on a CUDA device (a module moved there), worked on where they are.
-The arrays are changed in place.
+The clipping functions change them in place; the functions that only read them (grad_norm,
+nonfinite_grads, sum_clipped_per_sample) also take what NumPy reads (CPU torch tensors, JAX arrays).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def _grad_arrays(grads, *, changed: bool = False, name: str = "grads") -> list:
     """The gradients as (key, array) pairs, each checked; with `changed`, also that every one can be
     written, before any is (a failed clip leaves them all as they were). `name`: the argument's."""
     named = _checks.named_arrays(name, grads)
+    if not changed:  # read only: whatever NumPy reads (a CPU torch tensor, a JAX array) will do
+        named = [(key, g if isinstance(g, np.ndarray) or _device.is_cuda(g) else
+                  _checks.as_array(f"{name}[{key!r}]", g)) for key, g in named]
     for key, g in named:
         _checks.refuse_masked(f"{name}[{key!r}]", g)
         if not (isinstance(g, np.ndarray) or _device.is_cuda(g)) or g.dtype.kind != "f":
@@ -167,6 +171,8 @@ def sum_clipped_per_sample(per_sample_grads, max_norm: float) -> tuple:
 
 
 class GradientFlow(NamedTuple):
+    """What diagnose_gradient_flow returns."""
+
     verdict: str             # "vanishing", "exploding" or "healthy"
     factor_per_step: float   # fitted |dL/dh| ratio for one step back along the recurrence (< 1: decays)
     span: float              # fitted ratio between the far end's norm and the near end's

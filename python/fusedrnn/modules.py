@@ -167,9 +167,12 @@ class _Module:
         super().__setattr__(name, value)
 
     def named_parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for each parameter, keyed as torch.nn names them: the module's own arrays,
+        which an optimizer changes in place."""
         return iter(self._params.items())
 
     def parameters(self) -> list[np.ndarray]:
+        """The parameters' own arrays, in named_parameters' order."""
         return list(self._params.values())
 
     def state_dict(self) -> OrderedDict:
@@ -179,8 +182,10 @@ class _Module:
     def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
         """Loads parameters in place from a mapping of name -> array-like on any device (a torch
         state_dict works as is), onto the module's device. Shapes must match; values are cast to the
-        module's dtype and must be finite. Returns the keys the module has and the mapping lacks, and
-        the mapping's keys the module lacks (as torch does), empty unless strict=False."""
+        module's dtype and must be finite. With strict (the default), a key the mapping lacks or the
+        module lacks is a ValueError naming them all (torch raises RuntimeError). Returns the keys the
+        module has and the mapping lacks, and the mapping's keys the module lacks (as torch does), empty
+        unless strict=False."""
         missing, unexpected = _checks.state_dict_keys(state_dict, self._params, strict)
         loaded = {}
         for name, current in self._params.items():
@@ -302,10 +307,12 @@ class _Module:
         _checks.apart({f"grads[{k!r}]": grads[k] for k in self._params}, dict(self._params))
 
     def train(self, mode: bool = True):
+        """Sets training mode (True: forwards record for backward and apply dropout); returns the module."""
         self.training = _checks.flag("mode", mode)
         return self
 
     def eval(self):
+        """train(False): forwards record nothing and apply no dropout; returns the module."""
         return self.train(False)
 
 
@@ -357,6 +364,7 @@ class RNNBase(_Module):
 
     @property
     def num_directions(self) -> int:
+        """2 for a bidirectional module, else 1."""
         return 2 if self.bidirectional else 1
 
     @property
@@ -408,6 +416,7 @@ class RNNBase(_Module):
     # ---- forward / backward -----------------------------------------------------------------------
 
     def __call__(self, x, hx=None, lengths=None):
+        """forward(x, hx, lengths=lengths)."""
         return self.forward(x, hx, lengths=lengths)
 
     def _state_shape(self, batch: int | None, width: int) -> tuple[int, ...]:
@@ -665,9 +674,12 @@ class Linear(_Module):
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self._params})"
 
     def __call__(self, x):
+        """forward(x)."""
         return self.forward(x)
 
     def forward(self, x) -> np.ndarray:
+        """y = x W^T + b over x's last axis (in_features wide; any leading axes); in training mode
+        x is kept for backward."""
         self._check_on_module_device(x=x)
         x = _checks.array("x", x, self.dtype, tuple(range(1, 33)))
         if x.size == 0:

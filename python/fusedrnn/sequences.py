@@ -139,6 +139,8 @@ def length_mask(lengths, steps: int | None = None, *, batch_first: bool = False)
 
 
 class Batch(NamedTuple):
+    """One padded batch as BucketBatches yields it."""
+
     x: np.ndarray                  # (T, B, *features), or (B, T, ...) with batch_first
     lengths: np.ndarray            # (B,) int64
     indices: np.ndarray            # (B,) positions of these sequences in the iterator's list

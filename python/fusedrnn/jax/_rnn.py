@@ -29,6 +29,8 @@ def param_names(num_layers: int = 1, *, bias: bool = True, bidirectional: bool =
                 proj_size: int = 0) -> list[str]:
     """The parameter names of a stack, in torch.nn's order (weight_hr last in each direction when
     proj_size > 0)."""
+    num_layers = _checks.positive_int("num_layers", num_layers)
+    proj_size = _checks.positive_int("proj_size", proj_size, minimum=0)  # its bound needs hidden_size
     bias, bidirectional = _checks.flag("bias", bias), _checks.flag("bidirectional", bidirectional)
     kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
     kinds += ("weight_hr",) if proj_size else ()

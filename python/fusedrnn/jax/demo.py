@@ -86,11 +86,15 @@ def _train_member(config: ForecastConfig, seed: int, z: np.ndarray, n_train: int
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedrnn.jax.demo", description=__doc__.split("\n\n")[0])
     defaults = ForecastConfig()
-    parser.add_argument("--cell", default=defaults.cell, choices=FORECAST_CELLS)
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--members", type=int, default=defaults.members)
+    parser.add_argument("--cell", default=defaults.cell, choices=FORECAST_CELLS,
+                        help=f"recurrent cell (default {defaults.cell})")
+    parser.add_argument("--hidden", type=int, default=defaults.hidden, help=f"hidden size (default {defaults.hidden})")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"training epochs (default {defaults.epochs})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"initialisation and shuffling seed (default {defaults.seed})")
+    parser.add_argument("--members", type=int, default=defaults.members,
+                        help=f"forecasters trained from different seeds and averaged (default {defaults.members})")
     args = parser.parse_args(argv)
     try:
         config = ForecastConfig(cell=args.cell, hidden=args.hidden, epochs=args.epochs, seed=args.seed,

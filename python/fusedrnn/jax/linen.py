@@ -27,9 +27,9 @@ nn = require("flax.linen", "flax")
 
 
 class RNNBase(nn.Module):
-    """A stack of the cell named by cell_name(); the call takes and returns what fusedrnn.jax.forward
-    does. Dropout between layers (unless deterministic, given as a field or to the call) draws its key
-    from the "dropout" stream."""
+    """A stack of the cell named by cell_name(); the call takes x, hx, lengths and check_finite and
+    returns what fusedrnn.jax.forward does (the fields are its other options). Dropout between layers
+    (unless deterministic, given as a field or to the call) draws its key from the "dropout" stream."""
 
     hidden_size: int
     num_layers: int = 1
@@ -45,6 +45,7 @@ class RNNBase(nn.Module):
     param_dtype: Any = jnp.float32
 
     def cell_name(self) -> str:
+        """The functional cell name ("lstm", "gru", "rnn_tanh" or "rnn_relu") the subclass runs."""
         raise NotImplementedError
 
     def projection(self) -> int:
@@ -52,7 +53,7 @@ class RNNBase(nn.Module):
         return 0
 
     @nn.compact
-    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None):
+    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, check_finite: bool = True):
         cell = self.cell_name()
         # x is judged against the parameters here: flax would blame weight_ih_l0 for a wrong x.
         _check_x_rank(jnp.shape(x))
@@ -77,10 +78,12 @@ class RNNBase(nn.Module):
                                  "or deterministic=True")
             key = self.make_rng("dropout")
         return forward(cell, params, x, hx, lengths=lengths, batch_first=self.batch_first, dropout=self.dropout,
-                       dropout_key=key, cell_clip=self.cell_clip)
+                       dropout_key=key, cell_clip=self.cell_clip, check_finite=check_finite)
 
 
 class LSTM(RNNBase):
+    """Long short-term memory layers, as torch.nn.LSTM (proj_size a field, by keyword)."""
+
     _: dataclasses.KW_ONLY
     proj_size: int = 0
 
@@ -92,6 +95,8 @@ class LSTM(RNNBase):
 
 
 class GRU(RNNBase):
+    """Gated recurrent unit layers, as torch.nn.GRU."""
+
     _: dataclasses.KW_ONLY
 
     def cell_name(self) -> str:
@@ -99,6 +104,8 @@ class GRU(RNNBase):
 
 
 class RNN(RNNBase):
+    """Elman RNN layers, as torch.nn.RNN (nonlinearity "tanh" or "relu" a field, by keyword)."""
+
     _: dataclasses.KW_ONLY
     nonlinearity: str = "tanh"
 

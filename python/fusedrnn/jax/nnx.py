@@ -30,8 +30,9 @@ def _dropout_stream(rngs: nnx.Rngs):
 
 
 class RNNBase(nnx.Module):
-    """A stack of `cell` layers ("lstm", "gru", "rnn_tanh", "rnn_relu"); the call takes and returns
-    what fusedrnn.jax.forward does. Dropout between layers draws its keys from the "dropout" stream
+    """A stack of `cell` layers ("lstm", "gru", "rnn_tanh", "rnn_relu"); the call takes x, hx, lengths
+    and check_finite and returns what fusedrnn.jax.forward does (the constructor takes its other
+    options). Dropout between layers draws its keys from the "dropout" stream
     of the Rngs given at construction (or to the call) unless the module is deterministic (eval())."""
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
@@ -59,6 +60,7 @@ class RNNBase(nnx.Module):
         self.rngs = _dropout_stream(rngs).fork() if dropout > 0 else nnx.data(None)
 
     def param_names(self) -> list[str]:
+        """The module's parameter names, in torch.nn's order."""
         return param_names(self.num_layers, bias=self.bias, bidirectional=self.bidirectional,
                            proj_size=self.proj_size)
 
@@ -69,8 +71,9 @@ class RNNBase(nnx.Module):
     def load_state_dict(self, state_dict, strict: bool = True) -> IncompatibleKeys:
         """Loads parameters from a mapping keyed as torch.nn's, as the NumPy modules' load_state_dict:
         shapes and dtypes must match and known (not traced) values be finite, all checked before any is
-        written. Returns the module's keys the mapping lacks and the mapping's keys the module lacks,
-        empty unless strict=False."""
+        written. With strict (the default), a key the mapping lacks or the module lacks is a ValueError
+        naming them all. Returns the module's keys the mapping lacks and the mapping's keys the module
+        lacks, empty unless strict=False."""
         names = self.param_names()
         missing, unexpected = _checks.state_dict_keys(state_dict, names, strict)
         loaded = {}
@@ -96,8 +99,11 @@ class RNNBase(nnx.Module):
         if deterministic is not None:
             self.deterministic = _checks.flag("deterministic", deterministic)
 
-    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None):
-        """rngs: an nnx.Rngs (its "dropout" stream), an RngStream or a PRNG key, as nnx.Dropout takes."""
+    def __call__(self, x, hx=None, *, lengths=None, deterministic: bool | None = None, rngs=None,
+                 check_finite: bool = True):
+        """x, hx, lengths and check_finite as fusedrnn.jax.forward takes them, returning what it does.
+        deterministic: None (the module's, eval() sets it) or a bool for this call. rngs: an nnx.Rngs
+        (its "dropout" stream), an RngStream or a PRNG key, as nnx.Dropout takes."""
         deterministic = self.deterministic if deterministic is None else deterministic
         key = None
         if dropout_on(deterministic, self.dropout, self.num_layers):
@@ -114,20 +120,30 @@ class RNNBase(nnx.Module):
                 raise TypeError(f"rngs: expected an nnx.Rngs, an nnx.RngStream or a PRNG key, got "
                                 f"{type(source).__name__}")
         return forward(self.cell, self.state_dict(), x, hx, lengths=lengths, batch_first=self.batch_first,
-                       dropout=self.dropout, dropout_key=key, cell_clip=self.cell_clip)
+                       dropout=self.dropout, dropout_key=key, cell_clip=self.cell_clip, check_finite=check_finite)
 
 
 class LSTM(RNNBase):
+    """Long short-term memory layers, as torch.nn.LSTM(input_size, hidden_size, num_layers): the other
+    options by keyword (bias, batch_first, dropout, bidirectional, cell_clip, proj_size, dtype, rngs)."""
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **options):
         super().__init__("lstm", input_size, hidden_size, num_layers, **options)
 
 
 class GRU(RNNBase):
+    """Gated recurrent unit layers, as torch.nn.GRU(input_size, hidden_size, num_layers): the other
+    options by keyword (bias, batch_first, dropout, bidirectional, dtype, rngs)."""
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **options):
         super().__init__("gru", input_size, hidden_size, num_layers, **options)
 
 
 class RNN(RNNBase):
+    """Elman RNN layers (nonlinearity "tanh" or "relu"), as torch.nn.RNN(input_size, hidden_size,
+    num_layers): the other options by keyword (nonlinearity, bias, batch_first, dropout, bidirectional,
+    dtype, rngs)."""
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *, nonlinearity: str = "tanh",
                  **options):
         if nonlinearity not in ("tanh", "relu"):

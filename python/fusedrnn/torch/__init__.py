@@ -1,4 +1,5 @@
-"""fusedrnn as a drop-in for torch.nn.LSTM, GRU and RNN (CPU; float32 and float64).
+"""fusedrnn as a drop-in for torch.nn.LSTM, GRU and RNN (CPU tensors, and CUDA tensors where fusedrnn's CUDA
+module is installed; float32 and float64).
 
     import fusedrnn.torch as frt
     model.encoder = frt.LSTM(256, 512, num_layers=2, batch_first=True, bidirectional=True)

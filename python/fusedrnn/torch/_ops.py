@@ -207,6 +207,7 @@ def _layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Te
 
 
 rnn_layer = torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=(), device_types=("cpu", "cuda"))(_layer)
+rnn_layer.__doc__ = _layer.__doc__  # the operator object's own is torch's generic text
 
 
 @rnn_layer.register_fake
@@ -261,6 +262,7 @@ def _backward_by_groups(groups: int, tape, x, weight_ih, weight_hh, bias_ih, bia
 
 rnn_layer_backward = torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=(),
                                              device_types=("cpu", "cuda"))(_layer_backward)
+rnn_layer_backward.__doc__ = _layer_backward.__doc__
 
 
 @rnn_layer_backward.register_fake

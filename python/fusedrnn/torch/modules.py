@@ -270,7 +270,8 @@ def _dropout(y: Tensor, p: float, batch_sizes):
 
 
 class LSTM(_FusedRNNBase):
-    """torch.nn.LSTM on fusedrnn's fused CPU kernels (float32/float64; proj_size too)."""
+    """torch.nn.LSTM on fusedrnn's fused kernels (CPU, or CUDA with the CUDA module; float32/float64;
+    proj_size too)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -280,7 +281,7 @@ class LSTM(_FusedRNNBase):
 
 
 class GRU(_FusedRNNBase):
-    """torch.nn.GRU on fusedrnn's fused CPU kernels (float32/float64)."""
+    """torch.nn.GRU on fusedrnn's fused kernels (CPU, or CUDA with the CUDA module; float32/float64)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -290,8 +291,8 @@ class GRU(_FusedRNNBase):
 
 
 class RNN(_FusedRNNBase):
-    """torch.nn.RNN (tanh or relu) on fusedrnn's fused CPU kernels (float32/float64); nonlinearity is
-    the 4th positional argument, as in torch.nn.RNN."""
+    """torch.nn.RNN (tanh or relu) on fusedrnn's fused kernels (CPU, or CUDA with the CUDA module;
+    float32/float64); nonlinearity is the 4th positional argument, as in torch.nn.RNN."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
