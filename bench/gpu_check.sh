@@ -2,10 +2,12 @@
 # Everything about the CUDA backend that needs a GPU, in one call of under ten minutes, on a machine with
 # no network: Python 3.12, torch (CUDA 13), CuPy, JAX with CUDA, nvcc 13, nvidia-cublas and
 # compute-sanitizer installed, one GPU. `bench/gpu_check.sh [CHECK...]` builds and installs fusedrnn,
-# then runs the checks named (default: all, in the order below). The build is the only step whose
-# failure stops the script; each check runs under a time limit, never past GPU_CHECK_SECONDS (default
-# 570) from the start, and the script ends with what passed, failed or was not reached, exiting non-zero
-# unless all passed. GPU_CHECK_INSTALLED=1 skips the build, for a second call on the same machine.
+# then runs the checks named (default: all, in the order below: correctness first, then the figures,
+# the CPU thread curve last). The build is the only step whose failure stops the script; the build and
+# each check run under a time limit, never past GPU_CHECK_SECONDS (default 420) from the start; each
+# check's outcome is written to steps.log as it ends, and the script ends with what passed, failed or
+# was not reached, exiting non-zero unless all passed. GPU_CHECK_INSTALLED=1 skips the build, for a
+# second call on the same machine.
 #   build: fusedrnn's wheels as users get them, both with --no-build-isolation --no-index so the builds
 #      use what is installed: the CPU package with FUSEDRNN_CUDA=OFF, then the plugin fusedrnn-cuda13
 #      for this GPU's architecture (ptxas's report kept, register spills fail the build); both installed
@@ -25,31 +27,39 @@
 #      on as many, the GPU idle;
 #   large, projection: larger shapes, then LSTMs with a projection (--set projection), against cuDNN;
 #   memcheck, racecheck, synccheck: compute-sanitizer's tools on a small case of every kernel
-#      (bench/gpu_small_case.py);
+#      (bench/gpu_small_case.py); "not run" where the machine's GPU is not one compute-sanitizer supports
+#      (a sandboxed GPU answers "Device not supported");
 #   per_sample: per-sample gradients through fusedrnn.jax on the GPU (jit(vmap(grad)), the samples
 #      folded into one layer call) against a call a sample, jit over lax.scan and one batched step
 #      (bench/bench_jax.py's per-sample section, two of its rows).
-# Logs, the benchmarks' JSON and the two wheels go to $OUT (or ./gpu_check_out).
+# $OUT (or ./gpu_check_out) gets three files, so that a run cut short still brings back what it did:
+# steps.log (every step and check's outcome as it ends), gpu.txt (the machine) and results.tgz (the
+# logs and the benchmarks' JSON and text, packed again after each check). The files packed, and the two
+# wheels, are written in GPU_CHECK_FILES (default: a new temporary directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
-out="${OUT:-$repo/gpu_check_out}"
+report="${OUT:-$repo/gpu_check_out}"
+mkdir -p "$report"
+report="$(cd "$report" && pwd)"
+out="${GPU_CHECK_FILES:-$(mktemp -d)}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 python="${PYTHON:-python3}"
 start=$(date +%s)
-deadline=$((start + ${GPU_CHECK_SECONDS:-570}))
-log() { printf '\n== [%ss] %s\n' "$(($(date +%s) - start))" "$*" | tee -a "$out/steps.log"; }
+deadline=$((start + ${GPU_CHECK_SECONDS:-420}))
+log() { printf '\n== [%ss] %s\n' "$(($(date +%s) - start))" "$*" | tee -a "$report/steps.log"; }
+pack() { tar czf "$report/results.tgz" -C "$out" --exclude='*.whl' . 2>/dev/null || true; }
 export repo out python
 export PYTHONFAULTHANDLER=1  # a crash shows where in Python it happened
 
 log "machine"
 # nvcc and compute-sanitizer live beside the toolkit, which not every image puts on PATH.
 command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm --format=csv | tee "$report/gpu.txt"
 nvcc --version | tail -2
-{ lscpu | grep -E "Model name|^CPU\(s\)" || true; } | tee -a "$out/gpu.txt"
-"$python" - <<'EOF' | tee -a "$out/gpu.txt"
+{ lscpu | grep -E "Model name|^CPU\(s\)" || true; } | tee -a "$report/gpu.txt"
+"$python" - <<'EOF' | tee -a "$report/gpu.txt"
 import importlib, platform, sys
 print("python", platform.python_version(), sys.executable)
 for name in ("torch", "cupy", "numpy", "jax", "jaxlib", "scikit_build_core", "pybind11"):
@@ -61,8 +71,8 @@ EOF
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.[:space:]')
 
 checks=("$@")
-((${#checks[@]})) || checks=(tests bench jax persistent threads large projection memcheck racecheck synccheck
-  per_sample)
+((${#checks[@]})) || checks=(tests memcheck racecheck bench jax persistent synccheck per_sample large projection
+  threads)
 
 if [[ "${GPU_CHECK_INSTALLED:-0}" != 1 ]]; then
   log "build tools"
@@ -98,24 +108,28 @@ EOF
   scratch="$(mktemp -d)"
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
   export CMAKE_BUILD_PARALLEL_LEVEL
-  FUSEDRNN_CUDA=OFF "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index --wheel-dir "$scratch/dist" \
+  # A build that hangs must not take the whole lease: each stops at the deadline, less a minute.
+  build_limit() { local left=$((deadline - $(date +%s) - 60)); echo $((left > 30 ? left : 30)); }
+  FUSEDRNN_CUDA=OFF timeout -k 5 "$(build_limit)" "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index --wheel-dir "$scratch/dist" \
     --config-settings=build-dir="$scratch/build-cpu" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
     . >"$out/build_cpu.log" 2>&1 ||
-    { tail -40 "$out/build_cpu.log"; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
-  FUSEDRNN_CUDA_PTXAS_VERBOSE=ON "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index \
+    { tail -40 "$out/build_cpu.log"; pack; echo "gpu_check: the CPU package's build failed" >&2; exit 1; }
+  FUSEDRNN_CUDA_PTXAS_VERBOSE=ON timeout -k 5 "$(build_limit)" "$python" -m pip wheel -v --no-deps --no-build-isolation --no-index \
     --wheel-dir "$scratch/dist" --config-settings=build-dir="$scratch/build-plugin" \
     --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" --config-settings=cmake.define.FUSEDRNN_JAX_FFI=ON \
     plugins/cuda13 >"$out/build.log" 2>&1 ||
-    { tail -40 "$out/build.log"; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
+    { tail -40 "$out/build.log"; pack; echo "gpu_check: the plugin's build failed" >&2; exit 1; }
   grep "fusedrnn: CUDA module" "$out/build.log"
   grep "fusedrnn: XLA FFI handlers for fusedrnn.jax in _cuda" "$out/build.log"
   if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log"; then
     echo "gpu_check: a kernel spills registers (above)" >&2
+    pack
     exit 1
   fi
   "$python" -m pip install -q --no-index --no-deps --force-reinstall "$scratch"/dist/fusedrnn-*.whl
   "$python" -m pip install -q --no-index "$scratch"/dist/fusedrnn_cuda13-*.whl
   cp "$scratch"/dist/*.whl "$out"/
+  pack
 fi
 cd "$out"  # from here on `import fusedrnn` is the installed package, never the source tree
 # What each module exports (its init function and a few template instances, nothing of a static
@@ -128,7 +142,8 @@ done || true
 assert info['source'] == 'fusedrnn-cuda13 ' + fusedrnn.__version__ and info['devices'] > 0, info"
 
 # check NAME SECONDS FUNCTION: runs FUNCTION (below) in a shell of its own for at most SECONDS, fewer
-# when the deadline is nearer, and goes on whatever its outcome; skips it when under 20 s are left.
+# when the deadline is nearer, and goes on whatever its outcome; skips it when under 20 s are left. A
+# FUNCTION that exits 77 could not run on this machine (not a failure of the code).
 passed=() failed=() not_run=()
 check() {
   local name=$1 cap=$2 fn=$3 left status
@@ -142,7 +157,17 @@ check() {
   log "$name (at most ${cap}s)"
   status=0
   timeout -k 5 "$cap" bash -c "set -euo pipefail; $(declare -f "$fn"); $fn" || status=$?
-  if ((status == 0)); then passed+=("$name"); else failed+=("$name (exit $status)"); fi
+  if ((status == 0)); then
+    passed+=("$name")
+    log "$name: passed"
+  elif ((status == 77)); then
+    not_run+=("$name (cannot run on this machine)")
+    log "$name: not run (cannot run on this machine)"
+  else
+    failed+=("$name (exit $status)")
+    log "$name: FAILED (exit $status)"
+  fi
+  pack
 }
 
 # A pytest run whose log is kept; the tail is shown, and a run that skipped a GPU test fails.
@@ -169,7 +194,11 @@ sanitize() {
   local tool=$1
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
     "$python" "$repo/bench/gpu_small_case.py" >"$out/sanitizer_$tool.log" 2>&1 ||
-    { tail -30 "$out/sanitizer_$tool.log"; return 1; }
+    {
+      tail -30 "$out/sanitizer_$tool.log"
+      if grep -q "Device not supported" "$out/sanitizer_$tool.log"; then return 77; fi
+      return 1
+    }
   tail -2 "$out/sanitizer_$tool.log"
 }
 check_memcheck() { sanitize memcheck; }
@@ -252,5 +281,6 @@ log "summary"
   for name in "${passed[@]}"; do echo "passed: $name"; done
   for name in "${failed[@]}"; do echo "FAILED: $name"; done
   for name in "${not_run[@]}"; do echo "not run: $name"; done
-} | tee -a "$out/steps.log"
+} | tee -a "$report/steps.log"
+pack
 ((${#failed[@]} == 0 && ${#not_run[@]} == 0))

@@ -21,9 +21,14 @@
 namespace fusedrnn::gpu::cuda {
 
 inline void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
+  if (status != cudaSuccess) {
+    // The runtime also keeps the error as this thread's last one, which the next launch's check would
+    // read back: a caller that catches an out-of-memory error and retries smaller must start clean.
+    // (A sticky error, one that spoils the context, comes back from every later call anyway.)
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("fusedrnn: CUDA error in ") + what + ": " + cudaGetErrorName(status) +
                              " (" + cudaGetErrorString(status) + ")");
+  }
 }
 
 inline void check(cublasStatus_t status, const char* what) {
@@ -246,11 +251,13 @@ class CudaDevice {
     return exec;
   }
 
-  // Dynamic shared memory past 48 KB must be allowed per kernel first.
-  static void allow_shared(const void* function, std::size_t bytes) {
+  // Dynamic shared memory past 48 KB must be allowed per kernel first. The allowance is one value per
+  // kernel and device for every host thread, so it is always the device's whole opt-in maximum: a
+  // thread allowing only its own size could shrink it under another's launch of the same kernel.
+  void allow_shared(const void* function, std::size_t bytes) const {
     constexpr std::size_t kDefaultLimit = 48 * 1024;
     if (bytes > kDefaultLimit)
-      check(cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+      check(cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_shared_)),
             "cudaFuncSetAttribute");
   }
 

@@ -92,9 +92,21 @@ void copy_to_host(void* to, const void* from, std::size_t bytes, void* stream) {
 void copy_rows(void* to, std::size_t to_pitch, const void* from, std::size_t from_pitch, std::size_t row_bytes,
                std::size_t rows, void* stream) {
   if (rows == 0 || row_bytes == 0) return;
-  check(cudaMemcpy2DAsync(to, to_pitch, from, from_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice,
-                          static_cast<cudaStream_t>(stream)),
-        "cudaMemcpy2DAsync");
+  const auto on = static_cast<cudaStream_t>(stream);
+  int device = 0, max_pitch = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, device), "cudaDeviceGetAttribute");
+  const auto limit = static_cast<std::size_t>(max_pitch);
+  if (to_pitch <= limit && from_pitch <= limit) {
+    check(cudaMemcpy2DAsync(to, to_pitch, from, from_pitch, row_bytes, rows, cudaMemcpyDeviceToDevice, on),
+          "cudaMemcpy2DAsync");
+    return;
+  }
+  // cudaMemcpy2D refuses pitches past the device's limit (about 2 GB): such rows are copied one by one.
+  for (std::size_t r = 0; r < rows; ++r)
+    check(cudaMemcpyAsync(static_cast<char*>(to) + r * to_pitch, static_cast<const char*>(from) + r * from_pitch,
+                          row_bytes, cudaMemcpyDeviceToDevice, on),
+          "cudaMemcpyAsync");
 }
 
 int runtime_version() {
