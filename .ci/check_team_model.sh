@@ -2,8 +2,8 @@
 # Checks the Promela model of the thread team's job posting and barrier (csrc/fusedrnn/cpu/threads.pml) with
 # SPIN. The protocol of threads.cpp must pass an exhaustive safety search (assertions, invalid end states)
 # and a liveness search (the `terminates` claim); the protocol it replaced (-DOLD_PROTOCOL) must fail,
-# so the model demonstrably can. Takes about ten seconds, most of it compiling; installs the Debian
-# package spin when it is missing.
+# so the model demonstrably can (the check's time: bench/NOTES.md, "CI's time, stage by stage").
+# Installs the Debian package spin when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$PWD/csrc/fusedrnn/cpu/threads.pml"

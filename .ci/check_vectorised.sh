@@ -3,10 +3,11 @@
 # FUSEDRNN_INDEPENDENT_ITERATIONS: the gates, the LSTM output pass, the backward's gate gradients) must be
 # vectorised at full width at every SIMD level the build compiles, in every float instantiation (double
 # keeps libm's scalar exp and tanh by design). Nothing else notices when they are not: results stay
-# right and the kernels get 3-10x slower in those loops, as the AVX2 and portable levels once were.
+# right and only those loops get several times slower.
 # The kernels are compiled with the build's own commands (CMake's compile database, so every flag
 # follows CMakeLists.txt) plus GCC's vectoriser report, and the report is read per function. GCC only.
-# Takes about a minute; a fresh virtual environment holds the build requirements.
+# A fresh virtual environment holds the build requirements (the check's time: bench/NOTES.md, "CI's
+# time, stage by stage").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"

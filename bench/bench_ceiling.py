@@ -14,9 +14,10 @@ Targets per row (float32, ratio = best peer time / fusedrnn time):
   the same threads on this host where the peer leaves no such room: where 1.25x the best peer's GFLOP/s
   in this run would be more than sgemm itself reaches (where torch's oneDNN kernel runs near the FMA
   peak, as LSTM inference does at a and b on CPUs with full-width 512-bit FMAs). The sgemm rate is
-  measured in the same process before and after the rows (the higher of the two counts): 284-454 GF/s
-  on a 2-vCPU Intel Xeon host of bench/NOTES.md (by its neighbours' load), about 480 on the AMD Zen 5
-  one. Where OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set, fusedrnn's own GEMMs run what they say, but
+  measured in the same process before and after the rows (the higher of the two counts), since a shared
+  host's load moves it (bench/NOTES.md, "Intel Xeon (family 6 model 207): the ceiling rows at this
+  version" and "The ceiling's own yardstick, and the input projection by units"). Where
+  OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set, fusedrnn's own GEMMs run what they say, but
   the yardstick is the host's: sgemm is also measured in a child process without them, OpenBLAS
   choosing its kernels for this CPU, and the higher rate counts;
 - small batch c, e: >= 2.0x.

@@ -125,10 +125,9 @@ def run_child(body: str) -> dict:
 
 def test_resizing_while_a_layer_runs_gives_the_planned_answer():
     """A call plans its split from the team's size and holds the team until it is done, so resizing the
-    team from another thread applies to the next call. Before, a 2-rank plan could run on one rank
-    (the other rank's units stayed unwritten): an LSTM (10, 1, 16, 128) forward, called 2,000 times
-    while a thread toggled the size between 1 and 2 every 0.2 ms, gave a few outputs off by up to 0.9.
-    Here forward-only and forward-and-backward calls alternate with sizes 1, 2, 3 and 5."""
+    team from another thread applies to the next call: a 2-rank plan must not run on one rank (the
+    other rank's units left unwritten). Here forward-only and forward-and-backward calls run while
+    another thread cycles the size through 1, 2, 3 and 5, and each output must match one size's."""
     counts = run_child("""
         sizes = (1, 2, 3, 5)
         cases = [layer(0, "lstm", 10, 1, 16, 128), layer(1, "gru", 6, 3, 8, 192)]
@@ -151,10 +150,10 @@ def test_resizing_while_a_layer_runs_gives_the_planned_answer():
 
 @pytest.mark.parametrize("team", [3, 5, 8])
 def test_workers_outside_a_job_never_run_it(team):
-    """A worker that is not part of a job must not act on it, however late it looks. Before, a worker
-    outside a job read the job's thread count after its generation; held up between the two until
-    the next, larger job was posted, it ran that job, then ran it again after it had finished (a
-    freed job, ranks left waiting at a barrier). The workers here pause 300 us after every post, and
+    """A worker that is not part of a job must not act on it, however late it looks: a worker outside a
+    job that read the job's thread count apart from its generation, held up between the two until the
+    next, larger job is posted, would run that job, then run it again after it had finished (a freed
+    job, ranks left waiting at a barrier). The workers here pause 300 us after every post, and
     jobs alternate between 2, 3 and up to the team's size ranks."""
     counts = run_child(f"""
         team = {team}
@@ -260,10 +259,10 @@ def test_exit_waits_for_a_daemon_threads_gemm_before_the_blas_is_torn_down():
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
 def test_fork_while_another_thread_computes():
     """A fork copies the team's locks and its condition variable as they are, but not the threads that
-    hold or wait on them. A child forked while another thread is mid-call (it hung before, on a lock
-    nobody would release), or while the workers sleep, computes normally on a fresh team, also after
-    resizing it first (which started a second set of workers beside the replaced ones: two per rank
-    ran each job, a crash, a hang or a wrong answer)."""
+    hold or wait on them. A child forked while another thread is mid-call, or while the workers sleep,
+    must compute normally on a fresh team, not wait on a lock nobody will release; also after resizing
+    it first, without a second set of workers beside the replaced ones (two per rank running each job:
+    a crash, a hang or a wrong answer)."""
     counts = run_child("""
         import os, signal
         cases = [layer(0, "lstm", 6, 1, 8, 192), layer(1, "gru", 4, 12, 8, 96)]
@@ -454,8 +453,8 @@ def test_a_pending_forward_belongs_to_its_thread(rng):
 
 def test_gradients_entered_again_by_their_own_thread_raise_while_other_threads_wait(rng):
     """A signal handler that runs a module's backward while that module's backward runs on the same
-    thread found the gradients' lock held by its own thread and waited for itself forever. Now it gets
-    a RuntimeError; another thread still waits its turn and then adds its gradients."""
+    thread finds the gradients' lock held by its own thread: it must get a RuntimeError, not wait for
+    itself forever; another thread still waits its turn and then adds its gradients."""
     module = fusedrnn.GRU(3, 8, seed=0)
     x = rng.standard_normal((4, 2, 3)).astype(np.float32)
     dy = rng.standard_normal((4, 2, 8)).astype(np.float32)

@@ -390,13 +390,13 @@ def test_threads_that_end_hand_their_resources_on_to_later_threads(cupy, rng):
 
 
 def test_forks_while_threads_hand_their_resources_back_leave_working_children():
-    """A thread hands its set back as it ends, without the GIL, so a fork could copy the pool's lock
-    while a thread the child does not have held it: the child's next look at the pool waited forever
-    (about one fork in 270 here). Threads come and go while the main thread forks for four seconds; each
-    child counts the sets under an alarm. On the emulated device only (a forked child cannot use CUDA),
-    in a fresh process (a fork here would copy the other tests' thread pools). The child does nothing
-    more: a layer call there also meets the other libraries' locks a fork may copy held (one child in
-    5,000 hung so), which are not this test's."""
+    """A thread hands its set back as it ends, without the GIL, so a fork can copy the pool's lock
+    while a thread the child does not have holds it: the child's next look at the pool must not wait
+    forever. Threads come and go while the main thread forks for four seconds; each child counts the
+    sets under an alarm. On the emulated device only (a forked child cannot use CUDA), in a fresh
+    process (a fork here would copy the other tests' thread pools). The child does nothing more: a
+    layer call there also meets the other libraries' locks a fork may copy held, which are not this
+    test's."""
     import json
     import os
     import subprocess

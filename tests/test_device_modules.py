@@ -256,7 +256,7 @@ def test_functional_backward_refuses_arrays_off_the_tapes_device(cp, rng):
 def test_functional_calls_on_device_refuse_what_the_host_refuses_with_its_words(cp, rng):
     """Each bad argument gets, on device arrays, the host's error naming it (the CUDA module's own
     shape argument is not the caller's), and a GRU's backward refuses a cell-state gradient there too
-    (it was ignored)."""
+    rather than ignoring it."""
     from fusedrnn import functional as F
     x, wi, wh = rng.standard_normal((3, 2, 4)), rng.standard_normal((15, 4)), rng.standard_normal((15, 5))
     lstm_w = rng.standard_normal((16, 4)), rng.standard_normal((16, 4))

@@ -1074,7 +1074,7 @@ def test_a_call_out_of_memory_leaves_later_calls_working():
     """A call whose scratch (x projected onto W_ih: 2^48 bytes, past any address space) cannot be
     allocated raises MemoryError naming the bytes; the thread's smaller scratch kept from an earlier
     call was released first, and the next small call on the thread must not find a null buffer that
-    claims the old size (it crashed the process). Run in a child, so such a crash fails the test."""
+    claims the old size, which would crash the process. Run in a child, so such a crash fails the test."""
     code = textwrap.dedent("""
         import numpy as np, fusedrnn
         m = fusedrnn.LSTM(1, 2**22, proj_size=1).eval()

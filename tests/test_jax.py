@@ -396,7 +396,7 @@ def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
 def test_a_call_out_of_memory_leaves_later_calls_working():
     """As the NumPy modules' test of this name (test_errors.py), through an XLA call: the scratch of
     x projected onto W_ih (2^48 bytes) cannot be allocated; the error names the bytes and the next
-    small call on the thread works (it crashed the process)."""
+    small call on the thread must work, not crash the process."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         import fusedrnn.jax as fj

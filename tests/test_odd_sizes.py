@@ -344,7 +344,7 @@ def test_module_non_contiguous_inputs(rng, cell, kind, batch_first):
 
 
 def test_module_x_slice_with_strides_from_larger_array(rng):
-    # The brief example: x[::2, :, 1::2] of a larger array, non-contiguous in two axes at once.
+    # x[::2, :, 1::2] of a larger array, non-contiguous in two axes at once: the same as its contiguous copy.
     big = rng.standard_normal((10, 3, 8))
     x = big[::2, :, 1::2]
     m = make_module("lstm", 4, 5, dtype=np.float64, seed=3)

@@ -121,9 +121,9 @@ def test_optimiser_errors():
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass is not the recommended way:PendingDeprecationWarning")
 def test_array_subclasses_update_as_plain_arrays_and_shared_or_masked_elements_are_refused(rng):
-    """np.matrix parameters (whose * is a matrix product: Adam's weight decay gave NaN) and memmaps update
-    as plain arrays do; a parameter whose elements share memory (every row would get the last row's
-    update) and a masked array (its masked entries would be updated) are refused."""
+    """np.matrix parameters (whose * is a matrix product, giving NaN in Adam's weight decay) and memmaps
+    update as plain arrays do; a parameter whose elements share memory (every row would get the last
+    row's update) and a masked array (its masked entries would be updated) are refused."""
     p, g = rng.standard_normal((2, 2)), rng.standard_normal((2, 2))
     for make in (optim.SGD, optim.Adam):
         kwargs = dict(lr=0.1, weight_decay=0.5)

@@ -21,7 +21,7 @@ from helpers import CELLS, GRAD_NAMES, has_cell_state, make_module, tolerances
 settings.register_profile(
     "fusedrnn-properties",
     derandomize=True,       # the same examples on every run and machine: failures reproduce in CI
-    deadline=None,          # timings on a shared 2-core machine are noise, not a property
+    deadline=None,          # timings vary with the host's load: noise, not a property
     database=None,          # no .hypothesis directory
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],

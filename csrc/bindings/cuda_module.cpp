@@ -18,6 +18,7 @@
 #include "fusedrnn/cells.h"
 #include "fusedrnn/cuda/cuda_layer.h"
 #include "fusedrnn/layer.h"
+#include "arguments.h"
 #include "gil.h"
 #ifdef FUSEDRNN_WITH_XLA_FFI
 #include "jax_ffi_cuda.h"
@@ -37,29 +38,14 @@ namespace py = pybind11;
 namespace gpu = fusedrnn::gpu;
 using fusedrnn::CellKind;
 using fusedrnn::Index;
+using fusedrnn::bindings::checked_cell_clip;
+using fusedrnn::bindings::kRecurrencePathNames;
+using fusedrnn::bindings::parse_cell;
+using fusedrnn::bindings::parse_named;
+using fusedrnn::bindings::shape_str;
 
 namespace {
 
-CellKind parse_cell(const std::string& name) {
-  for (const fusedrnn::CellFacts& c : fusedrnn::kCells)
-    if (name == c.name) return c.kind;
-  throw py::value_error("cell: unknown cell '" + name + "'");
-}
-
-gpu::RecurrencePath parse_path(const std::string& name) {
-  if (name == "auto") return gpu::RecurrencePath::kAuto;
-  if (name == "per_step") return gpu::RecurrencePath::kPerStep;
-  if (name == "persistent") return gpu::RecurrencePath::kPersistent;
-  throw py::value_error("recurrence: expected 'auto', 'per_step' or 'persistent', got '" + name + "'");
-}
-
-std::string shape_str(const std::vector<Index>& dims) {
-  std::ostringstream s;
-  s << '(';
-  for (std::size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << (dims.size() == 1 ? ",)" : ")");
-  return s.str();
-}
 
 // A typestr ("<f4") as NumPy names its dtype ("float32", ">f4" for the other byte order); the typestr
 // itself where NumPy has no such dtype.
@@ -224,10 +210,6 @@ void on_device(const CallDevice& device, std::size_t bytes, std::uintptr_t strea
   if (device.device >= 0 && device.device != previous) gpu::cuda::set_current_device(previous);
 }
 
-double checked_cell_clip(const py::object& obj) {
-  return obj.is_none() ? std::numeric_limits<double>::infinity() : obj.cast<double>();
-}
-
 template <typename T>
 void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::object& x, const py::object& w_ih,
                    const py::object& w_hh, const py::object& b_ih, const py::object& b_hh, const py::object& h0,
@@ -272,7 +254,7 @@ void forward_typed(CellKind cell, const std::vector<Index>& dims, const py::obje
   p.tape.saved = arr.tape(saved, "saved", layout.saved);
   p.tape.rs = arr.tape(rs, "rs", layout.rs);
   require_tape(p.tape, layout);
-  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
+  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip, cell));
   on_device(arr.device, gpu::cuda::forward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_forward(p, workspace, reinterpret_cast<void*>(stream), path); });
 }
@@ -354,7 +336,7 @@ void backward_typed(CellKind cell, const std::vector<Index>& dims, bool reverse,
   }
   if (!p.x.data || !p.weights.w_ih.data || !p.weights.w_hh.data) throw py::value_error("x, weight_ih, weight_hh: required");
   require_tape(p.tape, layout);
-  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip));
+  p.cell_clip = static_cast<T>(checked_cell_clip(cell_clip, cell));
   on_device(arr.device, gpu::cuda::backward_workspace_bytes(p), stream,
             [&](void* workspace) { gpu::cuda::layer_backward(p, workspace, reinterpret_cast<void*>(stream), path); });
 }
@@ -392,7 +374,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
            const std::string& recurrence, const py::object& w_hr, const py::object& rs) {
           const CellKind kind = parse_cell(cell);
           const std::vector<Index> dims = layer_dims(shape, kind);
-          const gpu::RecurrencePath path = parse_path(recurrence);
+          const gpu::RecurrencePath path = parse_named("recurrence", recurrence, kRecurrencePathNames);
           if (dtype == "float32")
             forward_typed<float>(kind, dims, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, y, h_n, c_n, hs, cs,
                                  saved, training, cell_clip, stream, path, w_hr, rs);
@@ -423,7 +405,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
            Index grad_groups) {
           const CellKind kind = parse_cell(cell);
           const std::vector<Index> dims = layer_dims(shape, kind);
-          const gpu::RecurrencePath path = parse_path(recurrence);
+          const gpu::RecurrencePath path = parse_named("recurrence", recurrence, kRecurrencePathNames);
           if (dtype == "float32")
             backward_typed<float>(kind, dims, reverse, x, w_ih, w_hh, b_ih, b_hh, lengths, hs, cs, saved, dy, dh_n,
                                   dc_n, dx, accumulate_dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dh_norm, cell_clip,

@@ -26,6 +26,7 @@
 #include "fusedrnn/cpu/threads.h"
 #include "fusedrnn/cuda/emulated.h"
 #include "fusedrnn/layer.h"
+#include "arguments.h"
 #include "gil.h"
 #ifdef FUSEDRNN_WITH_XLA_FFI
 #include "jax_ffi.h"
@@ -35,33 +36,15 @@ namespace py = pybind11;
 namespace cpu = fusedrnn::cpu;
 using fusedrnn::CellKind;
 using fusedrnn::Index;
+using fusedrnn::bindings::checked_cell_clip;
+using fusedrnn::bindings::kRecurrencePathNames;
+using fusedrnn::bindings::Named;
+using fusedrnn::bindings::name_of;
+using fusedrnn::bindings::parse_cell;
+using fusedrnn::bindings::parse_named;
+using fusedrnn::bindings::shape_str;
 
 namespace {
-
-// The Python name of each value of an enum, so that parsing, printing and the error message listing
-// the choices come from one table.
-template <typename E>
-struct Named {
-  const char* name;
-  E value;
-};
-
-template <typename E, std::size_t N>
-E parse_named(const char* argument, const std::string& name, const Named<E> (&table)[N]) {
-  for (const Named<E>& entry : table)
-    if (name == entry.name) return entry.value;
-  std::string choices;
-  for (std::size_t i = 0; i < N; ++i)
-    choices += std::string(i == 0 ? "" : (i + 1 == N ? " or " : ", ")) + "'" + table[i].name + "'";
-  throw py::value_error(std::string(argument) + ": expected " + choices + ", got '" + name + "'");
-}
-
-template <typename E, std::size_t N>
-std::string name_of(E value, const Named<E> (&table)[N]) {
-  for (const Named<E>& entry : table)
-    if (value == entry.value) return entry.name;
-  return "";
-}
 
 constexpr Named<cpu::SplitPreference> kSplitNames[] = {{"auto", cpu::SplitPreference::kAuto},
                                                             {"rows", cpu::SplitPreference::kRows},
@@ -86,22 +69,9 @@ enum class Backend { kCpu, kEmulatedDevice };
 constexpr Named<Backend> kBackendNames[] = {{"cpu", Backend::kCpu}, {"emulated_device", Backend::kEmulatedDevice}};
 
 namespace gpu = fusedrnn::gpu;
-constexpr Named<gpu::RecurrencePath> kRecurrencePathNames[] = {{"auto", gpu::RecurrencePath::kAuto},
-                                                               {"per_step", gpu::RecurrencePath::kPerStep},
-                                                               {"persistent", gpu::RecurrencePath::kPersistent}};
 std::atomic<gpu::RecurrencePath> emulated_recurrence_path{gpu::RecurrencePath::kAuto};
 void set_emulated_recurrence_path(gpu::RecurrencePath path) { emulated_recurrence_path.store(path); }
 gpu::RecurrencePath get_emulated_recurrence_path() { return emulated_recurrence_path.load(); }
-
-CellKind parse_cell(const std::string& name) {
-  std::string choices;
-  const std::size_t count = std::size(fusedrnn::kCells);
-  for (std::size_t i = 0; i < count; ++i) {
-    if (name == fusedrnn::kCells[i].name) return fusedrnn::kCells[i].kind;
-    choices += std::string(i == 0 ? "" : (i + 1 == count ? " or " : ", ")) + "'" + fusedrnn::kCells[i].name + "'";
-  }
-  throw py::value_error("cell: expected " + choices + ", got '" + name + "'");
-}
 
 // A choice the core keeps (tests and benchmarks force one): set_<name>(kind) and get_<name>().
 template <typename E, std::size_t N>
@@ -124,14 +94,6 @@ std::size_t float_item_size(const py::object& dtype_like) {
   if (dtype.num() == py::dtype::of<float>().num()) return sizeof(float);
   if (dtype.num() == py::dtype::of<double>().num()) return sizeof(double);
   throw py::type_error("dtype: expected float32 or float64, got " + std::string(py::str(dtype)));
-}
-
-std::string shape_str(const std::vector<Index>& dims) {
-  std::ostringstream s;
-  s << '(';
-  for (std::size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << (dims.size() == 1 ? ",)" : ")");
-  return s.str();
 }
 
 std::vector<Index> shape_of(const py::array& a) {
@@ -294,20 +256,6 @@ struct Tape {
 
   Index state_size() const { return proj > 0 ? proj : hidden; }
 };
-
-// A positive finite bound, or None for no bound (the core's +inf); the rule and messages of the modules.
-double checked_cell_clip(const py::object& obj, CellKind cell) {
-  if (obj.is_none()) return std::numeric_limits<double>::infinity();
-  if (!fusedrnn::cell_facts(cell).has_cell_state)
-    throw py::value_error("cell_clip: only an LSTM has a cell state to clip");
-  if (py::isinstance<py::bool_>(obj) || (!py::isinstance<py::float_>(obj) && !py::isinstance<py::int_>(obj)))
-    throw py::type_error("cell_clip: expected a positive float or None, got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  const double v = obj.cast<double>();
-  if (!(v > 0.0 && v < std::numeric_limits<double>::infinity()))
-    throw py::value_error("cell_clip: expected a positive finite bound, got " + std::string(py::str(obj)));
-  return v;
-}
 
 template <typename T>
 py::object optional_input(const py::object& obj, const char* name, const std::vector<Index>& shape,

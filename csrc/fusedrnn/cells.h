@@ -1,8 +1,8 @@
 // The gate equations of every cell, written once.
 //
 // Each cell is a struct of static inline functions that update ONE hidden unit of ONE batch row. The
-// CPU recurrence (and later a CUDA kernel) loops over units and calls them, so a gate equation exists
-// only here. Gate order and bias placement follow torch.nn exactly:
+// CPU recurrence and the CUDA kernels loop over units and call them, so a gate equation exists only
+// here. Gate order and bias placement follow torch.nn exactly:
 //   LSTM  gates i, f, g, o     c' = f*c + i*g,  h' = o*tanh(c')  (projected: h' = W_hr (o*tanh(c')),
 //                              the product with W_hr left to the caller, as W_hh's is)
 //   GRU   gates r, z, n        n = tanh(xn + r*hn),  h' = (1-z)*n + z*h

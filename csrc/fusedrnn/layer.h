@@ -1,6 +1,6 @@
 // The backend-neutral layer API: one direction of one recurrent layer over a whole sequence, forward
-// and backward (backpropagation through time), as plain parameter structs. A backend (cpu/backend.h;
-// a CUDA one would sit in cuda/) runs a layer given these; how it shares the work out (threads,
+// and backward (backpropagation through time), as plain parameter structs. A backend (cpu/backend.h,
+// cuda/layer_impl.h) runs a layer given these; how it shares the work out (threads,
 // streams, caches, SIMD) is its own business and appears nowhere here.
 //
 // Shapes: T steps, B batch rows, I input features, H hidden units, G gate blocks and S values saved per

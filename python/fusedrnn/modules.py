@@ -580,7 +580,7 @@ class RNNBase(_Module):
 
     def _accumulate_input_grads(self, **grads) -> None:
         # Accumulated in place like the parameters' while the shapes stay the same (a new array each
-        # call cost 2.5x an in-place add: 120 us against 47 us at 1 MB); a new shape starts afresh.
+        # call costs well over an in-place add: bench/NOTES.md, "Versions", item 9); a new shape starts afresh.
         for name, g in grads.items():
             if g is None:
                 continue

@@ -81,9 +81,9 @@ void call(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
 }
 
 // OpenBLAS packs operands into a buffer of the calling thread. On AMD Zen 1, GEMMs with few output
-// columns (n up to a few hundred) ran 2.5-3x slower until some GEMM of that thread and value type had
-// packed a few tens of KB (see bench/NOTES.md, "Figures behind the code", BLAS buffer). One wider GEMM
-// on zeros before a thread's first GEMM of each type does that.
+// columns (n up to a few hundred) run several times slower until some GEMM of that thread and value
+// type has packed a few tens of KB (see bench/NOTES.md, "Figures behind the code", BLAS buffer). One
+// wider GEMM on zeros before a thread's first GEMM of each type does that.
 template <typename T>
 void prime_thread_buffer() {
   thread_local bool primed = false;

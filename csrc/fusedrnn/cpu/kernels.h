@@ -10,10 +10,9 @@
 // Two ways to share a step: by units (every rank takes all rows), where each step ends at a barrier
 // that publishes the ranks' units of the new state to the others; or by rows (every rank takes all
 // units and the whole W_hh), where no state crosses cores and the ranks never wait for each other
-// until the sequence ends. By rows, where W_ih fits in L2 beside W_hh, each rank also projects its own
-// rows of x inside each step (see ForwardPlan); by units, where the rank's slice of W_ih fits in half
-// the L2, it projects its own gate columns of every step before the first; otherwise one BLAS GEMM
-// projects every step first.
+// until the sequence ends. The input projection x W_ih^T is computed inside each step by each rank for
+// its own share, or by each rank for every step before the first, or by one BLAS GEMM before the job:
+// layer.cpp's input_projection chooses by the split, the batch and what fits in L2 (see ForwardPlan).
 //
 // With a projection (layer.h), each step has a second phase: once the cell outputs r of the step are
 // written (by units: after a barrier), each rank computes its share of the columns of h = r W_hr^T,
@@ -22,7 +21,7 @@
 // units of dr = dh W_hr, which the cell's backward takes as the gradient of its output.
 //
 // kernels_isa.cpp holds that code once; the build compiles it per SIMD level (AVX-512, AVX2, generic)
-// into its own namespace, and kernel_table() picks one at run time.
+// into its own namespace, and active_kernels() picks one at run time.
 #pragma once
 
 #include <cstdint>
@@ -102,7 +101,7 @@ struct PlanCommon {
   const RankShare* shares = nullptr;        // (ranks)
   bool exchange_state = false;     // units are split across ranks: a barrier ends every step
   const RankScratch<T>* scratch = nullptr;  // (ranks)
-  bool pack_weights = true;        // false: few steps, read W_hh in place through BLAS instead
+  bool pack_weights = true;        // false: W_hh read in place (layer.cpp's packs_forward_weights)
 };
 
 // The input projection x W_ih^T + b_ih (+ the b_hh the cell lets fold in) arrives one of three ways:

@@ -47,13 +47,12 @@
  * job meeting apart from the others, as a bidirectional layer's two halves do) is the same protocol
  * on the group's count lines alone; the model checks it on the whole job's.
  *
- * State space (SPIN 6.5.2, the configuration below): 990,894 states, 1,828,217 transitions, depth
- * 1,349, 0 errors, under a second; the liveness search visits 1.98 million (state, claim) pairs, depth
- * 2,663. TEAM=5 with plan 2,5,3,1,4,-4,2,4,-5,5,3: 21,844,866 states, depth 1,574, 0 errors (22 s,
- * 5.4 GB). With -DOLD_PROTOCOL the depth-first search fails assertion (a) after 326,438 states; the
- * shortest trail (pan -i) has 247 steps: rank 2 takes generation 1 (a job of 2 ranks) and is delayed
- * until the job of 4 is set up, runs it, counts itself off, finds generation 2 new and starts it
- * again. TEAM=3 with plan 2,3 fails the same way.
+ * State space. The configuration below is small enough for exhaustive safety and liveness searches;
+ * TEAM=5 with plan 2,5,3,1,4,-4,2,4,-5,5,3 passes them too, at a far larger cost (the sizes of both:
+ * bench/NOTES.md, "Figures that were in code comments"). With -DOLD_PROTOCOL the depth-first search
+ * fails assertion (a); in the shortest trail (pan -i), rank 2 takes generation 1 (a job of 2 ranks)
+ * and is delayed until the job of 4 is set up, runs it, counts itself off, finds generation 2 new and
+ * starts it again. TEAM=3 with plan 2,3 fails the same way.
  */
 
 /* The configuration checked; -D overrides any of it, as in

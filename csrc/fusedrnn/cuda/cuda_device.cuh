@@ -65,7 +65,8 @@ __global__ void run_phases_grid(Kernel kernel) {
 }
 
 // Whether per-step loops are recorded as CUDA Graphs and replayed (Device::sequence); off by default
-// until measured on a GPU (bench/gpu_check.sh times both).
+// until a GPU run shows the recordings replay inside a training loop whose allocator moves the arrays
+// (bench/NOTES.md, "CUDA backend on an H200").
 inline std::atomic<bool>& graphs_enabled() {
   static std::atomic<bool> enabled{false};
   return enabled;

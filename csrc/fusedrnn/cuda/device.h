@@ -12,8 +12,9 @@
 //       runs a kernel body (below) over shape.blocks blocks of shape.threads threads, each block with
 //       shape.shared_bytes of shared memory; the threads of a block meet at a barrier between phases.
 //   launch_cooperative(kernel, LaunchShape)
-//       as launch, but every block of the grid meets at a barrier between phases (a grid-wide barrier:
-//       all blocks must be resident at once; cooperative_blocks says how many can be).
+//       as launch, but after each phase p with kernel.grid_barrier_after(p) every block of the grid
+//       meets (a grid-wide barrier: all blocks must be resident at once; cooperative_blocks says how
+//       many can be); after the other phases, the threads of each block meet as in launch.
 //   cooperative_blocks<Kernel>(threads, shared_bytes): blocks of that size that can be resident at once.
 //   max_shared_bytes(): shared memory a block may use.
 //   multiprocessors(): the device's multiprocessors (blocks that run at the same time, one each).
@@ -25,6 +26,8 @@
 // A kernel body is a plain struct of device pointers and sizes (copied to the device by value) with
 //   FUSEDRNN_HD Index phases(unsigned threads) const;   // barrier-separated phases, >= 1
 //   FUSEDRNN_HD void operator()(const ThreadIndex&, Index phase, unsigned char* shared) const;
+// and, launched cooperatively, also
+//   FUSEDRNN_HD bool grid_barrier_after(Index phase) const;  // whether the barrier after it is grid-wide
 // A value that must outlive its phase lives in shared or global memory, never in a local variable: the
 // emulation runs each phase of a block (or of the grid) for every thread before the next phase starts.
 #pragma once

@@ -130,8 +130,8 @@ enum class RecurrencePath { kAuto, kPerStep, kPersistent };
 
 // Where 'auto' runs persistently: small batches, where the per-step path's GEMMs leave most of the GPU
 // idle and launch latency dominates a step, and small layers, since each thread's dot products run the
-// whole of H serially. Measured on an H200 (bench/NOTES.md): ahead of the per-step path at H = 256 up
-// to B = 16, behind it at H = 768 and 1024.
+// whole of H serially. The bounds are where it leads the per-step path (bench/NOTES.md, "CUDA backend
+// on an H200").
 constexpr Index kPersistentMaxBatch = 16;
 constexpr Index kPersistentMaxHidden = 256;
 

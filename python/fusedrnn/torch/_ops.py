@@ -369,9 +369,10 @@ def _transformed() -> bool:
 class _RecordedLayer(torch.autograd.Function):
     """rnn_layer with the autograd formula registered on it above. torch's autograd wrapper of a custom
     operator binds every argument to the schema again on each call that records, at a cost that grows
-    with the square of the argument count (~50 us for these 17, more than a short layer's compute);
-    Function.apply skips it. The context is set up inside forward rather than by a separate
-    setup_context, which apply would pay for with an inspect.signature binding on every call."""
+    with the square of the argument count (for these 17, more than a short layer's compute:
+    bench/NOTES.md, "Per-call cost of the drop-in"); Function.apply skips it. The context is set up
+    inside forward rather than by a separate setup_context, which apply would pay for with an
+    inspect.signature binding on every call."""
 
     @staticmethod
     def forward(ctx, *args):
@@ -549,8 +550,8 @@ def check_later_states(h0: Optional[Tensor], c0: Optional[Tensor], first: int) -
 def call_layer(*args):
     """rnn_layer(*args): torch.func transforms see _TransformableLayer (with the operator inside where
     they are traced in turn), other traced code the operator itself, and eager calls go straight to
-    the operator's function (~20 us a call less than the dispatcher, more than a one-step layer's
-    compute), through _RecordedLayer where they record for backward."""
+    the operator's function (the dispatcher costs more than a one-step layer's compute: bench/NOTES.md,
+    "One-step calls through the drop-in"), through _RecordedLayer where they record for backward."""
     if _transformed():  # first: a transform may also be traced (make_fx of grad)
         return _TransformableLayer.apply(*args)
     if _traced(args[0]):

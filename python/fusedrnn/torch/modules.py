@@ -211,8 +211,9 @@ class _FusedRNNBase(nn.RNNBase):
 
 
 def _by_name(module: nn.Module, names) -> dict:
-    """{name: getattr(module, name)} for parameter names, mostly without nn.Module.__getattr__ (~0.4 us
-    each). By name rather than from the _flat_weights cache: torch.func.functional_call and
+    """{name: getattr(module, name)} for parameter names, mostly without nn.Module.__getattr__ (slow on
+    a per-call path: bench/NOTES.md, "The per-call Python, and gradients written rather than added").
+    By name rather than from the _flat_weights cache: torch.func.functional_call and
     torch.export substitute parameters, and refreshing the cache inside a trace assigns to it. As with
     getattr, what the instance's own attributes hold comes first; a name in neither place (a
     parametrization's property) is read by getattr itself."""
