@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _bench_memory, _bench_report, benchmark, cli
+from fusedrnn import _bench_memory, _bench_report, _core, benchmark, cli
 
 row_key = _bench_report.row_key
 TINY = ["--rounds", "2", "--repeats", "2", "--no-progress"]
@@ -431,7 +431,8 @@ def test_compare_reruns_projected_lstm_rows_as_such():
 
 
 def test_numeric_options_refuse_what_is_not_an_int_in_range(capsys):
-    for argv in (["--rounds", "abc"], ["--rounds", "0"], ["--threads", "5000"], ["--repeats", "\u00b2"]):
+    too_many = str(_core.max_threads + 1)
+    for argv in (["--rounds", "abc"], ["--rounds", "0"], ["--threads", too_many], ["--repeats", "\u00b2"]):
         with pytest.raises(SystemExit) as exit_:
             cli.main(["bench", *argv])
         assert exit_.value.code == 2

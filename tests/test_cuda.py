@@ -124,7 +124,8 @@ def test_cuda_info_says_what_was_built():
     assert isinstance(info["installed"], bool) and isinstance(info["loaded"], bool)
     if info["loaded"]:
         assert all(a.isdigit() for a in info["architectures"].split(","))
-        assert info["devices"] >= 0 and info["nvcc"].count(".") == 2
+        assert info["devices"] >= 0 and info["nvcc"].count(".") == 2 and info["runtime"].count(".") == 1
+        assert len(info["device_names"]) == info["devices"] and all(info["device_names"])
         assert info["module"] in ("fusedrnn._cuda", "fusedrnn_cuda13._cuda")
     else:
         assert info["error"]

@@ -27,8 +27,12 @@ PLUGIN_MODULES = ("fusedrnn_cuda13", "fusedrnn_cuda13._version", "fusedrnn_cuda1
 FAKE_MODULE = """
 architectures = "80,90"
 compiler_version = "13.0.88"
+def runtime_version():
+    return 13000
 def device_count():
     return 0
+def device_name(device):
+    raise AssertionError("no device to name")
 """
 
 
@@ -74,10 +78,11 @@ def test_the_built_in_module_comes_first(no_cuda_module, tmp_path, capsys):
     assert _cuda_layer.cuda_module() is built_in
     info = fusedrnn.cuda_info()
     assert info == dict(installed=True, source="built in", loaded=True, module="fusedrnn._cuda",
-                        architectures="80,90", nvcc="13.0.88", devices=0, jax_ffi=None)
+                        architectures="80,90", nvcc="13.0.88", runtime="13.0", devices=0, device_names=[],
+                        jax_ffi=None)
     assert fusedrnn.build_info()["cuda"] == info
     assert "fusedrnn_cuda13._cuda" not in sys.modules
-    assert info_line(capsys) == "CUDA: built in, built for sm 80,90 (nvcc 13.0.88), 0 device(s)"
+    assert info_line(capsys) == "CUDA: built in, built for sm 80,90 (nvcc 13.0.88, runtime 13.0), 0 device(s)"
 
 
 def test_the_plugin_of_fusedrnns_version_is_loaded(no_cuda_module, tmp_path, capsys):
@@ -89,7 +94,19 @@ def test_the_plugin_of_fusedrnns_version_is_loaded(no_cuda_module, tmp_path, cap
     info = fusedrnn.cuda_info()
     assert info["source"] == f"fusedrnn-cuda13 {VERSION}"
     assert info["loaded"] and info["module"] == "fusedrnn_cuda13._cuda" and info["architectures"] == "80,90"
-    assert info_line(capsys) == f"CUDA: fusedrnn-cuda13 {VERSION}, built for sm 80,90 (nvcc 13.0.88), 0 device(s)"
+    assert info_line(capsys) == (f"CUDA: fusedrnn-cuda13 {VERSION}, built for sm 80,90 (nvcc 13.0.88, runtime 13.0), "
+                                 "0 device(s)")
+
+
+def test_info_names_each_visible_device(no_cuda_module, tmp_path, capsys):
+    names = FAKE_MODULE.replace("return 0", "return 2").replace('raise AssertionError("no device to name")',
+                                                                 'return ("NVIDIA H200", "NVIDIA H100")[device]')
+    fake_plugin(no_cuda_module, tmp_path, VERSION, module_source=names)
+    info = fusedrnn.cuda_info()
+    assert info["devices"] == 2 and info["device_names"] == ["NVIDIA H200", "NVIDIA H100"]
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "2 device(s)\n    cuda:0: NVIDIA H200\n    cuda:1: NVIDIA H100\n" in out
 
 
 def test_a_plugin_of_another_version_is_refused_unloaded(no_cuda_module, tmp_path, capsys):

@@ -203,7 +203,7 @@ ffi::Error check_inputs(const BackwardCall<T>& c, const BackwardArrays<T>& one, 
 // Gathers every mapped element's inputs and the lengths into the folded call's arrays, checking each
 // element's inputs first; gather(one, n) moves element n's.
 template <typename Call, typename Gather>
-ffi::Error fold_inputs(const Call& c, const Fold& fold, bool check_sequence, bool check_states,
+ffi::Error fold_inputs(const Call& c, bool check_sequence, bool check_states,
                        std::vector<Index>& all_lengths, const Gather& gather) {
   if (ffi::Error e = fold_lengths(c.lengths, c.batch.count, c.steps, all_lengths); e.failure()) return e;
   for (Index n = 0; n < c.batch.count; ++n) {
@@ -227,7 +227,7 @@ ffi::Error forward_folded(const ForwardCall<T>& c, bool check_sequence, bool che
                                 scratch.take<T>(c.c_n.empty() ? 0 : D * all * c.hidden), all};
   const FoldedTape<T> tape(c, all, c.training, scratch);
   std::vector<Index> all_lengths;
-  if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
+  if (ffi::Error e = fold_inputs(c, check_sequence, check_states, all_lengths,
                                  [&](const ForwardArrays<T>& one, Index n) {
                                    fold.gather(one.x, xs, steps, c.input, n, HostCopy{});
                                    fold.gather(one.h0, h0s, D, c.state, n, HostCopy{});
@@ -294,7 +294,7 @@ ffi::Error backward_folded(const BackwardCall<T>& c, bool check_sequence, bool c
                                  scratch.take<T>(c.dc0.empty() ? 0 : D * all * c.hidden), tape_in,
                                  c.arrays(0).grads, all, N};
   std::vector<Index> all_lengths;
-  if (ffi::Error e = fold_inputs(c, fold, check_sequence, check_states, all_lengths,
+  if (ffi::Error e = fold_inputs(c, check_sequence, check_states, all_lengths,
                                  [&](const BackwardArrays<T>& one, Index n) {
                                    fold.gather(one.x, xs, steps, c.input, n, HostCopy{});
                                    fold.gather(one.dy, dys, steps, DR, n, HostCopy{});

@@ -8,7 +8,8 @@
 
 namespace fusedrnn::bindings {
 
-// Adds jax_ffi_targets (name -> handler capsule), jax_ffi_api_version and jax_ffi_built_with_jaxlib.
+// Adds jax_ffi_targets (name -> handler capsule), jax_ffi_api_version, jax_ffi_built_with_jaxlib and the
+// other jax_ffi_* attributes the Python side reads (jax_ffi.cpp, def_jax_ffi).
 void def_jax_ffi(pybind11::module_& m);
 
 // Frees the scratch the handlers keep on the calling thread (XLA runs a CPU call's handler on the

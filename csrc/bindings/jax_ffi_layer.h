@@ -413,8 +413,6 @@ struct ForwardCall {
     return training ? tape.check(layout, D) : ffi::Error::Success();
   }
 
-  bool shared_weights() const { return weights.shared(); }
-
   // Training: direction d's part of mapped element n's tape results.
   LayerTape<T> tape_at(Index n, Index d) const { return tape.template at<T>(layout, n, d); }
 

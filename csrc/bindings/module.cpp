@@ -817,6 +817,7 @@ PYBIND11_MODULE(_core, m) {
     cpu::set_team_size(n);
   }, py::arg("n"), "Sets the size of the thread team that runs all native compute.");
   m.def("get_num_threads", &cpu::team_size);
+  m.attr("max_threads") = cpu::ThreadTeam::kMaxSize;
   m.def("default_num_threads", &cpu::default_thread_count,
         "The team size a process starts with: the CPUs it may run on, no more than its cgroups' CPU limit.");
   m.def("cgroup_cpu_limit", &cpu::cgroup_cpu_limit, py::arg("root") = "",

@@ -27,7 +27,7 @@ from .gradients import clip_grad_norm, clip_grad_value  # noqa: E402
 from .modules import GRU, LSTM, RNN, Linear, RNNBase  # noqa: E402
 
 __version__ = "0.1.0"
-_MAX_THREADS = 1024
+_MAX_THREADS = _core.max_threads  # the team's own bound, which its default size keeps within too
 
 __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_threads", "get_num_threads",
            "build_info", "cuda_info", "set_simd_level", "release_scratch", "bptt", "gradients", "losses", "optim", "reference", "sequences",
@@ -89,7 +89,8 @@ def cuda_info() -> dict:
     plugin), "source" ("built in", "fusedrnn-cuda13 <version>" or None), "loaded" (whether it loads:
     the plugin must be fusedrnn's version, and the module needs cuBLAS 13 at run time, e.g. the
     nvidia-cublas wheel), and when loaded "module" (its import name), "architectures" (the compute
-    capabilities compiled, comma-separated), "nvcc", "devices" (visible GPUs, 0 without a driver) and
+    capabilities compiled, comma-separated), "nvcc", "runtime" (the CUDA runtime it runs on, e.g.
+    "13.0"), "devices" (visible GPUs, 0 without a driver), "device_names" (theirs, by index) and
     "jax_ffi" (the jaxlib its XLA FFI handlers for fusedrnn.jax on GPUs were built against, None: built
     without them); "error" says why it did not load, or how to get it."""
     from . import _cuda_layer

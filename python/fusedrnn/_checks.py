@@ -181,7 +181,7 @@ def finite(name: str, arr: np.ndarray) -> None:
     elif arr.size == 0:
         return
     elif arr.dtype in FLOAT_DTYPES and _dense(arr.flags):
-        ok = _core.all_finite(arr)  # one native pass (fusedrnn/checks.h), shared by the team when large
+        ok = _core.all_finite(arr)  # one native pass (csrc/fusedrnn/cpu/checks.h), shared by the team when large
     else:
         # min and max propagate NaN and expose +-inf: two vectorised passes, no temporary array.
         ok = np.isfinite(arr.min()) and np.isfinite(arr.max())

@@ -108,8 +108,11 @@ def cuda_info() -> dict:
     except ImportError as err:
         info["error"] = str(err)
         return info
+    version = module.runtime_version()  # 1000 * major + 10 * minor
+    devices = module.device_count()
     info.update(loaded=True, module=module.__name__, architectures=module.architectures,
-                nvcc=module.compiler_version, devices=module.device_count(),
+                nvcc=module.compiler_version, runtime=f"{version // 1000}.{version % 1000 // 10}", devices=devices,
+                device_names=[module.device_name(d) for d in range(devices)],
                 jax_ffi=getattr(module, "jax_ffi_built_with_jaxlib", None))
     return info
 

@@ -189,7 +189,7 @@ class StackGrads(NamedTuple):
 
 def forward(cell: str, x: np.ndarray, weights, h0=None, c0=None, *, lengths=None, training: bool = True,
             cell_clip=None, dropout: Callable | None = None, backend: str = "cpu") -> StackOutput:
-    """The whole stack on NumPy arrays: x (T, B, I); weights[layer][direction]; h0 (L*D, B, R) and c0
+    """The whole stack on NumPy arrays (or CUDA arrays, on the CUDA backend): x (T, B, I); weights[layer][direction]; h0 (L*D, B, R) and c0
     (L*D, B, H) or None. `dropout(shape)`, when given, draws the mask that multiplies each layer's
     output but the last. Each layer's output is 64-byte aligned, so ranks sharing a row write separate
     cache lines."""

@@ -576,11 +576,6 @@ def time_calls(fn: Callable[[], None], repeats: int) -> list[float]:
     return samples
 
 
-def time_call(fn: Callable[[], None], repeats: int) -> float:
-    """The median of `repeats` timed calls, in seconds."""
-    return statistics.median(time_calls(fn, repeats))
-
-
 # Pause before each runner's turn: thread pools (OpenMP's, XLA's, fusedrnn's) spin for a while after
 # their last call, and a library timed right after another would otherwise share the cores with the
 # previous one's spinning workers.

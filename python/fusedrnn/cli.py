@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import _MAX_THREADS as MAX_THREADS
 from . import _bench_report, _checks, _device, benchmark, build_info, set_num_threads
 from ._optional import NOT_INSTALLED, import_problem
+from .demo import ForecastConfig
 from .functional import CELLS
 
 
@@ -36,8 +37,8 @@ _positive_int = _int_at_least(1)
 _thread_count = _int_at_least(1, MAX_THREADS)
 
 
-# The demo's training options and their defaults.
-_DEMO_DEFAULTS = {"cell": "lstm", "hidden": 64, "epochs": 150, "members": 3, "device": "cpu"}
+# The demo's training options and their defaults (the forecaster's own).
+_DEMO_DEFAULTS = ForecastConfig()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,17 +57,19 @@ def _parser() -> argparse.ArgumentParser:
                           "(truncated BPTT, gradient clipping, Adam) and prints its RMSE on held-out "
                           "years next to two baselines. With --gradients: trains nothing, shows how the "
                           "gradient fades back through time in an RNN, a GRU and an LSTM.")
-    demo.add_argument("--cell", default=_DEMO_DEFAULTS["cell"], choices=CELLS)
-    demo.add_argument("--hidden", type=_positive_int, default=_DEMO_DEFAULTS["hidden"],
-                      help="hidden size (default 64)")
-    demo.add_argument("--epochs", type=_positive_int, default=_DEMO_DEFAULTS["epochs"],
-                      help="training epochs (default 150)")
-    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="initialisation and shuffling seed (default 0)")
-    demo.add_argument("--members", type=_positive_int, default=_DEMO_DEFAULTS["members"],
-                      help="forecasters trained from different seeds and averaged (default 3)")
+    defaults = _DEMO_DEFAULTS
+    demo.add_argument("--cell", default=defaults.cell, choices=CELLS, help=f"recurrent cell (default {defaults.cell})")
+    demo.add_argument("--hidden", type=_positive_int, default=defaults.hidden,
+                      help=f"hidden size (default {defaults.hidden})")
+    demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
+                      help=f"training epochs (default {defaults.epochs})")
+    demo.add_argument("--seed", type=_int_at_least(0), default=defaults.seed,
+                      help=f"initialisation and shuffling seed (default {defaults.seed})")
+    demo.add_argument("--members", type=_positive_int, default=defaults.members,
+                      help=f"forecasters trained from different seeds and averaged (default {defaults.members})")
     demo.add_argument("--threads", type=_thread_count, default=1,
                       help="native threads (default 1: the layers here are small)")
-    demo.add_argument("--device", default=_DEMO_DEFAULTS["device"],
+    demo.add_argument("--device", default=defaults.device,
                       help="where to train: cpu (default), cuda or cuda:N (CuPy and the CUDA module)")
     demo.add_argument("--plot", metavar="OUT.png", help="draw the forecasts (or gradient profiles) to a file")
     demo.add_argument("--gradients", action="store_true", help="show gradient flow instead of training")
@@ -172,7 +175,7 @@ def _demo(args) -> int:
 
     if args.gradients:  # every cell, untrained, on the host: the training's options would be ignored
         training_options = ("cell", "hidden", "epochs", "members", "device")
-        given = [name for name in training_options if getattr(args, name) != _DEMO_DEFAULTS[name]]
+        given = [name for name in training_options if getattr(args, name) != getattr(_DEMO_DEFAULTS, name)]
         if given:
             raise ValueError(f"{', '.join(given)}: not taken with --gradients, which trains nothing (it compares "
                              "every cell, untrained, on the CPU)")
@@ -371,8 +374,10 @@ def _info(args) -> int:
     elif not cuda["loaded"]:
         print(f"  CUDA: {cuda['source']}, does not load: {cuda['error']}")
     else:
-        print(f"  CUDA: {cuda['source']}, built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}), "
-              f"{cuda['devices']} device(s)")
+        print(f"  CUDA: {cuda['source']}, built for sm {cuda['architectures']} (nvcc {cuda['nvcc']}, runtime "
+              f"{cuda['runtime']}), {cuda['devices']} device(s)")
+        for index, name in enumerate(cuda["device_names"]):
+            print(f"    cuda:{index}: {name}")
         print(f"    XLA FFI handlers (fusedrnn.jax on GPUs): "
               f"{'built against jaxlib ' + cuda['jax_ffi'] if cuda['jax_ffi'] else 'not compiled in'}")
     jax_ffi = info["jax_ffi"]

@@ -294,7 +294,7 @@ int default_thread_count() {
   // Ranks beyond a cgroup's CPU limit would only take turns: the whole team is throttled together
   // once the period's time is spent, and every step's barrier waits out the pause.
   const int limit = cgroup_cpu_limit();
-  return limit > 0 ? std::min(cpus, limit) : cpus;
+  return std::min(limit > 0 ? std::min(cpus, limit) : cpus, ThreadTeam::kMaxSize);
 }
 
 }  // namespace fusedrnn::cpu

@@ -6,7 +6,8 @@
 // a job the ranks meet at a spin barrier (one per time step in the recurrence). Workers spin briefly
 // after a job, so back-to-back calls (layers, directions) start without a wake-up, then sleep on a
 // condition variable; BLAS runs single-threaded inside jobs, so no second pool ever spins beside this
-// one. Every rank runs its part with denormals flushed (FTZ/DAZ) and restores the caller's mode after.
+// one. On x86, every rank runs its part with denormals flushed (FTZ/DAZ) and restores the caller's mode
+// after.
 #pragma once
 
 #include <atomic>

@@ -89,7 +89,6 @@ function(fusedrnn_find_cuda)
   set(FUSEDRNN_CUDA_MISSING "" PARENT_SCOPE)
 endfunction()
 
-set(FUSEDRNN_CUDA_BUILT OFF)
 if(_fusedrnn_cuda_mode STREQUAL "OFF")
   message(STATUS "fusedrnn: CUDA module off (FUSEDRNN_CUDA=OFF)")
 else()
@@ -139,7 +138,6 @@ else()
     if(FUSEDRNN_CUDA_PLUGIN)  # the plugin's wheel is built from outside its folder: its notices go in its package
       install(FILES ${CMAKE_SOURCE_DIR}/LICENSE ${CMAKE_SOURCE_DIR}/NOTICE DESTINATION ${_fusedrnn_cuda_package})
     endif()
-    set(FUSEDRNN_CUDA_BUILT ON)
     message(STATUS "fusedrnn: CUDA module ${_fusedrnn_cuda_package}._cuda built for architectures "
                    "${CMAKE_CUDA_ARCHITECTURES} (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, cuBLAS ${FUSEDRNN_CUBLAS_LIBRARY})")
   endif()
