@@ -19,6 +19,7 @@ from jax import lax  # noqa: E402
 
 import fusedrnn  # noqa: E402
 import fusedrnn.jax as fj  # noqa: E402
+from fusedrnn.benchmark import jax_cell_step  # noqa: E402
 from helpers import (CELL_CASES, CELLS, ODD_PROJECTED_SHAPES, assert_close, has_cell_state, make_module,  # noqa: E402
                      needs_throwing_new, proj_of, random_lengths)
 
@@ -58,22 +59,6 @@ def _state(cell, h0, c0):
 
 # ---- a lax.scan reference, written from torch.nn's equations ----------------------------------------
 
-def _cell_step(cell, x_proj, h, c, w_hh, b_hh):
-    hh = h @ w_hh.T + b_hh
-    if cell == "lstm":
-        i, f, g, o = jnp.split(x_proj + hh, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        return jax.nn.sigmoid(o) * jnp.tanh(c), c
-    if cell == "gru":
-        xr, xz, xn = jnp.split(x_proj, 3, axis=-1)
-        hr, hz, hn = jnp.split(hh, 3, axis=-1)
-        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        return (1 - z) * n + z * h, c
-    pre = x_proj + hh
-    return (jnp.tanh(pre) if cell == "rnn_tanh" else jax.nn.relu(pre)), c
-
-
 def _reference_direction(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse):
     steps = x.shape[0]
     valid = jnp.arange(steps)[:, None] < lengths[None, :]          # (T, B)
@@ -82,7 +67,7 @@ def _reference_direction(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, rever
     def step(carry, inputs):
         h, c = carry
         xp, ok = inputs
-        h_new, c_new = _cell_step(cell, xp, h, c, w_hh, b_hh)
+        h_new, c_new = jax_cell_step(cell, xp, h, c, w_hh, b_hh)
         ok = ok[:, None]
         h, c = jnp.where(ok, h_new, h), jnp.where(ok, c_new, c)
         return (h, c), jnp.where(ok, h, 0)

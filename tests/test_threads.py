@@ -66,7 +66,7 @@ PROJECTED_TEAM_SHAPES = {"H520-P67": (3, 17, 5, 520, 67), "H520-P1": (3, 9, 4, 5
 @pytest.mark.parametrize("team_size", [3, 5, 8], indirect=True, ids=["t3", "t5", "t8"])
 @pytest.mark.parametrize("shape", list(PROJECTED_TEAM_SHAPES.values()), ids=list(PROJECTED_TEAM_SHAPES))
 def test_projection_on_oversubscribed_teams_matches_reference(rng, simd_level, team_size, split, shape):
-    """A projected LSTM on teams of 3 to 8 ranks (more than this machine's cores): every step's two
+    """A projected LSTM on teams of 3 to 8 ranks (more than a small machine's cores): every step's two
     phases (the gates and cell outputs by units, then the projection by state columns) meet at
     barriers; the answer is the reference's whichever rank gets which share, an empty one included."""
     steps, batch, inp, hidden, proj = shape
@@ -450,7 +450,7 @@ def test_rows_are_shared_while_the_weights_stream_cheaply(team_size):
 
 
 def test_larger_teams_never_give_the_recurrence_fewer_ranks():
-    """Teams of 2 to 16 (more than this machine's cores): by rows, the team stops at the most ranks that
+    """Teams of 2 to 16 (more than a small machine's cores): by rows, the team stops at the most ranks that
     still get enough rows each (4 where units could be shared, 32 where W_hh streams from beyond L2)
     instead of falling back to units; rows win while they give at least as many ranks as units, except
     where W_hh streams from beyond L2 and units can be shared: units then."""

@@ -58,10 +58,8 @@ ffi::Error read_lengths(const Lengths& lengths, Index n, Index steps, std::vecto
   return lengths.empty() ? ffi::Error::Success() : lengths.widen(lengths.at(n), steps, out);
 }
 
-// A handler call's scratch arrays, each starting on a 64-byte boundary (the backend's ranks write
-// neighbouring ranges of units), kept per calling thread for the next call: a fresh multi-megabyte
-// allocation is a fresh mmap whose page faults cost a visible share of a call. A call takes its arrays
-// in order through one CallScratch, the only one alive on its thread.
+// A handler call's scratch arrays (KeptBuffer: 64-byte aligned, kept per calling thread for the next
+// call). A call takes its arrays in order through one CallScratch, the only one alive on its thread.
 class CallScratch {
  public:
   CallScratch() {
@@ -76,8 +74,8 @@ class CallScratch {
   static std::size_t release() {
     if (in_use()) return 0;
     std::size_t bytes = 0;
-    for (const Buffer& b : pool()) bytes += b.capacity;
-    std::vector<Buffer>().swap(pool());
+    for (fusedrnn::KeptBuffer& b : pool()) bytes += b.release();
+    std::vector<fusedrnn::KeptBuffer>().swap(pool());
     return bytes;
   }
 
@@ -85,32 +83,14 @@ class CallScratch {
   template <typename T>
   T* take(Index count) {
     if (count == 0) return nullptr;
-    std::vector<Buffer>& buffers = pool();
+    std::vector<fusedrnn::KeptBuffer>& buffers = pool();
     if (next_ == buffers.size()) buffers.emplace_back();
-    Buffer& b = buffers[next_++];
-    const std::size_t bytes =
-        fusedrnn::checked_bytes(static_cast<std::uint64_t>(count), sizeof(T), 64, "a handler call's scratch");
-    if (bytes > b.capacity) {
-      // Released before allocating, so peak memory is not old + new; the capacity follows, so a failed
-      // allocation leaves an empty buffer rather than a null one of the old size.
-      b.storage.reset();
-      b.capacity = 0;
-      b.storage.reset(fusedrnn::allocate_named(bytes, "a handler call's scratch", [](std::size_t size) {
-        return new unsigned char[size];
-      }));
-      b.capacity = bytes;
-    }
-    const auto raw = reinterpret_cast<std::uintptr_t>(b.storage.get());
-    return reinterpret_cast<T*>(b.storage.get() + (64 - raw % 64) % 64);
+    return buffers[next_++].reserve_values<T>(static_cast<std::uint64_t>(count), "a handler call's scratch");
   }
 
  private:
-  struct Buffer {
-    std::unique_ptr<unsigned char[]> storage;
-    std::size_t capacity = 0;
-  };
-  static std::vector<Buffer>& pool() {
-    thread_local std::vector<Buffer> buffers;
+  static std::vector<fusedrnn::KeptBuffer>& pool() {
+    thread_local std::vector<fusedrnn::KeptBuffer> buffers;
     return buffers;
   }
   static bool& in_use() {

@@ -777,7 +777,8 @@ PYBIND11_MODULE(_core, m) {
   def_choice(m, "directions", kDirectionsNames, &cpu::set_directions_preference, &cpu::directions_preference,
              "Forces whether both directions of a bidirectional layer run at once, each on part of the "
              "thread team: 'together', 'apart', or 'auto' (together where a direction would share its "
-             "recurrence by units, run on one thread or have few rows a thread, the default).");
+             "recurrence by units, run on one thread or have few rows a thread, and each rank's recurrent weights "
+             "still fit in half its L2: the default).");
 
   m.def("all_finite", [](const py::array& a) {
     return whole_array_pass(a, [](const auto* values, Index size) { return cpu::parallel_all_finite(values, size); });

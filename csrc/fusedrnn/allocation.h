@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <memory>
 #include <new>
 #include <string>
 #include <utility>
@@ -52,5 +53,44 @@ auto allocate_named(std::size_t bytes, const char* what, Allocate&& allocate) ->
     throw AllocationError("fusedrnn: out of memory allocating " + describe_bytes(bytes) + " for " + what);
   }
 }
+
+// Uninitialised scratch kept between calls and grown to the largest asked of it, 64-byte aligned (the
+// thread team's ranks write 64-byte-aligned ranges of units: no cache line written by two cores). Kept,
+// because a fresh multi-megabyte allocation is a fresh mmap whose page faults and zeroing cost a
+// visible share of a call (see bench/NOTES.md, "Figures behind the code", scratch).
+class KeptBuffer {
+ public:
+  // At least `bytes` bytes; `what` names the buffer in an allocation failure.
+  unsigned char* reserve(std::size_t bytes, const char* what) {
+    if (bytes > capacity_) {
+      // Released before allocating, so peak memory is not old + new; the capacity follows, so a failed
+      // allocation leaves an empty buffer rather than a null one of the old size.
+      release();
+      data_.reset(static_cast<unsigned char*>(
+          allocate_named(bytes, what, [](std::size_t size) { return ::operator new[](size, std::align_val_t(64)); })));
+      capacity_ = bytes;
+    }
+    return data_.get();
+  }
+  // `count` values of T: reserve(count * sizeof(T)), the size checked.
+  template <typename T>
+  T* reserve_values(std::uint64_t count, const char* what) {
+    return reinterpret_cast<T*>(reserve(checked_bytes(count, sizeof(T), 0, what), what));
+  }
+  // Frees the buffer; returns the bytes it held.
+  std::size_t release() {
+    const std::size_t bytes = capacity_;
+    data_.reset();
+    capacity_ = 0;
+    return bytes;
+  }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<unsigned char[], Free> data_;
+  std::size_t capacity_ = 0;
+};
 
 }  // namespace fusedrnn

@@ -253,6 +253,27 @@ def _torch_single_thread_runners(problem: Problem) -> Runners:
     return Runners(on_one_thread(runners.infer), on_one_thread(runners.train))
 
 
+def jax_cell_step(cell: str, x_proj, h, c, w_hh, b_hh, w_hr=None):
+    """One step of `cell` in plain JAX, written from torch.nn's equations: x_proj is the step's input
+    projection x W_ih^T + b_ih; returns (h, c), c passed through for the cells without a cell state."""
+    import jax
+    import jax.numpy as jnp
+
+    hh = h @ w_hh.T + b_hh
+    if cell == "lstm":
+        i, f, g, o = jnp.split(x_proj + hh, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h if w_hr is None else h @ w_hr.T), c
+    if cell == "gru":
+        xr, xz, xn = jnp.split(x_proj, 3, axis=-1)
+        hr, hz, hn = jnp.split(hh, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        return (1 - z) * jnp.tanh(xn + r * hn) + z * h, c
+    pre = x_proj + hh
+    return (jnp.tanh(pre) if cell == "rnn_tanh" else jax.nn.relu(pre)), c
+
+
 def jax_scan_forward(problem: Problem):
     """(forward, params): the problem's layer in plain JAX, forward(params, x) -> y (T, B, H), a
     `lax.scan` over the steps with the input projection of all steps hoisted out of it, as the fused
@@ -266,22 +287,7 @@ def jax_scan_forward(problem: Problem):
     params = tuple(jnp.asarray(problem.state_dict[f"{n}_l0"]) for n in names)
 
     def step(carry, xg_t, w_hh, b_hh, w_hr):
-        h, cs = carry
-        hg = h @ w_hh.T + b_hh
-        if c.cell == "lstm":
-            i, f, g, o = jnp.split(xg_t + hg, 4, axis=-1)
-            cs = jax.nn.sigmoid(f) * cs + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h = jax.nn.sigmoid(o) * jnp.tanh(cs)
-            if w_hr is not None:
-                h = h @ w_hr.T
-        elif c.cell == "gru":
-            xr, xz, xn = jnp.split(xg_t, 3, axis=-1)
-            hr, hz, hn = jnp.split(hg, 3, axis=-1)
-            r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-            h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
-        else:
-            pre = xg_t + hg
-            h = jnp.tanh(pre) if c.cell == "rnn_tanh" else jax.nn.relu(pre)
+        h, cs = jax_cell_step(c.cell, xg_t, *carry, w_hh, b_hh, w_hr)
         return (h, cs), h
 
     def forward(params, x):

@@ -21,9 +21,8 @@
 namespace fusedrnn::cpu {
 namespace {
 
-// Scratch buffers, uninitialised (the core writes every element before reading it) and kept per calling
-// thread between calls: a fresh multi-megabyte allocation is a fresh mmap whose page faults and zeroing
-// cost a visible share of a training step (see bench/NOTES.md, "Figures behind the code", scratch). Each buffer a call needs has its own ScratchSlot. Only the calling
+// Scratch buffers (KeptBuffer: uninitialised, the core writes every element before reading it), kept per
+// calling thread between calls. Each buffer a call needs has its own ScratchSlot. Only the calling
 // thread allocates; team jobs never do.
 enum class ScratchSlot {
   kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kGradOutputs, kNormPartial, kBiasGradPartial,
@@ -36,39 +35,16 @@ constexpr int kScratchSets = 2;
 // The largest dimension or leading dimension the 32-bit BLAS (scipy-openblas32) takes.
 constexpr Index kMaxBlasIndex = std::numeric_limits<std::int32_t>::max();
 
-// A scratch array, 64-byte aligned: ranks write 64-byte-aligned ranges of units in each row (no shared
-// cache lines).
-template <typename T>
-struct ScratchBuffer {
-  struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  std::unique_ptr<T[], Free> data;
-  Index capacity = 0;
-};
-
-// The calling thread's scratch of one value type: kept between its calls, grown to the largest.
-template <typename T>
-ScratchBuffer<T> (&scratch_buffers())[kScratchSets][static_cast<int>(ScratchSlot::kCount)] {
-  thread_local ScratchBuffer<T> buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
+// The calling thread's scratch: kept between its calls, grown to the largest.
+KeptBuffer (&scratch_buffers())[kScratchSets][static_cast<int>(ScratchSlot::kCount)] {
+  thread_local KeptBuffer buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
   return buffers;
 }
 
 template <typename T>
 T* scratch(ScratchSlot slot, Index n, int set = 0) {
-  ScratchBuffer<T>& b = scratch_buffers<T>()[set][static_cast<int>(slot)];
-  if (n > b.capacity) {
-    // Released before allocating, so peak memory is not old + new; the capacity follows, so a failed
-    // allocation leaves an empty buffer rather than a null one of the old size.
-    b.data.reset();
-    b.capacity = 0;
-    const std::size_t bytes = checked_bytes(static_cast<std::uint64_t>(n), sizeof(T), 0, "a layer call's scratch");
-    b.data.reset(static_cast<T*>(allocate_named(bytes, "a layer call's scratch", [](std::size_t size) {
-      return ::operator new[](size, std::align_val_t(64));
-    })));
-    b.capacity = n;
-  }
-  return b.data.get();
+  return scratch_buffers()[set][static_cast<int>(slot)].reserve_values<T>(static_cast<std::uint64_t>(n),
+                                                                          "a layer call's scratch");
 }
 
 ThreadTeam& team() { return ThreadTeam::instance(); }
@@ -1045,19 +1021,12 @@ void use_openmp_runtime(const std::string& library) { team().use_openmp_runtime(
 std::string openmp_runtime() { return team().openmp_runtime(); }
 void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
 
-template <typename T>
-std::size_t release_scratch_of() {
+std::size_t release_scratch() {
   std::size_t bytes = 0;
-  for (auto& set : scratch_buffers<T>())
-    for (ScratchBuffer<T>& b : set) {
-      bytes += static_cast<std::size_t>(b.capacity) * sizeof(T);
-      b.data.reset();
-      b.capacity = 0;
-    }
+  for (auto& set : scratch_buffers())
+    for (KeptBuffer& b : set) bytes += b.release();
   return bytes;
 }
-
-std::size_t release_scratch() { return release_scratch_of<float>() + release_scratch_of<double>(); }
 
 template void layer_forward<float>(const LayerForwardParams<float>&);
 template void layer_forward<double>(const LayerForwardParams<double>&);
