@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _device, _stack
+from fusedrnn import _core, _cuda_layer, _device, _stack
 from fusedrnn import functional as F
 from helpers import CELLS, GRAD_NAMES, PARAM_NAMES, assert_close, has_cell_state, random_layer, random_lengths
 
@@ -116,6 +116,17 @@ def test_modules_refuse_states_on_another_device(rng):
         lstm(_OnDevice(2, 0), (np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), np.float32)))
     with pytest.raises(ValueError, match=r"hx: on cuda:1, but x is on cpu"):
         fusedrnn.GRU(2, 2)(np.zeros((2, 2, 2), np.float32), _OnDevice(2, 1))
+
+
+def test_the_recurrence_setting_takes_the_backends_paths_only():
+    assert _core.recurrence_paths == ("auto", "per_step", "persistent")
+    previous = _cuda_layer.set_recurrence("per_step")
+    try:
+        with pytest.raises(ValueError, match=r"^path: expected one of \('auto', 'per_step', 'persistent'\), got 'fast'$"):
+            _cuda_layer.set_recurrence("fast")
+        assert _cuda_layer.set_recurrence("persistent") == "per_step"  # the refused call changed nothing
+    finally:
+        _cuda_layer.set_recurrence(previous)
 
 
 def test_cuda_info_says_what_was_built():
@@ -227,7 +238,6 @@ def _compare_runs(cell, dtype, got, want):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_cupy_layer_matches_cpu(cupy, rng, cell, dtype, shape, reverse, recurrence):
-    from fusedrnn import _cuda_layer
     w, a = _case(rng, cell, shape, dtype)
     d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     y, h_n, c_n, tape = _cuda_layer.forward(cell, d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
@@ -262,7 +272,6 @@ def _projected_case(rng, shape, dtype):
 def test_cupy_projected_layer_matches_cpu(cupy, rng, dtype, shape, reverse, recurrence):
     """An LSTM with a projection on CuPy arrays: outputs and every gradient, weight_hr's too, as the CPU
     backend's (a forced persistent path runs per step: the persistent kernel takes no projection)."""
-    from fusedrnn import _cuda_layer
     w, a = _projected_case(rng, shape, dtype)
     d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     y, h_n, c_n, tape = _cuda_layer.forward("lstm", d["x"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
@@ -319,7 +328,6 @@ def test_cupy_stack_of_bidirectional_layers_matches_cpu(cupy, rng, cell, dtype):
 
 @pytest.mark.parametrize("recurrence", ["per_step", "persistent"])
 def test_cupy_repeats_are_bit_identical(cupy, rng, recurrence):
-    from fusedrnn import _cuda_layer
     w, a = _case(rng, "lstm", (20, 8, 32, 64), np.float32)
     d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
     runs = []
@@ -339,7 +347,6 @@ def test_threads_that_end_hand_their_resources_on_to_later_threads(cupy, rng):
     rather than each leaving one behind."""
     import threading
     import time
-    from fusedrnn import _cuda_layer
     module = _cuda_layer.cuda_module()
     w, a = _case(rng, "gru", SHAPES["B1"], np.float32)
     d = {k: None if v is None else cupy.asarray(v) for k, v in {**w, **a}.items()}
@@ -465,7 +472,6 @@ def test_cuda_graphs_replay_inside_a_torch_training_loop(rng, cell):
     steps replay instead of recording anew (what graphs on by default would rely on)."""
     torch = torch_cuda
     import fusedrnn.torch as frt
-    from fusedrnn import _cuda_layer
     _cuda = _cuda_layer.cuda_module()
     kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     batches = [(torch.from_numpy(rng.standard_normal((8, 20, 16)).astype(np.float32)),
@@ -642,7 +648,6 @@ def test_torch_dropin_projected_lstm_on_cuda_matches_torch_nn(rng, proj_size, dt
 def test_cuda_graphs_replay_the_same_results(rng, cell):
     """With CUDA Graphs on, a per-step loop is recorded once per set of arrays and sizes and replayed
     for the same ones: the second call into the same buffers replays, with the same results."""
-    from fusedrnn import _cuda_layer
     _cuda = _cuda_layer.cuda_module()
     w, a = _case(rng, cell, (12, 6, 8, 16), np.float32)
     d = {k: None if v is None else cp.asarray(v) for k, v in {**w, **a}.items()}

@@ -927,6 +927,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("blas_name", &cpu::blas::name, "The BLAS package and version this build compiled against.");
   m.def("blas_library", &cpu::blas::library_path,
         "The file the BLAS functions are taken from (RuntimeError where it cannot be loaded).");
+  {
+    py::tuple paths(std::size(kRecurrencePathNames));
+    for (std::size_t i = 0; i < std::size(kRecurrencePathNames); ++i) paths[i] = kRecurrencePathNames[i].name;
+    m.attr("recurrence_paths") = paths;  // the CUDA backend's, for the Python side's checks
+  }
   def_choice(m, "emulated_recurrence_path", kRecurrencePathNames, &set_emulated_recurrence_path,
              &get_emulated_recurrence_path,
              "Tests only: how the emulated device backend runs the recurrence, forward and backward: 'per_step' "

@@ -245,8 +245,8 @@ def set_recurrence(path: str) -> str:
     "auto" (the default: the persistent kernels for small batches where they fit), "per_step" or
     "persistent" (where it fits). Returns the previous setting."""
     global _recurrence
-    if path not in ("auto", "per_step", "persistent"):
-        raise ValueError(f"path: expected 'auto', 'per_step' or 'persistent', got {path!r}")
+    if path not in _core.recurrence_paths:
+        raise ValueError(f"path: expected one of {_core.recurrence_paths}, got {path!r}")
     previous, _recurrence = _recurrence, path
     return previous
 
