@@ -4,6 +4,10 @@
 
 #include "fusedrnn/cpu/kernels.h"
 
+#if defined(FUSEDRNN_HAVE_AVX2)
+#include <cpuid.h>
+#endif
+
 namespace fusedrnn::cpu {
 
 namespace isa_generic { extern const KernelTable kTable; }
@@ -24,12 +28,20 @@ struct Level {
 bool always() { return true; }
 
 #if defined(FUSEDRNN_HAVE_AVX2)
-// x86-64-v3: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE.
+// Whether CPUID leaf `leaf` sets bit `bit` of ECX.
+bool cpuid_ecx_bit(unsigned leaf, unsigned bit) {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(leaf, &eax, &ebx, &ecx, &edx) && ((ecx >> bit) & 1u);
+}
+
+// x86-64-v3: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE. The last three straight from CPUID (leaf 1: F16C is
+// ECX bit 29, MOVBE bit 22; leaf 0x80000001: LZCNT bit 5): Clang before 18 has no names for them in
+// __builtin_cpu_supports, and refuses the build on an unknown one.
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
-         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && cpuid_ecx_bit(1, 29) && cpuid_ecx_bit(1, 22) &&
+         cpuid_ecx_bit(0x80000001u, 5);
 }
 #endif
 #if defined(FUSEDRNN_HAVE_AVX512)
