@@ -546,8 +546,14 @@ def test_a_team_larger_than_the_mask_spreads_over_all_of_it():
     anywhere in the mask, rather than stacking them all on the CPUs left over."""
     code = textwrap.dedent("""
         import os
+        import threading
         import numpy as np
-        others = set(os.listdir("/proc/self/task"))  # the main thread and numpy's BLAS threads
+        # A thread started and joined first, so that a runtime's helper thread started at the first
+        # thread (ThreadSanitizer's) is among the others: the main thread and numpy's BLAS threads.
+        helper = threading.Thread(target=lambda: None)
+        helper.start()
+        helper.join()
+        others = set(os.listdir("/proc/self/task"))
         import fusedrnn
         from fusedrnn import functional as F
         cpus = sorted(os.sched_getaffinity(0))
@@ -565,7 +571,8 @@ def test_a_team_larger_than_the_mask_spreads_over_all_of_it():
         off_one = len(fitting) == 1 and all(m < caller and len(m) == len(caller) - 1 for m in fitting)
         print(len(cpus), off_one, larger == {caller})
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     cpus, fitting_off_one_cpu, larger_spread = out.stdout.split()
     if int(cpus) > 1:  # one CPU: nothing to keep apart, the workers always share the caller's mask
         assert fitting_off_one_cpu == "True"
@@ -608,18 +615,21 @@ _V1_CPU_MOUNT = "32 31 0:29 {root} /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgro
     ({"/proc/self/mountinfo": _V2_MOUNT, "/proc/self/cgroup": "0::/../other\n",
       "/sys/fs/cgroup/cpu.max": "200000 100000\n", "/sys/other/cpu.max": "100000 100000\n"}, 2),
     ({"/proc/self/mountinfo": "", "/proc/self/cgroup": ""}, 0),
-], ids=["v2-container", "v2-max", "v2-parent", "v1-container", "v1-unlimited", "v2-outside", "none"])
+    # A mount point with a space, as mountinfo escapes it; a quota past int's range is clamped.
+    ({"/proc/self/mountinfo": _V2_MOUNT.replace("/sys/fs/cgroup ", "/sys/fs/c\\040group "),
+      "/proc/self/cgroup": "0::/\n", "/sys/fs/c group/cpu.max": "17592186044415 1000\n"}, 2**31 - 1),
+], ids=["v2-container", "v2-max", "v2-parent", "v1-container", "v1-unlimited", "v2-outside", "none", "escaped-huge"])
 def test_cgroup_cpu_limit_reads_the_process_s_hierarchy(tmp_path, files, cpus):
     assert _core.cgroup_cpu_limit(_write_tree(tmp_path, files)) == cpus
 
 
-def _cpu_cgroup_made_for_test():
-    """A new cgroup v1 cpu cgroup under the process's own, or None where cgroups cannot be made here
-    (not root, read-only, cgroup v2 without delegation)."""
+def _cgroup_made_for_test(controller: str):
+    """A new cgroup v1 `controller` cgroup under the process's own, or None where cgroups cannot be made
+    here (not root, read-only, cgroup v2 without delegation)."""
     with open("/proc/self/cgroup") as f:
-        own = next((line.split(":", 2)[2].strip() for line in f if "cpu" in line.split(":")[1].split(",")), None)
-    base = os.path.join("/sys/fs/cgroup/cpu", (own or "/").lstrip("/"))
-    path = os.path.join(base, f"fusedrnn-test-{os.getpid()}")
+        own = next((line.split(":", 2)[2].strip() for line in f
+                    if controller in line.split(":")[1].split(",")), None)
+    path = os.path.join("/sys/fs/cgroup", controller, (own or "/").lstrip("/"), f"fusedrnn-test-{os.getpid()}")
     try:
         os.mkdir(path)
     except OSError:
@@ -627,11 +637,17 @@ def _cpu_cgroup_made_for_test():
     return path
 
 
+def _run_in_cgroup(path: str, code: str) -> subprocess.CompletedProcess:
+    """`code` in a new Python process that moves itself into the cgroup at `path` before anything else."""
+    enter = f"open({os.path.join(path, 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
+    return subprocess.run([sys.executable, "-c", enter + code], capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/cpu"), reason="needs a cgroup v1 cpu hierarchy (Linux)")
 def test_default_team_keeps_within_the_cgroup_cpu_limit():
-    """A process whose cgroup may use half a CPU starts with a one-thread team; without a limit, with
-    the CPUs of its mask."""
-    path = _cpu_cgroup_made_for_test()
+    """A process whose cgroup may use half a CPU starts with a one-thread team; with no limit of its
+    own, with the CPUs of its mask within what the cgroups above it allow (this process's limit)."""
+    path = _cgroup_made_for_test("cpu")
     if path is None:
         pytest.skip("cannot make a cgroup here (needs root and a writable cgroup v1 cpu hierarchy)")
     code = ("import os, fusedrnn; print(fusedrnn.get_num_threads(), len(os.sched_getaffinity(0)), "
@@ -639,15 +655,56 @@ def test_default_team_keeps_within_the_cgroup_cpu_limit():
     try:
         runs = {}
         for quota in ("50000", "-1"):
-            with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
-                f.write(quota)
-            shell = f'echo $$ > {path}/cgroup.procs && exec "{sys.executable}" -c "{code}"'
-            out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, check=True, timeout=120)
+            try:
+                with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+                    f.write(quota)
+            except OSError as err:  # a parent's quota below half a CPU refuses a larger one here
+                pytest.skip(f"cannot set this cgroup's quota to {quota}: {err}")
+            out = _run_in_cgroup(path, code)
+            assert out.returncode == 0, out.stderr
             runs[quota] = tuple(map(int, out.stdout.split()))
     finally:
         os.rmdir(path)
+    above = _core.cgroup_cpu_limit()  # the cgroups above the new one: 0 where none is limited
     assert runs["50000"][0] == 1 and runs["50000"][2] == 1
-    assert runs["-1"][0] == runs["-1"][1] and runs["-1"][2] == 0
+    threads, cpus, limit = runs["-1"]
+    assert limit == above and threads == (min(cpus, above) if above else cpus)
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/pids"), reason="needs a cgroup v1 pids hierarchy (Linux)")
+def test_a_team_the_system_refuses_threads_for_keeps_its_size():
+    """Where the system will not start the threads a resize asks for (a cgroup's pids.max, a process
+    limit), set_num_threads raises RuntimeError saying so, and the team keeps its size and computes."""
+    path = _cgroup_made_for_test("pids")
+    if path is None:
+        pytest.skip("cannot make a cgroup here (needs root and a writable cgroup v1 pids hierarchy)")
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        import fusedrnn
+        from fusedrnn import functional as F
+        fusedrnn.set_num_threads(2)
+        x = np.ones((3, 8, 4), np.float32)
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        before = F.layer_forward("lstm", x, *w, training=False).y
+        with open(os.path.join(os.environ["CGROUP"], "pids.max"), "w") as f:
+            f.write(str(len(os.listdir("/proc/self/task")) + 4))
+        try:
+            fusedrnn.set_num_threads(64)
+        except RuntimeError as err:
+            print("refused:", err)
+        print("threads:", fusedrnn.get_num_threads())
+        print("same:", np.array_equal(F.layer_forward("lstm", x, *w, training=False).y, before))
+    """)
+    try:
+        os.environ["CGROUP"] = path
+        out = _run_in_cgroup(path, code)
+    finally:
+        del os.environ["CGROUP"]
+        os.rmdir(path)
+    assert out.returncode == 0, out.stderr
+    assert "refused: fusedrnn: could not start a team of 64 threads (" in out.stdout
+    assert "threads: 2\nsame: True\n" in out.stdout
 
 
 def test_import_starts_no_blas_threads():

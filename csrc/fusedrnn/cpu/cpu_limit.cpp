@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -15,6 +16,20 @@ std::vector<std::string> split(const std::string& text, char separator) {
   std::istringstream in(text);
   for (std::string part; std::getline(in, part, separator);) parts.push_back(part);
   return parts;
+}
+
+// A mountinfo path field, unescaped: the kernel writes space, tab, newline and backslash as \ooo.
+std::string unescaped(const std::string& field) {
+  std::string path;
+  for (std::size_t i = 0; i < field.size(); ++i) {
+    if (field[i] == '\\' && i + 3 < field.size() && field.find_first_not_of("01234567", i + 1) >= i + 4) {
+      path += static_cast<char>(std::stoi(field.substr(i + 1, 3), nullptr, 8));
+      i += 3;
+    } else {
+      path += field[i];
+    }
+  }
+  return path;
 }
 
 bool has_cpu_controller(const std::string& list) {
@@ -55,7 +70,7 @@ int cgroup_cpu_limit(const std::string& root) {
     if (!(before >> id >> parent >> device >> this_root >> point) || !(after >> type >> source >> options)) continue;
     const bool cpu_v1 = type == "cgroup" && has_cpu_controller(options);
     if (cpu_v1 || (type == "cgroup2" && mount_point.empty())) {
-      mount_root = this_root, mount_point = point, v2 = !cpu_v1;
+      mount_root = unescaped(this_root), mount_point = unescaped(point), v2 = !cpu_v1;
       if (cpu_v1) break;  // a v1 cpu hierarchy holds the limits where both are mounted
     }
   }
@@ -85,7 +100,8 @@ int cgroup_cpu_limit(const std::string& root) {
     if (cpus > 0 && (least < 0 || cpus < least)) least = cpus;
     if (dir.size() <= top.size()) break;
   }
-  return least > 0 ? static_cast<int>(std::ceil(least)) : 0;
+  if (least <= 0) return 0;
+  return static_cast<int>(std::min(std::ceil(least), static_cast<double>(std::numeric_limits<int>::max())));
 }
 
 }  // namespace fusedrnn::cpu

@@ -8,6 +8,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #if defined(__linux__)
@@ -123,8 +124,25 @@ void ThreadTeam::set_size(int threads) {
   threads = std::clamp(threads, 1, kMaxSize);
   barrier_.reserve(threads);
   if (threads == size() && static_cast<int>(workers_.size()) == threads - 1) return;
+  const int previous = size();
   stop_workers();
-  start_workers(threads);
+  try {
+    start_workers(threads);
+  } catch (const std::system_error& err) {
+    // The system refused a thread (a process or cgroup limit): the workers started are stopped, and the
+    // team keeps its size, or a single rank if even that many cannot start again.
+    stop_workers();
+    int kept = previous;
+    try {
+      start_workers(kept);
+    } catch (const std::system_error&) {
+      stop_workers();
+      kept = 1;
+    }
+    size_.store(kept, std::memory_order_relaxed);
+    throw std::runtime_error("fusedrnn: could not start a team of " + std::to_string(threads) + " threads (" +
+                             err.what() + "); it keeps " + std::to_string(kept));
+  }
   size_.store(threads, std::memory_order_relaxed);
 }
 
