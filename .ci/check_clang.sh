@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README promises GCC or Clang: the CPU package's extension modules (_core and _cuda_emulated, every
 # source of the core, the kernels at each SIMD level) built with Clang, as CMakeLists.txt builds them.
-# Clang's warnings are shown, not fatal (it reports the pointwise loops GCC vectorises as not vectorised:
-# a speed matter, which .ci/check_vectorised.sh holds GCC to). Installs the Debian package clang when
-# clang++ is missing.
+# Clang's warnings are counted, not fatal (most say that the float64 pointwise loops, which call libm's
+# scalar exp and tanh as GCC's build does too, are not vectorised). Installs the Debian package clang
+# when clang++ is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
