@@ -46,7 +46,8 @@ def release_scratch() -> int:
 def set_num_threads(n: int) -> None:
     """Sets the number of native threads all fusedrnn compute uses (its one thread team; BLAS runs
     single-threaded inside it). Small layers use fewer: `fusedrnn._core.layer_split(cell, batch, hidden,
-    dtype)` tells how a layer is shared (README, "How it is built")."""
+    dtype)` tells how a layer is shared (README, "How it is built"). Where the system refuses the
+    threads (a cgroup's pids.max, a process limit), RuntimeError, and the team keeps its size."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
     if not 1 <= n <= _MAX_THREADS:
