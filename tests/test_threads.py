@@ -637,10 +637,11 @@ def _cgroup_made_for_test(controller: str):
     return path
 
 
-def _run_in_cgroup(path: str, code: str) -> subprocess.CompletedProcess:
+def _run_in_cgroup(path: str, code: str, env=None) -> subprocess.CompletedProcess:
     """`code` in a new Python process that moves itself into the cgroup at `path` before anything else."""
     enter = f"open({os.path.join(path, 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
-    return subprocess.run([sys.executable, "-c", enter + code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", enter + code], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/cpu"), reason="needs a cgroup v1 cpu hierarchy (Linux)")
@@ -705,6 +706,33 @@ def test_a_team_the_system_refuses_threads_for_keeps_its_size():
     assert out.returncode == 0, out.stderr
     assert "refused: fusedrnn: could not start a team of 64 threads (" in out.stdout
     assert "threads: 2\nsame: True\n" in out.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/pids"), reason="needs a cgroup v1 pids hierarchy (Linux)")
+def test_a_process_the_system_gives_no_worker_threads_computes_on_one():
+    """A process that may start no further thread (its cgroup's pids.max reached) still computes: the
+    default team falls back to the calling thread alone rather than failing every call."""
+    path = _cgroup_made_for_test("pids")
+    if path is None:
+        pytest.skip("cannot make a cgroup here (needs root and a writable cgroup v1 pids hierarchy)")
+    code = textwrap.dedent("""
+        import os
+        with open(os.path.join(os.environ["CGROUP"], "pids.max"), "w") as f:
+            f.write(str(len(os.listdir("/proc/self/task"))))
+        import numpy as np
+        import fusedrnn
+        from fusedrnn import functional as F, reference
+        x = np.ones((3, 8, 4), np.float32)
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        y = F.layer_forward("lstm", x, *w, training=False).y
+        print("threads:", fusedrnn.get_num_threads(), "finite:", bool(np.isfinite(y).all()), y.shape)
+    """)
+    try:
+        out = _run_in_cgroup(path, code, env={**os.environ, "CGROUP": path, "OPENBLAS_NUM_THREADS": "1"})
+    finally:
+        os.rmdir(path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "threads: 1 finite: True (3, 8, 128)\n"
 
 
 def test_import_starts_no_blas_threads():

@@ -57,7 +57,12 @@ ThreadTeam& ThreadTeam::instance() {
 }
 
 ThreadTeam::ThreadTeam() {
-  set_size(default_thread_count());
+  try {
+    set_size(default_thread_count());
+  } catch (const std::runtime_error&) {
+    // The system would not start that many threads: the team starts with what set_size kept (one rank
+    // at least), where a failure here would fail every call.
+  }
 #if defined(__linux__)
   pthread_atfork(&ThreadTeam::before_fork, &ThreadTeam::after_fork_in_parent, &ThreadTeam::after_fork_in_child);
 #endif
