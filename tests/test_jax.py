@@ -400,15 +400,16 @@ def test_a_call_out_of_memory_leaves_later_calls_working():
     assert "again equal: True" in out.stdout, out.stdout
 
 
-def test_release_scratch_frees_what_mapped_calls_kept_on_this_thread(rng):
-    """Per-sample gradients under vmap keep the handler's arrays (the batched tape) on the thread that
-    calls the jitted function, where XLA runs a CPU call; release_scratch freed only the layers' own."""
+def test_release_scratch_frees_what_mapped_calls_kept_on_xlas_threads(rng):
+    """Per-sample gradients under vmap keep the handler's arrays (the batched tape) between calls, on
+    whichever thread XLA ran the call (its own, for calls not waited on); release_scratch frees them."""
     params = _params(rng, "lstm", 4, 16, 1, False)
     xs = rng.standard_normal((8, 30, 1, 4)).astype(np.float32)
     grads = jax.jit(jax.vmap(jax.grad(lambda p, x: fj.lstm(p, x)[0].sum()), in_axes=(None, 0)))
     want = jax.block_until_ready(grads(params, xs))
     fusedrnn.release_scratch()
-    jax.block_until_ready(grads(params, xs))
+    results = [grads(params, xs) for _ in range(4)]  # dispatched without waiting
+    jax.block_until_ready(results)
     freed = fusedrnn.release_scratch()
     tape_bytes = 8 * 30 * 16 * 4 * (1 + 1 + 4)  # at least hs, cs and the saved gates of all 8 samples
     assert freed >= tape_bytes and fusedrnn.release_scratch() == 0

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string_view>
 #include <vector>
@@ -58,24 +59,26 @@ ffi::Error read_lengths(const Lengths& lengths, Index n, Index steps, std::vecto
   return lengths.empty() ? ffi::Error::Success() : lengths.widen(lengths.at(n), steps, out);
 }
 
-// A handler call's scratch arrays (KeptBuffer: 64-byte aligned, kept per calling thread for the next
-// call). A call takes its arrays in order through one CallScratch, the only one alive on its thread.
+// A handler call's scratch arrays (KeptBuffer: 64-byte aligned), taken in order through one CallScratch.
+// Sets of arrays are kept between calls in one pool for the process, so what stays allocated follows how
+// many calls XLA ran at once, not how many of its threads ever ran one.
 class CallScratch {
  public:
-  CallScratch() {
-    if (in_use()) throw std::logic_error("fusedrnn: a handler call's scratch is already in use on this thread");
-    in_use() = true;
+  CallScratch() : set_(take_set()) {}
+  ~CallScratch() {
+    std::lock_guard<std::mutex> hold(pool_mutex());
+    idle_sets().push_back(std::move(set_));
   }
-  ~CallScratch() { in_use() = false; }
   CallScratch(const CallScratch&) = delete;
   CallScratch& operator=(const CallScratch&) = delete;
 
-  // Frees this thread's kept arrays (none while a call holds them) and returns their bytes.
+  // Frees the kept arrays of the sets no call holds and returns their bytes.
   static std::size_t release() {
-    if (in_use()) return 0;
+    std::lock_guard<std::mutex> hold(pool_mutex());
     std::size_t bytes = 0;
-    for (fusedrnn::KeptBuffer& b : pool()) bytes += b.release();
-    std::vector<fusedrnn::KeptBuffer>().swap(pool());
+    for (const std::unique_ptr<Set>& set : idle_sets())
+      for (fusedrnn::KeptBuffer& b : *set) bytes += b.release();
+    idle_sets().clear();
     return bytes;
   }
 
@@ -83,20 +86,31 @@ class CallScratch {
   template <typename T>
   T* take(Index count) {
     if (count == 0) return nullptr;
-    std::vector<fusedrnn::KeptBuffer>& buffers = pool();
-    if (next_ == buffers.size()) buffers.emplace_back();
-    return buffers[next_++].reserve_values<T>(static_cast<std::uint64_t>(count), "a handler call's scratch");
+    if (next_ == set_->size()) set_->emplace_back();
+    return (*set_)[next_++].reserve_values<T>(static_cast<std::uint64_t>(count), "a handler call's scratch");
   }
 
  private:
-  static std::vector<fusedrnn::KeptBuffer>& pool() {
-    thread_local std::vector<fusedrnn::KeptBuffer> buffers;
-    return buffers;
+  using Set = std::vector<fusedrnn::KeptBuffer>;
+  // The set most recently given back (its arrays the likeliest to fit), or a new one.
+  static std::unique_ptr<Set> take_set() {
+    std::lock_guard<std::mutex> hold(pool_mutex());
+    std::vector<std::unique_ptr<Set>>& idle = idle_sets();
+    if (idle.empty()) return std::make_unique<Set>();
+    std::unique_ptr<Set> set = std::move(idle.back());
+    idle.pop_back();
+    return set;
   }
-  static bool& in_use() {
-    thread_local bool flag = false;
-    return flag;
+  // Never destroyed: a call may still run while the process exits.
+  static std::mutex& pool_mutex() {
+    static std::mutex* mutex = new std::mutex;
+    return *mutex;
   }
+  static std::vector<std::unique_ptr<Set>>& idle_sets() {
+    static std::vector<std::unique_ptr<Set>>* sets = new std::vector<std::unique_ptr<Set>>;
+    return *sets;
+  }
+  std::unique_ptr<Set> set_;
   std::size_t next_ = 0;
 };
 

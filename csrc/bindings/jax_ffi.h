@@ -12,8 +12,8 @@ namespace fusedrnn::bindings {
 // other jax_ffi_* attributes the Python side reads (jax_ffi.cpp, def_jax_ffi).
 void def_jax_ffi(pybind11::module_& m);
 
-// Frees the scratch the handlers keep on the calling thread (XLA runs a CPU call's handler on the
-// thread that calls the jitted function) and returns its bytes: none while a handler runs there.
+// Frees the scratch the CPU handlers keep between calls (one pool for the process) and returns its
+// bytes; the arrays of a handler running now are kept.
 std::size_t release_jax_call_scratch();
 
 }  // namespace fusedrnn::bindings

@@ -825,13 +825,14 @@ PYBIND11_MODULE(_core, m) {
         "CPUs' worth of time the process's cgroups allow, rounded up; 0 where none is set. `root` prefixes "
         "/proc and /sys.");
   m.def("release_scratch", [] {
+    fusedrnn::bindings::ReleasedGil release;  // waits for a call in progress on another thread to finish
     std::size_t freed = cpu::release_scratch();
 #ifdef FUSEDRNN_WITH_XLA_FFI
     freed += fusedrnn::bindings::release_jax_call_scratch();
 #endif
     return freed;
-  }, "Frees the calling thread's scratch (kept between its layer calls, fusedrnn.jax's handlers' too); returns "
-     "the bytes freed.");
+  }, "Frees the scratch layer calls keep between calls (one for the process, fusedrnn.jax's handlers' too); "
+     "returns the bytes freed.");
   m.def("use_openmp_runtime", [](const std::string& library) {
     fusedrnn::bindings::ReleasedGil release;  // waits for a call in progress on another thread to finish
     try {

@@ -35,11 +35,11 @@ __all__ = ["LSTM", "GRU", "RNN", "RNNBase", "Linear", "functional", "set_num_thr
 
 
 def release_scratch() -> int:
-    """Frees the scratch memory the calling thread's layer calls keep between calls (grown to its
-    largest call, so that a training loop allocates it once) and returns the bytes freed; the next call
-    allocates afresh. That includes fusedrnn.jax's calls that XLA ran on this thread (on the CPU, a jitted
-    function's calls run on the thread calling it). Other threads keep theirs until they end or call
-    this themselves; XLA's own threads keep theirs."""
+    """Frees the scratch memory layer calls keep between calls (grown to the largest call, so that a
+    training loop allocates it once) and returns the bytes freed; the next call allocates afresh. The
+    scratch is the process's, whichever threads make the calls (a server's, XLA's for fusedrnn.jax):
+    layer calls take turns on the thread team, so one copy serves them all. Waits for a call in
+    progress on another thread to finish; the arrays a fusedrnn.jax call still holds are kept."""
     return int(_core.release_scratch())
 
 

@@ -44,8 +44,8 @@ void set_team_size(int threads);
 // use_openmp_runtime; "" for the team's own workers).
 void use_openmp_runtime(const std::string& library);
 std::string openmp_runtime();
-// Frees the calling thread's scratch, which its layer calls keep between calls, grown to the largest;
-// returns the bytes freed. The next call allocates afresh.
+// Frees the scratch layer calls keep between calls (one for the process, whichever threads call), grown
+// to the largest; returns the bytes freed. Waits for a call in progress. The next call allocates afresh.
 std::size_t release_scratch();
 // Tests only: the team's workers pause this long after each job is posted (ThreadTeam).
 void set_team_worker_delay(int microseconds);

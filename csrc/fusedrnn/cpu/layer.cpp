@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -21,9 +22,9 @@
 namespace fusedrnn::cpu {
 namespace {
 
-// Scratch buffers (KeptBuffer: uninitialised, the core writes every element before reading it), kept per
-// calling thread between calls. Each buffer a call needs has its own ScratchSlot. Only the calling
-// thread allocates; team jobs never do.
+// Scratch buffers (KeptBuffer: uninitialised, the core writes every element before reading it), kept
+// between calls. Each buffer a call needs has its own ScratchSlot. Only the calling thread allocates;
+// team jobs never do.
 enum class ScratchSlot {
   kGatesX, kRankBuffers, kGradGates, kGradGatesH, kGradState, kGradOutputs, kNormPartial, kBiasGradPartial,
   kWeightGradPartial, kCount
@@ -35,10 +36,14 @@ constexpr int kScratchSets = 2;
 // The largest dimension or leading dimension the 32-bit BLAS (scipy-openblas32) takes.
 constexpr Index kMaxBlasIndex = std::numeric_limits<std::int32_t>::max();
 
-// The calling thread's scratch: kept between its calls, grown to the largest.
-KeptBuffer (&scratch_buffers())[kScratchSets][static_cast<int>(ScratchSlot::kCount)] {
-  thread_local KeptBuffer buffers[kScratchSets][static_cast<int>(ScratchSlot::kCount)];
-  return buffers;
+// The layer calls' scratch, grown to the largest: one for the process, used only under the team's lease,
+// since calls take turns on the team whichever thread makes them (per thread, each of XLA's threads that
+// ever ran a call, or each of a server's, would keep a copy until it ends). Never destroyed: a call may
+// still run while the process exits.
+using ScratchSets = std::array<std::array<KeptBuffer, static_cast<int>(ScratchSlot::kCount)>, kScratchSets>;
+ScratchSets& scratch_buffers() {
+  static ScratchSets* sets = new ScratchSets;
+  return *sets;
 }
 
 template <typename T>
@@ -1022,6 +1027,7 @@ std::string openmp_runtime() { return team().openmp_runtime(); }
 void set_team_worker_delay(int microseconds) { ThreadTeam::set_worker_delay_after_post(microseconds); }
 
 std::size_t release_scratch() {
+  TeamLease tm = team().lease();  // waits for a running call, which may be using it
   std::size_t bytes = 0;
   for (auto& set : scratch_buffers())
     for (KeptBuffer& b : set) bytes += b.release();
