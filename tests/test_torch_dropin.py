@@ -536,6 +536,34 @@ def test_bad_input_raises_errors_naming_the_argument():
         frt.GRU(I, H)(x, torch.zeros(2, B, H))
 
 
+def test_wrong_shapes_and_dtypes_raise_what_torch_nn_raises_too():
+    """Code written against torch.nn (`except RuntimeError` around a call that probes shapes) still
+    catches the drop-in's errors, which stay ValueError and TypeError naming the argument."""
+    x, h = torch.randn(T, B, I), torch.zeros(1, B, H)
+    cases = [
+        (ValueError, "input.*input_size", lambda m: m(torch.randn(T, B, I + 1))),
+        (ValueError, "input.*3-D", lambda m: m(torch.randn(T, B, 1, I))),
+        (ValueError, "h_0.*shape", lambda m: m(x, (torch.zeros(1, B + 1, H), h))),
+        (ValueError, "c_0.*shape", lambda m: m(x, (h, torch.zeros(1, B, H + 1)))),
+        (ValueError, "h_0.*shape", lambda m: m(x[:, 0], (h, h))),  # batched states for an unbatched input
+        (TypeError, "h_0.*dtype", lambda m: m(x, (h.double(), h))),
+        (TypeError, "input.*dtype", lambda m: m(x.double())),
+    ]
+    torch.manual_seed(0)
+    reference, fused = nn.LSTM(I, H), frt.LSTM(I, H)
+    for ours, match, call in cases:
+        with pytest.raises(Exception) as torch_nn:
+            call(reference)
+        with pytest.raises(ours, match=match) as drop_in:
+            call(fused)
+        assert isinstance(drop_in.value, type(torch_nn.value)), (match, torch_nn.value)
+    with torch.no_grad():
+        fused.weight_hh_l0.data = torch.zeros(4 * H, H + 1)
+    with pytest.raises(ValueError, match="weight_hh_l0.*shape") as drop_in:
+        fused(x)
+    assert isinstance(drop_in.value, RuntimeError)  # torch.nn: a RuntimeError from its matrix product
+
+
 # ---- autograd ---------------------------------------------------------------------------------------
 
 

@@ -167,12 +167,13 @@ class _FusedRNNBase(nn.RNNBase):
                 raise error(f"{', '.join(odd)}: {attribute} {others}, where the module's other parameters have {usual}")
 
     def _check_weight_shapes(self, weights: dict) -> None:
-        """A ValueError naming the first weight whose shape is not the one this module's sizes give (one
-        replaced through .data or substituted by torch.func.functional_call)."""
+        """A ValueError (a RuntimeError too, as torch.nn has it) naming the first weight whose shape is not
+        the one this module's sizes give (one replaced through .data or substituted by
+        torch.func.functional_call)."""
         for name, shape in _stack.weight_shapes(self._cell, self.input_size, self.hidden_size, self.num_layers,
                                                 self.bidirectional, self.bias, self.proj_size):
             if weights[name].shape != shape:
-                raise ValueError(f"{name}: expected shape {shape} for {type(self).__name__}(input_size="
+                raise _WrongShape(f"{name}: expected shape {shape} for {type(self).__name__}(input_size="
                                  f"{self.input_size}, hidden_size={self.hidden_size}"
                                  f"{f', proj_size={self.proj_size}' if self.proj_size else ''}), got "
                                  f"{tuple(weights[name].shape)}")
@@ -200,9 +201,9 @@ class _FusedRNNBase(nn.RNNBase):
                 s = _out_of_autocast(s, dtype)
             _check_placement(name, s)
             if s.dtype != dtype:
-                raise TypeError(f"{name}: expected dtype {dtype} (the parameters'), got {s.dtype}")
+                raise _WrongDtype(f"{name}: expected dtype {dtype} (the parameters'), got {s.dtype}")
             if s.shape != want:
-                raise ValueError(f"{name}: expected shape {want}, got {tuple(s.shape)}")
+                raise _WrongShape(f"{name}: expected shape {want}, got {tuple(s.shape)}")
             checked.append(s)
         states = tuple(checked)
         if unbatched:
@@ -229,6 +230,16 @@ def _by_name(module: nn.Module, names) -> dict:
     return weights
 
 
+class _WrongShape(ValueError, RuntimeError):
+    """An input or state of the wrong shape: a ValueError, and the RuntimeError torch.nn's modules raise
+    for it, so that code written against either catches it."""
+
+
+class _WrongDtype(TypeError, ValueError, RuntimeError):
+    """An input or state of another dtype than the parameters': a TypeError, and what torch.nn's modules
+    raise for it (a ValueError for the input, a RuntimeError for a state)."""
+
+
 def _check_placement(name: str, t: Tensor) -> None:
     if t.is_cuda:
         try:
@@ -251,12 +262,12 @@ def _out_of_autocast(t: Tensor, dtype) -> Tensor:
 def _check_input(t: Tensor, dtype, input_size: int, ranks, name: str) -> None:
     _check_placement(name, t)
     if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the parameters'), got {t.dtype}")
+        raise _WrongDtype(f"{name}: expected dtype {dtype} (the parameters'), got {t.dtype}")
     if t.dim() not in ranks:
         want = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{name}: expected a {want} tensor, got shape {tuple(t.shape)}")
     if t.shape[-1] != input_size:
-        raise ValueError(f"{name}: expected input_size {input_size} in the last dimension, got {t.shape[-1]}")
+        raise _WrongShape(f"{name}: expected input_size {input_size} in the last dimension, got {t.shape[-1]}")
 
 
 def _dropout(y: Tensor, p: float, batch_sizes):
