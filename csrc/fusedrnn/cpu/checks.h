@@ -13,6 +13,15 @@
 #define FUSEDRNN_ALWAYS_INLINE inline
 #endif
 
+// For a hot lambda called from more than one place, which Clang may leave out of line. GCC inlines
+// such lambdas itself, and forcing it changes its other inlining choices in the kernels (slower: see
+// bench/NOTES.md, "Built with Clang, again").
+#if defined(__clang__)
+#define FUSEDRNN_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define FUSEDRNN_INLINE_LAMBDA
+#endif
+
 namespace fusedrnn::cpu {
 
 template <typename T, typename Bits>

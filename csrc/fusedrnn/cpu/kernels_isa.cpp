@@ -68,40 +68,6 @@ struct PanelRows {
   PanelRows from(Index row) const { return {depth > 0 ? a + row * ld : a, ld, depth}; }
 };
 
-// acc[s][r][...] += sum over k = s (mod KS) of a[r*lda + k] * rows_of_panel[k*panel_ld + ...], for k < depth:
-// panel_kernel's inner loop. Always inlined: left a call (as Clang 14 leaves a lambda called twice), acc
-// lives in memory and every FMA waits on a load and a store.
-template <typename T, int MR, int KS>
-FUSEDRNN_ALWAYS_INLINE void add_panel_products(typename Simd<T>::Vec (&acc)[KS][MR][2], const T* __restrict a,
-                                               Index lda, Index depth, const T* __restrict rows_of_panel,
-                                               Index panel_ld) {
-  using S = Simd<T>;
-  using Vec = typename S::Vec;
-  constexpr int L = S::kLanes;
-  Index k = 0;
-  for (; k + KS <= depth; k += KS) {
-    for (int s = 0; s < KS; ++s) {
-      prefetch_panel_row<T>(rows_of_panel + (k + s + kPrefetchRows) * panel_ld);
-      const Vec b0 = S::load(rows_of_panel + (k + s) * panel_ld);
-      const Vec b1 = S::load(rows_of_panel + (k + s) * panel_ld + L);
-      for (int r = 0; r < MR; ++r) {
-        const T av = a[r * lda + k + s];
-        acc[s][r][0] += av * b0;
-        acc[s][r][1] += av * b1;
-      }
-    }
-  }
-  for (; k < depth; ++k) {
-    const Vec b0 = S::load(rows_of_panel + k * panel_ld);
-    const Vec b1 = S::load(rows_of_panel + k * panel_ld + L);
-    for (int r = 0; r < MR; ++r) {
-      const T av = a[r * lda + k];
-      acc[0][r][0] += av * b0;
-      acc[0][r][1] += av * b1;
-    }
-  }
-}
-
 // c[r][0..kPanel) = init[0..kPanel) + sum_k top[r][k] * panel[k][0..kPanel) for r < MR (init null:
 // zeros; `accumulate`: c's own values instead), plus, when `below` has depth, sum_k below[r][k] *
 // panel[top.depth + k][...]: two operands side by side without copying them together. Panel row k
@@ -126,9 +92,34 @@ inline void panel_kernel(PanelRows<T> top, PanelRows<T> below, const T* __restri
       acc[0][r][1] = S::load(start + L);
     }
   }
-  add_panel_products<T, MR, KS>(acc, top.a, top.ld, top.depth, panel, panel_ld);
-  if (below.depth > 0)
-    add_panel_products<T, MR, KS>(acc, below.a, below.ld, below.depth, panel + top.depth * panel_ld, panel_ld);
+  // Inlined: left a call, acc lives in memory and every FMA waits on a load and a store.
+  auto add_products = [&acc, panel_ld](const T* __restrict a, Index lda, Index depth,
+                                       const T* __restrict rows_of_panel) FUSEDRNN_INLINE_LAMBDA {
+    Index k = 0;
+    for (; k + KS <= depth; k += KS) {
+      for (int s = 0; s < KS; ++s) {
+        prefetch_panel_row<T>(rows_of_panel + (k + s + kPrefetchRows) * panel_ld);
+        const Vec b0 = S::load(rows_of_panel + (k + s) * panel_ld);
+        const Vec b1 = S::load(rows_of_panel + (k + s) * panel_ld + L);
+        for (int r = 0; r < MR; ++r) {
+          const T av = a[r * lda + k + s];
+          acc[s][r][0] += av * b0;
+          acc[s][r][1] += av * b1;
+        }
+      }
+    }
+    for (; k < depth; ++k) {
+      const Vec b0 = S::load(rows_of_panel + k * panel_ld);
+      const Vec b1 = S::load(rows_of_panel + k * panel_ld + L);
+      for (int r = 0; r < MR; ++r) {
+        const T av = a[r * lda + k];
+        acc[0][r][0] += av * b0;
+        acc[0][r][1] += av * b1;
+      }
+    }
+  };
+  add_products(top.a, top.ld, top.depth, panel);
+  if (below.depth > 0) add_products(below.a, below.ld, below.depth, panel + top.depth * panel_ld);
   for (int s = 1; s < KS; ++s)
     for (int r = 0; r < MR; ++r) {
       acc[0][r][0] += acc[s][r][0];
