@@ -803,7 +803,8 @@ def test_release_scratch_frees_the_scratch_and_later_calls_give_the_same_bits(rn
         np.testing.assert_array_equal(got, expected)
 
 
-def test_threads_calling_in_turn_keep_one_scratch_for_the_process(rng):
+@pytest.mark.parametrize("team_size", [1, 2, 5], indirect=True, ids=["t1", "t2", "t5"])
+def test_threads_calling_in_turn_keep_one_scratch_for_the_process(rng, team_size):
     """A server's threads (or XLA's) each calling once keep one scratch between them, not one each until
     they end, and any thread frees it."""
     import threading

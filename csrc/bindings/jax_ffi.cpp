@@ -76,8 +76,8 @@ class CallScratch {
   static std::size_t release() {
     std::lock_guard<std::mutex> hold(pool_mutex());
     std::size_t bytes = 0;
-    for (const std::unique_ptr<Set>& set : idle_sets())
-      for (fusedrnn::KeptBuffer& b : *set) bytes += b.release();
+    for (Set& set : idle_sets())
+      for (fusedrnn::KeptBuffer& b : set) bytes += b.release();
     idle_sets().clear();
     return bytes;
   }
@@ -86,18 +86,18 @@ class CallScratch {
   template <typename T>
   T* take(Index count) {
     if (count == 0) return nullptr;
-    if (next_ == set_->size()) set_->emplace_back();
-    return (*set_)[next_++].reserve_values<T>(static_cast<std::uint64_t>(count), "a handler call's scratch");
+    if (next_ == set_.size()) set_.emplace_back();
+    return set_[next_++].reserve_values<T>(static_cast<std::uint64_t>(count), "a handler call's scratch");
   }
 
  private:
   using Set = std::vector<fusedrnn::KeptBuffer>;
   // The set most recently given back (its arrays the likeliest to fit), or a new one.
-  static std::unique_ptr<Set> take_set() {
+  static Set take_set() {
     std::lock_guard<std::mutex> hold(pool_mutex());
-    std::vector<std::unique_ptr<Set>>& idle = idle_sets();
-    if (idle.empty()) return std::make_unique<Set>();
-    std::unique_ptr<Set> set = std::move(idle.back());
+    std::vector<Set>& idle = idle_sets();
+    if (idle.empty()) return {};
+    Set set = std::move(idle.back());
     idle.pop_back();
     return set;
   }
@@ -106,11 +106,11 @@ class CallScratch {
     static std::mutex* mutex = new std::mutex;
     return *mutex;
   }
-  static std::vector<std::unique_ptr<Set>>& idle_sets() {
-    static std::vector<std::unique_ptr<Set>>* sets = new std::vector<std::unique_ptr<Set>>;
+  static std::vector<Set>& idle_sets() {
+    static std::vector<Set>* sets = new std::vector<Set>;
     return *sets;
   }
-  std::unique_ptr<Set> set_;
+  Set set_;
   std::size_t next_ = 0;
 };
 

@@ -174,9 +174,9 @@ class _FusedRNNBase(nn.RNNBase):
                                                 self.bidirectional, self.bias, self.proj_size):
             if weights[name].shape != shape:
                 raise _WrongShape(f"{name}: expected shape {shape} for {type(self).__name__}(input_size="
-                                 f"{self.input_size}, hidden_size={self.hidden_size}"
-                                 f"{f', proj_size={self.proj_size}' if self.proj_size else ''}), got "
-                                 f"{tuple(weights[name].shape)}")
+                                  f"{self.input_size}, hidden_size={self.hidden_size}"
+                                  f"{f', proj_size={self.proj_size}' if self.proj_size else ''}), got "
+                                  f"{tuple(weights[name].shape)}")
 
     def _initial_states(self, hx, batch: int, unbatched: bool, dtype, has_cell_state: bool):
         """(h0, c0) as (L*D, B, R) and (L*D, B, H) tensors or None (R: proj_size with a projection,
