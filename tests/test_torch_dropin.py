@@ -728,6 +728,34 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_batch_first_input_refilled_before_backward_as_torch_nn_allows(cell):
+    """A loop that refills one (B, T, I) buffer before the previous chunk's backward: the layer read a
+    copy of the transposed input, so torch.nn's gradients (those of the data seen at forward) follow, where
+    autograd used to refuse the in-place change."""
+    ref, fused = module_pair(cell, I, H, num_layers=2, batch_first=True, dtype=torch.float64)
+    data = torch.randn(B, T, I, dtype=torch.float64)
+    grads = []
+    for module in (ref, fused):
+        buffer = data.clone().requires_grad_()
+        y, _ = module(buffer)
+        with torch.no_grad():
+            buffer.copy_(torch.randn(B, T, I, dtype=torch.float64))
+        y.square().sum().backward()
+        grads.append([buffer.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_in_place_change_of_an_input_read_in_place_is_still_detected():
+    rnn = frt.RNN(I, H)
+    x = torch.randn(T, B, I)
+    y, _ = rnn(x)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 # ---- torch.func -----------------------------------------------------------------------------------------
 
 

@@ -304,6 +304,10 @@ def _setup_context(ctx, inputs, output):
         # what backward needs to run the forward again from the saved values is saved too.
         ctx.read_in_place = [(weakref.ref(t), t._version) for t in saved[1:]]
         saved += (h0, c0, _lengths)
+    elif not (x.is_cuda or x.is_contiguous() or _traced(x) or _transformed()):
+        # The forward read a contiguous copy of this x (a batch_first transpose), so a later change to x
+        # cannot reach backward, and torch.nn allows it there: backward keeps only x's shape and dtype.
+        saved = (tape, x.new_zeros(()).expand(x.shape), *saved[2:])
     ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
 
