@@ -4,6 +4,8 @@ blocks and weight panels; repeats are bit-identical; small layers run on fewer t
 
 import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -577,6 +579,74 @@ def test_a_team_larger_than_the_mask_spreads_over_all_of_it():
     if int(cpus) > 1:  # one CPU: nothing to keep apart, the workers always share the caller's mask
         assert fitting_off_one_cpu == "True"
     assert larger_spread == "True"
+
+
+def test_the_team_never_outgrows_the_bundled_blas():
+    """Every rank of a job may be inside a GEMM of the bundled OpenBLAS at once, and its buffer table
+    holds 2 * MAX_THREADS callers (past that it warns, and further on ends the process)."""
+    config = fusedrnn.build_info()["blas"]
+    built_for = re.search(r"MAX_THREADS=(\d+)", config)
+    assert built_for, config
+    assert _core.max_threads <= 2 * int(built_for.group(1))
+    with pytest.raises(ValueError, match=r"^n: expected a thread count in \[1, "):
+        fusedrnn.set_num_threads(_core.max_threads + 1)
+
+
+# sched_getaffinity as a kernel with 4096 possible CPUs answers it: a mask shorter than that is refused
+# (EINVAL), so a fixed 1024-CPU cpu_set_t cannot be read there.
+_MANY_CPUS_SHIM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int sched_getaffinity(pid_t pid, size_t bytes, cpu_set_t* mask) {
+  if (bytes * 8 < 4096) { errno = EINVAL; return -1; }
+  long copied = syscall(SYS_sched_getaffinity, pid, bytes, mask);
+  if (copied < 0) return -1;
+  memset((char*)mask + copied, 0, bytes - copied);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")),
+                    reason="needs os.sched_setaffinity and /proc (Linux)")
+def test_the_mask_is_read_where_the_kernel_knows_more_than_1024_cpus(tmp_path):
+    """The default team follows the affinity mask, and the workers are kept off the caller's CPU, on a
+    kernel whose masks are longer than a plain cpu_set_t (simulated by a preloaded sched_getaffinity)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler to build the simulated sched_getaffinity")
+    (tmp_path / "shim.c").write_text(_MANY_CPUS_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "shim.so"), str(tmp_path / "shim.c")],
+                   check=True, timeout=120)
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[0]})
+        import fusedrnn
+        from fusedrnn import functional as F
+        default = fusedrnn.get_num_threads()
+        os.sched_setaffinity(0, set(cpus))
+        fusedrnn.set_num_threads(1)
+        others = set(os.listdir("/proc/self/task"))
+        fusedrnn.set_num_threads(2)
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        F.layer_forward("lstm", np.ones((3, 8, 4), np.float32), *w, training=False)
+        masks = [os.sched_getaffinity(int(t)) for t in set(os.listdir("/proc/self/task")) - others]
+        print(default, len(cpus), len(masks) == 1 and len(masks[0]) == len(cpus) - 1)
+    """)
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), str(tmp_path / "shim.so")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LD_PRELOAD": preload})
+    assert out.returncode == 0, out.stderr
+    default, cpus, kept_off_the_callers_cpu = out.stdout.split()
+    assert default == "1"
+    if int(cpus) > 1:  # one CPU: nothing to keep apart
+        assert kept_off_the_callers_cpu == "True"
 
 
 def _write_tree(root, files: dict) -> str:

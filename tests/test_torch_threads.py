@@ -131,6 +131,35 @@ def test_several_python_threads_share_torchs_threads(rng, team_size):
             assert (a is None and b is None) or np.array_equal(a, b)
 
 
+def test_calls_from_other_python_threads_add_no_openmp_pools():
+    # libgomp starts a pool of threads for each thread that opens a parallel region (and ends the
+    # process when the system refuses one): only the first thread to call runs its jobs on torch's
+    # threads, the others on fusedrnn's own workers, so a server's long-lived callers add only themselves.
+    out = run_python("""
+        import threading
+        w, x = layer("gru", threads=4)
+        first = F.layer_forward("gru", x, *w).y
+        before = len(os.listdir("/proc/self/task"))
+        results, release = [], threading.Event()
+        def serve(called):
+            results.append(F.layer_forward("gru", x, *w).y)
+            called.set()
+            release.wait()
+        callers = []
+        for _ in range(3):
+            called = threading.Event()
+            callers.append(threading.Thread(target=serve, args=(called,)))
+            callers[-1].start()
+            assert called.wait(60)
+        added = len(os.listdir("/proc/self/task")) - before
+        release.set()
+        for t in callers:
+            t.join()
+        print(added, all(np.array_equal(y, first) for y in results), fusedrnn.build_info()["openmp_runtime"] is not None)
+    """)
+    assert out.split() == ["3", "True", "True"]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_a_forked_child_computes_on_fusedrnns_own_workers():
     # An OpenMP runtime's threads do not survive a fork; the child's jobs go back to fusedrnn's workers.

@@ -1,12 +1,19 @@
 #include "fusedrnn/cpu/cpu_limit.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <sstream>
 #include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
 
 namespace fusedrnn::cpu {
 namespace {
@@ -53,6 +60,40 @@ double limit_in(const std::string& dir, bool v2) {
 }
 
 }  // namespace
+
+bool CpuMask::read_calling_thread() {
+#if defined(__linux__)
+  constexpr std::size_t kMostCpus = std::size_t{1} << 22;  // the kernel's own bound
+  for (std::size_t cpus = CPU_SETSIZE; cpus <= kMostCpus; cpus *= 2) {
+    words_.assign(CPU_ALLOC_SIZE(cpus) / sizeof(unsigned long), 0);
+    if (sched_getaffinity(0, words_.size() * sizeof(unsigned long), reinterpret_cast<cpu_set_t*>(words_.data())) == 0)
+      return true;
+    if (errno != EINVAL) break;
+  }
+#endif
+  words_.clear();
+  return false;
+}
+
+int CpuMask::count() const {
+  int cpus = 0;
+  for (unsigned long word : words_) cpus += __builtin_popcountl(word);
+  return cpus;
+}
+
+void CpuMask::clear(int cpu) {
+  constexpr int kBits = sizeof(unsigned long) * CHAR_BIT;
+  if (cpu >= 0 && static_cast<std::size_t>(cpu / kBits) < words_.size()) words_[cpu / kBits] &= ~(1UL << (cpu % kBits));
+}
+
+void CpuMask::apply_to(std::thread& thread) const {
+#if defined(__linux__)
+  pthread_setaffinity_np(thread.native_handle(), words_.size() * sizeof(unsigned long),
+                         reinterpret_cast<const cpu_set_t*>(words_.data()));
+#else
+  (void)thread;
+#endif
+}
 
 // The cgroup file system is found as the process sees it: /proc/self/mountinfo names where the cgroup
 // (v2) or cpu-controller (v1) hierarchy is mounted and which cgroup is at the mount's top (a container

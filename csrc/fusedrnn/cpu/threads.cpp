@@ -241,7 +241,8 @@ void ThreadTeam::run(int threads, const Job& job) {
     job(0);
     return;
   }
-  if (openmp_.parallel && run_on_openmp(threads, job)) return;
+  if (openmp_.parallel && openmp_.caller == std::thread::id()) openmp_.caller = std::this_thread::get_id();
+  if (openmp_.parallel && openmp_.caller == std::this_thread::get_id() && run_on_openmp(threads, job)) return;
   keep_workers_off_caller_cpu();
   job_ = &job;
   pending_.store(threads - 1, std::memory_order_relaxed);
@@ -262,18 +263,17 @@ void ThreadTeam::run(int threads, const Job& job) {
 void ThreadTeam::keep_workers_off_caller_cpu() {
 #if defined(__linux__)
   const int cpu = sched_getcpu();
-  cpu_set_t allowed;
-  if (cpu < 0 || sched_getaffinity(0, sizeof allowed, &allowed) != 0) return;
-  if (cpu == workers_avoid_cpu_ && CPU_EQUAL(&allowed, &caller_mask_)) return;
-  caller_mask_ = allowed;
+  if (cpu < 0 || !mask_now_.read_calling_thread()) return;
+  if (cpu == workers_avoid_cpu_ && mask_now_ == caller_mask_) return;
+  caller_mask_ = mask_now_;
   workers_avoid_cpu_ = cpu;
-  cpu_set_t others = allowed;
-  CPU_CLR(cpu, &others);
+  CpuMask others = caller_mask_;
+  others.clear(cpu);
   // Where the workers outnumber the other CPUs (one CPU allowed, or a team larger than the mask),
   // keeping them off the caller's would stack them on the rest: they share the caller's mask instead.
-  const bool fits = CPU_COUNT(&others) >= static_cast<int>(workers_.size());
-  const cpu_set_t& mask = fits ? others : allowed;
-  for (auto& worker : workers_) pthread_setaffinity_np(worker.native_handle(), sizeof mask, &mask);
+  const bool fits = others.count() >= static_cast<int>(workers_.size());
+  const CpuMask& mask = fits ? others : caller_mask_;
+  for (auto& worker : workers_) mask.apply_to(worker);
 #endif
 }
 
@@ -308,11 +308,8 @@ void ThreadTeam::worker_loop(int rank, std::uint64_t seen) {
 }
 
 int default_thread_count() {
-  int cpus = 0;
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) cpus = CPU_COUNT(&set);
-#endif
+  CpuMask mask;
+  int cpus = mask.read_calling_thread() ? mask.count() : 0;
   if (cpus <= 0) cpus = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   // Ranks beyond a cgroup's CPU limit would only take turns: the whole team is throttled together
   // once the period's time is spent, and every step's barrier waits out the pause.

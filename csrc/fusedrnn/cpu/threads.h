@@ -10,10 +10,9 @@
 // after.
 #pragma once
 
+#include "fusedrnn/cpu/cpu_limit.h"
+
 #include <atomic>
-#if defined(__linux__)
-#include <sched.h>
-#endif
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -109,8 +108,10 @@ class ThreadTeam {
   using Job = std::function<void(int rank)>;
   class Lease;
 
-  // The most threads a team may have: a post carries its job's thread count in 16 bits.
-  static constexpr int kMaxSize = 1 << 15;
+  // The most threads a team may have. Every rank of a job may be inside a GEMM of the bundled OpenBLAS
+  // at once, and its buffer table holds 2 * MAX_THREADS (64) concurrent callers; past that it warns,
+  // and past a further 512 it ends the process.
+  static constexpr int kMaxSize = 128;
 
   static ThreadTeam& instance();
 
@@ -128,7 +129,10 @@ class ThreadTeam {
   // Runs jobs on the threads of an OpenMP runtime already loaded in this process (`library`, as the
   // loader names it; torch's libgomp, say) instead of this team's workers: when another library's
   // OpenMP threads spin between that library's own calls, a job on them starts at once and shares no
-  // core with a spinner. The split still follows size(), so results are the same bit for bit. An
+  // core with a spinner. The split still follows size(), so results are the same bit for bit. Only
+  // the first thread to run a job there uses the runtime (a training loop's, whose pool torch's own
+  // operators keep awake): libgomp starts a pool for each thread that opens a parallel region, and
+  // ends the process when the system refuses one; other threads' jobs run on the team's workers. An
   // empty `library` goes back to the team's own workers. Throws std::invalid_argument when the library
   // is not loaded or lacks the GNU OpenMP entry points.
   void use_openmp_runtime(const std::string& library);
@@ -183,11 +187,11 @@ class ThreadTeam {
     void (*parallel)(void (*body)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
     int (*thread_num)() = nullptr;
     int (*num_threads)() = nullptr;
+    std::thread::id caller;  // the one thread whose jobs run there (none yet: the next to run one)
   } openmp_;
   int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out
-#if defined(__linux__)
-  cpu_set_t caller_mask_{};     // the caller's affinity mask when the workers' masks were last set
-#endif
+  CpuMask caller_mask_;         // the caller's affinity mask when the workers' masks were last set
+  CpuMask mask_now_;            // the caller's mask at this job (kept to reuse its storage)
 };
 
 // Exclusive use of the team for one call (a layer's forward or backward, a whole-array pass): while a

@@ -44,7 +44,9 @@ def torch_openmp_runtime() -> str | None:
 
 def use_torch_threads(enabled: bool = True) -> bool:
     """Runs fusedrnn's native jobs (every call, NumPy modules included) on torch's OpenMP threads
-    (enabled, the default once fusedrnn.torch is imported) or on fusedrnn's own workers. Returns
+    (enabled, the default once fusedrnn.torch is imported) or on fusedrnn's own workers. Only the
+    first Python thread to call after this uses torch's threads (GNU OpenMP starts a pool for each
+    thread that opens a parallel region); other threads' calls run on fusedrnn's workers. Returns
     whether jobs now run on torch's threads: False when torch's runtime could not be found (see
     torch_openmp_runtime)."""
     if not isinstance(enabled, bool):
