@@ -581,6 +581,34 @@ def test_a_team_larger_than_the_mask_spreads_over_all_of_it():
     assert larger_spread == "True"
 
 
+@pytest.mark.skipif(not (hasattr(os, "fork") and hasattr(os, "sched_setaffinity")),
+                    reason="needs os.fork and os.sched_setaffinity (Linux)")
+def test_a_forked_child_takes_its_own_default_team():
+    """A forked child that narrows its mask before its first call (a worker pinned to a CPU) gets the
+    default of that mask; a size set in the parent is kept."""
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        import fusedrnn
+        from fusedrnn import functional as F
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        def child_team():
+            F.layer_forward("lstm", np.ones((3, 8, 4), np.float32), *w, training=False)
+            pid = os.fork()
+            if pid == 0:
+                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+                F.layer_forward("lstm", np.ones((3, 8, 4), np.float32), *w, training=False)
+                os._exit(fusedrnn.get_num_threads())
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        by_default = child_team()
+        fusedrnn.set_num_threads(3)
+        print(by_default, child_team())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3"]
+
+
 def test_the_team_never_outgrows_the_bundled_blas():
     """Every rank of a job may be inside a GEMM of the bundled OpenBLAS at once, and its buffer table
     holds 2 * MAX_THREADS callers (past that it warns, and further on ends the process)."""

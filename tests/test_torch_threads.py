@@ -170,11 +170,48 @@ def test_a_forked_child_computes_on_fusedrnns_own_workers():
         if pid == 0:
             ok = (fusedrnn.build_info()["openmp_runtime"] is None
                   and np.array_equal(F.layer_forward("gru", x, *w).y, parent))
+            # Asked again, it stays on fusedrnn's workers: the parent's pool is gone.
+            ok = ok and frt.use_torch_threads(True) is False and fusedrnn.build_info()["openmp_runtime"] is None
+            ok = ok and np.array_equal(F.layer_forward("gru", x, *w).y, parent)
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         print(fusedrnn.build_info()["openmp_runtime"] is not None, os.waitstatus_to_exitcode(status))
     """)
     assert out.split() == ["True", "0"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_worker_that_imports_the_drop_in_computes():
+    # The parent ran torch's OpenMP threads and never loaded fusedrnn. Its forked child (a DataLoader
+    # worker: torch at one thread) imports fusedrnn.torch; the runtime still counts the parent's
+    # threads, and a job on them would wait for them forever.
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, time
+        import torch
+        a = torch.randn(300, 300)
+        (a @ a).sum()
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(1)
+            import fusedrnn, fusedrnn.torch as frt
+            fusedrnn.set_num_threads(2)
+            gru, x = frt.GRU(8, 256), torch.randn(10, 16, 8)
+            with torch.no_grad():
+                on_runtime = gru(x)[0]
+                frt.use_torch_threads(False)
+                os._exit(0 if torch.equal(on_runtime, gru(x)[0]) else 4)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print(os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            print("hung")
+    """)], capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"]
 
 
 def test_bad_runtimes_are_refused_by_name():

@@ -63,6 +63,7 @@ ThreadTeam::ThreadTeam() {
     // The system would not start that many threads: the team starts with what set_size kept (one rank
     // at least), where a failure here would fail every call.
   }
+  size_is_default_ = true;
 #if defined(__linux__)
   pthread_atfork(&ThreadTeam::before_fork, &ThreadTeam::after_fork_in_parent, &ThreadTeam::after_fork_in_child);
 #endif
@@ -109,6 +110,7 @@ void ThreadTeam::after_fork_in_child() {
   team.workers_.clear();
   team.workers_lost_ = true;
   team.openmp_ = OpenMPRuntime{};  // an OpenMP runtime's threads do not survive a fork either
+  team.forked_ = true;
   new (&team.wake_) std::condition_variable();
   team.sleep_mutex_.unlock();
   team.lease_mutex_.unlock();
@@ -117,6 +119,12 @@ void ThreadTeam::after_fork_in_child() {
 ThreadTeam::Lease ThreadTeam::lease() {
   Lease held(*this);
   if (exiting_) throw std::runtime_error("fusedrnn: the process is exiting");
+  if (workers_lost_ && size_is_default_) {
+    // A forked child's first call: the default is the child's (a worker may have narrowed its mask).
+    const int threads = default_thread_count();
+    barrier_.reserve(threads);
+    size_.store(threads, std::memory_order_relaxed);
+  }
   return held;
 }
 
@@ -126,6 +134,7 @@ void ThreadTeam::set_worker_delay_after_post(int microseconds) {
 
 void ThreadTeam::set_size(int threads) {
   std::lock_guard<std::mutex> hold(lease_mutex_);
+  size_is_default_ = false;
   threads = std::clamp(threads, 1, kMaxSize);
   barrier_.reserve(threads);
   if (threads == size() && static_cast<int>(workers_.size()) == threads - 1) return;
@@ -153,7 +162,7 @@ void ThreadTeam::set_size(int threads) {
 
 void ThreadTeam::use_openmp_runtime(const std::string& library) {
   OpenMPRuntime runtime;
-  if (!library.empty()) {
+  if (!library.empty() && !forked_) {
 #if defined(__linux__)
     // RTLD_NOLOAD: only a runtime already in the process; loading a second one would start its own pool.
     void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_NOLOAD);
@@ -162,8 +171,9 @@ void ThreadTeam::use_openmp_runtime(const std::string& library) {
     runtime.parallel = reinterpret_cast<decltype(runtime.parallel)>(dlsym(handle, "GOMP_parallel"));
     runtime.thread_num = reinterpret_cast<decltype(runtime.thread_num)>(dlsym(handle, "omp_get_thread_num"));
     runtime.num_threads = reinterpret_cast<decltype(runtime.num_threads)>(dlsym(handle, "omp_get_num_threads"));
+    runtime.max_threads = reinterpret_cast<decltype(runtime.max_threads)>(dlsym(handle, "omp_get_max_threads"));
     dlclose(handle);  // the process keeps it loaded: it was loaded before, by someone else
-    if (!runtime.parallel || !runtime.thread_num || !runtime.num_threads)
+    if (!runtime.parallel || !runtime.thread_num || !runtime.num_threads || !runtime.max_threads)
       throw std::invalid_argument("library: '" + library + "' has no GNU OpenMP entry points (GOMP_parallel)");
 #else
     throw std::invalid_argument("library: OpenMP runtimes are shared on Linux only");
@@ -242,7 +252,9 @@ void ThreadTeam::run(int threads, const Job& job) {
     return;
   }
   if (openmp_.parallel && openmp_.caller == std::thread::id()) openmp_.caller = std::this_thread::get_id();
-  if (openmp_.parallel && openmp_.caller == std::this_thread::get_id() && run_on_openmp(threads, job)) return;
+  if (openmp_.parallel && openmp_.caller == std::this_thread::get_id() && openmp_.max_threads() > 1 &&
+      run_on_openmp(threads, job))
+    return;
   keep_workers_off_caller_cpu();
   job_ = &job;
   pending_.store(threads - 1, std::memory_order_relaxed);

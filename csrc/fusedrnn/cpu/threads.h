@@ -132,9 +132,11 @@ class ThreadTeam {
   // core with a spinner. The split still follows size(), so results are the same bit for bit. Only
   // the first thread to run a job there uses the runtime (a training loop's, whose pool torch's own
   // operators keep awake): libgomp starts a pool for each thread that opens a parallel region, and
-  // ends the process when the system refuses one; other threads' jobs run on the team's workers. An
-  // empty `library` goes back to the team's own workers. Throws std::invalid_argument when the library
-  // is not loaded or lacks the GNU OpenMP entry points.
+  // ends the process when the system refuses one; other threads' jobs run on the team's workers, as
+  // do those of a caller whose runtime is set to one thread (torch.set_num_threads(1): no pool is
+  // kept awake, and in a forked child, as DataLoader's workers are, the parent's pool is gone while
+  // the runtime still counts its threads). An empty `library` goes back to the team's own workers, as
+  // does any in a process forked from one that had this team (its runtime's pool is gone). Throws std::invalid_argument when the library is not loaded or lacks the GNU OpenMP entry points.
   void use_openmp_runtime(const std::string& library);
   // The library jobs run on ("" for the team's own workers).
   std::string openmp_runtime();
@@ -166,6 +168,7 @@ class ThreadTeam {
   static int post_threads(std::uint64_t word) { return static_cast<int>(word & 0xffff); }
 
   std::atomic<int> size_{1};
+  bool size_is_default_ = true;  // never set_size(): a forked child takes its own default
   std::vector<std::thread> workers_;
   std::mutex lease_mutex_;  // held by a Lease or a resize: one call's jobs (or one resize) at a time
   std::mutex sleep_mutex_;  // guards post_ changes, so a worker going to sleep misses no post
@@ -180,6 +183,7 @@ class ThreadTeam {
   const Job* job_ = nullptr;
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
+  bool forked_ = false;        // this process is a forked child: no OpenMP runtime's pool survived
   // GNU OpenMP entry points (libgomp's, and Intel's and LLVM's compatible ones) of the runtime jobs
   // run on, all null while the team's own workers run them; changed under lease_mutex_.
   struct OpenMPRuntime {
@@ -187,6 +191,7 @@ class ThreadTeam {
     void (*parallel)(void (*body)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
     int (*thread_num)() = nullptr;
     int (*num_threads)() = nullptr;
+    int (*max_threads)() = nullptr;
     std::thread::id caller;  // the one thread whose jobs run there (none yet: the next to run one)
   } openmp_;
   int workers_avoid_cpu_ = -1;  // the caller's CPU that the workers' affinity masks leave out

@@ -46,11 +46,12 @@ def use_torch_threads(enabled: bool = True) -> bool:
     """Runs fusedrnn's native jobs (every call, NumPy modules included) on torch's OpenMP threads
     (enabled, the default once fusedrnn.torch is imported) or on fusedrnn's own workers. Only the
     first Python thread to call after this uses torch's threads (GNU OpenMP starts a pool for each
-    thread that opens a parallel region); other threads' calls run on fusedrnn's workers. Returns
-    whether jobs now run on torch's threads: False when torch's runtime could not be found (see
-    torch_openmp_runtime)."""
+    thread that opens a parallel region); other threads' calls run on fusedrnn's workers, as do those
+    of a thread where torch runs one thread. Returns whether jobs now run on torch's threads: False
+    when torch's runtime could not be found (see torch_openmp_runtime), and in a process forked from
+    one that had fusedrnn loaded (the runtime's threads did not survive the fork)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     library = torch_openmp_runtime() if enabled else None
     _core.use_openmp_runtime(library or "")
-    return library is not None
+    return bool(_core.openmp_runtime())
