@@ -833,6 +833,62 @@ def test_a_process_the_system_gives_no_worker_threads_computes_on_one():
     assert out.stdout == "threads: 1 finite: True (3, 8, 128)\n"
 
 
+@pytest.mark.skipif(not (os.path.isdir("/sys/fs/cgroup/pids") and hasattr(os, "fork")),
+                    reason="needs a cgroup v1 pids hierarchy and os.fork (Linux)")
+def test_a_forked_child_the_system_gives_no_worker_threads_computes():
+    """A forked child starts its team again at its first call. Where the system refuses the threads,
+    a default team runs on the calling thread alone; a size the parent set is refused as set_num_threads
+    refuses it (RuntimeError, the team keeps one rank). Either way the calls after compute."""
+    path = _cgroup_made_for_test("pids")
+    if path is None:
+        pytest.skip("cannot make a cgroup here (needs root and a writable cgroup v1 pids hierarchy)")
+    code = textwrap.dedent("""
+        import os, sys, time
+        import numpy as np
+        import fusedrnn
+        from fusedrnn import functional as F
+        x = np.ones((3, 8, 4), np.float32)
+        w = [np.full(s, 0.1, np.float32) for s in ((512, 4), (512, 128), (512,), (512,))]
+        limit = os.path.join(os.environ["CGROUP"], "pids.max")
+        def child_calls():
+            F.layer_forward("lstm", x, *w, training=False)
+            pid = os.fork()
+            if pid == 0:
+                with open(os.path.join(os.environ["CGROUP"], "pids.current")) as f:
+                    current = f.read().strip()
+                with open(limit, "w") as f:
+                    f.write(current)  # no further thread in the cgroup
+                calls = []
+                for _ in range(2):
+                    try:
+                        F.layer_forward("lstm", x, *w, training=False)
+                        calls.append("ok")
+                    except RuntimeError as err:
+                        calls.append("refused" if "could not start a team of 2 threads" in str(err) else repr(err))
+                print(*calls, fusedrnn.get_num_threads(), flush=True)
+                os._exit(0)
+            for _ in range(200):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                print("hung", flush=True)
+            with open(limit, "w") as f:
+                f.write("max")
+        child_calls()
+        fusedrnn.set_num_threads(2)
+        child_calls()
+    """)
+    try:
+        out = _run_in_cgroup(path, code, env={**os.environ, "CGROUP": path, "OPENBLAS_NUM_THREADS": "1"})
+    finally:
+        os.rmdir(path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ok ok 1\nrefused ok 1\n"
+
+
 def test_import_starts_no_blas_threads():
     """The BLAS runs single-threaded inside the team, so loading it starts none of its own workers
     (they would spin on the team's cores), and the caller's OPENBLAS_NUM_THREADS is left as it was.

@@ -728,23 +728,33 @@ def test_in_place_change_of_a_weight_before_backward_is_detected():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "save_on_cpu"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_batch_first_input_refilled_before_backward_as_torch_nn_allows(cell):
+def test_batch_first_input_refilled_before_backward_as_torch_nn_allows(cell, hooks):
     """A loop that refills one (B, T, I) buffer before the previous chunk's backward: the layer read a
-    copy of the transposed input, so torch.nn's gradients (those of the data seen at forward) follow, where
-    autograd used to refuse the in-place change."""
+    copy of the transposed input, so the gradients are torch.nn's (those of the data seen at forward),
+    under saved-tensor hooks too."""
     ref, fused = module_pair(cell, I, H, num_layers=2, batch_first=True, dtype=torch.float64)
     data = torch.randn(B, T, I, dtype=torch.float64)
     grads = []
     for module in (ref, fused):
         buffer = data.clone().requires_grad_()
-        y, _ = module(buffer)
+        with torch.autograd.graph.save_on_cpu() if hooks else contextlib.nullcontext():
+            y, _ = module(buffer)
         with torch.no_grad():
             buffer.copy_(torch.randn(B, T, I, dtype=torch.float64))
         y.square().sum().backward()
         grads.append([buffer.grad, *(p.grad for p in module.parameters())])
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_through_a_batch_first_input_is_refused():
+    rnn = frt.RNN(I, H, batch_first=True, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(rnn(x)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
 
 
 def test_in_place_change_of_an_input_read_in_place_is_still_detected():

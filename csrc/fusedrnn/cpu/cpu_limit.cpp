@@ -64,7 +64,8 @@ double limit_in(const std::string& dir, bool v2) {
 bool CpuMask::read_calling_thread() {
 #if defined(__linux__)
   constexpr std::size_t kMostCpus = std::size_t{1} << 22;  // the kernel's own bound
-  for (std::size_t cpus = CPU_SETSIZE; cpus <= kMostCpus; cpus *= 2) {
+  const std::size_t last = words_.size() * sizeof(unsigned long) * CHAR_BIT;  // the length read before
+  for (std::size_t cpus = std::max<std::size_t>(CPU_SETSIZE, last); cpus <= kMostCpus; cpus *= 2) {
     words_.assign(CPU_ALLOC_SIZE(cpus) / sizeof(unsigned long), 0);
     if (sched_getaffinity(0, words_.size() * sizeof(unsigned long), reinterpret_cast<cpu_set_t*>(words_.data())) == 0)
       return true;

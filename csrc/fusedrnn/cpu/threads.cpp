@@ -119,11 +119,17 @@ void ThreadTeam::after_fork_in_child() {
 ThreadTeam::Lease ThreadTeam::lease() {
   Lease held(*this);
   if (exiting_) throw std::runtime_error("fusedrnn: the process is exiting");
-  if (workers_lost_ && size_is_default_) {
-    // A forked child's first call: the default is the child's (a worker may have narrowed its mask).
-    const int threads = default_thread_count();
+  if (workers_lost_) {
+    // A forked child's first call starts the team again: at the child's own default unless a size was
+    // set (a worker may have narrowed its mask). A default team the system refuses runs on one rank,
+    // as at the start; a size that was set is refused as set_size refuses it.
+    const int threads = size_is_default_ ? default_thread_count() : size();
     barrier_.reserve(threads);
-    size_.store(threads, std::memory_order_relaxed);
+    try {
+      start_team(threads, 1);
+    } catch (const std::runtime_error&) {
+      if (!size_is_default_) throw;
+    }
   }
   return held;
 }
@@ -134,19 +140,24 @@ void ThreadTeam::set_worker_delay_after_post(int microseconds) {
 
 void ThreadTeam::set_size(int threads) {
   std::lock_guard<std::mutex> hold(lease_mutex_);
-  size_is_default_ = false;
   threads = std::clamp(threads, 1, kMaxSize);
   barrier_.reserve(threads);
-  if (threads == size() && static_cast<int>(workers_.size()) == threads - 1) return;
-  const int previous = size();
-  stop_workers();
+  if (threads != size() || static_cast<int>(workers_.size()) != threads - 1) {
+    const int previous = size();
+    stop_workers();
+    start_team(threads, previous);
+  }
+  size_is_default_ = false;
+}
+
+void ThreadTeam::start_team(int threads, int fallback) {
   try {
     start_workers(threads);
   } catch (const std::system_error& err) {
     // The system refused a thread (a process or cgroup limit): the workers started are stopped, and the
-    // team keeps its size, or a single rank if even that many cannot start again.
+    // team keeps `fallback` ranks, or a single rank if even that many cannot start again.
     stop_workers();
-    int kept = previous;
+    int kept = fallback;
     try {
       start_workers(kept);
     } catch (const std::system_error&) {
@@ -244,7 +255,6 @@ void ThreadTeam::run(int threads, const Job& job) {
   if (threads < 1 || threads > size())
     throw std::logic_error("fusedrnn: a job asked for " + std::to_string(threads) + " threads of a team of " +
                            std::to_string(size()));
-  if (workers_lost_) start_workers(size());
   barrier_.reset(threads);
   if (threads == 1) {
     FlushDenormals ftz;

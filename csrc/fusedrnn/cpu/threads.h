@@ -136,7 +136,8 @@ class ThreadTeam {
   // do those of a caller whose runtime is set to one thread (torch.set_num_threads(1): no pool is
   // kept awake, and in a forked child, as DataLoader's workers are, the parent's pool is gone while
   // the runtime still counts its threads). An empty `library` goes back to the team's own workers, as
-  // does any in a process forked from one that had this team (its runtime's pool is gone). Throws std::invalid_argument when the library is not loaded or lacks the GNU OpenMP entry points.
+  // does any in a process forked from one whose team had started (its runtime's pool is gone).
+  // Throws std::invalid_argument when the library is not loaded or lacks the GNU OpenMP entry points.
   void use_openmp_runtime(const std::string& library);
   // The library jobs run on ("" for the team's own workers).
   std::string openmp_runtime();
@@ -149,6 +150,9 @@ class ThreadTeam {
   ThreadTeam();
   void run(int threads, const Job& job);
   bool run_on_openmp(int threads, const Job& job);
+  // Starts the workers of a team of `threads` ranks (none running) and makes it the size. Where the
+  // system refuses a thread, keeps `fallback` ranks (or one) and throws std::runtime_error saying so.
+  void start_team(int threads, int fallback);
   void start_workers(int threads);
   void stop_workers();
   void post(int threads);
@@ -168,7 +172,7 @@ class ThreadTeam {
   static int post_threads(std::uint64_t word) { return static_cast<int>(word & 0xffff); }
 
   std::atomic<int> size_{1};
-  bool size_is_default_ = true;  // never set_size(): a forked child takes its own default
+  bool size_is_default_ = true;  // no set_size() has succeeded: a forked child takes its own default
   std::vector<std::thread> workers_;
   std::mutex lease_mutex_;  // held by a Lease or a resize: one call's jobs (or one resize) at a time
   std::mutex sleep_mutex_;  // guards post_ changes, so a worker going to sleep misses no post

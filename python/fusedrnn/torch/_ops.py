@@ -297,17 +297,20 @@ def _setup_context(ctx, inputs, output):
         tape = _layer(*inputs[:-2], True, False)[3]
     # Saved (not only referenced by the tape) so that autograd rejects an in-place change before backward.
     saved = (tape, x, *(w for w in weights if w is not None))
+    # Where the forward read a contiguous copy of x (a batch_first transpose), a later change to x cannot
+    # reach the tape, and torch.nn allows it there.
+    x_copied = not (x.is_cuda or x.is_contiguous() or _traced(x) or _transformed())
     ctx.read_in_place = None
     if _saved_tensor_hooks is not None and _saved_tensor_hooks(False) is not None:
         # Saved-tensor hooks may hand backward copies (offloading, allow_mutation_on_saved_tensors) while
         # the tape reads the forward's memory, which can change, or a copied handle that holds no tapes;
         # what backward needs to run the forward again from the saved values is saved too.
-        ctx.read_in_place = [(weakref.ref(t), t._version) for t in saved[1:]]
+        ctx.read_in_place = [(weakref.ref(t), t._version) for t in saved[1 + x_copied:]]
         saved += (h0, c0, _lengths)
-    elif not (x.is_cuda or x.is_contiguous() or _traced(x) or _transformed()):
-        # The forward read a contiguous copy of this x (a batch_first transpose), so a later change to x
-        # cannot reach backward, and torch.nn allows it there: backward keeps only x's shape and dtype.
-        saved = (tape, x.new_zeros(()).expand(x.shape), *saved[2:])
+    elif x_copied:
+        # Backward keeps only x's shape, dtype and whether it needs a gradient (so that a double
+        # backward is still refused).
+        saved = (tape, x.new_zeros(()).requires_grad_(x.requires_grad).expand(x.shape), *saved[2:])
     ctx.save_for_backward(*saved)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero arrays
 

@@ -49,7 +49,7 @@ def use_torch_threads(enabled: bool = True) -> bool:
     thread that opens a parallel region); other threads' calls run on fusedrnn's workers, as do those
     of a thread where torch runs one thread. Returns whether jobs now run on torch's threads: False
     when torch's runtime could not be found (see torch_openmp_runtime), and in a process forked from
-    one that had fusedrnn loaded (the runtime's threads did not survive the fork)."""
+    one whose fusedrnn thread team had started (the runtime's threads did not survive the fork)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     library = torch_openmp_runtime() if enabled else None
