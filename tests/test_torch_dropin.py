@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fusedrnn.torch as frt  # noqa: E402
 import torch_ddp_worker  # noqa: E402
-from fusedrnn import _core  # noqa: E402
+from fusedrnn import _core, _stack  # noqa: E402
 from fusedrnn.torch import _ops  # noqa: E402
 from helpers import CELL_CASES, CELLS, GATES, assert_close, has_cell_state, proj_of  # noqa: E402
 
@@ -1114,6 +1114,42 @@ def test_torch_compile_fullgraph_with_dropout_in_training_matches_eager():
     torch.manual_seed(11)
     want = model(x)[0]
     assert torch.equal(got, want)
+
+
+def test_torch_compile_compiles_a_new_module_once(monkeypatch):
+    # The parameter names of each layer are formatted once per configuration and cached: with the cache
+    # filled by the first trace, the trace guarded on the entry being absent and the next call compiled
+    # again (an error under error_on_recompile).
+    monkeypatch.setattr(_stack, "_weight_names", {})
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = frt.GRU(I, H, num_layers=3)
+    compiled = torch.compile(model, backend=counting)
+    x = torch.randn(T, B, I)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+    assert len(graphs) == 1
+
+
+def test_torch_compile_of_packed_input_with_dropout_breaks_the_graph_once_whatever_the_layers():
+    # torch.compile cannot trace pad_packed_sequence: the input's unpacking breaks the graph (as the
+    # repacking of the output does), but the dropout between layers must not, or each layer's frame is
+    # compiled apart and deep stacks reach the recompile limit.
+    def graph_breaks(num_layers):
+        torch.manual_seed(0)
+        model = frt.LSTM(I, H, num_layers=num_layers, dropout=0.3)
+        packed = pack_padded_sequence(torch.randn(T, B, I), torch.tensor([T, T - 1, 2]))
+        with torch.no_grad():  # the dropout still runs: the module is in training mode
+            return torch._dynamo.explain(model)(packed).graph_break_count
+
+    torch._dynamo.reset()
+    assert graph_breaks(2) == graph_breaks(6)
 
 
 def _traced_where_nothing_recorded(how, model, x):

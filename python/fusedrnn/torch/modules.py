@@ -33,6 +33,16 @@ class _FusedRNNBase(nn.RNNBase):
     def __init__(self, mode: str, *args, **kwargs):
         super().__init__(mode, *args, **kwargs)
         self._check_supported()
+        self._format_weight_names()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._format_weight_names()
+
+    def _format_weight_names(self) -> None:
+        # Formatted (and cached) before any torch.compile trace of forward: a trace that filled the cache
+        # would guard on the entry being absent and compile again on the next call.
+        _stack.weight_names(self.num_layers, True)
 
     def __prepare_scriptable__(self):
         # torch.jit.script asks every module first: say so here rather than fail inside its compiler.
@@ -83,6 +93,7 @@ class _FusedRNNBase(nn.RNNBase):
             _check_input(data, dtype, self.input_size, (2,), "PackedSequence data")
             # Padded, sequence-major and in the packing's (sorted) batch order: row b runs lengths[b] steps.
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            packed_rows = data.shape[0]
             unbatched = False
         else:
             if not isinstance(input, Tensor):
@@ -96,7 +107,7 @@ class _FusedRNNBase(nn.RNNBase):
             _check_input(input, dtype, self.input_size, (2, 3), "input")
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-            lengths = batch_sizes = sorted_indices = unsorted_indices = None
+            lengths = batch_sizes = sorted_indices = unsorted_indices = packed_rows = None
         steps, batch = x.shape[0], x.shape[1]
         if steps == 0 or batch == 0:
             raise ValueError(f"input: empty sequence or batch (T={steps}, B={batch})")
@@ -123,7 +134,7 @@ class _FusedRNNBase(nn.RNNBase):
             return y, h, c
 
         def dropout(layer, y):
-            return _dropout(y, self.dropout, batch_sizes)
+            return _dropout(y, self.dropout, batch_sizes, packed_rows)
 
         try:
             x, h_n, c_n = _stack.over_layers(run_layer, x, h0, c0, num_layers=self.num_layers, num_directions=dirs,
@@ -270,15 +281,19 @@ def _check_input(t: Tensor, dtype, input_size: int, ranks, name: str) -> None:
         raise _WrongShape(f"{name}: expected input_size {input_size} in the last dimension, got {t.shape[-1]}")
 
 
-def _dropout(y: Tensor, p: float, batch_sizes):
+def _dropout(y: Tensor, p: float, batch_sizes, packed_rows):
     """Inter-layer dropout drawing torch.nn's masks: over y (T, B, F) itself, or, for packed input,
-    over the packed rows (sum of lengths, F), scattered back into y's padded layout."""
+    over the packed rows (`packed_rows`, the sum of lengths, F), scattered back into y's padded layout."""
     if batch_sizes is None:
         return F.dropout(y, p, training=True)
-    rows = int(batch_sizes.sum())
-    mask = F.dropout(y.new_ones((rows, y.shape[2])), p, training=True)
-    mask, _ = pad_packed_sequence(PackedSequence(mask, batch_sizes), total_length=y.shape[0])
-    return y * mask
+    mask = F.dropout(y.new_ones((packed_rows, y.shape[2])), p, training=True)
+    # Row b of step t is packed row offsets[t] + b where b < batch_sizes[t], and a zero row past the
+    # packed ones elsewhere: a gather, which torch.compile traces (pad_packed_sequence breaks its graph).
+    sizes = batch_sizes.to(y.device)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    rows = torch.arange(y.shape[1], device=y.device)
+    index = torch.where(rows < sizes[:, None], offsets[:, None] + rows, packed_rows)
+    return y * torch.cat([mask, mask.new_zeros((1, y.shape[2]))])[index]
 
 
 class LSTM(_FusedRNNBase):
