@@ -290,6 +290,19 @@ def test_peak_rss_growth_sees_what_a_call_touches():
     assert training["fusedrnn_peak_rss_bytes"] >= training["fusedrnn_saved_bytes"] > 2 << 20
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resident-set method reads Linux's /proc")
+def test_peak_of_a_warm_call_counts_fusedrnns_own_scratch():
+    # Other peers' per-call buffers are counted at every call; fusedrnn's scratch, kept between calls,
+    # must be too, or a warmed-up call would read as needing only its outputs.
+    m = fusedrnn.LSTM(512, 512)
+    m.eval()
+    x = np.ones((200, 8, 512), np.float32)
+    m(x)
+    peak = _bench_memory.peak_rss_growth(lambda: m(x))
+    m(x)
+    assert peak >= fusedrnn.release_scratch() > 0
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 
 

@@ -639,6 +639,14 @@ def test_saved_nbytes_counts_what_backward_keeps(cell):
     assert m.saved_nbytes == 0
 
 
+def test_saved_nbytes_counts_the_copy_of_a_batch_first_input():
+    m = make_module("gru", 4, 5, batch_first=True, seed=0)
+    x = np.ones((3, 7, 4), np.float32)  # (B, T, I): the layer reads a (T, B, I) copy
+    m(x)
+    per_tape = 8 * 3 * 5 * 4 + 7 * 3 * 5 * 4 * saved_per_step("gru")
+    assert m.saved_nbytes == per_tape + x.nbytes
+
+
 def test_projected_lstm_saved_nbytes_counts_the_cell_outputs():
     # Beside an LSTM's tape, a projection keeps each step's cell output r (B, H) for weight_hr's
     # gradient; h has P features.

@@ -9,9 +9,10 @@ Peak of a call (`{peer}_peak_rss_bytes`, every row): how far one call raises the
 above what it was just before, on Linux: glibc's malloc first hands its free pages back to the system
 (`malloc_trim`), then the kernel's high-water mark is reset (writing 5 to /proc/self/clear_refs, see
 proc(5)) and VmHWM after the call less VmRSS before it is the figure. It counts every page the call
-touches that was not resident: outputs, tape, workspace, whichever allocator they come from; it does
-not count memory an allocator kept from earlier calls and reuses without giving it back (glibc's is
-trimmed first; caches such as oneDNN's or XLA's are not), and it is page-granular. Where the method is
+touches that was not resident: outputs, tape, workspace, whichever allocator they come from, fusedrnn's
+own scratch included (released before the call, as a first call would find it); it does not count
+memory another allocator kept from earlier calls and reuses without giving it back (glibc's is trimmed
+first; caches such as oneDNN's or XLA's are not), and it is page-granular. Where the method is
 not available (not Linux, or the files are not writable) the field is None.
 """
 
@@ -22,11 +23,14 @@ import ctypes.util
 import gc
 from typing import Callable
 
+from . import release_scratch
+
 # Which entry of saved_for_backward_nbytes describes each peer's backward state.
 SAVED_BYTES_SOURCE = {"fusedrnn": "fusedrnn", "torch": "torch", "torch-1t": "torch"}
 
 PEAK_METHOD = ("peak resident-set growth of one call: VmHWM after the call less VmRSS before it, the "
-               "high-water mark reset through /proc/self/clear_refs after glibc's malloc_trim(0)")
+               "high-water mark reset through /proc/self/clear_refs after fusedrnn's release_scratch() "
+               "and glibc's malloc_trim(0)")
 SAVED_METHOD = ("bytes kept for backward after a training forward, beyond the input and weights: "
                 "fusedrnn's tape, torch.nn's autograd-saved tensors")
 
@@ -58,6 +62,7 @@ def peak_rss_growth(fn: Callable[[], None]) -> int | None:
     module's docstring for what that counts), or None where the method is not available."""
     try:
         gc.collect()
+        release_scratch()
         _malloc_trim()()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -4,8 +4,9 @@ A module's own `forward` + `backward` is full BPTT: the gradient flows from ever
 first. For long sequences `truncated_bptt` runs the sequence in chunks of k steps instead: each chunk
 is a forward and a backward of its own, its final hidden (and cell) state carries forward as the next
 chunk's initial state, and no gradient crosses a chunk boundary (the carried state is a constant to the
-next chunk). Memory then grows with k, not with the sequence, and the weights may be updated after
-every chunk.
+next chunk). What is kept for backward (the tape) and the scratch then grow with k, not with the
+sequence; the outputs returned, y and dx (and dx added into the module's input_grads), cover the whole
+sequence. The weights may be updated after every chunk.
 
 Bidirectional modules are refused: the reverse direction inside a chunk would see only that chunk's
 future, and its state would have to carry backwards in time, so the result would not be the

@@ -19,7 +19,7 @@ from .functional import CELLS, has_cell_state
 class _Context:
     """What a training-mode forward keeps for backward."""
 
-    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inner_inputs_nbytes, device,
+    def __init__(self, tapes, dropout_masks, batch_first, unbatched, input_shape, inputs_nbytes, device,
                  input_guard):
         self.device = device                  # where the forward ran: the module's device then
         self.input_guard = input_guard        # _InputGuard of the caller's x where the tapes read it in place
@@ -28,10 +28,10 @@ class _Context:
         self.batch_first = batch_first
         self.unbatched = unbatched
         self.input_shape = input_shape        # (T, B, I), sequence-major
-        # Bytes held only for backward: each tape's states and gate values, the inner layers' outputs
-        # (the next layer's tape references them) and the dropout masks. The input and the weights are
-        # referenced, not copied, so they do not count.
-        self.saved_nbytes = (sum(t.nbytes for layer in tapes for t in layer) + inner_inputs_nbytes
+        # Bytes held only for backward: each tape's states and gate values, the layers' inputs the tapes
+        # hold (inputs_nbytes: the inner layers' outputs, a copy of x) and the dropout masks. The weights,
+        # and an x read in place, are referenced, not copied, so they do not count.
+        self.saved_nbytes = (sum(t.nbytes for layer in tapes for t in layer) + inputs_nbytes
                              + sum(m.nbytes for m in dropout_masks if m is not None))
 
 
@@ -485,9 +485,12 @@ class RNNBase(_Module):
         y, h_n, c_n, tapes, masks = _stack.forward(self.cell, x, weights, h0, c0, lengths=lens, training=training,
                                                    cell_clip=self.cell_clip, dropout=dropout)
         if training:  # replaces an earlier training forward's pending backward; eval forwards leave it
-            inner_inputs_nbytes = (self.num_layers - 1) * y.nbytes
+            # The layers' inputs held only for backward: the inner layers' outputs, and the first layer's
+            # contiguous copy of x where it made one (batch_first, other strides).
+            copied_x = device == "cpu" and not x.flags.c_contiguous
+            inputs_nbytes = (self.num_layers - 1) * y.nbytes + (x.nbytes if copied_x else 0)
             self._pending = _Context(tapes, masks, self.batch_first, unbatched, (steps, batch, features),
-                                     inner_inputs_nbytes, device, _InputGuard.of(x, device))
+                                     inputs_nbytes, device, _InputGuard.of(x, device))
         if unbatched:
             y, h_n = y[:, 0, :], h_n[:, 0, :]
             c_n = None if c_n is None else c_n[:, 0, :]
