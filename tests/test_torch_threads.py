@@ -181,25 +181,32 @@ def test_a_forked_child_computes_on_fusedrnns_own_workers():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
-def test_a_forked_worker_that_imports_the_drop_in_computes():
-    # The parent ran torch's OpenMP threads and never loaded fusedrnn. Its forked child (a DataLoader
-    # worker: torch at one thread) imports fusedrnn.torch; the runtime still counts the parent's
-    # threads, and a job on them would wait for them forever.
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+@pytest.mark.parametrize("parent_loaded_fusedrnn", [False, True])
+def test_a_forked_worker_that_imports_the_drop_in_computes(parent_loaded_fusedrnn):
+    # The parent ran torch's OpenMP threads; its forked child imports fusedrnn.torch and calls. The
+    # runtime still counts the parent's pool, whose threads the fork did not copy: a job on them would
+    # wait for them forever. A child of a parent that never loaded fusedrnn is safe where torch runs
+    # one thread there (a DataLoader worker); one whose parent had loaded it (without calling) always,
+    # though torch's own parallel operators would hang there, as they do without fusedrnn.
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, time
         import torch
+        if {parent_loaded_fusedrnn}:
+            import fusedrnn
         a = torch.randn(300, 300)
         (a @ a).sum()
         pid = os.fork()
         if pid == 0:
-            torch.set_num_threads(1)
+            if not {parent_loaded_fusedrnn}:
+                torch.set_num_threads(1)
+            import numpy as np
             import fusedrnn, fusedrnn.torch as frt
             fusedrnn.set_num_threads(2)
-            gru, x = frt.GRU(8, 256), torch.randn(10, 16, 8)
-            with torch.no_grad():
-                on_runtime = gru(x)[0]
-                frt.use_torch_threads(False)
-                os._exit(0 if torch.equal(on_runtime, gru(x)[0]) else 4)
+            gru, x = fusedrnn.GRU(8, 256), np.ones((10, 16, 8), np.float32)
+            gru.eval()
+            on_runtime = gru(x)[0]
+            frt.use_torch_threads(False)
+            os._exit(0 if np.array_equal(on_runtime, gru(x)[0]) else 4)
         for _ in range(600):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:

@@ -331,6 +331,7 @@ ffi::Error layer_forward(std::string_view cell_name, std::int64_t directions, bo
                          ffi::Result<ffi::AnyBuffer> h_n, ffi::Result<ffi::AnyBuffer> c_n,
                          ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
                          ffi::Result<ffi::AnyBuffer> saved, ffi::Result<ffi::AnyBuffer> rs) {
+  const cpu::KeepOffOpenMPRuntime off_openmp_runtime;  // XLA's thread, or the caller's inline
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("forward", x.element_type(), [&](auto zero) -> ffi::Error {
@@ -349,6 +350,7 @@ ffi::Error layer_backward(std::string_view cell_name, std::int64_t directions, b
                           ffi::Result<ffi::AnyBuffer> dx,
                           ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0,
                           ffi::RemainingRets weight_grads) {
+  const cpu::KeepOffOpenMPRuntime off_openmp_runtime;  // XLA's thread, or the caller's inline
   CellKind cell;
   if (ffi::Error e = parse_attributes(cell_name, directions, cell_clip, cell); e.failure()) return e;
   return by_dtype("backward", x.element_type(), [&](auto zero) -> ffi::Error {

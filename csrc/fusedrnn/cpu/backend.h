@@ -44,8 +44,20 @@ void set_team_size(int threads);
 // use_openmp_runtime; "" for the team's own workers).
 void use_openmp_runtime(const std::string& library);
 std::string openmp_runtime();
-// Frees the scratch layer calls keep between calls (one for the process, whichever threads call), grown
-// to the largest; returns the bytes freed. Waits for a call in progress. The next call allocates afresh.
+// While one lives on a thread, that thread's jobs run on the team's own workers and neither use nor
+// take the OpenMP runtime's place (ThreadTeam::use_openmp_runtime): for calls from fusedrnn.jax's
+// handlers, which XLA runs on its own threads or inline, so that they never take it from the training
+// loop's thread.
+class KeepOffOpenMPRuntime {
+ public:
+  KeepOffOpenMPRuntime();
+  ~KeepOffOpenMPRuntime();
+  KeepOffOpenMPRuntime(const KeepOffOpenMPRuntime&) = delete;
+  KeepOffOpenMPRuntime& operator=(const KeepOffOpenMPRuntime&) = delete;
+};
+// Frees the scratch layer calls keep between calls (one for the process, whichever threads call), each
+// buffer grown to the largest call that used it; returns the bytes freed. Waits for a call in progress.
+// The next call allocates afresh.
 std::size_t release_scratch();
 // Tests only: the team's workers pause this long after each job is posted (ThreadTeam).
 void set_team_worker_delay(int microseconds);

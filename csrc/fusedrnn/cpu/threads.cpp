@@ -1,5 +1,6 @@
 #include "fusedrnn/cpu/threads.h"
 
+#include "fusedrnn/cpu/backend.h"
 #include "fusedrnn/cpu/cpu_limit.h"
 
 #include <algorithm>
@@ -46,7 +47,24 @@ class FlushDenormals {
 #endif
 };
 
+// Set in a forked child of a process that had loaded this library, by a handler registered as it was
+// loaded (before any team started): whatever the parent ran on an OpenMP runtime, that runtime's pool
+// did not survive the fork.
+bool forked_child = false;
+const int fork_handler_registered = [] {
+#if defined(__linux__)
+  pthread_atfork(nullptr, nullptr, [] { forked_child = true; });
+#endif
+  return 0;
+}();
+
+// Jobs of this thread keep off the OpenMP runtime while this is above zero (KeepOffOpenMPRuntime).
+thread_local int off_openmp_runtime = 0;
+
 }  // namespace
+
+KeepOffOpenMPRuntime::KeepOffOpenMPRuntime() { ++off_openmp_runtime; }
+KeepOffOpenMPRuntime::~KeepOffOpenMPRuntime() { --off_openmp_runtime; }
 
 // Never destroyed: a call may still be running on the team when the process exits (a daemon thread's,
 // which Python does not wait for), and its ranks must not find the barrier and job slots freed under
@@ -110,7 +128,6 @@ void ThreadTeam::after_fork_in_child() {
   team.workers_.clear();
   team.workers_lost_ = true;
   team.openmp_ = OpenMPRuntime{};  // an OpenMP runtime's threads do not survive a fork either
-  team.forked_ = true;
   new (&team.wake_) std::condition_variable();
   team.sleep_mutex_.unlock();
   team.lease_mutex_.unlock();
@@ -173,7 +190,7 @@ void ThreadTeam::start_team(int threads, int fallback) {
 
 void ThreadTeam::use_openmp_runtime(const std::string& library) {
   OpenMPRuntime runtime;
-  if (!library.empty() && !forked_) {
+  if (!library.empty() && !forked_child) {
 #if defined(__linux__)
     // RTLD_NOLOAD: only a runtime already in the process; loading a second one would start its own pool.
     void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_NOLOAD);
@@ -261,10 +278,11 @@ void ThreadTeam::run(int threads, const Job& job) {
     job(0);
     return;
   }
-  if (openmp_.parallel && openmp_.caller == std::thread::id()) openmp_.caller = std::this_thread::get_id();
-  if (openmp_.parallel && openmp_.caller == std::this_thread::get_id() && openmp_.max_threads() > 1 &&
-      run_on_openmp(threads, job))
-    return;
+  if (openmp_.parallel && off_openmp_runtime == 0) {
+    if (openmp_.caller == std::thread::id()) openmp_.caller = std::this_thread::get_id();
+    if (openmp_.caller == std::this_thread::get_id() && openmp_.max_threads() > 1 && run_on_openmp(threads, job))
+      return;
+  }
   keep_workers_off_caller_cpu();
   job_ = &job;
   pending_.store(threads - 1, std::memory_order_relaxed);

@@ -136,7 +136,7 @@ class ThreadTeam {
   // do those of a caller whose runtime is set to one thread (torch.set_num_threads(1): no pool is
   // kept awake, and in a forked child, as DataLoader's workers are, the parent's pool is gone while
   // the runtime still counts its threads). An empty `library` goes back to the team's own workers, as
-  // does any in a process forked from one whose team had started (its runtime's pool is gone).
+  // does any in a process forked from one that had loaded this library (its runtime's pool is gone).
   // Throws std::invalid_argument when the library is not loaded or lacks the GNU OpenMP entry points.
   void use_openmp_runtime(const std::string& library);
   // The library jobs run on ("" for the team's own workers).
@@ -187,7 +187,6 @@ class ThreadTeam {
   const Job* job_ = nullptr;
   SpinBarrier barrier_;
   bool workers_lost_ = false;  // a fork copied the team but not its threads
-  bool forked_ = false;        // this process is a forked child: no OpenMP runtime's pool survived
   // GNU OpenMP entry points (libgomp's, and Intel's and LLVM's compatible ones) of the runtime jobs
   // run on, all null while the team's own workers run them; changed under lease_mutex_.
   struct OpenMPRuntime {
