@@ -652,7 +652,13 @@ def test_the_mask_is_read_where_the_kernel_knows_more_than_1024_cpus(tmp_path):
                    check=True, timeout=120)
     code = textwrap.dedent("""
         import os
+        import threading
         import numpy as np
+        # A thread started and joined first, so that a runtime's helper thread started at the first
+        # thread (ThreadSanitizer's) is not taken for a worker.
+        helper = threading.Thread(target=lambda: None)
+        helper.start()
+        helper.join()
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[0]})
         import fusedrnn
