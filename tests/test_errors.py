@@ -1071,13 +1071,15 @@ def test_outputs_past_the_address_space_are_refused_as_memory_errors():
 
 @needs_throwing_new
 def test_a_call_out_of_memory_leaves_later_calls_working():
-    """A call whose scratch (x projected onto W_ih: 2^48 bytes, past any address space) cannot be
-    allocated raises MemoryError naming the bytes; the thread's smaller scratch kept from an earlier
-    call was released first, and the next small call on the thread must not find a null buffer that
-    claims the old size, which would crash the process. Run in a child, so such a crash fails the test."""
+    """A call whose scratch (x projected onto W_ih: 2^48 bytes, past any address space; the inference
+    call bound to run whole, not in chunks of steps) cannot be allocated raises MemoryError naming the
+    bytes; the thread's smaller scratch kept from an earlier call was released first, and the next small
+    call on the thread must not find a null buffer that claims the old size, which would crash the
+    process. Run in a child, so such a crash fails the test."""
     code = textwrap.dedent("""
         import numpy as np, fusedrnn
         m = fusedrnn.LSTM(1, 2**22, proj_size=1).eval()
+        fusedrnn._core.set_inference_chunk_bytes(1 << 62)
         small = np.ones((2, 1, 1), np.float32)
         before = m(small)[0]
         try:

@@ -380,12 +380,13 @@ def test_nested_vmap_and_mapped_states_with_a_shared_input(rng):
 @needs_throwing_new
 def test_a_call_out_of_memory_leaves_later_calls_working():
     """As the NumPy modules' test of this name (test_errors.py), through an XLA call: the scratch of
-    x projected onto W_ih (2^48 bytes) cannot be allocated; the error names the bytes and the next
+    x projected onto W_ih (2^48 bytes, the call bound to run whole) cannot be allocated; the error names the bytes and the next
     small call on the thread must work, not crash the process."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        import fusedrnn.jax as fj
+        import fusedrnn, fusedrnn.jax as fj
         params = fj.init(jax.random.key(0), "lstm", 1, 2**22, proj_size=1)
+        fusedrnn._core.set_inference_chunk_bytes(1 << 62)
         small = jnp.ones((2, 1, 1), jnp.float32)
         before = np.asarray(fj.lstm(params, small)[0])
         try:

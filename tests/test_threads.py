@@ -963,6 +963,94 @@ def test_release_scratch_frees_the_scratch_and_later_calls_give_the_same_bits(rn
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.fixture
+def chunk_bytes():
+    """Restores the default bound on an inference call's scratch after the test."""
+    yield from set_for_the_test(_core.get_inference_chunk_bytes, _core.set_inference_chunk_bytes, 0)
+
+
+def forward_keeping(module, x, lengths, bound):
+    """module(x) in inference with the chunk bound `bound` (bytes), and the scratch the call kept."""
+    _core.set_inference_chunk_bytes(bound)
+    fusedrnn.release_scratch()
+    y, state = module(x, lengths=lengths)
+    return (y, *(state if isinstance(state, tuple) else (state,))), fusedrnn.release_scratch()
+
+
+# How the layer runs: (team size, directions, batch_first). One direction; both at once on parts of the
+# team, reading x in place; both in turn, x batch-first, which the core copies a chunk at a time.
+CHUNKED_RUNS = {"t1": (1, None, False), "t3-together": (3, "together", False), "t2-apart": (2, "apart", True)}
+# Where x is projected, in float32; and in float64 the packed kernel's projection before the steps, whose
+# passes (the steps the chunks must start on) depend on the value size.
+CHUNKED_PROJECTIONS = ([pytest.param(p, np.float32, id=f"{p}-f32") for p in ("auto", "in_steps", "up_front",
+                                                                             "up_front_by_rank")]
+                       + [pytest.param("up_front_by_rank", np.float64, id="up_front_by_rank-f64")])
+
+
+def check_chunked_inference(rng, cell, projected, dtype, run):
+    """Inference run in chunks of steps gives the whole call's bits; where x is projected before the steps,
+    it keeps less scratch."""
+    team, directions, batch_first = CHUNKED_RUNS[run]
+    steps, batch, hidden = 1024, 4, 256 if cell.startswith("rnn") else 128
+    previous = (fusedrnn.get_num_threads(), _core.get_directions())
+    fusedrnn.set_num_threads(team)
+    _core.set_directions(directions or "auto")
+    try:
+        kwargs = {"proj_size": proj_of(hidden, projected)} if projected else {}
+        module = make_module(cell, hidden, hidden, bidirectional=directions is not None, batch_first=batch_first,
+                             dtype=dtype, seed=3, **kwargs)
+        module.eval()
+        x = rng.standard_normal((batch, steps, hidden) if batch_first else (steps, batch, hidden)).astype(dtype)
+        lengths = np.array([steps, 1, 517, 300])
+        whole, whole_scratch = forward_keeping(module, x, lengths, 1 << 40)
+        chunked, chunked_scratch = forward_keeping(module, x, lengths, 1)
+        in_steps = _core.input_projection_choice(cell, steps, batch, hidden, hidden, dtype) == "in_steps"
+    finally:
+        fusedrnn.set_num_threads(previous[0])
+        _core.set_directions(previous[1])
+    for got, want in zip(chunked, whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    if not in_steps:
+        assert chunked_scratch < whole_scratch, (chunked_scratch, whole_scratch)
+
+
+@pytest.mark.parametrize("run", CHUNKED_RUNS)
+@pytest.mark.parametrize("projection, dtype", CHUNKED_PROJECTIONS, indirect=["projection"])
+@pytest.mark.parametrize("cell, projected", CELL_CASES)
+def test_inference_in_chunks_of_steps_gives_the_whole_calls_bits(rng, chunk_bytes, cell, projected, projection,
+                                                                 dtype, run):
+    """Inference whose scratch would pass the bound runs in chunks of steps, the state handed from one to
+    the next, and gives exactly the whole call's outputs and final states, with lengths ending inside
+    and before chunks, in either direction; where x is projected before the steps, the scratch kept
+    shrinks. The sizes leave every thread's share of a chunk a product BLAS takes with the kernels it
+    takes for the whole call's."""
+    check_chunked_inference(rng, cell, projected, dtype, run)
+
+
+@pytest.mark.parametrize("projection", ["up_front_by_rank"], indirect=True)
+@pytest.mark.parametrize("run", ["t1", "t3-together"])
+def test_inference_in_chunks_projected_by_rank_at_every_simd_level(rng, simd_level, chunk_bytes, projection, run):
+    """Each level's panel kernel blocks rows its own way (12 or 6 a block); the chunks end on whole blocks
+    of every level."""
+    check_chunked_inference(rng, "lstm", False, np.float32, run)
+
+
+def test_long_inference_keeps_its_scratch_near_the_default_bound(rng):
+    """A long sequence of one row, whose input projection would take 160 MiB, keeps no more than the
+    default bound of scratch after the call, and gives the same outputs again."""
+    steps, inp, hidden = 20000, 8, 512
+    module = fusedrnn.LSTM(inp, hidden, seed=0)
+    module.eval()
+    x = rng.standard_normal((steps, 1, inp)).astype(np.float32)
+    assert _core.get_inference_chunk_bytes() == 64 << 20
+    fusedrnn.release_scratch()
+    y, (h_n, c_n) = module(x)
+    kept = fusedrnn.release_scratch()
+    assert 0 < kept <= (64 << 20) * 1.1, kept
+    np.testing.assert_array_equal(module(x)[0], y)
+    np.testing.assert_array_equal(h_n[0], y[-1])
+
+
 @pytest.mark.parametrize("team_size", [1, 2, 5], indirect=True, ids=["t1", "t2", "t5"])
 def test_threads_calling_in_turn_keep_one_scratch_for_the_process(rng, team_size):
     """A server's threads (or XLA's) each calling once keep one scratch between them, not one each until

@@ -97,5 +97,9 @@ DirectionsPreference directions_preference();
 enum class WeightGradPreference { kAuto, kRows, kGateRows };
 void set_weight_grad_preference(WeightGradPreference preference);
 WeightGradPreference weight_grad_preference();
+// The most bytes of scratch an inference call's steps may take before it runs in chunks of steps
+// (layer.cpp, ForwardChunks); 0 restores the default.
+void set_inference_chunk_bytes(std::size_t bytes);
+std::size_t inference_chunk_bytes();
 
 }  // namespace fusedrnn::cpu

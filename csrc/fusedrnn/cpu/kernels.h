@@ -24,7 +24,10 @@
 // into its own namespace, and active_kernels() picks one at run time.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -149,6 +152,27 @@ struct BackwardPlan : PlanCommon<T> {
   double* bias_grad_partial = nullptr;
   Index bias_stride = 0;
 };
+
+// The panel kernel blocks rows by kBlockRows at each SIMD level (kernels_isa.cpp), always a divisor of this.
+constexpr Index kBlockRowsMultiple = 12;
+
+// Steps whose rows of a batch fill whole blocks of the panel kernel at every level.
+inline Index whole_block_steps(Index batch) { return kBlockRowsMultiple / std::gcd(kBlockRowsMultiple, batch); }
+
+// The steps of x a rank projects in one pass of the panel kernel where it projects every step before
+// the first (projected_up_front). By units its rows of successive steps are successive rows of x, as
+// many a pass as stay in L2 (256 KiB of x) while each packed W_ih panel passes over them, in whole
+// blocks of rows (whole_block_steps); by rows, one step a pass. A pass's rows are blocked from its
+// first, and only the last pass of a call leaves a partial block: a call run in chunks of steps that
+// start and end on whole blocks (the last chunk ending where the call does) projects every row exactly
+// as the whole call does.
+inline Index projection_pass_steps(Index rank_rows, Index batch, Index input, std::size_t value_bytes) {
+  constexpr std::size_t kPassBytes = 256 * 1024;
+  if (rank_rows != batch) return 1;
+  const Index block_steps = whole_block_steps(batch);
+  const Index pass_rows = static_cast<Index>(kPassBytes / value_bytes) / std::max<Index>(1, input);
+  return std::max(block_steps, pass_rows / rank_rows / block_steps * block_steps);
+}
 
 // times_weights and times_matrix multiply up to this many rows with kernels that read w in place, once
 // per block of rows (BLAS beyond).

@@ -141,6 +141,7 @@ constexpr int kKSplit = MR >= kRowsForOneSet ? 1 : (MR >= 2 ? 2 : 4);
 // register file (32 vector registers with AVX-512, 16 otherwise). With AVX-512, 12 rows beat 6 (fewer
 // loads per FMA, each panel pass covers more rows) and 14 (see bench/NOTES.md, "Figures behind the code", kernels).
 constexpr int kBlockRows = FUSEDRNN_VECTOR_BYTES >= 64 ? 12 : 6;
+static_assert(kBlockRowsMultiple % kBlockRows == 0, "projection_pass_steps keeps passes to whole blocks");
 
 // Runs the kernel for the last `rows` (< MR) rows, picking the register block of that height.
 template <typename T, int MR, bool kDense>
@@ -622,20 +623,13 @@ void project_outputs(const ForwardPlan<T>& pl, Index t, const RankShare& sh, con
   }
 }
 
-// Rows of x a rank projects per panel pass when it projects every step before the first: the chunk's
-// rows stay in L2 while each packed W_ih panel passes over them.
-constexpr std::size_t kProjectionChunkBytes = 256 * 1024;
-
 // A rank's projection of its share of x for every step, each step's rows at tile_x + t*rows*ldt (the
-// bias in every row). By units a rank's rows of successive steps are successive rows of x, projected
-// in chunks; by rows, step by step.
+// bias in every row), in passes of projection_pass_steps.
 template <typename T>
 void project_every_step(const ForwardPlan<T>& pl, const RankShare& sh, const RankScratch<T>& scratch, Index panels,
                         Index ldt) {
   const Index rows = sh.rows();
-  const Index values = static_cast<Index>(kProjectionChunkBytes / sizeof(T));
-  const Index chunk_rows = std::max<Index>(1, values / std::max<Index>(1, pl.input));
-  const Index steps_per_pass = rows == pl.batch ? std::max<Index>(1, chunk_rows / rows) : 1;
+  const Index steps_per_pass = projection_pass_steps(rows, pl.batch, pl.input, sizeof(T));
   for (Index t = 0; t < pl.steps; t += steps_per_pass) {
     const Index n = std::min(steps_per_pass, pl.steps - t);
     panel_gemm<T>(n * rows, pl.input, panels, pl.x.row(t * pl.batch + sh.b0), pl.x.ld, scratch.packed_ih,

@@ -279,16 +279,36 @@ bool stacks_input(CellKind cell, InputProjection projection, bool packs_weights)
   return projection == InputProjection::kInSteps && packs_weights && !cell_facts(cell).split_recurrent_grad;
 }
 
+// What a forward call of shape `s` chooses: the split, whether the ranks pack their weights, where x is
+// projected.
+struct ForwardChoices {
+  LayerSplit split;
+  bool pack_weights = false;
+  InputProjection input_projection = InputProjection::kUpFront;
+};
+
+ForwardChoices forward_choices(CellKind cell, const LayerShape& s, std::size_t value_bytes, int recurrence_threads) {
+  ForwardChoices c;
+  c.split = layer_split(cell, s.batch, s.hidden, value_bytes, recurrence_threads, s.proj);
+  c.pack_weights = packs_forward_weights(cell, s, c.split, value_bytes);
+  c.input_projection = input_projection(cell, s, c.split, value_bytes, recurrence_threads, c.pack_weights);
+  return c;
+}
+
 // `recurrence_threads` (the team, or its part where both directions run at once) may share the
-// recurrence; the GEMMs may use the whole team.
+// recurrence; the GEMMs may use the whole team. The choices are made for `planned_steps` (a forward
+// call run in chunks chooses as its whole sequence would, so every chunk computes exactly what the
+// whole call would have), the scratch sized for the call's own s.steps.
 template <typename T>
-TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, int panel_width,
-                          int scratch_set, bool forward) {
-  const LayerSplit split = layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj);
+TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, Index planned_steps,
+                          int panel_width, int scratch_set, bool forward) {
+  LayerShape planned = s;
+  planned.steps = planned_steps;
+  const ForwardChoices choices = forward_choices(cell, planned, sizeof(T), recurrence_threads);
+  const LayerSplit split = choices.split;
   // Backward packs from kMinStepsToPack steps (shorter calls read W in place: times_matrix).
-  const bool pack = forward ? packs_forward_weights(cell, s, split, sizeof(T)) : s.steps >= kMinStepsToPack;
-  const InputProjection projection =
-      forward ? input_projection(cell, s, split, sizeof(T), recurrence_threads, pack) : InputProjection::kUpFront;
+  const bool pack = forward ? choices.pack_weights : planned_steps >= kMinStepsToPack;
+  const InputProjection projection = forward ? choices.input_projection : InputProjection::kUpFront;
   const bool project = projection != InputProjection::kUpFront;
   const bool stacked = forward && stacks_input(cell, projection, pack);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
@@ -435,6 +455,17 @@ template <typename Preference>
 std::atomic<Preference> preferred{Preference::kAuto};
 }  // namespace
 
+namespace {
+std::atomic<std::size_t> chunk_bytes_set{0};
+}  // namespace
+
+void set_inference_chunk_bytes(std::size_t bytes) { chunk_bytes_set.store(bytes); }
+std::size_t inference_chunk_bytes() {
+  constexpr std::size_t kDefaultBytes = std::size_t(64) << 20;
+  const std::size_t set = chunk_bytes_set.load();
+  return set > 0 ? set : kDefaultBytes;
+}
+
 void set_split_preference(SplitPreference preference) { preferred<SplitPreference>.store(preference); }
 SplitPreference split_preference() { return preferred<SplitPreference>.load(); }
 void set_projection_preference(ProjectionPreference preference) { preferred<ProjectionPreference>.store(preference); }
@@ -514,7 +545,8 @@ namespace {
 template <typename T>
 class ForwardCall {
  public:
-  ForwardCall(const LayerForwardParams<T>& a, int team_threads, int recurrence_threads, int scratch_set)
+  ForwardCall(const LayerForwardParams<T>& a, Index planned_steps, int team_threads, int recurrence_threads,
+              int scratch_set)
       : kern_(kernels_for<T>(active_kernels())) {
     const LayerShape& s = a.shape;
     const Index steps = s.steps, batch = s.batch, hidden = s.hidden, proj = s.proj;
@@ -523,7 +555,8 @@ class ForwardCall {
     gh_width_ = cell_facts(a.cell).gates * hidden;
     rows_ = steps * batch;
     require_projection_fits(a.cell, s);
-    require_layer_blas_range(steps, batch, gh_width_, input_, hidden);
+    // The whole call's sizes, whichever chunk of its steps this is: a call is refused or run whole.
+    require_layer_blas_range(planned_steps, batch, gh_width_, input_, hidden);
 
     // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
     x_ = st_.in(a.x, steps, batch, input_);
@@ -534,7 +567,7 @@ class ForwardCall {
     const T* b_ih = st_.in(a.weights.b_ih, gh_width_, b_ih_copy_);
     const T* b_hh = st_.in(a.weights.b_hh, gh_width_, b_hh_copy_);
     const Rows<T> y = st_.out(a.y, steps, batch, state, false);
-    layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, true);
+    layout_ = team_layout<T>(recurrence_threads, a.cell, s, planned_steps, kern_.panel_width, scratch_set, true);
 
     // The biases start gx and the projection accumulates onto them (beta = 1), so the step's pointwise
     // pass reads one pre-activation per gate instead of adding two biases, and BLAS skips the pass that
@@ -623,10 +656,114 @@ void run_on_whole_team(TeamLease& tm, Call& call, bool gemms_first) {
   call.finish();
 }
 
+// Inference over a long sequence runs in chunks of steps, a ForwardCall each, the state handed from one
+// to the next: the scratch that grows with the steps (the input projection's G*H values a row, the
+// copies of x and y a layout needs), which the process keeps after the call, then holds one chunk's
+// rows instead of the whole sequence's. Each chunk computes exactly what the whole call would: the
+// same choices (made for the whole sequence) and the same steps; where each rank projects its share
+// with the panel kernel, chunks of whole blocks of rows (projection_pass_steps); where BLAS projects
+// x, enough rows that each thread's share takes the kernels the whole call's does: not the few-rows
+// kernel, nor BLAS's own for small products (OpenBLAS's up to 10^6 multiply-adds on some CPUs), which
+// may round differently. Training runs whole: its tape holds every step anyway.
+constexpr Index kMinChunkRowsPerThread = 64;
+constexpr double kMinChunkProductPerThread = 1 << 22;
+
+// Chunk k of `count` starts at step quantum * (T / quantum * k / count); the last ends at T. `most`:
+// the most chunks that still leave each enough rows a thread (above).
+struct StepChunks {
+  Index count = 1, quantum = 1, most = 1;
+};
+
+// As few chunks as keep each one's scratch under inference_chunk_bytes(), up to `most`.
+template <typename T>
+StepChunks forward_step_chunks(const LayerForwardParams<T>& a, int recurrence_threads, int team_threads) {
+  const LayerShape& s = a.shape;
+  StepChunks chunks;
+  if (a.tape.training) return chunks;
+  const ForwardChoices choices = forward_choices(a.cell, s, sizeof(T), recurrence_threads);
+  const bool by_rank_whole_rows = choices.input_projection == InputProjection::kUpFrontByRank &&
+                                  (!choices.split.by_rows || choices.split.ranks == 1);
+  if (by_rank_whole_rows) chunks.quantum = whole_block_steps(s.batch);
+  Index row_values = choices.input_projection == InputProjection::kInSteps ? 0 : cell_facts(a.cell).gates * s.hidden;
+  if (!rows_in_place(a.x, s.steps, s.batch, s.input)) row_values += s.input;
+  if (a.y.data && !rows_in_place(a.y, s.steps, s.batch, s.state_size())) row_values += s.state_size();
+  const double bytes = static_cast<double>(s.steps * s.batch * row_values) * sizeof(T);
+  const bool by_blas = choices.input_projection == InputProjection::kUpFront;
+  const double product_rows =
+      by_blas ? kMinChunkProductPerThread / (cell_facts(a.cell).gates * s.hidden * s.input) : 0.0;
+  const Index min_rows = std::max(kMinChunkRowsPerThread, static_cast<Index>(std::ceil(product_rows))) * team_threads;
+  const Index min_steps = (min_rows + s.batch - 1) / s.batch;
+  const Index min_quanta = (min_steps + chunks.quantum - 1) / chunks.quantum;
+  chunks.most = std::max<Index>(1, s.steps / chunks.quantum / min_quanta);
+  const Index wanted = static_cast<Index>(std::ceil(bytes / static_cast<double>(inference_chunk_bytes())));
+  chunks.count = std::clamp<Index>(wanted, 1, chunks.most);
+  return chunks;
+}
+
+// The params of each chunk of a forward call, in the order they run (the reverse direction's from the
+// last steps back): the caller's x and y at the chunk's steps, the lengths counted from its first step,
+// and the state handed on through buffers of its own (the caller's h0 and c0 start the first chunk to
+// run, its h_n and c_n end the last). One chunk is the call itself.
+template <typename T>
+class ForwardChunks {
+ public:
+  ForwardChunks(const LayerForwardParams<T>& a, StepChunks chunks) : a_(a), chunks_(chunks) {
+    const LayerShape& s = a.shape;
+    if (chunks_.count == 1) return;
+    for (std::vector<T>& h : h_) h.resize(static_cast<std::size_t>(s.batch * s.state_size()));
+    if (cell_facts(a.cell).has_cell_state)
+      for (std::vector<T>& c : c_) c.resize(static_cast<std::size_t>(s.batch * s.hidden));
+    if (s.lengths.data) lengths_.resize(static_cast<std::size_t>(s.batch));
+  }
+  ForwardChunks(const ForwardChunks&) = delete;
+  ForwardChunks& operator=(const ForwardChunks&) = delete;
+
+  Index count() const { return chunks_.count; }
+
+  // The params of the i-th chunk to run; the lengths they point to hold until the next call.
+  LayerForwardParams<T> chunk(Index i) {
+    const Index n = chunks_.count, q = chunks_.quantum;
+    if (n == 1) return a_;
+    const LayerShape& s = a_.shape;
+    const Index k = s.reverse ? n - 1 - i : i;
+    const Index t0 = q * (s.steps / q * k / n);
+    const Index t1 = k == n - 1 ? s.steps : q * (s.steps / q * (k + 1) / n);
+    LayerForwardParams<T> p = a_;
+    p.shape.steps = t1 - t0;
+    p.x.data += t0 * a_.x.stride[0];
+    if (p.y.data) p.y.data += t0 * a_.y.stride[0];
+    if (s.lengths.data) {
+      for (Index b = 0; b < s.batch; ++b)
+        lengths_[b] = std::clamp<Index>(s.lengths.data[b * s.lengths.stride] - t0, 0, t1 - t0);
+      p.shape.lengths = dense<const Index>(lengths_.data());
+    }
+    const Index r = s.state_size(), h = s.hidden;
+    const bool has_c = !c_[0].empty();
+    if (i > 0) {
+      p.h0 = dense<const T>(h_[(i - 1) % 2].data(), s.batch, r);
+      if (has_c) p.c0 = dense<const T>(c_[(i - 1) % 2].data(), s.batch, h);
+    }
+    if (i < n - 1) {
+      p.h_n = dense<T>(h_[i % 2].data(), s.batch, r);
+      if (has_c) p.c_n = dense<T>(c_[i % 2].data(), s.batch, h);
+    }
+    return p;
+  }
+
+ private:
+  const LayerForwardParams<T>& a_;
+  StepChunks chunks_;
+  std::vector<T> h_[2], c_[2];  // the state a chunk ends with, read by the next
+  std::vector<Index> lengths_;
+};
+
 template <typename T>
 void run_forward(TeamLease& tm, const LayerForwardParams<T>& a) {
-  ForwardCall<T> call(a, tm.size(), tm.size(), 0);
-  run_on_whole_team(tm, call, true);
+  ForwardChunks<T> chunks(a, forward_step_chunks(a, tm.size(), tm.size()));
+  for (Index i = 0; i < chunks.count(); ++i) {
+    ForwardCall<T> call(chunks.chunk(i), a.shape.steps, tm.size(), tm.size(), 0);
+    run_on_whole_team(tm, call, true);
+  }
 }
 
 }  // namespace
@@ -704,7 +841,7 @@ class BackwardCall {
     dw_ih_ = st_.out(a.dw_ih, groups_ * gh_width_, input_, a.accumulate_weight_grads);
     dw_hh_ = st_.out(a.dw_hh, groups_ * gh_width_, width_, a.accumulate_weight_grads);
     dw_hr_ = proj_ > 0 ? st_.out(a.dw_hr, groups_ * proj_, hidden, a.accumulate_weight_grads) : Rows<T>{};
-    layout_ = team_layout<T>(recurrence_threads, a.cell, s, kern_.panel_width, scratch_set, false);
+    layout_ = team_layout<T>(recurrence_threads, a.cell, s, s.steps, kern_.panel_width, scratch_set, false);
     const int ranks = layout_.split.ranks;
 
     dgx_ = scratch<T>(ScratchSlot::kGradGates, rows_ * gh_width_, scratch_set);
@@ -978,13 +1115,19 @@ void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwar
     run_forward(tm, d1);
     return;
   }
-  ForwardCall<T> c0(d0, n, first_part(n), 0);
-  ForwardCall<T> c1(d1, n, n - first_part(n), 1);
-  for (const ForwardCall<T>* c : {&c0, &c1})
-    if (c->has_gemms()) tm.run(c->gemm_ranks(), [&](int rank) { c->gemms(rank, c->gemm_ranks()); });
-  recur_together(tm, c0, c1);
-  c0.finish();
-  c1.finish();
+  // Both directions in the same number of chunks, as many as either needs and both can take.
+  StepChunks k0 = forward_step_chunks(d0, first_part(n), n), k1 = forward_step_chunks(d1, n - first_part(n), n);
+  k0.count = k1.count = std::min({std::max(k0.count, k1.count), k0.most, k1.most});
+  ForwardChunks<T> chunks0(d0, k0), chunks1(d1, k1);
+  for (Index i = 0; i < k0.count; ++i) {
+    ForwardCall<T> c0(chunks0.chunk(i), d0.shape.steps, n, first_part(n), 0);
+    ForwardCall<T> c1(chunks1.chunk(i), d1.shape.steps, n, n - first_part(n), 1);
+    for (const ForwardCall<T>* c : {&c0, &c1})
+      if (c->has_gemms()) tm.run(c->gemm_ranks(), [&](int rank) { c->gemms(rank, c->gemm_ranks()); });
+    recur_together(tm, c0, c1);
+    c0.finish();
+    c1.finish();
+  }
 }
 
 // Direction 1's dx adds into what direction 0's writes, so its GEMMs run after 0's; and where dx had
@@ -1011,8 +1154,7 @@ void layer_backward_directions(const LayerBackwardParams<T>& d0, const LayerBack
 
 ProjectionPreference input_projection_choice(CellKind cell, const LayerShape& s, std::size_t value_bytes,
                                              int threads) {
-  const LayerSplit split = layer_split(cell, s.batch, s.hidden, value_bytes, threads, s.proj);
-  switch (input_projection(cell, s, split, value_bytes, threads, packs_forward_weights(cell, s, split, value_bytes))) {
+  switch (forward_choices(cell, s, value_bytes, threads).input_projection) {
     case InputProjection::kInSteps: return ProjectionPreference::kInSteps;
     case InputProjection::kUpFrontByRank: return ProjectionPreference::kUpFrontByRank;
     case InputProjection::kUpFront: break;
