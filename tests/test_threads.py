@@ -969,10 +969,12 @@ def chunk_bytes():
     yield from set_for_the_test(_core.get_inference_chunk_bytes, _core.set_inference_chunk_bytes, 0)
 
 
-def forward_keeping(module, x, lengths, bound):
-    """module(x) in inference with the chunk bound `bound` (bytes), and the scratch the call kept."""
+def forward_keeping(module, x, lengths, bound, training=False):
+    """module(x) (in inference, or training mode) with the chunk bound `bound` (bytes), its outputs and
+    the scratch the call kept."""
     _core.set_inference_chunk_bytes(bound)
     fusedrnn.release_scratch()
+    module.train(training)
     y, state = module(x, lengths=lengths)
     return (y, *(state if isinstance(state, tuple) else (state,))), fusedrnn.release_scratch()
 
@@ -987,9 +989,11 @@ CHUNKED_PROJECTIONS = ([pytest.param(p, np.float32, id=f"{p}-f32") for p in ("au
                        + [pytest.param("up_front_by_rank", np.float64, id="up_front_by_rank-f64")])
 
 
-def check_chunked_inference(rng, cell, projected, dtype, run):
-    """Inference run in chunks of steps gives the whole call's bits; where x is projected before the steps,
-    it keeps less scratch."""
+def check_chunked_inference(rng, cell, projected, dtype, run, projection):
+    """Inference run in chunks of steps gives the training-mode forward's bits, and the whole inference
+    call's where the ranks project x themselves (BLAS rounds a row by where it falls in its call, so a
+    projection by BLAS is the chunks' in training too); where x is projected before the steps, it keeps
+    less scratch."""
     team, directions, batch_first = CHUNKED_RUNS[run]
     steps, batch, hidden = 1024, 4, 256 if cell.startswith("rnn") else 128
     previous = (fusedrnn.get_num_threads(), _core.get_directions())
@@ -999,17 +1003,20 @@ def check_chunked_inference(rng, cell, projected, dtype, run):
         kwargs = {"proj_size": proj_of(hidden, projected)} if projected else {}
         module = make_module(cell, hidden, hidden, bidirectional=directions is not None, batch_first=batch_first,
                              dtype=dtype, seed=3, **kwargs)
-        module.eval()
         x = rng.standard_normal((batch, steps, hidden) if batch_first else (steps, batch, hidden)).astype(dtype)
         lengths = np.array([steps, 1, 517, 300])
         whole, whole_scratch = forward_keeping(module, x, lengths, 1 << 40)
         chunked, chunked_scratch = forward_keeping(module, x, lengths, 1)
+        trained, _ = forward_keeping(module, x, lengths, 1, training=True)
         in_steps = _core.input_projection_choice(cell, steps, batch, hidden, hidden, dtype) == "in_steps"
     finally:
         fusedrnn.set_num_threads(previous[0])
         _core.set_directions(previous[1])
-    for got, want in zip(chunked, whole, strict=True):
+    for got, want in zip(chunked, trained, strict=True):
         np.testing.assert_array_equal(got, want)
+    if projection in ("in_steps", "up_front_by_rank"):
+        for got, want in zip(chunked, whole, strict=True):
+            np.testing.assert_array_equal(got, want)
     if not in_steps:
         assert chunked_scratch < whole_scratch, (chunked_scratch, whole_scratch)
 
@@ -1017,14 +1024,13 @@ def check_chunked_inference(rng, cell, projected, dtype, run):
 @pytest.mark.parametrize("run", CHUNKED_RUNS)
 @pytest.mark.parametrize("projection, dtype", CHUNKED_PROJECTIONS, indirect=["projection"])
 @pytest.mark.parametrize("cell, projected", CELL_CASES)
-def test_inference_in_chunks_of_steps_gives_the_whole_calls_bits(rng, chunk_bytes, cell, projected, projection,
-                                                                 dtype, run):
+def test_inference_in_chunks_of_steps_gives_the_training_forwards_bits(rng, chunk_bytes, cell, projected,
+                                                                       projection, dtype, run):
     """Inference whose scratch would pass the bound runs in chunks of steps, the state handed from one to
-    the next, and gives exactly the whole call's outputs and final states, with lengths ending inside
-    and before chunks, in either direction; where x is projected before the steps, the scratch kept
-    shrinks. The sizes leave every thread's share of a chunk a product BLAS takes with the kernels it
-    takes for the whole call's."""
-    check_chunked_inference(rng, cell, projected, dtype, run)
+    the next, and gives exactly the outputs and final states of the same forward in training mode
+    (which runs whole), with lengths ending inside and before chunks, in either direction; where x is
+    projected before the steps, the scratch kept shrinks."""
+    check_chunked_inference(rng, cell, projected, dtype, run, projection)
 
 
 @pytest.mark.parametrize("projection", ["up_front_by_rank"], indirect=True)
@@ -1032,7 +1038,7 @@ def test_inference_in_chunks_of_steps_gives_the_whole_calls_bits(rng, chunk_byte
 def test_inference_in_chunks_projected_by_rank_at_every_simd_level(rng, simd_level, chunk_bytes, projection, run):
     """Each level's panel kernel blocks rows its own way (12 or 6 a block); the chunks end on whole blocks
     of every level."""
-    check_chunked_inference(rng, "lstm", False, np.float32, run)
+    check_chunked_inference(rng, "lstm", False, np.float32, run, projection)
 
 
 def test_long_inference_keeps_its_scratch_near_the_default_bound(rng):

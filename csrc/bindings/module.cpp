@@ -886,8 +886,8 @@ PYBIND11_MODULE(_core, m) {
              "the sequence, each rank its own rows or units with the packed kernel), or 'auto' (by the "
              "layer's split and size, the default).");
   m.def("set_inference_chunk_bytes", &cpu::set_inference_chunk_bytes, py::arg("bytes"),
-        "The most bytes of scratch an inference call's steps take before it runs in chunks of steps, each "
-        "computing exactly what the whole call would (0: the default, 64 MiB).");
+        "The most bytes of scratch an inference call's steps take before it runs in chunks of steps, with "
+        "the results of the same call in training mode bit for bit (0: the default, 64 MiB).");
   m.def("get_inference_chunk_bytes", &cpu::inference_chunk_bytes, "The bound set by set_inference_chunk_bytes.");
   m.def("input_projection_choice", [](const std::string& cell, Index steps, Index batch, Index input, Index hidden,
                                       const py::object& dtype) {

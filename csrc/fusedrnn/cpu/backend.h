@@ -98,7 +98,8 @@ enum class WeightGradPreference { kAuto, kRows, kGateRows };
 void set_weight_grad_preference(WeightGradPreference preference);
 WeightGradPreference weight_grad_preference();
 // The most bytes of scratch an inference call's steps may take before it runs in chunks of steps
-// (layer.cpp, ForwardChunks); 0 restores the default.
+// (layer.cpp, ForwardChunks; a training call's projection by BLAS runs in the same chunks); 0
+// restores the default.
 void set_inference_chunk_bytes(std::size_t bytes);
 std::size_t inference_chunk_bytes();
 

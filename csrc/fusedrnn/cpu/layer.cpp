@@ -538,15 +538,28 @@ void require_projection_fits(CellKind cell, const LayerShape& s) {
 
 namespace {
 
+// A forward call's steps in `count` chunks (see forward_step_chunks): chunk k starts at step
+// quantum * (T / quantum * k / count), the last ends at T. `most`: the most chunks the call can take.
+struct StepChunks {
+  Index count = 1, quantum = 1, most = 1;
+  std::pair<Index, Index> steps_of(Index k, Index steps) const {
+    const Index t0 = quantum * (steps / quantum * k / count);
+    return {t0, k == count - 1 ? steps : quantum * (steps / quantum * (k + 1) / count)};
+  }
+};
+
 // One direction's forward, planned for `recurrence_threads` ranks of a team of `team_threads` (its
 // GEMMs may use them all): the caller's arrays staged, the layout and the kernels' plan. Its parts
 // run as jobs of the caller's lease: gemms() on gemm_ranks() ranks before recur() on ranks() ranks.
-// The plan points into the object, which therefore stays where it was made.
+// A projection by BLAS runs chunk by chunk of `projected_in` (the chunks inference runs in, each
+// shared out as a call of its own would be), so a training call's gx is what the same inference
+// computes chunk by chunk, bit for bit. The plan points into the object, which therefore stays where
+// it was made.
 template <typename T>
 class ForwardCall {
  public:
-  ForwardCall(const LayerForwardParams<T>& a, Index planned_steps, int team_threads, int recurrence_threads,
-              int scratch_set)
+  ForwardCall(const LayerForwardParams<T>& a, Index planned_steps, const StepChunks& projected_in,
+              int team_threads, int recurrence_threads, int scratch_set)
       : kern_(kernels_for<T>(active_kernels())) {
     const LayerShape& s = a.shape;
     const Index steps = s.steps, batch = s.batch, hidden = s.hidden, proj = s.proj;
@@ -555,8 +568,7 @@ class ForwardCall {
     gh_width_ = cell_facts(a.cell).gates * hidden;
     rows_ = steps * batch;
     require_projection_fits(a.cell, s);
-    // The whole call's sizes, whichever chunk of its steps this is: a call is refused or run whole.
-    require_layer_blas_range(planned_steps, batch, gh_width_, input_, hidden);
+    require_layer_blas_range(steps, batch, gh_width_, input_, hidden);
 
     // The caller's arrays as rows, copied only where a view's layout needs it (backend.h).
     x_ = st_.in(a.x, steps, batch, input_);
@@ -606,9 +618,14 @@ class ForwardCall {
     by_columns_ = up_front_ && rows_ <= kMaxFewRows;
     const double ih_bytes = static_cast<double>(gh_width_ * input_ * sizeof(T));
     const double ranks_by_bytes = std::min<double>(team_threads, ih_bytes / kMinWeightBytesPerThread);
-    const int useful = by_columns_ ? static_cast<int>(ranks_by_bytes)
-                                   : gemm_threads(2.0 * rows_ * gh_width_ * input_, team_threads);
-    gemm_ranks_ = up_front_ ? std::max(ranks(), useful) : ranks();
+    gemm_ranks_ = by_columns_ ? std::max(ranks(), static_cast<int>(ranks_by_bytes)) : ranks();
+    for (Index k = 0; up_front_ && !by_columns_ && k < projected_in.count; ++k) {
+      const auto [t0, t1] = projected_in.steps_of(k, steps);
+      const int run_ranks =
+          std::max(ranks(), gemm_threads(2.0 * (t1 - t0) * batch * gh_width_ * input_, team_threads));
+      projection_runs_.push_back({t0 * batch, t1 * batch, run_ranks});
+      gemm_ranks_ = std::max(gemm_ranks_, run_ranks);
+    }
   }
   ForwardCall(const ForwardCall&) = delete;
   ForwardCall& operator=(const ForwardCall&) = delete;
@@ -617,22 +634,37 @@ class ForwardCall {
   int gemm_ranks() const { return gemm_ranks_; }
   bool has_gemms() const { return up_front_; }
 
-  // Input projection of this rank's rows of all steps (or its columns of every row): gx = x W_ih^T + bias.
+  // Input projection of this rank's rows of each run (or its columns of every row): gx = x W_ih^T + bias.
   void gemms(int rank, int of) const {
     if (!up_front_) return;
-    const auto [r0, r1] = by_columns_ ? std::pair<Index, Index>{0, rows_} : share(rows_, of, rank);
-    const auto [c0, c1] = by_columns_ ? share(gh_width_, of, rank) : std::pair<Index, Index>{0, gh_width_};
-    if (has_bias_)
-      for (Index r = r0; r < r1; ++r)
-        std::copy(gx_bias_.begin() + c0, gx_bias_.begin() + c1, gx_ + r * gh_width_ + c0);
-    kern_.times_weights(r1 - r0, c1 - c0, input_, x_.row(r0), x_.ld, w_ih_.row(c0), w_ih_.ld, has_bias_,
-                        gx_ + r0 * gh_width_ + c0, gh_width_);
+    if (by_columns_) return project(0, rows_, share(gh_width_, of, rank));
+    for (const ProjectionRun& run : projection_runs_) {
+      if (rank >= run.ranks) continue;
+      const auto [r0, r1] = share(run.end - run.begin, run.ranks, rank);
+      project(run.begin + r0, run.begin + r1, {0, gh_width_});
+    }
   }
   void recur(int rank, const RankGroup& group) const { kern_.forward(plan_, rank, group); }
   // After the last job: outputs that were staged go back to the caller's arrays.
   void finish() { st_.finish(); }
 
  private:
+  // Rows [r0, r1) by columns [c0, c1) of gx: one BLAS call (or the few-rows kernel's).
+  void project(Index r0, Index r1, std::pair<Index, Index> columns) const {
+    const auto [c0, c1] = columns;
+    if (has_bias_)
+      for (Index r = r0; r < r1; ++r)
+        std::copy(gx_bias_.begin() + c0, gx_bias_.begin() + c1, gx_ + r * gh_width_ + c0);
+    kern_.times_weights(r1 - r0, c1 - c0, input_, x_.row(r0), x_.ld, w_ih_.row(c0), w_ih_.ld, has_bias_,
+                        gx_ + r0 * gh_width_ + c0, gh_width_);
+  }
+
+  // Rows [begin, end) of gx, shared out among `ranks` ranks.
+  struct ProjectionRun {
+    Index begin, end;
+    int ranks;
+  };
+
   const RecurrenceKernels<T>& kern_;
   Staging<T> st_;
   std::vector<Index> lengths_copy_;
@@ -643,6 +675,7 @@ class ForwardCall {
   bool has_bias_ = false, up_front_ = false, by_columns_ = false;
   T* gx_ = nullptr;
   int gemm_ranks_ = 1;
+  std::vector<ProjectionRun> projection_runs_;
   ForwardPlan<T> plan_;
 };
 
@@ -659,40 +692,32 @@ void run_on_whole_team(TeamLease& tm, Call& call, bool gemms_first) {
 // Inference over a long sequence runs in chunks of steps, a ForwardCall each, the state handed from one
 // to the next: the scratch that grows with the steps (the input projection's G*H values a row, the
 // copies of x and y a layout needs), which the process keeps after the call, then holds one chunk's
-// rows instead of the whole sequence's. Each chunk computes exactly what the whole call would: the
-// same choices (made for the whole sequence) and the same steps; where each rank projects its share
-// with the panel kernel, chunks of whole blocks of rows (projection_pass_steps); where BLAS projects
-// x, enough rows that each thread's share takes the kernels the whole call's does: not the few-rows
-// kernel, nor BLAS's own for small products (OpenBLAS's up to 10^6 multiply-adds on some CPUs), which
-// may round differently. Training runs whole: its tape holds every step anyway.
+// rows instead of the whole sequence's. Each chunk computes what the training call (which runs whole:
+// its tape holds every step anyway) computes for its steps, bit for bit: the choices are made for the
+// whole sequence; where the ranks project x with the panel kernel, chunks start and end on whole
+// blocks of its rows (projection_pass_steps); where BLAS does, the training call's BLAS calls are the
+// chunks' (ForwardCall), since BLAS rounds a row by where it falls in the call.
 constexpr Index kMinChunkRowsPerThread = 64;
-constexpr double kMinChunkProductPerThread = 1 << 22;
 
-// Chunk k of `count` starts at step quantum * (T / quantum * k / count); the last ends at T. `most`:
-// the most chunks that still leave each enough rows a thread (above).
-struct StepChunks {
-  Index count = 1, quantum = 1, most = 1;
-};
-
-// As few chunks as keep each one's scratch under inference_chunk_bytes(), up to `most`.
+// The chunks a forward call's steps make (both modes: training projects by them), as few as keep each
+// one's scratch under inference_chunk_bytes(), each with kMinChunkRowsPerThread rows a thread at
+// least. Checks the whole call's sizes first, before anything is allocated for it.
 template <typename T>
 StepChunks forward_step_chunks(const LayerForwardParams<T>& a, int recurrence_threads, int team_threads) {
   const LayerShape& s = a.shape;
+  const CellFacts& facts = cell_facts(a.cell);
+  require_projection_fits(a.cell, s);
+  require_layer_blas_range(s.steps, s.batch, facts.gates * s.hidden, s.input, s.hidden);
   StepChunks chunks;
-  if (a.tape.training) return chunks;
   const ForwardChoices choices = forward_choices(a.cell, s, sizeof(T), recurrence_threads);
   const bool by_rank_whole_rows = choices.input_projection == InputProjection::kUpFrontByRank &&
                                   (!choices.split.by_rows || choices.split.ranks == 1);
   if (by_rank_whole_rows) chunks.quantum = whole_block_steps(s.batch);
-  Index row_values = choices.input_projection == InputProjection::kInSteps ? 0 : cell_facts(a.cell).gates * s.hidden;
+  Index row_values = choices.input_projection == InputProjection::kInSteps ? 0 : facts.gates * s.hidden;
   if (!rows_in_place(a.x, s.steps, s.batch, s.input)) row_values += s.input;
   if (a.y.data && !rows_in_place(a.y, s.steps, s.batch, s.state_size())) row_values += s.state_size();
   const double bytes = static_cast<double>(s.steps * s.batch * row_values) * sizeof(T);
-  const bool by_blas = choices.input_projection == InputProjection::kUpFront;
-  const double product_rows =
-      by_blas ? kMinChunkProductPerThread / (cell_facts(a.cell).gates * s.hidden * s.input) : 0.0;
-  const Index min_rows = std::max(kMinChunkRowsPerThread, static_cast<Index>(std::ceil(product_rows))) * team_threads;
-  const Index min_steps = (min_rows + s.batch - 1) / s.batch;
+  const Index min_steps = (kMinChunkRowsPerThread * team_threads + s.batch - 1) / s.batch;
   const Index min_quanta = (min_steps + chunks.quantum - 1) / chunks.quantum;
   chunks.most = std::max<Index>(1, s.steps / chunks.quantum / min_quanta);
   const Index wanted = static_cast<Index>(std::ceil(bytes / static_cast<double>(inference_chunk_bytes())));
@@ -722,12 +747,10 @@ class ForwardChunks {
 
   // The params of the i-th chunk to run; the lengths they point to hold until the next call.
   LayerForwardParams<T> chunk(Index i) {
-    const Index n = chunks_.count, q = chunks_.quantum;
+    const Index n = chunks_.count;
     if (n == 1) return a_;
     const LayerShape& s = a_.shape;
-    const Index k = s.reverse ? n - 1 - i : i;
-    const Index t0 = q * (s.steps / q * k / n);
-    const Index t1 = k == n - 1 ? s.steps : q * (s.steps / q * (k + 1) / n);
+    const auto [t0, t1] = chunks_.steps_of(s.reverse ? n - 1 - i : i, s.steps);
     LayerForwardParams<T> p = a_;
     p.shape.steps = t1 - t0;
     p.x.data += t0 * a_.x.stride[0];
@@ -759,9 +782,15 @@ class ForwardChunks {
 
 template <typename T>
 void run_forward(TeamLease& tm, const LayerForwardParams<T>& a) {
-  ForwardChunks<T> chunks(a, forward_step_chunks(a, tm.size(), tm.size()));
+  const StepChunks steps = forward_step_chunks(a, tm.size(), tm.size());
+  if (a.tape.training) {
+    ForwardCall<T> call(a, a.shape.steps, steps, tm.size(), tm.size(), 0);
+    run_on_whole_team(tm, call, true);
+    return;
+  }
+  ForwardChunks<T> chunks(a, steps);
   for (Index i = 0; i < chunks.count(); ++i) {
-    ForwardCall<T> call(chunks.chunk(i), a.shape.steps, tm.size(), tm.size(), 0);
+    ForwardCall<T> call(chunks.chunk(i), a.shape.steps, StepChunks{}, tm.size(), tm.size(), 0);
     run_on_whole_team(tm, call, true);
   }
 }
@@ -1118,10 +1147,11 @@ void layer_forward_directions(const LayerForwardParams<T>& d0, const LayerForwar
   // Both directions in the same number of chunks, as many as either needs and both can take.
   StepChunks k0 = forward_step_chunks(d0, first_part(n), n), k1 = forward_step_chunks(d1, n - first_part(n), n);
   k0.count = k1.count = std::min({std::max(k0.count, k1.count), k0.most, k1.most});
-  ForwardChunks<T> chunks0(d0, k0), chunks1(d1, k1);
-  for (Index i = 0; i < k0.count; ++i) {
-    ForwardCall<T> c0(chunks0.chunk(i), d0.shape.steps, n, first_part(n), 0);
-    ForwardCall<T> c1(chunks1.chunk(i), d1.shape.steps, n, n - first_part(n), 1);
+  const bool training = d0.tape.training;
+  ForwardChunks<T> chunks0(d0, training ? StepChunks{} : k0), chunks1(d1, training ? StepChunks{} : k1);
+  for (Index i = 0; i < chunks0.count(); ++i) {
+    ForwardCall<T> c0(chunks0.chunk(i), d0.shape.steps, training ? k0 : StepChunks{}, n, first_part(n), 0);
+    ForwardCall<T> c1(chunks1.chunk(i), d1.shape.steps, training ? k1 : StepChunks{}, n, n - first_part(n), 1);
     for (const ForwardCall<T>* c : {&c0, &c1})
       if (c->has_gemms()) tm.run(c->gemm_ranks(), [&](int rank) { c->gemms(rank, c->gemm_ranks()); });
     recur_together(tm, c0, c1);
