@@ -1041,6 +1041,36 @@ def test_inference_in_chunks_projected_by_rank_at_every_simd_level(rng, simd_lev
     check_chunked_inference(rng, "lstm", False, np.float32, run, projection)
 
 
+@pytest.mark.parametrize("team_size", [3], indirect=True, ids=["t3"])
+def test_concurrent_callers_in_chunks_of_steps_give_each_calls_bits(rng, chunk_bytes, team_size):
+    """Python threads running inference in chunks at once (each call's carried state its own, the
+    scratch taken in turn), on a team larger than the machine: each gets what it gets alone."""
+    import threading
+    _core.set_inference_chunk_bytes(1)
+    modules = [make_module(cell, 64, 64, seed=i) for i, cell in enumerate(["lstm", "gru", "rnn_tanh", "lstm"])]
+    xs = [rng.standard_normal((256, 4, 64)).astype(np.float32) for _ in modules]
+    want = [m.eval()(x)[0] for m, x in zip(modules, xs)]
+    got, errors = [[] for _ in modules], []
+
+    def serve(i):
+        try:
+            for _ in range(3):
+                got[i].append(modules[i](xs[i])[0])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(modules))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for mine, expected in zip(got, want):
+        assert len(mine) == 3
+        for y in mine:
+            np.testing.assert_array_equal(y, expected)
+
+
 def test_long_inference_keeps_its_scratch_near_the_default_bound(rng):
     """A long sequence of one row, whose input projection would take 98 MiB, keeps no more than the
     default bound of scratch after the call, and gives the same outputs again."""

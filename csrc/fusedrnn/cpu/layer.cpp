@@ -296,19 +296,21 @@ ForwardChoices forward_choices(CellKind cell, const LayerShape& s, std::size_t v
 }
 
 // `recurrence_threads` (the team, or its part where both directions run at once) may share the
-// recurrence; the GEMMs may use the whole team. The choices are made for `planned_steps` (a forward
-// call run in chunks chooses as its whole sequence would, so every chunk computes exactly what the
-// whole call would have), the scratch sized for the call's own s.steps.
+// recurrence; the GEMMs may use the whole team. The choices are made for `planned_steps` (a chunk of a
+// forward call's steps chooses as its whole sequence would), the scratch sized for the call's own
+// s.steps.
 template <typename T>
 TeamLayout<T> team_layout(int recurrence_threads, CellKind cell, const LayerShape& s, Index planned_steps,
                           int panel_width, int scratch_set, bool forward) {
   LayerShape planned = s;
   planned.steps = planned_steps;
-  const ForwardChoices choices = forward_choices(cell, planned, sizeof(T), recurrence_threads);
-  const LayerSplit split = choices.split;
   // Backward packs from kMinStepsToPack steps (shorter calls read W in place: times_matrix).
-  const bool pack = forward ? choices.pack_weights : planned_steps >= kMinStepsToPack;
-  const InputProjection projection = forward ? choices.input_projection : InputProjection::kUpFront;
+  ForwardChoices choices{layer_split(cell, s.batch, s.hidden, sizeof(T), recurrence_threads, s.proj),
+                         planned_steps >= kMinStepsToPack, InputProjection::kUpFront};
+  if (forward) choices = forward_choices(cell, planned, sizeof(T), recurrence_threads);
+  const LayerSplit split = choices.split;
+  const bool pack = choices.pack_weights;
+  const InputProjection projection = choices.input_projection;
   const bool project = projection != InputProjection::kUpFront;
   const bool stacked = forward && stacks_input(cell, projection, pack);
   const Index gates = cell_facts(cell).gates, state = s.state_size();
@@ -453,10 +455,7 @@ namespace {
 // The choice tests and benchmarks may force, one per kind (kAuto unless set).
 template <typename Preference>
 std::atomic<Preference> preferred{Preference::kAuto};
-}  // namespace
-
-namespace {
-std::atomic<std::size_t> chunk_bytes_set{0};
+std::atomic<std::size_t> chunk_bytes_set{0};  // 0: the default
 }  // namespace
 
 void set_inference_chunk_bytes(std::size_t bytes) { chunk_bytes_set.store(bytes); }
@@ -782,13 +781,13 @@ class ForwardChunks {
 
 template <typename T>
 void run_forward(TeamLease& tm, const LayerForwardParams<T>& a) {
-  const StepChunks steps = forward_step_chunks(a, tm.size(), tm.size());
+  const StepChunks step_chunks = forward_step_chunks(a, tm.size(), tm.size());
   if (a.tape.training) {
-    ForwardCall<T> call(a, a.shape.steps, steps, tm.size(), tm.size(), 0);
+    ForwardCall<T> call(a, a.shape.steps, step_chunks, tm.size(), tm.size(), 0);
     run_on_whole_team(tm, call, true);
     return;
   }
-  ForwardChunks<T> chunks(a, steps);
+  ForwardChunks<T> chunks(a, step_chunks);
   for (Index i = 0; i < chunks.count(); ++i) {
     ForwardCall<T> call(chunks.chunk(i), a.shape.steps, StepChunks{}, tm.size(), tm.size(), 0);
     run_on_whole_team(tm, call, true);
